@@ -1,0 +1,178 @@
+"""Diff-In: influence as the sum of per-step differences, accumulated by a reverse sweep.
+
+For plain SGD with per-parameter step sizes ``Lambda_t`` (diagonal: each parameter's group
+learning rate), removing sample ``z`` from batch ``B_t`` (size ``b``) changes the update by
+``d_t(z) = -Lambda_t (g_t - grad l_z(theta_t)) / (b - 1)``. Linearising the deviation of the
+leave-one-out run gives the exact linearised influence on the target ``F``
+
+    I(z) = sum_t < u_{t+1}, d_t(z) >,   u_T = grad F(theta_T),
+    u_t = u_{t+1} - H_t Lambda_t u_{t+1}     (H_t: Hessian of batch t's mean loss at theta_t)
+
+so a reverse sweep over the recorded steps needs, per step, one forward-mode pass for the
+per-sample terms ``s_i = <grad l_i(theta_t), Lambda_t u_{t+1}>`` (then
+``<u_{t+1}, d_t(z)> = (s_z - mean_i s_i) / (b - 1)``) and one finite-difference Hessian product.
+A batch of one sample is dropped entirely by the removal, so its term is ``s_z``.
+
+Units and sign: target-loss change when the sample is removed (positive helps).
+
+A sweep that starts from ``grad F`` at a later iterate ``theta_e`` (``e < T``) scores the steps
+with the influence on ``F(theta_e)``: that is the online mode's truncated propagation window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.kernels import (
+    FiniteDifference,
+    ParameterSpace,
+    PerSampleLossFn,
+    directional_derivatives,
+    evaluation_mode,
+    hessian_vector_product,
+)
+from lightning_influence.targets import TargetGradient
+from lightning_influence.trajectory import StepRecord, Trajectory
+
+
+class ScoreAccumulator:
+    """Per-sample float64 sums indexed by sample id, growing as larger ids appear.
+
+    Cross-rank reduction (for distributed runs): sum of ``totals``, logical or of ``seen``.
+    """
+
+    def __init__(self, num_columns: int | None = None, capacity: int = 0) -> None:
+        self.num_columns = num_columns
+        shape = (capacity,) if num_columns is None else (capacity, num_columns)
+        self.totals = torch.zeros(shape, dtype=torch.float64)
+        self.seen = torch.zeros(capacity, dtype=torch.bool)
+
+    def _grow(self, size: int) -> None:
+        if size <= self.seen.numel():
+            return
+        size = max(size, 2 * self.seen.numel())
+        extra = size - self.seen.numel()
+        pad = torch.zeros((extra, *self.totals.shape[1:]), dtype=torch.float64)
+        self.totals = torch.cat([self.totals, pad])
+        self.seen = torch.cat([self.seen, torch.zeros(extra, dtype=torch.bool)])
+
+    def mark_seen(self, ids: Tensor) -> None:
+        ids = ids.cpu()
+        self._grow(int(ids.max()) + 1)
+        self.seen[ids] = True
+
+    def add(self, ids: Tensor, values: Tensor) -> None:
+        ids = ids.cpu()
+        self._grow(int(ids.max()) + 1)
+        self.totals.index_add_(0, ids, values.detach().to("cpu", torch.float64))
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(ids, values)`` of every sample seen in training."""
+        ids = self.seen.nonzero().reshape(-1)
+        return ids, self.totals[ids].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": self.totals.clone(), "seen": self.seen.clone(), "num_columns": self.num_columns}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals, self.seen, self.num_columns = state["totals"].clone(), state["seen"].clone(), state["num_columns"]
+
+
+class DiffInSweep:
+    """The reverse accumulation over a window of recorded steps (shared by replay and online)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: PerSampleLossFn,
+        space: ParameterSpace,
+        target: TargetGradient,
+        accumulator: ScoreAccumulator,
+        *,
+        finite_difference: FiniteDifference = "central",
+        fd_rel_step: float | None = None,
+        reuse_recorded_gradient: bool = False,
+    ) -> None:
+        self.module = module
+        self.loss_fn = loss_fn
+        self.space = space
+        self.target = target
+        self.accumulator = accumulator
+        self.finite_difference = finite_difference
+        self.fd_rel_step = fd_rel_step
+        self.reuse_recorded_gradient = reuse_recorded_gradient
+        self.hessian_products = 0
+        self.forward_mode_passes = 0
+        self.target_gradients = 0
+
+    def target_gradient(self, theta: Tensor) -> Tensor:
+        with evaluation_mode(self.module):
+            self.target_gradients += 1
+            return self.target(self.loss_fn, self.space, theta)
+
+    def run(
+        self,
+        trajectory: Trajectory,
+        theta_end: Tensor,
+        num_scored: int,
+        recompute_step: Callable[[StepRecord], tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        """Score the oldest ``num_scored`` records of ``trajectory`` by their influence on
+        ``F(theta_end)``; the newer records only propagate the adjoint."""
+        if num_scored <= 0 or len(trajectory) == 0:
+            return
+        u = self.target_gradient(theta_end)
+        adjoint = u.reshape(self.space.size, -1).clone()  # [P, Q]
+        size = len(trajectory)
+        with evaluation_mode(self.module):
+            for back, record in enumerate(trajectory.newest_first(recompute_step)):
+                position = size - 1 - back
+                step_scale = self.space.expand(record.step_sizes.to(torch.float64))[:, None]
+                tangents = step_scale * adjoint  # Lambda_t u_{t+1}, [P, Q]
+                if position < num_scored:
+                    self._score_step(record, tangents, squeeze=u.dim() == 1)
+                if position == 0:
+                    break
+                adjoint = adjoint - self._hessian_products(record, tangents)
+                if not torch.isfinite(adjoint).all():
+                    raise FloatingPointError(
+                        f"the propagated target gradient became non-finite at step {record.step}: training diverged "
+                        "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
+                    )
+
+    def _score_step(self, record: StepRecord, tangents: Tensor, squeeze: bool) -> None:
+        theta = self.space.unflatten(record.theta)
+        columns = []
+        for q in range(tangents.shape[1]):
+            _, s = directional_derivatives(self.loss_fn, theta, record.batch, self.space.unflatten(tangents[:, q]))
+            self.forward_mode_passes += 1
+            columns.append(s.double())
+        s = torch.stack(columns, dim=1)  # [b, Q]
+        b = s.shape[0]
+        if b != record.ids.numel():
+            raise ValueError(f"per_sample_loss returned {b} values for a batch with {record.ids.numel()} sample ids at step {record.step}")
+        contribution = s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)
+        if not torch.isfinite(contribution).all():
+            raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
+        self.accumulator.add(record.ids, contribution[:, 0] if squeeze else contribution)
+
+    def _hessian_products(self, record: StepRecord, tangents: Tensor) -> Tensor:
+        base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
+        out = torch.empty_like(tangents)
+        for q in range(tangents.shape[1]):
+            out[:, q] = hessian_vector_product(
+                self.loss_fn,
+                self.space,
+                record.theta,
+                tangents[:, q],
+                record.batch,
+                scheme=self.finite_difference,
+                base_gradient=base,
+                rel_step=self.fd_rel_step,
+            )
+            self.hessian_products += 1
+        return out

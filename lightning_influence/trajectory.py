@@ -1,0 +1,157 @@
+"""Recorded training steps: what the reverse accumulation of Diff-In needs, kept in memory,
+spilled to disk, or checkpointed every k steps and recomputed.
+
+A step ``t`` is recorded with the parameters ``theta_t`` before the update, the batch that
+``training_step`` saw, its sample ids, the per-parameter step size (the learning rate of each
+parameter's optimizer group) and, when the finite-difference Hessian products reuse it, the
+raw batch gradient ``g_t(theta_t)``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+Storage = Literal["memory", "disk"]
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step. ``theta``/``grad`` are flat (parameters' dtype); ``step_sizes`` is one
+    float64 learning rate per parameter tensor; ``theta`` is ``None`` for steps between
+    checkpoints until recomputed."""
+
+    step: int
+    batch: Any
+    ids: Tensor
+    step_sizes: Tensor
+    theta: Tensor | None = None
+    grad: Tensor | None = None
+
+
+def _to(batch: Any, device: torch.device | str) -> Any:
+    return tree_map(lambda x: x.detach().to(device) if isinstance(x, Tensor) else x, batch)
+
+
+class Trajectory:
+    """A window of recorded steps, oldest first.
+
+    ``storage="memory"`` keeps records as they are (batches stay on their device);
+    ``"disk"`` writes each record to ``spill_dir`` (a temporary folder by default) and reads it
+    back with ``torch.load(weights_only=True)``. ``checkpoint_every=k`` stores parameters only
+    every k steps (and no gradients); the steps in between are recomputed by re-running the
+    update with ``recompute_step`` during the reverse sweep.
+    """
+
+    def __init__(
+        self,
+        storage: Storage = "memory",
+        spill_dir: str | Path | None = None,
+        checkpoint_every: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if storage not in ("memory", "disk"):
+            raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        self.storage = storage
+        self.checkpoint_every = checkpoint_every
+        self.device = torch.device(device)
+        self._records: deque[StepRecord | Path] = deque()
+        self._own_dir = storage == "disk" and spill_dir is None
+        self._dir = Path(tempfile.mkdtemp(prefix="diffin-trajectory-")) if self._own_dir else (Path(spill_dir) if spill_dir else None)
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def keeps_theta(self, step: int) -> bool:
+        return step % self.checkpoint_every == 0
+
+    def append(self, record: StepRecord) -> None:
+        if not self.keeps_theta(record.step):
+            record = replace(record, theta=None, grad=None)
+        if self.storage == "memory":
+            self._records.append(record)
+            return
+        path = self._dir / f"step-{record.step:09d}.pt"  # type: ignore[operator]
+        payload = {
+            "step": record.step,
+            "batch": _to(record.batch, "cpu"),
+            "ids": record.ids.cpu(),
+            "step_sizes": record.step_sizes.cpu(),
+            "theta": None if record.theta is None else record.theta.cpu(),
+            "grad": None if record.grad is None else record.grad.cpu(),
+        }
+        torch.save(payload, path)
+        self._records.append(path)
+
+    def _load(self, item: StepRecord | Path) -> StepRecord:
+        if isinstance(item, StepRecord):
+            return item
+        p = torch.load(item, map_location="cpu", weights_only=True)
+        dev = self.device
+        return StepRecord(
+            step=p["step"],
+            batch=_to(p["batch"], dev),
+            ids=p["ids"],
+            step_sizes=p["step_sizes"].to(dev),
+            theta=None if p["theta"] is None else p["theta"].to(dev),
+            grad=None if p["grad"] is None else p["grad"].to(dev),
+        )
+
+    def drop_oldest(self, count: int) -> None:
+        for _ in range(min(count, len(self._records))):
+            item = self._records.popleft()
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+
+    def newest_first(self, recompute_step: Callable[[StepRecord], tuple[Tensor, Tensor]] | None = None) -> Iterator[StepRecord]:
+        """Records from newest to oldest, each with ``theta`` filled in.
+
+        ``recompute_step(record) -> (grad, theta_next)`` re-runs one update from ``record.theta``;
+        it is needed when ``checkpoint_every > 1``. Memory: one segment of ``checkpoint_every``
+        records at a time.
+        """
+        items = list(self._records)
+        end = len(items)
+        while end > 0:
+            start = end - 1
+            while start > 0 and self._load_meta_theta_missing(items[start]):
+                start -= 1
+            segment = [self._load(it) for it in items[start:end]]
+            if segment[0].theta is None:
+                raise RuntimeError(
+                    f"step {segment[0].step} has no stored parameters to recompute from: the window starts "
+                    "between checkpoints (use a window that is a multiple of checkpoint_every)"
+                )
+            for i in range(len(segment) - 1):
+                if segment[i + 1].theta is None:
+                    if recompute_step is None:
+                        raise RuntimeError("checkpoint_every > 1 needs a recompute_step function")
+                    grad, nxt = recompute_step(segment[i])
+                    segment[i].grad = segment[i].grad if segment[i].grad is not None else grad
+                    segment[i + 1].theta = nxt
+            yield from reversed(segment)
+            end = start
+
+    def _load_meta_theta_missing(self, item: StepRecord | Path) -> bool:
+        if isinstance(item, StepRecord):
+            return item.theta is None
+        return not self.keeps_theta(int(item.stem.split("-")[1]))
+
+    def close(self) -> None:
+        """Delete spilled files (and the temporary folder this trajectory made)."""
+        self.drop_oldest(len(self._records))
+        if self._own_dir and self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
