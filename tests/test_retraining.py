@@ -16,9 +16,10 @@ import scipy.stats
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.data import load_digits_tensors
+from lightning_influence.data import FixedBatches, load_digits_tensors
 from lightning_influence.evaluation import (
     SGDStep,
+    StepRecorder,
     leave_one_out,
     optimizer_lrs,
     pearson,
@@ -40,29 +41,6 @@ def digits() -> tuple[Tensor, Tensor]:
 
 def fixed_batches(x: Tensor, y: Tensor, size: int = 16) -> list[Batch]:
     return [(x[i : i + size], y[i : i + size], torch.arange(i, i + size)) for i in range(0, len(x), size)]
-
-
-class _Batches:
-    """A fixed list of batches as ONE loader (Lightning reads a plain list as several loaders)."""
-
-    def __init__(self, batches: list[Batch]) -> None:
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class _RecordSteps(L.Callback):
-    """Records the batch and the per-group learning rates of every optimizer step of the fit."""
-
-    def __init__(self) -> None:
-        self.steps: list[SGDStep] = []
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.steps.append(SGDStep(batch=batch, lrs=optimizer_lrs(trainer.optimizers[0])))
 
 
 def initial_of(module: nn.Module) -> dict[str, Tensor]:
@@ -136,7 +114,7 @@ def test_no_removal_reproduces_lightning_fit(digits: tuple[Tensor, Tensor], hidd
     torch.manual_seed(0)
     module = Classifier(hidden=hidden).double()
     initial = initial_of(module)
-    recorder = _RecordSteps()
+    recorder = StepRecorder()
     trainer = L.Trainer(
         max_epochs=2,
         enable_checkpointing=False,
@@ -148,7 +126,7 @@ def test_no_removal_reproduces_lightning_fit(digits: tuple[Tensor, Tensor], hidd
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, train_dataloaders=_Batches(batches))
+        trainer.fit(module, train_dataloaders=FixedBatches(batches))
     assert len(recorder.steps) == 2 * len(batches) == trainer.global_step
     final = initial_of(module)
     groups = sgd_param_groups(module, trainer.optimizers[0])

@@ -188,9 +188,8 @@ class DiffIn(Callback):
         else:
             scheme, reuse = self.finite_difference, self.finite_difference == "forward" and not has_mode_dependent_layers(pl_module)
         self._reuse_gradient = reuse
-        self._accumulator = ScoreAccumulator(
-            num_columns=None, capacity=_dataset_length(trainer) or 0
-        ) if self._accumulator is None else self._accumulator
+        if self._accumulator is None:
+            self._accumulator = ScoreAccumulator(capacity=_dataset_length(trainer) or 0)
         self._sweep = DiffInSweep(
             pl_module,
             loss_fn,

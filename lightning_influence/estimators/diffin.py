@@ -45,13 +45,15 @@ class ScoreAccumulator:
     Cross-rank reduction (for distributed runs): sum of ``totals``, logical or of ``seen``.
     """
 
-    def __init__(self, num_columns: int | None = None, capacity: int = 0) -> None:
-        self.num_columns = num_columns
-        shape = (capacity,) if num_columns is None else (capacity, num_columns)
-        self.totals = torch.zeros(shape, dtype=torch.float64)
+    def __init__(self, capacity: int = 0) -> None:
+        self.totals = torch.zeros(capacity, dtype=torch.float64)  # [N] or, for query targets, [N, Q]
         self.seen = torch.zeros(capacity, dtype=torch.bool)
 
-    def _grow(self, size: int) -> None:
+    def _grow(self, size: int, columns: tuple[int, ...] = ()) -> None:
+        if columns and self.totals.shape[1:] != columns:
+            if self.totals.dim() > 1 or self.totals.abs().sum() > 0:
+                raise ValueError(f"score columns changed from {tuple(self.totals.shape[1:])} to {columns}")
+            self.totals = torch.zeros((self.totals.shape[0], *columns), dtype=torch.float64)
         if size <= self.seen.numel():
             return
         size = max(size, 2 * self.seen.numel())
@@ -67,7 +69,7 @@ class ScoreAccumulator:
 
     def add(self, ids: Tensor, values: Tensor) -> None:
         ids = ids.cpu()
-        self._grow(int(ids.max()) + 1)
+        self._grow(int(ids.max()) + 1, tuple(values.shape[1:]))
         self.totals.index_add_(0, ids, values.detach().to("cpu", torch.float64))
 
     def result(self) -> tuple[Tensor, Tensor]:
@@ -76,10 +78,10 @@ class ScoreAccumulator:
         return ids, self.totals[ids].clone()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"totals": self.totals.clone(), "seen": self.seen.clone(), "num_columns": self.num_columns}
+        return {"totals": self.totals.clone(), "seen": self.seen.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.totals, self.seen, self.num_columns = state["totals"].clone(), state["seen"].clone(), state["num_columns"]
+        self.totals, self.seen = state["totals"].clone(), state["seen"].clone()
 
 
 class DiffInSweep:

@@ -7,9 +7,12 @@
   the loss), negative means it hurts -- the sign of every score in the library.
 - :func:`spearman` / :func:`pearson`: dimensionless correlations in [-1, 1] of scores with
   that ground truth.
+- :class:`StepRecorder`: a callback that records a run's initial parameters, batches and
+  learning rates, the inputs of :func:`leave_one_out`.
 """
 
 from lightning_influence.evaluation.metrics import pearson, spearman
+from lightning_influence.evaluation.recorder import StepRecorder
 from lightning_influence.evaluation.retraining import (
     SGDStep,
     leave_one_out,
@@ -21,6 +24,7 @@ from lightning_influence.evaluation.retraining import (
 
 __all__ = [
     "SGDStep",
+    "StepRecorder",
     "leave_one_out",
     "optimizer_lrs",
     "pearson",

@@ -1,0 +1,402 @@
+"""Wall-clock overhead of the DiffIn callback: fit time with it / fit time without it.
+
+Everything runs in ONE process: a warm-up fit first (imports, first-call overheads), then for
+each configuration ``--repeats`` rounds of one plain fit and one callback fit, interleaved (the
+order alternates between rounds so that slow drifts of the machine hit both equally). The
+reported ratio is the median over rounds of (callback fit seconds / plain fit seconds of the
+same round). Every fit starts from the same initial weights and sees the same batches.
+
+Workloads:
+  digits  the embedded digits MLP 64-32-10, float32, batch 32, 1500 training samples, 8 epochs
+  synth   an MLP 256-1024-768-10 (~1.06M parameters), float32, on synthetic Gaussian-mixture data
+
+Configurations: ``replay`` (including its end-of-fit reverse sweep), ``online`` with the default
+window, ``online`` with a small window (so that the windowed scoring really runs during fit).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py [--quick] [--repeats N] [--json PATH]
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --profile synth:replay   # cProfile one fit
+
+Prints a Markdown table on stdout. Numbers are ratios from one run on whatever machine runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import io
+import json
+import logging
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import lightning as L  # noqa: E402
+from lightning_influence.callbacks.diffin import DiffIn  # noqa: E402
+from lightning_influence.data import IndexedDataset, load_digits_tensors  # noqa: E402
+from lightning_influence.models import Classifier  # noqa: E402
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore")
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------- workloads
+@dataclass
+class Workload:
+    name: str
+    description: str
+    in_features: int
+    hidden: tuple[int, ...]
+    num_classes: int
+    lr: float
+    batch_size: int
+    epochs: int
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    small_window: int
+    init_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        torch.manual_seed(1234)
+        self.init_state = copy.deepcopy(self.new_model(load=False).state_dict())
+
+    def new_model(self, load: bool = True) -> Classifier:
+        model = Classifier(self.in_features, self.num_classes, hidden=self.hidden, lr=self.lr)
+        if load:
+            model.load_state_dict(self.init_state)
+        return model
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.init_state.values())
+
+    @property
+    def steps(self) -> int:
+        per_epoch = -(-len(self.x_train) // self.batch_size)
+        return per_epoch * self.epochs
+
+    def train_loader(self) -> DataLoader:
+        # A fresh seeded generator per fit: every fit sees the same batch sequence.
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(IndexedDataset(TensorDataset(self.x_train, self.y_train)), batch_size=self.batch_size, shuffle=True, generator=g)
+
+    def val_loader(self) -> DataLoader:
+        return DataLoader(IndexedDataset(TensorDataset(self.x_val, self.y_val)), batch_size=512)
+
+
+def digits_workload(quick: bool) -> Workload:
+    x, y = load_digits_tensors(torch.float32)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    tr, va = perm[:1500], perm[1500:]
+    return Workload(
+        name="digits",
+        description="digits MLP 64-32-10, 1500 train / 297 val, batch 32",
+        in_features=64,
+        hidden=(32,),
+        num_classes=10,
+        lr=0.1,
+        batch_size=32,
+        epochs=2 if quick else 8,
+        x_train=x[tr],
+        y_train=y[tr],
+        x_val=x[va],
+        y_val=y[va],
+        small_window=16,
+    )
+
+
+def gaussian_mixture(n: int, dim: int, classes: int, per_class: int, g: torch.Generator, centers: torch.Tensor | None = None):
+    if centers is None:
+        centers = torch.randn(classes * per_class, dim, generator=g) * (1.5 / dim**0.5) * 4
+    comp = torch.randint(0, classes * per_class, (n,), generator=g)
+    x = centers[comp] + torch.randn(n, dim, generator=g)
+    return x.float(), (comp % classes).long(), centers
+
+
+def synthetic_workload(quick: bool) -> Workload:
+    g = torch.Generator().manual_seed(1)
+    dim, classes = (256, 10)
+    n_train, n_val = (1024, 512) if quick else (4096, 1024)
+    x_tr, y_tr, centers = gaussian_mixture(n_train, dim, classes, 3, g)
+    x_va, y_va, _ = gaussian_mixture(n_val, dim, classes, 3, g, centers)
+    hidden = (256,) if quick else (1024, 768)
+    return Workload(
+        name="synth",
+        description=f"MLP {dim}-{'-'.join(map(str, hidden))}-{classes}, Gaussian mixture {n_train} train / {n_val} val, batch 64",
+        in_features=dim,
+        hidden=hidden,
+        num_classes=classes,
+        lr=0.05,
+        batch_size=64,
+        epochs=2 if quick else 4,
+        x_train=x_tr,
+        y_train=y_tr,
+        x_val=x_va,
+        y_val=y_va,
+        small_window=8 if quick else 16,
+    )
+
+
+# --------------------------------------------------------------------------- callback with memory probe
+class MeasuredDiffIn(DiffIn):
+    """DiffIn that also records the peak size of its recorded trajectory (outside ``seconds``)."""
+
+    peak_steps = 0
+    record_bytes = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        trajectory = self._trajectory
+        if trajectory is None:
+            return
+        n = len(trajectory)
+        if n and not self.record_bytes:
+            self.record_bytes = _record_bytes(trajectory._records[-1])
+        self.peak_steps = max(self.peak_steps, n)
+
+
+def _record_bytes(record: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in torch.utils._pytree.tree_leaves((record.batch, record.ids, record.step_sizes, record.theta, record.grad)):
+        if isinstance(t, torch.Tensor):
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+CONFIGS = ("replay", "online", "online-small")
+
+
+def make_callback(config: str, workload: Workload) -> MeasuredDiffIn:
+    loader = workload.val_loader()
+    if config == "replay":
+        return MeasuredDiffIn(target="val", mode="replay", target_loader=loader)
+    if config == "online":
+        return MeasuredDiffIn(target="val", mode="online", target_loader=loader)
+    if config == "online-small":
+        return MeasuredDiffIn(target="val", mode="online", window=workload.small_window, target_loader=loader)
+    raise ValueError(config)
+
+
+def config_label(config: str, workload: Workload) -> str:
+    if config == "online":
+        return "online (window 128, default)"
+    if config == "online-small":
+        return f"online (window {workload.small_window})"
+    return config
+
+
+# --------------------------------------------------------------------------- fits
+def fit(workload: Workload, callback: DiffIn | None) -> float:
+    model = workload.new_model()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=workload.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[callback] if callback is not None else [],
+    )
+    loader = workload.train_loader()
+    start = time.perf_counter()
+    trainer.fit(model, train_dataloaders=loader)
+    return time.perf_counter() - start
+
+
+def measure(workload: Workload, config: str, repeats: int) -> dict[str, Any]:
+    plain, with_cb, ratios, cb_seconds = [], [], [], []
+    last: MeasuredDiffIn | None = None
+    for r in range(repeats):
+        order = ("plain", "cb") if r % 2 == 0 else ("cb", "plain")
+        times = {}
+        for kind in order:
+            if kind == "plain":
+                times[kind] = fit(workload, None)
+            else:
+                cb = make_callback(config, workload)
+                times[kind] = fit(workload, cb)
+                cb_seconds.append(cb.seconds)
+                last = cb
+        plain.append(times["plain"])
+        with_cb.append(times["cb"])
+        ratios.append(times["cb"] / times["plain"])
+        print(f"  [{workload.name} {config} round {r + 1}/{repeats}] plain {times['plain']:.2f}s  callback {times['cb']:.2f}s  ratio {ratios[-1]:.2f}", file=sys.stderr, flush=True)
+    assert last is not None and last.scores is not None
+    meta = dict(last.scores.metadata)
+    return {
+        "workload": workload.name,
+        "config": config,
+        "label": config_label(config, workload),
+        "seconds_plain": plain,
+        "seconds_callback": with_cb,
+        "ratios": ratios,
+        "callback_seconds": cb_seconds,
+        "median_seconds_plain": statistics.median(plain),
+        "median_seconds_callback": statistics.median(with_cb),
+        "median_ratio": statistics.median(ratios),
+        "median_callback_seconds": statistics.median(cb_seconds),
+        "steps": meta.get("steps_seen"),
+        "hessian_products": meta.get("hessian_products"),
+        "forward_mode_passes": meta.get("forward_mode_passes"),
+        "target_gradients": meta.get("target_gradients"),
+        "finite_difference": meta.get("finite_difference"),
+        "window": meta.get("window"),
+        "score_every": meta.get("score_every"),
+        "peak_trajectory_steps": last.peak_steps,
+        "trajectory_bytes_per_step": last.record_bytes,
+        "peak_trajectory_bytes": last.peak_steps * last.record_bytes,
+        "samples_scored": len(last.scores),
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def markdown(results: list[dict[str, Any]], workloads: dict[str, Workload]) -> str:
+    lines = [
+        "| workload | params | steps | mode | plain s | callback fit s | ratio (median) | in callback s | Hessian products | forward-mode passes | target grads | peak trajectory |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        w = workloads[r["workload"]]
+        lines.append(
+            f"| {w.name} | {w.num_parameters:,} | {r['steps']} | {r['label']} | {r['median_seconds_plain']:.2f} | "
+            f"{r['median_seconds_callback']:.2f} | **{r['median_ratio']:.2f}x** | {r['median_callback_seconds']:.2f} | "
+            f"{r['hessian_products']} | {r['forward_mode_passes']} | {r['target_gradients']} | "
+            f"{r['peak_trajectory_steps']} steps, {_mib(r['peak_trajectory_bytes'])} |"
+        )
+    return "\n".join(lines)
+
+
+def profile_one(workload: Workload, config: str, top: int) -> None:
+    cb = make_callback(config, workload)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    model = workload.new_model()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=workload.epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[cb],
+    )
+    trainer.fit(model, train_dataloaders=workload.train_loader())
+    profiler.disable()
+    total = time.perf_counter() - start
+    print(f"profile of one {workload.name} {config} fit: {total:.2f}s wall (under cProfile), {cb.seconds:.2f}s in the callback")
+    print(f"metadata: {json.dumps({k: v for k, v in cb.scores.metadata.items()})}")
+    for key in ("tottime", "cumtime"):
+        buf = io.StringIO()
+        pstats.Stats(profiler, stream=buf).sort_stats(key).print_stats(top)
+        print(f"\n--- sorted by {key} ---")
+        print(buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check in well under a minute")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved plain/callback rounds per configuration (default 3, quick 1)")
+    parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
+    parser.add_argument("--workloads", default="digits,synth", help="comma-separated subset of: digits,synth")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of: {','.join(CONFIGS)}")
+    parser.add_argument("--profile", metavar="WORKLOAD:CONFIG", help="instead: cProfile one callback fit, e.g. synth:replay")
+    parser.add_argument("--top", type=int, default=30, help="rows of the profile to print")
+    args = parser.parse_args(argv)
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    if repeats < 1:
+        parser.error("--repeats must be >= 1")
+
+    makers = {"digits": digits_workload, "synth": synthetic_workload}
+    if args.profile:
+        name, _, config = args.profile.partition(":")
+        if name not in makers or config not in CONFIGS:
+            parser.error(f"--profile takes WORKLOAD:CONFIG with WORKLOAD in {sorted(makers)} and CONFIG in {CONFIGS}")
+        workload = makers[name](args.quick)
+        fit(workload, None)  # warm-up
+        profile_one(workload, config, args.top)
+        return 0
+
+    names = [n for n in args.workloads.split(",") if n]
+    configs = [c for c in args.configs.split(",") if c]
+    for n in names:
+        if n not in makers:
+            parser.error(f"unknown workload {n!r}")
+    for c in configs:
+        if c not in CONFIGS:
+            parser.error(f"unknown config {c!r}")
+
+    t0 = time.perf_counter()
+    workloads = {n: makers[n](args.quick) for n in names}
+    # Warm-up: one plain and one callback fit on the smallest workload (imports, lazy init, autograd paths).
+    warm = workloads[names[0]]
+    fit(warm, None)
+    fit(warm, make_callback(configs[0], warm))
+    print(f"warm-up done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    results = []
+    for n in names:
+        for c in configs:
+            results.append(measure(workloads[n], c, repeats))
+    elapsed = time.perf_counter() - t0
+
+    table = markdown(results, workloads)
+    print(table)
+    print()
+    for n in names:
+        w = workloads[n]
+        print(f"- {w.name}: {w.description}, {w.epochs} epochs = {w.steps} steps, {w.num_parameters:,} float32 parameters")
+    print(
+        f"- ratio: median over {repeats} interleaved round(s) of callback-fit / plain-fit wall time; "
+        f"replay includes its end-of-fit sweep. torch {torch.__version__}, lightning {L.__version__}, "
+        f"{torch.get_num_threads()} thread(s), total {elapsed:.0f}s"
+    )
+    print("- peak trajectory: most recorded steps held at once x bytes of one record (parameters + recorded gradient + batch)")
+
+    if args.json:
+        payload = {
+            "quick": args.quick,
+            "repeats": repeats,
+            "total_seconds": elapsed,
+            "environment": {
+                "torch": torch.__version__,
+                "lightning": L.__version__,
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+            },
+            "workloads": {
+                n: {"description": w.description, "parameters": w.num_parameters, "steps": w.steps, "epochs": w.epochs, "batch_size": w.batch_size}
+                for n, w in workloads.items()
+            },
+            "results": results,
+        }
+        with open(args.json, "w") as fh:
+            json.dump(payload, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

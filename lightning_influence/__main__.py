@@ -1,0 +1,21 @@
+"""``python -m lightning_influence [overrides]`` / ``lightning-influence [overrides]``: the main job.
+
+The configs ship inside the package (``lightning_influence.conf``), so this works from a clone
+(editable install) and from an installed wheel alike. See ``--help`` and ``--cfg job``.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="pkg://lightning_influence.conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from lightning_influence.app import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
