@@ -6,6 +6,8 @@ The configs ship inside the package (``lightning_influence.conf``), so this work
 
 from __future__ import annotations
 
+import warnings
+
 import hydra
 from omegaconf import DictConfig
 
@@ -14,6 +16,8 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> None:
     from lightning_influence.app import run
 
+    # Known, harmless version noise of lightning on recent torch; nothing the user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     run(cfg)
 
 

@@ -50,6 +50,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     top_k = int(cfg.get("top_k", 10))
+    if cfg.get("num_threads") is not None:
+        torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data)

@@ -117,6 +117,8 @@ class DiffIn(Callback):
         self.scores: InfluenceScores | None = None
         self.steps_seen = 0
         self.steps_scored = 0
+        self.truncated_sweeps = 0
+        self.steps_scored_truncated = 0
         self.seconds = 0.0
         self._accumulator: ScoreAccumulator | None = None
         self._trajectory: Trajectory | None = None
@@ -283,7 +285,13 @@ class DiffIn(Callback):
             self._compare_training_loss(outputs)
         if self.mode == "online" and self._trajectory is not None and len(self._trajectory) >= self.window + self.score_every:
             start = time.perf_counter()
+            final = trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf")) or (
+                trainer.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0
+            )
             self._run_sweep(self.score_every)
+            if not final:
+                self.truncated_sweeps += 1
+                self.steps_scored_truncated += self.score_every
             self.seconds += time.perf_counter() - start
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -345,6 +353,8 @@ class DiffIn(Callback):
             "score_every": self.score_every if self.mode == "online" else None,
             "steps_seen": self.steps_seen,
             "steps_scored": self.steps_scored,
+            "truncated_sweeps": self.truncated_sweeps,
+            "steps_scored_truncated": self.steps_scored_truncated,
             "finite_difference": self._sweep.finite_difference,
             "hessian_products": self._sweep.hessian_products,
             "forward_mode_passes": self._sweep.forward_mode_passes,
@@ -359,6 +369,8 @@ class DiffIn(Callback):
         return {
             "steps_seen": self.steps_seen,
             "steps_scored": self.steps_scored,
+            "truncated_sweeps": self.truncated_sweeps,
+            "steps_scored_truncated": self.steps_scored_truncated,
             "pending_steps": pending,
             "accumulator": self._accumulator.state_dict() if self._accumulator is not None else None,
         }
@@ -371,6 +383,8 @@ class DiffIn(Callback):
             )
         self.steps_seen = int(state_dict["steps_seen"])
         self.steps_scored = int(state_dict["steps_scored"])
+        self.truncated_sweeps = int(state_dict.get("truncated_sweeps", 0))
+        self.steps_scored_truncated = int(state_dict.get("steps_scored_truncated", 0))
         if state_dict.get("accumulator") is not None:
             self._accumulator = ScoreAccumulator()
             self._accumulator.load_state_dict(state_dict["accumulator"])
@@ -395,7 +409,11 @@ def _check_ids(ids: Tensor) -> None:
         raise ValueError(f"sample ids must be >= 0, got {int(ids.min())}")
     if ids.unique().numel() != ids.numel():
         dup = ids[torch.cat([ids.sort().values.diff() == 0, torch.tensor([False], device=ids.device)])]
-        raise ValueError(f"duplicate sample ids in one batch: {dup.unique().tolist()[:10]}; each sample may appear once per step")
+        raise ValueError(
+            f"duplicate sample ids in one batch: {dup.unique().tolist()[:10]}; each sample may appear once per step. "
+            "If the batches carry no ids, the default sample_ids(batch) reads the last tuple element (labels?): "
+            "wrap the dataset in lightning_influence.IndexedDataset or override sample_ids(batch)"
+        )
 
 
 def _check_losses(losses: Any, ids: Tensor, space: ParameterSpace | None) -> None:

@@ -1,0 +1,247 @@
+"""DiffIn callback behaviour: mode and storage equivalences, results exposure, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import quiet_trainer
+from lightning_influence import DiffIn, InfluenceMixin, InfluenceScores
+from lightning_influence.data import FixedBatches
+from lightning_influence.models import Classifier
+
+
+def _fit(problem, *callbacks, model=None, **trainer_kwargs):
+    torch.manual_seed(0)
+    model = model if model is not None else Classifier(hidden=(16,), lr=0.1).double()
+    quiet_trainer(callbacks=list(callbacks), **trainer_kwargs).fit(model, train_dataloaders=problem.train)
+    return model
+
+
+def _values(cb):
+    return cb.scores.values
+
+
+def test_online_with_a_window_covering_the_run_equals_replay(small_digits):
+    replay = DiffIn(target="val", target_loader=small_digits.val)
+    online = DiffIn(target="val", mode="online", target_loader=small_digits.val, window=len(small_digits.train))
+    _fit(small_digits, replay, online)
+    torch.testing.assert_close(_values(online), _values(replay), rtol=0, atol=1e-15)
+    assert online.scores.metadata["truncated_sweeps"] == 0
+
+
+def test_online_truncated_windows_differ_from_replay_but_agree_in_ranking(small_digits):
+    replay = DiffIn(target="val", target_loader=small_digits.val)
+    online = DiffIn(target="val", mode="online", target_loader=small_digits.val, window=8, score_every=4)
+    _fit(small_digits, replay, online)
+    assert online.scores.metadata["truncated_sweeps"] > 5
+    assert not torch.allclose(_values(online), _values(replay))
+    assert torch.corrcoef(torch.stack([_values(online), _values(replay)]))[0, 1] > 0.5
+
+
+@pytest.mark.parametrize("options", [dict(storage="disk"), dict(checkpoint_every=4), dict(storage="disk", checkpoint_every=3)])
+def test_trajectory_storage_policies_give_the_replay_scores(small_digits, tmp_path, options):
+    reference = DiffIn(target="val", target_loader=small_digits.val)
+    other = DiffIn(target="val", mode="replay", target_loader=small_digits.val, spill_dir=tmp_path / "spill", **options)
+    other._generate_state_key = lambda **kw: "other"
+    _fit(small_digits, reference, other)
+    # Recomputed steps reproduce the trajectory up to rounding; spilled ones exactly.
+    atol = 1e-15 if options.get("checkpoint_every", 1) == 1 else 1e-8
+    torch.testing.assert_close(_values(other), _values(reference), rtol=0, atol=atol * _values(reference).abs().max())
+    assert not list((tmp_path / "spill").glob("*.pt"))  # spilled records are removed after the sweep
+
+
+def test_central_and_forward_differences_agree(small_digits):
+    forward = DiffIn(target="val", target_loader=small_digits.val, finite_difference="forward")
+    central = DiffIn(target="val", target_loader=small_digits.val, finite_difference="central")
+    central._generate_state_key = lambda **kw: "central"
+    _fit(small_digits, forward, central)
+    assert forward.scores.metadata["finite_difference"] == "forward"
+    rel = (_values(forward) - _values(central)).norm() / _values(central).norm()
+    assert rel < 1e-6
+
+
+def test_results_are_exposed_and_saved(small_digits, tmp_path):
+    path = tmp_path / "scores.pt"
+    cb = DiffIn(target="val", target_loader=small_digits.val, save_path=path)
+    model = _fit(small_digits, cb)
+    assert model.influence is cb.scores
+    assert cb.scores.ids.tolist() == list(range(small_digits.n))
+    assert cb.scores.values.dtype == torch.float64
+    meta = cb.scores.metadata
+    assert meta["estimator"] == "diffin" and meta["mode"] == "replay" and meta["target"] == "val"
+    assert meta["steps_seen"] == meta["steps_scored"] == len(small_digits.train)
+    assert meta["forward_mode_passes"] == len(small_digits.train)
+    assert meta["hessian_products"] == len(small_digits.train) - 1
+    loaded = InfluenceScores.load(path)
+    assert torch.equal(loaded.values, cb.scores.values) and torch.equal(loaded.ids, cb.scores.ids)
+    harmful, _ = cb.scores.most_harmful(5)
+    assert all(cb.scores[int(i)] <= cb.scores.values.sort().values[4] for i in harmful)
+
+
+def test_target_samples_equals_an_explicit_subset_loader(small_digits):
+    subset = DiffIn(target="val", target_loader=small_digits.val, target_samples=50, seed=3)
+    chosen = torch.randperm(200, generator=torch.Generator().manual_seed(3))[:50].sort().values
+    x = torch.cat([b[0] for b in small_digits.val.batches])[chosen]
+    y = torch.cat([b[1] for b in small_digits.val.batches])[chosen]
+    explicit = DiffIn(target="val", target_loader=FixedBatches([(x, y, chosen)]))
+    explicit._generate_state_key = lambda **kw: "explicit"
+    _fit(small_digits, subset, explicit)
+    torch.testing.assert_close(_values(subset), _values(explicit), rtol=1e-10, atol=1e-15)
+
+
+def test_dropout_model_is_scored_deterministically_with_central_differences(small_digits):
+    class WithDropout(Classifier):
+        def __init__(self):
+            super().__init__(hidden=(16,))
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 10))
+
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    model = _fit(small_digits, cb, model=WithDropout().double())
+    assert cb.scores.metadata["finite_difference"] == "central"
+    assert torch.isfinite(cb.scores.values).all()
+    assert model.net[2].training  # the module's own mode is restored after scoring
+
+
+def test_datamodule_validation_loader_is_the_default_target():
+    from lightning_influence.data import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=64, seed=0, dtype="float64")
+    cb = DiffIn(target="val", mode="online", window=4)
+    torch.manual_seed(0)
+    model = Classifier(hidden=(8,)).double()
+    quiet_trainer(callbacks=[cb], max_steps=12, limit_val_batches=0).fit(model, datamodule=dm)
+    assert len(cb.scores) == min(12 * 64, len(dm.train_set))
+    assert cb.scores.metadata["truncated_sweeps"] >= 1
+
+
+# ---------------------------------------------------------------------------- errors
+class _Plain(Classifier):
+    pass
+
+
+def _expect(problem, match, cb=None, model=None, **trainer_kwargs):
+    cb = cb or DiffIn(target="val", target_loader=problem.val)
+    with pytest.raises((ValueError, TypeError, KeyError), match=match):
+        _fit(problem, cb, model=model, **trainer_kwargs)
+
+
+def test_module_without_mixin_is_refused(small_digits):
+    import lightning as L
+
+    class NoMixin(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 10)
+
+        def training_step(self, batch, i):
+            return F.cross_entropy(self.lin(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    _expect(small_digits, "InfluenceMixin", model=NoMixin().double())
+
+
+@pytest.mark.parametrize(
+    "make_opt,match",
+    [
+        (lambda p: torch.optim.Adam(p, lr=1e-3), "optimizer Adam"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum"),
+        (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-4), "weight_decay"),
+    ],
+)
+def test_unmodelled_optimizers_are_refused(small_digits, make_opt, match):
+    class Custom(Classifier):
+        def configure_optimizers(self):
+            return make_opt(self.parameters())
+
+    _expect(small_digits, match, model=Custom(hidden=(8,)).double())
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(accumulate_grad_batches=2), "accumulate_grad_batches"),
+        (dict(gradient_clip_val=1.0), "gradient clipping"),
+        (dict(precision="bf16-mixed"), "precision"),
+    ],
+)
+def test_unmodelled_trainer_settings_are_refused(small_digits, kwargs, match):
+    _expect(small_digits, match, model=Classifier(hidden=(8,)), **kwargs)
+
+
+def test_per_sample_loss_whose_mean_is_not_the_training_loss_names_both_values(small_digits):
+    class Scaled(Classifier):
+        def training_step(self, batch, i):
+            return 2.0 * self.per_sample_loss(batch).mean()
+
+    with pytest.raises(ValueError, match=r"per_sample_loss\(batch\)\.mean\(\) = [0-9.]+ but training_step returned loss [0-9.]+"):
+        _fit(small_digits, DiffIn(target="val", target_loader=small_digits.val), model=Scaled(hidden=(8,)).double())
+
+
+def test_per_sample_loss_of_wrong_shape_is_refused(small_digits):
+    class Reduced(Classifier):
+        def per_sample_loss(self, batch):
+            return super().per_sample_loss(batch).mean()
+
+        def training_step(self, batch, i):
+            return self.per_sample_loss(batch)
+
+    _expect(small_digits, r"unreduced Tensor\[B\] with B = 16", model=Reduced(hidden=(8,)).double())
+
+
+@pytest.mark.parametrize(
+    "transform,match",
+    [
+        (lambda b: (b[0], b[1]), "duplicate sample ids.*IndexedDataset"),
+        (lambda b: (b[0], b[1], b[2].double()), "integer Tensor"),
+        (lambda b: (b[0], b[1], torch.zeros_like(b[2])), "duplicate sample ids"),
+        (lambda b: (b[0], b[1], b[2] - 1000), "must be >= 0"),
+        (lambda b: {"x": b[0], "y": b[1]}, "no sample ids"),
+    ],
+)
+def test_bad_sample_ids_are_refused(small_digits, transform, match):
+    class DictAware(Classifier):
+        def per_sample_loss(self, batch):
+            if isinstance(batch, dict):
+                return F.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+            return super().per_sample_loss(batch)
+
+    bad = FixedBatches([transform(b) for b in small_digits.train.batches])
+    with pytest.raises((ValueError, TypeError, KeyError), match=match):
+        torch.manual_seed(0)
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=small_digits.val)]).fit(
+            DictAware(hidden=(8,)).double(), train_dataloaders=bad
+        )
+
+
+def test_validation_target_without_a_loader_is_refused(small_digits):
+    _expect(small_digits, "needs a validation loader", cb=DiffIn(target="val"))
+
+
+def test_constructor_validates_options():
+    with pytest.raises(ValueError, match="target must be one of"):
+        DiffIn(target="test")
+    with pytest.raises(ValueError, match="target_loader"):
+        DiffIn(target="query")
+    with pytest.raises(ValueError, match="mode must be"):
+        DiffIn(mode="exact")
+    with pytest.raises(ValueError, match="multiples of checkpoint_every"):
+        DiffIn(mode="online", window=10, checkpoint_every=4)
+
+
+def test_checkpoint_with_unscored_steps_is_refused_on_resume(small_digits):
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    _fit(small_digits, cb)
+    state = cb.state_dict()
+    assert state["pending_steps"] == 0
+    fresh = DiffIn(target="val", target_loader=small_digits.val)
+    fresh.load_state_dict(state)
+    assert fresh.steps_seen == cb.steps_seen
+    with pytest.raises(ValueError, match="not yet scored"):
+        fresh.load_state_dict({**state, "pending_steps": 7})

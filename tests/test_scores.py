@@ -1,0 +1,114 @@
+"""The score store: ordering helpers, safe and atomic files, clear errors for damaged files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lightning_influence import InfluenceScores, ScoreFileError
+from lightning_influence.scores import SIGN_CONVENTION
+
+
+def _scores(q=None):
+    ids = torch.tensor([7, 3, 11, 0])
+    values = torch.tensor([0.5, -2.0, 1.5, -0.1], dtype=torch.float64)
+    if q:
+        values = torch.stack([values * (k + 1) * (-1) ** k for k in range(q)], dim=1)
+    return InfluenceScores(ids, values, {"estimator": "test", "steps_seen": 4})
+
+
+def test_most_harmful_and_most_helpful_follow_the_sign_convention():
+    s = _scores()
+    ids, vals = s.most_harmful(2)
+    assert ids.tolist() == [3, 0] and vals.tolist() == [-2.0, -0.1]
+    ids, vals = s.most_helpful(2)
+    assert ids.tolist() == [11, 7] and vals.tolist() == [1.5, 0.5]
+    assert s[11].item() == 1.5 and s.to_dict()[3] == -2.0
+    assert s.metadata["sign_convention"] == SIGN_CONVENTION
+    with pytest.raises(KeyError, match="no score for sample id 5"):
+        s[5]
+
+
+def test_query_matrix_needs_a_column():
+    s = _scores(q=2)
+    assert s.num_queries == 2
+    assert s.most_harmful(1, query=1)[0].tolist() == [11]
+    with pytest.raises(ValueError, match="query="):
+        s.most_harmful(1)
+
+
+@pytest.mark.parametrize("q", [None, 3])
+def test_save_load_round_trip_and_csv(tmp_path, q):
+    s = _scores(q)
+    path = s.save(tmp_path / "sub" / "scores.pt")
+    loaded = InfluenceScores.load(path)
+    assert torch.equal(loaded.ids, s.ids) and torch.equal(loaded.values, s.values)
+    assert loaded.metadata == s.metadata
+    assert [p.name for p in path.parent.iterdir()] == ["scores.pt"]  # no temporary file left behind
+    rows = list(csv.reader(io.StringIO(s.to_csv(tmp_path / "s.csv").read_text())))
+    assert rows[0][0] == "sample_id" and len(rows) == 5
+    assert [float(v) for v in rows[1][1:]] == s.values[0].reshape(-1).tolist()
+
+
+def test_invalid_scores_are_refused():
+    with pytest.raises(ValueError, match="unique"):
+        InfluenceScores(torch.tensor([1, 1]), torch.zeros(2))
+    with pytest.raises(ValueError, match="shape"):
+        InfluenceScores(torch.tensor([1, 2]), torch.zeros(3))
+    with pytest.raises(ValueError, match="JSON"):
+        InfluenceScores(torch.tensor([1]), torch.zeros(1), {"bad": object()})
+
+
+def test_damaged_and_foreign_files_give_a_clear_error(tmp_path):
+    good = _scores().save(tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ScoreFileError, match="truncated or corrupted"):
+        InfluenceScores.load(tmp_path / "truncated.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ScoreFileError, match="not a lightning-influence score file"):
+        InfluenceScores.load(tmp_path / "foreign.pt")
+    torch.save({"format": "lightning-influence/scores", "version": 99}, tmp_path / "future.pt")
+    with pytest.raises(ScoreFileError, match="version 99"):
+        InfluenceScores.load(tmp_path / "future.pt")
+    with pytest.raises(ScoreFileError, match="no score file"):
+        InfluenceScores.load(tmp_path / "missing.pt")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/lightning-influence-pwned",))
+
+
+def test_loading_never_executes_pickled_code(tmp_path):
+    torch.save({"format": "lightning-influence/scores", "version": 1, "payload": _Boom()}, tmp_path / "evil.pt")
+    with pytest.raises(ScoreFileError):
+        InfluenceScores.load(tmp_path / "evil.pt")
+    assert not os.path.exists("/tmp/lightning-influence-pwned")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_and_truncated_bytes_only_raise_the_documented_error(tmp_path, data):
+    good = _scores().save(tmp_path / "good.pt").read_bytes()
+    kind = data.draw(st.sampled_from(["random", "truncated", "flipped"]))
+    if kind == "random":
+        blob = data.draw(st.binary(max_size=2048))
+    elif kind == "truncated":
+        blob = good[: data.draw(st.integers(0, len(good) - 1))]
+    else:
+        pos = data.draw(st.integers(0, len(good) - 1))
+        blob = good[:pos] + bytes([good[pos] ^ 0xFF]) + good[pos + 1 :]
+    path = tmp_path / "fuzz.pt"
+    path.write_bytes(blob)
+    try:
+        loaded = InfluenceScores.load(path)
+    except ScoreFileError:
+        return
+    # A flip in padding or metadata text can leave a valid file: it must then still be consistent.
+    assert loaded.ids.numel() == loaded.values.shape[0]
