@@ -245,3 +245,12 @@ def test_checkpoint_with_unscored_steps_is_refused_on_resume(small_digits):
     assert fresh.steps_seen == cb.steps_seen
     with pytest.raises(ValueError, match="not yet scored"):
         fresh.load_state_dict({**state, "pending_steps": 7})
+
+
+def test_a_second_fit_scores_the_new_run_only(small_digits):
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    _fit(small_digits, cb)
+    first = cb.scores.values.clone()
+    _fit(small_digits, cb)  # same seed, same data: the same run again
+    torch.testing.assert_close(cb.scores.values, first, rtol=0, atol=0)
+    assert cb.scores.metadata["steps_seen"] == len(small_digits.train)

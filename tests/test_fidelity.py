@@ -118,3 +118,22 @@ def test_scheduled_learning_rate_and_parameter_groups_are_followed():
     ids = torch.arange(0, problem.n, 3)[:80]
     truth = _truth(model, recorder, ids, problem.val)
     assert spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth) >= REPLAY_BAR
+
+
+def test_float32_training_with_default_settings_tracks_float64_retraining():
+    """Users train in float32: the finite-difference products and the forward-mode pass then run
+    in float32 (accumulation stays float64), and the scores still rank the exact effects."""
+    problem = digits_problem(n=512, batch_size=32, epochs=8)
+    as32 = lambda fb: FixedBatches([(b[0].float(), b[1], b[2]) for b in fb.batches])  # noqa: E731
+    cb = DiffIn(target="val", target_loader=as32(problem.val))
+    torch.manual_seed(0)
+    model = Classifier(hidden=(32,), lr=0.1)
+    initial = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    recorder = StepRecorder()
+    quiet_trainer(callbacks=[recorder, cb]).fit(model, train_dataloaders=as32(problem.train))
+    assert cb.scores.values.dtype == torch.float64
+    reference = Classifier(hidden=(32,), lr=0.1).double()
+    steps = [type(s)(batch=(s.batch[0].double(), *s.batch[1:]), lrs=s.lrs) for s in recorder.steps]
+    ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:100]
+    truth = leave_one_out(reference, initial, steps, recorder.param_groups, ids, problem.val)
+    assert spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth) >= REPLAY_BAR

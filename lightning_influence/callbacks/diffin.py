@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -128,6 +128,7 @@ class DiffIn(Callback):
         self._pending: tuple[Any, Tensor] | None = None
         self._loss_check: Tensor | None = None
         self._loss_checked = False
+        self._restored = False
 
     @property
     def state_key(self) -> str:
@@ -190,8 +191,18 @@ class DiffIn(Callback):
         else:
             scheme, reuse = self.finite_difference, self.finite_difference == "forward" and not has_mode_dependent_layers(pl_module)
         self._reuse_gradient = reuse
-        if self._accumulator is None:
+        if not self._restored:
+            # A new fit scores a new run: earlier results refer to another final model.
             self._accumulator = ScoreAccumulator(capacity=_dataset_length(trainer) or 0)
+            self.steps_seen = self.steps_scored = self.truncated_sweeps = self.steps_scored_truncated = 0
+            self.seconds = 0.0
+        self._restored = False
+        self._loss_checked = False
+        if self.mode == "online" and self.target == "train" and self.target_samples is None:
+            rank_zero_warn(
+                "DiffIn(mode='online', target='train') evaluates the full training loss at every block of "
+                f"{self.score_every} steps; pass target_samples=<k> to use a fixed subset and bound this cost"
+            )
         self._sweep = DiffInSweep(
             pl_module,
             loss_fn,
@@ -388,6 +399,7 @@ class DiffIn(Callback):
         if state_dict.get("accumulator") is not None:
             self._accumulator = ScoreAccumulator()
             self._accumulator.load_state_dict(state_dict["accumulator"])
+        self._restored = True
 
 
 def _check_plain_sgd(optimizer: Any) -> None:
