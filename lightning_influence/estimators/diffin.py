@@ -110,6 +110,7 @@ class DiffInSweep:
         self.hessian_products = 0
         self.forward_mode_passes = 0
         self.target_gradients = 0
+        self._scale_cache: tuple[Tensor, Tensor] | None = None
 
     def target_gradient(self, theta: Tensor) -> Tensor:
         with evaluation_mode(self.module):
@@ -133,7 +134,7 @@ class DiffInSweep:
         with evaluation_mode(self.module):
             for back, record in enumerate(trajectory.newest_first(recompute_step)):
                 position = size - 1 - back
-                step_scale = self.space.expand(record.step_sizes.to(torch.float64))[:, None]
+                step_scale = self._step_scale(record.step_sizes)
                 tangents = step_scale * adjoint  # Lambda_t u_{t+1}, [P, Q]
                 if position < num_scored:
                     self._score_step(record, tangents, squeeze=u.dim() == 1)
@@ -145,6 +146,15 @@ class DiffInSweep:
                         f"the propagated target gradient became non-finite at step {record.step}: training diverged "
                         "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
                     )
+
+    def _step_scale(self, step_sizes: Tensor) -> Tensor:
+        """Flat per-coordinate step size ``diag(Lambda_t)`` as a ``[P, 1]`` column (cached: the
+        learning rates rarely change from one step to the next)."""
+        cached = self._scale_cache
+        if cached is None or not torch.equal(cached[0], step_sizes):
+            cached = (step_sizes.clone(), self.space.expand(step_sizes.to(torch.float64))[:, None])
+            self._scale_cache = cached
+        return cached[1]
 
     def _score_step(self, record: StepRecord, tangents: Tensor, squeeze: bool) -> None:
         theta = self.space.unflatten(record.theta)
