@@ -208,7 +208,8 @@ def config_label(config: str, workload: Workload) -> str:
 
 
 # --------------------------------------------------------------------------- fits
-def fit(workload: Workload, callback: DiffIn | None) -> float:
+def fit(workload: Workload, callback: DiffIn | None) -> tuple[float, float]:
+    """One ``Trainer.fit``: (wall seconds, process CPU seconds)."""
     model = workload.new_model()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -222,17 +223,19 @@ def fit(workload: Workload, callback: DiffIn | None) -> float:
         callbacks=[callback] if callback is not None else [],
     )
     loader = workload.train_loader()
+    cpu = time.process_time()
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=loader)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure(workload: Workload, config: str, repeats: int) -> dict[str, Any]:
     plain, with_cb, ratios, cb_seconds = [], [], [], []
+    plain_cpu, with_cb_cpu, cpu_ratios = [], [], []
     last: MeasuredDiffIn | None = None
     for r in range(repeats):
         order = ("plain", "cb") if r % 2 == 0 else ("cb", "plain")
-        times = {}
+        times: dict[str, tuple[float, float]] = {}
         for kind in order:
             if kind == "plain":
                 times[kind] = fit(workload, None)
@@ -241,10 +244,18 @@ def measure(workload: Workload, config: str, repeats: int) -> dict[str, Any]:
                 times[kind] = fit(workload, cb)
                 cb_seconds.append(cb.seconds)
                 last = cb
-        plain.append(times["plain"])
-        with_cb.append(times["cb"])
-        ratios.append(times["cb"] / times["plain"])
-        print(f"  [{workload.name} {config} round {r + 1}/{repeats}] plain {times['plain']:.2f}s  callback {times['cb']:.2f}s  ratio {ratios[-1]:.2f}", file=sys.stderr, flush=True)
+        plain.append(times["plain"][0])
+        with_cb.append(times["cb"][0])
+        ratios.append(with_cb[-1] / plain[-1])
+        plain_cpu.append(times["plain"][1])
+        with_cb_cpu.append(times["cb"][1])
+        cpu_ratios.append(with_cb_cpu[-1] / plain_cpu[-1])
+        print(
+            f"  [{workload.name} {config} round {r + 1}/{repeats}] plain {plain[-1]:.2f}s (cpu {plain_cpu[-1]:.2f}s)  "
+            f"callback {with_cb[-1]:.2f}s (cpu {with_cb_cpu[-1]:.2f}s)  ratio {ratios[-1]:.2f} (cpu {cpu_ratios[-1]:.2f})",
+            file=sys.stderr,
+            flush=True,
+        )
     assert last is not None and last.scores is not None
     meta = dict(last.scores.metadata)
     return {
@@ -258,6 +269,10 @@ def measure(workload: Workload, config: str, repeats: int) -> dict[str, Any]:
         "median_seconds_plain": statistics.median(plain),
         "median_seconds_callback": statistics.median(with_cb),
         "median_ratio": statistics.median(ratios),
+        "cpu_seconds_plain": plain_cpu,
+        "cpu_seconds_callback": with_cb_cpu,
+        "cpu_ratios": cpu_ratios,
+        "median_cpu_ratio": statistics.median(cpu_ratios),
         "median_callback_seconds": statistics.median(cb_seconds),
         "steps": meta.get("steps_seen"),
         "hessian_products": meta.get("hessian_products"),
@@ -279,14 +294,14 @@ def _mib(n: int) -> str:
 
 def markdown(results: list[dict[str, Any]], workloads: dict[str, Workload]) -> str:
     lines = [
-        "| workload | params | steps | mode | plain s | callback fit s | ratio (median) | in callback s | Hessian products | forward-mode passes | target grads | peak trajectory |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | params | steps | mode | plain s | callback fit s | ratio (wall) | ratio (CPU) | in callback s | Hessian products | forward-mode passes | target grads | peak trajectory |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         w = workloads[r["workload"]]
         lines.append(
             f"| {w.name} | {w.num_parameters:,} | {r['steps']} | {r['label']} | {r['median_seconds_plain']:.2f} | "
-            f"{r['median_seconds_callback']:.2f} | **{r['median_ratio']:.2f}x** | {r['median_callback_seconds']:.2f} | "
+            f"{r['median_seconds_callback']:.2f} | **{r['median_ratio']:.2f}x** | {r['median_cpu_ratio']:.2f}x | {r['median_callback_seconds']:.2f} | "
             f"{r['hessian_products']} | {r['forward_mode_passes']} | {r['target_gradients']} | "
             f"{r['peak_trajectory_steps']} steps, {_mib(r['peak_trajectory_bytes'])} |"
         )
@@ -386,8 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         w = workloads[n]
         print(f"- {w.name}: {w.description}, {w.epochs} epochs = {w.steps} steps, {w.num_parameters:,} float32 parameters")
     print(
-        f"- ratio: median over {repeats} interleaved round(s) of callback-fit / plain-fit wall time; "
-        f"replay includes its end-of-fit sweep. torch {torch.__version__}, lightning {L.__version__}, "
+        f"- ratio: median over {repeats} interleaved round(s) of callback-fit / plain-fit time of the same round, wall clock "
+        f"and process CPU time (less sensitive to other load on a shared machine); seconds are medians of wall time; "
+        f"replay includes its end-of-fit sweep; 'in callback' is DiffIn.seconds (wall). torch {torch.__version__}, lightning {L.__version__}, "
         f"{torch.get_num_threads()} thread(s), total {elapsed:.0f}s"
     )
     print("- peak trajectory: most recorded steps held at once x bytes of one record (parameters + recorded gradient + batch)")

@@ -12,7 +12,6 @@ sample helps. Negative: it hurts.
 from __future__ import annotations
 
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -129,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "score_max": float(column.max()) if len(scores) else None,
         "steps": int(getattr(callback, "steps_seen", trainer.global_step)),
         "fit_seconds": round(fit_seconds, 3),
-        "callback_seconds": round(float(getattr(callback, "seconds", math.nan)), 3),
+        "callback_seconds": round(float(callback.seconds), 3) if hasattr(callback, "seconds") else None,
         "val": val_metrics,
         "test": test_metrics,
         "mislabel_detection": detection,
@@ -149,7 +148,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         scores.save(scores_path)
     scores.to_csv(out / "scores.csv")
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n").encode())
+    text = json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n"
+    atomic_write_bytes(out / "report.json", text.encode())
     _print_report(report, top_k)
     return report
 
@@ -228,14 +228,16 @@ def _print_report(report: dict[str, Any], top_k: int) -> None:
         "",
         f"Influence of {report['num_scored']} training samples on the {report['target']} loss "
         f"(DiffIn {report['mode']}, {report['steps']} SGD steps, fit {report['fit_seconds']:.1f}s, "
-        f"callback {report['callback_seconds']:.1f}s).",
+        f"callback {_fmt(report['callback_seconds'], '.1f')}s).",
         "Score = predicted change of the target loss when the sample is removed: positive helps, negative hurts.",
     ]
-    for title, key in ((f"{top_k} most harmful training samples", "most_harmful"), (f"{top_k} most helpful training samples", "most_helpful")):
+    for kind in ("harmful", "helpful"):
+        title, key = f"{top_k} most {kind} training samples", f"most_{kind}"
         lines += ["", title + ":", f"  {'rank':>4}  {'id':>6}  {'score':>12}  {'label':>5}  flipped"]
         for rank, row in enumerate(report[key], 1):
             label = "?" if row["label"] is None else str(row["label"])
-            lines.append(f"  {rank:>4}  {row['id']:>6}  {row['score']:>12.4e}  {label:>5}  {'yes' if row['flipped'] else 'no'}")
+            flipped = "yes" if row["flipped"] else "no"
+            lines.append(f"  {rank:>4}  {row['id']:>6}  {row['score']:>12.4e}  {label:>5}  {flipped}")
     det = report["mislabel_detection"]
     lines += [
         "",
