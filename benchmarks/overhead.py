@@ -96,7 +96,8 @@ class Workload:
     def train_loader(self) -> DataLoader:
         # A fresh seeded generator per fit: every fit sees the same batch sequence.
         g = torch.Generator().manual_seed(0)
-        return DataLoader(IndexedDataset(TensorDataset(self.x_train, self.y_train)), batch_size=self.batch_size, shuffle=True, generator=g)
+        dataset = IndexedDataset(TensorDataset(self.x_train, self.y_train))
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=g)
 
     def val_loader(self) -> DataLoader:
         return DataLoader(IndexedDataset(TensorDataset(self.x_val, self.y_val)), batch_size=512)
@@ -123,7 +124,10 @@ def digits_workload(quick: bool) -> Workload:
     )
 
 
-def gaussian_mixture(n: int, dim: int, classes: int, per_class: int, g: torch.Generator, centers: torch.Tensor | None = None):
+def gaussian_mixture(
+    n: int, dim: int, classes: int, per_class: int, g: torch.Generator, centers: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``classes * per_class`` Gaussian blobs (unit noise); blob ``k`` belongs to class ``k % classes``."""
     if centers is None:
         centers = torch.randn(classes * per_class, dim, generator=g) * (1.5 / dim**0.5) * 4
     comp = torch.randint(0, classes * per_class, (n,), generator=g)
@@ -140,7 +144,10 @@ def synthetic_workload(quick: bool) -> Workload:
     hidden = (256,) if quick else (1024, 768)
     return Workload(
         name="synth",
-        description=f"MLP {dim}-{'-'.join(map(str, hidden))}-{classes}, Gaussian mixture {n_train} train / {n_val} val, batch 64",
+        description=(
+            f"MLP {dim}-{'-'.join(map(str, hidden))}-{classes}, "
+            f"Gaussian mixture {n_train} train / {n_val} val, batch 64"
+        ),
         in_features=dim,
         hidden=hidden,
         num_classes=classes,
@@ -252,7 +259,8 @@ def measure(workload: Workload, config: str, repeats: int) -> dict[str, Any]:
         cpu_ratios.append(with_cb_cpu[-1] / plain_cpu[-1])
         print(
             f"  [{workload.name} {config} round {r + 1}/{repeats}] plain {plain[-1]:.2f}s (cpu {plain_cpu[-1]:.2f}s)  "
-            f"callback {with_cb[-1]:.2f}s (cpu {with_cb_cpu[-1]:.2f}s)  ratio {ratios[-1]:.2f} (cpu {cpu_ratios[-1]:.2f})",
+            f"callback {with_cb[-1]:.2f}s (cpu {with_cb_cpu[-1]:.2f}s)  "
+            f"ratio {ratios[-1]:.2f} (cpu {cpu_ratios[-1]:.2f})",
             file=sys.stderr,
             flush=True,
         )
@@ -294,14 +302,16 @@ def _mib(n: int) -> str:
 
 def markdown(results: list[dict[str, Any]], workloads: dict[str, Workload]) -> str:
     lines = [
-        "| workload | params | steps | mode | plain s | callback fit s | ratio (wall) | ratio (CPU) | in callback s | Hessian products | forward-mode passes | target grads | peak trajectory |",
+        "| workload | params | steps | mode | plain s | callback fit s | ratio (wall) | ratio (CPU) | in callback s "
+        "| Hessian products | forward-mode passes | target grads | peak trajectory |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         w = workloads[r["workload"]]
         lines.append(
             f"| {w.name} | {w.num_parameters:,} | {r['steps']} | {r['label']} | {r['median_seconds_plain']:.2f} | "
-            f"{r['median_seconds_callback']:.2f} | **{r['median_ratio']:.2f}x** | {r['median_cpu_ratio']:.2f}x | {r['median_callback_seconds']:.2f} | "
+            f"{r['median_seconds_callback']:.2f} | **{r['median_ratio']:.2f}x** | {r['median_cpu_ratio']:.2f}x | "
+            f"{r['median_callback_seconds']:.2f} | "
             f"{r['hessian_products']} | {r['forward_mode_passes']} | {r['target_gradients']} | "
             f"{r['peak_trajectory_steps']} steps, {_mib(r['peak_trajectory_bytes'])} |"
         )
@@ -323,7 +333,10 @@ def profile_one(workload: Workload, config: str, top: int, out: str | None = Non
     total = time.perf_counter() - start
     if out:
         profiler.dump_stats(out)
-    print(f"profile of one {workload.name} {config} fit: {total:.2f}s wall (under cProfile), {cb.seconds:.2f}s in the callback")
+    print(
+        f"profile of one {workload.name} {config} fit: {total:.2f}s wall (under cProfile), "
+        f"{cb.seconds:.2f}s in the callback"
+    )
     print(f"metadata: {json.dumps({k: v for k, v in cb.scores.metadata.items()})}")
     for key in ("tottime", "cumtime"):
         buf = io.StringIO()
@@ -337,8 +350,11 @@ def _git_revision() -> str | None:
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "lightning_influence"], capture_output=True, text=True, check=True).stdout.strip()
+        def git(*cmd: str) -> str:
+            return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, check=True).stdout.strip()
+
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "lightning_influence")
     except (OSError, subprocess.CalledProcessError):
         return None
     return rev + ("+dirty" if dirty else "")
@@ -347,11 +363,18 @@ def _git_revision() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check in well under a minute")
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved plain/callback rounds per configuration (default 3, quick 1)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved plain/callback rounds per configuration (default 3, quick 1)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
     parser.add_argument("--workloads", default="digits,synth", help="comma-separated subset of: digits,synth")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of: {','.join(CONFIGS)}")
-    parser.add_argument("--profile", metavar="WORKLOAD:CONFIG", help="instead: cProfile one callback fit, e.g. synth:replay")
+    parser.add_argument(
+        "--profile", metavar="WORKLOAD:CONFIG", help="instead: cProfile one callback fit, e.g. synth:replay"
+    )
     parser.add_argument("--top", type=int, default=30, help="rows of the profile to print")
     parser.add_argument("--profile-out", metavar="PATH", help="with --profile: also dump the raw cProfile stats there")
     args = parser.parse_args(argv)
@@ -365,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
         if name not in makers or config not in CONFIGS:
             parser.error(f"--profile takes WORKLOAD:CONFIG with WORKLOAD in {sorted(makers)} and CONFIG in {CONFIGS}")
         workload = makers[name](args.quick)
-        fit(workload, None)  # warm-up
+        fit(workload, None)  # warm-up: this workload's first fit, and one-time imports of the
+        small = digits_workload(quick=True)  # forward-mode AD machinery (a cheap callback fit)
+        fit(small, make_callback(config, small))
         profile_one(workload, config, args.top, args.profile_out)
         return 0
 
@@ -399,14 +424,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for n in names:
         w = workloads[n]
-        print(f"- {w.name}: {w.description}, {w.epochs} epochs = {w.steps} steps, {w.num_parameters:,} float32 parameters")
+        print(
+            f"- {w.name}: {w.description}, {w.epochs} epochs = {w.steps} steps, "
+            f"{w.num_parameters:,} float32 parameters"
+        )
     print(
-        f"- ratio: median over {repeats} interleaved round(s) of callback-fit / plain-fit time of the same round, wall clock "
+        f"- ratio: median over {repeats} interleaved round(s) of callback-fit / plain-fit time of the same round, "
+        f"wall clock "
         f"and process CPU time (less sensitive to other load on a shared machine); seconds are medians of wall time; "
-        f"replay includes its end-of-fit sweep; 'in callback' is DiffIn.seconds (wall). torch {torch.__version__}, lightning {L.__version__}, "
+        f"replay includes its end-of-fit sweep; 'in callback' is DiffIn.seconds (wall). "
+        f"torch {torch.__version__}, lightning {L.__version__}, "
         f"{torch.get_num_threads()} thread(s), total {elapsed:.0f}s"
     )
-    print("- peak trajectory: most recorded steps held at once x bytes of one record (parameters + recorded gradient + batch)")
+    print(
+        "- peak trajectory: most recorded steps held at once x bytes of one record "
+        "(parameters + recorded gradient + batch)"
+    )
 
     if args.json:
         payload = {
@@ -423,7 +456,13 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_count": os.cpu_count(),
             },
             "workloads": {
-                n: {"description": w.description, "parameters": w.num_parameters, "steps": w.steps, "epochs": w.epochs, "batch_size": w.batch_size}
+                n: {
+                    "description": w.description,
+                    "parameters": w.num_parameters,
+                    "steps": w.steps,
+                    "epochs": w.epochs,
+                    "batch_size": w.batch_size,
+                }
                 for n, w in workloads.items()
             },
             "results": results,

@@ -152,7 +152,7 @@ def finite_difference_step(theta: Tensor, direction: Tensor, scheme: FiniteDiffe
         machine = torch.finfo(theta.dtype).eps
         rel_step = machine ** (0.5 if scheme == "forward" else 1.0 / 3.0)
     norm = float(direction.norm())
-    return rel_step * (1.0 + float(theta.double().norm())) / norm if norm > 0 else 0.0
+    return rel_step * (1.0 + float(theta.norm(dtype=torch.float64))) / norm if norm > 0 else 0.0
 
 
 def hessian_vector_product(
@@ -177,14 +177,21 @@ def hessian_vector_product(
     if eps == 0.0:
         return torch.zeros(space.size, dtype=torch.float64, device=theta.device)
     shift = (eps * vector).to(theta.dtype)
-    plus = batch_gradient(loss_fn, space, theta + shift, batch).double()
+    plus = batch_gradient(loss_fn, space, theta + shift, batch)
+    # Differences of nearby gradients are exact in the parameters' dtype; one conversion at the end.
     if scheme == "forward":
         base = base_gradient if base_gradient is not None else batch_gradient(loss_fn, space, theta, batch)
-        return (plus - base.double()) / eps
+        return plus.sub_(base.to(plus.dtype)).double().div_(eps)
     if scheme == "central":
-        minus = batch_gradient(loss_fn, space, theta - shift, batch).double()
-        return (plus - minus) / (2.0 * eps)
+        minus = batch_gradient(loss_fn, space, theta - shift, batch)
+        return plus.sub_(minus).double().div_(2.0 * eps)
     raise ValueError(f"unknown finite-difference scheme {scheme!r}: use 'forward' or 'central'")
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """True if every entry is finite. Checks the sum first (one reduction, no mask): NaN and
+    infinity propagate into it; only an overflowing sum of finite values needs the full check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def has_mode_dependent_layers(module: nn.Module) -> bool:

@@ -20,6 +20,7 @@ from lightning_influence.estimators.diffin import DiffInSweep, ScoreAccumulator
 from lightning_influence.kernels import (
     FiniteDifference,
     ParameterSpace,
+    all_finite,
     batch_gradient,
     has_mode_dependent_layers,
     per_sample_loss_function,
@@ -271,7 +272,7 @@ class DiffIn(Callback):
         space = self._space
         assert space is not None and self._trajectory is not None and self._accumulator is not None
         grad = space.flatten([p.grad for p in self._params])
-        if not torch.isfinite(grad).all():
+        if not all_finite(grad):
             raise FloatingPointError(
                 f"non-finite gradient at optimizer step {trainer.global_step}: the scores of this run would be wrong"
             )
@@ -295,14 +296,12 @@ class DiffIn(Callback):
         if not self._loss_checked and self._loss_check is not None:
             self._compare_training_loss(outputs)
         if self.mode == "online" and self._trajectory is not None and len(self._trajectory) >= self.window + self.score_every:
+            if _is_last_step(trainer):
+                return  # the end-of-fit sweep scores every remaining step exactly
             start = time.perf_counter()
-            final = trainer.global_step >= (trainer.max_steps if trainer.max_steps > 0 else float("inf")) or (
-                trainer.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0
-            )
             self._run_sweep(self.score_every)
-            if not final:
-                self.truncated_sweeps += 1
-                self.steps_scored_truncated += self.score_every
+            self.truncated_sweeps += 1
+            self.steps_scored_truncated += self.score_every
             self.seconds += time.perf_counter() - start
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -437,6 +436,14 @@ def _check_losses(losses: Any, ids: Tensor, space: ParameterSpace | None) -> Non
         )
     if not losses.is_floating_point():
         raise ValueError(f"per_sample_loss(batch) must return floating-point losses, got dtype {losses.dtype}")
+
+
+def _is_last_step(trainer: L.Trainer) -> bool:
+    """True when the optimizer step just taken is the last of this fit (max_steps or max_epochs)."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+    return bool(trainer.is_last_batch) and 0 < max_epochs <= trainer.current_epoch + 1
 
 
 def _dataset_length(trainer: L.Trainer) -> int | None:

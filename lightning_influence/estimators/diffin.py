@@ -31,6 +31,7 @@ from lightning_influence.kernels import (
     FiniteDifference,
     ParameterSpace,
     PerSampleLossFn,
+    all_finite,
     directional_derivatives,
     evaluation_mode,
     hessian_vector_product,
@@ -140,8 +141,8 @@ class DiffInSweep:
                     self._score_step(record, tangents, squeeze=u.dim() == 1)
                 if position == 0:
                     break
-                adjoint = adjoint - self._hessian_products(record, tangents)
-                if not torch.isfinite(adjoint).all():
+                adjoint -= self._hessian_products(record, tangents)
+                if not all_finite(adjoint):
                     raise FloatingPointError(
                         f"the propagated target gradient became non-finite at step {record.step}: training diverged "
                         "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
@@ -168,7 +169,7 @@ class DiffInSweep:
         if b != record.ids.numel():
             raise ValueError(f"per_sample_loss returned {b} values for a batch with {record.ids.numel()} sample ids at step {record.step}")
         contribution = s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)
-        if not torch.isfinite(contribution).all():
+        if not all_finite(contribution):
             raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
         self.accumulator.add(record.ids, contribution[:, 0] if squeeze else contribution)
 
