@@ -152,7 +152,7 @@ def finite_difference_step(theta: Tensor, direction: Tensor, scheme: FiniteDiffe
         machine = torch.finfo(theta.dtype).eps
         rel_step = machine ** (0.5 if scheme == "forward" else 1.0 / 3.0)
     norm = float(direction.norm())
-    return rel_step * (1.0 + float(theta.norm(dtype=torch.float64))) / norm if norm > 0 else 0.0
+    return rel_step * (1.0 + float(theta.norm())) / norm if norm > 0 else 0.0
 
 
 def hessian_vector_product(
@@ -171,20 +171,21 @@ def hessian_vector_product(
     ``forward``: ``(g(theta + eps v) - g(theta)) / eps``; ``g(theta)`` is ``base_gradient``
     when given (e.g. the gradient recorded during training), so it costs one backward pass.
     ``central``: ``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``: two backward passes,
-    second-order accurate. Returned in float64, flat.
+    second-order accurate. Returned flat, in the parameters' dtype (differences of nearby
+    gradients lose nothing to it).
     """
     eps = finite_difference_step(theta, vector, scheme, rel_step)
     if eps == 0.0:
-        return torch.zeros(space.size, dtype=torch.float64, device=theta.device)
+        return torch.zeros(space.size, dtype=theta.dtype, device=theta.device)
     shift = (eps * vector).to(theta.dtype)
     plus = batch_gradient(loss_fn, space, theta + shift, batch)
     # Differences of nearby gradients are exact in the parameters' dtype; one conversion at the end.
     if scheme == "forward":
         base = base_gradient if base_gradient is not None else batch_gradient(loss_fn, space, theta, batch)
-        return plus.sub_(base.to(plus.dtype)).double().div_(eps)
+        return plus.sub_(base.to(plus.dtype)).div_(eps)
     if scheme == "central":
         minus = batch_gradient(loss_fn, space, theta - shift, batch)
-        return plus.sub_(minus).double().div_(2.0 * eps)
+        return plus.sub_(minus).div_(2.0 * eps)
     raise ValueError(f"unknown finite-difference scheme {scheme!r}: use 'forward' or 'central'")
 
 
@@ -201,13 +202,18 @@ def has_mode_dependent_layers(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[None]:
-    """Evaluate ``module`` deterministically (dropout off, normalisation statistics frozen),
-    then restore every submodule's own train/eval flag."""
+def module_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Run ``module`` in train (``training=True``) or eval mode, then restore every submodule's
+    own train/eval flag."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    module.train(training)
     try:
         yield
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def evaluation_mode(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Evaluate ``module`` deterministically (dropout off, normalisation statistics frozen)."""
+    return module_mode(module, training=False)

@@ -42,6 +42,24 @@ def _to(batch: Any, device: torch.device | str) -> Any:
     return tree_map(lambda x: x.detach().to(device) if isinstance(x, Tensor) else x, batch)
 
 
+class VectorPool:
+    """Flat vectors of one size and dtype, reused once released: after the first window, recording
+    a step writes into memory that is already mapped instead of faulting in a fresh allocation,
+    which dominates the recording cost of large models. Each vector is its own allocation (not a
+    view into a larger block: forward-mode AD would then allocate tangents of the block's size)."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.size, self.dtype, self.device = size, dtype, torch.device(device)
+        self._free: list[Tensor] = []
+
+    def take(self) -> Tensor:
+        return self._free.pop() if self._free else torch.empty(self.size, dtype=self.dtype, device=self.device)
+
+    def give(self, vector: Tensor | None) -> None:
+        if vector is not None and vector.shape == (self.size,) and vector.dtype == self.dtype and vector._base is None:
+            self._free.append(vector)
+
+
 class Trajectory:
     """A window of recorded steps, oldest first.
 
@@ -67,6 +85,7 @@ class Trajectory:
         self.checkpoint_every = checkpoint_every
         self.device = torch.device(device)
         self._records: deque[StepRecord | Path] = deque()
+        self.pool: VectorPool | None = None
         self._own_dir = storage == "disk" and spill_dir is None
         self._dir = Path(tempfile.mkdtemp(prefix="diffin-trajectory-")) if self._own_dir else (Path(spill_dir) if spill_dir else None)
         if self._dir is not None:
@@ -75,11 +94,23 @@ class Trajectory:
     def __len__(self) -> int:
         return len(self._records)
 
+    def flat_copy(self, tensors: list[Tensor]) -> Tensor:
+        """One flat copy of ``tensors`` (same dtype and device), in pooled memory when kept in memory."""
+        size = sum(t.numel() for t in tensors)
+        if self.storage != "memory":
+            return torch.cat([t.detach().reshape(-1) for t in tensors])
+        if self.pool is None or self.pool.size != size or self.pool.dtype != tensors[0].dtype:
+            self.pool = VectorPool(size, tensors[0].dtype, tensors[0].device)
+        out = self.pool.take()
+        torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
+        return out
+
     def keeps_theta(self, step: int) -> bool:
         return step % self.checkpoint_every == 0
 
     def append(self, record: StepRecord) -> None:
         if not self.keeps_theta(record.step):
+            self._release(record)
             record = replace(record, theta=None, grad=None)
         if self.storage == "memory":
             self._records.append(record)
@@ -95,6 +126,15 @@ class Trajectory:
         }
         torch.save(payload, path)
         self._records.append(path)
+
+    def release(self, vector: Tensor | None) -> None:
+        """Return a vector made by :meth:`flat_copy` that is no longer needed."""
+        if self.pool is not None:
+            self.pool.give(vector)
+
+    def _release(self, record: StepRecord) -> None:
+        self.release(record.theta)
+        self.release(record.grad)
 
     def _load(self, item: StepRecord | Path) -> StepRecord:
         if isinstance(item, StepRecord):
@@ -115,6 +155,8 @@ class Trajectory:
             item = self._records.popleft()
             if isinstance(item, Path):
                 item.unlink(missing_ok=True)
+            else:
+                self._release(item)
 
     def newest_first(self, recompute_step: Callable[[StepRecord], tuple[Tensor, Tensor]] | None = None) -> Iterator[StepRecord]:
         """Records from newest to oldest, each with ``theta`` filled in.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import quiet_trainer
-from lightning_influence import DiffIn, InfluenceMixin, InfluenceScores
+from lightning_influence import DiffIn, InfluenceScores
 from lightning_influence.data import FixedBatches
 from lightning_influence.models import Classifier
 

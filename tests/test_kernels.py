@@ -124,3 +124,16 @@ def test_evaluation_mode_restores_each_submodule_flag():
     assert net.training and net[1].training and not net[2].training
     assert has_mode_dependent_layers(net)
     assert not has_mode_dependent_layers(nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+
+
+def test_recorded_vectors_are_standalone_allocations():
+    """Forward-mode AD allocates tangents of a view's whole base: pooled records must not be views."""
+    from lightning_influence.trajectory import Trajectory
+
+    traj = Trajectory()
+    params = [torch.randn(3, 4), torch.randn(5)]
+    a = traj.flat_copy(params)
+    assert a._base is None and torch.equal(a, torch.cat([p.reshape(-1) for p in params]))
+    traj.release(a)
+    b = traj.flat_copy([2 * p for p in params])
+    assert b.data_ptr() == a.data_ptr()  # released memory is reused

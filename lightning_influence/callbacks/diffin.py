@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -271,7 +271,9 @@ class DiffIn(Callback):
         self._pending = None
         space = self._space
         assert space is not None and self._trajectory is not None and self._accumulator is not None
-        grad = space.flatten([p.grad for p in self._params])
+        trajectory = self._trajectory
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        grad = trajectory.flat_copy(grads)
         if not all_finite(grad):
             raise FloatingPointError(
                 f"non-finite gradient at optimizer step {trainer.global_step}: the scores of this run would be wrong"
@@ -284,10 +286,12 @@ class DiffIn(Callback):
             batch=batch,
             ids=ids,
             step_sizes=step_sizes,
-            theta=space.flatten(self._params),
+            theta=trajectory.flat_copy(self._params),
             grad=grad if self._reuse_gradient else None,
         )
-        self._trajectory.append(record)
+        if not self._reuse_gradient:
+            trajectory.release(grad)
+        trajectory.append(record)
         self._accumulator.mark_seen(ids)
         self.steps_seen += 1
         self.seconds += time.perf_counter() - start

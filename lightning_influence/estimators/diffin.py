@@ -130,18 +130,25 @@ class DiffInSweep:
         if num_scored <= 0 or len(trajectory) == 0:
             return
         u = self.target_gradient(theta_end)
-        adjoint = u.reshape(self.space.size, -1).clone()  # [P, Q]
+        adjoint = u.reshape(self.space.size, -1).clone()  # u_{t+1}, float64 [P, Q]
         size = len(trajectory)
         with evaluation_mode(self.module):
             for back, record in enumerate(trajectory.newest_first(recompute_step)):
                 position = size - 1 - back
-                step_scale = self._step_scale(record.step_sizes)
-                tangents = step_scale * adjoint  # Lambda_t u_{t+1}, [P, Q]
-                if position < num_scored:
-                    self._score_step(record, tangents, squeeze=u.dim() == 1)
-                if position == 0:
+                scored, propagate = position < num_scored, position > 0
+                scale = self._step_scale(record.step_sizes)
+                derivatives = []
+                for q in range(adjoint.shape[1]):
+                    # Lambda_t u_{t+1}: the tangent of the forward-mode pass and the Hessian product.
+                    tangent = (scale * adjoint[:, q]).to(self.space.dtype)
+                    if scored:
+                        derivatives.append(self._directional_derivatives(record, tangent))
+                    if propagate:
+                        adjoint[:, q].sub_(self._hessian_product(record, tangent))
+                if scored:
+                    self._accumulate(record, torch.stack(derivatives, dim=1), squeeze=u.dim() == 1)
+                if not propagate:
                     break
-                adjoint -= self._hessian_products(record, tangents)
                 if not all_finite(adjoint):
                     raise FloatingPointError(
                         f"the propagated target gradient became non-finite at step {record.step}: training diverged "
@@ -149,22 +156,24 @@ class DiffInSweep:
                     )
 
     def _step_scale(self, step_sizes: Tensor) -> Tensor:
-        """Flat per-coordinate step size ``diag(Lambda_t)`` as a ``[P, 1]`` column (cached: the
-        learning rates rarely change from one step to the next)."""
+        """Flat per-coordinate step size ``diag(Lambda_t)``, float64 (cached: the learning rates
+        rarely change from one step to the next)."""
         cached = self._scale_cache
         if cached is None or not torch.equal(cached[0], step_sizes):
-            cached = (step_sizes.clone(), self.space.expand(step_sizes.to(torch.float64))[:, None])
+            cached = (step_sizes.clone(), self.space.expand(step_sizes.to(torch.float64)))
             self._scale_cache = cached
         return cached[1]
 
-    def _score_step(self, record: StepRecord, tangents: Tensor, squeeze: bool) -> None:
-        theta = self.space.unflatten(record.theta)
-        columns = []
-        for q in range(tangents.shape[1]):
-            _, s = directional_derivatives(self.loss_fn, theta, record.batch, self.space.unflatten(tangents[:, q]))
-            self.forward_mode_passes += 1
-            columns.append(s.double())
-        s = torch.stack(columns, dim=1)  # [b, Q]
+    def _directional_derivatives(self, record: StepRecord, tangent: Tensor) -> Tensor:
+        """``s_i = <grad l_i(theta_t), tangent>`` for the batch, float64 ``[b]``."""
+        _, s = directional_derivatives(
+            self.loss_fn, self.space.unflatten(record.theta), record.batch, self.space.unflatten(tangent)
+        )
+        self.forward_mode_passes += 1
+        return s.double()
+
+    def _accumulate(self, record: StepRecord, s: Tensor, squeeze: bool) -> None:
+        """Add ``<u_{t+1}, d_t(z)> = (s_z - mean_i s_i) / (b - 1)`` (``s_z`` for a batch of one)."""
         b = s.shape[0]
         if b != record.ids.numel():
             raise ValueError(f"per_sample_loss returned {b} values for a batch with {record.ids.numel()} sample ids at step {record.step}")
@@ -173,19 +182,17 @@ class DiffInSweep:
             raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
         self.accumulator.add(record.ids, contribution[:, 0] if squeeze else contribution)
 
-    def _hessian_products(self, record: StepRecord, tangents: Tensor) -> Tensor:
+    def _hessian_product(self, record: StepRecord, tangent: Tensor) -> Tensor:
+        """``H_t @ tangent`` by finite differences of batch gradients (the parameters' dtype)."""
         base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
-        out = torch.empty_like(tangents)
-        for q in range(tangents.shape[1]):
-            out[:, q] = hessian_vector_product(
-                self.loss_fn,
-                self.space,
-                record.theta,
-                tangents[:, q],
-                record.batch,
-                scheme=self.finite_difference,
-                base_gradient=base,
-                rel_step=self.fd_rel_step,
-            )
-            self.hessian_products += 1
-        return out
+        self.hessian_products += 1
+        return hessian_vector_product(
+            self.loss_fn,
+            self.space,
+            record.theta,
+            tangent,
+            record.batch,
+            scheme=self.finite_difference,
+            base_gradient=base,
+            rel_step=self.fd_rel_step,
+        )

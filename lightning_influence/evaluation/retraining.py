@@ -15,10 +15,9 @@ rate per optimizer parameter group and step, no momentum, no weight decay.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from lightning_influence.kernels import (
     PerSampleLossFn,
     evaluation_mode,
     has_mode_dependent_layers,
+    module_mode,
     per_sample_loss_function,
 )
 
@@ -75,17 +75,6 @@ def sgd_param_groups(module: nn.Module, optimizer: torch.optim.Optimizer) -> lis
 def optimizer_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
     """The current learning rate of each parameter group of ``optimizer`` (for :class:`SGDStep`)."""
     return tuple(float(group["lr"]) for group in optimizer.param_groups)
-
-
-@contextlib.contextmanager
-def _training_mode(module: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in module.modules()]
-    module.train()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _trained_names(module: nn.Module, initial_params: Mapping[str, Tensor], param_groups: Sequence[Sequence[str]]) -> list[str]:
@@ -180,7 +169,7 @@ def retrain(
     dtype, device = first.dtype, first.device
     loss_fn = per_sample_loss_function(module)
     chunks: list[dict[str, Tensor]] = []
-    with _training_mode(module), torch.no_grad():
+    with module_mode(module, training=True), torch.no_grad():
         for start in range(0, len(removal_sets), chunk_size):
             chunk = removal_sets[start : start + chunk_size]
             chunks.append(
