@@ -260,7 +260,7 @@ class DiffIn(Callback):
             devices = [pl_module.device] if pl_module.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 losses = pl_module.per_sample_loss(batch)
-            _check_losses(losses, ids, self._space)
+            _check_losses(losses, ids)
             self._loss_check = losses.detach().mean()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
@@ -431,7 +431,7 @@ def _check_ids(ids: Tensor) -> None:
         )
 
 
-def _check_losses(losses: Any, ids: Tensor, space: ParameterSpace | None) -> None:
+def _check_losses(losses: Any, ids: Tensor) -> None:
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != ids.numel():
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
