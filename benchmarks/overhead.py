@@ -192,26 +192,25 @@ def _record_bytes(record: Any) -> int:
     return total
 
 
-CONFIGS = ("replay", "online", "online-small")
+# name -> (label, DiffIn options); "{small}" stands for the workload's small window.
+CONFIG_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "replay": ("replay", {"mode": "replay"}),
+    "replay-k2": ("replay, hessian_every=2", {"mode": "replay", "hessian_every": 2}),
+    "online": ("online (window 128, default)", {"mode": "online"}),
+    "online-k2": ("online (window 128), hessian_every=2", {"mode": "online", "hessian_every": 2}),
+    "online-small": ("online (window {small})", {"mode": "online", "window": "{small}"}),
+}
+CONFIGS = tuple(CONFIG_OPTIONS)
 
 
 def make_callback(config: str, workload: Workload) -> MeasuredDiffIn:
-    loader = workload.val_loader()
-    if config == "replay":
-        return MeasuredDiffIn(target="val", mode="replay", target_loader=loader)
-    if config == "online":
-        return MeasuredDiffIn(target="val", mode="online", target_loader=loader)
-    if config == "online-small":
-        return MeasuredDiffIn(target="val", mode="online", window=workload.small_window, target_loader=loader)
-    raise ValueError(config)
+    _, options = CONFIG_OPTIONS[config]
+    options = {k: workload.small_window if v == "{small}" else v for k, v in options.items()}
+    return MeasuredDiffIn(target="val", target_loader=workload.val_loader(), **options)
 
 
 def config_label(config: str, workload: Workload) -> str:
-    if config == "online":
-        return "online (window 128, default)"
-    if config == "online-small":
-        return f"online (window {workload.small_window})"
-    return config
+    return CONFIG_OPTIONS[config][0].format(small=workload.small_window)
 
 
 # --------------------------------------------------------------------------- fits

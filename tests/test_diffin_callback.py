@@ -54,6 +54,19 @@ def test_trajectory_storage_policies_give_the_replay_scores(small_digits, tmp_pa
     assert not list((tmp_path / "spill").glob("*.pt"))  # spilled records are removed after the sweep
 
 
+@pytest.mark.parametrize("mode", ["replay", "online"])
+def test_hessian_every_k_takes_k_times_fewer_products_and_keeps_the_ranking(small_digits, mode):
+    exact = DiffIn(target="val", mode=mode, target_loader=small_digits.val, window=16)
+    strided = DiffIn(target="val", mode=mode, target_loader=small_digits.val, window=16, hessian_every=3)
+    strided._generate_state_key = lambda **kw: "strided"
+    _fit(small_digits, exact, strided)
+    products_exact = exact.scores.metadata["hessian_products"]
+    products_strided = strided.scores.metadata["hessian_products"]
+    assert products_strided <= products_exact / 3 + exact.scores.metadata["target_gradients"]
+    assert not torch.equal(_values(strided), _values(exact))
+    assert torch.corrcoef(torch.stack([_values(strided), _values(exact)]))[0, 1] > 0.95
+
+
 def test_central_and_forward_differences_agree(small_digits):
     forward = DiffIn(target="val", target_loader=small_digits.val, finite_difference="forward")
     central = DiffIn(target="val", target_loader=small_digits.val, finite_difference="central")
@@ -230,6 +243,8 @@ def test_constructor_validates_options():
         DiffIn(target="query")
     with pytest.raises(ValueError, match="mode must be"):
         DiffIn(mode="exact")
+    with pytest.raises(ValueError, match="hessian_every must be >= 1"):
+        DiffIn(hessian_every=0)
     with pytest.raises(ValueError, match="multiples of checkpoint_every"):
         DiffIn(mode="online", window=10, checkpoint_every=4)
 

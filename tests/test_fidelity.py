@@ -35,7 +35,9 @@ def test_replay_and_online_rank_leave_one_out_effects(hidden):
     problem = digits_problem(n=1024, batch_size=32, epochs=16)
     replay = DiffIn(target="val", mode="replay", target_loader=problem.val)
     online = DiffIn(target="val", mode="online", target_loader=problem.val)  # default window
-    model, recorder = _fit(hidden, problem, [replay, online])
+    strided = DiffIn(target="val", mode="replay", target_loader=problem.val, hessian_every=2)
+    strided._generate_state_key = lambda **kw: "replay-strided"
+    model, recorder = _fit(hidden, problem, [replay, online, strided])
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:120]
     truth = _truth(model, recorder, ids, problem.val)
     rho_replay = spearman(torch.stack([replay.scores[int(i)] for i in ids]), truth)
@@ -46,6 +48,8 @@ def test_replay_and_online_rank_leave_one_out_effects(hidden):
     # The online windows really were truncated (not a disguised replay).
     assert online.scores.metadata["truncated_sweeps"] >= 2
     assert online.scores.metadata["steps_scored_truncated"] >= 256
+    # One Hessian product per 2 steps (half the products) keeps the replay bar.
+    assert spearman(torch.stack([strided.scores[int(i)] for i in ids]), truth) >= REPLAY_BAR
 
 
 def _one_step_errors(lr):

@@ -99,7 +99,10 @@ class DiffInSweep:
         finite_difference: FiniteDifference = "central",
         fd_rel_step: float | None = None,
         reuse_recorded_gradient: bool = False,
+        hessian_every: int = 1,
     ) -> None:
+        if hessian_every < 1:
+            raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
         self.module = module
         self.loss_fn = loss_fn
         self.space = space
@@ -108,6 +111,7 @@ class DiffInSweep:
         self.finite_difference = finite_difference
         self.fd_rel_step = fd_rel_step
         self.reuse_recorded_gradient = reuse_recorded_gradient
+        self.hessian_every = hessian_every
         self.hessian_products = 0
         self.forward_mode_passes = 0
         self.target_gradients = 0
@@ -132,28 +136,45 @@ class DiffInSweep:
         u = self.target_gradient(theta_end)
         adjoint = u.reshape(self.space.size, -1).clone()  # u_{t+1}, float64 [P, Q]
         size = len(trajectory)
+        block_scale: Tensor | None = None  # sum of the step sizes of the block not yet propagated
+        block_steps = 0
         with evaluation_mode(self.module):
             for back, record in enumerate(trajectory.newest_first(recompute_step)):
                 position = size - 1 - back
-                scored, propagate = position < num_scored, position > 0
+                scored = position < num_scored
                 scale = self._step_scale(record.step_sizes)
+                if position > 0:
+                    if block_scale is None:
+                        block_scale = scale  # shared with the cache: never modified in place
+                    elif block_steps == 1:
+                        block_scale = block_scale + scale
+                    else:
+                        block_scale.add_(scale)
+                    block_steps += 1
+                # Propagate through this step now, or (hessian_every > 1) once per block of steps
+                # with one product at this step's batch: prod_s (I - H_s L_s) ~ I - H_t sum_s L_s.
+                propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
                 derivatives = []
                 for q in range(adjoint.shape[1]):
-                    # Lambda_t u_{t+1}: the tangent of the forward-mode pass and the Hessian product.
+                    # Lambda_t u_{t+1}: the tangent of the forward-mode pass (and of the product).
                     tangent = (scale * adjoint[:, q]).to(self.space.dtype)
                     if scored:
                         derivatives.append(self._directional_derivatives(record, tangent))
                     if propagate:
+                        if block_steps > 1:
+                            tangent = (block_scale * adjoint[:, q]).to(self.space.dtype)  # type: ignore[operator]
                         adjoint[:, q].sub_(self._hessian_product(record, tangent))
                 if scored:
                     self._accumulate(record, torch.stack(derivatives, dim=1), squeeze=u.dim() == 1)
-                if not propagate:
+                if position == 0:
                     break
-                if not all_finite(adjoint):
-                    raise FloatingPointError(
-                        f"the propagated target gradient became non-finite at step {record.step}: training diverged "
-                        "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
-                    )
+                if propagate:
+                    block_scale, block_steps = None, 0
+                    if not all_finite(adjoint):
+                        raise FloatingPointError(
+                            f"the propagated target gradient became non-finite at step {record.step}: training diverged "
+                            "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
+                        )
 
     def _step_scale(self, step_sizes: Tensor) -> Tensor:
         """Flat per-coordinate step size ``diag(Lambda_t)``, float64 (cached: the learning rates
