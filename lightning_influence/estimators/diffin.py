@@ -15,6 +15,10 @@ A batch of one sample is dropped entirely by the removal, so its term is ``s_z``
 
 Units and sign: target-loss change when the sample is removed (positive helps).
 
+With ``hessian_every = k`` the adjoint crosses blocks of k steps with one product each, at one
+step's batch and the block's summed step sizes: ``prod_s (I - H_s L_s) ~ I - H_t sum_s L_s``
+(first order inside a block, exact products between blocks).
+
 A sweep that starts from ``grad F`` at a later iterate ``theta_e`` (``e < T``) scores the steps
 with the influence on ``F(theta_e)``: that is the online mode's truncated propagation window.
 """
@@ -156,8 +160,9 @@ class DiffInSweep:
                 propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
                 derivatives = []
                 for q in range(adjoint.shape[1]):
-                    # Lambda_t u_{t+1}: the tangent of the forward-mode pass (and of the product).
-                    tangent = (scale * adjoint[:, q]).to(self.space.dtype)
+                    if scored or (propagate and block_steps == 1):
+                        # Lambda_t u_{t+1}: the tangent of the forward-mode pass and of the product.
+                        tangent = (scale * adjoint[:, q]).to(self.space.dtype)
                     if scored:
                         derivatives.append(self._directional_derivatives(record, tangent))
                     if propagate:
