@@ -120,6 +120,7 @@ class DiffInSweep:
         self.forward_mode_passes = 0
         self.target_gradients = 0
         self._scale_cache: tuple[Tensor, Tensor] | None = None
+        self.work_dtype = torch.promote_types(space.dtype, torch.float32)
 
     def target_gradient(self, theta: Tensor) -> Tensor:
         with evaluation_mode(self.module):
@@ -138,7 +139,9 @@ class DiffInSweep:
         if num_scored <= 0 or len(trajectory) == 0:
             return
         u = self.target_gradient(theta_end)
-        adjoint = u.reshape(self.space.size, -1).clone()  # u_{t+1}, float64 [P, Q]
+        # u_{t+1}, [P, Q], in the parameters' dtype (float32 at least): the finite-difference error of
+        # the products (~1e-3 relative in float32) dwarfs its rounding. Scores accumulate in float64.
+        adjoint = u.reshape(self.space.size, -1).to(self.work_dtype).clone()
         size = len(trajectory)
         block_scale: Tensor | None = None  # sum of the step sizes of the block not yet propagated
         block_steps = 0
@@ -182,11 +185,11 @@ class DiffInSweep:
                         )
 
     def _step_scale(self, step_sizes: Tensor) -> Tensor:
-        """Flat per-coordinate step size ``diag(Lambda_t)``, float64 (cached: the learning rates
-        rarely change from one step to the next)."""
+        """Flat per-coordinate step size ``diag(Lambda_t)`` in the sweep's working dtype (cached: the
+        learning rates rarely change from one step to the next)."""
         cached = self._scale_cache
         if cached is None or not torch.equal(cached[0], step_sizes):
-            cached = (step_sizes.clone(), self.space.expand(step_sizes.to(torch.float64)))
+            cached = (step_sizes.clone(), self.space.expand(step_sizes.to(self.work_dtype)))
             self._scale_cache = cached
         return cached[1]
 
