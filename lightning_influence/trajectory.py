@@ -193,7 +193,9 @@ class Trajectory:
         return not self.keeps_theta(int(item.stem.split("-")[1]))
 
     def close(self) -> None:
-        """Delete spilled files (and the temporary folder this trajectory made)."""
+        """Free every record and pooled vector; delete spilled files (and the temporary folder
+        this trajectory made)."""
         self.drop_oldest(len(self._records))
+        self.pool = None
         if self._own_dir and self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

@@ -268,3 +268,23 @@ def test_a_second_fit_scores_the_new_run_only(small_digits):
     _fit(small_digits, cb)  # same seed, same data: the same run again
     torch.testing.assert_close(cb.scores.values, first, rtol=0, atol=0)
     assert cb.scores.metadata["steps_seen"] == len(small_digits.train)
+
+
+def test_recorded_trajectory_memory_is_freed_after_fit(small_digits):
+    import gc
+    import weakref
+
+    refs = []
+
+    class Watching(DiffIn):
+        def on_train_end(self, trainer, pl_module):
+            refs.append(weakref.ref(self._trajectory))
+            refs.extend(weakref.ref(v) for v in self._trajectory.pool._free)
+            refs.append(weakref.ref(self._trajectory._records[0].theta))
+            super().on_train_end(trainer, pl_module)
+
+    cb = Watching(target="val", target_loader=small_digits.val)
+    _fit(small_digits, cb)
+    gc.collect()
+    assert len(refs) >= 2 and all(r() is None for r in refs)
+    assert len(cb.scores) == small_digits.n

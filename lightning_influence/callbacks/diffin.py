@@ -324,6 +324,8 @@ class DiffIn(Callback):
         self._trajectory.close()
         self.seconds += time.perf_counter() - start
         self.scores = self._build_scores()
+        # Keep the scores only: the trajectory and the sweep hold parameter-sized buffers and batches.
+        self._trajectory, self._sweep, self._pending = None, None, None
         if isinstance(pl_module, InfluenceMixin):
             pl_module.influence = self.scores
         if self.save_path is not None and trainer.is_global_zero:
