@@ -223,7 +223,6 @@ class DiffIn(Callback):
             hessian_every=self.hessian_every,
         )
         self._trajectory = Trajectory(self.storage, self.spill_dir, self.checkpoint_every, device=self._space.device)
-        self._first_step = self.steps_seen
 
     def _make_target(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TargetGradient:
         """The target's batches, resolved lazily: Lightning sets up its loaders after ``on_fit_start``."""
@@ -281,24 +280,22 @@ class DiffIn(Callback):
         assert space is not None and self._trajectory is not None and self._accumulator is not None
         trajectory = self._trajectory
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        grad = trajectory.flat_copy(grads)
-        if not all_finite(grad):
+        if not all(all_finite(g) for g in grads):
             raise FloatingPointError(
                 f"non-finite gradient at optimizer step {trainer.global_step}: the scores of this run would be wrong"
             )
         step_sizes = torch.empty(len(self._params), dtype=torch.float64, device=space.device)
         for group, members in zip(optimizer.param_groups, self._groups, strict=True):
             step_sizes[members] = float(group["lr"])
+        keep = trajectory.keeps_theta(self.steps_seen)  # between checkpoints only the batch is kept
         record = StepRecord(
             step=self.steps_seen,
             batch=batch,
             ids=ids,
             step_sizes=step_sizes,
-            theta=trajectory.flat_copy(self._params),
-            grad=grad if self._reuse_gradient else None,
+            theta=trajectory.flat_copy(self._params) if keep else None,
+            grad=trajectory.flat_copy(grads) if keep and self._reuse_gradient else None,
         )
-        if not self._reuse_gradient:
-            trajectory.release(grad)
         trajectory.append(record)
         self._accumulator.mark_seen(ids)
         self.steps_seen += 1
