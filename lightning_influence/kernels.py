@@ -156,17 +156,17 @@ def finite_difference_step(theta: Tensor, direction: Tensor, scheme: FiniteDiffe
 
 
 def hessian_vector_product(
-    loss_fn: PerSampleLossFn,
-    space: ParameterSpace,
+    gradient: Callable[[Tensor], Tensor],
     theta: Tensor,
     vector: Tensor,
-    batch: Any,
     *,
     scheme: FiniteDifference = "central",
     base_gradient: Tensor | None = None,
     rel_step: float | None = None,
 ) -> Tensor:
-    """``H(theta) @ vector`` for the batch-mean loss, from finite differences of gradients.
+    """``H(theta) @ vector``, the Jacobian of the flat ``gradient`` function along ``vector``,
+    from finite differences of gradients (``gradient``: e.g. :func:`batch_gradient` of a batch,
+    or the accumulated gradient of an optimizer step's micro-batches).
 
     ``forward``: ``(g(theta + eps v) - g(theta)) / eps``; ``g(theta)`` is ``base_gradient``
     when given (e.g. the gradient recorded during training), so it costs one backward pass.
@@ -176,15 +176,15 @@ def hessian_vector_product(
     """
     eps = finite_difference_step(theta, vector, scheme, rel_step)
     if eps == 0.0:
-        return torch.zeros(space.size, dtype=theta.dtype, device=theta.device)
+        return torch.zeros_like(theta)
     shift = (eps * vector).to(theta.dtype)
-    plus = batch_gradient(loss_fn, space, theta + shift, batch)
+    plus = gradient(theta + shift)
     # Differences of nearby gradients are exact in the parameters' dtype; one conversion at the end.
     if scheme == "forward":
-        base = base_gradient if base_gradient is not None else batch_gradient(loss_fn, space, theta, batch)
+        base = base_gradient if base_gradient is not None else gradient(theta)
         return plus.sub_(base.to(plus.dtype)).div_(eps)
     if scheme == "central":
-        minus = batch_gradient(loss_fn, space, theta - shift, batch)
+        minus = gradient(theta - shift)
         return plus.sub_(minus).div_(2.0 * eps)
     raise ValueError(f"unknown finite-difference scheme {scheme!r}: use 'forward' or 'central'")
 

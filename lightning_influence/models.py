@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,10 +14,23 @@ from torch import Tensor, nn
 from lightning_influence.mixin import InfluenceMixin
 
 
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+}
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
+
+
 class Classifier(InfluenceMixin, L.LightningModule):
-    """A multilayer perceptron (``hidden=()`` gives logistic regression) trained with plain SGD.
+    """A multilayer perceptron (``hidden=()`` gives logistic regression).
 
     Batches are ``(x, y, index)`` tuples as produced by :class:`~lightning_influence.data.IndexedDataset`.
+
+    ``optimizer``: ``"sgd"``, ``"adam"`` or ``"adamw"`` with ``optimizer_options`` passed to it
+    (``momentum``, ``nesterov``, ``weight_decay``, ``betas``, ...). ``schedule``: ``"constant"``,
+    ``"cosine"`` (per step, to zero at the last step), ``"warmup_cosine"`` (linear warm-up over the
+    first 10% of steps, then cosine) or ``"step"`` (per epoch, halving every epoch).
     """
 
     def __init__(
@@ -26,6 +40,9 @@ class Classifier(InfluenceMixin, L.LightningModule):
         hidden: Sequence[int] = (32,),
         activation: str = "tanh",
         lr: float = 0.1,
+        optimizer: str = "sgd",
+        optimizer_options: dict[str, Any] | None = None,
+        schedule: str = "constant",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -39,7 +56,14 @@ class Classifier(InfluenceMixin, L.LightningModule):
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.lr = lr
+        self.optimizer_name = optimizer
+        self.optimizer_options = dict(optimizer_options or {})
+        self.schedule = schedule
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -63,5 +87,21 @@ class Classifier(InfluenceMixin, L.LightningModule):
         x, y = batch[0], batch[1]
         self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+    def configure_optimizers(self) -> Any:
+        optimizer = OPTIMIZERS[self.optimizer_name](self.parameters(), lr=self.lr, **self.optimizer_options)
+        if self.schedule == "constant":
+            return optimizer
+        if self.schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = max(total // 10, 1) if self.schedule == "warmup_cosine" else 0
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,10 +1,12 @@
 """Recorded training steps: what the reverse accumulation of Diff-In needs, kept in memory,
 spilled to disk, or checkpointed every k steps and recomputed.
 
-A step ``t`` is recorded with the parameters ``theta_t`` before the update, the batch that
-``training_step`` saw, its sample ids, the per-parameter step size (the learning rate of each
-parameter's optimizer group) and, when the finite-difference Hessian products reuse it, the
-raw batch gradient ``g_t(theta_t)``.
+A step ``t`` is recorded with the micro-batches that ``training_step`` saw (several under
+gradient accumulation) and their sample ids, the optimizer's hyperparameters for this step
+(learning rates and the rest, as :class:`~lightning_influence.optimizers.StepModel` reads them),
+the parameters ``theta_t`` before the update, the raw step gradient ``g_t(theta_t)`` and the
+optimizer state before the step (momentum buffers, Adam moments) when the update needs them,
+and, when attribution is restricted to a parameter subset, the other trainable parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,20 +24,30 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 Storage = Literal["memory", "disk"]
+RecomputeStep = Callable[["StepRecord"], tuple[Tensor, Tensor, dict[str, Tensor]]]
+"""``record -> (grad_t, theta_{t+1}, state_{t+1})``: one training step re-run from a record."""
 
 
 @dataclass
 class StepRecord:
-    """One optimizer step. ``theta``/``grad`` are flat (parameters' dtype); ``step_sizes`` is one
-    float64 learning rate per parameter tensor; ``theta`` is ``None`` for steps between
-    checkpoints until recomputed."""
+    """One optimizer step.
+
+    ``theta``/``grad``/``state`` values are flat (the parameters' dtype); ``hyper`` is float64
+    ``[parameter tensors, hyperparameters]``; ``theta`` is ``None`` for steps between checkpoints
+    until recomputed. ``normalizer`` divides each micro-batch's mean loss (Lightning's
+    ``accumulate_grad_batches``). ``context`` holds the trainable parameters outside the
+    attributed subset, if any.
+    """
 
     step: int
-    batch: Any
-    ids: Tensor
-    step_sizes: Tensor
+    batches: tuple[Any, ...]
+    ids: tuple[Tensor, ...]
+    normalizer: int
+    hyper: Tensor
     theta: Tensor | None = None
     grad: Tensor | None = None
+    state: dict[str, Tensor] = field(default_factory=dict)
+    context: Tensor | None = None
 
 
 def _to(batch: Any, device: torch.device | str) -> Any:
@@ -111,18 +123,21 @@ class Trajectory:
     def append(self, record: StepRecord) -> None:
         if not self.keeps_theta(record.step):
             self._release(record)
-            record = replace(record, theta=None, grad=None)
+            record = replace(record, theta=None, grad=None, state={}, context=None)
         if self.storage == "memory":
             self._records.append(record)
             return
         path = self._dir / f"step-{record.step:09d}.pt"  # type: ignore[operator]
         payload = {
             "step": record.step,
-            "batch": _to(record.batch, "cpu"),
-            "ids": record.ids.cpu(),
-            "step_sizes": record.step_sizes.cpu(),
+            "batches": [_to(b, "cpu") for b in record.batches],
+            "ids": [i.cpu() for i in record.ids],
+            "normalizer": record.normalizer,
+            "hyper": record.hyper.cpu(),
             "theta": None if record.theta is None else record.theta.cpu(),
             "grad": None if record.grad is None else record.grad.cpu(),
+            "state": {k: v.cpu() for k, v in record.state.items()},
+            "context": None if record.context is None else record.context.cpu(),
         }
         torch.save(payload, path)
         self._records.append(path)
@@ -133,21 +148,26 @@ class Trajectory:
             self.pool.give(vector)
 
     def _release(self, record: StepRecord) -> None:
-        self.release(record.theta)
-        self.release(record.grad)
+        for vector in (record.theta, record.grad, *record.state.values()):
+            self.release(vector)
 
     def _load(self, item: StepRecord | Path) -> StepRecord:
         if isinstance(item, StepRecord):
             return item
         p = torch.load(item, map_location="cpu", weights_only=True)
-        dev = self.device
+        def dev(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(self.device)
+
         return StepRecord(
             step=p["step"],
-            batch=_to(p["batch"], dev),
-            ids=p["ids"],
-            step_sizes=p["step_sizes"].to(dev),
-            theta=None if p["theta"] is None else p["theta"].to(dev),
-            grad=None if p["grad"] is None else p["grad"].to(dev),
+            batches=tuple(_to(b, self.device) for b in p["batches"]),
+            ids=tuple(p["ids"]),
+            normalizer=int(p["normalizer"]),
+            hyper=p["hyper"],
+            theta=dev(p["theta"]),
+            grad=dev(p["grad"]),
+            state={k: v.to(self.device) for k, v in p["state"].items()},
+            context=dev(p["context"]),
         )
 
     def drop_oldest(self, count: int) -> None:
@@ -158,12 +178,12 @@ class Trajectory:
             else:
                 self._release(item)
 
-    def newest_first(self, recompute_step: Callable[[StepRecord], tuple[Tensor, Tensor]] | None = None) -> Iterator[StepRecord]:
+    def newest_first(self, recompute_step: RecomputeStep | None = None) -> Iterator[StepRecord]:
         """Records from newest to oldest, each with ``theta`` filled in.
 
-        ``recompute_step(record) -> (grad, theta_next)`` re-runs one update from ``record.theta``;
-        it is needed when ``checkpoint_every > 1``. Memory: one segment of ``checkpoint_every``
-        records at a time.
+        ``recompute_step(record) -> (grad, theta_next, state_next)`` re-runs one update from
+        ``record.theta`` and ``record.state``; it is needed when ``checkpoint_every > 1``.
+        Memory: one segment of ``checkpoint_every`` records at a time.
         """
         items = list(self._records)
         end = len(items)
@@ -181,9 +201,10 @@ class Trajectory:
                 if segment[i + 1].theta is None:
                     if recompute_step is None:
                         raise RuntimeError("checkpoint_every > 1 needs a recompute_step function")
-                    grad, nxt = recompute_step(segment[i])
+                    grad, nxt, state = recompute_step(segment[i])
                     segment[i].grad = segment[i].grad if segment[i].grad is not None else grad
                     segment[i + 1].theta = nxt
+                    segment[i + 1].state = state
             yield from reversed(segment)
             end = start
 

@@ -162,29 +162,65 @@ def test_module_without_mixin_is_refused(small_digits):
 @pytest.mark.parametrize(
     "make_opt,match",
     [
-        (lambda p: torch.optim.Adam(p, lr=1e-3), "optimizer Adam"),
-        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum"),
-        (lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-4), "weight_decay"),
+        (lambda p: torch.optim.RMSprop(p, lr=1e-3), "optimizer RMSprop"),
+        (lambda p: torch.optim.Adagrad(p, lr=1e-3), "optimizer Adagrad"),
+        (lambda p: torch.optim.LBFGS(p, lr=0.1), "optimizer LBFGS"),
     ],
 )
 def test_unmodelled_optimizers_are_refused(small_digits, make_opt, match):
     class Custom(Classifier):
         def configure_optimizers(self):
-            return make_opt(self.parameters())
+            return make_opt(list(self.parameters()))
 
-    _expect(small_digits, match, model=Custom(hidden=(8,)).double())
+    _expect(small_digits, match + ".*supported: (one optimizer among )?torch.optim.SGD", model=Custom(hidden=(8,)).double())
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(accumulate_grad_batches=2), "accumulate_grad_batches"),
-        (dict(gradient_clip_val=1.0), "gradient clipping"),
-        (dict(precision="bf16-mixed"), "precision"),
+        (dict(precision="bf16-true"), "precision='bf16-true'"),
+        (dict(precision="16-true"), "precision='16-true'"),
     ],
 )
 def test_unmodelled_trainer_settings_are_refused(small_digits, kwargs, match):
     _expect(small_digits, match, model=Classifier(hidden=(8,)), **kwargs)
+
+
+def test_manual_optimization_is_refused(small_digits):
+    class Manual(Classifier):
+        def __init__(self):
+            super().__init__(hidden=(8,))
+            self.automatic_optimization = False
+
+        def training_step(self, batch, i):
+            opt = self.optimizers()
+            opt.zero_grad()
+            loss = self.per_sample_loss(batch).mean()
+            self.manual_backward(loss)
+            opt.step()
+
+    _expect(small_digits, "manual optimization.*supported:", model=Manual().double())
+
+
+def test_custom_gradient_clipping_is_refused(small_digits):
+    class CustomClip(Classifier):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), 0.1)
+
+    _expect(small_digits, "overrides configure_gradient_clipping", model=CustomClip(hidden=(8,)).double())
+
+
+def test_gradients_changed_after_the_callback_read_them_are_detected(small_digits):
+    """The module's own on_before_optimizer_step runs after the callbacks': DiffIn checks the
+    real update against its model of it on the first steps instead of scoring a different run."""
+
+    class Rescaled(Classifier):
+        def on_before_optimizer_step(self, optimizer):
+            for p in self.parameters():
+                p.grad.mul_(0.5)
+
+    with pytest.raises(RuntimeError, match="disagrees with the real update at step 0"):
+        _fit(small_digits, DiffIn(target="val", target_loader=small_digits.val), model=Rescaled(hidden=(8,)).double())
 
 
 def test_per_sample_loss_whose_mean_is_not_the_training_loss_names_both_values(small_digits):

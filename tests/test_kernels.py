@@ -69,7 +69,7 @@ def test_finite_difference_hessian_products_match_exact_hessian(scheme, rtol):
     H = _exact_hessian(module, batch, space)
     for seed in range(3):
         v = torch.randn(space.size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        got = hessian_vector_product(loss_fn, space, theta, v, batch, scheme=scheme)
+        got = hessian_vector_product(lambda th: batch_gradient(loss_fn, space, th, batch), theta, v, scheme=scheme)
         expected = H @ v
         assert (got - expected).norm() / expected.norm() < rtol
 
@@ -80,11 +80,11 @@ def test_forward_difference_reuses_the_given_base_gradient():
     theta = space.flatten(dict(module.named_parameters()))
     v = torch.randn(space.size, dtype=torch.float64)
     base = batch_gradient(loss_fn, space, theta, batch)
-    with_base = hessian_vector_product(loss_fn, space, theta, v, batch, scheme="forward", base_gradient=base)
-    without = hessian_vector_product(loss_fn, space, theta, v, batch, scheme="forward")
+    with_base = hessian_vector_product(lambda th: batch_gradient(loss_fn, space, th, batch), theta, v, scheme="forward", base_gradient=base)
+    without = hessian_vector_product(lambda th: batch_gradient(loss_fn, space, th, batch), theta, v, scheme="forward")
     torch.testing.assert_close(with_base, without, rtol=0, atol=0)
     # A wrong base point shows up in the product: the base really is used.
-    wrong = hessian_vector_product(loss_fn, space, theta, v, batch, scheme="forward", base_gradient=base * 1.001)
+    wrong = hessian_vector_product(lambda th: batch_gradient(loss_fn, space, th, batch), theta, v, scheme="forward", base_gradient=base * 1.001)
     assert not torch.allclose(wrong, with_base)
 
 
@@ -96,7 +96,7 @@ def test_float32_products_are_accurate_enough():
     batch32 = (batch[0].float(), batch[1], batch[2])
     theta = space32.flatten(dict(module32.named_parameters()))
     v = torch.randn(space.size, dtype=torch.float64)
-    got = hessian_vector_product(per_sample_loss_function(module32), space32, theta, v, batch32, scheme="central")
+    got = hessian_vector_product(lambda th: batch_gradient(per_sample_loss_function(module32), space32, th, batch32), theta, v, scheme="central")
     assert (got - H @ v).norm() / (H @ v).norm() < 2e-3
 
 

@@ -1,23 +1,31 @@
 """Diff-In: influence as the sum of per-step differences, accumulated by a reverse sweep.
 
-For plain SGD with per-parameter step sizes ``Lambda_t`` (diagonal: each parameter's group
-learning rate), removing sample ``z`` from batch ``B_t`` (size ``b``) changes the update by
-``d_t(z) = -Lambda_t (g_t - grad l_z(theta_t)) / (b - 1)``. Linearising the deviation of the
-leave-one-out run gives the exact linearised influence on the target ``F``
+Each optimizer step is a map ``(theta_{t+1}, s_{t+1}) = Phi_t(theta_t, s_t, G_t)`` of the
+parameters, the optimizer state ``s`` (momentum buffer, Adam moments) and the step gradient
+``G_t = sum_k mean_{i in B_tk} grad l_i(theta_t) / n`` over the step's micro-batches
+(``n``: Lightning's accumulation normaliser; clipping is part of ``Phi_t``). Removing sample
+``z`` from micro-batch ``B_tk`` (size ``b``) changes the gradient by
+``dG_t(z) = -(grad l_z - mean_k) / (n (b - 1))``. Linearising the leave-one-out run around the
+recorded trajectory gives the exact linearised influence on the target ``F``
 
-    I(z) = sum_t < u_{t+1}, d_t(z) >,   u_T = grad F(theta_T),
-    u_t = u_{t+1} - H_t Lambda_t u_{t+1}     (H_t: Hessian of batch t's mean loss at theta_t)
+    I(z) = sum_t < a^G_t, dG_t(z) >
 
-so a reverse sweep over the recorded steps needs, per step, one forward-mode pass for the
-per-sample terms ``s_i = <grad l_i(theta_t), Lambda_t u_{t+1}>`` (then
-``<u_{t+1}, d_t(z)> = (s_z - mean_i s_i) / (b - 1)``) and one finite-difference Hessian product.
-A batch of one sample is dropped entirely by the removal, so its term is ``s_z``.
+with adjoints swept from ``lambda^theta_T = grad F(theta_T)``, ``lambda^s_T = 0``:
+
+    (a^theta_t, a^s_t, a^G_t) = Phi_t'^T (lambda^theta_{t+1}, lambda^s_{t+1})     (StepModel.vjp)
+    lambda^theta_t = a^theta_t + H_t a^G_t,   lambda^s_t = a^s_t
+
+(``H_t``: Hessian of the step's loss at ``theta_t``, a finite-difference product). Per step:
+one forward-mode pass per micro-batch for ``s_i = <grad l_i(theta_t), -a^G_t>``, then
+``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b - 1))`` (``s_z / n`` for a micro-batch of one,
+which the removal empties), and one Hessian product. For plain SGD ``a^G = -Lambda_t lambda``
+and this is ``u_t = u_{t+1} - H_t Lambda_t u_{t+1}`` of the notes.
 
 Units and sign: target-loss change when the sample is removed (positive helps).
 
-With ``hessian_every = k`` the adjoint crosses blocks of k steps with one product each, at one
-step's batch and the block's summed step sizes: ``prod_s (I - H_s L_s) ~ I - H_t sum_s L_s``
-(first order inside a block, exact products between blocks).
+With ``hessian_every = k`` the Hessian terms of a block of k steps are summed and applied once,
+at the block's oldest step: ``lambda_t = a^theta + H_t sum_s a^G_s`` (first order inside a
+block, exact products between blocks; for plain SGD ``prod_s (I - H_s L_s) ~ I - H_t sum L_s``).
 
 A sweep that starts from ``grad F`` at a later iterate ``theta_e`` (``e < T``) scores the steps
 with the influence on ``F(theta_e)``: that is the online mode's truncated propagation window.
@@ -25,7 +33,6 @@ with the influence on ``F(theta_e)``: that is the online mode's truncated propag
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +40,7 @@ from torch import Tensor, nn
 
 from lightning_influence.kernels import (
     FiniteDifference,
+    batch_gradient,
     ParameterSpace,
     PerSampleLossFn,
     all_finite,
@@ -41,7 +49,8 @@ from lightning_influence.kernels import (
     hessian_vector_product,
 )
 from lightning_influence.targets import TargetGradient
-from lightning_influence.trajectory import StepRecord, Trajectory
+from lightning_influence.optimizers import StepModel
+from lightning_influence.trajectory import RecomputeStep, StepRecord, Trajectory
 
 
 class ScoreAccumulator:
@@ -99,7 +108,9 @@ class DiffInSweep:
         space: ParameterSpace,
         target: TargetGradient,
         accumulator: ScoreAccumulator,
+        step_model: StepModel,
         *,
+        context_space: ParameterSpace | None = None,
         finite_difference: FiniteDifference = "central",
         fd_rel_step: float | None = None,
         reuse_recorded_gradient: bool = False,
@@ -110,8 +121,10 @@ class DiffInSweep:
         self.module = module
         self.loss_fn = loss_fn
         self.space = space
+        self.context_space = context_space
         self.target = target
         self.accumulator = accumulator
+        self.step_model = step_model
         self.finite_difference = finite_difference
         self.fd_rel_step = fd_rel_step
         self.reuse_recorded_gradient = reuse_recorded_gradient
@@ -119,7 +132,6 @@ class DiffInSweep:
         self.hessian_products = 0
         self.forward_mode_passes = 0
         self.target_gradients = 0
-        self._scale_cache: tuple[Tensor, Tensor] | None = None
         self.work_dtype = torch.promote_types(space.dtype, torch.float32)
 
     def target_gradient(self, theta: Tensor) -> Tensor:
@@ -132,96 +144,108 @@ class DiffInSweep:
         trajectory: Trajectory,
         theta_end: Tensor,
         num_scored: int,
-        recompute_step: Callable[[StepRecord], tuple[Tensor, Tensor]] | None = None,
+        recompute_step: RecomputeStep | None = None,
     ) -> None:
         """Score the oldest ``num_scored`` records of ``trajectory`` by their influence on
         ``F(theta_end)``; the newer records only propagate the adjoint."""
         if num_scored <= 0 or len(trajectory) == 0:
             return
         u = self.target_gradient(theta_end)
-        # u_{t+1}, [P, Q], in the parameters' dtype (float32 at least): the finite-difference error of
-        # the products (~1e-3 relative in float32) dwarfs its rounding. Scores accumulate in float64.
+        # lambda^theta, [P, Q], in the parameters' dtype (float32 at least): the finite-difference error
+        # of the products (~1e-3 relative in float32) dwarfs its rounding. Scores accumulate in float64.
         adjoint = u.reshape(self.space.size, -1).to(self.work_dtype).clone()
-        size = len(trajectory)
-        block_scale: Tensor | None = None  # sum of the step sizes of the block not yet propagated
+        columns = adjoint.shape[1]
+        adjoint_state: list[dict[str, Tensor] | None] = [None] * columns
+        pending: list[Tensor | None] = [None] * columns  # sum of a^G over the block not yet propagated
         block_steps = 0
+        size = len(trajectory)
         with evaluation_mode(self.module):
             for back, record in enumerate(trajectory.newest_first(recompute_step)):
                 position = size - 1 - back
                 scored = position < num_scored
-                scale = self._step_scale(record.step_sizes)
+                loss_fn = self._loss_fn(record)
                 if position > 0:
-                    if block_scale is None:
-                        block_scale = scale  # shared with the cache: never modified in place
-                    elif block_steps == 1:
-                        block_scale = block_scale + scale
-                    else:
-                        block_scale.add_(scale)
                     block_steps += 1
-                # Propagate through this step now, or (hessian_every > 1) once per block of steps
-                # with one product at this step's batch: prod_s (I - H_s L_s) ~ I - H_t sum_s L_s.
                 propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
-                derivatives = []
-                for q in range(adjoint.shape[1]):
-                    if scored or (propagate and block_steps == 1):
-                        # Lambda_t u_{t+1}: the tangent of the forward-mode pass and of the product.
-                        tangent = (scale * adjoint[:, q]).to(self.space.dtype)
+                derivatives: list[list[Tensor]] = []
+                for q in range(columns):
+                    a_theta, a_state, a_grad = self.step_model.vjp(
+                        record.theta, record.state, record.grad, record.hyper, adjoint[:, q], adjoint_state[q]
+                    )
                     if scored:
-                        derivatives.append(self._directional_derivatives(record, tangent))
+                        # s_i = <grad l_i, -a^G>: the pass runs along a^G and the small result is negated.
+                        derivatives.append([-s for s in self._directional_derivatives(loss_fn, record, a_grad)])
+                    if position == 0:
+                        continue
+                    adjoint_state[q] = a_state
+                    pending[q] = a_grad if pending[q] is None else pending[q] + a_grad  # type: ignore[operator]
                     if propagate:
-                        if block_steps > 1:
-                            tangent = (block_scale * adjoint[:, q]).to(self.space.dtype)  # type: ignore[operator]
-                        adjoint[:, q].sub_(self._hessian_product(record, tangent))
+                        a_theta = a_theta + self._hessian_product(loss_fn, record, pending[q].to(self.space.dtype))  # type: ignore[union-attr]
+                        pending[q] = None
+                    adjoint[:, q] = a_theta
                 if scored:
-                    self._accumulate(record, torch.stack(derivatives, dim=1), squeeze=u.dim() == 1)
+                    self._accumulate(record, derivatives, squeeze=u.dim() == 1)
                 if position == 0:
                     break
                 if propagate:
-                    block_scale, block_steps = None, 0
+                    block_steps = 0
                     if not all_finite(adjoint):
                         raise FloatingPointError(
                             f"the propagated target gradient became non-finite at step {record.step}: training diverged "
                             "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
                         )
 
-    def _step_scale(self, step_sizes: Tensor) -> Tensor:
-        """Flat per-coordinate step size ``diag(Lambda_t)`` in the sweep's working dtype (cached: the
-        learning rates rarely change from one step to the next)."""
-        cached = self._scale_cache
-        if cached is None or not torch.equal(cached[0], step_sizes):
-            cached = (step_sizes.clone(), self.space.expand(step_sizes.to(self.work_dtype)))
-            self._scale_cache = cached
-        return cached[1]
+    def _loss_fn(self, record: StepRecord) -> PerSampleLossFn:
+        """The per-sample loss at this step: the parameters outside the attributed subset are
+        held at their recorded values."""
+        if record.context is None or self.context_space is None:
+            return self.loss_fn
+        context = self.context_space.unflatten(record.context)
+        base = self.loss_fn
+        return lambda params, batch: base({**context, **params}, batch)
 
-    def _directional_derivatives(self, record: StepRecord, tangent: Tensor) -> Tensor:
-        """``s_i = <grad l_i(theta_t), tangent>`` for the batch, float64 ``[b]``."""
-        _, s = directional_derivatives(
-            self.loss_fn, self.space.unflatten(record.theta), record.batch, self.space.unflatten(tangent)
-        )
-        self.forward_mode_passes += 1
-        return s.double()
+    def _directional_derivatives(self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor) -> list[Tensor]:
+        """``s_i = <grad l_i(theta_t), tangent>`` per micro-batch, float64 ``[b_k]`` each."""
+        params = self.space.unflatten(record.theta)
+        direction = self.space.unflatten(tangent.to(self.space.dtype))
+        out = []
+        for batch in record.batches:
+            _, s = directional_derivatives(loss_fn, params, batch, direction)
+            self.forward_mode_passes += 1
+            out.append(s.double())
+        return out
 
-    def _accumulate(self, record: StepRecord, s: Tensor, squeeze: bool) -> None:
-        """Add ``<u_{t+1}, d_t(z)> = (s_z - mean_i s_i) / (b - 1)`` (``s_z`` for a batch of one)."""
-        b = s.shape[0]
-        if b != record.ids.numel():
-            raise ValueError(f"per_sample_loss returned {b} values for a batch with {record.ids.numel()} sample ids at step {record.step}")
-        contribution = s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)
-        if not all_finite(contribution):
-            raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
-        self.accumulator.add(record.ids, contribution[:, 0] if squeeze else contribution)
+    def _accumulate(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
+        """Add ``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b_k - 1))`` (``s_z / n`` if ``b_k = 1``)."""
+        for k, ids in enumerate(record.ids):
+            s = torch.stack([column[k] for column in derivatives], dim=1)  # [b, Q]
+            b = s.shape[0]
+            if b != ids.numel():
+                raise ValueError(
+                    f"per_sample_loss returned {b} values for a batch with {ids.numel()} sample ids at step {record.step}"
+                )
+            contribution = (s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)) / record.normalizer
+            if not all_finite(contribution):
+                raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
+            self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
-    def _hessian_product(self, record: StepRecord, tangent: Tensor) -> Tensor:
-        """``H_t @ tangent`` by finite differences of batch gradients (the parameters' dtype)."""
+    def _hessian_product(self, loss_fn: PerSampleLossFn, record: StepRecord, vector: Tensor) -> Tensor:
+        """``H_t @ vector`` for the step's loss by finite differences of step gradients."""
         base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
         self.hessian_products += 1
         return hessian_vector_product(
-            self.loss_fn,
-            self.space,
+            lambda theta: step_gradient(loss_fn, self.space, theta, record.batches, record.normalizer),
             record.theta,
-            tangent,
-            record.batch,
+            vector,
             scheme=self.finite_difference,
             base_gradient=base,
             rel_step=self.fd_rel_step,
-        )
+        ).to(self.work_dtype)
+
+
+def step_gradient(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batches: tuple[Any, ...], normalizer: int) -> Tensor:
+    """The gradient an optimizer step was fed: ``sum_k grad mean_k / normalizer`` over its micro-batches."""
+    total = batch_gradient(loss_fn, space, theta, batches[0])
+    for batch in batches[1:]:
+        total.add_(batch_gradient(loss_fn, space, theta, batch))
+    return total.div_(normalizer) if normalizer != 1 else total

@@ -1,0 +1,263 @@
+"""Optimizer steps as pure functions on flat vectors, and their linearisation.
+
+Diff-In needs, for every recorded step ``t``, the sensitivity of the step's outputs (the new
+parameters and the new optimizer state) to its inputs (parameters, optimizer state, and the
+gradient the step was fed). A :class:`StepModel` writes one optimizer step as a pure function
+
+    (theta_{t+1}, state_{t+1}) = update(theta_t, state_t, g_t, hyper_t)
+
+of flat vectors, mirroring ``torch.optim`` exactly (checked against the real optimizer on the
+first recorded steps of every fit), including gradient clipping (applied to the raw batch
+gradient ``g_t``, as Lightning does after ``on_before_optimizer_step``). Its vector-Jacobian
+product (:meth:`StepModel.vjp`, by autograd through ``update``) is what the reverse sweep
+needs: given the adjoints of the outputs it returns the adjoints of ``theta_t``, ``state_t``
+and ``g_t``. One mechanism for every family; a family only states its update.
+
+Modelled (per parameter group, any mix): ``torch.optim.SGD`` with momentum, dampening,
+Nesterov, coupled weight decay and ``maximize``; ``torch.optim.Adam`` / ``AdamW`` with coupled
+or decoupled weight decay, ``amsgrad`` and ``maximize``. The learning rate and every other
+hyperparameter are read per step, so any scheduler (including ones that cycle momentum or
+betas) is followed. Gradient clipping by norm (over all parameters of the optimizer) or by
+value.
+
+Adam's second moment: ``second_moment="linearized"`` (default) differentiates ``v_t`` too, so
+the removed sample's effect on the preconditioner is carried; ``"frozen"`` treats the
+preconditioner ``lr / (sqrt(v_hat) + eps)`` as fixed along the trajectory (cheaper to reason
+about; the README measures what it costs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+SecondMoment = Literal["linearized", "frozen"]
+ClipAlgorithm = Literal["norm", "value"]
+
+SUPPORTED_OPTIMIZERS = (
+    "torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize), torch.optim.Adam and "
+    "torch.optim.AdamW (weight_decay, amsgrad, maximize)"
+)
+
+
+class UnsupportedOptimizer(ValueError):
+    """The optimizer (or one of its options) is not modelled: scores would be wrong."""
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer
+
+
+def _sqrt_safe(x: Tensor) -> Tensor:
+    """``sqrt(x)`` whose derivative is 0 (not infinite) where ``x == 0``: a coordinate whose
+    gradient was always exactly zero has ``v = 0`` and no sample can change that."""
+    positive = x > 0
+    return torch.where(positive, x, torch.ones_like(x)).sqrt() * positive
+
+
+@dataclass(frozen=True)
+class _Family:
+    """One optimizer family: the hyperparameter columns read per step and parameter tensor,
+    and the state vectors it carries between steps."""
+
+    name: str
+    hyper: tuple[str, ...]
+    state: tuple[str, ...]
+
+
+_SGD = _Family("sgd", ("lr", "momentum", "dampening", "weight_decay", "nesterov", "sign"), ("momentum_buffer",))
+_ADAM = _Family(
+    "adam",
+    ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "bias_correction1", "bias_correction2", "sign", "amsgrad"),
+    ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+)
+
+
+class StepModel:
+    """The update of one optimizer over the flat parameter vector of ``params`` (in order).
+
+    ``params`` must be the optimizer's parameters that are attributed, ``groups`` their
+    optimizer-group index (one per tensor), ``numels`` their sizes. ``clip_val`` /
+    ``clip_algorithm`` model Lightning's gradient clipping; with a parameter subset the norm
+    of the other parameters' gradient enters as a recorded constant (``rest_norm_sq``).
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        params: Sequence[Tensor],
+        *,
+        clip_val: float | None = None,
+        clip_algorithm: ClipAlgorithm = "norm",
+        second_moment: SecondMoment = "linearized",
+    ) -> None:
+        inner = _unwrap(optimizer)
+        kind = type(inner)
+        if kind is torch.optim.SGD:
+            self.family = _SGD
+        elif kind in (torch.optim.Adam, torch.optim.AdamW):
+            self.family = _ADAM
+        else:
+            raise UnsupportedOptimizer(f"DiffIn does not model optimizer {kind.__name__}; supported: {SUPPORTED_OPTIMIZERS}")
+        if clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"clip_algorithm must be 'norm' or 'value', got {clip_algorithm!r}")
+        if second_moment not in ("linearized", "frozen"):
+            raise ValueError(f"second_moment must be 'linearized' or 'frozen', got {second_moment!r}")
+        self.optimizer = inner
+        self.params = list(params)
+        self.clip_val = float(clip_val) if clip_val else None
+        self.clip_algorithm: ClipAlgorithm = clip_algorithm
+        self.second_moment: SecondMoment = second_moment
+        group_of = {id(p): g for g, group in enumerate(inner.param_groups) for p in group["params"]}
+        missing = [i for i, p in enumerate(self.params) if id(p) not in group_of]
+        if missing:
+            raise ValueError("an attributed parameter is not in the optimizer: it never moves, leave it out")
+        self.group_index = [group_of[id(p)] for p in self.params]
+        self.numels = torch.tensor([p.numel() for p in self.params])
+        for g, group in enumerate(inner.param_groups):
+            _check_group(kind, g, group)
+        # Only the state this optimizer really carries is recorded.
+        if self.family is _SGD:
+            uses = any(float(group.get("momentum", 0.0)) != 0.0 for group in inner.param_groups)
+            self.state_names: tuple[str, ...] = ("momentum_buffer",) if uses else ()
+        else:
+            ams = any(group.get("amsgrad", False) for group in inner.param_groups)
+            self.state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if ams else ("exp_avg", "exp_avg_sq")
+        self._expanded: tuple[Tensor, dict[str, Tensor]] | None = None
+
+    @property
+    def hyper_names(self) -> tuple[str, ...]:
+        return (*self.family.hyper, "rest_norm_sq")
+
+    @property
+    def is_plain_sgd(self) -> bool:
+        """The update is ``theta - lr * g`` (no state, no decay, no clipping)."""
+        return self.family is _SGD and not self.state_names and self.clip_val is None
+
+    # ------------------------------------------------------------------ reading the live optimizer
+    def capture(self, rest_norm_sq: float = 0.0) -> tuple[Tensor, dict[str, list[Tensor | None]]]:
+        """The step about to be taken: ``hyper`` (float64 ``[tensors, H]``) and the optimizer state
+        before the step, per state name a list of per-tensor tensors (``None``: not yet created,
+        i.e. zeros)."""
+        rows: list[list[float]] = []
+        state: dict[str, list[Tensor | None]] = {name: [] for name in self.state_names}
+        groups = self.optimizer.param_groups
+        for p, g in zip(self.params, self.group_index, strict=True):
+            group, st = groups[g], self.optimizer.state.get(p, {})
+            if self.family is _SGD:
+                momentum = float(group.get("momentum", 0.0))
+                first = st.get("momentum_buffer") is None
+                # torch.optim.SGD starts the buffer as a copy of the first gradient: no dampening then.
+                dampening = 0.0 if first else float(group.get("dampening", 0.0))
+                row = [float(group["lr"]), momentum, dampening, float(group.get("weight_decay", 0.0)),
+                       float(bool(group.get("nesterov", False))), -1.0 if group.get("maximize", False) else 1.0]
+            else:
+                beta1, beta2 = (float(b) for b in group["betas"])
+                step = float(st["step"]) + 1.0 if "step" in st else 1.0
+                decoupled = isinstance(self.optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+                row = [float(group["lr"]), beta1, beta2, float(group["eps"]), float(group.get("weight_decay", 0.0)),
+                       float(decoupled), 1.0 - beta1**step, 1.0 - beta2**step,
+                       -1.0 if group.get("maximize", False) else 1.0, float(bool(group.get("amsgrad", False)))]
+            rows.append([*row, float(rest_norm_sq)])
+            for name in self.state_names:
+                value = st.get(name)
+                state[name].append(value.detach() if isinstance(value, Tensor) else None)
+        return torch.tensor(rows, dtype=torch.float64), state
+
+    # ------------------------------------------------------------------ the pure update
+    def expand(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        """Per-coordinate hyperparameters (cached while they do not change between steps)."""
+        cached = self._expanded
+        if cached is None or not torch.equal(cached[0], hyper) or next(iter(cached[1].values())).dtype != dtype:
+            flat = hyper.to(device=device, dtype=torch.float64).repeat_interleave(self.numels.to(device), dim=0).to(dtype)
+            cached = (hyper.clone(), {name: flat[:, j] for j, name in enumerate(self.hyper_names)})
+            self._expanded = cached
+        return cached[1]
+
+    def clip(self, grad: Tensor, h: Mapping[str, Tensor]) -> Tensor:
+        """The gradient after Lightning's clipping (``torch.nn.utils.clip_grad_norm_`` / value)."""
+        if self.clip_val is None:
+            return grad
+        if self.clip_algorithm == "value":
+            return grad.clamp(-self.clip_val, self.clip_val)
+        norm = (grad.square().sum() + h["rest_norm_sq"][0]).sqrt()
+        coef = torch.clamp(self.clip_val / (norm + 1e-6), max=1.0)
+        return grad * coef
+
+    def update(self, theta: Tensor, state: Mapping[str, Tensor], grad: Tensor, hyper: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step: ``(theta_next, state_next)`` from flat ``theta``, ``state`` and raw gradient
+        ``grad`` (all one dtype), differentiable in all three."""
+        h = self.expand(hyper, theta.dtype, theta.device)
+        g = self.clip(grad, h) * h["sign"]
+        if self.family is _SGD:
+            d = g + h["weight_decay"] * theta
+            if not self.state_names:
+                return theta - h["lr"] * d, {}
+            buf = h["momentum"] * state["momentum_buffer"] + (1.0 - h["dampening"]) * d
+            step = torch.where(h["nesterov"] > 0, d + h["momentum"] * buf, buf)
+            # A group without momentum keeps no buffer: its buffer stays zero.
+            buf = torch.where(h["momentum"] != 0, buf, torch.zeros_like(buf))
+            step = torch.where(h["momentum"] != 0, step, d)
+            return theta - h["lr"] * step, {"momentum_buffer": buf}
+        # Adam / AdamW (torch.optim's single-tensor formula)
+        decoupled = h["decoupled"] > 0
+        g = torch.where(decoupled, g, g + h["weight_decay"] * theta)
+        theta = torch.where(decoupled, theta * (1.0 - h["lr"] * h["weight_decay"]), theta)
+        m = state["exp_avg"] + (g - state["exp_avg"]) * (1.0 - h["beta1"])
+        v_prev = state["exp_avg_sq"]
+        g_v = g if self.second_moment == "linearized" else g.detach()
+        if self.second_moment == "frozen":
+            v_prev = v_prev.detach()
+        v = h["beta2"] * v_prev + (1.0 - h["beta2"]) * g_v * g_v
+        new_state = {"exp_avg": m, "exp_avg_sq": v}
+        second = v
+        if "max_exp_avg_sq" in self.state_names:
+            prev_max = state["max_exp_avg_sq"] if self.second_moment == "linearized" else state["max_exp_avg_sq"].detach()
+            vmax = torch.where(h["amsgrad"] > 0, torch.maximum(prev_max, v), torch.zeros_like(v))
+            new_state["max_exp_avg_sq"] = vmax
+            second = torch.where(h["amsgrad"] > 0, vmax, v)
+        denom = _sqrt_safe(second) / h["bias_correction2"].sqrt() + h["eps"]
+        return theta - (h["lr"] / h["bias_correction1"]) * m / denom, new_state
+
+    def vjp(
+        self,
+        theta: Tensor,
+        state: Mapping[str, Tensor],
+        grad: Tensor,
+        hyper: Tensor,
+        adjoint_theta: Tensor,
+        adjoint_state: Mapping[str, Tensor] | None,
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Adjoints of ``(theta, state, grad)`` given those of ``(theta_next, state_next)``
+        (a missing ``adjoint_state`` is zero): the transpose of the linearised step."""
+        if self.is_plain_sgd:  # closed form of the common case: theta - lr * sign * g
+            h = self.expand(hyper, adjoint_theta.dtype, adjoint_theta.device)
+            return adjoint_theta, {}, -(h["lr"] * h["sign"]) * adjoint_theta
+        dtype = adjoint_theta.dtype
+        leaves_theta = theta.detach().to(dtype).requires_grad_(True)
+        leaves_grad = grad.detach().to(dtype).requires_grad_(True)
+        leaves_state = {n: state[n].detach().to(dtype).requires_grad_(True) for n in self.state_names}
+        with torch.enable_grad():
+            out_theta, out_state = self.update(leaves_theta, leaves_state, leaves_grad, hyper)
+            outputs = [out_theta] + [out_state[n] for n in self.state_names]
+            cotangents = [adjoint_theta] + [
+                (adjoint_state[n] if adjoint_state is not None else torch.zeros_like(adjoint_theta)) for n in self.state_names
+            ]
+            live = [(o, c) for o, c in zip(outputs, cotangents, strict=True) if o.requires_grad]  # frozen v: constant
+            inputs = [leaves_theta, leaves_grad, *leaves_state.values()]
+            grads = torch.autograd.grad([o for o, _ in live], inputs, [c for _, c in live], allow_unused=True)
+        zero = torch.zeros_like(adjoint_theta)
+        a_theta, a_grad, *a_state = (g if g is not None else zero for g in grads)
+        return a_theta, dict(zip(self.state_names, a_state, strict=True)), a_grad
+
+
+def _check_group(kind: type, index: int, group: Mapping[str, Any]) -> None:
+    # foreach / fused / capturable implementations compute the same update; the first recorded
+    # steps of every fit are checked against the real optimizer, so any mismatch is caught.
+    if not math.isfinite(float(group["lr"])):
+        raise ValueError(f"parameter group {index} of {kind.__name__} has a non-finite learning rate {group['lr']!r}")
