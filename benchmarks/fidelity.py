@@ -41,7 +41,7 @@ def measure(hidden: tuple[int, ...], epochs: int, windows: list[int], strides: l
     recorder = StepRecorder()
     quiet_trainer(callbacks=[recorder, *callbacks]).fit(model, train_dataloaders=problem.train)
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:samples]
-    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.param_groups, ids, problem.val)
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
     rows = []
     for (mode, w, k), cb in zip(configs, callbacks):
         est = torch.stack([cb.scores[int(i)] for i in ids])

@@ -25,7 +25,7 @@ def _fit(hidden, problem, callbacks, lr=0.1, seed=0):
 
 
 def _truth(model, recorder, ids, target_batches):
-    return leave_one_out(model, recorder.initial_params, recorder.steps, recorder.param_groups, ids, target_batches)
+    return leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, target_batches)
 
 
 @pytest.mark.parametrize("hidden", [(), (32,)], ids=["logreg", "mlp"])
@@ -137,7 +137,7 @@ def test_float32_training_with_default_settings_tracks_float64_retraining():
     quiet_trainer(callbacks=[recorder, cb]).fit(model, train_dataloaders=as32(problem.train))
     assert cb.scores.values.dtype == torch.float64
     reference = Classifier(hidden=(32,), lr=0.1).double()
-    steps = [type(s)(batch=(s.batch[0].double(), *s.batch[1:]), lrs=s.lrs) for s in recorder.steps]
+    steps = [type(s)(tuple((b[0].double(), *b[1:]) for b in s.batches), s.lrs, s.normalizer) for s in recorder.steps]
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:100]
-    truth = leave_one_out(reference, initial, steps, recorder.param_groups, ids, problem.val)
+    truth = leave_one_out(reference, initial, steps, recorder.optimizer, ids, problem.val)
     assert spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth) >= REPLAY_BAR

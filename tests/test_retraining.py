@@ -1,12 +1,16 @@
-"""The retraining ground truth against independent references: a real ``Trainer.fit`` run and
-a plain Python SGD loop with autograd on a module copy (no vmap, no functional calls)."""
+"""The retraining ground truth against independent references: real ``Trainer.fit`` runs
+(SGD with momentum, Adam, AdamW; schedulers, parameter groups, frozen parameters, gradient
+clipping, gradient accumulation, skipped mixed-precision steps) and a plain Python loop with
+autograd and a fresh real optimizer per run on a module copy (no vmap, no stacking)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
-from collections.abc import Collection, Sequence
+from types import SimpleNamespace
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import lightning as L
@@ -14,17 +18,20 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from conftest import quiet_trainer
 from lightning_influence.data import FixedBatches, load_digits_tensors
 from lightning_influence.evaluation import (
-    SGDStep,
+    SUPPORTED_OPTIMIZERS,
+    OptimizerSpec,
     StepRecorder,
+    TrainingStep,
     leave_one_out,
     optimizer_lrs,
     pearson,
     retrain,
-    sgd_param_groups,
     spearman,
     target_loss,
 )
@@ -47,30 +54,58 @@ def initial_of(module: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def reference_sgd(
+def fit(module: L.LightningModule, batches: list[Batch], **trainer_kwargs: Any) -> tuple[L.Trainer, StepRecorder]:
+    recorder = StepRecorder()
+    callbacks = [recorder, *trainer_kwargs.pop("callbacks", [])]
+    trainer = quiet_trainer(callbacks=callbacks, **trainer_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train_dataloaders=FixedBatches(batches))
+    return trainer, recorder
+
+
+def reference_run(
     module: nn.Module,
     initial: dict[str, Tensor],
-    steps: Sequence[SGDStep],
-    groups: Sequence[Sequence[str]],
+    steps: Sequence[TrainingStep],
+    spec: OptimizerSpec,
     removed: Collection[int] = (),
 ) -> dict[str, Tensor]:
-    """Plain loop on a module copy: slice the removed samples out of each batch, mean loss,
-    ``loss.backward()``, ``p -= lr * p.grad``; an empty batch is skipped."""
+    """Plain loop on a module copy, independent of the vectorised engine: a fresh real optimizer
+    of the spec's class over the copy's own parameters; per step, for each micro-batch with
+    samples left, ``(per_sample_loss(kept).mean() / normalizer).backward()`` (accumulating);
+    an emptied step gets zero gradients; torch's own clip_grad_norm_ / clip_grad_value_;
+    each group's lr set; ``optimizer.step()``."""
     model = copy.deepcopy(module)
-    model.load_state_dict(initial, strict=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in initial:
+                p.copy_(initial[n])
     params = dict(model.named_parameters())
+    groups = []
+    for names, options in zip(spec.param_groups, spec.hyperparameters, strict=True):
+        options = {k: (False if k in ("foreach", "fused", "capturable", "differentiable") else v) for k, v in options.items()}
+        groups.append({**options, "params": [params[n] for n in names]})
+    opt = spec.optimizer_class(groups)
+    trained = [p for names in spec.param_groups for n in names if (p := params[n]).requires_grad]
     removed_t = torch.tensor(sorted(removed), dtype=torch.long)
     for step in steps:
-        x, y, idx = step.batch
-        keep = ~torch.isin(idx, removed_t)
-        if not bool(keep.any()):
-            continue
-        model.zero_grad(set_to_none=True)
-        model.per_sample_loss((x[keep], y[keep], idx[keep])).mean().backward()
-        with torch.no_grad():
-            for lr, names in zip(step.lrs, groups, strict=True):
-                for n in names:
-                    params[n] -= lr * params[n].grad
+        opt.zero_grad(set_to_none=True)
+        for x, y, idx in step.batches:
+            keep = ~torch.isin(idx, removed_t)
+            if bool(keep.any()):
+                (model.per_sample_loss((x[keep], y[keep], idx[keep])).mean() / step.normalizer).backward()
+        for p in trained:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if spec.clip_val is not None:
+            if spec.clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(trained, spec.clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(trained, spec.clip_val)
+        for group, lr in zip(opt.param_groups, step.lrs, strict=True):
+            group["lr"] = lr
+        opt.step()
     return {n: p.detach().clone() for n, p in params.items()}
 
 
@@ -83,15 +118,24 @@ def reference_target(module: nn.Module, params: dict[str, Tensor], target: Seque
         return float(nn.functional.cross_entropy(model(x), y, reduction="mean"))
 
 
-def schedule(x: Tensor, y: Tensor, n_steps: int = 14, pool: int = 48, size: int = 10, seed: int = 1) -> list[SGDStep]:
-    """Random batches drawn from a small pool (samples recur across steps) and two per-step
-    varying learning rates (group 0: hidden layer, group 1: output layer)."""
+def plain_sgd(groups: Sequence[Sequence[str]]) -> OptimizerSpec:
+    return OptimizerSpec(torch.optim.SGD, tuple(map(tuple, groups)), tuple({"lr": 0.1} for _ in groups))
+
+
+def schedule(
+    x: Tensor, y: Tensor, n_steps: int = 14, pool: int = 48, size: int = 10, seed: int = 1, micro: int = 1
+) -> list[TrainingStep]:
+    """Random micro-batches drawn from a small pool (samples recur across steps) and two
+    per-step varying learning rates (group 0: hidden layer, group 1: output layer)."""
     g = torch.Generator().manual_seed(seed)
     steps = []
     for t in range(n_steps):
-        idx = torch.randperm(pool, generator=g)[:size]
+        batches = []
+        for _ in range(1 if t % 3 == 2 else micro):  # every third step a shorter accumulation
+            idx = torch.randperm(pool, generator=g)[:size]
+            batches.append((x[idx], y[idx], idx))
         lrs = (0.3 * (1.0 + 0.5 * math.sin(t)), 0.05 + 0.02 * t)
-        steps.append(SGDStep(batch=(x[idx], y[idx], idx), lrs=lrs))
+        steps.append(TrainingStep(batches=tuple(batches), lrs=lrs, normalizer=micro))
     return steps
 
 
@@ -102,9 +146,20 @@ def small_mlp() -> tuple[Classifier, list[list[str]]]:
     return module, [["net.0.weight", "net.0.bias"], ["net.2.weight", "net.2.bias"]]
 
 
+def max_deviation(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> float:
+    return max(float((a - expected[n]).abs().max()) for n, a in actual.items())
+
+
 def assert_params_close(actual: dict[str, Tensor], expected: dict[str, Tensor], atol: float = 1e-10) -> None:
     for n, a in actual.items():
         torch.testing.assert_close(a, expected[n], atol=atol, rtol=0.0, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def run_of(stacked: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    return {n: t[k] for n, t in stacked.items()}
+
+
+# --- plain SGD (the original setting) -------------------------------------------------------
 
 
 @pytest.mark.parametrize("hidden", [(16,), ()], ids=["mlp", "logreg"])
@@ -114,30 +169,20 @@ def test_no_removal_reproduces_lightning_fit(digits: tuple[Tensor, Tensor], hidd
     torch.manual_seed(0)
     module = Classifier(hidden=hidden).double()
     initial = initial_of(module)
-    recorder = StepRecorder()
-    trainer = L.Trainer(
-        max_epochs=2,
-        enable_checkpointing=False,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[recorder],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, train_dataloaders=FixedBatches(batches))
+    trainer, recorder = fit(module, batches, max_epochs=2)
     assert len(recorder.steps) == 2 * len(batches) == trainer.global_step
+    assert all(len(s.batches) == 1 and s.normalizer == 1 for s in recorder.steps)
     final = initial_of(module)
-    groups = sgd_param_groups(module, trainer.optimizers[0])
-    assert sorted(n for g in groups for n in g) == sorted(final)
+    spec = recorder.optimizer
+    assert spec is not None and spec.optimizer_class is torch.optim.SGD and spec.clip_val is None
+    assert sorted(n for g in spec.param_groups for n in g) == sorted(final)
 
     # runs 0 and 2 remove nothing; run 1 removes a sample, so the vmapped runs really differ
-    out = retrain(module, initial, recorder.steps, groups, [(), (5,), ()])
+    out = retrain(module, initial, recorder.steps, spec, [(), (5,), ()])
     assert all(t.shape == (3, *final[n].shape) for n, t in out.items())
     for run in (0, 2):
-        assert_params_close({n: t[run] for n, t in out.items()}, final)
-    assert max(float((out[n][1] - final[n]).abs().max()) for n in final) > 1e-6
+        assert_params_close(run_of(out, run), final)
+    assert max_deviation(run_of(out, 1), final) > 1e-6
     for n, p in module.named_parameters():  # the module itself is untouched
         assert torch.equal(p.detach(), final[n])
 
@@ -147,59 +192,63 @@ def test_removal_matches_plain_sgd_loop(digits: tuple[Tensor, Tensor], small_mlp
     x, y = digits
     steps = schedule(x, y)
     initial = initial_of(module)
+    spec = plain_sgd(groups)
     removals: list[tuple[int, ...]] = [(0,), (7,), (), (13, 21), (40,)]
     # chunk_size 2: three chunks, the last one of a single run
-    out = retrain(module, initial, steps, groups, removals, chunk_size=2)
+    out = retrain(module, initial, steps, spec, removals, chunk_size=2)
     for k, removed in enumerate(removals):
-        expected = reference_sgd(module, initial, steps, groups, removed)
-        assert_params_close({n: t[k] for n, t in out.items()}, expected)
+        assert_params_close(run_of(out, k), reference_run(module, initial, steps, spec, removed), atol=1e-12)
 
 
-def test_emptied_batch_does_not_move_parameters(
+def test_emptied_batch_does_not_move_parameters_under_plain_sgd(
     digits: tuple[Tensor, Tensor], small_mlp: tuple[Classifier, list[list[str]]]
 ) -> None:
     module, groups = small_mlp
     x, y = digits
     initial = initial_of(module)
-    only_z = SGDStep(batch=(x[[30]], y[[30]], torch.tensor([30])), lrs=(0.5, 0.5))
-    pair = SGDStep(batch=(x[[31, 32]], y[[31, 32]], torch.tensor([31, 32])), lrs=(0.5, 0.5))
+    spec = plain_sgd(groups)
+    only_z = TrainingStep(batches=((x[[30]], y[[30]], torch.tensor([30])),), lrs=(0.5, 0.5))
+    pair = TrainingStep(batches=((x[[31, 32]], y[[31, 32]], torch.tensor([31, 32])),), lrs=(0.5, 0.5))
 
-    alone = retrain(module, initial, [only_z], groups, [(30,), ()])
+    alone = retrain(module, initial, [only_z], spec, [(30,), ()])
     for n in alone:
         assert torch.equal(alone[n][0], initial[n])  # the emptied step is an exact no-op
         assert not torch.equal(alone[n][1], initial[n])  # while the full step moves
 
     steps = schedule(x, y, n_steps=6)
     with_empty = [steps[0], only_z, steps[1], pair, *steps[2:]]
-    out = retrain(module, initial, with_empty, groups, [(30, 31, 32)])
+    out = retrain(module, initial, with_empty, spec, [(30, 31, 32)])
     with pytest.warns(UserWarning, match="occur in no batch"):  # 31 and 32 were only in the emptied pair
-        skipped = retrain(module, initial, [steps[0], steps[1], *steps[2:]], groups, [(30, 31, 32)])
+        skipped = retrain(module, initial, [steps[0], steps[1], *steps[2:]], spec, [(30, 31, 32)])
     for n in out:
         assert torch.isfinite(out[n]).all()
         torch.testing.assert_close(out[n], skipped[n], atol=1e-12, rtol=0.0)
-    assert_params_close({n: t[0] for n, t in out.items()}, reference_sgd(module, initial, with_empty, groups, (30, 31, 32)))
+    assert_params_close(run_of(out, 0), reference_run(module, initial, with_empty, spec, (30, 31, 32)), atol=1e-12)
 
 
-def test_leave_one_out_is_target_change_of_plain_retraining(
+def test_leave_one_out_is_target_change_of_retraining(
     digits: tuple[Tensor, Tensor], small_mlp: tuple[Classifier, list[list[str]]]
 ) -> None:
     module, groups = small_mlp
     x, y = digits
-    steps = schedule(x, y, n_steps=10)
+    steps = schedule(x, y, n_steps=10, micro=2)
     initial = initial_of(module)
+    spec = OptimizerSpec(
+        torch.optim.Adam, tuple(map(tuple, groups)), ({"lr": 0.01, "weight_decay": 1e-3}, {"lr": 0.01}), clip_val=1.0
+    )
     target = [(x[200:207], y[200:207], torch.arange(200, 207)), (x[250:263], y[250:263], torch.arange(250, 263))]
     ids = [2, 9, 17, 33]
-    scores = leave_one_out(module, initial, steps, groups, ids, iter(target), chunk_size=3)
+    scores = leave_one_out(module, initial, steps, spec, ids, iter(target), chunk_size=3)
     assert scores.dtype == torch.float64 and scores.shape == (len(ids),)
 
-    base = reference_target(module, reference_sgd(module, initial, steps, groups), target)
-    expected = [reference_target(module, reference_sgd(module, initial, steps, groups, (z,)), target) - base for z in ids]
+    base = reference_target(module, reference_run(module, initial, steps, spec), target)
+    expected = [reference_target(module, reference_run(module, initial, steps, spec, (z,)), target) - base for z in ids]
     torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0.0)
     assert float(scores.abs().min()) > 1e-8  # every one of these samples was trained on
 
     # a sample that never occurs changes nothing, and the caller is told
     with pytest.warns(UserWarning, match="occur in no batch"):
-        unseen = leave_one_out(module, initial, steps, groups, torch.tensor([319]), target)
+        unseen = leave_one_out(module, initial, steps, spec, torch.tensor([319]), target)
     assert float(unseen.abs().max()) < 1e-14
 
 
@@ -212,10 +261,246 @@ def test_target_loss_stacked_and_single(digits: tuple[Tensor, Tensor], small_mlp
     values = target_loss(module, stacked, target, chunk_size=2)
     assert values.dtype == torch.float64 and values.shape == (3,)
     for k in range(3):
-        single = {n: t[k] for n, t in stacked.items()}
+        single = run_of(stacked, k)
         assert target_loss(module, single, target).shape == ()
         assert float(target_loss(module, single, target)) == pytest.approx(reference_target(module, single, target), abs=1e-13)
         assert float(values[k]) == pytest.approx(reference_target(module, single, target), abs=1e-13)
+
+
+# --- what Lightning really runs: optimizers, schedules, groups, clipping, accumulation ---------
+
+
+class Configured(Classifier):
+    """A 64-12-8-10 MLP with two parameter groups (different lrs), ``net.0.bias`` frozen but
+    kept in group 0, ``net.4.bias`` trainable but in no group, and a per-step scheduler."""
+
+    def __init__(self, make: Callable[[list[dict[str, Any]]], tuple[torch.optim.Optimizer, Any]], **kwargs: Any) -> None:
+        super().__init__(hidden=(12, 8), **kwargs)
+        self.make = make
+        self.net[0].bias.requires_grad_(False)
+
+    def configure_optimizers(self) -> Any:
+        named = dict(self.named_parameters())
+        groups = [
+            {"params": [named["net.0.weight"], named["net.0.bias"]], "lr": 0.05},
+            {"params": [named["net.2.weight"], named["net.2.bias"], named["net.4.weight"]], "lr": 0.02},
+        ]
+        opt, sched = self.make(groups)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _sgd(groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    warmup = lambda s: min(1.0, (s + 1) / 4) * 0.95**s  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, [warmup, warmup])
+
+
+def _adam(groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.Adam(groups, betas=(0.8, 0.99), weight_decay=1e-2)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20, eta_min=1e-3)
+
+
+def _adamw(groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.AdamW(groups, amsgrad=True, weight_decay=0.05)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.05, 0.02], total_steps=14, cycle_momentum=False)
+
+
+class GradientProbe(Callback):
+    """The pre-clipping gradient norm and largest entry at each step (Lightning clips after
+    on_before_optimizer_step)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.maxima: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        self.maxima.append(max(float(g.abs().max()) for g in grads))
+
+
+@pytest.mark.parametrize("clip", ["norm", "value"])
+@pytest.mark.parametrize("make", [_sgd, _adam, _adamw], ids=["sgd-nesterov-wd", "adam-cosine", "adamw-amsgrad-onecycle"])
+def test_retraining_reproduces_lightning_optimizers(digits: tuple[Tensor, Tensor], make: Callable, clip: str) -> None:
+    x, y = digits
+    batches = fixed_batches(x[:120], y[:120], size=12)  # 10 micro-batches: accumulation 3 leaves a last step of 1
+    torch.manual_seed(0)
+    module = Configured(make).double()
+    initial = initial_of(module)
+    clip_val = 0.2 if clip == "norm" else 0.02
+    probe = GradientProbe()
+    trainer, recorder = fit(
+        module,
+        batches,
+        max_epochs=3,
+        accumulate_grad_batches=3,
+        gradient_clip_val=clip_val,
+        gradient_clip_algorithm=clip,
+        callbacks=[probe],
+    )
+    final = initial_of(module)
+    steps, spec = recorder.steps, recorder.optimizer
+    assert spec is not None and spec.optimizer_class is type(trainer.optimizers[0])
+    assert (spec.clip_val, spec.clip_algorithm) == (clip_val, clip)
+    assert len(steps) == trainer.global_step == 3 * 4
+    assert [len(s.batches) for s in steps] == [3, 3, 3, 1] * 3 and {s.normalizer for s in steps} == {3}
+    assert len({s.lrs for s in steps}) == len(steps) and all(s.lrs[0] != s.lrs[1] for s in steps)  # scheduled, per group
+    # clipping is active at most steps
+    active = [n > clip_val for n in probe.norms] if clip == "norm" else [m > clip_val for m in probe.maxima]
+    assert sum(active) >= len(steps) // 2
+
+    out = retrain(module, initial, steps, spec, [()])
+    assert set(out) == {"net.0.weight", "net.2.weight", "net.2.bias", "net.4.weight"}  # frozen / in no group: not trained
+    deviation = max_deviation(run_of(out, 0), final)
+    print(f"{make.__name__}/{clip}: max |retrained - Trainer| = {deviation:.2e}")
+    assert deviation <= 1e-10
+    assert torch.equal(final["net.0.bias"], initial["net.0.bias"]) and torch.equal(final["net.4.bias"], initial["net.4.bias"])
+    # the reproduction depends on every ingredient: without clipping, or without normalising, it fails
+    unclipped = retrain(module, initial, steps, dataclasses.replace(spec, clip_val=None), [()])
+    assert max_deviation(run_of(unclipped, 0), final) > 1e-4
+    unnormalised = [dataclasses.replace(s, normalizer=1) for s in steps]
+    assert max_deviation(run_of(retrain(module, initial, unnormalised, spec, [()]), 0), final) > 1e-6
+
+    # removals (one sample; two; all samples of a micro-batch) against the unvectorised loop
+    assert max_deviation(reference_run(module, initial, steps, spec), final) <= 1e-10
+    removals = [(3,), (), (15, 40), tuple(range(24, 36))]
+    out = retrain(module, initial, steps, spec, removals, chunk_size=3)
+    worst = 0.0
+    for k, removed in enumerate(removals):
+        expected = reference_run(module, initial, steps, spec, removed)
+        worst = max(worst, max_deviation(run_of(out, k), {n: expected[n] for n in out}))
+        if removed:
+            assert max_deviation(run_of(out, k), final) > 1e-7
+    stacked_baseline = max_deviation(run_of(out, 1), final)  # the unremoved run inside a chunk of 3
+    print(f"{make.__name__}/{clip}: max |vectorised - reference loop| = {worst:.2e}, stacked baseline {stacked_baseline:.2e}")
+    assert worst <= 1e-12 and stacked_baseline <= 1e-10
+
+
+OPTIMIZER_OPTIONS: dict[type, list[dict[str, Any]]] = {
+    torch.optim.SGD: [
+        {"momentum": 0.9, "dampening": 0.1, "weight_decay": 1e-2},
+        {"momentum": 0.5, "nesterov": True, "maximize": False},
+    ],
+    torch.optim.Adam: [{"amsgrad": True, "weight_decay": 1e-2}, {"betas": (0.5, 0.9), "eps": 1e-6}],
+    torch.optim.AdamW: [{"amsgrad": True, "weight_decay": 0.1}, {"weight_decay": 0.0}],
+    torch.optim.RMSprop: [{"momentum": 0.5, "centered": True, "weight_decay": 1e-2}, {"alpha": 0.9}],
+    torch.optim.Adagrad: [{"lr_decay": 0.01, "initial_accumulator_value": 0.1, "weight_decay": 1e-2}, {}],
+    torch.optim.Adamax: [{"weight_decay": 1e-2}, {"betas": (0.5, 0.9)}],
+    torch.optim.NAdam: [{"decoupled_weight_decay": True, "weight_decay": 1e-2}, {"momentum_decay": 0.01}],
+    torch.optim.RAdam: [{"decoupled_weight_decay": True, "weight_decay": 1e-2}, {}],
+}
+
+
+@pytest.mark.parametrize("optimizer_class", SUPPORTED_OPTIMIZERS, ids=lambda c: c.__name__)
+def test_stacked_runs_equal_separate_real_optimizer_runs(
+    digits: tuple[Tensor, Tensor], small_mlp: tuple[Classifier, list[list[str]]], optimizer_class: type
+) -> None:
+    """The premise of the vectorisation, checked per supported optimizer: one optimizer over
+    parameters stacked [K, ...] is K independent runs (12 steps, 2 micro-batches, clipping)."""
+    module, groups = small_mlp
+    x, y = digits
+    steps = [dataclasses.replace(s, lrs=(s.lrs[0] / 30, s.lrs[1] / 10)) for s in schedule(x, y, n_steps=12, micro=2)]
+    initial = initial_of(module)
+    spec = OptimizerSpec(optimizer_class, tuple(map(tuple, groups)), tuple(OPTIMIZER_OPTIONS[optimizer_class]), clip_val=0.5)
+    removals = [(0,), (), (13, 21), (5, 40, 41)]
+    out = retrain(module, initial, steps, spec, removals, chunk_size=3)
+    for k, removed in enumerate(removals):
+        assert_params_close(run_of(out, k), reference_run(module, initial, steps, spec, removed), atol=1e-12)
+    assert max_deviation(run_of(out, 0), run_of(out, 1)) > 1e-7
+
+
+def test_wholly_frozen_group_is_not_trained(digits: tuple[Tensor, Tensor], small_mlp: tuple[Classifier, list[list[str]]]) -> None:
+    module, groups = small_mlp
+    x, y = digits
+    module.net[0].requires_grad_(False)
+    steps = schedule(x, y, n_steps=6, micro=2)
+    initial = initial_of(module)
+    spec = OptimizerSpec(torch.optim.Adam, tuple(map(tuple, groups)), ({"lr": 0.01}, {"lr": 0.02}), clip_val=0.1)
+    out = retrain(module, initial, steps, spec, [(), (4,)])
+    assert set(out) == set(groups[1])
+    for k, removed in enumerate([(), (4,)]):
+        assert_params_close(run_of(out, k), reference_run(module, initial, steps, spec, removed), atol=1e-12)
+
+
+def test_skipped_mixed_precision_steps_are_not_recorded(digits: tuple[Tensor, Tensor]) -> None:
+    """float16 autocast with a GradScaler whose initial scale overflows: the first steps are
+    skipped (no update, no Adam step count) and must not be recorded."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    x, y = load_digits_tensors(torch.float32)
+    batches = fixed_batches(x[:320], y[:320], size=16)
+
+    class AdamClassifier(Classifier):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    torch.manual_seed(0)
+    module = AdamClassifier(hidden=(8,))
+    initial = {n: p.double() for n, p in initial_of(module).items()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22, growth_interval=1000)
+    trainer, recorder = fit(module, batches, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    adam_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
+    assert recorder.skipped_steps >= 1 and len(recorder.steps) >= 10
+    assert adam_steps == {len(recorder.steps)} and len(recorder.steps) + recorder.skipped_steps == len(batches)
+    # float16 autocast is not reproduced bit for bit, but the float64 retraining stays close
+    reference = AdamClassifier(hidden=(8,)).double()
+    steps = [dataclasses.replace(s, batches=tuple((b[0].double(), *b[1:]) for b in s.batches)) for s in recorder.steps]
+    out = run_of(retrain(reference, initial, steps, recorder.optimizer, [()]), 0)
+    final = {n: p.double() for n, p in initial_of(module).items()}
+    moved = max_deviation(final, initial)
+    print(f"16-mixed: {recorder.skipped_steps} skipped; max |retrained - Trainer| = {max_deviation(out, final):.2e}, moved {moved:.2e}")
+    assert max_deviation(out, final) < 0.01 * moved  # well below one Adam step (lr 1e-3): no step too many or too few
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_unsupported_optimizers_are_refused(small_mlp: tuple[Classifier, list[list[str]]]) -> None:
+    module, groups = small_mlp
+
+    class MySGD(torch.optim.SGD):
+        pass
+
+    for opt in (
+        torch.optim.LBFGS(module.parameters()),
+        torch.optim.Adafactor(module.parameters()),
+        torch.optim.Rprop(module.parameters()),
+        MySGD(module.parameters(), lr=0.1),
+    ):
+        with pytest.raises(ValueError, match="elementwise per coordinate"):
+            OptimizerSpec.from_optimizer(module, opt)
+    with pytest.raises(ValueError, match="elementwise per coordinate"):
+        OptimizerSpec(torch.optim.LBFGS, tuple(map(tuple, groups)), ({}, {}))
+    with pytest.raises(ValueError, match="not a parameter of the module"):
+        OptimizerSpec.from_optimizer(module, torch.optim.SGD([nn.Parameter(torch.zeros(3))], lr=0.1))
+
+
+def test_optimizer_spec_from_optimizer(small_mlp: tuple[Classifier, list[list[str]]]) -> None:
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    module, groups = small_mlp
+    opt = torch.optim.AdamW(
+        [{"params": module.net[0].parameters(), "lr": 0.2}, {"params": module.net[2].parameters(), "weight_decay": 0.0}],
+        lr=0.1,
+        betas=(0.8, 0.9),
+    )
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)  # adds 'initial_lr': not an optimizer option
+    spec = OptimizerSpec.from_optimizer(module, LightningOptimizer(opt), 0.0, None)
+    assert spec.optimizer_class is torch.optim.AdamW and spec.param_groups == tuple(map(tuple, groups))
+    assert spec.hyperparameters[0]["betas"] == (0.8, 0.9) and spec.hyperparameters[1]["weight_decay"] == 0.0
+    assert all("params" not in h and "initial_lr" not in h for h in spec.hyperparameters)
+    assert spec.clip_val is None and spec.clip_algorithm == "norm"  # Lightning: <= 0 means no clipping
+    assert optimizer_lrs(opt) == (0.1, 0.05) == optimizer_lrs(LightningOptimizer(opt))
+    clipped = OptimizerSpec.from_optimizer(module, opt, 2, "value")
+    assert (clipped.clip_val, clipped.clip_algorithm) == (2.0, "value")
+    with pytest.raises(ValueError, match="'norm' or 'value'"):
+        OptimizerSpec.from_optimizer(module, opt, 1.0, "inf")
+    with pytest.raises(ValueError, match="finite positive"):
+        dataclasses.replace(spec, clip_val=-1.0)
+    with pytest.raises(ValueError, match="does not take"):
+        OptimizerSpec(torch.optim.SGD, (("net.0.weight",),), ({"betas": (0.9, 0.9)},))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        OptimizerSpec(torch.optim.SGD, (("net.0.weight",), ("net.0.weight",)), ({}, {}))
 
 
 def test_retrain_rejects_what_it_cannot_reproduce(digits: tuple[Tensor, Tensor], small_mlp: tuple[Classifier, list[list[str]]]) -> None:
@@ -224,24 +509,81 @@ def test_retrain_rejects_what_it_cannot_reproduce(digits: tuple[Tensor, Tensor],
     steps = schedule(x, y, n_steps=2)
     initial = initial_of(module)
     with pytest.raises(ValueError, match="2 learning rates for 1 parameter groups"):
-        retrain(module, initial, steps, [groups[0] + groups[1]], [()])
+        retrain(module, initial, steps, plain_sgd([groups[0] + groups[1]]), [()])
     with pytest.raises(ValueError, match="not a parameter"):
-        retrain(module, initial, steps, [["net.9.weight"], groups[1]], [()])
-    with pytest.raises(ValueError, match="more than one parameter group"):
-        retrain(module, initial, steps, [groups[0], groups[0]], [()])
+        retrain(module, initial, steps, plain_sgd([["net.9.weight"], groups[1]]), [()])
+    with pytest.raises(TypeError, match="OptimizerSpec"):
+        retrain(module, initial, steps, groups, [()])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not a TrainingStep"):
+        retrain(module, initial, [(steps[0].batches[0], steps[0].lrs)], plain_sgd(groups), [()])  # type: ignore[list-item]
 
     dropout = Classifier(hidden=(8,)).double()
     dropout.net.insert(1, nn.Dropout(0.1))
     with pytest.raises(ValueError, match="dropout"):
-        retrain(dropout, initial_of(dropout), steps, [["net.0.weight", "net.0.bias"], ["net.3.weight", "net.3.bias"]], [()])
+        retrain(dropout, initial_of(dropout), steps, plain_sgd([["net.0.weight", "net.0.bias"], ["net.3.weight", "net.3.bias"]]), [()])
 
-    with pytest.raises(ValueError, match="momentum"):
-        sgd_param_groups(module, torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9))
-    with pytest.raises(ValueError, match="plain torch.optim.SGD"):
-        sgd_param_groups(module, torch.optim.Adam(module.parameters()))
-    opt = torch.optim.SGD([{"params": module.net[0].parameters(), "lr": 0.2}, {"params": module.net[2].parameters()}], lr=0.1)
-    assert sgd_param_groups(module, opt) == groups
-    assert optimizer_lrs(opt) == (0.2, 0.1)
+    with pytest.raises(ValueError, match="normalizer"):
+        TrainingStep(batches=steps[0].batches, lrs=(0.1,), normalizer=0)
+    with pytest.raises(ValueError, match="at least one micro-batch"):
+        TrainingStep(batches=(), lrs=(0.1,))
+    with pytest.raises(TypeError, match="tuple of micro-batches"):
+        TrainingStep(batches=steps[0].batches[0][0], lrs=(0.1,))  # type: ignore[arg-type]
+
+
+def test_recorder_refuses_runs_it_cannot_reproduce(digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits
+    batches = fixed_batches(x[:64], y[:64])
+
+    class Manual(Classifier):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.automatic_optimization = False
+
+    class CycledMomentum(Classifier):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)  # cycles momentum
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    class Unused(Classifier):
+        def __init__(self) -> None:
+            super().__init__(hidden=(8,))
+            self.spare = nn.Parameter(torch.zeros(3))
+
+    class OwnClipping(Classifier):
+        def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None) -> None:
+            pass
+
+    cases = [
+        (Manual, "manual optimization"),
+        (CycledMomentum, "momentum: 0.95 -> "),
+        (Unused, "received no gradient"),
+        (OwnClipping, "configure_gradient_clipping"),
+    ]
+    for cls, message in cases:
+        module = cls(hidden=(8,)).double() if cls is not Unused else cls().double()
+        with pytest.raises(ValueError, match=message):
+            fit(module, batches)
+
+    # Lightning itself refuses several optimizers under automatic optimization; the recorder too
+    module = Classifier(hidden=(8,)).double()
+    two = [torch.optim.SGD(module.net[0].parameters(), lr=0.1), torch.optim.SGD(module.net[2].parameters(), lr=0.1)]
+    with pytest.raises(ValueError, match="exactly one optimizer"):
+        StepRecorder().on_fit_start(SimpleNamespace(optimizers=two), module)  # type: ignore[arg-type]
+
+    # a run that does not start from a fresh optimizer (resumed) is refused at its first step
+    opt = torch.optim.Adam(module.parameters(), lr=0.01)
+    module.per_sample_loss(batches[0]).mean().backward()
+    opt.step()
+    trainer = SimpleNamespace(optimizers=[opt], gradient_clip_val=None, gradient_clip_algorithm=None, accumulate_grad_batches=1)
+    recorder = StepRecorder()
+    recorder.on_fit_start(trainer, module)  # type: ignore[arg-type]
+    recorder.on_train_batch_start(trainer, module, batches[0], 0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="already has state"):
+        recorder.on_before_optimizer_step(trainer, module, opt)  # type: ignore[arg-type]
+
+
+# --- correlation metrics ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("ties", [False, True], ids=["continuous", "ties"])

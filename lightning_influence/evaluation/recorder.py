@@ -9,32 +9,102 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_influence.evaluation.retraining import SGDStep, optimizer_lrs, sgd_param_groups
+from lightning_influence.evaluation.retraining import (
+    OptimizerSpec,
+    TrainingStep,
+    _unwrap,
+    hyperparameter_changes,
+    optimizer_lrs,
+)
 
 
 class StepRecorder(Callback):
-    """Records the initial parameters, and each optimizer step's batch and learning rates.
+    """Records the initial parameters, the optimizer and clipping, and each optimizer step's
+    micro-batches and learning rates.
 
-    After ``fit``: :attr:`initial_params`, :attr:`steps` (``SGDStep`` list, the batches exactly as
-    ``training_step`` saw them) and :attr:`param_groups`, ready for
-    :func:`~lightning_influence.evaluation.leave_one_out`. Memory: every batch of the run.
+    After ``fit``: :attr:`initial_params`, :attr:`steps` (a :class:`TrainingStep` per optimizer
+    step that really ran, its micro-batches exactly as ``training_step`` saw them) and
+    :attr:`optimizer` (an :class:`OptimizerSpec`), ready for
+    ``leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, ...)``.
+    A step whose gradients are not all finite (one that ``torch.amp.GradScaler`` skips under
+    ``precision='16-mixed'``) is not recorded; :attr:`skipped_steps` counts them.
+
+    Refuses (``ValueError``, at the start of fit or at the offending step) what the retraining
+    would not reproduce: manual optimization, more than one optimizer, an optimizer outside
+    :data:`~lightning_influence.evaluation.SUPPORTED_OPTIMIZERS`, an overridden
+    ``configure_gradient_clipping``, a scheduler changing anything but learning rates (e.g.
+    ``OneCycleLR(cycle_momentum=True)``), parameter groups changing during fit, and a trained
+    parameter that receives no gradient. ``training_step`` must return the mean of
+    ``per_sample_loss(batch)``. Memory: every batch of the run.
     """
 
     def __init__(self) -> None:
         self.initial_params: dict[str, Tensor] = {}
-        self.steps: list[SGDStep] = []
-        self.param_groups: list[list[str]] = []
-        self._batch: Any = None
+        self.steps: list[TrainingStep] = []
+        self.optimizer: OptimizerSpec | None = None
+        self.skipped_steps = 0
+        self._batches: list[Any] = []
+        self._group_ids: list[tuple[int, ...]] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise ValueError("StepRecorder reproduces Lightning's automatic optimization only, not manual optimization")
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"StepRecorder reproduces runs with exactly one optimizer; configure_optimizers gave {len(trainer.optimizers)}"
+            )
+        if type(pl_module).configure_gradient_clipping is not L.LightningModule.configure_gradient_clipping:
+            raise ValueError(
+                f"{type(pl_module).__name__} overrides configure_gradient_clipping: StepRecorder reproduces only the "
+                "Trainer's gradient_clip_val / gradient_clip_algorithm clipping"
+            )
+        optimizer = _unwrap(trainer.optimizers[0])
+        self.optimizer = OptimizerSpec.from_optimizer(
+            pl_module, optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+        )
+        self._group_ids = [tuple(id(p) for p in group["params"]) for group in optimizer.param_groups]
         self.initial_params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        self.param_groups = sgd_param_groups(pl_module, trainer.optimizers[0])
         self.steps = []
+        self.skipped_steps = 0
+        self._batches = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch = batch
+        self._batches.append(batch)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        if self._batch is not None:
-            self.steps.append(SGDStep(self._batch, optimizer_lrs(optimizer)))
-            self._batch = None
+        # Lightning calls this after the backward passes of the step's micro-batches (and after
+        # unscaling under 16-mixed), before clipping and before optimizer.step()
+        batches, self._batches = self._batches, []
+        if not batches or self.optimizer is None:
+            return
+        optimizer = _unwrap(optimizer)
+        step = len(self.steps) + self.skipped_steps
+        if [tuple(id(p) for p in group["params"]) for group in optimizer.param_groups] != self._group_ids:
+            raise ValueError(f"the optimizer's parameter groups changed during fit (at step {step}): StepRecorder cannot follow")
+        if step == 0 and optimizer.state:
+            raise ValueError(
+                "the optimizer already has state at the first step (a resumed run?): StepRecorder reproduces runs "
+                "that start from a fresh optimizer"
+            )
+        changes = hyperparameter_changes(self.optimizer, optimizer)
+        if changes:
+            raise ValueError(
+                f"optimizer hyperparameters other than the learning rate changed at step {step} ({'; '.join(changes)}): "
+                "the retraining reproduces learning-rate schedules only (e.g. OneCycleLR needs cycle_momentum=False)"
+            )
+        flags = []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                if p.grad is None:
+                    raise ValueError(
+                        f"a trained parameter of shape {tuple(p.shape)} received no gradient at step {step}: the "
+                        "retraining gives every trained parameter a gradient; freeze it (requires_grad=False) or leave "
+                        "it out of the optimizer"
+                    )
+                flags.append(torch.isfinite(p.grad).all())
+        if flags and not bool(torch.stack(flags).all()):  # GradScaler skips this step: no update, no state change
+            self.skipped_steps += 1
+            return
+        self.steps.append(TrainingStep(tuple(batches), optimizer_lrs(optimizer), int(trainer.accumulate_grad_batches)))

@@ -1,16 +1,37 @@
-"""Ground truth: trajectory-specific leave-out retraining for plain SGD.
+"""Ground truth: trajectory-specific leave-out retraining of what a Lightning run really did.
 
 The reference every estimator is judged against (see the sign convention in
 :mod:`lightning_influence.scores`): retrain from the same initial parameters with the same
-sequence of batches and learning rates, but with some samples taken out of every batch that
-contained them. Such a batch then averages its loss over the remaining samples, the learning
-rate is unchanged, and a batch left empty does not move the parameters.
+sequence of optimizer steps -- the same micro-batches, learning rates, optimizer, gradient
+clipping and gradient-accumulation normaliser -- but with some samples taken out of every
+micro-batch that contained them. Influence ``I(z) = F(theta_T^{-z}) - F(theta_T)``
+(:func:`leave_one_out`) is in the units of the target loss ``F`` (:func:`target_loss`);
+positive means removing ``z`` raises the target loss (``z`` helps), negative that it hurts.
+
+What one step models (Lightning's automatic optimization, one optimizer): the step's
+gradient is ``sum_k mean_loss_k / normalizer`` over its micro-batches ``k`` (Lightning divides
+each micro-batch's loss by ``trainer.accumulate_grad_batches``, also for a shorter last
+accumulation at the end of an epoch), where ``mean_loss_k`` is the mean per-sample loss
+(``module.per_sample_loss``) over the micro-batch's *remaining* samples; a micro-batch left
+empty contributes zero (the step still runs: with momentum, weight decay or adaptive moments
+the parameters still move). The gradient is then clipped like ``torch.nn.utils.clip_grad_norm_``
+(the norm over all trained parameters of the run) or ``clip_grad_value_``, and handed to a
+*real* ``torch.optim`` optimizer of the recorded class and hyperparameters, with each
+group's learning rate set to the recorded one. The optimizer is not re-implemented: this is
+an independent reference for code that reasons about updates (momentum, Adam moments, ...).
+Not modelled: mixed-precision arithmetic (retrain in float64; steps that the GradScaler
+skipped are simply not recorded), stochastic layers (refused), custom clipping
+(``configure_gradient_clipping``) or other changes made to the gradients in hooks, and
+hyperparameters other than the learning rate changing during training (:class:`~lightning_influence.evaluation.StepRecorder` refuses them).
 
 Many removal sets are retrained at once, in lockstep: the parameters of K runs are stacked
-along a leading dimension and each step is one ``torch.func.vmap`` of ``torch.func.grad`` of
-the sample-weighted batch loss, with per-run sample weights ``w[K, b]`` (0 for a removed
-sample). Only plain SGD is modelled: ``theta <- theta - lr_group * grad`` with one learning
-rate per optimizer parameter group and step, no momentum, no weight decay.
+along a leading dimension ``[K, *shape]``, per-run gradients are one ``torch.func.vmap`` of
+``torch.func.grad`` of the sample-weighted micro-batch loss (per-run weights ``w[K, b]``, 0 for
+a removed sample), and ONE optimizer instance steps the stacked tensors. That is exactly K
+independent runs only for optimizers whose update is elementwise per coordinate (the state
+and the update of a coordinate depend on that coordinate's history and on the step count
+alone): :data:`SUPPORTED_OPTIMIZERS`. Anything else (LBFGS, optimizers with per-tensor norms
+or factored statistics such as Adafactor, subclasses that may change the update) is refused.
 """
 
 from __future__ import annotations
@@ -32,61 +53,220 @@ from lightning_influence.kernels import (
     per_sample_loss_function,
 )
 
-__all__ = ["SGDStep", "leave_one_out", "optimizer_lrs", "retrain", "sgd_param_groups", "target_loss"]
+__all__ = [
+    "SUPPORTED_OPTIMIZERS",
+    "OptimizerSpec",
+    "TrainingStep",
+    "hyperparameter_changes",
+    "leave_one_out",
+    "optimizer_lrs",
+    "retrain",
+    "target_loss",
+]
+
+SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
+"""Optimizers (exact classes, not subclasses) whose single-tensor update is elementwise per
+coordinate, so that one instance over parameters stacked ``[K, *shape]`` is K independent runs."""
+
+# Implementation switches, not part of the update rule: the retraining copies force them off
+# (the single-tensor code path, exact on stacked tensors, no graph through the step).
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+_CLIP_ALGORITHMS = ("norm", "value")
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a Lightning ``LightningOptimizer`` (or ``optimizer`` itself)."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    if isinstance(optimizer, LightningOptimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer (or a LightningOptimizer), got {type(optimizer).__name__}")
+    return optimizer
+
+
+def _check_supported(optimizer_class: type) -> None:
+    if optimizer_class not in SUPPORTED_OPTIMIZERS:
+        names = ", ".join(c.__name__ for c in SUPPORTED_OPTIMIZERS)
+        raise ValueError(
+            f"retraining cannot reproduce {getattr(optimizer_class, '__qualname__', optimizer_class)!s}: it runs one real "
+            f"optimizer on parameters stacked over runs, which is exact only for optimizers whose update is elementwise per "
+            f"coordinate, and supports exactly torch.optim.{{{names}}} (not subclasses)"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """0-d tensors as Python numbers (also inside tuples/lists), so that hyperparameters compare and copy plainly."""
+    if isinstance(value, Tensor) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def optimizer_lrs(optimizer: Any) -> tuple[float, ...]:
+    """The current learning rate of each parameter group of ``optimizer`` (a torch optimizer or
+    a ``LightningOptimizer``), for :attr:`TrainingStep.lrs`."""
+    return tuple(float(group["lr"]) for group in _unwrap(optimizer).param_groups)
 
 
 @dataclass(frozen=True)
-class SGDStep:
-    """One plain-SGD step: the exact ``batch`` that ``training_step`` saw, and the learning
-    rate ``lrs[g]`` that optimizer parameter group ``g`` used at that step."""
+class TrainingStep:
+    """One optimizer step as Lightning ran it.
 
-    batch: Any
-    lrs: tuple[float, ...]
-
-
-def sgd_param_groups(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
-    """The names (as in ``module.named_parameters()``) of the parameters of each parameter
-    group of ``optimizer``, in group order.
-
-    Raises ``ValueError`` unless ``optimizer`` is plain SGD (``torch.optim.SGD`` with no
-    momentum, no weight decay, not maximising), the only optimizer :func:`retrain` reproduces,
-    or if a group holds a parameter that is not one of ``module``'s.
+    ``batches``: the micro-batches of the step, exactly as ``training_step`` saw them (one
+    unless gradients are accumulated). ``lrs[g]``: the learning rate of optimizer parameter
+    group ``g`` at this step. ``normalizer``: what each micro-batch's mean loss was divided by
+    (Lightning: ``trainer.accumulate_grad_batches``, also for a shorter last accumulation of an
+    epoch); the step's gradient is ``sum_k grad mean_loss_k / normalizer``.
     """
-    if not isinstance(optimizer, torch.optim.SGD):
-        raise ValueError(f"retraining reproduces plain torch.optim.SGD only, got {type(optimizer).__name__}")
-    names = {id(p): n for n, p in module.named_parameters()}
-    groups: list[list[str]] = []
-    for g, group in enumerate(optimizer.param_groups):
-        for option in ("momentum", "weight_decay"):
-            if float(group.get(option, 0.0)) != 0.0:
-                raise ValueError(
-                    f"parameter group {g} uses {option}={group[option]}: retraining reproduces plain SGD only "
-                    "(momentum=0, weight_decay=0)"
-                )
-        if group.get("maximize", False):
-            raise ValueError(f"parameter group {g} uses maximize=True: retraining reproduces plain SGD (descent) only")
-        try:
-            groups.append([names[id(p)] for p in group["params"]])
-        except KeyError:
-            raise ValueError(f"parameter group {g} holds a tensor that is not a parameter of the module") from None
-    return groups
+
+    batches: tuple[Any, ...]
+    lrs: tuple[float, ...]
+    normalizer: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batches, (tuple, list)):
+            raise TypeError(
+                f"TrainingStep.batches must be a tuple of micro-batches, got {type(self.batches).__name__} "
+                "(wrap a single batch: batches=(batch,))"
+            )
+        if not self.batches:
+            raise ValueError("a TrainingStep needs at least one micro-batch")
+        object.__setattr__(self, "batches", tuple(self.batches))
+        object.__setattr__(self, "lrs", tuple(float(lr) for lr in self.lrs))
+        if isinstance(self.normalizer, bool) or int(self.normalizer) != self.normalizer or self.normalizer < 1:
+            raise ValueError(f"TrainingStep.normalizer must be an integer >= 1, got {self.normalizer!r}")
+        object.__setattr__(self, "normalizer", int(self.normalizer))
 
 
-def optimizer_lrs(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
-    """The current learning rate of each parameter group of ``optimizer`` (for :class:`SGDStep`)."""
-    return tuple(float(group["lr"]) for group in optimizer.param_groups)
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The update rule of a run: the optimizer class and its parameter groups, and the
+    gradient clipping applied before each step.
+
+    ``param_groups[g]``: the names (as in ``module.named_parameters()``) of group ``g``'s
+    parameters; ``hyperparameters[g]``: that group's options (the optimizer's ``defaults``
+    keys, without ``'params'``). Its ``'lr'`` is the learning rate when the spec was taken and
+    is replaced at every step by :attr:`TrainingStep.lrs`; ``foreach``/``fused``/``capturable``
+    /``differentiable`` are forced off in the retraining copies. ``clip_val``: ``None`` (no
+    clipping) or the positive threshold of ``clip_algorithm``, ``'norm'`` (the 2-norm of the
+    whole gradient, as ``torch.nn.utils.clip_grad_norm_``) or ``'value'`` (each coordinate
+    clamped to ``[-clip_val, clip_val]``).
+    """
+
+    optimizer_class: type[torch.optim.Optimizer]
+    param_groups: tuple[tuple[str, ...], ...]
+    hyperparameters: tuple[dict[str, Any], ...]
+    clip_val: float | None = None
+    clip_algorithm: str = "norm"
+
+    def __post_init__(self) -> None:
+        _check_supported(self.optimizer_class)
+        groups = tuple(tuple(str(n) for n in group) for group in self.param_groups)
+        hypers = tuple({k: _plain(v) for k, v in dict(h).items()} for h in self.hyperparameters)
+        if not groups:
+            raise ValueError("an OptimizerSpec needs at least one parameter group")
+        if len(hypers) != len(groups):
+            raise ValueError(f"{len(groups)} parameter groups but {len(hypers)} hyperparameter dicts")
+        known = set(self.optimizer_class([torch.zeros(1)]).defaults)
+        seen: set[str] = set()
+        for g, (names, hyper) in enumerate(zip(groups, hypers, strict=True)):
+            unknown = sorted(set(hyper) - known)
+            if unknown:
+                raise ValueError(f"parameter group {g} has options {unknown} that {self.optimizer_class.__name__} does not take")
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"parameter {name!r} appears in more than one parameter group (again in group {g})")
+                seen.add(name)
+        clip_val = None if self.clip_val is None else float(self.clip_val)
+        if clip_val is not None and not (math.isfinite(clip_val) and clip_val > 0):
+            raise ValueError(f"clip_val must be None or a finite positive number, got {self.clip_val!r}")
+        algorithm = str(getattr(self.clip_algorithm, "value", self.clip_algorithm)).lower()
+        if algorithm not in _CLIP_ALGORITHMS:
+            raise ValueError(f"clip_algorithm must be 'norm' or 'value', got {self.clip_algorithm!r}")
+        object.__setattr__(self, "param_groups", groups)
+        object.__setattr__(self, "hyperparameters", hypers)
+        object.__setattr__(self, "clip_val", clip_val)
+        object.__setattr__(self, "clip_algorithm", algorithm)
+
+    @classmethod
+    def from_optimizer(
+        cls,
+        module: nn.Module,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = "norm",
+    ) -> OptimizerSpec:
+        """The spec of ``optimizer`` (a torch optimizer or Lightning's ``LightningOptimizer``
+        wrapper) over ``module``'s parameters, with Lightning's clipping settings
+        (``trainer.gradient_clip_val`` / ``trainer.gradient_clip_algorithm``: a value ``None``
+        or ``<= 0`` means no clipping, an algorithm ``None`` means ``'norm'``, as in Lightning).
+
+        Raises ``ValueError`` for an optimizer that :func:`retrain` cannot reproduce (see
+        :data:`SUPPORTED_OPTIMIZERS`), or a group holding a tensor that is not one of
+        ``module``'s parameters.
+        """
+        optimizer = _unwrap(optimizer)
+        _check_supported(type(optimizer))
+        names = {id(p): n for n, p in module.named_parameters()}
+        groups: list[tuple[str, ...]] = []
+        hypers: list[dict[str, Any]] = []
+        for g, group in enumerate(optimizer.param_groups):
+            try:
+                groups.append(tuple(names[id(p)] for p in group["params"]))
+            except KeyError:
+                raise ValueError(f"parameter group {g} holds a tensor that is not a parameter of the module") from None
+            hypers.append(_group_hyperparameters(optimizer, group))
+        clip = None if gradient_clip_val is None or float(gradient_clip_val) <= 0 else float(gradient_clip_val)
+        algorithm = "norm" if gradient_clip_algorithm is None else gradient_clip_algorithm
+        return cls(type(optimizer), tuple(groups), tuple(hypers), clip, algorithm)
 
 
-def _trained_names(module: nn.Module, initial_params: Mapping[str, Tensor], param_groups: Sequence[Sequence[str]]) -> list[str]:
+def _group_hyperparameters(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> dict[str, Any]:
+    # only the optimizer's own options: schedulers add keys such as 'initial_lr' or 'max_lr'
+    return {k: _plain(group[k]) for k in optimizer.defaults if k != "params" and k in group}
+
+
+def hyperparameter_changes(spec: OptimizerSpec, optimizer: Any) -> list[str]:
+    """How ``optimizer``'s current options differ from ``spec`` in anything but the learning
+    rate and the implementation switches (e.g. a scheduler that cycles momentum or betas, which
+    :class:`TrainingStep` does not record); empty when only learning rates changed."""
+    optimizer = _unwrap(optimizer)
+    if len(optimizer.param_groups) != len(spec.param_groups):
+        return [f"{len(optimizer.param_groups)} parameter groups instead of {len(spec.param_groups)}"]
+    changes = []
+    for g, (group, recorded) in enumerate(zip(optimizer.param_groups, spec.hyperparameters, strict=True)):
+        current = _group_hyperparameters(optimizer, group)
+        for key in sorted(set(current) | set(recorded)):
+            if key == "lr" or key in _IMPLEMENTATION_FLAGS:
+                continue
+            if current.get(key) != recorded.get(key):
+                changes.append(f"group {g} {key}: {recorded.get(key)!r} -> {current.get(key)!r}")
+    return changes
+
+
+def _trained_groups(module: nn.Module, initial_params: Mapping[str, Tensor], spec: OptimizerSpec) -> list[list[str]]:
+    """Per group, the names of the parameters that are trained: in the group and requiring a
+    gradient (a frozen parameter gets no gradient, so the optimizer skips it)."""
     known = dict(module.named_parameters())
-    trained: list[str] = []
-    seen: set[str] = set()
-    for g, group in enumerate(param_groups):
+    groups: list[list[str]] = []
+    for g, group in enumerate(spec.param_groups):
+        trained = []
         for name in group:
-            if name in seen:
-                raise ValueError(f"parameter {name!r} appears in more than one parameter group (again in group {g})")
             if name not in known:
                 raise ValueError(f"parameter group {g} names {name!r}, which is not a parameter of the module")
+            if not known[name].requires_grad:
+                continue
             if name not in initial_params:
                 raise ValueError(f"initial_params has no entry for the trained parameter {name!r}")
             if tuple(initial_params[name].shape) != tuple(known[name].shape):
@@ -94,49 +274,61 @@ def _trained_names(module: nn.Module, initial_params: Mapping[str, Tensor], para
                     f"initial_params[{name!r}] has shape {tuple(initial_params[name].shape)}, the module's parameter "
                     f"has shape {tuple(known[name].shape)}"
                 )
-            seen.add(name)
             trained.append(name)
-    if not trained:
-        raise ValueError("param_groups names no parameter: nothing to retrain")
-    return trained
+        groups.append(trained)
+    if not any(groups):
+        raise ValueError("the optimizer's parameter groups hold no parameter that requires a gradient: nothing to retrain")
+    return groups
 
 
-def _ids_list(module: nn.Module, batch: Any, step: int) -> list[int]:
+def _ids_list(module: nn.Module, batch: Any, step: int, micro: int) -> list[int]:
     if not hasattr(module, "sample_ids"):
         raise TypeError(f"{type(module).__name__} has no sample_ids(batch): mix in lightning_influence.InfluenceMixin")
     ids = torch.as_tensor(module.sample_ids(batch))
     if ids.ndim != 1 or ids.is_floating_point() or ids.is_complex():
-        raise ValueError(f"sample_ids of step {step} must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"sample_ids of step {step} (micro-batch {micro}) must be a 1-D integer tensor, got {ids.dtype} of shape "
+            f"{tuple(ids.shape)}"
+        )
     return [int(i) for i in ids.tolist()]
 
 
 def retrain(
     module: nn.Module,
     initial_params: Mapping[str, Tensor],
-    steps: Sequence[SGDStep],
-    param_groups: Sequence[Sequence[str]],
+    steps: Sequence[TrainingStep],
+    optimizer: OptimizerSpec,
     removals: Sequence[Collection[int]],
     *,
     chunk_size: int = 128,
 ) -> dict[str, Tensor]:
-    """Final parameters of plain-SGD runs that leave the samples of each removal set out.
+    """Final parameters of the recorded run re-run without the samples of each removal set.
 
     For each removal set ``removals[k]`` (a collection of sample ids, as ``module.sample_ids``
     reports them), every step of ``steps`` is re-run from ``initial_params`` with those samples
-    taken out of the batch: the step's loss is the mean per-sample loss
-    (``module.per_sample_loss``) over the remaining samples, the learning rates are unchanged,
-    and a step whose batch is left empty does not move the parameters. An empty removal set
-    reproduces the recorded run.
+    taken out of every micro-batch: a micro-batch's loss is the mean per-sample loss
+    (``module.per_sample_loss``) over its remaining samples (zero if none remain), the step's
+    gradient is the sum over its micro-batches divided by the step's ``normalizer``, clipped
+    per run as ``optimizer`` says, and a fresh real optimizer of ``optimizer.optimizer_class``
+    (one per chunk of runs, its state evolving over the steps) applies it with the step's
+    learning rates. The learning rates and the step count are unchanged, so with momentum,
+    weight decay or adaptive moments a step whose samples were all removed still moves the
+    parameters. An empty removal set reproduces the recorded run.
 
-    ``param_groups[g]`` names the parameters trained with learning rate ``steps[t].lrs[g]``;
-    parameters named in no group keep the module's current values (only the trained ones are
-    read from ``initial_params``). The module is run in training mode, which must not differ
-    from evaluation mode: a module with dropout or batch/instance norm raises ``ValueError``.
+    Trained: the parameters named in ``optimizer.param_groups`` that require a gradient; all
+    others keep the module's current values (only the trained ones are read from
+    ``initial_params``). The module is run in training mode, which must not differ from
+    evaluation mode: a module with dropout or batch/instance norm raises ``ValueError``.
 
     Returns ``{name: Tensor[K, *shape]}`` for the trained parameters, ``K = len(removals)``,
     in the dtype and on the device of ``initial_params``. The K runs are vectorised with
-    ``torch.func.vmap``, ``chunk_size`` runs at a time (memory grows linearly with it).
+    ``torch.func.vmap``, ``chunk_size`` runs at a time (memory grows linearly with it:
+    parameters, gradients and optimizer state per run).
     """
+    if not isinstance(optimizer, OptimizerSpec):
+        raise TypeError(
+            f"optimizer must be an OptimizerSpec (OptimizerSpec.from_optimizer(module, optimizer)), got {type(optimizer).__name__}"
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if has_mode_dependent_layers(module):
@@ -144,18 +336,20 @@ def retrain(
             f"{type(module).__name__} has dropout or batch/instance-norm layers: retraining must be deterministic and "
             "reproduce the training forward pass exactly, which such layers prevent"
         )
-    trained = _trained_names(module, initial_params, param_groups)
-    n_groups = len(param_groups)
-    group_of = {name: g for g, group in enumerate(param_groups) for name in group}
+    groups = _trained_groups(module, initial_params, optimizer)
+    trained = [n for group in groups for n in group]
+    n_groups = len(groups)
     for t, step in enumerate(steps):
+        if not isinstance(step, TrainingStep):
+            raise TypeError(f"step {t} is a {type(step).__name__}, not a TrainingStep")
         if len(step.lrs) != n_groups:
             raise ValueError(f"step {t} has {len(step.lrs)} learning rates for {n_groups} parameter groups")
-        if not all(math.isfinite(float(lr)) for lr in step.lrs):
+        if not all(math.isfinite(lr) for lr in step.lrs):
             raise ValueError(f"step {t} has a non-finite learning rate: {step.lrs}")
 
     removal_sets = [frozenset(int(i) for i in r) for r in removals]
-    step_ids = [_ids_list(module, step.batch, t) for t, step in enumerate(steps)]
-    seen_ids = {i for ids in step_ids for i in ids}
+    step_ids = [[_ids_list(module, b, t, m) for m, b in enumerate(step.batches)] for t, step in enumerate(steps)]
+    seen_ids = {i for ids in step_ids for micro in ids for i in micro}
     unseen = sorted({i for r in removal_sets for i in r} - seen_ids)
     if unseen:
         shown = ", ".join(map(str, unseen[:10])) + (", ..." if len(unseen) > 10 else "")
@@ -165,16 +359,12 @@ def retrain(
             stacklevel=2,
         )
 
-    first = initial_params[trained[0]]
-    dtype, device = first.dtype, first.device
     loss_fn = per_sample_loss_function(module)
     chunks: list[dict[str, Tensor]] = []
     with module_mode(module, training=True), torch.no_grad():
         for start in range(0, len(removal_sets), chunk_size):
             chunk = removal_sets[start : start + chunk_size]
-            chunks.append(
-                _retrain_chunk(loss_fn, initial_params, trained, group_of, steps, step_ids, chunk, dtype, device)
-            )
+            chunks.append(_retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk))
     if not chunks:
         return {n: initial_params[n].detach().new_empty((0, *initial_params[n].shape)) for n in trained}
     return {n: torch.cat([c[n] for c in chunks]) for n in trained}
@@ -183,46 +373,89 @@ def retrain(
 def _retrain_chunk(
     loss_fn: PerSampleLossFn,
     initial_params: Mapping[str, Tensor],
-    trained: list[str],
-    group_of: dict[str, int],
-    steps: Sequence[SGDStep],
-    step_ids: list[list[int]],
+    groups: list[list[str]],
+    spec: OptimizerSpec,
+    steps: Sequence[TrainingStep],
+    step_ids: list[list[list[int]]],
     chunk: list[frozenset[int]],
-    dtype: torch.dtype,
-    device: torch.device,
 ) -> dict[str, Tensor]:
     k = len(chunk)
-    theta = {n: initial_params[n].detach().to(device).unsqueeze(0).repeat(k, *([1] * initial_params[n].ndim)) for n in trained}
+    trained = [n for group in groups for n in group]
+    # plain leaf tensors [K, *shape]: the real optimizer updates them in place
+    theta = {n: initial_params[n].detach().unsqueeze(0).repeat(k, *([1] * initial_params[n].ndim)) for n in trained}
+    # one real optimizer over the stacked tensors; groups left empty by frozen parameters are omitted
+    active = [g for g, names in enumerate(groups) if names]
+    param_groups = []
+    for g in active:
+        options = dict(spec.hyperparameters[g])
+        for flag in _IMPLEMENTATION_FLAGS:
+            if flag in options:
+                options[flag] = False
+        param_groups.append({**options, "params": [theta[n] for n in groups[g]]})
+    opt = spec.optimizer_class(param_groups)
+
     # inverted index: sample id -> runs of this chunk that remove it
     runs_removing: dict[int, list[int]] = {}
     for run, removed in enumerate(chunk):
         for i in removed:
             runs_removing.setdefault(i, []).append(run)
 
-    for t, (step, ids) in enumerate(zip(steps, step_ids, strict=True)):
-        weights = torch.ones(k, len(ids), dtype=dtype, device=device)
-        for pos, i in enumerate(ids):
-            runs = runs_removing.get(i)
-            if runs is not None:
-                weights[runs, pos] = 0.0
-        batch = step.batch
+    for t, (step, micro_ids) in enumerate(zip(steps, step_ids, strict=True)):
+        grads: dict[str, Tensor] | None = None
+        for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
+            first = theta[trained[0]]
+            weights = torch.ones(k, len(ids), dtype=first.dtype, device=first.device)
+            for pos, i in enumerate(ids):
+                runs = runs_removing.get(i)
+                if runs is not None:
+                    weights[runs, pos] = 0.0
 
-        def weighted_loss(params: dict[str, Tensor], w: Tensor, batch: Any = batch, t: int = t) -> Tensor:
-            losses = loss_fn(params, batch)
-            if losses.shape != w.shape:
-                raise ValueError(
-                    f"per_sample_loss returned shape {tuple(losses.shape)} at step {t}, but sample_ids reports "
-                    f"{w.shape[0]} samples: it must return one loss per sample"
-                )
-            total = w.sum()
-            # an empty batch: loss 0 (gradient 0), the step does not move the parameters
-            return (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
+            def weighted_loss(
+                params: dict[str, Tensor],
+                w: Tensor,
+                batch: Any = batch,
+                t: int = t,
+                m: int = m,
+                norm: int = step.normalizer,
+            ) -> Tensor:
+                losses = loss_fn(params, batch)
+                if losses.shape != w.shape:
+                    raise ValueError(
+                        f"per_sample_loss returned shape {tuple(losses.shape)} at step {t} (micro-batch {m}), but "
+                        f"sample_ids reports {w.shape[0]} samples: it must return one loss per sample"
+                    )
+                total = w.sum()
+                # an emptied micro-batch: loss 0, it contributes no gradient
+                mean = (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
+                return mean / norm
 
-        grads = torch.func.vmap(torch.func.grad(weighted_loss), in_dims=(0, 0))(theta, weights)
+            micro = torch.func.vmap(torch.func.grad(weighted_loss), in_dims=(0, 0))(theta, weights)
+            # accumulated in micro-batch order, as successive backward passes do
+            grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
+        assert grads is not None  # a TrainingStep has at least one micro-batch
+        grads = _clip(grads, trained, spec, k)
         for n in trained:
-            lr = float(step.lrs[group_of[n]])
-            theta[n] = theta[n] - lr * grads[n].to(dtype)
+            theta[n].grad = grads[n].to(theta[n].dtype).contiguous()
+        for group, g in zip(opt.param_groups, active, strict=True):
+            group["lr"] = step.lrs[g]
+        opt.step()
+    for n in trained:
+        theta[n].grad = None
     return theta
+
+
+def _clip(grads: dict[str, Tensor], trained: list[str], spec: OptimizerSpec, k: int) -> dict[str, Tensor]:
+    """Per-run gradient clipping, as Lightning applies it after ``on_before_optimizer_step``."""
+    if spec.clip_val is None:
+        return grads
+    if spec.clip_algorithm == "value":
+        return {n: grads[n].clamp(-spec.clip_val, spec.clip_val) for n in trained}
+    # torch.nn.utils.clip_grad_norm_: the 2-norm of the per-tensor 2-norms, coefficient
+    # max_norm / (total + 1e-6) clamped to 1 -- here per run, over that run's gradients
+    norms = torch.stack([torch.linalg.vector_norm(grads[n].reshape(k, -1), 2, dim=1) for n in trained], dim=1)
+    total = torch.linalg.vector_norm(norms, 2, dim=1)
+    coef = torch.clamp(spec.clip_val / (total + 1e-6), max=1.0)
+    return {n: grads[n] * coef.to(grads[n].dtype).reshape(k, *([1] * (grads[n].ndim - 1))) for n in trained}
 
 
 def _stacked(module: nn.Module, params: Mapping[str, Tensor]) -> bool:
@@ -292,8 +525,8 @@ def target_loss(
 def leave_one_out(
     module: nn.Module,
     initial_params: Mapping[str, Tensor],
-    steps: Sequence[SGDStep],
-    param_groups: Sequence[Sequence[str]],
+    steps: Sequence[TrainingStep],
+    optimizer: OptimizerSpec,
     sample_ids: Sequence[int] | Tensor,
     target_batches: Iterable[Any],
     *,
@@ -303,9 +536,11 @@ def leave_one_out(
 
     ``I(z) = F(theta_T^{-z}) - F(theta_T)`` with ``F`` = :func:`target_loss` on
     ``target_batches`` (iterated once and kept in memory), ``theta_T^{-z}`` = :func:`retrain`
-    with ``z`` removed from every batch, and ``theta_T`` the baseline run (nothing removed),
-    retrained by the same engine. Units: the target loss's. Sign: positive means removing
-    ``z`` raises the target loss (``z`` helps); negative means ``z`` hurts.
+    with ``z`` removed from every micro-batch (same steps, learning rates, optimizer and
+    clipping, ``optimizer`` being the run's :class:`OptimizerSpec`), and ``theta_T`` the
+    baseline run (nothing removed), retrained by the same engine. Units: the target loss's.
+    Sign: positive means removing ``z`` raises the target loss (``z`` helps); negative means
+    ``z`` hurts.
 
     Returns a float64 ``Tensor[len(sample_ids)]`` on the CPU. Cost: ``len(sample_ids) + 1``
     retraining runs, vectorised ``chunk_size`` at a time.
@@ -315,7 +550,7 @@ def leave_one_out(
     removals: list[tuple[int, ...]] = [(), *((i,) for i in ids)]
     losses: list[Tensor] = []
     for start in range(0, len(removals), chunk_size):
-        final = retrain(module, initial_params, steps, param_groups, removals[start : start + chunk_size], chunk_size=chunk_size)
+        final = retrain(module, initial_params, steps, optimizer, removals[start : start + chunk_size], chunk_size=chunk_size)
         losses.append(target_loss(module, final, batches, chunk_size=chunk_size))
     f = torch.cat(losses)
     return f[1:] - f[0]
