@@ -1,0 +1,140 @@
+"""DiffIn under the settings people train with beyond the optimizer: mixed precision (with steps
+the gradient scaler skips), parameter subsets, frozen parameters, augmentation applied after the
+batch reaches the device, dropout and batch norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import digits_problem, quiet_trainer
+from lightning_influence import DiffIn
+from lightning_influence.data import FixedBatches
+from lightning_influence.evaluation import StepRecorder, leave_one_out, spearman
+from lightning_influence.models import Classifier
+
+
+def _float32(batches: FixedBatches) -> FixedBatches:
+    return FixedBatches([(x.float(), y, i) for x, y, i in batches.batches])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_scores_track_retraining_and_skipped_steps_contribute_nothing(precision):
+    """The optimizer consumed unscaled float32 gradients; under 16-mixed a scaler that starts too
+    high overflows on the first steps, which it skips (so does the retraining: the recorder drops
+    them). DiffIn evaluates its derivatives in float32 outside autocast."""
+    problem = digits_problem(n=512, batch_size=32, epochs=8)
+    train, val = _float32(problem.train), _float32(problem.val)
+    torch.manual_seed(0)
+    model = Classifier(hidden=(32,), lr=1e-3, optimizer="adam")
+    cb = DiffIn(target="val", target_loader=val)
+    recorder = StepRecorder()
+    if precision == "16-mixed":
+        from lightning.pytorch.plugins import MixedPrecision
+
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+        kwargs = dict(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    else:
+        kwargs = dict(precision=precision)
+    quiet_trainer(callbacks=[recorder, cb], **kwargs).fit(model, train_dataloaders=train)
+    meta = cb.scores.metadata
+    assert meta["steps_seen"] == len(recorder.steps)
+    assert meta["skipped_steps"] == recorder.skipped_steps
+    if precision == "16-mixed":
+        assert meta["skipped_steps"] >= 1
+        assert meta["finite_difference"] == "central"  # the recorded gradients came from autocast
+    ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:100]
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, val)
+    rho = spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth)
+    print(f"{precision}: skipped {meta['skipped_steps']}, spearman {rho:.4f}")
+    assert rho >= 0.9
+
+
+def test_parameter_subset_is_exact_when_the_rest_is_frozen_and_cheaper_otherwise():
+    problem = digits_problem(n=256, batch_size=16, epochs=2)
+
+    def fit(frozen_body: bool, **kwargs):
+        torch.manual_seed(0)
+        model = Classifier(hidden=(16,), lr=0.1).double()
+        if frozen_body:
+            for p in model.net[0].parameters():
+                p.requires_grad_(False)
+        cb = DiffIn(target="val", target_loader=problem.val, **kwargs)
+        quiet_trainer(callbacks=[cb]).fit(model, train_dataloaders=problem.train)
+        return cb.scores
+
+    full, head = fit(True), fit(True, params=["net.2.*"])
+    torch.testing.assert_close(head.values, full.values, rtol=1e-6, atol=1e-12)
+    # With a trainable body the subset is an approximation (the body's perturbation is not
+    # carried) that still ranks like the full attribution on this model.
+    full, head = fit(False), fit(False, params=["net.2.*"])
+    assert head.metadata["params"] == ["net.2.*"]
+    assert spearman(head.values, full.values) > 0.8
+
+
+def test_parameter_patterns_that_match_nothing_are_refused(small_digits):
+    cb = DiffIn(target="val", target_loader=small_digits.val, params=["head.*"])
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"params patterns \['head.\*'\] match no trainable parameter.*net.0.weight"):
+        quiet_trainer(callbacks=[cb]).fit(Classifier(hidden=(8,)).double(), train_dataloaders=small_digits.train)
+
+
+def test_the_recorded_batch_is_the_one_training_step_saw_after_device_augmentation(small_digits):
+    """Augmentation in on_after_batch_transfer (random noise, a fresh draw per batch) happens before
+    DiffIn reads the batch: the recorded step holds exactly the tensors training_step used."""
+
+    class Augmented(Classifier):
+        seen: list[torch.Tensor] = []
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y, i = batch
+            return x + 0.1 * torch.randn_like(x), y, i
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch[0])
+            return super().training_step(batch, batch_idx)
+
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    recorded: list[torch.Tensor] = []
+
+    class Peek(L_Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            recorded.append(cb._trajectory._records[-1].batches[-1][0])
+
+    torch.manual_seed(0)
+    model = Augmented(hidden=(8,)).double()
+    quiet_trainer(callbacks=[cb, Peek()], max_steps=5).fit(model, train_dataloaders=small_digits.train)
+    assert len(recorded) == 5
+    for got, used in zip(recorded, Augmented.seen):
+        assert got is used
+
+
+from lightning.pytorch.callbacks import Callback as L_Callback  # noqa: E402
+
+
+def test_batch_norm_is_evaluated_in_eval_mode_and_the_module_is_left_untouched(small_digits):
+    """Dropout and batch norm: every derivative is taken in eval mode (dropout off, the running
+    statistics); the sweep changes neither the module's train/eval flags nor its buffers."""
+
+    class WithBatchNorm(Classifier):
+        def __init__(self):
+            super().__init__(hidden=(16,))
+            self.net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 10))
+
+    seen_buffers = {}
+
+    class Snapshot(L_Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen_buffers.update({n: b.clone() for n, b in pl_module.named_buffers()})
+
+    cb = DiffIn(target="val", mode="online", window=8, target_loader=small_digits.val)
+    torch.manual_seed(0)
+    model = WithBatchNorm().double()
+    quiet_trainer(callbacks=[Snapshot(), cb]).fit(model, train_dataloaders=small_digits.train)
+    assert cb.scores.metadata["finite_difference"] == "central"
+    assert cb.scores.metadata["truncated_sweeps"] >= 1
+    assert torch.isfinite(cb.scores.values).all()
+    for name, buffer in model.named_buffers():  # the final sweep did not touch the running statistics
+        assert torch.equal(buffer, seen_buffers[name]), name
+    assert model.training and model.net[1].training
