@@ -18,6 +18,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/overhead.py [--quick] [--repeats N] [--json PATH]
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --profile synth:replay   # cProfile one fit
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --optimizer adamw        # train with AdamW (or momentum)
 
 Prints a Markdown table on stdout. Numbers are ratios from one run on whatever machine runs it.
 """
@@ -57,6 +58,14 @@ for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lig
 
 
 # --------------------------------------------------------------------------- workloads
+# --optimizer choices: (torch.optim name, learning-rate factor on the workload's SGD rate, options)
+OPTIMIZERS: dict[str, tuple[str, float, dict[str, Any]]] = {
+    "sgd": ("sgd", 1.0, {}),
+    "momentum": ("sgd", 0.1, {"momentum": 0.9}),
+    "adamw": ("adamw", 0.01, {"weight_decay": 0.01}),
+}
+
+
 @dataclass
 class Workload:
     name: str
@@ -73,13 +82,17 @@ class Workload:
     y_val: torch.Tensor
     small_window: int
     init_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         torch.manual_seed(1234)
         self.init_state = copy.deepcopy(self.new_model(load=False).state_dict())
 
     def new_model(self, load: bool = True) -> Classifier:
-        model = Classifier(self.in_features, self.num_classes, hidden=self.hidden, lr=self.lr)
+        name, lr, options = OPTIMIZERS[self.optimizer]
+        model = Classifier(
+            self.in_features, self.num_classes, hidden=self.hidden, lr=self.lr * lr, optimizer=name, optimizer_options=options
+        )
         if load:
             model.load_state_dict(self.init_state)
         return model
@@ -183,7 +196,7 @@ class MeasuredDiffIn(DiffIn):
 def _record_bytes(record: Any) -> int:
     seen: set[int] = set()
     total = 0
-    for t in torch.utils._pytree.tree_leaves((record.batch, record.ids, record.step_sizes, record.theta, record.grad)):
+    for t in torch.utils._pytree.tree_leaves((record.batches, record.ids, record.hyper, record.theta, record.grad, record.state, record.context)):
         if isinstance(t, torch.Tensor):
             key = t.untyped_storage().data_ptr()
             if key not in seen:
@@ -374,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", metavar="WORKLOAD:CONFIG", help="instead: cProfile one callback fit, e.g. synth:replay"
     )
+    parser.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS), help="the optimizer every fit trains with")
     parser.add_argument("--top", type=int, default=30, help="rows of the profile to print")
     parser.add_argument("--profile-out", metavar="PATH", help="with --profile: also dump the raw cProfile stats there")
     args = parser.parse_args(argv)
@@ -387,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in makers or config not in CONFIGS:
             parser.error(f"--profile takes WORKLOAD:CONFIG with WORKLOAD in {sorted(makers)} and CONFIG in {CONFIGS}")
         workload = makers[name](args.quick)
+        workload.optimizer = args.optimizer
         fit(workload, None)  # warm-up: this workload's first fit, and one-time imports of the
         small = digits_workload(quick=True)  # forward-mode AD machinery (a cheap callback fit)
         fit(small, make_callback(config, small))
@@ -404,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     workloads = {n: makers[n](args.quick) for n in names}
+    for w in workloads.values():
+        w.optimizer = args.optimizer
     # Warm-up: one plain and one callback fit on the smallest workload (imports, lazy init, autograd paths).
     warm = workloads[names[0]]
     fit(warm, None)

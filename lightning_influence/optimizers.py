@@ -135,9 +135,14 @@ class StepModel:
         return (*self.family.hyper, "rest_norm_sq")
 
     @property
-    def is_plain_sgd(self) -> bool:
-        """The update is ``theta - lr * g`` (no state, no decay, no clipping)."""
+    def is_stateless_sgd(self) -> bool:
+        """The update is ``theta - lr * (sign * g + weight_decay * theta)``: no state, no clipping."""
         return self.family is _SGD and not self.state_names and self.clip_val is None
+
+    def treats_missing_gradient_as_zero(self) -> bool:
+        """A parameter without a gradient is skipped by ``torch.optim``; the model feeds it a zero
+        gradient instead, which is the same update only for stateless SGD without weight decay."""
+        return self.is_stateless_sgd and all(float(g.get("weight_decay", 0.0)) == 0.0 for g in self.optimizer.param_groups)
 
     # ------------------------------------------------------------------ reading the live optimizer
     def capture(self, rest_norm_sq: float = 0.0) -> tuple[Tensor, dict[str, list[Tensor | None]]]:
@@ -235,9 +240,12 @@ class StepModel:
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Adjoints of ``(theta, state, grad)`` given those of ``(theta_next, state_next)``
         (a missing ``adjoint_state`` is zero): the transpose of the linearised step."""
-        if self.is_plain_sgd:  # closed form of the common case: theta - lr * sign * g
+        if self.is_stateless_sgd:  # closed form of the common case: theta - lr * (sign * g + wd * theta)
             h = self.expand(hyper, adjoint_theta.dtype, adjoint_theta.device)
-            return adjoint_theta, {}, -(h["lr"] * h["sign"]) * adjoint_theta
+            a_grad = -(h["lr"] * h["sign"]) * adjoint_theta
+            if bool(hyper[:, self.hyper_names.index("weight_decay")].any()):
+                return adjoint_theta - h["lr"] * h["weight_decay"] * adjoint_theta, {}, a_grad
+            return adjoint_theta, {}, a_grad
         dtype = adjoint_theta.dtype
         leaves_theta = theta.detach().to(dtype).requires_grad_(True)
         leaves_grad = grad.detach().to(dtype).requires_grad_(True)

@@ -65,7 +65,7 @@ def test_update_reproduces_torch_optim_over_steps(name, clip):
 
 
 @pytest.mark.parametrize("second_moment", ["linearized", "frozen"])
-@pytest.mark.parametrize("name", ["heavy-ball", "nesterov", "adam-l2", "adamw-amsgrad"])
+@pytest.mark.parametrize("name", ["sgd-wd", "sgd-maximize", "heavy-ball", "nesterov", "adam-l2", "adamw-amsgrad"])
 def test_vjp_is_the_transpose_of_the_jvp(name, second_moment):
     kind, options = CONFIGS[name]
     params = _params()
@@ -73,7 +73,8 @@ def test_vjp_is_the_transpose_of_the_jvp(name, second_moment):
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()  # non-trivial state
-    model = StepModel(optimizer, params, clip_val=0.7, second_moment=second_moment)
+    model = StepModel(optimizer, params, clip_val=None if name == "sgd-wd" else 0.7, second_moment=second_moment)
+    assert model.is_stateless_sgd == (name == "sgd-wd")  # the closed form is checked too
     hyper, state = model.capture()
     theta = _flat([p.detach() for p in params], params)
     flat_state = {n: _flat(v, params) for n, v in state.items()}
@@ -99,7 +100,7 @@ def test_plain_sgd_vjp_closed_form_matches_autograd():
     params = _params()
     optimizer = torch.optim.SGD([{"params": params[:1], "lr": 0.2}, {"params": params[1:], "lr": 0.05}])
     model = StepModel(optimizer, params)
-    assert model.is_plain_sgd
+    assert model.is_stateless_sgd
     hyper, _ = model.capture()
     theta = _flat([p.detach() for p in params], params)
     cot = torch.randn_like(theta)

@@ -138,3 +138,24 @@ def test_batch_norm_is_evaluated_in_eval_mode_and_the_module_is_left_untouched(s
     for name, buffer in model.named_buffers():  # the final sweep did not touch the running statistics
         assert torch.equal(buffer, seen_buffers[name]), name
     assert model.training and model.net[1].training
+
+
+def test_a_parameter_without_gradient_under_a_stateful_optimizer_is_refused(small_digits):
+    """torch.optim skips a parameter whose .grad is None (no momentum, no decay): a different
+    update from a zero gradient, so DiffIn refuses instead of mis-scoring."""
+
+    class Unused(Classifier):
+        def __init__(self):
+            super().__init__(hidden=(8,), lr=0.05, optimizer="sgd", optimizer_options={"momentum": 0.9})
+            self.spare = nn.Linear(3, 3)  # never used in forward
+
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="'spare.weight' received no gradient at optimizer step 0.*Freeze it"):
+        quiet_trainer(callbacks=[cb]).fit(Unused().double(), train_dataloaders=small_digits.train)
+    # Plain SGD treats a missing gradient as zero, exactly as torch.optim does: accepted.
+    plain = Classifier(hidden=(8,), lr=0.05)
+    plain.spare = nn.Linear(3, 3)
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    quiet_trainer(callbacks=[cb], max_steps=4).fit(plain.double(), train_dataloaders=small_digits.train)
+    assert torch.isfinite(cb.scores.values).all()

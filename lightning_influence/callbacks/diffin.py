@@ -349,6 +349,13 @@ class DiffIn(Callback):
         space, model = self._space, self._model
         assert space is not None and model is not None and self._trajectory is not None and self._accumulator is not None
         trajectory = self._trajectory
+        missing = [i for i, p in enumerate(self._params) if p.grad is None]
+        if missing and not model.treats_missing_gradient_as_zero():
+            raise ValueError(
+                f"parameter {self._space.names[missing[0]]!r} received no gradient at optimizer step {trainer.global_step}: "
+                f"{type(model.optimizer).__name__} then skips it (no momentum, no decay), which DiffIn does not model. "
+                "Freeze it (requires_grad_(False)) or leave it out of the optimizer"
+            )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         context_grads = [p.grad for p in self._context if p.grad is not None]
         if not all(all_finite(g) for g in grads + context_grads):
@@ -366,7 +373,7 @@ class DiffIn(Callback):
         rest = float(sum(g.double().square().sum() for g in context_grads)) if context_grads else 0.0
         hyper, state = model.capture(rest_norm_sq=rest)
         keep = trajectory.keeps_theta(self.steps_seen)  # between checkpoints only the batches are kept
-        needs_grad = self._reuse_gradient or not model.is_plain_sgd or self._verified_steps < VERIFIED_STEPS
+        needs_grad = self._reuse_gradient or not model.is_stateless_sgd or self._verified_steps < VERIFIED_STEPS
         record = StepRecord(
             step=self.steps_seen,
             batches=tuple(b for b, _ in micro),
