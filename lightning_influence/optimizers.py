@@ -60,6 +60,18 @@ def _sqrt_safe(x: Tensor) -> Tensor:
     return torch.where(positive, x, torch.ones_like(x)).sqrt() * positive
 
 
+def _is(value: Tensor, constant: float) -> bool:
+    """True if a (0-d, uniform) hyperparameter equals ``constant`` everywhere."""
+    return value.dim() == 0 and float(value) == constant
+
+
+def _where(condition: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.where`` that picks a whole branch when the condition is one scalar."""
+    if condition.dim() == 0:
+        return a if bool(condition) else b
+    return torch.where(condition, a, b)
+
+
 @dataclass(frozen=True)
 class _Family:
     """One optimizer family: the hyperparameter columns read per step and parameter tensor,
@@ -176,13 +188,21 @@ class StepModel:
 
     # ------------------------------------------------------------------ the pure update
     def expand(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
-        """Per-coordinate hyperparameters (cached while they do not change between steps)."""
+        """Per-coordinate hyperparameters: a 0-d tensor where a column is the same for every
+        parameter tensor (the common case: broadcast, no P-sized vector), else the flat
+        per-coordinate vector. Cached while the hyperparameters do not change between steps."""
         cached = self._expanded
-        if cached is None or not torch.equal(cached[0], hyper) or next(iter(cached[1].values())).dtype != dtype:
-            flat = hyper.to(device=device, dtype=torch.float64).repeat_interleave(self.numels.to(device), dim=0).to(dtype)
-            cached = (hyper.clone(), {name: flat[:, j] for j, name in enumerate(self.hyper_names)})
-            self._expanded = cached
-        return cached[1]
+        if cached is not None and torch.equal(cached[0], hyper) and next(iter(cached[1].values())).dtype == dtype:
+            return cached[1]
+        out: dict[str, Tensor] = {}
+        for j, name in enumerate(self.hyper_names):
+            column = hyper[:, j]
+            if bool((column == column[0]).all()):
+                out[name] = torch.tensor(float(column[0]), dtype=dtype, device=device)
+            else:
+                out[name] = column.to(device).repeat_interleave(self.numels.to(device)).to(dtype)
+        self._expanded = (hyper.clone(), out)
+        return out
 
     def clip(self, grad: Tensor, h: Mapping[str, Tensor]) -> Tensor:
         """The gradient after Lightning's clipping (``torch.nn.utils.clip_grad_norm_`` / value)."""
@@ -190,7 +210,7 @@ class StepModel:
             return grad
         if self.clip_algorithm == "value":
             return grad.clamp(-self.clip_val, self.clip_val)
-        norm = (grad.square().sum() + h["rest_norm_sq"][0]).sqrt()
+        norm = (grad.square().sum() + h["rest_norm_sq"].reshape(-1)[0]).sqrt()
         coef = torch.clamp(self.clip_val / (norm + 1e-6), max=1.0)
         return grad * coef
 
@@ -198,21 +218,25 @@ class StepModel:
         """One step: ``(theta_next, state_next)`` from flat ``theta``, ``state`` and raw gradient
         ``grad`` (all one dtype), differentiable in all three."""
         h = self.expand(hyper, theta.dtype, theta.device)
-        g = self.clip(grad, h) * h["sign"]
+        g = self.clip(grad, h)
+        if not _is(h["sign"], 1.0):
+            g = g * h["sign"]
         if self.family is _SGD:
-            d = g + h["weight_decay"] * theta
+            d = g if _is(h["weight_decay"], 0.0) else g + h["weight_decay"] * theta
             if not self.state_names:
                 return theta - h["lr"] * d, {}
             buf = h["momentum"] * state["momentum_buffer"] + (1.0 - h["dampening"]) * d
-            step = torch.where(h["nesterov"] > 0, d + h["momentum"] * buf, buf)
+            step = _where(h["nesterov"] > 0, d + h["momentum"] * buf, buf)
             # A group without momentum keeps no buffer: its buffer stays zero.
-            buf = torch.where(h["momentum"] != 0, buf, torch.zeros_like(buf))
-            step = torch.where(h["momentum"] != 0, step, d)
+            has_momentum = h["momentum"] != 0
+            buf = _where(has_momentum, buf, torch.zeros_like(buf))
+            step = _where(has_momentum, step, d)
             return theta - h["lr"] * step, {"momentum_buffer": buf}
         # Adam / AdamW (torch.optim's single-tensor formula)
-        decoupled = h["decoupled"] > 0
-        g = torch.where(decoupled, g, g + h["weight_decay"] * theta)
-        theta = torch.where(decoupled, theta * (1.0 - h["lr"] * h["weight_decay"]), theta)
+        if not _is(h["weight_decay"], 0.0):
+            decoupled = h["decoupled"] > 0
+            g = _where(decoupled, g, g + h["weight_decay"] * theta)
+            theta = _where(decoupled, theta * (1.0 - h["lr"] * h["weight_decay"]), theta)
         m = state["exp_avg"] + (g - state["exp_avg"]) * (1.0 - h["beta1"])
         v_prev = state["exp_avg_sq"]
         g_v = g if self.second_moment == "linearized" else g.detach()
@@ -223,9 +247,9 @@ class StepModel:
         second = v
         if "max_exp_avg_sq" in self.state_names:
             prev_max = state["max_exp_avg_sq"] if self.second_moment == "linearized" else state["max_exp_avg_sq"].detach()
-            vmax = torch.where(h["amsgrad"] > 0, torch.maximum(prev_max, v), torch.zeros_like(v))
-            new_state["max_exp_avg_sq"] = vmax
-            second = torch.where(h["amsgrad"] > 0, vmax, v)
+            amsgrad = h["amsgrad"] > 0
+            new_state["max_exp_avg_sq"] = _where(amsgrad, torch.maximum(prev_max, v), torch.zeros_like(v))
+            second = _where(amsgrad, new_state["max_exp_avg_sq"], v)
         denom = _sqrt_safe(second) / h["bias_correction2"].sqrt() + h["eps"]
         return theta - (h["lr"] / h["bias_correction1"]) * m / denom, new_state
 
