@@ -110,13 +110,29 @@ class DigitsDataModule(L.LightningDataModule):
 class FixedBatches:
     """A fixed sequence of batches usable as a Lightning loader (a plain list would be read as
     several loaders). Every epoch yields the same batches in the same order, which makes a run
-    exactly reproducible for leave-one-out retraining."""
+    exactly reproducible for leave-one-out retraining.
+
+    Resumable: ``state_dict()`` holds the position within the current pass and
+    ``load_state_dict`` makes the next pass start there, so Lightning can resume mid-epoch
+    without re-serving batches."""
 
     def __init__(self, batches: list[Any]) -> None:
         self.batches = list(batches)
+        self._position = 0
+        self._start = 0
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self.batches)
+        start, self._start = self._start, 0
+        self._position = start
+        for batch in self.batches[start:]:
+            self._position += 1
+            yield batch
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self._position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._start = int(state["position"]) % max(len(self.batches), 1)

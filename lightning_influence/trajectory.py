@@ -128,19 +128,19 @@ class Trajectory:
             self._records.append(record)
             return
         path = self._dir / f"step-{record.step:09d}.pt"  # type: ignore[operator]
-        payload = {
-            "step": record.step,
-            "batches": [_to(b, "cpu") for b in record.batches],
-            "ids": [i.cpu() for i in record.ids],
-            "normalizer": record.normalizer,
-            "hyper": record.hyper.cpu(),
-            "theta": None if record.theta is None else record.theta.cpu(),
-            "grad": None if record.grad is None else record.grad.cpu(),
-            "state": {k: v.cpu() for k, v in record.state.items()},
-            "context": None if record.context is None else record.context.cpu(),
-        }
-        torch.save(payload, path)
+        torch.save(_payload(record), path)
         self._records.append(path)
+
+    def export(self) -> list[dict[str, Any]]:
+        """Every record as a dict of CPU tensors and primitives (``torch.load(weights_only=True)``
+        can read it back), oldest first: the trajectory's part of a Lightning checkpoint."""
+        return [_payload(self._load(item)) if isinstance(item, StepRecord) else torch.load(item, map_location="cpu", weights_only=True)
+                for item in self._records]
+
+    def restore(self, payloads: list[dict[str, Any]]) -> None:
+        """Append records exported by :meth:`export` (after a resume)."""
+        for p in payloads:
+            self.append(_from_payload(p, self.device))
 
     def release(self, vector: Tensor | None) -> None:
         """Return a vector made by :meth:`flat_copy` that is no longer needed."""
@@ -154,21 +154,7 @@ class Trajectory:
     def _load(self, item: StepRecord | Path) -> StepRecord:
         if isinstance(item, StepRecord):
             return item
-        p = torch.load(item, map_location="cpu", weights_only=True)
-        def dev(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.to(self.device)
-
-        return StepRecord(
-            step=p["step"],
-            batches=tuple(_to(b, self.device) for b in p["batches"]),
-            ids=tuple(p["ids"]),
-            normalizer=int(p["normalizer"]),
-            hyper=p["hyper"],
-            theta=dev(p["theta"]),
-            grad=dev(p["grad"]),
-            state={k: v.to(self.device) for k, v in p["state"].items()},
-            context=dev(p["context"]),
-        )
+        return _from_payload(torch.load(item, map_location="cpu", weights_only=True), self.device)
 
     def drop_oldest(self, count: int) -> None:
         for _ in range(min(count, len(self._records))):
@@ -220,3 +206,35 @@ class Trajectory:
         self.pool = None
         if self._own_dir and self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _payload(record: StepRecord) -> dict[str, Any]:
+    """A record as CPU tensors and primitives (what disk storage and checkpoints hold)."""
+    return {
+        "step": record.step,
+        "batches": [_to(b, "cpu") for b in record.batches],
+        "ids": [i.cpu() for i in record.ids],
+        "normalizer": record.normalizer,
+        "hyper": record.hyper.cpu(),
+        "theta": None if record.theta is None else record.theta.detach().cpu(),
+        "grad": None if record.grad is None else record.grad.detach().cpu(),
+        "state": {k: v.detach().cpu() for k, v in record.state.items()},
+        "context": None if record.context is None else record.context.cpu(),
+    }
+
+
+def _from_payload(p: dict[str, Any], device: torch.device) -> StepRecord:
+    def dev(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(device)
+
+    return StepRecord(
+        step=int(p["step"]),
+        batches=tuple(_to(b, device) for b in p["batches"]),
+        ids=tuple(p["ids"]),
+        normalizer=int(p["normalizer"]),
+        hyper=p["hyper"],
+        theta=dev(p["theta"]),
+        grad=dev(p["grad"]),
+        state={k: v.to(device) for k, v in p["state"].items()},
+        context=dev(p["context"]),
+    )

@@ -39,6 +39,8 @@ SUPPORTED = (
     "precision '32-true', '64-true', 'bf16-mixed' or '16-mixed'; a single-device strategy"
 )
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "32", "64")
+STATE_FORMAT = 2
+"""Version of the callback's checkpoint state (``state_dict``)."""
 VERIFIED_STEPS = 3
 """The first steps of every fit are re-run through the step model and compared with the real update."""
 
@@ -169,10 +171,16 @@ class DiffIn(Callback):
         self._loss_check: Tensor | None = None
         self._loss_checked = False
         self._restored = False
+        self._restored_records: list[dict[str, Any]] = []
+        self._restored_verified = 0
+        self._restored_loss_checked = False
+        self._resume_check_pending = False
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(target=self.target, mode=self.mode)
+        return self._generate_state_key(
+            target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params
+        )
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -247,10 +255,15 @@ class DiffIn(Callback):
             self.steps_seen = self.steps_scored = self.truncated_sweeps = self.steps_scored_truncated = 0
             self.skipped_steps = 0
             self.seconds = 0.0
-        self._restored = False
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
         self._micro_batches, self._unverified = [], None
+        restored_records: list[dict[str, Any]] = []
+        if self._restored:  # resuming: carry on with the restored scores and recorded steps
+            self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
+            restored_records, self._restored_records = self._restored_records, []
+            self._resume_check_pending = True  # checked at the first batch, once Lightning has restored its loops
+        self._restored = False
         if self.mode == "online" and self.target == "train" and self.target_samples is None:
             rank_zero_warn(
                 "DiffIn(mode='online', target='train') evaluates the full training loss at every block of "
@@ -270,6 +283,7 @@ class DiffIn(Callback):
             hessian_every=self.hessian_every,
         )
         self._trajectory = Trajectory(self.storage, self.spill_dir, self.checkpoint_every, device=self._space.device)
+        self._trajectory.restore(restored_records)
 
     def _make_target(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TargetGradient:
         """The target's batches, resolved lazily: Lightning sets up its loaders after ``on_fit_start``."""
@@ -330,6 +344,8 @@ class DiffIn(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._resume_check_pending:
+            self._check_resume(trainer, batch_idx)
         ids = torch.as_tensor(pl_module.sample_ids(batch))
         _check_ids(ids)
         self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
@@ -415,6 +431,24 @@ class DiffIn(Callback):
             self.truncated_sweeps += 1
             self.steps_scored_truncated += self.score_every
             self.seconds += time.perf_counter() - start
+
+    def _check_resume(self, trainer: L.Trainer, batch_idx: int) -> None:
+        """A resume in the middle of an epoch must continue the data where the checkpoint left
+        it: a loader Lightning cannot restore (no ``state_dict``/``load_state_dict``) restarts the
+        epoch and re-serves samples that were already trained on and scored."""
+        self._resume_check_pending, done_in_epoch = False, batch_idx  # Lightning restores the epoch's batch count
+        if done_in_epoch == 0:
+            return
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        loaders = combined.flattened if combined is not None else [trainer.train_dataloader]
+        plain = [type(x).__name__ for x in loaders if not (hasattr(x, "state_dict") and hasattr(x, "load_state_dict"))]
+        if plain:
+            raise RuntimeError(
+                f"resumed in the middle of an epoch ({done_in_epoch} batches already done) with a training loader that "
+                f"cannot restore its position ({', '.join(plain)}): it restarts the epoch and would feed samples that "
+                "DiffIn already scored a second time. Resume from a checkpoint taken at an epoch boundary, or use a "
+                "resumable loader (with state_dict/load_state_dict, e.g. torchdata's StatefulDataLoader)"
+            )
 
     def _verify_update(self, record: StepRecord) -> None:
         """Compare the modelled update of ``record`` with what the optimizer really did: a
@@ -517,31 +551,44 @@ class DiffIn(Callback):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
-        pending = len(self._trajectory) if self._trajectory is not None else 0
+        """Counters, the score accumulator and the recorded steps not yet scored (their batches,
+        parameters, gradients and optimizer state: a replay checkpoint carries the trajectory so
+        far). Tensors and primitives only: loadable with ``torch.load(weights_only=True)``."""
+        if self._micro_batches:
+            raise RuntimeError(
+                "DiffIn cannot be checkpointed in the middle of a gradient accumulation: save at optimizer-step "
+                "boundaries (ModelCheckpoint(every_n_train_steps=...) does)"
+            )
         return {
+            "format": STATE_FORMAT,
             "steps_seen": self.steps_seen,
             "steps_scored": self.steps_scored,
             "truncated_sweeps": self.truncated_sweeps,
             "steps_scored_truncated": self.steps_scored_truncated,
             "skipped_steps": self.skipped_steps,
-            "pending_steps": pending,
+            "verified_steps": self._verified_steps,
+            "loss_checked": self._loss_checked,
             "accumulator": self._accumulator.state_dict() if self._accumulator is not None else None,
+            "records": self._trajectory.export() if self._trajectory is not None else [],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("pending_steps", 0):
+        if state_dict.get("format") != STATE_FORMAT:
             raise ValueError(
-                f"this checkpoint was saved with {state_dict['pending_steps']} recorded steps not yet scored by DiffIn; "
-                "resuming would lose their contribution. Resume from a checkpoint of a run without DiffIn, or rerun"
+                f"this checkpoint holds DiffIn state of format {state_dict.get('format')!r}; this version reads format "
+                f"{STATE_FORMAT}. Rerun the fit, or resume without the DiffIn callback"
             )
         self.steps_seen = int(state_dict["steps_seen"])
         self.steps_scored = int(state_dict["steps_scored"])
-        self.truncated_sweeps = int(state_dict.get("truncated_sweeps", 0))
-        self.steps_scored_truncated = int(state_dict.get("steps_scored_truncated", 0))
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
-        if state_dict.get("accumulator") is not None:
-            self._accumulator = ScoreAccumulator()
+        self.truncated_sweeps = int(state_dict["truncated_sweeps"])
+        self.steps_scored_truncated = int(state_dict["steps_scored_truncated"])
+        self.skipped_steps = int(state_dict["skipped_steps"])
+        self._restored_verified = int(state_dict["verified_steps"])
+        self._restored_loss_checked = bool(state_dict["loss_checked"])
+        self._accumulator = ScoreAccumulator()
+        if state_dict["accumulator"] is not None:
             self._accumulator.load_state_dict(state_dict["accumulator"])
+        self._restored_records = list(state_dict["records"])
         self._restored = True
 
 
