@@ -64,17 +64,19 @@ def test_update_reproduces_torch_optim_over_steps(name, clip):
         torch.testing.assert_close(predicted, actual, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("clip", [None, ("norm", 0.7), ("norm", 1e3), ("value", 0.5)], ids=["noclip", "norm", "inactive", "value"])
 @pytest.mark.parametrize("second_moment", ["linearized", "frozen"])
-@pytest.mark.parametrize("name", ["sgd-wd", "sgd-maximize", "heavy-ball", "nesterov", "adam-l2", "adamw-amsgrad"])
-def test_vjp_is_the_transpose_of_the_jvp(name, second_moment):
+@pytest.mark.parametrize("name", ["sgd-wd", "sgd-maximize", "heavy-ball", "nesterov", "adam", "adam-l2", "adamw-amsgrad"])
+def test_vjp_is_the_transpose_of_the_jvp(name, second_moment, clip):
     kind, options = CONFIGS[name]
     params = _params()
     optimizer = kind(params, **options)
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()  # non-trivial state
-    model = StepModel(optimizer, params, clip_val=None if name == "sgd-wd" else 0.7, second_moment=second_moment)
-    assert model.is_stateless_sgd == (name == "sgd-wd")  # the closed form is checked too
+    model = StepModel(
+        optimizer, params, clip_val=clip[1] if clip else None, clip_algorithm=clip[0] if clip else "norm", second_moment=second_moment
+    )
     hyper, state = model.capture()
     theta = _flat([p.detach() for p in params], params)
     flat_state = {n: _flat(v, params) for n, v in state.items()}
