@@ -1,0 +1,408 @@
+"""Bad input gets a clear error that says what is wrong and how to fix it, raised before training
+time is spent where the problem can be seen that early; recoverable trouble (a non-finite step
+the optimizer skips) is counted and the run goes on.
+
+Cases already covered in test_diffin_callback.py (real fits): duplicate, negative and float ids,
+a dict batch without ids, a per-sample loss of the wrong shape or whose mean is not the training
+loss, a module without the mixin, unmodelled optimizers, precisions and clipping, and a
+validation target without a loader. Their fix hints are checked here on the helpers.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from conftest import quiet_trainer
+from lightning_influence import DiffIn
+from lightning_influence.callbacks.diffin import _check_ids, _check_losses, _check_query_budget
+from lightning_influence.data import FixedBatches
+from lightning_influence.models import Classifier
+
+BAD_INPUT = (ValueError, TypeError, KeyError)
+
+
+def _model(cls=Classifier, **kwargs):
+    torch.manual_seed(0)
+    return cls(hidden=(8,), **kwargs).double()
+
+
+def _fit(train, cb, model=None, val=None, **trainer_kwargs):
+    """Fit and return the trainer (also when ``fit`` raises: see ``_refused``)."""
+    model = model if model is not None else _model()
+    trainer = quiet_trainer(callbacks=[cb], **trainer_kwargs)
+    trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
+    return trainer
+
+
+def _refused(train, match, cb, model=None, val=None, **trainer_kwargs):
+    """``fit`` fails with a message matching ``match``; returns the trainer to check how far it got."""
+    model = model if model is not None else _model()
+    trainer = quiet_trainer(callbacks=[cb], **trainer_kwargs)
+    with pytest.raises(BAD_INPUT, match=match) as err:
+        trainer.fit(model, train_dataloaders=train, val_dataloaders=val)
+    trainer.error = str(err.value)
+    return trainer
+
+
+def _val(problem):
+    return DiffIn(target="val", target_loader=problem.val)
+
+
+class _Shifted(Dataset):
+    """``(x, y, i + offset)``: ids that do not index the training set (e.g. 1-based ids)."""
+
+    def __init__(self, x, y, offset):
+        self.x, self.y, self.offset = x, y, offset
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i + self.offset
+
+
+class _Stream(IterableDataset):
+    """An iterable dataset (no ``__len__``): the number of training samples is unknown."""
+
+    def __init__(self, x, y, offset):
+        self.x, self.y, self.offset = x, y, offset
+
+    def __iter__(self):
+        for i in range(len(self.x)):
+            yield self.x[i], self.y[i], i + self.offset
+
+
+# ---------------------------------------------------------------------------- 1. batches without ids
+def test_tensor_dataset_without_an_id_column_is_refused_before_the_first_step(small_digits):
+    """A plain (x, y) TensorDataset: the default sample_ids would read the labels as ids."""
+    plain = DataLoader(TensorDataset(small_digits.x, small_digits.y), batch_size=16)
+    trainer = _refused(plain, r"TensorDataset.*not a column of sample ids.*IndexedDataset.*sample_ids\(batch\)", _val(small_digits))
+    assert "torch.int64" in trainer.error and "labels" in trainer.error
+    assert trainer.global_step == 0
+
+
+def test_tensor_dataset_with_float_targets_last_is_refused(small_digits):
+    """Regression-style (x, y_float) data: the last tensor is neither integer nor an id column."""
+
+    class Regression(Classifier):
+        def per_sample_loss(self, batch):
+            return (self(batch[0])[:, 0] - batch[1]).square()
+
+    data = DataLoader(TensorDataset(small_digits.x, small_digits.y.double()), batch_size=16)
+    trainer = _refused(data, r"TensorDataset.*torch.float64.*IndexedDataset", _val(small_digits), model=_model(Regression))
+    assert trainer.global_step == 0
+
+
+def test_tensor_dataset_with_an_id_column_is_accepted(small_digits):
+    ids = torch.arange(small_digits.n)
+    data = DataLoader(TensorDataset(small_digits.x, small_digits.y, ids), batch_size=16, shuffle=True)
+    cb = _val(small_digits)
+    _fit(data, cb)
+    assert cb.scores.ids.tolist() == ids.tolist() and torch.isfinite(cb.scores.values).all()
+
+
+def test_dict_batches_without_the_id_key_name_the_keys_and_the_fix(small_digits):
+    class Items(Dataset):
+        def __len__(self):
+            return small_digits.n
+
+        def __getitem__(self, i):
+            return {"x": small_digits.x[i], "y": small_digits.y[i], "id": i}
+
+    class DictModel(Classifier):
+        def per_sample_loss(self, batch):  # dict training batches, (x, y, id) validation batches
+            if isinstance(batch, dict):
+                return torch.nn.functional.cross_entropy(self(batch["x"]), batch["y"], reduction="none")
+            return super().per_sample_loss(batch)
+
+    loader = DataLoader(Items(), batch_size=16)
+    trainer = _refused(
+        loader, r"no sample ids: dict batch keys are \['id', 'x', 'y'\], expected 'index'", _val(small_digits), model=_model(DictModel)
+    )
+    assert "IndexedDataset" in trainer.error and "sample_id_key" in trainer.error
+    assert trainer.global_step == 0
+
+    class KeyedModel(DictModel):
+        sample_id_key = "id"  # the fix the message names
+
+    cb = _val(small_digits)
+    _fit(loader, cb, model=_model(KeyedModel))
+    assert len(cb.scores) == small_digits.n
+
+
+def test_id_errors_say_where_the_ids_came_from_and_how_to_fix_it():
+    """The fit-level cases are in test_diffin_callback.py; here the fix each message names."""
+    model = _model()
+    labels = torch.tensor([3, 1, 3, 0])
+    with pytest.raises(ValueError, match=r"duplicate sample ids in one batch: \[3\]") as err:
+        _check_ids(labels, None, model, (torch.zeros(4, 64), labels))
+    assert "read the last element of this 2-element tuple batch" in str(err.value)
+    assert "IndexedDataset" in str(err.value) and "override sample_ids(batch)" in str(err.value)
+    with pytest.raises(ValueError, match=r"integer Tensor\[B\].*torch.float32.*IndexedDataset"):
+        _check_ids(torch.zeros(4), None, model, (torch.zeros(4, 64), torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"must be >= 0, got -2.*IndexedDataset.*sample_ids\(batch\)"):
+        _check_ids(torch.tensor([0, -2]), 10, model, None)
+
+    class OwnIds(Classifier):
+        def sample_ids(self, batch):
+            return batch[2]
+
+    with pytest.raises(ValueError, match=r"duplicate.*OwnIds.sample_ids\(batch\) must return"):
+        _check_ids(torch.tensor([1, 1]), None, _model(OwnIds), None)
+
+
+def test_an_empty_training_batch_is_refused(small_digits):
+    x, y, i = small_digits.train.batches[0]
+    batches = FixedBatches([(x, y, i), (x[:0], y[:0], i[:0])])
+    trainer = _refused(batches, r"training batch 1 has no samples.*collate_fn", _val(small_digits))
+    assert trainer.global_step == 1
+
+
+# ---------------------------------------------------------------------------- 2. ids outside [0, N)
+@pytest.mark.parametrize("offset,first_bad", [(1, 256), (1000, 1000)])
+def test_ids_outside_the_training_set_name_the_id_and_the_dataset_length(small_digits, offset, first_bad):
+    loader = DataLoader(_Shifted(small_digits.x, small_digits.y, offset), batch_size=16)
+    trainer = _refused(loader, rf"sample id {first_bad} is outside \[0, 256\).*len\(.*dataset\) = 256", _val(small_digits))
+    assert "IndexedDataset" in trainer.error and "sample_ids(batch)" in trainer.error
+    # 1-based ids fail on the batch that holds id N, large offsets on the first one
+    assert trainer.global_step == (15 if offset == 1 else 0)
+
+
+def test_ids_of_an_iterable_loader_of_unknown_length_are_accepted_and_the_store_grows(small_digits):
+    loader = DataLoader(_Stream(small_digits.x, small_digits.y, 1000), batch_size=16)
+    cb = _val(small_digits)
+    _fit(loader, cb)
+    assert cb.scores.ids.tolist() == list(range(1000, 1000 + small_digits.n))
+    assert torch.isfinite(cb.scores.values).all() and cb.scores.values.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------- 3. per-sample losses
+class _IntegerLoss(Classifier):
+    def per_sample_loss(self, batch):
+        return self(batch[0]).argmax(-1)  # predictions, not losses
+
+    def training_step(self, batch, i):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+
+class _DetachedLoss(Classifier):
+    def per_sample_loss(self, batch):
+        return super().per_sample_loss(batch).detach()
+
+    def training_step(self, batch, i):
+        return Classifier.per_sample_loss(self, batch).mean()
+
+
+class _ElsewhereLoss(Classifier):
+    """Losses on another device than the parameters (``meta`` stands in for a GPU on a CPU machine)."""
+
+    def per_sample_loss(self, batch):
+        return super().per_sample_loss(batch).to("meta")
+
+    def training_step(self, batch, i):
+        return Classifier.per_sample_loss(self, batch).mean()
+
+
+@pytest.mark.parametrize(
+    "cls,match",
+    [
+        (_IntegerLoss, r"floating-point losses, got dtype torch.int64.*reduction='none'"),
+        (_DetachedLoss, r"do not depend on the trainable parameters.*detach"),
+        (_ElsewhereLoss, r"losses on meta but the module's parameters are on cpu"),
+    ],
+)
+def test_unusable_per_sample_losses_are_refused_before_the_first_step(small_digits, cls, match):
+    trainer = _refused(small_digits.train, match, _val(small_digits), model=_model(cls))
+    assert trainer.global_step == 0
+
+
+def test_non_finite_losses_on_the_first_step_name_the_samples(small_digits):
+    batches = list(small_digits.train.batches)
+    x, y, ids = batches[0]
+    x = x.clone()
+    x[3, 5] = float("nan")
+    batches[0] = (x, y, ids)
+    trainer = _refused(FixedBatches(batches), rf"non-finite values for sample ids \[{int(ids[3])}\] on the first step", _val(small_digits))
+    assert "NaN/inf" in trainer.error
+    assert trainer.global_step == 0
+
+
+def test_loss_errors_say_how_to_fix_them():
+    ids = torch.arange(4)
+    with pytest.raises(ValueError, match=r"got \(\).*reduction='none'"):
+        _check_losses(torch.tensor(1.0), ids)
+    with pytest.raises(ValueError, match=r"losses on meta but the module's parameters are on cpu.*\.cpu\(\)"):
+        _check_losses(torch.zeros(4, device="meta"), ids, device=torch.device("cpu"))
+    _check_losses(torch.zeros(4, requires_grad=True), ids, device=torch.device("cpu"), requires_grad=True)
+
+
+# ---------------------------------------------------------------------------- 4. empty targets
+def _empty(problem):
+    x, y, i = problem.val.batches[0]
+    return x[:0], y[:0], i[:0]
+
+
+@pytest.mark.parametrize("target", ["val", "query"])
+@pytest.mark.parametrize("kind", ["no batches", "empty DataLoader", "empty batches"])
+def test_an_empty_target_loader_is_refused_before_the_first_step(small_digits, target, kind):
+    loader = {
+        "no batches": lambda: FixedBatches([]),
+        "empty DataLoader": lambda: DataLoader(TensorDataset(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)), batch_size=8),
+        "empty batches": lambda: FixedBatches([_empty(small_digits)] * 2),
+    }[kind]()
+    cb = DiffIn(target=target, target_loader=loader)
+    batches = "0 batches" if kind != "empty batches" else "2 batches, all empty"
+    trainer = _refused(small_digits.train, rf"target={target!r}.*target_loader yielded no samples \({batches}\)", cb)
+    assert "drop_last" in trainer.error
+    assert trainer.global_step == 0
+
+
+def test_an_empty_validation_loader_is_refused_as_the_target(small_digits):
+    empty = DataLoader(TensorDataset(torch.zeros(0, 64, dtype=torch.float64), torch.zeros(0, dtype=torch.long)), batch_size=8)
+    trainer = _refused(small_digits.train, r"target='val'.*validation loader yielded no samples \(0 batches\)", DiffIn(target="val"), val=empty)
+    assert trainer.global_step == 0
+
+
+def test_empty_batches_inside_a_target_loader_are_skipped(small_digits):
+    """They add nothing to the target; per_sample_loss never sees them (models may fail on them)."""
+
+    class NoEmpty(Classifier):
+        def per_sample_loss(self, batch):
+            if batch[0].shape[0] == 0:
+                raise RuntimeError("per_sample_loss called on an empty batch")
+            return super().per_sample_loss(batch)
+
+    padded = FixedBatches([_empty(small_digits), *small_digits.val.batches, _empty(small_digits)])
+    with_empty, plain = DiffIn(target="val", target_loader=padded), _val(small_digits)
+    plain._generate_state_key = lambda **kw: "plain"
+    torch.manual_seed(0)
+    quiet_trainer(callbacks=[with_empty, plain]).fit(_model(NoEmpty), train_dataloaders=small_digits.train)
+    torch.testing.assert_close(with_empty.scores.values, plain.scores.values, rtol=0, atol=0)
+
+
+def test_a_target_loader_that_is_empty_when_used_gets_the_same_message(small_digits):
+    """A loader that only turns out empty at sweep time (here: a stream exhausted by then)."""
+
+    class Once:
+        def __init__(self, batches):
+            self.batches, self.used = batches, 0
+
+        def __iter__(self):
+            self.used += 1
+            return iter(self.batches if self.used == 1 else [])
+
+    trainer = _refused(small_digits.train, r"target='val'.*target_loader yielded no samples \(0 batches\)", DiffIn(target="val", target_loader=Once(small_digits.val.batches)))
+    assert trainer.global_step == len(small_digits.train)  # found at the end-of-fit sweep
+
+
+# ---------------------------------------------------------------------------- 5. query memory budget
+def test_a_query_target_over_the_memory_budget_is_refused_before_the_first_step(small_digits, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_INFLUENCE_MEMORY_BUDGET", "100000")
+    query = FixedBatches(small_digits.val.batches[:1])  # 100 query samples
+    train = DataLoader(TensorDataset(small_digits.x, small_digits.y, torch.arange(small_digits.n)), batch_size=16)
+    trainer = _refused(train, r"target='query' with Q=100 query samples needs about", DiffIn(target="query", target_loader=query))
+    # P = 64*8 + 8 + 8*10 + 10 = 610 float64 parameters, N = 256 training samples
+    for part in ("P x Q = 610 x 100", "N x Q = 256 x 100", "memory budget of 97.7 KiB", "LIGHTNING_INFLUENCE_MEMORY_BUDGET", "target_samples", "params="):
+        assert part in trainer.error
+    assert trainer.global_step == 0
+    monkeypatch.setenv("LIGHTNING_INFLUENCE_MEMORY_BUDGET", str(10**7))
+    cb = DiffIn(target="query", target_loader=FixedBatches([tuple(t[:4] for t in small_digits.val.batches[0])]))
+    _fit(small_digits.train, cb)
+    assert cb.scores.values.shape == (small_digits.n, 4)
+
+
+def test_query_budget_estimate_and_its_default(monkeypatch):
+    monkeypatch.delenv("LIGHTNING_INFLUENCE_MEMORY_BUDGET", raising=False)
+    # default 8 GiB: 10^6 parameters x 500 queries in float32 (2 GB) + float64 gradient (4 GB) + scores: too much
+    with pytest.raises(ValueError, match=r"exceeds the memory budget of 8.00 GiB \(LIGHTNING_INFLUENCE_MEMORY_BUDGET"):
+        _check_query_budget(10**6, 500, 10**6, None)
+    _check_query_budget(10**6, 100, 10**6, None)  # 0.4 + 0.8 + 0.8 GB
+    need = 10 * 3 * 4 + 10 * 3 * 8 + 7 * 3 * 8
+    _check_query_budget(10, 3, 7, need)
+    with pytest.raises(ValueError, match="needs about"):
+        _check_query_budget(10, 3, 7, need - 1)
+    monkeypatch.setenv("LIGHTNING_INFLUENCE_MEMORY_BUDGET", "a lot")
+    with pytest.raises(ValueError, match=r"LIGHTNING_INFLUENCE_MEMORY_BUDGET must be a number of bytes, got 'a lot'"):
+        _check_query_budget(10, 3, 7, None)
+
+
+# ---------------------------------------------------------------------------- 6. non-finite steps
+class _SkipsNonFinite(Classifier):
+    """Skips an optimizer step whose gradients are not finite, as a gradient scaler does: its own
+    on_before_optimizer_step runs after DiffIn's, and SGD leaves parameters without .grad alone."""
+
+    def on_before_optimizer_step(self, optimizer):
+        if not all(torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None):
+            for p in self.parameters():
+                p.grad = None
+
+
+def _poisoned(batches, steps, dtype=None):
+    """NaN in one input of each of the given training steps' batches (corrupt data)."""
+    out = []
+    for k, (x, y, ids) in enumerate(batches.batches):
+        x = x.clone() if dtype is None else x.to(dtype)
+        if k in steps:
+            x[2, 7] = float("nan")
+        out.append((x, y, ids))
+    return FixedBatches(out)
+
+
+def _fit_counting_warnings(train, cb, model, **trainer_kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _fit(train, cb, model=model, **trainer_kwargs)
+    return trainer, [w for w in caught if "non-finite gradients" in str(w.message)]
+
+
+@pytest.mark.parametrize("steps", [(5,), (5, 20, 33)])
+def test_steps_with_non_finite_gradients_are_skipped_counted_and_warned_once(small_digits, steps):
+    cb = _val(small_digits)
+    model = _model(_SkipsNonFinite)
+    trainer, warned = _fit_counting_warnings(_poisoned(small_digits.train, steps), cb, model)
+    meta = cb.scores.metadata
+    assert meta["skipped_steps"] == len(steps)
+    assert meta["steps_seen"] == meta["steps_scored"] == len(small_digits.train) - len(steps)
+    assert trainer.global_step == len(small_digits.train)  # the run went on
+    assert len(warned) == 1 and "optimizer step 5" in str(warned[0].message)
+    assert len(cb.scores) == small_digits.n and torch.isfinite(cb.scores.values).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_non_finite_step_skipped_by_the_16_mixed_gradient_scaler(small_digits):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    val = FixedBatches([(x.float(), y, i) for x, y, i in small_digits.val.batches])
+    cb = DiffIn(target="val", target_loader=val)
+    torch.manual_seed(0)
+    model = Classifier(hidden=(8,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # low enough that only the poisoned step overflows
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer, warned = _fit_counting_warnings(_poisoned(small_digits.train, (9,), torch.float32), cb, model, plugins=[plugin])
+    assert cb.scores.metadata["skipped_steps"] == 1 and len(warned) == 1
+    assert trainer.global_step == len(small_digits.train)
+    assert len(cb.scores) == small_digits.n and torch.isfinite(cb.scores.values).all()
+
+
+def test_the_first_step_checks_leave_the_training_run_unchanged(small_digits):
+    """The first-step check calls per_sample_loss in train mode: batch-norm running statistics are
+    restored, so a run with DiffIn trains exactly as one without it."""
+    from torch import nn
+
+    class WithBatchNorm(Classifier):
+        def __init__(self):
+            super().__init__(hidden=(8,))
+            self.net = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 10))
+
+    runs = []
+    for callbacks in ([], [_val(small_digits)]):
+        torch.manual_seed(0)
+        model = WithBatchNorm().double()
+        quiet_trainer(callbacks=callbacks).fit(model, train_dataloaders=small_digits.train)
+        runs.append(model.state_dict())
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name]), name
