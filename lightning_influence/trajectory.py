@@ -11,6 +11,7 @@ and, when attribution is restricted to a parameter subset, the other trainable p
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections import deque
@@ -128,7 +129,9 @@ class Trajectory:
             self._records.append(record)
             return
         path = self._dir / f"step-{record.step:09d}.pt"  # type: ignore[operator]
-        torch.save(_payload(record), path)
+        partial = path.with_name(f".{path.name}.tmp")
+        torch.save(_payload(record), partial)
+        os.replace(partial, path)  # never a half-written record under the final name (scratch: no fsync)
         self._records.append(path)
 
     def export(self) -> list[dict[str, Any]]:
