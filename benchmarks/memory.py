@@ -60,6 +60,8 @@ import time
 import warnings
 from typing import Any
 
+from revision import git_revision  # benchmarks/revision.py
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CONFIGS: dict[str, tuple[str, dict[str, Any] | None]] = {
@@ -467,18 +469,6 @@ def details(r: dict[str, Any]) -> str:
     return text
 
 
-def _git_revision(path: str) -> str | None:
-    try:
-        def git(*cmd: str) -> str:
-            return subprocess.run(["git", "-C", path, *cmd], capture_output=True, text=True, check=True).stdout.strip()
-
-        rev = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", ".")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev + ("+dirty" if dirty else "")
-
-
 def worker_argv(args: argparse.Namespace, config: str, result_path: str) -> list[str]:
     argv = [sys.executable, os.path.abspath(__file__), "--worker", config, "--result", result_path]
     for key in ("samples", "features", "classes", "hidden", "batch_size", "lr", "steps", "memory_steps", "window",
@@ -621,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(details(r))
     threshold = r0["malloc_mmap_threshold"]
-    revision = _git_revision(r0["lightning_influence"])
+    revision = git_revision(r0["lightning_influence"])
     print(
         f"- torch {r0['versions']['torch']}, lightning {r0['versions']['lightning']}, lightning_influence from "
         f"{r0['lightning_influence']}{f' ({revision})' if revision else ''}; {args.threads} torch thread(s), "

@@ -50,6 +50,7 @@ import lightning as L  # noqa: E402
 from lightning_influence.callbacks.diffin import DiffIn  # noqa: E402
 from lightning_influence.data import IndexedDataset, load_digits_tensors  # noqa: E402
 from lightning_influence.models import Classifier  # noqa: E402
+from revision import git_revision  # noqa: E402  (benchmarks/revision.py)
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")
@@ -357,21 +358,6 @@ def profile_one(workload: Workload, config: str, top: int, out: str | None = Non
         print(buf.getvalue())
 
 
-def _git_revision() -> str | None:
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        def git(*cmd: str) -> str:
-            return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True, check=True).stdout.strip()
-
-        rev = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "lightning_influence")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return rev + ("+dirty" if dirty else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check in well under a minute")
@@ -474,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": repeats,
             "total_seconds": elapsed,
             "environment": {
-                "git": _git_revision(),
+                "git": git_revision(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lightning_influence"),
                 "torch": torch.__version__,
                 "lightning": L.__version__,
                 "python": platform.python_version(),

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from conftest import quiet_trainer
 from lightning_influence import DiffIn
-from lightning_influence.callbacks.diffin import _check_ids, _check_losses, _check_query_budget
+from lightning_influence.callbacks.checks import check_ids, check_losses, check_query_budget
 from lightning_influence.data import FixedBatches
 from lightning_influence.models import Classifier
 
@@ -139,20 +139,20 @@ def test_id_errors_say_where_the_ids_came_from_and_how_to_fix_it():
     model = _model()
     labels = torch.tensor([3, 1, 3, 0])
     with pytest.raises(ValueError, match=r"duplicate sample ids in one batch: \[3\]") as err:
-        _check_ids(labels, None, model, (torch.zeros(4, 64), labels))
+        check_ids(labels, None, model, (torch.zeros(4, 64), labels))
     assert "read the last element of this 2-element tuple batch" in str(err.value)
     assert "IndexedDataset" in str(err.value) and "override sample_ids(batch)" in str(err.value)
     with pytest.raises(ValueError, match=r"integer Tensor\[B\].*torch.float32.*IndexedDataset"):
-        _check_ids(torch.zeros(4), None, model, (torch.zeros(4, 64), torch.zeros(4)))
+        check_ids(torch.zeros(4), None, model, (torch.zeros(4, 64), torch.zeros(4)))
     with pytest.raises(ValueError, match=r"must be >= 0, got -2.*IndexedDataset.*sample_ids\(batch\)"):
-        _check_ids(torch.tensor([0, -2]), 10, model, None)
+        check_ids(torch.tensor([0, -2]), 10, model, None)
 
     class OwnIds(Classifier):
         def sample_ids(self, batch):
             return batch[2]
 
     with pytest.raises(ValueError, match=r"duplicate.*OwnIds.sample_ids\(batch\) must return"):
-        _check_ids(torch.tensor([1, 1]), None, _model(OwnIds), None)
+        check_ids(torch.tensor([1, 1]), None, _model(OwnIds), None)
 
 
 def test_an_empty_training_batch_is_refused(small_digits):
@@ -234,10 +234,10 @@ def test_non_finite_losses_on_the_first_step_name_the_samples(small_digits):
 def test_loss_errors_say_how_to_fix_them():
     ids = torch.arange(4)
     with pytest.raises(ValueError, match=r"got \(\).*reduction='none'"):
-        _check_losses(torch.tensor(1.0), ids)
+        check_losses(torch.tensor(1.0), ids)
     with pytest.raises(ValueError, match=r"losses on meta but the module's parameters are on cpu.*\.cpu\(\)"):
-        _check_losses(torch.zeros(4, device="meta"), ids, device=torch.device("cpu"))
-    _check_losses(torch.zeros(4, requires_grad=True), ids, device=torch.device("cpu"), requires_grad=True)
+        check_losses(torch.zeros(4, device="meta"), ids, device=torch.device("cpu"))
+    check_losses(torch.zeros(4, requires_grad=True), ids, device=torch.device("cpu"), requires_grad=True)
 
 
 # ---------------------------------------------------------------------------- 4. empty targets
@@ -319,15 +319,15 @@ def test_query_budget_estimate_and_its_default(monkeypatch):
     monkeypatch.delenv("LIGHTNING_INFLUENCE_MEMORY_BUDGET", raising=False)
     # default 8 GiB: 10^6 parameters x 500 queries in float32 (2 GB) + float64 gradient (4 GB) + scores: too much
     with pytest.raises(ValueError, match=r"exceeds the memory budget of 8.00 GiB \(LIGHTNING_INFLUENCE_MEMORY_BUDGET"):
-        _check_query_budget(10**6, 500, 10**6, None)
-    _check_query_budget(10**6, 100, 10**6, None)  # 0.4 + 0.8 + 0.8 GB
+        check_query_budget(10**6, 500, 10**6, None)
+    check_query_budget(10**6, 100, 10**6, None)  # 0.4 + 0.8 + 0.8 GB
     need = 10 * 3 * 4 + 10 * 3 * 8 + 7 * 3 * 8
-    _check_query_budget(10, 3, 7, need)
+    check_query_budget(10, 3, 7, need)
     with pytest.raises(ValueError, match="needs about"):
-        _check_query_budget(10, 3, 7, need - 1)
+        check_query_budget(10, 3, 7, need - 1)
     monkeypatch.setenv("LIGHTNING_INFLUENCE_MEMORY_BUDGET", "a lot")
     with pytest.raises(ValueError, match=r"LIGHTNING_INFLUENCE_MEMORY_BUDGET must be a number of bytes, got 'a lot'"):
-        _check_query_budget(10, 3, 7, None)
+        check_query_budget(10, 3, 7, None)
 
 
 # ---------------------------------------------------------------------------- 6. non-finite steps

@@ -1,0 +1,259 @@
+"""Input checks of the ``DiffIn`` callback: what it refuses before any training time is spent,
+each with what is wrong and how to fix it (sample ids, per-sample losses, training and target
+data, the memory a query target needs)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from lightning_influence.mixin import InfluenceMixin
+from lightning_influence.targets import TargetGradient
+
+if TYPE_CHECKING:
+    from lightning_influence.callbacks.diffin import DiffIn
+
+def check_ids(ids: Tensor, num_samples: int | None = None, module: Any = None, batch: Any = None) -> None:
+    """The sample ids of one training batch: a 1-D integer tensor of distinct ids in ``[0, num_samples)``
+    (``num_samples``: the training dataset's length when known; otherwise the score store grows)."""
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(
+            f"sample_ids(batch) must return an integer Tensor[B] of sample ids, got dtype {ids.dtype} and shape "
+            f"{tuple(ids.shape)}: {_ids_hint(module, batch)}"
+        )
+    if not ids.numel():
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
+    if low < 0:
+        where = f"[0, {num_samples})" if num_samples is not None else "[0, N)"
+        raise ValueError(
+            f"sample ids must be >= 0, got {low}: ids are positions {where} in the training dataset and index the "
+            f"score store. {_ids_hint(module, batch)}"
+        )
+    if num_samples is not None and high >= num_samples:
+        first = int(ids[ids >= num_samples].min())
+        raise ValueError(
+            f"sample id {first} is outside [0, {num_samples}): ids must be positions in the training dataset "
+            f"(len(trainer.train_dataloader.dataset) = {num_samples}), which sizes the score store. Wrap the training "
+            "dataset itself in lightning_influence.IndexedDataset (not a larger dataset that is then subset or "
+            "filtered), or override sample_ids(batch) to map your ids to 0..N-1 (1-based ids: subtract 1)"
+        )
+    if ids.unique().numel() != ids.numel():
+        dup = ids[torch.cat([ids.sort().values.diff() == 0, torch.tensor([False], device=ids.device)])]
+        raise ValueError(
+            f"duplicate sample ids in one batch: {dup.unique().tolist()[:10]}; each sample may appear once per step. "
+            f"{_ids_hint(module, batch)}"
+        )
+
+
+def check_losses(losses: Any, ids: Tensor, device: torch.device | None = None, requires_grad: bool = False) -> None:
+    """The per-sample losses of the first training batch (computed with autograd on): one floating value
+    per sample id, on the parameters' ``device``, differentiable when ``requires_grad``, finite."""
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != ids.numel():
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"per_sample_loss(batch) must return an unreduced Tensor[B] with B = {ids.numel()} (one loss per sample "
+            f"id), got {shape}: compute the loss without reduction (e.g. F.cross_entropy(logits, y, reduction='none'))"
+        )
+    if not losses.is_floating_point():
+        raise ValueError(
+            f"per_sample_loss(batch) must return floating-point losses, got dtype {losses.dtype}: return the unreduced "
+            "training loss of each sample (e.g. F.cross_entropy(logits, y, reduction='none')), not labels, predictions "
+            "or counts"
+        )
+    if device is not None and losses.device != device:
+        raise ValueError(
+            f"per_sample_loss(batch) returned losses on {losses.device} but the module's parameters are on {device}: "
+            "compute them from the batch as given (Lightning has moved it to the module's device) and do not move "
+            "the result (.cpu(), .to(...))"
+        )
+    if requires_grad and not losses.requires_grad:
+        raise ValueError(
+            "per_sample_loss(batch) returned losses that do not depend on the trainable parameters (requires_grad is "
+            "False): DiffIn differentiates them, so compute them with autograd from the module's forward pass, "
+            "without .detach(), .item(), NumPy or torch.no_grad()"
+        )
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = ids.reshape(-1).cpu()[~finite.cpu()]
+        raise ValueError(
+            f"per_sample_loss(batch) returned non-finite values for sample ids {bad[:10].tolist()}"
+            f"{' ...' if bad.numel() > 10 else ''} on the first step: check these samples for NaN/inf inputs and the "
+            "loss for log(0) or division by zero (DiffIn can neither check the per-sample losses against the training "
+            "loss nor attribute such a step)"
+        )
+
+
+def _ids_hint(module: Any, batch: Any) -> str:
+    """Where the ids came from and how to provide them, for the messages of ``check_ids``."""
+    if module is not None and type(module).sample_ids is not InfluenceMixin.sample_ids:
+        return (
+            f"{type(module).__name__}.sample_ids(batch) must return one distinct integer id per sample of the batch: "
+            "its position in the training dataset"
+        )
+    if isinstance(batch, (tuple, list)):
+        return (
+            f"The default sample_ids(batch) read the last element of this {len(batch)}-element {type(batch).__name__} "
+            "batch as the ids; if the batches carry no ids (an (x, y) batch: the labels or targets were read), wrap "
+            "the training dataset in lightning_influence.IndexedDataset (each item then carries its index as its last "
+            "element) or override sample_ids(batch)"
+        )
+    return (
+        "If the batches carry no ids, wrap the training dataset in lightning_influence.IndexedDataset (each item then "
+        "carries its index) or override sample_ids(batch)"
+    )
+
+
+def check_training_dataset(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """A ``TensorDataset`` read by the default ``sample_ids``: its last tensor must be a column of
+    distinct integer ids, else its batches carry none and the labels would be taken for ids."""
+    if type(pl_module).sample_ids is not InfluenceMixin.sample_ids:
+        return
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if not isinstance(dataset, TensorDataset) or not dataset.tensors:
+        return
+    last = dataset.tensors[-1]
+    integer = not (last.is_floating_point() or last.is_complex() or last.dtype == torch.bool)
+    if last.dim() == 1 and integer and last.unique().numel() == last.numel():
+        return
+    raise ValueError(
+        f"the training dataset is a TensorDataset of {len(dataset.tensors)} tensors whose last one ({last.dtype}, shape "
+        f"{tuple(last.shape)}) is not a column of sample ids (distinct integers): its batches carry no sample ids, and "
+        "the default sample_ids(batch) would read that tensor (the labels or targets?) as ids. Wrap it, "
+        "DataLoader(lightning_influence.IndexedDataset(dataset), ...), add an id column "
+        "(TensorDataset(..., torch.arange(len(dataset)))), or override sample_ids(batch)"
+    )
+
+
+def batch_length(batch: Any) -> int | None:
+    """Number of samples in a target batch; ``None`` when it holds no tensor with a batch dimension."""
+    try:
+        return TargetGradient._batch_size(batch)
+    except ValueError:
+        return None
+
+
+def empty_target_message(kind: str, explicit: bool, batches: int) -> str:
+    which = "target_loader" if explicit else "training loader" if kind == "train" else "validation loader"
+    found = f"{batches} batches" if batches == 0 else f"{batches} batch{'es' if batches > 1 else ''}, all empty"
+    loss = "has one column per sample" if kind == "query" else "is the mean over its samples"
+    return (
+        f"DiffIn(target={kind!r}): the {which} yielded no samples ({found}); the target loss {loss} and is undefined "
+        "without any. Pass a loader with at least one non-empty batch (check the dataset's length, drop_last=True "
+        "with fewer samples than batch_size, and filters that remove every sample)"
+    )
+
+
+def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
+    """At the first training batch, before training time is spent: the target loader yields samples
+    (one non-empty batch is looked for), and a query target (all its batches are counted) fits the
+    memory budget. A one-pass iterator is left alone (it is consumed by the target gradient), and so is
+    the training loader (being iterated)."""
+    source = callback._target_source
+    if callback.target == "train" or source is None:
+        return
+    loader = source()
+    if isinstance(loader, Iterator):
+        return
+    query = callback.target == "query"
+    batches = samples = 0
+    sizes_known = True
+    for batch in loader:
+        batches += 1
+        size = batch_length(batch)
+        if size is None:
+            sizes_known = False
+        else:
+            samples += size
+        if not query and size != 0:
+            break
+    if samples == 0 and sizes_known:
+        raise ValueError(empty_target_message(callback.target, callback.target_loader is not None, batches))
+    if not query or not sizes_known:
+        return
+    if callback.target_samples is not None and callback.target_samples > samples:
+        raise ValueError(
+            f"target_samples={callback.target_samples} exceeds the {samples} samples of the query target loader: "
+            "lower target_samples or pass more queries"
+        )
+    space, model = callback._space, callback._model
+    if space is None:
+        return
+    vectors = 1 + len(getattr(model, "state_names", ())) + (callback.hessian_every > 1)
+    check_query_budget(
+        space.size,
+        samples if callback.target_samples is None else callback.target_samples,
+        dataset_length(trainer),
+        dtype=torch.promote_types(space.dtype, torch.float32),
+        adjoint_vectors=vectors,
+    )
+
+
+MEMORY_BUDGET_ENV = "LIGHTNING_INFLUENCE_MEMORY_BUDGET"
+DEFAULT_MEMORY_BUDGET = 8 * 2**30
+
+
+def _memory_budget() -> float:
+    """Bytes a query target may use: ``$LIGHTNING_INFLUENCE_MEMORY_BUDGET``, 8 GiB by default."""
+    raw = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MEMORY_BUDGET
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise ValueError(f"{MEMORY_BUDGET_ENV} must be a number of bytes, got {raw!r} (e.g. {MEMORY_BUDGET_ENV}=17179869184)")
+    return value
+
+
+def _format_bytes(count: float) -> str:
+    value, unit = float(count), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+
+
+def check_query_budget(
+    P: int, Q: int, N: int | None, budget: float | None = None, *, dtype: torch.dtype = torch.float32, adjoint_vectors: int = 1
+) -> None:
+    """Refuse a query target whose P x Q matrices and N x Q scores would not fit ``budget`` bytes
+    (default: :func:`_memory_budget`). Estimate: the target gradient (P x Q, float64), the propagated
+    adjoint (P x Q in ``dtype``, times ``adjoint_vectors`` with optimizer-state adjoints) and the scores
+    (N x Q, float64; not counted when the number of training samples ``N`` is unknown)."""
+    budget = _memory_budget() if budget is None else budget
+    gradient = P * Q * 8
+    adjoint = P * Q * dtype.itemsize * adjoint_vectors
+    scores = (N or 0) * Q * 8
+    need = gradient + adjoint + scores
+    if need <= budget:
+        return
+    state = f", {adjoint_vectors} such matrices with the optimizer state" if adjoint_vectors > 1 else ""
+    raise ValueError(
+        f"target='query' with Q={Q} query samples needs about {_format_bytes(need)}: the target gradient and the "
+        f"propagated adjoint are P x Q = {P} x {Q} matrices (gradient {_format_bytes(gradient)} in float64, adjoint "
+        f"{_format_bytes(adjoint)} in {str(dtype).removeprefix('torch.')}{state}) and the scores an "
+        f"N x Q = {N if N is not None else '(unknown)'} x {Q} "
+        f"float64 matrix ({_format_bytes(scores)}); this exceeds the memory budget of {_format_bytes(budget)} "
+        f"({MEMORY_BUDGET_ENV}). Score fewer queries (target_samples=k, or a smaller target_loader), attribute through "
+        f"a parameter subset (params=['head.*']) to shrink P, use target='val' for one aggregate score per sample, or "
+        f"raise {MEMORY_BUDGET_ENV}=<bytes> if the machine has the memory"
+    )
+
+
+def dataset_length(trainer: L.Trainer) -> int | None:
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    except TypeError:
+        return None
