@@ -159,3 +159,14 @@ def test_a_parameter_without_gradient_under_a_stateful_optimizer_is_refused(smal
     cb = DiffIn(target="val", target_loader=small_digits.val)
     quiet_trainer(callbacks=[cb], max_steps=4).fit(plain.double(), train_dataloaders=small_digits.train)
     assert torch.isfinite(cb.scores.values).all()
+
+
+def test_clipping_by_norm_with_a_parameter_subset_counts_the_other_parameters_in_the_norm(small_digits):
+    """The clip coefficient depends on the gradient norm over every parameter of the optimizer;
+    with params=["net.2.*"] the body's share enters as a recorded constant. The callback's check
+    of its modelled update against the real one on the first steps would fail otherwise."""
+    cb = DiffIn(target="val", target_loader=small_digits.val, params=["net.2.*"])
+    torch.manual_seed(0)
+    model = Classifier(hidden=(16,), lr=0.1).double()
+    quiet_trainer(callbacks=[cb], gradient_clip_val=0.05, max_steps=6).fit(model, train_dataloaders=small_digits.train)
+    assert torch.isfinite(cb.scores.values).all()

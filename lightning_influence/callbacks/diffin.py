@@ -432,7 +432,9 @@ class DiffIn(Callback):
                 )
             self.seconds += time.perf_counter() - start
             return
-        rest = float(sum(g.double().square().sum() for g in context_grads)) if context_grads else 0.0
+        # Clipping by norm spans every parameter of the optimizer: the unattributed ones enter as a constant.
+        clips_norm = model.clip_val is not None and model.clip_algorithm == "norm"
+        rest = float(sum(g.double().square().sum() for g in context_grads)) if clips_norm and context_grads else 0.0
         hyper, state = model.capture(rest_norm_sq=rest)
         keep = trajectory.keeps_theta(self.steps_seen)  # between checkpoints only the batches are kept
         needs_grad = self._reuse_gradient or not model.is_stateless_sgd or self._verified_steps < VERIFIED_STEPS
