@@ -135,11 +135,10 @@ class StepModel:
             _check_group(kind, g, group)
         # Only the state this optimizer really carries is recorded.
         if self.family is _SGD:
-            uses = any(float(group.get("momentum", 0.0)) != 0.0 for group in inner.param_groups)
-            self.state_names: tuple[str, ...] = ("momentum_buffer",) if uses else ()
+            unused = set() if any(float(g.get("momentum", 0.0)) != 0.0 for g in inner.param_groups) else {"momentum_buffer"}
         else:
-            ams = any(group.get("amsgrad", False) for group in inner.param_groups)
-            self.state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if ams else ("exp_avg", "exp_avg_sq")
+            unused = set() if any(g.get("amsgrad", False) for g in inner.param_groups) else {"max_exp_avg_sq"}
+        self.state_names: tuple[str, ...] = tuple(n for n in self.family.state if n not in unused)
         self._expanded: tuple[Tensor, dict[str, Tensor]] | None = None
 
     @property

@@ -502,11 +502,11 @@ class DiffIn(Callback):
         """Compare the modelled update of ``record`` with what the optimizer really did: a
         mismatch (an unmodelled option, a hook that changed the gradients after DiffIn read
         them, ...) would make every score wrong."""
-        assert self._model is not None and self._space is not None and record.theta is not None
+        # Verified steps always keep their gradient (see on_before_optimizer_step).
+        assert self._model is not None and self._space is not None and record.theta is not None and record.grad is not None
         self._verified_steps += 1
-        grad = record.grad if record.grad is not None else self._space.flatten([p.grad for p in self._params])
         with torch.no_grad():
-            predicted, _ = self._model.update(record.theta, record.state, grad, record.hyper)
+            predicted, _ = self._model.update(record.theta, record.state, record.grad, record.hyper)
         actual = self._space.flatten(self._params)
         error = float((predicted - actual).abs().max())
         moved = float((actual - record.theta).abs().max())
