@@ -217,3 +217,42 @@ def module_mode(module: nn.Module, training: bool) -> Iterator[None]:
 def evaluation_mode(module: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Evaluate ``module`` deterministically (dropout off, normalisation statistics frozen)."""
     return module_mode(module, training=False)
+
+
+def per_sample_gradients(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batch: Any, chunk_size: int | None = None) -> Tensor:
+    """Gradient of every sample's loss at the flat point ``theta``: ``Tensor[B, P]`` (parameters' dtype).
+
+    Materialises ``B x P`` numbers: meant for estimators that need the vectors themselves
+    (TracIn, influence functions, GraNd); per-sample *directional* derivatives are far cheaper
+    with :func:`directional_derivatives`. Computed with ``torch.func.vmap`` over ``torch.func.grad``
+    of each sample's loss (the batch split into single-sample batches of the same structure);
+    ``chunk_size`` bounds how many samples are vectorised at once. Falls back to one backward
+    pass per sample when the loss is not vmappable (e.g. data-dependent control flow).
+    """
+    params = space.unflatten(theta)
+    size = _batch_size(batch)
+
+    def one(p: Mapping[str, Tensor], sample: Any) -> Tensor:
+        single = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) and t.dim() > 0 else t, sample)
+        return loss_fn(p, single).sum()
+
+    in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else None, batch)
+    try:
+        grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)
+        return torch.cat([grads[n].reshape(size, -1).to(space.dtype) for n in space.names], dim=1)
+    except (RuntimeError, NotImplementedError, ValueError):
+        rows = []
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            losses = loss_fn(leaves, batch)
+            for i in range(size):
+                g = torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=i + 1 < size, allow_unused=True)
+                rows.append(space.flatten(list(g)))
+        return torch.stack(rows) if rows else torch.zeros(0, space.size, dtype=space.dtype, device=theta.device)
+
+
+def _batch_size(batch: Any) -> int:
+    for leaf in torch.utils._pytree.tree_leaves(batch):
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise ValueError("cannot tell the size of a batch: it holds no tensor with a batch dimension")

@@ -1,0 +1,207 @@
+"""The one interface every influence estimator shares, and the registry that names them.
+
+An estimator answers one question: *how would the target loss change if training sample z
+were removed?* Every estimator returns :class:`~lightning_influence.scores.InfluenceScores`
+in the library's sign and units: the predicted change of the target loss (units of the
+target loss, e.g. nats of mean cross-entropy) when the sample is removed. Positive: the sample
+helps. Negative: it hurts. Estimators whose natural output has other units (coreset scores,
+Forward-INF loss shifts) say so in their metadata (``"units"``) and keep the sign: a larger
+value means more helpful / more worth keeping.
+
+Two kinds share the protocol:
+
+- *post-hoc* estimators work on the trained module and its loaders;
+- *recording* estimators must watch training: :meth:`Estimator.callback` returns the Lightning
+  callback to add to the Trainer before ``fit``; :meth:`Estimator.scores` is called after.
+
+Use :func:`build` / :func:`available` to select one by name (this is what the Hydra configs do)::
+
+    estimator = build("influence_function", solver="cg", damping=1e-3)
+    trainer = L.Trainer(callbacks=[c for c in [estimator.callback()] if c is not None])
+    trainer.fit(model, datamodule=dm)
+    scores = estimator.scores(model, dm.train_dataloader(), Target("val", dm.val_dataloader()))
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, per_sample_loss_function
+from lightning_influence.scores import InfluenceScores
+from lightning_influence.targets import TARGET_KINDS, TargetGradient
+
+__all__ = [
+    "Estimator",
+    "Target",
+    "REGISTRY",
+    "available",
+    "build",
+    "estimator_class",
+    "attributed_space",
+    "device_batches",
+    "progress",
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the scores are about.
+
+    ``kind``: ``"train"`` (mean training loss over ``train_loader``: self / empirical-risk
+    influence), ``"val"`` (mean loss over ``loader``), or ``"query"`` (one score column per
+    sample of ``loader``). ``sample_count``: use a fixed random subset of that many target
+    samples, drawn once with ``seed`` (by sample id for ``"train"``).
+    """
+
+    kind: str = "val"
+    loader: Iterable[Any] | None = None
+    sample_count: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"target kind must be one of {TARGET_KINDS}, got {self.kind!r}")
+        if self.kind in ("val", "query") and self.loader is None:
+            raise ValueError(f"a {self.kind!r} target needs a loader: Target({self.kind!r}, loader=...)")
+        if self.sample_count is not None and self.sample_count < 1:
+            raise ValueError(f"sample_count must be a positive integer or None, got {self.sample_count}")
+
+    def loader_for(self, train_loader: Iterable[Any]) -> Iterable[Any]:
+        """The loader whose samples define the target (the training loader for ``"train"``)."""
+        return train_loader if self.kind == "train" and self.loader is None else self.loader  # type: ignore[return-value]
+
+    def gradient(self, module: L.LightningModule, train_loader: Iterable[Any]) -> TargetGradient:
+        """A :class:`~lightning_influence.targets.TargetGradient` over this target's batches,
+        moved to the module's device; call it as ``grad(loss_fn, space, theta)``."""
+        source = self.loader_for(train_loader)
+        return TargetGradient(
+            self.kind,  # type: ignore[arg-type]
+            lambda: device_batches(module, source),
+            sample_count=self.sample_count,
+            seed=self.seed,
+            sample_ids=module.sample_ids if self.kind == "train" else None,  # type: ignore[attr-defined]
+        )
+
+
+def as_target(target: Target | str | Iterable[Any] | None) -> Target:
+    """``"train"`` / a :class:`Target` / a loader (read as a ``"val"`` target)."""
+    if isinstance(target, Target):
+        return target
+    if target is None or target == "train":
+        return Target("train")
+    if isinstance(target, str):
+        raise ValueError(f"a {target!r} target needs its loader: pass Target({target!r}, loader=...)")
+    return Target("val", target)
+
+
+class Estimator(ABC):
+    """Base class of every estimator: ``scores(module, train_loader, target) -> InfluenceScores``.
+
+    ``module`` is a trained LightningModule with :class:`~lightning_influence.InfluenceMixin`
+    (``per_sample_loss`` and ``sample_ids``); ``train_loader`` yields the training batches
+    (each sample once per pass; the order does not matter to post-hoc estimators).
+    """
+
+    name: ClassVar[str] = ""
+    #: Does the estimator need to watch training (``callback()`` must be added to the Trainer)?
+    records_training: ClassVar[bool] = False
+
+    def callback(self) -> L.Callback | None:
+        """The callback to add to the Trainer before ``fit`` (``None`` for post-hoc estimators)."""
+        return None
+
+    @abstractmethod
+    def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
+        """Score every training sample of ``train_loader`` (sign and units: see the module docstring)."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+# name -> "module:attribute"; imported on first use so one estimator's optional dependency
+# never breaks another.
+REGISTRY: dict[str, str] = {
+    "diffin": "lightning_influence.estimators.diffin_recording:DiffInEstimator",
+    "diffin_checkpoints": "lightning_influence.estimators.diffin_checkpoints:DiffInCheckpoints",
+    "influence_function": "lightning_influence.estimators.influence_functions:InfluenceFunction",
+    "datainf": "lightning_influence.estimators.influence_functions:DataInf",
+    "forward_inf": "lightning_influence.estimators.forward_inf:ForwardInf",
+    "tracin": "lightning_influence.estimators.tracin:TracIn",
+    "tracin_checkpoints": "lightning_influence.estimators.tracin:TracInCheckpoints",
+    "el2n": "lightning_influence.estimators.coreset:EL2N",
+    "grand": "lightning_influence.estimators.coreset:GraNd",
+    "forgetting": "lightning_influence.estimators.coreset:Forgetting",
+    "random": "lightning_influence.estimators.coreset:RandomScores",
+    "loss": "lightning_influence.estimators.coreset:FinalLoss",
+    "outlier_gradient": "lightning_influence.estimators.outlier_gradient:OutlierGradient",
+}
+
+
+def estimator_class(name: str) -> type[Estimator]:
+    """The estimator class registered under ``name``."""
+    if name not in REGISTRY:
+        raise KeyError(f"no estimator named {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    module_name, attr = REGISTRY[name].split(":")
+    cls = getattr(importlib.import_module(module_name), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+        raise TypeError(f"{REGISTRY[name]} is not an Estimator subclass")
+    return cls
+
+
+def build(name: str, **options: Any) -> Estimator:
+    """Instantiate the estimator registered under ``name`` with keyword ``options``."""
+    return estimator_class(name)(**options)
+
+
+def available() -> list[str]:
+    """Names of the registered estimators."""
+    return sorted(REGISTRY)
+
+
+# ---------------------------------------------------------------------- shared helpers
+def attributed_space(module: torch.nn.Module, params: list[str] | None = None) -> tuple[ParameterSpace, Tensor, PerSampleLossFn]:
+    """``(space, theta, loss_fn)`` for a trained module: the trainable parameters (or those whose
+    names match one of the fnmatch patterns ``params``), their flat values, and the module's
+    functional per-sample loss."""
+    import fnmatch
+
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if params:
+        named = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in params)]
+        if not named:
+            raise ValueError(f"no trainable parameter name matches params={params}")
+    space = ParameterSpace.from_parameters(named)
+    theta = space.flatten(dict(named))
+    return space, theta, per_sample_loss_function(module)
+
+
+def device_batches(module: L.LightningModule, loader: Iterable[Any]) -> Iterator[Any]:
+    """The loader's batches moved to the module's device (its ``transfer_batch_to_device`` hook)."""
+    device = getattr(module, "device", torch.device("cpu"))
+    for batch in loader:
+        if hasattr(module, "transfer_batch_to_device"):
+            batch = module.transfer_batch_to_device(batch, device, 0)
+        yield batch
+
+
+def progress(iterable: Iterable[Any], description: str, enabled: bool = True, total: int | None = None) -> Iterable[Any]:
+    """Wrap ``iterable`` in a tqdm bar in Lightning's style (Lightning depends on tqdm)."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    if total is None:
+        try:
+            total = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    return tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True, smoothing=0)

@@ -1,0 +1,41 @@
+"""Diff-In behind the common estimator interface: the :class:`~lightning_influence.DiffIn`
+callback records during ``fit``; :meth:`DiffInEstimator.scores` hands back what it computed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import lightning as L
+
+from lightning_influence.callbacks.diffin import DiffIn
+from lightning_influence.estimators.base import Estimator, Target, as_target
+from lightning_influence.scores import InfluenceScores
+
+
+class DiffInEstimator(Estimator):
+    """Diff-In (replay or online). ``options`` are :class:`~lightning_influence.DiffIn`'s arguments
+    (``target``, ``mode``, ``window``, ...). Add :meth:`callback` to the Trainer before ``fit``."""
+
+    name: ClassVar[str] = "diffin"
+    records_training: ClassVar[bool] = True
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self._callback: DiffIn | None = None
+
+    def callback(self) -> DiffIn:
+        if self._callback is None:
+            self._callback = DiffIn(**self.options)
+        return self._callback
+
+    def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
+        wanted = as_target(target) if not isinstance(target, str) or target == "train" else Target(target, loader=[])
+        if self._callback is None or self._callback.scores is None:
+            raise RuntimeError("Diff-In records during fit: add estimator.callback() to the Trainer, run fit, then call scores()")
+        if wanted.kind != self._callback.target:
+            raise ValueError(
+                f"Diff-In recorded scores for target={self._callback.target!r} but {wanted.kind!r} was asked for: "
+                "choose the target when building the estimator (build('diffin', target=...))"
+            )
+        return self._callback.scores
