@@ -11,11 +11,16 @@
   optimizer (class, parameter groups, hyperparameters) with the gradient clipping.
 - :func:`spearman` / :func:`pearson`: dimensionless correlations in [-1, 1] of scores with
   that ground truth.
+- :func:`linear_datamodeling_score` (LDS): the same for group removals, over random subsets
+  retrained by :func:`subset_retraining`.
+- :func:`detection_auroc` / :func:`fraction_found`: how well the most harmful scores find
+  known bad samples (e.g. flipped labels).
 - :class:`StepRecorder`: a callback that records a run's initial parameters, optimizer and
   steps, the inputs of :func:`leave_one_out`.
 """
 
-from lightning_influence.evaluation.metrics import pearson, spearman
+from lightning_influence.evaluation.datamodels import SubsetRetraining, linear_datamodeling_score, random_removals, subset_retraining
+from lightning_influence.evaluation.metrics import detection_auroc, fraction_found, pearson, spearman
 from lightning_influence.evaluation.recorder import StepRecorder
 from lightning_influence.evaluation.retraining import (
     SUPPORTED_OPTIMIZERS,
@@ -29,6 +34,12 @@ from lightning_influence.evaluation.retraining import (
 )
 
 __all__ = [
+    "SubsetRetraining",
+    "detection_auroc",
+    "fraction_found",
+    "linear_datamodeling_score",
+    "random_removals",
+    "subset_retraining",
     "SUPPORTED_OPTIMIZERS",
     "OptimizerSpec",
     "StepRecorder",

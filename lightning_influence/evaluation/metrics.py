@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
-__all__ = ["pearson", "spearman"]
+__all__ = ["detection_auroc", "fraction_found", "pearson", "spearman"]
 
 ArrayLike = Tensor | Sequence[float]
 
@@ -65,3 +65,36 @@ def pearson(scores: ArrayLike, truth: ArrayLike) -> float:
     if value != value:  # nan: torchmetrics found a variance too small to resolve
         raise ValueError("scores or truth vary too little for a float64 Pearson correlation")
     return value
+
+
+def detection_auroc(scores: ArrayLike, positives: Tensor | Sequence[bool]) -> float:
+    """ROC-AUC of finding the ``positives`` (e.g. flipped labels) by ranking the *lowest* scores
+    first: with the library's sign, harmful samples have negative scores. Dimensionless, in
+    [0, 1]; 0.5 is chance. Raises ``ValueError`` without both positives and negatives."""
+    from torchmetrics.functional import auroc
+
+    x = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    pos = torch.as_tensor(positives, dtype=torch.bool).reshape(-1)
+    if x.numel() != pos.numel():
+        raise ValueError(f"scores and positives must have the same length, got {x.numel()} and {pos.numel()}")
+    if bool(pos.all()) or not bool(pos.any()):
+        raise ValueError("detection ROC-AUC needs both positive and negative samples")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("scores has non-finite values")
+    return float(auroc(-x, pos.long(), task="binary"))
+
+
+def fraction_found(scores: ArrayLike, positives: Tensor | Sequence[bool], fraction: float) -> float:
+    """Share of the ``positives`` among the ``fraction`` of samples with the lowest scores
+    (most harmful first; ties broken by position). In [0, 1]; chance is ``fraction``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    x = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    pos = torch.as_tensor(positives, dtype=torch.bool).reshape(-1)
+    if x.numel() != pos.numel():
+        raise ValueError(f"scores and positives must have the same length, got {x.numel()} and {pos.numel()}")
+    total = int(pos.sum())
+    if total == 0:
+        raise ValueError("there are no positives to find")
+    k = max(1, round(fraction * x.numel()))
+    return int(pos[torch.argsort(x, stable=True)[:k]].sum()) / total
