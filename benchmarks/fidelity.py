@@ -1,88 +1,227 @@
-"""Accuracy of DiffIn against leave-one-out retraining, per mode and online window.
+"""The project's scoreboard: every estimator against retraining, on the same runs.
 
-Digits (float64, fixed batch list, plain SGD lr 0.1, batch 32, 1024 training samples), logistic
-regression and an MLP 64-32-10, trained with a real Trainer; the ground truth retrains without
-each of `--samples` random samples (lightning_influence.evaluation.leave_one_out). Prints a
-Markdown table of Spearman (and Pearson) correlations, for exact propagation and for
-`hessian_every=k` (one Hessian product per block of k steps); `--json PATH` also writes the numbers.
+Digits (float64, a fixed batch list, plain SGD lr 0.1, batch 32, 1024 training samples,
+8 epochs = 256 steps), logistic regression and an MLP 64-32-10, trained with a real Trainer.
+Target: the mean validation cross-entropy over 300 held-out samples. For each model:
 
-    OMP_NUM_THREADS=1 python benchmarks/fidelity.py            # 256 and 512 steps, ~2 minutes
+- LOO: Spearman / Pearson of the scores of `--samples` random training samples against exact
+  trajectory-specific leave-one-out retraining (`evaluation.leave_one_out`).
+- LDS: linear datamodeling score over `--subsets` random 50% subsets, retrained
+  (`evaluation.subset_retraining`).
+- AUC: mislabel-detection ROC-AUC (lowest scores first) on a second run of the same model with
+  10% of the training labels flipped, and the share of flipped samples in the lowest 10%.
+- seconds: time to scores for all N: for estimators that watch training, the fit time with the
+  estimator's callback minus the plain fit time of the same run; plus the post-hoc scoring time.
+
+Every estimator is built through the registry (`lightning_influence.estimators.build`), so a
+row is exactly what a user gets from that name and those options. Estimators whose module is
+missing or that fail are reported with the error instead of numbers.
+
+    OMP_NUM_THREADS=1 python benchmarks/fidelity.py                      # both models, ~10-15 minutes
+    OMP_NUM_THREADS=1 python benchmarks/fidelity.py --models logreg --samples 60 --subsets 24
+    OMP_NUM_THREADS=1 python benchmarks/fidelity.py --only diffin-replay,tracin --json scoreboard.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import digits_problem, quiet_trainer  # noqa: E402
+from conftest import quiet_trainer  # noqa: E402
+from revision import git_revision  # noqa: E402
 
-from lightning_influence import DiffIn  # noqa: E402
-from lightning_influence.evaluation import StepRecorder, leave_one_out, pearson, spearman  # noqa: E402
+from lightning_influence.data import FixedBatches, load_digits_tensors  # noqa: E402
+from lightning_influence.estimators import Target, build  # noqa: E402
+from lightning_influence.evaluation import (  # noqa: E402
+    StepRecorder,
+    detection_auroc,
+    fraction_found,
+    leave_one_out,
+    linear_datamodeling_score,
+    pearson,
+    random_removals,
+    spearman,
+    subset_retraining,
+)
 from lightning_influence.models import Classifier  # noqa: E402
 
+# label -> (registry name, options). One row of the table each.
+ESTIMATORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "diffin-replay": ("diffin", {"target": "val", "mode": "replay"}),
+    "diffin-online": ("diffin", {"target": "val", "mode": "online"}),
+    "diffin-paper": ("diffin_checkpoints", {}),
+    "tracin": ("tracin", {}),
+    "tracin-checkpoints": ("tracin_checkpoints", {}),
+    "if-exact": ("influence_function", {"solver": "exact"}),
+    "if-cg": ("influence_function", {"solver": "cg"}),
+    "if-lissa": ("influence_function", {"solver": "lissa"}),
+    "if-arnoldi": ("influence_function", {"solver": "arnoldi"}),
+    "if-ekfac": ("influence_function", {"solver": "ekfac"}),
+    "datainf": ("datainf", {}),
+    "forward-inf": ("forward_inf", {}),
+    "outlier-gradient": ("outlier_gradient", {}),
+    "final-loss": ("loss", {}),
+    "grand": ("grand", {}),
+    "el2n": ("el2n", {}),
+    "forgetting": ("forgetting", {}),
+    "random": ("random", {}),
+}
 
-def measure(hidden: tuple[int, ...], epochs: int, windows: list[int], strides: list[int], samples: int) -> list[dict]:
-    problem = digits_problem(n=1024, batch_size=32, epochs=epochs)
-    configs = [("replay", None, 1)] + [("replay", None, k) for k in strides] + [("online", w, 1) for w in windows]
-    configs += [("online", 128, k) for k in strides if 128 in windows]
-    callbacks = []
-    for mode, w, k in configs:
-        cb = DiffIn(target="val", mode=mode, target_loader=problem.val, hessian_every=k, **({"window": w} if w else {}))
-        cb._generate_state_key = (lambda key: (lambda **kw: key))(f"DiffIn-{mode}-{w}-{k}")  # several instances
-        callbacks.append(cb)
+
+@dataclass
+class Problem:
+    train: FixedBatches
+    val: FixedBatches
+    n: int
+    flipped: torch.Tensor  # bool[N]
+
+
+def make_problem(n: int, epochs: int, flip_fraction: float, seed: int = 0, batch_size: int = 32, val_size: int = 300) -> Problem:
+    x, y = load_digits_tensors(torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    tr, va = perm[:n], perm[n : n + val_size]
+    X, Y = x[tr], y[tr].clone()
+    flipped = torch.zeros(n, dtype=torch.bool)
+    k = round(flip_fraction * n)
+    if k:
+        which = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:k]
+        Y[which] = (Y[which] + torch.randint(1, 10, (k,), generator=g)) % 10
+        flipped[which] = True
+    batches = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        batches += [(X[order[i : i + batch_size]], Y[order[i : i + batch_size]], order[i : i + batch_size]) for i in range(0, n, batch_size)]
+    val = [(x[va[i : i + 100]], y[va[i : i + 100]], torch.arange(i, min(i + 100, val_size))) for i in range(0, val_size, 100)]
+    return Problem(FixedBatches(batches), FixedBatches(val), n, flipped)
+
+
+def fit(hidden: tuple[int, ...], problem: Problem, callbacks: list[Any]) -> tuple[Classifier, float]:
     torch.manual_seed(0)
     model = Classifier(hidden=hidden, lr=0.1).double()
+    start = time.perf_counter()
+    quiet_trainer(callbacks=callbacks).fit(model, train_dataloaders=problem.train)
+    return model, time.perf_counter() - start
+
+
+def one_epoch(problem: Problem) -> FixedBatches:
+    """Every training sample once (the loader post-hoc estimators iterate)."""
+    steps = len(problem.train.batches) * problem.n // sum(len(b[2]) for b in problem.train.batches)
+    return FixedBatches(problem.train.batches[:steps])
+
+
+def score(label: str, hidden: tuple[int, ...], problem: Problem, plain_seconds: float) -> tuple[Any, float]:
+    name, options = ESTIMATORS[label]
+    if name == "diffin":
+        options = {**options, "target_loader": problem.val}
+    estimator = build(name, **options)
+    callback = estimator.callback()
+    model, seconds = fit(hidden, problem, [callback] if callback is not None else [])
+    recording = seconds - plain_seconds if callback is not None else 0.0
+    start = time.perf_counter()
+    scores = estimator.scores(model, one_epoch(problem), Target("val", problem.val))
+    return scores, max(recording, 0.0) + time.perf_counter() - start
+
+
+def column(scores: Any, ids: torch.Tensor) -> torch.Tensor:
+    values = scores.values if scores.values.dim() == 1 else scores.values.sum(dim=1)
+    position = {int(i): k for k, i in enumerate(scores.ids.tolist())}
+    return values[[position[int(i)] for i in ids]]
+
+
+def measure(hidden: tuple[int, ...], labels: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    model_name = "logreg" if not hidden else "mlp-" + "-".join(map(str, hidden))
+    clean = make_problem(args.n, args.epochs, 0.0)
+    noisy = make_problem(args.n, args.epochs, args.flip)
     recorder = StepRecorder()
-    quiet_trainer(callbacks=[recorder, *callbacks]).fit(model, train_dataloaders=problem.train)
-    ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:samples]
-    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
+    model, _ = fit(hidden, clean, [recorder])
+    _, plain_clean = fit(hidden, clean, [])
+    _, plain_noisy = fit(hidden, noisy, [])
+    start = time.perf_counter()
+    ids = torch.randperm(clean.n, generator=torch.Generator().manual_seed(1))[: args.samples]
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, clean.val)
+    removals = random_removals(range(clean.n), args.subsets, keep_fraction=0.5, seed=2)
+    subsets = subset_retraining(model, recorder.initial_params, recorder.steps, recorder.optimizer, removals, clean.val)
+    print(f"[{model_name}] ground truth: {args.samples} leave-one-out + {args.subsets} subset retrainings in {time.perf_counter() - start:.0f}s", flush=True)
+    all_ids = torch.arange(clean.n)
     rows = []
-    for (mode, w, k), cb in zip(configs, callbacks):
-        est = torch.stack([cb.scores[int(i)] for i in ids])
-        rows.append(
-            dict(
-                model="logreg" if not hidden else "mlp-" + "-".join(map(str, hidden)),
-                steps=len(recorder.steps),
-                mode=mode,
-                window=w,
-                hessian_every=k,
-                hessian_products=cb.scores.metadata["hessian_products"],
-                spearman=round(spearman(est, truth), 4),
-                pearson=round(pearson(est, truth), 4),
-                truncated_steps=cb.scores.metadata["steps_scored_truncated"],
+    for label in labels:
+        row: dict[str, Any] = {"model": model_name, "estimator": label}
+        try:
+            scores, seconds = score(label, hidden, clean, plain_clean)
+            est = column(scores, ids)
+            row.update(
+                spearman=spearman(est, truth),
+                pearson=pearson(est, truth),
+                lds=linear_datamodeling_score(subsets, all_ids, column(scores, all_ids)),
+                seconds=seconds,
             )
-        )
+            noisy_scores, _ = score(label, hidden, noisy, plain_noisy)
+            values = column(noisy_scores, all_ids)
+            row.update(auroc=detection_auroc(values, noisy.flipped), found_top10=fraction_found(values, noisy.flipped, 0.1))
+        except Exception as err:  # a missing or failing estimator is a row with its error, not a crash
+            row["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:160]
+            if args.verbose:
+                traceback.print_exc()
+        print(f"[{model_name}] {label}: {row}", flush=True)
+        rows.append(row)
     return rows
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--windows", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--hessian-every", type=int, nargs="+", default=[2, 4, 8], dest="strides")
-    parser.add_argument("--samples", type=int, default=150)
+    parser.add_argument("--models", default="logreg,mlp", help="comma-separated: logreg, mlp")
+    parser.add_argument("--only", default=None, help=f"comma-separated estimator labels (default all): {', '.join(ESTIMATORS)}")
+    parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=100, help="leave-one-out retrainings per model")
+    parser.add_argument("--subsets", type=int, default=64, help="50%% subsets for the LDS")
+    parser.add_argument("--flip", type=float, default=0.1, help="fraction of flipped labels for the detection AUC")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing estimators")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    labels = list(ESTIMATORS) if args.only is None else args.only.split(",")
+    unknown = [lab for lab in labels if lab not in ESTIMATORS]
+    if unknown:
+        parser.error(f"unknown estimator labels {unknown}; choose from {list(ESTIMATORS)}")
+    hidden_of = {"logreg": (), "mlp": (32,)}
     start = time.perf_counter()
     rows = []
-    for epochs in args.epochs:
-        for hidden in [(), (32,)]:
-            rows += measure(hidden, epochs, args.windows, args.strides, args.samples)
-    print("| model | steps | mode | window | hessian_every | Hessian products | steps scored with a truncated window | Spearman | Pearson |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    for model in args.models.split(","):
+        rows += measure(hidden_of[model], labels, args)
+    print(
+        f"\nlightning_influence {git_revision(str(Path(__file__).resolve().parents[1]), 'lightning_influence')}, torch {torch.__version__}; digits float64, SGD lr 0.1, batch 32, "
+        f"{args.n} samples, {args.epochs} epochs; LOO on {args.samples} samples, LDS on {args.subsets} 50% subsets, "
+        f"detection with {args.flip:.0%} flipped labels; {time.perf_counter() - start:.0f}s in all.\n"
+    )
+    print("| model | estimator | LOO Spearman | LOO Pearson | LDS | mislabel AUC | flipped in lowest 10% | seconds to scores |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        if "error" in r:
+            print(f"| {r['model']} | {r['estimator']} | n/a: {r['error']} | | | | | |")
+            continue
         print(
-            f"| {r['model']} | {r['steps']} | {r['mode']} | {r['window'] or '-'} | {r['hessian_every']} | {r['hessian_products']} "
-            f"| {r['truncated_steps']} | {r['spearman']:.3f} | {r['pearson']:.3f} |"
+            f"| {r['model']} | {r['estimator']} | {fmt(r['spearman'])} | {fmt(r['pearson'])} | {fmt(r['lds'])} "
+            f"| {fmt(r.get('auroc'))} | {fmt(r.get('found_top10'), 2)} | {fmt(r['seconds'], 1)} |"
         )
-    print(f"\n{args.samples} leave-one-out retrainings per model and length; {time.perf_counter() - start:.0f}s in all.")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
