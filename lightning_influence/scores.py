@@ -100,6 +100,71 @@ class InfluenceScores:
         order = torch.argsort(col, descending=True, stable=True)[:k]
         return self.ids[order], col[order]
 
+    # ------------------------------------------------------------------ summaries
+    def summary(self, query: int | None = None) -> dict[str, float | int]:
+        """Spread of one target column: count, mean, std, min, quartiles, max (target-loss units)
+        and the fraction of harmful (negative) samples. Cheap; what the callback logs."""
+        col = self._column(query)
+        if col.numel() == 0:
+            return {"count": 0}
+        q = torch.quantile(col, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+        return {
+            "count": int(col.numel()),
+            "mean": float(col.mean()),
+            "std": float(col.std()) if col.numel() > 1 else 0.0,
+            "min": float(col.min()),
+            "q25": q[0],
+            "median": q[1],
+            "q75": q[2],
+            "max": float(col.max()),
+            "harmful_fraction": float((col < 0).double().mean()),
+        }
+
+    def per_class(self, labels: Mapping[int, Any] | Tensor, query: int | None = None) -> dict[Any, dict[str, float | int]]:
+        """:meth:`summary` per class. ``labels``: ``{sample_id: label}`` or a tensor indexed by id."""
+        col = self._column(query)
+        if isinstance(labels, Tensor):
+            if self.ids.numel() and int(self.ids.max()) >= labels.shape[0]:
+                raise ValueError(f"labels has {labels.shape[0]} entries but sample ids go up to {int(self.ids.max())}")
+            per_id = labels[self.ids].tolist()
+        else:
+            missing = [int(i) for i in self.ids.tolist() if int(i) not in labels]
+            if missing:
+                raise KeyError(f"{len(missing)} sample id(s) have no label, e.g. {missing[0]}")
+            per_id = [labels[int(i)] for i in self.ids.tolist()]
+        groups: dict[Any, list[int]] = {}
+        for k, label in enumerate(per_id):
+            groups.setdefault(label, []).append(k)
+        return {
+            label: InfluenceScores(self.ids[rows], col[rows]).summary()
+            for label, rows in sorted(groups.items(), key=lambda kv: str(kv[0]))
+        }
+
+    def join(self, dataset: Any, ids: Tensor | None = None, query: int | None = None) -> list[tuple[int, float, Any]]:
+        """``(sample_id, score, dataset[sample_id])`` for ``ids`` (default: every scored sample, in
+        score order from most harmful). Needs ids that index ``dataset`` (as with ``IndexedDataset``)."""
+        col = self._column(query)
+        if ids is None:
+            order = torch.argsort(col, stable=True)
+            ids = self.ids[order]
+        rows = []
+        for i in torch.as_tensor(ids).reshape(-1).tolist():
+            rows.append((int(i), float(self[i] if query is None else self[i][query]), dataset[int(i)]))
+        return rows
+
+    def to_pandas(self) -> Any:
+        """A ``pandas.DataFrame`` indexed by ``sample_id`` with a ``score`` column (or ``query_<q>``
+        columns). Needs pandas (an optional dependency)."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("InfluenceScores.to_pandas needs pandas: pip install pandas") from err
+        values = self.values.reshape(len(self), -1).numpy()
+        cols = ["score"] if self.values.dim() == 1 else [f"query_{q}" for q in range(self.values.shape[1])]
+        frame = pd.DataFrame(values, columns=cols, index=pd.Index(self.ids.numpy(), name="sample_id"))
+        frame.attrs.update(self.metadata)
+        return frame
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically (temporary file in the same folder, then rename). Loads with :meth:`load`."""

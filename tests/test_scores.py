@@ -112,3 +112,38 @@ def test_random_and_truncated_bytes_only_raise_the_documented_error(tmp_path, da
         return
     # A flip in padding or metadata text can leave a valid file: it must then still be consistent.
     assert loaded.ids.numel() == loaded.values.shape[0]
+
+
+def test_summary_per_class_and_join_agree_with_direct_computation():
+    ids = torch.tensor([4, 0, 2, 1, 3])
+    values = torch.tensor([0.5, -1.0, 2.0, -0.25, 0.0], dtype=torch.float64)
+    scores = InfluenceScores(ids, values)
+    s = scores.summary()
+    assert s["count"] == 5 and s["min"] == -1.0 and s["max"] == 2.0 and s["median"] == 0.0
+    assert s["mean"] == pytest.approx(values.mean().item()) and s["harmful_fraction"] == pytest.approx(0.4)
+    labels = torch.tensor([7, 7, 9, 9, 7])  # indexed by sample id
+    per = scores.per_class(labels)
+    assert set(per) == {7, 9}
+    assert per[7]["count"] == 3 and per[7]["min"] == -1.0 and per[9]["max"] == 2.0
+    assert scores.per_class({0: "a", 1: "b", 2: "b", 3: "a", 4: "a"})["a"]["count"] == 3
+    with pytest.raises(KeyError, match="no label"):
+        scores.per_class({0: "a"})
+    with pytest.raises(ValueError, match="sample ids go up to"):
+        scores.per_class(torch.tensor([1, 2]))
+    dataset = [f"item{i}" for i in range(5)]
+    joined = scores.join(dataset)
+    assert [r[0] for r in joined] == [0, 1, 3, 4, 2]  # most harmful first
+    assert joined[0] == (0, -1.0, "item0")
+    assert scores.join(dataset, ids=torch.tensor([2])) == [(2, 2.0, "item2")]
+
+
+def test_to_pandas_or_a_clear_message():
+    scores = InfluenceScores(torch.tensor([1, 0]), torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install pandas"):
+            scores.to_pandas()
+        return
+    frame = scores.to_pandas()
+    assert list(frame.columns) == ["query_0", "query_1"] and frame.loc[0, "query_1"] == 4.0
