@@ -1,0 +1,54 @@
+"""The one interface: every registered estimator builds by name, runs through a real Trainer
+fit (with its callback when it watches training) and returns scores for every training sample,
+finite, in the common format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import digits_problem, quiet_trainer
+from lightning_influence.data import FixedBatches
+from lightning_influence.estimators import REGISTRY, Estimator, Target, available, build, estimator_class
+from lightning_influence.models import Classifier
+from lightning_influence.scores import SIGN_CONVENTION
+
+
+@pytest.fixture(scope="module")
+def problem():  # type: ignore[no-untyped-def]
+    return digits_problem(n=96, batch_size=16, epochs=2, val_size=50)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_estimator_scores_every_training_sample(name: str, problem) -> None:  # type: ignore[no-untyped-def]
+    cls = estimator_class(name)
+    assert issubclass(cls, Estimator) and cls.name == name
+    options = {"target": "val", "target_loader": problem.val} if name == "diffin" else {}
+    estimator = build(name, **options)
+    callback = estimator.callback()
+    assert (callback is not None) == cls.records_training
+    torch.manual_seed(0)
+    model = Classifier(hidden=(8,), lr=0.1).double()
+    quiet_trainer(callbacks=[callback] if callback is not None else []).fit(model, train_dataloaders=problem.train)
+    one_epoch = FixedBatches(problem.train.batches[: len(problem.train.batches) // 2])
+    scores = estimator.scores(model, one_epoch, Target("val", problem.val))
+    assert sorted(scores.ids.tolist()) == list(range(problem.n))
+    assert scores.values.shape == (problem.n,) and scores.values.dtype == torch.float64
+    assert bool(torch.isfinite(scores.values).all())
+    assert scores.metadata["sign_convention"] == SIGN_CONVENTION
+    assert scores.metadata.get("estimator") is not None
+
+
+def test_unknown_names_are_refused_with_the_list() -> None:
+    with pytest.raises(KeyError, match="available: .*diffin"):
+        build("no_such_estimator")
+    assert "tracin" in available() and "influence_function" in available()
+
+
+def test_targets_validate() -> None:
+    with pytest.raises(ValueError, match="needs a loader"):
+        Target("val")
+    with pytest.raises(ValueError, match="one of"):
+        Target("test", loader=[])
+    with pytest.raises(ValueError, match="sample_count"):
+        Target("train", sample_count=0)
