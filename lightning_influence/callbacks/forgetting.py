@@ -1,0 +1,147 @@
+"""Forgetting events (Toneva et al., 2019), counted while ``Trainer.fit`` runs.
+
+A *forgetting event* is a presentation at which a sample is classified wrongly after having
+been classified correctly at its previous presentation. A sample is *learned* once it has been
+classified correctly at some presentation; samples never learned during training are the
+hardest of all (Toneva et al. treat them as forgotten infinitely often).
+
+Predictions come from the :data:`OUTPUTS_METHOD` contract (see :func:`model_outputs`): the
+module's ``per_sample_outputs(batch) -> (logits[B, C], labels[B])``, or a function passed as
+``outputs=``. They are read in ``on_train_batch_start``, i.e. at the moment of presentation,
+before the optimizer step that uses the batch (what the training forward pass sees), with a
+separate forward pass under ``torch.no_grad`` in evaluation mode (dropout off, batch-norm
+running statistics used and left unchanged). Cost: one extra forward pass per training batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_influence.kernels import evaluation_mode
+
+__all__ = ["OUTPUTS_METHOD", "ForgettingEvents", "OutputsFn", "model_outputs"]
+
+OUTPUTS_METHOD = "per_sample_outputs"
+"""Name of the optional module method ``(batch) -> (logits[B, C], labels)`` that classification
+estimators (EL2N, forgetting events) read. ``labels``: class indices ``LongTensor[B]`` or
+target distributions ``Tensor[B, C]``."""
+
+OutputsFn = Callable[[torch.nn.Module, Any], tuple[Tensor, Tensor]]
+"""``(module, batch) -> (logits[B, C], labels)``: an explicit replacement for the module method."""
+
+
+def model_outputs(module: torch.nn.Module, batch: Any, outputs: OutputsFn | None = None) -> tuple[Tensor, Tensor]:
+    """``(logits[B, C], labels[B] or [B, C])`` of a batch, from ``outputs(module, batch)`` when
+    given, else from ``module.per_sample_outputs(batch)``; the shapes are checked."""
+    if outputs is not None:
+        result = outputs(module, batch)
+    elif callable(getattr(module, OUTPUTS_METHOD, None)):
+        result = getattr(module, OUTPUTS_METHOD)(batch)
+    else:
+        raise TypeError(
+            f"{type(module).__name__} does not provide per-sample class scores: define a method "
+            f"{OUTPUTS_METHOD}(self, batch) -> (logits[B, C], labels[B]) on the module (e.g. "
+            "`return self(batch[0]), batch[1]`), or pass outputs=lambda module, batch: (module(batch[0]), batch[1]) "
+            "to the estimator"
+        )
+    if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(t, Tensor) for t in result)):
+        raise TypeError(f"{OUTPUTS_METHOD} must return a pair of tensors (logits[B, C], labels), got {type(result).__name__}")
+    logits, labels = result
+    if logits.dim() != 2:
+        raise ValueError(f"{OUTPUTS_METHOD} returned logits of shape {tuple(logits.shape)}; expected [B, C]")
+    if labels.shape not in (logits.shape[:1], logits.shape):
+        raise ValueError(
+            f"{OUTPUTS_METHOD} returned labels of shape {tuple(labels.shape)} for logits of shape {tuple(logits.shape)}; "
+            "expected class indices [B] or target distributions [B, C]"
+        )
+    return logits, labels
+
+
+def class_labels(labels: Tensor) -> Tensor:
+    """Class indices ``[B]`` from indices or from target distributions ``[B, C]`` (their argmax)."""
+    return labels.argmax(dim=-1) if labels.dim() == 2 else labels
+
+
+class ForgettingEvents(L.Callback):
+    """Counts forgetting events per sample id during ``fit`` (see the module docstring).
+
+    After (or during) training, :meth:`counts` gives ``(ids, events, learned, presentations)``
+    for every sample presented so far. The state is part of Lightning checkpoints
+    (:meth:`state_dict` / :meth:`load_state_dict`), so a resumed run counts as if uninterrupted.
+    :meth:`update` takes one presentation of a batch of ids and can be fed by hand.
+    """
+
+    def __init__(self, outputs: OutputsFn | None = None) -> None:
+        self.outputs = outputs
+        # Indexed by sample id; grown on demand.
+        self.previous = torch.zeros(0, dtype=torch.int8)  # -1: not presented yet, 0: wrong, 1: correct
+        self.events = torch.zeros(0, dtype=torch.long)
+        self.learned = torch.zeros(0, dtype=torch.bool)
+        self.presentations = torch.zeros(0, dtype=torch.long)
+
+    # ------------------------------------------------------------------ counting
+    def _grow(self, size: int) -> None:
+        have = self.events.numel()
+        if size <= have:
+            return
+        extra = max(size, 2 * have) - have
+        self.previous = torch.cat([self.previous, torch.full((extra,), -1, dtype=torch.int8)])
+        self.events = torch.cat([self.events, torch.zeros(extra, dtype=torch.long)])
+        self.learned = torch.cat([self.learned, torch.zeros(extra, dtype=torch.bool)])
+        self.presentations = torch.cat([self.presentations, torch.zeros(extra, dtype=torch.long)])
+
+    def update(self, ids: Tensor, correct: Tensor) -> None:
+        """Record one presentation of the samples ``ids`` (``LongTensor[B]``), classified
+        correctly where ``correct`` (``BoolTensor[B]``) is true. Repeated ids are taken in order."""
+        ids = torch.as_tensor(ids).reshape(-1).to("cpu", torch.long)
+        correct = torch.as_tensor(correct).reshape(-1).to("cpu", torch.bool)
+        if ids.numel() != correct.numel():
+            raise ValueError(f"update got {ids.numel()} ids and {correct.numel()} correctness flags")
+        if ids.numel() == 0:
+            return
+        if int(ids.min()) < 0:
+            raise ValueError(f"sample ids must be non-negative, got {int(ids.min())}")
+        if ids.unique().numel() != ids.numel():  # one presentation at a time, in order
+            for i, c in zip(ids, correct, strict=True):
+                self.update(i.reshape(1), c.reshape(1))
+            return
+        self._grow(int(ids.max()) + 1)
+        was_correct = self.previous[ids] == 1
+        self.events[ids] += (was_correct & ~correct).long()
+        self.learned[ids] |= correct
+        self.presentations[ids] += 1
+        self.previous[ids] = correct.to(torch.int8)
+
+    def counts(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(ids, events, learned, presentations)`` of every sample presented so far, by id."""
+        ids = (self.presentations > 0).nonzero().reshape(-1)
+        return ids, self.events[ids].clone(), self.learned[ids].clone(), self.presentations[ids].clone()
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        with evaluation_mode(pl_module), torch.no_grad():
+            logits, labels = model_outputs(pl_module, batch, self.outputs)
+        correct = logits.argmax(dim=-1) == class_labels(labels)
+        self.update(pl_module.sample_ids(batch), correct)  # type: ignore[operator]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "previous": self.previous.clone(),
+            "events": self.events.clone(),
+            "learned": self.learned.clone(),
+            "presentations": self.presentations.clone(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sizes = {k: state_dict[k].numel() for k in ("previous", "events", "learned", "presentations")}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"inconsistent forgetting-event state: sizes {sizes}")
+        self.previous = state_dict["previous"].to("cpu", torch.int8).clone()
+        self.events = state_dict["events"].to("cpu", torch.long).clone()
+        self.learned = state_dict["learned"].to("cpu", torch.bool).clone()
+        self.presentations = state_dict["presentations"].to("cpu", torch.long).clone()
