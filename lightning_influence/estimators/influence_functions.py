@@ -1,0 +1,383 @@
+"""Influence functions (Koh & Liang 2017) with a choice of inverse-curvature solvers, and DataInf
+(Kwon et al. 2023).
+
+Both are post-hoc: they score a trained module. Sign and units as everywhere in the library:
+a score is the predicted change of the target loss ``F`` (its units) when the sample is removed
+from training; positive: the sample helps.
+
+Derivation. Training minimises the mean loss ``L = (1/n) sum_i l_i``. Without sample ``z`` the
+objective is ``L_{-z} = (n L - l_z) / (n - 1)``, whose gradient at the trained ``theta`` is
+``(grad L - grad l_z) / (n - 1)``; one Newton step with the damped curvature ``C + lambda I``
+moves the parameters by ``(C + lambda I)^{-1} (grad l_z - grad L) / (n - 1)``, so
+
+    score(z) = < grad F, (C + lambda I)^{-1} (grad l_z - grad L) > / (n - 1).
+
+At a stationary point (``grad L = 0``) this is the classic ``(1/n) grad F^T H^{-1} grad l_z`` up
+to ``n / (n - 1)``; away from one (early stopping; weight decay outside ``per_sample_loss``) the
+``- grad L`` term is the correct shift, and it is the same for every sample (``centered=False``
+drops it). With an L2 penalty ``(mu/2)|theta|^2`` in the training objective but not in
+``per_sample_loss``, pass ``damping=mu, damping_scale="absolute"``: the damping then is exactly the
+penalty's curvature.
+
+Cost: ``s = (C + lambda I)^{-1} grad F`` is solved once per target column (``Q`` columns for a
+query target), then ``<grad l_z, s>`` for every sample is one forward-mode pass per batch and
+column (:func:`~lightning_influence.kernels.directional_derivatives`); no per-sample gradient
+is materialised, and ``<grad L, s>`` is the mean of those numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_influence.estimators.base import Estimator, Target, as_target, attributed_space, device_batches, progress
+from lightning_influence.kernels import (
+    ParameterSpace,
+    PerSampleLossFn,
+    directional_derivatives,
+    evaluation_mode,
+    per_sample_gradients,
+)
+from lightning_influence.scores import InfluenceScores
+from lightning_influence.solvers import (
+    CURVATURES,
+    DAMPING_SCALES,
+    FISHER_KINDS,
+    HVP_METHODS,
+    SOLVERS,
+    CurvatureOperator,
+    KroneckerFactors,
+    OutputModel,
+    solve,
+)
+
+__all__ = ["InfluenceFunction", "DataInf"]
+
+UNITS = "target-loss change when the sample is removed (units of the target loss)"
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _check_damping(damping: Any, damping_scale: str) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    if damping_scale not in DAMPING_SCALES:
+        raise ValueError(f"damping_scale must be one of {DAMPING_SCALES}, got {damping_scale!r}")
+
+
+class _Training:
+    """The training loader's batches (on the module's device, optionally the first ``limit``),
+    and the sample count / ids of one full pass (each id must appear once)."""
+
+    def __init__(self, module: L.LightningModule, loader: Iterable[Any], limit: int | None = None) -> None:
+        self.module, self.loader, self.limit = module, loader, limit
+
+    def batches(self) -> Iterable[Any]:
+        for i, batch in enumerate(device_batches(self.module, self.loader)):
+            if self.limit is not None and i >= self.limit:
+                return
+            yield batch
+
+    def all_batches(self) -> Iterable[Any]:
+        return device_batches(self.module, self.loader)
+
+
+def _directional_scores(
+    module: L.LightningModule,
+    loader: Iterable[Any],
+    loss_fn: PerSampleLossFn,
+    space: ParameterSpace,
+    theta: Tensor,
+    directions: Tensor,
+    centered: bool,
+    show_progress: bool,
+    description: str,
+) -> tuple[Tensor, Tensor]:
+    """``(ids[N], scores[N, Q])`` with ``scores = (<grad l_z, s_q> - centering) / (n - 1)``: one
+    forward-mode pass per batch and column of ``directions`` (float64 ``[P, Q]``)."""
+    params = space.unflatten(theta)
+    tangents = [space.unflatten(directions[:, q].to(space.dtype)) for q in range(directions.shape[1])]
+    ids, rows = [], []
+    for batch in progress(device_batches(module, loader), description, show_progress):
+        cols = [directional_derivatives(loss_fn, params, batch, t)[1].to(torch.float64) for t in tangents]
+        rows.append(torch.stack(cols, dim=1).cpu())
+        ids.append(torch.as_tensor(module.sample_ids(batch)).reshape(-1).cpu())  # type: ignore[operator]
+    if not rows:
+        raise ValueError("the training loader produced no batches")
+    id_vec, values = torch.cat(ids), torch.cat(rows)
+    _check_unique(id_vec)
+    n = id_vec.numel()
+    if n < 2:
+        raise ValueError("influence scores need at least 2 training samples")
+    if centered:
+        values = values - values.mean(0, keepdim=True)
+    return id_vec, values / (n - 1)
+
+
+def _check_unique(ids: Tensor) -> None:
+    unique, counts = ids.unique(return_counts=True)
+    if bool((counts > 1).any()):
+        raise ValueError(
+            f"the training loader yields sample id {int(unique[counts > 1][0])} more than once in one pass: post-hoc "
+            "estimators need each training sample exactly once (one epoch, no repeats)"
+        )
+
+
+def _target_columns(target: Target, module: L.LightningModule, train_loader: Iterable[Any], loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor) -> Tensor:
+    grad = target.gradient(module, train_loader)(loss_fn, space, theta)
+    return grad.reshape(space.size, -1).to(torch.float64)
+
+
+def _metadata(target: Target, **facts: Any) -> dict[str, Any]:
+    return {"target": target.kind, "units": UNITS, **facts}
+
+
+class InfluenceFunction(Estimator):
+    """Influence functions: ``score(z) = <grad F, (C + lambda I)^{-1} (grad l_z - grad L)> / (n - 1)``.
+
+    Options:
+
+    - ``solver``: ``"exact"`` (explicit curvature, up to ``max_exact_parameters``), ``"cg"``,
+      ``"lissa"``, ``"arnoldi"``, ``"ekfac"``, ``"kfac"`` (see :mod:`lightning_influence.solvers`).
+    - ``curvature``: ``"hessian"`` (default) or ``"gauss_newton"`` (PSD; recommended for
+      non-convex models, whose Hessian is indefinite at the end of training). K-FAC/EK-FAC use
+      ``fisher`` instead: ``"gauss_newton"``, ``"sampled"`` or ``"empirical"``.
+    - ``damping`` (default ``1e-3``) with ``damping_scale="mean_eigenvalue"`` (``lambda = damping *
+      trace(C) / P``) or ``"absolute"``.
+    - ``hvp``: ``"autograd"`` (exact double-backward, default) or ``"finite_difference"``.
+    - ``params``: fnmatch patterns of the attributed parameters (default: all trainable ones;
+      the others are held fixed).
+    - ``hessian_batches``: use only the first that many training batches for the curvature.
+    - ``chunk_size``: columns per block when the explicit curvature is built.
+    - ``centered``: subtract the mean-gradient term (see the module docstring).
+    - ``output_fn`` / ``output_loss``: the model split for Gauss-Newton and K-FAC
+      (:class:`~lightning_influence.solvers.OutputModel`).
+    - solver settings: ``cg_tol``, ``cg_max_iter``, ``lissa_scale`` (``None``: twice the top
+      eigenvalue plus damping, from 20 Arnoldi steps), ``lissa_depth``, ``lissa_repeats``,
+      ``arnoldi_iterations``, ``arnoldi_rank``, ``seed``.
+    """
+
+    name: ClassVar[str] = "influence_function"
+
+    def __init__(
+        self,
+        solver: str = "cg",
+        damping: float = 1e-3,
+        damping_scale: str = "mean_eigenvalue",
+        curvature: str = "hessian",
+        hvp: str = "autograd",
+        fisher: str = "gauss_newton",
+        params: list[str] | None = None,
+        hessian_batches: int | None = None,
+        chunk_size: int = 64,
+        centered: bool = True,
+        max_exact_parameters: int = 5000,
+        cg_tol: float = 1e-8,
+        cg_max_iter: int = 1000,
+        lissa_scale: float | None = None,
+        lissa_depth: int = 1000,
+        lissa_repeats: int = 1,
+        arnoldi_iterations: int = 200,
+        arnoldi_rank: int = 50,
+        seed: int = 0,
+        output_fn: Callable[[torch.nn.Module, Any], Tensor] | None = None,
+        output_loss: Callable[[Tensor, Any], Tensor] | None = None,
+        progress_bar: bool = False,
+    ) -> None:
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}: choose one of {SOLVERS}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if hvp not in HVP_METHODS:
+            raise ValueError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+        if curvature == "gauss_newton" and hvp != "autograd":
+            raise ValueError("curvature='gauss_newton' needs hvp='autograd' (finite differences of gradients give Hessian products)")
+        if fisher not in FISHER_KINDS:
+            raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+        _check_damping(damping, damping_scale)
+        _check_positive_int("hessian_batches", hessian_batches, allow_none=True)
+        for key, value in (("chunk_size", chunk_size), ("max_exact_parameters", max_exact_parameters), ("cg_max_iter", cg_max_iter),
+                           ("lissa_depth", lissa_depth), ("lissa_repeats", lissa_repeats), ("arnoldi_iterations", arnoldi_iterations),
+                           ("arnoldi_rank", arnoldi_rank)):
+            _check_positive_int(key, value)
+        if not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
+            raise ValueError(f"cg_tol must be in (0, 1), got {cg_tol!r}")
+        if lissa_scale is not None and not (isinstance(lissa_scale, (int, float)) and math.isfinite(lissa_scale) and lissa_scale > 0):
+            raise ValueError(f"lissa_scale must be a positive number or None (automatic), got {lissa_scale!r}")
+        self.solver, self.damping, self.damping_scale = solver, float(damping), damping_scale
+        self.curvature, self.hvp, self.fisher = curvature, hvp, fisher
+        self.params = list(params) if params else None
+        self.hessian_batches, self.chunk_size, self.centered = hessian_batches, chunk_size, centered
+        self.max_exact_parameters = max_exact_parameters
+        self.cg_tol, self.cg_max_iter = float(cg_tol), cg_max_iter
+        self.lissa_scale, self.lissa_depth, self.lissa_repeats = lissa_scale, lissa_depth, lissa_repeats
+        self.arnoldi_iterations, self.arnoldi_rank, self.seed = arnoldi_iterations, arnoldi_rank, seed
+        self.output_fn, self.output_loss, self.progress_bar = output_fn, output_loss, progress_bar
+        #: facts of the last solve (iterations, residuals, eigenvalues), also in the scores' metadata
+        self.last_solve: dict[str, Any] = {}
+
+    def inverse_curvature_products(self, module: L.LightningModule, train_loader: Iterable[Any], rhs: Tensor) -> tuple[Tensor, float, dict[str, Any]]:
+        """``(C + lambda I)^{-1} rhs`` for float64 columns ``rhs[P, Q]`` in the attributed space:
+        ``(solution, lambda, info)``. The module must be in evaluation mode."""
+        space, theta, loss_fn = attributed_space(module, self.params)
+        training = _Training(module, train_loader, self.hessian_batches)
+        outputs = None
+        if self.curvature == "gauss_newton" or self.solver in ("ekfac", "kfac"):
+            outputs = OutputModel(module, self.output_fn, self.output_loss)
+            first = next(iter(training.batches()), None)
+            if first is None:
+                raise ValueError("the training loader produced no batches")
+            outputs.check(first)
+        if self.solver == "exact" and space.size > self.max_exact_parameters:
+            raise ValueError(
+                f"solver='exact' builds the explicit {space.size} x {space.size} curvature, above max_exact_parameters="
+                f"{self.max_exact_parameters}: use solver='cg', 'arnoldi', 'lissa' or 'ekfac', attribute fewer parameters "
+                "(params=[...]), or raise max_exact_parameters"
+            )
+        operator = kron = None
+        if self.solver in ("ekfac", "kfac"):
+            assert outputs is not None
+            kron = KroneckerFactors(module, space, outputs, fisher=self.fisher, corrected=self.solver == "ekfac", seed=self.seed)
+            kron.fit(training.batches, lambda it, desc: progress(it, desc, self.progress_bar))
+        else:
+            operator = CurvatureOperator(loss_fn, space, theta, training.batches, curvature=self.curvature, hvp=self.hvp, outputs=outputs)
+        result = solve(
+            self.solver, operator, rhs, self.damping, damping_scale=self.damping_scale, max_exact_parameters=self.max_exact_parameters,
+            chunk_size=self.chunk_size, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, lissa_scale=self.lissa_scale,
+            lissa_depth=self.lissa_depth, lissa_repeats=self.lissa_repeats, arnoldi_iterations=self.arnoldi_iterations,
+            arnoldi_rank=self.arnoldi_rank, kronecker=kron, seed=self.seed,
+        )
+        info = dict(result.info)
+        if operator is not None:
+            info["curvature_products"] = operator.calls
+        return result.solution, result.damping, info
+
+    def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
+        """Score every training sample (``[N]``; ``[N, Q]`` for a query target)."""
+        target = as_target(target)
+        with evaluation_mode(module):
+            space, theta, loss_fn = attributed_space(module, self.params)
+            rhs = _target_columns(target, module, train_loader, loss_fn, space, theta)
+            solution, lam, info = self.inverse_curvature_products(module, train_loader, rhs)
+            ids, values = _directional_scores(module, train_loader, loss_fn, space, theta, solution, self.centered, self.progress_bar, "influence scores")
+        self.last_solve = {"damping_value": lam, **info}
+        meta = _metadata(
+            target,
+            estimator=self.name,
+            solver=self.solver,
+            curvature=self.curvature if self.solver not in ("ekfac", "kfac") else f"{self.fisher} (Kronecker-factored)",
+            hvp=self.hvp,
+            damping=self.damping,
+            damping_scale=self.damping_scale,
+            damping_value=lam,
+            centered=self.centered,
+            attributed_parameters=space.size,
+            **{f"solver_{k}": v for k, v in info.items() if isinstance(v, (int, float, bool, str))},
+        )
+        return InfluenceScores(ids, values[:, 0] if target.kind != "query" else values, meta)
+
+
+class DataInf(Estimator):
+    """DataInf (Kwon et al. 2023): a closed-form, per-block approximation of influence functions.
+
+    Per block ``l`` (a module's attributed parameters, or one parameter tensor with
+    ``blocks="parameter"``), the damped empirical Fisher ``G_l = (1/n) sum_i g_il g_il^T`` is
+    inverted by swapping the mean and the inverse, each rank-one term by Sherman-Morrison:
+
+        (G_l + lambda_l I)^{-1} v  ~  (1 / lambda_l) (v - (1/n) sum_i g_il <g_il, v> / (lambda_l + |g_il|^2))
+
+    with ``lambda_l = damping * (1/n) sum_i |g_il|^2 / d_l`` (``damping_scale="mean_eigenvalue"``,
+    default ``damping=0.1`` as in the paper: relative to ``trace(G_l) / d_l``) or ``damping``
+    itself (``"absolute"``). Scores use the same sign, scale and centring as
+    :class:`InfluenceFunction`. Cost: two passes of per-sample gradients
+    (:func:`~lightning_influence.kernels.per_sample_gradients`, ``chunk_size`` samples vectorised at
+    once) and one forward-mode pass; memory ``batch x P``.
+    """
+
+    name: ClassVar[str] = "datainf"
+
+    def __init__(
+        self,
+        damping: float = 0.1,
+        damping_scale: str = "mean_eigenvalue",
+        blocks: str = "module",
+        params: list[str] | None = None,
+        chunk_size: int | None = None,
+        centered: bool = True,
+        progress_bar: bool = False,
+    ) -> None:
+        _check_damping(damping, damping_scale)
+        if damping == 0:
+            raise ValueError("DataInf divides by the damping: damping must be > 0")
+        if blocks not in ("module", "parameter"):
+            raise ValueError(f"blocks must be 'module' or 'parameter', got {blocks!r}")
+        _check_positive_int("chunk_size", chunk_size, allow_none=True)
+        self.damping, self.damping_scale, self.blocks = float(damping), damping_scale, blocks
+        self.params = list(params) if params else None
+        self.chunk_size, self.centered, self.progress_bar = chunk_size, centered, progress_bar
+
+    def _block_index(self, space: ParameterSpace) -> tuple[list[str], Tensor]:
+        """Block names and the block of every flat coordinate."""
+        keys = [n.rsplit(".", 1)[0] if self.blocks == "module" and "." in n else n for n in space.names]
+        names = list(dict.fromkeys(keys))
+        per_param = torch.tensor([names.index(k) for k in keys])
+        return names, per_param.repeat_interleave(torch.tensor(space.numels))
+
+    def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
+        target = as_target(target)
+        with evaluation_mode(module):
+            space, theta, loss_fn = attributed_space(module, self.params)
+            V = _target_columns(target, module, train_loader, loss_fn, space, theta)  # [P, Q]
+            names, block = self._block_index(space)
+            block = block.to(theta.device)
+            nb = len(names)
+            dims = torch.bincount(block, minlength=nb).to(torch.float64)
+            # Pass 1: per-sample block norms |g_il|^2 and block dots <g_il, v_l>.
+            ids, norms, dots = [], [], []
+            for batch in progress(device_batches(module, train_loader), "DataInf norms", self.progress_bar):
+                G = per_sample_gradients(loss_fn, space, theta, batch, self.chunk_size).to(torch.float64)  # [B, P]
+                norms.append(torch.zeros(G.shape[0], nb, dtype=torch.float64, device=G.device).index_add_(1, block, G * G))
+                dots.append(torch.zeros(G.shape[0], nb, V.shape[1], dtype=torch.float64, device=G.device).index_add_(1, block, G.unsqueeze(2) * V.unsqueeze(0)))
+                ids.append(torch.as_tensor(module.sample_ids(batch)).reshape(-1).cpu())  # type: ignore[operator]
+            if not ids:
+                raise ValueError("the training loader produced no batches")
+            id_vec = torch.cat(ids)
+            _check_unique(id_vec)
+            norm2, dot = torch.cat(norms), torch.cat(dots)  # [n, nb], [n, nb, Q]
+            n = id_vec.numel()
+            lam = self.damping * norm2.mean(0) / dims if self.damping_scale == "mean_eigenvalue" else torch.full((nb,), self.damping, dtype=torch.float64, device=norm2.device)
+            if bool((lam <= 0).any()):
+                empty = [names[i] for i in (lam <= 0).nonzero().reshape(-1).tolist()]
+                raise ValueError(f"DataInf blocks {empty} have zero gradients on every training sample: relative damping is 0; exclude them with params= or use damping_scale='absolute'")
+            coef = dot / (lam + norm2).unsqueeze(2)  # [n, nb, Q]
+            row_of = {int(i): r for r, i in enumerate(id_vec.tolist())}
+            # Pass 2: sum_i g_il * coef_il.
+            acc = torch.zeros_like(V)
+            for batch in progress(device_batches(module, train_loader), "DataInf products", self.progress_bar):
+                G = per_sample_gradients(loss_fn, space, theta, batch, self.chunk_size).to(torch.float64)
+                rows = torch.tensor([row_of[int(i)] for i in torch.as_tensor(module.sample_ids(batch)).reshape(-1).tolist()])  # type: ignore[operator]
+                c = coef[rows.to(coef.device)]  # [B, nb, Q]
+                acc += torch.einsum("bp,bpq->pq", G, c[:, block, :])
+            S = (V - acc / n) / lam[block].unsqueeze(1)
+            ids_out, values = _directional_scores(module, train_loader, loss_fn, space, theta, S, self.centered, self.progress_bar, "DataInf scores")
+        meta = _metadata(
+            target,
+            estimator=self.name,
+            damping=self.damping,
+            damping_scale=self.damping_scale,
+            blocks=self.blocks,
+            num_blocks=nb,
+            centered=self.centered,
+            attributed_parameters=space.size,
+        )
+        return InfluenceScores(ids_out, values[:, 0] if target.kind != "query" else values, meta)
