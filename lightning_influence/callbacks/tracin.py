@@ -1,0 +1,319 @@
+"""The ``TracIn`` callback: first-order influence accumulated at every optimizer step of ``fit``.
+
+At optimizer step ``t`` (parameters ``theta_t``, learning rate ``eta_g`` per parameter group,
+micro-batches ``B_tk`` of ``b_tk`` samples, Lightning's accumulation normaliser ``n``), removing
+sample ``z`` of micro-batch ``k`` takes ``grad l_z / (n b_tk)`` out of the step's gradient, so a
+plain SGD step moves the parameters by ``+Lambda_t grad l_z / (n b_tk)`` instead (``Lambda_t``:
+the learning rate of each coordinate's group). To first order the target ``F`` changes by
+
+    TracIn(z) = sum_{t: z in B_t} < Lambda_t grad F(theta_t), grad l_z(theta_t) > / (n b_tk)
+
+Units and sign: the predicted change of the target loss when ``z`` is removed (positive: ``z``
+helps), as every score in the library. Per step: one target gradient (or one per
+``target_every`` steps, reused in between) and one forward-mode pass per micro-batch
+(:func:`~lightning_influence.kernels.directional_derivatives` along ``Lambda_t grad F``), in eval
+mode. No checkpoints are stored.
+
+The learning rate is read from the optimizer's parameter groups at each step (any scheduler). With
+momentum, Adam or weight decay the score is still this plain-SGD first-order view: the update's
+preconditioning and the later reuse of the gradient through momentum are not modelled (Diff-In
+models them). The ``1/(b-1)`` renormalisation of the shrunken batch is not modelled either
+(classic TracIn); nor is the propagation of the removal's effect through later steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_influence.callbacks.checks import (
+    batch_length,
+    check_ids,
+    check_losses,
+    check_target_data,
+    check_training_dataset,
+    dataset_length,
+)
+from lightning_influence.estimators.diffin import ScoreAccumulator
+from lightning_influence.kernels import (
+    ParameterSpace,
+    all_finite,
+    directional_derivatives,
+    evaluation_mode,
+    per_sample_loss_function,
+)
+from lightning_influence.mixin import InfluenceMixin
+from lightning_influence.scores import InfluenceScores
+from lightning_influence.targets import TARGET_KINDS, TargetGradient, TargetKind
+
+STATE_FORMAT = 1
+
+
+class TracIn(Callback):
+    """Online TracIn: sum over the steps containing each sample of ``eta_t / (n b_t)`` times the inner
+    product of its gradient with the target gradient, both at ``theta_t`` (see the module docstring).
+
+    Args:
+        target: ``"train"`` (mean training loss), ``"val"`` (the trainer's validation loader or
+            ``target_loader``) or ``"query"`` (one score column per sample of ``target_loader``).
+        target_loader: loader of the ``"query"`` samples (required) or of the ``"val"`` target.
+        target_samples: use a fixed random subset of this many target samples (``seed``).
+        target_every: compute the target gradient every k optimizer steps and reuse it in between
+            (``1``: at every step, the exact TracIn sum).
+        save_path: write the scores there at the end of fit.
+
+    After ``fit`` the scores are in :attr:`scores` and ``pl_module.influence``.
+    """
+
+    def __init__(
+        self,
+        target: TargetKind = "val",
+        *,
+        target_loader: Iterable[Any] | None = None,
+        target_samples: int | None = None,
+        seed: int = 0,
+        target_every: int = 1,
+        save_path: str | Path | None = None,
+    ) -> None:
+        if target not in TARGET_KINDS:
+            raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
+        if target == "query" and target_loader is None:
+            raise ValueError("target='query' needs target_loader=<loader of the query samples>")
+        if target == "train" and target_loader is not None:
+            raise ValueError("target='train' uses the training loader; target_loader is for 'val' or 'query'")
+        if target_samples is not None and (isinstance(target_samples, bool) or target_samples < 1):
+            raise ValueError(f"target_samples must be >= 1, got {target_samples}")
+        if isinstance(target_every, bool) or not isinstance(target_every, int) or target_every < 1:
+            raise ValueError(f"target_every must be a positive integer, got {target_every!r}")
+        self.target: TargetKind = target
+        self.target_loader = target_loader
+        self.target_samples = target_samples
+        self.seed = seed
+        self.target_every = target_every
+        self.save_path = Path(save_path) if save_path is not None else None
+        self.scores: InfluenceScores | None = None
+        self.steps_seen = 0
+        self.skipped_steps = 0
+        self.target_gradients = 0
+        self.forward_mode_passes = 0
+        self.seconds = 0.0
+        # Read by the shared first-batch checks (callbacks/checks.check_target_data).
+        self.hessian_every = 1
+        self._model = None
+        self._space: ParameterSpace | None = None
+        self._target_source: Any = None
+        self._accumulator: ScoreAccumulator | None = None
+        self._micro: list[tuple[Any, Tensor]] = []
+        self._cached_gradient: Tensor | None = None
+        self._cached_at = -1
+        self._checks_pending = False
+        self._restored = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(target=self.target, target_every=self.target_every)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(pl_module, InfluenceMixin):
+            raise TypeError(
+                f"{type(pl_module).__name__} is not influence-aware: add lightning_influence.InfluenceMixin to its "
+                "bases and implement per_sample_loss(batch) -> Tensor[B]"
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError("TracIn follows Lightning's automatic optimization only, not manual optimization")
+        if not isinstance(trainer.strategy, SingleDeviceStrategy):
+            raise ValueError(f"TracIn does not support strategy {type(trainer.strategy).__name__}: use a single device")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"TracIn needs exactly one optimizer, got {len(trainer.optimizers)}")
+        optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        named: list[tuple[str, Tensor]] = []
+        group_of: list[int] = []
+        for g, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise ValueError("the optimizer holds a parameter that is not a parameter of the LightningModule")
+                if p.requires_grad:
+                    named.append((names[id(p)], p))
+                    group_of.append(g)
+        self._space = ParameterSpace.from_parameters(named)
+        self._params = [p for _, p in named]
+        self._group_of = torch.tensor(group_of, dtype=torch.long)
+        self._loss_fn = per_sample_loss_function(pl_module)
+        self._target = self._make_target(trainer, pl_module)
+        if not self._restored:
+            self._accumulator = ScoreAccumulator(capacity=dataset_length(trainer) or 0)
+            self.steps_seen = self.skipped_steps = self.target_gradients = self.forward_mode_passes = 0
+            self.seconds = 0.0
+        self._restored = False
+        self._micro, self._cached_gradient, self._cached_at = [], None, -1
+        self._checks_pending = True
+        self.scores = None
+        if self.target == "train" and self.target_samples is None:
+            rank_zero_warn(
+                f"TracIn(target='train') evaluates the full training loss every {self.target_every} step(s); pass "
+                "target_samples=<k> (a fixed subset) or target_every=<k> to bound this cost"
+            )
+
+    def _make_target(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TargetGradient:
+        """The target's batches, resolved lazily (Lightning sets up its loaders after ``on_fit_start``)."""
+        val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        if self.target == "val" and self.target_loader is None and not val_source.is_defined():
+            raise ValueError(
+                "target='val' needs a validation loader: pass val_dataloaders to Trainer.fit, define "
+                "val_dataloader(), or give TracIn(target_loader=...)"
+            )
+        strategy = trainer.strategy
+
+        def source() -> Iterable[Any]:
+            if self.target_loader is not None:
+                return self.target_loader
+            if self.target == "train":
+                loader = trainer.train_dataloader
+                return loader if loader is not None else trainer.fit_loop._data_source.dataloader()
+            loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else val_source.dataloader()
+            if isinstance(loader, (list, tuple)) and loader and isinstance(loader[0], DataLoader):
+                loader = loader[0]
+            return loader
+
+        def batches() -> Iterable[Any]:
+            for batch in source():
+                if batch_length(batch) != 0:
+                    yield strategy.batch_to_device(batch)
+
+        self._target_source = source
+        return TargetGradient(
+            self.target,
+            batches,
+            sample_count=self.target_samples,
+            seed=self.seed,
+            sample_ids=pl_module.sample_ids if self.target == "train" else None,
+        )
+
+    # ------------------------------------------------------------------ training hooks
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        ids = torch.as_tensor(pl_module.sample_ids(batch))  # type: ignore[operator]
+        if self._checks_pending:
+            check_training_dataset(trainer, pl_module)
+        if ids.numel() == 0:
+            raise ValueError(
+                f"training batch {batch_idx} has no samples (sample_ids(batch) returned no ids): TracIn attributes each "
+                "step to the samples of its batch; drop empty batches before training_step"
+            )
+        check_ids(ids, dataset_length(trainer), pl_module, batch)
+        if self._checks_pending:
+            self._checks_pending = False
+            with evaluation_mode(pl_module), torch.enable_grad():
+                losses = pl_module.per_sample_loss(batch)  # type: ignore[operator]
+            check_losses(losses, ids, device=pl_module.device, requires_grad=True)
+            check_target_data(self, trainer)  # type: ignore[arg-type]
+        self._micro.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if not self._micro:
+            return
+        start = time.perf_counter()
+        micro, self._micro = self._micro, []
+        space, accumulator = self._space, self._accumulator
+        assert space is not None and accumulator is not None
+        step = self.steps_seen
+        self.steps_seen += 1
+        for _, ids in micro:
+            accumulator.mark_seen(ids)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if not all(all_finite(g) for g in grads):
+            self.skipped_steps += 1  # the gradient scaler skips it (16-mixed) or training diverges: not attributed
+            self.seconds += time.perf_counter() - start
+            return
+        theta = space.flatten(self._params)
+        lrs = torch.tensor([float(g["lr"]) for g in getattr(optimizer, "optimizer", optimizer).param_groups], dtype=torch.float64)
+        per_coordinate = space.expand(lrs[self._group_of].to(theta.device))
+        normalizer = int(trainer.accumulate_grad_batches)
+        with evaluation_mode(pl_module):
+            if self._cached_gradient is None or step - self._cached_at >= self.target_every:
+                self._cached_gradient = self._target(self._loss_fn, space, theta)
+                self._cached_at = step
+                self.target_gradients += 1
+            target = self._cached_gradient.reshape(space.size, -1)
+            params = space.unflatten(theta)
+            for batch, ids in micro:
+                columns = []
+                for q in range(target.shape[1]):
+                    tangent = space.unflatten((per_coordinate * target[:, q]).to(space.dtype))
+                    _, s = directional_derivatives(self._loss_fn, params, batch, tangent)
+                    self.forward_mode_passes += 1
+                    columns.append(s.double())
+                values = torch.stack(columns, dim=1) / (normalizer * ids.numel())
+                if values.shape[0] != ids.numel():
+                    raise ValueError(f"per_sample_loss returned {values.shape[0]} values for a batch of {ids.numel()} sample ids at step {step}")
+                if not all_finite(values):
+                    raise FloatingPointError(f"non-finite per-sample directional derivatives at optimizer step {step}")
+                accumulator.add(ids, values[:, 0] if self._cached_gradient.dim() == 1 else values)
+        self.seconds += time.perf_counter() - start
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._accumulator is None:
+            return
+        ids, values = self._accumulator.result()
+        self.scores = InfluenceScores(
+            ids,
+            values,
+            {
+                "estimator": "tracin",
+                "mode": "online",
+                "target": self.target,
+                "target_samples": self.target_samples,
+                "target_every": self.target_every,
+                "steps_seen": self.steps_seen,
+                "skipped_steps": self.skipped_steps,
+                "target_gradients": self.target_gradients,
+                "forward_mode_passes": self.forward_mode_passes,
+                "optimizer": type(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])).__name__,
+                "update_model": "plain SGD, first order (learning rate read from the optimizer at each step)",
+                "callback_seconds": round(self.seconds, 6),
+            },
+        )
+        self._micro, self._cached_gradient = [], None
+        if isinstance(pl_module, InfluenceMixin):
+            pl_module.influence = self.scores
+        if self.save_path is not None and trainer.is_global_zero:
+            self.scores.save(self.save_path)
+        rank_zero_info(f"TracIn (online, target={self.target}): scored {len(self.scores)} samples over {self.steps_seen} steps")
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        if self._micro:
+            raise RuntimeError("TracIn cannot be checkpointed in the middle of a gradient accumulation: save at optimizer-step boundaries")
+        return {
+            "format": STATE_FORMAT,
+            "steps_seen": self.steps_seen,
+            "skipped_steps": self.skipped_steps,
+            "target_gradients": self.target_gradients,
+            "forward_mode_passes": self.forward_mode_passes,
+            "accumulator": self._accumulator.state_dict() if self._accumulator is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if state_dict.get("format") != STATE_FORMAT:
+            raise ValueError(f"TracIn state of format {state_dict.get('format')!r}; this version reads {STATE_FORMAT}")
+        for key in ("steps_seen", "skipped_steps", "target_gradients", "forward_mode_passes"):
+            setattr(self, key, int(state_dict[key]))
+        self._accumulator = ScoreAccumulator()
+        if state_dict["accumulator"] is not None:
+            self._accumulator.load_state_dict(dict(state_dict["accumulator"]))
+        self._restored = True

@@ -1,0 +1,290 @@
+"""TracIn (online and over checkpoints) and the parameter-checkpoint callback, with real Trainer
+runs on digits in float64, against brute-force references (an autograd loop over the replayed
+steps) and leave-one-out retraining.
+
+``python tests/test_tracin.py`` measures the README's Spearman correlations with leave-one-out."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import digits_problem, quiet_trainer  # noqa: E402
+from lightning_influence.callbacks.checkpoints import (  # noqa: E402
+    CheckpointFileError,
+    ParameterCheckpoints,
+    RecordedCheckpoints,
+)
+from lightning_influence.callbacks.tracin import TracIn as TracInCallback  # noqa: E402
+from lightning_influence.estimators import build  # noqa: E402
+from lightning_influence.estimators.tracin import TracInCheckpoints  # noqa: E402
+from lightning_influence.evaluation import StepRecorder, leave_one_out, spearman  # noqa: E402
+from lightning_influence.models import Classifier  # noqa: E402
+
+
+class TwoGroupClassifier(Classifier):
+    """The MLP with its two layers in two parameter groups at different learning rates and a decaying schedule."""
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        first, last = self.net[0], self.net[-1]
+        optimizer = torch.optim.SGD([{"params": first.parameters(), "lr": 0.1}, {"params": last.parameters(), "lr": 0.05}])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1.0 + 0.05 * step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _fit(problem, callbacks, *, model_class=Classifier, hidden=(16,), lr=0.1, **trainer_options):
+    torch.manual_seed(0)
+    model = model_class(hidden=hidden, lr=lr).double()
+    recorder = StepRecorder()
+    quiet_trainer(callbacks=[recorder, *callbacks], **trainer_options).fit(model, train_dataloaders=problem.train)
+    return model, recorder
+
+
+def _flat_grad(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+
+def _brute_force_tracin(model, recorder, val_batches, group_of_param):
+    """Replay the recorded plain-SGD steps by hand; at each step add eta_g/(n b) <grad_g F, grad_g l_z>
+    with per-sample gradients from an autograd loop."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: recorder.initial_params[n].clone() for n in names}
+    scores: dict[int, float] = {}
+
+    def loss_at(batch):
+        return torch.func.functional_call(model, params, (batch[0],))
+
+    import torch.nn.functional as F
+
+    for step in recorder.steps:
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        x_all = torch.cat([b[0] for b in val_batches])
+        y_all = torch.cat([b[1] for b in val_batches])
+        val_loss = F.cross_entropy(torch.func.functional_call(model, leaves, (x_all,)), y_all)
+        grad_f = torch.autograd.grad(val_loss, list(leaves.values()))
+        lr_of = {n: step.lrs[group_of_param[n]] for n in names}
+        total_grad = {n: torch.zeros_like(p) for n, p in params.items()}
+        for batch in step.batches:
+            x, y, ids = batch
+            for i in range(len(ids)):
+                li = F.cross_entropy(torch.func.functional_call(model, leaves, (x[i : i + 1],)), y[i : i + 1])
+                gi = torch.autograd.grad(li, list(leaves.values()))
+                value = sum(lr_of[n] * float((a * b).sum()) for n, a, b in zip(names, gi, grad_f))
+                scores[int(ids[i])] = scores.get(int(ids[i]), 0.0) + value / (step.normalizer * len(ids))
+                for n, g in zip(names, gi):
+                    total_grad[n] += g / (step.normalizer * len(ids))
+        with torch.no_grad():
+            for n in names:
+                params[n] = params[n] - lr_of[n] * total_grad[n]
+    return scores, params
+
+
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["plain", "accumulate2"])
+def test_online_tracin_equals_brute_force_replay(accumulate):
+    problem = digits_problem(n=96, batch_size=16, epochs=2, val_size=100)
+    callback = TracInCallback(target="val", target_loader=problem.val)
+    model, recorder = _fit(problem, [callback], model_class=TwoGroupClassifier, accumulate_grad_batches=accumulate)
+    group_of = {"net.0.weight": 0, "net.0.bias": 0, "net.2.weight": 1, "net.2.bias": 1}
+    expected, final = _brute_force_tracin(model, recorder, list(problem.val), group_of)
+    # The replay really is the run: the same final parameters.
+    for n, p in model.named_parameters():
+        assert torch.allclose(final[n], p.detach(), atol=1e-12)
+    scores = callback.scores
+    assert scores is not None and model.influence is scores
+    assert sorted(scores.ids.tolist()) == sorted(expected)
+    got = torch.tensor([float(scores[i]) for i in expected], dtype=torch.float64)
+    want = torch.tensor(list(expected.values()), dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10 * float(want.abs().max()))
+    assert scores.metadata["steps_seen"] == len(recorder.steps)
+    assert scores.metadata["target_gradients"] == len(recorder.steps)
+
+
+def test_checkpoint_tracin_every_step_equals_online_and_target_every_reuses(tmp_path):
+    problem = digits_problem(n=128, batch_size=16, epochs=2, val_size=100)
+    online = TracInCallback(target="val", target_loader=problem.val, save_path=tmp_path / "tracin.pt")
+    reused = TracInCallback(target="val", target_loader=problem.val, target_every=4)
+    reused._generate_state_key = lambda **kw: "reused"  # type: ignore[method-assign]
+    visits = TracInCheckpoints(every=1, weighting="visits", progress_bar=False)
+    expected = TracInCheckpoints(every=1, progress_bar=False)
+    expected.callback()._generate_state_key = lambda **kw: "expected"  # type: ignore[union-attr, method-assign]
+    model, recorder = _fit(problem, [online, reused, visits.callback(), expected.callback()], model_class=TwoGroupClassifier)
+    a = online.scores
+    b = visits.scores(model, problem.train, problem.val)
+    assert torch.equal(a.ids.sort().values, b.ids)
+    assert torch.allclose(torch.stack([a[int(i)] for i in b.ids]), b.values, rtol=1e-10, atol=1e-14)
+    # Saved atomically, loadable without unpickling.
+    from lightning_influence.scores import InfluenceScores
+
+    assert torch.equal(InfluenceScores.load(tmp_path / "tracin.pt").values, a.values)
+    # The classic (expected-visit) weighting spreads each step over all samples: same total.
+    c = expected.scores(model, problem.train, problem.val)
+    assert c.metadata["weighting"] == "expected" and c.metadata["checkpoints"] == len(recorder.steps)
+    assert float(c.values.sum()) == pytest.approx(float(b.values.sum()), rel=0.3)
+    # target_every=4: a quarter of the target gradients, scores close to the exact sum.
+    assert reused.scores.metadata["target_gradients"] == (len(recorder.steps) + 3) // 4
+    assert spearman(reused.scores.values, a.values) > 0.95
+
+
+def test_checkpoint_callback_records_parameters_and_learning_rates(tmp_path):
+    problem = digits_problem(n=96, batch_size=16, epochs=2, val_size=100)
+    memory = ParameterCheckpoints(every=3)
+    disk = ParameterCheckpoints(count=4, directory=tmp_path / "ckpt", sampling="random", seed=3)
+    model, recorder = _fit(problem, [memory, disk], model_class=TwoGroupClassifier)
+    record = memory.record
+    assert record is not None and record.total_steps == len(recorder.steps) == 12
+    assert [c.step for c in record] == [0, 3, 6, 9]
+    assert torch.equal(record.step_lrs, torch.tensor([s.lrs for s in recorder.steps], dtype=torch.float64))
+    assert [tuple(map(tuple, [i.tolist() for i in ids])) for ids in record.step_ids] == [
+        tuple(tuple(b[2].tolist()) for b in s.batches) for s in recorder.steps
+    ]
+    # theta_t by replaying plain SGD from the recorded initial parameters.
+    group_of = {"net.0.weight": 0, "net.0.bias": 0, "net.2.weight": 1, "net.2.bias": 1}
+    params = {n: p.clone() for n, p in recorder.initial_params.items()}
+    trajectory = []
+    import torch.nn.functional as F
+
+    for step in recorder.steps:
+        trajectory.append({n: p.clone() for n, p in params.items()})
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        x, y, _ = step.batches[0]
+        grads = torch.autograd.grad(F.cross_entropy(torch.func.functional_call(model, leaves, (x,)), y), list(leaves.values()))
+        params = {n: (p - step.lrs[group_of[n]] * g).detach() for (n, p), g in zip(params.items(), grads)}
+    for c in record:
+        assert c.lrs == recorder.steps[c.step].lrs
+        for n, p in c.parameters().items():
+            assert torch.allclose(p, trajectory[c.step][n], atol=1e-12)
+    # The directory round-trips with weights_only=True, and no temporary file is left behind.
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert len(files) == 5 and "steps.pt" in files and not any(f.endswith(".tmp") for f in files)
+    for name in files:
+        torch.load(tmp_path / "ckpt" / name, weights_only=True)
+    loaded = RecordedCheckpoints.load(tmp_path / "ckpt")
+    assert [c.step for c in loaded] == [c.step for c in disk.record] and len(loaded) == 4
+    assert torch.equal(loaded.step_lrs, record.step_lrs)
+    for c in loaded:
+        for n, p in c.parameters().items():
+            assert torch.allclose(p, trajectory[c.step][n], atol=1e-12)
+    # Checkpoint state (resume) round-trips through torch.save / weights_only load.
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(memory.state_dict(), buffer)
+    buffer.seek(0)
+    restored = ParameterCheckpoints(every=3)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert [c.step for c in restored._checkpoints] == [0, 3, 6, 9]
+    # A write that fails leaves the previous file intact (temporary file + rename).
+    target_file = tmp_path / "ckpt" / "steps.pt"
+    before = target_file.read_bytes()
+    original = os.replace
+
+    def failing_replace(*args, **kwargs):
+        raise OSError("disk full")
+
+    os.replace = failing_replace
+    try:
+        with pytest.raises(OSError):
+            loaded.save(tmp_path / "ckpt")
+    finally:
+        os.replace = original
+    assert target_file.read_bytes() == before
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_tracin_scores_track_leave_one_out():
+    problem = digits_problem(n=256, batch_size=16, epochs=3, val_size=200)
+    online = build("tracin", target="val", target_loader=problem.val)
+    classic = build("tracin_checkpoints", every=16, progress_bar=False)
+    model, recorder = _fit(problem, [online.callback(), classic.callback()])
+    ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:60]
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
+    for estimator in (online, classic):
+        scores = estimator.scores(model, problem.train, problem.val)
+        rho = spearman(torch.stack([scores[int(i)] for i in ids]), truth)
+        print(f"{estimator.name}: spearman {rho:.3f}")
+        assert rho > 0.3, (estimator.name, rho)
+
+
+def test_bad_input(tmp_path):
+    problem = digits_problem(n=64, batch_size=16, epochs=1, val_size=100)
+    with pytest.raises(TypeError):
+        build("tracin", target="val", windo=3)
+    with pytest.raises(TypeError):
+        build("tracin_checkpoints", evry=3)
+    with pytest.raises(ValueError, match="target_every"):
+        TracInCallback(target="val", target_loader=problem.val, target_every=0)
+    with pytest.raises(ValueError, match="exactly one of every"):
+        ParameterCheckpoints(every=2, count=3)
+    with pytest.raises(ValueError, match="weighting"):
+        TracInCheckpoints(weighting="sometimes")
+    with pytest.raises(RuntimeError, match="run fit"):
+        TracInCheckpoints(every=1).scores(Classifier().double(), problem.train, problem.val)
+    # An empty checkpoint set.
+    empty = RecordedCheckpoints([], (("net.0.weight",),), torch.zeros(0, 1, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        TracInCheckpoints(checkpoints=empty).scores(Classifier().double(), problem.train, problem.val)
+    # Checkpoints of another model.
+    callback = ParameterCheckpoints(every=1, directory=tmp_path / "c")
+    _fit(problem, [callback], hidden=(16,))
+    with pytest.raises(ValueError, match="another model"):
+        TracInCheckpoints(checkpoints=tmp_path / "c", progress_bar=False).scores(
+            Classifier(hidden=(8,)).double(), problem.train, problem.val
+        )
+    with pytest.raises(ValueError, match="does not have"):
+        TracInCheckpoints(checkpoints=tmp_path / "c", progress_bar=False).scores(
+            Classifier(hidden=()).double(), problem.train, problem.val
+        )
+    # A damaged or incomplete directory.
+    (tmp_path / "c" / "checkpoint-00000001.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointFileError, match="truncated or corrupted"):
+        list(RecordedCheckpoints.load(tmp_path / "c"))[1].parameters()
+    (tmp_path / "c" / "checkpoint-00000002.pt").unlink()
+    with pytest.raises(CheckpointFileError, match="lacks"):
+        RecordedCheckpoints.load(tmp_path / "c")
+    with pytest.raises(CheckpointFileError, match="no checkpoint directory"):
+        RecordedCheckpoints.load(tmp_path / "nowhere")
+    # Batches without sample ids are refused before training.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    plain = DataLoader(TensorDataset(problem.x[:32], problem.y[:32]), batch_size=16)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="sample ids"):
+        quiet_trainer(callbacks=[TracInCallback(target="val", target_loader=problem.val)]).fit(
+            Classifier().double(), train_dataloaders=plain
+        )
+
+
+# ---------------------------------------------------------------------- README measurement
+def measure(n: int = 1024, batch_size: int = 32, epochs: int = 8, hidden: tuple[int, ...] = (32,), samples: int = 120) -> None:
+    """Spearman vs leave-one-out of online TracIn, TracInCP (one checkpoint per epoch) and the published
+    Diff-In checkpoint estimator on the digits MLP, plain SGD lr 0.1 (the notes' setting)."""
+    torch.set_num_threads(1)
+    problem = digits_problem(n=n, batch_size=batch_size, epochs=epochs)
+    estimators = {
+        "tracin (online)": build("tracin", target="val", target_loader=problem.val),
+        "tracin_checkpoints (every epoch)": build("tracin_checkpoints", every=n // batch_size, progress_bar=False),
+        "diffin_checkpoints (m=5)": build("diffin_checkpoints", progress_bar=False),
+    }
+    start = time.perf_counter()
+    model, recorder = _fit(problem, [e.callback() for e in estimators.values()], hidden=hidden)
+    print(f"fit with all callbacks: {time.perf_counter() - start:.1f}s, {len(recorder.steps)} steps")
+    ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:samples]
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
+    for name, estimator in estimators.items():
+        start = time.perf_counter()
+        scores = estimator.scores(model, problem.train, problem.val)
+        seconds = time.perf_counter() - start
+        rho = spearman(torch.stack([scores[int(i)] for i in ids]), truth)
+        print(f"{name:36s} spearman {rho:+.3f}  (scoring {seconds:.2f}s)")
+
+
+if __name__ == "__main__":
+    measure(hidden=() if "--logreg" in sys.argv else (32,))
