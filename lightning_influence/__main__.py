@@ -1,7 +1,8 @@
-"""``python -m lightning_influence [overrides]`` / ``lightning-influence [overrides]``: the main job.
+"""``python -m lightning_influence [overrides]`` / ``lightning-influence [overrides]``: run a recipe.
 
 The configs ship inside the package (``lightning_influence.conf``), so this works from a clone
 (editable install) and from an installed wheel alike. See ``--help`` and ``--cfg job``.
+A user's own Hydra app reuses them with ``hydra.searchpath=[pkg://lightning_influence.conf]``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import warnings
 
 import hydra
 from omegaconf import DictConfig
+
+from lightning_influence.config import register_configs
+
+register_configs()
 
 
 @hydra.main(config_path="pkg://lightning_influence.conf", config_name="config", version_base="1.3")

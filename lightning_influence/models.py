@@ -1,4 +1,5 @@
-"""Embedded default models: influence-aware classifiers for the digits data."""
+"""Embedded default models: influence-aware classifiers for the digits data (an MLP /
+logistic regression, :class:`Classifier`, and a small CNN for the 8x8 images, :class:`SmallCNN`)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ class Classifier(InfluenceMixin, L.LightningModule):
         x, y = batch[0], batch[1]
         return F.cross_entropy(self(x), y, reduction="none")
 
+    def per_sample_outputs(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(logits[B, C], labels[B])`` of a batch (class scores for EL2N and forgetting)."""
+        return self(batch[0]), batch[1]
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.per_sample_loss(batch).mean()
         self.log("train_loss", loss, prog_bar=False)
@@ -105,3 +110,44 @@ class Classifier(InfluenceMixin, L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SmallCNN(Classifier):
+    """A small convolutional network for square single-channel images (the 8x8 digits).
+
+    Inputs may be flat ``[B, side * side]`` (as :class:`~lightning_influence.data.DigitsDataModule`
+    yields them) or ``[B, 1, side, side]``. Layers: conv 3x3 (``channels[0]``, padding 1),
+    activation, conv 3x3 stride 2 (``channels[1]``, padding 1), activation, linear to
+    ``num_classes``. No dropout or batch norm, so training is deterministic and exactly
+    retrainable. Optimizer, schedule, steps and logging: as :class:`Classifier`.
+    """
+
+    def __init__(
+        self,
+        side: int = 8,
+        num_classes: int = 10,
+        channels: Sequence[int] = (8, 16),
+        activation: str = "relu",
+        lr: float = 0.05,
+        optimizer: str = "sgd",
+        optimizer_options: dict[str, Any] | None = None,
+        schedule: str = "constant",
+    ) -> None:
+        if side < 2 or len(channels) != 2 or min(channels) < 1:
+            raise ValueError(f"SmallCNN needs side >= 2 and two positive channel counts, got side={side}, channels={list(channels)}")
+        super().__init__(side * side, num_classes, (), activation, lr, optimizer, optimizer_options, schedule)
+        acts = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+        c1, c2 = int(channels[0]), int(channels[1])
+        out_side = (side + 1) // 2
+        self.side = side
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1),
+            acts[activation](),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+            acts[activation](),
+            nn.Flatten(),
+            nn.Linear(c2 * out_side * out_side, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.reshape(-1, 1, self.side, self.side))

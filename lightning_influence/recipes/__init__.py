@@ -1,0 +1,39 @@
+"""End-to-end recipes, one command each: train with the estimator attached, score every training
+sample, act on the scores, retrain, measure, report.
+
+- :mod:`~lightning_influence.recipes.cleaning`: find flipped labels, remove the most harmful
+  samples, retrain and compare with no removal, the final-loss ranking and random removal.
+- :mod:`~lightning_influence.recipes.deletion`: predicted vs actual target change of deleting
+  the most harmful / most helpful / random sets; optional LDS.
+- :mod:`~lightning_influence.recipes.coreset`: keep a fraction by score, retrain, test accuracy.
+- :mod:`~lightning_influence.recipes.aggregate`: table and plot over a multirun directory.
+
+Each ``run(cfg)`` takes the composed Hydra config (see ``lightning_influence.conf``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from omegaconf import DictConfig
+
+RECIPES: dict[str, str] = {
+    "cleaning": "lightning_influence.recipes.cleaning:run",
+    "deletion": "lightning_influence.recipes.deletion:run",
+    "coreset": "lightning_influence.recipes.coreset:run",
+}
+
+__all__ = ["RECIPES", "run_recipe"]
+
+
+def run_recipe(cfg: DictConfig) -> dict[str, Any]:
+    """Run the recipe named ``cfg.recipe.name``; returns its report."""
+    recipe = cfg.get("recipe")
+    if recipe is None or recipe.get("name") is None:
+        raise ValueError(f"the config selects no recipe: add recipe=<{'|'.join(RECIPES)}>")
+    name = str(recipe.name)
+    if name not in RECIPES:
+        raise ValueError(f"recipe.name={name!r} is not a recipe; choose one of {', '.join(RECIPES)}")
+    module, attr = RECIPES[name].split(":")
+    return getattr(importlib.import_module(module), attr)(cfg)

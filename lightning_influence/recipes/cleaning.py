@@ -1,0 +1,231 @@
+"""The cleaning recipe: find the harmful training samples, remove them, retrain, measure.
+
+1. Train with the estimator attached and score every training sample for the target
+   (``recipe.target``: ``val`` = mean validation loss, ``train`` = self influence).
+2. Mislabel detection against the flipped labels the datamodule injected (``flipped_ids``):
+   ROC-AUC of the ranking "lowest score first" and the share of the flipped samples found in
+   the lowest ``top_fractions`` of the scores; the plain final-loss ranking alongside (an
+   influence method earns its cost only where it beats it); chance is the fraction itself.
+3. Remove ``remove_count`` (or ``remove_fraction`` of the training set) samples by each ranking
+   -- the estimator's most harmful, the highest final losses, and a random set of the same
+   count (drawn per seed) -- and retrain each with a fresh, seeded Trainer per seed of
+   ``recipe.seeds``; the test metric (``recipe.metric``) as mean and spread over the seeds,
+   and its paired difference against no removal.
+
+Writes ``scores.pt``, ``scores.csv``, ``report.json``, ``config.yaml`` and (``recipe.plots``)
+``score_histogram.png``, ``detection_curve.png`` and, for image data, ``most_harmful.png``
+into the run directory (global rank zero only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lightning_influence.config import CleaningConfig, estimator_params, recipe_params
+from lightning_influence.evaluation.metrics import detection_auroc, fraction_found
+from lightning_influence.recipes.common import (
+    ScoredRun,
+    final_loss_scores,
+    fit_and_score,
+    is_global_zero,
+    metric_of,
+    paired_difference,
+    prepare,
+    retrain_fresh,
+    sample_rows,
+    summary,
+    train_dataset,
+    versions,
+    write_outputs,
+)
+
+__all__ = ["run", "detection_metrics"]
+
+
+def detection_metrics(values: torch.Tensor, flipped: torch.Tensor, fractions: list[float]) -> dict[str, Any]:
+    """ROC-AUC and share of flipped samples found in the lowest ``fractions`` of ``values``."""
+    result: dict[str, Any] = {"auroc": detection_auroc(values, flipped)}
+    for f in fractions:
+        result[f"found_in_top_{_pct(f)}"] = fraction_found(values, flipped, f)
+    return result
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:g}pct"
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the cleaning recipe on the composed config; returns the report (also in ``report.json``)."""
+    params: CleaningConfig = recipe_params(cfg.recipe, CleaningConfig)
+    est = estimator_params(cfg.estimator)
+    out = prepare(cfg)
+    if params.plots:
+        from lightning_influence.plots import require_matplotlib
+
+        require_matplotlib()
+    target = params.target.value
+    scored = fit_and_score(cfg, out, target, params.target_samples)
+    dm, ids, column = scored.datamodule, scored.ids, scored.column
+    dataset = train_dataset(dm)
+    n_train = len(dataset)
+
+    # ------------------------------------------------------------ detection
+    flipped_ids = getattr(dm, "flipped_ids", None)
+    flipped_set = {int(i) for i in torch.as_tensor(flipped_ids).tolist()} if flipped_ids is not None else set()
+    flipped = torch.tensor([int(i) in flipped_set for i in ids.tolist()], dtype=torch.bool)
+    loss_column = final_loss_scores(scored)
+    fractions = list(params.top_fractions)
+    detection: dict[str, Any] = {
+        "num_flipped": len(flipped_set),
+        "noise_kind": getattr(dm, "noise_kind", None),
+        "label_noise": getattr(dm, "label_noise", None),
+        "chance": {f"found_in_top_{_pct(f)}": f for f in fractions},
+    }
+    if bool(flipped.any()) and not bool(flipped.all()):
+        detection["estimator"] = detection_metrics(column, flipped, fractions)
+        detection["loss"] = detection_metrics(loss_column, flipped, fractions)
+    else:
+        detection["estimator"] = detection["loss"] = None
+
+    # ------------------------------------------------------------ removal and retraining
+    count = params.remove_count if params.remove_count is not None else max(1, round(params.remove_fraction * len(ids)))
+    if count >= n_train:
+        raise ValueError(f"removing {count} of {n_train} training samples leaves nothing to train on; lower recipe.remove_count/remove_fraction")
+    all_ids = torch.arange(n_train)
+    ranked = {
+        "estimator": ids[torch.argsort(column, stable=True)[:count]],
+        "loss": ids[torch.argsort(loss_column, stable=True)[:count]],
+    }
+
+    def random_set(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1_000_003 * int(cfg.seed) + int(seed))
+        return all_ids[torch.randperm(n_train, generator=g)[:count]]
+
+    conditions: dict[str, dict[str, Any]] = {}
+    plans = {
+        "no_removal": lambda s: torch.empty(0, dtype=torch.long),
+        "estimator": lambda s: ranked["estimator"],
+        "loss": lambda s: ranked["loss"],
+        "random": random_set,
+    }
+    for name, removal_for in plans.items():
+        accuracies, flipped_removed = [], []
+        for seed in params.seeds:
+            removed = removal_for(seed)
+            keep = all_ids[~torch.isin(all_ids, removed)]
+            metrics = retrain_fresh(cfg, dm, keep, seed, out / "retraining")
+            accuracies.append(metric_of(metrics, params.metric))
+            flipped_removed.append(sum(int(i) in flipped_set for i in removed.tolist()))
+        conditions[name] = {
+            "removed": int(removal_for(params.seeds[0]).numel()),
+            "flipped_removed": summary(flipped_removed),
+            params.metric: summary(accuracies),
+        }
+    base = conditions["no_removal"][params.metric]["values"]
+    for name in ("estimator", "loss", "random"):
+        conditions[name][f"{params.metric}_minus_no_removal"] = paired_difference(conditions[name][params.metric]["values"], base)
+
+    # ------------------------------------------------------------ report
+    harmful = torch.argsort(column, stable=True)[: params.top_k]
+    helpful = torch.argsort(column, descending=True, stable=True)[: params.top_k]
+    report: dict[str, Any] = {
+        "recipe": "cleaning",
+        "estimator": {"name": est.name, "options": est.options},
+        "target": target,
+        "sign_convention": scored.scores.metadata.get("sign_convention"),
+        "score_metadata": scored.scores.metadata,
+        "num_train_samples": n_train,
+        "num_scored": len(ids),
+        "num_negative": int((column < 0).sum()),
+        "num_positive": int((column > 0).sum()),
+        "score_sum": float(column.sum()),
+        "fit_seconds": round(scored.fit_seconds, 3),
+        "score_seconds": round(scored.score_seconds, 3),
+        "detection": detection,
+        "removal": {"count": count, "fraction": count / n_train, "seeds": list(params.seeds), "metric": params.metric, "conditions": conditions},
+        "most_harmful": sample_rows(dataset, ids[harmful], column[harmful], flipped_set),
+        "most_helpful": sample_rows(dataset, ids[helpful], column[helpful], flipped_set),
+        "summary": [
+            {
+                "recipe": "cleaning",
+                "method": name if name != "estimator" else est.name,
+                "fraction": count / n_train if name != "no_removal" else 0.0,
+                "seed": int(cfg.seed),
+                "metric": params.metric,
+                "accuracy": conditions[name][params.metric]["mean"],
+            }
+            for name in conditions
+        ],
+        "files": {"scores": "scores.pt", "csv": "scores.csv", "report": "report.json", "config": "config.yaml"},
+        "versions": versions(),
+    }
+    if is_global_zero():
+        if params.plots:
+            report["files"].update(_plots(out, scored, flipped, loss_column, dataset, harmful, flipped_set))
+        write_outputs(out, cfg, report, scored.scores)
+        _print(report, est.name, params.metric)
+    return report
+
+
+def _plots(
+    out: Path, scored: ScoredRun, flipped: torch.Tensor, loss_column: torch.Tensor, dataset: Any, harmful: torch.Tensor, flipped_set: set[int]
+) -> dict[str, str]:
+    from lightning_influence import plots
+
+    name = str(scored.scores.metadata.get("estimator", "estimator"))
+    files = {}
+    plots.score_histogram(out / "score_histogram.png", scored.column, flipped, xlabel="score (target-loss change when removed)", title=f"{name} scores")
+    files["score_histogram"] = "score_histogram.png"
+    if bool(flipped.any()):
+        plots.detection_curve(out / "detection_curve.png", {name: scored.column, "final loss": loss_column}, flipped)
+        files["detection_curve"] = "detection_curve.png"
+    images, captions = [], []
+    try:
+        for i, v in zip(scored.ids[harmful].tolist(), scored.column[harmful].tolist(), strict=True):
+            item = dataset[i]
+            images.append(plots.as_image(item[0] if isinstance(item, (tuple, list)) else item["x"]))
+            captions.append(f"id {i} y={int(item[1]) if isinstance(item, (tuple, list)) else '?'}{' flip' if i in flipped_set else ''}\n{v:.2e}")
+    except (ValueError, KeyError, TypeError, IndexError):
+        return files  # not image data
+    plots.image_grid(out / "most_harmful.png", images, captions, title="most harmful training samples")
+    files["most_harmful_images"] = "most_harmful.png"
+    return files
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _print(report: dict[str, Any], name: str, metric: str) -> None:
+    det = report["detection"]
+    lines = [
+        "",
+        f"Cleaning with {name} (target {report['target']}): {report['num_scored']} training samples scored, "
+        f"fit {report['fit_seconds']:.1f}s, scoring {report['score_seconds']:.1f}s.",
+        "Score = predicted change of the target loss when the sample is removed: positive helps, negative hurts.",
+        "",
+        f"{'rank':>4}  {'id':>6}  {'score':>11}  {'label':>5}  flipped   (most harmful)",
+    ]
+    for rank, row in enumerate(report["most_harmful"], 1):
+        label = "?" if row["label"] is None else str(row["label"])
+        lines.append(f"{rank:>4}  {row['id']:>6}  {row['score']:>11.3e}  {label:>5}  {'yes' if row['flipped'] else 'no'}")
+    if det["estimator"] is not None:
+        keys = [k for k in det["chance"]]
+        lines += ["", f"Flipped labels: {det['num_flipped']} ({det['noise_kind']}).", f"{'ranking':<12} {'ROC-AUC':>8}  " + "  ".join(f"{k.removeprefix('found_in_'):>12}" for k in keys)]
+        for key, title in (("estimator", name), ("loss", "final loss")):
+            row = det[key]
+            lines.append(f"{title:<12} {row['auroc']:>8.3f}  " + "  ".join(f"{row[k]:>12.1%}" for k in keys))
+        lines.append(f"{'chance':<12} {0.5:>8.3f}  " + "  ".join(f"{det['chance'][k]:>12.1%}" for k in keys))
+    rem = report["removal"]
+    lines += ["", f"Retrained without {rem['count']} samples, {len(rem['seeds'])} seed(s); {metric} mean +- std (paired change vs no removal):"]
+    for cond, row in rem["conditions"].items():
+        s = row[metric]
+        delta = row.get(f"{metric}_minus_no_removal")
+        change = f"  ({delta['mean']:+.4f} +- {delta['std']:.4f})" if delta else ""
+        lines.append(f"  {cond:<11} {s['mean']:.4f} +- {s['std']:.4f}{change}   flipped removed: {row['flipped_removed']['mean']:.1f}")
+    lines.append("Wrote " + ", ".join(report["files"].values()))
+    print("\n".join(lines), flush=True)

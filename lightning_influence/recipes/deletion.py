@@ -1,0 +1,214 @@
+"""The deletion recipe: does removing a set of samples change the target as the scores predict?
+
+1. Train with the estimator attached and score every training sample for the target.
+2. For each size in ``recipe.sizes`` and kind in ``recipe.kinds`` pick a deletion set: the
+   lowest scores (``harmful``), the highest (``helpful``) or a seeded random set (``random``).
+   Predicted change of the target loss = the sum of the set's scores (additivity; units of the
+   target loss; positive: removing the set raises the loss).
+3. Actual change, per ``recipe.retraining``:
+
+   - ``trajectory`` (default): the recorded run re-run without the set -- same initial weights,
+     same batches with the set's samples taken out, same optimizer and learning rates
+     (:func:`~lightning_influence.evaluation.subset_retraining`): exactly the counterfactual the
+     scores estimate. Single-device runs (it records the run with
+     :class:`~lightning_influence.evaluation.StepRecorder`).
+   - ``fresh``: a new seeded Trainer run on the kept data per seed of ``recipe.seeds``, minus a
+     full-data run of the same seed, averaged over the seeds (the effect a user sees, with the
+     noise of a different batch order and initialisation).
+
+4. Pearson and Spearman correlation of predicted with actual over the sets, the share of sets
+   whose sign agrees, and (``recipe.lds_subsets`` > 0) the linear datamodeling score over that
+   many random subsets keeping ``recipe.lds_keep_fraction``.
+
+Writes ``scores.pt``, ``scores.csv``, ``report.json``, ``config.yaml`` and (``recipe.plots``)
+``predicted_vs_actual.png`` into the run directory (global rank zero only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lightning_influence.config import DeletionConfig, estimator_params, recipe_params
+from lightning_influence.evaluation.metrics import pearson, spearman
+from lightning_influence.recipes.common import (
+    fit_and_score,
+    is_global_zero,
+    prepare,
+    retrain_fresh,
+    summary,
+    target_batches,
+    train_dataset,
+    versions,
+    write_outputs,
+)
+
+__all__ = ["run", "deletion_sets"]
+
+
+def deletion_sets(ids: torch.Tensor, column: torch.Tensor, sizes: list[int], kinds: list[str], seed: int) -> list[dict[str, Any]]:
+    """``[{kind, size, ids}]``: the ``size`` lowest / highest / random scores for each size and kind."""
+    order = torch.argsort(column, stable=True)
+    sets = []
+    for size in sizes:
+        if size >= len(ids):
+            raise ValueError(f"a deletion set of {size} samples removes the whole training set of {len(ids)}; lower recipe.sizes")
+        for kind in kinds:
+            if kind == "harmful":
+                chosen = ids[order[:size]]
+            elif kind == "helpful":
+                chosen = ids[order.flip(0)[:size]]
+            else:
+                g = torch.Generator().manual_seed(1_000_003 * seed + size)
+                chosen = ids[torch.randperm(len(ids), generator=g)[:size]]
+            sets.append({"kind": kind, "size": size, "ids": chosen})
+    return sets
+
+
+def _predicted(ids: torch.Tensor, column: torch.Tensor, chosen: torch.Tensor) -> float:
+    return float(column[torch.isin(ids, chosen)].sum())
+
+
+def _correlations(predicted: list[float], actual: list[float]) -> dict[str, Any]:
+    result: dict[str, Any] = {"pearson": None, "spearman": None}
+    if len(predicted) >= 3:
+        for name, fn in (("pearson", pearson), ("spearman", spearman)):
+            try:
+                result[name] = fn(torch.tensor(predicted), torch.tensor(actual))
+            except ValueError:  # constant values: no correlation defined
+                result[name] = None
+    signs = [(p > 0) == (a > 0) for p, a in zip(predicted, actual, strict=True) if p != 0 and a != 0]
+    result["sign_agreement"] = sum(signs) / len(signs) if signs else None
+    return result
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the deletion recipe on the composed config; returns the report (also in ``report.json``)."""
+    params: DeletionConfig = recipe_params(cfg.recipe, DeletionConfig)
+    est = estimator_params(cfg.estimator)
+    out = prepare(cfg)
+    if params.plots:
+        from lightning_influence.plots import require_matplotlib
+
+        require_matplotlib()
+    target = params.target.value
+    mode = params.retraining.value
+    recorder = None
+    if mode == "trajectory":
+        from lightning_influence.evaluation import StepRecorder
+
+        recorder = StepRecorder()
+    scored = fit_and_score(cfg, out, target, params.target_samples, [recorder] if recorder is not None else [])
+    dm, ids, column = scored.datamodule, scored.ids, scored.column
+    n_train = len(train_dataset(dm))
+    sets = deletion_sets(ids, column, list(params.sizes), [k.value for k in params.kinds], int(cfg.seed))
+    batches = target_batches(target, dm)
+    all_ids = torch.arange(n_train)
+
+    lds_removals: list[tuple[int, ...]] = []
+    if params.lds_subsets:
+        from lightning_influence.evaluation import random_removals
+
+        lds_removals = random_removals(ids, params.lds_subsets, params.lds_keep_fraction, seed=int(cfg.seed))
+
+    removals = [tuple(int(i) for i in s["ids"].tolist()) for s in sets]
+    if mode == "trajectory":
+        from lightning_influence.evaluation import subset_retraining
+
+        model = scored.model
+        retrained = subset_retraining(model, recorder.initial_params, recorder.steps, recorder.optimizer, [*removals, *lds_removals], batches)  # type: ignore[union-attr,arg-type]
+        changes = retrained.changes.tolist()
+        actual, lds_actual = changes[: len(removals)], changes[len(removals) :]
+        actual_spread = [0.0] * len(removals)
+    else:
+        base = [retrain_fresh(cfg, dm, all_ids, s, out / "retraining", {"target": batches})["target_loss/target"] for s in params.seeds]
+        per_set: list[list[float]] = []
+        for removal in [*removals, *lds_removals]:
+            keep = all_ids[~torch.isin(all_ids, torch.tensor(removal, dtype=torch.long))]
+            seeds = params.seeds if len(per_set) < len(removals) else params.seeds[:1]  # LDS: one seed per subset
+            per_set.append([
+                retrain_fresh(cfg, dm, keep, s, out / "retraining", {"target": batches})["target_loss/target"] - base[k]
+                for k, s in enumerate(seeds)
+            ])
+        actual = [summary(v)["mean"] for v in per_set[: len(removals)]]
+        actual_spread = [summary(v)["std"] for v in per_set[: len(removals)]]
+        lds_actual = [v[0] for v in per_set[len(removals) :]]
+
+    rows = []
+    for s, a, spread in zip(sets, actual, actual_spread, strict=True):
+        rows.append({"kind": s["kind"], "size": s["size"], "predicted": _predicted(ids, column, s["ids"]), "actual": a, "actual_std": spread})
+    predicted = [r["predicted"] for r in rows]
+    overall = _correlations(predicted, actual)
+    by_kind = {k: _correlations([r["predicted"] for r in rows if r["kind"] == k], [r["actual"] for r in rows if r["kind"] == k]) for k in dict.fromkeys(r["kind"] for r in rows)}
+    lds: dict[str, Any] | None = None
+    if lds_removals:
+        lds_pred = [_predicted(ids, column, torch.tensor(r, dtype=torch.long)) for r in lds_removals]
+        try:
+            value = spearman(torch.tensor(lds_pred), torch.tensor(lds_actual))
+        except ValueError:
+            value = None
+        lds = {"subsets": len(lds_removals), "keep_fraction": params.lds_keep_fraction, "lds": value}
+
+    report: dict[str, Any] = {
+        "recipe": "deletion",
+        "estimator": {"name": est.name, "options": est.options},
+        "target": target,
+        "units": "target loss (mean over the target samples)",
+        "sign_convention": scored.scores.metadata.get("sign_convention"),
+        "score_metadata": scored.scores.metadata,
+        "retraining": mode,
+        "seeds": list(params.seeds) if mode == "fresh" else None,
+        "num_train_samples": n_train,
+        "num_scored": len(ids),
+        "fit_seconds": round(scored.fit_seconds, 3),
+        "score_seconds": round(scored.score_seconds, 3),
+        "sets": rows,
+        "correlation": overall,
+        "correlation_by_kind": by_kind,
+        "lds": lds,
+        "summary": [
+            {"recipe": "deletion", "method": est.name, "kind": r["kind"], "fraction": r["size"] / n_train, "seed": int(cfg.seed), "predicted": r["predicted"], "actual": r["actual"]}
+            for r in rows
+        ],
+        "files": {"scores": "scores.pt", "csv": "scores.csv", "report": "report.json", "config": "config.yaml"},
+        "versions": versions(),
+    }
+    if is_global_zero():
+        if params.plots:
+            from lightning_influence import plots
+
+            plots.predicted_vs_actual(
+                out / "predicted_vs_actual.png",
+                predicted,
+                actual,
+                [f"{r['kind']}" for r in rows],
+                units=f"{target} loss",
+                title=f"deletion: {est.name}, {mode} retraining",
+            )
+            report["files"]["predicted_vs_actual"] = "predicted_vs_actual.png"
+        write_outputs(out, cfg, report, scored.scores)
+        _print(report)
+    return report
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _print(report: dict[str, Any]) -> None:
+    lines = [
+        "",
+        f"Deletion with {report['estimator']['name']} (target {report['target']}, {report['retraining']} retraining): "
+        "predicted vs actual change of the target loss when the set is removed.",
+        f"{'kind':<8} {'size':>5}  {'predicted':>11}  {'actual':>11}",
+    ]
+    for r in report["sets"]:
+        lines.append(f"{r['kind']:<8} {r['size']:>5}  {r['predicted']:>11.4e}  {r['actual']:>11.4e}")
+    c = report["correlation"]
+    lines.append(f"Pearson {_fmt(c['pearson'])}, Spearman {_fmt(c['spearman'])}, sign agreement {_fmt(c['sign_agreement'], '.0%')}")
+    if report["lds"] is not None:
+        lines.append(f"LDS over {report['lds']['subsets']} random subsets (keep {report['lds']['keep_fraction']:g}): {_fmt(report['lds']['lds'])}")
+    lines.append("Wrote " + ", ".join(report["files"].values()))
+    print("\n".join(lines), flush=True)
