@@ -27,7 +27,12 @@ which tends to ``(learning_rate_sum / n) <grad F, grad l_i>`` as ``lr -> 0``: th
 the-end estimate in target-loss units with the library's sign (positive helps). Without
 ``learning_rate_sum`` (the default, 1) it is ``(1/n) <grad F, grad l_i>``: the target-loss
 change per unit of summed training learning rate. Larger ``lr`` / more steps add the model's
-nonlinearity (the point of the method); Adam or other optimizers have no such calibration
+nonlinearity (the point of the method): to second order, ``k`` SGD steps move the parameters by
+``-(I - (I - lr H_F)^k) H_F^{-1} grad F`` (``H_F``: the target's Hessian), a truncated Neumann
+series that damps the target's stiff directions; this is what lifts the agreement with
+leave-one-out retraining from about 0.38 (one step) to about 0.68 (100 steps at lr 0.1) on the
+digits MLP (Spearman, see the README), with the summed step ``k lr`` as the knob that must be
+tuned (too far and it drops again). Adam or other optimizers have no such calibration
 (their step is not proportional to the gradient) and the metadata says so. With
 ``signed=False`` the absolute value is returned (the public code's choice): a magnitude, and
 the sign convention no longer applies.
