@@ -4,10 +4,11 @@ Sign convention for every score: the predicted change of the target loss when th
 removed from training. Positive: the sample helps. Negative: the sample hurts.
 """
 
-from lightning_influence.callbacks import DiffIn
+from lightning_influence.callbacks import DiffIn, TracIn
 from lightning_influence.data import IndexedDataset
+from lightning_influence.estimators import Estimator, Target, build
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.scores import InfluenceScores, ScoreFileError
 
-__all__ = ["DiffIn", "IndexedDataset", "InfluenceMixin", "InfluenceScores", "ScoreFileError"]
+__all__ = ["DiffIn", "Estimator", "IndexedDataset", "InfluenceMixin", "InfluenceScores", "ScoreFileError", "Target", "TracIn", "build"]
 __version__ = "0.1.0"
