@@ -157,8 +157,13 @@ class OutputModel:
         out = outputs.detach().requires_grad_(True)
         with torch.enable_grad():
             g = torch.autograd.grad(self.output_loss(out, batch).sum(), out, create_graph=True)[0]
-            cols = [torch.autograd.grad(g[:, c].sum(), out, retain_graph=c + 1 < out.shape[1])[0] for c in range(out.shape[1])]
-        return torch.stack(cols, dim=2).detach()
+            C = out.shape[1]
+            try:  # all output dimensions in one vectorised double-backward pass
+                unit = torch.eye(C, dtype=g.dtype, device=g.device).unsqueeze(1).expand(C, *g.shape)
+                return torch.autograd.grad(g, out, grad_outputs=unit, is_grads_batched=True)[0].permute(1, 2, 0).detach()
+            except (RuntimeError, NotImplementedError):
+                cols = [torch.autograd.grad(g[:, c].sum(), out, retain_graph=True)[0] for c in range(C)]
+                return torch.stack(cols, dim=2).detach()
 
 
 class _OutputCall(nn.Module):
@@ -263,21 +268,38 @@ class CurvatureOperator:
         with torch.enable_grad():
             out = self.outputs.outputs(leaves, batch)
         H = self.outputs.output_hessians(out, batch)
-        # J v for every column: one forward-mode pass each.
-        jv = []
-        with torch.no_grad(), fwAD.dual_level():
-            for k in range(V.shape[1]):
-                tangent = self.space.unflatten(V[:, k].to(self.space.dtype))
-                duals = {n: fwAD.make_dual(p.detach(), tangent[n]) for n, p in leaves.items()}
-                t = fwAD.unpack_dual(self.outputs.outputs(duals, batch)).tangent
-                jv.append(torch.zeros_like(out) if t is None else t)
-        U = torch.einsum("bcd,kbd->kbc", H, torch.stack(jv)) / out.shape[0]
-        cols = []
+        W = V.to(self.space.dtype)
+        JV = self._jvps(leaves, batch, W, out)  # [K, B, C]
+        U = (torch.einsum("bcd,kbd->kbc", H, JV) / out.shape[0]).to(out.dtype)
+        params = list(leaves.values())
         with torch.enable_grad():
-            for k in range(V.shape[1]):
-                g = torch.autograd.grad(out, list(leaves.values()), grad_outputs=U[k].to(out.dtype), retain_graph=k + 1 < V.shape[1], allow_unused=True)
-                cols.append(self.space.flatten(list(g), torch.float64))
-        return torch.stack(cols, dim=1)
+            try:  # all columns in one vectorised backward pass
+                g = torch.autograd.grad(out, params, grad_outputs=U, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                return torch.cat(
+                    [(t if t is not None else torch.zeros(U.shape[0], *p.shape, dtype=p.dtype, device=p.device)).reshape(U.shape[0], -1) for t, p in zip(g, params)],
+                    dim=1,
+                ).T.to(torch.float64)
+            except (RuntimeError, NotImplementedError):
+                cols = [self.space.flatten(list(torch.autograd.grad(out, params, grad_outputs=U[k], retain_graph=True, allow_unused=True)), torch.float64) for k in range(U.shape[0])]
+                return torch.stack(cols, dim=1)
+
+    def _jvps(self, leaves: Mapping[str, Tensor], batch: Any, W: Tensor, out: Tensor) -> Tensor:
+        """Output Jacobian times each column of ``W``: ``[K, B, C]`` (vectorised forward mode,
+        falling back to one forward-mode pass per column)."""
+        assert self.outputs is not None
+        primals = {n: p.detach() for n, p in leaves.items()}
+        f = lambda p: self.outputs.outputs(p, batch)  # noqa: E731
+        try:
+            return torch.func.vmap(lambda w: torch.func.jvp(f, (primals,), (self.space.unflatten(w),))[1])(W.T.contiguous())
+        except (RuntimeError, NotImplementedError, ValueError):
+            jv = []
+            with torch.no_grad(), fwAD.dual_level():
+                for k in range(W.shape[1]):
+                    tangent = self.space.unflatten(W[:, k])
+                    duals = {n: fwAD.make_dual(p, tangent[n]) for n, p in primals.items()}
+                    t = fwAD.unpack_dual(f(duals)).tangent
+                    jv.append(torch.zeros_like(out) if t is None else t)
+            return torch.stack(jv)
 
     def _mean_gradient(self, theta: Tensor) -> Tensor:
         total = torch.zeros(self.size, dtype=self.space.dtype, device=theta.device)
