@@ -5,6 +5,13 @@
 - ``"query"``: the loss of each of Q query samples separately (one score column per query).
 
 Gradients are taken at given flat parameters with the module in evaluation mode, in float64.
+
+Distributed (DDP) runs: Lightning shards its own training and validation loaders with a
+``DistributedSampler``. The target is still the mean over the whole target set: each rank sums
+its shard (leaving out the copies the sampler repeats to pad the epoch) and the sums and counts
+are reduced across ranks; a ``target_samples`` subset is drawn from the global pool (sample ids,
+or global positions in loader order), as in a single process. A loader without a
+``DistributedSampler`` (e.g. a ``target_loader`` or query loader) is read whole on every rank.
 """
 
 from __future__ import annotations
@@ -16,7 +23,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_influence.distributed import Collective
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn
+
+Shard = tuple[int, int, int]
+"""``(rank, num_replicas, num_samples)`` of a loader's ``DistributedSampler`` (see
+:func:`lightning_influence.distributed.distributed_shard`)."""
 
 TargetKind = Literal["train", "val", "query"]
 TARGET_KINDS: tuple[str, ...] = ("train", "val", "query")
@@ -30,6 +42,11 @@ class TargetGradient:
     a fixed random subset of that many target samples (drawn once with ``seed``) enters ``F``:
     chosen by sample id when ``sample_ids`` is given (needed for shuffled loaders such as the
     training loader), else by position in loader order.
+
+    ``collective`` and ``shard`` (distributed runs): ``shard()`` tells whether the target loader
+    is sharded across the ranks of ``collective`` (then sums, counts and the subset's pool are
+    reduced across ranks, and the sampler's padding copies are left out); an unsharded loader is
+    read whole on every rank, and the ranks' results are checked to agree.
     """
 
     kind: TargetKind
@@ -38,11 +55,28 @@ class TargetGradient:
     seed: int = 0
     sample_ids: Callable[[Any], Tensor] | None = None
     subset: Tensor | None = None
+    collective: Collective | None = None
+    shard: Callable[[], Shard | None] | None = None
 
-    def _resolve_subset(self) -> None:
+    def _shard(self) -> Shard | None:
+        distributed = self.collective is not None and self.collective.distributed
+        return self.shard() if distributed and self.shard is not None else None
+
+    def _resolve_subset(self, shard: Shard | None = None) -> None:
         if self.sample_count is None or self.subset is not None:
             return
-        if self.sample_ids is not None:
+        if shard is not None and self.collective is not None:
+            if self.sample_ids is not None:
+                local, position = [], 0
+                for b in self.batches():
+                    ids = self.sample_ids(b).reshape(-1).cpu()
+                    local.append(ids[self._unpadded(shard, position, ids.numel())])
+                    position += ids.numel()
+                mine = torch.cat(local) if local else torch.zeros(0, dtype=torch.long)
+                pool = torch.cat(self.collective.gather_ragged(mine.long())).unique()
+            else:
+                pool = torch.arange(shard[2])
+        elif self.sample_ids is not None:
             pool = torch.cat([self.sample_ids(b).reshape(-1).cpu() for b in self.batches()]).unique()
         else:
             pool = torch.arange(sum(self._batch_size(b) for b in self.batches()))
@@ -52,7 +86,13 @@ class TargetGradient:
         self.subset = pool[torch.randperm(pool.numel(), generator=g)[: self.sample_count]].sort().values
 
     def __call__(self, loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor) -> Tensor:
-        self._resolve_subset()
+        shard = self._shard()
+        if shard is not None and self.kind == "query":
+            raise ValueError(
+                "the query target loader is sharded by a DistributedSampler: every rank needs every query sample. "
+                "Pass a query loader without a DistributedSampler (e.g. a plain DataLoader or list of batches)"
+            )
+        self._resolve_subset(shard)
         leaves = {n: p.detach().requires_grad_(True) for n, p in space.unflatten(theta).items()}
         params = list(leaves.values())
         columns: list[Tensor] = []
@@ -64,7 +104,11 @@ class TargetGradient:
                 losses = loss_fn(leaves, batch)
                 if losses.dim() != 1:
                     raise ValueError(f"per_sample_loss returned shape {tuple(losses.shape)} on a target batch; expected [B]")
-                keep = self._keep(batch, position, losses.shape[0], losses.device)
+                keep = (
+                    self._keep(batch, position, losses.shape[0], losses.device)
+                    if shard is None
+                    else self._keep_shard(batch, shard, position, losses.shape[0], losses.device)
+                )
                 position += losses.shape[0]
                 if keep is not None:
                     losses = losses[keep]
@@ -81,10 +125,45 @@ class TargetGradient:
         if self.kind == "query":
             if not columns:
                 raise ValueError("the query loader produced no samples")
-            return torch.stack(columns, dim=1)
+            return self._agreed(torch.stack(columns, dim=1))
+        if shard is not None and self.collective is not None:  # the mean over every rank's shard
+            reduced = self.collective.sum(torch.cat([total, total.new_tensor([count])]))
+            total, count = reduced[:-1], int(round(float(reduced[-1])))
         if count == 0:
             raise ValueError(f"the {self.kind} target loader produced no samples: the target loss is undefined")
-        return total / count
+        return total / count if shard is not None else self._agreed(total / count)
+
+    def _agreed(self, gradient: Tensor) -> Tensor:
+        """An unsharded target read on every rank must give every rank the same gradient: a loader
+        that serves each rank other data (without a ``DistributedSampler``) is refused."""
+        if self.collective is None or not self.collective.distributed:
+            return gradient
+        summary = torch.stack([gradient.sum(), gradient.abs().sum()]).to(torch.float64)
+        gathered = torch.stack(self.collective.gather(summary))
+        spread = (gathered - gathered[0]).abs().max()
+        if not bool(spread <= 1e-6 * (1.0 + float(gathered[0].abs().max()))):
+            raise ValueError(
+                f"the {self.kind} target gradient differs between ranks: the target loader serves each rank other "
+                "samples without a DistributedSampler, so the target would differ per rank. Give every rank the whole "
+                "target set, or shard it with torch.utils.data.DistributedSampler"
+            )
+        return gradient
+
+    @staticmethod
+    def _unpadded(shard: Shard, start: int, size: int) -> Tensor:
+        """Mask of the local samples ``start .. start + size - 1`` that are not padding copies."""
+        rank, replicas, total = shard
+        return rank + torch.arange(start, start + size) * replicas < total
+
+    def _keep_shard(self, batch: Any, shard: Shard, start: int, size: int, device: torch.device) -> Tensor:
+        mask = self._unpadded(shard, start, size)
+        if self.subset is not None:
+            if self.sample_ids is not None:
+                mask &= torch.isin(self.sample_ids(batch).reshape(-1).cpu(), self.subset)
+            else:
+                rank, replicas, _ = shard
+                mask &= torch.isin(rank + torch.arange(start, start + size) * replicas, self.subset)
+        return mask.nonzero().reshape(-1).to(device)
 
     def _keep(self, batch: Any, start: int, size: int, device: torch.device) -> Tensor | None:
         if self.subset is None:

@@ -37,7 +37,9 @@ class StepRecord:
     ``[parameter tensors, hyperparameters]``; ``theta`` is ``None`` for steps between checkpoints
     until recomputed. ``normalizer`` divides each micro-batch's mean loss (Lightning's
     ``accumulate_grad_batches``). ``context`` holds the trainable parameters outside the
-    attributed subset, if any.
+    attributed subset, if any. ``global_ids`` (distributed runs only) holds, per micro-batch, the
+    ids of the whole global micro-batch: the union of every rank's ``ids`` (a sample that the
+    ``DistributedSampler`` repeated appears as often as it was trained on).
     """
 
     step: int
@@ -49,6 +51,7 @@ class StepRecord:
     grad: Tensor | None = None
     state: dict[str, Tensor] = field(default_factory=dict)
     context: Tensor | None = None
+    global_ids: tuple[Tensor, ...] | None = None
 
 
 def _to(batch: Any, device: torch.device | str) -> Any:
@@ -223,6 +226,7 @@ def _payload(record: StepRecord) -> dict[str, Any]:
         "grad": None if record.grad is None else record.grad.detach().cpu(),
         "state": {k: v.detach().cpu() for k, v in record.state.items()},
         "context": None if record.context is None else record.context.cpu(),
+        "global_ids": None if record.global_ids is None else [i.cpu() for i in record.global_ids],
     }
 
 
@@ -240,4 +244,5 @@ def _from_payload(p: dict[str, Any], device: torch.device) -> StepRecord:
         grad=dev(p["grad"]),
         state={k: v.to(device) for k, v in p["state"].items()},
         context=dev(p["context"]),
+        global_ids=None if p.get("global_ids") is None else tuple(p["global_ids"]),
     )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
+import uuid
+import weakref
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -12,7 +16,8 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -27,6 +32,7 @@ from lightning_influence.callbacks.checks import (
     dataset_length,
     empty_target_message,
 )
+from lightning_influence.distributed import Collective, distributed_shard
 from lightning_influence.estimators.diffin import step_gradient
 from lightning_influence.kernels import (
     FiniteDifference,
@@ -45,7 +51,8 @@ Mode = Literal["replay", "online"]
 SUPPORTED = (
     f"supported: one optimizer among {SUPPORTED_OPTIMIZERS}, with any learning-rate scheduler and parameter "
     "groups; automatic optimization; gradient accumulation; Lightning's gradient clipping by norm or value; "
-    "precision '32-true', '64-true', 'bf16-mixed' or '16-mixed'; a single-device strategy"
+    "precision '32-true', '64-true', 'bf16-mixed' or '16-mixed'; a single-device strategy or DDP ('ddp', "
+    "'ddp_spawn', 'ddp_fork', any number of processes and nodes)"
 )
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "32", "64")
 STATE_FORMAT = 2
@@ -93,6 +100,24 @@ class DiffIn(Callback):
         second_moment: Adam's preconditioner: ``"linearized"`` carries the removed sample's effect on
             the second-moment estimate, ``"frozen"`` treats ``lr / (sqrt(v_hat) + eps)`` as fixed.
         save_path: write the scores there at the end of fit (global rank zero).
+
+    Distributed data parallel (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``; gloo or NCCL):
+    the scores are those of the single-process run over the same sequence of *global* batches
+    (the union of the ranks' shards of each step; DDP's averaged gradient is their mean). Every
+    rank records its own shard; per-sample sums, the batch means of the score formula, target
+    gradients over sharded loaders and Hessian products are reduced across ranks, so each rank
+    does ``1 / world_size`` of the per-sample work. Samples that ``DistributedSampler`` repeats to
+    pad an epoch (when the world size does not divide the dataset) really are trained on twice:
+    each copy adds its own contribution, and the removal of ``z`` that a score predicts removes
+    every copy (a global batch holding ``z`` twice shrinks by two); the sampler's padding copies
+    are not counted twice in a ``"train"``/``"val"`` target. Only global rank zero writes files;
+    under ``ddp_spawn``/``ddp_fork`` the scores reach the launching process through a file, and
+    :attr:`scores` there reads them (``pl_module.influence`` is set in the worker processes). A
+    checkpoint holds every rank's recorded shards (gathered into rank zero's callback state) and
+    the score sums reduced over ranks; it resumes under the same number of processes. Training
+    batches whose shards differ in size between ranks (custom batch samplers) are weighted by
+    DDP per rank, not per sample: the scores then treat the global batch mean as the step's (a
+    warning says so). FSDP, DeepSpeed and other strategies are refused.
 
     The optimizer step is modelled exactly (:class:`~lightning_influence.optimizers.StepModel`):
     SGD with momentum/Nesterov/weight decay, Adam and AdamW, any scheduler, gradient accumulation
@@ -162,7 +187,15 @@ class DiffIn(Callback):
             raise ValueError(f"second_moment must be 'linearized' or 'frozen', got {second_moment!r}")
         self.second_moment: SecondMoment = second_moment
         self.save_path = Path(save_path) if save_path is not None else None
-        self.scores: InfluenceScores | None = None
+        self._scores: InfluenceScores | None = None
+        # ddp_spawn / ddp_fork: rank zero hands the scores to this (launching) process through this file.
+        self._owner_pid = os.getpid()
+        self._handoff = Path(tempfile.gettempdir()) / f"lightning-influence-diffin-{self._owner_pid}-{uuid.uuid4().hex}.pt"
+        weakref.finalize(self, _remove_handoff, self._handoff, self._owner_pid)
+        self._collective = Collective()
+        self._restored_world = 1
+        self._restored_rank_records: list[list[dict[str, Any]]] | None = None
+        self._uneven_warned = False
         self.steps_seen = 0
         self.steps_scored = 0
         self.truncated_sweeps = 0
@@ -189,6 +222,26 @@ class DiffIn(Callback):
         self._target_source: Any = None
 
     @property
+    def scores(self) -> InfluenceScores | None:
+        """The scores of the last fit (``None`` before). Under ``ddp_spawn``/``ddp_fork`` they are
+        read, in the launching process, from the file rank zero handed them over in (reading them
+        there also sets the counters ``steps_seen``, ``steps_scored``, ... and ``seconds`` from the
+        workers' run)."""
+        if os.getpid() == self._owner_pid and self._handoff.exists():
+            scores = InfluenceScores.load(self._handoff)
+            self._handoff.unlink(missing_ok=True)
+            self._scores = scores
+            meta = scores.metadata
+            for name in ("steps_seen", "steps_scored", "truncated_sweeps", "steps_scored_truncated", "skipped_steps"):
+                setattr(self, name, int(meta[name]))  # type: ignore[arg-type]
+            self.seconds = float(meta["callback_seconds"])  # type: ignore[arg-type]
+        return self._scores
+
+    @scores.setter
+    def scores(self, value: InfluenceScores | None) -> None:
+        self._scores = value
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(
             target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params
@@ -206,8 +259,12 @@ class DiffIn(Callback):
             )
         if not pl_module.automatic_optimization:
             raise ValueError(f"DiffIn does not model manual optimization; {SUPPORTED}")
-        if not isinstance(trainer.strategy, SingleDeviceStrategy):
-            raise ValueError(f"DiffIn does not support strategy {type(trainer.strategy).__name__} yet; {SUPPORTED}")
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+            raise ValueError(
+                f"DiffIn does not support strategy {type(strategy).__name__}: it models the optimizer step on full, "
+                f"replicated parameters (sharded strategies such as FSDP and DeepSpeed are not modelled); {SUPPORTED}"
+            )
         precision = str(trainer.precision)
         if precision not in PRECISIONS:
             raise ValueError(f"DiffIn does not model precision={precision!r}; {SUPPORTED}")
@@ -249,6 +306,7 @@ class DiffIn(Callback):
             second_moment=self.second_moment,
         )
         self._mixed = str(trainer.precision) in ("bf16-mixed", "16-mixed")
+        self._collective = Collective.from_trainer(trainer)
         loss_fn = per_sample_loss_function(pl_module)
         self._loss_fn = loss_fn
         self._target = self._make_target(trainer, pl_module)
@@ -273,7 +331,7 @@ class DiffIn(Callback):
         restored_records: list[dict[str, Any]] = []
         if self._restored:  # resuming: carry on with the restored scores and recorded steps
             self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
-            restored_records, self._restored_records = self._restored_records, []
+            restored_records, self._restored_records = self._take_rank_part(self._restored_records), []
             self._resume_check_pending = True  # checked at the first batch, once Lightning has restored its loops
         self._restored = False
         if self.mode == "online" and self.target == "train" and self.target_samples is None:
@@ -293,6 +351,7 @@ class DiffIn(Callback):
             fd_rel_step=self.fd_rel_step,
             reuse_recorded_gradient=reuse,
             hessian_every=self.hessian_every,
+            collective=self._collective,
         )
         self._trajectory = Trajectory(self.storage, self.spill_dir, self.checkpoint_every, device=self._space.device)
         self._trajectory.restore(restored_records)
@@ -339,6 +398,8 @@ class DiffIn(Callback):
             sample_count=self.target_samples,
             seed=self.seed,
             sample_ids=pl_module.sample_ids if self.target == "train" else None,
+            collective=self._collective,
+            shard=lambda: distributed_shard(source()),
         )
 
     def _split_parameters(
@@ -416,7 +477,11 @@ class DiffIn(Callback):
             )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         context_grads = [p.grad for p in self._context if p.grad is not None]
-        if not all(all_finite(g) for g in grads + context_grads):
+        finite = all(all_finite(g) for g in grads + context_grads)
+        global_ids: tuple[Tensor, ...] | None = None
+        if self._collective.distributed:  # the skip decision and the global batch, on every rank alike
+            finite, global_ids = self._global_step_batch(micro, finite)
+        if not finite:
             # Mixed precision: the gradient scaler skips this step. Otherwise it is a diverging step:
             # either way it is not attributed.
             self.skipped_steps += 1
@@ -453,6 +518,7 @@ class DiffIn(Callback):
             if keep
             else {},
             context=torch.cat([p.detach().reshape(-1) for p in self._context]) if self._context else None,
+            global_ids=global_ids,
         )
         for _, ids in micro:
             self._accumulator.mark_seen(ids)
@@ -462,6 +528,32 @@ class DiffIn(Callback):
         else:
             trajectory.append(record)
         self.seconds += time.perf_counter() - start
+
+    def _global_step_batch(self, micro: list[tuple[Any, Tensor]], finite: bool) -> tuple[bool, tuple[Tensor, ...] | None]:
+        """Collectives (every rank, every optimizer step): whether every rank's gradients are finite
+        and, if so, the ids of each global micro-batch (the union of the ranks' shards, rank order)."""
+        collective = self._collective
+        sizes = torch.tensor([ids.numel() for _, ids in micro] + [int(not finite)], dtype=torch.int64)
+        every = [row.tolist() for row in collective.gather(sizes)]
+        if any(row[-1] for row in every):
+            return False, None
+        counts = [row[:-1] for row in every]
+        longest = max(sum(row) for row in counts)
+        local = torch.cat([ids for _, ids in micro])
+        padded = torch.zeros(longest, dtype=torch.int64)
+        padded[: local.numel()] = local
+        gathered = collective.gather(padded)
+        shards = [list(g[: sum(row)].split(row)) for g, row in zip(gathered, counts, strict=True)]
+        union = tuple(torch.cat([shards[r][k] for r in range(len(shards))]) for k in range(len(micro)))
+        if not self._uneven_warned and any(len(set(column)) > 1 for column in zip(*counts)):
+            self._uneven_warned = True
+            rank_zero_warn(
+                f"DiffIn: the ranks' shards of a training batch differ in size ({[sum(row) for row in counts]} samples); "
+                "DDP averages each rank's mean gradient, so samples on smaller shards weigh more in that step than "
+                "the global batch mean the scores assume. Equal shards (DistributedSampler with a fixed batch size) "
+                "make the scores exact"
+            )
+        return True, union
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._loss_checked and self._loss_check is not None:
@@ -526,13 +618,17 @@ class DiffIn(Callback):
         self._run_sweep(len(self._trajectory))
         self._trajectory.close()
         self.seconds += time.perf_counter() - start
-        self.scores = self._build_scores()
+        scores = self._build_scores()  # a collective in distributed runs (every rank)
+        self.scores = scores
         # Keep the scores only: the trajectory and the sweep hold parameter-sized buffers and batches.
         self._trajectory, self._sweep, self._micro_batches = None, None, []
         if isinstance(pl_module, InfluenceMixin):
-            pl_module.influence = self.scores
-        if self.save_path is not None and trainer.is_global_zero:
-            self.scores.save(self.save_path)
+            pl_module.influence = scores
+        if trainer.is_global_zero:
+            if self.save_path is not None:
+                scores.save(self.save_path)
+            if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and os.getpid() != self._owner_pid:
+                scores.save(self._handoff)  # read by the launching process (see the scores property)
         rank_zero_info(
             f"DiffIn ({self.mode}, target={self.target}): scored {len(self.scores)} samples over {self.steps_scored} "
             f"steps; {self.seconds:.2f}s in the callback"
@@ -572,7 +668,7 @@ class DiffIn(Callback):
 
     def _build_scores(self) -> InfluenceScores:
         assert self._accumulator is not None and self._sweep is not None
-        ids, values = self._accumulator.result()
+        ids, values = self._accumulator.reduced(self._collective).result()
         meta = {
             "estimator": "diffin",
             "mode": self.mode,
@@ -594,6 +690,7 @@ class DiffIn(Callback):
             "forward_mode_passes": self._sweep.forward_mode_passes,
             "target_gradients": self._sweep.target_gradients,
             "callback_seconds": round(self.seconds, 6),
+            "world_size": self._collective.world_size,
         }
         return InfluenceScores(ids, values, meta)
 
@@ -607,7 +704,10 @@ class DiffIn(Callback):
                 "DiffIn cannot be checkpointed in the middle of a gradient accumulation: save at optimizer-step "
                 "boundaries (ModelCheckpoint(every_n_train_steps=...) does)"
             )
-        return {
+        collective = self._collective
+        records = self._trajectory.export() if self._trajectory is not None else []
+        accumulator = self._accumulator.reduced(collective) if self._accumulator is not None else None
+        state = {
             "format": STATE_FORMAT,
             "steps_seen": self.steps_seen,
             "steps_scored": self.steps_scored,
@@ -616,9 +716,16 @@ class DiffIn(Callback):
             "skipped_steps": self.skipped_steps,
             "verified_steps": self._verified_steps,
             "loss_checked": self._loss_checked,
-            "accumulator": self._accumulator.state_dict() if self._accumulator is not None else None,
-            "records": self._trajectory.export() if self._trajectory is not None else [],
+            "accumulator": accumulator.state_dict() if accumulator is not None else None,
+            "records": records,
         }
+        if collective.distributed:
+            # Lightning saves rank zero's callback state only: it carries every rank's shards of the recorded
+            # steps (the parameters and optimizer state are the same on every rank) and the sums over ranks.
+            shards = [{"batches": r["batches"], "ids": r["ids"]} for r in records]
+            state["world_size"] = collective.world_size
+            state["rank_records"] = collective.gather_objects(shards)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("format") != STATE_FORMAT:
@@ -637,7 +744,36 @@ class DiffIn(Callback):
         if state_dict["accumulator"] is not None:
             self._accumulator.load_state_dict(state_dict["accumulator"])
         self._restored_records = list(state_dict["records"])
+        self._restored_world = int(state_dict.get("world_size", 1))
+        self._restored_rank_records = state_dict.get("rank_records")
         self._restored = True
+
+    def _take_rank_part(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """After a resume: this rank's part of the restored state. Rank zero keeps the score sums
+        (reduced over ranks when saved), the other ranks start from zero; each rank takes its own
+        shards of the recorded steps."""
+        world, rank = self._collective.world_size, self._collective.rank
+        if self._restored_world != world:
+            raise ValueError(
+                f"this checkpoint's DiffIn state was saved by a run with {self._restored_world} process(es) and is "
+                f"resumed with {world}: the training batches are sharded differently, so the recorded steps do not "
+                "continue. Resume with the same number of processes (devices x nodes), or rerun the fit"
+            )
+        if world == 1:
+            return records
+        assert self._accumulator is not None and self._restored_rank_records is not None
+        if rank != 0:
+            self._accumulator.totals.zero_()
+            self._accumulator.seen.zero_()
+        mine = self._restored_rank_records[rank]
+        self._restored_rank_records = None
+        return [{**record, "batches": shard["batches"], "ids": shard["ids"]} for record, shard in zip(records, mine, strict=True)]
+
+
+def _remove_handoff(path: Path, owner_pid: int) -> None:
+    """Delete an unread hand-over file when the launching process's callback goes away."""
+    if os.getpid() == owner_pid:
+        path.unlink(missing_ok=True)
 
 
 def _is_last_step(trainer: L.Trainer) -> bool:

@@ -29,6 +29,16 @@ block, exact products between blocks; for plain SGD ``prod_s (I - H_s L_s) ~ I -
 
 A sweep that starts from ``grad F`` at a later iterate ``theta_e`` (``e < T``) scores the steps
 with the influence on ``F(theta_e)``: that is the online mode's truncated propagation window.
+
+Distributed (DDP) runs: every rank sweeps its own copy of the trajectory (identical parameters,
+optimizer state and step gradients, since DDP averages the gradients) with its own shard of each
+micro-batch. The global micro-batch ``U_k`` is the union of the ranks' shards (``record.global_ids``)
+and the step gradient DDP fed the optimizer is the mean over ranks of the local step gradients,
+which is the mean over ``U_k`` when the shards have equal sizes (as ``DistributedSampler``
+makes them). Removing ``z`` removes every copy of it from ``U_k`` (``m_z`` copies: a sample the
+sampler repeated to pad the epoch is trained on twice), so each copy contributes
+``(s_z - mean_{U_k} s) / (n (|U_k| - m_z))`` and the copies add up; ``mean_{U_k} s`` and every
+Hessian product are reduced across ranks. With one rank and no copies this is the formula above.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from lightning_influence.kernels import (
     evaluation_mode,
     hessian_vector_product,
 )
+from lightning_influence.distributed import Collective
 from lightning_influence.targets import TargetGradient
 from lightning_influence.optimizers import StepModel
 from lightning_influence.trajectory import RecomputeStep, StepRecord, Trajectory
@@ -56,7 +67,8 @@ from lightning_influence.trajectory import RecomputeStep, StepRecord, Trajectory
 class ScoreAccumulator:
     """Per-sample float64 sums indexed by sample id, growing as larger ids appear.
 
-    Cross-rank reduction (for distributed runs): sum of ``totals``, logical or of ``seen``.
+    Cross-rank reduction (for distributed runs, :meth:`reduced`): sum of ``totals``, logical or of
+    ``seen``.
     """
 
     def __init__(self, capacity: int = 0) -> None:
@@ -91,6 +103,23 @@ class ScoreAccumulator:
         ids = self.seen.nonzero().reshape(-1)
         return ids, self.totals[ids].clone()
 
+    def reduced(self, collective: Collective) -> ScoreAccumulator:
+        """The accumulator summed over the ranks of ``collective`` (a collective call: every rank
+        must make it); ``self`` is left as it is. Single process: ``self``."""
+        if not collective.distributed:
+            return self
+        local_columns = int(self.totals.shape[1]) if self.totals.dim() > 1 else 0
+        rows, columns = (int(v) for v in collective.max(torch.tensor([self.seen.numel(), local_columns])).tolist())
+        if local_columns and local_columns != columns:
+            raise ValueError(f"score columns differ between ranks: {local_columns} here, {columns} elsewhere")
+        totals = torch.zeros((rows, columns) if columns else (rows,), dtype=torch.float64)
+        totals[: self.totals.shape[0]] = self.totals if self.totals.dim() == totals.dim() else self.totals.unsqueeze(1)
+        seen = torch.zeros(rows, dtype=torch.int32)
+        seen[: self.seen.numel()] = self.seen.int()
+        out = ScoreAccumulator()
+        out.totals, out.seen = collective.sum(totals), collective.sum(seen) > 0
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {"totals": self.totals.clone(), "seen": self.seen.clone()}
 
@@ -115,6 +144,7 @@ class DiffInSweep:
         fd_rel_step: float | None = None,
         reuse_recorded_gradient: bool = False,
         hessian_every: int = 1,
+        collective: Collective | None = None,
     ) -> None:
         if hessian_every < 1:
             raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
@@ -129,6 +159,7 @@ class DiffInSweep:
         self.fd_rel_step = fd_rel_step
         self.reuse_recorded_gradient = reuse_recorded_gradient
         self.hessian_every = hessian_every
+        self.collective = collective if collective is not None else Collective()
         self.hessian_products = 0
         self.forward_mode_passes = 0
         self.target_gradients = 0
@@ -217,6 +248,9 @@ class DiffInSweep:
 
     def _accumulate(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
         """Add ``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b_k - 1))`` (``s_z / n`` if ``b_k = 1``)."""
+        if record.global_ids is not None:
+            self._accumulate_global(record, derivatives, squeeze)
+            return
         for k, ids in enumerate(record.ids):
             s = torch.stack([column[k] for column in derivatives], dim=1)  # [b, Q]
             b = s.shape[0]
@@ -229,12 +263,36 @@ class DiffInSweep:
                 raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
+    def _accumulate_global(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
+        """The distributed form: ``(s_z - mean_{U_k} s) / (n (|U_k| - m_z))`` for each local copy of
+        ``z`` (``s_z / (n m_z)`` when the copies of ``z`` are all of ``U_k``), with the sums of ``s``
+        over the global micro-batches ``U_k`` reduced across ranks (one collective per step)."""
+        assert record.global_ids is not None
+        local = [torch.stack([column[k] for column in derivatives], dim=1) for k in range(len(record.ids))]  # [b, Q]
+        for k, (s, ids) in enumerate(zip(local, record.ids, strict=True)):
+            if s.shape[0] != ids.numel():
+                raise ValueError(
+                    f"per_sample_loss returned {s.shape[0]} values for a batch with {ids.numel()} sample ids at step {record.step}"
+                )
+        sums = self.collective.sum(torch.stack([s.sum(dim=0) for s in local]))  # [K, Q], same on every rank
+        if not all_finite(sums):  # a non-finite value on any rank shows in the global sums: every rank raises
+            raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
+        for k, (s, ids) in enumerate(zip(local, record.ids, strict=True)):
+            union = record.global_ids[k]
+            size = union.numel()
+            values, counts = union.unique(return_counts=True)
+            copies = counts[torch.searchsorted(values, ids.cpu())].to(s.dtype).unsqueeze(1).to(s.device)  # m_z [b, 1]
+            mean = (sums[k] / size).to(s.device)
+            rest = size - copies
+            contribution = torch.where(rest > 0, (s - mean) / rest.clamp(min=1), s / copies) / record.normalizer
+            self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
+
     def _hessian_product(self, loss_fn: PerSampleLossFn, record: StepRecord, vector: Tensor) -> Tensor:
         """``H_t @ vector`` for the step's loss by finite differences of step gradients."""
         base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
         self.hessian_products += 1
         return hessian_vector_product(
-            lambda theta: step_gradient(loss_fn, self.space, theta, record.batches, record.normalizer),
+            lambda theta: step_gradient(loss_fn, self.space, theta, record.batches, record.normalizer, self.collective),
             record.theta,
             vector,
             scheme=self.finite_difference,
@@ -243,9 +301,18 @@ class DiffInSweep:
         ).to(self.work_dtype)
 
 
-def step_gradient(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batches: tuple[Any, ...], normalizer: int) -> Tensor:
-    """The gradient an optimizer step was fed: ``sum_k grad mean_k / normalizer`` over its micro-batches."""
+def step_gradient(
+    loss_fn: PerSampleLossFn,
+    space: ParameterSpace,
+    theta: Tensor,
+    batches: tuple[Any, ...],
+    normalizer: int,
+    collective: Collective | None = None,
+) -> Tensor:
+    """The gradient an optimizer step was fed: ``sum_k grad mean_k / normalizer`` over its micro-batches,
+    averaged over the ranks of ``collective`` as DDP does (a collective call in distributed runs)."""
     total = batch_gradient(loss_fn, space, theta, batches[0])
     for batch in batches[1:]:
         total.add_(batch_gradient(loss_fn, space, theta, batch))
-    return total.div_(normalizer) if normalizer != 1 else total
+    total = total.div_(normalizer) if normalizer != 1 else total
+    return collective.mean(total) if collective is not None else total
