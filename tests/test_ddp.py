@@ -261,22 +261,24 @@ def tempfile_dir() -> str:
 
 
 def test_hydra_entry_point_with_trainer_ddp(tmp_path):
-    """``python -m lightning_influence trainer=ddp``: one run (the child rank re-runs the command into the
-    parent's run folder), scores for every training sample, no second output folder."""
+    """``python -m lightning_influence trainer=ddp``: one run (Lightning re-runs the command for rank 1 into
+    the parent's run folder, without its own .hydra folder), scores of every training sample computed by
+    both ranks, no other output folder."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "lightning_influence", "trainer=ddp", "model=logreg", "trainer.max_epochs=1",
-        "data.batch_size=64", "influence.target_samples=100", f"hydra.run.dir={run_dir}",
+        "data.batch_size=64", "recipe.seeds=[0]", "recipe.plots=false", f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-6000:]
     report = json.loads((run_dir / "report.json").read_text())
     scores = InfluenceScores.load(run_dir / "scores.pt")
     assert report["num_scored"] == len(scores) == 1200
-    assert scores.metadata["world_size"] == 2 and scores.metadata["steps_seen"] == report["steps"] == 10  # 600 per rank
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the child wrote nowhere else
+    assert scores.metadata["world_size"] == 2 and scores.metadata["steps_seen"] == 10  # 600 samples per rank, 64 a batch
     assert torch.isfinite(scores.values).all() and (scores.values != 0).any()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the child rank wrote nowhere else
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
 
 
 # ---------------------------------------------------------------------- in-process, no processes started
