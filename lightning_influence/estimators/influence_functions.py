@@ -149,8 +149,10 @@ class InfluenceFunction(Estimator):
 
     - ``solver``: ``"exact"`` (explicit curvature, up to ``max_exact_parameters``), ``"cg"``,
       ``"lissa"``, ``"arnoldi"``, ``"ekfac"``, ``"kfac"`` (see :mod:`lightning_influence.solvers`).
-    - ``curvature``: ``"hessian"`` (default) or ``"gauss_newton"`` (PSD; recommended for
-      non-convex models, whose Hessian is indefinite at the end of training). K-FAC/EK-FAC use
+    - ``curvature``: ``"gauss_newton"`` (default: positive semi-definite, so every solver is
+      well posed on non-convex models, whose Hessian is indefinite at the end of training; needs
+      the loss split into outputs and an output loss, inferred for ``module(batch[0])`` with
+      cross-entropy and checked) or ``"hessian"`` (exact second derivatives of any loss). K-FAC/EK-FAC use
       ``fisher`` instead: ``"gauss_newton"``, ``"sampled"`` or ``"empirical"``.
     - ``damping`` (default ``1e-3``) with ``damping_scale="mean_eigenvalue"`` (``lambda = damping *
       trace(C) / P``) or ``"absolute"``.
@@ -174,7 +176,7 @@ class InfluenceFunction(Estimator):
         solver: str = "cg",
         damping: float = 1e-3,
         damping_scale: str = "mean_eigenvalue",
-        curvature: str = "hessian",
+        curvature: str = "gauss_newton",
         hvp: str = "autograd",
         fisher: str = "gauss_newton",
         params: list[str] | None = None,
