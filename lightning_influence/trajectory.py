@@ -197,6 +197,11 @@ class Trajectory:
                     segment[i].grad = segment[i].grad if segment[i].grad is not None else grad
                     segment[i + 1].theta = nxt
                     segment[i + 1].state = state
+            newest = segment[-1]
+            if newest.grad is None and len(segment) > 1 and recompute_step is not None:
+                # Recomputed from the step before: its own gradient is needed too (the step model's
+                # linearisation of a stateful optimizer reads it).
+                newest.grad = recompute_step(newest)[0]
             yield from reversed(segment)
             end = start
 

@@ -646,7 +646,7 @@ class DiffIn(Callback):
     def _recompute_step(self, record: StepRecord) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Re-run one optimizer step from ``record.theta`` and ``record.state``."""
         assert self._space is not None and self._model is not None and record.theta is not None
-        grad = step_gradient(self._loss_fn, self._space, record.theta, record.batches, record.normalizer)
+        grad = step_gradient(self._loss_fn, self._space, record.theta, record.batches, record.normalizer, self._collective)
         with torch.no_grad():
             theta, state = self._model.update(record.theta, record.state, grad, record.hyper)
         return grad, theta, state
