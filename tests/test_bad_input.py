@@ -406,13 +406,3 @@ def test_the_first_step_checks_leave_the_training_run_unchanged(small_digits):
         runs.append(model.state_dict())
     for name, value in runs[0].items():
         assert torch.equal(value, runs[1][name]), name
-
-
-def test_an_unsupported_strategy_is_refused_at_setup(small_digits):
-    """Distributed strategies are not modelled yet: refused before training, naming the strategy."""
-    cb = DiffIn(target="val", target_loader=small_digits.val)
-    torch.manual_seed(0)
-    trainer = quiet_trainer(callbacks=[cb], strategy="ddp", devices=1)
-    with pytest.raises(ValueError, match=r"does not support strategy DDPStrategy yet; supported: .*single-device strategy"):
-        trainer.fit(Classifier(hidden=(8,)).double(), train_dataloaders=small_digits.train)
-    assert trainer.global_step == 0
