@@ -312,3 +312,34 @@ def test_recorded_trajectory_memory_is_freed_after_fit(small_digits):
     gc.collect()
     assert len(refs) >= 2 and all(r() is None for r in refs)
     assert len(cb.scores) == small_digits.n
+
+
+def test_summary_statistics_reach_the_loggers_without_touching_the_users_metrics(small_digits, tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(**kwargs):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = Classifier(hidden=(8,)).double()
+        cb = DiffIn(target="val", mode="online", window=8, score_every=8, **kwargs)
+        logger = CSVLogger(tmp_path, name="run", version=len(kwargs))
+        trainer = quiet_trainer(callbacks=[cb], logger=logger, log_every_n_steps=1, max_epochs=1)
+        trainer.fit(model, train_dataloaders=small_digits.train, val_dataloaders=small_digits.val)
+        return cb, trainer, list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+
+    cb, trainer, rows = run()
+    assert "diffin/score_std" not in trainer.callback_metrics and "val_loss" in trainer.callback_metrics
+    final = [r for r in rows if r.get("diffin/score_std")]
+    assert len(final) == 1
+    summary = cb.scores.summary()
+    for key in ("mean", "std", "min", "median", "max"):
+        assert float(final[0][f"diffin/score_{key}"]) == pytest.approx(summary[key], rel=1e-9)
+    assert float(final[0]["diffin/harmful_fraction"]) == pytest.approx(summary["harmful_fraction"])
+    assert float(final[0]["diffin/callback_seconds_per_step"]) > 0
+    blocks = [r for r in rows if r.get("diffin/steps_scored") and not r.get("diffin/score_std")]
+    assert len(blocks) == cb.truncated_sweeps > 0  # one row per online block
+    assert any(r.get("train_loss") for r in rows) and any(r.get("val_loss") for r in rows)  # the user's own metrics
+
+    _, _, quiet = run(log_summary=False)
+    assert not any(k.startswith("diffin/") for r in quiet for k, v in r.items() if v)

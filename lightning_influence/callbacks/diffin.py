@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import tempfile
 import time
 import uuid
 import weakref
-import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +22,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_influence.estimators.diffin import DiffInSweep, ScoreAccumulator
 from lightning_influence.callbacks.checks import (
     batch_length,
     check_ids,
@@ -33,7 +32,7 @@ from lightning_influence.callbacks.checks import (
     empty_target_message,
 )
 from lightning_influence.distributed import Collective, distributed_shard
-from lightning_influence.estimators.diffin import step_gradient
+from lightning_influence.estimators.diffin import DiffInSweep, ScoreAccumulator, step_gradient
 from lightning_influence.kernels import (
     FiniteDifference,
     ParameterSpace,
@@ -41,8 +40,8 @@ from lightning_influence.kernels import (
     has_mode_dependent_layers,
     per_sample_loss_function,
 )
-from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel
 from lightning_influence.mixin import InfluenceMixin
+from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TARGET_KINDS, TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
@@ -100,6 +99,12 @@ class DiffIn(Callback):
         second_moment: Adam's preconditioner: ``"linearized"`` carries the removed sample's effect on
             the second-moment estimate, ``"frozen"`` treats ``lr / (sqrt(v_hat) + eps)`` as fixed.
         save_path: write the scores there at the end of fit (global rank zero).
+        log_summary: send summary statistics to the Trainer's loggers (``diffin/...`` keys, written
+            with ``logger.log_metrics`` so the module's own logged metrics and ``callback_metrics``
+            are untouched): after each online block, the steps scored and the seconds spent in the
+            callback; at the end of fit, the score spread (mean, std, min, quartiles, max, in
+            target-loss units), the fraction of harmful (negative) samples, the callback seconds
+            per optimizer step and the skipped steps.
 
     Distributed data parallel (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``; gloo or NCCL):
     the scores are those of the single-process run over the same sequence of *global* batches
@@ -148,6 +153,7 @@ class DiffIn(Callback):
         params: Sequence[str] | None = None,
         second_moment: SecondMoment = "linearized",
         save_path: str | Path | None = None,
+        log_summary: bool = True,
     ) -> None:
         if target not in TARGET_KINDS:
             raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
@@ -187,6 +193,7 @@ class DiffIn(Callback):
             raise ValueError(f"second_moment must be 'linearized' or 'frozen', got {second_moment!r}")
         self.second_moment: SecondMoment = second_moment
         self.save_path = Path(save_path) if save_path is not None else None
+        self.log_summary = log_summary
         self._scores: InfluenceScores | None = None
         # ddp_spawn / ddp_fork: rank zero hands the scores to this (launching) process through this file.
         self._owner_pid = os.getpid()
@@ -571,6 +578,7 @@ class DiffIn(Callback):
             self.truncated_sweeps += 1
             self.steps_scored_truncated += self.score_every
             self.seconds += time.perf_counter() - start
+            self._log(trainer, {"steps_scored": float(self.steps_scored), "callback_seconds": self.seconds})
 
     def _check_resume(self, trainer: L.Trainer, batch_idx: int) -> None:
         """A resume in the middle of an epoch must continue the data where the checkpoint left
@@ -629,12 +637,35 @@ class DiffIn(Callback):
                 scores.save(self.save_path)
             if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and os.getpid() != self._owner_pid:
                 scores.save(self._handoff)  # read by the launching process (see the scores property)
+        if len(scores):
+            column = scores.values if scores.values.dim() == 1 else scores.values.mean(dim=1)
+            summary = InfluenceScores(scores.ids, column).summary()
+            summary.pop("count")
+            self._log(
+                trainer,
+                {
+                    **{f"score_{k}" if k != "harmful_fraction" else k: v for k, v in summary.items()},
+                    "steps_scored": float(self.steps_scored),
+                    "skipped_steps": float(self.skipped_steps),
+                    "callback_seconds": self.seconds,
+                    "callback_seconds_per_step": self.seconds / max(self.steps_seen, 1),
+                },
+            )
         rank_zero_info(
             f"DiffIn ({self.mode}, target={self.target}): scored {len(self.scores)} samples over {self.steps_scored} "
             f"steps; {self.seconds:.2f}s in the callback"
         )
 
     # ------------------------------------------------------------------ internals
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        """Summary metrics to every logger of the Trainer, under ``diffin/`` (query targets: the
+        spread of each sample's mean score over the queries). Loggers write on global rank zero."""
+        if not self.log_summary or not trainer.loggers:
+            return
+        keyed = {f"diffin/{k}": float(v) for k, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(keyed, step=trainer.global_step)
+
     def _run_sweep(self, num_scored: int) -> None:
         assert self._sweep is not None and self._trajectory is not None and self._space is not None
         num_scored = min(num_scored, len(self._trajectory))
