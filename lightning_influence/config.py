@@ -156,12 +156,17 @@ class CoresetConfig:
     target_samples: Optional[int] = None
     fraction: float = 0.5
     class_balanced: bool = False
+    # "epochs": retrain for the trainer's max_epochs (fewer optimizer steps on a smaller coreset);
+    # "steps": scale max_epochs by 1 / fraction (rounded up) to keep the number of steps.
+    budget: str = "epochs"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     metric: str = "test_acc"
     plots: bool = True
 
     def __post_init__(self) -> None:
         _check_fraction("recipe.fraction", self.fraction, allow_one=True)
+        if self.budget not in ("epochs", "steps"):
+            raise ValueError(f"recipe.budget must be 'epochs' or 'steps', got {self.budget!r}")
         if self.target_samples is not None and self.target_samples < 1:
             raise ValueError(f"recipe.target_samples must be >= 1 or null, got {self.target_samples}")
         _check_seeds("recipe.seeds", self.seeds)

@@ -70,7 +70,7 @@ def markdown_table(cells: dict[Key, dict[str, Any]]) -> str:
         fractions = sorted({k[3] for k in keys})
         methods = list(dict.fromkeys(k[2] for k in keys))
         word = "kept" if recipe == "coreset" else "removed" if recipe == "cleaning" else ""
-        header = f"| method | " + " | ".join(f"{f:g} {word}".strip() for f in fractions) + " |"
+        header = "| method | " + " | ".join(f"{f:g} {word}".strip() for f in fractions) + " |"
         lines = [f"{recipe}: {metric}, mean +- std over jobs (n)", "", header, "|---|" + "---|" * len(fractions)]
         for m in methods:
             row = []

@@ -179,6 +179,9 @@ def fit_and_score(
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
+    if hasattr(datamodule, "setup"):
+        # Under ddp_spawn the datamodule was set up in the worker processes only; setup is idempotent.
+        datamodule.setup("fit")
     start = time.perf_counter()
     target = make_target(target_kind, datamodule, target_samples, int(cfg.seed))
     scores = estimator.scores(model, datamodule.train_dataloader(), target)

@@ -18,11 +18,12 @@ table and plot. Writes ``scores.pt``, ``scores.csv``, ``report.json``, ``config.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from lightning_influence.config import CoresetConfig, estimator_params, recipe_params
 from lightning_influence.recipes.common import (
@@ -78,9 +79,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     labels = labels_of(dataset, ids.tolist()) if params.class_balanced else None
     kept = select_coreset(ids, column, params.fraction, labels)
 
+    retrain_cfg = cfg
+    if params.budget == "steps" and cfg.trainer.get("max_epochs") is not None:
+        retrain_cfg = cfg.copy()
+        with open_dict(retrain_cfg):
+            retrain_cfg.trainer.max_epochs = math.ceil(int(cfg.trainer.max_epochs) * n_train / max(int(kept.numel()), 1))
     accuracies = []
     for seed in params.seeds:
-        metrics = retrain_fresh(cfg, dm, kept, seed, out / "retraining")
+        metrics = retrain_fresh(retrain_cfg, dm, kept, seed, out / "retraining")
         accuracies.append(metric_of(metrics, params.metric))
     acc = summary(accuracies)
     kept_labels = Counter(y for y in labels_of(dataset, kept.tolist()) if y is not None)
@@ -96,6 +102,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "score_metadata": scored.scores.metadata,
         "fraction": params.fraction,
         "class_balanced": params.class_balanced,
+        "budget": params.budget,
+        "retrain_max_epochs": retrain_cfg.trainer.get("max_epochs"),
         "num_train_samples": n_train,
         "num_scored": len(ids),
         "num_kept": int(kept.numel()),
