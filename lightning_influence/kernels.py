@@ -256,3 +256,84 @@ def _batch_size(batch: Any) -> int:
         if isinstance(leaf, Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     raise ValueError("cannot tell the size of a batch: it holds no tensor with a batch dimension")
+
+
+RemoveFn = Callable[[Any, Any], Any]
+"""``(batch, index) -> batch``: the batch without its sample at position ``index`` (an ``int`` or
+a 0-d integer tensor), e.g. :meth:`~lightning_influence.mixin.InfluenceMixin.remove_from_batch`."""
+
+
+class RemovalSizeError(ValueError):
+    """``per_sample_loss`` of a sub-batch from ``remove_from_batch`` has the wrong number of losses."""
+
+
+def removal_derivatives(
+    loss_fn: PerSampleLossFn,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    tangent: Mapping[str, Tensor],
+    remove: RemoveFn,
+    size: int,
+    *,
+    vectorize: bool = True,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample removal derivatives of a *coupled* batch loss (each sample's loss depends on
+    the whole batch, e.g. contrastive in-batch negatives):
+
+        d_z = < grad mean l(B \\ z) - grad mean l(B), tangent >     for every z in B (size b)
+
+    where ``mean l(S)`` is the mean of ``loss_fn(params, S)`` *evaluated on the sub-batch S*
+    (``B \\ z = remove(batch, z)``), so ``z`` is also gone from the other samples' losses. With an
+    empty sub-batch (``b = 1``) the mean is 0. For an uncoupled loss this is
+    ``(mean_B s - s_z) / (b - 1)`` with ``s_i = <grad l_i, tangent>``. Returns ``Tensor[b]``
+    (the parameters' dtype). Units: the loss's, per unit of ``tangent``.
+
+    Cost: one forward-mode pass over ``B`` plus ``b`` forward-mode passes over sub-batches of
+    ``b - 1`` samples (O(b^2) sample evaluations, more for losses that are quadratic in the batch
+    such as InfoNCE's b x b similarity matrix). With ``vectorize`` the ``b`` passes are one
+    ``torch.func.vmap`` (over the removal index, ``chunk_size`` at a time) of ``torch.func.jvp``;
+    a ``remove`` or loss that cannot be vmapped (Python control flow on the index) falls back to
+    one pass per sample. A sub-batch whose loss vector does not have ``b - 1`` entries raises
+    :class:`RemovalSizeError`.
+    """
+    _, s = directional_derivatives(loss_fn, params, batch, tangent)
+    if s.shape != (size,):
+        raise RemovalSizeError(f"per_sample_loss returned shape {tuple(s.shape)} for a batch of {size} samples")
+    full = s.mean()
+    if size == 1:
+        return -full.reshape(1)
+    names = tuple(params)
+    primals = tuple(params[n].detach() for n in names)
+    tangents = tuple(tangent[n].to(params[n].dtype) for n in names)
+
+    def check(losses: Tensor) -> Tensor:
+        if losses.shape != (size - 1,):
+            raise RemovalSizeError(
+                f"per_sample_loss returned shape {tuple(losses.shape)} on a sub-batch from remove_from_batch(batch, i) "
+                f"of a batch of {size} samples; expected ({size - 1},): remove_from_batch must drop exactly one sample "
+                "from every per-sample tensor of the batch"
+            )
+        return losses
+
+    if vectorize:
+
+        def sub_mean(index: Tensor) -> Tensor:
+            sub = remove(batch, index)
+            mean = lambda *ps: check(loss_fn(dict(zip(names, ps, strict=True)), sub)).mean()  # noqa: E731
+            return torch.func.jvp(mean, primals, tangents)[1]
+
+        try:
+            with torch.no_grad():
+                index = torch.arange(size, device=s.device)
+                sub = torch.func.vmap(sub_mean, chunk_size=chunk_size)(index)
+            return sub.to(s.dtype) - full
+        except RemovalSizeError:
+            raise
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
+            pass  # not vmappable: one pass per removed sample below
+    out = torch.empty(size, dtype=s.dtype, device=s.device)
+    for z in range(size):
+        _, sub_s = directional_derivatives(lambda p, b: check(loss_fn(p, b)), params, remove(batch, z), tangent)
+        out[z] = sub_s.mean()
+    return out - full

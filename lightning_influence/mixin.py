@@ -23,9 +23,19 @@ class InfluenceMixin:
     sample's id in the batch; the default reads ``batch["index"]`` for dict batches and the last
     element for tuple/list batches, which is what :class:`~lightning_influence.data.IndexedDataset`
     produces. After ``fit`` with an influence callback, :attr:`influence` holds the scores.
+
+    Coupled batch losses (contrastive losses such as CLIP's InfoNCE, where each sample's loss
+    depends on the other samples of its batch as negatives): set :attr:`coupled_batch_loss` to
+    ``True``. Removing ``z`` then means recomputing the batch loss on the sub-batch without ``z``
+    (``per_sample_loss(remove_from_batch(batch, i)).mean()``), so ``z`` is also gone as a negative
+    of the others; the estimators and the leave-one-out ground truth use that semantics.
     """
 
     sample_id_key: str = SAMPLE_ID_KEY
+    coupled_batch_loss: bool = False
+    """``True`` if a sample's loss depends on the other samples of its batch (in-batch negatives):
+    leave-one-out then re-evaluates :meth:`per_sample_loss` on the sub-batch without the sample
+    (:meth:`remove_from_batch`) instead of dropping its term from the batch mean."""
 
     def per_sample_loss(self, batch: Any) -> Tensor:
         """Unreduced loss of each sample in ``batch``: a floating ``Tensor[B]``."""
@@ -53,6 +63,36 @@ class InfluenceMixin:
                 "or override sample_ids(batch)"
             )
         return torch.as_tensor(ids)
+
+    def remove_from_batch(self, batch: Any, index: int | Tensor) -> Any:
+        """The batch without its sample at position ``index`` (``0 <= index < B``), for modules with
+        :attr:`coupled_batch_loss`: ``per_sample_loss`` of the result must return ``B - 1`` losses and
+        ``sample_ids`` the ids without ``batch``'s ``index``-th.
+
+        The default drops row ``index`` along dim 0 of every tensor of the batch (nested tuples,
+        lists and dicts) whose first dimension is the batch size ``B`` (``sample_ids(batch).numel()``);
+        other leaves are kept as they are. It accepts a 0-d integer tensor as ``index`` and is
+        written with tensor operations only, so the estimators can vectorise it over ``index`` with
+        ``torch.func.vmap``; an override may use Python control flow (the estimators then fall back
+        to one call per removed sample).
+        """
+        size = int(torch.as_tensor(self.sample_ids(batch)).numel())
+        if size < 1:
+            raise ValueError("remove_from_batch needs a batch of at least one sample")
+        keep: Tensor | None = None
+
+        def drop(leaf: Any) -> Any:
+            nonlocal keep
+            if not isinstance(leaf, Tensor) or leaf.dim() == 0 or leaf.shape[0] != size:
+                return leaf
+            if keep is None or keep.device != leaf.device:
+                # positions 0..B-2, shifted by one from ``index`` on: every row but ``index``
+                rows = torch.arange(size - 1, device=leaf.device)
+                at = index.to(leaf.device) if isinstance(index, Tensor) else int(index)
+                keep = rows + (rows >= at).long()
+            return leaf.index_select(0, keep)
+
+        return torch.utils._pytree.tree_map(drop, batch)
 
     @property
     def influence(self) -> InfluenceScores | None:

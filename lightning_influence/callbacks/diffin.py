@@ -99,6 +99,13 @@ class DiffIn(Callback):
         second_moment: Adam's preconditioner: ``"linearized"`` carries the removed sample's effect on
             the second-moment estimate, ``"frozen"`` treats ``lr / (sqrt(v_hat) + eps)`` as fixed.
         save_path: write the scores there at the end of fit (global rank zero).
+        coupled: whether the module's per-sample losses are coupled within a batch (contrastive
+            in-batch negatives); ``None`` (default) reads ``pl_module.coupled_batch_loss``. Coupled:
+            removing ``z`` re-evaluates each batch's loss on the batch without ``z``
+            (``pl_module.remove_from_batch``), at ``b`` extra forward-mode passes over sub-batches of
+            ``b - 1`` per micro-batch and scored step (vectorised with ``vmap``); single process only.
+            ``False`` on a coupled module scores it as if the losses were independent (only for
+            comparisons: it is not the leave-one-out effect).
         log_summary: send summary statistics to the Trainer's loggers (``diffin/...`` keys, written
             with ``logger.log_metrics`` so the module's own logged metrics and ``callback_metrics``
             are untouched): after each online block, the steps scored and the seconds spent in the
@@ -154,6 +161,7 @@ class DiffIn(Callback):
         second_moment: SecondMoment = "linearized",
         save_path: str | Path | None = None,
         log_summary: bool = True,
+        coupled: bool | None = None,
     ) -> None:
         if target not in TARGET_KINDS:
             raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
@@ -194,6 +202,10 @@ class DiffIn(Callback):
         self.second_moment: SecondMoment = second_moment
         self.save_path = Path(save_path) if save_path is not None else None
         self.log_summary = log_summary
+        if coupled is not None and not isinstance(coupled, bool):
+            raise ValueError(f"coupled must be None (the module's coupled_batch_loss), True or False, got {coupled!r}")
+        self.coupled = coupled
+        self._coupled = False
         self._scores: InfluenceScores | None = None
         # ddp_spawn / ddp_fork: rank zero hands the scores to this (launching) process through this file.
         self._owner_pid = os.getpid()
@@ -250,8 +262,9 @@ class DiffIn(Callback):
 
     @property
     def state_key(self) -> str:
+        extra = {} if self.coupled is None else {"coupled": self.coupled}
         return self._generate_state_key(
-            target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params
+            target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params, **extra
         )
 
     # ------------------------------------------------------------------ setup
@@ -271,6 +284,13 @@ class DiffIn(Callback):
             raise ValueError(
                 f"DiffIn does not support strategy {type(strategy).__name__}: it models the optimizer step on full, "
                 f"replicated parameters (sharded strategies such as FSDP and DeepSpeed are not modelled); {SUPPORTED}"
+            )
+        self._coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)
+        if self._coupled and int(getattr(trainer, "world_size", 1) or 1) > 1:
+            raise ValueError(
+                f"{type(pl_module).__name__} declares coupled_batch_loss (each sample's loss depends on its batch): "
+                "DiffIn scores coupled losses in a single process only, since removing a sample changes the losses of "
+                "the whole global batch, which DDP shards across ranks. Train on one device (devices=1) for scoring"
             )
         precision = str(trainer.precision)
         if precision not in PRECISIONS:
@@ -359,6 +379,7 @@ class DiffIn(Callback):
             reuse_recorded_gradient=reuse,
             hessian_every=self.hessian_every,
             collective=self._collective,
+            remove=pl_module.remove_from_batch if self._coupled else None,  # type: ignore[attr-defined]
         )
         self._trajectory = Trajectory(self.storage, self.spill_dir, self.checkpoint_every, device=self._space.device)
         self._trajectory.restore(restored_records)
@@ -458,6 +479,8 @@ class DiffIn(Callback):
             buffers = [b.detach().clone() for b in pl_module.buffers()]
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 losses = pl_module.per_sample_loss(batch)
+                if self._coupled:
+                    _check_removal(pl_module, batch, ids)
             with torch.no_grad():
                 for b, saved in zip(pl_module.buffers(), buffers):
                     b.copy_(saved)
@@ -722,6 +745,7 @@ class DiffIn(Callback):
             "target_gradients": self._sweep.target_gradients,
             "callback_seconds": round(self.seconds, 6),
             "world_size": self._collective.world_size,
+            "coupled": self._coupled,
         }
         return InfluenceScores(ids, values, meta)
 
@@ -799,6 +823,28 @@ class DiffIn(Callback):
         mine = self._restored_rank_records[rank]
         self._restored_rank_records = None
         return [{**record, "batches": shard["batches"], "ids": shard["ids"]} for record, shard in zip(records, mine, strict=True)]
+
+
+def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
+    """A coupled module's ``remove_from_batch(batch, 0)`` must be the batch without its first sample:
+    ``sample_ids`` without the first id and one per-sample loss fewer."""
+    if ids.numel() < 2:
+        return
+    name = type(pl_module).__name__
+    sub = pl_module.remove_from_batch(batch, 0)
+    sub_ids = torch.as_tensor(pl_module.sample_ids(sub)).reshape(-1).cpu()
+    expected = ids.reshape(-1).cpu()[1:]
+    losses = pl_module.per_sample_loss(sub)
+    shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+    if sub_ids.shape != expected.shape or not bool((sub_ids == expected).all()) or shape != (ids.numel() - 1,):
+        raise ValueError(
+            f"{name} declares coupled_batch_loss, so DiffIn evaluates per_sample_loss on the batch without each sample "
+            f"in turn, but remove_from_batch(batch, 0) on a batch of {ids.numel()} samples gave a sub-batch with sample "
+            f"ids of shape {tuple(sub_ids.shape)} and per_sample_loss of shape {shape}; expected the ids without the "
+            f"first one ({ids.numel() - 1} samples) and {ids.numel() - 1} losses. Fix {name}.remove_from_batch: it must "
+            "drop row `index` of every per-sample tensor of the batch (the default drops it along dim 0 of every tensor "
+            "whose first dimension is the batch size)"
+        )
 
 
 def _remove_handoff(path: Path, owner_pid: int) -> None:

@@ -27,6 +27,15 @@ With ``hessian_every = k`` the Hessian terms of a block of k steps are summed an
 at the block's oldest step: ``lambda_t = a^theta + H_t sum_s a^G_s`` (first order inside a
 block, exact products between blocks; for plain SGD ``prod_s (I - H_s L_s) ~ I - H_t sum L_s``).
 
+Coupled batch losses (``InfluenceMixin.coupled_batch_loss``, e.g. contrastive InfoNCE with
+in-batch negatives): removing ``z`` from ``B_tk`` means re-evaluating the micro-batch's loss on
+``B_tk \\ z``, so ``dG_t(z) = (grad mean l(B \\ z) - grad mean l(B)) / n`` and the step's term is
+``<a^G_t, dG_t(z)> = r_z / n`` with the removal derivative ``r_z`` of
+:func:`~lightning_influence.kernels.removal_derivatives` along ``a^G_t``. For an uncoupled loss
+``r_z = (s_z - mean_k s) / (b - 1)``, the formula above; in general it costs ``b`` forward-mode
+passes over sub-batches of ``b - 1`` per micro-batch (vectorised with ``vmap``) instead of one.
+Everything else (adjoints, Hessian products of the full micro-batch loss, normaliser) is unchanged.
+
 A sweep that starts from ``grad F`` at a later iterate ``theta_e`` (``e < T``) scores the steps
 with the influence on ``F(theta_e)``: that is the online mode's truncated propagation window.
 
@@ -53,10 +62,12 @@ from lightning_influence.kernels import (
     batch_gradient,
     ParameterSpace,
     PerSampleLossFn,
+    RemoveFn,
     all_finite,
     directional_derivatives,
     evaluation_mode,
     hessian_vector_product,
+    removal_derivatives,
 )
 from lightning_influence.distributed import Collective
 from lightning_influence.targets import TargetGradient
@@ -145,6 +156,8 @@ class DiffInSweep:
         reuse_recorded_gradient: bool = False,
         hessian_every: int = 1,
         collective: Collective | None = None,
+        remove: RemoveFn | None = None,
+        vectorize_removal: bool = True,
     ) -> None:
         if hessian_every < 1:
             raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
@@ -160,6 +173,14 @@ class DiffInSweep:
         self.reuse_recorded_gradient = reuse_recorded_gradient
         self.hessian_every = hessian_every
         self.collective = collective if collective is not None else Collective()
+        if remove is not None and self.collective.distributed:
+            raise ValueError(
+                "coupled batch losses (remove=...) are scored in a single process only: a sample's removal changes "
+                "the losses of the whole global batch, which is sharded across the ranks"
+            )
+        self.remove = remove
+        """Coupled batch loss: the batch without one sample (``None``: per-sample losses are independent)."""
+        self.vectorize_removal = vectorize_removal
         self.hessian_products = 0
         self.forward_mode_passes = 0
         self.target_gradients = 0
@@ -203,7 +224,10 @@ class DiffInSweep:
                     a_theta, a_state, a_grad = self.step_model.vjp(
                         record.theta, record.state, record.grad, record.hyper, adjoint[:, q], adjoint_state[q]
                     )
-                    if scored:
+                    if scored and self.remove is not None:
+                        # coupled: r_z = <grad mean l(B \ z) - grad mean l(B), a^G>, the term itself (times n)
+                        derivatives.append(self._removal_derivatives(loss_fn, record, a_grad))
+                    elif scored:
                         # s_i = <grad l_i, -a^G>: the pass runs along a^G and the small result is negated.
                         derivatives.append([-s for s in self._directional_derivatives(loss_fn, record, a_grad)])
                     if position == 0:
@@ -246,8 +270,25 @@ class DiffInSweep:
             out.append(s.double())
         return out
 
+    def _removal_derivatives(self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor) -> list[Tensor]:
+        """Coupled losses: ``r_z = <grad mean l(B_k \\ z) - grad mean l(B_k), tangent>`` per micro-batch,
+        float64 ``[b_k]`` each."""
+        assert self.remove is not None
+        params = self.space.unflatten(record.theta)
+        direction = self.space.unflatten(tangent.to(self.space.dtype))
+        out = []
+        for batch, ids in zip(record.batches, record.ids, strict=True):
+            size = ids.numel()
+            r = removal_derivatives(loss_fn, params, batch, direction, self.remove, size, vectorize=self.vectorize_removal)
+            self.forward_mode_passes += 1 + (size if size > 1 else 0)
+            out.append(r.double())
+        return out
+
     def _accumulate(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
-        """Add ``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b_k - 1))`` (``s_z / n`` if ``b_k = 1``)."""
+        """Add ``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b_k - 1))`` (``s_z / n`` if ``b_k = 1``);
+        coupled losses: ``r_z / n``."""
+        if record.global_ids is not None and self.remove is not None:
+            raise ValueError("coupled batch losses are scored in a single process only")
         if record.global_ids is not None:
             self._accumulate_global(record, derivatives, squeeze)
             return
@@ -258,7 +299,10 @@ class DiffInSweep:
                 raise ValueError(
                     f"per_sample_loss returned {b} values for a batch with {ids.numel()} sample ids at step {record.step}"
                 )
-            contribution = (s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)) / record.normalizer
+            if self.remove is not None:
+                contribution = s / record.normalizer
+            else:
+                contribution = (s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)) / record.normalizer
             if not all_finite(contribution):
                 raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)

@@ -24,6 +24,15 @@ skipped are simply not recorded), stochastic layers (refused), custom clipping
 (``configure_gradient_clipping``) or other changes made to the gradients in hooks, and
 hyperparameters other than the learning rate changing during training (:class:`~lightning_influence.evaluation.StepRecorder` refuses them).
 
+Coupled batch losses (a module with ``coupled_batch_loss = True``, e.g. contrastive InfoNCE with
+in-batch negatives, where each sample's loss depends on the others of its batch): removing samples
+from a micro-batch means evaluating ``per_sample_loss`` on the *sub-batch* without them
+(``module.remove_from_batch``, applied once per removed sample), so they are also gone from the
+other samples' losses; masking their terms out of the full batch's losses would be wrong. Runs
+whose sub-batches differ cannot share one vectorised evaluation: at each micro-batch the runs are
+grouped by the positions they remove there (for leave-one-out: the runs removing nothing share one
+``vmap``; each run removing a sample of this micro-batch is its own group).
+
 Many removal sets are retrained at once, in lockstep: the parameters of K runs are stacked
 along a leading dimension ``[K, *shape]``, per-run gradients are one ``torch.func.vmap`` of
 ``torch.func.grad`` of the sample-weighted micro-batch loss (per-run weights ``w[K, b]``, 0 for
@@ -47,6 +56,7 @@ from torch import Tensor, nn
 
 from lightning_influence.kernels import (
     PerSampleLossFn,
+    RemoveFn,
     evaluation_mode,
     has_mode_dependent_layers,
     module_mode,
@@ -301,6 +311,7 @@ def retrain(
     removals: Sequence[Collection[int]],
     *,
     chunk_size: int = 128,
+    coupled: bool | None = None,
 ) -> dict[str, Tensor]:
     """Final parameters of the recorded run re-run without the samples of each removal set.
 
@@ -324,6 +335,11 @@ def retrain(
     in the dtype and on the device of ``initial_params``. The K runs are vectorised with
     ``torch.func.vmap``, ``chunk_size`` runs at a time (memory grows linearly with it:
     parameters, gradients and optimizer state per run).
+
+    ``coupled`` (default: ``module.coupled_batch_loss``): the micro-batch loss of a run is the
+    mean of ``per_sample_loss`` evaluated on the sub-batch without its removed samples
+    (``module.remove_from_batch``), not the full batch's losses with those terms dropped; runs are
+    then vectorised per group of runs removing the same positions of a micro-batch.
     """
     if not isinstance(optimizer, OptimizerSpec):
         raise TypeError(
@@ -359,12 +375,19 @@ def retrain(
             stacklevel=2,
         )
 
+    if coupled is None:
+        coupled = bool(getattr(module, "coupled_batch_loss", False))
+    remove: RemoveFn | None = None
+    if coupled:
+        if not hasattr(module, "remove_from_batch"):
+            raise TypeError(f"{type(module).__name__} has no remove_from_batch(batch, index): mix in lightning_influence.InfluenceMixin")
+        remove = module.remove_from_batch
     loss_fn = per_sample_loss_function(module)
     chunks: list[dict[str, Tensor]] = []
     with module_mode(module, training=True), torch.no_grad():
         for start in range(0, len(removal_sets), chunk_size):
             chunk = removal_sets[start : start + chunk_size]
-            chunks.append(_retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk))
+            chunks.append(_retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove))
     if not chunks:
         return {n: initial_params[n].detach().new_empty((0, *initial_params[n].shape)) for n in trained}
     return {n: torch.cat([c[n] for c in chunks]) for n in trained}
@@ -378,6 +401,7 @@ def _retrain_chunk(
     steps: Sequence[TrainingStep],
     step_ids: list[list[list[int]]],
     chunk: list[frozenset[int]],
+    remove: RemoveFn | None = None,
 ) -> dict[str, Tensor]:
     k = len(chunk)
     trained = [n for group in groups for n in group]
@@ -403,6 +427,10 @@ def _retrain_chunk(
     for t, (step, micro_ids) in enumerate(zip(steps, step_ids, strict=True)):
         grads: dict[str, Tensor] | None = None
         for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
+            if remove is not None:
+                micro = _coupled_gradients(loss_fn, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer)
+                grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
+                continue
             first = theta[trained[0]]
             weights = torch.ones(k, len(ids), dtype=first.dtype, device=first.device)
             for pos, i in enumerate(ids):
@@ -442,6 +470,56 @@ def _retrain_chunk(
     for n in trained:
         theta[n].grad = None
     return theta
+
+
+def _coupled_gradients(
+    loss_fn: PerSampleLossFn,
+    remove: RemoveFn,
+    theta: dict[str, Tensor],
+    trained: list[str],
+    batch: Any,
+    ids: list[int],
+    runs_removing: dict[int, list[int]],
+    k: int,
+    t: int,
+    m: int,
+    norm: int,
+) -> dict[str, Tensor]:
+    """Per-run gradients ``[K, *shape]`` of one micro-batch's coupled loss: for each group of runs
+    removing the same positions, ``grad mean per_sample_loss(sub-batch) / norm`` (vmapped over the
+    group's parameters); zero for a run that removes every sample of the micro-batch."""
+    removed_at: dict[int, list[int]] = {}  # run -> positions it removes in this micro-batch
+    for pos, i in enumerate(ids):
+        for run in runs_removing.get(i, ()):
+            removed_at.setdefault(run, []).append(pos)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for run in range(k):
+        groups.setdefault(tuple(sorted(removed_at.get(run, ()))), []).append(run)
+    out = {n: torch.zeros_like(theta[n]) for n in trained}
+    for positions, runs in groups.items():
+        remaining = len(ids) - len(positions)
+        if remaining == 0:
+            continue  # an emptied micro-batch: loss 0, no gradient
+        sub = batch
+        for pos in reversed(positions):  # highest position first: the lower ones keep their place
+            sub = remove(sub, pos)
+
+        def mean_loss(params: dict[str, Tensor], sub: Any = sub, remaining: int = remaining) -> Tensor:
+            losses = loss_fn(params, sub)
+            if losses.shape != (remaining,):
+                raise ValueError(
+                    f"per_sample_loss returned shape {tuple(losses.shape)} at step {t} (micro-batch {m}) on a sub-batch "
+                    f"that should hold {remaining} samples: remove_from_batch must drop exactly one sample per call, and "
+                    "per_sample_loss return one loss per sample"
+                )
+            return losses.mean() / norm
+
+        index = torch.tensor(runs, device=theta[trained[0]].device)
+        part = {n: theta[n].index_select(0, index) for n in trained}
+        grads = torch.func.vmap(torch.func.grad(mean_loss))(part)
+        for n in trained:
+            out[n].index_copy_(0, index, grads[n].to(out[n].dtype))
+    return out
 
 
 def _clip(grads: dict[str, Tensor], trained: list[str], spec: OptimizerSpec, k: int) -> dict[str, Tensor]:
@@ -531,6 +609,7 @@ def leave_one_out(
     target_batches: Iterable[Any],
     *,
     chunk_size: int = 128,
+    coupled: bool | None = None,
 ) -> Tensor:
     """Exact trajectory-specific leave-one-out influence of each sample in ``sample_ids``.
 
@@ -543,14 +622,17 @@ def leave_one_out(
     ``z`` hurts.
 
     Returns a float64 ``Tensor[len(sample_ids)]`` on the CPU. Cost: ``len(sample_ids) + 1``
-    retraining runs, vectorised ``chunk_size`` at a time.
+    retraining runs, vectorised ``chunk_size`` at a time. ``coupled``: see :func:`retrain` (default:
+    ``module.coupled_batch_loss``); the target batches are evaluated whole either way.
     """
     ids = [int(i) for i in (sample_ids.reshape(-1).tolist() if isinstance(sample_ids, Tensor) else sample_ids)]
     batches = list(target_batches)
     removals: list[tuple[int, ...]] = [(), *((i,) for i in ids)]
     losses: list[Tensor] = []
     for start in range(0, len(removals), chunk_size):
-        final = retrain(module, initial_params, steps, optimizer, removals[start : start + chunk_size], chunk_size=chunk_size)
+        final = retrain(
+            module, initial_params, steps, optimizer, removals[start : start + chunk_size], chunk_size=chunk_size, coupled=coupled
+        )
         losses.append(target_loss(module, final, batches, chunk_size=chunk_size))
     f = torch.cat(losses)
     return f[1:] - f[0]
