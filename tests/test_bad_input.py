@@ -406,3 +406,23 @@ def test_the_first_step_checks_leave_the_training_run_unchanged(small_digits):
         runs.append(model.state_dict())
     for name, value in runs[0].items():
         assert torch.equal(value, runs[1][name]), name
+
+
+@pytest.mark.parametrize("name", ["TracIn", "ParameterCheckpoints", "ForgettingEvents"])
+def test_per_process_recorders_refuse_distributed_strategies(name):
+    """Callbacks whose records are per process refuse DDP at setup instead of scoring one shard."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    import lightning_influence.callbacks as callbacks
+
+    cls = getattr(callbacks, name)
+    cb = {"TracIn": lambda: cls(target="val", target_loader=[]), "ParameterCheckpoints": lambda: cls(every=1)}.get(name, cls)()
+
+    class Trainer:
+        strategy = object.__new__(DDPStrategy)
+        optimizers: list = []
+
+    hook = cb.setup if name in ("TracIn", "ForgettingEvents") else cb.on_fit_start
+    args = (Trainer(), Classifier(), "fit") if hook.__name__ == "setup" else (Trainer(), Classifier())
+    with pytest.raises(ValueError, match=f"{name} does not support strategy DDPStrategy"):
+        hook(*args)

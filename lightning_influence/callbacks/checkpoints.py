@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_influence.callbacks.checks import check_ids, dataset_length
+from lightning_influence.callbacks.checks import check_ids, check_single_device, dataset_length
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.scores import atomic_write_bytes
 
@@ -296,6 +296,7 @@ class ParameterCheckpoints(Callback):
             )
         if not pl_module.automatic_optimization:
             raise ValueError("ParameterCheckpoints follows Lightning's automatic optimization only, not manual optimization")
+        check_single_device(trainer, "ParameterCheckpoints")
         if len(trainer.optimizers) != 1:
             raise ValueError(f"ParameterCheckpoints needs exactly one optimizer, got {len(trainer.optimizers)}")
         optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])

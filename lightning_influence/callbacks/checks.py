@@ -257,3 +257,17 @@ def dataset_length(trainer: L.Trainer) -> int | None:
         return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def check_single_device(trainer: L.Trainer, owner: str) -> None:
+    """Refuse distributed strategies in callbacks whose records are per process (only ``DiffIn``
+    reduces its accumulators across ranks): a per-rank record would silently miss the samples
+    the other ranks trained on."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    if not isinstance(trainer.strategy, SingleDeviceStrategy):
+        raise ValueError(
+            f"{owner} does not support strategy {type(trainer.strategy).__name__}: it records what one process sees, "
+            "and under a distributed strategy each rank sees only its shard of every batch. Train on one device "
+            "(strategy='auto', devices=1), or use DiffIn, which reduces its scores across ranks"
+        )

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_influence.callbacks.checks import check_single_device
 from lightning_influence.kernels import evaluation_mode
 
 __all__ = ["OUTPUTS_METHOD", "ForgettingEvents", "OutputsFn", "model_outputs"]
@@ -123,6 +124,10 @@ class ForgettingEvents(L.Callback):
         return ids, self.events[ids].clone(), self.learned[ids].clone(), self.presentations[ids].clone()
 
     # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_single_device(trainer, "ForgettingEvents")
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         with evaluation_mode(pl_module), torch.no_grad():
             logits, labels = model_outputs(pl_module, batch, self.outputs)

@@ -31,7 +31,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -40,6 +39,7 @@ from lightning_influence.callbacks.checks import (
     batch_length,
     check_ids,
     check_losses,
+    check_single_device,
     check_target_data,
     check_training_dataset,
     dataset_length,
@@ -134,8 +134,7 @@ class TracIn(Callback):
             )
         if not pl_module.automatic_optimization:
             raise ValueError("TracIn follows Lightning's automatic optimization only, not manual optimization")
-        if not isinstance(trainer.strategy, SingleDeviceStrategy):
-            raise ValueError(f"TracIn does not support strategy {type(trainer.strategy).__name__}: use a single device")
+        check_single_device(trainer, "TracIn")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
