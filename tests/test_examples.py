@@ -44,6 +44,6 @@ def test_harmful_digits_draws_the_grids(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = run_example("harmful_digits.py", "--out", str(tmp_path / "grid.png"))
     assert (tmp_path / "grid_harmful.png").stat().st_size > 10_000 and (tmp_path / "grid_helpful.png").exists()
-    harmful = int(out.split("of the 15 most harmful")[0].split()[-2])
-    helpful = int(out.split("of the 15 most helpful")[0].split()[-2])
+    harmful = int(out.split("of the 15 most harmful")[0].split()[-1])
+    helpful = int(out.split("of the 15 most helpful")[0].split()[-1])
     assert harmful >= 8 and helpful <= 2  # 5% of the labels are flipped
