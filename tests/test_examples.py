@@ -47,3 +47,11 @@ def test_harmful_digits_draws_the_grids(tmp_path: Path) -> None:
     harmful = int(out.split("of the 15 most harmful")[0].split()[-1])
     helpful = int(out.split("of the 15 most helpful")[0].split()[-1])
     assert harmful >= 8 and helpful <= 2  # 5% of the labels are flipped
+
+
+def test_ddp_example_scores_every_sample_on_rank_zero(tmp_path: Path) -> None:
+    out = run_example("ddp.py", "--out", str(tmp_path / "scores.pt"))
+    assert "world size 2: scored 1200 samples" in out and out.count("world size") == 1  # rank zero prints
+    found = int(out.split("of the 60 flipped labels")[0].split()[-1])
+    assert found >= 20  # chance: 3
+    assert (tmp_path / "scores.pt").exists()
