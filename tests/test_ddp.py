@@ -289,6 +289,28 @@ def test_hydra_entry_point_with_trainer_ddp(tmp_path):
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
 
 
+def test_hydra_multirun_sweep_with_ddp_spawn(tmp_path):
+    """``-m trainer=ddp trainer.strategy=ddp_spawn seed=0,1``: the spawn launcher runs each job's fits in
+    worker processes that never re-run the sweep; every job writes its own complete run folder."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "lightning_influence", "-m", "trainer=ddp", "trainer.strategy=ddp_spawn", "seed=0,1",
+        "recipe=coreset", "recipe.fraction=0.5", "model=logreg", "trainer.max_epochs=1", "data.batch_size=64",
+        "recipe.seeds=[0]", "recipe.plots=false", f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]  # two jobs, no stray sweeps
+    for job in ("0", "1"):
+        report = json.loads((sweep / job / "report.json").read_text())
+        assert report["score_metadata"]["world_size"] == 2 and report["num_scored"] == 1200
+        assert report["num_kept"] == 600 and 0.0 < report["test_acc"]["mean"] <= 1.0
+    first, second = (InfluenceScores.load(sweep / job / "scores.pt") for job in ("0", "1"))
+    assert not torch.equal(first.values, second.values)  # the sweep's seeds reached the workers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+
+
 # ---------------------------------------------------------------------- in-process, no processes started
 def test_collective_is_a_no_op_in_one_process():
     one = Collective()

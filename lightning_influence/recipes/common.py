@@ -226,7 +226,13 @@ def subset_datamodule(base: Any, keep_ids: Sequence[int] | Tensor, seed: int) ->
             pin_memory=loader.pin_memory,
         )
 
-    methods: dict[str, Any] = {"setup": setup, "train_dataloader": train_dataloader}
+    methods: dict[str, Any] = {
+        "setup": setup,
+        "train_dataloader": train_dataloader,
+        # The class is made here, so pickling (ddp_spawn sends the datamodule to its workers)
+        # rebuilds the instance through this function instead of looking the class up by name.
+        "__reduce__": lambda self: (subset_datamodule, (base, keep, seed)),
+    }
     for hook in present:
         methods[hook] = lambda self, _h=hook: getattr(base, _h)()
     cls = type(f"Subset{type(base).__name__}", (L.LightningDataModule,), methods)
