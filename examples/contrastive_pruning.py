@@ -21,8 +21,8 @@ Measured (1M pairs, defaults, one epoch): the fit with DiffIn took 675 s (597 s 
 38 ms per step of 64 pairs); detection of the mismatched pairs by score is near chance (ROC-AUC
 0.52), and the top-50% subset retrains to retrieval@1 0.400 against 0.444 for a random half. In
 this single-pass regime a single pair's leave-one-out effect is tiny and dominated by when it was
-seen, so ranking by raw score does not prune well; the scores are exact-in-expectation
-leave-one-out predictions (see tests/test_contrastive.py), not a tuned pruning rule.
+seen, so ranking by raw score does not prune well; the scores are linearised
+leave-one-out predictions (checked against retraining in tests/test_contrastive.py), not a tuned pruning rule.
     python examples/contrastive_pruning.py --pairs 200000 --keep 0.6
 """
 
