@@ -16,6 +16,7 @@ the share of mismatched pairs each subset kept.
 
     python examples/contrastive_pruning.py             # 1M pairs: 12:48 wall, 1.0 GB RSS on a shared 2-core CPU
     python examples/contrastive_pruning.py --quick     # 50k pairs, about 45 s
+    python examples/contrastive_pruning.py --pairs 200000 --keep 0.6
 
 Measured (1M pairs, defaults, one epoch): the fit with DiffIn took 675 s (597 s in the callback,
 38 ms per step of 64 pairs); detection of the mismatched pairs by score is near chance (ROC-AUC
@@ -23,7 +24,6 @@ Measured (1M pairs, defaults, one epoch): the fit with DiffIn took 675 s (597 s 
 this single-pass regime a single pair's leave-one-out effect is tiny and dominated by when it was
 seen, so ranking by raw score does not prune well; the scores are linearised
 leave-one-out predictions (checked against retraining in tests/test_contrastive.py), not a tuned pruning rule.
-    python examples/contrastive_pruning.py --pairs 200000 --keep 0.6
 """
 
 from __future__ import annotations
