@@ -147,7 +147,8 @@ class InfluenceFunction(Estimator):
 
     Options:
 
-    - ``solver``: ``"exact"`` (explicit curvature, up to ``max_exact_parameters``), ``"cg"``,
+    - ``solver``: ``"auto"`` (default: ``"exact"`` up to ``max_exact_parameters``, else ``"cg"``),
+      ``"exact"`` (explicit curvature, up to ``max_exact_parameters``), ``"cg"``,
       ``"lissa"``, ``"arnoldi"``, ``"ekfac"``, ``"kfac"`` (see :mod:`lightning_influence.solvers`).
     - ``curvature``: ``"gauss_newton"`` (default: positive semi-definite, so every solver is
       well posed on non-convex models, whose Hessian is indefinite at the end of training; needs
@@ -173,7 +174,7 @@ class InfluenceFunction(Estimator):
 
     def __init__(
         self,
-        solver: str = "cg",
+        solver: str = "auto",
         damping: float = 1e-3,
         damping_scale: str = "mean_eigenvalue",
         curvature: str = "gauss_newton",
@@ -196,8 +197,8 @@ class InfluenceFunction(Estimator):
         output_loss: Callable[[Tensor, Any], Tensor] | None = None,
         progress_bar: bool = False,
     ) -> None:
-        if solver not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}: choose one of {SOLVERS}")
+        if solver != "auto" and solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}: choose 'auto' or one of {SOLVERS}")
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if hvp not in HVP_METHODS:
@@ -232,37 +233,45 @@ class InfluenceFunction(Estimator):
         """``(C + lambda I)^{-1} rhs`` for float64 columns ``rhs[P, Q]`` in the attributed space:
         ``(solution, lambda, info)``. The module must be in evaluation mode."""
         space, theta, loss_fn = attributed_space(module, self.params)
+        solver = self.resolved_solver(space.size)
         training = _Training(module, train_loader, self.hessian_batches)
         outputs = None
-        if self.curvature == "gauss_newton" or self.solver in ("ekfac", "kfac"):
+        if self.curvature == "gauss_newton" or solver in ("ekfac", "kfac"):
             outputs = OutputModel(module, self.output_fn, self.output_loss)
             first = next(iter(training.batches()), None)
             if first is None:
                 raise ValueError("the training loader produced no batches")
             outputs.check(first)
-        if self.solver == "exact" and space.size > self.max_exact_parameters:
+        if solver == "exact" and space.size > self.max_exact_parameters:
             raise ValueError(
                 f"solver='exact' builds the explicit {space.size} x {space.size} curvature, above max_exact_parameters="
                 f"{self.max_exact_parameters}: use solver='cg', 'arnoldi', 'lissa' or 'ekfac', attribute fewer parameters "
                 "(params=[...]), or raise max_exact_parameters"
             )
         operator = kron = None
-        if self.solver in ("ekfac", "kfac"):
+        if solver in ("ekfac", "kfac"):
             assert outputs is not None
-            kron = KroneckerFactors(module, space, outputs, fisher=self.fisher, corrected=self.solver == "ekfac", seed=self.seed)
+            kron = KroneckerFactors(module, space, outputs, fisher=self.fisher, corrected=solver == "ekfac", seed=self.seed)
             kron.fit(training.batches, lambda it, desc: progress(it, desc, self.progress_bar))
         else:
             operator = CurvatureOperator(loss_fn, space, theta, training.batches, curvature=self.curvature, hvp=self.hvp, outputs=outputs)
         result = solve(
-            self.solver, operator, rhs, self.damping, damping_scale=self.damping_scale, max_exact_parameters=self.max_exact_parameters,
+            solver, operator, rhs, self.damping, damping_scale=self.damping_scale, max_exact_parameters=self.max_exact_parameters,
             chunk_size=self.chunk_size, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, lissa_scale=self.lissa_scale,
             lissa_depth=self.lissa_depth, lissa_repeats=self.lissa_repeats, arnoldi_iterations=self.arnoldi_iterations,
             arnoldi_rank=self.arnoldi_rank, kronecker=kron, seed=self.seed,
         )
-        info = dict(result.info)
+        info = {"solver": solver, **result.info}
         if operator is not None:
             info["curvature_products"] = operator.calls
         return result.solution, result.damping, info
+
+    def resolved_solver(self, num_parameters: int) -> str:
+        """The solver used for ``num_parameters`` attributed parameters: ``solver="auto"`` means
+        ``"exact"`` up to ``max_exact_parameters`` (the reference, and fastest there), else ``"cg"``."""
+        if self.solver != "auto":
+            return self.solver
+        return "exact" if num_parameters <= self.max_exact_parameters else "cg"
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         """Score every training sample (``[N]``; ``[N, Q]`` for a query target)."""
@@ -276,8 +285,8 @@ class InfluenceFunction(Estimator):
         meta = _metadata(
             target,
             estimator=self.name,
-            solver=self.solver,
-            curvature=self.curvature if self.solver not in ("ekfac", "kfac") else f"{self.fisher} (Kronecker-factored)",
+            solver=info["solver"],
+            curvature=self.curvature if info["solver"] not in ("ekfac", "kfac") else f"{self.fisher} (Kronecker-factored)",
             hvp=self.hvp,
             damping=self.damping,
             damping_scale=self.damping_scale,
