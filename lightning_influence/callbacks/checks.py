@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.targets import TargetGradient
@@ -140,12 +140,12 @@ def batch_length(batch: Any) -> int | None:
         return None
 
 
-def empty_target_message(kind: str, explicit: bool, batches: int) -> str:
+def empty_target_message(kind: str, explicit: bool, batches: int, owner: str = "DiffIn") -> str:
     which = "target_loader" if explicit else "training loader" if kind == "train" else "validation loader"
     found = f"{batches} batches" if batches == 0 else f"{batches} batch{'es' if batches > 1 else ''}, all empty"
     loss = "has one column per sample" if kind == "query" else "is the mean over its samples"
     return (
-        f"DiffIn(target={kind!r}): the {which} yielded no samples ({found}); the target loss {loss} and is undefined "
+        f"{owner}(target={kind!r}): the {which} yielded no samples ({found}); the target loss {loss} and is undefined "
         "without any. Pass a loader with at least one non-empty batch (check the dataset's length, drop_last=True "
         "with fewer samples than batch_size, and filters that remove every sample)"
     )
@@ -175,7 +175,7 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
         if not query and size != 0:
             break
     if samples == 0 and sizes_known:
-        raise ValueError(empty_target_message(callback.target, callback.target_loader is not None, batches))
+        raise ValueError(empty_target_message(callback.target, callback.target_loader is not None, batches, type(callback).__name__))
     if not query or not sizes_known:
         return
     if callback.target_samples is not None and callback.target_samples > samples:
@@ -271,3 +271,51 @@ def check_single_device(trainer: L.Trainer, owner: str) -> None:
             "and under a distributed strategy each rank sees only its shard of every batch. Train on one device "
             "(strategy='auto', devices=1), or use DiffIn, which reduces its scores across ranks"
         )
+
+
+def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[Any] | None, owner: str) -> Callable[[], Iterable[Any]]:
+    """A function returning the loader of a callback's target, resolved when called (Lightning sets
+    its loaders up after ``on_fit_start``): ``target_loader`` when given, else the trainer's training
+    loader (``"train"``) or its first validation loader (``"val"``). Refuses a ``"val"`` target without
+    any validation loader at once."""
+    val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    if kind == "val" and target_loader is None and not val_source.is_defined():
+        raise ValueError(
+            "target='val' needs a validation loader: pass val_dataloaders to Trainer.fit, define "
+            f"val_dataloader() in the module or datamodule, or give {owner}(target_loader=...)"
+        )
+
+    def source() -> Iterable[Any]:
+        if target_loader is not None:
+            return target_loader
+        if kind == "train":
+            loader = trainer.train_dataloader
+            return loader if loader is not None else trainer.fit_loop._data_source.dataloader()
+        loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else val_source.dataloader()
+        if isinstance(loader, (list, tuple)) and loader and isinstance(loader[0], DataLoader):
+            loader = loader[0]  # several validation loaders: the first is the target
+        return loader
+
+    return source
+
+
+def device_target_batches(
+    source: Callable[[], Iterable[Any]], trainer: L.Trainer, kind: str, explicit: bool, owner: str
+) -> Callable[[], Iterator[Any]]:
+    """The non-empty batches of ``source()`` moved to the training device; a loader that yields
+    no sample raises :func:`empty_target_message` (the target loss is undefined without any)."""
+    strategy = trainer.strategy
+
+    def batches() -> Iterator[Any]:
+        seen = 0
+        found = False
+        for batch in source():
+            seen += 1
+            if batch_length(batch) == 0:
+                continue  # adds nothing to the target, and per_sample_loss may fail on it
+            found = True
+            yield strategy.batch_to_device(batch)
+        if not found:
+            raise ValueError(empty_target_message(kind, explicit, seen, owner))
+
+    return batches

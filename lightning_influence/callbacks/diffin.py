@@ -20,16 +20,15 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from lightning_influence.callbacks.checks import (
-    batch_length,
     check_ids,
     check_losses,
     check_target_data,
     check_training_dataset,
     dataset_length,
-    empty_target_message,
+    device_target_batches,
+    target_loader_source,
 )
 from lightning_influence.distributed import Collective, distributed_shard
 from lightning_influence.estimators.diffin import DiffInSweep, ScoreAccumulator, step_gradient
@@ -386,36 +385,8 @@ class DiffIn(Callback):
 
     def _make_target(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TargetGradient:
         """The target's batches, resolved lazily: Lightning sets up its loaders after ``on_fit_start``."""
-        val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
-        if self.target == "val" and self.target_loader is None and not val_source.is_defined():
-            raise ValueError(
-                "target='val' needs a validation loader: pass val_dataloaders to Trainer.fit, define "
-                "val_dataloader() in the module or datamodule, or give DiffIn(target_loader=...)"
-            )
-        strategy = trainer.strategy
-
-        def source() -> Iterable[Any]:
-            if self.target_loader is not None:
-                return self.target_loader
-            if self.target == "train":
-                loader = trainer.train_dataloader
-                return loader if loader is not None else trainer.fit_loop._data_source.dataloader()
-            loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else val_source.dataloader()
-            if isinstance(loader, (list, tuple)) and loader and isinstance(loader[0], DataLoader):
-                loader = loader[0]  # several validation loaders: the first is the target
-            return loader
-
-        def batches() -> Iterable[Any]:
-            seen = 0
-            found = False
-            for batch in source():
-                seen += 1
-                if batch_length(batch) == 0:
-                    continue  # adds nothing to the target, and per_sample_loss may fail on it
-                found = True
-                yield strategy.batch_to_device(batch)
-            if not found:
-                raise ValueError(empty_target_message(self.target, self.target_loader is not None, seen))
+        source = target_loader_source(trainer, self.target, self.target_loader, "DiffIn")
+        batches = device_target_batches(source, trainer, self.target, self.target_loader is not None, "DiffIn")
 
         # Checked at the first training batch, once Lightning has set up its loaders (module-level helpers).
         self._target_source = source

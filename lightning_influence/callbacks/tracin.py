@@ -33,16 +33,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
-
 from lightning_influence.callbacks.checks import (
-    batch_length,
     check_ids,
     check_losses,
     check_single_device,
     check_target_data,
     check_training_dataset,
     dataset_length,
+    device_target_batches,
+    target_loader_source,
 )
 from lightning_influence.estimators.diffin import ScoreAccumulator
 from lightning_influence.kernels import (
@@ -171,29 +170,8 @@ class TracIn(Callback):
 
     def _make_target(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TargetGradient:
         """The target's batches, resolved lazily (Lightning sets up its loaders after ``on_fit_start``)."""
-        val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
-        if self.target == "val" and self.target_loader is None and not val_source.is_defined():
-            raise ValueError(
-                "target='val' needs a validation loader: pass val_dataloaders to Trainer.fit, define "
-                "val_dataloader(), or give TracIn(target_loader=...)"
-            )
-        strategy = trainer.strategy
-
-        def source() -> Iterable[Any]:
-            if self.target_loader is not None:
-                return self.target_loader
-            if self.target == "train":
-                loader = trainer.train_dataloader
-                return loader if loader is not None else trainer.fit_loop._data_source.dataloader()
-            loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else val_source.dataloader()
-            if isinstance(loader, (list, tuple)) and loader and isinstance(loader[0], DataLoader):
-                loader = loader[0]
-            return loader
-
-        def batches() -> Iterable[Any]:
-            for batch in source():
-                if batch_length(batch) != 0:
-                    yield strategy.batch_to_device(batch)
+        source = target_loader_source(trainer, self.target, self.target_loader, "TracIn")
+        batches = device_target_batches(source, trainer, self.target, self.target_loader is not None, "TracIn")
 
         self._target_source = source
         return TargetGradient(
