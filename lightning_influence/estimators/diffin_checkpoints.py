@@ -42,8 +42,8 @@ from torch import Tensor
 
 from lightning_influence.callbacks.checkpoints import ParameterCheckpoint, RecordedCheckpoints, Sampling
 from lightning_influence.estimators.base import Target, as_target, device_batches, progress
-from lightning_influence.estimators.tracin import CheckpointEstimator
-from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, all_finite, batch_gradient, directional_derivatives, evaluation_mode
+from lightning_influence.estimators.tracin import CheckpointEstimator, CheckpointTotals
+from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, batch_gradient, directional_derivatives, evaluation_mode
 from lightning_influence.scores import InfluenceScores
 
 __all__ = ["DiffInCheckpoints", "PUBLISHED_EPS"]
@@ -110,8 +110,7 @@ class DiffInCheckpoints(CheckpointEstimator):
         m = len(chosen)
         n = self.trained_samples(record)
         gradient = self.target_gradient(module, train_loader, target)
-        totals: Tensor | None = None
-        all_ids: Tensor | None = None
+        totals = CheckpointTotals("Diff-In")
         steps_used = []
         with evaluation_mode(module):
             for index, checkpoint in enumerate(progress(chosen, "Diff-In checkpoints", self.progress_bar)):
@@ -128,21 +127,11 @@ class DiffInCheckpoints(CheckpointEstimator):
                 columns = gradient(loss_fn, space, theta).reshape(space.size, -1)
                 batch = self._fixed_batch(module, train_loader, index)
                 ids, values = self._checkpoint_terms(module, train_loader, loss_fn, space, theta, columns, batch)
-                contribution = coefficient * values
-                if not all_finite(contribution):
-                    raise FloatingPointError(f"non-finite Diff-In terms at the checkpoint of step {checkpoint.step}")
-                order = torch.argsort(ids)
-                if totals is None:
-                    totals, all_ids = contribution[order], ids[order]
-                else:
-                    if not torch.equal(ids[order], all_ids):
-                        raise ValueError("the training loader yielded different samples at different checkpoints")
-                    totals += contribution[order]
-        assert totals is not None and all_ids is not None
-        single = target.kind != "query"
+                totals.add(ids, coefficient * values, checkpoint.step)
+        all_ids, values = totals.result(single=target.kind != "query")
         return InfluenceScores(
             all_ids,
-            totals[:, 0] if single else totals,
+            values,
             {
                 "estimator": self.name,
                 "target": target.kind,

@@ -68,6 +68,33 @@ class TracIn(Estimator):
         return callback.scores
 
 
+class CheckpointTotals:
+    """Per-sample sums of checkpoint terms, in id order (float64 ``[N, Q]``). Every checkpoint must
+    score the same samples; a non-finite term is refused, naming the checkpoint's step."""
+
+    def __init__(self, estimator: str) -> None:
+        self.estimator = estimator
+        self.ids: Tensor | None = None
+        self.totals: Tensor | None = None
+
+    def add(self, ids: Tensor, contribution: Tensor, step: int) -> None:
+        if not all_finite(contribution):
+            raise FloatingPointError(f"non-finite {self.estimator} terms at the checkpoint of step {step}")
+        order = torch.argsort(ids)
+        if self.totals is None:
+            self.totals, self.ids = contribution[order], ids[order]
+        elif not torch.equal(ids[order], self.ids):
+            raise ValueError("the training loader yielded different samples at different checkpoints")
+        else:
+            self.totals += contribution[order]
+
+    def result(self, single: bool) -> tuple[Tensor, Tensor]:
+        """``(ids[N], values)``: ``values`` is ``[N]`` for a single target column, else ``[N, Q]``."""
+        if self.totals is None or self.ids is None:
+            raise ValueError("no checkpoint was scored")
+        return self.ids, self.totals[:, 0] if single else self.totals
+
+
 class CheckpointEstimator(Estimator):
     """Shared machinery of the estimators that work on recorded parameter checkpoints.
 
@@ -238,8 +265,7 @@ class TracInCheckpoints(CheckpointEstimator):
         groups = len(record.param_groups)
         n = self.trained_samples(record)
         gradient = self.target_gradient(module, train_loader, target)
-        totals: Tensor | None = None
-        all_ids: Tensor | None = None
+        totals = CheckpointTotals("TracInCP")
         passes = 0
         with evaluation_mode(module):
             segments = record.segments()
@@ -259,18 +285,8 @@ class TracInCheckpoints(CheckpointEstimator):
                 values = torch.cat(batch_values)  # [n_ids, G, Q]
                 size = int(ids.max()) + 1
                 weights = self._weights(record, segments[c], groups, size, n)[ids]  # [n_ids, G]
-                contribution = (weights.unsqueeze(-1) * values).sum(dim=1)  # [n_ids, Q]
-                if not all_finite(contribution):
-                    raise FloatingPointError(f"non-finite TracInCP terms at the checkpoint of step {checkpoint.step}")
-                order = torch.argsort(ids)
-                if totals is None:
-                    totals, all_ids = contribution[order], ids[order]
-                else:
-                    if not torch.equal(ids[order], all_ids):
-                        raise ValueError("the training loader yielded different samples at different checkpoints")
-                    totals += contribution[order]
-        assert totals is not None and all_ids is not None
-        values = totals[:, 0] if grad_f.dim() == 1 else totals
+                totals.add(ids, (weights.unsqueeze(-1) * values).sum(dim=1), checkpoint.step)  # [n_ids, Q]
+        all_ids, values = totals.result(single=target.kind != "query")
         return InfluenceScores(
             all_ids,
             values,
