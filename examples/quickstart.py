@@ -21,7 +21,7 @@ from lightning_influence import DiffIn, IndexedDataset, InfluenceMixin
 
 
 class Net(L.LightningModule):
-    """An ordinary LightningModule (plain SGD: what DiffIn models today)."""
+    """An ordinary LightningModule, unchanged: the influence-aware subclass below adds two lines."""
 
     def __init__(self) -> None:
         super().__init__()
