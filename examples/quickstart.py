@@ -21,7 +21,7 @@ from lightning_influence import DiffIn, IndexedDataset, InfluenceMixin
 
 
 class Net(L.LightningModule):
-    """An ordinary LightningModule, unchanged: the influence-aware subclass below adds two lines."""
+    """An ordinary LightningModule; the influence-aware subclass below adds the mixin and a per-sample loss."""
 
     def __init__(self) -> None:
         super().__init__()
