@@ -415,3 +415,62 @@ def test_kfac_refuses_unsupported_layers_and_gauss_newton_refuses_a_wrong_output
         InfluenceFunction(solver="cg", curvature="gauss_newton").scores(model, mlp.train, Target("val", mlp.val))
     with pytest.raises(ValueError, match="does not reproduce"):
         InfluenceFunction(solver="kfac").scores(model, mlp.train, Target("val", mlp.val))
+
+
+class _Conv(InfluenceMixin, nn.Module):
+    """Conv2d (3 channels, 3x3, stride 2) then a Linear head on 8x8 images."""
+
+    def __init__(self, kernel: int = 3, stride: int = 2) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, kernel, stride=stride)
+        side = (8 - kernel) // stride + 1
+        self.head = nn.Linear(3 * side * side, 10)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.head(torch.tanh(self.conv(x.reshape(-1, 1, 8, 8))).flatten(1))
+
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+
+def _exact_ggn(model: nn.Module, space: ParameterSpace, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean Gauss-Newton matrix J^T H_out J of cross-entropy, from full Jacobians (brute force)."""
+    out = lambda t: torch.func.functional_call(model, space.unflatten(t), (x,))  # noqa: E731
+    J = torch.autograd.functional.jacobian(out, theta)  # [B, C, P]
+    p = torch.softmax(out(theta), dim=-1)
+    H = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    return torch.einsum("bcp,bcd,bdq->pq", J, H, J) / x.shape[0]
+
+
+def test_ekfac_on_conv2d_has_the_exact_gauss_newton_trace_and_kfac_is_exact_for_a_whole_image_kernel():
+    x, y = load_digits_tensors(torch.float64)
+    x, y = x[:24], y[:24]
+    torch.manual_seed(0)
+    model = _Conv().double()
+    named = list(model.named_parameters())
+    space = ParameterSpace.from_parameters(named)
+    theta = space.flatten(dict(named))
+    batches = [(x[:12], y[:12]), (x[12:], y[12:])]
+    ggn = _exact_ggn(model, space, theta, x)
+    kron = KroneckerFactors(model, space, OutputModel(model), fisher="gauss_newton", corrected=True).fit(lambda: iter(batches))
+    assert kron.trace() == pytest.approx(float(torch.trace(ggn)), rel=1e-9)  # EK-FAC's corrected diagonal
+    rhs = torch.randn(space.size, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lam = 1e-2 * float(torch.trace(ggn)) / space.size
+    exact = torch.linalg.solve(ggn + lam * torch.eye(space.size, dtype=torch.float64), rhs)
+    assert pearson(kron.solve(rhs, lam).reshape(-1), exact.reshape(-1)) > 0.5  # an approximation: related, not equal
+
+    # A kernel covering the whole image (one spatial position) and one input shared by all samples: the
+    # conv layer is a Linear layer in disguise, and its GGN block is exactly Kronecker-factored.
+    torch.manual_seed(0)
+    whole = _Conv(kernel=8, stride=1).double()
+    whole.head.requires_grad_(False)
+    named = [(n, p) for n, p in whole.named_parameters() if p.requires_grad]
+    space = ParameterSpace.from_parameters(named)
+    theta = space.flatten(dict(named))
+    shared = x[:1].repeat(12, 1)
+    ggn = _exact_ggn(whole, space, theta, shared)
+    for corrected in (False, True):
+        kron = KroneckerFactors(whole, space, OutputModel(whole), fisher="gauss_newton", corrected=corrected).fit(lambda: iter([(shared, y[:12])]))
+        rhs = torch.randn(space.size, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        expected = torch.linalg.solve(ggn + 1e-2 * torch.eye(space.size, dtype=torch.float64), rhs)
+        assert _rel(kron.solve(rhs, 1e-2), expected) < 1e-9
