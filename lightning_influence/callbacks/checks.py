@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.targets import TargetGradient
+from lightning_influence.targets import TARGET_KINDS, TargetGradient
 
 if TYPE_CHECKING:
     from lightning_influence.callbacks.diffin import DiffIn
@@ -319,3 +319,15 @@ def device_target_batches(
             raise ValueError(empty_target_message(kind, explicit, seen, owner))
 
     return batches
+
+
+def check_target_arguments(target: str, target_loader: Iterable[Any] | None, target_samples: int | None) -> None:
+    """Validate a callback's target arguments at construction (shared by the influence callbacks)."""
+    if target not in TARGET_KINDS:
+        raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
+    if target == "query" and target_loader is None:
+        raise ValueError("target='query' needs target_loader=<loader of the query samples>")
+    if target == "train" and target_loader is not None:
+        raise ValueError("target='train' uses the training loader; target_loader is for 'val' or 'query'")
+    if target_samples is not None and (isinstance(target_samples, bool) or target_samples < 1):
+        raise ValueError(f"target_samples must be >= 1, got {target_samples}")

@@ -24,6 +24,7 @@ from torch import Tensor
 from lightning_influence.callbacks.checks import (
     check_ids,
     check_losses,
+    check_target_arguments,
     check_target_data,
     check_training_dataset,
     dataset_length,
@@ -42,7 +43,7 @@ from lightning_influence.kernels import (
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.targets import TARGET_KINDS, TargetGradient, TargetKind
+from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
 
 Mode = Literal["replay", "online"]
@@ -162,18 +163,11 @@ class DiffIn(Callback):
         log_summary: bool = True,
         coupled: bool | None = None,
     ) -> None:
-        if target not in TARGET_KINDS:
-            raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
-        if target == "query" and target_loader is None:
-            raise ValueError("target='query' needs target_loader=<loader of the query samples>")
-        if target == "train" and target_loader is not None:
-            raise ValueError("target='train' uses the training loader; target_loader is for 'val' or 'query'")
+        check_target_arguments(target, target_loader, target_samples)
         if mode not in ("replay", "online"):
             raise ValueError(f"mode must be 'replay' or 'online', got {mode!r}")
         if window < 1 or (score_every is not None and score_every < 1):
             raise ValueError(f"window and score_every must be >= 1, got window={window}, score_every={score_every}")
-        if target_samples is not None and target_samples < 1:
-            raise ValueError(f"target_samples must be >= 1, got {target_samples}")
         if finite_difference not in ("auto", "forward", "central"):
             raise ValueError(f"finite_difference must be 'auto', 'forward' or 'central', got {finite_difference!r}")
         if mode == "online" and checkpoint_every > 1 and (window % checkpoint_every or (score_every or window) % checkpoint_every):

@@ -37,6 +37,7 @@ from lightning_influence.callbacks.checks import (
     check_ids,
     check_losses,
     check_single_device,
+    check_target_arguments,
     check_target_data,
     check_training_dataset,
     dataset_length,
@@ -53,7 +54,7 @@ from lightning_influence.kernels import (
 )
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.targets import TARGET_KINDS, TargetGradient, TargetKind
+from lightning_influence.targets import TargetGradient, TargetKind
 
 STATE_FORMAT = 1
 
@@ -84,14 +85,7 @@ class TracIn(Callback):
         target_every: int = 1,
         save_path: str | Path | None = None,
     ) -> None:
-        if target not in TARGET_KINDS:
-            raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
-        if target == "query" and target_loader is None:
-            raise ValueError("target='query' needs target_loader=<loader of the query samples>")
-        if target == "train" and target_loader is not None:
-            raise ValueError("target='train' uses the training loader; target_loader is for 'val' or 'query'")
-        if target_samples is not None and (isinstance(target_samples, bool) or target_samples < 1):
-            raise ValueError(f"target_samples must be >= 1, got {target_samples}")
+        check_target_arguments(target, target_loader, target_samples)
         if isinstance(target_every, bool) or not isinstance(target_every, int) or target_every < 1:
             raise ValueError(f"target_every must be a positive integer, got {target_every!r}")
         self.target: TargetKind = target
