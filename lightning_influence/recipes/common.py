@@ -77,8 +77,13 @@ def output_dir(cfg: DictConfig) -> Path:
     raise ValueError("outside a Hydra run, set cfg.output_dir (e.g. the override output_dir=/some/dir)")
 
 
-def prepare(cfg: DictConfig) -> Path:
-    """The output folder (created on rank zero) after applying ``num_threads``."""
+def prepare(cfg: DictConfig, plots: bool = False) -> Path:
+    """The output folder (created on rank zero) after applying ``num_threads``; with ``plots``,
+    fail before any training when matplotlib is missing."""
+    if plots:
+        from lightning_influence.plots import require_matplotlib
+
+        require_matplotlib()
     out = output_dir(cfg)
     if is_global_zero():
         out.mkdir(parents=True, exist_ok=True)

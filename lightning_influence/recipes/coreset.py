@@ -66,11 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the coreset recipe on the composed config; returns the report (also in ``report.json``)."""
     params: CoresetConfig = recipe_params(cfg.recipe, CoresetConfig)
     est = estimator_params(cfg.estimator)
-    out = prepare(cfg)
-    if params.plots:
-        from lightning_influence.plots import require_matplotlib
-
-        require_matplotlib()
+    out = prepare(cfg, params.plots)
     target = params.target.value
     scored = fit_and_score(cfg, out, target, params.target_samples)
     dm, ids, column = scored.datamodule, scored.ids, scored.column

@@ -88,11 +88,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the deletion recipe on the composed config; returns the report (also in ``report.json``)."""
     params: DeletionConfig = recipe_params(cfg.recipe, DeletionConfig)
     est = estimator_params(cfg.estimator)
-    out = prepare(cfg)
-    if params.plots:
-        from lightning_influence.plots import require_matplotlib
-
-        require_matplotlib()
+    out = prepare(cfg, params.plots)
     target = params.target.value
     mode = params.retraining.value
     recorder = None
