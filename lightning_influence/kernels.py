@@ -112,7 +112,22 @@ class _MethodCall(nn.Module):
         self._method = method
 
     def forward(self, batch: Any) -> Tensor:
-        return getattr(self.inner, self._method)(batch)
+        # A LightningModule compiled as a whole (torch.compile(model) given to the Trainer) has its
+        # forward replaced by the compiled one, which forward-mode AD and functional calls do not go
+        # through: evaluate with the original forward (the same function, uncompiled).
+        ctx = getattr(self.inner, "_compiler_ctx", None)
+        original = ctx.get("original_forward") if isinstance(ctx, dict) else None
+        if original is None:
+            return getattr(self.inner, self._method)(batch)
+        compiled = self.inner.__dict__.get("forward")
+        self.inner.forward = original
+        try:
+            return getattr(self.inner, self._method)(batch)
+        finally:
+            if compiled is None:
+                del self.inner.forward
+            else:
+                self.inner.forward = compiled
 
 
 def directional_derivatives(
@@ -127,7 +142,17 @@ def directional_derivatives(
     """
     with torch.no_grad(), fwAD.dual_level():
         duals = {n: fwAD.make_dual(p.detach(), tangent[n].to(p.dtype)) for n, p in params.items()}
-        out = fwAD.unpack_dual(loss_fn(duals, batch))
+        try:
+            out = fwAD.unpack_dual(loss_fn(duals, batch))
+        except NotImplementedError as err:
+            if "forward AD" not in str(err):
+                raise
+            raise NotImplementedError(
+                f"per-sample derivatives use forward-mode AD, which an operation of the model does not support ({err}). "
+                "A submodule compiled with torch.compile (inductor) is the usual cause: compile the LightningModule as a "
+                "whole instead (torch.compile(model) passed to Trainer.fit; the original forward is then used for the "
+                "derivatives), or compile with backend='aot_eager'"
+            ) from err
         derivative = out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
         return out.primal, derivative
 
