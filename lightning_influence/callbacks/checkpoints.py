@@ -26,8 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_influence.callbacks.checks import check_ids, check_single_device, dataset_length
-from lightning_influence.mixin import InfluenceMixin
+from lightning_influence.callbacks.checks import check_ids, check_influence_aware, check_single_device, dataset_length
 from lightning_influence.scores import atomic_write_bytes
 
 __all__ = ["ParameterCheckpoint", "ParameterCheckpoints", "RecordedCheckpoints", "CheckpointFileError"]
@@ -289,11 +288,7 @@ class ParameterCheckpoints(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not isinstance(pl_module, InfluenceMixin):
-            raise TypeError(
-                f"{type(pl_module).__name__} is not influence-aware: add lightning_influence.InfluenceMixin to its bases "
-                "(its sample_ids(batch) names the samples of each step)"
-            )
+        check_influence_aware(pl_module)
         if not pl_module.automatic_optimization:
             raise ValueError("ParameterCheckpoints follows Lightning's automatic optimization only, not manual optimization")
         check_single_device(trainer, "ParameterCheckpoints")

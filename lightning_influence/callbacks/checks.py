@@ -331,3 +331,13 @@ def check_target_arguments(target: str, target_loader: Iterable[Any] | None, tar
         raise ValueError("target='train' uses the training loader; target_loader is for 'val' or 'query'")
     if target_samples is not None and (isinstance(target_samples, bool) or target_samples < 1):
         raise ValueError(f"target_samples must be >= 1, got {target_samples}")
+
+
+def check_influence_aware(pl_module: L.LightningModule) -> None:
+    """The module declares per-sample losses and sample ids (:class:`~lightning_influence.InfluenceMixin`)."""
+    if not isinstance(pl_module, InfluenceMixin):
+        raise TypeError(
+            f"{type(pl_module).__name__} is not influence-aware: add lightning_influence.InfluenceMixin to its "
+            "bases and implement per_sample_loss(batch) -> Tensor[B] (and sample_ids if batches are not "
+            "IndexedDataset tuples/dicts)"
+        )

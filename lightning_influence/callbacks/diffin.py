@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lightning_influence.callbacks.checks import (
     check_ids,
+    check_influence_aware,
     check_losses,
     check_target_arguments,
     check_target_data,
@@ -264,12 +265,7 @@ class DiffIn(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(pl_module, InfluenceMixin):
-            raise TypeError(
-                f"{type(pl_module).__name__} is not influence-aware: add lightning_influence.InfluenceMixin to its "
-                "bases and implement per_sample_loss(batch) -> Tensor[B] (and sample_ids if batches are not "
-                "IndexedDataset tuples/dicts)"
-            )
+        check_influence_aware(pl_module)
         if not pl_module.automatic_optimization:
             raise ValueError(f"DiffIn does not model manual optimization; {SUPPORTED}")
         strategy = trainer.strategy

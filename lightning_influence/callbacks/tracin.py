@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checks import (
     check_ids,
+    check_influence_aware,
     check_losses,
     check_single_device,
     check_target_arguments,
@@ -120,11 +121,7 @@ class TracIn(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(pl_module, InfluenceMixin):
-            raise TypeError(
-                f"{type(pl_module).__name__} is not influence-aware: add lightning_influence.InfluenceMixin to its "
-                "bases and implement per_sample_loss(batch) -> Tensor[B]"
-            )
+        check_influence_aware(pl_module)
         if not pl_module.automatic_optimization:
             raise ValueError("TracIn follows Lightning's automatic optimization only, not manual optimization")
         check_single_device(trainer, "TracIn")
