@@ -1,12 +1,15 @@
 """Accuracy of DiffIn against leave-one-out retraining, per mode and online window.
 
-Digits (float64, fixed batch list, plain SGD lr 0.1, batch 32, 1024 training samples), logistic
-regression and an MLP 64-32-10, trained with a real Trainer; the ground truth retrains without
-each of `--samples` random samples (lightning_influence.evaluation.leave_one_out). Prints a
-Markdown table of Spearman (and Pearson) correlations, for exact propagation and for
-`hessian_every=k` (one Hessian product per block of k steps); `--json PATH` also writes the numbers.
+Digits (float64, fixed batch list, plain SGD, batch 32, 1024 training samples), trained with a
+real Trainer: logistic regression and an MLP 64-32-10 (tanh) by default; `--models` also takes
+`mlp-relu`, `mlp-gelu`, `cnn-relu`, `cnn-gelu` (SmallCNN, channels 4 and 8). The ground truth
+retrains without each of `--samples` random samples (lightning_influence.evaluation.leave_one_out).
+Prints a Markdown table of Spearman (and Pearson) correlations, for exact propagation, for
+`hessian_every=k` (one Hessian product per block of k steps) and for replay with
+`per_sample="finite_difference"`; `--json PATH` also writes the numbers.
 
     OMP_NUM_THREADS=1 python benchmarks/diffin_windows.py       # 256 and 512 steps, ~2 minutes
+    OMP_NUM_THREADS=1 python benchmarks/diffin_windows.py --models cnn-relu cnn-gelu --epochs 12 --lr 0.1 0.03 --windows 128 --hessian-every 2
 """
 
 from __future__ import annotations
@@ -24,32 +27,47 @@ from conftest import digits_problem, quiet_trainer  # noqa: E402
 
 from lightning_influence import DiffIn  # noqa: E402
 from lightning_influence.evaluation import StepRecorder, leave_one_out, pearson, spearman  # noqa: E402
-from lightning_influence.models import Classifier  # noqa: E402
+from lightning_influence.models import Classifier, SmallCNN  # noqa: E402
 
 
-def measure(hidden: tuple[int, ...], epochs: int, windows: list[int], strides: list[int], samples: int) -> list[dict]:
+MODELS = {
+    "logreg": lambda lr: Classifier(hidden=(), lr=lr),
+    "mlp": lambda lr: Classifier(hidden=(32,), lr=lr),
+    "mlp-relu": lambda lr: Classifier(hidden=(32,), lr=lr, activation="relu"),
+    "mlp-gelu": lambda lr: Classifier(hidden=(32,), lr=lr, activation="gelu"),
+    "cnn-relu": lambda lr: SmallCNN(channels=(4, 8), lr=lr, activation="relu"),
+    "cnn-gelu": lambda lr: SmallCNN(channels=(4, 8), lr=lr, activation="gelu"),
+}
+
+
+def measure(name: str, lr: float, epochs: int, windows: list[int], strides: list[int], samples: int) -> list[dict]:
     problem = digits_problem(n=1024, batch_size=32, epochs=epochs)
-    configs = [("replay", None, 1)] + [("replay", None, k) for k in strides] + [("online", w, 1) for w in windows]
-    configs += [("online", 128, k) for k in strides if 128 in windows]
+    # (mode, window, hessian_every, per_sample)
+    configs = [("replay", None, 1, "forward_mode"), ("replay", None, 1, "finite_difference")]
+    configs += [("replay", None, k, "forward_mode") for k in strides] + [("online", w, 1, "forward_mode") for w in windows]
+    configs += [("online", 128, k, "forward_mode") for k in strides if 128 in windows]
     callbacks = []
-    for mode, w, k in configs:
-        cb = DiffIn(target="val", mode=mode, target_loader=problem.val, hessian_every=k, **({"window": w} if w else {}))
-        cb._generate_state_key = (lambda key: (lambda **kw: key))(f"DiffIn-{mode}-{w}-{k}")  # several instances
+    for mode, w, k, per_sample in configs:
+        cb = DiffIn(
+            target="val", mode=mode, target_loader=problem.val, hessian_every=k, per_sample=per_sample, **({"window": w} if w else {})
+        )
+        cb._generate_state_key = (lambda key: (lambda **kw: key))(f"DiffIn-{mode}-{w}-{k}-{per_sample}")  # several instances
         callbacks.append(cb)
     torch.manual_seed(0)
-    model = Classifier(hidden=hidden, lr=0.1).double()
+    model = MODELS[name](lr).double()
     recorder = StepRecorder()
     quiet_trainer(callbacks=[recorder, *callbacks]).fit(model, train_dataloaders=problem.train)
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:samples]
     truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
     rows = []
-    for (mode, w, k), cb in zip(configs, callbacks):
+    for (mode, w, k, per_sample), cb in zip(configs, callbacks):
         est = torch.stack([cb.scores[int(i)] for i in ids])
         rows.append(
             dict(
-                model="logreg" if not hidden else "mlp-" + "-".join(map(str, hidden)),
+                model=name,
+                lr=lr,
                 steps=len(recorder.steps),
-                mode=mode,
+                mode=mode + (", per_sample=finite_difference" if per_sample == "finite_difference" else ""),
                 window=w,
                 hessian_every=k,
                 hessian_products=cb.scores.metadata["hessian_products"],
@@ -67,19 +85,22 @@ def main() -> None:
     parser.add_argument("--windows", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--hessian-every", type=int, nargs="+", default=[2, 4, 8], dest="strides")
     parser.add_argument("--samples", type=int, default=150)
+    parser.add_argument("--models", nargs="+", default=["logreg", "mlp"], choices=sorted(MODELS))
+    parser.add_argument("--lr", type=float, nargs="+", default=[0.1], help="SGD learning rates (each model, each)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
     rows = []
-    for epochs in args.epochs:
-        for hidden in [(), (32,)]:
-            rows += measure(hidden, epochs, args.windows, args.strides, args.samples)
-    print("| model | steps | mode | window | hessian_every | Hessian products | steps scored with a truncated window | Spearman | Pearson |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    for lr in args.lr:
+        for epochs in args.epochs:
+            for name in args.models:
+                rows += measure(name, lr, epochs, args.windows, args.strides, args.samples)
+    print("| model | lr | steps | mode | window | hessian_every | Hessian products | steps scored with a truncated window | Spearman | Pearson |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['steps']} | {r['mode']} | {r['window'] or '-'} | {r['hessian_every']} | {r['hessian_products']} "
+            f"| {r['model']} | {r['lr']:g} | {r['steps']} | {r['mode']} | {r['window'] or '-'} | {r['hessian_every']} | {r['hessian_products']} "
             f"| {r['truncated_steps']} | {r['spearman']:.3f} | {r['pearson']:.3f} |"
         )
     print(f"\n{args.samples} leave-one-out retrainings per model and length; {time.perf_counter() - start:.0f}s in all.")

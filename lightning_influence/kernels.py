@@ -131,15 +131,24 @@ class _MethodCall(nn.Module):
 
 
 def directional_derivatives(
-    loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, tangent: Mapping[str, Tensor]
+    loss_fn: PerSampleLossFn,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    tangent: Mapping[str, Tensor],
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample losses and their directional derivatives ``<grad l_i(params), tangent>``.
 
-    One forward-mode pass for the whole batch: the parameters become dual tensors
+    One forward-mode pass for the whole batch (or per chunk of at most ``chunk_size`` samples,
+    :func:`batch_chunks`, to bound its memory): the parameters become dual tensors
     (``torch.autograd.forward_ad``, the mechanism under ``torch.func.jvp``, without its
     per-call tracing overhead, which is 10-100x the pass itself on small models).
     Returns ``(losses[B], derivatives[B])``.
     """
+    chunks = batch_chunks(batch, chunk_size)
+    if len(chunks) > 1:
+        parts = [directional_derivatives(loss_fn, params, chunk, tangent) for chunk, _ in chunks]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     with torch.no_grad(), fwAD.dual_level():
         duals = {n: fwAD.make_dual(p.detach(), tangent[n].to(p.dtype)) for n, p in params.items()}
         try:
@@ -159,25 +168,94 @@ def directional_derivatives(
 
 def batch_gradient(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batch: Any) -> Tensor:
     """Flat gradient of the batch-mean loss at the flat point ``theta`` (parameters' dtype)."""
+    return losses_and_gradient(loss_fn, space, theta, batch)[1]
+
+
+def losses_and_gradient(
+    loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batch: Any, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-sample losses ``[B]`` (detached) and the flat gradient of their mean at the flat point
+    ``theta`` (parameters' dtype): one forward and one backward pass (per chunk of at most
+    ``chunk_size`` samples, see :func:`batch_chunks`)."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in space.unflatten(theta).items()}
-    with torch.enable_grad():
-        loss = loss_fn(leaves, batch).mean()
-        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return space.flatten(list(grads))
+    chunks = batch_chunks(batch, chunk_size)
+    total_size = sum(n for _, n in chunks)
+    every, total = [], None
+    for chunk, n in chunks:
+        with torch.enable_grad():
+            losses = loss_fn(leaves, chunk)
+            grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True)
+        flat = space.flatten(list(grads))
+        weighted = flat if len(chunks) == 1 else flat.mul_(n / total_size)
+        total = weighted if total is None else total.add_(weighted)
+        every.append(losses.detach())
+    assert total is not None
+    return (every[0] if len(every) == 1 else torch.cat(every)), total
 
 
-def finite_difference_step(theta: Tensor, direction: Tensor, scheme: FiniteDifference, rel_step: float | None = None) -> float:
+def difference_derivatives(
+    loss_fn: PerSampleLossFn,
+    space: ParameterSpace,
+    theta: Tensor,
+    batch: Any,
+    tangent: Tensor,
+    eps: float,
+    *,
+    plus: Tensor | None = None,
+    minus: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample directional derivatives ``<grad l_i(theta), tangent>`` by central differences
+    of the per-sample losses, float64 ``[B]``:
+
+        (l_i(theta + eps * tangent) - l_i(theta - eps * tangent)) / (2 eps)
+
+    ``plus``/``minus``: the losses at the two points when already known (e.g. from the gradient
+    passes of a finite-difference Hessian product along the same vector and step); each missing
+    side costs one forward pass without autograd (per chunk of ``chunk_size`` samples). Error: ``O(eps^2)`` truncation plus the losses'
+    rounding divided by ``2 eps`` (use :func:`finite_difference_step` with ``"central"``). The
+    forward-mode :func:`directional_derivatives` is exact; this costs less where a shifted
+    gradient pass is computed anyway.
+    """
+    def losses_at(sign: float) -> Tensor:
+        params = space.unflatten(torch.add(theta, tangent.to(theta.dtype), alpha=sign * eps))
+        return torch.cat([loss_fn(params, chunk) for chunk, _ in batch_chunks(batch, chunk_size)])
+
+    with torch.no_grad():
+        if plus is None:
+            plus = losses_at(1.0)
+        if minus is None:
+            minus = losses_at(-1.0)
+    if plus.shape != minus.shape:
+        raise ValueError(f"per-sample losses of shapes {tuple(plus.shape)} and {tuple(minus.shape)} at the two points")
+    return (plus.double() - minus.double()) / (2.0 * eps)
+
+
+def default_rel_step(dtype: torch.dtype, scheme: FiniteDifference) -> float:
+    """The square root (forward) or cube root (central) of ``dtype``'s machine epsilon: the step
+    that balances truncation against rounding error for a smooth function."""
+    return torch.finfo(dtype).eps ** (0.5 if scheme == "forward" else 1.0 / 3.0)
+
+
+def finite_difference_step(
+    theta: Tensor,
+    direction: Tensor,
+    scheme: FiniteDifference,
+    rel_step: float | None = None,
+    theta_norm: float | None = None,
+) -> float:
     """Step length ``eps`` for a finite difference along ``direction`` at ``theta``.
 
     ``eps = rel_step * (1 + ||theta||) / ||direction||`` with ``rel_step`` defaulting to the
     square root (forward) or cube root (central) of the parameters' machine epsilon,
-    which balances truncation against rounding error.
+    which balances truncation against rounding error. ``theta_norm``: ``||theta||`` when the
+    caller knows it (or a value of the same scale, e.g. one norm for a whole trajectory).
     """
     if rel_step is None:
-        machine = torch.finfo(theta.dtype).eps
-        rel_step = machine ** (0.5 if scheme == "forward" else 1.0 / 3.0)
+        rel_step = default_rel_step(theta.dtype, scheme)
     norm = float(direction.norm())
-    return rel_step * (1.0 + float(theta.norm())) / norm if norm > 0 else 0.0
+    scale = float(theta.norm()) if theta_norm is None else theta_norm
+    return rel_step * (1.0 + scale) / norm if norm > 0 else 0.0
 
 
 def hessian_vector_product(
@@ -188,6 +266,8 @@ def hessian_vector_product(
     scheme: FiniteDifference = "central",
     base_gradient: Tensor | None = None,
     rel_step: float | None = None,
+    eps: float | None = None,
+    add_to: Tensor | None = None,
 ) -> Tensor:
     """``H(theta) @ vector``, the Jacobian of the flat ``gradient`` function along ``vector``,
     from finite differences of gradients (``gradient``: e.g. :func:`batch_gradient` of a batch,
@@ -196,28 +276,65 @@ def hessian_vector_product(
     ``forward``: ``(g(theta + eps v) - g(theta)) / eps``; ``g(theta)`` is ``base_gradient``
     when given (e.g. the gradient recorded during training), so it costs one backward pass.
     ``central``: ``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``: two backward passes,
-    second-order accurate. Returned flat, in the parameters' dtype (differences of nearby
-    gradients lose nothing to it).
+    second-order accurate. ``gradient`` is called at ``theta + eps v`` first, then at ``theta``
+    (forward, without ``base_gradient``) or ``theta - eps v`` (central). ``eps``: the step
+    (default :func:`finite_difference_step`). Returned flat, in the parameters' dtype
+    (differences of nearby gradients lose nothing to it); with ``add_to`` the product is added
+    into that flat tensor in place instead (saving two parameter-sized passes) and it is returned.
     """
-    eps = finite_difference_step(theta, vector, scheme, rel_step)
+    if scheme not in ("forward", "central"):
+        raise ValueError(f"unknown finite-difference scheme {scheme!r}: use 'forward' or 'central'")
+    if eps is None:
+        eps = finite_difference_step(theta, vector, scheme, rel_step)
     if eps == 0.0:
-        return torch.zeros_like(theta)
-    shift = (eps * vector).to(theta.dtype)
-    plus = gradient(theta + shift)
+        return add_to if add_to is not None else torch.zeros_like(theta)
+    vector = vector.to(theta.dtype)
+    plus = gradient(torch.add(theta, vector, alpha=eps))
     # Differences of nearby gradients are exact in the parameters' dtype; one conversion at the end.
     if scheme == "forward":
         base = base_gradient if base_gradient is not None else gradient(theta)
-        return plus.sub_(base.to(plus.dtype)).div_(eps)
-    if scheme == "central":
-        minus = gradient(theta - shift)
-        return plus.sub_(minus).div_(2.0 * eps)
-    raise ValueError(f"unknown finite-difference scheme {scheme!r}: use 'forward' or 'central'")
+        difference, scale = plus.sub_(base.to(plus.dtype)), 1.0 / eps
+    else:
+        difference, scale = plus.sub_(gradient(torch.add(theta, vector, alpha=-eps))), 0.5 / eps
+    if add_to is not None:
+        return add_to.add_(difference, alpha=scale)
+    return difference.mul_(scale)
 
 
 def all_finite(tensor: Tensor) -> bool:
     """True if every entry is finite. Checks the sum first (one reduction, no mask): NaN and
     infinity propagate into it; only an overflowing sum of finite values needs the full check."""
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+_KINKED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Threshold,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+
+KINKED_REL_STEP = 1e-3
+"""Default relative finite-difference step for networks with kinks (see :func:`has_kinked_layers`)."""
+
+
+def has_kinked_layers(module: nn.Module) -> bool:
+    """True if ``module`` holds a standard piecewise-linear layer (ReLU family, hard activations,
+    max pooling): its gradient jumps where a unit crosses a kink. A finite-difference step that
+    crosses one turns the jump into a spurious product of size ``jump / eps``; the tiny steps that
+    are optimal for smooth functions make that arbitrarily large. Larger central steps
+    (:data:`KINKED_REL_STEP`) average over the kinks instead. (Kinks from functional calls such
+    as ``F.relu`` in ``forward`` are not visible here.)"""
+    return any(isinstance(m, _KINKED_LAYERS) for m in module.modules())
 
 
 def has_mode_dependent_layers(module: nn.Module) -> bool:
@@ -255,7 +372,7 @@ def per_sample_gradients(loss_fn: PerSampleLossFn, space: ParameterSpace, theta:
     pass per sample when the loss is not vmappable (e.g. data-dependent control flow).
     """
     params = space.unflatten(theta)
-    size = _batch_size(batch)
+    size = batch_size(batch)
 
     def one(p: Mapping[str, Tensor], sample: Any) -> Tensor:
         single = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) and t.dim() > 0 else t, sample)
@@ -276,11 +393,33 @@ def per_sample_gradients(loss_fn: PerSampleLossFn, space: ParameterSpace, theta:
         return torch.stack(rows) if rows else torch.zeros(0, space.size, dtype=space.dtype, device=theta.device)
 
 
-def _batch_size(batch: Any) -> int:
+def batch_size(batch: Any, what: str = "batch") -> int:
+    """Number of samples of a batch: the leading dimension of its first tensor with one."""
     for leaf in torch.utils._pytree.tree_leaves(batch):
         if isinstance(leaf, Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
-    raise ValueError("cannot tell the size of a batch: it holds no tensor with a batch dimension")
+    raise ValueError(f"cannot tell the size of a {what}: it holds no tensor with a batch dimension")
+
+
+def batch_chunks(batch: Any, chunk_size: int | None) -> list[tuple[Any, int]]:
+    """``batch`` split along its sample dimension into consecutive chunks of at most
+    ``chunk_size`` samples, as ``[(chunk, samples)]``: every tensor whose leading dimension is the
+    batch size is sliced, other leaves are shared. ``None`` (or a batch that fits) gives the batch
+    itself. For per-sample losses that do not depend on the other samples of their batch (in
+    evaluation mode: dropout off, normalisation statistics frozen) the chunks' losses are the
+    batch's; memory per pass is bounded by the chunk."""
+    size = batch_size(batch)
+    if chunk_size is None or size <= chunk_size:
+        return [(batch, size)]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    def part(start: int, stop: int) -> Any:
+        return torch.utils._pytree.tree_map(
+            lambda t: t[start:stop] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else t, batch
+        )
+
+    return [(part(start, min(start + chunk_size, size)), min(chunk_size, size - start)) for start in range(0, size, chunk_size)]
 
 
 RemoveFn = Callable[[Any, Any], Any]

@@ -64,6 +64,7 @@ from lightning_influence.kernels import (
     ParameterSpace,
     PerSampleLossFn,
     batch_gradient,
+    batch_size,
     hessian_vector_product,
 )
 
@@ -213,7 +214,7 @@ class CurvatureOperator:
         if self.curvature == "gauss_newton" and self.outputs is None:
             raise ValueError("curvature='gauss_newton' needs an OutputModel (outputs=...)")
         if self.num_samples <= 0:
-            self.num_samples = sum(_batch_size(b) for b in self.batches())
+            self.num_samples = sum(batch_size(b) for b in self.batches())
         if self.num_samples == 0:
             raise ValueError("the training loader produced no samples: the curvature of the mean loss is undefined")
 
@@ -231,7 +232,7 @@ class CurvatureOperator:
                 total[:, k] = hessian_vector_product(self._mean_gradient, self.theta, V[:, k].to(self.space.dtype)).to(torch.float64)
         else:
             for batch in self.batches():
-                total += self.batch_matvec(V, batch) * (_batch_size(batch) / self.num_samples)
+                total += self.batch_matvec(V, batch) * (batch_size(batch) / self.num_samples)
         self.calls += V.shape[1]
         return total.reshape(-1) if squeeze else total
 
@@ -304,7 +305,7 @@ class CurvatureOperator:
     def _mean_gradient(self, theta: Tensor) -> Tensor:
         total = torch.zeros(self.size, dtype=self.space.dtype, device=theta.device)
         for batch in self.batches():
-            total += batch_gradient(self.loss_fn, self.space, theta, batch) * (_batch_size(batch) / self.num_samples)
+            total += batch_gradient(self.loss_fn, self.space, theta, batch) * (batch_size(batch) / self.num_samples)
         return total
 
     def matrix(self, chunk_size: int = 64) -> Tensor:
@@ -335,13 +336,6 @@ class CurvatureOperator:
         M /= self.num_samples
         self.calls += P
         return 0.5 * (M + M.T)
-
-
-def _batch_size(batch: Any) -> int:
-    for leaf in torch.utils._pytree.tree_leaves(batch):
-        if isinstance(leaf, Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    raise ValueError("cannot tell the size of a batch: it holds no tensor with a batch dimension")
 
 
 # ------------------------------------------------------------------------ solvers
@@ -638,7 +632,7 @@ class KroneckerFactors:
         n = 0
         for batch in wrap(batches(), "K-FAC factors"):
             acts, columns = self._pass(batch)
-            n += _batch_size(batch)
+            n += batch_size(batch)
             for l in self.layers:
                 a = acts[l.name]
                 sums_A[l.name] = sums_A[l.name] + torch.einsum("btd,bte->de", a, a) / a.shape[1]

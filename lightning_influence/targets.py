@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_influence.distributed import Collective
-from lightning_influence.kernels import ParameterSpace, PerSampleLossFn
+from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, batch_size
 
 Shard = tuple[int, int, int]
 """``(rank, num_replicas, num_samples)`` of a loader's ``DistributedSampler`` (see
@@ -176,8 +176,4 @@ class TargetGradient:
 
     @staticmethod
     def _batch_size(batch: Any) -> int:
-        leaves = torch.utils._pytree.tree_leaves(batch)
-        for leaf in leaves:
-            if isinstance(leaf, Tensor) and leaf.dim() > 0:
-                return int(leaf.shape[0])
-        raise ValueError("cannot tell the size of a target batch: it holds no tensor with a batch dimension")
+        return batch_size(batch, "target batch")

@@ -183,3 +183,14 @@ def test_coupled_losses_are_refused_under_distributed_training():
         DiffIn(target="train").setup(trainer, PairEncoder(), "fit")
     with pytest.raises(ValueError, match="coupled must be"):
         DiffIn(coupled="yes")
+
+
+def test_finite_difference_per_sample_derivatives_are_refused_for_coupled_losses():
+    data = Modalities.make().sample(32)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="per_sample='finite_difference' is for independent per-sample losses.*forward_mode"):
+        quiet_trainer(callbacks=[DiffIn(target="train", per_sample="finite_difference")]).fit(
+            PairEncoder().double(), train_dataloaders=fixed_batches(data, 8, 1)
+        )
+    with pytest.raises(ValueError, match="per_sample must be 'forward_mode' or 'finite_difference'"):
+        DiffIn(per_sample="jvp")

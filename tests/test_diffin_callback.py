@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import quiet_trainer
+from conftest import digits_problem, quiet_trainer
 from lightning_influence import DiffIn, InfluenceScores
 from lightning_influence.data import FixedBatches
-from lightning_influence.models import Classifier
+from lightning_influence.models import Classifier, SmallCNN
 
 
 def _fit(problem, *callbacks, model=None, **trainer_kwargs):
@@ -75,6 +75,27 @@ def test_central_and_forward_differences_agree(small_digits):
     assert forward.scores.metadata["finite_difference"] == "forward"
     rel = (_values(forward) - _values(central)).norm() / _values(central).norm()
     assert rel < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["replay", "online"])
+def test_chunked_passes_and_finite_difference_derivatives_give_the_same_scores(small_digits, mode):
+    """Sweep passes over chunks of 5 samples (batches of 16: uneven chunks), and per-sample
+    derivatives by central differences of the losses instead of forward mode, in both modes."""
+    options = dict(target="val", mode=mode, target_loader=small_digits.val, window=16)
+    reference = DiffIn(**options)
+    chunked = DiffIn(**options, chunk_size=5, checkpoint_every=4 if mode == "replay" else 1)
+    chunked._generate_state_key = lambda **kw: "chunked"
+    differenced = DiffIn(**options, per_sample="finite_difference", chunk_size=5)
+    differenced._generate_state_key = lambda **kw: "differenced"
+    _fit(small_digits, reference, chunked, differenced)
+    scale = _values(reference).abs().max()
+    torch.testing.assert_close(_values(chunked), _values(reference), rtol=0, atol=1e-8 * scale)
+    assert chunked.scores.metadata["chunk_size"] == 5
+    torch.testing.assert_close(_values(differenced), _values(reference), rtol=0, atol=1e-6 * scale)
+    meta = differenced.scores.metadata
+    assert meta["per_sample"] == "finite_difference" and meta["forward_mode_passes"] == 0
+    # One plain forward pass (at theta - eps v) per step that shares a product's gradient pass, two otherwise.
+    assert meta["loss_evaluations"] <= (meta["steps_scored"] + 2 * meta["truncated_sweeps"] + 2) * 2
 
 
 def test_results_are_exposed_and_saved(small_digits, tmp_path):
@@ -283,6 +304,10 @@ def test_constructor_validates_options():
         DiffIn(hessian_every=0)
     with pytest.raises(ValueError, match="multiples of checkpoint_every"):
         DiffIn(mode="online", window=10, checkpoint_every=4)
+    with pytest.raises(ValueError, match="chunk_size must be None or a positive number of samples, got 0"):
+        DiffIn(chunk_size=0)
+    with pytest.raises(ValueError, match="per_sample must be"):
+        DiffIn(per_sample="exact")
 
 
 def test_a_second_fit_scores_the_new_run_only(small_digits):
@@ -343,3 +368,27 @@ def test_summary_statistics_reach_the_loggers_without_touching_the_users_metrics
 
     _, _, quiet = run(log_summary=False)
     assert not any(k.startswith("diffin/") for r in quiet for k, v in r.items() if v)
+
+
+def test_an_unstable_propagation_is_flagged_not_silently_scored():
+    """hessian_every=8 at lr 1.0 approximates prod (I - lr H) by I - 8 lr H, whose eigenvalues
+    leave the unit circle: the adjoint explodes. Exact products at the same rate stay bounded."""
+    problem = digits_problem(n=256, batch_size=16, epochs=6)
+    exact = DiffIn(target="val", target_loader=problem.val)
+    blocked = DiffIn(target="val", target_loader=problem.val, hessian_every=8)
+    blocked._generate_state_key = lambda **kw: "blocked"
+    with pytest.warns(RuntimeWarning, match=r"grew .*-fold.*unstable.*hessian_every=1.*max_adjoint_growth"):
+        _fit(problem, exact, blocked, model=Classifier(hidden=(16,), lr=1.0).double())
+    assert blocked.scores.metadata["max_adjoint_growth"] > 1e3
+    assert exact.scores.metadata["max_adjoint_growth"] < 100
+
+
+def test_kinked_networks_get_central_differences_with_a_larger_step(small_digits):
+    cnn = DiffIn(target="val", target_loader=small_digits.val)
+    _fit(small_digits, cnn, model=SmallCNN(channels=(2, 4), lr=0.05).double())
+    meta = cnn.scores.metadata
+    assert meta["kinked_layers"] and meta["finite_difference"] == "central" and meta["fd_rel_step"] == 1e-3
+    smooth = DiffIn(target="val", target_loader=small_digits.val)
+    _fit(small_digits, smooth)
+    meta = smooth.scores.metadata
+    assert not meta["kinked_layers"] and meta["finite_difference"] == "forward" and meta["fd_rel_step"] is None

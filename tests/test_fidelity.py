@@ -10,7 +10,7 @@ from conftest import digits_problem, quiet_trainer
 from lightning_influence import DiffIn
 from lightning_influence.data import FixedBatches
 from lightning_influence.evaluation import StepRecorder, leave_one_out, spearman
-from lightning_influence.models import Classifier
+from lightning_influence.models import Classifier, SmallCNN
 
 REPLAY_BAR = 0.97
 ONLINE_BAR = 0.90
@@ -37,7 +37,9 @@ def test_replay_and_online_rank_leave_one_out_effects(hidden):
     online = DiffIn(target="val", mode="online", target_loader=problem.val)  # default window
     strided = DiffIn(target="val", mode="replay", target_loader=problem.val, hessian_every=2)
     strided._generate_state_key = lambda **kw: "replay-strided"
-    model, recorder = _fit(hidden, problem, [replay, online, strided])
+    differenced = DiffIn(target="val", mode="replay", target_loader=problem.val, per_sample="finite_difference")
+    differenced._generate_state_key = lambda **kw: "replay-differenced"
+    model, recorder = _fit(hidden, problem, [replay, online, strided, differenced])
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:120]
     truth = _truth(model, recorder, ids, problem.val)
     rho_replay = spearman(torch.stack([replay.scores[int(i)] for i in ids]), truth)
@@ -50,6 +52,9 @@ def test_replay_and_online_rank_leave_one_out_effects(hidden):
     assert online.scores.metadata["steps_scored_truncated"] >= 256
     # One Hessian product per 2 steps (half the products) keeps the replay bar.
     assert spearman(torch.stack([strided.scores[int(i)] for i in ids]), truth) >= REPLAY_BAR
+    # Finite-difference per-sample derivatives (sharing the products' gradient passes): the same scores.
+    assert differenced.scores.metadata["forward_mode_passes"] == 0
+    torch.testing.assert_close(differenced.scores.values, replay.scores.values, rtol=1e-5, atol=1e-6 * float(replay.scores.values.abs().max()))
 
 
 def _one_step_errors(lr):
@@ -130,14 +135,45 @@ def test_float32_training_with_default_settings_tracks_float64_retraining():
     problem = digits_problem(n=512, batch_size=32, epochs=8)
     as32 = lambda fb: FixedBatches([(b[0].float(), b[1], b[2]) for b in fb.batches])  # noqa: E731
     cb = DiffIn(target="val", target_loader=as32(problem.val))
+    differenced = DiffIn(target="val", target_loader=as32(problem.val), per_sample="finite_difference")
+    differenced._generate_state_key = lambda **kw: "replay-differenced"
     torch.manual_seed(0)
     model = Classifier(hidden=(32,), lr=0.1)
     initial = {n: p.detach().double().clone() for n, p in model.named_parameters()}
     recorder = StepRecorder()
-    quiet_trainer(callbacks=[recorder, cb]).fit(model, train_dataloaders=as32(problem.train))
+    quiet_trainer(callbacks=[recorder, cb, differenced]).fit(model, train_dataloaders=as32(problem.train))
     assert cb.scores.values.dtype == torch.float64
     reference = Classifier(hidden=(32,), lr=0.1).double()
     steps = [type(s)(tuple((b[0].double(), *b[1:]) for b in s.batches), s.lrs, s.normalizer) for s in recorder.steps]
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:100]
     truth = leave_one_out(reference, initial, steps, recorder.optimizer, ids, problem.val)
     assert spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth) >= REPLAY_BAR
+    # Central differences of float32 losses instead of the forward-mode pass: same bar.
+    assert spearman(torch.stack([differenced.scores[int(i)] for i in ids]), truth) >= REPLAY_BAR
+
+
+# ReLU's kinks are invisible to the linearised model (a removal that flips a unit's sign changes
+# its derivative discontinuously); smooth GELU meets the replay bar. Both at a learning rate that
+# stays clear of the edge of stability: at lr 0.1 the late steps amplify perturbations
+# non-linearly and replay drops to 0.86-0.90 (README, "Accuracy against retraining").
+CNN_BARS = {"gelu": REPLAY_BAR, "relu": 0.95}
+
+
+@pytest.mark.parametrize("activation", sorted(CNN_BARS))
+def test_small_cnn_replay_ranks_leave_one_out_effects(activation):
+    """Convolutions: replay, with forward-mode or finite-difference per-sample derivatives,
+    against leave-one-out retraining of the same CNN."""
+    problem = digits_problem(n=512, batch_size=32, epochs=12)
+    replay = DiffIn(target="val", target_loader=problem.val)
+    differenced = DiffIn(target="val", target_loader=problem.val, per_sample="finite_difference")
+    differenced._generate_state_key = lambda **kw: "replay-differenced"
+    torch.manual_seed(0)
+    model = SmallCNN(channels=(4, 8), lr=0.03, activation=activation).double()
+    recorder = StepRecorder()
+    quiet_trainer(callbacks=[recorder, replay, differenced]).fit(model, train_dataloaders=problem.train)
+    ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:100]
+    truth = _truth(model, recorder, ids, problem.val)
+    rho = spearman(torch.stack([replay.scores[int(i)] for i in ids]), truth)
+    rho_fd = spearman(torch.stack([differenced.scores[int(i)] for i in ids]), truth)
+    print(f"small CNN ({activation}): spearman replay {rho:.4f}, finite-difference per-sample {rho_fd:.4f}")
+    assert rho >= CNN_BARS[activation] and rho_fd >= CNN_BARS[activation]

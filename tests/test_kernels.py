@@ -8,11 +8,15 @@ from torch import nn
 
 from lightning_influence.kernels import (
     ParameterSpace,
+    batch_chunks,
     batch_gradient,
+    difference_derivatives,
     directional_derivatives,
+    finite_difference_step,
     evaluation_mode,
     has_mode_dependent_layers,
     hessian_vector_product,
+    losses_and_gradient,
     per_sample_loss_function,
 )
 from lightning_influence.models import Classifier
@@ -51,6 +55,77 @@ def test_directional_derivatives_equal_per_sample_gradients_dot_tangent(activati
     expected = _per_sample_gradients(module, batch, space) @ tangent
     torch.testing.assert_close(derivs, expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(losses, module.per_sample_loss(batch).detach())
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-8), (torch.float32, 3e-3)])
+def test_difference_derivatives_equal_per_sample_gradients_dot_tangent(dtype, rtol):
+    module, batch, space = _setup()
+    expected_module = module
+    module = Classifier(in_features=6, num_classes=4, hidden=(16, 8)).to(dtype)
+    module.load_state_dict(expected_module.state_dict())
+    batch = (batch[0].to(dtype), batch[1], batch[2])
+    space = ParameterSpace.from_parameters(list(module.named_parameters()))
+    loss_fn = per_sample_loss_function(module)
+    theta = space.flatten(dict(module.named_parameters()))
+    tangent = torch.randn(space.size, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    eps = finite_difference_step(theta, tangent, "central")
+    got = difference_derivatives(loss_fn, space, theta, batch, tangent, eps)
+    expected = _per_sample_gradients(expected_module, (batch[0].double(), batch[1], batch[2]), ParameterSpace.from_parameters(
+        list(expected_module.named_parameters()))) @ tangent.double()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol * float(expected.abs().max()))
+    # Losses already evaluated at the two points (e.g. by a Hessian product's gradient passes) are used as given.
+    plus, grad_plus = losses_and_gradient(loss_fn, space, theta + eps * tangent, batch)
+    torch.testing.assert_close(grad_plus, batch_gradient(loss_fn, space, theta + eps * tangent, batch))
+    reused = difference_derivatives(loss_fn, space, theta, batch, tangent, eps, plus=plus)
+    torch.testing.assert_close(reused, got, rtol=1e-12, atol=0.0)
+    shifted = difference_derivatives(loss_fn, space, theta, batch, tangent, eps, plus=plus + 1.0)
+    torch.testing.assert_close(shifted - got, torch.full_like(got, 0.5 / eps), rtol=1e-6, atol=0.0)
+
+
+def test_chunked_passes_equal_whole_batch_passes():
+    module, batch, space = _setup(b=13)
+    loss_fn = per_sample_loss_function(module)
+    theta = space.flatten(dict(module.named_parameters()))
+    tangent = torch.randn(space.size, dtype=torch.float64)
+    chunks = batch_chunks(batch, 5)
+    assert [n for _, n in chunks] == [5, 5, 3]
+    torch.testing.assert_close(torch.cat([c[2] for c, _ in chunks]), batch[2])
+    assert batch_chunks(batch, None)[0][0] is batch and batch_chunks(batch, 13)[0][0] is batch
+    as_dict = {"x": batch[0], "y": batch[1], "tag": "shared", "scalar": torch.tensor(2.0)}
+    first = batch_chunks(as_dict, 4)[0][0]
+    assert first["x"].shape[0] == 4 and first["tag"] == "shared" and first["scalar"].dim() == 0
+    params, direction = dict(module.named_parameters()), space.unflatten(tangent)
+    whole = directional_derivatives(loss_fn, params, batch, direction)
+    chunked = directional_derivatives(loss_fn, params, batch, direction, chunk_size=5)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    losses, grad = losses_and_gradient(loss_fn, space, theta, batch)
+    losses_c, grad_c = losses_and_gradient(loss_fn, space, theta, batch, chunk_size=5)
+    torch.testing.assert_close(losses_c, losses, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_c, grad, rtol=1e-12, atol=1e-14)
+    eps = finite_difference_step(theta, tangent, "central")
+    torch.testing.assert_close(
+        difference_derivatives(loss_fn, space, theta, batch, tangent, eps, chunk_size=5),
+        difference_derivatives(loss_fn, space, theta, batch, tangent, eps),
+        rtol=1e-9, atol=1e-12,
+    )
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        batch_chunks(batch, 0)
+
+
+def test_hessian_product_added_in_place_equals_the_returned_product():
+    module, batch, space = _setup()
+    loss_fn = per_sample_loss_function(module)
+    theta = space.flatten(dict(module.named_parameters()))
+    v = torch.randn(space.size, dtype=torch.float64)
+    grad = lambda th: batch_gradient(loss_fn, space, th, batch)  # noqa: E731
+    for scheme in ("forward", "central"):
+        start = torch.randn(space.size, dtype=torch.float64)
+        into = start.clone()
+        out = hessian_vector_product(grad, theta, v, scheme=scheme, add_to=into)
+        assert out is into
+        torch.testing.assert_close(into - start, hessian_vector_product(grad, theta, v, scheme=scheme), rtol=1e-10, atol=1e-12)
 
 
 def test_batch_gradient_matches_autograd():

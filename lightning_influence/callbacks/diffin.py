@@ -33,11 +33,14 @@ from lightning_influence.callbacks.checks import (
     target_loader_source,
 )
 from lightning_influence.distributed import Collective, distributed_shard
-from lightning_influence.estimators.diffin import DiffInSweep, ScoreAccumulator, step_gradient
+from lightning_influence.estimators.diffin import DiffInSweep, PerSampleDerivatives, ScoreAccumulator, step_gradient
 from lightning_influence.kernels import (
     FiniteDifference,
     ParameterSpace,
     all_finite,
+    KINKED_REL_STEP,
+    default_rel_step,
+    has_kinked_layers,
     has_mode_dependent_layers,
     per_sample_loss_function,
 )
@@ -89,6 +92,17 @@ class DiffIn(Callback):
             differences against the gradient recorded in training when the model has no
             dropout/batch-norm layers (one backward pass per product), else ``"central"`` (two).
         fd_rel_step: relative finite-difference step (default: from the parameters' dtype).
+        per_sample: how each step's per-sample directional derivatives ``<grad l_i, v>`` are taken.
+            ``"forward_mode"`` (default): one forward-mode pass per micro-batch, exact.
+            ``"finite_difference"``: central differences of the per-sample losses at
+            ``theta +- eps v``; with ``hessian_every=1`` the Hessian product's gradient pass at
+            ``theta + eps v`` already computed one side, so a step costs one plain forward pass
+            instead of a forward-mode pass (about a third of it on an MLP; accuracy in the README).
+            Independent per-sample losses only (not ``coupled``).
+        chunk_size: evaluate each micro-batch in chunks of at most this many samples in the
+            sweep's passes (forward-mode, gradient and loss passes; gradients are weighted by chunk
+            size), bounding their memory independently of the batch size; the scores are the same.
+            ``None`` (default): one pass per micro-batch. Not for ``coupled`` losses.
         hessian_every: propagate through blocks of k steps with one Hessian product each (at one
             step's batch, with the block's summed step sizes: ``prod (I - H_s L_s) ~ I - H_t sum L_s``),
             k times fewer products; exact propagation is ``1``. Accuracy cost in the README.
@@ -157,6 +171,8 @@ class DiffIn(Callback):
         checkpoint_every: int = 1,
         finite_difference: Literal["auto", "forward", "central"] = "auto",
         fd_rel_step: float | None = None,
+        per_sample: PerSampleDerivatives = "forward_mode",
+        chunk_size: int | None = None,
         hessian_every: int = 1,
         params: Sequence[str] | None = None,
         second_moment: SecondMoment = "linearized",
@@ -185,6 +201,12 @@ class DiffIn(Callback):
         self.checkpoint_every = checkpoint_every
         self.finite_difference = finite_difference
         self.fd_rel_step = fd_rel_step
+        if per_sample not in ("forward_mode", "finite_difference"):
+            raise ValueError(f"per_sample must be 'forward_mode' or 'finite_difference', got {per_sample!r}")
+        self.per_sample: PerSampleDerivatives = per_sample
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive number of samples, got {chunk_size!r}")
+        self.chunk_size = chunk_size
         if hessian_every < 1:
             raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
         self.hessian_every = hessian_every
@@ -329,11 +351,17 @@ class DiffIn(Callback):
         # The gradient recorded in training is the forward difference's base when it equals the one the
         # sweep would compute: same network (no dropout/batch norm) and full precision (no autocast).
         recorded_is_exact = not has_mode_dependent_layers(pl_module) and not self._mixed
+        # Piecewise-linear layers (ReLU, max pooling): larger central steps average over the kinks that a
+        # tiny step may cross (a crossing turns the gradient's jump into a spurious product of size jump/eps).
+        self._kinked = has_kinked_layers(pl_module)
         if self.finite_difference == "auto":
-            scheme: FiniteDifference = "forward" if recorded_is_exact else "central"
+            scheme: FiniteDifference = "forward" if recorded_is_exact and not self._kinked else "central"
         else:
             scheme = self.finite_difference
         reuse = scheme == "forward" and recorded_is_exact
+        self._rel_step = self.fd_rel_step
+        if self._rel_step is None and self._kinked:
+            self._rel_step = max(KINKED_REL_STEP, default_rel_step(self._space.dtype, scheme))
         self._reuse_gradient = reuse
         if not self._restored:
             # A new fit scores a new run: earlier results refer to another final model.
@@ -364,11 +392,13 @@ class DiffIn(Callback):
             self._model,
             context_space=self._context_space,
             finite_difference=scheme,
-            fd_rel_step=self.fd_rel_step,
+            fd_rel_step=self._rel_step,
             reuse_recorded_gradient=reuse,
             hessian_every=self.hessian_every,
             collective=self._collective,
             remove=pl_module.remove_from_batch if self._coupled else None,  # type: ignore[attr-defined]
+            per_sample=self.per_sample,
+            chunk_size=self.chunk_size,
         )
         self._trajectory = Trajectory(self.storage, self.spill_dir, self.checkpoint_every, device=self._space.device)
         self._trajectory.restore(restored_records)
@@ -661,7 +691,9 @@ class DiffIn(Callback):
     def _recompute_step(self, record: StepRecord) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Re-run one optimizer step from ``record.theta`` and ``record.state``."""
         assert self._space is not None and self._model is not None and record.theta is not None
-        grad = step_gradient(self._loss_fn, self._space, record.theta, record.batches, record.normalizer, self._collective)
+        grad = step_gradient(
+            self._loss_fn, self._space, record.theta, record.batches, record.normalizer, self._collective, self.chunk_size
+        )
         with torch.no_grad():
             theta, state = self._model.update(record.theta, record.state, grad, record.hyper)
         return grad, theta, state
@@ -700,9 +732,15 @@ class DiffIn(Callback):
             "second_moment": self.second_moment,
             "params": self.params,
             "finite_difference": self._sweep.finite_difference,
+            "fd_rel_step": self._sweep.fd_rel_step,
+            "kinked_layers": self._kinked,
+            "max_adjoint_growth": round(self._sweep.max_adjoint_growth, 6),
             "hessian_every": self.hessian_every,
             "hessian_products": self._sweep.hessian_products,
+            "per_sample": self.per_sample,
+            "chunk_size": self.chunk_size,
             "forward_mode_passes": self._sweep.forward_mode_passes,
+            "loss_evaluations": self._sweep.loss_evaluations,
             "target_gradients": self._sweep.target_gradients,
             "callback_seconds": round(self.seconds, 6),
             "world_size": self._collective.world_size,

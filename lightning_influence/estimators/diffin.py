@@ -18,7 +18,11 @@ with adjoints swept from ``lambda^theta_T = grad F(theta_T)``, ``lambda^s_T = 0`
 (``H_t``: Hessian of the step's loss at ``theta_t``, a finite-difference product). Per step:
 one forward-mode pass per micro-batch for ``s_i = <grad l_i(theta_t), -a^G_t>``, then
 ``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b - 1))`` (``s_z / n`` for a micro-batch of one,
-which the removal empties), and one Hessian product. For plain SGD ``a^G = -Lambda_t lambda``
+which the removal empties), and one Hessian product. With ``per_sample="finite_difference"`` the
+``s_i`` are central differences of the per-sample losses at ``theta_t +- eps a^G_t`` instead:
+the Hessian product ``H_t a^G_t`` evaluates the gradient (and with it the losses) at
+``theta_t + eps a^G_t`` anyway, so a step costs one plain forward pass more instead of a
+forward-mode pass. For plain SGD ``a^G = -Lambda_t lambda``
 and this is ``u_t = u_{t+1} - H_t Lambda_t u_{t+1}`` of the notes.
 
 Units and sign: target-loss change when the sample is removed (positive helps).
@@ -52,27 +56,39 @@ Hessian product are reduced across ranks. With one rank and no copies this is th
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import warnings
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_influence.kernels import (
     FiniteDifference,
-    batch_gradient,
     ParameterSpace,
     PerSampleLossFn,
     RemoveFn,
     all_finite,
+    difference_derivatives,
     directional_derivatives,
     evaluation_mode,
+    finite_difference_step,
     hessian_vector_product,
+    losses_and_gradient,
     removal_derivatives,
 )
 from lightning_influence.distributed import Collective
 from lightning_influence.targets import TargetGradient
 from lightning_influence.optimizers import StepModel
 from lightning_influence.trajectory import RecomputeStep, StepRecord, Trajectory
+
+PerSampleDerivatives = Literal["forward_mode", "finite_difference"]
+
+ADJOINT_CHECK_EVERY = 16
+"""Hessian products between two checks (finite, growth) of the whole propagated adjoint."""
+
+ADJOINT_GROWTH_LIMIT = 1e3
+"""A propagated adjoint that grows this much over a sweep signals an unstable propagation."""
 
 
 class ScoreAccumulator:
@@ -158,9 +174,25 @@ class DiffInSweep:
         collective: Collective | None = None,
         remove: RemoveFn | None = None,
         vectorize_removal: bool = True,
+        per_sample: PerSampleDerivatives = "forward_mode",
+        chunk_size: int | None = None,
     ) -> None:
         if hessian_every < 1:
             raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
+        if per_sample not in ("forward_mode", "finite_difference"):
+            raise ValueError(f"per_sample must be 'forward_mode' or 'finite_difference', got {per_sample!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive number of samples, got {chunk_size!r}")
+        if chunk_size is not None and remove is not None:
+            raise ValueError(
+                "chunk_size splits batches into independent chunks, which a coupled batch loss (each sample's loss "
+                "depends on its whole batch) does not allow: leave chunk_size=None"
+            )
+        if per_sample == "finite_difference" and remove is not None:
+            raise ValueError(
+                "per_sample='finite_difference' is for independent per-sample losses; coupled batch losses take "
+                "their removal derivatives by forward mode: use per_sample='forward_mode'"
+            )
         self.module = module
         self.loss_fn = loss_fn
         self.space = space
@@ -181,8 +213,20 @@ class DiffInSweep:
         self.remove = remove
         """Coupled batch loss: the batch without one sample (``None``: per-sample losses are independent)."""
         self.vectorize_removal = vectorize_removal
+        self.per_sample: PerSampleDerivatives = per_sample
+        self.chunk_size = chunk_size
+        """Samples per pass (forward-mode, gradient, loss): bounds the passes' memory; ``None``: whole micro-batches."""
+        """How ``s_i = <grad l_i, a^G>`` is evaluated: forward mode (exact) or central differences of losses."""
         self.hessian_products = 0
         self.forward_mode_passes = 0
+        self.loss_evaluations = 0
+        """Forward passes without autograd for finite-difference derivatives (beyond the products' passes)."""
+        self._theta_norm: float | None = None
+        self._adjoint: Tensor | None = None
+        self._adjoint_start = 0.0
+        self.max_adjoint_growth = 0.0
+        """Largest ``||lambda_t|| / ||lambda_end||`` seen at the checks (a stability diagnostic)."""
+        self._growth_warned = False
         self.target_gradients = 0
         self.work_dtype = torch.promote_types(space.dtype, torch.float32)
 
@@ -203,9 +247,13 @@ class DiffInSweep:
         if num_scored <= 0 or len(trajectory) == 0:
             return
         u = self.target_gradient(theta_end)
+        # One ||theta|| for the sweep's finite-difference steps: it sets their scale only, and changes
+        # slowly along a trajectory (a parameter-sized reduction per step saved).
+        self._theta_norm = float(theta_end.norm())
         # lambda^theta, [P, Q], in the parameters' dtype (float32 at least): the finite-difference error
         # of the products (~1e-3 relative in float32) dwarfs its rounding. Scores accumulate in float64.
         adjoint = u.reshape(self.space.size, -1).to(self.work_dtype).clone()
+        self._adjoint, self._adjoint_start = adjoint, float(adjoint.norm())
         columns = adjoint.shape[1]
         adjoint_state: list[dict[str, Tensor] | None] = [None] * columns
         pending: list[Tensor | None] = [None] * columns  # sum of a^G over the block not yet propagated
@@ -224,31 +272,66 @@ class DiffInSweep:
                     a_theta, a_state, a_grad = self.step_model.vjp(
                         record.theta, record.state, record.grad, record.hyper, adjoint[:, q], adjoint_state[q]
                     )
+                    shifted: _ShiftedLosses | None = None
+                    if position > 0:
+                        adjoint_state[q] = a_state
+                        pending[q] = a_grad if pending[q] is None else pending[q] + a_grad  # type: ignore[operator]
+                        if propagate:
+                            # The product's gradient passes run along a^G itself when the block is this step alone:
+                            # their per-sample losses then serve the finite-difference derivatives below.
+                            share = scored and self.per_sample == "finite_difference" and pending[q] is a_grad
+                            column = adjoint[:, q]
+                            if a_theta.data_ptr() != column.data_ptr():
+                                column.copy_(a_theta)
+                            # lambda^theta_t = a^theta + H_t (sum of the block's a^G), added in place
+                            shifted = self._hessian_product(loss_fn, record, pending[q].to(self.space.dtype), column, share)  # type: ignore[union-attr]
+                            pending[q] = None
+                        else:
+                            adjoint[:, q] = a_theta
                     if scored and self.remove is not None:
                         # coupled: r_z = <grad mean l(B \ z) - grad mean l(B), a^G>, the term itself (times n)
                         derivatives.append(self._removal_derivatives(loss_fn, record, a_grad))
                     elif scored:
                         # s_i = <grad l_i, -a^G>: the pass runs along a^G and the small result is negated.
-                        derivatives.append([-s for s in self._directional_derivatives(loss_fn, record, a_grad)])
-                    if position == 0:
-                        continue
-                    adjoint_state[q] = a_state
-                    pending[q] = a_grad if pending[q] is None else pending[q] + a_grad  # type: ignore[operator]
-                    if propagate:
-                        a_theta = a_theta + self._hessian_product(loss_fn, record, pending[q].to(self.space.dtype))  # type: ignore[union-attr]
-                        pending[q] = None
-                    adjoint[:, q] = a_theta
+                        derivatives.append([-s for s in self._directional_derivatives(loss_fn, record, a_grad, shifted)])
                 if scored:
                     self._accumulate(record, derivatives, squeeze=u.dim() == 1)
                 if position == 0:
                     break
                 if propagate:
                     block_steps = 0
-                    if not all_finite(adjoint):
-                        raise FloatingPointError(
-                            f"the propagated target gradient became non-finite at step {record.step}: training diverged "
-                            "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
-                        )
+                    # A non-finite adjoint stays non-finite: checked every few products (a parameter-sized
+                    # reduction), and whenever a step's contributions come out non-finite (_accumulate).
+                    if self.hessian_products % ADJOINT_CHECK_EVERY == 0:
+                        self._check_adjoint(record)
+        self._check_adjoint(record)
+        self._adjoint = None
+
+    def _check_adjoint(self, record: StepRecord) -> None:
+        """Raise if the propagated adjoint is non-finite; warn (once) if it grew by more than
+        :data:`ADJOINT_GROWTH_LIMIT` since the sweep started."""
+        if self._adjoint is None:
+            return
+        norm = float(self._adjoint.norm())
+        if not math.isfinite(norm):
+            raise FloatingPointError(
+                f"the propagated target gradient became non-finite by step {record.step}: training diverged "
+                "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
+            )
+        growth = norm / self._adjoint_start if self._adjoint_start > 0 else 0.0
+        self.max_adjoint_growth = max(self.max_adjoint_growth, growth)
+        if growth > ADJOINT_GROWTH_LIMIT and not self._growth_warned:
+            self._growth_warned = True
+            warnings.warn(
+                f"DiffIn: the propagated target gradient grew {growth:.3g}-fold between the end of the sweep and step "
+                f"{record.step}: the linearised propagation is unstable and the scores are likely meaningless. Usual "
+                "causes: finite-difference products across the kinks of ReLU-like activations or max pooling (use "
+                "finite_difference='central' with fd_rel_step=1e-3), hessian_every too large for the learning rate "
+                "(use hessian_every=1), or training at the edge of stability (a smaller learning rate). The growth is "
+                "in scores.metadata['max_adjoint_growth']",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _loss_fn(self, record: StepRecord) -> PerSampleLossFn:
         """The per-sample loss at this step: the parameters outside the attributed subset are
@@ -259,15 +342,41 @@ class DiffInSweep:
         base = self.loss_fn
         return lambda params, batch: base({**context, **params}, batch)
 
-    def _directional_derivatives(self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor) -> list[Tensor]:
-        """``s_i = <grad l_i(theta_t), tangent>`` per micro-batch, float64 ``[b_k]`` each."""
+    def _directional_derivatives(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None = None
+    ) -> list[Tensor]:
+        """``s_i = <grad l_i(theta_t), tangent>`` per micro-batch, float64 ``[b_k]`` each: one
+        forward-mode pass per micro-batch, or (``per_sample="finite_difference"``) central
+        differences of the losses, reusing the ``shifted`` losses of a Hessian product along
+        ``tangent`` when there are any."""
+        if self.per_sample == "finite_difference":
+            return self._difference_derivatives(loss_fn, record, tangent, shifted)
         params = self.space.unflatten(record.theta)
         direction = self.space.unflatten(tangent.to(self.space.dtype))
         out = []
         for batch in record.batches:
-            _, s = directional_derivatives(loss_fn, params, batch, direction)
+            _, s = directional_derivatives(loss_fn, params, batch, direction, self.chunk_size)
             self.forward_mode_passes += 1
             out.append(s.double())
+        return out
+
+    def _difference_derivatives(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None
+    ) -> list[Tensor]:
+        assert record.theta is not None
+        tangent = tangent.to(self.space.dtype)
+        if shifted is None:
+            eps = finite_difference_step(record.theta, tangent, "central", self.fd_rel_step, self._theta_norm)
+            shifted = _ShiftedLosses(eps, [None] * len(record.batches), [None] * len(record.batches))
+        out = []
+        for k, batch in enumerate(record.batches):
+            plus, minus = shifted.plus[k], shifted.minus[k]
+            self.loss_evaluations += (plus is None) + (minus is None)
+            out.append(
+                difference_derivatives(
+                    loss_fn, self.space, record.theta, batch, tangent, shifted.eps, plus=plus, minus=minus, chunk_size=self.chunk_size
+                )
+            )
         return out
 
     def _removal_derivatives(self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor) -> list[Tensor]:
@@ -304,6 +413,7 @@ class DiffInSweep:
             else:
                 contribution = (s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)) / record.normalizer
             if not all_finite(contribution):
+                self._check_adjoint(record)
                 raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
@@ -320,6 +430,7 @@ class DiffInSweep:
                 )
         sums = self.collective.sum(torch.stack([s.sum(dim=0) for s in local]))  # [K, Q], same on every rank
         if not all_finite(sums):  # a non-finite value on any rank shows in the global sums: every rank raises
+            self._check_adjoint(record)
             raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
         for k, (s, ids) in enumerate(zip(local, record.ids, strict=True)):
             union = record.global_ids[k]
@@ -331,18 +442,40 @@ class DiffInSweep:
             contribution = torch.where(rest > 0, (s - mean) / rest.clamp(min=1), s / copies) / record.normalizer
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
-    def _hessian_product(self, loss_fn: PerSampleLossFn, record: StepRecord, vector: Tensor) -> Tensor:
-        """``H_t @ vector`` for the step's loss by finite differences of step gradients."""
+    def _hessian_product(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, vector: Tensor, add_to: Tensor, keep_losses: bool = False
+    ) -> _ShiftedLosses | None:
+        """Add ``H_t @ vector`` (the step's loss, by finite differences of step gradients) into
+        ``add_to``; with ``keep_losses`` return the per-sample losses its gradient passes computed
+        at ``theta_t +- eps * vector``."""
+        assert record.theta is not None
         base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
         self.hessian_products += 1
-        return hessian_vector_product(
-            lambda theta: step_gradient(loss_fn, self.space, theta, record.batches, record.normalizer, self.collective),
-            record.theta,
-            vector,
-            scheme=self.finite_difference,
-            base_gradient=base,
-            rel_step=self.fd_rel_step,
-        ).to(self.work_dtype)
+        eps = finite_difference_step(record.theta, vector, self.finite_difference, self.fd_rel_step, self._theta_norm)
+        evaluated: list[list[Tensor]] = []  # per gradient pass: theta + eps v, then theta or theta - eps v
+
+        def gradient(theta: Tensor) -> Tensor:
+            losses, grad = step_losses_and_gradient(
+                loss_fn, self.space, theta, record.batches, record.normalizer, self.collective, self.chunk_size
+            )
+            evaluated.append(losses)
+            return grad
+
+        hessian_vector_product(
+            gradient, record.theta, vector, scheme=self.finite_difference, base_gradient=base, eps=eps, add_to=add_to
+        )
+        if not keep_losses or eps == 0.0:
+            return None
+        none: list[Tensor | None] = [None] * len(record.batches)
+        minus = list(evaluated[1]) if self.finite_difference == "central" else none
+        return _ShiftedLosses(eps, list(evaluated[0]), minus)
+
+
+class _ShiftedLosses:
+    """Per-sample losses of each micro-batch at ``theta +- eps v`` (``None``: not evaluated)."""
+
+    def __init__(self, eps: float, plus: list[Tensor | None], minus: list[Tensor | None]) -> None:
+        self.eps, self.plus, self.minus = eps, plus, minus
 
 
 def step_gradient(
@@ -352,11 +485,29 @@ def step_gradient(
     batches: tuple[Any, ...],
     normalizer: int,
     collective: Collective | None = None,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """The gradient an optimizer step was fed: ``sum_k grad mean_k / normalizer`` over its micro-batches,
     averaged over the ranks of ``collective`` as DDP does (a collective call in distributed runs)."""
-    total = batch_gradient(loss_fn, space, theta, batches[0])
+    return step_losses_and_gradient(loss_fn, space, theta, batches, normalizer, collective, chunk_size)[1]
+
+
+def step_losses_and_gradient(
+    loss_fn: PerSampleLossFn,
+    space: ParameterSpace,
+    theta: Tensor,
+    batches: tuple[Any, ...],
+    normalizer: int,
+    collective: Collective | None = None,
+    chunk_size: int | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`step_gradient` and, with it, each micro-batch's (local) per-sample losses at ``theta``
+    (passes over at most ``chunk_size`` samples each)."""
+    losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size)
+    every = [losses]
     for batch in batches[1:]:
-        total.add_(batch_gradient(loss_fn, space, theta, batch))
+        losses, grad = losses_and_gradient(loss_fn, space, theta, batch, chunk_size)
+        every.append(losses)
+        total.add_(grad)
     total = total.div_(normalizer) if normalizer != 1 else total
-    return collective.mean(total) if collective is not None else total
+    return every, (collective.mean(total) if collective is not None else total)

@@ -67,7 +67,7 @@ from torch import Tensor
 
 from lightning_influence.estimators.base import Estimator, Target, as_target, attributed_space, progress
 from lightning_influence.estimators.coreset import per_sample_values
-from lightning_influence.kernels import PerSampleLossFn, _batch_size, module_mode
+from lightning_influence.kernels import PerSampleLossFn, batch_size, module_mode
 from lightning_influence.scores import InfluenceScores
 
 __all__ = ["ForwardInf"]
@@ -80,7 +80,7 @@ COLUMNS = ("auto", "each", "group")
 def select_samples(batch: Any, index: Tensor) -> Any:
     """The sub-batch of positions ``index``: every tensor with the batch dimension is indexed,
     anything else is kept."""
-    size = _batch_size(batch)
+    size = batch_size(batch)
     return torch.utils._pytree.tree_map(
         lambda t: t.index_select(0, index.to(t.device)) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else t, batch
     )
@@ -203,7 +203,7 @@ class ForwardInf(Estimator):
         def target_batches() -> Iterator[Any]:
             position = 0
             for batch in selector.batches():
-                size = _batch_size(batch)
+                size = batch_size(batch)
                 keep = selector._keep(batch, position, size, theta.device)
                 position += size
                 if keep is not None:
@@ -220,7 +220,7 @@ class ForwardInf(Estimator):
             if columns == "group":
                 groups: list[Callable[[], Iterable[Any]]] = [target_batches]
             else:
-                singles = [select_samples(b, torch.tensor([i])) for b in target_batches() for i in range(_batch_size(b))]
+                singles = [select_samples(b, torch.tensor([i])) for b in target_batches() for i in range(batch_size(b))]
                 groups = [lambda s=s: [s] for s in singles]
             if not groups:
                 raise ValueError(f"the {target.kind} target produced no samples")
