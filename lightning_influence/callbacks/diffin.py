@@ -90,8 +90,10 @@ class DiffIn(Callback):
             during the sweep (one extra gradient per step; needs a model without dropout/batch norm).
         finite_difference: scheme of the Hessian-vector products. ``"auto"`` uses ``"forward"``
             differences against the gradient recorded in training when the model has no
-            dropout/batch-norm layers (one backward pass per product), else ``"central"`` (two).
-        fd_rel_step: relative finite-difference step (default: from the parameters' dtype).
+            dropout/batch-norm layers (one backward pass per product), else ``"central"`` (two);
+            also ``"central"`` for networks with kinks (ReLU-like activations, max pooling).
+        fd_rel_step: relative finite-difference step (default: from the parameters' dtype; at
+            least 1e-3 for networks with kinks, whose gradient jumps across them).
         per_sample: how each step's per-sample directional derivatives ``<grad l_i, v>`` are taken.
             ``"forward_mode"`` (default): one forward-mode pass per micro-batch, exact.
             ``"finite_difference"``: central differences of the per-sample losses at
@@ -222,6 +224,8 @@ class DiffIn(Callback):
             raise ValueError(f"coupled must be None (the module's coupled_batch_loss), True or False, got {coupled!r}")
         self.coupled = coupled
         self._coupled = False
+        self._kinked = False  # whether the module has piecewise-linear layers (set in setup)
+        self._rel_step: float | None = None  # the finite-difference step in use (set in setup)
         self._scores: InfluenceScores | None = None
         # ddp_spawn / ddp_fork: rank zero hands the scores to this (launching) process through this file.
         self._owner_pid = os.getpid()
