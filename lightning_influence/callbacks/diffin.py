@@ -33,7 +33,7 @@ from lightning_influence.callbacks.checks import (
     target_loader_source,
 )
 from lightning_influence.distributed import Collective, distributed_shard
-from lightning_influence.estimators.diffin import DiffInSweep, PerSampleDerivatives, ScoreAccumulator, step_gradient
+from lightning_influence.estimators.diffin import DiffInSweep, PerSampleDerivatives, ScoreAccumulator, step_losses_and_gradient
 from lightning_influence.kernels import (
     FiniteDifference,
     ParameterSpace,
@@ -695,7 +695,7 @@ class DiffIn(Callback):
     def _recompute_step(self, record: StepRecord) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Re-run one optimizer step from ``record.theta`` and ``record.state``."""
         assert self._space is not None and self._model is not None and record.theta is not None
-        grad = step_gradient(
+        _, grad = step_losses_and_gradient(
             self._loss_fn, self._space, record.theta, record.batches, record.normalizer, self._collective, self.chunk_size
         )
         with torch.no_grad():

@@ -478,20 +478,6 @@ class _ShiftedLosses:
         self.eps, self.plus, self.minus = eps, plus, minus
 
 
-def step_gradient(
-    loss_fn: PerSampleLossFn,
-    space: ParameterSpace,
-    theta: Tensor,
-    batches: tuple[Any, ...],
-    normalizer: int,
-    collective: Collective | None = None,
-    chunk_size: int | None = None,
-) -> Tensor:
-    """The gradient an optimizer step was fed: ``sum_k grad mean_k / normalizer`` over its micro-batches,
-    averaged over the ranks of ``collective`` as DDP does (a collective call in distributed runs)."""
-    return step_losses_and_gradient(loss_fn, space, theta, batches, normalizer, collective, chunk_size)[1]
-
-
 def step_losses_and_gradient(
     loss_fn: PerSampleLossFn,
     space: ParameterSpace,
@@ -501,8 +487,10 @@ def step_losses_and_gradient(
     collective: Collective | None = None,
     chunk_size: int | None = None,
 ) -> tuple[list[Tensor], Tensor]:
-    """:func:`step_gradient` and, with it, each micro-batch's (local) per-sample losses at ``theta``
-    (passes over at most ``chunk_size`` samples each)."""
+    """The gradient an optimizer step was fed, ``sum_k grad mean_k / normalizer`` over its micro-batches
+    and averaged over the ranks of ``collective`` as DDP does (a collective call in distributed runs),
+    with each micro-batch's (local) per-sample losses at ``theta``: ``(losses, gradient)``; passes
+    over at most ``chunk_size`` samples each."""
     losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size)
     every = [losses]
     for batch in batches[1:]:
