@@ -40,17 +40,24 @@ MODELS = {
 }
 
 
-def measure(name: str, lr: float, epochs: int, windows: list[int], strides: list[int], samples: int) -> list[dict]:
+def window_option(text: str) -> tuple[int, int | None]:
+    """``"W"`` (score_every = window) or ``"W:S"``."""
+    window, _, every = text.partition(":")
+    return int(window), int(every) if every else None
+
+
+def measure(
+    name: str, lr: float, epochs: int, windows: list[tuple[int, int | None]], strides: list[int], samples: int
+) -> list[dict]:
     problem = digits_problem(n=1024, batch_size=32, epochs=epochs)
-    # (mode, window, hessian_every, per_sample)
+    # (mode, (window, score_every), hessian_every, per_sample)
     configs = [("replay", None, 1, "forward_mode"), ("replay", None, 1, "finite_difference")]
     configs += [("replay", None, k, "forward_mode") for k in strides] + [("online", w, 1, "forward_mode") for w in windows]
-    configs += [("online", 128, k, "forward_mode") for k in strides if 128 in windows]
+    configs += [("online", (128, None), k, "forward_mode") for k in strides if (128, None) in windows]
     callbacks = []
     for mode, w, k, per_sample in configs:
-        cb = DiffIn(
-            target="val", mode=mode, target_loader=problem.val, hessian_every=k, per_sample=per_sample, **({"window": w} if w else {})
-        )
+        options = {"window": w[0], "score_every": w[1]} if w else {}
+        cb = DiffIn(target="val", mode=mode, target_loader=problem.val, hessian_every=k, per_sample=per_sample, **options)
         cb._generate_state_key = (lambda key: (lambda **kw: key))(f"DiffIn-{mode}-{w}-{k}-{per_sample}")  # several instances
         callbacks.append(cb)
     torch.manual_seed(0)
@@ -68,7 +75,8 @@ def measure(name: str, lr: float, epochs: int, windows: list[int], strides: list
                 lr=lr,
                 steps=len(recorder.steps),
                 mode=mode + (", per_sample=finite_difference" if per_sample == "finite_difference" else ""),
-                window=w,
+                window=w[0] if w else None,
+                score_every=cb.scores.metadata["score_every"],
                 hessian_every=k,
                 hessian_products=cb.scores.metadata["hessian_products"],
                 spearman=round(spearman(est, truth), 4),
@@ -82,7 +90,9 @@ def measure(name: str, lr: float, epochs: int, windows: list[int], strides: list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--windows", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument(
+        "--windows", type=window_option, nargs="+", default=[(32, None), (64, None), (128, None)], help="online windows: W, or W:S for score_every=S"
+    )
     parser.add_argument("--hessian-every", type=int, nargs="+", default=[2, 4, 8], dest="strides")
     parser.add_argument("--samples", type=int, default=150)
     parser.add_argument("--models", nargs="+", default=["logreg", "mlp"], choices=sorted(MODELS))
@@ -96,11 +106,15 @@ def main() -> None:
         for epochs in args.epochs:
             for name in args.models:
                 rows += measure(name, lr, epochs, args.windows, args.strides, args.samples)
-    print("| model | lr | steps | mode | window | hessian_every | Hessian products | steps scored with a truncated window | Spearman | Pearson |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | lr | steps | mode | window | score_every | hessian_every | Hessian products "
+        "| steps scored with a truncated window | Spearman | Pearson |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['lr']:g} | {r['steps']} | {r['mode']} | {r['window'] or '-'} | {r['hessian_every']} | {r['hessian_products']} "
+            f"| {r['model']} | {r['lr']:g} | {r['steps']} | {r['mode']} | {r['window'] or '-'} | {r['score_every'] or '-'} "
+            f"| {r['hessian_every']} | {r['hessian_products']} "
             f"| {r['truncated_steps']} | {r['spearman']:.3f} | {r['pearson']:.3f} |"
         )
     print(f"\n{args.samples} leave-one-out retrainings per model and length; {time.perf_counter() - start:.0f}s in all.")

@@ -14,8 +14,10 @@ Workloads:
           4096 samples, batch 64, 3 epochs = 192 steps
 
 Configurations: ``replay`` (including its end-of-fit reverse sweep), ``online`` with the default
-window, ``online`` with a small window (so that the windowed scoring really runs during fit), and
-the cheaper options ``hessian_every=2`` and ``per_sample="finite_difference"``.
+window, ``online`` with a small window (so that the windowed scoring really runs during fit), with
+that window and blocks three times as long (fewer re-swept steps), the cheaper
+``hessian_every=2`` and the exact ``per_sample="forward_mode"`` (the default takes per-sample
+derivatives by finite differences of the losses).
 
 Usage::
 
@@ -236,27 +238,31 @@ def _record_bytes(record: Any) -> int:
     return total
 
 
-# name -> (label, DiffIn options); "{small}" stands for the workload's small window.
+# name -> (label, DiffIn options); "{small}" stands for the workload's small window, "{small3}" for 3 times it.
 CONFIG_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "replay": ("replay", {"mode": "replay"}),
+    "replay": ("replay (default)", {"mode": "replay"}),
     "replay-k2": ("replay, hessian_every=2", {"mode": "replay", "hessian_every": 2}),
-    "replay-fd": ("replay, per_sample=finite_difference", {"mode": "replay", "per_sample": "finite_difference"}),
+    "replay-jvp": ("replay, per_sample=forward_mode", {"mode": "replay", "per_sample": "forward_mode"}),
     "online": ("online (window 128, default)", {"mode": "online"}),
     "online-k2": ("online (window 128), hessian_every=2", {"mode": "online", "hessian_every": 2}),
-    "online-fd": ("online (window 128), per_sample=finite_difference", {"mode": "online", "per_sample": "finite_difference"}),
+    "online-jvp": ("online (window 128), per_sample=forward_mode", {"mode": "online", "per_sample": "forward_mode"}),
     "online-small": ("online (window {small})", {"mode": "online", "window": "{small}"}),
+    "online-small-s3": (
+        "online (window {small}, score_every {small3})", {"mode": "online", "window": "{small}", "score_every": "{small3}"}
+    ),
 }
 CONFIGS = tuple(CONFIG_OPTIONS)
 
 
 def make_callback(config: str, workload: Workload) -> MeasuredDiffIn:
     _, options = CONFIG_OPTIONS[config]
-    options = {k: workload.small_window if v == "{small}" else v for k, v in options.items()}
+    sizes = {"{small}": workload.small_window, "{small3}": 3 * workload.small_window}
+    options = {k: sizes.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
     return MeasuredDiffIn(target="val", target_loader=workload.val_loader(), **options)
 
 
 def config_label(config: str, workload: Workload) -> str:
-    return CONFIG_OPTIONS[config][0].format(small=workload.small_window)
+    return CONFIG_OPTIONS[config][0].format(small=workload.small_window, small3=3 * workload.small_window)
 
 
 # --------------------------------------------------------------------------- fits

@@ -14,6 +14,7 @@ collectives, or values that are identical on every rank, such as DDP's averaged 
 
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ class Collective:
         world = int(getattr(trainer, "world_size", 1) or 1)
         if world == 1:
             return cls()
+        destroy_process_group_at_exit()
         return cls(world, int(trainer.global_rank), trainer.strategy.root_device)
 
     @property
@@ -121,6 +123,27 @@ class Collective:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+
+_EXIT_HOOK_REGISTERED = False
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group when this process exits (registered once per process).
+
+    Lightning does this for NCCL only. A gloo group left to the interpreter's teardown keeps its
+    communication threads alive while C++ destroys them, which can abort the process ("terminate
+    called without an active exception", SIGABRT) after a run that finished correctly: a
+    ``ddp_spawn`` worker dying that way fails the whole ``fit``."""
+    global _EXIT_HOOK_REGISTERED
+    if not _EXIT_HOOK_REGISTERED:
+        _EXIT_HOOK_REGISTERED = True
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def distributed_shard(loader: Any) -> tuple[int, int, int] | None:

@@ -192,5 +192,9 @@ def test_finite_difference_per_sample_derivatives_are_refused_for_coupled_losses
         quiet_trainer(callbacks=[DiffIn(target="train", per_sample="finite_difference")]).fit(
             PairEncoder().double(), train_dataloaders=fixed_batches(data, 8, 1)
         )
-    with pytest.raises(ValueError, match="per_sample must be 'forward_mode' or 'finite_difference'"):
+    with pytest.raises(ValueError, match="per_sample must be 'auto', 'forward_mode' or 'finite_difference'"):
         DiffIn(per_sample="jvp")
+    # The default ("auto") takes forward mode for a coupled loss.
+    default = DiffIn(target="train")
+    quiet_trainer(callbacks=[default]).fit(PairEncoder().double(), train_dataloaders=fixed_batches(data, 8, 1))
+    assert default.scores.metadata["per_sample"] == "forward_mode" and default.scores.metadata["forward_mode_passes"] > 0

@@ -342,3 +342,27 @@ def test_sharded_strategies_are_refused(small_digits):
 
     with pytest.raises(ValueError, match="does not support strategy DeepSpeedStrategy.*sharded strategies"):
         cb.setup(Trainer(), Classifier(), "fit")  # type: ignore[arg-type]
+
+
+def _exit_worker(rank: int, init_file: str, marker_dir: str) -> None:
+    import atexit
+
+    import torch.distributed as dist
+
+    from lightning_influence.distributed import destroy_process_group_at_exit
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    dist.all_reduce(torch.ones(3))
+    # atexit runs last-in first-out: this check runs after the library's hook.
+    atexit.register(lambda: Path(marker_dir, f"rank{rank}-{dist.is_initialized()}").touch())
+    destroy_process_group_at_exit()
+    destroy_process_group_at_exit()  # registered once per process
+
+
+def test_the_process_group_is_destroyed_before_the_process_exits(tmp_path):
+    """Gloo groups left to interpreter teardown can abort a finished worker (SIGABRT): the library
+    destroys the default group at exit in every process that scored under DDP."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_exit_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("rank")) == ["rank0-False", "rank1-False"]

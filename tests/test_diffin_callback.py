@@ -82,8 +82,8 @@ def test_chunked_passes_and_finite_difference_derivatives_give_the_same_scores(s
     """Sweep passes over chunks of 5 samples (batches of 16: uneven chunks), and per-sample
     derivatives by central differences of the losses instead of forward mode, in both modes."""
     options = dict(target="val", mode=mode, target_loader=small_digits.val, window=16)
-    reference = DiffIn(**options)
-    chunked = DiffIn(**options, chunk_size=5, checkpoint_every=4 if mode == "replay" else 1)
+    reference = DiffIn(**options, per_sample="forward_mode")
+    chunked = DiffIn(**options, per_sample="forward_mode", chunk_size=5, checkpoint_every=4 if mode == "replay" else 1)
     chunked._generate_state_key = lambda **kw: "chunked"
     differenced = DiffIn(**options, per_sample="finite_difference", chunk_size=5)
     differenced._generate_state_key = lambda **kw: "differenced"
@@ -108,8 +108,10 @@ def test_results_are_exposed_and_saved(small_digits, tmp_path):
     meta = cb.scores.metadata
     assert meta["estimator"] == "diffin" and meta["mode"] == "replay" and meta["target"] == "val"
     assert meta["steps_seen"] == meta["steps_scored"] == len(small_digits.train)
-    assert meta["forward_mode_passes"] == len(small_digits.train)
+    assert meta["per_sample"] == "finite_difference" and meta["forward_mode_passes"] == 0  # per_sample="auto"
     assert meta["hessian_products"] == len(small_digits.train) - 1
+    # One plain forward pass per step: at theta - eps v (theta + eps v came with the product), two at the last step.
+    assert meta["loss_evaluations"] == len(small_digits.train) + 1
     loaded = InfluenceScores.load(path)
     assert torch.equal(loaded.values, cb.scores.values) and torch.equal(loaded.ids, cb.scores.ids)
     harmful, _ = cb.scores.most_harmful(5)

@@ -33,13 +33,13 @@ def test_replay_and_online_rank_leave_one_out_effects(hidden):
     # The notes' setting (lr 0.1, batch 32) run for 16 epochs = 512 steps, so that the online
     # mode's default window (128 steps) truncates the propagation of the first 256 steps.
     problem = digits_problem(n=1024, batch_size=32, epochs=16)
-    replay = DiffIn(target="val", mode="replay", target_loader=problem.val)
+    replay = DiffIn(target="val", mode="replay", target_loader=problem.val)  # defaults: finite-difference per-sample
     online = DiffIn(target="val", mode="online", target_loader=problem.val)  # default window
     strided = DiffIn(target="val", mode="replay", target_loader=problem.val, hessian_every=2)
     strided._generate_state_key = lambda **kw: "replay-strided"
-    differenced = DiffIn(target="val", mode="replay", target_loader=problem.val, per_sample="finite_difference")
-    differenced._generate_state_key = lambda **kw: "replay-differenced"
-    model, recorder = _fit(hidden, problem, [replay, online, strided, differenced])
+    exact = DiffIn(target="val", mode="replay", target_loader=problem.val, per_sample="forward_mode")
+    exact._generate_state_key = lambda **kw: "replay-forward-mode"
+    model, recorder = _fit(hidden, problem, [replay, online, strided, exact])
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:120]
     truth = _truth(model, recorder, ids, problem.val)
     rho_replay = spearman(torch.stack([replay.scores[int(i)] for i in ids]), truth)
@@ -52,9 +52,13 @@ def test_replay_and_online_rank_leave_one_out_effects(hidden):
     assert online.scores.metadata["steps_scored_truncated"] >= 256
     # One Hessian product per 2 steps (half the products) keeps the replay bar.
     assert spearman(torch.stack([strided.scores[int(i)] for i in ids]), truth) >= REPLAY_BAR
-    # Finite-difference per-sample derivatives (sharing the products' gradient passes): the same scores.
-    assert differenced.scores.metadata["forward_mode_passes"] == 0
-    torch.testing.assert_close(differenced.scores.values, replay.scores.values, rtol=1e-5, atol=1e-6 * float(replay.scores.values.abs().max()))
+    # The default finite-difference per-sample derivatives (sharing the products' gradient passes)
+    # give the forward-mode pass's scores.
+    assert replay.scores.metadata["per_sample"] == "finite_difference" and replay.scores.metadata["forward_mode_passes"] == 0
+    assert exact.scores.metadata["per_sample"] == "forward_mode" and exact.scores.metadata["loss_evaluations"] == 0
+    torch.testing.assert_close(replay.scores.values, exact.scores.values, rtol=1e-5, atol=1e-6 * float(exact.scores.values.abs().max()))
+    # With hessian_every > 1 no product runs along each step's vector: "auto" takes forward mode.
+    assert strided.scores.metadata["per_sample"] == "forward_mode"
 
 
 def _one_step_errors(lr):
@@ -134,8 +138,8 @@ def test_float32_training_with_default_settings_tracks_float64_retraining():
     in float32 (accumulation stays float64), and the scores still rank the exact effects."""
     problem = digits_problem(n=512, batch_size=32, epochs=8)
     as32 = lambda fb: FixedBatches([(b[0].float(), b[1], b[2]) for b in fb.batches])  # noqa: E731
-    cb = DiffIn(target="val", target_loader=as32(problem.val))
-    differenced = DiffIn(target="val", target_loader=as32(problem.val), per_sample="finite_difference")
+    cb = DiffIn(target="val", target_loader=as32(problem.val), per_sample="forward_mode")
+    differenced = DiffIn(target="val", target_loader=as32(problem.val))  # the default: finite differences
     differenced._generate_state_key = lambda **kw: "replay-differenced"
     torch.manual_seed(0)
     model = Classifier(hidden=(32,), lr=0.1)
@@ -164,8 +168,8 @@ def test_small_cnn_replay_ranks_leave_one_out_effects(activation):
     """Convolutions: replay, with forward-mode or finite-difference per-sample derivatives,
     against leave-one-out retraining of the same CNN."""
     problem = digits_problem(n=512, batch_size=32, epochs=12)
-    replay = DiffIn(target="val", target_loader=problem.val)
-    differenced = DiffIn(target="val", target_loader=problem.val, per_sample="finite_difference")
+    replay = DiffIn(target="val", target_loader=problem.val, per_sample="forward_mode")
+    differenced = DiffIn(target="val", target_loader=problem.val)  # the default: finite differences
     differenced._generate_state_key = lambda **kw: "replay-differenced"
     torch.manual_seed(0)
     model = SmallCNN(channels=(4, 8), lr=0.03, activation=activation).double()
