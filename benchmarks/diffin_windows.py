@@ -5,8 +5,9 @@ real Trainer: logistic regression and an MLP 64-32-10 (tanh) by default; `--mode
 `mlp-relu`, `mlp-gelu`, `cnn-relu`, `cnn-gelu` (SmallCNN, channels 4 and 8). The ground truth
 retrains without each of `--samples` random samples (lightning_influence.evaluation.leave_one_out).
 Prints a Markdown table of Spearman (and Pearson) correlations, for exact propagation, for
-`hessian_every=k` (one Hessian product per block of k steps) and for replay with
-`per_sample="finite_difference"`; `--json PATH` also writes the numbers.
+`hessian_every=k` (one Hessian product per block of k steps) and for replay with the exact
+`per_sample="forward_mode"` (the default takes finite differences of the losses); `--windows`
+takes online windows as `W` or `W:S` (`score_every=S`); `--json PATH` also writes the numbers.
 
     OMP_NUM_THREADS=1 python benchmarks/diffin_windows.py       # 256 and 512 steps, ~2 minutes
     OMP_NUM_THREADS=1 python benchmarks/diffin_windows.py --models cnn-relu cnn-gelu --epochs 12 --lr 0.1 0.03 --windows 128 --hessian-every 2
@@ -51,9 +52,9 @@ def measure(
 ) -> list[dict]:
     problem = digits_problem(n=1024, batch_size=32, epochs=epochs)
     # (mode, (window, score_every), hessian_every, per_sample)
-    configs = [("replay", None, 1, "forward_mode"), ("replay", None, 1, "finite_difference")]
-    configs += [("replay", None, k, "forward_mode") for k in strides] + [("online", w, 1, "forward_mode") for w in windows]
-    configs += [("online", (128, None), k, "forward_mode") for k in strides if (128, None) in windows]
+    configs = [("replay", None, 1, "auto"), ("replay", None, 1, "forward_mode")]
+    configs += [("replay", None, k, "auto") for k in strides] + [("online", w, 1, "auto") for w in windows]
+    configs += [("online", (128, None), k, "auto") for k in strides if (128, None) in windows]
     callbacks = []
     for mode, w, k, per_sample in configs:
         options = {"window": w[0], "score_every": w[1]} if w else {}
@@ -74,7 +75,7 @@ def measure(
                 model=name,
                 lr=lr,
                 steps=len(recorder.steps),
-                mode=mode + (", per_sample=finite_difference" if per_sample == "finite_difference" else ""),
+                mode=mode + (", per_sample=forward_mode" if per_sample == "forward_mode" else ""),
                 window=w[0] if w else None,
                 score_every=cb.scores.metadata["score_every"],
                 hessian_every=k,

@@ -59,10 +59,10 @@ from lightning_influence.models import Classifier  # noqa: E402
 # label -> (registry name, options). One row of the table each.
 ESTIMATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "diffin-replay": ("diffin", {"target": "val", "mode": "replay"}),
-    # 256 steps: with the default window (128) online mode scores the first block at the end of
-    # fit, exactly; window 32 scores 7 of 8 blocks during fit with a truncated window.
+    # 256 steps: with the default window (256) online mode scores every step at the end of fit,
+    # exactly; window 32 with blocks of 32 scores 7 of 8 blocks during fit with a truncated window.
     "diffin-online": ("diffin", {"target": "val", "mode": "online"}),
-    "diffin-online-w32": ("diffin", {"target": "val", "mode": "online", "window": 32}),
+    "diffin-online-w32": ("diffin", {"target": "val", "mode": "online", "window": 32, "score_every": 32}),
     "diffin-paper": ("diffin_checkpoints", {}),
     "tracin": ("tracin", {}),
     "tracin-checkpoints": ("tracin_checkpoints", {}),

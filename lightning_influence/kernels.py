@@ -203,12 +203,17 @@ def difference_derivatives(
     *,
     plus: Tensor | None = None,
     minus: Tensor | None = None,
+    base: Tensor | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
     """Per-sample directional derivatives ``<grad l_i(theta), tangent>`` by central differences
     of the per-sample losses, float64 ``[B]``:
 
         (l_i(theta + eps * tangent) - l_i(theta - eps * tangent)) / (2 eps)
+
+    or, when ``plus`` and the losses at ``theta`` itself (``base``) are known and ``minus`` is
+    not, by the forward difference ``(l_i(theta + eps * tangent) - l_i(theta)) / eps`` (no pass
+    at all; truncation ``O(eps)``, as in a forward-difference Hessian product with that ``eps``).
 
     ``plus``/``minus``: the losses at the two points when already known (e.g. from the gradient
     passes of a finite-difference Hessian product along the same vector and step); each missing
@@ -221,6 +226,10 @@ def difference_derivatives(
         params = space.unflatten(torch.add(theta, tangent.to(theta.dtype), alpha=sign * eps))
         return torch.cat([loss_fn(params, chunk) for chunk, _ in batch_chunks(batch, chunk_size)])
 
+    if plus is not None and minus is None and base is not None:
+        if plus.shape != base.shape:
+            raise ValueError(f"per-sample losses of shapes {tuple(plus.shape)} and {tuple(base.shape)} at the two points")
+        return (plus.double() - base.double()) / eps
     with torch.no_grad():
         if plus is None:
             plus = losses_at(1.0)

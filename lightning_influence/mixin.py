@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -10,6 +12,12 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from lightning_influence.scores import InfluenceScores
+
+LossTap = Callable[[Any, Tensor], None]
+"""``(batch, losses) -> None``: told of every ``per_sample_loss(batch)`` result while set."""
+
+_LOSS_TAPS: weakref.WeakKeyDictionary[Any, dict[int, LossTap]] = weakref.WeakKeyDictionary()
+"""module -> {owner id: loss tap} (outside the module: copies of a module do not inherit them)."""
 
 SAMPLE_ID_KEY = "index"
 """Key under which :class:`~lightning_influence.data.IndexedDataset` stores a sample's id in dict items."""
@@ -33,6 +41,12 @@ class InfluenceMixin:
 
     sample_id_key: str = SAMPLE_ID_KEY
     coupled_batch_loss: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("per_sample_loss")
+        if callable(method) and not getattr(method, "_taps_losses", False):
+            cls.per_sample_loss = _tapped(method)  # type: ignore[method-assign]
     """``True`` if a sample's loss depends on the other samples of its batch (in-batch negatives):
     leave-one-out then re-evaluates :meth:`per_sample_loss` on the sub-batch without the sample
     (:meth:`remove_from_batch`) instead of dropping its term from the batch mean."""
@@ -94,6 +108,20 @@ class InfluenceMixin:
 
         return torch.utils._pytree.tree_map(drop, batch)
 
+    def set_loss_tap(self, owner: object, tap: LossTap | None) -> None:
+        """Let ``tap(batch, losses)`` see what every ``per_sample_loss(batch)`` call returns, on
+        behalf of ``owner`` (one tap per owner; ``None``: remove the owner's). ``DiffIn`` sets one
+        for the duration of each training batch to reuse the per-sample losses ``training_step``
+        computes at the step's parameters (saving a forward pass per step); the call itself is
+        unchanged."""
+        taps = _LOSS_TAPS.get(self)
+        if tap is not None:
+            _LOSS_TAPS.setdefault(self, {})[id(owner)] = tap
+        elif taps is not None:
+            taps.pop(id(owner), None)
+            if not taps:
+                del _LOSS_TAPS[self]
+
     @property
     def influence(self) -> InfluenceScores | None:
         """Scores written by the last influence callback run on this module (``None`` before)."""
@@ -102,3 +130,19 @@ class InfluenceMixin:
     @influence.setter
     def influence(self, scores: InfluenceScores | None) -> None:
         object.__setattr__(self, "_influence_scores", scores)
+
+
+def _tapped(method: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``per_sample_loss`` that also hands its result to the module's loss tap, if one is set."""
+
+    @functools.wraps(method)
+    def per_sample_loss(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Tensor:
+        losses = method(self, batch, *args, **kwargs)
+        taps = _LOSS_TAPS.get(self)
+        if taps and not args and not kwargs:
+            for tap in list(taps.values()):
+                tap(batch, losses)
+        return losses
+
+    per_sample_loss._taps_losses = True  # type: ignore[attr-defined]
+    return per_sample_loss

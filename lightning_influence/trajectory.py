@@ -39,7 +39,7 @@ class StepRecord:
     ``accumulate_grad_batches``). ``context`` holds the trainable parameters outside the
     attributed subset, if any. ``global_ids`` (distributed runs only) holds, per micro-batch, the
     ids of the whole global micro-batch: the union of every rank's ``ids`` (a sample that the
-    ``DistributedSampler`` repeated appears as often as it was trained on).
+    ``DistributedSampler`` repeated appears as often as it was trained on). ``losses``: see below.
     """
 
     step: int
@@ -52,6 +52,9 @@ class StepRecord:
     state: dict[str, Tensor] = field(default_factory=dict)
     context: Tensor | None = None
     global_ids: tuple[Tensor, ...] | None = None
+    losses: tuple[Tensor | None, ...] | None = None
+    """Per micro-batch, the per-sample losses ``training_step`` computed at ``theta`` (``None``
+    where they were not seen): the base of forward differences of the losses."""
 
 
 def _to(batch: Any, device: torch.device | str) -> Any:
@@ -81,9 +84,11 @@ class Trajectory:
 
     ``storage="memory"`` keeps records as they are (batches stay on their device);
     ``"disk"`` writes each record to ``spill_dir`` (a temporary folder by default) and reads it
-    back with ``torch.load(weights_only=True)``. ``checkpoint_every=k`` stores parameters only
-    every k steps (and no gradients); the steps in between are recomputed by re-running the
-    update with ``recompute_step`` during the reverse sweep.
+    back with ``torch.load(weights_only=True)``. ``checkpoint_every=k`` stores parameters and
+    optimizer state only every k steps; the steps in between are rebuilt during the reverse sweep
+    by re-running the update with ``recompute_step``. With ``keep_gradients`` every step keeps
+    its gradient (and context), so that re-running a step is the optimizer's update alone; without,
+    only the batches are kept and ``recompute_step`` recomputes the gradient too.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class Trajectory:
         spill_dir: str | Path | None = None,
         checkpoint_every: int = 1,
         device: torch.device | str = "cpu",
+        keep_gradients: bool = False,
     ) -> None:
         if storage not in ("memory", "disk"):
             raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}")
@@ -99,6 +105,7 @@ class Trajectory:
             raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         self.storage = storage
         self.checkpoint_every = checkpoint_every
+        self.keep_gradients = keep_gradients
         self.device = torch.device(device)
         self._records: deque[StepRecord | Path] = deque()
         self.pool: VectorPool | None = None
@@ -126,8 +133,13 @@ class Trajectory:
 
     def append(self, record: StepRecord) -> None:
         if not self.keeps_theta(record.step):
-            self._release(record)
-            record = replace(record, theta=None, grad=None, state={}, context=None)
+            for vector in (record.theta, *record.state.values()):
+                self.release(vector)
+            if self.keep_gradients:
+                record = replace(record, theta=None, state={})
+            else:
+                self.release(record.grad)
+                record = replace(record, theta=None, grad=None, state={}, context=None)
         if self.storage == "memory":
             self._records.append(record)
             return
@@ -232,7 +244,12 @@ def _payload(record: StepRecord) -> dict[str, Any]:
         "state": {k: v.detach().cpu() for k, v in record.state.items()},
         "context": None if record.context is None else record.context.cpu(),
         "global_ids": None if record.global_ids is None else [i.cpu() for i in record.global_ids],
+        "losses": _cpu_losses(record.losses),
     }
+
+
+def _cpu_losses(losses: tuple[Tensor | None, ...] | list[Tensor | None] | None) -> list[Tensor | None] | None:
+    return None if losses is None else [None if x is None else x.detach().cpu() for x in losses]
 
 
 def _from_payload(p: dict[str, Any], device: torch.device) -> StepRecord:
@@ -250,4 +267,5 @@ def _from_payload(p: dict[str, Any], device: torch.device) -> StepRecord:
         state={k: v.to(device) for k, v in p["state"].items()},
         context=dev(p["context"]),
         global_ids=None if p.get("global_ids") is None else tuple(p["global_ids"]),
+        losses=None if p.get("losses") is None else tuple(None if x is None else x.to(device) for x in p["losses"]),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ def _values(cb):
 
 def test_online_with_a_window_covering_the_run_equals_replay(small_digits):
     replay = DiffIn(target="val", target_loader=small_digits.val)
-    online = DiffIn(target="val", mode="online", target_loader=small_digits.val, window=len(small_digits.train))
+    # Every step recorded (online's default rebuilds steps between checkpoints, to within rounding).
+    online = DiffIn(target="val", mode="online", target_loader=small_digits.val, window=len(small_digits.train), checkpoint_every=1)
     _fit(small_digits, replay, online)
     torch.testing.assert_close(_values(online), _values(replay), rtol=0, atol=1e-15)
     assert online.scores.metadata["truncated_sweeps"] == 0
@@ -42,7 +44,16 @@ def test_online_truncated_windows_differ_from_replay_but_agree_in_ranking(small_
     assert torch.corrcoef(torch.stack([_values(online), _values(replay)]))[0, 1] > 0.5
 
 
-@pytest.mark.parametrize("options", [dict(storage="disk"), dict(checkpoint_every=4), dict(storage="disk", checkpoint_every=3)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(storage="disk"),
+        dict(checkpoint_every=4),
+        dict(storage="disk", checkpoint_every=3),
+        dict(checkpoint_every=4, recompute="gradients"),
+        dict(storage="disk", checkpoint_every=3, recompute="gradients"),
+    ],
+)
 def test_trajectory_storage_policies_give_the_replay_scores(small_digits, tmp_path, options):
     reference = DiffIn(target="val", target_loader=small_digits.val)
     other = DiffIn(target="val", mode="replay", target_loader=small_digits.val, spill_dir=tmp_path / "spill", **options)
@@ -52,6 +63,59 @@ def test_trajectory_storage_policies_give_the_replay_scores(small_digits, tmp_pa
     atol = 1e-15 if options.get("checkpoint_every", 1) == 1 else 1e-8
     torch.testing.assert_close(_values(other), _values(reference), rtol=0, atol=atol * _values(reference).abs().max())
     assert not list((tmp_path / "spill").glob("*.pt"))  # spilled records are removed after the sweep
+
+
+class _WithDropout(Classifier):
+    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["dropout", "adam", "subset"],
+)
+def test_checkpoints_rebuilt_from_kept_gradients_give_the_replay_scores(small_digits, case):
+    """recompute="updates" (the default with checkpoint_every > 1) keeps each step's gradient and
+    re-runs only the optimizer between checkpoints: it also works where gradients cannot be
+    recomputed (dropout, a parameter subset) and with a stateful optimizer (Adam: the moments are
+    rebuilt too), in both modes, and gives the scores of the fully recorded run."""
+    torch.manual_seed(0)
+    model = {
+        "dropout": lambda: _WithDropout(lr=0.1),
+        "adam": lambda: Classifier(hidden=(16,), lr=0.01, optimizer="adam"),
+        "subset": lambda: Classifier(hidden=(16,), lr=0.1),
+    }[case]().double()
+    options = dict(target="val", target_loader=small_digits.val, params=["net.2.*"] if case == "subset" else None)
+    callbacks = []
+    for mode in ("replay", "online"):
+        for every in (1, 4):
+            cb = DiffIn(mode=mode, window=8, checkpoint_every=every, **options)
+            cb._generate_state_key = (lambda key: (lambda **kw: key))(f"{mode}-{every}")
+            callbacks.append(cb)
+    peak = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, *args):  # type: ignore[no-untyped-def]
+            records = list(callbacks[1]._trajectory._records)
+            peak.append((sum(r.theta is not None for r in records), sum(r.grad is not None for r in records), len(records)))
+
+    _fit(small_digits, *callbacks, Probe(), model=model)
+    # The step model re-runs an update to within an ulp of torch's (1e-16 relative), which the
+    # forward differences against the recorded gradient and training losses amplify by 1 / eps ~ 1e8
+    # (float64): measured up to 1e-8 (SGD), 5e-5 (Adam, replay) and 1.6e-4 (Adam, online) of the
+    # largest score. In float32 this stays below the finite differences' own error.
+    tolerance = 5e-4 if case == "adam" else 1e-6
+    for full, rebuilt in ((callbacks[0], callbacks[1]), (callbacks[2], callbacks[3])):
+        scale = float(full.scores.values.abs().max())
+        torch.testing.assert_close(rebuilt.scores.values, full.scores.values, rtol=0, atol=tolerance * scale)
+    thetas, grads, steps = peak[-1]
+    assert steps == len(small_digits.train) and thetas == steps // 4 and grads == steps  # parameters every 4 steps only
+    if case == "dropout":
+        with pytest.raises(ValueError, match="recompute='gradients'.*dropout.*use recompute='updates'"):
+            _fit(small_digits, DiffIn(checkpoint_every=4, recompute="gradients", **options), model=_WithDropout(lr=0.1).double())
+    with pytest.raises(ValueError, match="recompute must be"):
+        DiffIn(recompute="parameters")
 
 
 @pytest.mark.parametrize("mode", ["replay", "online"])
@@ -98,6 +162,49 @@ def test_chunked_passes_and_finite_difference_derivatives_give_the_same_scores(s
     assert meta["loss_evaluations"] <= (meta["steps_scored"] + 2 * meta["truncated_sweeps"] + 2) * 2
 
 
+class _DirectLoss(Classifier):
+    """A training_step that computes its loss without calling per_sample_loss."""
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+class _Copying(DiffIn):
+    """Deep-copies the module in the middle of each training batch, as a user callback might."""
+
+    copies: list = []
+
+    def on_after_backward(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        import copy
+
+        self.copies.append(copy.deepcopy(pl_module))
+
+
+def test_training_losses_serve_as_the_base_of_the_loss_differences(small_digits):
+    """The default per-sample derivatives take the losses at theta_t from training_step (through
+    InfluenceMixin's loss tap): no loss pass of their own, the forward-mode scores, and a fallback
+    to a pass at theta - eps v when training_step never calls per_sample_loss."""
+    from lightning_influence.mixin import _LOSS_TAPS
+
+    options = dict(target="val", target_loader=small_digits.val)
+    exact = DiffIn(**options, per_sample="forward_mode")
+    tapped = _Copying(**options)
+    tapped._generate_state_key = lambda **kw: "tapped"
+    model = _fit(small_digits, exact, tapped)
+    steps = len(small_digits.train)
+    assert tapped.scores.metadata["loss_evaluations"] == 2  # only the oldest step, which has no product
+    scale = float(exact.scores.values.abs().max())
+    torch.testing.assert_close(tapped.scores.values, exact.scores.values, rtol=0, atol=1e-6 * scale)
+    assert model not in _LOSS_TAPS  # the taps are gone after fit
+    assert tapped.copies and all(copy not in _LOSS_TAPS for copy in tapped.copies)  # copies never had one
+
+    direct = DiffIn(**options)
+    torch.manual_seed(0)  # the initial weights of _fit's default model
+    _fit(small_digits, direct, model=_DirectLoss(hidden=(16,), lr=0.1).double())
+    assert direct.scores.metadata["loss_evaluations"] == steps + 1  # one pass at theta - eps v per step
+    torch.testing.assert_close(direct.scores.values, exact.scores.values, rtol=0, atol=1e-6 * scale)
+
+
 def test_results_are_exposed_and_saved(small_digits, tmp_path):
     path = tmp_path / "scores.pt"
     cb = DiffIn(target="val", target_loader=small_digits.val, save_path=path)
@@ -110,8 +217,9 @@ def test_results_are_exposed_and_saved(small_digits, tmp_path):
     assert meta["steps_seen"] == meta["steps_scored"] == len(small_digits.train)
     assert meta["per_sample"] == "finite_difference" and meta["forward_mode_passes"] == 0  # per_sample="auto"
     assert meta["hessian_products"] == len(small_digits.train) - 1
-    # One plain forward pass per step: at theta - eps v (theta + eps v came with the product), two at the last step.
-    assert meta["loss_evaluations"] == len(small_digits.train) + 1
+    # No loss pass of its own: theta + eps v came with each step's product and the losses at theta from
+    # training_step; only the oldest step, which needs no product, takes both sides by two passes.
+    assert meta["loss_evaluations"] == 2
     loaded = InfluenceScores.load(path)
     assert torch.equal(loaded.values, cb.scores.values) and torch.equal(loaded.ids, cb.scores.ids)
     harmful, _ = cb.scores.most_harmful(5)
@@ -146,7 +254,7 @@ def test_datamodule_validation_loader_is_the_default_target():
     from lightning_influence.data import DigitsDataModule
 
     dm = DigitsDataModule(batch_size=64, seed=0, dtype="float64")
-    cb = DiffIn(target="val", mode="online", window=4)
+    cb = DiffIn(target="val", mode="online", window=4, score_every=4)
     torch.manual_seed(0)
     model = Classifier(hidden=(8,)).double()
     quiet_trainer(callbacks=[cb], max_steps=12, limit_val_batches=0).fit(model, datamodule=dm)
@@ -306,6 +414,8 @@ def test_constructor_validates_options():
         DiffIn(hessian_every=0)
     with pytest.raises(ValueError, match="multiples of checkpoint_every"):
         DiffIn(mode="online", window=10, checkpoint_every=4)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive"):
+        DiffIn(checkpoint_every=0)
     with pytest.raises(ValueError, match="chunk_size must be None or a positive number of samples, got 0"):
         DiffIn(chunk_size=0)
     with pytest.raises(ValueError, match="per_sample must be"):

@@ -60,6 +60,8 @@ SUPPORTED = (
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "32", "64")
 STATE_FORMAT = 2
 """Version of the callback's checkpoint state (``state_dict``)."""
+ONLINE_CHECKPOINT_EVERY = 8
+"""Online mode's default spacing of stored parameters (rebuilt in between from kept gradients)."""
 VERIFIED_STEPS = 3
 """The first steps of every fit are re-run through the step model and compared with the real update."""
 
@@ -82,12 +84,23 @@ class DiffIn(Callback):
             ``window + score_every`` steps. The end of fit scores the remaining steps exactly.
         target_loader: the loader for ``"query"`` (required) or ``"val"`` (optional).
         target_samples: score against a fixed random subset of this many target samples.
-        window: online mode's minimum propagation length, in optimizer steps.
-        score_every: online mode's block length (default: ``window``). Each block costs
-            ``(window + score_every) / score_every`` Hessian products per step.
+        window: online mode's minimum propagation length, in optimizer steps (default 256).
+        score_every: online mode's block length (default: ``2 * window``). Each block costs
+            ``(window + score_every) / score_every`` Hessian products per step; memory holds
+            ``window + score_every`` recorded steps.
         storage: keep recorded steps in ``"memory"`` or spill them to ``"disk"`` (``spill_dir``).
-        checkpoint_every: store parameters every k steps only and recompute the ones between
-            during the sweep (one extra gradient per step; needs a model without dropout/batch norm).
+        checkpoint_every: store parameters (and optimizer state) every k steps only and rebuild the
+            steps in between during the sweep by re-running the optimizer from the last checkpoint.
+            Default: ``1`` in replay (every step recorded: exact and fastest); in online mode 8
+            (or the largest k <= 8 dividing ``window`` and ``score_every``), which with
+            ``recompute="updates"`` keeps about one parameter-sized vector per step instead of two
+            (four with Adam), so the default window can be long.
+        recompute: how the steps between checkpoints are rebuilt. ``"updates"`` (default) keeps
+            each step's gradient and re-runs only the optimizer's update (parameter-sized vector
+            operations; memory per step: one gradient instead of parameters + gradient (+ Adam's
+            two moments), plus those every k steps). ``"gradients"`` keeps only the batches and
+            recomputes each step's gradient too (one extra gradient pass per step; needs a model
+            without dropout/batch norm, full precision and no parameter subset).
         finite_difference: scheme of the Hessian-vector products. ``"auto"`` uses ``"forward"``
             differences against the gradient recorded in training when the model has no
             dropout/batch-norm layers (one backward pass per product), else ``"central"`` (two);
@@ -98,8 +111,9 @@ class DiffIn(Callback):
             ``"finite_difference"``: central differences of the per-sample losses at
             ``theta +- eps v``; the Hessian product's gradient pass at ``theta + eps v`` already
             computed one side, so a step costs one plain forward pass (about a third of a
-            forward-mode pass on an MLP); the scores match forward mode's to ~1e-6 relative in
-            float64 and reach the same Spearman against retraining (README).
+            forward-mode pass on an MLP); the scores match forward mode's to about 1e-8 (float64)
+            and 1e-4 (float32) relative to their norm and reach the same Spearman against
+            retraining (README).
             ``"forward_mode"``: one forward-mode pass per micro-batch, exact.
             ``"auto"`` (default): finite differences, except forward mode for coupled losses (their
             removal derivatives need it), parameters below float32 (half precision cannot resolve
@@ -170,11 +184,12 @@ class DiffIn(Callback):
         target_loader: Iterable[Any] | None = None,
         target_samples: int | None = None,
         seed: int = 0,
-        window: int = 128,
+        window: int = 256,
         score_every: int | None = None,
         storage: Storage = "memory",
         spill_dir: str | Path | None = None,
-        checkpoint_every: int = 1,
+        checkpoint_every: int | None = None,
+        recompute: Literal["updates", "gradients"] = "updates",
         finite_difference: Literal["auto", "forward", "central"] = "auto",
         fd_rel_step: float | None = None,
         per_sample: PerSampleDerivatives | Literal["auto"] = "auto",
@@ -193,18 +208,29 @@ class DiffIn(Callback):
             raise ValueError(f"window and score_every must be >= 1, got window={window}, score_every={score_every}")
         if finite_difference not in ("auto", "forward", "central"):
             raise ValueError(f"finite_difference must be 'auto', 'forward' or 'central', got {finite_difference!r}")
-        if mode == "online" and checkpoint_every > 1 and (window % checkpoint_every or (score_every or window) % checkpoint_every):
-            raise ValueError("in online mode, window and score_every must be multiples of checkpoint_every")
+        score_every = score_every or 2 * window
+        if checkpoint_every is None:
+            checkpoint_every = math.gcd(window, score_every, ONLINE_CHECKPOINT_EVERY) if mode == "online" else 1
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive number of steps (or None), got {checkpoint_every!r}")
+        if mode == "online" and checkpoint_every > 1 and (window % checkpoint_every or score_every % checkpoint_every):
+            raise ValueError(
+                f"in online mode, window and score_every must be multiples of checkpoint_every, got window={window}, "
+                f"score_every={score_every}, checkpoint_every={checkpoint_every}"
+            )
         self.target: TargetKind = target
         self.mode: Mode = mode
         self.target_loader = target_loader
         self.target_samples = target_samples
         self.seed = seed
         self.window = window
-        self.score_every = score_every or window
+        self.score_every = score_every
         self.storage: Storage = storage
         self.spill_dir = spill_dir
         self.checkpoint_every = checkpoint_every
+        if recompute not in ("updates", "gradients"):
+            raise ValueError(f"recompute must be 'updates' or 'gradients', got {recompute!r}")
+        self.recompute: Literal["updates", "gradients"] = recompute
         self.finite_difference = finite_difference
         self.fd_rel_step = fd_rel_step
         if per_sample not in ("auto", "forward_mode", "finite_difference"):
@@ -253,6 +279,8 @@ class DiffIn(Callback):
         self._context_space: ParameterSpace | None = None
         self._model: StepModel | None = None
         self._micro_batches: list[tuple[Any, Tensor]] = []
+        self._capture_losses = False  # reuse training_step's per-sample losses (set in on_fit_start)
+        self._micro_losses: dict[int, Tensor] = {}  # micro-batch position -> its per-sample losses at theta_t
         self._unverified: StepRecord | None = None
         self._loss_check: Tensor | None = None
         self._loss_checked = False
@@ -320,7 +348,7 @@ class DiffIn(Callback):
                 f"{type(pl_module).__name__} overrides configure_gradient_clipping, which DiffIn cannot model; use the "
                 f"Trainer's gradient_clip_val / gradient_clip_algorithm instead ({SUPPORTED})"
             )
-        if self.checkpoint_every > 1:
+        if self.checkpoint_every > 1 and self.recompute == "gradients":
             why = None
             if has_mode_dependent_layers(pl_module):
                 why = "a model with dropout or batch norm"
@@ -330,8 +358,8 @@ class DiffIn(Callback):
                 why = f"precision={precision!r} (the training gradients came from autocast)"
             if why:
                 raise ValueError(
-                    f"checkpoint_every > 1 recomputes the training steps exactly, which is not possible with {why}; "
-                    "use storage='disk' instead"
+                    f"checkpoint_every > 1 with recompute='gradients' recomputes the training gradients exactly, which is "
+                    f"not possible with {why}; use recompute='updates' (keeps each step's gradient) or storage='disk'"
                 )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -373,6 +401,12 @@ class DiffIn(Callback):
             self._rel_step = max(KINKED_REL_STEP, default_rel_step(self._space.dtype, scheme))
         self._reuse_gradient = reuse
         self._per_sample = self._resolve_per_sample()
+        # Forward differences of the losses need the losses at theta_t: training_step computes them
+        # (through InfluenceMixin's loss tap) when training's network is the sweep's (``reuse``).
+        self._capture_losses = (
+            self._per_sample == "finite_difference" and reuse and not self._coupled and isinstance(pl_module, InfluenceMixin)
+        )
+        self._micro_losses = {}
         if not self._restored:
             # A new fit scores a new run: earlier results refer to another final model.
             self._accumulator = ScoreAccumulator(capacity=dataset_length(trainer) or 0)
@@ -410,7 +444,13 @@ class DiffIn(Callback):
             per_sample=self._per_sample,
             chunk_size=self.chunk_size,
         )
-        self._trajectory = Trajectory(self.storage, self.spill_dir, self.checkpoint_every, device=self._space.device)
+        self._trajectory = Trajectory(
+            self.storage,
+            self.spill_dir,
+            self.checkpoint_every,
+            device=self._space.device,
+            keep_gradients=self.checkpoint_every > 1 and self.recompute == "updates",
+        )
         self._trajectory.restore(restored_records)
 
     def _resolve_per_sample(self) -> PerSampleDerivatives:
@@ -501,12 +541,21 @@ class DiffIn(Callback):
         if self._target_checks_pending:
             self._target_checks_pending = False
             check_target_data(self, trainer)
+        if self._capture_losses:
+            position, size = len(self._micro_batches) - 1, ids.numel()
+
+            def tap(seen: Any, losses: Any) -> None:
+                if seen is batch and isinstance(losses, Tensor) and losses.shape == (size,) and losses.is_floating_point():
+                    self._micro_losses[position] = losses.detach()
+
+            pl_module.set_loss_tap(self, tap)  # type: ignore[attr-defined]
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not self._micro_batches:
             return
         start = time.perf_counter()
         micro, self._micro_batches = self._micro_batches, []
+        captured, self._micro_losses = self._micro_losses, {}
         space, model = self._space, self._model
         assert space is not None and model is not None and self._trajectory is not None and self._accumulator is not None
         trajectory = self._trajectory
@@ -543,8 +592,14 @@ class DiffIn(Callback):
         clips_norm = model.clip_val is not None and model.clip_algorithm == "norm"
         rest = float(sum(g.double().square().sum() for g in context_grads)) if clips_norm and context_grads else 0.0
         hyper, state = model.capture(rest_norm_sq=rest)
-        keep = trajectory.keeps_theta(self.steps_seen)  # between checkpoints only the batches are kept
-        needs_grad = self._reuse_gradient or not model.is_stateless_sgd or self._verified_steps < VERIFIED_STEPS
+        keep = trajectory.keeps_theta(self.steps_seen)  # between checkpoints: the batches (and gradients, recompute="updates")
+        needs_grad = (
+            self._reuse_gradient
+            or not model.is_stateless_sgd
+            or self._verified_steps < VERIFIED_STEPS
+            or trajectory.keep_gradients  # the steps between checkpoints are rebuilt from their gradients
+        )
+        keep_grad = needs_grad and (keep or trajectory.keep_gradients)
         record = StepRecord(
             step=self.steps_seen,
             batches=tuple(b for b, _ in micro),
@@ -552,15 +607,16 @@ class DiffIn(Callback):
             normalizer=int(trainer.accumulate_grad_batches),
             hyper=hyper,
             theta=trajectory.flat_copy(self._params) if keep else None,
-            grad=trajectory.flat_copy(grads) if keep and needs_grad else None,
+            grad=trajectory.flat_copy(grads) if keep_grad else None,
             state={
                 name: trajectory.flat_copy([v if v is not None else torch.zeros_like(p) for v, p in zip(values, self._params)])
                 for name, values in state.items()
             }
             if keep
             else {},
-            context=torch.cat([p.detach().reshape(-1) for p in self._context]) if self._context else None,
+            context=torch.cat([p.detach().reshape(-1) for p in self._context]) if self._context and (keep or trajectory.keep_gradients) else None,
             global_ids=global_ids,
+            losses=tuple(captured.get(k) for k in range(len(micro))) if captured else None,
         )
         for _, ids in micro:
             self._accumulator.mark_seen(ids)
@@ -598,6 +654,8 @@ class DiffIn(Callback):
         return True, union
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._capture_losses:
+            pl_module.set_loss_tap(self, None)  # type: ignore[attr-defined]
         if not self._loss_checked and self._loss_check is not None:
             self._compare_training_loss(outputs, trainer.accumulate_grad_batches)
         if self._unverified is not None:
@@ -654,7 +712,13 @@ class DiffIn(Callback):
                 f"on_before_optimizer_step or a custom optimizer_step); {SUPPORTED}"
             )
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(pl_module, InfluenceMixin):
+            pl_module.set_loss_tap(self, None)  # a fit that stopped mid-batch leaves no tap behind
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if isinstance(pl_module, InfluenceMixin):
+            pl_module.set_loss_tap(self, None)
         if self._trajectory is None:
             return
         start = time.perf_counter()
@@ -710,11 +774,14 @@ class DiffIn(Callback):
         self.steps_scored += num_scored
 
     def _recompute_step(self, record: StepRecord) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Re-run one optimizer step from ``record.theta`` and ``record.state``."""
+        """Re-run one optimizer step from ``record.theta`` and ``record.state``: the update alone
+        when the record kept its gradient (``recompute="updates"``), else the gradient too."""
         assert self._space is not None and self._model is not None and record.theta is not None
-        _, grad = step_losses_and_gradient(
-            self._loss_fn, self._space, record.theta, record.batches, record.normalizer, self._collective, self.chunk_size
-        )
+        grad = record.grad
+        if grad is None:
+            _, grad = step_losses_and_gradient(
+                self._loss_fn, self._space, record.theta, record.batches, record.normalizer, self._collective, self.chunk_size
+            )
         with torch.no_grad():
             theta, state = self._model.update(record.theta, record.state, grad, record.hyper)
         return grad, theta, state
@@ -744,6 +811,8 @@ class DiffIn(Callback):
             "target_samples": self.target_samples,
             "window": self.window if self.mode == "online" else None,
             "score_every": self.score_every if self.mode == "online" else None,
+            "checkpoint_every": self.checkpoint_every,
+            "recompute": self.recompute if self.checkpoint_every > 1 else None,
             "steps_seen": self.steps_seen,
             "steps_scored": self.steps_scored,
             "truncated_sweeps": self.truncated_sweeps,
@@ -797,7 +866,7 @@ class DiffIn(Callback):
         if collective.distributed:
             # Lightning saves rank zero's callback state only: it carries every rank's shards of the recorded
             # steps (the parameters and optimizer state are the same on every rank) and the sums over ranks.
-            shards = [{"batches": r["batches"], "ids": r["ids"]} for r in records]
+            shards = [{"batches": r["batches"], "ids": r["ids"], "losses": r.get("losses")} for r in records]
             state["world_size"] = collective.world_size
             state["rank_records"] = collective.gather_objects(shards)
         return state
@@ -842,7 +911,10 @@ class DiffIn(Callback):
             self._accumulator.seen.zero_()
         mine = self._restored_rank_records[rank]
         self._restored_rank_records = None
-        return [{**record, "batches": shard["batches"], "ids": shard["ids"]} for record, shard in zip(records, mine, strict=True)]
+        return [
+            {**record, "batches": shard["batches"], "ids": shard["ids"], "losses": shard.get("losses")}
+            for record, shard in zip(records, mine, strict=True)
+        ]
 
 
 def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:

@@ -371,10 +371,13 @@ class DiffInSweep:
         out = []
         for k, batch in enumerate(record.batches):
             plus, minus = shifted.plus[k], shifted.minus[k]
-            self.loss_evaluations += (plus is None) + (minus is None)
+            # The losses training_step computed at theta_t: with the product's side, a forward difference.
+            base = record.losses[k] if record.losses is not None and plus is not None and minus is None else None
+            self.loss_evaluations += (plus is None) + (minus is None and base is None)
             out.append(
                 difference_derivatives(
-                    loss_fn, self.space, record.theta, batch, tangent, shifted.eps, plus=plus, minus=minus, chunk_size=self.chunk_size
+                    loss_fn, self.space, record.theta, batch, tangent, shifted.eps, plus=plus, minus=minus, base=base,
+                    chunk_size=self.chunk_size,
                 )
             )
         return out
