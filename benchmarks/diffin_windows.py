@@ -10,7 +10,7 @@ Prints a Markdown table of Spearman (and Pearson) correlations, for exact propag
 takes online windows as `W` or `W:S` (`score_every=S`); `--json PATH` also writes the numbers.
 
     OMP_NUM_THREADS=1 python benchmarks/diffin_windows.py       # 256 and 512 steps, ~2 minutes
-    OMP_NUM_THREADS=1 python benchmarks/diffin_windows.py --models cnn-relu cnn-gelu --epochs 12 --lr 0.1 0.03 --windows 128 --hessian-every 2
+    OMP_NUM_THREADS=1 python benchmarks/diffin_windows.py --models cnn-relu cnn-gelu --epochs 12 --lr 0.1 0.03 --windows 128:128 --hessian-every 2
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def measure(
     # (mode, (window, score_every), hessian_every, per_sample)
     configs = [("replay", None, 1, "auto"), ("replay", None, 1, "forward_mode")]
     configs += [("replay", None, k, "auto") for k in strides] + [("online", w, 1, "auto") for w in windows]
-    configs += [("online", (128, None), k, "auto") for k in strides if (128, None) in windows]
+    configs += [("online", (128, 128), k, "auto") for k in strides if (128, 128) in windows]
     callbacks = []
     for mode, w, k, per_sample in configs:
         options = {"window": w[0], "score_every": w[1]} if w else {}
@@ -92,7 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, nargs="+", default=[8, 16])
     parser.add_argument(
-        "--windows", type=window_option, nargs="+", default=[(32, None), (64, None), (128, None)], help="online windows: W, or W:S for score_every=S"
+        "--windows", type=window_option, nargs="+", default=[(32, 32), (64, 64), (128, 128)],
+        help="online windows: W:S (window W, score_every S), or W for the default score_every (2 W)",
     )
     parser.add_argument("--hessian-every", type=int, nargs="+", default=[2, 4, 8], dest="strides")
     parser.add_argument("--samples", type=int, default=150)

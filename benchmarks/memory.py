@@ -9,7 +9,8 @@ allocator state do not mix.
 
 Configurations (``--configs``):
   baseline       plain training, no DiffIn
-  online         DiffIn(mode="online", window=64): at most window + score_every recorded steps
+  online         DiffIn(mode="online", window=64, score_every=64, checkpoint_every=1): at most
+                 window + score_every recorded steps
                  in memory, so RSS must stop growing after the first window
   replay-disk    DiffIn(mode="replay", storage="disk"): every step is spilled to disk, RSS must
                  stay flat while the trajectory on disk grows linearly
@@ -254,7 +255,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if options is not None:
         options = dict(options)
         if options["mode"] == "online":
-            options["window"] = args.window
+            # Blocks of one window, every step recorded: the bound documented with these tables.
+            options.update(window=args.window, score_every=args.window, checkpoint_every=1)
         if options.get("storage") == "disk":
             root = args.spill_root or tempfile.gettempdir()
             need = steps * record_bytes * 1.2
