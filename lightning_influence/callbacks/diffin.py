@@ -108,12 +108,14 @@ class DiffIn(Callback):
         fd_rel_step: relative finite-difference step (default: from the parameters' dtype; at
             least 1e-3 for networks with kinks, whose gradient jumps across them).
         per_sample: how each step's per-sample directional derivatives ``<grad l_i, v>`` are taken.
-            ``"finite_difference"``: central differences of the per-sample losses at
-            ``theta +- eps v``; the Hessian product's gradient pass at ``theta + eps v`` already
-            computed one side, so a step costs one plain forward pass (about a third of a
-            forward-mode pass on an MLP); the scores match forward mode's to about 1e-8 (float64)
-            and 1e-4 (float32) relative to their norm and reach the same Spearman against
-            retraining (README).
+            ``"finite_difference"``: differences of the per-sample losses along ``v``. The Hessian
+            product's gradient pass at ``theta + eps v`` computes one side; the other is the
+            losses ``training_step`` computed at ``theta`` (through ``InfluenceMixin``'s loss tap,
+            when training runs the same network: no dropout/batch norm, no autocast), else a
+            plain forward pass at ``theta - eps v`` (central differences; about a third of a
+            forward-mode pass on an MLP). The scores match forward mode's to about 2e-8
+            (float64) and 4e-4 (float32) relative to their norm and reach the same Spearman
+            against retraining (README).
             ``"forward_mode"``: one forward-mode pass per micro-batch, exact.
             ``"auto"`` (default): finite differences, except forward mode for coupled losses (their
             removal derivatives need it), parameters below float32 (half precision cannot resolve

@@ -19,10 +19,10 @@ with adjoints swept from ``lambda^theta_T = grad F(theta_T)``, ``lambda^s_T = 0`
 one forward-mode pass per micro-batch for ``s_i = <grad l_i(theta_t), -a^G_t>``, then
 ``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b - 1))`` (``s_z / n`` for a micro-batch of one,
 which the removal empties), and one Hessian product. With ``per_sample="finite_difference"`` the
-``s_i`` are central differences of the per-sample losses at ``theta_t +- eps a^G_t`` instead:
-the Hessian product ``H_t a^G_t`` evaluates the gradient (and with it the losses) at
-``theta_t + eps a^G_t`` anyway, so a step costs one plain forward pass more instead of a
-forward-mode pass. For plain SGD ``a^G = -Lambda_t lambda``
+``s_i`` are differences of the per-sample losses along ``a^G_t`` instead: the Hessian product
+``H_t a^G_t`` evaluates the gradient (and with it the losses) at ``theta_t + eps a^G_t`` anyway,
+and the other side is either the losses training computed at ``theta_t`` (``record.losses``: a
+forward difference, no pass) or one plain forward pass at ``theta_t - eps a^G_t`` (central). For plain SGD ``a^G = -Lambda_t lambda``
 and this is ``u_t = u_{t+1} - H_t Lambda_t u_{t+1}`` of the notes.
 
 Units and sign: target-loss change when the sample is removed (positive helps).
