@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -41,15 +42,16 @@ class InfluenceMixin:
 
     sample_id_key: str = SAMPLE_ID_KEY
     coupled_batch_loss: bool = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        method = cls.__dict__.get("per_sample_loss")
-        if callable(method) and not getattr(method, "_taps_losses", False):
-            cls.per_sample_loss = _tapped(method)  # type: ignore[method-assign]
     """``True`` if a sample's loss depends on the other samples of its batch (in-batch negatives):
     leave-one-out then re-evaluates :meth:`per_sample_loss` on the sub-batch without the sample
     (:meth:`remove_from_batch`) instead of dropping its term from the batch mean."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each subclass's own per_sample_loss hands its results to the module's loss taps (set_loss_tap).
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("per_sample_loss")
+        if isinstance(method, types.FunctionType) and not getattr(method, "_taps_losses", False):
+            cls.per_sample_loss = _tapped(method)  # type: ignore[method-assign]
 
     def per_sample_loss(self, batch: Any) -> Tensor:
         """Unreduced loss of each sample in ``batch``: a floating ``Tensor[B]``."""
