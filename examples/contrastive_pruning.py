@@ -10,7 +10,7 @@ zero, one epoch). Each pair's loss depends on the other pairs of its batch, so t
 validation pairs. Score = predicted change of that loss (nats) when the pair is removed from
 training: positive helps, negative hurts.
 
-    python examples/contrastive_pruning.py             # 1M pairs: 11 min wall, 1.0 GB peak RSS, one CPU core
+    python examples/contrastive_pruning.py             # 1M pairs: 9.5 min wall, 1.25 GB peak RSS, one CPU core
     python examples/contrastive_pruning.py --quick     # 50k pairs, about 40 s
     python examples/contrastive_pruning.py --pairs 200000 --keep 0.6
 
@@ -41,10 +41,10 @@ batch size, learning-rate schedule over the subset's steps, data order seed) on 
 same size; the script prints the top-1 retrieval accuracy (a -> b among 1000 test pairs) of each:
 the rule, the raw top scores, the best-aligned pairs, and random subsets (three seeds).
 
-Measured (1M pairs, defaults, one scoring run; 664 s wall, 501 s fit of which 443 s in the
-callback, 28 ms per step of 64 pairs, 1.03 GB peak RSS): mismatch ROC-AUC 0.530 per pair (raw),
-0.531 (standardised per step); retraining on the kept half, retrieval@1 0.503 with the rule
-(6.2% mismatched kept), 0.424 with the raw top scores, 0.440 with the best-aligned pairs, and
+Measured (1M pairs, defaults, one scoring run; 560 s wall, 416 s fit of which 371 s in the
+callback, 24 ms per step of 64 pairs, 1.25 GB peak RSS): mismatch ROC-AUC 0.527 per pair (raw),
+0.528 (standardised per step); retraining on the kept half, retrieval@1 0.502 with the rule
+(6.2% mismatched kept), 0.421 with the raw top scores, 0.440 with the best-aligned pairs, and
 0.465 +- 0.005 for three random halves (20% mismatched kept); the full data gives 0.464.
 """
 
