@@ -172,7 +172,9 @@ class _DirectLoss(Classifier):
 class _Copying(DiffIn):
     """Deep-copies the module in the middle of each training batch, as a user callback might."""
 
-    copies: list = []
+    def __init__(self, **options):  # type: ignore[no-untyped-def]
+        super().__init__(**options)
+        self.copies: list = []
 
     def on_after_backward(self, trainer, pl_module):  # type: ignore[no-untyped-def]
         import copy
