@@ -25,6 +25,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/overhead.py [--quick] [--repeats N] [--json PATH]
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --profile synth:replay   # cProfile one fit
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --optimizer adamw        # train with AdamW (or momentum)
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --configs online --min-steps 2048   # online in steady state
 
 Prints a Markdown table on stdout. Numbers are ratios from one run on whatever machine runs it.
 """
@@ -211,10 +212,12 @@ def synthetic_workload(quick: bool) -> Workload:
 
 # --------------------------------------------------------------------------- callback with memory probe
 class MeasuredDiffIn(DiffIn):
-    """DiffIn that also records the peak size of its recorded trajectory (outside ``seconds``)."""
+    """DiffIn that also records the peak size of its recorded trajectory (outside ``seconds``):
+    the bytes of every tensor its records hold, counted whenever the window is at its fullest."""
 
     peak_steps = 0
-    record_bytes = 0
+    peak_bytes = 0
+    probe_seconds = 0.0  # taken off the fit's time (wall and CPU) by fit()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -222,20 +225,24 @@ class MeasuredDiffIn(DiffIn):
         if trajectory is None:
             return
         n = len(trajectory)
-        if n and not self.record_bytes:
-            self.record_bytes = _record_bytes(trajectory._records[-1])
+        if n and n >= self.peak_steps:
+            start = time.perf_counter()
+            self.peak_bytes = max(self.peak_bytes, _trajectory_bytes(trajectory._records))
+            self.probe_seconds += time.perf_counter() - start
         self.peak_steps = max(self.peak_steps, n)
 
 
-def _record_bytes(record: Any) -> int:
+def _trajectory_bytes(records: Any) -> int:
     seen: set[int] = set()
     total = 0
-    for t in torch.utils._pytree.tree_leaves((record.batches, record.ids, record.hyper, record.theta, record.grad, record.state, record.context)):
-        if isinstance(t, torch.Tensor):
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
+    for record in records:
+        leaves = (record.batches, record.ids, record.hyper, record.theta, record.grad, record.state, record.context)
+        for t in torch.utils._pytree.tree_leaves(leaves):
+            if isinstance(t, torch.Tensor):
+                key = t.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
     return total
 
 
@@ -267,7 +274,7 @@ def config_label(config: str, workload: Workload) -> str:
 
 # --------------------------------------------------------------------------- fits
 def fit(workload: Workload, callback: DiffIn | None) -> tuple[float, float]:
-    """One ``Trainer.fit``: (wall seconds, process CPU seconds)."""
+    """One ``Trainer.fit``: (wall seconds, process CPU seconds), without the memory probe's time."""
     model = workload.new_model()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -284,7 +291,8 @@ def fit(workload: Workload, callback: DiffIn | None) -> tuple[float, float]:
     cpu = time.process_time()
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=loader)
-    return time.perf_counter() - start, time.process_time() - cpu
+    probe = callback.probe_seconds if isinstance(callback, MeasuredDiffIn) else 0.0
+    return time.perf_counter() - start - probe, time.process_time() - cpu - probe
 
 
 def measure(workload: Workload, config: str, repeats: int) -> dict[str, Any]:
@@ -341,8 +349,7 @@ def measure(workload: Workload, config: str, repeats: int) -> dict[str, Any]:
         "window": meta.get("window"),
         "score_every": meta.get("score_every"),
         "peak_trajectory_steps": last.peak_steps,
-        "trajectory_bytes_per_step": last.record_bytes,
-        "peak_trajectory_bytes": last.peak_steps * last.record_bytes,
+        "peak_trajectory_bytes": last.peak_bytes,
         "samples_scored": len(last.scores),
     }
 
@@ -415,6 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", metavar="WORKLOAD:CONFIG", help="instead: cProfile one callback fit, e.g. synth:replay"
     )
+    parser.add_argument(
+        "--min-steps",
+        type=int,
+        default=None,
+        help="train every workload for enough epochs to run at least this many steps (e.g. 2048: online mode "
+        "in its steady state, where the default window no longer covers the run)",
+    )
     parser.add_argument("--optimizer", default="sgd", choices=sorted(OPTIMIZERS), help="the optimizer every fit trains with")
     parser.add_argument("--top", type=int, default=30, help="rows of the profile to print")
     parser.add_argument("--profile-out", metavar="PATH", help="with --profile: also dump the raw cProfile stats there")
@@ -446,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     workloads = {n: makers[n](args.quick) for n in names}
     for w in workloads.values():
         w.optimizer = args.optimizer
+        if args.min_steps:
+            per_epoch = w.steps // w.epochs
+            w.epochs = max(w.epochs, -(-args.min_steps // per_epoch))
     # Warm-up: one plain and one callback fit on the smallest workload (imports, lazy init, autograd paths).
     warm = workloads[names[0]]
     fit(warm, None)
@@ -489,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} thread(s), total {elapsed:.0f}s"
     )
     print(
-        "- peak trajectory: most recorded steps held at once x bytes of one record "
-        "(parameters + recorded gradient + batch)"
+        "- peak trajectory: most recorded steps held at once, and the bytes of every tensor their records hold "
+        "(parameters, gradients, optimizer state, batches) when the window is fullest"
     )
 
     if args.json:

@@ -215,6 +215,17 @@ class Trajectory:
                 # linearisation of a stateful optimizer reads it).
                 newest.grad = recompute_step(newest)[0]
             yield from reversed(segment)
+            # What was rebuilt is dropped again once the sweep has passed it: an online window outlives
+            # its sweep, and would otherwise keep a parameter vector per step until the next one.
+            for record in segment:
+                if not self.keeps_theta(record.step):
+                    rebuilt = [record.theta, *record.state.values()]
+                    if not self.keep_gradients:
+                        rebuilt.append(record.grad)
+                        record.grad = None
+                    record.theta, record.state = None, {}
+                    for vector in rebuilt:
+                        self.release(vector)
             end = start
 
     def _load_meta_theta_missing(self, item: StepRecord | Path) -> bool:

@@ -93,12 +93,15 @@ def test_checkpoints_rebuilt_from_kept_gradients_give_the_replay_scores(small_di
             cb = DiffIn(mode=mode, window=8, checkpoint_every=every, **options)
             cb._generate_state_key = (lambda key: (lambda **kw: key))(f"{mode}-{every}")
             callbacks.append(cb)
-    peak = []
+    peak, online_rebuilt = [], []
 
     class Probe(L.Callback):
         def on_train_batch_end(self, *args):  # type: ignore[no-untyped-def]
             records = list(callbacks[1]._trajectory._records)
             peak.append((sum(r.theta is not None for r in records), sum(r.grad is not None for r in records), len(records)))
+            # After each online sweep, the window it re-swept keeps no rebuilt parameters.
+            online = list(callbacks[3]._trajectory._records)
+            online_rebuilt.append(sum(r.theta is not None and r.step % 4 != 0 for r in online))
 
     _fit(small_digits, *callbacks, Probe(), model=model)
     # The step model re-runs an update to within an ulp of torch's (1e-16 relative), which the
@@ -111,6 +114,7 @@ def test_checkpoints_rebuilt_from_kept_gradients_give_the_replay_scores(small_di
         torch.testing.assert_close(rebuilt.scores.values, full.scores.values, rtol=0, atol=tolerance * scale)
     thetas, grads, steps = peak[-1]
     assert steps == len(small_digits.train) and thetas == steps // 4 and grads == steps  # parameters every 4 steps only
+    assert callbacks[3].truncated_sweeps >= 2 and not any(online_rebuilt)
     if case == "dropout":
         with pytest.raises(ValueError, match="recompute='gradients'.*dropout.*use recompute='updates'"):
             _fit(small_digits, DiffIn(checkpoint_every=4, recompute="gradients", **options), model=_WithDropout(lr=0.1).double())
