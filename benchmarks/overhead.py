@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--profile takes WORKLOAD:CONFIG with WORKLOAD in {sorted(makers)} and CONFIG in {CONFIGS}")
         workload = makers[name](args.quick)
         workload.optimizer = args.optimizer
+        if args.min_steps:
+            workload.epochs = max(workload.epochs, -(-args.min_steps // (workload.steps // workload.epochs)))
         profile_one(workload, config, args.top, args.profile_out)
         return 0
 

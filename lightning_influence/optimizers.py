@@ -213,9 +213,12 @@ class StepModel:
         coef = torch.clamp(self.clip_val / (norm + 1e-6), max=1.0)
         return grad * coef
 
-    def update(self, theta: Tensor, state: Mapping[str, Tensor], grad: Tensor, hyper: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def update(
+        self, theta: Tensor, state: Mapping[str, Tensor], grad: Tensor, hyper: Tensor, out: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """One step: ``(theta_next, state_next)`` from flat ``theta``, ``state`` and raw gradient
-        ``grad`` (all one dtype), differentiable in all three."""
+        ``grad`` (all one dtype), differentiable in all three. ``out``: a buffer that stateless SGD
+        writes ``theta_next`` into (no autograd through it; other updates allocate)."""
         h = self.expand(hyper, theta.dtype, theta.device)
         g = self.clip(grad, h)
         if not _is(h["sign"], 1.0):
@@ -223,6 +226,8 @@ class StepModel:
         if self.family is _SGD:
             d = g if _is(h["weight_decay"], 0.0) else g + h["weight_decay"] * theta
             if not self.state_names:
+                if out is not None:  # theta + (-(lr * d)): the same rounding as theta - lr * d
+                    return torch.mul(d, h["lr"], out=out).neg_().add_(theta), {}
                 return theta - h["lr"] * d, {}
             buf = h["momentum"] * state["momentum_buffer"] + (1.0 - h["dampening"]) * d
             step = _where(h["nesterov"] > 0, d + h["momentum"] * buf, buf)

@@ -65,18 +65,26 @@ class VectorPool:
     """Flat vectors of one size and dtype, reused once released: after the first window, recording
     a step writes into memory that is already mapped instead of faulting in a fresh allocation,
     which dominates the recording cost of large models. Each vector is its own allocation (not a
-    view into a larger block: forward-mode AD would then allocate tangents of the block's size)."""
+    view into a larger block: forward-mode AD would then allocate tangents of the block's size).
+
+    Only vectors the pool lent out come back into it: the pool never holds more than the most
+    vectors in use at once, however many other vectors pass through :meth:`give`."""
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.size, self.dtype, self.device = size, dtype, torch.device(device)
         self._free: list[Tensor] = []
+        self._lent: set[int] = set()  # data pointers of the vectors out on loan
 
     def take(self) -> Tensor:
-        return self._free.pop() if self._free else torch.empty(self.size, dtype=self.dtype, device=self.device)
+        vector = self._free.pop() if self._free else torch.empty(self.size, dtype=self.dtype, device=self.device)
+        self._lent.add(vector.data_ptr())
+        return vector
 
     def give(self, vector: Tensor | None) -> None:
-        if vector is not None and vector.shape == (self.size,) and vector.dtype == self.dtype and vector._base is None:
-            self._free.append(vector)
+        if vector is None or vector._base is not None or vector.data_ptr() not in self._lent:
+            return
+        self._lent.discard(vector.data_ptr())
+        self._free.append(vector)
 
 
 class Trajectory:

@@ -437,6 +437,30 @@ def test_a_second_fit_scores_the_new_run_only(small_digits):
     assert cb.scores.metadata["steps_seen"] == len(small_digits.train)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_online_memory_stays_bounded_over_many_sweeps(optimizer):
+    """The compact online trajectory recycles what it records and rebuilds: over 16 sweeps the
+    pooled free vectors and the records' parameter vectors stay within one window's worth."""
+    problem = digits_problem(n=256, batch_size=16, epochs=8)  # 128 steps
+    cb = DiffIn(target="val", target_loader=problem.val, mode="online", window=8, score_every=8, checkpoint_every=4)
+    held = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, *args):  # type: ignore[no-untyped-def]
+            trajectory = cb._trajectory
+            records = list(trajectory._records)
+            pooled = len(trajectory.pool._free) if trajectory.pool is not None else 0
+            held.append((pooled, sum(r.theta is not None for r in records)))
+
+    torch.manual_seed(0)
+    model = Classifier(hidden=(8,), lr=0.01 if optimizer == "adam" else 0.1, optimizer=optimizer).double()
+    quiet_trainer(callbacks=[cb, Probe()]).fit(model, train_dataloaders=problem.train)
+    assert cb.truncated_sweeps >= 14
+    window = cb.window + cb.score_every
+    assert max(p for p, _ in held) <= 2 * window  # grew by ~7 vectors per sweep before
+    assert max(t for _, t in held) <= window // 4 + 1
+
+
 def test_recorded_trajectory_memory_is_freed_after_fit(small_digits):
     import gc
     import weakref

@@ -784,8 +784,10 @@ class DiffIn(Callback):
             _, grad = step_losses_and_gradient(
                 self._loss_fn, self._space, record.theta, record.batches, record.normalizer, self._collective, self.chunk_size
             )
-        with torch.no_grad():
-            theta, state = self._model.update(record.theta, record.state, grad, record.hyper)
+        pool = self._trajectory.pool if self._trajectory is not None else None
+        reuse = pool is not None and self._model.is_stateless_sgd and pool.size == record.theta.numel() and pool.dtype == record.theta.dtype
+        with torch.no_grad():  # stateless SGD rebuilds into a pooled vector, given back once the sweep passed it
+            theta, state = self._model.update(record.theta, record.state, grad, record.hyper, out=pool.take() if reuse else None)  # type: ignore[union-attr]
         return grad, theta, state
 
     def _compare_training_loss(self, outputs: Any, accumulate: int) -> None:
