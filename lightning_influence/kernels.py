@@ -310,10 +310,18 @@ def hessian_vector_product(
     return difference.mul_(scale)
 
 
-def all_finite(tensor: Tensor) -> bool:
-    """True if every entry is finite. Checks the sum first (one reduction, no mask): NaN and
-    infinity propagate into it; only an overflowing sum of finite values needs the full check."""
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+def all_finite(tensors: Tensor | Sequence[Tensor]) -> bool:
+    """True if every entry of a tensor (or of several, e.g. a model's gradients) is finite. Checks
+    the sum first (one reduction per tensor, no mask, one host-device synchronisation for them
+    all): NaN and infinity propagate into it; only an overflowing sum of finite values needs the
+    full check."""
+    if isinstance(tensors, Tensor):
+        return bool(torch.isfinite(tensors.sum())) or bool(torch.isfinite(tensors).all())
+    parts = list(tensors)
+    if not parts:
+        return True
+    total = torch.stack([t.sum(dtype=torch.float32) for t in parts]).sum()
+    return bool(torch.isfinite(total)) or all(bool(torch.isfinite(t).all()) for t in parts)
 
 
 _KINKED_LAYERS: tuple[type[nn.Module], ...] = (
@@ -332,8 +340,10 @@ _KINKED_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.pooling._AdaptiveMaxPoolNd,
 )
 
-KINKED_REL_STEP = 1e-3
-"""Default relative finite-difference step for networks with kinks (see :func:`has_kinked_layers`)."""
+KINKED_REL_STEP = 5e-3
+"""Default relative finite-difference step for networks with kinks (see :func:`has_kinked_layers`):
+about the cube root of float32's machine epsilon, so float64 runs average the curvature over the
+same width as float32 ones (``benchmarks/kinked_steps.py`` compares steps against retraining)."""
 
 
 def has_kinked_layers(module: nn.Module) -> bool:

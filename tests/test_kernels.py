@@ -8,6 +8,7 @@ from torch import nn
 
 from lightning_influence.kernels import (
     ParameterSpace,
+    all_finite,
     batch_chunks,
     batch_gradient,
     difference_derivatives,
@@ -212,3 +213,15 @@ def test_recorded_vectors_are_standalone_allocations():
     traj.release(a)
     b = traj.flat_copy([2 * p for p in params])
     assert b.data_ptr() == a.data_ptr()  # released memory is reused
+
+
+def test_all_finite_over_one_or_several_tensors():
+    big = torch.full((4,), 3e38, dtype=torch.float32)  # finite, but its sum overflows: the full check decides
+    half = torch.full((8,), 6e4, dtype=torch.float16)
+    assert all_finite(big) and all_finite([big, big, half]) and all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = torch.ones(5, dtype=torch.float64)
+        broken[3] = bad
+        assert not all_finite(broken)
+        assert not all_finite([big, broken, half])
+        assert not all_finite([torch.ones(3), broken.half()])

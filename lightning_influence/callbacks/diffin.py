@@ -106,7 +106,8 @@ class DiffIn(Callback):
             dropout/batch-norm layers (one backward pass per product), else ``"central"`` (two);
             also ``"central"`` for networks with kinks (ReLU-like activations, max pooling).
         fd_rel_step: relative finite-difference step (default: from the parameters' dtype; at
-            least 1e-3 for networks with kinks, whose gradient jumps across them).
+            least 5e-3 for networks with kinks, whose gradient jumps across them: about float32's
+            default, so that the curvature is averaged over the same width in either dtype).
         per_sample: how each step's per-sample directional derivatives ``<grad l_i, v>`` are taken.
             ``"finite_difference"``: differences of the per-sample losses along ``v``. The Hessian
             product's gradient pass at ``theta + eps v`` computes one side; the other is the
@@ -570,7 +571,7 @@ class DiffIn(Callback):
             )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         context_grads = [p.grad for p in self._context if p.grad is not None]
-        finite = all(all_finite(g) for g in grads + context_grads)
+        finite = all_finite(grads + context_grads)
         global_ids: tuple[Tensor, ...] | None = None
         if self._collective.distributed:  # the skip decision and the global batch, on every rank alike
             finite, global_ids = self._global_step_batch(micro, finite)

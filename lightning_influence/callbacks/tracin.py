@@ -204,7 +204,7 @@ class TracIn(Callback):
         for _, ids in micro:
             accumulator.mark_seen(ids)
         grads = [p.grad for p in self._params if p.grad is not None]
-        if not all(all_finite(g) for g in grads):
+        if not all_finite(grads):
             self.skipped_steps += 1  # the gradient scaler skips it (16-mixed) or training diverges: not attributed
             self.seconds += time.perf_counter() - start
             return
