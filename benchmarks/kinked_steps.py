@@ -10,6 +10,7 @@ correlations per step size, and their mean and minimum over the setups.
 
     OMP_NUM_THREADS=1 python benchmarks/kinked_steps.py            # 6 setups, about 25 minutes on one core
     OMP_NUM_THREADS=1 python benchmarks/kinked_steps.py --setups cnn-relu:0.03:12:0 --steps 1e-3 5e-3
+    OMP_NUM_THREADS=1 python benchmarks/kinked_steps.py --setups mlp2-relu:0.03:8:0 mlp2-tanh:0.1:8:0 --steps 5e-3
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ MODELS = {
     "cnn-relu": lambda lr: SmallCNN(channels=(4, 8), lr=lr, activation="relu"),
     "mlp-relu": lambda lr: Classifier(hidden=(32,), lr=lr, activation="relu"),
     "mlp2-relu": lambda lr: Classifier(hidden=(64, 32), lr=lr, activation="relu"),
+    "mlp2-tanh": lambda lr: Classifier(hidden=(64, 32), lr=lr),  # the smooth counterpart
 }
 # model:lr:epochs:seed
 DEFAULT_SETUPS = [
