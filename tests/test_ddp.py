@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from conftest import quiet_trainer
 from lightning_influence import DiffIn, InfluenceScores
-from lightning_influence.data import FixedBatches, IndexedDataset, load_digits_tensors
+from lightning_influence.data import FixedBatches, load_digits_tensors
 from lightning_influence.distributed import Collective, distributed_shard
 from lightning_influence.estimators.diffin import ScoreAccumulator
 from lightning_influence.models import Classifier
