@@ -13,7 +13,8 @@ Workloads:
   synth   an MLP 256-1024-768-10 (~1.06M parameters), float32, synthetic Gaussian-mixture data,
           4096 samples, batch 64, 3 epochs = 192 steps
 
-Configurations: ``replay`` (including its end-of-fit reverse sweep), with the cheaper
+Configurations: ``replay`` (including its end-of-fit reverse sweep; parameters stored every 8
+steps), with every step's parameters stored (``checkpoint_every=1``), with the cheaper
 ``hessian_every=2`` and with the exact ``per_sample="forward_mode"`` (the default takes per-sample
 derivatives by finite differences of the losses); ``online`` with the defaults (whose window
 covers these short runs), and with a small window so that the windowed scoring really runs during
@@ -249,6 +250,7 @@ def _trajectory_bytes(records: Any) -> int:
 # name -> (label, DiffIn options); "{small}" stands for the workload's small window, "{small2}" for twice it.
 CONFIG_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "replay": ("replay (default)", {"mode": "replay"}),
+    "replay-every-step": ("replay, every step recorded (checkpoint_every=1, the earlier default)", {"mode": "replay", "checkpoint_every": 1}),
     "replay-k2": ("replay, hessian_every=2", {"mode": "replay", "hessian_every": 2}),
     "replay-jvp": ("replay, per_sample=forward_mode", {"mode": "replay", "per_sample": "forward_mode"}),
     "online": ("online (defaults: window 256, blocks of 512)", {"mode": "online"}),

@@ -26,11 +26,15 @@ def _values(cb):
     return cb.scores.values
 
 
-def test_online_with_a_window_covering_the_run_equals_replay(small_digits):
-    replay = DiffIn(target="val", target_loader=small_digits.val)
-    # Every step recorded (online's default rebuilds steps between checkpoints, to within rounding).
-    online = DiffIn(target="val", mode="online", target_loader=small_digits.val, window=len(small_digits.train), checkpoint_every=1)
+@pytest.mark.parametrize("checkpoint_every", [None, 1])
+def test_online_with_a_window_covering_the_run_equals_replay(small_digits, checkpoint_every):
+    # Both modes store parameters every 8 steps by default and rebuild the steps in between alike.
+    replay = DiffIn(target="val", target_loader=small_digits.val, checkpoint_every=checkpoint_every)
+    online = DiffIn(
+        target="val", mode="online", target_loader=small_digits.val, window=len(small_digits.train), checkpoint_every=checkpoint_every
+    )
     _fit(small_digits, replay, online)
+    assert replay.scores.metadata["checkpoint_every"] == online.scores.metadata["checkpoint_every"] == (checkpoint_every or 8)
     torch.testing.assert_close(_values(online), _values(replay), rtol=0, atol=1e-15)
     assert online.scores.metadata["truncated_sweeps"] == 0
 

@@ -213,7 +213,7 @@ class DiffIn(Callback):
             raise ValueError(f"finite_difference must be 'auto', 'forward' or 'central', got {finite_difference!r}")
         score_every = score_every or 2 * window
         if checkpoint_every is None:
-            checkpoint_every = math.gcd(window, score_every, ONLINE_CHECKPOINT_EVERY) if mode == "online" else 1
+            checkpoint_every = math.gcd(window, score_every, ONLINE_CHECKPOINT_EVERY) if mode == "online" else ONLINE_CHECKPOINT_EVERY
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of steps (or None), got {checkpoint_every!r}")
         if mode == "online" and checkpoint_every > 1 and (window % checkpoint_every or score_every % checkpoint_every):
