@@ -91,10 +91,10 @@ class DiffIn(Callback):
         storage: keep recorded steps in ``"memory"`` or spill them to ``"disk"`` (``spill_dir``).
         checkpoint_every: store parameters (and optimizer state) every k steps only and rebuild the
             steps in between during the sweep by re-running the optimizer from the last checkpoint.
-            Default: ``1`` in replay (every step recorded: exact and fastest); in online mode 8
-            (or the largest k <= 8 dividing ``window`` and ``score_every``), which with
-            ``recompute="updates"`` keeps about one parameter-sized vector per step instead of two
-            (four with Adam), so the default window can be long.
+            Default: 8 (online: the largest k <= 8 dividing ``window`` and ``score_every``), which
+            with ``recompute="updates"`` keeps about one parameter-sized vector per step instead of
+            two (four with Adam) at the same speed; ``1`` records every step's parameters (no
+            rebuild: scores differ from the default's only by the rebuild's rounding).
         recompute: how the steps between checkpoints are rebuilt. ``"updates"`` (default) keeps
             each step's gradient and re-runs only the optimizer's update (parameter-sized vector
             operations; memory per step: one gradient instead of parameters + gradient (+ Adam's
