@@ -221,7 +221,8 @@ class Trajectory:
             if newest.grad is None and len(segment) > 1 and recompute_step is not None:
                 # Recomputed from the step before: its own gradient is needed too (the step model's
                 # linearisation of a stateful optimizer reads it).
-                newest.grad = recompute_step(newest)[0]
+                newest.grad, beyond, _ = recompute_step(newest)
+                self.release(beyond)  # the step after the window is not needed
             yield from reversed(segment)
             # What was rebuilt is dropped again once the sweep has passed it: an online window outlives
             # its sweep, and would otherwise keep a parameter vector per step until the next one.

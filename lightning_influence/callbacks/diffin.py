@@ -60,8 +60,8 @@ SUPPORTED = (
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "32", "64")
 STATE_FORMAT = 2
 """Version of the callback's checkpoint state (``state_dict``)."""
-ONLINE_CHECKPOINT_EVERY = 8
-"""Online mode's default spacing of stored parameters (rebuilt in between from kept gradients)."""
+CHECKPOINT_EVERY = 8
+"""Default spacing of stored parameters, in steps (online: at most this; rebuilt in between from kept gradients)."""
 VERIFIED_STEPS = 3
 """The first steps of every fit are re-run through the step model and compared with the real update."""
 
@@ -93,8 +93,9 @@ class DiffIn(Callback):
             steps in between during the sweep by re-running the optimizer from the last checkpoint.
             Default: 8 (online: the largest k <= 8 dividing ``window`` and ``score_every``), which
             with ``recompute="updates"`` keeps about one parameter-sized vector per step instead of
-            two (four with Adam) at the same speed; ``1`` records every step's parameters (no
-            rebuild: scores differ from the default's only by the rebuild's rounding).
+            two (four with Adam) for a few percent more time in the sweep; ``1`` records every
+            step's parameters (no rebuild: scores differ from the default's only by the rebuild's
+            rounding).
         recompute: how the steps between checkpoints are rebuilt. ``"updates"`` (default) keeps
             each step's gradient and re-runs only the optimizer's update (parameter-sized vector
             operations; memory per step: one gradient instead of parameters + gradient (+ Adam's
@@ -213,7 +214,7 @@ class DiffIn(Callback):
             raise ValueError(f"finite_difference must be 'auto', 'forward' or 'central', got {finite_difference!r}")
         score_every = score_every or 2 * window
         if checkpoint_every is None:
-            checkpoint_every = math.gcd(window, score_every, ONLINE_CHECKPOINT_EVERY) if mode == "online" else ONLINE_CHECKPOINT_EVERY
+            checkpoint_every = math.gcd(window, score_every, CHECKPOINT_EVERY) if mode == "online" else CHECKPOINT_EVERY
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be a positive number of steps (or None), got {checkpoint_every!r}")
         if mode == "online" and checkpoint_every > 1 and (window % checkpoint_every or score_every % checkpoint_every):
