@@ -141,13 +141,8 @@ class Trajectory:
 
     def append(self, record: StepRecord) -> None:
         if not self.keeps_theta(record.step):
-            for vector in (record.theta, *record.state.values()):
-                self.release(vector)
-            if self.keep_gradients:
-                record = replace(record, theta=None, state={})
-            else:
-                self.release(record.grad)
-                record = replace(record, theta=None, grad=None, state={}, context=None)
+            record = replace(record)
+            self._drop_between_checkpoints(record)
         if self.storage == "memory":
             self._records.append(record)
             return
@@ -172,6 +167,17 @@ class Trajectory:
         """Return a vector made by :meth:`flat_copy` that is no longer needed."""
         if self.pool is not None:
             self.pool.give(vector)
+
+    def _drop_between_checkpoints(self, record: StepRecord) -> None:
+        """Release, in place, what a step between checkpoints does not keep: parameters and
+        optimizer state, and (without ``keep_gradients``) the gradient and context."""
+        dropped = [record.theta, *record.state.values()]
+        record.theta, record.state = None, {}
+        if not self.keep_gradients:
+            dropped.append(record.grad)
+            record.grad, record.context = None, None
+        for vector in dropped:
+            self.release(vector)
 
     def _release(self, record: StepRecord) -> None:
         for vector in (record.theta, record.grad, *record.state.values()):
@@ -228,13 +234,7 @@ class Trajectory:
             # its sweep, and would otherwise keep a parameter vector per step until the next one.
             for record in segment:
                 if not self.keeps_theta(record.step):
-                    rebuilt = [record.theta, *record.state.values()]
-                    if not self.keep_gradients:
-                        rebuilt.append(record.grad)
-                        record.grad = None
-                    record.theta, record.state = None, {}
-                    for vector in rebuilt:
-                        self.release(vector)
+                    self._drop_between_checkpoints(record)
             end = start
 
     def _load_meta_theta_missing(self, item: StepRecord | Path) -> bool:
