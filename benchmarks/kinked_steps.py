@@ -47,13 +47,28 @@ DEFAULT_SETUPS = [
 ]
 
 
-def measure(setup: str, steps: list[float], samples: int) -> dict:
+def parse_step(text: str) -> tuple[str, float]:
+    """``"5e-3"`` (central) or ``"forward:1e-2"`` -> (scheme, relative step)."""
+    scheme, _, rel = text.rpartition(":")
+    scheme = scheme or "central"
+    if scheme not in ("central", "forward"):
+        raise SystemExit(f"unknown scheme in {text!r}: use central or forward")
+    return scheme, float(rel)
+
+
+def label(step: str) -> str:
+    scheme, rel = parse_step(step)
+    return f"{rel:g}" if scheme == "central" else f"forward {rel:g}"
+
+
+def measure(setup: str, steps: list[str], samples: int) -> dict:
     name, lr, epochs, seed = setup.split(":")
     problem = digits_problem(n=1024, batch_size=32, epochs=int(epochs), seed=int(seed))
     callbacks = []
-    for rel in steps:
-        cb = DiffIn(target="val", mode="replay", target_loader=problem.val, finite_difference="central", fd_rel_step=rel)
-        cb._generate_state_key = (lambda key: (lambda **kw: key))(f"central-{rel}")  # several instances
+    for step in steps:
+        scheme, rel = parse_step(step)
+        cb = DiffIn(target="val", mode="replay", target_loader=problem.val, finite_difference=scheme, fd_rel_step=rel)  # type: ignore[arg-type]
+        cb._generate_state_key = (lambda key: (lambda **kw: key))(f"{scheme}-{rel}")  # several instances
         callbacks.append(cb)
     torch.manual_seed(int(seed))
     model = MODELS[name](float(lr)).double()
@@ -61,15 +76,20 @@ def measure(setup: str, steps: list[float], samples: int) -> dict:
     quiet_trainer(callbacks=[recorder, *callbacks]).fit(model, train_dataloaders=problem.train)
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:samples]
     truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
-    rho = {rel: round(spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth), 4) for rel, cb in zip(steps, callbacks)}
-    growth = {rel: cb.scores.metadata["max_adjoint_growth"] for rel, cb in zip(steps, callbacks)}
+    rho = {step: round(spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth), 4) for step, cb in zip(steps, callbacks)}
+    growth = {step: cb.scores.metadata["max_adjoint_growth"] for step, cb in zip(steps, callbacks)}
     return {"setup": setup, "steps": len(recorder.steps), "spearman": rho, "max_adjoint_growth": growth}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setups", nargs="+", default=DEFAULT_SETUPS, help="MODEL:LR:EPOCHS:SEED, MODEL in " + ", ".join(MODELS))
-    parser.add_argument("--steps", type=float, nargs="+", default=[1e-3, 2e-3, 5e-3, 1e-2, 2e-2])
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        default=["1e-3", "2e-3", "5e-3", "1e-2", "2e-2"],
+        help="relative steps of central differences; SCHEME:STEP for another scheme, e.g. forward:1e-2",
+    )
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -77,13 +97,13 @@ def main() -> None:
     for setup in args.setups:
         rows.append(measure(setup, args.steps, args.samples))
         print(f"  {setup}: {rows[-1]['spearman']}", file=sys.stderr, flush=True)
-    print("| model | lr | epochs | seed | steps | " + " | ".join(f"rel step {s:g}" for s in args.steps) + " |")
+    print("| model | lr | epochs | seed | steps | " + " | ".join(f"rel step {label(s)}" for s in args.steps) + " |")
     print("|---|---|---|---|---|" + "---|" * len(args.steps))
     for r in rows:
         name, lr, epochs, seed = r["setup"].split(":")
         print(f"| {name} | {lr} | {epochs} | {seed} | {r['steps']} | " + " | ".join(f"{r['spearman'][s]:.3f}" for s in args.steps) + " |")
-    for label, agg in (("mean", statistics.mean), ("minimum", min)):
-        print(f"| {label} | | | | | " + " | ".join(f"{agg(r['spearman'][s] for r in rows):.3f}" for s in args.steps) + " |")
+    for name, agg in (("mean", statistics.mean), ("minimum", min)):
+        print(f"| {name} | | | | | " + " | ".join(f"{agg(r['spearman'][s] for r in rows):.3f}" for s in args.steps) + " |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

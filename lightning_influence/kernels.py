@@ -222,22 +222,33 @@ def difference_derivatives(
     forward-mode :func:`directional_derivatives` is exact; this costs less where a shifted
     gradient pass is computed anyway.
     """
-    def losses_at(sign: float) -> Tensor:
-        params = space.unflatten(torch.add(theta, tangent.to(theta.dtype), alpha=sign * eps))
-        return torch.cat([loss_fn(params, chunk) for chunk, _ in batch_chunks(batch, chunk_size)])
-
     if plus is not None and minus is None and base is not None:
         if plus.shape != base.shape:
             raise ValueError(f"per-sample losses of shapes {tuple(plus.shape)} and {tuple(base.shape)} at the two points")
         return (plus.double() - base.double()) / eps
-    with torch.no_grad():
-        if plus is None:
-            plus = losses_at(1.0)
-        if minus is None:
-            minus = losses_at(-1.0)
+    if plus is None:
+        plus = shifted_losses(loss_fn, space, theta, batch, tangent, eps, chunk_size)
+    if minus is None:
+        minus = shifted_losses(loss_fn, space, theta, batch, tangent, -eps, chunk_size)
     if plus.shape != minus.shape:
         raise ValueError(f"per-sample losses of shapes {tuple(plus.shape)} and {tuple(minus.shape)} at the two points")
     return (plus.double() - minus.double()) / (2.0 * eps)
+
+
+def shifted_losses(
+    loss_fn: PerSampleLossFn,
+    space: ParameterSpace,
+    theta: Tensor,
+    batch: Any,
+    direction: Tensor,
+    step: float,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Per-sample losses ``[B]`` at the flat point ``theta + step * direction``: one forward pass
+    without autograd (per chunk of at most ``chunk_size`` samples)."""
+    with torch.no_grad():
+        params = space.unflatten(torch.add(theta, direction.to(theta.dtype), alpha=step))
+        return torch.cat([loss_fn(params, chunk) for chunk, _ in batch_chunks(batch, chunk_size)])
 
 
 def default_rel_step(dtype: torch.dtype, scheme: FiniteDifference) -> float:
@@ -277,6 +288,7 @@ def hessian_vector_product(
     rel_step: float | None = None,
     eps: float | None = None,
     add_to: Tensor | None = None,
+    alpha: float = 1.0,
 ) -> Tensor:
     """``H(theta) @ vector``, the Jacobian of the flat ``gradient`` function along ``vector``,
     from finite differences of gradients (``gradient``: e.g. :func:`batch_gradient` of a batch,
@@ -288,8 +300,9 @@ def hessian_vector_product(
     second-order accurate. ``gradient`` is called at ``theta + eps v`` first, then at ``theta``
     (forward, without ``base_gradient``) or ``theta - eps v`` (central). ``eps``: the step
     (default :func:`finite_difference_step`). Returned flat, in the parameters' dtype
-    (differences of nearby gradients lose nothing to it); with ``add_to`` the product is added
-    into that flat tensor in place instead (saving two parameter-sized passes) and it is returned.
+    (differences of nearby gradients lose nothing to it); with ``add_to`` the product times
+    ``alpha`` is added into that flat tensor in place instead (saving two parameter-sized passes)
+    and it is returned. A negative ``eps`` steps along ``-vector`` (the product is the same).
     """
     if scheme not in ("forward", "central"):
         raise ValueError(f"unknown finite-difference scheme {scheme!r}: use 'forward' or 'central'")
@@ -306,8 +319,8 @@ def hessian_vector_product(
     else:
         difference, scale = plus.sub_(gradient(torch.add(theta, vector, alpha=-eps))), 0.5 / eps
     if add_to is not None:
-        return add_to.add_(difference, alpha=scale)
-    return difference.mul_(scale)
+        return add_to.add_(difference, alpha=alpha * scale)
+    return difference.mul_(alpha * scale)
 
 
 def all_finite(tensors: Tensor | Sequence[Tensor]) -> bool:

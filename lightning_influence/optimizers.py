@@ -60,11 +60,6 @@ def _sqrt_safe(x: Tensor) -> Tensor:
     return torch.where(positive, x, torch.ones_like(x)).sqrt() * positive
 
 
-def _is(value: Tensor, constant: float) -> bool:
-    """True if a (0-d, uniform) hyperparameter equals ``constant`` everywhere."""
-    return value.dim() == 0 and float(value) == constant
-
-
 def _where(condition: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``torch.where`` that picks a whole branch when the condition is one scalar."""
     if condition.dim() == 0:
@@ -139,7 +134,7 @@ class StepModel:
         else:
             unused = set() if any(g.get("amsgrad", False) for g in inner.param_groups) else {"max_exp_avg_sq"}
         self.state_names: tuple[str, ...] = tuple(n for n in self.family.state if n not in unused)
-        self._expanded: tuple[Tensor, dict[str, Tensor]] | None = None
+        self._expanded: tuple[Tensor, dict[str, Tensor], dict[str, float]] | None = None
 
     @property
     def hyper_names(self) -> tuple[str, ...]:
@@ -190,18 +185,30 @@ class StepModel:
         """Per-coordinate hyperparameters: a 0-d tensor where a column is the same for every
         parameter tensor (the common case: broadcast, no P-sized vector), else the flat
         per-coordinate vector. Cached while the hyperparameters do not change between steps."""
+        return self._expand(hyper, dtype, device)[0]
+
+    def uniform(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+        """The hyperparameters that are the same for every parameter tensor, as Python numbers
+        (read from the host copy: no device synchronisation)."""
+        return self._expand(hyper, dtype, device)[1]
+
+    def _expand(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[dict[str, Tensor], dict[str, float]]:
         cached = self._expanded
-        if cached is not None and torch.equal(cached[0], hyper) and next(iter(cached[1].values())).dtype == dtype:
-            return cached[1]
+        if cached is not None and torch.equal(cached[0], hyper):
+            first = next(iter(cached[1].values()))
+            if first.dtype == dtype and first.device == torch.device(device):
+                return cached[1], cached[2]
         out: dict[str, Tensor] = {}
+        uniform: dict[str, float] = {}
         for j, name in enumerate(self.hyper_names):
             column = hyper[:, j]
             if bool((column == column[0]).all()):
-                out[name] = torch.tensor(float(column[0]), dtype=dtype, device=device)
+                uniform[name] = float(column[0])
+                out[name] = torch.tensor(uniform[name], dtype=dtype, device=device)
             else:
                 out[name] = column.to(device).repeat_interleave(self.numels.to(device)).to(dtype)
-        self._expanded = (hyper.clone(), out)
-        return out
+        self._expanded = (hyper.clone(), out, uniform)
+        return out, uniform
 
     def clip(self, grad: Tensor, h: Mapping[str, Tensor]) -> Tensor:
         """The gradient after Lightning's clipping (``torch.nn.utils.clip_grad_norm_`` / value)."""
@@ -219,14 +226,18 @@ class StepModel:
         """One step: ``(theta_next, state_next)`` from flat ``theta``, ``state`` and raw gradient
         ``grad`` (all one dtype), differentiable in all three. ``out``: a buffer that stateless SGD
         writes ``theta_next`` into (no autograd through it; other updates allocate)."""
-        h = self.expand(hyper, theta.dtype, theta.device)
+        h, uniform = self._expand(hyper, theta.dtype, theta.device)
         g = self.clip(grad, h)
-        if not _is(h["sign"], 1.0):
+        if uniform.get("sign") != 1.0:
             g = g * h["sign"]
         if self.family is _SGD:
-            d = g if _is(h["weight_decay"], 0.0) else g + h["weight_decay"] * theta
+            wd = uniform.get("weight_decay")
+            # torch.optim.SGD's own operations where the hyperparameters are scalars (the same rounding)
+            d = g if wd == 0.0 else (g.add(theta, alpha=wd) if wd is not None else g + h["weight_decay"] * theta)
             if not self.state_names:
-                if out is not None:  # theta + (-(lr * d)): the same rounding as theta - lr * d
+                if "lr" in uniform:  # param.add_(d, alpha=-lr): one pass (into ``out`` when given)
+                    return torch.add(theta, d, alpha=-uniform["lr"], out=out) if out is not None else torch.add(theta, d, alpha=-uniform["lr"]), {}
+                if out is not None:
                     return torch.mul(d, h["lr"], out=out).neg_().add_(theta), {}
                 return theta - h["lr"] * d, {}
             buf = h["momentum"] * state["momentum_buffer"] + (1.0 - h["dampening"]) * d
@@ -237,7 +248,7 @@ class StepModel:
             step = _where(has_momentum, step, d)
             return theta - h["lr"] * step, {"momentum_buffer": buf}
         # Adam / AdamW (torch.optim's single-tensor formula)
-        if not _is(h["weight_decay"], 0.0):
+        if uniform.get("weight_decay") != 0.0:
             decoupled = h["decoupled"] > 0
             g = _where(decoupled, g, g + h["weight_decay"] * theta)
             theta = _where(decoupled, theta * (1.0 - h["lr"] * h["weight_decay"]), theta)
@@ -257,6 +268,18 @@ class StepModel:
         denom = _sqrt_safe(second) / h["bias_correction2"].sqrt() + h["eps"]
         return theta - (h["lr"] / h["bias_correction1"]) * m / denom, new_state
 
+    def adjoint_scales(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[float, float] | None:
+        """``(k, c)`` with ``a^theta = k * lambda`` and ``a^G = c * lambda`` when the step's transpose
+        maps ``lambda`` (the adjoint of ``theta_next``) to multiples of itself: stateless SGD with
+        one learning rate, sign and weight decay for every tensor (``k = 1 - lr * wd``,
+        ``c = -lr * sign``). ``None`` for every other step (use :meth:`vjp`)."""
+        if not self.is_stateless_sgd:
+            return None
+        uniform = self.uniform(hyper, dtype, device)
+        if not all(name in uniform for name in ("lr", "sign", "weight_decay")):
+            return None
+        return 1.0 - uniform["lr"] * uniform["weight_decay"], -uniform["lr"] * uniform["sign"]
+
     def vjp(
         self,
         theta: Tensor,
@@ -268,6 +291,10 @@ class StepModel:
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Adjoints of ``(theta, state, grad)`` given those of ``(theta_next, state_next)``
         (a missing ``adjoint_state`` is zero): the transpose of the linearised step."""
+        scales = self.adjoint_scales(hyper, adjoint_theta.dtype, adjoint_theta.device)
+        if scales is not None:
+            keep, gradient = scales
+            return (adjoint_theta if keep == 1.0 else keep * adjoint_theta), {}, gradient * adjoint_theta
         if self.is_stateless_sgd:  # closed form of the common case: theta - lr * (sign * g + wd * theta)
             h = self.expand(hyper, adjoint_theta.dtype, adjoint_theta.device)
             a_grad = -(h["lr"] * h["sign"]) * adjoint_theta

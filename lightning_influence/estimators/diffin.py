@@ -76,6 +76,7 @@ from lightning_influence.kernels import (
     hessian_vector_product,
     losses_and_gradient,
     removal_derivatives,
+    shifted_losses,
 )
 from lightning_influence.distributed import Collective
 from lightning_influence.targets import TargetGradient
@@ -268,7 +269,17 @@ class DiffInSweep:
                     block_steps += 1
                 propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
                 derivatives: list[list[Tensor]] = []
+                scales = (
+                    self.step_model.adjoint_scales(record.hyper, self.work_dtype, adjoint.device)
+                    if self.hessian_every == 1
+                    else None
+                )
                 for q in range(columns):
+                    if scales is not None and scales[0] > 0:
+                        terms = self._scaled_step(loss_fn, record, adjoint[:, q], scales, propagate, scored)
+                        if terms is not None:
+                            derivatives.append(terms)
+                        continue
                     a_theta, a_state, a_grad = self.step_model.vjp(
                         record.theta, record.state, record.grad, record.hyper, adjoint[:, q], adjoint_state[q]
                     )
@@ -288,12 +299,8 @@ class DiffInSweep:
                             pending[q] = None
                         else:
                             adjoint[:, q] = a_theta
-                    if scored and self.remove is not None:
-                        # coupled: r_z = <grad mean l(B \ z) - grad mean l(B), a^G>, the term itself (times n)
-                        derivatives.append(self._removal_derivatives(loss_fn, record, a_grad))
-                    elif scored:
-                        # s_i = <grad l_i, -a^G>: the pass runs along a^G and the small result is negated.
-                        derivatives.append([-s for s in self._directional_derivatives(loss_fn, record, a_grad, shifted)])
+                    if scored:
+                        derivatives.append(self._step_terms(loss_fn, record, a_grad, shifted))
                 if scored:
                     self._accumulate(record, derivatives, squeeze=u.dim() == 1)
                 if position == 0:
@@ -306,6 +313,44 @@ class DiffInSweep:
                         self._check_adjoint(record)
         self._check_adjoint(record)
         self._adjoint = None
+
+    def _scaled_step(
+        self,
+        loss_fn: PerSampleLossFn,
+        record: StepRecord,
+        column: Tensor,
+        scales: tuple[float, float],
+        propagate: bool,
+        scored: bool,
+    ) -> list[Tensor] | None:
+        """One step whose transpose is ``a^theta = k * lambda``, ``a^G = c * lambda`` (stateless SGD,
+        :meth:`StepModel.adjoint_scales`), done on the adjoint ``column`` in place without a
+        parameter-sized ``a^G``: the product and the per-sample derivatives run along the column
+        and are scaled by ``c``. Returns the step's per-sample terms when it is scored."""
+        keep, factor = scales
+        if propagate and keep != 1.0:
+            column.mul_(keep)  # a^theta; a^G is now (c / k) * column
+            factor /= keep
+        share = scored and propagate and self.per_sample == "finite_difference" and self.remove is None
+        terms = self._step_terms(loss_fn, record, column, None) if scored and not share else None
+        if propagate:
+            # lambda_t = a^theta + H_t a^G, added in place; the gradient passes step along sign(c) * column,
+            # as along a^G itself
+            shifted = self._hessian_product(loss_fn, record, column, column, keep_losses=share, alpha=factor)
+            if share:
+                terms = self._step_terms(loss_fn, record, column, shifted)
+        return None if terms is None else [factor * t for t in terms]
+
+    def _step_terms(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None
+    ) -> list[Tensor]:
+        """The step's per-sample terms along ``a^G = tangent`` (times ``n (b - 1)``, see
+        :meth:`_accumulate`): ``s_i = <grad l_i, -a^G>``, or for coupled losses the removal
+        derivatives ``r_z = <grad mean l(B \\ z) - grad mean l(B), a^G>``; float64 ``[b_k]`` per micro-batch."""
+        if self.remove is not None:
+            return self._removal_derivatives(loss_fn, record, tangent)
+        # the pass runs along a^G and the small result is negated
+        return [-s for s in self._directional_derivatives(loss_fn, record, tangent, shifted)]
 
     def _check_adjoint(self, record: StepRecord) -> None:
         """Raise if the propagated adjoint is non-finite; warn (once) if it grew by more than
@@ -367,12 +412,15 @@ class DiffInSweep:
         tangent = tangent.to(self.space.dtype)
         if shifted is None:
             eps = finite_difference_step(record.theta, tangent, "central", self.fd_rel_step, self._theta_norm)
+            if eps == 0.0:  # a zero tangent: every derivative along it is zero
+                return [torch.zeros(ids.numel(), dtype=torch.float64, device=ids.device) for ids in record.ids]
             shifted = _ShiftedLosses(eps, [None] * len(record.batches), [None] * len(record.batches))
         out = []
         for k, batch in enumerate(record.batches):
             plus, minus = shifted.plus[k], shifted.minus[k]
-            # The losses training_step computed at theta_t: with the product's side, a forward difference.
-            base = record.losses[k] if record.losses is not None and plus is not None and minus is None else None
+            # The losses at theta_t (training_step's, or the product's base pass): with the product's side, a
+            # forward difference.
+            base = shifted.base[k] if plus is not None and minus is None else None
             self.loss_evaluations += (plus is None) + (minus is None and base is None)
             out.append(
                 difference_derivatives(
@@ -446,16 +494,34 @@ class DiffInSweep:
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
     def _hessian_product(
-        self, loss_fn: PerSampleLossFn, record: StepRecord, vector: Tensor, add_to: Tensor, keep_losses: bool = False
+        self,
+        loss_fn: PerSampleLossFn,
+        record: StepRecord,
+        vector: Tensor,
+        add_to: Tensor,
+        keep_losses: bool = False,
+        alpha: float = 1.0,
     ) -> _ShiftedLosses | None:
-        """Add ``H_t @ vector`` (the step's loss, by finite differences of step gradients) into
-        ``add_to``; with ``keep_losses`` return the per-sample losses its gradient passes computed
-        at ``theta_t +- eps * vector``."""
+        """Add ``alpha * H_t @ vector`` (the step's loss, by finite differences of step gradients)
+        into ``add_to``, stepping along ``sign(alpha) * vector``; with ``keep_losses`` return the
+        per-sample losses its gradient passes computed at ``theta_t + eps * vector`` (and
+        ``theta_t - eps * vector``), ``eps`` of the sign of ``alpha``."""
         assert record.theta is not None
         base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
         self.hessian_products += 1
         eps = finite_difference_step(record.theta, vector, self.finite_difference, self.fd_rel_step, self._theta_norm)
+        eps = math.copysign(eps, alpha)
         evaluated: list[list[Tensor]] = []  # per gradient pass: theta + eps v, then theta or theta - eps v
+        count = len(record.batches)
+        minus: list[Tensor | None] = [None] * count
+        if keep_losses and eps != 0.0 and self.finite_difference == "forward" and base is not None:
+            # The loss differences' other side, where training_step's losses at theta_t are missing: a plain
+            # forward pass at theta_t - eps v, taken now since add_to may be vector itself.
+            known = record.losses if record.losses is not None else (None,) * count
+            for k, batch in enumerate(record.batches):
+                if known[k] is None:
+                    minus[k] = shifted_losses(loss_fn, self.space, record.theta, batch, vector, -eps, self.chunk_size)
+                    self.loss_evaluations += 1
 
         def gradient(theta: Tensor) -> Tensor:
             losses, grad = step_losses_and_gradient(
@@ -465,20 +531,26 @@ class DiffInSweep:
             return grad
 
         hessian_vector_product(
-            gradient, record.theta, vector, scheme=self.finite_difference, base_gradient=base, eps=eps, add_to=add_to
+            gradient, record.theta, vector, scheme=self.finite_difference, base_gradient=base, eps=eps, add_to=add_to, alpha=alpha
         )
         if not keep_losses or eps == 0.0:
             return None
-        none: list[Tensor | None] = [None] * len(record.batches)
-        minus = list(evaluated[1]) if self.finite_difference == "central" else none
-        return _ShiftedLosses(eps, list(evaluated[0]), minus)
+        if self.finite_difference == "central":
+            return _ShiftedLosses(eps, list(evaluated[0]), list(evaluated[1]))
+        # forward: the second gradient pass (without a recorded base gradient) ran at theta_t itself
+        at_theta: list[Tensor | None] = list(evaluated[1]) if base is None else list(record.losses or (None,) * count)
+        return _ShiftedLosses(eps, list(evaluated[0]), minus, at_theta)
 
 
 class _ShiftedLosses:
-    """Per-sample losses of each micro-batch at ``theta +- eps v`` (``None``: not evaluated)."""
+    """Per-sample losses of each micro-batch at ``theta + eps v``, ``theta - eps v`` and ``theta``
+    (``None``: not evaluated)."""
 
-    def __init__(self, eps: float, plus: list[Tensor | None], minus: list[Tensor | None]) -> None:
+    def __init__(
+        self, eps: float, plus: list[Tensor | None], minus: list[Tensor | None], base: list[Tensor | None] | None = None
+    ) -> None:
         self.eps, self.plus, self.minus = eps, plus, minus
+        self.base = base if base is not None else [None] * len(plus)
 
 
 def step_losses_and_gradient(
