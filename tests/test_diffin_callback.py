@@ -49,6 +49,41 @@ def test_online_truncated_windows_differ_from_replay_but_agree_in_ranking(small_
 
 
 @pytest.mark.parametrize(
+    "case",
+    ["plain", "weight-decay-query", "central-forward-mode", "direct-loss"],
+)
+def test_in_place_sgd_steps_equal_the_general_transpose(small_digits, monkeypatch, case):
+    """Stateless SGD steps propagate on the adjoint in place (a^G = c * lambda, no vector of its
+    own): the scores equal those of the general transpose (StepModel.vjp) to rounding, with weight
+    decay (a^theta = (1 - lr wd) lambda), several target columns, central differences with
+    forward-mode per-sample derivatives, and loss differences without training's losses."""
+    from lightning_influence.optimizers import StepModel
+
+    options: dict = dict(target="val", target_loader=small_digits.val)
+    model_options: dict = dict(hidden=(16,), lr=0.1)
+    if case == "weight-decay-query":
+        options = dict(target="query", target_loader=FixedBatches([tuple(t[:3] for t in small_digits.val.batches[0])]))
+        model_options["optimizer_options"] = {"weight_decay": 0.05}
+    if case == "central-forward-mode":
+        options.update(finite_difference="central", per_sample="forward_mode")
+    kind = _DirectLoss if case == "direct-loss" else Classifier
+
+    def run() -> DiffIn:
+        cb = DiffIn(**options)
+        torch.manual_seed(0)
+        _fit(small_digits, cb, model=kind(**model_options).double())
+        return cb
+
+    in_place = run()
+    monkeypatch.setattr(StepModel, "adjoint_scales", lambda self, *args: None)
+    general = run()
+    assert in_place.scores.metadata["hessian_products"] == general.scores.metadata["hessian_products"] > 0
+    assert in_place.scores.metadata["loss_evaluations"] == general.scores.metadata["loss_evaluations"]
+    scale = float(general.scores.values.abs().max())
+    torch.testing.assert_close(in_place.scores.values, general.scores.values, rtol=0, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize(
     "options",
     [
         dict(storage="disk"),
