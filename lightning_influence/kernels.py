@@ -172,23 +172,40 @@ def batch_gradient(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tenso
 
 
 def losses_and_gradient(
-    loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batch: Any, chunk_size: int | None = None
-) -> tuple[Tensor, Tensor]:
+    loss_fn: PerSampleLossFn,
+    space: ParameterSpace,
+    theta: Tensor,
+    batch: Any,
+    chunk_size: int | None = None,
+    flat: bool = True,
+) -> tuple[Tensor, Tensor | list[Tensor]]:
     """Per-sample losses ``[B]`` (detached) and the flat gradient of their mean at the flat point
     ``theta`` (parameters' dtype): one forward and one backward pass (per chunk of at most
-    ``chunk_size`` samples, see :func:`batch_chunks`)."""
+    ``chunk_size`` samples, see :func:`batch_chunks`). ``flat=False``: the gradient as one tensor
+    per parameter, in ``space``'s order (saves the parameter-sized copy into a flat vector)."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in space.unflatten(theta).items()}
     chunks = batch_chunks(batch, chunk_size)
     total_size = sum(n for _, n in chunks)
-    every, total = [], None
+    every: list[Tensor] = []
+    total: Tensor | list[Tensor] | None = None
     for chunk, n in chunks:
         with torch.enable_grad():
             losses = loss_fn(leaves, chunk)
             grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True)
-        flat = space.flatten(list(grads))
-        weighted = flat if len(chunks) == 1 else flat.mul_(n / total_size)
-        total = weighted if total is None else total.add_(weighted)
         every.append(losses.detach())
+        weight = n / total_size
+        if flat:
+            vector = space.flatten(list(grads))
+            vector = vector if len(chunks) == 1 else vector.mul_(weight)
+            total = vector if total is None else total.add_(vector)  # type: ignore[union-attr]
+            continue
+        parts = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, leaves.values(), strict=True)]
+        if len(chunks) > 1:
+            torch._foreach_mul_(parts, weight)
+        if total is None:
+            total = parts
+        else:
+            torch._foreach_add_(total, parts)  # type: ignore[arg-type]
     assert total is not None
     return (every[0] if len(every) == 1 else torch.cat(every)), total
 
@@ -279,7 +296,7 @@ def finite_difference_step(
 
 
 def hessian_vector_product(
-    gradient: Callable[[Tensor], Tensor],
+    gradient: Callable[[Tensor], Tensor | Sequence[Tensor]],
     theta: Tensor,
     vector: Tensor,
     *,
@@ -292,7 +309,9 @@ def hessian_vector_product(
 ) -> Tensor:
     """``H(theta) @ vector``, the Jacobian of the flat ``gradient`` function along ``vector``,
     from finite differences of gradients (``gradient``: e.g. :func:`batch_gradient` of a batch,
-    or the accumulated gradient of an optimizer step's micro-batches).
+    or the accumulated gradient of an optimizer step's micro-batches; it may return the gradient
+    as consecutive pieces of the flat vector instead, e.g. one tensor per parameter, which the
+    differences then use as they are).
 
     ``forward``: ``(g(theta + eps v) - g(theta)) / eps``; ``g(theta)`` is ``base_gradient``
     when given (e.g. the gradient recorded during training), so it costs one backward pass.
@@ -314,13 +333,32 @@ def hessian_vector_product(
     plus = gradient(torch.add(theta, vector, alpha=eps))
     # Differences of nearby gradients are exact in the parameters' dtype; one conversion at the end.
     if scheme == "forward":
-        base = base_gradient if base_gradient is not None else gradient(theta)
-        difference, scale = plus.sub_(base.to(plus.dtype)), 1.0 / eps
+        other = base_gradient if base_gradient is not None else gradient(theta)
+        scale = 1.0 / eps
     else:
-        difference, scale = plus.sub_(gradient(torch.add(theta, vector, alpha=-eps))), 0.5 / eps
-    if add_to is not None:
-        return add_to.add_(difference, alpha=alpha * scale)
-    return difference.mul_(alpha * scale)
+        other, scale = gradient(torch.add(theta, vector, alpha=-eps)), 0.5 / eps
+    if isinstance(plus, Tensor):
+        difference = plus.sub_(other.to(plus.dtype) if isinstance(other, Tensor) else torch.cat([o.reshape(-1) for o in other]))
+        if add_to is not None:
+            return add_to.add_(difference, alpha=alpha * scale)
+        return difference.mul_(alpha * scale)
+    pieces = list(plus)
+    torch._foreach_sub_(pieces, _pieces_of(other, pieces))
+    if add_to is None:
+        return torch.cat([p.reshape(-1) for p in pieces]).mul_(alpha * scale)
+    targets = _pieces_of(add_to, pieces)
+    if pieces[0].dtype != add_to.dtype:
+        pieces = [p.to(add_to.dtype) for p in pieces]
+    torch._foreach_add_(targets, pieces, alpha=alpha * scale)
+    return add_to
+
+
+def _pieces_of(value: Tensor | Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """``value`` as pieces shaped like ``like``, the consecutive pieces of a flat vector: a flat
+    ``value`` is split into views (writing into them writes into it); pieces are taken as they are."""
+    if not isinstance(value, Tensor):
+        return list(value)
+    return [piece.view(p.shape) for piece, p in zip(value.split([p.numel() for p in like]), like, strict=True)]
 
 
 def all_finite(tensors: Tensor | Sequence[Tensor]) -> bool:

@@ -105,6 +105,10 @@ def test_chunked_passes_equal_whole_batch_passes():
     losses_c, grad_c = losses_and_gradient(loss_fn, space, theta, batch, chunk_size=5)
     torch.testing.assert_close(losses_c, losses, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad_c, grad, rtol=1e-12, atol=1e-14)
+    for chunk_size in (None, 5):  # per-parameter pieces: the flat gradient, unflattened
+        _, pieces = losses_and_gradient(loss_fn, space, theta, batch, chunk_size, flat=False)
+        assert [tuple(p.shape) for p in pieces] == [tuple(s) for s in space.shapes]
+        torch.testing.assert_close(space.flatten(pieces), grad, rtol=1e-12, atol=1e-14)
     eps = finite_difference_step(theta, tangent, "central")
     torch.testing.assert_close(
         difference_derivatives(loss_fn, space, theta, batch, tangent, eps, chunk_size=5),
@@ -126,7 +130,19 @@ def test_hessian_product_added_in_place_equals_the_returned_product():
         into = start.clone()
         out = hessian_vector_product(grad, theta, v, scheme=scheme, add_to=into)
         assert out is into
-        torch.testing.assert_close(into - start, hessian_vector_product(grad, theta, v, scheme=scheme), rtol=1e-10, atol=1e-12)
+        product = hessian_vector_product(grad, theta, v, scheme=scheme)
+        torch.testing.assert_close(into - start, product, rtol=1e-10, atol=1e-12)
+        # The gradient as per-parameter pieces, a base gradient, a scale and a negative step: the same product.
+        pieces = lambda th: losses_and_gradient(loss_fn, space, th, batch, flat=False)[1]  # noqa: E731
+        eps = -finite_difference_step(theta, v, scheme)
+        base = grad(theta) if scheme == "forward" else None
+        into = start.clone()
+        hessian_vector_product(pieces, theta, v, scheme=scheme, base_gradient=base, eps=eps, add_to=into, alpha=-0.5)
+        torch.testing.assert_close(into - start, -0.5 * product, rtol=1e-5 if scheme == "forward" else 1e-8, atol=1e-10)
+        torch.testing.assert_close(hessian_vector_product(pieces, theta, v, scheme=scheme, eps=eps), product, rtol=1e-5, atol=1e-10)
+        column = torch.zeros(space.size, 2, dtype=torch.float64)[:, 1]  # a strided column of a score matrix
+        hessian_vector_product(pieces, theta, v, scheme=scheme, add_to=column)
+        torch.testing.assert_close(column, product, rtol=1e-10, atol=1e-12)
 
 
 def test_batch_gradient_matches_autograd():

@@ -523,9 +523,9 @@ class DiffInSweep:
                     minus[k] = shifted_losses(loss_fn, self.space, record.theta, batch, vector, -eps, self.chunk_size)
                     self.loss_evaluations += 1
 
-        def gradient(theta: Tensor) -> Tensor:
+        def gradient(theta: Tensor) -> Tensor | list[Tensor]:
             losses, grad = step_losses_and_gradient(
-                loss_fn, self.space, theta, record.batches, record.normalizer, self.collective, self.chunk_size
+                loss_fn, self.space, theta, record.batches, record.normalizer, self.collective, self.chunk_size, flat=False
             )
             evaluated.append(losses)
             return grad
@@ -561,16 +561,29 @@ def step_losses_and_gradient(
     normalizer: int,
     collective: Collective | None = None,
     chunk_size: int | None = None,
-) -> tuple[list[Tensor], Tensor]:
+    flat: bool = True,
+) -> tuple[list[Tensor], Tensor | list[Tensor]]:
     """The gradient an optimizer step was fed, ``sum_k grad mean_k / normalizer`` over its micro-batches
     and averaged over the ranks of ``collective`` as DDP does (a collective call in distributed runs),
     with each micro-batch's (local) per-sample losses at ``theta``: ``(losses, gradient)``; passes
-    over at most ``chunk_size`` samples each."""
-    losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size)
+    over at most ``chunk_size`` samples each. ``flat=False``: outside distributed runs, the
+    gradient as one tensor per parameter (see :func:`~lightning_influence.kernels.losses_and_gradient`)."""
+    distributed = collective is not None and collective.distributed
+    pieces = not flat and not distributed
+    losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size, flat=not pieces)
     every = [losses]
     for batch in batches[1:]:
-        losses, grad = losses_and_gradient(loss_fn, space, theta, batch, chunk_size)
+        losses, grad = losses_and_gradient(loss_fn, space, theta, batch, chunk_size, flat=not pieces)
         every.append(losses)
-        total.add_(grad)
-    total = total.div_(normalizer) if normalizer != 1 else total
-    return every, (collective.mean(total) if collective is not None else total)
+        if isinstance(total, Tensor):
+            total.add_(grad)  # type: ignore[arg-type]
+        else:
+            torch._foreach_add_(total, grad)  # type: ignore[arg-type]
+    if normalizer != 1:
+        if isinstance(total, Tensor):
+            total.div_(normalizer)
+        else:
+            torch._foreach_div_(total, normalizer)
+    if isinstance(total, Tensor) and collective is not None:
+        total = collective.mean(total)
+    return every, total
