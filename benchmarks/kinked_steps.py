@@ -1,8 +1,9 @@
-"""Which central-difference step suits networks with kinks (ReLU)? Accuracy per step size against
+"""Which finite-difference step (and scheme) suits networks with kinks (ReLU)? Accuracy per step against
 leave-one-out retraining.
 
 A finite-difference Hessian product across a ReLU kink sees the gradient's jump; central
-differences with a relative step ``fd_rel_step`` average the curvature over ``theta +- eps v``.
+differences with a relative step ``fd_rel_step`` average the curvature over ``theta +- eps v``;
+a forward difference (``forward:STEP``) takes one gradient pass instead of two and sees one side.
 For each setup (digits, float64, plain SGD, batch 32, 1024 training samples, a real
 ``Trainer.fit``), one training run carries one replay ``DiffIn`` per step size; the ground truth
 retrains without each of ``--samples`` random samples. Prints a Markdown table of Spearman
@@ -11,6 +12,7 @@ correlations per step size, and their mean and minimum over the setups.
     OMP_NUM_THREADS=1 python benchmarks/kinked_steps.py            # 6 setups, about 25 minutes on one core
     OMP_NUM_THREADS=1 python benchmarks/kinked_steps.py --setups cnn-relu:0.03:12:0 --steps 1e-3 5e-3
     OMP_NUM_THREADS=1 python benchmarks/kinked_steps.py --setups mlp2-relu:0.03:8:0 mlp2-tanh:0.1:8:0 --steps 5e-3
+    OMP_NUM_THREADS=1 python benchmarks/kinked_steps.py --steps 5e-3 forward:5e-3 forward:1e-2   # central vs forward
 """
 
 from __future__ import annotations

@@ -112,6 +112,30 @@ def test_plain_sgd_vjp_closed_form_matches_autograd():
     torch.testing.assert_close(a_grad, -lr * cot)
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_plain_sgd_rebuild_is_torch_optim_sgd_bit_for_bit(weight_decay):
+    """The steps between checkpoints are rebuilt with SGD's own operations (``add(d, alpha=-lr)``):
+    float32 parameters of odd sizes come out exactly as torch.optim.SGD leaves them, into the
+    pooled ``out`` buffer as without one; the scale factors of the in-place transpose match."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(shape, generator=g).requires_grad_(True) for shape in [(33, 17), (17,), (10, 33), (10,)]]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    optimizer = torch.optim.SGD(params, lr=0.05, weight_decay=weight_decay)
+    model = StepModel(optimizer, params)
+    hyper, _ = model.capture()
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    grad = torch.cat([x.reshape(-1) for x in grads])
+    for p, x in zip(params, grads):
+        p.grad = x.clone()
+    optimizer.step()
+    stepped = torch.cat([p.detach().reshape(-1) for p in params])
+    out = torch.empty_like(theta)
+    rebuilt, _ = model.update(theta, {}, grad, hyper, out=out)
+    assert rebuilt.data_ptr() == out.data_ptr() and torch.equal(rebuilt, stepped)
+    assert torch.equal(model.update(theta, {}, grad, hyper)[0], stepped)
+    assert model.adjoint_scales(hyper, torch.float32, theta.device) == pytest.approx((1 - 0.05 * weight_decay, -0.05))
+
+
 @pytest.mark.parametrize("kind", [torch.optim.LBFGS, torch.optim.RMSprop, torch.optim.Adagrad])
 def test_unmodelled_optimizers_are_refused(kind):
     params = _params()
