@@ -272,7 +272,8 @@ class StepModel:
         """``(k, c)`` with ``a^theta = k * lambda`` and ``a^G = c * lambda`` when the step's transpose
         maps ``lambda`` (the adjoint of ``theta_next``) to multiples of itself: stateless SGD with
         one learning rate, sign and weight decay for every tensor (``k = 1 - lr * wd``,
-        ``c = -lr * sign``). ``None`` for every other step (use :meth:`vjp`)."""
+        ``c = -lr * sign``: the scalar case of :meth:`vjp`'s closed form). ``None`` for every other
+        step (use :meth:`vjp`)."""
         if not self.is_stateless_sgd:
             return None
         uniform = self.uniform(hyper, dtype, device)
@@ -291,10 +292,6 @@ class StepModel:
     ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Adjoints of ``(theta, state, grad)`` given those of ``(theta_next, state_next)``
         (a missing ``adjoint_state`` is zero): the transpose of the linearised step."""
-        scales = self.adjoint_scales(hyper, adjoint_theta.dtype, adjoint_theta.device)
-        if scales is not None:
-            keep, gradient = scales
-            return (adjoint_theta if keep == 1.0 else keep * adjoint_theta), {}, gradient * adjoint_theta
         if self.is_stateless_sgd:  # closed form of the common case: theta - lr * (sign * g + wd * theta)
             h = self.expand(hyper, adjoint_theta.dtype, adjoint_theta.device)
             a_grad = -(h["lr"] * h["sign"]) * adjoint_theta

@@ -133,7 +133,12 @@ def test_plain_sgd_rebuild_is_torch_optim_sgd_bit_for_bit(weight_decay):
     rebuilt, _ = model.update(theta, {}, grad, hyper, out=out)
     assert rebuilt.data_ptr() == out.data_ptr() and torch.equal(rebuilt, stepped)
     assert torch.equal(model.update(theta, {}, grad, hyper)[0], stepped)
-    assert model.adjoint_scales(hyper, torch.float32, theta.device) == pytest.approx((1 - 0.05 * weight_decay, -0.05))
+    keep, scale = model.adjoint_scales(hyper, torch.float32, theta.device)
+    assert (keep, scale) == pytest.approx((1 - 0.05 * weight_decay, -0.05))
+    cot = torch.randn(theta.shape, generator=g)
+    a_theta, _, a_grad = model.vjp(theta, {}, grad, hyper, cot, None)  # the general closed form agrees
+    torch.testing.assert_close(a_theta, keep * cot)
+    torch.testing.assert_close(a_grad, scale * cot)
 
 
 @pytest.mark.parametrize("kind", [torch.optim.LBFGS, torch.optim.RMSprop, torch.optim.Adagrad])
