@@ -236,7 +236,7 @@ class StepModel:
             d = g if wd == 0.0 else (g.add(theta, alpha=wd) if wd is not None else g + h["weight_decay"] * theta)
             if not self.state_names:
                 if "lr" in uniform:  # param.add_(d, alpha=-lr): one pass (into ``out`` when given)
-                    return torch.add(theta, d, alpha=-uniform["lr"], out=out) if out is not None else torch.add(theta, d, alpha=-uniform["lr"]), {}
+                    return torch.add(theta, d, alpha=-uniform["lr"], out=out), {}
                 if out is not None:
                     return torch.mul(d, h["lr"], out=out).neg_().add_(theta), {}
                 return theta - h["lr"] * d, {}
@@ -272,14 +272,15 @@ class StepModel:
         """``(k, c)`` with ``a^theta = k * lambda`` and ``a^G = c * lambda`` when the step's transpose
         maps ``lambda`` (the adjoint of ``theta_next``) to multiples of itself: stateless SGD with
         one learning rate, sign and weight decay for every tensor (``k = 1 - lr * wd``,
-        ``c = -lr * sign``: the scalar case of :meth:`vjp`'s closed form). ``None`` for every other
-        step (use :meth:`vjp`)."""
+        ``c = -lr * sign``: the scalar case of :meth:`vjp`'s closed form, for ``k > 0``). ``None``
+        for every other step (use :meth:`vjp`)."""
         if not self.is_stateless_sgd:
             return None
         uniform = self.uniform(hyper, dtype, device)
         if not all(name in uniform for name in ("lr", "sign", "weight_decay")):
             return None
-        return 1.0 - uniform["lr"] * uniform["weight_decay"], -uniform["lr"] * uniform["sign"]
+        keep = 1.0 - uniform["lr"] * uniform["weight_decay"]
+        return (keep, -uniform["lr"] * uniform["sign"]) if keep > 0 else None
 
     def vjp(
         self,

@@ -275,7 +275,7 @@ class DiffInSweep:
                     else None
                 )
                 for q in range(columns):
-                    if scales is not None and scales[0] > 0:
+                    if scales is not None:
                         terms = self._scaled_step(loss_fn, record, adjoint[:, q], scales, propagate, scored)
                         if terms is not None:
                             derivatives.append(terms)
