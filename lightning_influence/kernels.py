@@ -18,6 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 PerSampleLossFn = Callable[[Mapping[str, Tensor], Any], Tensor]
 """``(params, batch) -> Tensor[B]``: unreduced per-sample losses at ``params``."""
@@ -375,36 +378,122 @@ def all_finite(tensors: Tensor | Sequence[Tensor]) -> bool:
     return bool(torch.isfinite(total)) or all(bool(torch.isfinite(t).all()) for t in parts)
 
 
-_KINKED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Hardshrink,
-    nn.Softshrink,
-    nn.Threshold,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-)
-
 KINKED_REL_STEP = 5e-3
-"""Default relative finite-difference step for networks with kinks (see :func:`has_kinked_layers`):
+"""Default relative finite-difference step for losses with kinks (see :func:`kinked_operations`):
 about the cube root of float32's machine epsilon, so float64 runs average the curvature over the
 same width as float32 ones (``benchmarks/kinked_steps.py`` compares steps against retraining)."""
 
+_KINKS = frozenset(
+    {
+        # piecewise-linear activations (ReLU family, hard activations, shrinkage, ReLU RNNs)
+        "relu", "relu_", "_prelu_kernel", "prelu", "leaky_relu", "leaky_relu_", "rrelu_with_noise",
+        "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardshrink", "softshrink",
+        "rnn_relu", "rnn_relu_cell",
+        # max pooling and other selections of one element among several
+        "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+        "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+        "fractional_max_pool2d", "fractional_max_pool3d", "max", "min", "amax", "amin", "aminmax", "maximum",
+        "minimum", "fmax", "fmin", "topk", "sort", "kthvalue", "median", "nanmedian", "cummax", "cummin",
+        # absolute values and margins (L1 losses, hinge losses)
+        "abs", "abs_", "multi_margin_loss", "multilabel_margin_loss_forward",
+        # comparisons of parameter-dependent values (masks such as x * (x > 0), torch.where(x > 0, ...))
+        "gt", "ge", "lt", "le", "sign", "sgn", "heaviside",
+    }
+)
+_CLAMPS = frozenset(
+    {"clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_", "hardtanh", "hardtanh_", "threshold", "threshold_"}
+)
+"""Kinked where they bind: counted only if they change a value of the traced batch (``F.normalize``'s
+``clamp_min(eps)`` of a norm never does)."""
 
-def has_kinked_layers(module: nn.Module) -> bool:
-    """True if ``module`` holds a standard piecewise-linear layer (ReLU family, hard activations,
-    max pooling): its gradient jumps where a unit crosses a kink. A finite-difference step that
-    crosses one turns the jump into a spurious product of size ``jump / eps``; the tiny steps that
-    are optimal for smooth functions make that arbitrarily large. Larger central steps
-    (:data:`KINKED_REL_STEP`) average over the kinks instead. (Kinks from functional calls such
-    as ``F.relu`` in ``forward`` are not visible here.)"""
-    return any(isinstance(m, _KINKED_LAYERS) for m in module.modules())
+
+class _KinkTrace(TorchDispatchMode):
+    """Follows which tensors depend on the parameters through every operation and collects the
+    kinked operations applied to them (see :func:`kinked_operations`)."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.dependent: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for p in params:
+            self.dependent[p] = True
+        self.kinks: dict[str, None] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        dependent = any(t in self.dependent for t in inputs)
+        before = args[0].clone() if dependent and name in _CLAMPS and name.endswith("_") else None
+        out = func(*args, **kwargs)
+        if not dependent or name == "detach":
+            return out
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.dependent[t] = True
+        floating = any(t.is_floating_point() for t in inputs if t in self.dependent)
+        if not floating:
+            return out
+        if name in _CLAMPS:
+            unclamped = before if before is not None else args[0]
+            if bool((out != unclamped).any()):
+                self.kinks[name] = None
+        elif name in _KINKS or (name in ("elu", "elu_") and _elu_is_kinked(args, kwargs)):
+            self.kinks[name] = None
+        return out
+
+
+def _elu_is_kinked(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """``aten.elu(x, alpha, scale, input_scale)``: slope ``alpha * scale * input_scale`` below zero and
+    ``scale`` above it (SELU: 1.76 against 1.05); continuous only if ``alpha * input_scale == 1``."""
+    alpha = args[1] if len(args) > 1 else kwargs.get("alpha", 1.0)
+    input_scale = args[3] if len(args) > 3 else kwargs.get("input_scale", 1.0)
+    return float(alpha) * float(input_scale) != 1.0
+
+
+def kinked_operations(
+    loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, module: nn.Module | None = None
+) -> list[str]:
+    """The operations of ``loss_fn(params, batch)`` whose derivative jumps, applied to values that
+    depend on ``params`` (ATen names, in order of first use; empty for a smooth loss).
+
+    One traced evaluation (a dispatch mode follows the dependence on ``params``), so kinks count
+    however they are written: ``nn.ReLU``, ``F.relu``, ``x.clamp(min=0)``, max pooling, L1 and
+    hinge losses, masks from comparisons. A finite-difference step that crosses a kink turns the
+    gradient's jump into a spurious product of size ``jump / eps``; larger central steps
+    (:data:`KINKED_REL_STEP`) average over the kinks instead. Operations on the data alone
+    (clamping inputs, masks from labels) are not kinks in the parameters and are not listed;
+    clamps count only if they change a value of ``batch``'s evaluation. ``module``: the network
+    ``loss_fn`` evaluates; its compiled submodules run uncompiled for the trace (dynamo does not
+    compile under a dispatch mode, and would not compile a frame it skipped once, training included).
+    """
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    trace = _KinkTrace(list(leaves.values()))
+
+    with _uncompiled(module), torch.enable_grad(), trace:
+        loss_fn(leaves, batch)
+    return list(trace.kinks)
+
+
+@contextlib.contextmanager
+def _uncompiled(module: nn.Module | None) -> Iterator[None]:
+    """Run the compiled submodules of ``module`` (``torch.compile(sub)``, ``sub.compile()``) by their
+    original code, leaving their compiled code untouched."""
+    saved: list[tuple[nn.Module, str, Any]] = []
+    for sub in module.modules() if module is not None else ():
+        if isinstance(sub, torch._dynamo.eval_frame.OptimizedModule):
+            saved.append((sub, "forward", sub.__dict__.get("forward")))
+            sub.forward = sub._orig_mod.__call__
+        elif getattr(sub, "_compiled_call_impl", None) is not None:
+            saved.append((sub, "_compiled_call_impl", sub._compiled_call_impl))
+            sub._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for sub, name, value in saved:
+            if value is None:
+                sub.__dict__.pop(name, None)
+            else:
+                setattr(sub, name, value)
 
 
 def has_mode_dependent_layers(module: nn.Module) -> bool:

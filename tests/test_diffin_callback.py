@@ -568,8 +568,32 @@ def test_kinked_networks_get_central_differences_with_a_larger_step(small_digits
     cnn = DiffIn(target="val", target_loader=small_digits.val)
     _fit(small_digits, cnn, model=SmallCNN(channels=(2, 4), lr=0.05).double())
     meta = cnn.scores.metadata
-    assert meta["kinked_layers"] and meta["finite_difference"] == "central" and meta["fd_rel_step"] == 5e-3
+    assert meta["kinks"] == ["relu"] and meta["finite_difference"] == "central" and meta["fd_rel_step"] == 5e-3
     smooth = DiffIn(target="val", target_loader=small_digits.val)
     _fit(small_digits, smooth)
     meta = smooth.scores.metadata
-    assert not meta["kinked_layers"] and meta["finite_difference"] == "forward" and meta["fd_rel_step"] is None
+    assert meta["kinks"] == [] and meta["finite_difference"] == "forward" and meta["fd_rel_step"] is None
+    given = DiffIn(target="val", target_loader=small_digits.val, finite_difference="central", fd_rel_step=1e-3)
+    _fit(small_digits, given, model=SmallCNN(channels=(2, 4), lr=0.05).double())
+    meta = given.scores.metadata
+    assert meta["kinks"] is None and meta["finite_difference"] == "central" and meta["fd_rel_step"] == 1e-3  # not traced
+
+
+class _FunctionalReLU(Classifier):
+    """The MLP with its ReLU written as a function call in forward: no ReLU layer to see."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        hidden, out = self.net[0], self.net[2]
+        return out(F.relu(hidden(x)))
+
+
+def test_a_functional_relu_is_scored_like_the_relu_layer(small_digits):
+    layer, functional = (DiffIn(target="val", target_loader=small_digits.val) for _ in range(2))
+    _fit(small_digits, layer, model=Classifier(hidden=(16,), activation="relu", lr=0.1).double())
+    _fit(small_digits, functional, model=_FunctionalReLU(hidden=(16,), activation="relu", lr=0.1).double())
+    for cb in (layer, functional):
+        meta = cb.scores.metadata
+        assert meta["kinks"] == ["relu"] and meta["finite_difference"] == "central" and meta["fd_rel_step"] == 5e-3
+    torch.testing.assert_close(functional.scores.values, layer.scores.values, rtol=0, atol=0)
+
+

@@ -17,6 +17,7 @@ from lightning_influence.kernels import (
     evaluation_mode,
     has_mode_dependent_layers,
     hessian_vector_product,
+    kinked_operations,
     losses_and_gradient,
     per_sample_loss_function,
 )
@@ -241,3 +242,102 @@ def test_all_finite_over_one_or_several_tensors():
         assert not all_finite(broken)
         assert not all_finite([big, broken, half])
         assert not all_finite([torch.ones(3), broken.half()])
+
+
+class _Functional(nn.Module):
+    """Kinks written as function calls, where no layer type shows them."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        h = self.a(x.clamp(-1.0, 1.0))  # clamping the data is no kink in the parameters
+        if self.kind == "relu":
+            h = torch.nn.functional.relu(h)
+        elif self.kind == "clamp":
+            h = h.clamp(min=0.0)
+        elif self.kind == "mask":
+            h = h * (h > 0)
+        elif self.kind == "maxpool":
+            h = torch.nn.functional.max_pool1d(h.unsqueeze(1), 2).repeat(1, 1, 2).squeeze(1)
+        elif self.kind == "normalize":  # its clamp_min(eps) of the norm never binds
+            h = torch.nn.functional.normalize(torch.tanh(h), dim=-1)
+        return self.b(h)
+
+
+@pytest.mark.parametrize(
+    "kind, loss, expected",
+    [
+        ("tanh", "ce", []),
+        ("normalize", "ce", []),
+        ("relu", "ce", ["relu"]),
+        ("clamp", "ce", ["clamp"]),
+        ("mask", "ce", ["gt"]),
+        ("maxpool", "ce", ["max_pool2d_with_indices"]),
+        ("tanh", "l1", ["abs"]),
+        ("tanh", "mse", []),
+        ("tanh", "huber", []),
+        ("tanh", "hinge", ["multi_margin_loss"]),
+    ],
+)
+def test_kinked_operations_are_found_however_they_are_written(kind, loss, expected):
+    torch.manual_seed(0)
+    module = _Functional(kind).double()
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 4, (12,))
+    losses = {
+        "ce": lambda out: torch.nn.functional.cross_entropy(out, y, reduction="none"),
+        "l1": lambda out: torch.nn.functional.l1_loss(out[:, 0], y.double(), reduction="none"),
+        "mse": lambda out: torch.nn.functional.mse_loss(out[:, 0], y.double(), reduction="none"),
+        "huber": lambda out: torch.nn.functional.huber_loss(out[:, 0], y.double(), reduction="none"),
+        "hinge": lambda out: torch.nn.functional.multi_margin_loss(out, y, reduction="none"),
+    }
+
+    def loss_fn(params, batch):  # type: ignore[no-untyped-def]
+        return losses[loss](torch.func.functional_call(module, params, (batch,)))
+
+    params = dict(module.named_parameters())
+    assert kinked_operations(loss_fn, params, x) == expected
+    # kinks before the attributed parameters are no kinks in them: a ReLU below a head-only subset
+    if kind == "relu" and loss == "ce":
+        head = {n: p for n, p in params.items() if n.startswith("b.")}
+        assert kinked_operations(loss_fn, head, x) == []
+
+
+@pytest.mark.parametrize(
+    "layers, expected",
+    [
+        (lambda: [nn.ReLU()], ["relu"]),
+        (lambda: [nn.LeakyReLU()], ["leaky_relu"]),
+        (lambda: [nn.Hardswish()], ["hardswish"]),
+        (lambda: [nn.ReLU6()], ["hardtanh"]),
+        (lambda: [nn.SELU()], ["elu"]),
+        (lambda: [nn.ELU()], []),  # alpha = 1: continuous slope
+        (lambda: [nn.GELU()], []),
+        (lambda: [nn.SiLU()], []),
+    ],
+)
+def test_kinked_layers_are_found(layers, expected):
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(6, 8), *layers(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(12, 6, dtype=torch.float64) * 4, torch.randint(0, 4, (12,))
+
+    def loss_fn(params, batch):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(module, params, (batch,)), y, reduction="none")
+
+    assert kinked_operations(loss_fn, dict(module.named_parameters()), x) == expected
+
+
+def test_a_transformer_layer_is_traced_through_its_unfused_path():
+    # Without autograd, TransformerEncoderLayer takes a fused kernel that hides its ReLU; the trace
+    # runs with gradients on, as the sweep's gradient passes do.
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(3, 5, 8)
+
+    def loss_fn(params, batch):  # type: ignore[no-untyped-def]
+        return torch.func.functional_call(layer, params, (batch,)).square().mean(dim=(1, 2))
+
+    with torch.no_grad():
+        assert kinked_operations(loss_fn, dict(layer.named_parameters()), x) == ["relu"]

@@ -40,7 +40,8 @@ from lightning_influence.kernels import (
     all_finite,
     KINKED_REL_STEP,
     default_rel_step,
-    has_kinked_layers,
+    evaluation_mode,
+    kinked_operations,
     has_mode_dependent_layers,
     per_sample_loss_function,
 )
@@ -259,8 +260,10 @@ class DiffIn(Callback):
             raise ValueError(f"coupled must be None (the module's coupled_batch_loss), True or False, got {coupled!r}")
         self.coupled = coupled
         self._coupled = False
-        self._kinked = False  # whether the module has piecewise-linear layers (set in setup)
-        self._rel_step: float | None = None  # the finite-difference step in use (set in setup)
+        self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
+        self._kinks_pending = False
+        self._restored_kinks: list[str] | None = None
+        self._recorded_is_exact = True
         self._scores: InfluenceScores | None = None
         # ddp_spawn / ddp_fork: rank zero hands the scores to this (launching) process through this file.
         self._owner_pid = os.getpid()
@@ -391,25 +394,15 @@ class DiffIn(Callback):
         self._target = self._make_target(trainer, pl_module)
         # The gradient recorded in training is the forward difference's base when it equals the one the
         # sweep would compute: same network (no dropout/batch norm) and full precision (no autocast).
-        recorded_is_exact = not has_mode_dependent_layers(pl_module) and not self._mixed
-        # Piecewise-linear layers (ReLU, max pooling): larger central steps average over the kinks that a
-        # tiny step may cross (a crossing turns the gradient's jump into a spurious product of size jump/eps).
-        self._kinked = has_kinked_layers(pl_module)
-        if self.finite_difference == "auto":
-            scheme: FiniteDifference = "forward" if recorded_is_exact and not self._kinked else "central"
-        else:
-            scheme = self.finite_difference
-        reuse = scheme == "forward" and recorded_is_exact
-        self._rel_step = self.fd_rel_step
-        if self._rel_step is None and self._kinked:
-            self._rel_step = max(KINKED_REL_STEP, default_rel_step(self._space.dtype, scheme))
-        self._reuse_gradient = reuse
+        self._recorded_is_exact = not has_mode_dependent_layers(pl_module) and not self._mixed
+        # Kinks (ReLU, max pooling, clamps, L1 losses) are found by tracing the loss on the first batch; until then
+        # (and for good when the scheme and the step are both given) the loss counts as smooth. A resumed fit
+        # keeps the decision of the run it continues.
+        kinks, self._restored_kinks = self._restored_kinks, None
+        self._kinks = kinks
+        self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
+        scheme, rel_step, reuse = self._differences(kinks or [])
         self._per_sample = self._resolve_per_sample()
-        # Forward differences of the losses need the losses at theta_t: training_step computes them
-        # (through InfluenceMixin's loss tap) when training's network is the sweep's (``reuse``).
-        self._capture_losses = (
-            self._per_sample == "finite_difference" and reuse and not self._coupled and isinstance(pl_module, InfluenceMixin)
-        )
         self._micro_losses = {}
         if not self._restored:
             # A new fit scores a new run: earlier results refer to another final model.
@@ -440,7 +433,7 @@ class DiffIn(Callback):
             self._model,
             context_space=self._context_space,
             finite_difference=scheme,
-            fd_rel_step=self._rel_step,
+            fd_rel_step=rel_step,
             reuse_recorded_gradient=reuse,
             hessian_every=self.hessian_every,
             collective=self._collective,
@@ -448,6 +441,7 @@ class DiffIn(Callback):
             per_sample=self._per_sample,
             chunk_size=self.chunk_size,
         )
+        self._set_differences(pl_module, scheme, rel_step, reuse)
         self._trajectory = Trajectory(
             self.storage,
             self.spill_dir,
@@ -456,6 +450,47 @@ class DiffIn(Callback):
             keep_gradients=self.checkpoint_every > 1 and self.recompute == "updates",
         )
         self._trajectory.restore(restored_records)
+
+    def _differences(self, kinks: Sequence[str]) -> tuple[FiniteDifference, float | None, bool]:
+        """The finite differences for a loss with these kinked operations: ``(scheme, relative step,
+        whether the forward difference's base is the gradient recorded in training)``. ``"auto"``:
+        forward differences against the recorded gradient where it is the sweep's (one gradient pass
+        per product), else central; for a loss with kinks central, with a step of at least
+        :data:`KINKED_REL_STEP` that averages over them (a tiny step that crosses one turns the
+        gradient's jump into a spurious product of size jump / eps)."""
+        assert self._space is not None
+        if self.finite_difference == "auto":
+            scheme: FiniteDifference = "forward" if self._recorded_is_exact and not kinks else "central"
+        else:
+            scheme = self.finite_difference
+        rel_step = self.fd_rel_step
+        if rel_step is None and kinks:
+            rel_step = max(KINKED_REL_STEP, default_rel_step(self._space.dtype, scheme))
+        return scheme, rel_step, scheme == "forward" and self._recorded_is_exact
+
+    def _set_differences(self, pl_module: L.LightningModule, scheme: FiniteDifference, rel_step: float | None, reuse: bool) -> None:
+        assert self._sweep is not None
+        self._sweep.finite_difference, self._sweep.fd_rel_step, self._sweep.reuse_recorded_gradient = scheme, rel_step, reuse
+        # Forward differences of the losses need the losses at theta_t: training_step computes them
+        # (through InfluenceMixin's loss tap) when training's network is the sweep's (``reuse``).
+        self._capture_losses = (
+            self._per_sample == "finite_difference" and reuse and not self._coupled and isinstance(pl_module, InfluenceMixin)
+        )
+
+    def _find_kinks(self, pl_module: L.LightningModule, batch: Any) -> None:
+        """Trace the sweep's loss on the first batch for kinked operations on parameter-dependent
+        values (:func:`~lightning_influence.kernels.kinked_operations`) and set the finite
+        differences for them; in distributed runs every rank takes the same decision."""
+        assert self._space is not None and self._loss_fn is not None
+        params = dict(zip(self._space.names, self._params, strict=True))
+        with evaluation_mode(pl_module):
+            kinks = kinked_operations(self._loss_fn, params, batch, pl_module)
+        if self._collective.distributed:
+            anywhere = self._collective.max(torch.tensor([len(kinks)], device=pl_module.device))
+            if not kinks and int(anywhere[0]) > 0:
+                kinks = ["(another rank's batch)"]
+        self._kinks = kinks
+        self._set_differences(pl_module, *self._differences(kinks))
 
     def _resolve_per_sample(self) -> PerSampleDerivatives:
         """``per_sample="auto"``: finite differences of the losses where they are as accurate as
@@ -526,6 +561,9 @@ class DiffIn(Callback):
                 "that filters samples out can produce them)"
             )
         check_ids(ids, dataset_length(trainer), pl_module, batch)
+        if self._kinks_pending:
+            self._kinks_pending = False
+            self._find_kinks(pl_module, batch)
         self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
         if not self._loss_checked and self._loss_check is None:
             # Same RNG stream as training_step will draw, so dropout masks agree; with autograd on, to check
@@ -598,7 +636,7 @@ class DiffIn(Callback):
         hyper, state = model.capture(rest_norm_sq=rest)
         keep = trajectory.keeps_theta(self.steps_seen)  # between checkpoints: the batches (and gradients, recompute="updates")
         needs_grad = (
-            self._reuse_gradient
+            self._sweep.reuse_recorded_gradient
             or not model.is_stateless_sgd
             or self._verified_steps < VERIFIED_STEPS
             or trajectory.keep_gradients  # the steps between checkpoints are rebuilt from their gradients
@@ -829,7 +867,7 @@ class DiffIn(Callback):
             "params": self.params,
             "finite_difference": self._sweep.finite_difference,
             "fd_rel_step": self._sweep.fd_rel_step,
-            "kinked_layers": self._kinked,
+            "kinks": list(self._kinks) if self._kinks is not None else None,
             "max_adjoint_growth": round(self._sweep.max_adjoint_growth, 6),
             "hessian_every": self.hessian_every,
             "hessian_products": self._sweep.hessian_products,
@@ -866,6 +904,7 @@ class DiffIn(Callback):
             "skipped_steps": self.skipped_steps,
             "verified_steps": self._verified_steps,
             "loss_checked": self._loss_checked,
+            "kinks": list(self._kinks) if self._kinks is not None else None,
             "accumulator": accumulator.state_dict() if accumulator is not None else None,
             "records": records,
         }
@@ -890,6 +929,8 @@ class DiffIn(Callback):
         self.skipped_steps = int(state_dict["skipped_steps"])
         self._restored_verified = int(state_dict["verified_steps"])
         self._restored_loss_checked = bool(state_dict["loss_checked"])
+        kinks = state_dict.get("kinks")
+        self._restored_kinks = [str(k) for k in kinks] if kinks is not None else None
         self._accumulator = ScoreAccumulator()
         if state_dict["accumulator"] is not None:
             self._accumulator.load_state_dict(state_dict["accumulator"])
