@@ -91,7 +91,8 @@ class Trajectory:
     """A window of recorded steps, oldest first.
 
     ``storage="memory"`` keeps records as they are (batches stay on their device);
-    ``"disk"`` writes each record to ``spill_dir`` (a temporary folder by default) and reads it
+    ``"disk"`` writes each record to a folder of its own in ``spill_dir`` (the system temporary
+    folder by default), deleted by :meth:`close`, and reads it
     back with ``torch.load(weights_only=True)``. ``checkpoint_every=k`` stores parameters and
     optimizer state only every k steps; the steps in between are rebuilt during the reverse sweep
     by re-running the update with ``recompute_step``. With ``keep_gradients`` every step keeps
@@ -117,10 +118,13 @@ class Trajectory:
         self.device = torch.device(device)
         self._records: deque[StepRecord | Path] = deque()
         self.pool: VectorPool | None = None
-        self._own_dir = storage == "disk" and spill_dir is None
-        self._dir = Path(tempfile.mkdtemp(prefix="diffin-trajectory-")) if self._own_dir else (Path(spill_dir) if spill_dir else None)
-        if self._dir is not None:
-            self._dir.mkdir(parents=True, exist_ok=True)
+        # A folder of its own (inside spill_dir when given): callbacks, ranks and processes sharing a
+        # spill_dir never read or delete each other's files.
+        self._dir: Path | None = None
+        if storage == "disk":
+            if spill_dir is not None:
+                Path(spill_dir).mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="diffin-trajectory-", dir=spill_dir))
 
     def __len__(self) -> int:
         return len(self._records)
@@ -247,7 +251,7 @@ class Trajectory:
         this trajectory made)."""
         self.drop_oldest(len(self._records))
         self.pool = None
-        if self._own_dir and self._dir is not None:
+        if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 

@@ -426,3 +426,28 @@ def test_per_process_recorders_refuse_distributed_strategies(name):
     args = (Trainer(), Classifier(), "fit") if hook.__name__ == "setup" else (Trainer(), Classifier())
     with pytest.raises(ValueError, match=f"{name} does not support strategy DDPStrategy"):
         hook(*args)
+
+
+class _FreezesBody(Classifier):
+    """Freezes (or, with ``thaw``, unfreezes) its first layer at the second epoch."""
+
+    def __init__(self, thaw: bool = False, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.thaw = thaw
+        for p in self.net[0].parameters():
+            p.requires_grad_(not thaw)
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 1:
+            for p in self.net[0].parameters():
+                p.requires_grad_(self.thaw)
+
+
+@pytest.mark.parametrize("thaw", [False, True])
+def test_parameters_frozen_or_unfrozen_during_fit_are_refused(small_digits, thaw):
+    model = _FreezesBody(thaw=thaw, hidden=(8,), lr=0.1).double()
+    match = "has been unfrozen" if thaw else "'net.0.weight' has been frozen"
+    with pytest.raises(ValueError, match=match + ".*set of trained parameters changed.*keep them frozen"):
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=small_digits.val)], max_epochs=2).fit(
+            model, train_dataloaders=small_digits.train
+        )

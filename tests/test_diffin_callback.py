@@ -101,7 +101,21 @@ def test_trajectory_storage_policies_give_the_replay_scores(small_digits, tmp_pa
     # Recomputed steps reproduce the trajectory up to rounding; spilled ones exactly.
     atol = 1e-15 if options.get("checkpoint_every", 1) == 1 else 1e-8
     torch.testing.assert_close(_values(other), _values(reference), rtol=0, atol=atol * _values(reference).abs().max())
-    assert not list((tmp_path / "spill").glob("*.pt"))  # spilled records are removed after the sweep
+    assert not list((tmp_path / "spill").rglob("*"))  # spilled records (and their folder) are removed after the sweep
+
+
+def test_callbacks_sharing_a_spill_dir_keep_their_own_files(small_digits, tmp_path):
+    reference = DiffIn(target="val", target_loader=small_digits.val)
+    spilled = [
+        DiffIn(target="val", target_loader=small_digits.val, storage="disk", spill_dir=tmp_path, window=window, mode=mode)
+        for mode, window in (("replay", 256), ("online", 8))
+    ]
+    spilled[0]._generate_state_key = lambda **kw: "replay"
+    spilled[1]._generate_state_key = lambda **kw: "online"
+    _fit(small_digits, reference, *spilled)
+    torch.testing.assert_close(_values(spilled[0]), _values(reference), rtol=0, atol=0)
+    assert spilled[1].scores.metadata["truncated_sweeps"] > 0
+    assert not list(tmp_path.rglob("*"))
 
 
 class _WithDropout(Classifier):

@@ -170,3 +170,49 @@ def test_clipping_by_norm_with_a_parameter_subset_counts_the_other_parameters_in
     model = Classifier(hidden=(16,), lr=0.1).double()
     quiet_trainer(callbacks=[cb], gradient_clip_val=0.05, max_steps=6).fit(model, train_dataloaders=small_digits.train)
     assert torch.isfinite(cb.scores.values).all()
+
+
+class _SkipsBatches(Classifier):
+    """Returns ``None`` from ``training_step`` for some batches: Lightning runs no backward, SGD moves nothing."""
+
+    skip = (2, 5, 9)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return None if batch_idx in self.skip else super().training_step(batch, batch_idx)
+
+
+def test_batches_skipped_by_training_step_change_nothing(small_digits):
+    """A skipped batch is a step without gradients: its samples' removal changes nothing there. The
+    scores equal those of the run that never saw those batches, and samples seen only in them score 0."""
+    one_epoch = small_digits.train.batches[:16]
+    kept = [b for k, b in enumerate(one_epoch) if k not in _SkipsBatches.skip]
+    scores = []
+    for model, batches in ((_SkipsBatches(hidden=(16,), lr=0.1), one_epoch), (Classifier(hidden=(16,), lr=0.1), kept)):
+        torch.manual_seed(0)
+        model.load_state_dict(Classifier(hidden=(16,), lr=0.1).state_dict())
+        cb = DiffIn(target="val", target_loader=small_digits.val)
+        quiet_trainer(callbacks=[cb]).fit(model.double(), train_dataloaders=FixedBatches(batches))
+        scores.append(cb.scores)
+    skipping, reference = scores
+    assert skipping.metadata["empty_steps"] == len(_SkipsBatches.skip) and skipping.metadata["steps_seen"] == len(kept)
+    skipped_ids = torch.cat([one_epoch[k][2] for k in _SkipsBatches.skip])
+    assert len(skipping) == len(reference) + skipped_ids.numel()
+    assert all(float(skipping[int(i)]) == 0.0 for i in skipped_ids)
+    torch.testing.assert_close(torch.stack([skipping[int(i)] for i in reference.ids]), reference.values, rtol=0, atol=1e-15)
+
+
+def test_float32_data_under_64_true_is_scored_like_float64_data(small_digits):
+    """Lightning converts the model and the training batches to float64; the target batches are
+    converted alike."""
+    scores = []
+    for precision, dtype in (("64-true", torch.float32), ("32-true", torch.float64)):
+        torch.manual_seed(0)
+        model = Classifier(hidden=(16,), lr=0.1)
+        if dtype == torch.float64:
+            model = model.double()
+        cast = lambda fb: FixedBatches([(x.to(dtype), y, i) for x, y, i in fb.batches])  # noqa: E731
+        cb = DiffIn(target="val", target_loader=cast(small_digits.val))
+        quiet_trainer(callbacks=[cb], precision=precision).fit(model, train_dataloaders=cast(small_digits.train))
+        scores.append(cb.scores.values)
+    # the float32 data is rounded once; everything after runs in float64
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-6 * float(scores[1].abs().max()))

@@ -302,8 +302,10 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
 def device_target_batches(
     source: Callable[[], Iterable[Any]], trainer: L.Trainer, kind: str, explicit: bool, owner: str
 ) -> Callable[[], Iterator[Any]]:
-    """The non-empty batches of ``source()`` moved to the training device; a loader that yields
-    no sample raises :func:`empty_target_message` (the target loss is undefined without any)."""
+    """The non-empty batches of ``source()`` moved to the training device and converted by the
+    precision plugin (e.g. to float64 under ``precision="64-true"``), as Lightning's loops do; a
+    loader that yields no sample raises :func:`empty_target_message` (the target loss is
+    undefined without any)."""
     strategy = trainer.strategy
 
     def batches() -> Iterator[Any]:
@@ -314,7 +316,7 @@ def device_target_batches(
             if batch_length(batch) == 0:
                 continue  # adds nothing to the target, and per_sample_loss may fail on it
             found = True
-            yield strategy.batch_to_device(batch)
+            yield trainer.precision_plugin.convert_input(strategy.batch_to_device(batch))
         if not found:
             raise ValueError(empty_target_message(kind, explicit, seen, owner))
 

@@ -175,7 +175,9 @@ class DiffIn(Callback):
     SGD with momentum/Nesterov/weight decay, Adam and AdamW, any scheduler, gradient accumulation
     (one step over several micro-batches), Lightning's gradient clipping, and mixed precision
     (the unscaled gradients the optimizer used; steps the gradient scaler skipped, or any step
-    with non-finite gradients, contribute nothing and are counted in ``skipped_steps``). The
+    with non-finite gradients, contribute nothing and are counted in ``skipped_steps``; steps
+    without any gradient, e.g. where ``training_step`` returned ``None``, change nothing and are
+    counted in ``empty_steps``). Parameters frozen or unfrozen during fit are refused. The
     derivatives themselves are evaluated in full precision, outside autocast, in eval mode
     (dropout off, batch-norm running statistics): with dropout or batch norm the scores are the
     influence through the deterministic (eval-mode) network along the recorded trajectory.
@@ -278,6 +280,7 @@ class DiffIn(Callback):
         self.truncated_sweeps = 0
         self.steps_scored_truncated = 0
         self.skipped_steps = 0
+        self.empty_steps = 0
         self.seconds = 0.0
         self._accumulator: ScoreAccumulator | None = None
         self._trajectory: Trajectory | None = None
@@ -311,7 +314,7 @@ class DiffIn(Callback):
             self._handoff.unlink(missing_ok=True)
             self._scores = scores
             meta = scores.metadata
-            for name in ("steps_seen", "steps_scored", "truncated_sweeps", "steps_scored_truncated", "skipped_steps"):
+            for name in ("steps_seen", "steps_scored", "truncated_sweeps", "steps_scored_truncated", "skipped_steps", "empty_steps"):
                 setattr(self, name, int(meta[name]))  # type: ignore[arg-type]
             self.seconds = float(meta["callback_seconds"])  # type: ignore[arg-type]
         return self._scores
@@ -408,7 +411,7 @@ class DiffIn(Callback):
             # A new fit scores a new run: earlier results refer to another final model.
             self._accumulator = ScoreAccumulator(capacity=dataset_length(trainer) or 0)
             self.steps_seen = self.steps_scored = self.truncated_sweeps = self.steps_scored_truncated = 0
-            self.skipped_steps = 0
+            self.skipped_steps = self.empty_steps = 0
             self.seconds = 0.0
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
@@ -601,7 +604,17 @@ class DiffIn(Callback):
         space, model = self._space, self._model
         assert space is not None and model is not None and self._trajectory is not None and self._accumulator is not None
         trajectory = self._trajectory
+        self._check_trained_parameters(trainer, optimizer)
         missing = [i for i, p in enumerate(self._params) if p.grad is None]
+        context_grads = [p.grad for p in self._context if p.grad is not None]
+        if len(missing) == len(self._params) and not context_grads:
+            # No gradient at all (training_step returned None): the optimizer leaves every parameter and its
+            # state as they are, so removing any of these samples changes nothing at this step.
+            self.empty_steps += 1
+            for _, ids in micro:
+                self._accumulator.mark_seen(ids)
+            self.seconds += time.perf_counter() - start
+            return
         if missing and not model.treats_missing_gradient_as_zero():
             raise ValueError(
                 f"parameter {self._space.names[missing[0]]!r} received no gradient at optimizer step {trainer.global_step}: "
@@ -609,7 +622,6 @@ class DiffIn(Callback):
                 "Freeze it (requires_grad_(False)) or leave it out of the optimizer"
             )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        context_grads = [p.grad for p in self._context if p.grad is not None]
         finite = all_finite(grads + context_grads)
         global_ids: tuple[Tensor, ...] | None = None
         if self._collective.distributed:  # the skip decision and the global batch, on every rank alike
@@ -668,6 +680,27 @@ class DiffIn(Callback):
         else:
             trajectory.append(record)
         self.seconds += time.perf_counter() - start
+
+    def _check_trained_parameters(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """The parameters split into attributed and fixed ones at fit start must keep training:
+        one frozen or unfrozen since is refused (its steps would be mis-scored)."""
+        assert self._space is not None
+        frozen = [name for name, p in zip(self._space.names, self._params, strict=True) if not p.requires_grad]
+        known = {id(p) for p in self._params} | {id(p) for p in self._context}
+        thawed = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in known and p.grad is not None]
+        if not frozen and not thawed:
+            return
+        what = (
+            f"parameter {frozen[0]!r} has been frozen (requires_grad=False)"
+            if frozen
+            else f"a parameter of shape {tuple(thawed[0].shape)} that was frozen has been unfrozen (it received a gradient)"
+        )
+        raise ValueError(
+            f"{what} since DiffIn took the trainable parameters (its on_fit_start, before the module's), seen at "
+            f"optimizer step {trainer.global_step}: DiffIn cannot score steps in which the set of trained parameters "
+            "changed. Freeze parameters before fit (or leave them out of the optimizer) and keep them frozen, or score "
+            "each training phase with its own fit"
+        )
 
     def _global_step_batch(self, micro: list[tuple[Any, Tensor]], finite: bool) -> tuple[bool, tuple[Tensor, ...] | None]:
         """Collectives (every rank, every optimizer step): whether every rank's gradients are finite
@@ -788,6 +821,7 @@ class DiffIn(Callback):
                     **{f"score_{k}" if k != "harmful_fraction" else k: v for k, v in summary.items()},
                     "steps_scored": float(self.steps_scored),
                     "skipped_steps": float(self.skipped_steps),
+                    "empty_steps": float(self.empty_steps),
                     "callback_seconds": self.seconds,
                     "callback_seconds_per_step": self.seconds / max(self.steps_seen, 1),
                 },
@@ -862,6 +896,7 @@ class DiffIn(Callback):
             "truncated_sweeps": self.truncated_sweeps,
             "steps_scored_truncated": self.steps_scored_truncated,
             "skipped_steps": self.skipped_steps,
+            "empty_steps": self.empty_steps,
             "optimizer": type(self._model.optimizer).__name__ if self._model is not None else None,
             "second_moment": self.second_moment,
             "params": self.params,
@@ -902,6 +937,7 @@ class DiffIn(Callback):
             "truncated_sweeps": self.truncated_sweeps,
             "steps_scored_truncated": self.steps_scored_truncated,
             "skipped_steps": self.skipped_steps,
+            "empty_steps": self.empty_steps,
             "verified_steps": self._verified_steps,
             "loss_checked": self._loss_checked,
             "kinks": list(self._kinks) if self._kinks is not None else None,
@@ -927,6 +963,7 @@ class DiffIn(Callback):
         self.truncated_sweeps = int(state_dict["truncated_sweeps"])
         self.steps_scored_truncated = int(state_dict["steps_scored_truncated"])
         self.skipped_steps = int(state_dict["skipped_steps"])
+        self.empty_steps = int(state_dict.get("empty_steps", 0))
         self._restored_verified = int(state_dict["verified_steps"])
         self._restored_loss_checked = bool(state_dict["loss_checked"])
         kinks = state_dict.get("kinks")
