@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import operator
 import os
 import tempfile
 from collections.abc import Mapping
@@ -78,8 +79,12 @@ class InfluenceScores:
         return self.values[:, query]
 
     def __getitem__(self, sample_id: int) -> Tensor:
-        """Score(s) of one sample id."""
-        hit = (self.ids == int(sample_id)).nonzero()
+        """Score(s) of one sample id (an integer)."""
+        try:
+            sample_id = operator.index(sample_id)
+        except TypeError:
+            raise TypeError(f"sample ids are integers, got {sample_id!r}") from None
+        hit = (self.ids == sample_id).nonzero()
         if hit.numel() == 0:
             raise KeyError(f"no score for sample id {sample_id}")
         return self.values[int(hit[0, 0])]
@@ -89,15 +94,20 @@ class InfluenceScores:
         return dict(zip(self.ids.tolist(), self._column(query).tolist(), strict=True))
 
     def most_harmful(self, k: int, query: int | None = None) -> tuple[Tensor, Tensor]:
-        """The ``k`` lowest scores: ``(ids, values)``, most harmful first."""
-        col = self._column(query)
-        order = torch.argsort(col, stable=True)[:k]
-        return self.ids[order], col[order]
+        """The ``k`` lowest scores: ``(ids, values)``, most harmful first (NaN scores last; all
+        samples if ``k`` exceeds their number)."""
+        return self._ranked(k, query, helpful=False)
 
     def most_helpful(self, k: int, query: int | None = None) -> tuple[Tensor, Tensor]:
-        """The ``k`` highest scores: ``(ids, values)``, most helpful first."""
+        """The ``k`` highest scores: ``(ids, values)``, most helpful first (NaN scores last)."""
+        return self._ranked(k, query, helpful=True)
+
+    def _ranked(self, k: int, query: int | None, helpful: bool) -> tuple[Tensor, Tensor]:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be a non-negative number of samples, got {k!r}")
         col = self._column(query)
-        order = torch.argsort(col, descending=True, stable=True)[:k]
+        # ascending order puts NaN last; negating ranks the highest first and keeps ties in id order
+        order = torch.argsort(-col if helpful else col, stable=True)[:k]
         return self.ids[order], col[order]
 
     # ------------------------------------------------------------------ summaries

@@ -479,6 +479,9 @@ def test_constructor_validates_options():
         DiffIn(chunk_size=0)
     with pytest.raises(ValueError, match="per_sample must be"):
         DiffIn(per_sample="exact")
+    for step in (0.0, -1e-3, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"fd_rel_step must be None .* in \(0, 1\)"):
+            DiffIn(fd_rel_step=step)
 
 
 def test_a_second_fit_scores_the_new_run_only(small_digits):

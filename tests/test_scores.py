@@ -33,6 +33,18 @@ def test_most_harmful_and_most_helpful_follow_the_sign_convention():
     assert s.metadata["sign_convention"] == SIGN_CONVENTION
     with pytest.raises(KeyError, match="no score for sample id 5"):
         s[5]
+    assert s[torch.tensor(11)].item() == 1.5
+    with pytest.raises(TypeError, match="sample ids are integers, got 2.7"):
+        s[2.7]  # type: ignore[index]
+    assert len(s.most_helpful(10)[0]) == 4 and len(s.most_harmful(0)[0]) == 0
+    with pytest.raises(ValueError, match="k must be a non-negative number of samples, got -1"):
+        s.most_harmful(-1)
+
+
+def test_nan_scores_rank_last_both_ways():
+    s = InfluenceScores(torch.tensor([0, 1, 2, 3]), torch.tensor([float("nan"), -1.0, 1.0, 1.0]))
+    assert s.most_helpful(3)[0].tolist() == [2, 3, 1]  # ties keep id order
+    assert s.most_harmful(3)[0].tolist() == [1, 2, 3]
 
 
 def test_query_matrix_needs_a_column():

@@ -239,6 +239,11 @@ class DiffIn(Callback):
             raise ValueError(f"recompute must be 'updates' or 'gradients', got {recompute!r}")
         self.recompute: Literal["updates", "gradients"] = recompute
         self.finite_difference = finite_difference
+        if fd_rel_step is not None and (isinstance(fd_rel_step, bool) or not 0.0 < fd_rel_step < 1.0):
+            raise ValueError(
+                f"fd_rel_step must be None (the default for the parameters' dtype) or a relative step in (0, 1), "
+                f"e.g. 5e-3; got {fd_rel_step!r}"
+            )
         self.fd_rel_step = fd_rel_step
         if per_sample not in ("auto", "forward_mode", "finite_difference"):
             raise ValueError(f"per_sample must be 'auto', 'forward_mode' or 'finite_difference', got {per_sample!r}")

@@ -371,7 +371,7 @@ class DiffInSweep:
                 f"DiffIn: the propagated target gradient grew {growth:.3g}-fold between the end of the sweep and step "
                 f"{record.step}: the linearised propagation is unstable and the scores are likely meaningless. Usual "
                 "causes: finite-difference products across the kinks of ReLU-like activations or max pooling (use "
-                "finite_difference='central' with fd_rel_step=1e-3), hessian_every too large for the learning rate "
+                "finite_difference='central' with fd_rel_step=5e-3, the default where kinks are found), hessian_every too large for the learning rate "
                 "(use hessian_every=1), or training at the edge of stability (a smaller learning rate). The growth is "
                 "in scores.metadata['max_adjoint_growth']",
                 RuntimeWarning,
