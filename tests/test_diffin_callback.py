@@ -614,3 +614,29 @@ def test_a_functional_relu_is_scored_like_the_relu_layer(small_digits):
     torch.testing.assert_close(functional.scores.values, layer.scores.values, rtol=0, atol=0)
 
 
+
+
+def test_target_loaders_leave_the_training_run_as_it_was(small_digits):
+    """Iterating a shuffling loader for the target (the training loader of target='train', or a
+    shuffled validation loader) draws from a fork of the random generator: training is unchanged."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_influence import IndexedDataset
+
+    x, y = small_digits.x[:128], small_digits.y[:128]
+
+    def loader() -> DataLoader:
+        return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=16, shuffle=True)
+
+    def final_parameters(cb):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = Classifier(hidden=(8,), lr=0.1).double()
+        quiet_trainer(callbacks=[cb] if cb else [], max_epochs=3).fit(model, loader())
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    plain = final_parameters(None)
+    for cb in (
+        DiffIn(target="train", mode="online", window=4, score_every=4),
+        DiffIn(target="val", mode="online", window=4, score_every=4, target_loader=loader()),
+    ):
+        torch.testing.assert_close(final_parameters(cb), plain, rtol=0, atol=0)

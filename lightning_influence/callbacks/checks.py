@@ -165,15 +165,17 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
     query = callback.target == "query"
     batches = samples = 0
     sizes_known = True
-    for batch in loader:
-        batches += 1
-        size = batch_length(batch)
-        if size is None:
-            sizes_known = False
-        else:
-            samples += size
-        if not query and size != 0:
-            break
+    device = trainer.strategy.root_device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a shuffling loader draws
+        for batch in loader:
+            batches += 1
+            size = batch_length(batch)
+            if size is None:
+                sizes_known = False
+            else:
+                samples += size
+            if not query and size != 0:
+                break
     if samples == 0 and sizes_known:
         raise ValueError(empty_target_message(callback.target, callback.target_loader is not None, batches, type(callback).__name__))
     if not query or not sizes_known:
@@ -299,19 +301,31 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
     return source
 
 
+_END = object()
+
+
 def device_target_batches(
     source: Callable[[], Iterable[Any]], trainer: L.Trainer, kind: str, explicit: bool, owner: str
 ) -> Callable[[], Iterator[Any]]:
     """The non-empty batches of ``source()`` moved to the training device and converted by the
     precision plugin (e.g. to float64 under ``precision="64-true"``), as Lightning's loops do; a
     loader that yields no sample raises :func:`empty_target_message` (the target loss is
-    undefined without any)."""
+    undefined without any). The loader draws from a fork of the random generators: a shuffling
+    loader (the training loader of ``target="train"``) leaves the training run's stream as it was."""
     strategy = trainer.strategy
+    device = strategy.root_device
+    devices = [device] if device.type == "cuda" else []
 
     def batches() -> Iterator[Any]:
         seen = 0
         found = False
-        for batch in source():
+        with torch.random.fork_rng(devices=devices):
+            iterator = iter(source())
+        while True:
+            with torch.random.fork_rng(devices=devices):
+                batch = next(iterator, _END)
+            if batch is _END:
+                break
             seen += 1
             if batch_length(batch) == 0:
                 continue  # adds nothing to the target, and per_sample_loss may fail on it
