@@ -498,8 +498,49 @@ def _uncompiled(module: nn.Module | None) -> Iterator[None]:
 
 def has_mode_dependent_layers(module: nn.Module) -> bool:
     """True if ``module`` holds a standard layer that acts differently in train and eval mode
-    (dropout, batch norm, instance norm with running statistics)."""
-    return any(isinstance(m, _MODE_DEPENDENT_LAYERS) for m in module.modules())
+    (dropout with ``p > 0``, batch norm, instance norm with running statistics)."""
+    return any(_is_mode_dependent(m) for m in module.modules())
+
+
+def _is_mode_dependent(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0  # dropout with p=0 is the identity in either mode
+    return isinstance(module, _MODE_DEPENDENT_LAYERS)
+
+
+class BufferWatch:
+    """Notices when training changes a tensor the loss reads but the optimizer does not train: a
+    buffer of ``module`` outside its normalisation layers (whose running statistics change by
+    design), or one of the ``fixed`` parameters; modified in place or replaced. Versions are
+    compared first (no pass over the data); values only when a tensor was written to (DDP
+    rewrites buffers with rank zero's values at every forward)."""
+
+    def __init__(self, module: nn.Module, fixed: Sequence[str] = ()) -> None:
+        self.module = module
+        self.fixed = set(fixed)
+        self._seen = {name: (id(b), b._version, b.detach().clone()) for name, b in self._buffers()}
+
+    def _buffers(self) -> Iterator[tuple[str, Tensor]]:
+        for prefix, sub in self.module.named_modules():
+            if not _is_mode_dependent(sub):
+                yield from sub.named_buffers(prefix=prefix, recurse=False)
+            yield from ((n, p) for n, p in sub.named_parameters(prefix=prefix, recurse=False) if n in self.fixed)
+
+    def changed(self) -> list[str]:
+        """Names of the buffers whose values differ from when the watch started (or that were
+        added or removed since)."""
+        names: list[str] = []
+        current = dict(self._buffers())
+        for name, buffer in current.items():
+            seen = self._seen.get(name)
+            if seen is None:
+                names.append(name)
+            elif (id(buffer), buffer._version) != seen[:2]:
+                if buffer.shape != seen[2].shape or not torch.equal(buffer, seen[2]):
+                    names.append(name)
+                else:
+                    self._seen[name] = (id(buffer), buffer._version, seen[2])
+        return names + [name for name in self._seen if name not in current]
 
 
 @contextlib.contextmanager

@@ -640,3 +640,20 @@ def test_target_loaders_leave_the_training_run_as_it_was(small_digits):
         DiffIn(target="val", mode="online", window=4, score_every=4, target_loader=loader()),
     ):
         torch.testing.assert_close(final_parameters(cb), plain, rtol=0, atol=0)
+
+
+class _TwoValidationLoaders(Classifier):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):  # type: ignore[no-untyped-def]
+        return super().validation_step(batch, batch_idx)
+
+
+def test_several_validation_loaders_need_the_target_named(small_digits):
+    with pytest.raises(ValueError, match=r"found 2 validation loaders.*target_loader=\.\.\..*list of their batches"):
+        quiet_trainer(callbacks=[DiffIn(target="val")], max_steps=2).fit(
+            _TwoValidationLoaders(hidden=(8,)).double(), train_dataloaders=small_digits.train, val_dataloaders=[small_digits.val, small_digits.val]
+        )
+    single = DiffIn(target="val")
+    quiet_trainer(callbacks=[single], max_steps=2).fit(
+        Classifier(hidden=(8,)).double(), train_dataloaders=small_digits.train, val_dataloaders=[small_digits.val]
+    )
+    assert single.scores is not None

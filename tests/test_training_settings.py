@@ -4,6 +4,8 @@ batch reaches the device, dropout and batch norm."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -216,3 +218,52 @@ def test_float32_data_under_64_true_is_scored_like_float64_data(small_digits):
         scores.append(cb.scores.values)
     # the float32 data is rounded once; everything after runs in float64
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-6 * float(scores[1].abs().max()))
+
+
+class _AnnealedTemperature(Classifier):
+    """Logits divided by a buffer that training anneals after every step."""
+
+    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.register_buffer("constant", torch.ones(3))
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net(x) / self.temperature * self.constant.mean()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.temperature.mul_(0.98)
+
+
+def test_buffers_changed_by_training_are_reported_and_leave_the_products_sound(small_digits):
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"training changed \['temperature'\].*central differences"):
+        quiet_trainer(callbacks=[cb]).fit(_AnnealedTemperature(hidden=(8,), lr=0.05).double(), train_dataloaders=small_digits.train)
+    meta = cb.scores.metadata
+    assert meta["changed_buffers"] == ["temperature"] and meta["finite_difference"] == "central"
+    # forward differences against the gradients recorded at other temperatures grew the propagated
+    # gradient ~1e90-fold; an explicit finite_difference="forward" now takes its base pass afresh
+    forced = DiffIn(target="val", target_loader=small_digits.val, finite_difference="forward")
+    torch.manual_seed(0)
+    quiet_trainer(callbacks=[forced]).fit(_AnnealedTemperature(hidden=(8,), lr=0.05).double(), train_dataloaders=small_digits.train)
+    assert meta["max_adjoint_growth"] < 10 and forced.scores.metadata["max_adjoint_growth"] < 10
+
+
+@pytest.mark.parametrize("layer", ["batchnorm", "dropout0"])
+def test_normalisation_statistics_and_inert_dropout_are_not_changes(small_digits, layer):
+    class Model(Classifier):
+        def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+            super().__init__(**kwargs)
+            extra = nn.BatchNorm1d(8) if layer == "batchnorm" else nn.Dropout(0.0)
+            self.net = nn.Sequential(nn.Linear(64, 8), extra, nn.Tanh(), nn.Linear(8, 10))
+
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*training changed.*")
+        quiet_trainer(callbacks=[cb]).fit(Model(hidden=(8,), lr=0.05).double(), train_dataloaders=small_digits.train)
+    meta = cb.scores.metadata
+    assert meta["changed_buffers"] == []
+    # batch norm trains with batch statistics (central differences); dropout with p=0 is the identity
+    assert meta["finite_difference"] == ("central" if layer == "batchnorm" else "forward")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.targets import TARGET_KINDS, TargetGradient
@@ -278,8 +278,8 @@ def check_single_device(trainer: L.Trainer, owner: str) -> None:
 def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[Any] | None, owner: str) -> Callable[[], Iterable[Any]]:
     """A function returning the loader of a callback's target, resolved when called (Lightning sets
     its loaders up after ``on_fit_start``): ``target_loader`` when given, else the trainer's training
-    loader (``"train"``) or its first validation loader (``"val"``). Refuses a ``"val"`` target without
-    any validation loader at once."""
+    loader (``"train"``) or its validation loader (``"val"``). Refuses a ``"val"`` target without
+    any validation loader at once, and with several (which one is the target?) when resolved."""
     val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
     if kind == "val" and target_loader is None and not val_source.is_defined():
         raise ValueError(
@@ -294,8 +294,15 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
             loader = trainer.train_dataloader
             return loader if loader is not None else trainer.fit_loop._data_source.dataloader()
         loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else val_source.dataloader()
-        if isinstance(loader, (list, tuple)) and loader and isinstance(loader[0], DataLoader):
-            loader = loader[0]  # several validation loaders: the first is the target
+        if isinstance(loader, (list, tuple, Mapping)):  # Lightning's form of several validation loaders
+            loaders = list(loader.values()) if isinstance(loader, Mapping) else list(loader)
+            if len(loaders) != 1:
+                raise ValueError(
+                    f"target='val' found {len(loaders)} validation loaders on the trainer; {owner} scores against one "
+                    f"target loss. Pass the loader to score against as {owner}(target_loader=...) (for several loaders' "
+                    "samples together, a list of their batches)"
+                )
+            loader = loaders[0]
         return loader
 
     return source

@@ -42,6 +42,7 @@ from lightning_influence.kernels import (
     default_rel_step,
     evaluation_mode,
     kinked_operations,
+    BufferWatch,
     has_mode_dependent_layers,
     per_sample_loss_function,
 )
@@ -271,6 +272,8 @@ class DiffIn(Callback):
         self._kinks_pending = False
         self._restored_kinks: list[str] | None = None
         self._recorded_is_exact = True
+        self._buffer_watch: BufferWatch | None = None  # started at the first batch
+        self._changed_buffers: list[str] = []
         self._scores: InfluenceScores | None = None
         # ddp_spawn / ddp_fork: rank zero hands the scores to this (launching) process through this file.
         self._owner_pid = os.getpid()
@@ -409,6 +412,7 @@ class DiffIn(Callback):
         kinks, self._restored_kinks = self._restored_kinks, None
         self._kinks = kinks
         self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
+        self._buffer_watch, self._changed_buffers = None, []
         scheme, rel_step, reuse = self._differences(kinks or [])
         self._per_sample = self._resolve_per_sample()
         self._micro_losses = {}
@@ -591,6 +595,10 @@ class DiffIn(Callback):
         if self._target_checks_pending:
             self._target_checks_pending = False
             check_target_data(self, trainer)
+        if self._buffer_watch is None:  # after the first batch's checks, which write buffers back
+            trained = {id(p) for p in self._params} | {id(p) for p in self._context}
+            fixed = [n for n, p in pl_module.named_parameters() if id(p) not in trained]
+            self._buffer_watch = BufferWatch(pl_module, fixed)
         if self._capture_losses:
             position, size = len(self._micro_batches) - 1, ids.numel()
 
@@ -610,6 +618,7 @@ class DiffIn(Callback):
         assert space is not None and model is not None and self._trajectory is not None and self._accumulator is not None
         trajectory = self._trajectory
         self._check_trained_parameters(trainer, optimizer)
+        self._check_buffers(trainer, pl_module)
         missing = [i for i, p in enumerate(self._params) if p.grad is None]
         context_grads = [p.grad for p in self._context if p.grad is not None]
         if len(missing) == len(self._params) and not context_grads:
@@ -706,6 +715,27 @@ class DiffIn(Callback):
             "changed. Freeze parameters before fit (or leave them out of the optimizer) and keep them frozen, or score "
             "each training phase with its own fit"
         )
+
+    def _check_buffers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A buffer that training changes (an annealed temperature, a running target) is evaluated at
+        its current value for every step by the sweep: say so (once), and stop taking the gradients
+        recorded with the old values as the forward differences' base."""
+        if self._changed_buffers or self._buffer_watch is None:
+            return
+        changed = self._buffer_watch.changed()
+        if not changed:
+            return
+        self._changed_buffers = changed
+        rank_zero_warn(
+            f"DiffIn: training changed {changed[:4]} (buffers or parameters the optimizer does not train) by optimizer "
+            f"step {trainer.global_step}. The scores evaluate every step with their current values, not those the step "
+            "trained with: an approximation that is poor if they matter to the loss (check the scores against "
+            "retraining, lightning_influence.evaluation). Hessian products take central differences from here on. "
+            "The scores are exact when such values stay fixed during fit (listed in scores.metadata['changed_buffers'])"
+        )
+        if self._recorded_is_exact:
+            self._recorded_is_exact = False
+            self._set_differences(pl_module, *self._differences(self._kinks or []))
 
     def _global_step_batch(self, micro: list[tuple[Any, Tensor]], finite: bool) -> tuple[bool, tuple[Tensor, ...] | None]:
         """Collectives (every rank, every optimizer step): whether every rank's gradients are finite
@@ -908,6 +938,7 @@ class DiffIn(Callback):
             "finite_difference": self._sweep.finite_difference,
             "fd_rel_step": self._sweep.fd_rel_step,
             "kinks": list(self._kinks) if self._kinks is not None else None,
+            "changed_buffers": list(self._changed_buffers),
             "max_adjoint_growth": round(self._sweep.max_adjoint_growth, 6),
             "hessian_every": self.hessian_every,
             "hessian_products": self._sweep.hessian_products,
