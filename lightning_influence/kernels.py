@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -152,21 +153,35 @@ def directional_derivatives(
     if len(chunks) > 1:
         parts = [directional_derivatives(loss_fn, params, chunk, tangent) for chunk, _ in chunks]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    with torch.no_grad(), fwAD.dual_level():
-        duals = {n: fwAD.make_dual(p.detach(), tangent[n].to(p.dtype)) for n, p in params.items()}
-        try:
-            out = fwAD.unpack_dual(loss_fn(duals, batch))
-        except NotImplementedError as err:
-            if "forward AD" not in str(err):
-                raise
-            raise NotImplementedError(
-                f"per-sample derivatives use forward-mode AD, which an operation of the model does not support ({err}). "
-                "A submodule compiled with torch.compile (inductor) is the usual cause: compile the LightningModule as a "
-                "whole instead (torch.compile(model) passed to Trainer.fit; the original forward is then used for the "
-                "derivatives), or compile with backend='aot_eager'"
-            ) from err
+    try:
+        return _forward_mode(loss_fn, params, batch, tangent, autograd=False)
+    except NotImplementedError as err:
+        if "forward AD" not in str(err):
+            raise
+        first = err
+    # Fused kernels without forward-mode formulas: TransformerEncoderLayer's inference "fast path" (taken
+    # only without autograd) and fused attention (the math backend is plain operations). Once more without.
+    try:
+        return _forward_mode(loss_fn, params, batch, tangent, autograd=True)
+    except NotImplementedError as err:
+        raise NotImplementedError(
+            f"per-sample derivatives use forward-mode AD, which an operation of the model does not support ({first}). "
+            "A submodule compiled with torch.compile (inductor) is the usual cause: compile the LightningModule as a "
+            "whole instead (torch.compile(model) passed to Trainer.fit; the original forward is then used for the "
+            "derivatives), or compile with backend='aot_eager'. Otherwise a custom operation lacks a forward-mode "
+            "formula: DiffIn(per_sample='finite_difference', hessian_every=1) needs none"
+        ) from err
+
+
+def _forward_mode(
+    loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, tangent: Mapping[str, Tensor], autograd: bool
+) -> tuple[Tensor, Tensor]:
+    fused = contextlib.nullcontext() if not autograd else sdpa_kernel([SDPBackend.MATH])
+    with torch.set_grad_enabled(autograd), fused, fwAD.dual_level():
+        duals = {n: fwAD.make_dual(p.detach().requires_grad_(autograd), tangent[n].to(p.dtype)) for n, p in params.items()}
+        out = fwAD.unpack_dual(loss_fn(duals, batch))
         derivative = out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
-        return out.primal, derivative
+        return out.primal.detach(), derivative.detach()
 
 
 def batch_gradient(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batch: Any) -> Tensor:

@@ -341,3 +341,25 @@ def test_a_transformer_layer_is_traced_through_its_unfused_path():
 
     with torch.no_grad():
         assert kinked_operations(loss_fn, dict(layer.named_parameters()), x) == ["relu"]
+
+
+def test_forward_mode_goes_through_fused_transformer_kernels():
+    """In eval mode without autograd TransformerEncoderLayer takes a fused kernel, and attention a
+    fused one, neither with forward-mode formulas: the pass is retried on their plain operations."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).double().eval()
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+
+    def loss_fn(params, batch):  # type: ignore[no-untyped-def]
+        return torch.func.functional_call(layer, params, (batch,)).square().mean(dim=(1, 2))
+
+    params = {n: p.detach() for n, p in layer.named_parameters()}
+    tangent = {n: torch.randn_like(p) for n, p in params.items()}
+    losses, derivatives = directional_derivatives(loss_fn, params, x, tangent)
+    expected = []
+    for i in range(x.shape[0]):
+        leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+        grads = torch.autograd.grad(loss_fn(leaves, x[i : i + 1]).sum(), list(leaves.values()))
+        expected.append(sum((g * tangent[n]).sum() for g, n in zip(grads, leaves)))
+    torch.testing.assert_close(derivatives, torch.stack(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(losses, loss_fn(params, x))
