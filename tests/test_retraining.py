@@ -615,3 +615,32 @@ def test_metrics_match_scipy(ties: bool) -> None:
 def test_metrics_reject_bad_input(metric: Any, scores: Any, truth: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         metric(scores, truth)
+
+
+class _GRUClassifier(Classifier):
+    """A GRU over 8 steps of 8 digit pixels: ``aten::gru`` has no vmap batching rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(8, 6, batch_first=True)
+        self.net = nn.Linear(6, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.rnn(x.reshape(-1, 8, 8))[0][:, -1])
+
+
+def test_models_without_batching_rules_are_retrained_run_by_run(digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits
+    torch.manual_seed(0)
+    module = _GRUClassifier().double()
+    groups = [[n for n, _ in module.named_parameters()]]
+    steps = [TrainingStep(batches=(s.batches[0],), lrs=(0.3,)) for s in schedule(x, y, n_steps=6)]
+    initial = initial_of(module)
+    spec = plain_sgd(groups)
+    removals: list[tuple[int, ...]] = [(0,), (), (13, 21)]
+    out = retrain(module, initial, steps, spec, removals, chunk_size=2)
+    for k, removed in enumerate(removals):
+        assert_params_close(run_of(out, k), reference_run(module, initial, steps, spec, removed), atol=1e-12)
+    losses = target_loss(module, out, [(x[:20], y[:20], torch.arange(20))])
+    for k in range(len(removals)):
+        torch.testing.assert_close(losses[k], target_loss(module, run_of(out, k), [(x[:20], y[:20], torch.arange(20))]))

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -424,11 +424,14 @@ def _retrain_chunk(
         for i in removed:
             runs_removing.setdefault(i, []).append(run)
 
+    vectorize = _Vectorize()
     for t, (step, micro_ids) in enumerate(zip(steps, step_ids, strict=True)):
         grads: dict[str, Tensor] | None = None
         for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
             if remove is not None:
-                micro = _coupled_gradients(loss_fn, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer)
+                micro = _coupled_gradients(
+                    loss_fn, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize
+                )
                 grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
                 continue
             first = theta[trained[0]]
@@ -457,7 +460,7 @@ def _retrain_chunk(
                 mean = (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
                 return mean / norm
 
-            micro = torch.func.vmap(torch.func.grad(weighted_loss), in_dims=(0, 0))(theta, weights)
+            micro = vectorize(torch.func.grad(weighted_loss), theta, weights)
             # accumulated in micro-batch order, as successive backward passes do
             grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
         assert grads is not None  # a TrainingStep has at least one micro-batch
@@ -472,6 +475,27 @@ def _retrain_chunk(
     return theta
 
 
+class _Vectorize:
+    """``torch.func.vmap(fn)(*args)`` over dim 0 of every argument, or, once an operation of the
+    model turns out to have no batching rule (e.g. ``nn.GRU``), a loop over the runs with the
+    results stacked: the same values, one run at a time."""
+
+    def __init__(self) -> None:
+        self.loop = False
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if not self.loop:
+            try:
+                return torch.func.vmap(fn)(*args)
+            except (RuntimeError, NotImplementedError) as err:
+                if "atching rule" not in str(err) and "vmap" not in str(err):
+                    raise
+                self.loop = True
+        size = torch.utils._pytree.tree_leaves(args)[0].shape[0]
+        runs = [fn(*torch.utils._pytree.tree_map(lambda a, j=j: a[j], args)) for j in range(size)]
+        return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *runs)
+
+
 def _coupled_gradients(
     loss_fn: PerSampleLossFn,
     remove: RemoveFn,
@@ -484,6 +508,7 @@ def _coupled_gradients(
     t: int,
     m: int,
     norm: int,
+    vectorize: _Vectorize,
 ) -> dict[str, Tensor]:
     """Per-run gradients ``[K, *shape]`` of one micro-batch's coupled loss: for each group of runs
     removing the same positions, ``grad mean per_sample_loss(sub-batch) / norm`` (vmapped over the
@@ -516,7 +541,7 @@ def _coupled_gradients(
 
         index = torch.tensor(runs, device=theta[trained[0]].device)
         part = {n: theta[n].index_select(0, index) for n in trained}
-        grads = torch.func.vmap(torch.func.grad(mean_loss))(part)
+        grads = vectorize(torch.func.grad(mean_loss), part)
         for n in trained:
             out[n].index_copy_(0, index, grads[n].to(out[n].dtype))
     return out
@@ -580,13 +605,14 @@ def target_loss(
     k = next(iter(params.values())).shape[0] if stacked else 1
     totals = torch.zeros(k, dtype=torch.float64)
     count = 0
+    vectorize = _Vectorize()
     with evaluation_mode(module), torch.no_grad():
         for batch in batches:
             if stacked:
                 parts = []
                 for start in range(0, k, chunk_size):
                     chunk = {n: p[start : start + chunk_size] for n, p in params.items()}
-                    parts.append(torch.func.vmap(lambda p, b=batch: loss_fn(p, b))(chunk))
+                    parts.append(vectorize(lambda p, b=batch: loss_fn(p, b), chunk))
                 losses = torch.cat(parts)
             else:
                 losses = loss_fn(params, batch).unsqueeze(0)
