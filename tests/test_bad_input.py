@@ -451,3 +451,23 @@ def test_parameters_frozen_or_unfrozen_during_fit_are_refused(small_digits, thaw
         quiet_trainer(callbacks=[DiffIn(target="val", target_loader=small_digits.val)], max_epochs=2).fit(
             model, train_dataloaders=small_digits.train
         )
+
+
+class _SparseEmbedding(Classifier):
+    """Pixels quantised to tokens, embedded with sparse gradients."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=())
+        self.emb = torch.nn.Embedding(17, 2, sparse=True)
+        self.net = torch.nn.Linear(128, 10)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net(self.emb((x * 16).round().long().clamp(0, 16)).flatten(1))
+
+
+def test_sparse_gradients_are_refused_before_the_first_step(small_digits):
+    model = _SparseEmbedding().double()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"'emb.weight' has a sparse gradient.*sparse=False"):
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=small_digits.val)]).fit(model, train_dataloaders=small_digits.train)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

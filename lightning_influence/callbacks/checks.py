@@ -20,9 +20,12 @@ from lightning_influence.targets import TARGET_KINDS, TargetGradient
 if TYPE_CHECKING:
     from lightning_influence.callbacks.diffin import DiffIn
 
-def check_ids(ids: Tensor, num_samples: int | None = None, module: Any = None, batch: Any = None) -> None:
-    """The sample ids of one training batch: a 1-D integer tensor of distinct ids in ``[0, num_samples)``
-    (``num_samples``: the training dataset's length when known; otherwise the score store grows)."""
+def check_ids(
+    ids: Tensor, num_samples: int | None = None, module: Any = None, batch: Any = None, repeats: bool = False
+) -> None:
+    """The sample ids of one training batch: a 1-D integer tensor of ids in ``[0, num_samples)``
+    (``num_samples``: the training dataset's length when known; otherwise the score store grows),
+    distinct unless the loader draws with replacement (``repeats``)."""
     if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(
             f"sample_ids(batch) must return an integer Tensor[B] of sample ids, got dtype {ids.dtype} and shape "
@@ -45,12 +48,29 @@ def check_ids(ids: Tensor, num_samples: int | None = None, module: Any = None, b
             "dataset itself in lightning_influence.IndexedDataset (not a larger dataset that is then subset or "
             "filtered), or override sample_ids(batch) to map your ids to 0..N-1 (1-based ids: subtract 1)"
         )
-    if ids.unique().numel() != ids.numel():
+    if not repeats and ids.unique().numel() != ids.numel():
         dup = ids[torch.cat([ids.sort().values.diff() == 0, torch.tensor([False], device=ids.device)])]
         raise ValueError(
-            f"duplicate sample ids in one batch: {dup.unique().tolist()[:10]}; each sample may appear once per step. "
-            f"{_ids_hint(module, batch)}"
+            f"duplicate sample ids in one batch: {dup.unique().tolist()[:10]}; a sample appears at most once per "
+            "step unless the training loader's sampler draws with replacement (RandomSampler(replacement=True), "
+            f"WeightedRandomSampler), which DiffIn recognises and then scores removing every copy. {_ids_hint(module, batch)}"
         )
+
+
+def draws_with_replacement(trainer: L.Trainer) -> bool:
+    """True if the training loader's sampler may repeat a sample within a batch (a sampler with
+    ``replacement=True``, as ``WeightedRandomSampler`` by default), also inside Lightning's
+    distributed wrapper."""
+    loader = trainer.train_dataloader
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(loader, "sampler", None)
+    for _ in range(4):  # DistributedSamplerWrapper -> _DatasetSamplerWrapper -> the user's sampler
+        if sampler is None:
+            return False
+        if getattr(sampler, "replacement", False) is True:
+            return True
+        sampler = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return False
 
 
 def check_losses(losses: Any, ids: Tensor, device: torch.device | None = None, requires_grad: bool = False) -> None:

@@ -28,6 +28,7 @@ from lightning_influence.callbacks.checks import (
     check_target_arguments,
     check_target_data,
     check_training_dataset,
+    draws_with_replacement,
     dataset_length,
     device_target_batches,
     target_loader_source,
@@ -283,6 +284,7 @@ class DiffIn(Callback):
         self._restored_world = 1
         self._restored_rank_records: list[list[dict[str, Any]]] | None = None
         self._uneven_warned = False
+        self._repeats = False  # the training loader may repeat a sample within a batch (set at the first batch)
         self.steps_seen = 0
         self.steps_scored = 0
         self.truncated_sweeps = 0
@@ -565,6 +567,7 @@ class DiffIn(Callback):
             # First batch of this fit: refuse what cannot be scored before any training time is spent.
             self._data_checks_pending = False
             check_training_dataset(trainer, pl_module)
+            self._repeats = draws_with_replacement(trainer)
         ids = torch.as_tensor(pl_module.sample_ids(batch))
         if ids.numel() == 0:
             raise ValueError(
@@ -572,7 +575,7 @@ class DiffIn(Callback):
                 "step to the samples of its batch. Drop empty batches before they reach training_step (a collate_fn "
                 "that filters samples out can produce them)"
             )
-        check_ids(ids, dataset_length(trainer), pl_module, batch)
+        check_ids(ids, dataset_length(trainer), pl_module, batch, repeats=self._repeats)
         if self._kinks_pending:
             self._kinks_pending = False
             self._find_kinks(pl_module, batch)
@@ -620,6 +623,12 @@ class DiffIn(Callback):
         self._check_trained_parameters(trainer, optimizer)
         self._check_buffers(trainer, pl_module)
         missing = [i for i, p in enumerate(self._params) if p.grad is None]
+        sparse = [n for n, p in zip(self._space.names, self._params, strict=True) if p.grad is not None and p.grad.is_sparse]
+        if sparse:
+            raise ValueError(
+                f"parameter {sparse[0]!r} has a sparse gradient (nn.Embedding(sparse=True) or EmbeddingBag): DiffIn models "
+                "dense optimizer steps. Use sparse=False (torch.optim.SGD, Adam and AdamW take the dense gradient)"
+            )
         context_grads = [p.grad for p in self._context if p.grad is not None]
         if len(missing) == len(self._params) and not context_grads:
             # No gradient at all (training_step returned None): the optimizer leaves every parameter and its
@@ -640,6 +649,9 @@ class DiffIn(Callback):
         global_ids: tuple[Tensor, ...] | None = None
         if self._collective.distributed:  # the skip decision and the global batch, on every rank alike
             finite, global_ids = self._global_step_batch(micro, finite)
+        elif self._repeats and any(ids.unique().numel() != ids.numel() for _, ids in micro):
+            # copies of a sample in one batch: the global form removes them all (a one-process "union")
+            global_ids = tuple(ids for _, ids in micro)
         if not finite:
             # Mixed precision: the gradient scaler skips this step. Otherwise it is a diverging step:
             # either way it is not attributed.
