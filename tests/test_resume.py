@@ -52,11 +52,12 @@ def test_resumed_fit_gives_the_uninterrupted_scores(problem, tmp_path, where):
     state = torch.load(first, map_location="cpu", weights_only=True)["callbacks"]  # no arbitrary unpickling
     diffin_state = [s for key, s in state.items() if key.startswith("DiffIn")]
     assert len(diffin_state) == 2 and all(s["records"] for s in diffin_state)
+    assert all(s["kinks"] == [] and s["changed_buffers"] == [] for s in diffin_state)  # decisions travel too
     resumed = _fit(problem, tmp_path / "c", FixedBatches(problem.train.batches), ckpt_path=first)
     for a, b in zip(straight, resumed):
         torch.testing.assert_close(b.scores.ids, a.scores.ids)
         torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
-        for key in ("steps_seen", "steps_scored", "truncated_sweeps", "skipped_steps"):
+        for key in ("steps_seen", "steps_scored", "truncated_sweeps", "skipped_steps", "empty_steps", "kinks", "finite_difference"):
             assert b.scores.metadata[key] == a.scores.metadata[key], key
 
 

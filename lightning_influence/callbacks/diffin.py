@@ -28,23 +28,23 @@ from lightning_influence.callbacks.checks import (
     check_target_arguments,
     check_target_data,
     check_training_dataset,
-    draws_with_replacement,
     dataset_length,
     device_target_batches,
+    draws_with_replacement,
     target_loader_source,
 )
 from lightning_influence.distributed import Collective, distributed_shard
 from lightning_influence.estimators.diffin import DiffInSweep, PerSampleDerivatives, ScoreAccumulator, step_losses_and_gradient
 from lightning_influence.kernels import (
+    KINKED_REL_STEP,
+    BufferWatch,
     FiniteDifference,
     ParameterSpace,
     all_finite,
-    KINKED_REL_STEP,
     default_rel_step,
     evaluation_mode,
-    kinked_operations,
-    BufferWatch,
     has_mode_dependent_layers,
+    kinked_operations,
     per_sample_loss_function,
 )
 from lightning_influence.mixin import InfluenceMixin
@@ -275,6 +275,7 @@ class DiffIn(Callback):
         self._recorded_is_exact = True
         self._buffer_watch: BufferWatch | None = None  # started at the first batch
         self._changed_buffers: list[str] = []
+        self._restored_changed: list[str] = []
         self._scores: InfluenceScores | None = None
         # ddp_spawn / ddp_fork: rank zero hands the scores to this (launching) process through this file.
         self._owner_pid = os.getpid()
@@ -414,7 +415,10 @@ class DiffIn(Callback):
         kinks, self._restored_kinks = self._restored_kinks, None
         self._kinks = kinks
         self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
-        self._buffer_watch, self._changed_buffers = None, []
+        # Buffers that an earlier part of a resumed run changed keep the products off the recorded gradients.
+        self._buffer_watch, self._changed_buffers, self._restored_changed = None, self._restored_changed, []
+        if self._changed_buffers:
+            self._recorded_is_exact = False
         scheme, rel_step, reuse = self._differences(kinks or [])
         self._per_sample = self._resolve_per_sample()
         self._micro_losses = {}
@@ -989,6 +993,7 @@ class DiffIn(Callback):
             "verified_steps": self._verified_steps,
             "loss_checked": self._loss_checked,
             "kinks": list(self._kinks) if self._kinks is not None else None,
+            "changed_buffers": list(self._changed_buffers),
             "accumulator": accumulator.state_dict() if accumulator is not None else None,
             "records": records,
         }
@@ -1016,6 +1021,7 @@ class DiffIn(Callback):
         self._restored_loss_checked = bool(state_dict["loss_checked"])
         kinks = state_dict.get("kinks")
         self._restored_kinks = [str(k) for k in kinks] if kinks is not None else None
+        self._restored_changed = [str(name) for name in state_dict.get("changed_buffers", [])]
         self._accumulator = ScoreAccumulator()
         if state_dict["accumulator"] is not None:
             self._accumulator.load_state_dict(state_dict["accumulator"])
