@@ -526,36 +526,37 @@ def _is_mode_dependent(module: nn.Module) -> bool:
 class BufferWatch:
     """Notices when training changes a tensor the loss reads but the optimizer does not train: a
     buffer of ``module`` outside its normalisation layers (whose running statistics change by
-    design), or one of the ``fixed`` parameters; modified in place or replaced. Versions are
-    compared first (no pass over the data); values only when a tensor was written to (DDP
-    rewrites buffers with rank zero's values at every forward)."""
+    design), or one of the ``fixed`` parameters; modified in place or replaced. The tensors are
+    listed once; each check compares identities and in-place versions (no pass over the data),
+    and values only when a tensor was written to (DDP rewrites buffers with rank zero's values at
+    every forward)."""
 
     def __init__(self, module: nn.Module, fixed: Sequence[str] = ()) -> None:
-        self.module = module
-        self.fixed = set(fixed)
-        self._seen = {name: (id(b), b._version, b.detach().clone()) for name, b in self._buffers()}
-
-    def _buffers(self) -> Iterator[tuple[str, Tensor]]:
-        for prefix, sub in self.module.named_modules():
-            if not _is_mode_dependent(sub):
-                yield from sub.named_buffers(prefix=prefix, recurse=False)
-            yield from ((n, p) for n, p in sub.named_parameters(prefix=prefix, recurse=False) if n in self.fixed)
+        wanted = set(fixed)
+        self._watched: list[tuple[str, dict[str, Any], str, int, int, Tensor]] = []
+        for prefix, sub in module.named_modules():
+            slots = [] if _is_mode_dependent(sub) else [(sub._buffers, name) for name in sub._buffers]
+            slots += [(sub._parameters, name) for name in sub._parameters if f"{prefix}.{name}".lstrip(".") in wanted]
+            for table, name in slots:
+                tensor = table[name]
+                if tensor is not None:
+                    full = f"{prefix}.{name}" if prefix else name
+                    self._watched.append((full, table, name, id(tensor), tensor._version, tensor.detach().clone()))
 
     def changed(self) -> list[str]:
-        """Names of the buffers whose values differ from when the watch started (or that were
-        added or removed since)."""
+        """Names of the watched tensors whose values differ from when the watch started (or that
+        were removed since)."""
         names: list[str] = []
-        current = dict(self._buffers())
-        for name, buffer in current.items():
-            seen = self._seen.get(name)
-            if seen is None:
-                names.append(name)
-            elif (id(buffer), buffer._version) != seen[:2]:
-                if buffer.shape != seen[2].shape or not torch.equal(buffer, seen[2]):
-                    names.append(name)
+        for k, (full, table, name, ident, version, value) in enumerate(self._watched):
+            tensor = table.get(name)
+            if tensor is None:
+                names.append(full)
+            elif (id(tensor), tensor._version) != (ident, version):
+                if tensor.shape != value.shape or not torch.equal(tensor, value):
+                    names.append(full)
                 else:
-                    self._seen[name] = (id(buffer), buffer._version, seen[2])
-        return names + [name for name in self._seen if name not in current]
+                    self._watched[k] = (full, table, name, id(tensor), tensor._version, value)
+        return names
 
 
 @contextlib.contextmanager

@@ -221,11 +221,14 @@ def test_float32_data_under_64_true_is_scored_like_float64_data(small_digits):
 
 
 class _AnnealedTemperature(Classifier):
-    """Logits divided by a buffer that training anneals after every step."""
+    """Logits divided by a buffer (or a frozen parameter) that training anneals after every step."""
 
-    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+    def __init__(self, frozen_parameter: bool = False, **kwargs):  # type: ignore[no-untyped-def]
         super().__init__(**kwargs)
-        self.register_buffer("temperature", torch.tensor(1.0))
+        if frozen_parameter:
+            self.temperature = nn.Parameter(torch.tensor(1.0), requires_grad=False)
+        else:
+            self.register_buffer("temperature", torch.tensor(1.0))
         self.register_buffer("constant", torch.ones(3))
 
     def forward(self, x):  # type: ignore[no-untyped-def]
@@ -235,11 +238,13 @@ class _AnnealedTemperature(Classifier):
         self.temperature.mul_(0.98)
 
 
-def test_buffers_changed_by_training_are_reported_and_leave_the_products_sound(small_digits):
+@pytest.mark.parametrize("frozen_parameter", [False, True], ids=["buffer", "frozen-parameter"])
+def test_buffers_changed_by_training_are_reported_and_leave_the_products_sound(small_digits, frozen_parameter):
     cb = DiffIn(target="val", target_loader=small_digits.val)
     torch.manual_seed(0)
+    model = _AnnealedTemperature(frozen_parameter, hidden=(8,), lr=0.05).double()
     with pytest.warns(UserWarning, match=r"training changed \['temperature'\].*central differences"):
-        quiet_trainer(callbacks=[cb]).fit(_AnnealedTemperature(hidden=(8,), lr=0.05).double(), train_dataloaders=small_digits.train)
+        quiet_trainer(callbacks=[cb]).fit(model, train_dataloaders=small_digits.train)
     meta = cb.scores.metadata
     assert meta["changed_buffers"] == ["temperature"] and meta["finite_difference"] == "central"
     # forward differences against the gradients recorded at other temperatures grew the propagated
