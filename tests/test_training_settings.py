@@ -247,8 +247,8 @@ def test_buffers_changed_by_training_are_reported_and_leave_the_products_sound(s
         quiet_trainer(callbacks=[cb]).fit(model, train_dataloaders=small_digits.train)
     meta = cb.scores.metadata
     assert meta["changed_buffers"] == ["temperature"] and meta["finite_difference"] == "central"
-    # forward differences against the gradients recorded at other temperatures grew the propagated
-    # gradient ~1e90-fold; an explicit finite_difference="forward" now takes its base pass afresh
+    # forward differences against the gradients recorded at other temperatures blew the propagation
+    # up; an explicit finite_difference="forward" now takes its base pass afresh
     forced = DiffIn(target="val", target_loader=small_digits.val, finite_difference="forward")
     torch.manual_seed(0)
     quiet_trainer(callbacks=[forced]).fit(_AnnealedTemperature(hidden=(8,), lr=0.05).double(), train_dataloaders=small_digits.train)
