@@ -623,23 +623,32 @@ def test_target_loaders_leave_the_training_run_as_it_was(small_digits):
 
     from lightning_influence import IndexedDataset
 
+    from torch.utils.data import WeightedRandomSampler
+
     x, y = small_digits.x[:128], small_digits.y[:128]
 
-    def loader() -> DataLoader:
-        return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=16, shuffle=True)
+    def loader(kind: str) -> DataLoader:
+        dataset = IndexedDataset(TensorDataset(x, y))
+        if kind == "own generator":
+            return DataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(5))
+        if kind == "weighted sampler":
+            sampler = WeightedRandomSampler(torch.ones(128, dtype=torch.float64), 128, generator=torch.Generator().manual_seed(5))
+            return DataLoader(dataset, batch_size=16, sampler=sampler)
+        return DataLoader(dataset, batch_size=16, shuffle=True)  # the global generator
 
-    def final_parameters(cb):  # type: ignore[no-untyped-def]
+    def final_parameters(kind, cb):  # type: ignore[no-untyped-def]
         torch.manual_seed(0)
         model = Classifier(hidden=(8,), lr=0.1).double()
-        quiet_trainer(callbacks=[cb] if cb else [], max_epochs=3).fit(model, loader())
+        quiet_trainer(callbacks=[cb] if cb else [], max_epochs=3).fit(model, loader(kind))
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
-    plain = final_parameters(None)
-    for cb in (
-        DiffIn(target="train", mode="online", window=4, score_every=4),
-        DiffIn(target="val", mode="online", window=4, score_every=4, target_loader=loader()),
-    ):
-        torch.testing.assert_close(final_parameters(cb), plain, rtol=0, atol=0)
+    for kind in ("global generator", "own generator", "weighted sampler"):
+        plain = final_parameters(kind, None)
+        for cb in (
+            DiffIn(target="train", mode="online", window=4, score_every=4),
+            DiffIn(target="val", mode="online", window=4, score_every=4, target_loader=loader(kind)),
+        ):
+            torch.testing.assert_close(final_parameters(kind, cb), plain, rtol=0, atol=0, msg=kind)
 
 
 class _TwoValidationLoaders(Classifier):

@@ -4,6 +4,7 @@ data, the memory a query target needs)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -185,8 +186,7 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
     query = callback.target == "query"
     batches = samples = 0
     sizes_known = True
-    device = trainer.strategy.root_device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # a shuffling loader draws
+    with untouched_random_state(loader, trainer.strategy.root_device):  # a shuffling loader draws
         for batch in loader:
             batches += 1
             size = batch_length(batch)
@@ -331,6 +331,24 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
 _END = object()
 
 
+@contextlib.contextmanager
+def untouched_random_state(loader: Any, device: torch.device) -> Iterator[None]:
+    """Iterate ``loader`` without moving any random stream training draws from: the global
+    generators (forked) and the loader's own (``DataLoader(generator=...)``, a sampler's
+    ``generator``), whose states are put back."""
+    owned = []
+    for holder in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        generator = getattr(holder, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g, _ in owned):
+            owned.append((generator, generator.get_state()))
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        for generator, state in owned:
+            generator.set_state(state)
+
+
 def device_target_batches(
     source: Callable[[], Iterable[Any]], trainer: L.Trainer, kind: str, explicit: bool, owner: str
 ) -> Callable[[], Iterator[Any]]:
@@ -341,15 +359,15 @@ def device_target_batches(
     loader (the training loader of ``target="train"``) leaves the training run's stream as it was."""
     strategy = trainer.strategy
     device = strategy.root_device
-    devices = [device] if device.type == "cuda" else []
 
     def batches() -> Iterator[Any]:
         seen = 0
         found = False
-        with torch.random.fork_rng(devices=devices):
-            iterator = iter(source())
+        loader = source()
+        with untouched_random_state(loader, device):
+            iterator = iter(loader)
         while True:
-            with torch.random.fork_rng(devices=devices):
+            with untouched_random_state(loader, device):
                 batch = next(iterator, _END)
             if batch is _END:
                 break
