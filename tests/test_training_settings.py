@@ -298,3 +298,24 @@ def test_samplers_drawing_with_replacement_are_scored_removing_every_copy(small_
     ids = sorted(repeated)[:30] + [i for i in sorted(seen - repeated)[:30]]
     effects = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, small_digits.val)
     assert spearman(torch.stack([cb.scores[i] for i in ids]), effects) >= 0.97  # measured 0.996 (24 repeated samples)
+
+
+def test_the_training_target_is_every_training_sample_once_whatever_the_sampler(small_digits):
+    """target='train' with a sampler drawing with replacement (and with shuffling and drop_last) is
+    the mean loss over the training set, read in order: the same scores as that set given as a loader."""
+    from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+    from lightning_influence import IndexedDataset
+
+    x, y = small_digits.x, small_digits.y
+    everything = FixedBatches([(x[i : i + 64], y[i : i + 64], torch.arange(i, min(i + 64, len(x)))) for i in range(0, len(x), 64)])
+    dataset = IndexedDataset(TensorDataset(x, y))
+    for loader in (
+        DataLoader(dataset, batch_size=16, sampler=WeightedRandomSampler(torch.ones(len(x), dtype=torch.float64), len(x))),
+        DataLoader(dataset, batch_size=24, shuffle=True, drop_last=True),
+    ):
+        torch.manual_seed(0)
+        train, explicit = DiffIn(target="train", mode="online", window=8), DiffIn(target="val", mode="online", window=8, target_loader=everything)
+        explicit._generate_state_key = lambda **kw: "explicit"
+        quiet_trainer(callbacks=[train, explicit], max_epochs=2).fit(Classifier(hidden=(8,), lr=0.1).double(), loader)
+        torch.testing.assert_close(train.scores.values, explicit.scores.values, rtol=1e-9, atol=1e-12)

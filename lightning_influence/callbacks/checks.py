@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.targets import TARGET_KINDS, TargetGradient
@@ -312,7 +312,8 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
             return target_loader
         if kind == "train":
             loader = trainer.train_dataloader
-            return loader if loader is not None else trainer.fit_loop._data_source.dataloader()
+            loader = loader if loader is not None else trainer.fit_loop._data_source.dataloader()
+            return training_set_loader(loader, trainer, owner)
         loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else val_source.dataloader()
         if isinstance(loader, (list, tuple, Mapping)):  # Lightning's form of several validation loaders
             loaders = list(loader.values()) if isinstance(loader, Mapping) else list(loader)
@@ -329,6 +330,34 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
 
 
 _END = object()
+
+
+def training_set_loader(loader: Any, trainer: L.Trainer, owner: str) -> Iterable[Any]:
+    """The loader of ``target="train"``: every training sample once. In one process a
+    ``DataLoader`` over a map-style dataset is read in order instead (same batch size, collate
+    function and workers): a sampler drawing with replacement would weigh a random draw of the
+    samples, and ``drop_last`` with shuffling a random subset, differently at every target pass.
+    Under DDP Lightning's distributed sampler shards the training loader, which the target
+    gradient reduces over the ranks; a sampler drawing with replacement is refused there."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    if int(getattr(trainer, "world_size", 1) or 1) > 1:
+        if draws_with_replacement(trainer):
+            raise ValueError(
+                f"{owner}(target='train') under DDP with a training sampler that draws with replacement: each process's "
+                "draw would stand for the training set. Pass target='val' with target_loader=<a loader over the "
+                "training set without a distributed sampler>, which is the same target loss"
+            )
+        return loader
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 64
+    return DataLoader(
+        loader.dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
 
 
 @contextlib.contextmanager
