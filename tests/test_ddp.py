@@ -369,3 +369,16 @@ def test_the_process_group_is_destroyed_before_the_process_exits(tmp_path):
 
     mp.spawn(_exit_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("rank")) == ["rank0-False", "rank1-False"]
+
+
+def test_trajectory_ground_truth_under_ddp_is_refused(tmp_path):
+    """The deletion recipe's trajectory retraining records batches with StepRecorder, which sees one
+    rank's shards under DDP: refused before training instead of retraining on half the data."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "lightning_influence", "recipe=deletion", "trainer=ddp", "model=logreg", "trainer.max_epochs=1",
+        "recipe.seeds=[0]", "recipe.plots=false", f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0
+    assert "StepRecorder records the batches one process sees" in proc.stderr and "devices=1" in proc.stderr

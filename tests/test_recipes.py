@@ -277,3 +277,14 @@ def test_plots_need_matplotlib_with_a_clear_message(monkeypatch: pytest.MonkeyPa
 
 def test_final_loss_baseline_is_the_registered_estimator() -> None:
     assert build("loss").name == "loss"
+
+
+@pytest.mark.parametrize("recipe", ["cleaning", "deletion"])
+def test_coreset_rankings_are_refused_where_removal_effects_are_needed(recipe: str, tmp_path: Path) -> None:
+    """EL2N ranks hard samples high (keep): cleaning/deletion would take the easiest samples for the
+    most harmful. Refused before any training, saying where it belongs."""
+    cfg = compose_cfg(f"recipe={recipe}", "estimator=el2n", "recipe.plots=false", f"output_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"estimator 'el2n' ranks samples for a coreset.*recipe=coreset"):
+        run(cfg)
+    assert build("grand").ranks_for_keeping and build("forgetting").ranks_for_keeping
+    assert not build("loss").ranks_for_keeping and not build("diffin").ranks_for_keeping

@@ -113,6 +113,9 @@ class Estimator(ABC):
     name: ClassVar[str] = ""
     #: Does the estimator need to watch training (``callback()`` must be added to the Trainer)?
     records_training: ClassVar[bool] = False
+    #: Do its scores rank samples for a coreset (higher = more worth keeping, in its own units)
+    #: rather than by the effect of their removal (the library's sign convention)?
+    ranks_for_keeping: ClassVar[bool] = False
 
     def callback(self) -> L.Callback | None:
         """The callback to add to the Trainer before ``fit`` (``None`` for post-hoc estimators)."""

@@ -100,6 +100,8 @@ class EL2N(Estimator):
     several early-training checkpoints or runs: score each and average the ``values``.
     """
 
+    ranks_for_keeping = True
+
     name: ClassVar[str] = "el2n"
 
     def __init__(self, outputs: OutputsFn | None = None, progress: bool = True) -> None:
@@ -129,6 +131,8 @@ class GraNd(Estimator):
     informative (keep). ``target`` is ignored. (Averaging over re-initialisations, as in the
     paper's early-training variant, is left to the caller: score several modules, average.)
     """
+
+    ranks_for_keeping = True
 
     name: ClassVar[str] = "grand"
 
@@ -163,6 +167,8 @@ class Forgetting(Estimator):
     unforgettable samples are the ones the paper prunes. Scores every sample presented during
     ``fit``; ``train_loader`` and ``target`` are ignored.
     """
+
+    ranks_for_keeping = True
 
     name: ClassVar[str] = "forgetting"
     records_training: ClassVar[bool] = True

@@ -47,6 +47,13 @@ class StepRecorder(Callback):
         self._group_ids: list[tuple[int, ...]] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if int(getattr(trainer, "world_size", 1) or 1) > 1:
+            raise ValueError(
+                f"StepRecorder records the batches one process sees, and under {type(trainer.strategy).__name__} with "
+                f"{trainer.world_size} processes each sees only its shard: the retraining would follow a trajectory "
+                "of part of the data. Record the ground-truth run on one device (devices=1); DiffIn's scores do not "
+                "depend on the number of processes (README, DDP)"
+            )
         if not pl_module.automatic_optimization:
             raise ValueError("StepRecorder reproduces Lightning's automatic optimization only, not manual optimization")
         if len(trainer.optimizers) != 1:

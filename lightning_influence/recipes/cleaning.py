@@ -35,6 +35,7 @@ from lightning_influence.recipes.common import (
     metric_of,
     paired_difference,
     prepare,
+    require_removal_scores,
     retrain_fresh,
     sample_rows,
     summary,
@@ -62,6 +63,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the cleaning recipe on the composed config; returns the report (also in ``report.json``)."""
     params: CleaningConfig = recipe_params(cfg.recipe, CleaningConfig)
     est = estimator_params(cfg.estimator)
+    require_removal_scores(est.name, est.options, "cleaning")
     out = prepare(cfg, params.plots)
     target = params.target.value
     scored = fit_and_score(cfg, out, target, params.target_samples)

@@ -168,6 +168,18 @@ class ScoredRun:
         return len(train_dataset(self.datamodule))
 
 
+def require_removal_scores(name: str, options: dict[str, Any], recipe: str) -> None:
+    """Cleaning and deletion act on removal effects (lowest = most harmful): refuse, before any
+    training, an estimator whose scores rank samples for a coreset instead."""
+    if build(name, **options).ranks_for_keeping:
+        raise ValueError(
+            f"estimator {name!r} ranks samples for a coreset (higher = harder, more worth keeping, in its own units), "
+            f"not by the effect of their removal: the {recipe} recipe would take its lowest scores, the easiest samples, "
+            "for the most harmful. Use it with recipe=coreset, or here an influence estimator (diffin, tracin, ...), "
+            "loss or outlier_gradient"
+        )
+
+
 def fit_and_score(
     cfg: DictConfig, out: Path, target_kind: str, target_samples: int | None = None, extra_callbacks: Sequence[L.Callback] = ()
 ) -> ScoredRun:

@@ -37,6 +37,7 @@ from lightning_influence.recipes.common import (
     fit_and_score,
     is_global_zero,
     prepare,
+    require_removal_scores,
     retrain_fresh,
     summary,
     target_batches,
@@ -88,6 +89,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the deletion recipe on the composed config; returns the report (also in ``report.json``)."""
     params: DeletionConfig = recipe_params(cfg.recipe, DeletionConfig)
     est = estimator_params(cfg.estimator)
+    require_removal_scores(est.name, est.options, "deletion")
     out = prepare(cfg, params.plots)
     target = params.target.value
     mode = params.retraining.value
