@@ -288,3 +288,10 @@ def test_coreset_rankings_are_refused_where_removal_effects_are_needed(recipe: s
         run(cfg)
     assert build("grand").ranks_for_keeping and build("forgetting").ranks_for_keeping
     assert not build("loss").ranks_for_keeping and not build("diffin").ranks_for_keeping
+
+
+def test_top_level_values_of_the_wrong_type_are_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="seed must be an integer, got 'abc'"):
+        run(compose_cfg("seed=abc", f"output_dir={tmp_path}"))
+    with pytest.raises(ValueError, match="num_threads must be a positive integer or null, got 0"):
+        run(compose_cfg("num_threads=0", f"output_dir={tmp_path}"))
