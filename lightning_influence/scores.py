@@ -47,7 +47,10 @@ class InfluenceScores:
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.ids = torch.as_tensor(self.ids).detach().to("cpu", torch.long).reshape(-1)
+        ids = torch.as_tensor(self.ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"sample ids must be integers, got a {ids.dtype} tensor")
+        self.ids = ids.detach().to("cpu", torch.long).reshape(-1)
         self.values = torch.as_tensor(self.values).detach().to("cpu", torch.float64)
         if self.values.dim() not in (1, 2) or self.values.shape[0] != self.ids.shape[0]:
             raise ValueError(
@@ -55,6 +58,9 @@ class InfluenceScores:
             )
         if self.ids.numel() != self.ids.unique().numel():
             raise ValueError("sample ids in InfluenceScores must be unique")
+        bad = [k for k in self.metadata if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"metadata keys must be strings (they are saved as JSON), got {bad[:4]}")
         self.metadata = {**self.metadata, "sign_convention": SIGN_CONVENTION, "version": FORMAT_VERSION}
         try:
             json.dumps(self.metadata)
@@ -103,11 +109,15 @@ class InfluenceScores:
         return self._ranked(k, query, helpful=True)
 
     def _ranked(self, k: int, query: int | None, helpful: bool) -> tuple[Tensor, Tensor]:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        try:
+            count = -1 if isinstance(k, bool) else operator.index(k)
+        except TypeError:
+            count = -1
+        if count < 0:
             raise ValueError(f"k must be a non-negative number of samples, got {k!r}")
         col = self._column(query)
         # ascending order puts NaN last; negating ranks the highest first and keeps ties in id order
-        order = torch.argsort(-col if helpful else col, stable=True)[:k]
+        order = torch.argsort(-col if helpful else col, stable=True)[:count]
         return self.ids[order], col[order]
 
     # ------------------------------------------------------------------ summaries
@@ -230,7 +240,7 @@ class InfluenceScores:
         writer = csv.writer(out)
         cols = ["score"] if self.values.dim() == 1 else [f"query_{q}" for q in range(self.values.shape[1])]
         writer.writerow(["sample_id", *cols])
-        rows = self.values.reshape(len(self), -1).tolist()
+        rows = self.values.reshape(len(self), len(cols)).tolist()
         for i, row in zip(self.ids.tolist(), rows, strict=True):
             writer.writerow([i, *(repr(v) for v in row)])
         return atomic_write_bytes(path, out.getvalue().encode())

@@ -39,6 +39,18 @@ def test_most_harmful_and_most_helpful_follow_the_sign_convention():
     assert len(s.most_helpful(10)[0]) == 4 and len(s.most_harmful(0)[0]) == 0
     with pytest.raises(ValueError, match="k must be a non-negative number of samples, got -1"):
         s.most_harmful(-1)
+    assert s.most_harmful(torch.tensor(1))[0].tolist() == [3]  # integer-like counts are fine
+    with pytest.raises(ValueError, match="got 1.5"):
+        s.most_helpful(1.5)  # type: ignore[arg-type]
+
+
+def test_ids_and_metadata_that_would_not_round_trip_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="sample ids must be integers, got a torch.float32"):
+        InfluenceScores(torch.tensor([0.5, 1.7]), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"metadata keys must be strings .* got \[1\]"):
+        InfluenceScores(torch.tensor([0, 1]), torch.zeros(2), {1: "a", "b": 2})
+    empty = InfluenceScores(torch.zeros(0, dtype=torch.long), torch.zeros(0, 3))
+    assert empty.to_csv(tmp_path / "empty.csv").read_text().splitlines() == ["sample_id,query_0,query_1,query_2"]
 
 
 def test_nan_scores_rank_last_both_ways():
