@@ -198,3 +198,11 @@ def test_finite_difference_per_sample_derivatives_are_refused_for_coupled_losses
     default = DiffIn(target="train")
     quiet_trainer(callbacks=[default]).fit(PairEncoder().double(), train_dataloaders=fixed_batches(data, 8, 1))
     assert default.scores.metadata["per_sample"] == "forward_mode" and default.scores.metadata["forward_mode_passes"] > 0
+
+
+def test_tracin_warns_that_it_ignores_the_coupling():
+    from lightning_influence import TracIn
+
+    data = Modalities.make().sample(32, mismatch=0.2, seed=0)
+    with pytest.warns(UserWarning, match="coupled_batch_loss.*TracIn.*does not see. DiffIn scores coupled removals"):
+        quiet_trainer(callbacks=[TracIn(target="train")], max_steps=2).fit(PairEncoder().double(), train_dataloaders=fixed_batches(data, 16, 1))

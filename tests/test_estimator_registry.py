@@ -4,6 +4,7 @@ finite, in the common format."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 
@@ -53,3 +54,15 @@ def test_targets_validate() -> None:
         Target("test", loader=[])
     with pytest.raises(ValueError, match="sample_count"):
         Target("train", sample_count=0)
+
+
+class _NotInfluenceAware(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(64, 10)
+
+
+@pytest.mark.parametrize("name", [n for n in available() if not estimator_class(n).records_training])
+def test_post_hoc_estimators_refuse_a_module_without_the_mixin(name, small_digits):
+    with pytest.raises(TypeError, match="_NotInfluenceAware is not influence-aware: add lightning_influence.InfluenceMixin"):
+        build(name).scores(_NotInfluenceAware().double(), small_digits.train, Target("val", small_digits.val))

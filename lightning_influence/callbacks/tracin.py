@@ -125,6 +125,12 @@ class TracIn(Callback):
         if not pl_module.automatic_optimization:
             raise ValueError("TracIn follows Lightning's automatic optimization only, not manual optimization")
         check_single_device(trainer, "TracIn")
+        if getattr(pl_module, "coupled_batch_loss", False):
+            rank_zero_warn(
+                f"{type(pl_module).__name__} declares coupled_batch_loss: removing a sample also changes the other "
+                "samples' losses in its batch (in-batch negatives), which TracIn, a sum of each sample's own gradient "
+                "products, does not see. DiffIn scores coupled removals"
+            )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if len(trainer.optimizers) != 1:

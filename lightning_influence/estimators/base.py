@@ -188,7 +188,11 @@ def attributed_space(module: torch.nn.Module, params: list[str] | None = None) -
 
 
 def device_batches(module: L.LightningModule, loader: Iterable[Any]) -> Iterator[Any]:
-    """The loader's batches moved to the module's device (its ``transfer_batch_to_device`` hook)."""
+    """The loader's batches moved to the module's device (its ``transfer_batch_to_device`` hook).
+    The module must be influence-aware (per-sample losses and sample ids)."""
+    from lightning_influence.callbacks.checks import check_influence_aware
+
+    check_influence_aware(module)
     device = getattr(module, "device", torch.device("cpu"))
     for batch in loader:
         if hasattr(module, "transfer_batch_to_device"):
