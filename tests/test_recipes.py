@@ -295,3 +295,19 @@ def test_top_level_values_of_the_wrong_type_are_refused_before_training(tmp_path
         run(compose_cfg("seed=abc", f"output_dir={tmp_path}"))
     with pytest.raises(ValueError, match="num_threads must be a positive integer or null, got 0"):
         run(compose_cfg("num_threads=0", f"output_dir={tmp_path}"))
+
+
+def test_baselines_repeated_by_a_sweep_over_estimators_count_once(tmp_path: Path) -> None:
+    """Two cleaning jobs (estimators diffin and tracin, seed 0) both report the no-removal and random
+    baselines of the same run: one value each, not two."""
+    for job, (estimator, acc) in enumerate([("diffin", 0.93), ("tracin", 0.91)]):
+        rows = [
+            {"recipe": "cleaning", "method": estimator, "fraction": 0.1, "seed": 0, "metric": "test_acc", "accuracy": acc},
+            {"recipe": "cleaning", "method": "no_removal", "fraction": 0.0, "seed": 0, "metric": "test_acc", "accuracy": 0.92},
+            {"recipe": "cleaning", "method": "random", "fraction": 0.1, "seed": 0, "metric": "test_acc", "accuracy": 0.915},
+        ]
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "report.json").write_text(json.dumps({"summary": rows}))
+    cells = aggregate.aggregate(aggregate.collect(tmp_path))
+    assert cells[("cleaning", "test_acc", "no_removal", 0.0)]["n"] == cells[("cleaning", "test_acc", "random", 0.1)]["n"] == 1
+    assert cells[("cleaning", "test_acc", "diffin", 0.1)]["n"] == cells[("cleaning", "test_acc", "tracin", 0.1)]["n"] == 1

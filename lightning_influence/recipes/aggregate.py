@@ -54,10 +54,17 @@ def collect(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
-    """``(recipe, metric, method, fraction) -> summary`` of the accuracies over the jobs."""
+    """``(recipe, metric, method, fraction) -> summary`` of the accuracies over the jobs. A row that
+    repeats another's method, fraction, seed and accuracy is the same run reported by two jobs
+    (the baselines of a sweep over estimators: no removal, the final loss, random) and counts once."""
     groups: dict[Key, list[float]] = defaultdict(list)
+    seen: set[tuple[Any, ...]] = set()
     for row in rows:
         key = (str(row.get("recipe", "?")), str(row.get("metric", "accuracy")), str(row["method"]), round(float(row["fraction"]), 6))
+        run = (*key, row.get("seed"), float(row["accuracy"]))
+        if row.get("seed") is not None and run in seen:
+            continue
+        seen.add(run)
         groups[key].append(float(row["accuracy"]))
     return {k: summary(v) for k, v in sorted(groups.items())}
 
