@@ -104,7 +104,14 @@ def per_sample_loss_function(module: nn.Module, method: str = "per_sample_loss")
 
     def loss_fn(params: Mapping[str, Tensor], batch: Any) -> Tensor:
         prefixed = {f"inner.{n}": p for n, p in params.items()}
-        return torch.func.functional_call(wrapper, prefixed, (batch,), strict=False)
+        losses = torch.func.functional_call(wrapper, prefixed, (batch,), strict=False)
+        if not isinstance(losses, Tensor) or losses.dim() != 1:
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(
+                f"{type(module).__name__}.{method}(batch) must return an unreduced Tensor[B] (one loss per sample), got "
+                f"{shape}: compute the loss without reduction (e.g. F.cross_entropy(logits, y, reduction='none'))"
+            )
+        return losses
 
     return loss_fn
 

@@ -66,3 +66,15 @@ class _NotInfluenceAware(L.LightningModule):
 def test_post_hoc_estimators_refuse_a_module_without_the_mixin(name, small_digits):
     with pytest.raises(TypeError, match="_NotInfluenceAware is not influence-aware: add lightning_influence.InfluenceMixin"):
         build(name).scores(_NotInfluenceAware().double(), small_digits.train, Target("val", small_digits.val))
+
+
+class _ReducedLoss(Classifier):
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        return super().per_sample_loss(batch).mean()
+
+
+@pytest.mark.parametrize("name", [n for n in available() if not estimator_class(n).records_training and n not in ("el2n", "random")])
+def test_post_hoc_estimators_refuse_a_reduced_per_sample_loss(name, small_digits):
+    """(EL2N reads per_sample_outputs and the random baseline no loss at all.)"""
+    with pytest.raises(ValueError, match=r"must return an unreduced Tensor\[B\]|per_sample_loss returned shape \(\)"):
+        build(name).scores(_ReducedLoss(hidden=(8,)).double(), small_digits.train, Target("val", small_digits.val))
