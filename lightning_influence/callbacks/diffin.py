@@ -580,9 +580,6 @@ class DiffIn(Callback):
                 "that filters samples out can produce them)"
             )
         check_ids(ids, dataset_length(trainer), pl_module, batch, repeats=self._repeats)
-        if self._kinks_pending:
-            self._kinks_pending = False
-            self._find_kinks(pl_module, batch)
         self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
         if not self._loss_checked and self._loss_check is None:
             # Same RNG stream as training_step will draw, so dropout masks agree; with autograd on, to check
@@ -599,6 +596,9 @@ class DiffIn(Callback):
                     b.copy_(saved)
             check_losses(losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params))
             self._loss_check = losses.detach().mean()
+        if self._kinks_pending:  # after the losses' own checks, which say more about a wrong shape
+            self._kinks_pending = False
+            self._find_kinks(pl_module, batch)
         if self._target_checks_pending:
             self._target_checks_pending = False
             check_target_data(self, trainer)
