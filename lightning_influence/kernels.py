@@ -11,6 +11,7 @@ forward-mode pass of the vector of per-sample losses.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -531,16 +532,29 @@ def _is_mode_dependent(module: nn.Module) -> bool:
 
 
 class BufferWatch:
-    """Notices when training changes a tensor the loss reads but the optimizer does not train: a
-    buffer of ``module`` outside its normalisation layers (whose running statistics change by
-    design), or one of the ``fixed`` parameters; modified in place or replaced. The tensors are
-    listed once; each check compares identities and in-place versions (no pass over the data),
-    and values only when a tensor was written to (DDP rewrites buffers with rank zero's values at
-    every forward)."""
+    """Finds the tensors that training changes although the optimizer does not train them: the
+    buffers of ``module`` outside its normalisation layers (whose running statistics change by
+    design) and the ``fixed`` parameters (an annealed temperature, an EMA teacher), modified in
+    place or replaced. The tensors are listed once; each :meth:`check` compares identities and
+    in-place versions (no pass over the data), and values only when a tensor was written to (DDP
+    rewrites buffers with rank zero's values at every forward).
 
-    def __init__(self, module: nn.Module, fixed: Sequence[str] = ()) -> None:
-        wanted = set(fixed)
-        self._watched: list[tuple[str, dict[str, Any], str, int, int, Tensor]] = []
+    A tensor found changed is *varying* from then on: :meth:`values` copies the current values of
+    the varying tensors (what the step about to be taken trains with), :attr:`initial` holds the
+    value each had before its first change (what every earlier step trained with). Names given as
+    ``varying`` (known from an earlier part of the run) are varying from the start; their initial
+    values are the caller's to know.
+    """
+
+    def __init__(self, module: nn.Module, fixed: Sequence[str] = (), varying: Sequence[str] = ()) -> None:
+        wanted, known = set(fixed), set(varying)
+        # (name, slot table, slot, weak reference, in-place version, value): a weak reference, as an id
+        # could be reused by a tensor created after the watched one is gone
+        self._watched: list[tuple[str, dict[str, Any], str, weakref.ref[Tensor], int, Tensor]] = []
+        self._varying: dict[str, tuple[dict[str, Any], str]] = {}
+        self._copies: dict[str, tuple[weakref.ref[Tensor], int, Tensor]] = {}
+        self.initial: dict[str, Tensor] = {}
+        self.removed: list[str] = []
         for prefix, sub in module.named_modules():
             slots = [] if _is_mode_dependent(sub) else [(sub._buffers, name) for name in sub._buffers]
             slots += [(sub._parameters, name) for name in sub._parameters if f"{prefix}.{name}".lstrip(".") in wanted]
@@ -548,22 +562,54 @@ class BufferWatch:
                 tensor = table[name]
                 if tensor is not None:
                     full = f"{prefix}.{name}" if prefix else name
-                    self._watched.append((full, table, name, id(tensor), tensor._version, tensor.detach().clone()))
+                    if full in known:
+                        self._varying[full] = (table, name)
+                    else:
+                        self._watched.append((full, table, name, weakref.ref(tensor), tensor._version, tensor.detach().clone()))
 
-    def changed(self) -> list[str]:
-        """Names of the watched tensors whose values differ from when the watch started (or that
-        were removed since)."""
-        names: list[str] = []
-        for k, (full, table, name, ident, version, value) in enumerate(self._watched):
+    @property
+    def varying(self) -> list[str]:
+        """Names of the tensors found changed (and still present), in the order found."""
+        return list(self._varying)
+
+    def check(self) -> list[str]:
+        """Names of the watched tensors changed (or removed) since the last check. A changed one
+        becomes varying; a removed one (or a varying one removed since) is listed in :attr:`removed`."""
+        found: list[str] = []
+        still: list[tuple[str, dict[str, Any], str, weakref.ref[Tensor], int, Tensor]] = []
+        for full, table, name, ref, version, value in self._watched:
             tensor = table.get(name)
             if tensor is None:
-                names.append(full)
-            elif (id(tensor), tensor._version) != (ident, version):
-                if tensor.shape != value.shape or not torch.equal(tensor, value):
-                    names.append(full)
-                else:
-                    self._watched[k] = (full, table, name, id(tensor), tensor._version, value)
-        return names
+                self.removed.append(full)
+                found.append(full)
+            elif ref() is tensor and tensor._version == version:
+                still.append((full, table, name, ref, version, value))
+            elif tensor.shape != value.shape or tensor.dtype != value.dtype or not torch.equal(tensor, value):
+                self._varying[full] = (table, name)
+                self.initial[full] = value
+                found.append(full)
+            else:  # written with the same values
+                still.append((full, table, name, weakref.ref(tensor), tensor._version, value))
+        self._watched = still
+        for full, (table, name) in list(self._varying.items()):
+            if table.get(name) is None:
+                del self._varying[full]
+                self.removed.append(full)
+                found.append(full)
+        return found
+
+    def values(self) -> dict[str, Tensor]:
+        """Detached copies of the varying tensors' current values, by full name; a tensor not
+        written to since the last call is given as the same copy again (no new memory)."""
+        out: dict[str, Tensor] = {}
+        for full, (table, name) in self._varying.items():
+            tensor = table[name]
+            last = self._copies.get(full)
+            if last is None or last[0]() is not tensor or last[1] != tensor._version:
+                last = (weakref.ref(tensor), tensor._version, tensor.detach().clone())
+                self._copies[full] = last
+            out[full] = last[2]
+        return out
 
 
 @contextlib.contextmanager

@@ -39,7 +39,10 @@ class StepRecord:
     ``accumulate_grad_batches``). ``context`` holds the trainable parameters outside the
     attributed subset, if any. ``global_ids`` (distributed runs only) holds, per micro-batch, the
     ids of the whole global micro-batch: the union of every rank's ``ids`` (a sample that the
-    ``DistributedSampler`` repeated appears as often as it was trained on). ``losses``: see below.
+    ``DistributedSampler`` repeated appears as often as it was trained on). ``varying``: the
+    values this step trained with of the tensors that training changes outside the optimizer
+    (buffers, untrained parameters; see :class:`~lightning_influence.kernels.BufferWatch`), by
+    full name. ``losses``: see below.
     """
 
     step: int
@@ -52,6 +55,7 @@ class StepRecord:
     state: dict[str, Tensor] = field(default_factory=dict)
     context: Tensor | None = None
     global_ids: tuple[Tensor, ...] | None = None
+    varying: dict[str, Tensor] = field(default_factory=dict)
     losses: tuple[Tensor | None, ...] | None = None
     """Per micro-batch, the per-sample losses ``training_step`` computed at ``theta`` (``None``
     where they were not seen): the base of forward differences of the losses."""
@@ -268,6 +272,7 @@ def _payload(record: StepRecord) -> dict[str, Any]:
         "state": {k: v.detach().cpu() for k, v in record.state.items()},
         "context": None if record.context is None else record.context.cpu(),
         "global_ids": None if record.global_ids is None else [i.cpu() for i in record.global_ids],
+        "varying": {k: v.detach().cpu() for k, v in record.varying.items()},
         "losses": _cpu_losses(record.losses),
     }
 
@@ -291,5 +296,6 @@ def _from_payload(p: dict[str, Any], device: torch.device) -> StepRecord:
         state={k: v.to(device) for k, v in p["state"].items()},
         context=dev(p["context"]),
         global_ids=None if p.get("global_ids") is None else tuple(p["global_ids"]),
+        varying={k: v.to(device) for k, v in p.get("varying", {}).items()},
         losses=None if p.get("losses") is None else tuple(None if x is None else x.to(device) for x in p["losses"]),
     )

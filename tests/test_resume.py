@@ -29,15 +29,51 @@ def _callbacks(problem, tmp_path):
     return [replay, online]
 
 
-def _fit(problem, tmp_path, loader, ckpt_path=None, checkpoint=None):
+class _AnnealedFromStep5(Classifier):
+    """Logits divided by a temperature buffer that training anneals from step 5 on."""
+
+    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net(x) / self.temperature
+
+    def on_train_batch_start(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        # a function of the step (a checkpoint is saved before the module's on_train_batch_end runs)
+        if self.trainer.global_step >= 5:
+            self.temperature.fill_(0.97 ** (self.trainer.global_step - 4))
+
+
+def _fit(problem, tmp_path, loader, ckpt_path=None, checkpoint=None, annealed=False):
     torch.manual_seed(0)
-    model = Classifier(hidden=(16,), lr=3e-3, optimizer="adamw", optimizer_options={"weight_decay": 0.01}).double()
+    make = _AnnealedFromStep5 if annealed else Classifier
+    model = make(hidden=(16,), lr=3e-3, optimizer="adamw", optimizer_options={"weight_decay": 0.01}).double()
     callbacks = _callbacks(problem, tmp_path)
     extra = [checkpoint] if checkpoint is not None else []
     quiet_trainer(callbacks=[*callbacks, *extra], max_epochs=EPOCHS, enable_checkpointing=checkpoint is not None).fit(
         model, train_dataloaders=loader, ckpt_path=ckpt_path
     )
     return callbacks
+
+
+def test_resumed_fit_keeps_recording_what_training_changes_outside_the_optimizer(problem, tmp_path):
+    """A temperature annealed from step 5 on: the checkpoint at step 11 carries its value from before
+    (for the restored steps that trained with it), and the resumed fit records it from its first step."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*recorded with every step")
+    straight = _fit(problem, tmp_path / "a", FixedBatches(problem.train.batches), annealed=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=11)
+    _fit(problem, tmp_path / "b", FixedBatches(problem.train.batches), checkpoint=checkpoint, annealed=True)
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]
+    state = torch.load(first, map_location="cpu", weights_only=True)["callbacks"]
+    for s in (s for key, s in state.items() if key.startswith("DiffIn")):
+        assert s["changed_buffers"] == ["temperature"] and float(s["varying_defaults"]["temperature"]) == 1.0
+    resumed = _fit(problem, tmp_path / "c", FixedBatches(problem.train.batches), ckpt_path=first, annealed=True)
+    for a, b in zip(straight, resumed):
+        assert a.scores.metadata["changed_buffers"] == b.scores.metadata["changed_buffers"] == ["temperature"]
+        torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("where", ["epoch", "mid-epoch"])

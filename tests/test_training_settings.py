@@ -5,6 +5,7 @@ batch reaches the device, dropout and batch norm."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from conftest import digits_problem, quiet_trainer
 from lightning_influence import DiffIn
 from lightning_influence.data import FixedBatches
-from lightning_influence.evaluation import StepRecorder, leave_one_out, spearman
+from lightning_influence.evaluation import StepRecorder, leave_one_out, retrain, spearman
 from lightning_influence.models import Classifier
 
 
@@ -239,20 +240,58 @@ class _AnnealedTemperature(Classifier):
 
 
 @pytest.mark.parametrize("frozen_parameter", [False, True], ids=["buffer", "frozen-parameter"])
-def test_buffers_changed_by_training_are_reported_and_leave_the_products_sound(small_digits, frozen_parameter):
-    cb = DiffIn(target="val", target_loader=small_digits.val)
+def test_values_training_changes_outside_the_optimizer_are_recorded_with_every_step(small_digits, frozen_parameter):
+    """An annealed temperature (a buffer, or a parameter the optimizer does not train) is recorded
+    with every step, by DiffIn and by the ground truth's recorder: the recorder's retraining
+    reproduces the run, the scores track leave-one-out retraining, and the recorded gradients stay
+    the products' base (forward differences)."""
     torch.manual_seed(0)
     model = _AnnealedTemperature(frozen_parameter, hidden=(8,), lr=0.05).double()
-    with pytest.warns(UserWarning, match=r"training changed \['temperature'\].*central differences"):
-        quiet_trainer(callbacks=[cb]).fit(model, train_dataloaders=small_digits.train)
+    recorder, cb = StepRecorder(), DiffIn(target="val", target_loader=small_digits.val)
+    with pytest.warns(UserWarning, match=r"training changed \['temperature'\].*recorded with every step"):
+        quiet_trainer(callbacks=[recorder, cb]).fit(model, train_dataloaders=small_digits.train)
     meta = cb.scores.metadata
-    assert meta["changed_buffers"] == ["temperature"] and meta["finite_difference"] == "central"
-    # forward differences against the gradients recorded at other temperatures blew the propagation
-    # up; an explicit finite_difference="forward" now takes its base pass afresh
-    forced = DiffIn(target="val", target_loader=small_digits.val, finite_difference="forward")
+    assert meta["changed_buffers"] == ["temperature"] and meta["removed_buffers"] == []
+    assert meta["finite_difference"] == "forward" and meta["max_adjoint_growth"] < 10
+    temperatures = [float(step.varying["temperature"]) for step in recorder.steps]
+    assert temperatures[:2] == [1.0, pytest.approx(0.98)] and len(set(temperatures)) == len(temperatures) == 48
+    assert all(set(step.varying) == {"temperature"} for step in recorder.steps)  # "constant" never changed
+
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    rerun = retrain(model, recorder.initial_params, recorder.steps, recorder.optimizer, [()])
+    for name, value in trained.items():
+        torch.testing.assert_close(rerun[name][0], value, rtol=0, atol=1e-12)
+    ids = torch.arange(0, 256, 4)
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, small_digits.val)
+    rho = spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth)
+    print(f"spearman against leave-one-out: {rho:.4f}")
+    assert rho >= 0.97
+
+
+def test_recorded_values_travel_through_disk_storage_and_recomputed_gradients(small_digits):
+    """The values recorded with each step reach the sweep from disk, and the recomputed gradients
+    between checkpoints use them: the scores equal the in-memory replay's."""
+    scores = []
+    for options in ({}, {"storage": "disk", "checkpoint_every": 4, "recompute": "gradients"}):
+        torch.manual_seed(0)
+        cb = DiffIn(target="val", target_loader=small_digits.val, **options)
+        with pytest.warns(UserWarning, match="recorded with every step"):
+            quiet_trainer(callbacks=[cb]).fit(_AnnealedTemperature(hidden=(8,), lr=0.05).double(), small_digits.train)
+        scores.append(cb.scores.values)
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-6, atol=1e-9 * float(scores[0].abs().max()))
+
+
+def test_retraining_with_the_final_values_would_not_reproduce_the_run(small_digits):
+    """Why the recorder keeps the values: retraining with the module's final temperature at every
+    step ends elsewhere."""
     torch.manual_seed(0)
-    quiet_trainer(callbacks=[forced]).fit(_AnnealedTemperature(hidden=(8,), lr=0.05).double(), train_dataloaders=small_digits.train)
-    assert meta["max_adjoint_growth"] < 10 and forced.scores.metadata["max_adjoint_growth"] < 10
+    model = _AnnealedTemperature(hidden=(8,), lr=0.05).double()
+    recorder = StepRecorder()
+    quiet_trainer(callbacks=[recorder]).fit(model, train_dataloaders=small_digits.train)
+    final_only = [replace(step, varying={}) for step in recorder.steps]
+    rerun = retrain(model, recorder.initial_params, final_only, recorder.optimizer, [()])
+    weight = model.net[0].weight.detach()
+    assert (rerun["net.0.weight"][0] - weight).abs().max() > 1e-3 * weight.abs().max()
 
 
 @pytest.mark.parametrize("layer", ["batchnorm", "dropout0"])

@@ -274,8 +274,10 @@ class DiffIn(Callback):
         self._restored_kinks: list[str] | None = None
         self._recorded_is_exact = True
         self._buffer_watch: BufferWatch | None = None  # started at the first batch
-        self._changed_buffers: list[str] = []
-        self._restored_changed: list[str] = []
+        self._changed_buffers: list[str] = []  # buffers/untrained parameters training changed (recorded per step)
+        self._removed_buffers: list[str] = []  # those of them removed from the module (not recorded)
+        self._varying_defaults: dict[str, Tensor] = {}  # their values before they first changed
+        self._restored_changed: tuple[list[str], list[str], dict[str, Tensor]] = ([], [], {})
         self._scores: InfluenceScores | None = None
         # ddp_spawn / ddp_fork: rank zero hands the scores to this (launching) process through this file.
         self._owner_pid = os.getpid()
@@ -415,9 +417,12 @@ class DiffIn(Callback):
         kinks, self._restored_kinks = self._restored_kinks, None
         self._kinks = kinks
         self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
-        # Buffers that an earlier part of a resumed run changed keep the products off the recorded gradients.
-        self._buffer_watch, self._changed_buffers, self._restored_changed = None, self._restored_changed, []
-        if self._changed_buffers:
+        # Tensors that an earlier part of a resumed run changed are recorded from the start (removed ones keep
+        # the products off the recorded gradients).
+        self._buffer_watch = None
+        (self._changed_buffers, self._removed_buffers, defaults), self._restored_changed = self._restored_changed, ([], [], {})
+        self._varying_defaults = {name: value.to(self._space.device) for name, value in defaults.items()}
+        if self._removed_buffers:
             self._recorded_is_exact = False
         scheme, rel_step, reuse = self._differences(kinks or [])
         self._per_sample = self._resolve_per_sample()
@@ -459,6 +464,7 @@ class DiffIn(Callback):
             per_sample=self._per_sample,
             chunk_size=self.chunk_size,
         )
+        self._sweep.varying_defaults = self._varying_defaults  # the same dict: filled as tensors start to change
         self._set_differences(pl_module, scheme, rel_step, reuse)
         self._trajectory = Trajectory(
             self.storage,
@@ -605,7 +611,8 @@ class DiffIn(Callback):
         if self._buffer_watch is None:  # after the first batch's checks, which write buffers back
             trained = {id(p) for p in self._params} | {id(p) for p in self._context}
             fixed = [n for n, p in pl_module.named_parameters() if id(p) not in trained]
-            self._buffer_watch = BufferWatch(pl_module, fixed)
+            varying = [n for n in self._changed_buffers if n not in self._removed_buffers]
+            self._buffer_watch = BufferWatch(pl_module, fixed, varying=varying)
         if self._capture_losses:
             position, size = len(self._micro_batches) - 1, ids.numel()
 
@@ -700,6 +707,7 @@ class DiffIn(Callback):
             else {},
             context=torch.cat([p.detach().reshape(-1) for p in self._context]) if self._context and (keep or trajectory.keep_gradients) else None,
             global_ids=global_ids,
+            varying=self._buffer_watch.values() if self._buffer_watch is not None else {},
             losses=tuple(captured.get(k) for k in range(len(micro))) if captured else None,
         )
         for _, ids in micro:
@@ -733,25 +741,41 @@ class DiffIn(Callback):
         )
 
     def _check_buffers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A buffer that training changes (an annealed temperature, a running target) is evaluated at
-        its current value for every step by the sweep: say so (once), and stop taking the gradients
-        recorded with the old values as the forward differences' base."""
-        if self._changed_buffers or self._buffer_watch is None:
+        """A buffer or untrained parameter that training changes (an annealed temperature, an EMA
+        teacher) is recorded from its first change on, so that the sweep evaluates every step with the
+        values it trained with (warned once). One removed from the module cannot be: the sweep then
+        evaluates with the module as it is, and the recorded gradients stop being the products' base."""
+        if self._buffer_watch is None:
             return
-        changed = self._buffer_watch.changed()
-        if not changed:
+        found = self._buffer_watch.check()
+        if not found:
             return
-        self._changed_buffers = changed
-        rank_zero_warn(
-            f"DiffIn: training changed {changed[:4]} (buffers or parameters the optimizer does not train) by optimizer "
-            f"step {trainer.global_step}. The scores evaluate every step with their current values, not those the step "
-            "trained with: an approximation that is poor if they matter to the loss (check the scores against "
-            "retraining, lightning_influence.evaluation). Hessian products take central differences from here on. "
-            "The scores are exact when such values stay fixed during fit (listed in scores.metadata['changed_buffers'])"
-        )
-        if self._recorded_is_exact:
-            self._recorded_is_exact = False
-            self._set_differences(pl_module, *self._differences(self._kinks or []))
+        first = not self._changed_buffers
+        self._changed_buffers += [n for n in found if n not in self._changed_buffers]
+        removed = [n for n in found if n in self._buffer_watch.removed]
+        for name in found:
+            if name in self._buffer_watch.initial:
+                self._varying_defaults[name] = self._buffer_watch.initial[name].to(self._space.device if self._space else "cpu")
+        if removed:
+            self._removed_buffers += [n for n in removed if n not in self._removed_buffers]
+            for name in removed:  # nothing to evaluate them with
+                self._varying_defaults.pop(name, None)
+            rank_zero_warn(
+                f"DiffIn: training removed {removed[:4]} from the module by optimizer step {trainer.global_step}: the "
+                "scores evaluate the steps that read them without them, an approximation (check the scores against "
+                "retraining, lightning_influence.evaluation). Hessian products take central differences from here on"
+            )
+            if self._recorded_is_exact:
+                self._recorded_is_exact = False
+                self._set_differences(pl_module, *self._differences(self._kinks or []))
+        elif first:
+            rank_zero_warn(
+                f"DiffIn: training changed {found[:4]} (buffers or parameters the optimizer does not train) by optimizer "
+                f"step {trainer.global_step}. Their values are recorded with every step from here on (memory: one copy "
+                "per step of each such tensor written to since the step before), so every step is scored with the "
+                "values it trained with. They count as given: how removing a sample would change them (e.g. an EMA "
+                "teacher of the trained weights) is not modelled. Listed in scores.metadata['changed_buffers']"
+            )
 
     def _global_step_batch(self, micro: list[tuple[Any, Tensor]], finite: bool) -> tuple[bool, tuple[Tensor, ...] | None]:
         """Collectives (every rank, every optimizer step): whether every rank's gradients are finite
@@ -906,8 +930,9 @@ class DiffIn(Callback):
         assert self._space is not None and self._model is not None and record.theta is not None
         grad = record.grad
         if grad is None:
+            assert self._sweep is not None
             _, grad = step_losses_and_gradient(
-                self._loss_fn, self._space, record.theta, record.batches, record.normalizer, self._collective, self.chunk_size
+                self._sweep.loss_fn_at(record), self._space, record.theta, record.batches, record.normalizer, self._collective, self.chunk_size
             )
         pool = self._trajectory.pool if self._trajectory is not None else None
         reuse = pool is not None and self._model.is_stateless_sgd and pool.size == record.theta.numel() and pool.dtype == record.theta.dtype
@@ -955,6 +980,7 @@ class DiffIn(Callback):
             "fd_rel_step": self._sweep.fd_rel_step,
             "kinks": list(self._kinks) if self._kinks is not None else None,
             "changed_buffers": list(self._changed_buffers),
+            "removed_buffers": list(self._removed_buffers),
             "max_adjoint_growth": round(self._sweep.max_adjoint_growth, 6),
             "hessian_every": self.hessian_every,
             "hessian_products": self._sweep.hessian_products,
@@ -994,6 +1020,8 @@ class DiffIn(Callback):
             "loss_checked": self._loss_checked,
             "kinks": list(self._kinks) if self._kinks is not None else None,
             "changed_buffers": list(self._changed_buffers),
+            "removed_buffers": list(self._removed_buffers),
+            "varying_defaults": {k: v.detach().cpu() for k, v in self._varying_defaults.items()},
             "accumulator": accumulator.state_dict() if accumulator is not None else None,
             "records": records,
         }
@@ -1021,7 +1049,11 @@ class DiffIn(Callback):
         self._restored_loss_checked = bool(state_dict["loss_checked"])
         kinks = state_dict.get("kinks")
         self._restored_kinks = [str(k) for k in kinks] if kinks is not None else None
-        self._restored_changed = [str(name) for name in state_dict.get("changed_buffers", [])]
+        self._restored_changed = (
+            [str(name) for name in state_dict.get("changed_buffers", [])],
+            [str(name) for name in state_dict.get("removed_buffers", [])],
+            dict(state_dict.get("varying_defaults", {})),
+        )
         self._accumulator = ScoreAccumulator()
         if state_dict["accumulator"] is not None:
             self._accumulator.load_state_dict(state_dict["accumulator"])

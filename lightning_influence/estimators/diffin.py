@@ -198,6 +198,8 @@ class DiffInSweep:
         self.loss_fn = loss_fn
         self.space = space
         self.context_space = context_space
+        self.varying_defaults: dict[str, Tensor] = {}
+        """Values of varying tensors (see :meth:`loss_fn_at`) before they first changed, by name."""
         self.target = target
         self.accumulator = accumulator
         self.step_model = step_model
@@ -264,7 +266,7 @@ class DiffInSweep:
             for back, record in enumerate(trajectory.newest_first(recompute_step)):
                 position = size - 1 - back
                 scored = position < num_scored
-                loss_fn = self._loss_fn(record)
+                loss_fn = self.loss_fn_at(record)
                 if position > 0:
                     block_steps += 1
                 propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
@@ -378,14 +380,20 @@ class DiffInSweep:
                 stacklevel=2,
             )
 
-    def _loss_fn(self, record: StepRecord) -> PerSampleLossFn:
-        """The per-sample loss at this step: the parameters outside the attributed subset are
-        held at their recorded values."""
-        if record.context is None or self.context_space is None:
+    def loss_fn_at(self, record: StepRecord) -> PerSampleLossFn:
+        """The per-sample loss as at this step: the parameters outside the attributed subset held
+        at their recorded values, and the tensors training changed outside the optimizer at the
+        values the step trained with (:attr:`StepRecord.varying`; for a step recorded before such a
+        tensor first changed, its earlier value from :attr:`varying_defaults`)."""
+        held: dict[str, Tensor] = {}
+        if record.context is not None and self.context_space is not None:
+            held.update(self.context_space.unflatten(record.context))
+        if self.varying_defaults or record.varying:
+            held.update({**self.varying_defaults, **record.varying})
+        if not held:
             return self.loss_fn
-        context = self.context_space.unflatten(record.context)
         base = self.loss_fn
-        return lambda params, batch: base({**context, **params}, batch)
+        return lambda params, batch: base({**held, **params}, batch)
 
     def _directional_derivatives(
         self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None = None

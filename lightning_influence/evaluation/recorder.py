@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -16,6 +17,7 @@ from lightning_influence.evaluation.retraining import (
     hyperparameter_changes,
     optimizer_lrs,
 )
+from lightning_influence.kernels import BufferWatch
 
 
 class StepRecorder(Callback):
@@ -35,7 +37,11 @@ class StepRecorder(Callback):
     ``configure_gradient_clipping``, a scheduler changing anything but learning rates (e.g.
     ``OneCycleLR(cycle_momentum=True)``), parameter groups changing during fit, and a trained
     parameter that receives no gradient. ``training_step`` must return the mean of
-    ``per_sample_loss(batch)``. Memory: every batch of the run.
+    ``per_sample_loss(batch)``. A buffer or untrained parameter that training changes (outside
+    normalisation layers: an annealed temperature, an EMA teacher) is recorded with every step
+    (``TrainingStep.varying``), so the retraining evaluates each step with the values it trained
+    with; one removed from the module is refused. Memory: every batch of the run, and a copy of
+    each such tensor per step in which it was written to.
     """
 
     def __init__(self) -> None:
@@ -45,6 +51,7 @@ class StepRecorder(Callback):
         self.skipped_steps = 0
         self._batches: list[Any] = []
         self._group_ids: list[tuple[int, ...]] = []
+        self._watch: BufferWatch | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if int(getattr(trainer, "world_size", 1) or 1) > 1:
@@ -74,9 +81,13 @@ class StepRecorder(Callback):
         self.steps = []
         self.skipped_steps = 0
         self._batches = []
+        self._watch = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batches.append(batch)
+        if self._watch is None:  # at the first batch, after setup hooks that may set buffers
+            trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
+            self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after the backward passes of the step's micro-batches (and after
@@ -114,4 +125,21 @@ class StepRecorder(Callback):
         if flags and not bool(torch.stack(flags).all()):  # GradScaler skips this step: no update, no state change
             self.skipped_steps += 1
             return
-        self.steps.append(TrainingStep(tuple(batches), optimizer_lrs(optimizer), int(trainer.accumulate_grad_batches)))
+        varying = self._varying(step)  # first: it may rewrite the earlier steps
+        self.steps.append(TrainingStep(tuple(batches), optimizer_lrs(optimizer), int(trainer.accumulate_grad_batches), varying))
+
+    def _varying(self, step: int) -> dict[str, Tensor]:
+        """The values this step trains with of the tensors training changes outside the optimizer;
+        a tensor's first change gives the earlier steps its value from before."""
+        if self._watch is None:
+            return {}
+        found = self._watch.check()
+        if self._watch.removed:
+            raise ValueError(
+                f"training removed {self._watch.removed[:4]} from the module by step {step}: StepRecorder cannot "
+                "reproduce the steps that read them"
+            )
+        for name in found:
+            initial = self._watch.initial[name]
+            self.steps[:] = [replace(s, varying={**s.varying, name: initial}) for s in self.steps]
+        return self._watch.values()

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -143,6 +143,10 @@ class TrainingStep:
     batches: tuple[Any, ...]
     lrs: tuple[float, ...]
     normalizer: int = 1
+    varying: Mapping[str, Tensor] = field(default_factory=dict)
+    """Values this step trained with of the module's tensors that training changed outside the
+    optimizer (buffers or untrained parameters, by full name, e.g. an annealed temperature): the
+    retraining evaluates the step with them instead of the module's current values."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.batches, (tuple, list)):
@@ -157,6 +161,8 @@ class TrainingStep:
         if isinstance(self.normalizer, bool) or int(self.normalizer) != self.normalizer or self.normalizer < 1:
             raise ValueError(f"TrainingStep.normalizer must be an integer >= 1, got {self.normalizer!r}")
         object.__setattr__(self, "normalizer", int(self.normalizer))
+        if not isinstance(self.varying, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in self.varying.items()):
+            raise TypeError("TrainingStep.varying must map full names of module tensors (str) to Tensors")
 
 
 @dataclass(frozen=True)
@@ -328,7 +334,9 @@ def retrain(
 
     Trained: the parameters named in ``optimizer.param_groups`` that require a gradient; all
     others keep the module's current values (only the trained ones are read from
-    ``initial_params``). The module is run in training mode, which must not differ from
+    ``initial_params``), except those a step holds at recorded values (``TrainingStep.varying``).
+    Those count as given: the retraining does not recompute them (e.g. an EMA teacher of the
+    trained weights keeps the recorded run's values). The module is run in training mode, which must not differ from
     evaluation mode: a module with dropout or batch/instance norm raises ``ValueError``.
 
     Returns ``{name: Tensor[K, *shape]}`` for the trained parameters, ``K = len(removals)``,
@@ -427,10 +435,11 @@ def _retrain_chunk(
     vectorize = _Vectorize()
     for t, (step, micro_ids) in enumerate(zip(steps, step_ids, strict=True)):
         grads: dict[str, Tensor] | None = None
+        step_loss = _holding(loss_fn, step.varying)
         for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
             if remove is not None:
                 micro = _coupled_gradients(
-                    loss_fn, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize
+                    step_loss, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize
                 )
                 grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
                 continue
@@ -448,8 +457,9 @@ def _retrain_chunk(
                 t: int = t,
                 m: int = m,
                 norm: int = step.normalizer,
+                step_loss: PerSampleLossFn = step_loss,
             ) -> Tensor:
-                losses = loss_fn(params, batch)
+                losses = step_loss(params, batch)
                 if losses.shape != w.shape:
                     raise ValueError(
                         f"per_sample_loss returned shape {tuple(losses.shape)} at step {t} (micro-batch {m}), but "
@@ -473,6 +483,14 @@ def _retrain_chunk(
     for n in trained:
         theta[n].grad = None
     return theta
+
+
+def _holding(loss_fn: PerSampleLossFn, values: Mapping[str, Tensor]) -> PerSampleLossFn:
+    """``loss_fn`` with the module tensors named in ``values`` held at those values."""
+    if not values:
+        return loss_fn
+    held = dict(values)
+    return lambda params, batch: loss_fn({**held, **params}, batch)
 
 
 class _Vectorize:
