@@ -273,6 +273,7 @@ class DiffIn(Callback):
         self._kinks_pending = False
         self._restored_kinks: list[str] | None = None
         self._recorded_is_exact = True
+        self._inexact_rebuild = False  # the modelled update misses the real one by more than a product's step
         self._buffer_watch: BufferWatch | None = None  # started at the first batch
         self._changed_buffers: list[str] = []  # buffers/untrained parameters training changed (recorded per step)
         self._removed_buffers: list[str] = []  # those of them removed from the module (not recorded)
@@ -410,7 +411,9 @@ class DiffIn(Callback):
         self._target = self._make_target(trainer, pl_module)
         # The gradient recorded in training is the forward difference's base when it equals the one the
         # sweep would compute: same network (no dropout/batch norm) and full precision (no autocast).
-        self._recorded_is_exact = not has_mode_dependent_layers(pl_module) and not self._mixed
+        if not self._restored:
+            self._inexact_rebuild = False
+        self._recorded_is_exact = not has_mode_dependent_layers(pl_module) and not self._mixed and not self._inexact_rebuild
         # Kinks (ReLU, max pooling, clamps, L1 losses) are found by tracing the loss on the first batch; until then
         # (and for good when the scheme and the step are both given) the loss counts as smooth. A resumed fit
         # keeps the decision of the run it continues.
@@ -810,7 +813,7 @@ class DiffIn(Callback):
             self._compare_training_loss(outputs, trainer.accumulate_grad_batches)
         if self._unverified is not None:
             record, self._unverified = self._unverified, None
-            self._verify_update(record)
+            self._verify_update(record, pl_module)
             assert self._trajectory is not None
             self._trajectory.append(record)
         if self.mode == "online" and self._trajectory is not None and len(self._trajectory) >= self.window + self.score_every:
@@ -841,7 +844,7 @@ class DiffIn(Callback):
                 "resumable loader (with state_dict/load_state_dict, e.g. torchdata's StatefulDataLoader)"
             )
 
-    def _verify_update(self, record: StepRecord) -> None:
+    def _verify_update(self, record: StepRecord, pl_module: L.LightningModule) -> None:
         """Compare the modelled update of ``record`` with what the optimizer really did: a
         mismatch (an unmodelled option, a hook that changed the gradients after DiffIn read
         them, ...) would make every score wrong."""
@@ -861,6 +864,29 @@ class DiffIn(Callback):
                 "wrong. Gradients must not be changed after on_before_optimizer_step (e.g. by the LightningModule's "
                 f"on_before_optimizer_step or a custom optimizer_step); {SUPPORTED}"
             )
+        self._check_rebuild(predicted, actual, pl_module)
+
+    def _check_rebuild(self, predicted: Tensor, actual: Tensor, pl_module: L.LightningModule) -> None:
+        """Steps between checkpoints are rebuilt with the modelled update; a forward difference
+        against the gradient recorded at the real parameters needs the rebuilt ones to agree with
+        them far below its step (a Tensor learning rate, for one, makes torch.optim round
+        differently). If they do not, the products stop using the recorded gradients."""
+        assert self._sweep is not None and self._space is not None
+        if self.checkpoint_every == 1 or not self._sweep.reuse_recorded_gradient:
+            return
+        step = default_rel_step(self._space.dtype, "forward") * (1.0 + float(actual.norm()))
+        drift = float((predicted - actual).norm()) * (self.checkpoint_every - 1)
+        if drift <= 1e-3 * step:
+            return
+        self._inexact_rebuild, self._recorded_is_exact = True, False
+        self._set_differences(pl_module, *self._differences(self._kinks or []))
+        rank_zero_warn(
+            f"DiffIn: the modelled optimizer update reproduces {type(self._model.optimizer).__name__}'s to "  # type: ignore[union-attr]
+            f"{drift / (self.checkpoint_every - 1):.3g} (norm of the difference), not closely enough for forward "
+            "differences against the recorded gradients at the steps rebuilt between checkpoints (a Tensor learning "
+            "rate, fused or foreach kernels can round differently): Hessian products take central differences (two "
+            "gradient passes each). checkpoint_every=1 stores every step instead of rebuilding it"
+        )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(pl_module, InfluenceMixin):
@@ -1021,6 +1047,7 @@ class DiffIn(Callback):
             "kinks": list(self._kinks) if self._kinks is not None else None,
             "changed_buffers": list(self._changed_buffers),
             "removed_buffers": list(self._removed_buffers),
+            "inexact_rebuild": self._inexact_rebuild,
             "varying_defaults": {k: v.detach().cpu() for k, v in self._varying_defaults.items()},
             "accumulator": accumulator.state_dict() if accumulator is not None else None,
             "records": records,
@@ -1049,6 +1076,7 @@ class DiffIn(Callback):
         self._restored_loss_checked = bool(state_dict["loss_checked"])
         kinks = state_dict.get("kinks")
         self._restored_kinks = [str(k) for k in kinks] if kinks is not None else None
+        self._inexact_rebuild = bool(state_dict.get("inexact_rebuild", False))
         self._restored_changed = (
             [str(name) for name in state_dict.get("changed_buffers", [])],
             [str(name) for name in state_dict.get("removed_buffers", [])],
