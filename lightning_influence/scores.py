@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
+import math
 import operator
 import os
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,7 @@ from torch import Tensor
 
 FORMAT_NAME = "lightning-influence/scores"
 FORMAT_VERSION = 1
+CHECKSUM_ALGORITHM = "sha256"
 SIGN_CONVENTION = "target-loss change when the sample is removed; positive helps, negative hurts"
 
 MetadataValue = str | int | float | bool | None
@@ -31,6 +36,30 @@ MetadataValue = str | int | float | bool | None
 
 class ScoreFileError(ValueError):
     """A score file is missing, truncated, corrupted or of an unknown format."""
+
+
+def _finite_metadata(value: Any, key: str, replaced: list[str]) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by its string form (``"nan"``,
+    ``"inf"``, ``"-inf"``: strict JSON has no such numbers); ``key`` paths are noted in ``replaced``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        replaced.append(key)
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: _finite_metadata(v, f"{key}.{k}", replaced) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_metadata(v, f"{key}[{i}]", replaced) for i, v in enumerate(value)]
+    return value
+
+
+def _refuse_json_constant(name: str) -> Any:
+    raise ValueError(f"the metadata holds {name}, which JSON does not allow and score files never contain")
+
+
+def _finite_json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the metadata holds the out-of-range number {text}")
+    return value
 
 
 @dataclass
@@ -48,10 +77,16 @@ class InfluenceScores:
 
     def __post_init__(self) -> None:
         ids = torch.as_tensor(self.ids)
+        values = torch.as_tensor(self.values)
+        for name, tensor in (("ids", ids), ("values", values)):
+            if tensor.layout != torch.strided:
+                raise ValueError(f"{name} must be a dense tensor, got layout {tensor.layout}: pass {name}.to_dense()")
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"sample ids must be integers, got a {ids.dtype} tensor")
         self.ids = ids.detach().to("cpu", torch.long).reshape(-1)
-        self.values = torch.as_tensor(self.values).detach().to("cpu", torch.float64)
+        if self.ids.numel() and int(self.ids.min()) < 0:
+            raise ValueError(f"sample ids must be >= 0 (positions in the training dataset), got {int(self.ids.min())}")
+        self.values = values.detach().to("cpu", torch.float64)
         if self.values.dim() not in (1, 2) or self.values.shape[0] != self.ids.shape[0]:
             raise ValueError(
                 f"values must have shape [N] or [N, Q] with N = len(ids) = {self.ids.shape[0]}, got {tuple(self.values.shape)}"
@@ -61,11 +96,23 @@ class InfluenceScores:
         bad = [k for k in self.metadata if not isinstance(k, str)]
         if bad:
             raise ValueError(f"metadata keys must be strings (they are saved as JSON), got {bad[:4]}")
-        self.metadata = {**self.metadata, "sign_convention": SIGN_CONVENTION, "version": FORMAT_VERSION}
+        metadata = {**self.metadata, "sign_convention": SIGN_CONVENTION, "version": FORMAT_VERSION}
         try:
-            json.dumps(self.metadata)
-        except TypeError as err:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as err:  # ValueError: a circular reference
             raise ValueError(f"metadata must be JSON-serialisable: {err}") from err
+        try:
+            json.dumps(metadata, allow_nan=False)
+        except ValueError:
+            replaced: list[str] = []
+            metadata = {k: _finite_metadata(v, k, replaced) for k, v in metadata.items()}
+            warnings.warn(
+                f"InfluenceScores metadata {replaced[:4]} {'is' if len(replaced) == 1 else 'are'} NaN or infinite: kept "
+                "as the string 'nan', 'inf' or '-inf' (JSON, and so the score file, has no such numbers)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.metadata = metadata
 
     def __len__(self) -> int:
         return int(self.ids.numel())
@@ -187,13 +234,21 @@ class InfluenceScores:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically (temporary file in the same folder, then rename). Loads with :meth:`load`."""
+        """Write atomically (temporary file in the same folder, then rename). Loads with :meth:`load`.
+
+        The file carries a sha256 checksum of its ids, values and metadata, which :meth:`load`
+        verifies (as well as the CRC-32 of every member of the zip archive)."""
+        try:
+            metadata = json.dumps(self.metadata, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as err:  # metadata changed after construction
+            raise ValueError(f"metadata must be JSON-serialisable without NaN or infinite numbers: {err}") from err
         payload = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "ids": self.ids.clone(),
             "values": self.values.clone(),
-            "metadata": json.dumps(self.metadata, sort_keys=True),
+            "metadata": metadata,
+            "checksum": _checksum(FORMAT_VERSION, self.ids, self.values, metadata),
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -201,12 +256,21 @@ class InfluenceScores:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> InfluenceScores:
-        """Read a file written by :meth:`save` without unpickling arbitrary objects."""
+        """Read a file written by :meth:`save` without unpickling arbitrary objects.
+
+        Raises :class:`ScoreFileError` for a missing, truncated, corrupted or foreign file: the
+        CRC-32 of every zip member is checked before anything is unpickled, and the content
+        checksum (files written before checksums were added have none and load without it)."""
         path = Path(path)
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            data = path.read_bytes()
         except FileNotFoundError:
             raise ScoreFileError(f"no score file at {path}") from None
+        except OSError as err:
+            raise ScoreFileError(f"cannot read the score file {path}: {err}") from None
+        _verify_zip(data, str(path))
+        try:
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for damaged zip/pickle data
             raise ScoreFileError(f"{path} is not a readable score file (truncated or corrupted?): {err}") from None
         return cls._from_payload(payload, str(path))
@@ -216,16 +280,30 @@ class InfluenceScores:
         if not isinstance(payload, Mapping) or payload.get("format") != FORMAT_NAME:
             raise ScoreFileError(f"{origin} is not a lightning-influence score file")
         version = payload.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
             raise ScoreFileError(f"{origin} has score-file version {version!r}; this library reads versions 1..{FORMAT_VERSION}")
         ids, values, meta = payload.get("ids"), payload.get("values"), payload.get("metadata")
         if not isinstance(ids, Tensor) or not isinstance(values, Tensor) or not isinstance(meta, str):
             raise ScoreFileError(f"{origin} is missing ids, values or metadata")
+        if ids.layout != torch.strided or values.layout != torch.strided:
+            raise ScoreFileError(
+                f"{origin} has ids of layout {ids.layout} and values of layout {values.layout}; score files hold dense "
+                "(torch.strided) tensors"
+            )
         if ids.dtype != torch.long or values.dtype != torch.float64:
             raise ScoreFileError(f"{origin} has ids of dtype {ids.dtype} and values of dtype {values.dtype}; expected int64 and float64")
+        if ids.dim() != 1:
+            raise ScoreFileError(f"{origin} has ids of shape {tuple(ids.shape)}; expected a vector [N]")
+        if "checksum" in payload:
+            stored = payload["checksum"]
+            if not isinstance(stored, str) or stored != _checksum(version, ids, values, meta):
+                raise ScoreFileError(
+                    f"{origin} is corrupted: its ids, values or metadata do not match the checksum stored when it was "
+                    "written (a damaged copy, or edited since); re-create it from the run"
+                )
         try:
-            metadata = json.loads(meta)
-        except json.JSONDecodeError as err:
+            metadata = json.loads(meta, parse_constant=_refuse_json_constant, parse_float=_finite_json_float)
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
             raise ScoreFileError(f"{origin} has unreadable metadata: {err}") from None
         if not isinstance(metadata, dict):
             raise ScoreFileError(f"{origin} has metadata that is not a mapping")
@@ -244,6 +322,41 @@ class InfluenceScores:
         for i, row in zip(self.ids.tolist(), rows, strict=True):
             writer.writerow([i, *(repr(v) for v in row)])
         return atomic_write_bytes(path, out.getvalue().encode())
+
+
+def _checksum(version: int, ids: Tensor, values: Tensor, metadata: str) -> str:
+    """``"sha256:<hex>"`` over the format, version, shapes, little-endian bytes of ``ids`` (int64)
+    and ``values`` (float64), and the metadata JSON text."""
+    header = json.dumps(
+        {"format": FORMAT_NAME, "version": version, "ids": list(ids.shape), "values": list(values.shape)}, sort_keys=True
+    )
+    digest = hashlib.sha256(header.encode())
+    digest.update(len(metadata.encode()).to_bytes(8, "little"))
+    digest.update(metadata.encode())
+    for tensor, dtype in ((ids, "<i8"), (values, "<f8")):
+        digest.update(tensor.contiguous().numpy().astype(dtype, copy=False).reshape(-1))
+    return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
+
+
+def _verify_zip(data: bytes, origin: str) -> None:
+    """Refuse ``data`` unless it is a zip archive (as ``torch.save`` writes) whose members are
+    stored uncompressed and all match their CRC-32: torch's own reader does not check CRCs."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
+    except Exception as err:  # BadZipFile, and struct/Unicode/OS errors for damaged directories
+        raise ScoreFileError(f"{origin} is not a readable score file (truncated or corrupted?): {err}") from None
+    if not members:
+        raise ScoreFileError(f"{origin} is not a readable score file (truncated or corrupted?): an empty archive")
+    for info in members:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ScoreFileError(f"{origin} is not a score file written by InfluenceScores.save: member {info.filename!r} is compressed")
+        try:
+            with archive.open(info) as member:
+                while member.read(1 << 20):
+                    pass
+        except Exception as err:  # zipfile.BadZipFile("Bad CRC-32 ..."), EOFError for a short member
+            raise ScoreFileError(f"{origin} is corrupted: zip member {info.filename!r} is damaged ({err})") from None
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import struct
+import warnings
+import zipfile
 
 import pytest
 import torch
@@ -134,8 +138,10 @@ def test_random_and_truncated_bytes_only_raise_the_documented_error(tmp_path, da
         loaded = InfluenceScores.load(path)
     except ScoreFileError:
         return
-    # A flip in padding or metadata text can leave a valid file: it must then still be consistent.
-    assert loaded.ids.numel() == loaded.values.shape[0]
+    # A flip in zip padding leaves the content intact; any other change must have been refused.
+    original = _scores()
+    assert torch.equal(loaded.ids, original.ids) and torch.equal(loaded.values, original.values)
+    assert loaded.metadata == original.metadata
 
 
 def test_summary_per_class_and_join_agree_with_direct_computation():
@@ -171,3 +177,154 @@ def test_to_pandas_or_a_clear_message():
         return
     frame = scores.to_pandas()
     assert list(frame.columns) == ["query_0", "query_1"] and frame.loc[0, "query_1"] == 4.0
+
+
+# ---------------------------------------------------------------------- corruption and strictness
+def _member_data_offset(blob: bytes, member: str) -> tuple[int, int]:
+    """(offset, size) of a stored zip member's bytes inside the file ``blob``."""
+    info = zipfile.ZipFile(io.BytesIO(blob)).getinfo(member)
+    name_len, extra_len = struct.unpack("<HH", blob[info.header_offset + 26 : info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _values_member(blob: bytes, values: torch.Tensor) -> str:
+    archive = zipfile.ZipFile(io.BytesIO(blob))
+    raw = values.numpy().astype("<f8").tobytes()
+    (name,) = [n for n in archive.namelist() if archive.read(n) == raw]
+    return name
+
+
+def _legacy_payload(scores: InfluenceScores) -> dict:
+    """What ``save`` wrote before files carried a checksum."""
+    return {
+        "format": "lightning-influence/scores",
+        "version": 1,
+        "ids": scores.ids.clone(),
+        "values": scores.values.clone(),
+        "metadata": json.dumps(scores.metadata, sort_keys=True),
+    }
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["checksummed", "legacy"])
+def test_a_flipped_byte_inside_the_stored_values_is_refused(tmp_path, legacy):
+    s = InfluenceScores(torch.arange(4), torch.tensor([1e-3, -2e-3, 3e-3, 4e-4], dtype=torch.float64), {"estimator": "test"})
+    path = tmp_path / "scores.pt"
+    if legacy:
+        torch.save(_legacy_payload(s), path)
+    else:
+        s.save(path)
+    blob = path.read_bytes()
+    start, size = _member_data_offset(blob, _values_member(blob, s.values))
+    assert size == 32
+    damaged = bytearray(blob)
+    damaged[start + 7] ^= 0x40  # the exponent of values[0]: 0.001 would read as ~1.8e305
+    (tmp_path / "damaged.pt").write_bytes(bytes(damaged))
+    with pytest.raises(ScoreFileError, match=r"damaged\.pt is corrupted: zip member .*data/\d+.* is damaged \(Bad CRC-32"):
+        InfluenceScores.load(tmp_path / "damaged.pt")
+    assert torch.equal(InfluenceScores.load(path).values, s.values)  # the intact file still loads
+
+
+def test_every_single_bit_flip_of_a_saved_file_is_refused_or_harmless(tmp_path):
+    s = _scores(q=2)
+    blob = s.save(tmp_path / "scores.pt").read_bytes()
+    members = [_member_data_offset(blob, name) for name in zipfile.ZipFile(io.BytesIO(blob)).namelist()]
+    inside_members = {o for start, size in members for o in range(start, start + size)}
+    path = tmp_path / "flip.pt"
+    loaded = set()
+    for offset in range(len(blob)):
+        damaged = bytearray(blob)
+        damaged[offset] ^= 1 << (offset % 8)
+        path.write_bytes(bytes(damaged))
+        try:
+            again = InfluenceScores.load(path)
+        except ScoreFileError:
+            continue
+        loaded.add(offset)  # a flip in the alignment padding of torch's zip headers changes nothing
+        assert torch.equal(again.ids, s.ids) and torch.equal(again.values, s.values) and again.metadata == s.metadata
+    assert not loaded & inside_members  # every flip in the pickle, the ids or the values is refused
+
+
+def test_a_file_whose_content_does_not_match_its_checksum_is_refused(tmp_path):
+    s = _scores()
+    path = s.save(tmp_path / "scores.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["checksum"].startswith("sha256:")
+    edits = {
+        "values": {**payload, "values": payload["values"] * 2},
+        "ids": {**payload, "ids": payload["ids"] + 100},
+        "metadata": {**payload, "metadata": payload["metadata"].replace('"steps_seen": 4', '"steps_seen": 5')},
+        "checksum": {**payload, "checksum": "sha256:" + "0" * 64},
+        "checksum type": {**payload, "checksum": 7},
+    }
+    for what, edited in edits.items():
+        torch.save(edited, tmp_path / "edited.pt")  # a well-formed zip: its CRCs match the edited content
+        with pytest.raises(ScoreFileError, match=r"edited\.pt is corrupted: its ids, values or metadata do not match the checksum"):
+            InfluenceScores.load(tmp_path / "edited.pt")
+        assert what
+
+
+def test_files_written_before_checksums_still_load(tmp_path):
+    s = _scores(q=2)
+    torch.save(_legacy_payload(s), tmp_path / "old.pt")
+    loaded = InfluenceScores.load(tmp_path / "old.pt")
+    assert torch.equal(loaded.ids, s.ids) and torch.equal(loaded.values, s.values) and loaded.metadata == s.metadata
+    loaded.save(tmp_path / "new.pt")  # saving again adds the checksum
+    assert "checksum" in torch.load(tmp_path / "new.pt", weights_only=True)
+
+
+def test_sparse_tensors_are_refused_with_a_clear_error(tmp_path):
+    base = _legacy_payload(_scores())
+    for key in ("values", "ids"):
+        torch.save({**base, key: base[key].to_sparse()}, tmp_path / f"sparse_{key}.pt")
+        with pytest.raises(ScoreFileError, match=rf"sparse_{key}\.pt has ids of layout .* score files hold dense"):
+            InfluenceScores.load(tmp_path / f"sparse_{key}.pt")
+    with pytest.raises(ValueError, match="values must be a dense tensor, got layout torch.sparse_coo: pass values.to_dense()"):
+        InfluenceScores(torch.arange(3), torch.zeros(3, dtype=torch.float64).to_sparse())
+    with pytest.raises(ValueError, match="ids must be a dense tensor"):
+        InfluenceScores(torch.arange(3).to_sparse(), torch.zeros(3))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"version": True}, r"has score-file version True; this library reads versions 1\.\.1"),
+        ({"version": 1.0}, r"has score-file version 1\.0"),
+        ({"metadata": '{"x": NaN}'}, "has unreadable metadata: the metadata holds NaN, which JSON does not allow"),
+        ({"metadata": '{"x": [1, -Infinity]}'}, "the metadata holds -Infinity"),
+        ({"metadata": '{"x": 1e999}'}, "the metadata holds the out-of-range number 1e999"),
+        ({"ids": torch.tensor([-5, 0, 1, 2])}, r"is inconsistent: sample ids must be >= 0 .* got -5"),
+        ({"ids": torch.arange(4).reshape(4, 1)}, r"has ids of shape \(4, 1\); expected a vector \[N\]"),
+    ],
+    ids=["version-bool", "version-float", "meta-nan", "meta-inf", "meta-overflow", "negative-ids", "ids-2d"],
+)
+def test_wrong_but_well_formed_files_are_refused(tmp_path, edit, message):
+    torch.save({**_legacy_payload(_scores()), **edit}, tmp_path / "wrong.pt")
+    with pytest.raises(ScoreFileError, match=message):
+        InfluenceScores.load(tmp_path / "wrong.pt")
+
+
+def test_nan_scores_still_save_and_load(tmp_path):
+    s = InfluenceScores(torch.tensor([0, 1]), torch.tensor([float("nan"), 1.0], dtype=torch.float64))
+    loaded = InfluenceScores.load(s.save(tmp_path / "nan.pt"))
+    assert loaded.values[0].isnan() and loaded.values[1] == 1.0
+
+
+def test_non_finite_metadata_is_kept_as_text_so_the_file_is_strict_json(tmp_path):
+    with pytest.warns(RuntimeWarning, match=r"metadata \['residual', 'growth\[1\]'\] are NaN or infinite"):
+        s = InfluenceScores(torch.arange(2), torch.zeros(2), {"residual": float("nan"), "growth": [1.0, float("inf")]})
+    assert s.metadata["residual"] == "nan" and s.metadata["growth"] == [1.0, "inf"]
+    assert float(s.metadata["growth"][1]) == float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = InfluenceScores.load(s.save(tmp_path / "meta.pt"))
+        assert loaded.metadata == s.metadata
+        InfluenceScores(torch.arange(2), torch.zeros(2), {"kinks": (1, 2), "lr": 0.1})  # finite metadata: no warning
+    s.metadata["late"] = float("nan")  # changed after construction: refused, not written as non-JSON
+    with pytest.raises(ValueError, match="without NaN or infinite numbers"):
+        s.save(tmp_path / "late.pt")
+    assert not (tmp_path / "late.pt").exists()
+
+
+def test_negative_ids_are_refused_in_memory_too():
+    with pytest.raises(ValueError, match=r"sample ids must be >= 0 \(positions in the training dataset\), got -1"):
+        InfluenceScores(torch.tensor([-1, 0]), torch.zeros(2))
