@@ -118,11 +118,11 @@ def test_coreset_multirun_sweep_and_aggregation(tmp_path: Path) -> None:
     assert "| method | 0.3 kept | 0.6 kept |" in table and "| diffin |" in table and "| random |" in table
     assert table in proc.stdout
     rows = (sweep / "aggregate.csv").read_text().splitlines()
-    assert rows[0] == "recipe,metric,method,fraction,mean,std,n" and len(rows) == 5
+    assert rows[0] == "recipe,metric,method,fraction,mean,std,n,config" and len(rows) == 5
     by_key = {(r["method"], r["fraction"]): r["test_acc"]["mean"] for r in reports}
     for line in rows[1:]:
-        _, _, method, fraction, mean, _, n = line.split(",")
-        assert float(mean) == pytest.approx(by_key[(method, float(fraction))], abs=1e-6) and n == "1"
+        _, _, method, fraction, mean, _, n, config = line.split(",")
+        assert float(mean) == pytest.approx(by_key[(method, float(fraction))], abs=1e-6) and n == "1" and config == ""
     assert (sweep / "accuracy_vs_fraction.png").stat().st_size > 0
 
 
@@ -252,7 +252,7 @@ def test_summary_and_aggregation_of_hand_made_reports(tmp_path: Path) -> None:
         row = {"recipe": "coreset", "method": method, "fraction": fraction, "seed": job, "metric": "test_acc", "accuracy": acc}
         (tmp_path / str(job) / "report.json").write_text(json.dumps({"summary": [row]}))
     cells = aggregate.aggregate(aggregate.collect(tmp_path))
-    assert cells[("coreset", "test_acc", "a", 0.5)]["mean"] == pytest.approx(0.85) and cells[("coreset", "test_acc", "a", 0.5)]["n"] == 2
+    assert cells[("coreset", "test_acc", "", "a", 0.5)]["mean"] == pytest.approx(0.85) and cells[("coreset", "test_acc", "", "a", 0.5)]["n"] == 2
     table = aggregate.markdown_table(cells)
     assert "| a | 0.6000 +- 0.0000 (1) | 0.8500 +- 0.0707 (2) |" in table and "| b |  | 0.7000 +- 0.0000 (1) |" in table
     assert aggregate.main([str(tmp_path / "missing")]) == 2
@@ -309,5 +309,5 @@ def test_baselines_repeated_by_a_sweep_over_estimators_count_once(tmp_path: Path
         (tmp_path / str(job)).mkdir()
         (tmp_path / str(job) / "report.json").write_text(json.dumps({"summary": rows}))
     cells = aggregate.aggregate(aggregate.collect(tmp_path))
-    assert cells[("cleaning", "test_acc", "no_removal", 0.0)]["n"] == cells[("cleaning", "test_acc", "random", 0.1)]["n"] == 1
-    assert cells[("cleaning", "test_acc", "diffin", 0.1)]["n"] == cells[("cleaning", "test_acc", "tracin", 0.1)]["n"] == 1
+    assert cells[("cleaning", "test_acc", "", "no_removal", 0.0)]["n"] == cells[("cleaning", "test_acc", "", "random", 0.1)]["n"] == 1
+    assert cells[("cleaning", "test_acc", "", "diffin", 0.1)]["n"] == cells[("cleaning", "test_acc", "", "tracin", 0.1)]["n"] == 1

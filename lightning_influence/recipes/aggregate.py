@@ -4,13 +4,25 @@
     lightning-influence-aggregate multirun/<date>/<time>
 
 Reads every ``report.json`` below the directory and their ``summary`` rows (one per method and
-fraction: the coreset recipe's kept fraction, the cleaning recipe's removed fraction), groups
-them by recipe, method and fraction, and writes, into ``--out`` (default: the directory):
+fraction: the coreset recipe's kept fraction, the cleaning recipe's removed fraction), and the
+Hydra overrides of each job (``.hydra/overrides.yaml`` next to the report). Jobs are pooled only
+over their seeds: the overrides that differ between jobs, other than seeds (``seed``,
+``recipe.seeds``, ``data.seed``, ...), the estimator (the table's rows) and the fraction (its
+columns), make separate configurations (e.g. ``model.lr=0.1`` and ``model.lr=0.5``), each with
+its own table. Writes, into ``--out`` (default: the directory):
 
-- ``aggregate.md``: per recipe, a table method x fraction of ``mean +- std (n)`` of the metric
-  over the jobs (seeds); the std is the sample standard deviation over jobs.
-- ``aggregate.csv``: ``recipe, metric, method, fraction, mean, std, n``.
+- ``aggregate.md``: per recipe and configuration, a table method x fraction of
+  ``mean +- std (n)`` of the metric over the jobs (seeds); the std is the sample standard
+  deviation over jobs.
+- ``aggregate.csv``: ``recipe, metric, method, fraction, mean, std, n, config``.
 - ``accuracy_vs_fraction.png`` (matplotlib; skipped with ``--no-plot``).
+
+A baseline that several jobs report for the same run (the cleaning recipe's no removal, final
+loss and random removal, repeated by every job of a sweep over estimators) counts once: two
+rows are the same run when their recipe, metric, method, fraction and seed agree and so do the
+jobs' overrides other than the estimator and the fraction swept (which a baseline does not
+depend on), and so does the value. Rows of jobs without overrides (reports made by hand or by
+``lightning_influence.app.run``) are told apart by seed and value only.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -28,13 +41,49 @@ from typing import Any
 from lightning_influence.recipes.common import summary
 from lightning_influence.scores import atomic_write_bytes
 
-__all__ = ["collect", "aggregate", "markdown_table", "main"]
+__all__ = ["collect", "aggregate", "configurations", "markdown_table", "main"]
 
-Key = tuple[str, str, str, float]  # recipe, metric, method, fraction
+Key = tuple[str, str, str, str, float]  # recipe, metric, configuration, method, fraction
+
+#: Overrides that only reseed a job: the jobs that differ in these alone are pooled.
+SEED_KEY = re.compile(r"(^|[._])seeds?$")
+#: Overrides that choose the estimator: the rows of a table.
+METHOD_KEYS = frozenset({"estimator", "estimator.name"})
+#: Overrides that set the fraction kept or removed: the columns of a table.
+FRACTION_KEYS = frozenset({"recipe.fraction", "recipe.remove_fraction", "recipe.remove_count"})
+
+
+def is_seed_key(key: str) -> bool:
+    """``seed``, ``recipe.seeds``, ``data.seed``, ``data.noise_seed``, ``estimator.options.seed``, ..."""
+    return bool(SEED_KEY.search(key))
+
+
+def read_overrides(job: Path) -> dict[str, str] | None:
+    """``key -> value`` of the job's Hydra overrides (``.hydra/overrides.yaml``), ``None`` without one."""
+    path = job / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path} is not a readable list of overrides: {err}") from None
+    result: dict[str, str] = {}
+    for item in items:
+        text = str(item)
+        if text.startswith("~"):  # a deleted key
+            result[text[1:].partition("=")[0]] = "<deleted>"
+        else:
+            key, _, value = text.partition("=")
+            result[key.lstrip("+")] = value
+    return result
 
 
 def collect(directory: str | Path) -> list[dict[str, Any]]:
-    """The ``summary`` rows of every ``report.json`` below ``directory`` (with ``"job"``: its folder)."""
+    """The ``summary`` rows of every ``report.json`` below ``directory``, each with ``"job"`` (its
+    folder), ``"overrides"`` (its Hydra overrides, ``None`` without ``.hydra/overrides.yaml``) and
+    ``"baseline"`` (a row of another method than the job's estimator)."""
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"no multirun directory at {root}")
@@ -44,45 +93,88 @@ def collect(directory: str | Path) -> list[dict[str, Any]]:
             report = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is not a readable report: {err}") from None
+        overrides = read_overrides(path.parent)
+        node = report.get("estimator")
+        estimator = node.get("name") if isinstance(node, dict) else None
         for row in report.get("summary") or []:
             if row.get("accuracy") is None or row.get("fraction") is None:
                 continue
-            rows.append({**row, "job": str(path.parent.relative_to(root))})
+            baseline = row.get("baseline")
+            if baseline is None:  # reports without the field: any row of another method (or of an unknown estimator)
+                baseline = estimator is None or str(row["method"]) != str(estimator)
+            rows.append({**row, "job": str(path.parent.relative_to(root)), "overrides": overrides, "baseline": bool(baseline)})
     if not rows:
         raise ValueError(f"no report.json with summary rows below {root}: did the runs finish (python -m lightning_influence -m ...)?")
     return rows
 
 
+def configurations(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """``(configuration keys, pooled keys)``: the overrides whose values differ between the jobs,
+    split into those that make separate configurations and the seeds that are pooled (the
+    estimator and the fraction are the tables' rows and columns)."""
+    jobs: dict[str, dict[str, str]] = {}
+    for row in rows:
+        jobs.setdefault(row["job"], row.get("overrides") or {})
+    keys = sorted({k for o in jobs.values() for k in o})
+    varying = [k for k in keys if len({o.get(k) for o in jobs.values()}) > 1]
+    pooled = [k for k in varying if is_seed_key(k)]
+    config = [k for k in varying if not is_seed_key(k) and k not in METHOD_KEYS and k not in FRACTION_KEYS]
+    return config, pooled
+
+
+def _config_label(overrides: dict[str, str] | None, keys: Sequence[str]) -> str:
+    o = overrides or {}
+    return ", ".join(f"{k}={o[k]}" if k in o else f"{k} unset" for k in keys)
+
+
 def aggregate(rows: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
-    """``(recipe, metric, method, fraction) -> summary`` of the accuracies over the jobs. A row that
-    repeats another's method, fraction, seed and accuracy is the same run reported by two jobs
-    (the baselines of a sweep over estimators: no removal, the final loss, random) and counts once."""
+    """``(recipe, metric, configuration, method, fraction) -> summary`` of the accuracies over the
+    jobs; ``configuration`` is ``"key=value, ..."`` of the overrides that tell it apart (``""``
+    when every job shares them; see :func:`configurations`).
+
+    A job counts once per cell. A baseline row (a method other than the job's estimator) repeated
+    by another job counts once when recipe, metric, method, fraction, seed and value agree and the
+    two jobs' overrides agree outside the estimator and the swept fraction: the same run, reported
+    by every job of a sweep over estimators. Rows that differ in any other override (``recipe.seeds``,
+    ``model.lr``, ...) are different runs even when their values coincide."""
+    config_keys, _ = configurations(rows)
     groups: dict[Key, list[float]] = defaultdict(list)
     seen: set[tuple[Any, ...]] = set()
     for row in rows:
-        key = (str(row.get("recipe", "?")), str(row.get("metric", "accuracy")), str(row["method"]), round(float(row["fraction"]), 6))
-        run = (*key, row.get("seed"), float(row["accuracy"]))
-        if row.get("seed") is not None and run in seen:
+        overrides = row.get("overrides") or {}
+        config = _config_label(row.get("overrides"), config_keys)
+        key = (str(row.get("recipe", "?")), str(row.get("metric", "accuracy")), config, str(row["method"]), round(float(row["fraction"]), 6))
+        value = float(row["accuracy"])
+        if (key, "job", row["job"]) in seen:  # e.g. the loss baseline of a job whose estimator is loss
             continue
-        seen.add(run)
-        groups[key].append(float(row["accuracy"]))
+        seen.add((key, "job", row["job"]))
+        if row.get("baseline") and row.get("seed") is not None:
+            context = tuple(sorted((k, v) for k, v in overrides.items() if k not in METHOD_KEYS and k not in FRACTION_KEYS and not k.startswith("estimator.")))
+            run = (key, row.get("seed"), context, value)
+            if run in seen:
+                continue
+            seen.add(run)
+        groups[key].append(value)
     return {k: summary(v) for k, v in sorted(groups.items())}
 
 
-def markdown_table(cells: dict[Key, dict[str, Any]]) -> str:
-    """One Markdown table per recipe: rows = methods, columns = fractions, ``mean +- std (n)``."""
+def markdown_table(cells: dict[Key, dict[str, Any]], pooled: Sequence[str] = ()) -> str:
+    """One Markdown table per recipe, metric and configuration: rows = methods, columns =
+    fractions, ``mean +- std (n)``; ``pooled``: the overrides the jobs of a cell differ in."""
     parts = []
-    for recipe, metric in dict.fromkeys((k[0], k[1]) for k in cells):
-        keys = [k for k in cells if k[:2] == (recipe, metric)]
-        fractions = sorted({k[3] for k in keys})
-        methods = list(dict.fromkeys(k[2] for k in keys))
+    over = f"over jobs differing in {', '.join(pooled)}" if pooled else "over jobs"
+    for recipe, metric, config in dict.fromkeys(k[:3] for k in cells):
+        keys = [k for k in cells if k[:3] == (recipe, metric, config)]
+        fractions = sorted({k[4] for k in keys})
+        methods = list(dict.fromkeys(k[3] for k in keys))
         word = "kept" if recipe == "coreset" else "removed" if recipe == "cleaning" else ""
         header = "| method | " + " | ".join(f"{f:g} {word}".strip() for f in fractions) + " |"
-        lines = [f"{recipe}: {metric}, mean +- std over jobs (n)", "", header, "|---|" + "---|" * len(fractions)]
+        title = f"{recipe}: {metric}" + (f" [{config}]" if config else "") + f", mean +- std {over} (n)"
+        lines = [title, "", header, "|---|" + "---|" * len(fractions)]
         for m in methods:
             row = []
             for f in fractions:
-                s = cells.get((recipe, metric, m, f))
+                s = cells.get((recipe, metric, config, m, f))
                 row.append("" if s is None else f"{s['mean']:.4f} +- {s['std']:.4f} ({s['n']})")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         parts.append("\n".join(lines))
@@ -92,19 +184,21 @@ def markdown_table(cells: dict[Key, dict[str, Any]]) -> str:
 def _csv(cells: dict[Key, dict[str, Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["recipe", "metric", "method", "fraction", "mean", "std", "n"])
-    for (recipe, metric, method, fraction), s in cells.items():
-        writer.writerow([recipe, metric, method, f"{fraction:g}", f"{s['mean']:.6f}", f"{s['std']:.6f}", s["n"]])
+    writer.writerow(["recipe", "metric", "method", "fraction", "mean", "std", "n", "config"])
+    for (recipe, metric, config, method, fraction), s in cells.items():
+        writer.writerow([recipe, metric, method, f"{fraction:g}", f"{s['mean']:.6f}", f"{s['std']:.6f}", s["n"], config])
     return buffer.getvalue()
 
 
 def write(directory: str | Path, out: str | Path | None = None, plot: bool = True) -> dict[str, Path]:
     """Aggregate ``directory`` and write the table, CSV and (``plot``) the figure into ``out``."""
-    cells = aggregate(collect(directory))
+    rows = collect(directory)
+    cells = aggregate(rows)
+    _, pooled = configurations(rows)
     target = Path(out) if out is not None else Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     files = {
-        "markdown": atomic_write_bytes(target / "aggregate.md", markdown_table(cells).encode()),
+        "markdown": atomic_write_bytes(target / "aggregate.md", markdown_table(cells, pooled).encode()),
         "csv": atomic_write_bytes(target / "aggregate.csv", _csv(cells).encode()),
     }
     if plot:
@@ -112,8 +206,10 @@ def write(directory: str | Path, out: str | Path | None = None, plot: bool = Tru
 
         curves: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         metrics = {k[1] for k in cells}
-        for (recipe, metric, method, fraction), s in cells.items():
-            name = method if len({k[0] for k in cells}) == 1 else f"{recipe}: {method}"
+        several_recipes, several_configs = len({k[0] for k in cells}) > 1, len({k[2] for k in cells}) > 1
+        for (recipe, _, config, method, fraction), s in cells.items():
+            name = f"{recipe}: {method}" if several_recipes else method
+            name = f"{name} [{config}]" if several_configs else name
             curves[name].append((fraction, s["mean"], s["std"]))
         files["plot"] = plots.accuracy_vs_fraction(target / "accuracy_vs_fraction.png", curves, ylabel=", ".join(sorted(metrics)))
     return files

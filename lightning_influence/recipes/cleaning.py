@@ -31,9 +31,11 @@ from lightning_influence.recipes.common import (
     ScoredRun,
     final_loss_scores,
     fit_and_score,
+    harmonise_precision,
     is_global_zero,
     metric_of,
     paired_difference,
+    preflight,
     prepare,
     require_removal_scores,
     retrain_fresh,
@@ -61,12 +63,20 @@ def _pct(fraction: float) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the cleaning recipe on the composed config; returns the report (also in ``report.json``)."""
+    cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: CleaningConfig = recipe_params(cfg.recipe, CleaningConfig)
     est = estimator_params(cfg.estimator)
     require_removal_scores(est.name, est.options, "cleaning")
     out = prepare(cfg, params.plots)
     target = params.target.value
-    scored = fit_and_score(cfg, out, target, params.target_samples)
+    checked = preflight(cfg, out, params.metric, target, params.target_samples)
+    count = params.remove_count if params.remove_count is not None else max(1, round(params.remove_fraction * checked.num_train))
+    if count >= checked.num_train:
+        raise ValueError(
+            f"removing {count} of {checked.num_train} training samples leaves nothing to train on; "
+            f"lower recipe.remove_count (at most {checked.num_train - 1}) or recipe.remove_fraction"
+        )
+    scored = fit_and_score(cfg, out, target, params.target_samples, datamodule=checked.datamodule)
     dm, ids, column = scored.datamodule, scored.ids, scored.column
     dataset = train_dataset(dm)
     n_train = len(dataset)
@@ -90,9 +100,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         detection["estimator"] = detection["loss"] = None
 
     # ------------------------------------------------------------ removal and retraining
-    count = params.remove_count if params.remove_count is not None else max(1, round(params.remove_fraction * len(ids)))
-    if count >= n_train:
-        raise ValueError(f"removing {count} of {n_train} training samples leaves nothing to train on; lower recipe.remove_count/remove_fraction")
     all_ids = torch.arange(n_train)
     ranked = {
         "estimator": ids[torch.argsort(column, stable=True)[:count]],
@@ -155,6 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "seed": int(cfg.seed),
                 "metric": params.metric,
                 "accuracy": conditions[name][params.metric]["mean"],
+                "baseline": name != "estimator",
             }
             for name in conditions
         ],

@@ -5,19 +5,28 @@ Sign and units: a score is the predicted change of the target loss when the samp
 from training (positive helps, negative hurts). Coreset baselines keep the direction: higher
 means more worth keeping (their metadata says ``higher_means``).
 
+Before the scoring run, :func:`preflight` refuses what would otherwise fail only after training
+(a Trainer that runs no step, a metric the model does not log, sizes beyond the data) with a
+one-step trial fit on one device.
+
 Distributed runs (``trainer=ddp``): every process runs the whole recipe (fits, scoring and
-retraining take part in the collectives); only global rank zero creates folders and writes
-files, and the rank-zero-only code calls no collective.
+retraining take part in the collectives; each process runs its own one-device trial fit); only
+global rank zero creates folders and writes files, and the rank-zero-only code calls no
+collective. A training loader that does not shuffle keeps its order there
+(:func:`distributed_train_loader`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
+import os
 import platform
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +37,9 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler, Subset
 
 from lightning_influence.config import estimator_params
 from lightning_influence.estimators.base import Estimator, Target, build
@@ -38,9 +47,15 @@ from lightning_influence.scores import InfluenceScores, atomic_write_bytes
 
 __all__ = [
     "ScoredRun",
+    "Preflight",
     "is_global_zero",
     "output_dir",
     "prepare",
+    "harmonise_precision",
+    "check_training_steps",
+    "preflight",
+    "target_subset",
+    "distributed_train_loader",
     "user_callbacks",
     "make_trainer",
     "fit_and_score",
@@ -57,6 +72,7 @@ __all__ = [
     "write_outputs",
     "sample_rows",
     "versions",
+    "RECIPE_OUTPUTS",
 ]
 
 
@@ -92,6 +108,121 @@ def prepare(cfg: DictConfig, plots: bool = False) -> Path:
     return out
 
 
+# Lightning's precision names (and its aliases) -> the dtype the module's parameters train in.
+_PRECISION_ALIASES = {"64": "64-true", "double": "64-true", "32": "32-true", "16": "16-mixed", "half": "16-mixed", "bf16": "bf16-mixed"}
+_TRUE_PRECISION_DTYPES = {"64-true": "float64", "32-true": "float32", "16-true": "float16", "bf16-true": "bfloat16"}
+
+
+def harmonise_precision(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``data.dtype`` and ``trainer.precision`` made to agree, so that the model and
+    its inputs share one dtype in every evaluation the recipes make outside Lightning's precision
+    plugin (scores, target losses, retraining). A ``*-true`` precision with the default
+    ``data.dtype=float32`` makes the data follow it (``64-true``: float64 data);
+    ``data.dtype=float64`` with the default ``32-true`` makes the Trainer train in ``64-true``.
+    Other disagreements (float64 data with mixed precision, half data in float32, ...) are refused
+    with a message. A datamodule without a ``dtype`` argument is left alone."""
+    data, trainer = cfg.get("data"), cfg.get("trainer")
+    if not isinstance(data, DictConfig) or not isinstance(trainer, DictConfig) or "dtype" not in data:
+        return cfg
+    raw = trainer.get("precision")
+    precision = _PRECISION_ALIASES.get(str(raw), str(raw)) if raw is not None else "32-true"
+    dtype = str(data.dtype)
+    weights = _TRUE_PRECISION_DTYPES.get(precision, "float32")  # mixed precision keeps float32 weights
+    if dtype == weights:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        if dtype == "float32" and precision in _TRUE_PRECISION_DTYPES:
+            cfg.data.dtype = weights
+            note = f"trainer.precision={raw}: the data follow, data.dtype={weights}"
+        elif precision == "32-true" and dtype == "float64":
+            cfg.trainer.precision = "64-true"
+            note = "data.dtype=float64: the model follows, trainer.precision=64-true"
+        else:
+            raise ValueError(
+                f"data.dtype={dtype} does not match trainer.precision={raw} (the model trains in {weights}): the recipes "
+                "evaluate the model on the data outside Lightning's precision plugin. Use data.dtype=float64 with "
+                f"trainer.precision=64-true, or data.dtype={weights} with trainer.precision={raw}"
+            )
+    if is_global_zero():
+        print(note, flush=True)
+    return cfg
+
+
+def check_training_steps(cfg: DictConfig) -> None:
+    """Refuse, before any training, a Trainer config that runs no training step (the scores and
+    the retrained models would be those of the untrained network)."""
+    trainer = cfg.get("trainer")
+    if not isinstance(trainer, DictConfig):
+        return
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        value = trainer.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+            raise ValueError(
+                f"trainer.{key}={value} runs no training step: there is no training to score or to retrain. "
+                f"Set trainer.{key} to a positive value{' (or -1: no limit)' if key == 'max_steps' else ''}"
+            )
+
+
+@dataclass
+class Preflight:
+    """What a recipe checks before its scoring run: the datamodule (set up), the training set's
+    size, the size of the validation set (``None`` without one) and the metrics the model logs."""
+
+    datamodule: Any
+    num_train: int
+    num_val: int | None
+    metrics: set[str]
+
+
+def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str | None = None, target_samples: int | None = None) -> Preflight:
+    """Check what would otherwise fail only after training time was spent: a Trainer config that
+    runs no step; then a one-step trial fit on one device in this process (one training,
+    validation and test batch, the user's callbacks, no estimator) of a fresh model, which sets
+    up the datamodule, runs the model on the data, and tells which metrics the model logs, so
+    that a misspelt ``metric`` and a ``target_samples`` larger than the target are refused here.
+    Returns the datamodule (reused by the scoring run) and the sizes the recipe checks its own
+    values against."""
+    check_training_steps(cfg)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    # One device in this process, whatever the strategy: no worker processes to start for a trial
+    # (each DDP rank runs its own); this rank's device where ranks share a machine.
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    local_rank = os.environ.get("LOCAL_RANK")
+    devices: Any = [int(local_rank)] if local_rank is not None and accelerator not in ("cpu", "auto") else 1
+    trial = dict(
+        max_epochs=1, max_steps=1, limit_train_batches=1, limit_val_batches=1, limit_test_batches=1, val_check_interval=1.0,
+        check_val_every_n_epoch=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        strategy="auto", devices=devices, num_nodes=1, sync_batchnorm=False,
+    )
+    with quiet_lightning():
+        trainer = make_trainer(cfg, out / "retraining", overrides=trial)
+        trainer.fit(model, datamodule=datamodule)
+        metrics = {k for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if is_overridden("test_dataloader", datamodule, L.LightningDataModule):
+            results = trainer.test(model, datamodule=datamodule, verbose=False)
+            metrics.update(results[0] if results else {})
+    num_train = len(train_dataset(datamodule))
+    num_val = None
+    if is_overridden("val_dataloader", datamodule, L.LightningDataModule):
+        with contextlib.suppress(TypeError, AttributeError):
+            num_val = len(datamodule.val_dataloader().dataset)
+    if metric is not None and metric not in metrics:
+        raise ValueError(
+            f"recipe.metric={metric!r} is not logged by the model: a one-step trial run logged {sorted(metrics)}. "
+            "Set recipe.metric to one of them"
+        )
+    if target_samples is not None:
+        available = num_train if target == "train" else num_val
+        if available is not None and target_samples > available:
+            raise ValueError(
+                f"recipe.target_samples={target_samples} exceeds the {available} samples of the {target} target; "
+                f"lower it to at most {available}, or null for the whole target"
+            )
+    return Preflight(datamodule, num_train, num_val, metrics)
+
+
 def user_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Fresh instances of the ``callbacks`` group: a mapping ``name -> _target_ node`` (or a list)."""
     node = cfg.get("callbacks")
@@ -111,10 +242,10 @@ def user_callbacks(cfg: DictConfig) -> list[L.Callback]:
     return result
 
 
-def make_trainer(cfg: DictConfig, out: Path, extra: Sequence[L.Callback] = ()) -> L.Trainer:
-    """A fresh Trainer from ``cfg.trainer`` with the user's callbacks plus ``extra``;
-    ``default_root_dir`` is ``out`` unless the config sets it."""
-    kwargs: dict[str, Any] = {"callbacks": [*user_callbacks(cfg), *extra]}
+def make_trainer(cfg: DictConfig, out: Path, extra: Sequence[L.Callback] = (), overrides: dict[str, Any] | None = None) -> L.Trainer:
+    """A fresh Trainer from ``cfg.trainer`` (with ``overrides``) with the user's callbacks plus
+    ``extra``; ``default_root_dir`` is ``out`` unless the config sets it."""
+    kwargs: dict[str, Any] = {"callbacks": [*user_callbacks(cfg), *extra], **(overrides or {})}
     if cfg.trainer.get("default_root_dir") is None:
         kwargs["default_root_dir"] = str(out)
     return instantiate(cfg.trainer, **kwargs)
@@ -181,12 +312,19 @@ def require_removal_scores(name: str, options: dict[str, Any], recipe: str) -> N
 
 
 def fit_and_score(
-    cfg: DictConfig, out: Path, target_kind: str, target_samples: int | None = None, extra_callbacks: Sequence[L.Callback] = ()
+    cfg: DictConfig,
+    out: Path,
+    target_kind: str,
+    target_samples: int | None = None,
+    extra_callbacks: Sequence[L.Callback] = (),
+    datamodule: Any = None,
 ) -> ScoredRun:
-    """Seed, instantiate data / model / estimator, ``fit`` with the estimator's callback (and
-    ``extra_callbacks``), then score every training sample for the ``target_kind`` target."""
+    """Seed, instantiate data (unless ``datamodule`` is given, e.g. :func:`preflight`'s) / model /
+    estimator, ``fit`` with the estimator's callback (and ``extra_callbacks``), then score every
+    training sample for the ``target_kind`` target."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    if datamodule is None:
+        datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     params = estimator_params(cfg.estimator)
     estimator = build(params.name, **params.options)
@@ -194,8 +332,14 @@ def fit_and_score(
     extra = [*([recording] if recording is not None else []), *extra_callbacks]
     trainer = make_trainer(cfg, out, extra)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    with train_loader_in_order(datamodule):
+        trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
+    if _runs_in_this_process(trainer) and trainer.global_step == 0:
+        raise RuntimeError(
+            "the scoring fit ran no optimizer step (trainer.max_epochs, max_steps, max_time, limit_train_batches or a "
+            "callback stopped it before the first step): there is no training to score. Let it train at least one step"
+        )
     if hasattr(datamodule, "setup"):
         # Under ddp_spawn the datamodule was set up in the worker processes only; setup is idempotent.
         datamodule.setup("fit")
@@ -211,11 +355,120 @@ def fit_and_score(
     return ScoredRun(datamodule, model, trainer, estimator, scores, scores.ids, column, fit_seconds, score_seconds, extra)
 
 
+def _runs_in_this_process(trainer: L.Trainer) -> bool:
+    """Did this process run the fit itself (one device, or DDP re-running the script), so that the
+    Trainer's step count is the fit's? Under spawn launchers the workers ran it."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if launcher is None:
+        return True
+    try:
+        from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    except ImportError:  # pragma: no cover - lightning moved it: skip the check
+        return False
+    return isinstance(launcher, _SubprocessScriptLauncher)
+
+
+def target_subset(kind: str, batches: list[Any], sample_count: int | None, seed: int, sample_ids: Any = None) -> list[Any]:
+    """The target ``batches`` restricted to the ``sample_count`` samples the estimators score
+    against (``recipe.target_samples``): the same draw as :class:`~lightning_influence.targets.TargetGradient`
+    (by position in loader order, or by sample id with ``sample_ids``, e.g. for ``"train"``).
+    Without ``sample_count``: ``batches`` as they are."""
+    if sample_count is None:
+        return batches
+    from lightning_influence.kernels import batch_size
+    from lightning_influence.targets import TargetGradient
+
+    chooser = TargetGradient(kind, lambda: batches, sample_count=sample_count, seed=seed, sample_ids=sample_ids)  # type: ignore[arg-type]
+    chooser._resolve_subset()  # the estimators' own draw, so the subsets cannot drift apart
+    subset = chooser.subset
+    assert subset is not None
+    kept, position = [], 0
+    for batch in batches:
+        size = batch_size(batch, "target batch")
+        if sample_ids is not None:
+            rows = torch.isin(torch.as_tensor(sample_ids(batch)).reshape(-1).cpu(), subset).nonzero().reshape(-1)
+        else:
+            rows = subset[(subset >= position) & (subset < position + size)] - position
+        position += size
+        if rows.numel():
+            kept.append(_select_rows(batch, rows, size))
+    return kept
+
+
+def _select_rows(batch: Any, rows: Tensor, size: int) -> Any:
+    """``batch`` with only the samples at ``rows`` (every tensor leaf whose first dimension is the batch size)."""
+
+    def pick(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size:
+            return leaf.index_select(0, rows.to(leaf.device))
+        return leaf
+
+    return torch.utils._pytree.tree_map(pick, batch)
+
+
+# ---------------------------------------------------------------------- data order under DDP
+def _is_shuffled(loader: DataLoader) -> bool:
+    """Does the loader shuffle (a ``RandomSampler``; a custom sampler counts as shuffling)?"""
+    return not isinstance(loader.sampler, SequentialSampler)
+
+
+def distributed_train_loader(loader: Any, trainer: Any) -> Any:
+    """Lightning gives the training loader of a multi-process run a ``DistributedSampler`` that
+    shuffles, whatever the loader's own sampler; for a loader that does not shuffle
+    (``data.shuffle=false``) this returns the loader with ``DistributedSampler(shuffle=False)``,
+    which Lightning keeps: every rank reads its shard in dataset order. Other loaders (shuffled,
+    custom samplers or batch samplers, iterable datasets) and one-process runs: unchanged."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if not kwargs or not getattr(connector, "use_distributed_sampler", True):
+        return loader
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset) or isinstance(loader.sampler, DistributedSampler):
+        return loader
+    if _is_shuffled(loader) or type(loader.batch_sampler) is not BatchSampler:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=DistributedSampler(loader.dataset, shuffle=False, **kwargs),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+    )
+
+
+def _train_loader_in_order(datamodule: Any) -> Any:
+    return distributed_train_loader(type(datamodule).train_dataloader(datamodule), getattr(datamodule, "trainer", None))
+
+
+@contextlib.contextmanager
+def train_loader_in_order(datamodule: Any) -> Iterator[None]:
+    """During the block, ``datamodule.train_dataloader()`` goes through :func:`distributed_train_loader`
+    (an instance attribute, removed afterwards), so that a fit under DDP honours a loader that
+    does not shuffle."""
+    patch = isinstance(datamodule, L.LightningDataModule) and "train_dataloader" not in vars(datamodule)
+    if patch:
+        datamodule.train_dataloader = functools.partial(_train_loader_in_order, datamodule)
+    try:
+        yield
+    finally:
+        if patch:
+            vars(datamodule).pop("train_dataloader", None)
+
+
 # ---------------------------------------------------------------------- retraining
 def subset_datamodule(base: Any, keep_ids: Sequence[int] | Tensor, seed: int) -> L.LightningDataModule:
     """A datamodule training on the samples ``keep_ids`` of ``base``'s training set (ids kept:
-    items are taken from the same dataset), shuffled with ``seed``; validation and test loaders
-    are ``base``'s. Sample id ``i`` must be position ``i`` of the training dataset, as with
+    items are taken from the same dataset), shuffled with ``seed`` when ``base``'s training
+    loader shuffles (else in ``keep_ids`` order, also under DDP: see
+    :func:`distributed_train_loader`); validation and test loaders are ``base``'s. Sample id
+    ``i`` must be position ``i`` of the training dataset, as with
     :class:`~lightning_influence.IndexedDataset`."""
     keep = [int(i) for i in (keep_ids.tolist() if isinstance(keep_ids, Tensor) else keep_ids)]
     if not keep:
@@ -232,16 +485,18 @@ def subset_datamodule(base: Any, keep_ids: Sequence[int] | Tensor, seed: int) ->
         dataset = loader.dataset
         if max(keep) >= len(dataset) or min(keep) < 0:
             raise ValueError(f"kept sample ids reach {max(keep)}, beyond the training set of {len(dataset)} samples")
-        return DataLoader(
+        shuffle = not isinstance(loader, DataLoader) or _is_shuffled(loader)
+        subset = DataLoader(
             Subset(dataset, keep),
             batch_size=loader.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(seed) if shuffle else None,
             collate_fn=loader.collate_fn,
             num_workers=loader.num_workers,
             drop_last=loader.drop_last,
             pin_memory=loader.pin_memory,
         )
+        return distributed_train_loader(subset, getattr(self, "trainer", None))
 
     methods: dict[str, Any] = {
         "setup": setup,
@@ -395,13 +650,43 @@ def _finite(value: Any) -> Any:
     return value
 
 
+#: Every file a recipe may write into its output folder.
+RECIPE_OUTPUTS = (
+    "scores.pt", "scores.csv", "report.json", "config.yaml",
+    "score_histogram.png", "detection_curve.png", "most_harmful.png", "predicted_vs_actual.png",
+)
+
+
+def stale_outputs(out: Path, written: Iterable[str]) -> list[str]:
+    """The recipe outputs in ``out`` (:data:`RECIPE_OUTPUTS` and the files the previous
+    ``report.json`` lists) that are not among ``written``: left there by an earlier run."""
+    names = set(RECIPE_OUTPUTS)
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        previous = json.loads((out / "report.json").read_text()).get("files") or {}
+        names |= {str(v) for v in previous.values() if isinstance(v, str) and "/" not in v and "\\" not in v}
+    return sorted(n for n in names - set(written) if (out / n).is_file())
+
+
 def write_outputs(out: Path, cfg: DictConfig, report: dict[str, Any], scores: InfluenceScores | None) -> None:
-    """On global rank zero: ``scores.pt`` (+ ``scores.csv``), ``config.yaml`` and ``report.json``, each atomically."""
+    """On global rank zero: ``scores.pt`` (+ ``scores.csv``), ``config.yaml`` and ``report.json``,
+    each atomically. Files of an earlier run in the same folder that this run did not write are
+    left as they are, named in ``report["stale_files"]`` and in a warning."""
     if not is_global_zero():
         return
+    files = report.setdefault("files", {})
+    stale = stale_outputs(out, files.values())
+    report["stale_files"] = stale
     if scores is not None:
         scores.save(out / "scores.pt")
         scores.to_csv(out / "scores.csv")
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     text = json.dumps(_finite(report), indent=2, allow_nan=False, default=_json_default) + "\n"
     atomic_write_bytes(out / "report.json", text.encode())
+    if stale:
+        warnings.warn(
+            f"{out} holds files of an earlier run that this {report.get('recipe', 'recipe')} run did not write: "
+            f"{', '.join(stale)}. They are left as they were; use a fresh output folder (hydra.run.dir=... or "
+            "output_dir=...) or delete them, so that they are not read as this run's",
+            UserWarning,
+            stacklevel=2,
+        )

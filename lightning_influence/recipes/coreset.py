@@ -28,9 +28,11 @@ from omegaconf import DictConfig, open_dict
 from lightning_influence.config import CoresetConfig, estimator_params, recipe_params
 from lightning_influence.recipes.common import (
     fit_and_score,
+    harmonise_precision,
     is_global_zero,
     labels_of,
     metric_of,
+    preflight,
     prepare,
     retrain_fresh,
     summary,
@@ -64,11 +66,13 @@ def select_coreset(ids: torch.Tensor, column: torch.Tensor, fraction: float, lab
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the coreset recipe on the composed config; returns the report (also in ``report.json``)."""
+    cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: CoresetConfig = recipe_params(cfg.recipe, CoresetConfig)
     est = estimator_params(cfg.estimator)
     out = prepare(cfg, params.plots)
     target = params.target.value
-    scored = fit_and_score(cfg, out, target, params.target_samples)
+    checked = preflight(cfg, out, params.metric, target, params.target_samples)
+    scored = fit_and_score(cfg, out, target, params.target_samples, datamodule=checked.datamodule)
     dm, ids, column = scored.datamodule, scored.ids, scored.column
     dataset = train_dataset(dm)
     n_train = len(dataset)

@@ -5,7 +5,8 @@
    lowest scores (``harmful``), the highest (``helpful``) or a seeded random set (``random``).
    Predicted change of the target loss = the sum of the set's scores (additivity; units of the
    target loss; positive: removing the set raises the loss).
-3. Actual change, per ``recipe.retraining``:
+3. Actual change of the same target (with ``recipe.target_samples``: the loss over the same
+   subset of target samples the scores were computed for), per ``recipe.retraining``:
 
    - ``trajectory`` (default): the recorded run re-run without the set -- same initial weights,
      same batches with the set's samples taken out, same optimizer and learning rates
@@ -35,12 +36,15 @@ from lightning_influence.config import DeletionConfig, estimator_params, recipe_
 from lightning_influence.evaluation.metrics import pearson, spearman
 from lightning_influence.recipes.common import (
     fit_and_score,
+    harmonise_precision,
     is_global_zero,
+    preflight,
     prepare,
     require_removal_scores,
     retrain_fresh,
     summary,
     target_batches,
+    target_subset,
     train_dataset,
     versions,
     write_outputs,
@@ -68,6 +72,16 @@ def deletion_sets(ids: torch.Tensor, column: torch.Tensor, sizes: list[int], kin
     return sets
 
 
+def _target_subset_of(est: Any, target_samples: int | None, seed: int) -> tuple[int | None, int]:
+    """``(count, seed)`` of the target subset the estimator scores against: its own
+    ``target_samples`` and ``seed`` options where it takes them (the recording estimators, whose
+    configs default them to ``recipe.target_samples`` and ``seed``), else the recipe's."""
+    if "target_samples" in est.options:
+        count = est.options["target_samples"]
+        return (None if count is None else int(count)), int(est.options.get("seed", 0) or 0)
+    return target_samples, seed
+
+
 def _predicted(ids: torch.Tensor, column: torch.Tensor, chosen: torch.Tensor) -> float:
     return float(column[torch.isin(ids, chosen)].sum())
 
@@ -87,22 +101,34 @@ def _correlations(predicted: list[float], actual: list[float]) -> dict[str, Any]
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the deletion recipe on the composed config; returns the report (also in ``report.json``)."""
+    cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: DeletionConfig = recipe_params(cfg.recipe, DeletionConfig)
     est = estimator_params(cfg.estimator)
     require_removal_scores(est.name, est.options, "deletion")
     out = prepare(cfg, params.plots)
     target = params.target.value
     mode = params.retraining.value
+    subset_count, subset_seed = _target_subset_of(est, params.target_samples, int(cfg.seed))
+    checked = preflight(cfg, out, None, target, subset_count)
+    too_large = [size for size in params.sizes if size >= checked.num_train]
+    if too_large:
+        raise ValueError(
+            f"recipe.sizes {too_large} would remove the whole training set of {checked.num_train} samples; "
+            f"keep every size below {checked.num_train}"
+        )
     recorder = None
     if mode == "trajectory":
         from lightning_influence.evaluation import StepRecorder
 
         recorder = StepRecorder()
-    scored = fit_and_score(cfg, out, target, params.target_samples, [recorder] if recorder is not None else [])
+    scored = fit_and_score(cfg, out, target, params.target_samples, [recorder] if recorder is not None else [], datamodule=checked.datamodule)
     dm, ids, column = scored.datamodule, scored.ids, scored.column
     n_train = len(train_dataset(dm))
     sets = deletion_sets(ids, column, list(params.sizes), [k.value for k in params.kinds], int(cfg.seed))
-    batches = target_batches(target, dm)
+    # The actual change is measured on the target the scores are about: with target_samples, the
+    # same subset of the target samples (the estimators' draw).
+    sample_ids = scored.model.sample_ids if target == "train" else None  # type: ignore[attr-defined]
+    batches = target_subset(target, target_batches(target, dm), subset_count, subset_seed, sample_ids)
     all_ids = torch.arange(n_train)
 
     lds_removals: list[tuple[int, ...]] = []
@@ -154,6 +180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "estimator": {"name": est.name, "options": est.options},
         "target": target,
         "units": "target loss (mean over the target samples)",
+        "target_samples": subset_count,
         "sign_convention": scored.scores.metadata.get("sign_convention"),
         "score_metadata": scored.scores.metadata,
         "retraining": mode,

@@ -1,0 +1,294 @@
+"""What the recipes check and keep consistent around the scoring run: the aggregation pools only
+seeds, the deletion recipe measures the change on the target subset it predicts for, values that
+would fail after training are refused before it, data dtype and precision agree, DDP honours an
+unshuffled training loader, and files of an earlier run in the output folder are named. Real
+Hydra compositions and recipe runs on small settings (one epoch, one retraining seed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_influence.app import run
+from lightning_influence.data import DigitsDataModule
+from lightning_influence.recipes import aggregate, cleaning, coreset, deletion
+from lightning_influence.recipes.common import distributed_train_loader, harmonise_precision, subset_datamodule, target_subset
+from lightning_influence.targets import TargetGradient
+
+CONF = "lightning_influence.conf"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+QUICK = ("trainer.max_epochs=1", "recipe.seeds=[0]", "recipe.plots=false")
+
+
+def compose_cfg(*overrides: str):  # type: ignore[no-untyped-def]
+    with initialize_config_module(config_module=CONF, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+# ---------------------------------------------------------------------- aggregation
+def _job(root: Path, name: str, overrides: list[str], rows: list[dict], estimator: str) -> None:
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (job / "report.json").write_text(json.dumps({"estimator": {"name": estimator}, "summary": rows}))
+
+
+def _cleaning_rows(estimator: str, seed: int, acc: float, no_removal: float, random: float) -> list[dict]:
+    common = {"recipe": "cleaning", "seed": seed, "metric": "test_acc"}
+    return [
+        {**common, "method": estimator, "fraction": 0.1, "accuracy": acc},
+        {**common, "method": "no_removal", "fraction": 0.0, "accuracy": no_removal},
+        {**common, "method": "random", "fraction": 0.1, "accuracy": random},
+    ]
+
+
+def test_aggregation_keeps_configurations_apart_and_pools_seeds(tmp_path: Path) -> None:
+    """A sweep over model.lr x seed: one table per learning rate, each pooled over the two seeds;
+    nothing of lr 0.1 is averaged with lr 0.5."""
+    values = {("0.1", 0): 0.70, ("0.1", 1): 0.72, ("0.5", 0): 0.86, ("0.5", 1): 0.88}
+    for i, ((lr, seed), acc) in enumerate(values.items()):
+        _job(tmp_path, str(i), [f"model.lr={lr}", f"seed={seed}", "recipe.seeds=[0]"], _cleaning_rows("diffin", seed, acc, acc, acc), "diffin")
+    rows = aggregate.collect(tmp_path)
+    assert aggregate.configurations(rows) == (["model.lr"], ["seed"])
+    cells = aggregate.aggregate(rows)
+    for lr in ("0.1", "0.5"):
+        cell = cells[("cleaning", "test_acc", f"model.lr={lr}", "no_removal", 0.0)]
+        assert cell["n"] == 2 and cell["values"] == [values[(lr, 0)], values[(lr, 1)]]
+    assert len(cells) == 6
+    table = aggregate.markdown_table(cells, ["seed"])
+    assert "cleaning: test_acc [model.lr=0.1], mean +- std over jobs differing in seed (n)" in table
+    assert "| no_removal | 0.7100 +- 0.0141 (2) |" in table and "| no_removal | 0.8700 +- 0.0141 (2) |" in table
+
+
+def test_baselines_count_once_per_run_not_per_coinciding_value(tmp_path: Path) -> None:
+    """Estimators x retraining seeds: the baselines of diffin's and tracin's jobs with the same
+    recipe.seeds are one run (counted once), those of different recipe.seeds are two runs even
+    where their accuracies coincide (multiples of 1/297)."""
+    same = 276 / 297
+    for i, (estimator, seeds) in enumerate([("diffin", "[0]"), ("tracin", "[0]"), ("diffin", "[1]"), ("tracin", "[1]")]):
+        rows = _cleaning_rows(estimator, 0, 0.9 + i / 100, same, same)
+        _job(tmp_path, str(i), [f"estimator={estimator}", f"recipe.seeds={seeds}", "trainer.max_epochs=1"], rows, estimator)
+    rows = aggregate.collect(tmp_path)
+    assert aggregate.configurations(rows) == ([], ["recipe.seeds"])
+    cells = aggregate.aggregate(rows)
+    assert cells[("cleaning", "test_acc", "", "no_removal", 0.0)]["n"] == 2
+    assert cells[("cleaning", "test_acc", "", "random", 0.1)]["n"] == 2
+    assert cells[("cleaning", "test_acc", "", "diffin", 0.1)]["n"] == cells[("cleaning", "test_acc", "", "tracin", 0.1)]["n"] == 2
+    # the estimator's own rows are never merged, even with equal values
+    for i, estimator in enumerate(["diffin", "diffin"]):
+        _job(tmp_path / "again", str(i), [f"seed={i}"], _cleaning_rows(estimator, i, same, same, same), estimator)
+    again = aggregate.aggregate(aggregate.collect(tmp_path / "again"))
+    assert again[("cleaning", "test_acc", "", "diffin", 0.1)]["n"] == again[("cleaning", "test_acc", "", "no_removal", 0.0)]["n"] == 2
+
+
+def test_multirun_over_a_learning_rate_is_not_pooled(tmp_path: Path) -> None:
+    """The real sweep: -m model.lr=0.1,0.5 seed=0,1, then the aggregation command."""
+    sweep = tmp_path / "multirun"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_influence", "-m", "recipe=coreset", "estimator=random", "recipe.fraction=0.5",
+         "model.lr=0.1,0.5", "seed=0,1", *QUICK, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert aggregate.main([str(sweep), "--no-plot"]) == 0
+    lines = (sweep / "aggregate.csv").read_text().splitlines()
+    assert lines[0] == "recipe,metric,method,fraction,mean,std,n,config" and len(lines) == 3
+    by_lr: dict[str, list[float]] = {}
+    for report in sweep.glob("*/report.json"):
+        r = json.loads(report.read_text())
+        lr = next(o.split("=")[1] for o in (report.parent / ".hydra" / "overrides.yaml").read_text().split() if o.startswith("model.lr="))
+        by_lr.setdefault(lr, []).append(r["test_acc"]["mean"])
+    for line in lines[1:]:
+        recipe, metric, method, fraction, mean, _, n, config = line.split(",")
+        lr = config.removeprefix("model.lr=")
+        assert (recipe, method, fraction, n) == ("coreset", "random", "0.5", "2")
+        assert float(mean) == pytest.approx(sum(by_lr[lr]) / 2, abs=1e-6)
+    assert "differing in seed" in (sweep / "aggregate.md").read_text()
+
+
+# ---------------------------------------------------------------------- deletion on a target subset
+@pytest.mark.parametrize("target", ["val", "train"])
+def test_deletion_measures_the_change_on_the_scored_target_subset(target: str, tmp_path: Path) -> None:
+    """With recipe.target_samples the scores predict the change of the loss over that subset of the
+    target, and the retraining measures it there: predicted and actual agree as without a subset
+    (on the full validation set the 5-sample predictions matched in sign only half the time)."""
+    cfg = compose_cfg("recipe=deletion", f"recipe.target={target}", "recipe.target_samples=5", "recipe.sizes=[5,20]", *QUICK, f"output_dir={tmp_path}")
+    report = run(cfg)
+    assert report["target_samples"] == 5 and report["score_metadata"]["target_samples"] == 5
+    corr = report["correlation"]
+    assert corr["sign_agreement"] == 1.0 and corr["pearson"] > 0.95 and corr["spearman"] > 0.8, corr
+    for row in report["sets"]:
+        if row["kind"] == "random" and abs(row["predicted"]) > 1e-3:
+            assert row["actual"] == pytest.approx(row["predicted"], rel=0.5)
+
+
+def test_target_subset_is_the_estimators_draw() -> None:
+    data = DigitsDataModule(seed=0)
+    data.setup()
+    val = list(data.val_dataloader())
+    picked = target_subset("val", val, 7, 3)
+    chooser = TargetGradient("val", lambda: val, sample_count=7, seed=3)
+    chooser._resolve_subset()
+    positions = chooser.subset.tolist()
+    x = torch.cat([b[0] for b in picked])
+    assert len(positions) == 7 and torch.equal(x, torch.stack([data.val_set[i][0] for i in positions]))
+    train = [data.train_set[i] for i in range(len(data.train_set))]
+    batches = list(DataLoader(data.train_set, batch_size=256))
+    by_id = target_subset("train", batches, 4, 1, sample_ids=lambda b: b[-1])
+    chooser = TargetGradient("train", lambda: batches, sample_count=4, seed=1, sample_ids=lambda b: b[-1])
+    chooser._resolve_subset()
+    assert torch.cat([b[-1] for b in by_id]).tolist() == chooser.subset.tolist() and len(train) == 1200
+    assert target_subset("val", val, None, 0) is val
+
+
+# ---------------------------------------------------------------------- refused before training
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        (cleaning, ["recipe.metric=test_accuracy"], r"recipe.metric='test_accuracy' is not logged.*'test_acc'"),
+        (coreset, ["recipe=coreset", "recipe.metric=acc"], r"recipe.metric='acc' is not logged"),
+        (cleaning, ["recipe.remove_count=5000"], r"removing 5000 of 1200 .*at most 1199"),
+        (deletion, ["recipe=deletion", "recipe.sizes=[10,1200]"], r"recipe.sizes \[1200\] would remove the whole training set of 1200"),
+        (cleaning, ["recipe.target_samples=301"], r"target_samples=301 exceeds the 300 samples of the val target"),
+        (cleaning, ["trainer.max_epochs=0"], r"trainer.max_epochs=0 runs no training step"),
+        (coreset, ["recipe=coreset", "+trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0 runs no training step"),
+    ],
+)
+def test_values_that_fail_after_training_are_refused_before(recipe, overrides: list[str], message: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_scoring_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the scoring run started")
+
+    monkeypatch.setattr(recipe, "fit_and_score", no_scoring_run)
+    cfg = compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}")
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+
+
+class StopBeforeTraining(L.Callback):
+    """Stops every fit before its first step (as a too short max_time would)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def test_a_scoring_fit_without_steps_says_so(tmp_path: Path) -> None:
+    cfg = compose_cfg("recipe=coreset", *QUICK, f"+callbacks.stop._target_={__name__}.StopBeforeTraining", f"output_dir={tmp_path}")
+    with pytest.raises(RuntimeError, match="the scoring fit ran no optimizer step"):
+        run(cfg)
+
+
+# ---------------------------------------------------------------------- precision and data dtype
+def test_precision_and_data_dtype_follow_each_other() -> None:
+    assert harmonise_precision(compose_cfg("trainer.precision=64-true")).data.dtype == "float64"
+    assert harmonise_precision(compose_cfg("data.dtype=float64")).trainer.precision == "64-true"
+    assert harmonise_precision(compose_cfg("trainer.precision=64")).data.dtype == "float64"
+    cfg = compose_cfg("trainer.precision=bf16-mixed")
+    assert harmonise_precision(cfg) is cfg  # mixed precision: float32 weights and data
+    with pytest.raises(ValueError, match=r"data.dtype=float64 does not match trainer.precision=bf16-mixed.*64-true"):
+        harmonise_precision(compose_cfg("data.dtype=float64", "trainer.precision=bf16-mixed"))
+
+
+@pytest.mark.parametrize("override", ["trainer.precision=64-true", "data.dtype=float64"])
+def test_float64_from_either_side_runs(override: str, tmp_path: Path) -> None:
+    """Each alone used to fail deep in torch (mat1 and mat2 must have the same dtype)."""
+    report = run(compose_cfg(override, *QUICK, "recipe.remove_count=50", f"output_dir={tmp_path}"))
+    written = (tmp_path / "config.yaml").read_text()
+    assert "dtype: float64" in written and "precision: 64-true" in written
+    assert 0.0 < report["removal"]["conditions"]["no_removal"]["test_acc"]["mean"] <= 1.0
+    assert report["detection"]["estimator"]["auroc"] > 0.5
+
+
+# ---------------------------------------------------------------------- data order under DDP
+def test_an_unshuffled_loader_gets_an_unshuffled_distributed_sampler() -> None:
+    dataset = TensorDataset(torch.arange(10))
+    trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1}, _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+    ordered = distributed_train_loader(DataLoader(dataset, batch_size=3), trainer)
+    assert isinstance(ordered.sampler, DistributedSampler) and not ordered.sampler.shuffle
+    assert [b[0].tolist() for b in ordered] == [[1, 3, 5], [7, 9]]
+    shuffled = DataLoader(dataset, batch_size=3, shuffle=True)
+    assert distributed_train_loader(shuffled, trainer) is shuffled  # Lightning's own shuffling sampler
+    plain = DataLoader(dataset, batch_size=3)
+    assert distributed_train_loader(plain, SimpleNamespace(distributed_sampler_kwargs=None)) is plain
+    assert distributed_train_loader(plain, None) is plain
+
+
+def test_retraining_honours_an_unshuffled_loader() -> None:
+    data = DigitsDataModule(batch_size=4, shuffle=False)
+    data.setup()
+    keep = [9, 3, 700, 5, 1199]
+    ids = [int(i) for batch in subset_datamodule(data, keep, seed=1).train_dataloader() for i in batch[2]]
+    assert ids == keep
+    shuffled = DigitsDataModule(batch_size=4)
+    shuffled.setup()
+    assert sorted(int(i) for b in subset_datamodule(shuffled, keep, seed=1).train_dataloader() for i in b[2]) == sorted(keep)
+
+
+BATCH_LOG = '''
+import json, os
+import lightning as L
+
+class BatchLog(L.Callback):
+    """Appends rank, world size and the sample ids of every training batch of each fit to <path>/<pid>.jsonl."""
+
+    def __init__(self, path):
+        self.path, self.ids = path, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ids += batch[-1].tolist()
+
+    def on_train_end(self, trainer, pl_module):
+        with open(os.path.join(self.path, f"{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps({"rank": trainer.global_rank, "world": trainer.world_size, "ids": self.ids}) + "\\n")
+'''
+
+
+def test_ddp_honours_data_shuffle_false(tmp_path: Path) -> None:
+    """trainer=ddp data.shuffle=false: the scoring fit and the retraining read each rank's shard in
+    dataset order (Lightning's injected sampler would shuffle it); the trial fit before them runs
+    on one device in each process."""
+    (tmp_path / "batch_log.py").write_text(textwrap.dedent(BATCH_LOG))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    command = [
+        sys.executable, "-m", "lightning_influence", "trainer=ddp", "recipe=coreset", "estimator=random", "model=logreg",
+        "data.batch_size=64", "data.shuffle=false", "recipe.fraction=0.5", *QUICK, f"hydra.run.dir={tmp_path / 'run'}",
+        "+callbacks.log._target_=batch_log.BatchLog", f"+callbacks.log.path={logs}",
+    ]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["num_kept"] == 600
+    processes = [[json.loads(line) for line in p.read_text().splitlines()] for p in logs.glob("*.jsonl")]
+    assert len(processes) == 2
+    for trial, scoring, retraining in processes:
+        assert (trial["world"], trial["ids"]) == (1, list(range(64)))
+        rank = scoring["rank"]
+        assert scoring["world"] == retraining["world"] == 2 and retraining["rank"] == rank
+        assert scoring["ids"] == list(range(rank, 1200, 2))
+        assert retraining["ids"] == sorted(retraining["ids"]) and len(retraining["ids"]) == 300
+    assert {p[1]["rank"] for p in processes} == {0, 1}
+
+
+# ---------------------------------------------------------------------- files of an earlier run
+def test_files_of_an_earlier_run_are_named_and_left(tmp_path: Path) -> None:
+    (tmp_path / "predicted_vs_actual.png").write_bytes(b"an earlier deletion run")
+    (tmp_path / "notes.txt").write_text("the user's own")
+    (tmp_path / "report.json").write_text(json.dumps({"files": {"extra": "extra_plot.png", "report": "report.json"}}))
+    (tmp_path / "extra_plot.png").write_bytes(b"listed by the earlier report")
+    cfg = compose_cfg("recipe=coreset", "estimator=random", *QUICK, f"output_dir={tmp_path}")
+    with pytest.warns(UserWarning, match=r"did not write: extra_plot.png, predicted_vs_actual.png\. They are left"):
+        report = run(cfg)
+    assert report["stale_files"] == ["extra_plot.png", "predicted_vs_actual.png"]
+    assert json.loads((tmp_path / "report.json").read_text())["stale_files"] == report["stale_files"]
+    assert (tmp_path / "predicted_vs_actual.png").read_bytes() == b"an earlier deletion run" and (tmp_path / "notes.txt").is_file()
