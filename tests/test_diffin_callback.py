@@ -606,8 +606,9 @@ class _FunctionalReLU(Classifier):
 
 def test_a_functional_relu_is_scored_like_the_relu_layer(small_digits):
     layer, functional = (DiffIn(target="val", target_loader=small_digits.val) for _ in range(2))
-    _fit(small_digits, layer, model=Classifier(hidden=(16,), activation="relu", lr=0.1).double())
-    _fit(small_digits, functional, model=_FunctionalReLU(hidden=(16,), activation="relu", lr=0.1).double())
+    for cb, make in ((layer, Classifier), (functional, _FunctionalReLU)):
+        torch.manual_seed(0)  # the same initial weights, whatever ran before this test
+        _fit(small_digits, cb, model=make(hidden=(16,), activation="relu", lr=0.1).double())
     for cb in (layer, functional):
         meta = cb.scores.metadata
         assert meta["kinks"] == ["relu"] and meta["finite_difference"] == "central" and meta["fd_rel_step"] == 5e-3
