@@ -24,6 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lightning_influence.batches import batch_chunks, batch_size, map_tensors
+
 PerSampleLossFn = Callable[[Mapping[str, Tensor], Any], Tensor]
 """``(params, batch) -> Tensor[B]``: unreduced per-sample losses at ``params``."""
 
@@ -644,7 +646,7 @@ def per_sample_gradients(loss_fn: PerSampleLossFn, space: ParameterSpace, theta:
     size = batch_size(batch)
 
     def one(p: Mapping[str, Tensor], sample: Any) -> Tensor:
-        single = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) and t.dim() > 0 else t, sample)
+        single = map_tensors(lambda t: t.unsqueeze(0) if t.dim() > 0 else t, sample)
         return loss_fn(p, single).sum()
 
     in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else None, batch)
@@ -660,35 +662,6 @@ def per_sample_gradients(loss_fn: PerSampleLossFn, space: ParameterSpace, theta:
                 g = torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=i + 1 < size, allow_unused=True)
                 rows.append(space.flatten(list(g)))
         return torch.stack(rows) if rows else torch.zeros(0, space.size, dtype=space.dtype, device=theta.device)
-
-
-def batch_size(batch: Any, what: str = "batch") -> int:
-    """Number of samples of a batch: the leading dimension of its first tensor with one."""
-    for leaf in torch.utils._pytree.tree_leaves(batch):
-        if isinstance(leaf, Tensor) and leaf.dim() > 0:
-            return int(leaf.shape[0])
-    raise ValueError(f"cannot tell the size of a {what}: it holds no tensor with a batch dimension")
-
-
-def batch_chunks(batch: Any, chunk_size: int | None) -> list[tuple[Any, int]]:
-    """``batch`` split along its sample dimension into consecutive chunks of at most
-    ``chunk_size`` samples, as ``[(chunk, samples)]``: every tensor whose leading dimension is the
-    batch size is sliced, other leaves are shared. ``None`` (or a batch that fits) gives the batch
-    itself. For per-sample losses that do not depend on the other samples of their batch (in
-    evaluation mode: dropout off, normalisation statistics frozen) the chunks' losses are the
-    batch's; memory per pass is bounded by the chunk."""
-    size = batch_size(batch)
-    if chunk_size is None or size <= chunk_size:
-        return [(batch, size)]
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-    def part(start: int, stop: int) -> Any:
-        return torch.utils._pytree.tree_map(
-            lambda t: t[start:stop] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else t, batch
-        )
-
-    return [(part(start, min(start + chunk_size, size)), min(chunk_size, size - start)) for start in range(0, size, chunk_size)]
 
 
 RemoveFn = Callable[[Any, Any], Any]

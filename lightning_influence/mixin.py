@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_influence.batches import map_tensors
+
 if TYPE_CHECKING:
     from lightning_influence.scores import InfluenceScores
 
@@ -86,7 +88,7 @@ class InfluenceMixin:
         ``sample_ids`` the ids without ``batch``'s ``index``-th.
 
         The default drops row ``index`` along dim 0 of every tensor of the batch (nested tuples,
-        lists and dicts) whose first dimension is the batch size ``B`` (``sample_ids(batch).numel()``);
+        lists, dicts, named tuples and dataclasses) whose first dimension is the batch size ``B`` (``sample_ids(batch).numel()``);
         other leaves are kept as they are. It accepts a 0-d integer tensor as ``index`` and is
         written with tensor operations only, so the estimators can vectorise it over ``index`` with
         ``torch.func.vmap``; an override may use Python control flow (the estimators then fall back
@@ -97,9 +99,9 @@ class InfluenceMixin:
             raise ValueError("remove_from_batch needs a batch of at least one sample")
         keep: Tensor | None = None
 
-        def drop(leaf: Any) -> Any:
+        def drop(leaf: Tensor) -> Tensor:
             nonlocal keep
-            if not isinstance(leaf, Tensor) or leaf.dim() == 0 or leaf.shape[0] != size:
+            if leaf.dim() == 0 or leaf.shape[0] != size:
                 return leaf
             if keep is None or keep.device != leaf.device:
                 # positions 0..B-2, shifted by one from ``index`` on: every row but ``index``
@@ -108,7 +110,7 @@ class InfluenceMixin:
                 keep = rows + (rows >= at).long()
             return leaf.index_select(0, keep)
 
-        return torch.utils._pytree.tree_map(drop, batch)
+        return map_tensors(drop, batch)
 
     def set_loss_tap(self, owner: object, tap: LossTap | None) -> None:
         """Let ``tap(batch, losses)`` see what every ``per_sample_loss(batch)`` call returns, on

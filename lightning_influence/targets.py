@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from lightning_influence.distributed import Collective
-from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, batch_size
+from lightning_influence.batches import batch_size
+from lightning_influence.kernels import ParameterSpace, PerSampleLossFn
 
 Shard = tuple[int, int, int]
 """``(rank, num_replicas, num_samples)`` of a loader's ``DistributedSampler`` (see

@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
+
+from lightning_influence.batches import pack, to_device, unpack
 
 Storage = Literal["memory", "disk"]
 RecomputeStep = Callable[["StepRecord"], tuple[Tensor, Tensor, dict[str, Tensor]]]
@@ -59,10 +60,6 @@ class StepRecord:
     losses: tuple[Tensor | None, ...] | None = None
     """Per micro-batch, the per-sample losses ``training_step`` computed at ``theta`` (``None``
     where they were not seen): the base of forward differences of the losses."""
-
-
-def _to(batch: Any, device: torch.device | str) -> Any:
-    return tree_map(lambda x: x.detach().to(device) if isinstance(x, Tensor) else x, batch)
 
 
 class VectorPool:
@@ -263,7 +260,7 @@ def _payload(record: StepRecord) -> dict[str, Any]:
     """A record as CPU tensors and primitives (what disk storage and checkpoints hold)."""
     return {
         "step": record.step,
-        "batches": [_to(b, "cpu") for b in record.batches],
+        "batches": [_packed(b) for b in record.batches],
         "ids": [i.cpu() for i in record.ids],
         "normalizer": record.normalizer,
         "hyper": record.hyper.cpu(),
@@ -277,6 +274,17 @@ def _payload(record: StepRecord) -> dict[str, Any]:
     }
 
 
+def _packed(batch: Any) -> dict[str, Any]:
+    layout, tensors = pack(batch)
+    return {"layout": layout, "tensors": [t.detach().cpu() for t in tensors]}
+
+
+def _unpacked(stored: Any, device: torch.device) -> Any:
+    if isinstance(stored, dict) and set(stored) == {"layout", "tensors"}:
+        return unpack(stored["layout"], [t.to(device) for t in stored["tensors"]])
+    return to_device(stored, device)  # stored before batches were packed
+
+
 def _cpu_losses(losses: tuple[Tensor | None, ...] | list[Tensor | None] | None) -> list[Tensor | None] | None:
     return None if losses is None else [None if x is None else x.detach().cpu() for x in losses]
 
@@ -287,7 +295,7 @@ def _from_payload(p: dict[str, Any], device: torch.device) -> StepRecord:
 
     return StepRecord(
         step=int(p["step"]),
-        batches=tuple(_to(b, device) for b in p["batches"]),
+        batches=tuple(_unpacked(b, device) for b in p["batches"]),
         ids=tuple(p["ids"]),
         normalizer=int(p["normalizer"]),
         hyper=p["hyper"],

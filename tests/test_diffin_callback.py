@@ -469,19 +469,32 @@ def test_constructor_validates_options():
         DiffIn(target="query")
     with pytest.raises(ValueError, match="mode must be"):
         DiffIn(mode="exact")
-    with pytest.raises(ValueError, match="hessian_every must be >= 1"):
+    with pytest.raises(ValueError, match="hessian_every must be a positive int, got 0"):
         DiffIn(hessian_every=0)
     with pytest.raises(ValueError, match="multiples of checkpoint_every"):
         DiffIn(mode="online", window=10, checkpoint_every=4)
-    with pytest.raises(ValueError, match="checkpoint_every must be a positive"):
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int or None"):
         DiffIn(checkpoint_every=0)
-    with pytest.raises(ValueError, match="chunk_size must be None or a positive number of samples, got 0"):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got 0"):
         DiffIn(chunk_size=0)
     with pytest.raises(ValueError, match="per_sample must be"):
         DiffIn(per_sample="exact")
     for step in (0.0, -1e-3, 1.0, float("nan")):
         with pytest.raises(ValueError, match=r"fd_rel_step must be None .* in \(0, 1\)"):
             DiffIn(fd_rel_step=step)
+    for name, value in [("window", "abc"), ("window", 8.5), ("window", True), ("score_every", 2.0), ("target_samples", "10")]:
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            DiffIn(mode="online", **{name: value})
+    with pytest.raises(ValueError, match="storage must be 'memory' or 'disk'"):
+        DiffIn(storage="ssd")
+
+
+@pytest.mark.parametrize("kwargs", [{"max_steps": 0}, {"limit_train_batches": 0}], ids=str)
+def test_a_fit_without_steps_warns_and_gives_empty_scores(small_digits, kwargs):
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    with pytest.warns(UserWarning, match="DiffIn scored no sample: the fit took no optimizer step"):
+        _fit(small_digits, cb, **kwargs)
+    assert cb.scores is not None and len(cb.scores) == 0
 
 
 def test_a_second_fit_scores_the_new_run_only(small_digits):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from lightning_influence.batches import batch_chunks
 from lightning_influence.kernels import (
     ParameterSpace,
     all_finite,
-    batch_chunks,
     batch_gradient,
     difference_derivatives,
     directional_derivatives,

@@ -45,15 +45,16 @@ class _AnnealedFromStep5(Classifier):
             self.temperature.fill_(0.97 ** (self.trainer.global_step - 4))
 
 
-def _fit(problem, tmp_path, loader, ckpt_path=None, checkpoint=None, annealed=False):
+def _fit(problem, tmp_path, loader, ckpt_path=None, checkpoint=None, annealed=False, max_epochs=EPOCHS, save_after=None):
     torch.manual_seed(0)
     make = _AnnealedFromStep5 if annealed else Classifier
     model = make(hidden=(16,), lr=3e-3, optimizer="adamw", optimizer_options={"weight_decay": 0.01}).double()
     callbacks = _callbacks(problem, tmp_path)
     extra = [checkpoint] if checkpoint is not None else []
-    quiet_trainer(callbacks=[*callbacks, *extra], max_epochs=EPOCHS, enable_checkpointing=checkpoint is not None).fit(
-        model, train_dataloaders=loader, ckpt_path=ckpt_path
-    )
+    trainer = quiet_trainer(callbacks=[*callbacks, *extra], max_epochs=max_epochs, enable_checkpointing=checkpoint is not None)
+    trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
+    if save_after is not None:
+        trainer.save_checkpoint(save_after)
     return callbacks
 
 
@@ -95,6 +96,58 @@ def test_resumed_fit_gives_the_uninterrupted_scores(problem, tmp_path, where):
         torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
         for key in ("steps_seen", "steps_scored", "truncated_sweeps", "skipped_steps", "empty_steps", "kinks", "finite_difference"):
             assert b.scores.metadata[key] == a.scores.metadata[key], key
+
+
+@pytest.mark.parametrize("window", [4, 5])
+def test_a_fit_extended_from_its_last_checkpoint_gives_the_uninterrupted_scores(problem, tmp_path, window):
+    """The last checkpoint of a fit is written before its end-of-fit sweep; online, that fit's last
+    step left its sweep to the flush, which the extended fit runs before its first step."""
+    def run(folder, **kwargs):  # type: ignore[no-untyped-def]
+        callbacks = _fit(problem, tmp_path / folder, FixedBatches(problem.train.batches), **kwargs)
+        return [*callbacks, *_fit_online(problem, window, **kwargs)]
+
+    straight = run("a")
+    run("b", max_epochs=EPOCHS - 1, checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True))
+    resumed = run("c", ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for a, b in zip(straight, resumed):
+        assert a.steps_scored == b.steps_scored == EPOCHS * 8
+        torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
+
+
+def _fit_online(problem, window, ckpt_path=None, checkpoint=None, max_epochs=EPOCHS):  # type: ignore[no-untyped-def]
+    """One online DiffIn alone (sweeping every step) in its own fit: the checkpoint it reads must be its own."""
+    torch.manual_seed(0)
+    online = DiffIn(target="val", mode="online", window=window, target_loader=problem.val)
+    model = Classifier(hidden=(16,), lr=3e-3, optimizer="adamw", optimizer_options={"weight_decay": 0.01}).double()
+    extra = [] if checkpoint is None else [ModelCheckpoint(dirpath=Path(checkpoint.dirpath) / "online", save_last=True)]
+    path = None if ckpt_path is None else Path(ckpt_path).parent / "online" / "last.ckpt"
+    quiet_trainer(callbacks=[online, *extra], max_epochs=max_epochs, enable_checkpointing=bool(extra)).fit(
+        model, train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=path
+    )
+    return [online]
+
+
+def test_a_checkpoint_saved_after_the_fit_ended_is_not_extended_silently(problem, tmp_path):
+    """After the end-of-fit sweep the scores are final and the recorded steps are gone: continuing
+    that run is refused before a step is taken; resuming it with nothing left to train gives back
+    the finished scores."""
+    path = tmp_path / "after.ckpt"
+    first = _fit(problem, tmp_path / "a", FixedBatches(problem.train.batches), max_epochs=EPOCHS - 1, save_after=path)
+    with pytest.raises(RuntimeError, match="after DiffIn had finished scoring its fit"):
+        _fit(problem, tmp_path / "b", FixedBatches(problem.train.batches), ckpt_path=path)
+    again = _fit(problem, tmp_path / "c", FixedBatches(problem.train.batches), ckpt_path=path, max_epochs=EPOCHS - 1)
+    for a, b in zip(first, again):
+        torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=0)
+
+
+def test_resuming_the_last_checkpoint_with_nothing_left_to_train_finishes_the_scores(problem, tmp_path):
+    """Lightning skips the training loop (and on_train_end); the restored steps are swept at fit end."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = _fit(problem, tmp_path / "a", FixedBatches(problem.train.batches), checkpoint=checkpoint)
+    again = _fit(problem, tmp_path / "b", FixedBatches(problem.train.batches), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for a, b in zip(first, again):
+        assert b.steps_scored == a.steps_scored
+        torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
 
 
 class _Replaying:

@@ -419,8 +419,16 @@ def check_target_arguments(target: str, target_loader: Iterable[Any] | None, tar
         raise ValueError("target='query' needs target_loader=<loader of the query samples>")
     if target == "train" and target_loader is not None:
         raise ValueError("target='train' uses the training loader; target_loader is for 'val' or 'query'")
-    if target_samples is not None and (isinstance(target_samples, bool) or target_samples < 1):
-        raise ValueError(f"target_samples must be >= 1, got {target_samples}")
+    check_count("target_samples", target_samples, none_ok=True)
+
+
+def check_count(name: str, value: object, none_ok: bool = False) -> None:
+    """``value`` is a positive ``int`` (a number of steps or samples), or ``None`` where allowed."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive int" + (" or None" if none_ok else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
 
 
 def check_influence_aware(pl_module: L.LightningModule) -> None:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_influence.callbacks.checks import (
+    check_count,
     check_ids,
     check_influence_aware,
     check_losses,
@@ -213,15 +214,18 @@ class DiffIn(Callback):
         check_target_arguments(target, target_loader, target_samples)
         if mode not in ("replay", "online"):
             raise ValueError(f"mode must be 'replay' or 'online', got {mode!r}")
-        if window < 1 or (score_every is not None and score_every < 1):
-            raise ValueError(f"window and score_every must be >= 1, got window={window}, score_every={score_every}")
+        check_count("window", window)
+        check_count("score_every", score_every, none_ok=True)
+        check_count("checkpoint_every", checkpoint_every, none_ok=True)
+        check_count("chunk_size", chunk_size, none_ok=True)
+        check_count("hessian_every", hessian_every)
+        if storage not in ("memory", "disk"):
+            raise ValueError(f"storage must be 'memory' or 'disk', got {storage!r}")
         if finite_difference not in ("auto", "forward", "central"):
             raise ValueError(f"finite_difference must be 'auto', 'forward' or 'central', got {finite_difference!r}")
         score_every = score_every or 2 * window
         if checkpoint_every is None:
             checkpoint_every = math.gcd(window, score_every, CHECKPOINT_EVERY) if mode == "online" else CHECKPOINT_EVERY
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be a positive number of steps (or None), got {checkpoint_every!r}")
         if mode == "online" and checkpoint_every > 1 and (window % checkpoint_every or score_every % checkpoint_every):
             raise ValueError(
                 f"in online mode, window and score_every must be multiples of checkpoint_every, got window={window}, "
@@ -251,11 +255,7 @@ class DiffIn(Callback):
             raise ValueError(f"per_sample must be 'auto', 'forward_mode' or 'finite_difference', got {per_sample!r}")
         self.per_sample: PerSampleDerivatives | Literal["auto"] = per_sample
         self._per_sample: PerSampleDerivatives = "forward_mode"  # the method in use (resolved in on_fit_start)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or a positive number of samples, got {chunk_size!r}")
         self.chunk_size = chunk_size
-        if hessian_every < 1:
-            raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
         self.hessian_every = hessian_every
         if params is not None and (isinstance(params, str) or not params):
             raise ValueError(f"params must be a non-empty list of name patterns such as ['head.*'], got {params!r}")
@@ -312,6 +312,8 @@ class DiffIn(Callback):
         self._restored_records: list[dict[str, Any]] = []
         self._restored_verified = 0
         self._restored_loss_checked = False
+        self._restored_finished = False  # the checkpoint was saved after the end-of-fit sweep
+        self._finished = False
         self._resume_check_pending = False
         self._data_checks_pending = False  # set per fit: first-batch checks of the training and target data
         self._target_checks_pending = False
@@ -444,7 +446,7 @@ class DiffIn(Callback):
             self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
             restored_records, self._restored_records = self._take_rank_part(self._restored_records), []
             self._resume_check_pending = True  # checked at the first batch, once Lightning has restored its loops
-        self._restored = False
+        self._restored, self._finished = False, False
         if self.mode == "online" and self.target == "train" and self.target_samples is None:
             rank_zero_warn(
                 "DiffIn(mode='online', target='train') evaluates the full training loss at every block of "
@@ -827,10 +829,30 @@ class DiffIn(Callback):
             self._log(trainer, {"steps_scored": float(self.steps_scored), "callback_seconds": self.seconds})
 
     def _check_resume(self, trainer: L.Trainer, batch_idx: int) -> None:
-        """A resume in the middle of an epoch must continue the data where the checkpoint left
-        it: a loader Lightning cannot restore (no ``state_dict``/``load_state_dict``) restarts the
-        epoch and re-serves samples that were already trained on and scored."""
+        """First batch after a resume, before its step. The checkpoint must still hold what the
+        scores of a continued run need: one saved after the end-of-fit sweep does not. A resume in
+        the middle of an epoch must continue the data where the checkpoint left it: a loader
+        Lightning cannot restore (no ``state_dict``/``load_state_dict``) restarts the epoch and
+        re-serves samples that were already trained on and scored. Online: the sweep that the
+        checkpointed fit left to its end-of-fit flush runs now, at the parameters it would have
+        run at, so the resumed run scores every step as an uninterrupted one does."""
         self._resume_check_pending, done_in_epoch = False, batch_idx  # Lightning restores the epoch's batch count
+        if self._restored_finished:
+            raise RuntimeError(
+                "this fit resumes from a checkpoint saved after DiffIn had finished scoring its fit (e.g. "
+                "trainer.save_checkpoint after fit): the scores in it are final for the model that fit ended with and "
+                "the steps it recorded are gone, so a continued run cannot be scored. Resume from a checkpoint written "
+                "during training (ModelCheckpoint's, e.g. save_last=True: they are saved before the end-of-fit sweep), or "
+                "resume without the DiffIn callback; the finished scores stay readable from that checkpoint's state"
+            )
+        if self.mode == "online":
+            assert self._trajectory is not None
+            start = time.perf_counter()
+            while len(self._trajectory) >= self.window + self.score_every:
+                self._run_sweep(self.score_every)
+                self.truncated_sweeps += 1
+                self.steps_scored_truncated += self.score_every
+            self.seconds += time.perf_counter() - start
         if done_in_epoch == 0:
             return
         combined = getattr(trainer.fit_loop, "_combined_loader", None)
@@ -893,10 +915,24 @@ class DiffIn(Callback):
             pl_module.set_loss_tap(self, None)  # a fit that stopped mid-batch leaves no tap behind
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A fit with nothing to train (max_steps=0, limit_train_batches=0, a resume with no epochs left) skips
+        # the training loop and its on_train_end: the scores are finished here (a resume's restored steps swept).
+        self._finish(trainer, pl_module)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The end-of-fit sweep: score every step still recorded against the final parameters."""
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)
         if self._trajectory is None:
             return
+        if self.steps_seen == 0:
+            rank_zero_warn(
+                "DiffIn scored no sample: the fit took no optimizer step (max_steps=0, limit_train_batches=0, an empty "
+                "training loader or every batch skipped). The scores are empty"
+            )
         start = time.perf_counter()
         self._run_sweep(len(self._trajectory))
         self._trajectory.close()
@@ -905,6 +941,7 @@ class DiffIn(Callback):
         self.scores = scores
         # Keep the scores only: the trajectory and the sweep hold parameter-sized buffers and batches.
         self._trajectory, self._sweep, self._micro_batches = None, None, []
+        self._finished = True
         if isinstance(pl_module, InfluenceMixin):
             pl_module.influence = scores
         if trainer.is_global_zero:
@@ -1051,6 +1088,7 @@ class DiffIn(Callback):
             "varying_defaults": {k: v.detach().cpu() for k, v in self._varying_defaults.items()},
             "accumulator": accumulator.state_dict() if accumulator is not None else None,
             "records": records,
+            "finished": self._finished,
         }
         if collective.distributed:
             # Lightning saves rank zero's callback state only: it carries every rank's shards of the recorded
@@ -1086,6 +1124,7 @@ class DiffIn(Callback):
         if state_dict["accumulator"] is not None:
             self._accumulator.load_state_dict(state_dict["accumulator"])
         self._restored_records = list(state_dict["records"])
+        self._restored_finished = bool(state_dict.get("finished", False))
         self._restored_world = int(state_dict.get("world_size", 1))
         self._restored_rank_records = state_dict.get("rank_records")
         self._restored = True

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checks import (
+    check_count,
     check_ids,
     check_influence_aware,
     check_losses,
@@ -87,8 +88,7 @@ class TracIn(Callback):
         save_path: str | Path | None = None,
     ) -> None:
         check_target_arguments(target, target_loader, target_samples)
-        if isinstance(target_every, bool) or not isinstance(target_every, int) or target_every < 1:
-            raise ValueError(f"target_every must be a positive integer, got {target_every!r}")
+        check_count("target_every", target_every)
         self.target: TargetKind = target
         self.target_loader = target_loader
         self.target_samples = target_samples

@@ -67,7 +67,8 @@ from torch import Tensor
 
 from lightning_influence.estimators.base import Estimator, Target, as_target, attributed_space, progress
 from lightning_influence.estimators.coreset import per_sample_values
-from lightning_influence.kernels import PerSampleLossFn, batch_size, module_mode
+from lightning_influence.batches import batch_size, select_samples
+from lightning_influence.kernels import PerSampleLossFn, module_mode
 from lightning_influence.scores import InfluenceScores
 
 __all__ = ["ForwardInf"]
@@ -75,15 +76,6 @@ __all__ = ["ForwardInf"]
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 DIRECTIONS = ("descent", "ascent")
 COLUMNS = ("auto", "each", "group")
-
-
-def select_samples(batch: Any, index: Tensor) -> Any:
-    """The sub-batch of positions ``index``: every tensor with the batch dimension is indexed,
-    anything else is kept."""
-    size = batch_size(batch)
-    return torch.utils._pytree.tree_map(
-        lambda t: t.index_select(0, index.to(t.device)) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else t, batch
-    )
 
 
 class ForwardInf(Estimator):

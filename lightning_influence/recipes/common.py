@@ -375,7 +375,7 @@ def target_subset(kind: str, batches: list[Any], sample_count: int | None, seed:
     Without ``sample_count``: ``batches`` as they are."""
     if sample_count is None:
         return batches
-    from lightning_influence.kernels import batch_size
+    from lightning_influence.batches import batch_size, select_samples
     from lightning_influence.targets import TargetGradient
 
     chooser = TargetGradient(kind, lambda: batches, sample_count=sample_count, seed=seed, sample_ids=sample_ids)  # type: ignore[arg-type]
@@ -391,19 +391,8 @@ def target_subset(kind: str, batches: list[Any], sample_count: int | None, seed:
             rows = subset[(subset >= position) & (subset < position + size)] - position
         position += size
         if rows.numel():
-            kept.append(_select_rows(batch, rows, size))
+            kept.append(select_samples(batch, rows, size))
     return kept
-
-
-def _select_rows(batch: Any, rows: Tensor, size: int) -> Any:
-    """``batch`` with only the samples at ``rows`` (every tensor leaf whose first dimension is the batch size)."""
-
-    def pick(leaf: Any) -> Any:
-        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size:
-            return leaf.index_select(0, rows.to(leaf.device))
-        return leaf
-
-    return torch.utils._pytree.tree_map(pick, batch)
 
 
 # ---------------------------------------------------------------------- data order under DDP
