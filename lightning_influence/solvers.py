@@ -10,8 +10,8 @@ Solvers (:data:`SOLVERS`), by model size:
 - ``"exact"``: explicit ``C`` (``P x P``) and an eigendecomposition; refused above
   ``max_exact_parameters`` (default 5000: a 200 MB float64 matrix). The reference.
 - ``"cg"``: conjugate gradient on all columns at once; needs ``C + damping I`` positive definite
-  (refused with advice when a non-positive curvature is met). Any size; cost ``iterations x``
-  one pass over the training set per column.
+  (refused with advice when a non-positive curvature is met: see *Indefinite curvature* below).
+  Any size; cost ``iterations x`` one pass over the training set per column.
 - ``"lissa"``: the stochastic Neumann recursion of Agarwal et al. / Koh & Liang on sampled
   training batches, ``v_j = b + (I - (C_batch + damping I) / scale) v_{j-1}``, result
   ``v_J / scale``. Converges iff every eigenvalue of ``(C_batch + damping I) / scale`` lies in
@@ -45,6 +45,21 @@ explicit matrix or the Kronecker factors, else a 16-probe Hutchinson estimate), 
 ``damping=1e-3`` means ``1e-3 * trace(C) / P`` whatever the loss scale; ``"absolute"`` uses the
 number as is (e.g. the weight-decay coefficient when the training loss had an L2 term that the
 per-sample loss leaves out).
+
+Indefinite curvature. The Hessian of a non-convex model (an MLP) has negative eigenvalues at the
+end of training. Where ``C + damping I`` keeps one, its inverse flips the sign of that direction
+and the influence scores mean nothing (neither sign nor scale). The solvers check where it costs
+nothing extra and warn with an :class:`IndefiniteCurvatureWarning` (the most negative eigenvalue,
+how many are negative, the damping that would lift them, the alternatives), also recorded as
+``indefinite`` / ``negative_damped_eigenvalues`` / ``warning`` in ``info``
+(:func:`check_definite`): ``"exact"`` from all eigenvalues; ``"arnoldi"`` from the Ritz values it
+inverts (a negative eigenvalue outside its subspace is dropped, not inverted); ``"lissa"`` from the
+20 Ritz values it computes for the automatic ``scale`` (none with a given ``lissa_scale``). Ritz
+values lie inside the spectrum, so a negative one proves ``C + damping I`` indefinite, but 20 of
+them can miss a negative eigenvalue. ``"cg"`` raises on the first direction of non-positive
+curvature. ``"ekfac"``/``"kfac"`` are positive semi-definite by construction, and so is
+``curvature="gauss_newton"`` for losses convex in the model outputs (cross-entropy, squared
+error).
 """
 
 from __future__ import annotations
@@ -78,6 +93,8 @@ __all__ = [
     "CurvatureOperator",
     "KroneckerFactors",
     "SolveResult",
+    "IndefiniteCurvatureWarning",
+    "check_definite",
     "solve",
     "exact_solve",
     "conjugate_gradient",
@@ -348,11 +365,73 @@ class SolveResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class IndefiniteCurvatureWarning(RuntimeWarning):
+    """The damped curvature ``C + damping I`` has negative eigenvalues (the Hessian of a
+    non-convex model, too little damping): its inverse flips the sign of those directions, so the
+    influence scores built on it are not meaningful."""
+
+
+def _roundoff(values: Tensor) -> float:
+    """Eigenvalues within this of 0 are round-off of a matrix whose spectrum spans ``values``."""
+    return 1e3 * torch.finfo(torch.float64).eps * max(float(values.abs().max()) if values.numel() else 0.0, 1e-300)
+
+
+def check_definite(
+    solver: str,
+    eigenvalues: Tensor,
+    damping: float,
+    size: int,
+    *,
+    mean_eigenvalue: float | None = None,
+    complete: bool = True,
+) -> dict[str, Any]:
+    """Warn (:class:`IndefiniteCurvatureWarning`) when ``C + damping I`` has a negative eigenvalue.
+
+    ``eigenvalues``: all of ``C``'s (``complete=True``) or Ritz values (``complete=False``: they
+    lie inside ``C``'s spectrum, so the count of negative ones is a lower bound and their minimum
+    an upper bound on ``lambda_min``). ``mean_eigenvalue`` (``trace(C) / P``) lets the advice give
+    the damping in ``damping_scale="mean_eigenvalue"`` units too. Returns the ``info`` entries
+    ``indefinite``, ``negative_damped_eigenvalues`` (and the warning text under ``warning``)."""
+    evals = eigenvalues.to(torch.float64)
+    tol = _roundoff(evals + damping)
+    below = int((evals + damping < -tol).sum())
+    info: dict[str, Any] = {"indefinite": below > 0, "negative_damped_eigenvalues": below}
+    if below == 0:
+        return info
+    low = float(evals.min())
+    negative = int((evals < -_roundoff(evals)).sum())
+    if complete:
+        found = f"C has {negative} negative eigenvalues (of {size}), the most negative lambda_min = {low:.3g}"
+    else:
+        found = (
+            f"C has at least {negative} negative eigenvalues ({negative} of the {evals.numel()} Ritz values computed), "
+            f"the most negative lambda_min <= {low:.3g}"
+        )
+    relative = (
+        f", or > {-low / mean_eigenvalue:.3g} with damping_scale='mean_eigenvalue'"
+        if mean_eigenvalue is not None and math.isfinite(mean_eigenvalue) and mean_eigenvalue > 0
+        else ""
+    )
+    message = (
+        f"solver={solver!r}: the damped curvature C + lambda I is indefinite: {found}, and the damping lambda = "
+        f"{damping:.3g} leaves {below} of them below 0. Its inverse flips the sign of those directions, so the influence "
+        f"scores are meaningless (sign and scale). Fix: damping above |lambda_min| (damping > {-low:.3g}"
+        f"{'' if complete else ' at least'} with damping_scale='absolute'{relative}), curvature='gauss_newton' (positive "
+        "semi-definite for losses convex in the outputs, e.g. cross-entropy), or solver='ekfac' / 'kfac' (positive "
+        "semi-definite by construction)"
+    )
+    warnings.warn(message, IndefiniteCurvatureWarning, stacklevel=3)
+    info["warning"] = message
+    return info
+
+
 def exact_solve(matrix: Tensor, rhs: Tensor, damping: float) -> tuple[Tensor, dict[str, Any]]:
     """``(M + damping I)^{-1} rhs`` by an eigendecomposition of the symmetric ``M``.
 
-    Refuses a (numerically) singular damped matrix. ``info``: extreme eigenvalues and the number
-    of negative ones (an indefinite Hessian is allowed but reported)."""
+    Refuses a (numerically) singular damped matrix; warns (:class:`IndefiniteCurvatureWarning`)
+    when it is indefinite. ``info``: extreme eigenvalues, the number of negative ones beyond
+    round-off (``negative_eigenvalues``) and of the damped matrix (``negative_damped_eigenvalues``,
+    ``indefinite``: the solution is not meaningful then)."""
     evals, evecs = torch.linalg.eigh(matrix)
     denom = evals + damping
     scale = float(denom.abs().max()) if denom.numel() else 1.0
@@ -362,7 +441,9 @@ def exact_solve(matrix: Tensor, rhs: Tensor, damping: float) -> tuple[Tensor, di
             f"[{float(evals.min()):.3g}, {float(evals.max()):.3g}]): increase damping"
         )
     solution = evecs @ ((evecs.T @ rhs) / denom.unsqueeze(1))
-    info = {"min_eigenvalue": float(evals.min()), "max_eigenvalue": float(evals.max()), "negative_eigenvalues": int((evals < 0).sum())}
+    info = {"min_eigenvalue": float(evals.min()), "max_eigenvalue": float(evals.max()), "negative_eigenvalues": int((evals < -_roundoff(evals)).sum())}
+    mean = float(evals.mean()) if evals.numel() else None
+    info.update(check_definite("exact", evals, damping, matrix.shape[0], mean_eigenvalue=mean))
     return solution, info
 
 
@@ -386,10 +467,14 @@ def conjugate_gradient(matvec: MatVec, rhs: Tensor, damping: float, tol: float =
         ADa = matvec(Da) + damping * Da
         curv = (Da * ADa).sum(0)
         if bool((curv <= 0).any()):
+            k = int(curv.argmin())
+            rayleigh = float(curv[k] / (Da[:, k] * Da[:, k]).sum().clamp_min(1e-300)) - damping  # >= lambda_min(C)
             raise ValueError(
-                f"conjugate gradient met a direction of non-positive curvature (p^T (C + {damping:g} I) p = {float(curv.min()):.3g}): "
-                "the damped curvature is not positive definite. Increase damping, or use curvature='gauss_newton' "
-                "(positive semi-definite for convex output losses)"
+                f"conjugate gradient met a direction p of non-positive curvature (p^T (C + {damping:g} I) p = {float(curv[k]):.3g}): "
+                f"the damped curvature is not positive definite (C has an eigenvalue <= {rayleigh:.3g}, e.g. the Hessian of a "
+                "non-convex model) and its inverse would give meaningless scores. Fix: damping above |lambda_min| (above "
+                f"{max(-rayleigh, 0.0):.3g} at least, damping_scale='absolute'; solver='exact' or 'arnoldi' report lambda_min), "
+                "curvature='gauss_newton' (positive semi-definite for losses convex in the outputs), or solver='ekfac' / 'kfac'"
             )
         alpha = rs[active] / curv
         X[:, active] += alpha * Da
@@ -721,7 +806,8 @@ def solve(
     docstring). ``operator`` gives the curvature products (all solvers but ``ekfac``/``kfac``, which
     take fitted ``kronecker`` factors). ``lambda`` is resolved from ``damping`` and
     ``damping_scale`` (:func:`resolve_damping`). ``lissa_batches`` (default: the operator's)
-    are the batches the LiSSA recursion cycles through."""
+    are the batches the LiSSA recursion cycles through. An indefinite ``C + lambda I`` is warned
+    about or refused (see *Indefinite curvature* in the module docstring)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of {SOLVERS}")
     if not (math.isfinite(damping) and damping >= 0):
@@ -752,19 +838,26 @@ def solve(
         lam = resolve_damping(damping, damping_scale, trace)
         X, info = conjugate_gradient(operator.matvec, rhs, lam, cg_tol, cg_max_iter)
         return SolveResult(X, lam, info)
+    # trace(C) / P, for the advice in relative units
+    mean_eigenvalue = lambda lam: lam / damping if damping_scale == "mean_eigenvalue" and damping > 0 else None  # noqa: E731
     if solver == "lissa":
         lam = resolve_damping(damping, damping_scale, trace)
+        checks: dict[str, Any] = {}
         if lissa_scale is None:
-            top, _, _ = arnoldi_eigenpairs(operator.matvec, P, 20, 1, seed=seed, device=rhs.device)
-            lissa_scale = 2.0 * (float(top.abs().max()) + lam)
+            # 20 Ritz values: the top one sets the scale, the lowest checks C + lam I for negative eigenvalues
+            ritz, _, _ = arnoldi_eigenpairs(operator.matvec, P, 20, 20, seed=seed, device=rhs.device)
+            lissa_scale = 2.0 * (float(ritz.abs().max()) + lam)
+            checks = {"min_ritz_value": float(ritz.min())}
+            checks.update(check_definite("lissa", ritz, lam, P, mean_eigenvalue=mean_eigenvalue(lam), complete=False))
         X, info = lissa(operator.batch_matvec, lissa_batches or operator.batches, rhs, lam, lissa_scale, lissa_depth, lissa_repeats)
-        return SolveResult(X, lam, info)
+        return SolveResult(X, lam, {**info, **checks})
     # arnoldi
     evals, U, info = arnoldi_eigenpairs(operator.matvec, P, arnoldi_iterations, arnoldi_rank, seed=seed, device=rhs.device)
     lam = resolve_damping(damping, damping_scale, trace)
     denom = evals + lam
     if bool((denom.abs() < 1e-12 * max(float(denom.abs().max()), 1e-300)).any()):
         raise ValueError("an Arnoldi eigenvalue of C + damping I is ~0: increase damping")
-    X = U @ ((U.T @ rhs) / denom.unsqueeze(1))
     info.update({"min_eigenvalue": float(evals.min()), "max_eigenvalue": float(evals.max())})
+    info.update(check_definite("arnoldi", evals, lam, P, mean_eigenvalue=mean_eigenvalue(lam), complete=False))
+    X = U @ ((U.T @ rhs) / denom.unsqueeze(1))
     return SolveResult(X, lam, info)
