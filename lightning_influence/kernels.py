@@ -11,6 +11,7 @@ forward-mode pass of the vector of per-sample losses.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -192,6 +193,55 @@ def _forward_mode(
         out = fwAD.unpack_dual(loss_fn(duals, batch))
         derivative = out.tangent if out.tangent is not None else torch.zeros_like(out.primal)
         return out.primal.detach(), derivative.detach()
+
+
+def functional_gradient_error(
+    module: nn.Module, loss_fn: PerSampleLossFn, space: ParameterSpace, params: Sequence[Tensor], batch: Any
+) -> tuple[float, str | None]:
+    """How far the functional gradient of the batch-mean loss is from the module's own, at a point
+    ``theta + delta`` away from the module's parameters ``params`` (``space``'s order): the
+    distance of the two gradients relative to how much the shift changed the gradient (0: the
+    functional call sees every parameter it is given; about 1: part of the computation reads the
+    module's parameters instead, e.g. activation checkpointing's recomputation in the backward
+    pass, or a module that cached a weight tensor). The module's parameters are shifted in place
+    for the reference and written back bit for bit; buffers are restored; evaluated in
+    evaluation mode. Returns ``(error, None)``, or ``(inf, message)`` if a gradient pass raised
+    (e.g. reentrant checkpointing refuses ``torch.autograd.grad``)."""
+    theta = space.flatten([p.detach() for p in params])
+    scale = theta.abs().mean().clamp_min(1e-3)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    delta = (torch.rand(theta.shape, generator=generator, dtype=theta.dtype) - 0.5).to(theta.device) * (0.2 * float(scale))
+    saved_params = [p.detach().clone() for p in params]
+    saved_buffers = [b.detach().clone() for b in module.buffers()]
+
+    def real_gradient(point: Tensor) -> Tensor:
+        with torch.no_grad():
+            for p, value in zip(params, space.unflatten(point).values(), strict=True):
+                p.copy_(value)
+        with torch.enable_grad():
+            loss = getattr(module, "per_sample_loss")(batch).mean()
+            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+        return space.flatten([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)])
+
+    try:
+        with evaluation_mode(module), torch.random.fork_rng(devices=[theta.device] if theta.device.type == "cuda" else []):
+            base = real_gradient(theta)
+            shifted = real_gradient(theta + delta)
+            with torch.no_grad():
+                for p, value in zip(params, saved_params, strict=True):
+                    p.copy_(value)
+            functional = batch_gradient(loss_fn, space, theta + delta, batch)
+    except (RuntimeError, NotImplementedError) as err:
+        return math.inf, f"{type(err).__name__}: {err}"
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved_params, strict=True):
+                p.copy_(value)
+            for b, value in zip(module.buffers(), saved_buffers, strict=False):
+                b.copy_(value)
+    change = float((shifted - base).norm())
+    rounding = 1e3 * torch.finfo(theta.dtype).eps * (1.0 + float(shifted.norm()))
+    return float((functional - shifted).norm()) / max(change, rounding), None
 
 
 def batch_gradient(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batch: Any) -> Tensor:

@@ -680,3 +680,56 @@ def test_several_validation_loaders_need_the_target_named(small_digits):
         Classifier(hidden=(8,)).double(), train_dataloaders=small_digits.train, val_dataloaders=[small_digits.val]
     )
     assert single.scores is not None
+
+
+class _Checkpointed(Classifier):
+    """The output layer under activation checkpointing: its backward recomputes the layer with the
+    module's own weights, whatever parameters a functional call passed in."""
+
+    def __init__(self, use_reentrant: bool, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        from torch.utils.checkpoint import checkpoint
+
+        hidden = self.net[1](self.net[0](x))
+        return checkpoint(lambda t: self.net[2](t), hidden, use_reentrant=self.use_reentrant)
+
+
+class _CachedWeight(Classifier):
+    """Keeps its own reference to the output weight and multiplies by it directly."""
+
+    def on_fit_start(self):  # type: ignore[no-untyped-def]
+        self.cached = [self.net[2].weight]  # in a list: not registered, so functional calls cannot swap it
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net[1](self.net[0](x)) @ self.cached[0].T + self.net[2].bias
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: _Checkpointed(False, hidden=(16,)), lambda: _Checkpointed(True, hidden=(16,)), lambda: _CachedWeight(hidden=(16,))],
+    ids=["checkpoint", "checkpoint-reentrant", "cached-weight"],
+)
+def test_a_loss_that_reads_the_modules_own_parameters_is_refused_before_training(small_digits, make):
+    torch.manual_seed(0)
+    model = make().double()
+    before = [p.detach().clone() for p in model.parameters()]
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    with pytest.raises(RuntimeError, match="does not see the parameters DiffIn passes in.*activation checkpointing"):
+        quiet_trainer(callbacks=[cb]).fit(model, train_dataloaders=small_digits.train)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before the first step
+
+
+def test_the_functional_check_restores_the_parameters_bit_for_bit(small_digits):
+    from lightning_influence.kernels import ParameterSpace, functional_gradient_error, per_sample_loss_function
+
+    torch.manual_seed(0)
+    model = Classifier(hidden=(16,)).double()
+    named = list(model.named_parameters())
+    before = [p.detach().clone() for _, p in named]
+    error, raised = functional_gradient_error(
+        model, per_sample_loss_function(model), ParameterSpace.from_parameters(named), [p for _, p in named], small_digits.train.batches[0]
+    )
+    assert error < 1e-8 and raised is None
+    assert all(torch.equal(a, p) for a, (_, p) in zip(before, named))

@@ -88,6 +88,7 @@ def test_deletion_predictions_match_retraining(tmp_path: Path) -> None:
     report = json.loads((run_dir / "report.json").read_text())
     assert (run_dir / "predicted_vs_actual.png").is_file()
     sets = report["sets"]
+    assert report["predicted_calibrated"] is True  # DiffIn's scores are in target-loss units
     assert [(s["kind"], s["size"]) for s in sets] == [(k, n) for n in (10, 40) for k in ("harmful", "helpful", "random")]
     scores = InfluenceScores.load(run_dir / "scores.pt")
     lowest = torch.sort(scores.values).values

@@ -44,6 +44,7 @@ from lightning_influence.kernels import (
     all_finite,
     default_rel_step,
     evaluation_mode,
+    functional_gradient_error,
     has_mode_dependent_layers,
     kinked_operations,
     per_sample_loss_function,
@@ -63,6 +64,8 @@ SUPPORTED = (
 )
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "32", "64")
 STATE_FORMAT = 2
+FUNCTIONAL_TOLERANCE = 0.05
+"""Largest functional-gradient error (relative to the gradient change it probes) taken as rounding."""
 """Version of the callback's checkpoint state (``state_dict``)."""
 CHECKPOINT_EVERY = 8
 """Default spacing of stored parameters, in steps (online: at most this; rebuilt in between from kept gradients)."""
@@ -271,6 +274,7 @@ class DiffIn(Callback):
         self._coupled = False
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
         self._kinks_pending = False
+        self._functional_check_pending = False
         self._restored_kinks: list[str] | None = None
         self._recorded_is_exact = True
         self._inexact_rebuild = False  # the modelled update misses the real one by more than a product's step
@@ -422,6 +426,7 @@ class DiffIn(Callback):
         kinks, self._restored_kinks = self._restored_kinks, None
         self._kinks = kinks
         self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
+        self._functional_check_pending = True
         # Tensors that an earlier part of a resumed run changed are recorded from the start (removed ones keep
         # the products off the recorded gradients).
         self._buffer_watch = None
@@ -521,6 +526,29 @@ class DiffIn(Callback):
         self._kinks = kinks
         self._set_differences(pl_module, *self._differences(kinks))
 
+    def _check_functional_call(self, pl_module: L.LightningModule, batch: Any) -> None:
+        """Every product and derivative evaluates the loss at parameters DiffIn passes in; a loss
+        that reads some of the module's own parameters instead would be scored meaninglessly. On
+        the first batch, compare the functional gradient at a shifted point with the module's."""
+        assert self._space is not None and self._loss_fn is not None
+        error, raised = functional_gradient_error(pl_module, self._loss_fn, self._space, self._params, batch)
+        if self._collective.distributed:
+            error = float(self._collective.max(torch.tensor([error], dtype=torch.float64, device=pl_module.device))[0])
+        if not error <= FUNCTIONAL_TOLERANCE:
+            what = (
+                f"cannot be computed ({raised or 'on another rank'})"
+                if math.isinf(error)
+                else f"differs from the module's own gradient there (relative error {error:.3g})"
+            )
+            raise RuntimeError(
+                f"{type(pl_module).__name__}.per_sample_loss does not see the parameters DiffIn passes in: its gradient "
+                f"through torch.func.functional_call at a point away from the current parameters {what}. Part of the "
+                "loss reads the module's parameters outside the functional call: activation checkpointing "
+                "(torch.utils.checkpoint) does in its backward recomputation, and so does a module that keeps its own "
+                "reference to a weight tensor. Turn activation checkpointing off while DiffIn scores (e.g. a flag on the "
+                "module), and read weights through module attributes at call time"
+            )
+
     def _resolve_per_sample(self) -> PerSampleDerivatives:
         """``per_sample="auto"``: finite differences of the losses where they are as accurate as
         forward mode and cheaper (see the class docstring), else forward mode."""
@@ -610,6 +638,9 @@ class DiffIn(Callback):
         if self._kinks_pending:  # after the losses' own checks, which say more about a wrong shape
             self._kinks_pending = False
             self._find_kinks(pl_module, batch)
+        if self._functional_check_pending:
+            self._functional_check_pending = False
+            self._check_functional_call(pl_module, batch)
         if self._target_checks_pending:
             self._target_checks_pending = False
             check_target_data(self, trainer)

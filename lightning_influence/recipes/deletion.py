@@ -27,6 +27,7 @@ Writes ``scores.pt``, ``scores.csv``, ``report.json``, ``config.yaml`` and (``re
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -175,8 +176,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             value = None
         lds = {"subsets": len(lds_removals), "keep_fraction": params.lds_keep_fraction, "lds": value}
 
+    calibrated = scored.scores.metadata.get("calibrated", True) is not False
+    if not calibrated:
+        warnings.warn(
+            f"{est.name}'s scores are not calibrated to the target-loss change (score metadata 'calibrated': False): "
+            "the predicted changes of the deletion sets are off in scale; read the correlations and sign agreement, "
+            "not predicted against actual magnitudes",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     report: dict[str, Any] = {
         "recipe": "deletion",
+        "predicted_calibrated": calibrated,
         "estimator": {"name": est.name, "options": est.options},
         "target": target,
         "units": "target loss (mean over the target samples)",
