@@ -139,7 +139,11 @@ class InfluenceScores:
             raise TypeError(f"sample ids are integers, got {sample_id!r}") from None
         hit = (self.ids == sample_id).nonzero()
         if hit.numel() == 0:
-            raise KeyError(f"no score for sample id {sample_id}")
+            raise KeyError(
+                f"no score for sample id {sample_id}: {len(self.ids)} samples are scored (scores.ids). A sample gets a "
+                "score only if a training batch held it (limit_train_batches, max_steps or an early stop can end a fit "
+                "before every sample was drawn)"
+            )
         return self.values[int(hit[0, 0])]
 
     def to_dict(self, query: int | None = None) -> dict[int, float]:
