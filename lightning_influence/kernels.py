@@ -195,53 +195,114 @@ def _forward_mode(
         return out.primal.detach(), derivative.detach()
 
 
-def functional_gradient_error(
-    module: nn.Module, loss_fn: PerSampleLossFn, space: ParameterSpace, params: Sequence[Tensor], batch: Any
-) -> tuple[float, str | None]:
-    """How far the functional gradient of the batch-mean loss is from the module's own, at a point
-    ``theta + delta`` away from the module's parameters ``params`` (``space``'s order): the
-    distance of the two gradients relative to how much the shift changed the gradient (0: the
-    functional call sees every parameter it is given; about 1: part of the computation reads the
-    module's parameters instead, e.g. activation checkpointing's recomputation in the backward
-    pass, or a module that cached a weight tensor). The module's parameters are shifted in place
-    for the reference and written back bit for bit; buffers are restored; evaluated in
-    evaluation mode. Returns ``(error, None)``, or ``(inf, message)`` if a gradient pass raised
-    (e.g. reentrant checkpointing refuses ``torch.autograd.grad``)."""
-    theta = space.flatten([p.detach() for p in params])
-    scale = theta.abs().mean().clamp_min(1e-3)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    delta = (torch.rand(theta.shape, generator=generator, dtype=theta.dtype) - 0.5).to(theta.device) * (0.2 * float(scale))
-    saved_params = [p.detach().clone() for p in params]
-    saved_buffers = [b.detach().clone() for b in module.buffers()]
+FUNCTIONAL_GRADIENT_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+"""Relative tolerance of :func:`check_functional_gradient` per parameter dtype (5e-2 for others)."""
 
-    def real_gradient(point: Tensor) -> Tensor:
-        with torch.no_grad():
-            for p, value in zip(params, space.unflatten(point).values(), strict=True):
-                p.copy_(value)
-        with torch.enable_grad():
-            loss = getattr(module, "per_sample_loss")(batch).mean()
-            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        return space.flatten([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)])
+FUNCTIONAL_CALL_ADVICE = (
+    "Part of the loss reads the module's own parameters instead of those passed in: activation checkpointing "
+    "(torch.utils.checkpoint, use_reentrant True or False) does so when it recomputes the forward in the backward "
+    "pass, and so does a module that keeps its own reference to a weight tensor (e.g. in a list, for tying). Turn "
+    "activation checkpointing off for this computation (a flag on the module that forward reads; it does not change "
+    "the values, so a recorded run stays valid), and read weights through their owning module at every forward"
+)
 
+
+def shifted_point(params: Mapping[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
+    """``params`` moved by a fixed random amount (0.1 of each tensor's RMS plus 0.01, Gaussian):
+    a point where the module's own values and passed-in ones are told apart."""
+    generator = torch.Generator().manual_seed(seed)
+    point: dict[str, Tensor] = {}
+    for name, p in params.items():
+        p = p.detach()
+        rms = float(p.double().pow(2).mean().sqrt()) if p.numel() else 0.0
+        noise = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(dtype=p.dtype, device=p.device)
+        point[name] = p + (0.1 * rms + 0.01) * noise
+    return point
+
+
+def module_gradient(module: nn.Module, point: Mapping[str, Tensor], batch: Any, method: str = "per_sample_loss") -> dict[str, Tensor] | None:
+    """Plain-autograd gradient of ``module.<method>(batch).mean()`` with the values of ``point``
+    (parameters, and buffers by name) written into the module's own tensors, as ``{name: grad}``
+    for the parameters in ``point``. Uses ``backward()`` as training does (reentrant activation
+    checkpointing refuses ``torch.autograd.grad``). The module's tensors and ``.grad`` fields are
+    restored bit for bit. ``None`` when a value does not fit the module's tensor of its name."""
+    params = dict(module.named_parameters())
+    tensors = {**dict(module.named_buffers()), **params}
+    if any(n not in tensors or tensors[n].shape != v.shape or tensors[n].dtype != v.dtype for n, v in point.items()):
+        return None
+    saved = {n: t.detach().clone() for n, t in tensors.items()}
+    saved_grads = {n: p.grad for n, p in params.items()}
     try:
-        with evaluation_mode(module), torch.random.fork_rng(devices=[theta.device] if theta.device.type == "cuda" else []):
-            base = real_gradient(theta)
-            shifted = real_gradient(theta + delta)
-            with torch.no_grad():
-                for p, value in zip(params, saved_params, strict=True):
-                    p.copy_(value)
-            functional = batch_gradient(loss_fn, space, theta + delta, batch)
-    except (RuntimeError, NotImplementedError) as err:
-        return math.inf, f"{type(err).__name__}: {err}"
+        with torch.no_grad():
+            for n, v in point.items():
+                tensors[n].copy_(v)
+        for p in params.values():
+            p.grad = None
+        with torch.enable_grad():
+            _MethodCall(module, method)(batch).mean().backward()
+        return {n: torch.zeros_like(params[n]) if params[n].grad is None else params[n].grad.detach().clone() for n in point if n in params}
     finally:
         with torch.no_grad():
-            for p, value in zip(params, saved_params, strict=True):
-                p.copy_(value)
-            for b, value in zip(module.buffers(), saved_buffers, strict=False):
-                b.copy_(value)
-    change = float((shifted - base).norm())
-    rounding = 1e3 * torch.finfo(theta.dtype).eps * (1.0 + float(shifted.norm()))
-    return float((functional - shifted).norm()) / max(change, rounding), None
+            for n, t in tensors.items():
+                t.copy_(saved[n])
+        for n, p in params.items():
+            p.grad = saved_grads[n]
+
+
+def check_functional_gradient(
+    module: nn.Module,
+    functional_gradient: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
+    params: Mapping[str, Tensor],
+    batch: Any,
+    held: Mapping[str, Tensor] | None = None,
+    owner: str = "this computation",
+) -> None:
+    """Refuse a loss that does not see the parameters a functional evaluation passes in.
+
+    At :func:`shifted_point` of ``params`` (so that passed-in and own values differ), the gradient
+    ``functional_gradient(point)`` (``{name: grad}``) must equal :func:`module_gradient` of the
+    module holding the same values (and ``held``: buffers the evaluation passes in too) to
+    :data:`FUNCTIONAL_GRADIENT_RTOL` of its norm. Raises ``ValueError`` naming ``owner`` and the
+    fix (:data:`FUNCTIONAL_CALL_ADVICE`); if plain autograd fails as well, its own error is raised.
+    """
+    name = type(module).__name__
+    point = shifted_point(params)
+    failure: Exception | None = None
+    functional: Mapping[str, Tensor] = {}
+    try:
+        functional = functional_gradient(point)
+    except (RuntimeError, NotImplementedError) as err:
+        failure = err
+    try:
+        reference = module_gradient(module, {**(held or {}), **point}, batch)
+    except Exception:
+        if failure is not None:  # plain autograd fails too: the model's own error, not the functional call's
+            raise failure from None
+        raise
+    if reference is None:
+        if failure is not None:
+            raise failure
+        return
+    if failure is not None:
+        raise ValueError(
+            f"{owner} evaluates {name}.per_sample_loss functionally (torch.func.functional_call with the parameters "
+            f"passed in), which fails although plain autograd on the module works: {str(failure).rstrip('.')}. "
+            f"{FUNCTIONAL_CALL_ADVICE}"
+        ) from failure
+    def dense(t: Tensor) -> Tensor:  # sparse gradients (nn.Embedding(sparse=True)) compare as dense tensors
+        return (t.to_dense() if t.is_sparse else t).double()
+
+    errors = {n: float(torch.linalg.vector_norm(dense(functional[n]) - dense(reference[n]))) for n in point}
+    total = math.sqrt(sum(e * e for e in errors.values()))
+    scale = math.sqrt(sum(float(torch.linalg.vector_norm(dense(reference[n]))) ** 2 for n in point))
+    rtol = max(FUNCTIONAL_GRADIENT_RTOL.get(v.dtype, 5e-2) for v in point.values())
+    if total > rtol * scale + 1e-30:
+        worst = sorted(point, key=lambda n: -errors[n])[:3]
+        raise ValueError(
+            f"{owner} evaluates {name}.per_sample_loss functionally (torch.func.functional_call with the parameters "
+            f"passed in), and its gradient there differs from plain autograd on the module holding the same values "
+            f"(relative difference {total / max(scale, 1e-300):.2e}, most in {', '.join(worst)}). {FUNCTIONAL_CALL_ADVICE}"
+        )
 
 
 def batch_gradient(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor, batch: Any) -> Tensor:
@@ -569,6 +630,24 @@ def _uncompiled(module: nn.Module | None) -> Iterator[None]:
                 sub.__dict__.pop(name, None)
             else:
                 setattr(sub, name, value)
+
+
+def spectral_norm_layers(module: nn.Module) -> list[str]:
+    """Names of the submodules of ``module`` under spectral normalisation (``torch.nn.utils.spectral_norm``
+    or ``torch.nn.utils.parametrizations.spectral_norm``), whose power iteration writes buffers in train mode."""
+    from torch.nn.utils.parametrizations import _SpectralNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    found: list[str] = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, _SpectralNorm):  # "<layer>.parametrizations.<tensor>.<i>": name the layer
+            name = name.rsplit("parametrizations.", 1)[0].rstrip(".")
+        elif not any(isinstance(h, SpectralNorm) for h in sub._forward_pre_hooks.values()):
+            continue
+        name = name or type(module).__name__
+        if name not in found:
+            found.append(name)
+    return found
 
 
 def has_mode_dependent_layers(module: nn.Module) -> bool:

@@ -716,20 +716,32 @@ def test_a_loss_that_reads_the_modules_own_parameters_is_refused_before_training
     model = make().double()
     before = [p.detach().clone() for p in model.parameters()]
     cb = DiffIn(target="val", target_loader=small_digits.val)
-    with pytest.raises(RuntimeError, match="does not see the parameters DiffIn passes in.*activation checkpointing"):
+    with pytest.raises(ValueError, match="DiffIn evaluates .*per_sample_loss functionally.*activation checkpointing"):
         quiet_trainer(callbacks=[cb]).fit(model, train_dataloaders=small_digits.train)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # refused before the first step
 
 
-def test_the_functional_check_restores_the_parameters_bit_for_bit(small_digits):
-    from lightning_influence.kernels import ParameterSpace, functional_gradient_error, per_sample_loss_function
+def test_the_functional_check_restores_the_module_bit_for_bit(small_digits):
+    from lightning_influence.kernels import module_gradient, shifted_point
 
     torch.manual_seed(0)
     model = Classifier(hidden=(16,)).double()
-    named = list(model.named_parameters())
-    before = [p.detach().clone() for _, p in named]
-    error, raised = functional_gradient_error(
-        model, per_sample_loss_function(model), ParameterSpace.from_parameters(named), [p for _, p in named], small_digits.train.batches[0]
-    )
-    assert error < 1e-8 and raised is None
-    assert all(torch.equal(a, p) for a, (_, p) in zip(before, named))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.net[0].weight.grad = marker = torch.ones_like(model.net[0].weight)
+    point = shifted_point(before)
+    grads = module_gradient(model, point, small_digits.train.batches[0])
+    assert grads is not None and set(grads) == set(before)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert model.net[0].weight.grad is marker and model.net[2].weight.grad is None
+
+
+@pytest.mark.parametrize("api", ["hook", "parametrization"])
+def test_spectral_normalisation_is_warned_about(small_digits, api):
+    torch.manual_seed(0)
+    model = Classifier(hidden=(16,)).double()
+    wrap = torch.nn.utils.spectral_norm if api == "hook" else torch.nn.utils.parametrizations.spectral_norm
+    model.net[0] = wrap(model.net[0])
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    with pytest.warns(UserWarning, match=r"net\.0 use spectral normalisation"):
+        quiet_trainer(callbacks=[cb], max_steps=4).fit(model, train_dataloaders=small_digits.train)
+    assert cb.scores is not None and len(cb.scores) > 0

@@ -40,7 +40,9 @@ class StepRecorder(Callback):
     ``per_sample_loss(batch)``. A buffer or untrained parameter that training changes (outside
     normalisation layers: an annealed temperature, an EMA teacher) is recorded with every step
     (``TrainingStep.varying``), so the retraining evaluates each step with the values it trained
-    with; one removed from the module is refused. Memory: every batch of the run, and a copy of
+    with; one removed from the module is refused. A buffer that the training forward itself writes
+    (spectral normalisation's power iteration) is recorded too, but the retraining refuses such a
+    module: each run would need its own values. Memory: every batch of the run, and a copy of
     each such tensor per step in which it was written to.
     """
 

@@ -20,7 +20,10 @@ the parameters still move). The gradient is then clipped like ``torch.nn.utils.c
 group's learning rate set to the recorded one. The optimizer is not re-implemented: this is
 an independent reference for code that reasons about updates (momentum, Adam moments, ...).
 Not modelled: mixed-precision arithmetic (retrain in float64; steps that the GradScaler
-skipped are simply not recorded), stochastic layers (refused), custom clipping
+skipped are simply not recorded), stochastic layers (refused), forwards that write module state
+such as spectral normalisation's power iteration (each run would need its own; refused), parts of
+the model that read parameters outside ``torch.func.functional_call`` such as activation
+checkpointing (refused, after a gradient check on the first step), custom clipping
 (``configure_gradient_clipping``) or other changes made to the gradients in hooks, and
 hyperparameters other than the learning rate changing during training (:class:`~lightning_influence.evaluation.StepRecorder` refuses them).
 
@@ -57,8 +60,10 @@ from torch import Tensor, nn
 from lightning_influence.kernels import (
     PerSampleLossFn,
     RemoveFn,
+    check_functional_gradient,
     evaluation_mode,
     has_mode_dependent_layers,
+    spectral_norm_layers,
     module_mode,
     per_sample_loss_function,
 )
@@ -309,6 +314,54 @@ def _ids_list(module: nn.Module, batch: Any, step: int, micro: int) -> list[int]
     return [int(i) for i in ids.tolist()]
 
 
+def _check_functional_gradient(
+    module: nn.Module,
+    loss_fn: PerSampleLossFn,
+    initial_params: Mapping[str, Tensor],
+    trained: list[str],
+    step: TrainingStep,
+) -> None:
+    """Refuse a module that the functional evaluation of the retraining does not reproduce.
+
+    On the first micro-batch of ``step``: the training forward must not write module buffers
+    (power iterations, custom running statistics), and the gradient as the retraining computes it
+    (``torch.func.grad`` over ``functional_call``, vmapped) must equal plain autograd on the module
+    holding the same values (:func:`~lightning_influence.kernels.check_functional_gradient`, at a
+    point shifted from the initial parameters). Catches what reads parameters outside the
+    functional call (activation checkpointing, a module keeping its own reference to a weight).
+    Runs in the caller's train mode; leaves the module's parameters and buffers as they were.
+    """
+    batch = step.batches[0]
+    # the module's buffers and the step's held values, as copies: a plain functional forward (no transform,
+    # which would refuse the write itself) shows whether the training forward writes them
+    state = {n: b.detach().clone() for n, b in module.named_buffers()}
+    state.update({n: v.detach().clone() for n, v in step.varying.items()})
+    versions = {n: v._version for n, v in state.items()}
+    probe = {n: initial_params[n].detach() for n in trained}
+    with warnings.catch_warnings():  # a probe: e.g. reentrant checkpointing warns that nothing requires grad here
+        warnings.simplefilter("ignore")
+        loss_fn({**state, **probe}, batch)
+    written = [n for n, v in state.items() if v._version != versions[n]]
+    if written:
+        shown = ", ".join(written[:4]) + (", ..." if len(written) > 4 else "")
+        raise ValueError(
+            f"{type(module).__name__}'s training forward writes module buffers ({shown}): each run's values would "
+            "depend on its own trajectory, while the retraining evaluates every run with the same (recorded) values, "
+            "and its torch.func evaluation cannot write module tensors at all. Make the forward stateless (compute "
+            "such values from the parameters at every call, write nothing), or keep that layer out of the "
+            "ground-truth run"
+        )
+
+    def functional(point: dict[str, Tensor]) -> dict[str, Tensor]:
+        def mean_loss(params: dict[str, Tensor]) -> Tensor:
+            return loss_fn({**state, **params}, batch).mean()
+
+        stacked = {n: v.unsqueeze(0) for n, v in point.items()}
+        return {n: v[0] for n, v in _Vectorize()(torch.func.grad(mean_loss), stacked).items()}
+
+    check_functional_gradient(module, functional, probe, batch, held=step.varying, owner="the retraining")
+
+
 def retrain(
     module: nn.Module,
     initial_params: Mapping[str, Tensor],
@@ -337,7 +390,12 @@ def retrain(
     ``initial_params``), except those a step holds at recorded values (``TrainingStep.varying``).
     Those count as given: the retraining does not recompute them (e.g. an EMA teacher of the
     trained weights keeps the recorded run's values). The module is run in training mode, which must not differ from
-    evaluation mode: a module with dropout or batch/instance norm raises ``ValueError``.
+    evaluation mode: a module with dropout or batch/instance norm raises ``ValueError``, and so does one whose
+    training forward writes buffers (spectral normalisation's power iteration, custom running statistics). Before
+    retraining, the gradient of the first micro-batch's loss as the retraining computes it (``torch.func``, the
+    parameters passed in) is checked against plain autograd on the module holding the same values: a model that
+    reads parameters outside the functional call (activation checkpointing, a cached reference to a weight) raises
+    ``ValueError`` instead of being retrained wrongly.
 
     Returns ``{name: Tensor[K, *shape]}`` for the trained parameters, ``K = len(removals)``,
     in the dtype and on the device of ``initial_params``. The K runs are vectorised with
@@ -359,6 +417,16 @@ def retrain(
         raise ValueError(
             f"{type(module).__name__} has dropout or batch/instance-norm layers: retraining must be deterministic and "
             "reproduce the training forward pass exactly, which such layers prevent"
+        )
+    spectral = spectral_norm_layers(module)
+    if spectral:
+        raise ValueError(
+            f"{type(module).__name__} has spectral normalisation ({', '.join(spectral[:4])}; "
+            "torch.nn.utils.spectral_norm or parametrizations.spectral_norm): in training mode every forward advances "
+            "its power iteration, writing the u/v buffers, so each run's normalisation follows that run's own weights, "
+            "which the retraining (one shared set of buffers, the recorded run's) cannot reproduce. For the "
+            "ground-truth run normalise statelessly, e.g. by the exact norm W / torch.linalg.matrix_norm(W, ord=2), or "
+            "leave spectral normalisation out"
         )
     groups = _trained_groups(module, initial_params, optimizer)
     trained = [n for group in groups for n in group]
@@ -393,6 +461,8 @@ def retrain(
     loss_fn = per_sample_loss_function(module)
     chunks: list[dict[str, Tensor]] = []
     with module_mode(module, training=True), torch.no_grad():
+        if steps and removal_sets:
+            _check_functional_gradient(module, loss_fn, initial_params, trained, steps[0])
         for start in range(0, len(removal_sets), chunk_size):
             chunk = removal_sets[start : start + chunk_size]
             chunks.append(_retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove))
