@@ -39,10 +39,16 @@ def _map(batch: Any, on_tensor: Callable[[Tensor], Any], on_values: Callable[[An
         changes = {f.name: _map(getattr(batch, f.name), on_tensor, on_values) for f in dataclasses.fields(batch) if f.init}
         return dataclasses.replace(batch, **changes)
     if isinstance(batch, Mapping):
-        pairs = [(k, _map(v, on_tensor, on_values)) for k, v in batch.items()]
+        pairs = {k: _map(v, on_tensor, on_values) for k, v in batch.items()}
         if hasattr(batch, "default_factory"):
             return type(batch)(batch.default_factory, pairs)  # type: ignore[call-arg]
-        return type(batch)(pairs)
+        try:
+            return type(batch)(pairs)
+        except TypeError as err:
+            raise TypeError(
+                f"cannot rebuild a batch of type {type(batch).__name__} from a dict of its items ({err}): give the "
+                "mapping class a constructor that takes one, or collate batches into a dict or a dataclass"
+            ) from err
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_map(v, on_tensor, on_values) for v in batch))
     if isinstance(batch, (list, tuple)):
@@ -80,22 +86,26 @@ def select_samples(batch: Any, index: Tensor | Sequence[int] | slice, size: int 
     anything else is shared by all samples and kept whole."""
     size = batch_size(batch) if size is None else size
     if isinstance(index, slice):
-        rows = range(size)[index]
 
         def take_rows(t: Tensor) -> Tensor:
             return t[index]
+
+        def rows() -> Sequence[int]:
+            return range(size)[index]
     else:
         positions = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-        rows = positions.tolist()
 
         def take_rows(t: Tensor) -> Tensor:
             return t.index_select(0, positions.to(t.device))
+
+        def rows() -> Sequence[int]:  # only for lists of values: no host-device copy otherwise
+            return positions.tolist()
 
     def on_tensor(t: Tensor) -> Tensor:
         return take_rows(t) if t.dim() > 0 and t.shape[0] == size else t
 
     def on_values(values: Any) -> Any:
-        return type(values)(values[i] for i in rows) if len(values) == size else values
+        return type(values)(values[i] for i in rows()) if len(values) == size else values
 
     return _map(batch, on_tensor, on_values)
 

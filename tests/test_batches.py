@@ -4,7 +4,8 @@ moved and stored alike, and a real fit scores them exactly like tuple batches.""
 from __future__ import annotations
 
 import io
-from collections import OrderedDict, defaultdict, namedtuple
+from collections import OrderedDict, UserDict, defaultdict, namedtuple
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pytest
@@ -52,6 +53,31 @@ def test_containers_keep_their_type_and_frozen_dataclasses_are_rebuilt():
     assert derived.count == 3  # init=False fields are recomputed by the class
     counts = map_tensors(lambda t: t[:2], defaultdict(int, x=torch.ones(4)))
     assert isinstance(counts, defaultdict) and counts["missing"] == 0
+
+
+class _Encoding(UserDict):
+    """Like a tokenizer's batch encoding: a mapping built from a dict."""
+
+
+class _Strict(Mapping):
+    def __init__(self, x, y):  # type: ignore[no-untyped-def]
+        self._items = {"x": x, "y": y}
+
+    def __getitem__(self, key):  # type: ignore[no-untyped-def]
+        return self._items[key]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return 2
+
+
+def test_mapping_classes_are_rebuilt_from_a_dict_or_refused_clearly():
+    encoding = select_samples(_Encoding(ids=torch.arange(4), mask=torch.ones(4, 2)), torch.tensor([1, 3]))
+    assert isinstance(encoding, _Encoding) and encoding["ids"].tolist() == [1, 3]
+    with pytest.raises(TypeError, match="cannot rebuild a batch of type _Strict from a dict of its items"):
+        map_tensors(lambda t: t, _Strict(torch.ones(2), torch.zeros(2)))
 
 
 def test_per_sample_string_lists_are_sliced_with_the_tensors():
