@@ -297,6 +297,17 @@ def check_functional_gradient(
     scale = math.sqrt(sum(float(torch.linalg.vector_norm(dense(reference[n]))) ** 2 for n in point))
     rtol = max(FUNCTIONAL_GRADIENT_RTOL.get(v.dtype, 5e-2) for v in point.values())
     if total > rtol * scale + 1e-30:
+        again = module_gradient(module, {**(held or {}), **point}, batch)
+        assert again is not None
+        spread = math.sqrt(sum(float(torch.linalg.vector_norm(dense(again[n]) - dense(reference[n]))) ** 2 for n in point))
+        if spread > rtol * scale + 1e-30:
+            raise ValueError(
+                f"{owner} needs a deterministic {name}.per_sample_loss, but two evaluations at the same parameters, in "
+                f"evaluation mode, gave gradients {spread / max(scale, 1e-300):.2e} apart (relative): the forward draws "
+                "random numbers that eval mode does not switch off, e.g. F.dropout(x, p) with training=True hard-wired, "
+                "added noise or a sampled latent. Use nn.Dropout or F.dropout(x, p, training=self.training), and make "
+                "other randomness depend on self.training"
+            )
         worst = sorted(point, key=lambda n: -errors[n])[:3]
         raise ValueError(
             f"{owner} evaluates {name}.per_sample_loss functionally (torch.func.functional_call with the parameters "

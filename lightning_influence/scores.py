@@ -68,7 +68,9 @@ class InfluenceScores:
 
     ``ids``: ``LongTensor[N]`` sample ids, unique. ``values``: float64 ``Tensor[N]`` (one target)
     or ``Tensor[N, Q]`` (one column per query). ``metadata``: JSON-serialisable facts (estimator,
-    mode, target, steps seen, ...); ``sign_convention`` and ``version`` are always added.
+    mode, target, steps seen, ...); ``version`` is always added, and ``sign_convention`` (the
+    library's, :data:`SIGN_CONVENTION`) unless the metadata states another: the rankings that
+    are not removal effects (coreset and cleaning baselines) say what a high value means.
     """
 
     ids: Tensor
@@ -96,7 +98,8 @@ class InfluenceScores:
         bad = [k for k in self.metadata if not isinstance(k, str)]
         if bad:
             raise ValueError(f"metadata keys must be strings (they are saved as JSON), got {bad[:4]}")
-        metadata = {**self.metadata, "sign_convention": SIGN_CONVENTION, "version": FORMAT_VERSION}
+        # Rankings that are not removal effects (coreset and cleaning baselines) state their own convention.
+        metadata = {"sign_convention": SIGN_CONVENTION, **self.metadata, "version": FORMAT_VERSION}
         try:
             json.dumps(metadata)
         except (TypeError, ValueError) as err:  # ValueError: a circular reference
@@ -127,9 +130,14 @@ class InfluenceScores:
             if query is not None:
                 raise ValueError("these scores have a single target; call without query=")
             return self.values
+        count = self.values.shape[1]
         if query is None:
-            raise ValueError(f"these scores have {self.values.shape[1]} query columns: pass query=<column index>")
-        return self.values[:, query]
+            raise ValueError(f"these scores have {count} query columns: pass query=<column index>")
+        if isinstance(query, bool) or not isinstance(query, int) and not (isinstance(query, Tensor) and query.dim() == 0 and not query.is_floating_point()):
+            raise TypeError(f"query is one column index, an int in [0, {count}), got {query!r} ({type(query).__name__})")
+        if not 0 <= int(query) < count:
+            raise IndexError(f"query={int(query)} is out of range: these scores have {count} query columns, 0..{count - 1}")
+        return self.values[:, int(query)]
 
     def __getitem__(self, sample_id: int) -> Tensor:
         """Score(s) of one sample id (an integer)."""
@@ -220,7 +228,7 @@ class InfluenceScores:
             ids = self.ids[order]
         rows = []
         for i in torch.as_tensor(ids).reshape(-1).tolist():
-            rows.append((int(i), float(self[i] if query is None else self[i][query]), dataset[int(i)]))
+            rows.append((int(i), float(self[i] if query is None else self[i][int(query)]), dataset[int(i)]))
         return rows
 
     def to_pandas(self) -> Any:

@@ -471,3 +471,73 @@ def test_sparse_gradients_are_refused_before_the_first_step(small_digits):
     with pytest.raises(ValueError, match=r"'emb.weight' has a sparse gradient.*sparse=False"):
         quiet_trainer(callbacks=[DiffIn(target="val", target_loader=small_digits.val)]).fit(model, train_dataloaders=small_digits.train)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# ------------------------------------------------------------------ losses and parameters that change outside DiffIn's model
+class _EpochTemperature(Classifier):
+    """Logits divided by ``1 + current_epoch``, a Python value DiffIn cannot record."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net(x) / (1.0 + self.current_epoch)
+
+
+class _LateRegulariser(Classifier):
+    """An L2 term in ``training_step`` from step 5 on: the loss training optimises changes."""
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        loss = self.per_sample_loss(batch).mean()
+        if self.global_step >= 5:
+            loss = loss + 1e-6 * sum(p.square().sum() for p in self.parameters())
+        return loss
+
+
+@pytest.mark.parametrize("cls", [_EpochTemperature, _LateRegulariser], ids=["epoch-temperature", "late-regulariser"])
+@pytest.mark.parametrize("options", [{}, {"finite_difference": "central"}, {"mode": "online", "window": 8}], ids=str)
+def test_a_loss_that_changes_during_fit_is_refused_not_scored(small_digits, cls, options):
+    from lightning_influence.estimators.diffin import LossChangedError
+
+    cb = DiffIn(target="val", target_loader=small_digits.val, **options)
+    with pytest.raises(LossChangedError, match="differs from the gradient training computed there.*register_buffer"):
+        quiet_trainer(callbacks=[cb], max_epochs=2).fit(_model(cls), train_dataloaders=small_digits.train)
+
+
+def test_a_fixed_loss_passes_the_recorded_gradient_checks(small_digits):
+    cb = DiffIn(target="val", target_loader=small_digits.val, mode="online", window=8)
+    quiet_trainer(callbacks=[cb], max_epochs=2).fit(_model(), train_dataloaders=small_digits.train)
+    meta = cb.scores.metadata
+    assert meta["recorded_gradient_checks"] >= 4 and meta["max_recorded_gradient_error"] < 1e-12
+
+
+class _HardWiredDropout(Classifier):
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net[2](torch.nn.functional.dropout(self.net[1](self.net[0](x)), 0.3, training=True))
+
+
+def test_a_forward_that_stays_random_in_eval_mode_is_named_as_such(small_digits):
+    _refused(small_digits.train, "needs a deterministic .*per_sample_loss.*training=self.training", _val(small_digits), _model(_HardWiredDropout))
+
+
+class _MaxNormEmbedding(Classifier):
+    """Pixels quantised to tokens, looked up in an embedding that renormalises its rows in place."""
+
+    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(in_features=64 * 4, **kwargs)
+        self.embed = torch.nn.Embedding(17, 4, max_norm=1.0)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.net(self.embed(x.clamp(0, 16).long()).flatten(1))
+
+
+def test_parameters_written_in_place_by_the_forward_are_refused(small_digits):
+    trainer = _refused(small_digits.train, r"wrote the trained parameters \['embed.weight'\] in place.*max_norm", _val(small_digits), _model(_MaxNormEmbedding))
+    assert trainer.global_step < 8  # on one of the first, verified steps (the first batch's checks renormalise too)
+
+
+def test_a_step_on_a_single_sample_is_warned_about_and_counted(small_digits):
+    batches = list(small_digits.train.batches[:6])
+    x, y, i = batches[-1]
+    batches[-1] = (x[:1], y[:1], i[:1])
+    cb = _val(small_digits)
+    with pytest.warns(UserWarning, match="trained on a single sample.*drop_last=True"):
+        _fit(FixedBatches(batches), cb)
+    assert cb.scores.metadata["singleton_steps"] == 1

@@ -37,8 +37,30 @@ def test_every_registered_estimator_scores_every_training_sample(name: str, prob
     assert sorted(scores.ids.tolist()) == list(range(problem.n))
     assert scores.values.shape == (problem.n,) and scores.values.dtype == torch.float64
     assert bool(torch.isfinite(scores.values).all())
-    assert scores.metadata["sign_convention"] == SIGN_CONVENTION
+    if name in ("el2n", "grand", "forgetting", "random", "loss", "outlier_gradient"):  # rankings, not removal effects
+        assert scores.metadata["sign_convention"].startswith("a ranking, not a target-loss change")
+        assert scores.metadata["calibrated"] is False
+    else:
+        assert scores.metadata["sign_convention"] == SIGN_CONVENTION
     assert scores.metadata.get("estimator") is not None
+
+
+@pytest.mark.parametrize("name", ["diffin", "tracin"])
+def test_recording_estimators_refuse_a_target_they_did_not_record(name: str, problem) -> None:  # type: ignore[no-untyped-def]
+    """Their scores answer the target their callback saw during fit: another loader, sample
+    count or kind asked of scores() is refused, not silently answered with the recorded one."""
+    estimator = build(name, target="val", target_loader=problem.val)
+    torch.manual_seed(0)
+    model = Classifier(hidden=(8,), lr=0.1).double()
+    quiet_trainer(callbacks=[estimator.callback()]).fit(model, train_dataloaders=problem.train)
+    other = FixedBatches(list(problem.val.batches))
+    with pytest.raises(ValueError, match="not against the loader passed to scores"):
+        estimator.scores(model, problem.train, Target("val", other))
+    with pytest.raises(ValueError, match="target_samples=None but sample_count=5"):
+        estimator.scores(model, problem.train, Target("val", problem.val, sample_count=5))
+    with pytest.raises(ValueError, match="target='val' but 'train' was asked for"):
+        estimator.scores(model, problem.train, "train")
+    assert len(estimator.scores(model, problem.train, Target("val", problem.val))) == problem.n
 
 
 def test_unknown_names_are_refused_with_the_list() -> None:
@@ -78,3 +100,18 @@ def test_post_hoc_estimators_refuse_a_reduced_per_sample_loss(name, small_digits
     """(EL2N reads per_sample_outputs and the random baseline no loss at all.)"""
     with pytest.raises(ValueError, match=r"must return an unreduced Tensor\[B\]|per_sample_loss returned shape \(\)"):
         build(name).scores(_ReducedLoss(hidden=(8,)).double(), small_digits.train, Target("val", small_digits.val))
+
+
+def test_options_are_checked_against_their_annotations_for_every_estimator() -> None:
+    """Hydra gives strings: a boolean option must be a bool, and params as one string is one pattern."""
+    assert build("influence_function", params="net.2.*").params == ["net.2.*"]
+    assert build("datainf", params="net.2.*").params == ["net.2.*"]
+    with pytest.raises(TypeError, match="option signed must be True or False, got 'off'"):
+        build("forward_inf", signed="off")
+    with pytest.raises(TypeError, match="option centered must be True or False"):
+        build("influence_function", centered=1)
+    with pytest.raises(TypeError, match="params must be parameter-name patterns"):
+        build("grand", params=[0])
+    from lightning_influence import DiffIn
+
+    assert DiffIn(params="net.2.*").params == ["net.2.*"]

@@ -69,6 +69,13 @@ def test_query_matrix_needs_a_column():
     assert s.most_harmful(1, query=1)[0].tolist() == [11]
     with pytest.raises(ValueError, match="query="):
         s.most_harmful(1)
+    assert s.most_harmful(1, query=torch.tensor(1))[0].tolist() == [11]
+    for bad in (2, -1):
+        with pytest.raises(IndexError, match=r"out of range: these scores have 2 query columns, 0\.\.1"):
+            s.to_dict(query=bad)
+    for bad in (True, 1.0, [0, 1]):
+        with pytest.raises(TypeError, match="query is one column index"):
+            s.summary(query=bad)
 
 
 @pytest.mark.parametrize("q", [None, 3])

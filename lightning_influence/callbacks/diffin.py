@@ -261,7 +261,9 @@ class DiffIn(Callback):
         self._per_sample: PerSampleDerivatives = "forward_mode"  # the method in use (resolved in on_fit_start)
         self.chunk_size = chunk_size
         self.hessian_every = hessian_every
-        if params is not None and (isinstance(params, str) or not params):
+        if isinstance(params, str):
+            params = [params]  # one pattern (as a Hydra command line gives it)
+        if params is not None and (not params or not all(isinstance(p, str) for p in params)):
             raise ValueError(f"params must be a non-empty list of name patterns such as ['head.*'], got {params!r}")
         self.params = list(params) if params is not None else None
         if second_moment not in ("linearized", "frozen"):
@@ -276,6 +278,7 @@ class DiffIn(Callback):
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
         self._kinks_pending = False
         self._functional_check_pending = False
+        self._theta_at_start: list[Tensor] | None = None  # the parameters at a verified step's first micro-batch
         self._restored_kinks: list[str] | None = None
         self._recorded_is_exact = True
         self._inexact_rebuild = False  # the modelled update misses the real one by more than a product's step
@@ -300,6 +303,7 @@ class DiffIn(Callback):
         self.steps_scored_truncated = 0
         self.skipped_steps = 0
         self.empty_steps = 0
+        self.singleton_steps = 0
         self.seconds = 0.0
         self._accumulator: ScoreAccumulator | None = None
         self._trajectory: Trajectory | None = None
@@ -335,7 +339,7 @@ class DiffIn(Callback):
             self._handoff.unlink(missing_ok=True)
             self._scores = scores
             meta = scores.metadata
-            for name in ("steps_seen", "steps_scored", "truncated_sweeps", "steps_scored_truncated", "skipped_steps", "empty_steps"):
+            for name in ("steps_seen", "steps_scored", "truncated_sweeps", "steps_scored_truncated", "skipped_steps", "empty_steps", "singleton_steps"):
                 setattr(self, name, int(meta[name]))  # type: ignore[arg-type]
             self.seconds = float(meta["callback_seconds"])  # type: ignore[arg-type]
         return self._scores
@@ -371,8 +375,8 @@ class DiffIn(Callback):
                 "vectors with the weights at every training forward. DiffIn records them per step and scores the run "
                 "as if they were given (not how they follow the weights): the scores predict removals in a run with "
                 "those vectors held, which can differ much from real retraining when the top singular values are "
-                "close (measured on a digits MLP: Spearman 0.999 against the held-vector retraining, 0.09-0.55 "
-                "against true leave-one-out). A stateless normalisation (W / torch.linalg.matrix_norm(W, ord=2)) is "
+                "close (benchmarks/approximations.py, digits MLP: Spearman 0.998-0.999 against the held-vector "
+                "retraining, 0.09-0.61 against true leave-one-out). A stateless normalisation (W / torch.linalg.matrix_norm(W, ord=2)) is "
                 "scored exactly"
             )
         self._coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)
@@ -453,7 +457,7 @@ class DiffIn(Callback):
             # A new fit scores a new run: earlier results refer to another final model.
             self._accumulator = ScoreAccumulator(capacity=dataset_length(trainer) or 0)
             self.steps_seen = self.steps_scored = self.truncated_sweeps = self.steps_scored_truncated = 0
-            self.skipped_steps = self.empty_steps = 0
+            self.skipped_steps = self.empty_steps = self.singleton_steps = 0
             self.seconds = 0.0
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
@@ -487,6 +491,8 @@ class DiffIn(Callback):
             chunk_size=self.chunk_size,
         )
         self._sweep.varying_defaults = self._varying_defaults  # the same dict: filled as tensors start to change
+        # Training's loss is the sweep's (no dropout, batch norm or autocast): each sweep checks a recorded gradient.
+        self._sweep.verify_recorded = not has_mode_dependent_layers(pl_module) and not self._mixed and not self._removed_buffers
         self._set_differences(pl_module, scheme, rel_step, reuse)
         self._trajectory = Trajectory(
             self.storage,
@@ -665,6 +671,10 @@ class DiffIn(Callback):
             fixed = [n for n, p in pl_module.named_parameters() if id(p) not in trained]
             varying = [n for n in self._changed_buffers if n not in self._removed_buffers]
             self._buffer_watch = BufferWatch(pl_module, fixed, varying=varying)
+        if len(self._micro_batches) == 1 and self._verified_steps < VERIFIED_STEPS:
+            # The verified steps also check that forward and backward leave the parameters alone (values, not
+            # version counters: checks like the ones above write them back bit for bit, in any callback).
+            self._theta_at_start = [p.detach().clone() for p in (*self._params, *self._context)]
         if self._capture_losses:
             position, size = len(self._micro_batches) - 1, ids.numel()
 
@@ -684,6 +694,7 @@ class DiffIn(Callback):
         assert space is not None and model is not None and self._trajectory is not None and self._accumulator is not None
         trajectory = self._trajectory
         self._check_trained_parameters(trainer, optimizer)
+        self._check_parameters_unwritten(trainer)
         self._check_buffers(trainer, pl_module)
         missing = [i for i, p in enumerate(self._params) if p.grad is None]
         sparse = [n for n, p in zip(self._space.names, self._params, strict=True) if p.grad is not None and p.grad.is_sparse]
@@ -731,6 +742,18 @@ class DiffIn(Callback):
                 )
             self.seconds += time.perf_counter() - start
             return
+        samples = sum(int(i.numel()) for i in global_ids) if global_ids is not None else sum(int(i.numel()) for _, i in micro)
+        if samples == 1:
+            self.singleton_steps += 1
+            if self.singleton_steps == 1:
+                rank_zero_warn(
+                    f"DiffIn: optimizer step {trainer.global_step} trained on a single sample (id "
+                    f"{int(micro[0][1][0])}): removing it removes the whole step, a change the second-order difference "
+                    "term follows less well than a one-sample share of a batch (benchmarks/approximations.py, digits "
+                    "MLP: such samples' scores 0.5-6x off at SGD lr 0.1, exact at lr 0.001; one of three wrong in sign "
+                    "with Adam at lr 1e-4). A last batch of one sample is the usual cause: DataLoader(drop_last=True) avoids it. "
+                    "Counted in scores.metadata['singleton_steps'], warned once"
+                )
         # Clipping by norm spans every parameter of the optimizer: the unattributed ones enter as a constant.
         clips_norm = model.clip_val is not None and model.clip_algorithm == "norm"
         rest = float(sum(g.double().square().sum() for g in context_grads)) if clips_norm and context_grads else 0.0
@@ -770,6 +793,30 @@ class DiffIn(Callback):
         else:
             trajectory.append(record)
         self.seconds += time.perf_counter() - start
+
+    def _check_parameters_unwritten(self, trainer: L.Trainer) -> None:
+        """The forward and backward passes of a step must not write the trained parameters in place
+        (``nn.Embedding(max_norm=...)`` renormalises its rows, a custom layer may project its
+        weights): that change is part of the dynamics but invisible to the optimizer step DiffIn
+        models, and its scores would be meaningless. Checked on the verified steps (a copy of the
+        parameters at their first micro-batch)."""
+        params, before = [*self._params, *self._context], self._theta_at_start
+        self._theta_at_start = None
+        if before is None or len(before) != len(params):
+            return
+        written = [i for i, (p, v) in enumerate(zip(params, before, strict=True)) if not torch.equal(p, v)]
+        if written:
+            assert self._space is not None
+            names = [*self._space.names, *(self._context_space.names if self._context_space is not None else ())]
+            shown = [names[i] for i in written[:4]]
+            raise ValueError(
+                f"the forward or backward pass of optimizer step {trainer.global_step} wrote the trained parameters "
+                f"{shown} in place (e.g. nn.Embedding(max_norm=...) renormalising the rows it looks up, or a layer "
+                "projecting its own weights): DiffIn models the optimizer step as the only change of the parameters, "
+                "so the scores would be meaningless. Use nn.Embedding without max_norm (or normalise the looked-up "
+                "vectors out of place in forward), or apply the projection in an optimizer step hook that is part of "
+                "the optimizer"
+            )
 
     def _check_trained_parameters(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """The parameters split into attributed and fixed ones at fit start must keep training:
@@ -812,6 +859,8 @@ class DiffIn(Callback):
             self._removed_buffers += [n for n in removed if n not in self._removed_buffers]
             for name in removed:  # nothing to evaluate them with
                 self._varying_defaults.pop(name, None)
+            if self._sweep is not None:
+                self._sweep.verify_recorded = False  # the loss really changed: the documented approximation
             rank_zero_warn(
                 f"DiffIn: training removed {removed[:4]} from the module by optimizer step {trainer.global_step}: the "
                 "scores evaluate the steps that read them without them, an approximation (check the scores against "
@@ -1062,7 +1111,9 @@ class DiffIn(Callback):
             raise ValueError(
                 f"per_sample_loss(batch).mean() = {got!r} but training_step returned loss {expected!r} on the first "
                 "step: the per-sample losses must be the unreduced terms of the training loss (same reduction, "
-                "same regularisers, no extra weighting)"
+                "same regularisers, no extra weighting). Random augmentation or masking must happen before "
+                "training_step (in the dataset, the collate function or on_after_batch_transfer), so that "
+                "per_sample_loss(batch) sees the batch training did"
             )
 
     def _build_scores(self) -> InfluenceScores:
@@ -1083,6 +1134,7 @@ class DiffIn(Callback):
             "steps_scored_truncated": self.steps_scored_truncated,
             "skipped_steps": self.skipped_steps,
             "empty_steps": self.empty_steps,
+            "singleton_steps": self.singleton_steps,
             "optimizer": type(self._model.optimizer).__name__ if self._model is not None else None,
             "second_moment": self.second_moment,
             "params": self.params,
@@ -1094,6 +1146,8 @@ class DiffIn(Callback):
             "max_adjoint_growth": round(self._sweep.max_adjoint_growth, 6),
             "hessian_every": self.hessian_every,
             "hessian_products": self._sweep.hessian_products,
+            "recorded_gradient_checks": self._sweep.recorded_gradient_checks,
+            "max_recorded_gradient_error": self._sweep.max_recorded_gradient_error,
             "per_sample": self._per_sample,
             "chunk_size": self.chunk_size,
             "forward_mode_passes": self._sweep.forward_mode_passes,
@@ -1126,6 +1180,7 @@ class DiffIn(Callback):
             "steps_scored_truncated": self.steps_scored_truncated,
             "skipped_steps": self.skipped_steps,
             "empty_steps": self.empty_steps,
+            "singleton_steps": self.singleton_steps,
             "verified_steps": self._verified_steps,
             "loss_checked": self._loss_checked,
             "kinks": list(self._kinks) if self._kinks is not None else None,
@@ -1157,6 +1212,7 @@ class DiffIn(Callback):
         self.steps_scored_truncated = int(state_dict["steps_scored_truncated"])
         self.skipped_steps = int(state_dict["skipped_steps"])
         self.empty_steps = int(state_dict.get("empty_steps", 0))
+        self.singleton_steps = int(state_dict.get("singleton_steps", 0))
         self._restored_verified = int(state_dict["verified_steps"])
         self._restored_loss_checked = bool(state_dict["loss_checked"])
         kinks = state_dict.get("kinks")

@@ -24,7 +24,10 @@ Use :func:`build` / :func:`available` to select one by name (this is what the Hy
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -91,6 +94,36 @@ class Target:
         )
 
 
+def check_recorded_target(owner: str, recorded: Any, target: Target | str | Iterable[Any]) -> None:
+    """A recording estimator's scores answer the target its callback ``recorded`` during fit (its
+    ``target``, ``target_loader`` and ``target_samples``): refuse a ``target`` that asks another
+    question. A loader must be the recorded one (or a loader over the same dataset object); one
+    the callback did not get (it used the Trainer's validation loader) cannot be compared and is
+    taken as given. A ``sample_count`` must be the recorded one."""
+    kind = target if isinstance(target, str) else as_target(target).kind
+    if kind != recorded.target:
+        raise ValueError(
+            f"{owner} recorded scores for target={recorded.target!r} but {kind!r} was asked for: choose the target "
+            f"when building the estimator (build({owner.lower()!r}, target=...)); in a recipe, set recipe.target"
+        )
+    if isinstance(target, str):
+        return
+    wanted = as_target(target)
+    loader = recorded.target_loader
+    if wanted.loader is not None and loader is not None and wanted.loader is not loader:
+        same_data = getattr(wanted.loader, "dataset", None) is not None and getattr(wanted.loader, "dataset", None) is getattr(loader, "dataset", object())
+        if not same_data:
+            raise ValueError(
+                f"{owner} recorded its scores against the target_loader it was built with, not against the loader passed "
+                "to scores(): pass that same loader, or build the estimator with target_loader=<this loader> before fit"
+            )
+    if wanted.sample_count is not None and wanted.sample_count != recorded.target_samples:
+        raise ValueError(
+            f"{owner} recorded its scores against target_samples={recorded.target_samples} but sample_count="
+            f"{wanted.sample_count} was asked for: build the estimator with target_samples={wanted.sample_count} before fit"
+        )
+
+
 def as_target(target: Target | str | Iterable[Any] | None) -> Target:
     """``"train"`` / a :class:`Target` / a loader (read as a ``"val"`` target)."""
     if isinstance(target, Target):
@@ -117,6 +150,11 @@ class Estimator(ABC):
     #: rather than by the effect of their removal (the library's sign convention)?
     ranks_for_keeping: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__ and not getattr(cls.__init__, "_checks_options", False):
+            cls.__init__ = _checked_options(cls.__init__)  # type: ignore[method-assign]
+
     def callback(self) -> L.Callback | None:
         """The callback to add to the Trainer before ``fit`` (``None`` for post-hoc estimators)."""
         return None
@@ -128,6 +166,37 @@ class Estimator(ABC):
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+def _checked_options(init: Any) -> Any:
+    """``init`` with its options checked against their annotations first, the same way for every
+    estimator and however they arrive (Python, or strings and numbers from a Hydra command line):
+    an option annotated ``bool`` must be a bool (``"off"`` would read as true), and ``params``
+    (parameter-name patterns) given as one string is that one pattern, not its characters."""
+    signature = inspect.signature(init)
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # an annotation naming a type imported for type checkers only: check params alone
+        hints = {}
+
+    @functools.wraps(init)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        owner = getattr(type(self), "name", "") or type(self).__name__
+        for name, value in list(bound.arguments.items()):
+            if hints.get(name) is bool and not isinstance(value, bool):
+                raise TypeError(
+                    f"estimator {owner!r}: option {name} must be True or False, got {value!r} ({type(value).__name__}); "
+                    f"on a Hydra command line write estimator.options.{name}=true or =false"
+                )
+            if name == "params" and isinstance(value, str):
+                bound.arguments[name] = [value]
+            elif name == "params" and value is not None and not all(isinstance(v, str) for v in value):
+                raise TypeError(f"estimator {owner!r}: params must be parameter-name patterns (strings), got {value!r}")
+        init(*bound.args, **bound.kwargs)
+
+    checked._checks_options = True  # type: ignore[attr-defined]
+    return checked
 
 
 # name -> "module:attribute"; imported on first use so one estimator's optional dependency

@@ -87,7 +87,20 @@ def per_sample_values(
 
 
 def _metadata(estimator: Estimator, units: str, higher_means: str, **extra: Any) -> dict[str, Any]:
-    return {"estimator": estimator.name, "target": "none", "units": units, "higher_means": higher_means, **extra}
+    return {
+        "estimator": estimator.name,
+        "target": "none",
+        "units": units,
+        "higher_means": higher_means,
+        "sign_convention": ranking_convention(higher_means),
+        "calibrated": False,
+        **extra,
+    }
+
+
+def ranking_convention(higher_means: str) -> str:
+    """The ``sign_convention`` of scores that rank samples instead of predicting a removal effect."""
+    return f"a ranking, not a target-loss change: higher = {higher_means}"
 
 
 class EL2N(Estimator):

@@ -91,6 +91,14 @@ ADJOINT_CHECK_EVERY = 16
 ADJOINT_GROWTH_LIMIT = 1e3
 """A propagated adjoint that grows this much over a sweep signals an unstable propagation."""
 
+RECORDED_GRADIENT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+"""Largest relative difference between a step's gradient recomputed by a sweep and the one
+training computed, per parameter dtype (1e-2 for others): rounding, not a changed loss."""
+
+
+class LossChangedError(RuntimeError):
+    """The loss a sweep evaluates at a recorded step is not the loss training optimised there."""
+
 
 class ScoreAccumulator:
     """Per-sample float64 sums indexed by sample id, growing as larger ids appear.
@@ -206,6 +214,11 @@ class DiffInSweep:
         self.finite_difference = finite_difference
         self.fd_rel_step = fd_rel_step
         self.reuse_recorded_gradient = reuse_recorded_gradient
+        self.verify_recorded = False
+        """Recompute the oldest step's gradient in each sweep and compare it with the recorded one
+        (set where training's loss is the sweep's: no dropout, batch norm or autocast)."""
+        self.recorded_gradient_checks = 0
+        self.max_recorded_gradient_error = 0.0
         self.hessian_every = hessian_every
         self.collective = collective if collective is not None else Collective()
         if remove is not None and self.collective.distributed:
@@ -225,6 +238,8 @@ class DiffInSweep:
         self.loss_evaluations = 0
         """Forward passes without autograd for finite-difference derivatives (beyond the products' passes)."""
         self._theta_norm: float | None = None
+        self._first_stored: StepRecord | None = None
+        self._last_stored: tuple[PerSampleLossFn, StepRecord] | None = None
         self._adjoint: Tensor | None = None
         self._adjoint_start = 0.0
         self.max_adjoint_growth = 0.0
@@ -257,6 +272,7 @@ class DiffInSweep:
         # of the products (~1e-3 relative in float32) dwarfs its rounding. Scores accumulate in float64.
         adjoint = u.reshape(self.space.size, -1).to(self.work_dtype).clone()
         self._adjoint, self._adjoint_start = adjoint, float(adjoint.norm())
+        self._first_stored, self._last_stored = None, None
         columns = adjoint.shape[1]
         adjoint_state: list[dict[str, Tensor] | None] = [None] * columns
         pending: list[Tensor | None] = [None] * columns  # sum of a^G over the block not yet propagated
@@ -267,6 +283,13 @@ class DiffInSweep:
                 position = size - 1 - back
                 scored = position < num_scored
                 loss_fn = self.loss_fn_at(record)
+                if self.verify_recorded and trajectory.keeps_theta(record.step):  # parameters stored, not rebuilt
+                    # Recorded gradients are compared with the sweep's loss at the newest and the oldest stored
+                    # step, and where the propagation fails (a loss that changed during fit; see the method).
+                    self._last_stored = (loss_fn, record)
+                    if self._first_stored is None:
+                        self._first_stored = record
+                        self._check_recorded_gradient(loss_fn, record)
                 if position > 0:
                     block_steps += 1
                 propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
@@ -306,6 +329,8 @@ class DiffInSweep:
                 if scored:
                     self._accumulate(record, derivatives, squeeze=u.dim() == 1)
                 if position == 0:
+                    if self._last_stored is not None and self._last_stored[1] is record and record is not self._first_stored:
+                        self._check_recorded_gradient(loss_fn, record)
                     break
                 if propagate:
                     block_steps = 0
@@ -314,7 +339,7 @@ class DiffInSweep:
                     if self.hessian_products % ADJOINT_CHECK_EVERY == 0:
                         self._check_adjoint(record)
         self._check_adjoint(record)
-        self._adjoint = None
+        self._adjoint, self._first_stored, self._last_stored = None, None, None
 
     def _scaled_step(
         self,
@@ -360,12 +385,14 @@ class DiffInSweep:
         if self._adjoint is None:
             return
         norm = float(self._adjoint.norm())
+        growth = norm / self._adjoint_start if self._adjoint_start > 0 else 0.0
+        if (not math.isfinite(norm) or growth > ADJOINT_GROWTH_LIMIT) and self._last_stored is not None:
+            self._check_recorded_gradient(*self._last_stored)  # a loss that changed explains it better
         if not math.isfinite(norm):
             raise FloatingPointError(
                 f"the propagated target gradient became non-finite by step {record.step}: training diverged "
                 "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
             )
-        growth = norm / self._adjoint_start if self._adjoint_start > 0 else 0.0
         self.max_adjoint_growth = max(self.max_adjoint_growth, growth)
         if growth > ADJOINT_GROWTH_LIMIT and not self._growth_warned:
             self._growth_warned = True
@@ -378,6 +405,34 @@ class DiffInSweep:
                 "in scores.metadata['max_adjoint_growth']",
                 RuntimeWarning,
                 stacklevel=2,
+            )
+
+    def _check_recorded_gradient(self, loss_fn: PerSampleLossFn, record: StepRecord) -> None:
+        """The gradient the sweep's loss gives at ``record``'s parameters must be the one training
+        fed the optimizer there. One gradient pass, at the newest and the oldest step of the sweep
+        whose parameters are stored (where a loss switched on late, or one that drifted since, differs
+        most), and where the propagation turns unstable or non-finite: a loss that reads something
+        that changed during fit besides the parameters and the tensors recorded per step (a Python
+        attribute such as the epoch, a regulariser switched on later) is refused, since every product
+        and derivative of the sweep would evaluate another function."""
+        if record.theta is None or record.grad is None:
+            return
+        _, now = step_losses_and_gradient(loss_fn, self.space, record.theta, record.batches, record.normalizer, self.collective, self.chunk_size)
+        assert isinstance(now, Tensor)
+        recorded = record.grad.to(now.dtype)
+        scale = float(recorded.norm())
+        error = float((now - recorded).norm()) / scale if scale > 0 else float((now - recorded).norm())
+        self.recorded_gradient_checks += 1
+        self.max_recorded_gradient_error = max(self.max_recorded_gradient_error, error)
+        if not error <= RECORDED_GRADIENT_RTOL.get(self.space.dtype, 1e-2):
+            raise LossChangedError(
+                f"DiffIn: at optimizer step {record.step}, the gradient of per_sample_loss recomputed at that step's "
+                f"parameters differs from the gradient training computed there (relative difference {error:.3g}): the "
+                "loss depends on something that changed during fit besides the parameters and the tensors DiffIn records "
+                "per step, e.g. a Python attribute (self.current_epoch, a temperature or loss weight kept as a float), a "
+                "regulariser or loss term switched on later, or a dataset transform that changed. Every score would "
+                "evaluate another function. Keep such values in registered buffers (register_buffer: DiffIn records "
+                "their values with every step), or keep the loss fixed during fit"
             )
 
     def loss_fn_at(self, record: StepRecord) -> PerSampleLossFn:

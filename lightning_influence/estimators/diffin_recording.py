@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import lightning as L
 
 from lightning_influence.callbacks.diffin import DiffIn
-from lightning_influence.estimators.base import Estimator, Target, as_target
+from lightning_influence.estimators.base import Estimator, Target, check_recorded_target
 from lightning_influence.scores import InfluenceScores
 
 
@@ -30,12 +30,7 @@ class DiffInEstimator(Estimator):
         return self._callback
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
-        wanted = as_target(target) if not isinstance(target, str) or target == "train" else Target(target, loader=[])
         if self._callback is None or self._callback.scores is None:
             raise RuntimeError("Diff-In records during fit: add estimator.callback() to the Trainer, run fit, then call scores()")
-        if wanted.kind != self._callback.target:
-            raise ValueError(
-                f"Diff-In recorded scores for target={self._callback.target!r} but {wanted.kind!r} was asked for: "
-                "choose the target when building the estimator (build('diffin', target=...))"
-            )
+        check_recorded_target("DiffIn", self._callback, target)
         return self._callback.scores

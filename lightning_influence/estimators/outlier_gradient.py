@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_influence.estimators.base import Estimator, Target, attributed_space
-from lightning_influence.estimators.coreset import per_sample_values
+from lightning_influence.estimators.coreset import per_sample_values, ranking_convention
 from lightning_influence.kernels import per_sample_gradients
 from lightning_influence.scores import InfluenceScores
 
@@ -119,12 +119,15 @@ class OutlierGradient(Estimator):
             "norm": "minus the per-sample gradient norm ||g_i|| (loss units per unit parameter)",
             "isolation_forest": "IsolationForest.score_samples of the per-sample gradients, in [-1, 0] (dimensionless)",
         }[self.method]
+        higher = "more typical gradient; lowest = outlier = suspicious (harmful)"
         metadata = {
             "estimator": self.name,
             "target": "none",
             "method": self.method,
             "units": units,
-            "higher_means": "more typical gradient; lowest = outlier = suspicious (harmful)",
+            "higher_means": higher,
+            "sign_convention": ranking_convention(higher),
+            "calibrated": False,
             "parameters": space.size,
             "parameter_names": ",".join(space.names),
         }

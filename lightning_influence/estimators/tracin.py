@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lightning_influence.callbacks.checkpoints import ParameterCheckpoints, RecordedCheckpoints, Sampling
 from lightning_influence.callbacks.tracin import TracIn as TracInCallback
-from lightning_influence.estimators.base import Estimator, Target, as_target, attributed_space, device_batches, progress
+from lightning_influence.estimators.base import Estimator, Target, as_target, attributed_space, check_recorded_target, device_batches, progress
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, all_finite, directional_derivatives, evaluation_mode
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TargetGradient
@@ -59,12 +59,7 @@ class TracIn(Estimator):
         callback = self.callback()
         if callback.scores is None:
             raise RuntimeError("TracIn accumulates during fit: add estimator.callback() to the Trainer, run fit, then call scores()")
-        kind = target if isinstance(target, str) else as_target(target).kind
-        if kind != callback.target:
-            raise ValueError(
-                f"TracIn accumulated scores for target={callback.target!r} but {kind!r} was asked for: choose the target "
-                "when building the estimator (build('tracin', target=...))"
-            )
+        check_recorded_target("TracIn", callback, target)
         return callback.scores
 
 
