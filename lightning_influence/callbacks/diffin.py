@@ -716,7 +716,9 @@ class DiffIn(Callback):
             raise ValueError(
                 f"parameter {self._space.names[missing[0]]!r} received no gradient at optimizer step {trainer.global_step}: "
                 f"{type(model.optimizer).__name__} then skips it (no momentum, no decay), which DiffIn does not model. "
-                "Freeze it (requires_grad_(False)) or leave it out of the optimizer"
+                "Freeze it (requires_grad_(False)) or leave it out of the optimizer; a parameter that only some steps use "
+                "(conditional computation) can instead get a zero gradient at every step (e.g. add 0 * param.sum() to "
+                "the loss), which the optimizer then applies like any other"
             )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         finite = all_finite(grads + context_grads)
