@@ -29,6 +29,8 @@ __all__ = [
     "RECIPE_SCHEMAS",
     "register_configs",
     "recipe_params",
+    "estimator_params",
+    "check_estimator_target",
 ]
 
 
@@ -60,6 +62,13 @@ def _check_fraction(name: str, value: float, *, allow_one: bool = False) -> None
     if not (0.0 < value and upper_ok):
         bound = "(0, 1]" if allow_one else "(0, 1)"
         raise ValueError(f"{name} must be in {bound}, got {value}")
+
+
+def _check_distinct(name: str, values: list[Any], what: str) -> None:
+    plain = [v.value if isinstance(v, Enum) else v for v in values]
+    repeated = sorted({str(v) for v in plain if plain.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{name} has repeated {what} {', '.join(repeated)} in {plain}: each must differ (a repeat only repeats rows)")
 
 
 def _check_seeds(name: str, seeds: list[int]) -> None:
@@ -106,6 +115,7 @@ class CleaningConfig:
     def __post_init__(self) -> None:
         for f in self.top_fractions:
             _check_fraction("recipe.top_fractions entries", f, allow_one=True)
+        _check_distinct("recipe.top_fractions", list(self.top_fractions), "fractions")
         _check_fraction("recipe.remove_fraction", self.remove_fraction)
         if self.remove_count is not None and self.remove_count < 1:
             raise ValueError(f"recipe.remove_count must be >= 1 or null (then remove_fraction is used), got {self.remove_count}")
@@ -136,8 +146,10 @@ class DeletionConfig:
     def __post_init__(self) -> None:
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"recipe.sizes must be a non-empty list of positive set sizes, got {list(self.sizes)}")
+        _check_distinct("recipe.sizes", list(self.sizes), "sizes")
         if not self.kinds:
             raise ValueError("recipe.kinds must name at least one of harmful, helpful, random")
+        _check_distinct("recipe.kinds", list(self.kinds), "kinds")
         if self.lds_subsets != 0 and self.lds_subsets < 3:
             raise ValueError(f"recipe.lds_subsets must be 0 (off) or >= 3, got {self.lds_subsets}")
         _check_fraction("recipe.lds_keep_fraction", self.lds_keep_fraction)
@@ -157,7 +169,8 @@ class CoresetConfig:
     fraction: float = 0.5
     class_balanced: bool = False
     # "epochs": retrain for the trainer's max_epochs (fewer optimizer steps on a smaller coreset);
-    # "steps": scale max_epochs by 1 / fraction (rounded up) to keep the number of steps.
+    # "steps": retrain for as many optimizer steps as the scoring fit (max_epochs x its steps per
+    # epoch), in epochs of ceil(kept / batch size) steps over the coreset (rounded up).
     budget: str = "epochs"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     metric: str = "test_acc"
@@ -203,3 +216,26 @@ def estimator_params(node: DictConfig) -> EstimatorConfig:
     if not isinstance(options, dict):
         raise TypeError(f"estimator.options must be a mapping of constructor arguments, got {type(options).__name__}")
     return EstimatorConfig(name=str(node.name), options=dict(options))
+
+
+def check_estimator_target(estimator: EstimatorConfig, target: TargetKind | str, target_samples: int | None = None) -> None:
+    """Refuse, before any training, estimator options that contradict the recipe: a recording
+    estimator's ``target`` (what it records for during fit) other than ``recipe.target`` (what the
+    recipe scores and measures), or its ``target_samples`` other than a ``recipe.target_samples``
+    the recipe sets. The shipped estimator configs default both to the recipe's values."""
+    wanted = target.value if isinstance(target, Enum) else str(target)
+    options = estimator.options
+    if "target" in options and options["target"] is not None and str(options["target"]) != wanted:
+        raise ValueError(
+            f"estimator.options.target={options['target']} contradicts recipe.target={wanted}: the {estimator.name} estimator would "
+            f"record its scores for the {options['target']} target while the recipe asks for (and measures) the {wanted} target. "
+            f"Set recipe.target={options['target']} to score that target, or drop the estimator.options.target override "
+            "(its config follows recipe.target)"
+        )
+    count = options.get("target_samples")
+    if target_samples is not None and count is not None and int(count) != int(target_samples):
+        raise ValueError(
+            f"estimator.options.target_samples={count} contradicts recipe.target_samples={target_samples}: the estimator would "
+            "score against another subset of the target than the recipe asks for. Set recipe.target_samples only "
+            "(the estimator's config follows it)"
+        )

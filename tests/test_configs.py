@@ -110,6 +110,9 @@ def test_schema_refuses_misconfiguration_at_composition(override: str) -> None:
         (["recipe=coreset", "recipe.fraction=0"], "fraction"),
         (["recipe=deletion", "recipe.lds_subsets=2"], "lds_subsets"),
         (["recipe=deletion", "recipe.sizes=[0]"], "sizes"),
+        (["recipe=deletion", "recipe.sizes=[5,10,5]"], r"recipe.sizes has repeated sizes 5 in \[5, 10, 5\]"),
+        (["recipe=deletion", "recipe.kinds=[harmful,random,harmful]"], r"recipe.kinds has repeated kinds harmful"),
+        (["recipe.top_fractions=[0.1,0.1]"], r"recipe.top_fractions has repeated"),
     ],
 )
 def test_schema_refuses_bad_values_before_training(overrides: list[str], message: str) -> None:

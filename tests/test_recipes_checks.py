@@ -23,7 +23,15 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from lightning_influence.app import run
 from lightning_influence.data import DigitsDataModule
 from lightning_influence.recipes import aggregate, cleaning, coreset, deletion
-from lightning_influence.recipes.common import distributed_train_loader, harmonise_precision, subset_datamodule, target_subset
+from lightning_influence.recipes.common import (
+    check_training_steps,
+    distributed_train_loader,
+    harmonise_precision,
+    predicts_removal,
+    removal_effect_estimators,
+    subset_datamodule,
+    target_subset,
+)
 from lightning_influence.targets import TargetGradient
 
 CONF = "lightning_influence.conf"
@@ -163,6 +171,10 @@ def test_target_subset_is_the_estimators_draw() -> None:
         (cleaning, ["recipe.target_samples=301"], r"target_samples=301 exceeds the 300 samples of the val target"),
         (cleaning, ["trainer.max_epochs=0"], r"trainer.max_epochs=0 runs no training step"),
         (coreset, ["recipe=coreset", "+trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0 runs no training step"),
+        (cleaning, ["trainer.max_epochs=-1"], r"trainer.max_epochs=-1 trains without end.*trainer.max_steps is not set"),
+        (coreset, ["recipe=coreset", "estimator=forgetting"], r"forgetting events.*runs 1 full epoch.*trainer.max_epochs to at least 2"),
+        (coreset, ["recipe=coreset", "estimator=forgetting", "trainer.max_epochs=3", "+trainer.max_steps=40"],
+         r"runs 1 full epoch.*trainer.max_steps to at least 76 \(two epochs of 38 steps\)"),
     ],
 )
 def test_values_that_fail_after_training_are_refused_before(recipe, overrides: list[str], message: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -173,6 +185,59 @@ def test_values_that_fail_after_training_are_refused_before(recipe, overrides: l
     cfg = compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}")
     with pytest.raises(ValueError, match=message):
         run(cfg)
+
+
+def test_an_epoch_limit_of_minus_one_needs_another_bound() -> None:
+    check_training_steps(compose_cfg("trainer.max_epochs=-1", "+trainer.max_steps=20"))
+    check_training_steps(compose_cfg("trainer.max_epochs=-1", "+trainer.max_time=00:00:01:00"))
+    with pytest.raises(ValueError, match=r"max_epochs=-1 trains without end .*: trainer.max_steps=-1 \(no limit\) and neither is trainer.max_time"):
+        check_training_steps(compose_cfg("trainer.max_epochs=-1", "+trainer.max_steps=-1"))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        (cleaning, ["estimator.options.window=abc"], r"estimator=diffin: estimator.options refused: window must be a positive int, got 'abc'"),
+        (coreset, ["recipe=coreset", "estimator.options.window=0"], r"estimator.options refused: window must be a positive int, got 0"),
+        (deletion, ["recipe=deletion", "estimator.options.mode=foo"], r"estimator.options refused: mode must be 'replay' or 'online'"),
+        (cleaning, ["estimator=tracin", "estimator.options.target_every=0"], r"estimator=tracin: estimator.options refused: target_every"),
+        (coreset, ["recipe=coreset", "+estimator.options.windw=3"], r"estimator.options refused: .*unexpected keyword argument 'windw'"),
+        (cleaning, ["estimator.options.target=train"], r"estimator.options.target=train contradicts recipe.target=val.*Set recipe.target=train"),
+        (coreset, ["recipe=coreset", "estimator=tracin", "estimator.options.target=val"], r"estimator.options.target=val contradicts recipe.target=train"),
+        (deletion, ["recipe=deletion", "recipe.target_samples=5", "estimator.options.target_samples=7"],
+         r"estimator.options.target_samples=7 contradicts recipe.target_samples=5"),
+        *[
+            (deletion, ["recipe=deletion", f"estimator={name}"],
+             rf"estimator '{name}' ranks samples in its own units: its scores are not predicted changes of the target loss.*"
+             r"Use an estimator that predicts removal effects: datainf, diffin, diffin_checkpoints, forward_inf, influence_function, tracin, tracin_checkpoints")
+            for name in ("loss", "random", "outlier_gradient")
+        ],
+    ],
+)
+def test_estimator_configs_are_refused_before_data_setup(recipe, overrides: list[str], message: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Estimator options and their agreement with the recipe are checked by constructing the
+    estimator and its callback, before the data are set up (no trial fit, no training)."""
+
+    def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the data were set up")
+
+    monkeypatch.setattr(recipe, "preflight", no_data)
+    with pytest.raises((ValueError, TypeError), match=message):
+        run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
+
+
+def test_only_removal_effects_are_predicted_and_calibration_follows_the_metadata(tmp_path: Path) -> None:
+    """The deletion recipe sums scores into predicted target-loss changes: the registry's rankings
+    are not removal effects; Forward-INF's default scores are per unit of summed learning rate, so
+    the report says they are not calibrated (with a warning)."""
+    assert removal_effect_estimators() == ["datainf", "diffin", "diffin_checkpoints", "forward_inf", "influence_function", "tracin", "tracin_checkpoints"]
+    assert not any(predicts_removal(n) for n in ("loss", "random", "outlier_gradient", "el2n", "grand", "forgetting"))
+    assert deletion.in_target_loss_units({"target": "val"}) and deletion.in_target_loss_units({"calibrated": True})
+    assert not deletion.in_target_loss_units({"calibrated": False, "units": "target-loss change"})
+    cfg = compose_cfg("recipe=deletion", "estimator=forward_inf", "model=logreg", "recipe.sizes=[5]", *QUICK, f"output_dir={tmp_path}")
+    with pytest.warns(RuntimeWarning, match=r"forward_inf's scores are not in units of the target-loss change \(score metadata 'calibrated': False; units: .*per unit of summed"):
+        report = run(cfg)
+    assert report["predicted_calibrated"] is False
 
 
 class StopBeforeTraining(L.Callback):
@@ -186,6 +251,73 @@ def test_a_scoring_fit_without_steps_says_so(tmp_path: Path) -> None:
     cfg = compose_cfg("recipe=coreset", *QUICK, f"+callbacks.stop._target_={__name__}.StopBeforeTraining", f"output_dir={tmp_path}")
     with pytest.raises(RuntimeError, match="the scoring fit ran no optimizer step"):
         run(cfg)
+
+
+# ---------------------------------------------------------------------- part of the training set scored
+PARTIAL = ("model=logreg", "data.shuffle=false", *QUICK)
+
+
+def test_cleaning_removes_at_most_the_scored_samples_in_every_condition(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Two batches of 32 scored: remove_count=100 removes the 64 scored samples in every
+    condition (the random one too), says so, and reports the count asked for."""
+    cfg = compose_cfg(*PARTIAL, "+trainer.limit_train_batches=2", "recipe.remove_count=100", f"output_dir={tmp_path}")
+    with pytest.warns(UserWarning, match=r"asked to remove 100 samples \(recipe.remove_count=100\) but the estimator scored only 64 of the 1200.*removes 64"):
+        report = run(cfg)
+    removal = report["removal"]
+    assert (removal["count"], removal["requested_count"], report["num_scored"]) == (64, 100, 64)
+    assert {k: c["removed"] for k, c in removal["conditions"].items()} == {"no_removal": 0, "estimator": 64, "loss": 64, "random": 64}
+    assert "Retrained without 64 samples (100 asked for; only 64 were scored)" in capsys.readouterr().out
+
+
+def test_coreset_of_partly_scored_data_says_what_it_kept(tmp_path: Path) -> None:
+    """A recording estimator scores what the scoring fit saw (10 batches of 32)."""
+    cfg = compose_cfg(*PARTIAL, "recipe=coreset", "+trainer.limit_train_batches=10", f"output_dir={tmp_path}")
+    with pytest.warns(UserWarning, match=r"scored 320 of the 1200 .*keeps 160, fraction 0.5 of the scored samples, which is 0.1333 of the training set; the 880 unscored"):
+        report = run(cfg)
+    assert (report["num_kept"], report["num_unscored"], report["fraction"]) == (160, 880, 0.5)
+    assert report["kept_fraction"] == report["summary"][0]["kept_fraction"] == pytest.approx(160 / 1200)
+
+
+def test_deletion_sets_beyond_the_scored_samples_are_refused() -> None:
+    ids, column = torch.arange(64), torch.linspace(-1, 1, 64)
+    with pytest.raises(ValueError, match=r"100 samples exceeds the 64 samples the estimator scored \(of 1200"):
+        deletion.deletion_sets(ids, column, [5, 100], ["harmful"], seed=0, num_train=1200)
+    assert len(deletion.deletion_sets(ids, column, [64], ["random"], seed=0, num_train=1200)[0]["ids"]) == 64
+
+
+def test_step_budget_counts_a_partial_batch_as_a_step(tmp_path: Path) -> None:
+    """budget=steps: a one-sample coreset takes one step per epoch, so it retrains for the scoring
+    fit's 38 steps (38 epochs), not 1200 epochs."""
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=4)
+    trainer = compose_cfg().trainer
+    assert coreset.steps_per_epoch(1200, loader, trainer) == 300 and coreset.steps_per_epoch(1, loader, trainer) == 1
+    assert coreset.steps_per_epoch(10, DataLoader(TensorDataset(torch.arange(10)), batch_size=4, drop_last=True), trainer) == 2
+    limited = compose_cfg("+trainer.limit_train_batches=5", "trainer.accumulate_grad_batches=2").trainer
+    assert coreset.steps_per_epoch(1200, loader, limited) == 3 and coreset.steps_per_epoch(1200, loader, trainer, world_size=2) == 150
+    report = run(compose_cfg("recipe=coreset", "estimator=random", "model=logreg", "recipe.fraction=0.001", "recipe.budget=steps", *QUICK, f"output_dir={tmp_path}"))
+    assert (report["num_kept"], report["budget_steps"], report["retrain_steps_per_epoch"], report["retrain_max_epochs"]) == (1, 38, 1, 38)
+
+
+# ---------------------------------------------------------------------- aggregation of failed jobs and other recipes
+def test_aggregation_names_jobs_without_a_report_and_reports_it_cannot_table(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    rows = [{"recipe": "coreset", "method": "random", "fraction": 0.5, "seed": 0, "metric": "test_acc", "accuracy": 0.8}]
+    _job(tmp_path, "0", ["seed=0"], rows, "random")
+    for failed in ("1", "10"):
+        (tmp_path / failed / ".hydra").mkdir(parents=True)
+    deletion_rows = [{"recipe": "deletion", "method": "diffin", "kind": "harmful", "fraction": 0.01, "seed": 0, "predicted": -0.1, "actual": -0.1}]
+    _job(tmp_path, "2", ["seed=2"], deletion_rows, "diffin")
+    (tmp_path / "2" / "report.json").write_text(json.dumps({"recipe": "deletion", "summary": deletion_rows}))
+    with pytest.warns(UserWarning, match=r"skipped 2 job folder\(s\) without report.json \(failed, killed or unfinished jobs\): 1, 10"):
+        assert len(aggregate.collect(tmp_path)) == 1
+    assert aggregate.main([str(tmp_path), "--no-plot"]) == 0
+    out, err = capsys.readouterr()
+    assert "Note: Skipped 2 job folder(s) without report.json" in out and "1, 10" in (tmp_path / "aggregate.md").read_text()
+    assert "Skipped 1 report(s) without accuracy rows: 2 (deletion); aggregate tabulates the cleaning and coreset recipes" in out
+    assert err.count("warning: ") == 2
+    # a deletion sweep alone: the error says what aggregate tables
+    _job(tmp_path / "deletion_sweep", "0", ["seed=0"], deletion_rows, "diffin")
+    assert aggregate.main([str(tmp_path / "deletion_sweep")]) == 2
+    assert "aggregate tabulates the accuracy rows of the cleaning and coreset recipes" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- precision and data dtype

@@ -149,6 +149,10 @@ class Estimator(ABC):
     #: Do its scores rank samples for a coreset (higher = more worth keeping, in its own units)
     #: rather than by the effect of their removal (the library's sign convention)?
     ranks_for_keeping: ClassVar[bool] = False
+    #: Are its scores predicted removal effects (the library's sign, in target-loss units, so that a
+    #: set's sum predicts the set's removal), rather than a ranking by some other measure? (A
+    #: ranking's metadata says ``calibrated: False`` and what a high value means.)
+    predicts_removal: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

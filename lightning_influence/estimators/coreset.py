@@ -114,6 +114,7 @@ class EL2N(Estimator):
     """
 
     ranks_for_keeping = True
+    predicts_removal = False
 
     name: ClassVar[str] = "el2n"
 
@@ -146,6 +147,7 @@ class GraNd(Estimator):
     """
 
     ranks_for_keeping = True
+    predicts_removal = False
 
     name: ClassVar[str] = "grand"
 
@@ -182,6 +184,7 @@ class Forgetting(Estimator):
     """
 
     ranks_for_keeping = True
+    predicts_removal = False
 
     name: ClassVar[str] = "forgetting"
     records_training: ClassVar[bool] = True
@@ -223,6 +226,7 @@ class RandomScores(Estimator):
     Dimensionless; higher means nothing. ``target`` is ignored."""
 
     name: ClassVar[str] = "random"
+    predicts_removal: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
         if not isinstance(seed, int):
@@ -242,6 +246,7 @@ class FinalLoss(Estimator):
     baseline a cleaning method must beat. ``target`` is ignored."""
 
     name: ClassVar[str] = "loss"
+    predicts_removal: ClassVar[bool] = False
 
     def __init__(self, progress: bool = True) -> None:
         self.progress = progress

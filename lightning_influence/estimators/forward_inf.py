@@ -245,6 +245,8 @@ class ForwardInf(Estimator):
             "scale": scale,
             "units": units,
             "higher_means": higher,
+            # target-loss units only for signed plain-SGD scores scaled by the training run's learning rates
+            "calibrated": self.signed and self.optimizer == "sgd" and not self.optimizer_options and self.learning_rate_sum is not None,
             "parameters": space.size,
         }
         return InfluenceScores(ids, values, metadata)

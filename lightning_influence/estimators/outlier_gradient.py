@@ -69,6 +69,7 @@ class OutlierGradient(Estimator):
     """
 
     name: ClassVar[str] = "outlier_gradient"
+    predicts_removal: ClassVar[bool] = False
 
     def __init__(
         self,

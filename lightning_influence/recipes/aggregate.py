@@ -17,6 +17,11 @@ its own table. Writes, into ``--out`` (default: the directory):
 - ``aggregate.csv``: ``recipe, metric, method, fraction, mean, std, n, config``.
 - ``accuracy_vs_fraction.png`` (matplotlib; skipped with ``--no-plot``).
 
+Job folders (those holding ``.hydra/``) without a ``report.json`` -- failed, killed or unfinished
+jobs -- and reports without accuracy rows (the deletion recipe's: its predicted vs actual
+changes stay in each report.json) are skipped with a warning that names them; ``aggregate.md``
+ends with a note that counts them.
+
 A baseline that several jobs report for the same run (the cleaning recipe's no removal, final
 loss and random removal, repeated by every job of a sweep over estimators) counts once: two
 rows are the same run when their recipe, metric, method, fraction and seed agree and so do the
@@ -33,15 +38,17 @@ import io
 import json
 import re
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning_influence.recipes.common import summary
 from lightning_influence.scores import atomic_write_bytes
 
-__all__ = ["collect", "aggregate", "configurations", "markdown_table", "main"]
+__all__ = ["collect", "scan", "Scan", "aggregate", "configurations", "markdown_table", "main"]
 
 Key = tuple[str, str, str, str, float]  # recipe, metric, configuration, method, fraction
 
@@ -80,15 +87,50 @@ def read_overrides(job: Path) -> dict[str, str] | None:
     return result
 
 
-def collect(directory: str | Path) -> list[dict[str, Any]]:
-    """The ``summary`` rows of every ``report.json`` below ``directory``, each with ``"job"`` (its
-    folder), ``"overrides"`` (its Hydra overrides, ``None`` without ``.hydra/overrides.yaml``) and
-    ``"baseline"`` (a row of another method than the job's estimator)."""
+#: The recipes whose reports carry the accuracy rows this module tabulates.
+SUPPORTED_RECIPES = ("cleaning", "coreset")
+
+
+def _natural(path: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+@dataclass
+class Scan:
+    """What :func:`scan` found below a directory: the summary ``rows``; the Hydra job folders
+    (holding ``.hydra/``) without a ``report.json`` (failed, killed or unfinished jobs); and the
+    reports without accuracy rows (``(job, recipe)``: a deletion sweep, ...)."""
+
+    rows: list[dict[str, Any]]
+    without_report: list[str]
+    unsupported: list[tuple[str, str]]
+
+    def notes(self) -> list[str]:
+        """One line per kind of skipped folder, naming them."""
+        lines = []
+        if self.without_report:
+            lines.append(
+                f"skipped {len(self.without_report)} job folder(s) without report.json (failed, killed or unfinished jobs): "
+                + ", ".join(self.without_report)
+            )
+        if self.unsupported:
+            lines.append(
+                f"skipped {len(self.unsupported)} report(s) without accuracy rows: " + ", ".join(f"{job} ({recipe})" for job, recipe in self.unsupported)
+                + f"; aggregate tabulates the {' and '.join(SUPPORTED_RECIPES)} recipes (a deletion report holds its "
+                "predicted vs actual changes and their correlations in its report.json: 'sets', 'correlation')"
+            )
+        return lines
+
+
+def scan(directory: str | Path) -> Scan:
+    """The summary rows of every ``report.json`` below ``directory`` (see :func:`collect`) and what
+    was skipped: job folders without a report, reports of recipes without accuracy rows."""
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"no multirun directory at {root}")
-    rows = []
-    for path in sorted(root.rglob("report.json")):
+    rows: list[dict[str, Any]] = []
+    unsupported: list[tuple[str, str]] = []
+    for path in sorted(root.rglob("report.json"), key=lambda p: _natural(str(p.relative_to(root)))):
         try:
             report = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -96,16 +138,49 @@ def collect(directory: str | Path) -> list[dict[str, Any]]:
         overrides = read_overrides(path.parent)
         node = report.get("estimator")
         estimator = node.get("name") if isinstance(node, dict) else None
+        job = str(path.parent.relative_to(root))
+        found = 0
         for row in report.get("summary") or []:
             if row.get("accuracy") is None or row.get("fraction") is None:
                 continue
             baseline = row.get("baseline")
             if baseline is None:  # reports without the field: any row of another method (or of an unknown estimator)
                 baseline = estimator is None or str(row["method"]) != str(estimator)
-            rows.append({**row, "job": str(path.parent.relative_to(root)), "overrides": overrides, "baseline": bool(baseline)})
-    if not rows:
-        raise ValueError(f"no report.json with summary rows below {root}: did the runs finish (python -m lightning_influence -m ...)?")
-    return rows
+            rows.append({**row, "job": job, "overrides": overrides, "baseline": bool(baseline)})
+            found += 1
+        if not found:
+            unsupported.append((job, str(report.get("recipe", "unknown"))))
+    jobs = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    missing = sorted((str(j.relative_to(root)) for j in jobs if not (j / "report.json").is_file()), key=_natural)
+    return Scan(rows, missing, unsupported)
+
+
+def collect(directory: str | Path) -> list[dict[str, Any]]:
+    """The ``summary`` rows of every ``report.json`` below ``directory``, each with ``"job"`` (its
+    folder), ``"overrides"`` (its Hydra overrides, ``None`` without ``.hydra/overrides.yaml``) and
+    ``"baseline"`` (a row of another method than the job's estimator). Job folders without a
+    report (failed or killed jobs) and reports without accuracy rows (the deletion recipe's) are
+    named in a warning; without any row, an error says why."""
+    return _checked_rows(scan(directory), directory)
+
+
+def _checked_rows(found: Scan, directory: str | Path) -> list[dict[str, Any]]:
+    if not found.rows:
+        root = Path(directory)
+        recipes = sorted({recipe for _, recipe in found.unsupported})
+        if found.unsupported:
+            reason = (
+                f"the {len(found.unsupported)} report(s) there are of the {', '.join(recipes)} recipe: aggregate tabulates the "
+                f"accuracy rows of the {' and '.join(SUPPORTED_RECIPES)} recipes (accuracy vs fraction); a deletion report "
+                "holds its predicted vs actual changes and their correlations in its report.json ('sets', 'correlation')"
+            )
+        else:
+            reason = "did the runs finish (python -m lightning_influence -m ...)?"
+        missing = f" ({found.notes()[0]})" if found.without_report else ""
+        raise ValueError(f"no report.json with accuracy rows below {root}: {reason}{missing}")
+    for note in found.notes():
+        warnings.warn(f"{Path(directory)}: {note}", UserWarning, stacklevel=2)
+    return found.rows
 
 
 def configurations(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -158,9 +233,10 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
     return {k: summary(v) for k, v in sorted(groups.items())}
 
 
-def markdown_table(cells: dict[Key, dict[str, Any]], pooled: Sequence[str] = ()) -> str:
+def markdown_table(cells: dict[Key, dict[str, Any]], pooled: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
     """One Markdown table per recipe, metric and configuration: rows = methods, columns =
-    fractions, ``mean +- std (n)``; ``pooled``: the overrides the jobs of a cell differ in."""
+    fractions, ``mean +- std (n)``; ``pooled``: the overrides the jobs of a cell differ in;
+    ``notes``: lines added below the tables (what was skipped, :meth:`Scan.notes`)."""
     parts = []
     over = f"over jobs differing in {', '.join(pooled)}" if pooled else "over jobs"
     for recipe, metric, config in dict.fromkeys(k[:3] for k in cells):
@@ -178,6 +254,8 @@ def markdown_table(cells: dict[Key, dict[str, Any]], pooled: Sequence[str] = ())
                 row.append("" if s is None else f"{s['mean']:.4f} +- {s['std']:.4f} ({s['n']})")
             lines.append(f"| {m} | " + " | ".join(row) + " |")
         parts.append("\n".join(lines))
+    if notes:
+        parts.append("\n".join(f"Note: {n[0].upper()}{n[1:]}." for n in notes))
     return "\n\n".join(parts) + "\n"
 
 
@@ -192,13 +270,14 @@ def _csv(cells: dict[Key, dict[str, Any]]) -> str:
 
 def write(directory: str | Path, out: str | Path | None = None, plot: bool = True) -> dict[str, Path]:
     """Aggregate ``directory`` and write the table, CSV and (``plot``) the figure into ``out``."""
-    rows = collect(directory)
+    found = scan(directory)
+    rows = _checked_rows(found, directory)  # refuses a directory without rows, warns about what was skipped
     cells = aggregate(rows)
     _, pooled = configurations(rows)
     target = Path(out) if out is not None else Path(directory)
     target.mkdir(parents=True, exist_ok=True)
     files = {
-        "markdown": atomic_write_bytes(target / "aggregate.md", markdown_table(cells, pooled).encode()),
+        "markdown": atomic_write_bytes(target / "aggregate.md", markdown_table(cells, pooled, found.notes()).encode()),
         "csv": atomic_write_bytes(target / "aggregate.csv", _csv(cells).encode()),
     }
     if plot:
@@ -222,10 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-plot", action="store_true", help="skip accuracy_vs_fraction.png (no matplotlib needed)")
     args = parser.parse_args(argv)
     try:
-        files = write(args.directory, args.out, plot=not args.no_plot)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            files = write(args.directory, args.out, plot=not args.no_plot)
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     print(files["markdown"].read_text(), end="")
     print("Wrote " + ", ".join(str(p) for p in files.values()))
     return 0

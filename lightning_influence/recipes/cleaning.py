@@ -19,6 +19,7 @@ into the run directory (global rank zero only).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from lightning_influence.config import CleaningConfig, estimator_params, recipe_
 from lightning_influence.evaluation.metrics import detection_auroc, fraction_found
 from lightning_influence.recipes.common import (
     ScoredRun,
+    check_estimator,
     final_loss_scores,
     fit_and_score,
     harmonise_precision,
@@ -57,6 +59,12 @@ def detection_metrics(values: torch.Tensor, flipped: torch.Tensor, fractions: li
     return result
 
 
+def _asked(params: CleaningConfig) -> str:
+    if params.remove_count is not None:
+        return f"recipe.remove_count={params.remove_count}"
+    return f"recipe.remove_fraction={params.remove_fraction:g} of the training set"
+
+
 def _pct(fraction: float) -> str:
     return f"{100 * fraction:g}pct"
 
@@ -66,6 +74,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: CleaningConfig = recipe_params(cfg.recipe, CleaningConfig)
     est = estimator_params(cfg.estimator)
+    check_estimator(est, params.target, params.target_samples)
     require_removal_scores(est.name, est.options, "cleaning")
     out = prepare(cfg, params.plots)
     target = params.target.value
@@ -80,6 +89,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dm, ids, column = scored.datamodule, scored.ids, scored.column
     dataset = train_dataset(dm)
     n_train = len(dataset)
+    requested = count
+    if count > len(ids):
+        # The rankings can only remove scored samples: every condition removes as many.
+        count = len(ids)
+        warnings.warn(
+            f"the cleaning recipe was asked to remove {requested} samples ({_asked(params)}) but the estimator scored only "
+            f"{len(ids)} of the {n_train} training samples (the scoring fit saw only those: trainer.limit_train_batches, "
+            f"max_steps, ...): every condition (estimator, loss, random) removes {count} samples instead. Lower "
+            "recipe.remove_count, or let the scoring fit see the whole training set",
+            UserWarning,
+            stacklevel=2,
+        )
 
     # ------------------------------------------------------------ detection
     flipped_ids = getattr(dm, "flipped_ids", None)
@@ -151,7 +172,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "fit_seconds": round(scored.fit_seconds, 3),
         "score_seconds": round(scored.score_seconds, 3),
         "detection": detection,
-        "removal": {"count": count, "fraction": count / n_train, "seeds": list(params.seeds), "metric": params.metric, "conditions": conditions},
+        "removal": {"count": count, "requested_count": requested, "fraction": count / n_train, "seeds": list(params.seeds), "metric": params.metric, "conditions": conditions},
         "most_harmful": sample_rows(dataset, ids[harmful], column[harmful], flipped_set),
         "most_helpful": sample_rows(dataset, ids[helpful], column[helpful], flipped_set),
         "summary": [
@@ -227,11 +248,14 @@ def _print(report: dict[str, Any], name: str, metric: str) -> None:
             lines.append(f"{title:<12} {row['auroc']:>8.3f}  " + "  ".join(f"{row[k]:>12.1%}" for k in keys))
         lines.append(f"{'chance':<12} {0.5:>8.3f}  " + "  ".join(f"{det['chance'][k]:>12.1%}" for k in keys))
     rem = report["removal"]
-    lines += ["", f"Retrained without {rem['count']} samples, {len(rem['seeds'])} seed(s); {metric} mean +- std (paired change vs no removal):"]
+    asked = f" ({rem['requested_count']} asked for; only {report['num_scored']} were scored)" if rem["requested_count"] != rem["count"] else ""
+    lines += ["", f"Retrained without {rem['count']} samples{asked}, {len(rem['seeds'])} seed(s); {metric} mean +- std (paired change vs no removal):"]
     for cond, row in rem["conditions"].items():
         s = row[metric]
         delta = row.get(f"{metric}_minus_no_removal")
         change = f"  ({delta['mean']:+.4f} +- {delta['std']:.4f})" if delta else ""
-        lines.append(f"  {cond:<11} {s['mean']:.4f} +- {s['std']:.4f}{change}   flipped removed: {row['flipped_removed']['mean']:.1f}")
+        lines.append(
+            f"  {cond:<11} {s['mean']:.4f} +- {s['std']:.4f}{change}   removed: {row['removed']}, flipped removed: {row['flipped_removed']['mean']:.1f}"
+        )
     lines.append("Wrote " + ", ".join(report["files"].values()))
     print("\n".join(lines), flush=True)

@@ -41,8 +41,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler, Subset
 
-from lightning_influence.config import estimator_params
-from lightning_influence.estimators.base import Estimator, Target, build
+from lightning_influence.config import EstimatorConfig, check_estimator_target, estimator_params
+from lightning_influence.estimators.base import REGISTRY, Estimator, Target, build, estimator_class
 from lightning_influence.scores import InfluenceScores, atomic_write_bytes
 
 __all__ = [
@@ -53,12 +53,17 @@ __all__ = [
     "prepare",
     "harmonise_precision",
     "check_training_steps",
+    "check_estimator",
+    "predicts_removal",
+    "removal_effect_estimators",
+    "require_removal_scores",
     "preflight",
     "target_subset",
     "distributed_train_loader",
     "user_callbacks",
     "make_trainer",
     "fit_and_score",
+    "runs_in_this_process",
     "make_target",
     "train_dataset",
     "labels_of",
@@ -161,6 +166,17 @@ def check_training_steps(cfg: DictConfig) -> None:
             raise ValueError(
                 f"trainer.{key}={value} runs no training step: there is no training to score or to retrain. "
                 f"Set trainer.{key} to a positive value{' (or -1: no limit)' if key == 'max_steps' else ''}"
+            )
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and max_epochs < 0:
+        bounded = (isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0) or trainer.get("max_time") is not None
+        if not bounded:
+            steps = "trainer.max_steps is not set" if max_steps is None else f"trainer.max_steps={max_steps} (no limit)"
+            raise ValueError(
+                f"trainer.max_epochs={max_epochs} trains without end (no epoch limit) and nothing else bounds the run: "
+                f"{steps} and neither is trainer.max_time. The scoring fit and every retraining would "
+                "never finish. Set trainer.max_epochs to a positive number of epochs, or bound the run with "
+                "trainer.max_steps=<optimizer steps> (or trainer.max_time)"
             )
 
 
@@ -299,16 +315,62 @@ class ScoredRun:
         return len(train_dataset(self.datamodule))
 
 
-def require_removal_scores(name: str, options: dict[str, Any], recipe: str) -> None:
+def predicts_removal(name: str) -> bool:
+    """Does the estimator registered under ``name`` predict the change of the target loss when a
+    sample is removed (the library's sign and units), rather than rank samples by some other
+    measure (:attr:`~lightning_influence.estimators.Estimator.predicts_removal`)?"""
+    return estimator_class(name).predicts_removal
+
+
+def removal_effect_estimators() -> list[str]:
+    """The registered estimators whose scores are predicted removal effects (:func:`predicts_removal`);
+    one whose module cannot be imported (a missing optional dependency) is left out."""
+    names = []
+    for name in sorted(REGISTRY):
+        with contextlib.suppress(ImportError, AttributeError, TypeError):
+            if predicts_removal(name):
+                names.append(name)
+    return names
+
+
+def require_removal_scores(name: str, options: dict[str, Any], recipe: str, predicted: bool = False) -> None:
     """Cleaning and deletion act on removal effects (lowest = most harmful): refuse, before any
-    training, an estimator whose scores rank samples for a coreset instead."""
-    if build(name, **options).ranks_for_keeping:
+    training, an estimator whose scores rank samples for a coreset instead. With ``predicted``
+    (the deletion recipe, which sums scores into predicted target-loss changes), also refuse
+    every ranking that is not a predicted removal effect (:func:`predicts_removal`: the final
+    loss, outlier gradients, random numbers), naming the estimators that are."""
+    if predicted and not predicts_removal(name):
+        keeping = estimator_class(name).ranks_for_keeping
+        kind = "ranks samples for a coreset (higher = harder, more worth keeping)" if keeping else "ranks samples"
+        where = "recipe=coreset" if keeping else "recipe=cleaning or recipe=coreset, which act on rankings"
+        raise ValueError(
+            f"estimator {name!r} {kind} in its own units: its scores are not predicted changes of the target loss when a "
+            f"sample is removed, so the {recipe} recipe's predicted change of a set (the sum of its scores) and its "
+            f"comparison with the actual change would mean nothing. Use an estimator that predicts removal effects: "
+            f"{', '.join(removal_effect_estimators())}; {name} belongs in {where}"
+        )
+    if estimator_class(name).ranks_for_keeping:
         raise ValueError(
             f"estimator {name!r} ranks samples for a coreset (higher = harder, more worth keeping, in its own units), "
             f"not by the effect of their removal: the {recipe} recipe would take its lowest scores, the easiest samples, "
             "for the most harmful. Use it with recipe=coreset, or here an influence estimator (diffin, tracin, ...), "
             "loss or outlier_gradient"
         )
+
+
+def check_estimator(est: EstimatorConfig, target: Any, target_samples: int | None = None) -> None:
+    """Check the estimator config before the data are set up and anything trains: its options
+    agree with ``recipe.target`` / ``recipe.target_samples``
+    (:func:`~lightning_influence.config.check_estimator_target`), and the estimator and its
+    training callback (for the recording estimators, where most options are checked) construct
+    from them -- cheap, no data, no training. A refused option is named as ``estimator.options``."""
+    check_estimator_target(est, target, target_samples)
+    try:
+        build(est.name, **est.options).callback()
+    except ValueError as err:
+        raise ValueError(f"estimator={est.name}: estimator.options refused: {err}") from err
+    except TypeError as err:
+        raise TypeError(f"estimator={est.name}: estimator.options refused: {err}") from err
 
 
 def fit_and_score(
@@ -335,7 +397,7 @@ def fit_and_score(
     with train_loader_in_order(datamodule):
         trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    if _runs_in_this_process(trainer) and trainer.global_step == 0:
+    if runs_in_this_process(trainer) and trainer.global_step == 0:
         raise RuntimeError(
             "the scoring fit ran no optimizer step (trainer.max_epochs, max_steps, max_time, limit_train_batches or a "
             "callback stopped it before the first step): there is no training to score. Let it train at least one step"
@@ -355,7 +417,7 @@ def fit_and_score(
     return ScoredRun(datamodule, model, trainer, estimator, scores, scores.ids, column, fit_seconds, score_seconds, extra)
 
 
-def _runs_in_this_process(trainer: L.Trainer) -> bool:
+def runs_in_this_process(trainer: L.Trainer) -> bool:
     """Did this process run the fit itself (one device, or DDP re-running the script), so that the
     Trainer's step count is the fit's? Under spawn launchers the workers ran it."""
     launcher = getattr(trainer.strategy, "launcher", None)

@@ -6,9 +6,13 @@
 2. Keep ``round(recipe.fraction * N)`` samples with the **highest** scores: the samples whose
    removal would raise the target loss most (Diff-In), the hardest ones (EL2N, GraNd,
    forgetting), any (random). With ``recipe.class_balanced`` every class keeps the same
-   fraction of its own samples. Ties are broken by sample id.
+   fraction of its own samples. Ties are broken by sample id. Where the scoring fit saw only
+   part of the training set (``trainer.limit_train_batches``), the fraction is of the scored
+   samples, the unscored ones are never kept: a warning and the report (``kept_fraction``, of
+   the whole training set) say so.
 3. Retrain on the coreset with a fresh seeded Trainer per seed of ``recipe.seeds`` and report
-   the test metric (``recipe.metric``) as mean and spread.
+   the test metric (``recipe.metric``) as mean and spread. ``recipe.budget=steps`` retrains for
+   as many optimizer steps as the scoring fit (``forgetting`` needs at least two epochs).
 
 A sweep over fraction x method x seed is ``experiment=coreset_sweep`` (a Hydra multirun);
 :mod:`lightning_influence.recipes.aggregate` turns its directory into the accuracy-vs-fraction
@@ -19,6 +23,7 @@ table and plot. Writes ``scores.pt``, ``scores.csv``, ``report.json``, ``config.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -26,8 +31,12 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from lightning_influence.config import CoresetConfig, estimator_params, recipe_params
+from lightning_influence.estimators.base import estimator_class
+from lightning_influence.estimators.coreset import Forgetting
 from lightning_influence.recipes.common import (
+    check_estimator,
     fit_and_score,
+    runs_in_this_process,
     harmonise_precision,
     is_global_zero,
     labels_of,
@@ -41,7 +50,7 @@ from lightning_influence.recipes.common import (
     write_outputs,
 )
 
-__all__ = ["run", "select_coreset"]
+__all__ = ["run", "select_coreset", "steps_per_epoch", "check_forgetting_epochs"]
 
 
 def select_coreset(ids: torch.Tensor, column: torch.Tensor, fraction: float, labels: list[int | None] | None = None) -> torch.Tensor:
@@ -64,26 +73,124 @@ def select_coreset(ids: torch.Tensor, column: torch.Tensor, fraction: float, lab
     return torch.cat(chosen).sort().values
 
 
+def steps_per_epoch(samples: int, loader: Any, trainer: DictConfig, world_size: int = 1) -> int | None:
+    """Optimizer steps of one training epoch over ``samples`` samples read in batches like
+    ``loader``'s (its ``batch_size`` and ``drop_last``: a partial last batch is a step of its
+    own), split over ``world_size`` processes, under ``trainer``'s ``limit_train_batches`` and
+    ``accumulate_grad_batches``. ``None`` when the loader has no ``batch_size`` (a batch sampler)."""
+    batch = getattr(loader, "batch_size", None)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        return None
+    per_process = math.ceil(samples / max(int(world_size), 1))
+    batches = per_process // batch if getattr(loader, "drop_last", False) else math.ceil(per_process / batch)
+    limit = trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    accumulate = trainer.get("accumulate_grad_batches")
+    accumulate = int(accumulate) if isinstance(accumulate, int) and not isinstance(accumulate, bool) and accumulate > 0 else 1
+    return math.ceil(batches / accumulate)
+
+
+def _configured_world_size(trainer: DictConfig) -> int | None:
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0 and isinstance(nodes, int) and nodes > 0:
+        return devices * nodes
+    return None
+
+
+def _scoring_epochs(trainer: DictConfig, epoch_steps: int | None) -> int | None:
+    """How many full epochs the scoring fit runs at most (``trainer.max_epochs``, or fewer where
+    ``trainer.max_steps`` stops it earlier); ``None`` when that is not known before training."""
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    epochs = max_epochs if isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and max_epochs > 0 else None
+    if isinstance(max_steps, int) and not isinstance(max_steps, bool) and max_steps > 0 and epoch_steps:
+        by_steps = max_steps // epoch_steps
+        epochs = by_steps if epochs is None else min(epochs, by_steps)
+    return epochs
+
+
+def check_forgetting_epochs(est_name: str, cfg: DictConfig, datamodule: Any, num_train: int) -> None:
+    """Forgetting events need a sample presented at least twice: refuse, before the scoring fit, a
+    Trainer config that runs fewer than two full epochs (``trainer.max_epochs``, or
+    ``trainer.max_steps`` over the steps of an epoch): most scores would be 0, learned at the one
+    presentation, or the never-learned value."""
+    if not issubclass(estimator_class(est_name), Forgetting):
+        return
+    world = _configured_world_size(cfg.trainer)
+    epoch_steps = steps_per_epoch(num_train, datamodule.train_dataloader(), cfg.trainer, world) if world is not None else None
+    epochs = _scoring_epochs(cfg.trainer, epoch_steps)
+    if epochs is not None and epochs < 2:
+        setting = f"trainer.max_epochs={cfg.trainer.get('max_epochs')}, trainer.max_steps={cfg.trainer.get('max_steps')}"
+        max_steps = cfg.trainer.get("max_steps")
+        binding = isinstance(max_steps, int) and max_steps > 0 and epoch_steps and max_steps < 2 * epoch_steps
+        steps = f" and trainer.max_steps to at least {2 * epoch_steps} (two epochs of {epoch_steps} steps)" if binding else ""
+        raise ValueError(
+            f"estimator {est_name!r} counts forgetting events (a sample classified correctly at one presentation and wrongly "
+            f"at a later one), but the scoring fit runs {epochs} full epoch(s) ({setting}): most samples are presented once, so "
+            "their score is 0 (learned) or the never-learned value, a ranking by one pass's correctness. Set trainer.max_epochs "
+            f"to at least 2{steps} (the paper counts over the whole training run), or use el2n or grand for a short run"
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the coreset recipe on the composed config; returns the report (also in ``report.json``)."""
     cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: CoresetConfig = recipe_params(cfg.recipe, CoresetConfig)
     est = estimator_params(cfg.estimator)
+    check_estimator(est, params.target, params.target_samples)
     out = prepare(cfg, params.plots)
     target = params.target.value
     checked = preflight(cfg, out, params.metric, target, params.target_samples)
+    check_forgetting_epochs(est.name, cfg, checked.datamodule, checked.num_train)
     scored = fit_and_score(cfg, out, target, params.target_samples, datamodule=checked.datamodule)
     dm, ids, column = scored.datamodule, scored.ids, scored.column
     dataset = train_dataset(dm)
     n_train = len(dataset)
+    if issubclass(estimator_class(est.name), Forgetting) and runs_in_this_process(scored.trainer) and scored.trainer.current_epoch < 2:
+        warnings.warn(
+            f"the scoring fit stopped after {scored.trainer.current_epoch} epoch(s) (a callback or max_time): the forgetting "
+            "scores count events over fewer than two presentations per sample and say little",
+            UserWarning,
+            stacklevel=2,
+        )
     labels = labels_of(dataset, ids.tolist()) if params.class_balanced else None
     kept = select_coreset(ids, column, params.fraction, labels)
+    num_kept = int(kept.numel())
+    if len(ids) < n_train:
+        warnings.warn(
+            f"the estimator scored {len(ids)} of the {n_train} training samples (the scoring fit saw only those: "
+            f"trainer.limit_train_batches, max_steps, ...): the coreset keeps {num_kept}, fraction {params.fraction:g} of the "
+            f"scored samples, which is {num_kept / n_train:.4g} of the training set; the {n_train - len(ids)} unscored samples "
+            "are never kept. Let the scoring fit see the whole training set for a fraction of all of it",
+            UserWarning,
+            stacklevel=2,
+        )
 
+    loader = dm.train_dataloader()
+    world = max(int(getattr(scored.trainer, "world_size", 1) or 1), 1)
+    full_steps = steps_per_epoch(n_train, loader, cfg.trainer, world)
+    kept_steps = steps_per_epoch(num_kept, loader, cfg.trainer, world)
+    if kept_steps == 0:
+        raise ValueError(
+            f"a coreset of {num_kept} samples makes no training step per epoch (batch size {loader.batch_size}, drop_last="
+            f"{loader.drop_last}, trainer.limit_train_batches={cfg.trainer.get('limit_train_batches')}): the retrained "
+            "models would be untrained. Raise recipe.fraction, or lower the batch size (or let the last partial batch train)"
+        )
     retrain_cfg = cfg
-    if params.budget == "steps" and cfg.trainer.get("max_epochs") is not None:
+    budget_steps = None
+    max_epochs = cfg.trainer.get("max_epochs")
+    if params.budget == "steps" and isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and max_epochs > 0:
+        # As many optimizer steps as the scoring fit: epochs over the coreset, each ceil(kept / batch) steps.
+        if full_steps is not None and kept_steps is not None:
+            budget_steps = max_epochs * full_steps
+            epochs = math.ceil(budget_steps / kept_steps)
+        else:  # no batch size to count steps with: scale by the number of samples
+            epochs = math.ceil(max_epochs * n_train / max(num_kept, 1))
         retrain_cfg = cfg.copy()
         with open_dict(retrain_cfg):
-            retrain_cfg.trainer.max_epochs = math.ceil(int(cfg.trainer.max_epochs) * n_train / max(int(kept.numel()), 1))
+            retrain_cfg.trainer.max_epochs = epochs
     accuracies = []
     for seed in params.seeds:
         metrics = retrain_fresh(retrain_cfg, dm, kept, seed, out / "retraining")
@@ -104,9 +211,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "class_balanced": params.class_balanced,
         "budget": params.budget,
         "retrain_max_epochs": retrain_cfg.trainer.get("max_epochs"),
+        "scoring_steps_per_epoch": full_steps,
+        "retrain_steps_per_epoch": kept_steps,
+        "budget_steps": budget_steps,
         "num_train_samples": n_train,
         "num_scored": len(ids),
-        "num_kept": int(kept.numel()),
+        "num_unscored": n_train - len(ids),
+        "num_kept": num_kept,
+        "kept_fraction": num_kept / n_train,
         "kept_per_class": {str(k): v for k, v in sorted(kept_labels.items())},
         "flipped_kept": flipped_kept,
         "fit_seconds": round(scored.fit_seconds, 3),
@@ -115,7 +227,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "metric": params.metric,
         params.metric: acc,
         "summary": [
-            {"recipe": "coreset", "method": est.name, "fraction": params.fraction, "seed": int(cfg.seed), "metric": params.metric, "accuracy": acc["mean"]}
+            {
+                "recipe": "coreset", "method": est.name, "fraction": params.fraction, "kept_fraction": num_kept / n_train,
+                "seed": int(cfg.seed), "metric": params.metric, "accuracy": acc["mean"],
+            }
         ],
         "files": {"scores": "scores.pt", "csv": "scores.csv", "report": "report.json", "config": "config.yaml"},
         "versions": versions(),
@@ -127,9 +242,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             plots.score_histogram(out / "score_histogram.png", column, torch.isin(ids, kept), xlabel="score (higher = keep)", title=f"{est.name} scores", names=("removed", "kept"))
             report["files"]["score_histogram"] = "score_histogram.png"
         write_outputs(out, cfg, report, scored.scores)
+        of_scored = f" of the {len(ids)} scored" if len(ids) < n_train else ""
+        epochs = f"; retrained {retrain_cfg.trainer.max_epochs} epochs for the scoring fit's steps" if retrain_cfg is not cfg else ""
         print(
-            f"\nCoreset by {est.name} (target {target}): kept {kept.numel()} of {n_train} "
-            f"(fraction {params.fraction:g}{', class-balanced' if params.class_balanced else ''}); "
+            f"\nCoreset by {est.name} (target {target}): kept {num_kept} of {n_train} ({num_kept / n_train:.4g} of the training set; "
+            f"fraction {params.fraction:g}{of_scored}{', class-balanced' if params.class_balanced else ''}{epochs}); "
             f"{params.metric} {acc['mean']:.4f} +- {acc['std']:.4f} over {acc['n']} seed(s)",
             flush=True,
         )

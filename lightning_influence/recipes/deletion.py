@@ -1,6 +1,10 @@
 """The deletion recipe: does removing a set of samples change the target as the scores predict?
 
-1. Train with the estimator attached and score every training sample for the target.
+1. Train with the estimator attached and score every training sample for the target. The
+   estimator must predict removal effects (:func:`~lightning_influence.recipes.common.predicts_removal`:
+   diffin, tracin, influence functions, ...); rankings in other units (loss, outlier_gradient,
+   random, the coreset scores) are refused before any training. ``predicted_calibrated`` in the
+   report says whether the scores are in target-loss units (:func:`in_target_loss_units`).
 2. For each size in ``recipe.sizes`` and kind in ``recipe.kinds`` pick a deletion set: the
    lowest scores (``harmful``), the highest (``helpful``) or a seeded random set (``random``).
    Predicted change of the target loss = the sum of the set's scores (additivity; units of the
@@ -36,6 +40,7 @@ from omegaconf import DictConfig
 from lightning_influence.config import DeletionConfig, estimator_params, recipe_params
 from lightning_influence.evaluation.metrics import pearson, spearman
 from lightning_influence.recipes.common import (
+    check_estimator,
     fit_and_score,
     harmonise_precision,
     is_global_zero,
@@ -51,16 +56,34 @@ from lightning_influence.recipes.common import (
     write_outputs,
 )
 
-__all__ = ["run", "deletion_sets"]
+__all__ = ["run", "deletion_sets", "in_target_loss_units"]
 
 
-def deletion_sets(ids: torch.Tensor, column: torch.Tensor, sizes: list[int], kinds: list[str], seed: int) -> list[dict[str, Any]]:
-    """``[{kind, size, ids}]``: the ``size`` lowest / highest / random scores for each size and kind."""
+def in_target_loss_units(metadata: dict[str, Any]) -> bool:
+    """Are scores with this metadata predicted target-loss changes in the target loss's units (so
+    that a set's sum predicts its actual change)? Every estimator whose scores are not says so in
+    its metadata (``calibrated: False``: DataInf, the rankings, Forward-INF outside plain SGD with
+    ``learning_rate_sum``); the library's convention holds otherwise."""
+    return metadata.get("calibrated") is not False
+
+
+def deletion_sets(
+    ids: torch.Tensor, column: torch.Tensor, sizes: list[int], kinds: list[str], seed: int, num_train: int | None = None
+) -> list[dict[str, Any]]:
+    """``[{kind, size, ids}]``: the ``size`` lowest / highest / random scores for each size and kind,
+    among the scored ``ids`` (``num_train``: the training set's size, when not every sample was scored)."""
     order = torch.argsort(column, stable=True)
+    total = len(ids) if num_train is None else num_train
     sets = []
     for size in sizes:
-        if size >= len(ids):
-            raise ValueError(f"a deletion set of {size} samples removes the whole training set of {len(ids)}; lower recipe.sizes")
+        if size >= total:
+            raise ValueError(f"a deletion set of {size} samples removes the whole training set of {total}; lower recipe.sizes")
+        if size > len(ids):
+            raise ValueError(
+                f"a deletion set of {size} samples exceeds the {len(ids)} samples the estimator scored (of {total} training samples: "
+                "the scoring fit saw only those, e.g. trainer.limit_train_batches); lower recipe.sizes to at most "
+                f"{len(ids)}, or let the scoring fit see the whole training set"
+            )
         for kind in kinds:
             if kind == "harmful":
                 chosen = ids[order[:size]]
@@ -105,7 +128,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: DeletionConfig = recipe_params(cfg.recipe, DeletionConfig)
     est = estimator_params(cfg.estimator)
-    require_removal_scores(est.name, est.options, "deletion")
+    check_estimator(est, params.target, params.target_samples)
+    require_removal_scores(est.name, est.options, "deletion", predicted=True)
     out = prepare(cfg, params.plots)
     target = params.target.value
     mode = params.retraining.value
@@ -125,7 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scored = fit_and_score(cfg, out, target, params.target_samples, [recorder] if recorder is not None else [], datamodule=checked.datamodule)
     dm, ids, column = scored.datamodule, scored.ids, scored.column
     n_train = len(train_dataset(dm))
-    sets = deletion_sets(ids, column, list(params.sizes), [k.value for k in params.kinds], int(cfg.seed))
+    sets = deletion_sets(ids, column, list(params.sizes), [k.value for k in params.kinds], int(cfg.seed), n_train)
     # The actual change is measured on the target the scores are about: with target_samples, the
     # same subset of the target samples (the estimators' draw).
     sample_ids = scored.model.sample_ids if target == "train" else None  # type: ignore[attr-defined]
@@ -176,10 +200,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             value = None
         lds = {"subsets": len(lds_removals), "keep_fraction": params.lds_keep_fraction, "lds": value}
 
-    calibrated = scored.scores.metadata.get("calibrated", True) is not False
+    calibrated = in_target_loss_units(scored.scores.metadata)
     if not calibrated:
+        why = f"score metadata 'calibrated': False; units: {scored.scores.metadata.get('units', 'not stated')}"
         warnings.warn(
-            f"{est.name}'s scores are not calibrated to the target-loss change (score metadata 'calibrated': False): "
+            f"{est.name}'s scores are not in units of the target-loss change ({why}): "
             "the predicted changes of the deletion sets are off in scale; read the correlations and sign agreement, "
             "not predicted against actual magnitudes",
             RuntimeWarning,
