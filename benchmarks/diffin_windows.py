@@ -48,13 +48,20 @@ def window_option(text: str) -> tuple[int, int | None]:
 
 
 def measure(
-    name: str, lr: float, epochs: int, windows: list[tuple[int, int | None]], strides: list[int], samples: int
+    name: str,
+    lr: float,
+    epochs: int,
+    windows: list[tuple[int, int | None]],
+    strides: list[int],
+    samples: int,
+    strided_windows: list[tuple[int, int | None]] | None = None,
 ) -> list[dict]:
     problem = digits_problem(n=1024, batch_size=32, epochs=epochs)
     # (mode, (window, score_every), hessian_every, per_sample)
     configs = [("replay", None, 1, "auto"), ("replay", None, 1, "forward_mode")]
     configs += [("replay", None, k, "auto") for k in strides] + [("online", w, 1, "auto") for w in windows]
-    configs += [("online", (128, 128), k, "auto") for k in strides if (128, 128) in windows]
+    strided = strided_windows if strided_windows is not None else [w for w in windows if w == (128, 128)]
+    configs += [("online", w, k, "auto") for w in strided for k in strides]
     callbacks = []
     for mode, w, k, per_sample in configs:
         options = {"window": w[0], "score_every": w[1]} if w else {}
@@ -96,6 +103,10 @@ def main() -> None:
         help="online windows: W:S (window W, score_every S), or W for the default score_every (2 W)",
     )
     parser.add_argument("--hessian-every", type=int, nargs="+", default=[2, 4, 8], dest="strides")
+    parser.add_argument(
+        "--strided-windows", type=window_option, nargs="+", default=None,
+        help="online windows also run with each --hessian-every (default: 128:128 when among --windows)",
+    )
     parser.add_argument("--samples", type=int, default=150)
     parser.add_argument("--models", nargs="+", default=["logreg", "mlp"], choices=sorted(MODELS))
     parser.add_argument("--lr", type=float, nargs="+", default=[0.1], help="SGD learning rates (each model, each)")
@@ -107,7 +118,7 @@ def main() -> None:
     for lr in args.lr:
         for epochs in args.epochs:
             for name in args.models:
-                rows += measure(name, lr, epochs, args.windows, args.strides, args.samples)
+                rows += measure(name, lr, epochs, args.windows, args.strides, args.samples, args.strided_windows)
     print(
         "| model | lr | steps | mode | window | score_every | hessian_every | Hessian products "
         "| steps scored with a truncated window | Spearman | Pearson |"

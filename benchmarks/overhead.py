@@ -17,7 +17,7 @@ Configurations: ``replay`` (including its end-of-fit reverse sweep; parameters s
 steps), with every step's parameters stored (``checkpoint_every=1``), with the cheaper
 ``hessian_every=2`` and with the exact ``per_sample="forward_mode"`` (the default takes per-sample
 derivatives by finite differences of the losses); ``online`` with the defaults (whose window
-covers these short runs), and with a small window so that the windowed scoring really runs during
+covers these short runs), with ``hessian_every=2``, and with a small window so that the windowed scoring really runs during
 fit: at the default ratios (blocks of twice the window, parameters stored every 8 steps) and at
 the previous defaults' (blocks of one window, every step recorded).
 
@@ -254,6 +254,7 @@ CONFIG_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "replay-k2": ("replay, hessian_every=2", {"mode": "replay", "hessian_every": 2}),
     "replay-jvp": ("replay, per_sample=forward_mode", {"mode": "replay", "per_sample": "forward_mode"}),
     "online": ("online (defaults: window 256, blocks of 512)", {"mode": "online"}),
+    "online-k2": ("online, hessian_every=2 (defaults otherwise)", {"mode": "online", "hessian_every": 2}),
     "online-small": ("online (window {small}, blocks of {small2}, checkpoints every 8: the default ratios)", {"mode": "online", "window": "{small}"}),
     "online-small-previous": (
         "online (window {small}, blocks of {small}, every step recorded: the previous defaults' ratios)",

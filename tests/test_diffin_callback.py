@@ -188,6 +188,21 @@ def test_hessian_every_k_takes_k_times_fewer_products_and_keeps_the_ranking(smal
     assert torch.corrcoef(torch.stack([_values(strided), _values(exact)]))[0, 1] > 0.95
 
 
+@pytest.mark.parametrize("mode", ["replay", "online"])
+def test_steps_without_a_product_difference_the_training_losses(small_digits, mode):
+    """hessian_every > 1: the steps between products take per-sample forward differences from the
+    losses training_step computed (one plain forward pass), matching forward mode's exact derivatives."""
+    exact = DiffIn(target="val", mode=mode, target_loader=small_digits.val, window=16, hessian_every=3, per_sample="forward_mode")
+    cheap = DiffIn(target="val", mode=mode, target_loader=small_digits.val, window=16, hessian_every=3)
+    cheap._generate_state_key = lambda **kw: "cheap"
+    _fit(small_digits, exact, cheap)
+    meta = cheap.scores.metadata
+    assert meta["per_sample"] == "finite_difference" and meta["forward_mode_passes"] == 0
+    assert meta["loss_evaluations"] <= meta["steps_scored"]  # at most one forward pass a step
+    reference = _values(exact)
+    torch.testing.assert_close(_values(cheap), reference, rtol=0, atol=1e-6 * float(reference.abs().max()))
+
+
 def test_central_and_forward_differences_agree(small_digits):
     forward = DiffIn(target="val", target_loader=small_digits.val, finite_difference="forward")
     central = DiffIn(target="val", target_loader=small_digits.val, finite_difference="central")

@@ -127,10 +127,12 @@ class DiffIn(Callback):
             (float64) and 4e-4 (float32) relative to their norm and reach the same Spearman
             against retraining (README).
             ``"forward_mode"``: one forward-mode pass per micro-batch, exact.
+            A step without a product of its own (``hessian_every > 1``) takes a forward difference
+            from training_step's losses: one forward pass without autograd.
             ``"auto"`` (default): finite differences, except forward mode for coupled losses (their
             removal derivatives need it), parameters below float32 (half precision cannot resolve
-            the loss differences) and ``hessian_every > 1`` (no product along each step's vector
-            to share a pass with).
+            the loss differences) and ``hessian_every > 1`` where training's network is not the
+            sweep's (no training losses to difference against: two forward passes a step).
         chunk_size: evaluate each micro-batch in chunks of at most this many samples in the
             sweep's passes (forward-mode, gradient and loss passes; gradients are weighted by chunk
             size), bounding their memory independently of the batch size; the scores are the same.
@@ -578,7 +580,10 @@ class DiffIn(Callback):
             return self.per_sample
         assert self._space is not None
         low_precision = torch.finfo(self._space.dtype).bits < 32
-        if self._coupled or low_precision or self.hessian_every > 1:
+        if self._coupled or low_precision:
+            return "forward_mode"
+        if self.hessian_every > 1 and not self._recorded_is_exact:
+            # steps without a product of their own would need two forward passes (no training losses to reuse)
             return "forward_mode"
         return "finite_difference"
 

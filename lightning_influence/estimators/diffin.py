@@ -473,6 +473,16 @@ class DiffInSweep:
     ) -> list[Tensor]:
         assert record.theta is not None
         tangent = tangent.to(self.space.dtype)
+        known = record.losses
+        if shifted is None and self.reuse_recorded_gradient and known is not None and all(k is not None for k in known):
+            # A step without a product of its own (hessian_every > 1): training_step's losses at theta_t are the
+            # base of a forward difference, one forward pass without autograd (the products' truncation order).
+            eps = finite_difference_step(record.theta, tangent, "forward", self.fd_rel_step, self._theta_norm)
+            if eps == 0.0:
+                return [torch.zeros(ids.numel(), dtype=torch.float64, device=ids.device) for ids in record.ids]
+            plus = [shifted_losses(loss_fn, self.space, record.theta, batch, tangent, eps, self.chunk_size) for batch in record.batches]
+            self.loss_evaluations += len(plus)
+            shifted = _ShiftedLosses(eps, list(plus), [None] * len(plus), list(known))
         if shifted is None:
             eps = finite_difference_step(record.theta, tangent, "central", self.fd_rel_step, self._theta_norm)
             if eps == 0.0:  # a zero tangent: every derivative along it is zero
