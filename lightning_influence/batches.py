@@ -62,10 +62,20 @@ _VALUES = (str, bytes, int, float, complex, bool, type(None))
 
 
 def tensors(batch: Any) -> Iterator[Tensor]:
-    """Every tensor of ``batch``, in the order :func:`map_tensors` visits them."""
-    found: list[Tensor] = []
-    map_tensors(found.append, batch)
-    return iter(found)
+    """Every tensor of ``batch``, in the order :func:`map_tensors` visits them (without rebuilding
+    any container: a dataclass's ``__init__`` does not run)."""
+    if isinstance(batch, Tensor):
+        yield batch
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for f in dataclasses.fields(batch):
+            if f.init:
+                yield from tensors(getattr(batch, f.name))
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from tensors(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            yield from tensors(value)
 
 
 def batch_size(batch: Any, what: str = "batch") -> int:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import quiet_trainer
 from lightning_influence import DiffIn
-from lightning_influence.batches import batch_chunks, batch_size, map_tensors, pack, select_samples, unpack
+from lightning_influence.batches import batch_chunks, batch_size, map_tensors, pack, select_samples, tensors, unpack
 from lightning_influence.data import FixedBatches
 from lightning_influence.models import Classifier
 
@@ -78,6 +78,21 @@ def test_mapping_classes_are_rebuilt_from_a_dict_or_refused_clearly():
     assert isinstance(encoding, _Encoding) and encoding["ids"].tolist() == [1, 3]
     with pytest.raises(TypeError, match="cannot rebuild a batch of type _Strict from a dict of its items"):
         map_tensors(lambda t: t, _Strict(torch.ones(2), torch.zeros(2)))
+
+
+def test_sizing_a_batch_does_not_rebuild_it():
+    """batch_size runs on every pass of a sweep: it must not run a dataclass's __init__ (user code)."""
+    built = []
+
+    @dataclass
+    class Counted:
+        x: torch.Tensor
+
+        def __post_init__(self) -> None:
+            built.append(1)
+
+    batch = Counted(torch.ones(3, 2))
+    assert batch_size({"b": batch}) == 3 and list(tensors(batch)) == [batch.x] and len(built) == 1
 
 
 def test_per_sample_string_lists_are_sliced_with_the_tensors():
