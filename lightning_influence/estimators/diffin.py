@@ -215,8 +215,9 @@ class DiffInSweep:
         self.fd_rel_step = fd_rel_step
         self.reuse_recorded_gradient = reuse_recorded_gradient
         self.verify_recorded = False
-        """Recompute the oldest step's gradient in each sweep and compare it with the recorded one
-        (set where training's loss is the sweep's: no dropout, batch norm or autocast)."""
+        """Recompute the recorded gradient at the newest and the oldest stored step of each sweep (and
+        where the propagation fails) and compare (:meth:`_check_recorded_gradient`); set where
+        training's loss is the sweep's: no dropout, batch norm or autocast."""
         self.recorded_gradient_checks = 0
         self.max_recorded_gradient_error = 0.0
         self.hessian_every = hessian_every
