@@ -475,7 +475,7 @@ class DiffInSweep:
         assert record.theta is not None
         tangent = tangent.to(self.space.dtype)
         known = record.losses
-        if shifted is None and self.reuse_recorded_gradient and known is not None and all(k is not None for k in known):
+        if shifted is None and self.hessian_every > 1 and self.reuse_recorded_gradient and known is not None and all(k is not None for k in known):
             # A step without a product of its own (hessian_every > 1): training_step's losses at theta_t are the
             # base of a forward difference, one forward pass without autograd (the products' truncation order).
             eps = finite_difference_step(record.theta, tangent, "forward", self.fd_rel_step, self._theta_norm)
