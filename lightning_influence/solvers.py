@@ -75,13 +75,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 
-from lightning_influence.kernels import (
-    ParameterSpace,
-    PerSampleLossFn,
-    batch_gradient,
-    batch_size,
-    hessian_vector_product,
-)
+from lightning_influence.batches import batch_size
+from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, batch_gradient, hessian_vector_product
 
 __all__ = [
     "SOLVERS",
