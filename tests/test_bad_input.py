@@ -19,6 +19,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from conftest import quiet_trainer
 from lightning_influence import DiffIn
 from lightning_influence.callbacks.checks import check_ids, check_losses, check_query_budget
+from lightning_influence.callbacks.checkpoints import ParameterCheckpoints
+from lightning_influence.estimators.base import Target
+from lightning_influence.estimators.coreset import GraNd
+from lightning_influence.estimators.outlier_gradient import OutlierGradient
 from lightning_influence.data import FixedBatches
 from lightning_influence.models import Classifier
 
@@ -541,3 +545,21 @@ def test_a_step_on_a_single_sample_is_warned_about_and_counted(small_digits):
     with pytest.warns(UserWarning, match="trained on a single sample.*drop_last=True"):
         _fit(FixedBatches(batches), cb)
     assert cb.scores.metadata["singleton_steps"] == 1
+
+
+
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda v: GraNd(chunk_size=v), "chunk_size"),
+        (lambda v: OutlierGradient(chunk_size=v), "chunk_size"),
+        (lambda v: ParameterCheckpoints(every=v), "every"),
+        (lambda v: Target("train", sample_count=v), "sample_count"),
+    ],
+)
+@pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
+def test_counts_given_to_estimators_and_recorders_are_refused_with_one_message(build, name, value):
+    """Every count argument (steps, samples, chunk sizes) is checked alike: a positive int, the
+    value and its type named, never a raw TypeError from a comparison."""
+    with pytest.raises(ValueError, match=rf"{name} must be a positive int.*got {value!r} \({type(value).__name__}\)"):
+        build(value)

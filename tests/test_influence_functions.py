@@ -490,7 +490,7 @@ def test_scores_after_a_lightning_fit_and_round_trip(tmp_path):
         ({"curvature": "fisher"}, "curvature must be one of"),
         ({"curvature": "gauss_newton", "hvp": "finite_difference"}, "needs hvp='autograd'"),
         ({"fisher": "true"}, "fisher must be one of"),
-        ({"cg_max_iter": 0}, "cg_max_iter must be a positive integer"),
+        ({"cg_max_iter": 0}, "cg_max_iter must be a positive int"),
         ({"lissa_scale": -2.0}, "lissa_scale must be a positive number"),
     ],
 )

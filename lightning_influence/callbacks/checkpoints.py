@@ -28,6 +28,7 @@ from torch import Tensor
 
 from lightning_influence.callbacks.checks import check_ids, check_influence_aware, check_single_device, dataset_length
 from lightning_influence.scores import atomic_write_bytes
+from lightning_influence.validation import check_count
 
 __all__ = ["ParameterCheckpoint", "ParameterCheckpoints", "RecordedCheckpoints", "CheckpointFileError"]
 
@@ -260,9 +261,8 @@ class ParameterCheckpoints(Callback):
                 f"give exactly one of every=<k> (a checkpoint every k optimizer steps) or count=<m> (m sampled steps), "
                 f"got every={every!r}, count={count!r}"
             )
-        for name, value in (("every", every), ("count", count)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_count("every", every, none_ok=True)
+        check_count("count", count, none_ok=True)
         if sampling not in ("even", "random"):
             raise ValueError(f"sampling must be 'even' or 'random', got {sampling!r}")
         self.every = every

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.targets import TARGET_KINDS, TargetGradient
+from lightning_influence.validation import check_count
 
 if TYPE_CHECKING:
     from lightning_influence.callbacks.diffin import DiffIn
@@ -420,15 +421,6 @@ def check_target_arguments(target: str, target_loader: Iterable[Any] | None, tar
     if target == "train" and target_loader is not None:
         raise ValueError("target='train' uses the training loader; target_loader is for 'val' or 'query'")
     check_count("target_samples", target_samples, none_ok=True)
-
-
-def check_count(name: str, value: object, none_ok: bool = False) -> None:
-    """``value`` is a positive ``int`` (a number of steps or samples), or ``None`` where allowed."""
-    if value is None and none_ok:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "a positive int" + (" or None" if none_ok else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
 
 
 def check_influence_aware(pl_module: L.LightningModule) -> None:

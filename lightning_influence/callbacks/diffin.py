@@ -22,7 +22,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_influence.callbacks.checks import (
-    check_count,
     check_ids,
     check_influence_aware,
     check_losses,
@@ -57,6 +56,7 @@ from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, S
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
+from lightning_influence.validation import check_count
 
 Mode = Literal["replay", "online"]
 SUPPORTED = (

@@ -34,7 +34,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checks import (
-    check_count,
     check_ids,
     check_influence_aware,
     check_losses,
@@ -57,6 +56,7 @@ from lightning_influence.kernels import (
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TargetGradient, TargetKind
+from lightning_influence.validation import check_count
 
 STATE_FORMAT = 1
 

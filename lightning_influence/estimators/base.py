@@ -40,6 +40,7 @@ from torch import Tensor
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, per_sample_loss_function
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TARGET_KINDS, TargetGradient
+from lightning_influence.validation import check_count
 
 __all__ = [
     "Estimator",
@@ -74,8 +75,7 @@ class Target:
             raise ValueError(f"target kind must be one of {TARGET_KINDS}, got {self.kind!r}")
         if self.kind in ("val", "query") and self.loader is None:
             raise ValueError(f"a {self.kind!r} target needs a loader: Target({self.kind!r}, loader=...)")
-        if self.sample_count is not None and self.sample_count < 1:
-            raise ValueError(f"sample_count must be a positive integer or None, got {self.sample_count}")
+        check_count("sample_count", self.sample_count, none_ok=True)
 
     def loader_for(self, train_loader: Iterable[Any]) -> Iterable[Any]:
         """The loader whose samples define the target (the training loader for ``"train"``)."""

@@ -40,6 +40,7 @@ from lightning_influence.callbacks.forgetting import ForgettingEvents, OutputsFn
 from lightning_influence.estimators.base import Estimator, Target, attributed_space, device_batches, progress
 from lightning_influence.kernels import evaluation_mode, per_sample_gradients
 from lightning_influence.scores import InfluenceScores
+from lightning_influence.validation import check_count
 
 __all__ = ["EL2N", "FinalLoss", "Forgetting", "GraNd", "RandomScores", "per_sample_values"]
 
@@ -152,8 +153,7 @@ class GraNd(Estimator):
     name: ClassVar[str] = "grand"
 
     def __init__(self, params: Sequence[str] | None = None, chunk_size: int | None = 64, progress: bool = True) -> None:
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        check_count("chunk_size", chunk_size, none_ok=True)
         self.params = list(params) if params else None
         self.chunk_size = chunk_size
         self.progress = progress

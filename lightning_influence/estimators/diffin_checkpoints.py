@@ -45,6 +45,7 @@ from lightning_influence.estimators.base import Target, as_target, device_batche
 from lightning_influence.estimators.tracin import CheckpointEstimator, CheckpointTotals
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, batch_gradient, directional_derivatives, evaluation_mode
 from lightning_influence.scores import InfluenceScores
+from lightning_influence.validation import check_count
 
 __all__ = ["DiffInCheckpoints", "PUBLISHED_EPS"]
 
@@ -73,8 +74,7 @@ class DiffInCheckpoints(CheckpointEstimator):
             raise ValueError(f"eps must be a positive number (the finite-difference step norm), got {eps!r}")
         self.eps = float(eps)
         self.count = count if count is not None else self.default_count
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ValueError(f"count must be a positive integer (m, the number of checkpoints), got {count!r}")
+        check_count("count", self.count, meaning="m, the number of checkpoints")
         if options.get("checkpoints") is None and options.get("every") is None:
             options["count"] = self.count
         super().__init__(**options)

@@ -47,6 +47,7 @@ from lightning_influence.kernels import (
     per_sample_gradients,
 )
 from lightning_influence.scores import InfluenceScores
+from lightning_influence.validation import check_count
 from lightning_influence.solvers import (
     CURVATURES,
     DAMPING_SCALES,
@@ -68,13 +69,6 @@ DATAINF_UNITS = (
     "of the order of (top eigenvalue of G_l) / lambda_l times the target-loss change when the sample is removed (6e2-2e3 x "
     "measured with the default damping); use them to rank samples"
 )
-
-
-def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _check_damping(damping: Any, damping_scale: str) -> None:
@@ -221,11 +215,11 @@ class InfluenceFunction(Estimator):
         if fisher not in FISHER_KINDS:
             raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
         _check_damping(damping, damping_scale)
-        _check_positive_int("hessian_batches", hessian_batches, allow_none=True)
+        check_count("hessian_batches", hessian_batches, none_ok=True)
         for key, value in (("chunk_size", chunk_size), ("max_exact_parameters", max_exact_parameters), ("cg_max_iter", cg_max_iter),
                            ("lissa_depth", lissa_depth), ("lissa_repeats", lissa_repeats), ("arnoldi_iterations", arnoldi_iterations),
                            ("arnoldi_rank", arnoldi_rank)):
-            _check_positive_int(key, value)
+            check_count(key, value)
         if not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
             raise ValueError(f"cg_tol must be in (0, 1), got {cg_tol!r}")
         if lissa_scale is not None and not (isinstance(lissa_scale, (int, float)) and math.isfinite(lissa_scale) and lissa_scale > 0):
@@ -367,7 +361,7 @@ class DataInf(Estimator):
             raise ValueError("DataInf divides by the damping: damping must be > 0")
         if blocks not in ("module", "parameter"):
             raise ValueError(f"blocks must be 'module' or 'parameter', got {blocks!r}")
-        _check_positive_int("chunk_size", chunk_size, allow_none=True)
+        check_count("chunk_size", chunk_size, none_ok=True)
         self.damping, self.damping_scale, self.blocks = float(damping), damping_scale, blocks
         self.params = list(params) if params else None
         self.chunk_size, self.centered, self.progress_bar = chunk_size, centered, progress_bar

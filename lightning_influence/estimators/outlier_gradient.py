@@ -30,6 +30,7 @@ from lightning_influence.estimators.base import Estimator, Target, attributed_sp
 from lightning_influence.estimators.coreset import per_sample_values, ranking_convention
 from lightning_influence.kernels import per_sample_gradients
 from lightning_influence.scores import InfluenceScores
+from lightning_influence.validation import check_count
 
 __all__ = ["OutlierGradient", "last_module_parameters"]
 
@@ -82,8 +83,7 @@ class OutlierGradient(Estimator):
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+        check_count("chunk_size", chunk_size, none_ok=True)
         if detector_options and method != "isolation_forest":
             raise ValueError(f"detector_options only apply to method='isolation_forest', not {method!r}")
         if method == "isolation_forest":

@@ -1,0 +1,16 @@
+"""Argument checks shared by the callbacks, estimators and recipes."""
+
+from __future__ import annotations
+
+__all__ = ["check_count"]
+
+
+def check_count(name: str, value: object, none_ok: bool = False, meaning: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive ``int`` (a number of steps, samples or
+    iterations), or ``None`` where ``none_ok``. ``meaning`` is added to the message, e.g.
+    ``"the number of checkpoints"``."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "a positive int" + (f" ({meaning})" if meaning else "") + (" or None" if none_ok else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
