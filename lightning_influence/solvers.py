@@ -126,12 +126,15 @@ class OutputModel:
         output_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         output_loss: Callable[[Tensor, Any], Tensor] | None = None,
     ) -> None:
+        self.default_split = output_fn is None and not hasattr(module, "influence_outputs")
+        """Whether the outputs are the default ``module(batch[0])`` (made for ``(x, y, ids)`` batches)."""
         if output_fn is None:
             output_fn = (lambda m, b: m.influence_outputs(b)) if hasattr(module, "influence_outputs") else (lambda m, b: m(b[0]))
         if output_loss is None:
             if hasattr(module, "influence_output_loss"):
                 output_loss = module.influence_output_loss  # type: ignore[assignment]
             else:
+                self.default_split = True
                 output_loss = lambda out, b: F.cross_entropy(out, b[1], reduction="none")  # noqa: E731
         self.module = module
         self.output_fn = output_fn
@@ -147,22 +150,31 @@ class OutputModel:
     def check(self, batch: Any) -> None:
         """Refuse an output split that does not reproduce ``module.per_sample_loss``."""
         with torch.no_grad():
-            out = self.outputs(None, batch)
-            if out.dim() != 2:
-                raise ValueError(
-                    f"Gauss-Newton curvature needs model outputs of shape [B, C], got {tuple(out.shape)}: give output_fn/"
-                    "output_loss (or influence_outputs/influence_output_loss on the module) that flatten the outputs per sample"
-                )
-            got = self.output_loss(out, batch)
+            try:
+                out = self.outputs(None, batch)
+                if out.dim() != 2:
+                    raise ValueError(
+                        f"Gauss-Newton curvature needs model outputs of shape [B, C], got {tuple(out.shape)}: give output_fn/"
+                        "output_loss (or influence_outputs/influence_output_loss on the module) that flatten the outputs per sample"
+                    )
+                got = self.output_loss(out, batch)
+            except (KeyError, IndexError, TypeError, AttributeError, RuntimeError) as error:
+                if not self.default_split:
+                    raise
+                # e.g. dict batches, which the default split (made for (x, y, ids) tuples) cannot index
+                raise ValueError(f"{self._split_advice('cannot be evaluated on this batch')} (it failed with {type(error).__name__}: {error})") from error
             want = self.module.per_sample_loss(batch)  # type: ignore[operator]
         tol = 1e-6 if want.dtype == torch.float64 else 1e-3
         if got.shape != want.shape or not torch.allclose(got.to(want.dtype), want, rtol=tol, atol=tol):
-            raise ValueError(
-                "Gauss-Newton curvature and K-FAC need the per-sample loss split into model outputs and an output loss; "
-                "the default split (module(batch[0]) with cross-entropy against batch[1]) does not reproduce "
-                "module.per_sample_loss(batch). Pass output_fn=(module, batch) -> outputs and output_loss=(outputs, batch) "
-                "-> per-sample losses, or define influence_outputs(batch) / influence_output_loss(outputs, batch) on the module"
-            )
+            raise ValueError(self._split_advice("does not reproduce module.per_sample_loss(batch)"))
+
+    def _split_advice(self, problem: str) -> str:
+        split = "the default split (module(batch[0]) with cross-entropy against batch[1])" if self.default_split else "the given split"
+        return (
+            "Gauss-Newton curvature and K-FAC/EK-FAC need the per-sample loss split into model outputs and an output loss; "
+            f"{split} {problem}. Pass output_fn=(module, batch) -> outputs [B, C] and output_loss=(outputs, batch) "
+            "-> per-sample losses [B], or define influence_outputs(batch) / influence_output_loss(outputs, batch) on the module"
+        )
 
     def output_hessians(self, outputs: Tensor, batch: Any) -> Tensor:
         """Each sample's Hessian of its loss with respect to its outputs: ``[B, C, C]``

@@ -599,3 +599,31 @@ def test_ekfac_on_conv2d_has_the_exact_gauss_newton_trace_and_kfac_is_exact_for_
         rhs = torch.randn(space.size, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         expected = torch.linalg.solve(ggn + 1e-2 * torch.eye(space.size, dtype=torch.float64), rhs)
         assert _rel(kron.solve(rhs, 1e-2), expected) < 1e-9
+
+
+class _DictBatches(InfluenceMixin, nn.Module):
+    """The ``mlp`` problem's network, fed dict batches ``{"x", "y", "index"}``."""
+
+    def __init__(self, net: nn.Module, split: bool) -> None:
+        super().__init__()
+        self.net = net
+        if split:  # the output split for Gauss-Newton and K-FAC, declared on the module
+            self.influence_outputs = lambda batch: self.net(batch["x"])
+            self.influence_output_loss = lambda outputs, batch: F.cross_entropy(outputs, batch["y"], reduction="none")
+
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        return F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("solver", ["exact", "ekfac"])
+def test_dict_batches_need_an_output_split_and_then_score_as_tuple_batches(mlp, solver):
+    """The default output split indexes (x, y, ids) tuples: on dict batches it is refused with the
+    fix named (not a bare KeyError), and with the split declared on the module the scores equal
+    those of the same data in tuple batches."""
+    as_dicts = lambda loader: FixedBatches([{"x": x, "y": y, "index": i} for x, y, i in loader.batches])  # noqa: E731
+    train, val = as_dicts(mlp.train), as_dicts(mlp.val)
+    with pytest.raises(ValueError, match=r"cannot be evaluated on this batch.*influence_outputs\(batch\).*KeyError"):
+        InfluenceFunction(solver=solver).scores(_DictBatches(mlp.module, split=False), train, Target("val", val))
+    scores = InfluenceFunction(solver=solver).scores(_DictBatches(mlp.module, split=True), train, Target("val", val))
+    reference = InfluenceFunction(solver=solver).scores(mlp.module, mlp.train, Target("val", mlp.val))
+    torch.testing.assert_close(scores.values, reference.values, rtol=1e-10, atol=1e-14)
