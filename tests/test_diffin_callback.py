@@ -760,3 +760,31 @@ def test_spectral_normalisation_is_warned_about(small_digits, api):
     with pytest.warns(UserWarning, match=r"net\.0 use spectral normalisation"):
         quiet_trainer(callbacks=[cb], max_steps=4).fit(model, train_dataloaders=small_digits.train)
     assert cb.scores is not None and len(cb.scores) > 0
+
+
+class _Float32Loss(Classifier):
+    """A float64 network whose loss is computed in float32 (``F.cross_entropy(logits.float(), y)``)."""
+
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        return F.cross_entropy(self(batch[0]).float(), batch[1], reduction="none")
+
+
+@pytest.mark.parametrize("finite_difference", ["auto", "central"])
+def test_a_loss_rounded_below_the_parameters_precision_takes_that_precisions_steps(small_digits, finite_difference):
+    """Finite differences at float64's steps of losses (and gradients) that carry float32's precision
+    are rounding noise (before: scores 7x too large, Spearman 0.39 against leave-one-out). The steps
+    follow the losses' dtype, seen on the first batch; the scores then track leave-one-out
+    retraining as a float32 model's do."""
+    from lightning_influence.evaluation import StepRecorder, leave_one_out, spearman
+    from lightning_influence.kernels import default_rel_step
+
+    cb = DiffIn(target="val", target_loader=small_digits.val, finite_difference=finite_difference)
+    recorder = StepRecorder()
+    model = _fit(small_digits, recorder, cb, model=_Float32Loss(hidden=(16,), lr=0.1).double())
+    meta = cb.scores.metadata
+    assert meta["loss_dtype"] == "float32" and meta["fd_rel_step"] == default_rel_step(torch.float32, meta["finite_difference"])
+    ids = torch.arange(0, 256, 4)
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, small_digits.val)
+    predicted = torch.stack([cb.scores[int(i)] for i in ids])
+    assert spearman(predicted, truth) > 0.97
+    assert 0.8 < float((predicted * truth).sum() / (predicted * predicted).sum()) < 1.25  # LOO / score

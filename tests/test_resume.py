@@ -180,3 +180,12 @@ def test_state_of_another_format_is_refused(problem):
 def test_several_instances_keep_separate_state(problem, tmp_path):
     a, b = _callbacks(problem, tmp_path)
     assert a.state_key != b.state_key
+
+
+def test_a_last_checkpoint_written_only_at_fit_end_is_refused_with_the_setup_that_works(problem, tmp_path):
+    """ModelCheckpoint(save_last=True, save_top_k=0) writes last.ckpt only in its on_train_end, after
+    the end-of-fit sweep: the refusal names that case and the checkpoints that do resume."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    _fit(problem, tmp_path / "a", FixedBatches(problem.train.batches), checkpoint=checkpoint, max_epochs=EPOCHS - 1)
+    with pytest.raises(RuntimeError, match=r"after DiffIn had finished.*save_top_k=0"):
+        _fit(problem, tmp_path / "b", FixedBatches(problem.train.batches), ckpt_path=tmp_path / "ckpt" / "last.ckpt")

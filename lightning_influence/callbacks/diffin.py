@@ -319,6 +319,11 @@ class DiffIn(Callback):
         self._unverified: StepRecord | None = None
         self._loss_check: Tensor | None = None
         self._loss_checked = False
+        self._loss_dtype: torch.dtype | None = None
+        """The per-sample losses' dtype (seen on the first batch): finite differences of a loss rounded to a
+        lower precision than the parameters' (e.g. ``F.cross_entropy(logits.float(), y)`` on a float64
+        model) take that precision's steps."""
+        self._restored_loss_dtype: torch.dtype | None = None
         self._restored = False
         self._restored_records: list[dict[str, Any]] = []
         self._restored_verified = 0
@@ -452,6 +457,7 @@ class DiffIn(Callback):
         self._varying_defaults = {name: value.to(self._space.device) for name, value in defaults.items()}
         if self._removed_buffers:
             self._recorded_is_exact = False
+        self._loss_dtype, self._restored_loss_dtype = self._restored_loss_dtype, None
         scheme, rel_step, reuse = self._differences(kinks or [])
         self._per_sample = self._resolve_per_sample()
         self._micro_losses = {}
@@ -518,8 +524,13 @@ class DiffIn(Callback):
         else:
             scheme = self.finite_difference
         rel_step = self.fd_rel_step
+        precision = self._space.dtype
+        if self._loss_dtype is not None and torch.finfo(self._loss_dtype).eps > torch.finfo(precision).eps:
+            precision = self._loss_dtype  # the losses (and what they feed back) carry only this precision
+            if rel_step is None:
+                rel_step = default_rel_step(precision, scheme)
         if rel_step is None and kinks:
-            rel_step = max(KINKED_REL_STEP, default_rel_step(self._space.dtype, scheme))
+            rel_step = max(KINKED_REL_STEP, default_rel_step(precision, scheme))
         return scheme, rel_step, scheme == "forward" and self._recorded_is_exact
 
     def _set_differences(self, pl_module: L.LightningModule, scheme: FiniteDifference, rel_step: float | None, reuse: bool) -> None:
@@ -662,6 +673,10 @@ class DiffIn(Callback):
                     b.copy_(saved)
             check_losses(losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params))
             self._loss_check = losses.detach().mean()
+            if losses.dtype != self._loss_dtype:
+                self._loss_dtype = losses.dtype
+                if not self._kinks_pending:  # else set with the kinks, below
+                    self._set_differences(pl_module, *self._differences(self._kinks or []))
         if self._kinks_pending:  # after the losses' own checks, which say more about a wrong shape
             self._kinks_pending = False
             self._find_kinks(pl_module, batch)
@@ -945,8 +960,10 @@ class DiffIn(Callback):
                 "this fit resumes from a checkpoint saved after DiffIn had finished scoring its fit (e.g. "
                 "trainer.save_checkpoint after fit): the scores in it are final for the model that fit ended with and "
                 "the steps it recorded are gone, so a continued run cannot be scored. Resume from a checkpoint written "
-                "during training (ModelCheckpoint's, e.g. save_last=True: they are saved before the end-of-fit sweep), or "
-                "resume without the DiffIn callback; the finished scores stay readable from that checkpoint's state"
+                "during training, before the end-of-fit sweep: ModelCheckpoint(save_last=True) with checkpoints during "
+                "training (its default save_top_k=1 or every_n_train_steps=...); a last.ckpt of save_top_k=0, "
+                "ModelCheckpoint writes only at the end of fit, after the sweep. Or resume without the DiffIn callback; "
+                "the finished scores stay readable from that checkpoint's state"
             )
         if self.mode == "online":
             assert self._trajectory is not None
@@ -1148,6 +1165,7 @@ class DiffIn(Callback):
             "finite_difference": self._sweep.finite_difference,
             "fd_rel_step": self._sweep.fd_rel_step,
             "kinks": list(self._kinks) if self._kinks is not None else None,
+            "loss_dtype": str(self._loss_dtype).removeprefix("torch.") if self._loss_dtype is not None else None,
             "changed_buffers": list(self._changed_buffers),
             "removed_buffers": list(self._removed_buffers),
             "max_adjoint_growth": round(self._sweep.max_adjoint_growth, 6),
@@ -1191,6 +1209,7 @@ class DiffIn(Callback):
             "verified_steps": self._verified_steps,
             "loss_checked": self._loss_checked,
             "kinks": list(self._kinks) if self._kinks is not None else None,
+            "loss_dtype": str(self._loss_dtype).removeprefix("torch.") if self._loss_dtype is not None else None,
             "changed_buffers": list(self._changed_buffers),
             "removed_buffers": list(self._removed_buffers),
             "inexact_rebuild": self._inexact_rebuild,
@@ -1224,6 +1243,8 @@ class DiffIn(Callback):
         self._restored_loss_checked = bool(state_dict["loss_checked"])
         kinks = state_dict.get("kinks")
         self._restored_kinks = [str(k) for k in kinks] if kinks is not None else None
+        loss_dtype = getattr(torch, str(state_dict.get("loss_dtype")), None)
+        self._restored_loss_dtype = loss_dtype if isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point else None
         self._inexact_rebuild = bool(state_dict.get("inexact_rebuild", False))
         self._restored_changed = (
             [str(name) for name in state_dict.get("changed_buffers", [])],
