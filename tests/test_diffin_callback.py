@@ -50,22 +50,28 @@ def test_online_truncated_windows_differ_from_replay_but_agree_in_ranking(small_
 
 @pytest.mark.parametrize(
     "case",
-    ["plain", "weight-decay-query", "central-forward-mode", "direct-loss"],
+    ["plain", "weight-decay-query", "central-forward-mode", "direct-loss", "blocks-weight-decay-query", "blocks-central"],
 )
 def test_in_place_sgd_steps_equal_the_general_transpose(small_digits, monkeypatch, case):
     """Stateless SGD steps propagate on the adjoint in place (a^G = c * lambda, no vector of its
     own): the scores equal those of the general transpose (StepModel.vjp) to rounding, with weight
     decay (a^theta = (1 - lr wd) lambda), several target columns, central differences with
-    forward-mode per-sample derivatives, and loss differences without training's losses."""
+    forward-mode per-sample derivatives, loss differences without training's losses, and blocks
+    of steps sharing one product (hessian_every > 1: the block's sum of a^G is a multiple of
+    lambda too)."""
     from lightning_influence.optimizers import StepModel
 
     options: dict = dict(target="val", target_loader=small_digits.val)
     model_options: dict = dict(hidden=(16,), lr=0.1)
-    if case == "weight-decay-query":
+    if case in ("weight-decay-query", "blocks-weight-decay-query"):
         options = dict(target="query", target_loader=FixedBatches([tuple(t[:3] for t in small_digits.val.batches[0])]))
         model_options["optimizer_options"] = {"weight_decay": 0.05}
     if case == "central-forward-mode":
         options.update(finite_difference="central", per_sample="forward_mode")
+    if case == "blocks-weight-decay-query":  # forward mode: the loss differences' side differs (below)
+        options.update(hessian_every=3, per_sample="forward_mode")
+    if case == "blocks-central":
+        options.update(hessian_every=2, finite_difference="central")
     kind = _DirectLoss if case == "direct-loss" else Classifier
 
     def run() -> DiffIn:
@@ -78,7 +84,13 @@ def test_in_place_sgd_steps_equal_the_general_transpose(small_digits, monkeypatc
     monkeypatch.setattr(StepModel, "adjoint_scales", lambda self, *args: None)
     general = run()
     assert in_place.scores.metadata["hessian_products"] == general.scores.metadata["hessian_products"] > 0
-    assert in_place.scores.metadata["loss_evaluations"] == general.scores.metadata["loss_evaluations"]
+    evaluations = in_place.scores.metadata["loss_evaluations"], general.scores.metadata["loss_evaluations"]
+    if case == "blocks-central":
+        # In place, a product step of a longer block takes its loss differences from the product's gradient
+        # passes too (along a multiple of its own a^G, and the central differences' points are the same)
+        assert evaluations[0] < evaluations[1]
+    else:
+        assert evaluations[0] == evaluations[1]
     scale = float(general.scores.values.abs().max())
     torch.testing.assert_close(in_place.scores.values, general.scores.values, rtol=0, atol=1e-12 * scale)
 
@@ -788,3 +800,40 @@ def test_a_loss_rounded_below_the_parameters_precision_takes_that_precisions_ste
     predicted = torch.stack([cb.scores[int(i)] for i in ids])
     assert spearman(predicted, truth) > 0.97
     assert 0.8 < float((predicted * truth).sum() / (predicted * predicted).sum()) < 1.25  # LOO / score
+
+
+@pytest.mark.parametrize("optimizer, lr", [("adam", 1e-3), ("sgd", 0.1)])
+def test_a_step_that_dominates_the_scores_is_warned_about(optimizer, lr):
+    """Adam's first step on digits (many exact zeros) is close to sign descent: where a batch
+    gradient nearly cancels, its linearisation overshoots leave-one-out many times, and that one
+    step decides its samples' scores (measured: 154x the median step's contributions, scores 100x
+    the real effects). The sweep compares every step's contributions with the median step's and
+    warns; plain SGD on the same batches stays far below the limit."""
+    import warnings
+
+    from lightning_influence.estimators.diffin import STEP_DOMINANCE_LIMIT
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_influence.data import IndexedDataset, load_digits_tensors
+
+    x, y = load_digits_tensors(torch.float64)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, val = perm[:512], perm[512:712]
+    loader = DataLoader(
+        IndexedDataset(TensorDataset(x[train], y[train])), batch_size=32, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(1),
+    )
+    cb = DiffIn(target="val", target_loader=DataLoader(TensorDataset(x[val], y[val]), batch_size=100))
+    torch.manual_seed(0)
+    model = Classifier(hidden=(32,), lr=lr, optimizer=optimizer).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks=[cb], max_epochs=6).fit(model, train_dataloaders=loader)
+    dominance = [w for w in caught if "the median step's" in str(w.message)]
+    meta = cb.scores.metadata
+    if optimizer == "adam":
+        assert meta["max_step_ratio"] > STEP_DOMINANCE_LIMIT and meta["dominant_step"] == 0
+        assert len(dominance) == 1 and "optimizer step 0" in str(dominance[0].message)
+    else:
+        assert meta["max_step_ratio"] < STEP_DOMINANCE_LIMIT / 3 and not dominance

@@ -1169,6 +1169,8 @@ class DiffIn(Callback):
             "changed_buffers": list(self._changed_buffers),
             "removed_buffers": list(self._removed_buffers),
             "max_adjoint_growth": round(self._sweep.max_adjoint_growth, 6),
+            "max_step_ratio": round(self._sweep.max_step_ratio, 3),
+            "dominant_step": self._sweep.dominant_step,
             "hessian_every": self.hessian_every,
             "hessian_products": self._sweep.hessian_products,
             "recorded_gradient_checks": self._sweep.recorded_gradient_checks,

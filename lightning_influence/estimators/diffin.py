@@ -91,6 +91,14 @@ ADJOINT_CHECK_EVERY = 16
 ADJOINT_GROWTH_LIMIT = 1e3
 """A propagated adjoint that grows this much over a sweep signals an unstable propagation."""
 
+STEP_DOMINANCE_LIMIT = 50.0
+"""A step whose contributions (their norm over its samples) exceed the median step's this many
+times dominates its samples' scores: warned about (the largest measured without a known fault was
+26, the last step of SGD at lr 0.5; Adam's first step on digits' exact zeros 154)."""
+
+DOMINANCE_MIN_STEPS = 16
+"""Scored steps a sweep needs before its steps' contributions are compared with their median."""
+
 RECORDED_GRADIENT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 """Largest relative difference between a step's gradient recomputed by a sweep and the one
 training computed, per parameter dtype (1e-2 for others): rounding, not a changed loss."""
@@ -246,6 +254,13 @@ class DiffInSweep:
         self.max_adjoint_growth = 0.0
         """Largest ``||lambda_t|| / ||lambda_end||`` seen at the checks (a stability diagnostic)."""
         self._growth_warned = False
+        self.max_step_ratio = 0.0
+        """Largest ratio, over the sweeps, of one step's contributions (their norm) to the median scored
+        step's (sweeps of at least :data:`DOMINANCE_MIN_STEPS` steps)."""
+        self.dominant_step: int | None = None
+        """The optimizer step of :attr:`max_step_ratio`."""
+        self._step_norms: list[tuple[int, Tensor]] = []  # (step, squared norm of its contributions), this sweep
+        self._dominance_warned = False
         self.target_gradients = 0
         self.work_dtype = torch.promote_types(space.dtype, torch.float32)
 
@@ -273,10 +288,13 @@ class DiffInSweep:
         # of the products (~1e-3 relative in float32) dwarfs its rounding. Scores accumulate in float64.
         adjoint = u.reshape(self.space.size, -1).to(self.work_dtype).clone()
         self._adjoint, self._adjoint_start = adjoint, float(adjoint.norm())
+        self._step_norms = []
         self._first_stored, self._last_stored = None, None
         columns = adjoint.shape[1]
         adjoint_state: list[dict[str, Tensor] | None] = [None] * columns
         pending: list[Tensor | None] = [None] * columns  # sum of a^G over the block not yet propagated
+        # the same sum as a multiple of the adjoint column, while the block's steps are all in-place SGD steps
+        pending_scale = [0.0] * columns
         block_steps = 0
         size = len(trajectory)
         with evaluation_mode(self.module):
@@ -295,17 +313,18 @@ class DiffInSweep:
                     block_steps += 1
                 propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
                 derivatives: list[list[Tensor]] = []
-                scales = (
-                    self.step_model.adjoint_scales(record.hyper, self.work_dtype, adjoint.device)
-                    if self.hessian_every == 1
-                    else None
-                )
+                scales = self.step_model.adjoint_scales(record.hyper, self.work_dtype, adjoint.device)
                 for q in range(columns):
-                    if scales is not None:
-                        terms = self._scaled_step(loss_fn, record, adjoint[:, q], scales, propagate, scored)
+                    if scales is not None and pending[q] is None:
+                        terms, pending_scale[q] = self._scaled_step(
+                            loss_fn, record, adjoint[:, q], scales, propagate, scored, position == 0, pending_scale[q]
+                        )
                         if terms is not None:
                             derivatives.append(terms)
                         continue
+                    if pending_scale[q] != 0.0:  # the block's sum so far, as a vector of its own from here on
+                        pending[q] = pending_scale[q] * adjoint[:, q]
+                        pending_scale[q] = 0.0
                     a_theta, a_state, a_grad = self.step_model.vjp(
                         record.theta, record.state, record.grad, record.hyper, adjoint[:, q], adjoint_state[q]
                     )
@@ -340,6 +359,7 @@ class DiffInSweep:
                     if self.hessian_products % ADJOINT_CHECK_EVERY == 0:
                         self._check_adjoint(record)
         self._check_adjoint(record)
+        self._check_dominant_step()
         self._adjoint, self._first_stored, self._last_stored = None, None, None
 
     def _scaled_step(
@@ -350,24 +370,33 @@ class DiffInSweep:
         scales: tuple[float, float],
         propagate: bool,
         scored: bool,
-    ) -> list[Tensor] | None:
+        last: bool,
+        pending: float,
+    ) -> tuple[list[Tensor] | None, float]:
         """One step whose transpose is ``a^theta = k * lambda``, ``a^G = c * lambda`` (stateless SGD,
         :meth:`StepModel.adjoint_scales`), done on the adjoint ``column`` in place without a
         parameter-sized ``a^G``: the product and the per-sample derivatives run along the column
-        and are scaled by ``c``. Returns the step's per-sample terms when it is scored."""
+        and are scaled. ``pending``: the sum of ``a^G`` over the block's newer steps not yet
+        propagated (``hessian_every > 1``), as a multiple of ``column``. Returns the step's
+        per-sample terms when it is scored, and the block's sum as a multiple of the column after
+        the step (0 once propagated)."""
         keep, factor = scales
-        if propagate and keep != 1.0:
+        total = pending + factor  # the block's sum of a^G, including this step's, in units of the column
+        if not last and keep != 1.0:
             column.mul_(keep)  # a^theta; a^G is now (c / k) * column
             factor /= keep
+            total /= keep
+        # Every a^G of the block is a multiple of the column: the product's gradient passes step along the
+        # direction of this step's a^G too, and their losses serve its finite-difference derivatives.
         share = scored and propagate and self.per_sample == "finite_difference" and self.remove is None
         terms = self._step_terms(loss_fn, record, column, None) if scored and not share else None
         if propagate:
-            # lambda_t = a^theta + H_t a^G, added in place; the gradient passes step along sign(c) * column,
-            # as along a^G itself
-            shifted = self._hessian_product(loss_fn, record, column, column, keep_losses=share, alpha=factor)
+            # lambda_t = a^theta + H_t (sum of the block's a^G), added in place
+            shifted = self._hessian_product(loss_fn, record, column, column, keep_losses=share, alpha=total)
             if share:
                 terms = self._step_terms(loss_fn, record, column, shifted)
-        return None if terms is None else [factor * t for t in terms]
+            total = 0.0
+        return (None if terms is None else [factor * t for t in terms]), total
 
     def _step_terms(
         self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None
@@ -404,6 +433,43 @@ class DiffInSweep:
                 "finite_difference='central' with fd_rel_step=5e-3, the default where kinks are found), hessian_every too large for the learning rate "
                 "(use hessian_every=1), or training at the edge of stability (a smaller learning rate). The growth is "
                 "in scores.metadata['max_adjoint_growth']",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _note_step(self, step: int, contribution: Tensor) -> None:
+        """Add a micro-batch's contributions to its step's squared norm (kept on the device until
+        the sweep ends)."""
+        squared = contribution.square().sum()
+        if self._step_norms and self._step_norms[-1][0] == step:
+            self._step_norms[-1] = (step, self._step_norms[-1][1] + squared)
+        else:
+            self._step_norms.append((step, squared))
+
+    def _check_dominant_step(self) -> None:
+        """Compare the sweep's steps' contributions with their median: record the largest ratio and
+        warn (once) when one step dominates its samples' scores."""
+        steps, self._step_norms = self._step_norms, []
+        if len(steps) < DOMINANCE_MIN_STEPS:
+            return
+        norms = torch.stack([n for _, n in steps]).sqrt().cpu()
+        median = float(norms.median())
+        if not median > 0:
+            return
+        k = int(norms.argmax())
+        ratio = float(norms[k]) / median
+        if ratio > self.max_step_ratio:
+            self.max_step_ratio, self.dominant_step = ratio, steps[k][0]
+        if ratio > STEP_DOMINANCE_LIMIT and not self._dominance_warned:
+            self._dominance_warned = True
+            warnings.warn(
+                f"DiffIn: the contributions of optimizer step {steps[k][0]} are {ratio:.0f}x the median step's (norm over "
+                "the step's samples), so that one step decides its samples' scores. The known cause is Adam/AdamW's first "
+                "steps, whose update is close to the gradient's sign (the second moment is then the step's own squared "
+                "gradient): where a parameter's batch gradient nearly cancels, as on inputs with many exact zeros, the "
+                "linearised update overshoots the real leave-one-out change many times (README, 'Adam's first steps'). "
+                "Check those samples against retraining (lightning_influence.evaluation). The ratio is in "
+                "scores.metadata['max_step_ratio']",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -540,6 +606,7 @@ class DiffInSweep:
             if not all_finite(contribution):
                 self._check_adjoint(record)
                 raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
+            self._note_step(record.step, contribution)
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
     def _accumulate_global(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
@@ -565,6 +632,7 @@ class DiffInSweep:
             mean = (sums[k] / size).to(s.device)
             rest = size - copies
             contribution = torch.where(rest > 0, (s - mean) / rest.clamp(min=1), s / copies) / record.normalizer
+            self._note_step(record.step, contribution)
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
     def _hessian_product(
