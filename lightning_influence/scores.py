@@ -62,6 +62,86 @@ def _finite_json_float(text: str) -> float:
     return value
 
 
+def _normalised_tensors(ids: Any, values: Any) -> tuple[Tensor, Tensor]:
+    """``(ids, values)`` as an :class:`InfluenceScores` holds them (CPU, dense, int64 ``[N]`` and
+    float64 ``[N]`` or ``[N, Q]``), or ``ValueError`` saying what is wrong. The constructor and
+    :meth:`InfluenceScores.save` both go through here, so a file is never written that
+    :meth:`InfluenceScores.load` would refuse."""
+    tensors = []
+    for name, given in (("ids", ids), ("values", values)):
+        try:
+            tensor = torch.as_tensor(given)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a tensor (or a sequence of numbers), got {type(given).__name__}: {err}") from None
+        if tensor.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense tensor, got layout {tensor.layout}: pass {name}.to_dense()")
+        tensors.append(tensor)
+    ids, values = tensors
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"sample ids must be integers, got a {ids.dtype} tensor")
+    if values.is_complex():
+        raise ValueError(
+            f"values are complex ({values.dtype}); influence scores are real numbers: pass values.real if the imaginary "
+            "part is meant to be dropped"
+        )
+    if values.dtype == torch.bool:
+        raise ValueError("values are booleans; influence scores are real numbers (float64)")
+    ids = ids.detach().to("cpu", torch.long).reshape(-1)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"sample ids must be >= 0 (positions in the training dataset), got {int(ids.min())}")
+    values = values.detach().to("cpu", torch.float64)
+    if values.dim() not in (1, 2) or values.shape[0] != ids.shape[0]:
+        raise ValueError(f"values must have shape [N] or [N, Q] with N = len(ids) = {ids.shape[0]}, got {tuple(values.shape)}")
+    unique, counts = ids.unique(return_counts=True)
+    if unique.numel() != ids.numel():
+        repeated = unique[counts > 1].tolist()
+        shown = ", ".join(map(str, repeated[:5])) + (", ..." if len(repeated) > 5 else "")
+        raise ValueError(
+            f"sample ids in InfluenceScores must be unique, but {len(repeated)} id(s) occur more than once ({shown}): "
+            "keep one score per sample"
+        )
+    return ids, values
+
+
+def _check_metadata_mapping(metadata: Any) -> None:
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a dict with string keys, got {type(metadata).__name__}")
+    bad = [k for k in metadata if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"metadata keys must be strings (they are saved as JSON), got {bad[:4]}")
+
+
+def _ranking(ids: Tensor, col: Tensor, descending: bool) -> Tensor:
+    """Positions of ``col`` in rank order: ascending (or descending) score, NaN last, ties in
+    ascending sample-id order (whatever order the samples are stored in)."""
+    by_id = torch.argsort(ids, stable=True)
+    keyed = col[by_id]
+    # ascending order puts NaN last; -NaN is NaN, so negating keeps NaN last for the descending order
+    return by_id[torch.argsort(-keyed if descending else keyed, stable=True)]
+
+
+def _spread(col: Tensor) -> dict[str, float | int]:
+    """:meth:`InfluenceScores.summary` of one column, NaN scores left out and counted."""
+    nan = torch.isnan(col)
+    kept = col[~nan]
+    out: dict[str, float | int] = {"count": int(kept.numel()), "nan_count": int(nan.sum())}
+    if kept.numel() == 0:
+        keys = ("mean", "std", "min", "q25", "median", "q75", "max", "harmful_fraction")
+        return {**out, **dict.fromkeys(keys, math.nan)}
+    q = torch.quantile(kept, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return {
+        **out,
+        "mean": float(kept.mean()),
+        "std": float(kept.std()) if kept.numel() > 1 else 0.0,
+        "min": float(kept.min()),
+        "q25": q[0],
+        "median": q[1],
+        "q75": q[2],
+        "max": float(kept.max()),
+        "harmful_fraction": float((kept < 0).double().mean()),
+    }
+
+
 @dataclass
 class InfluenceScores:
     """Influence scores of training samples.
@@ -78,26 +158,8 @@ class InfluenceScores:
     metadata: dict[str, MetadataValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        ids = torch.as_tensor(self.ids)
-        values = torch.as_tensor(self.values)
-        for name, tensor in (("ids", ids), ("values", values)):
-            if tensor.layout != torch.strided:
-                raise ValueError(f"{name} must be a dense tensor, got layout {tensor.layout}: pass {name}.to_dense()")
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise ValueError(f"sample ids must be integers, got a {ids.dtype} tensor")
-        self.ids = ids.detach().to("cpu", torch.long).reshape(-1)
-        if self.ids.numel() and int(self.ids.min()) < 0:
-            raise ValueError(f"sample ids must be >= 0 (positions in the training dataset), got {int(self.ids.min())}")
-        self.values = values.detach().to("cpu", torch.float64)
-        if self.values.dim() not in (1, 2) or self.values.shape[0] != self.ids.shape[0]:
-            raise ValueError(
-                f"values must have shape [N] or [N, Q] with N = len(ids) = {self.ids.shape[0]}, got {tuple(self.values.shape)}"
-            )
-        if self.ids.numel() != self.ids.unique().numel():
-            raise ValueError("sample ids in InfluenceScores must be unique")
-        bad = [k for k in self.metadata if not isinstance(k, str)]
-        if bad:
-            raise ValueError(f"metadata keys must be strings (they are saved as JSON), got {bad[:4]}")
+        self.ids, self.values = _normalised_tensors(self.ids, self.values)
+        _check_metadata_mapping(self.metadata)
         # Rankings that are not removal effects (coreset and cleaning baselines) state their own convention.
         metadata = {"sign_convention": SIGN_CONVENTION, **self.metadata, "version": FORMAT_VERSION}
         try:
@@ -160,11 +222,13 @@ class InfluenceScores:
 
     def most_harmful(self, k: int, query: int | None = None) -> tuple[Tensor, Tensor]:
         """The ``k`` lowest scores: ``(ids, values)``, most harmful first (NaN scores last; all
-        samples if ``k`` exceeds their number)."""
+        samples if ``k`` exceeds their number). Equal scores are ranked by ascending sample id,
+        whatever order the samples are stored in."""
         return self._ranked(k, query, helpful=False)
 
     def most_helpful(self, k: int, query: int | None = None) -> tuple[Tensor, Tensor]:
-        """The ``k`` highest scores: ``(ids, values)``, most helpful first (NaN scores last)."""
+        """The ``k`` highest scores: ``(ids, values)``, most helpful first (NaN scores last; equal
+        scores by ascending sample id, as in :meth:`most_harmful`)."""
         return self._ranked(k, query, helpful=True)
 
     def _ranked(self, k: int, query: int | None, helpful: bool) -> tuple[Tensor, Tensor]:
@@ -175,32 +239,21 @@ class InfluenceScores:
         if count < 0:
             raise ValueError(f"k must be a non-negative number of samples, got {k!r}")
         col = self._column(query)
-        # ascending order puts NaN last; negating ranks the highest first and keeps ties in id order
-        order = torch.argsort(-col if helpful else col, stable=True)[:count]
+        order = _ranking(self.ids, col, descending=helpful)[:count]
         return self.ids[order], col[order]
 
     # ------------------------------------------------------------------ summaries
     def summary(self, query: int | None = None) -> dict[str, float | int]:
-        """Spread of one target column: count, mean, std, min, quartiles, max (target-loss units)
-        and the fraction of harmful (negative) samples. Cheap; what the callback logs."""
-        col = self._column(query)
-        if col.numel() == 0:
-            return {"count": 0}
-        q = torch.quantile(col, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-        return {
-            "count": int(col.numel()),
-            "mean": float(col.mean()),
-            "std": float(col.std()) if col.numel() > 1 else 0.0,
-            "min": float(col.min()),
-            "q25": q[0],
-            "median": q[1],
-            "q75": q[2],
-            "max": float(col.max()),
-            "harmful_fraction": float((col < 0).double().mean()),
-        }
+        """Spread of one target column: mean, std (sample standard deviation; 0 for a single
+        score), min, quartiles, max (target-loss units) and the fraction of harmful (negative)
+        samples. NaN scores are left out of every statistic and counted: ``count`` is the number
+        of scores the statistics are over, ``nan_count`` the number of NaN scores left out. With
+        no score to summarise every statistic is NaN. Cheap; what the callback logs."""
+        return _spread(self._column(query))
 
     def per_class(self, labels: Mapping[int, Any] | Tensor, query: int | None = None) -> dict[Any, dict[str, float | int]]:
-        """:meth:`summary` per class. ``labels``: ``{sample_id: label}`` or a tensor indexed by id."""
+        """:meth:`summary` per class (NaN scores left out and counted in ``nan_count``, per class).
+        ``labels``: ``{sample_id: label}`` or a tensor indexed by id."""
         col = self._column(query)
         if isinstance(labels, Tensor):
             if self.ids.numel() and int(self.ids.max()) >= labels.shape[0]:
@@ -215,17 +268,17 @@ class InfluenceScores:
         for k, label in enumerate(per_id):
             groups.setdefault(label, []).append(k)
         return {
-            label: InfluenceScores(self.ids[rows], col[rows]).summary()
+            label: _spread(col[rows])
             for label, rows in sorted(groups.items(), key=lambda kv: str(kv[0]))
         }
 
     def join(self, dataset: Any, ids: Tensor | None = None, query: int | None = None) -> list[tuple[int, float, Any]]:
         """``(sample_id, score, dataset[sample_id])`` for ``ids`` (default: every scored sample, in
-        score order from most harmful). Needs ids that index ``dataset`` (as with ``IndexedDataset``)."""
+        score order from most harmful, as :meth:`most_harmful`). Needs ids that index ``dataset`` (as
+        with ``IndexedDataset``)."""
         col = self._column(query)
         if ids is None:
-            order = torch.argsort(col, stable=True)
-            ids = self.ids[order]
+            ids = self.ids[_ranking(self.ids, col, descending=False)]
         rows = []
         for i in torch.as_tensor(ids).reshape(-1).tolist():
             rows.append((int(i), float(self[i] if query is None else self[i][int(query)]), dataset[int(i)]))
@@ -249,7 +302,16 @@ class InfluenceScores:
         """Write atomically (temporary file in the same folder, then rename). Loads with :meth:`load`.
 
         The file carries a sha256 checksum of its ids, values and metadata, which :meth:`load`
-        verifies (as well as the CRC-32 of every member of the zip archive)."""
+        verifies (as well as the CRC-32 of every member of the zip archive).
+
+        ``ids``, ``values`` and ``metadata`` are checked (and the tensors normalised) as the
+        constructor does, also when they were replaced after construction: what :meth:`load` would
+        refuse raises ``ValueError`` here, and nothing is written."""
+        try:
+            ids, values = _normalised_tensors(self.ids, self.values)
+            _check_metadata_mapping(self.metadata)
+        except ValueError as err:  # fields replaced after construction
+            raise ValueError(f"cannot save these scores: {err}") from None
         try:
             metadata = json.dumps(self.metadata, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as err:  # metadata changed after construction
@@ -257,10 +319,10 @@ class InfluenceScores:
         payload = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "ids": self.ids.clone(),
-            "values": self.values.clone(),
+            "ids": ids.clone(),
+            "values": values.clone(),
             "metadata": metadata,
-            "checksum": _checksum(FORMAT_VERSION, self.ids, self.values, metadata),
+            "checksum": _checksum(FORMAT_VERSION, ids, values, metadata),
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
@@ -325,13 +387,18 @@ class InfluenceScores:
             raise ScoreFileError(f"{origin} is inconsistent: {err}") from None
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``sample_id,score`` (or ``sample_id,query_0,...``) rows, atomically."""
+        """Write ``sample_id,score`` (or ``sample_id,query_0,...``) rows, atomically (the tensors
+        checked as :meth:`save` checks them)."""
+        try:
+            ids, values = _normalised_tensors(self.ids, self.values)
+        except ValueError as err:  # fields replaced after construction
+            raise ValueError(f"cannot write these scores: {err}") from None
         out = io.StringIO()
         writer = csv.writer(out)
-        cols = ["score"] if self.values.dim() == 1 else [f"query_{q}" for q in range(self.values.shape[1])]
+        cols = ["score"] if values.dim() == 1 else [f"query_{q}" for q in range(values.shape[1])]
         writer.writerow(["sample_id", *cols])
-        rows = self.values.reshape(len(self), len(cols)).tolist()
-        for i, row in zip(self.ids.tolist(), rows, strict=True):
+        rows = values.reshape(len(ids), len(cols)).tolist()
+        for i, row in zip(ids.tolist(), rows, strict=True):
             writer.writerow([i, *(repr(v) for v in row)])
         return atomic_write_bytes(path, out.getvalue().encode())
 

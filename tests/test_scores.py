@@ -335,3 +335,86 @@ def test_non_finite_metadata_is_kept_as_text_so_the_file_is_strict_json(tmp_path
 def test_negative_ids_are_refused_in_memory_too():
     with pytest.raises(ValueError, match=r"sample ids must be >= 0 \(positions in the training dataset\), got -1"):
         InfluenceScores(torch.tensor([-1, 0]), torch.zeros(2))
+
+
+# ---------------------------------------------------------------- fields replaced after construction
+def test_save_normalises_values_replaced_after_construction_so_the_file_loads(tmp_path):
+    s = _scores()
+    s.values = s.values.float()  # a plain attribute assignment: the constructor does not see it
+    path = s.save(tmp_path / "f32.pt")
+    loaded = InfluenceScores.load(path)
+    assert loaded.values.dtype == torch.float64
+    torch.testing.assert_close(loaded.values, _scores().values.float().double(), rtol=0, atol=0)
+    s.ids = s.ids.int()
+    assert InfluenceScores.load(s.save(tmp_path / "i32.pt")).ids.dtype == torch.long
+    # the CSV export goes through the same normalisation
+    s.values = s.values.tolist()
+    assert s.to_csv(tmp_path / "list.csv").read_text().splitlines()[0] == "sample_id,score"
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "match"),
+    [
+        ("ids", torch.tensor([0, 0, 1, 2]), "unique, but 1 id"),
+        ("ids", torch.tensor([0.0, 1.0, 2.0, 3.0]), "must be integers"),
+        ("ids", torch.tensor([-1, 1, 2, 3]), ">= 0"),
+        ("values", torch.zeros(5, dtype=torch.float64), "N = len\\(ids\\) = 4"),
+        ("values", torch.zeros(4, dtype=torch.complex128), "complex"),
+        ("metadata", ["not", "a", "mapping"], "metadata must be a dict"),
+        ("metadata", {1: "int key"}, "keys must be strings"),
+    ],
+)
+def test_save_refuses_what_load_would_refuse_and_writes_nothing(tmp_path, field, bad, match):
+    s = _scores()
+    setattr(s, field, bad)
+    with pytest.raises(ValueError, match=match):
+        s.save(tmp_path / "bad.pt")
+    assert os.listdir(tmp_path) == []  # no file, no temporary left behind
+    if field != "metadata":
+        with pytest.raises(ValueError, match=match):
+            s.to_csv(tmp_path / "bad.csv")
+        assert os.listdir(tmp_path) == []
+
+
+def test_complex_and_boolean_values_are_refused_not_cast():
+    with pytest.raises(ValueError, match=r"complex.*values\.real"):
+        InfluenceScores(torch.arange(2), torch.tensor([1 + 2j, 3 + 0j]))
+    with pytest.raises(ValueError, match="booleans"):
+        InfluenceScores(torch.arange(2), torch.tensor([True, False]))
+
+
+# ---------------------------------------------------------------- NaN in summaries
+def test_summary_leaves_nan_scores_out_and_counts_them():
+    values = torch.tensor([1.0, float("nan"), 3.0, -1.0], dtype=torch.float64)
+    s = InfluenceScores(torch.arange(4), values).summary()
+    finite = values[~values.isnan()]
+    assert s["count"] == 3 and s["nan_count"] == 1
+    assert s["mean"] == pytest.approx(finite.mean().item()) and s["std"] == pytest.approx(finite.std().item())
+    assert (s["min"], s["median"], s["max"]) == (-1.0, 1.0, 3.0)
+    assert s["harmful_fraction"] == pytest.approx(1 / 3)
+    # no NaN result next to finite ones: with no score left every statistic is NaN, count 0
+    alone = InfluenceScores(torch.arange(1), torch.tensor([float("nan")])).summary()
+    assert alone["count"] == 0 and alone["nan_count"] == 1
+    stats = [v for k, v in alone.items() if k not in ("count", "nan_count")]
+    assert len(stats) == 8 and all(v != v for v in stats)
+    clean = InfluenceScores(torch.arange(3), torch.tensor([1.0, 2.0, -3.0])).summary()
+    assert clean["nan_count"] == 0 and clean["count"] == 3 and set(s) == set(clean) == set(alone)
+
+
+def test_per_class_leaves_nan_scores_out_per_class():
+    values = torch.tensor([1.0, float("nan"), 3.0, -1.0, float("nan")], dtype=torch.float64)
+    per = InfluenceScores(torch.arange(5), values).per_class({0: "a", 1: "a", 2: "b", 3: "b", 4: "c"})
+    assert (per["a"]["count"], per["a"]["nan_count"], per["a"]["mean"], per["a"]["std"]) == (1, 1, 1.0, 0.0)
+    assert (per["b"]["count"], per["b"]["nan_count"], per["b"]["mean"]) == (2, 0, 1.0)
+    assert per["c"]["count"] == 0 and per["c"]["nan_count"] == 1 and per["c"]["mean"] != per["c"]["mean"]
+    assert per["c"]["std"] != per["c"]["std"]  # NaN like every statistic of the class, not 0.0
+
+
+# ---------------------------------------------------------------- ties
+def test_equal_scores_rank_by_sample_id_whatever_the_storage_order():
+    s = InfluenceScores(torch.tensor([3, 1, 2, 0, 4]), torch.tensor([0.0, 0.0, float("nan"), 0.0, -1.0]))
+    assert s.most_harmful(5)[0].tolist() == [4, 0, 1, 3, 2]  # lowest first, ties by id, NaN last
+    assert s.most_helpful(5)[0].tolist() == [0, 1, 3, 4, 2]  # highest first, ties by id, NaN last
+    assert [row[0] for row in s.join(list(range(5)))] == [4, 0, 1, 3, 2]
+    q = InfluenceScores(torch.tensor([9, 5, 7]), torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 2.0]]))
+    assert q.most_helpful(3, query=0)[0].tolist() == [5, 9, 7] and q.most_harmful(3, query=1)[0].tolist() == [5, 7, 9]
