@@ -13,34 +13,36 @@ import torch
 from torch import Tensor
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
+from lightning_influence.evaluation._checks import as_flags, as_numbers, check_fraction, check_same_length
+
 __all__ = ["detection_auroc", "fraction_found", "pearson", "spearman"]
 
 ArrayLike = Tensor | Sequence[float]
 
 
 def _validated(scores: ArrayLike, truth: ArrayLike) -> tuple[Tensor, Tensor]:
-    pair = []
-    for name, values in (("scores", scores), ("truth", truth)):
-        try:
-            # dtype at construction: a list of Python floats would otherwise pass through float32
-            t = torch.as_tensor(values, dtype=torch.float64, device="cpu").detach()
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"{name} must be a 1-D sequence of numbers: {err}") from err
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
-        pair.append(t)
-    x, y = pair
-    if x.numel() != y.numel():
-        raise ValueError(f"scores and truth must have the same length, got {x.numel()} and {y.numel()}")
+    x, y = as_numbers("scores", scores), as_numbers("truth", truth)
+    check_same_length("scores", x, "truth", y)
     if x.numel() < 3:
         raise ValueError(f"a correlation needs at least 3 pairs, got {x.numel()}")
     for name, t in (("scores", x), ("truth", y)):
-        bad = (~torch.isfinite(t)).nonzero().reshape(-1)
-        if bad.numel():
-            raise ValueError(f"{name} has {bad.numel()} non-finite value(s), first at position {int(bad[0])}")
         if bool((t == t[0]).all()):
             raise ValueError(f"{name} is constant: the correlation is undefined")
     return x, y
+
+
+def _standardised(t: Tensor) -> Tensor:
+    """``t`` centred and scaled so that its largest absolute deviation lies in [0.5, 1): squares
+    and products of the values can then neither overflow nor underflow (values near 1e200 or
+    1e-200 would). Scaling is by powers of two, exact, and the correlation is invariant to it."""
+
+    def rescale(v: Tensor) -> Tensor:
+        _, exponent = torch.frexp(v.abs().max())
+        half = exponent // 2  # two factors, each within float64's range even for exponents near +-1074
+        return v * torch.pow(2.0, -half.double()) * torch.pow(2.0, -(exponent - half).double())
+
+    scaled = rescale(t)  # |value| < 1 first: the mean of values near 1e308 would overflow
+    return rescale(scaled - scaled.mean())
 
 
 def spearman(scores: ArrayLike, truth: ArrayLike) -> float:
@@ -58,41 +60,45 @@ def pearson(scores: ArrayLike, truth: ArrayLike) -> float:
     """Pearson (linear) correlation of ``scores`` with ``truth``.
 
     Dimensionless, in [-1, 1]. Raises ``ValueError`` unless both are 1-D, of equal length
-    >= 3, finite and not constant (or so close to constant that float64 cannot resolve it).
+    >= 3, finite and not constant. Computed on the values centred and rescaled (exactly, by
+    powers of two), so very large or very small magnitudes (1e200, 1e-200) neither overflow nor
+    underflow.
     """
     x, y = _validated(scores, truth)
-    value = float(pearson_corrcoef(x, y))
-    if value != value:  # nan: torchmetrics found a variance too small to resolve
-        raise ValueError("scores or truth vary too little for a float64 Pearson correlation")
+    value = float(pearson_corrcoef(_standardised(x), _standardised(y)))
+    if value != value:  # nan: torchmetrics found a variance it cannot resolve even after rescaling
+        raise ValueError(
+            "scores or truth vary too little relative to their largest deviation for a float64 Pearson correlation "
+            "(after rescaling, so not an overflow)"
+        )
     return value
+
+
+def _scores_and_flags(scores: ArrayLike, positives: Tensor | Sequence[bool]) -> tuple[Tensor, Tensor]:
+    x, pos = as_numbers("scores", scores), as_flags("positives", positives)
+    check_same_length("scores", x, "positives", pos)
+    return x, pos
 
 
 def detection_auroc(scores: ArrayLike, positives: Tensor | Sequence[bool]) -> float:
     """ROC-AUC of finding the ``positives`` (e.g. flipped labels) by ranking the *lowest* scores
     first: with the library's sign, harmful samples have negative scores. Dimensionless, in
-    [0, 1]; 0.5 is chance. Raises ``ValueError`` without both positives and negatives."""
+    [0, 1]; 0.5 is chance. ``scores``: 1-D, real, finite; ``positives``: 1-D booleans (or 0/1)
+    of the same length. Raises ``ValueError`` otherwise, or without both positives and negatives."""
     from torchmetrics.functional import auroc
 
-    x = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
-    pos = torch.as_tensor(positives, dtype=torch.bool).reshape(-1)
-    if x.numel() != pos.numel():
-        raise ValueError(f"scores and positives must have the same length, got {x.numel()} and {pos.numel()}")
+    x, pos = _scores_and_flags(scores, positives)
     if bool(pos.all()) or not bool(pos.any()):
         raise ValueError("detection ROC-AUC needs both positive and negative samples")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("scores has non-finite values")
     return float(auroc(-x, pos.long(), task="binary"))
 
 
 def fraction_found(scores: ArrayLike, positives: Tensor | Sequence[bool], fraction: float) -> float:
     """Share of the ``positives`` among the ``fraction`` of samples with the lowest scores
-    (most harmful first; ties broken by position). In [0, 1]; chance is ``fraction``."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    x = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
-    pos = torch.as_tensor(positives, dtype=torch.bool).reshape(-1)
-    if x.numel() != pos.numel():
-        raise ValueError(f"scores and positives must have the same length, got {x.numel()} and {pos.numel()}")
+    (most harmful first; ties broken by position). In [0, 1]; chance is ``fraction``.
+    ``scores`` and ``positives`` as for :func:`detection_auroc`; ``fraction`` in (0, 1]."""
+    fraction = check_fraction("fraction", fraction, include_one=True)
+    x, pos = _scores_and_flags(scores, positives)
     total = int(pos.sum())
     if total == 0:
         raise ValueError("there are no positives to find")

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_influence.evaluation._checks import as_ids
 from lightning_influence.kernels import (
     PerSampleLossFn,
     RemoveFn,
@@ -374,8 +375,9 @@ def retrain(
 ) -> dict[str, Tensor]:
     """Final parameters of the recorded run re-run without the samples of each removal set.
 
-    For each removal set ``removals[k]`` (a collection of sample ids, as ``module.sample_ids``
-    reports them), every step of ``steps`` is re-run from ``initial_params`` with those samples
+    For each removal set ``removals[k]`` (a collection of integer sample ids, as
+    ``module.sample_ids`` reports them; a floating-point id raises ``ValueError``, a repeated one
+    counts once), every step of ``steps`` is re-run from ``initial_params`` with those samples
     taken out of every micro-batch: a micro-batch's loss is the mean per-sample loss
     (``module.per_sample_loss``) over its remaining samples (zero if none remain), the step's
     gradient is the sum over its micro-batches divided by the step's ``normalizer``, clipped
@@ -439,7 +441,12 @@ def retrain(
         if not all(math.isfinite(lr) for lr in step.lrs):
             raise ValueError(f"step {t} has a non-finite learning rate: {step.lrs}")
 
-    removal_sets = [frozenset(int(i) for i in r) for r in removals]
+    if isinstance(removals, (str, bytes)) or not isinstance(removals, Iterable):
+        raise ValueError(
+            f"removals must be a sequence of removal sets (each a collection of sample ids, () for none), got "
+            f"{type(removals).__name__}"
+        )
+    removal_sets = [frozenset(as_ids(f"removal set {k}", r).tolist()) for k, r in enumerate(removals)]
     step_ids = [[_ids_list(module, b, t, m) for m, b in enumerate(step.batches)] for t, step in enumerate(steps)]
     seen_ids = {i for ids in step_ids for micro in ids for i in micro}
     unseen = sorted({i for r in removal_sets for i in r} - seen_ids)
@@ -735,11 +742,13 @@ def leave_one_out(
     Sign: positive means removing ``z`` raises the target loss (``z`` helps); negative means
     ``z`` hurts.
 
-    Returns a float64 ``Tensor[len(sample_ids)]`` on the CPU. Cost: ``len(sample_ids) + 1``
+    ``sample_ids``: integer ids (a tensor, array or sequence; ``ValueError`` for floating-point,
+    complex or boolean ones, which are not rounded to an id). Returns a float64
+    ``Tensor[len(sample_ids)]`` on the CPU. Cost: ``len(sample_ids) + 1``
     retraining runs, vectorised ``chunk_size`` at a time. ``coupled``: see :func:`retrain` (default:
     ``module.coupled_batch_loss``); the target batches are evaluated whole either way.
     """
-    ids = [int(i) for i in (sample_ids.reshape(-1).tolist() if isinstance(sample_ids, Tensor) else sample_ids)]
+    ids = as_ids("sample_ids", sample_ids, flatten=True).tolist()
     batches = list(target_batches)
     removals: list[tuple[int, ...]] = [(), *((i,) for i in ids)]
     losses: list[Tensor] = []
