@@ -644,3 +644,22 @@ def test_models_without_batching_rules_are_retrained_run_by_run(digits: tuple[Te
     losses = target_loss(module, out, [(x[:20], y[:20], torch.arange(20))])
     for k in range(len(removals)):
         torch.testing.assert_close(losses[k], target_loss(module, run_of(out, k), [(x[:20], y[:20], torch.arange(20))]))
+
+
+def test_float32_target_batches_of_a_64_true_fit_are_evaluated_as_training_saw_them(digits: tuple[Tensor, Tensor]) -> None:
+    """precision="64-true" converts the float32 batches its loops feed the module to float64; the
+    target batches given to leave_one_out are converted alike (before: a raw dtype error from the
+    vmapped forward), with the same result as float64 target batches."""
+    x, y = digits
+    batches = fixed_batches(x.float(), y)[:6]
+    torch.manual_seed(0)
+    module = Classifier(hidden=(8,))
+    initial = {n: p.detach().clone().double() for n, p in module.named_parameters()}
+    _, recorder = fit(module, batches, precision="64-true")
+    target32 = [(x[200:260].float(), y[200:260])]
+    target64 = [(x[200:260], y[200:260])]
+    ids = [0, 5, 17]
+    widened = leave_one_out(module, initial, recorder.steps, recorder.optimizer, ids, target32)
+    exact = leave_one_out(module, initial, recorder.steps, recorder.optimizer, ids, target64)
+    torch.testing.assert_close(widened, exact, rtol=0, atol=0)
+    assert float(exact.abs().max()) > 0

@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_influence.batches import map_tensors
 from lightning_influence.evaluation._checks import as_ids
 from lightning_influence.kernels import (
     PerSampleLossFn,
@@ -690,12 +691,17 @@ def target_loss(
     ``params`` is either stacked, ``{name: Tensor[K, *shape]}`` (as :func:`retrain` returns),
     giving a float64 ``Tensor[K]`` (vmapped over K, ``chunk_size`` runs at a time), or
     unstacked, ``{name: Tensor[*shape]}``, giving a float64 0-d tensor. Units: the loss's.
+    A float64 module evaluates lower-precision floating inputs converted to float64, as
+    Lightning's ``precision="64-true"`` converts the batches its loops feed the module.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     stacked = _stacked(module, params)
     loss_fn = per_sample_loss_function(module)
     batches = list(target_batches)
+    if any(p.dtype == torch.float64 for p in params.values()):
+        widen = lambda t: t.double() if t.is_floating_point() and t.dtype != torch.float64 else t  # noqa: E731
+        batches = [map_tensors(widen, batch) for batch in batches]
     params = {n: p.detach() for n, p in params.items()}
     k = next(iter(params.values())).shape[0] if stacked else 1
     totals = torch.zeros(k, dtype=torch.float64)
