@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from lightning_influence.mixin import InfluenceMixin
 
@@ -23,6 +24,77 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
 
+class SampleMean(Metric):
+    """The mean of a per-sample value over an evaluation set, each sample counted once, also
+    across the processes of a distributed run.
+
+    Under DDP, Lightning reads an evaluation loader through a ``DistributedSampler`` that pads the
+    shards to equal length with repeated samples, and a value logged without synchronisation is
+    rank zero's shard only. Here every process keeps its samples' values with their sample ids
+    (``dist_reduce_fx="cat"``: torchmetrics gathers the ranks' states, of unequal lengths too, at
+    ``compute``), and ``compute`` averages over the distinct ids: exactly the one-process value on
+    the whole set (up to float summation order), whatever the world size and padding. Values given
+    without ids (batches without a sample-id column) are summed and counted as they come, reduced
+    by sum across ranks: exact except that a padded, repeated sample counts again.
+
+    ``across_processes`` (set by :class:`Classifier` from its Trainer's world size at every step):
+    whether ``compute`` gathers the other processes' states. A one-device Trainer run in one
+    process of a distributed job (e.g. a trial fit) must not wait for the other processes.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.across_processes = True
+        self.add_state("ids", default=[], dist_reduce_fx="cat")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.add_state("unindexed_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("unindexed_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, values: Tensor, ids: Tensor | None = None) -> None:
+        values = values.detach().reshape(-1).to(torch.float64)
+        if ids is None:
+            self.unindexed_sum += values.sum()
+            self.unindexed_count += values.numel()
+            return
+        ids = torch.as_tensor(ids, device=values.device).reshape(-1).long()
+        if ids.numel() != values.numel():
+            raise ValueError(f"SampleMean got {values.numel()} values for {ids.numel()} sample ids")
+        self.ids.append(ids)
+        self.values.append(values)
+
+    def sync(self, dist_sync_fn: Any = None, process_group: Any = None, should_sync: bool = True, distributed_available: Any = None) -> None:
+        super().sync(dist_sync_fn, process_group, should_sync and self.across_processes, distributed_available)
+
+    def compute(self) -> Tensor:
+        total, count = self.unindexed_sum.clone(), self.unindexed_count.clone()
+        ids, values = self.ids, self.values
+        # After the distributed sync a "cat" state is one tensor; before it (one process) a list.
+        ids = torch.cat(ids) if isinstance(ids, list) and ids else ids
+        values = torch.cat(values) if isinstance(values, list) and values else values
+        if isinstance(ids, Tensor) and ids.numel():
+            # One value per distinct id (a repeated id is the same sample under the same
+            # parameters: a DistributedSampler's padding).
+            unique, inverse = torch.unique(ids, return_inverse=True)
+            first = torch.full((unique.numel(),), ids.numel(), dtype=torch.long, device=ids.device)
+            first.scatter_reduce_(0, inverse, torch.arange(ids.numel(), device=ids.device), reduce="amin")
+            total = total + values[first].sum()
+            count = count + unique.numel()
+        return total / count if int(count) > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def _update(module: L.LightningModule, metric: SampleMean, values: Tensor, ids: Tensor | None) -> None:
+    trainer = getattr(module, "_trainer", None)
+    metric.across_processes = trainer is not None and int(getattr(trainer, "world_size", 1) or 1) > 1
+    metric.update(values, ids)
+
+
+def _sample_ids(batch: Any) -> Tensor | None:
+    """The sample-id column of an ``(x, y, index)`` batch; ``None`` for ``(x, y)`` batches."""
+    return batch[2] if isinstance(batch, (tuple, list)) and len(batch) >= 3 else None
+
+
 class Classifier(InfluenceMixin, L.LightningModule):
     """A multilayer perceptron (``hidden=()`` gives logistic regression).
 
@@ -32,6 +104,10 @@ class Classifier(InfluenceMixin, L.LightningModule):
     (``momentum``, ``nesterov``, ``weight_decay``, ``betas``, ...). ``schedule``: ``"constant"``,
     ``"cosine"`` (per step, to zero at the last step), ``"warmup_cosine"`` (linear warm-up over the
     first 10% of steps, then cosine) or ``"step"`` (per epoch, halving every epoch).
+
+    Logs ``train_loss`` (per step, this process's batch) and ``val_loss``, ``val_acc``,
+    ``test_acc``: means over the whole evaluation set, each sample once, in one process and across
+    the processes of a distributed run alike (:class:`SampleMean`).
     """
 
     def __init__(
@@ -65,6 +141,10 @@ class Classifier(InfluenceMixin, L.LightningModule):
         self.optimizer_name = optimizer
         self.optimizer_options = dict(optimizer_options or {})
         self.schedule = schedule
+        # Evaluation metrics over the whole set, each sample once, also under DDP (see SampleMean).
+        self.val_loss_metric = SampleMean()
+        self.val_acc_metric = SampleMean()
+        self.test_acc_metric = SampleMean()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -82,15 +162,21 @@ class Classifier(InfluenceMixin, L.LightningModule):
         self.log("train_loss", loss, prog_bar=False)
         return loss
 
+    # val_loss, val_acc and test_acc are means over the samples of the whole evaluation set, each
+    # sample counted once, in one process and across the processes of a distributed run alike
+    # (SampleMean: exact where batches carry sample ids, as (x, y, index) batches do).
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
+        x, y, ids = batch[0], batch[1], _sample_ids(batch)
         logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+        _update(self, self.val_loss_metric, F.cross_entropy(logits, y, reduction="none"), ids)
+        _update(self, self.val_acc_metric, (logits.argmax(-1) == y).float(), ids)
+        self.log("val_loss", self.val_loss_metric, on_step=False, on_epoch=True)
+        self.log("val_acc", self.val_acc_metric, on_step=False, on_epoch=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch[0], batch[1]
-        self.log("test_acc", (self(x).argmax(-1) == y).float().mean())
+        x, y, ids = batch[0], batch[1], _sample_ids(batch)
+        _update(self, self.test_acc_metric, (self(x).argmax(-1) == y).float(), ids)
+        self.log("test_acc", self.test_acc_metric, on_step=False, on_epoch=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = OPTIMIZERS[self.optimizer_name](self.parameters(), lr=self.lr, **self.optimizer_options)
