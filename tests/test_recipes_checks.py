@@ -28,6 +28,7 @@ from lightning_influence.recipes.common import (
     distributed_train_loader,
     harmonise_precision,
     predicts_removal,
+    ranking,
     removal_effect_estimators,
     subset_datamodule,
     target_subset,
@@ -71,12 +72,12 @@ def test_aggregation_keeps_configurations_apart_and_pools_seeds(tmp_path: Path) 
     assert aggregate.configurations(rows) == (["model.lr"], ["seed"])
     cells = aggregate.aggregate(rows)
     for lr in ("0.1", "0.5"):
-        cell = cells[("cleaning", "test_acc", f"model.lr={lr}", "no_removal", 0.0)]
+        cell = cells[("cleaning", "test_acc", f"model.lr={lr}", "no removal (baseline)", 0.0)]
         assert cell["n"] == 2 and cell["values"] == [values[(lr, 0)], values[(lr, 1)]]
     assert len(cells) == 6
     table = aggregate.markdown_table(cells, ["seed"])
     assert "cleaning: test_acc [model.lr=0.1], mean +- std over jobs differing in seed (n)" in table
-    assert "| no_removal | 0.7100 +- 0.0141 (2) |" in table and "| no_removal | 0.8700 +- 0.0141 (2) |" in table
+    assert "| no removal (baseline) | 0.7100 +- 0.0141 (2) |" in table and "| no removal (baseline) | 0.8700 +- 0.0141 (2) |" in table
 
 
 def test_baselines_count_once_per_run_not_per_coinciding_value(tmp_path: Path) -> None:
@@ -90,14 +91,14 @@ def test_baselines_count_once_per_run_not_per_coinciding_value(tmp_path: Path) -
     rows = aggregate.collect(tmp_path)
     assert aggregate.configurations(rows) == ([], ["recipe.seeds"])
     cells = aggregate.aggregate(rows)
-    assert cells[("cleaning", "test_acc", "", "no_removal", 0.0)]["n"] == 2
-    assert cells[("cleaning", "test_acc", "", "random", 0.1)]["n"] == 2
+    assert cells[("cleaning", "test_acc", "", "no removal (baseline)", 0.0)]["n"] == 2
+    assert cells[("cleaning", "test_acc", "", "random removal (baseline)", 0.1)]["n"] == 2
     assert cells[("cleaning", "test_acc", "", "diffin", 0.1)]["n"] == cells[("cleaning", "test_acc", "", "tracin", 0.1)]["n"] == 2
     # the estimator's own rows are never merged, even with equal values
     for i, estimator in enumerate(["diffin", "diffin"]):
         _job(tmp_path / "again", str(i), [f"seed={i}"], _cleaning_rows(estimator, i, same, same, same), estimator)
     again = aggregate.aggregate(aggregate.collect(tmp_path / "again"))
-    assert again[("cleaning", "test_acc", "", "diffin", 0.1)]["n"] == again[("cleaning", "test_acc", "", "no_removal", 0.0)]["n"] == 2
+    assert again[("cleaning", "test_acc", "", "diffin", 0.1)]["n"] == again[("cleaning", "test_acc", "", "no removal (baseline)", 0.0)]["n"] == 2
 
 
 def test_multirun_over_a_learning_rate_is_not_pooled(tmp_path: Path) -> None:
@@ -424,3 +425,142 @@ def test_files_of_an_earlier_run_are_named_and_left(tmp_path: Path) -> None:
     assert report["stale_files"] == ["extra_plot.png", "predicted_vs_actual.png"]
     assert json.loads((tmp_path / "report.json").read_text())["stale_files"] == report["stale_files"]
     assert (tmp_path / "predicted_vs_actual.png").read_bytes() == b"an earlier deletion run" and (tmp_path / "notes.txt").is_file()
+
+
+# ---------------------------------------------------------------------- a sweep over estimators: one row per procedure
+def test_a_sweep_over_estimators_gives_each_procedure_its_own_row(tmp_path: Path) -> None:
+    """-m estimator=random,loss (cleaning): the random estimator's removal and the random-removal
+    baseline, the loss estimator and the final-loss baseline (the same ranking in the loss job) are
+    separate rows, each counted once per job; the baselines every job repeats count once."""
+    sweep = tmp_path / "multirun"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_influence", "-m", "estimator=random,loss", "model=logreg", "data.batch_size=64",
+         *QUICK, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    reports = {r["estimator"]["name"]: r for r in (json.loads(p.read_text()) for p in sweep.glob("*/report.json"))}
+    assert sorted(reports) == ["loss", "random"]
+    methods = {row["method"] for r in reports.values() for row in r["summary"]}
+    assert methods == {"random", "loss", "no removal (baseline)", "final loss (baseline)", "random removal (baseline)"}
+    rows = aggregate.collect(sweep)
+    cells = aggregate.aggregate(rows)
+    fraction = round(reports["random"]["removal"]["fraction"], 6)
+    conditions = {name: r["removal"]["conditions"] for name, r in reports.items()}
+    expected = {
+        ("random", fraction): conditions["random"]["estimator"]["test_acc"]["mean"],
+        ("random removal (baseline)", fraction): conditions["random"]["random"]["test_acc"]["mean"],
+        ("loss", fraction): conditions["loss"]["estimator"]["test_acc"]["mean"],
+        ("final loss (baseline)", fraction): conditions["loss"]["loss"]["test_acc"]["mean"],
+        ("no removal (baseline)", 0.0): conditions["loss"]["no_removal"]["test_acc"]["mean"],
+    }
+    assert {(k[3], k[4]) for k in cells} == set(expected)
+    for (method, f), value in expected.items():
+        cell = cells[("cleaning", "test_acc", "", method, f)]
+        assert cell["n"] == 1 and cell["values"] == [pytest.approx(value)], method
+    assert aggregate.main([str(sweep), "--no-plot"]) == 0
+    table = (sweep / "aggregate.md").read_text()
+    assert "| random |" in table and "| random removal (baseline) |" in table and "| final loss (baseline) |" in table
+
+
+def test_reports_with_bare_baseline_names_are_renamed_not_pooled(tmp_path: Path) -> None:
+    """Reports written before the baselines had names of their own (bare no_removal, loss, random
+    with or without the baseline flag) tabulate as the recipe names them now."""
+    common = {"recipe": "cleaning", "seed": 0, "metric": "test_acc"}
+    flagged = [
+        {**common, "method": "random", "fraction": 0.1, "accuracy": 0.78, "baseline": False},
+        {**common, "method": "no_removal", "fraction": 0.0, "accuracy": 0.84, "baseline": True},
+        {**common, "method": "loss", "fraction": 0.1, "accuracy": 0.80, "baseline": True},
+        {**common, "method": "random", "fraction": 0.1, "accuracy": 0.81, "baseline": True},
+    ]
+    _job(tmp_path, "0", ["estimator=random"], flagged, "random")
+    unflagged = [{k: v for k, v in row.items() if k != "baseline"} for row in flagged]
+    unflagged[0] = {**unflagged[0], "method": "loss", "accuracy": 0.80}
+    _job(tmp_path, "1", ["estimator=loss"], unflagged, "loss")
+    cells = aggregate.aggregate(aggregate.collect(tmp_path))
+    got = {k[3]: (v["n"], v["values"]) for k, v in cells.items()}
+    assert got == {
+        "random": (1, [0.78]), "loss": (1, [0.80]), "no removal (baseline)": (1, [0.84]),
+        "final loss (baseline)": (1, [0.80]), "random removal (baseline)": (1, [0.81]),
+    }
+    assert aggregate.baseline_method("final loss (baseline)") == "final loss (baseline)"
+
+
+# ---------------------------------------------------------------------- trajectory retraining under DDP
+def test_trajectory_retraining_under_ddp_is_refused_before_anything_runs(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """recipe=deletion trainer=ddp with the default replay: refused before the data are set up,
+    naming recipe.retraining=fresh; with fresh the check lets it through to the trial fit."""
+
+    class Reached(Exception):
+        pass
+
+    def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise Reached
+
+    monkeypatch.setattr(deletion, "preflight", no_data)
+    with pytest.raises(ValueError, match=r"recipe.retraining=trajectory .*StepRecorder records the batches one process sees.* trains with "
+                       r"2 processes.*Use recipe.retraining=fresh .* or train on one device \(trainer.devices=1"):
+        run(compose_cfg("recipe=deletion", "trainer=ddp", *QUICK, f"output_dir={tmp_path}"))
+    with pytest.raises(Reached):
+        run(compose_cfg("recipe=deletion", "trainer=ddp", "recipe.retraining=fresh", *QUICK, f"output_dir={tmp_path}"))
+    with pytest.raises(Reached):
+        run(compose_cfg("recipe=deletion", "trainer=ddp", "trainer.devices=1", *QUICK, f"output_dir={tmp_path}"))
+
+
+# ---------------------------------------------------------------------- NaN scores
+def test_nan_scores_rank_last_in_every_selection() -> None:
+    ids = torch.arange(6)
+    column = torch.tensor([0.5, float("nan"), 0.9, 0.1, float("nan"), 0.3], dtype=torch.float64)
+    assert coreset.select_coreset(ids, column, 2 / 6).tolist() == [0, 2]
+    assert coreset.select_coreset(ids, column, 0.5, [0, 0, 0, 1, 1, 1]).tolist() == [0, 2, 3, 5]  # 2 per class, NaN last
+    sets = deletion.deletion_sets(ids + 10, column, [2], ["harmful", "helpful"], seed=0)
+    assert [s["ids"].tolist() for s in sets] == [[13, 15], [12, 10]]
+    assert ranking(column).tolist() == [3, 5, 0, 2, 1, 4] and ranking(column, descending=True).tolist() == [2, 0, 5, 3, 1, 4]
+    ties = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert ranking(ties).tolist() == [1, 3, 0, 2] and ranking(ties, descending=True).tolist() == [0, 2, 1, 3]  # ties in order
+
+
+def test_detection_ranks_nan_last_in_both_metrics_and_counts_them() -> None:
+    """The ROC-AUC and the share found agree on where a NaN ranks (last: least suspicious)."""
+    values = torch.tensor([float("nan"), -2.0, -1.0, float("-inf"), 0.5, float("nan"), 1.0, 0.0], dtype=torch.float64)
+    flipped = torch.tensor([True, True, False, False, True, False, False, True])
+    got = cleaning.detection_metrics(values, flipped, [0.25, 0.5])
+    replaced = torch.tensor([10.0, -2.0, -1.0, -10.0, 0.5, 10.0, 1.0, 0.0], dtype=torch.float64)  # the same order
+    expected = cleaning.detection_metrics(replaced, flipped, [0.25, 0.5])
+    assert got == {**expected, "num_nan": 2} and expected["num_nan"] == 0
+    assert got["found_in_top_25pct"] == 0.25 and got["found_in_top_50pct"] == 0.5  # -inf, -2 | -1, 0
+
+
+def test_a_nan_final_loss_stops_cleaning_before_detection_and_retraining(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    real = cleaning.final_loss_scores
+
+    def with_nan(run_):  # type: ignore[no-untyped-def]
+        column = real(run_).clone()
+        column[[3, 7]] = float("nan")
+        return column
+
+    def no_retraining(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("retraining started")
+
+    monkeypatch.setattr(cleaning, "final_loss_scores", with_nan)
+    monkeypatch.setattr(cleaning, "retrain_fresh", no_retraining)
+    cfg = compose_cfg("estimator=random", "model=logreg", *QUICK, f"output_dir={tmp_path}")
+    with pytest.raises(FloatingPointError, match=r"the final-loss ranking .* gave 2 NaN of its 1200 scores \(sample ids 3, 7\).*stops before detection"):
+        run(cfg)
+
+
+def test_nan_estimator_scores_are_counted_and_named(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lightning_influence.estimators.coreset import RandomScores
+
+    real = RandomScores.scores
+
+    def with_nan(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        scores = real(self, *args, **kwargs)
+        scores.values[scores.ids == 5] = float("nan")
+        scores.values[scores.ids == 9] = float("inf")
+        return scores
+
+    monkeypatch.setattr(RandomScores, "scores", with_nan)
+    cfg = compose_cfg("recipe=coreset", "estimator=random", "model=logreg", *QUICK, f"output_dir={tmp_path}")
+    with pytest.raises(FloatingPointError, match=r"estimator 'random' gave 1 NaN and 1 infinite of its 1200 scores \(sample ids 5, 9\)"):
+        run(cfg)

@@ -22,8 +22,15 @@ jobs -- and reports without accuracy rows (the deletion recipe's: its predicted 
 changes stay in each report.json) are skipped with a warning that names them; ``aggregate.md``
 ends with a note that counts them.
 
-A baseline that several jobs report for the same run (the cleaning recipe's no removal, final
-loss and random removal, repeated by every job of a sweep over estimators) counts once: two
+Baselines have rows of their own, named ``"<name> (baseline)"`` (the cleaning recipe's
+``no removal (baseline)``, ``final loss (baseline)`` and ``random removal (baseline)``; older
+reports' bare ``no_removal``, ``loss`` and ``random`` are renamed so): the ``random`` and
+``loss`` estimators' rows are other procedures and never pool with them. A row is a baseline
+when the report says so (``"baseline": true``) or, in reports without the field, when its
+method is not the job's estimator. Each cell's ``n`` counts the jobs (seeds) of one procedure.
+
+A baseline that several jobs report for the same run (repeated by every job of a sweep over
+estimators) counts once: two
 rows are the same run when their recipe, metric, method, fraction and seed agree and so do the
 jobs' overrides other than the estimator and the fraction swept (which a baseline does not
 depend on), and so does the value. Rows of jobs without overrides (reports made by hand or by
@@ -48,7 +55,7 @@ from typing import Any
 from lightning_influence.recipes.common import summary
 from lightning_influence.scores import atomic_write_bytes
 
-__all__ = ["collect", "scan", "Scan", "aggregate", "configurations", "markdown_table", "main"]
+__all__ = ["collect", "scan", "Scan", "aggregate", "configurations", "markdown_table", "baseline_method", "main"]
 
 Key = tuple[str, str, str, str, float]  # recipe, metric, configuration, method, fraction
 
@@ -85,6 +92,20 @@ def read_overrides(job: Path) -> dict[str, str] | None:
             key, _, value = text.partition("=")
             result[key.lstrip("+")] = value
     return result
+
+
+#: Row names of the cleaning recipe's baselines, as reports before these names wrote them.
+LEGACY_BASELINES = {"no_removal": "no removal (baseline)", "loss": "final loss (baseline)", "random": "random removal (baseline)"}
+
+
+def baseline_method(method: str) -> str:
+    """The table's name of a baseline row: ``"<name> (baseline)"`` (the cleaning recipe's
+    ``no_removal``, ``loss`` and ``random`` of older reports: ``"no removal (baseline)"``, ...),
+    so that a baseline never shares a row with an estimator of the same name (the ``random``
+    estimator's removal is another procedure than random removal)."""
+    if method.endswith("(baseline)"):
+        return method
+    return LEGACY_BASELINES.get(method, f"{method} (baseline)")
 
 
 #: The recipes whose reports carry the accuracy rows this module tabulates.
@@ -143,10 +164,15 @@ def scan(directory: str | Path) -> Scan:
         for row in report.get("summary") or []:
             if row.get("accuracy") is None or row.get("fraction") is None:
                 continue
-            baseline = row.get("baseline")
+            method, baseline = str(row["method"]), row.get("baseline")
             if baseline is None:  # reports without the field: any row of another method (or of an unknown estimator)
-                baseline = estimator is None or str(row["method"]) != str(estimator)
-            rows.append({**row, "job": job, "overrides": overrides, "baseline": bool(baseline)})
+                labelled = estimator is not None and method != str(estimator)
+                baseline = estimator is None or labelled
+            else:
+                labelled = bool(baseline)
+            if labelled:
+                method = baseline_method(method)
+            rows.append({**row, "method": method, "reported_method": row["method"], "job": job, "overrides": overrides, "baseline": bool(baseline)})
             found += 1
         if not found:
             unsupported.append((job, str(report.get("recipe", "unknown"))))
@@ -157,8 +183,10 @@ def scan(directory: str | Path) -> Scan:
 
 def collect(directory: str | Path) -> list[dict[str, Any]]:
     """The ``summary`` rows of every ``report.json`` below ``directory``, each with ``"job"`` (its
-    folder), ``"overrides"`` (its Hydra overrides, ``None`` without ``.hydra/overrides.yaml``) and
-    ``"baseline"`` (a row of another method than the job's estimator). Job folders without a
+    folder), ``"overrides"`` (its Hydra overrides, ``None`` without ``.hydra/overrides.yaml``),
+    ``"baseline"`` (the report's flag; in reports without it, a row of another method than the
+    job's estimator) and ``"reported_method"`` (the report's name; ``"method"`` is a baseline's
+    table name, :func:`baseline_method`). Job folders without a
     report (failed or killed jobs) and reports without accuracy rows (the deletion recipe's) are
     named in a warning; without any row, an error says why."""
     return _checked_rows(scan(directory), directory)
@@ -220,7 +248,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
         config = _config_label(row.get("overrides"), config_keys)
         key = (str(row.get("recipe", "?")), str(row.get("metric", "accuracy")), config, str(row["method"]), round(float(row["fraction"]), 6))
         value = float(row["accuracy"])
-        if (key, "job", row["job"]) in seen:  # e.g. the loss baseline of a job whose estimator is loss
+        if (key, "job", row["job"]) in seen:  # a report that repeats a row: one job, one ranking, once
             continue
         seen.add((key, "job", row["job"]))
         if row.get("baseline") and row.get("seed") is not None:

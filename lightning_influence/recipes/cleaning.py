@@ -12,6 +12,16 @@
    ``recipe.seeds``; the test metric (``recipe.metric``) as mean and spread over the seeds,
    and its paired difference against no removal.
 
+Scores that are NaN or infinite (the estimator's, or a final loss) stop the recipe after the
+scoring fit, before detection and retraining, with their count and sample ids
+(:func:`~lightning_influence.recipes.common.require_finite`): a NaN has no rank.
+
+The report's ``summary`` rows (what :mod:`~lightning_influence.recipes.aggregate` tabulates)
+name the estimator's row by the estimator and the baselines by :data:`BASELINE_METHODS`
+(``"no removal (baseline)"``, ``"final loss (baseline)"``, ``"random removal (baseline)"``), so
+that a sweep over estimators never files the ``random`` or ``loss`` estimator's removal under a
+baseline's name.
+
 Writes ``scores.pt``, ``scores.csv``, ``report.json``, ``config.yaml`` and (``recipe.plots``)
 ``score_histogram.png``, ``detection_curve.png`` and, for image data, ``most_harmful.png``
 into the run directory (global rank zero only).
@@ -39,6 +49,8 @@ from lightning_influence.recipes.common import (
     paired_difference,
     preflight,
     prepare,
+    ranking,
+    require_finite,
     require_removal_scores,
     retrain_fresh,
     sample_rows,
@@ -48,14 +60,36 @@ from lightning_influence.recipes.common import (
     write_outputs,
 )
 
-__all__ = ["run", "detection_metrics"]
+__all__ = ["run", "detection_metrics", "BASELINE_METHODS"]
+
+#: The summary-row method name of each baseline condition: distinct from every estimator name.
+BASELINE_METHODS = {
+    "no_removal": "no removal (baseline)",
+    "loss": "final loss (baseline)",
+    "random": "random removal (baseline)",
+}
 
 
 def detection_metrics(values: torch.Tensor, flipped: torch.Tensor, fractions: list[float]) -> dict[str, Any]:
-    """ROC-AUC and share of flipped samples found in the lowest ``fractions`` of ``values``."""
+    """ROC-AUC and share of flipped samples found in the lowest ``fractions`` of ``values``, and
+    ``num_nan``. NaN values rank last (least suspicious: never among the lowest fractions, below
+    every other value for the ROC-AUC), +-inf at their ends, in both metrics alike. The recipe
+    itself refuses non-finite scores before this step."""
+    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    nan = torch.isnan(values)
+    if bool(nan.any()) or not bool(torch.isfinite(values).all()):
+        # Both metrics depend only on the order (ties included): dense ranks keep it, NaN after all.
+        ranks = torch.empty_like(values)
+        if bool((~nan).any()):
+            ranks[~nan] = torch.unique(values[~nan], sorted=True, return_inverse=True)[1].to(values.dtype)
+            ranks[nan] = float(ranks[~nan].max()) + 1.0
+        else:
+            ranks[nan] = 0.0
+        values = ranks
     result: dict[str, Any] = {"auroc": detection_auroc(values, flipped)}
     for f in fractions:
         result[f"found_in_top_{_pct(f)}"] = fraction_found(values, flipped, f)
+    result["num_nan"] = int(nan.sum())
     return result
 
 
@@ -107,6 +141,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     flipped_set = {int(i) for i in torch.as_tensor(flipped_ids).tolist()} if flipped_ids is not None else set()
     flipped = torch.tensor([int(i) in flipped_set for i in ids.tolist()], dtype=torch.bool)
     loss_column = final_loss_scores(scored)
+    # The estimator's column was checked by fit_and_score; the final-loss ranking acts the same way.
+    require_finite(loss_column, ids, "the final-loss ranking (the model's training loss per sample)", "the trained model gives those samples no finite loss")
     fractions = list(params.top_fractions)
     detection: dict[str, Any] = {
         "num_flipped": len(flipped_set),
@@ -123,8 +159,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # ------------------------------------------------------------ removal and retraining
     all_ids = torch.arange(n_train)
     ranked = {
-        "estimator": ids[torch.argsort(column, stable=True)[:count]],
-        "loss": ids[torch.argsort(loss_column, stable=True)[:count]],
+        "estimator": ids[ranking(column)[:count]],
+        "loss": ids[ranking(loss_column)[:count]],
     }
 
     def random_set(seed: int) -> torch.Tensor:
@@ -156,8 +192,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         conditions[name][f"{params.metric}_minus_no_removal"] = paired_difference(conditions[name][params.metric]["values"], base)
 
     # ------------------------------------------------------------ report
-    harmful = torch.argsort(column, stable=True)[: params.top_k]
-    helpful = torch.argsort(column, descending=True, stable=True)[: params.top_k]
+    harmful = ranking(column)[: params.top_k]
+    helpful = ranking(column, descending=True)[: params.top_k]  # NaN last, as InfluenceScores.most_helpful
     report: dict[str, Any] = {
         "recipe": "cleaning",
         "estimator": {"name": est.name, "options": est.options},
@@ -178,7 +214,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "summary": [
             {
                 "recipe": "cleaning",
-                "method": name if name != "estimator" else est.name,
+                "method": est.name if name == "estimator" else BASELINE_METHODS[name],
+                "condition": name,
                 "fraction": count / n_train if name != "no_removal" else 0.0,
                 "seed": int(cfg.seed),
                 "metric": params.metric,

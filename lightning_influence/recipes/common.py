@@ -64,6 +64,9 @@ __all__ = [
     "make_trainer",
     "fit_and_score",
     "runs_in_this_process",
+    "world_size_of",
+    "ranking",
+    "require_finite",
     "make_target",
     "train_dataset",
     "labels_of",
@@ -412,9 +415,44 @@ def fit_and_score(
     if len(scores) == 0:
         raise RuntimeError(f"estimator {params.name!r} scored no training sample (did fit run any training step?)")
     column = scores.values if scores.values.dim() == 1 else scores.values.sum(dim=1)
-    if not bool(torch.isfinite(column).all()):
-        raise FloatingPointError(f"estimator {params.name!r} returned non-finite scores: training diverged or the estimator failed")
+    require_finite(column, scores.ids, f"estimator {params.name!r}", "training diverged or the estimator failed")
     return ScoredRun(datamodule, model, trainer, estimator, scores, scores.ids, column, fit_seconds, score_seconds, extra)
+
+
+def world_size_of(cfg: DictConfig) -> int:
+    """The number of processes the configured Trainer trains with (``trainer.world_size``: devices
+    x nodes, ``devices=auto`` resolved), from a Trainer built here and never run: no process is
+    started, no callback or logger is made, nothing trains, and torch's determinism flags are left
+    as they are (``deterministic=None``)."""
+    with quiet_lightning():
+        trainer = instantiate(cfg.trainer, callbacks=[], logger=False, enable_checkpointing=False, default_root_dir=None, deterministic=None)
+    return max(int(getattr(trainer, "world_size", 1) or 1), 1)
+
+
+def ranking(column: Tensor, descending: bool = False) -> Tensor:
+    """Positions of ``column`` in ascending order (``descending``: highest first), NaN last in
+    both directions (as :meth:`~lightning_influence.InfluenceScores.most_helpful`), ties in
+    position order. ``torch.argsort(descending=True)`` would put NaN first."""
+    # ascending order puts NaN last; negating ranks the highest first and keeps ties in order
+    return torch.argsort(-column if descending else column, stable=True)
+
+
+def require_finite(column: Tensor, ids: Tensor, what: str, why: str) -> None:
+    """Refuse a score column with NaN or infinite values, saying how many and which samples: the
+    recipes rank, remove, keep and sum every score, so the run stops here, after the scoring fit
+    and before any detection, selection or retraining."""
+    bad = ~torch.isfinite(column)
+    if not bool(bad.any()):
+        return
+    nan, inf = int(torch.isnan(column).sum()), int(torch.isinf(column).sum())
+    first = ids[bad][:5].tolist()
+    parts = [f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else ""]
+    raise FloatingPointError(
+        f"{what} gave {' and '.join(p for p in parts if p)} of its {column.numel()} scores (sample ids "
+        f"{', '.join(str(i) for i in first)}{', ...' if int(bad.sum()) > len(first) else ''}): {why}. The recipe acts on "
+        "every score (a NaN has no rank), so it stops before detection, selection and retraining; look for a diverging "
+        "run (a lower learning rate, gradient clipping) or a non-finite input or loss in those samples"
+    )
 
 
 def runs_in_this_process(trainer: L.Trainer) -> bool:

@@ -6,7 +6,8 @@
 2. Keep ``round(recipe.fraction * N)`` samples with the **highest** scores: the samples whose
    removal would raise the target loss most (Diff-In), the hardest ones (EL2N, GraNd,
    forgetting), any (random). With ``recipe.class_balanced`` every class keeps the same
-   fraction of its own samples. Ties are broken by sample id. Where the scoring fit saw only
+   fraction of its own samples. Ties are broken by sample id; NaN or infinite scores are
+   refused after the scoring fit, before any selection. Where the scoring fit saw only
    part of the training set (``trainer.limit_train_batches``), the fraction is of the scored
    samples, the unscored ones are never kept: a warning and the report (``kept_fraction``, of
    the whole training set) say so.
@@ -43,6 +44,7 @@ from lightning_influence.recipes.common import (
     metric_of,
     preflight,
     prepare,
+    ranking,
     retrain_fresh,
     summary,
     train_dataset,
@@ -56,10 +58,11 @@ __all__ = ["run", "select_coreset", "steps_per_epoch", "check_forgetting_epochs"
 def select_coreset(ids: torch.Tensor, column: torch.Tensor, fraction: float, labels: list[int | None] | None = None) -> torch.Tensor:
     """Sorted ids of the kept samples: the ``round(fraction * N)`` highest scores (at least one),
     or, with ``labels``, the ``round(fraction * N_c)`` highest of each class ``c`` (at least one
-    per class)."""
+    per class). NaN scores rank last (kept only when there are too few other samples), ties by
+    position (the recipe itself refuses NaN scores)."""
     if labels is None:
         keep = max(1, round(fraction * len(ids)))
-        order = torch.argsort(column, descending=True, stable=True)
+        order = ranking(column, descending=True)
         return ids[order[:keep]].sort().values
     if any(y is None for y in labels):
         raise ValueError("class_balanced needs a class label for every training sample (items (x, y, index) or dicts with 'label')")
@@ -68,7 +71,7 @@ def select_coreset(ids: torch.Tensor, column: torch.Tensor, fraction: float, lab
     for c in y.unique().tolist():
         members = (y == c).nonzero().reshape(-1)
         keep = max(1, round(fraction * len(members)))
-        order = torch.argsort(column[members], descending=True, stable=True)
+        order = ranking(column[members], descending=True)
         chosen.append(ids[members[order[:keep]]])
     return torch.cat(chosen).sort().values
 

@@ -16,7 +16,8 @@
      same batches with the set's samples taken out, same optimizer and learning rates
      (:func:`~lightning_influence.evaluation.subset_retraining`): exactly the counterfactual the
      scores estimate. Single-device runs (it records the run with
-     :class:`~lightning_influence.evaluation.StepRecorder`).
+     :class:`~lightning_influence.evaluation.StepRecorder`): a multi-process Trainer is refused
+     before any training (:func:`check_trajectory_on_one_device`), naming ``fresh``.
    - ``fresh``: a new seeded Trainer run on the kept data per seed of ``recipe.seeds``, minus a
      full-data run of the same seed, averaged over the seeds (the effect a user sees, with the
      noise of a different batch order and initialisation).
@@ -46,6 +47,7 @@ from lightning_influence.recipes.common import (
     is_global_zero,
     preflight,
     prepare,
+    ranking,
     require_removal_scores,
     retrain_fresh,
     summary,
@@ -53,10 +55,11 @@ from lightning_influence.recipes.common import (
     target_subset,
     train_dataset,
     versions,
+    world_size_of,
     write_outputs,
 )
 
-__all__ = ["run", "deletion_sets", "in_target_loss_units"]
+__all__ = ["run", "deletion_sets", "in_target_loss_units", "check_trajectory_on_one_device"]
 
 
 def in_target_loss_units(metadata: dict[str, Any]) -> bool:
@@ -71,8 +74,10 @@ def deletion_sets(
     ids: torch.Tensor, column: torch.Tensor, sizes: list[int], kinds: list[str], seed: int, num_train: int | None = None
 ) -> list[dict[str, Any]]:
     """``[{kind, size, ids}]``: the ``size`` lowest / highest / random scores for each size and kind,
-    among the scored ``ids`` (``num_train``: the training set's size, when not every sample was scored)."""
-    order = torch.argsort(column, stable=True)
+    among the scored ``ids`` (``num_train``: the training set's size, when not every sample was scored).
+    NaN scores rank last for both ``harmful`` and ``helpful`` (the recipe itself refuses them)."""
+    order = ranking(column)  # lowest first; NaN last in both directions
+    helpful = ranking(column, descending=True)
     total = len(ids) if num_train is None else num_train
     sets = []
     for size in sizes:
@@ -88,12 +93,28 @@ def deletion_sets(
             if kind == "harmful":
                 chosen = ids[order[:size]]
             elif kind == "helpful":
-                chosen = ids[order.flip(0)[:size]]
+                chosen = ids[helpful[:size]]
             else:
                 g = torch.Generator().manual_seed(1_000_003 * seed + size)
                 chosen = ids[torch.randperm(len(ids), generator=g)[:size]]
             sets.append({"kind": kind, "size": size, "ids": chosen})
     return sets
+
+
+def check_trajectory_on_one_device(cfg: DictConfig) -> None:
+    """``recipe.retraining=trajectory`` replays the recorded run in one process: refuse, before any
+    data setup or training, a Trainer that trains with several processes (DDP: each process
+    records only its shard of every batch), naming the two ways out."""
+    world = world_size_of(cfg)
+    if world > 1:
+        strategy = cfg.trainer.get("strategy", "auto")
+        raise ValueError(
+            f"recipe.retraining=trajectory (the default) re-runs the recorded training without each deletion set, and its "
+            f"StepRecorder records the batches one process sees: the Trainer (trainer.strategy={strategy}) trains with "
+            f"{world} processes, each seeing only its shard, so the replay would follow a trajectory of part of the data. "
+            "Use recipe.retraining=fresh (seeded Trainer runs, which run under DDP), or train on one device "
+            "(trainer.devices=1, e.g. trainer=cpu); DiffIn's scores do not depend on the number of processes"
+        )
 
 
 def _target_subset_of(est: Any, target_samples: int | None, seed: int) -> tuple[int | None, int]:
@@ -130,9 +151,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     est = estimator_params(cfg.estimator)
     check_estimator(est, params.target, params.target_samples)
     require_removal_scores(est.name, est.options, "deletion", predicted=True)
+    mode = params.retraining.value
+    if mode == "trajectory":
+        check_trajectory_on_one_device(cfg)
     out = prepare(cfg, params.plots)
     target = params.target.value
-    mode = params.retraining.value
     subset_count, subset_seed = _target_subset_of(est, params.target_samples, int(cfg.seed))
     checked = preflight(cfg, out, None, target, subset_count)
     too_large = [size for size in params.sizes if size >= checked.num_train]
