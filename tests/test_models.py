@@ -65,7 +65,7 @@ def test_ddp_evaluation_reports_the_whole_set_like_one_process(tmp_path: Path) -
     assert got["world_size"] == 2
 
     model = Classifier()
-    model.load_state_dict(torch.load(tmp_path / "model.pt"))
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     model.eval()
     dm = DigitsDataModule(batch_size=64)
     dm.setup("fit")
