@@ -112,6 +112,9 @@ def test_options_are_checked_against_their_annotations_for_every_estimator() -> 
         build("influence_function", centered=1)
     with pytest.raises(TypeError, match="params must be parameter-name patterns"):
         build("grand", params=[0])
+    for name in ("influence_function", "grand", "forward_inf", "outlier_gradient"):  # not silently "all parameters"
+        with pytest.raises(ValueError, match=r"params=\[\] selects no parameter"):
+            build(name, params=[])
     from lightning_influence import DiffIn
 
     assert DiffIn(params="net.2.*").params == ["net.2.*"]

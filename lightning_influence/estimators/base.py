@@ -197,6 +197,11 @@ def _checked_options(init: Any) -> Any:
                 bound.arguments[name] = [value]
             elif name == "params" and value is not None and not all(isinstance(v, str) for v in value):
                 raise TypeError(f"estimator {owner!r}: params must be parameter-name patterns (strings), got {value!r}")
+            elif name == "params" and value is not None and len(value) == 0:
+                raise ValueError(
+                    f"estimator {owner!r}: params={value!r} selects no parameter; give name patterns such as ['head.*'], "
+                    "or leave params unset (None) for every trainable parameter"
+                )
         init(*bound.args, **bound.kwargs)
 
     checked._checks_options = True  # type: ignore[attr-defined]
