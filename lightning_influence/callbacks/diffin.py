@@ -511,6 +511,11 @@ class DiffIn(Callback):
         )
         self._trajectory.restore(restored_records)
 
+    @property
+    def _loss_dtype_name(self) -> str | None:
+        """The losses' dtype as metadata and checkpoint state write it (``"float32"``)."""
+        return str(self._loss_dtype).removeprefix("torch.") if self._loss_dtype is not None else None
+
     def _differences(self, kinks: Sequence[str]) -> tuple[FiniteDifference, float | None, bool]:
         """The finite differences for a loss with these kinked operations: ``(scheme, relative step,
         whether the forward difference's base is the gradient recorded in training)``. ``"auto"``:
@@ -1165,7 +1170,7 @@ class DiffIn(Callback):
             "finite_difference": self._sweep.finite_difference,
             "fd_rel_step": self._sweep.fd_rel_step,
             "kinks": list(self._kinks) if self._kinks is not None else None,
-            "loss_dtype": str(self._loss_dtype).removeprefix("torch.") if self._loss_dtype is not None else None,
+            "loss_dtype": self._loss_dtype_name,
             "changed_buffers": list(self._changed_buffers),
             "removed_buffers": list(self._removed_buffers),
             "max_adjoint_growth": round(self._sweep.max_adjoint_growth, 6),
@@ -1211,7 +1216,7 @@ class DiffIn(Callback):
             "verified_steps": self._verified_steps,
             "loss_checked": self._loss_checked,
             "kinks": list(self._kinks) if self._kinks is not None else None,
-            "loss_dtype": str(self._loss_dtype).removeprefix("torch.") if self._loss_dtype is not None else None,
+            "loss_dtype": self._loss_dtype_name,
             "changed_buffers": list(self._changed_buffers),
             "removed_buffers": list(self._removed_buffers),
             "inexact_rebuild": self._inexact_rebuild,
