@@ -521,8 +521,15 @@ def all_finite(tensors: Tensor | Sequence[Tensor]) -> bool:
     parts = list(tensors)
     if not parts:
         return True
-    total = torch.stack([t.sum(dtype=torch.float32) for t in parts]).sum()
-    return bool(torch.isfinite(total)) or all(bool(torch.isfinite(t).all()) for t in parts)
+    return bool(finite_flag(parts)) or all(bool(torch.isfinite(t).all()) for t in parts)
+
+
+def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-d bool tensor on the tensors' device, true if the float32 sum of all their entries is
+    finite: false for any NaN or infinity, and for finite values whose sum overflows float32
+    (beyond 3.4e38). One reduction per tensor and no read on the host: the value can be read
+    later, when the device has computed it (:class:`~lightning_influence.host.HostCopy`)."""
+    return torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum())
 
 
 KINKED_REL_STEP = 5e-3

@@ -173,6 +173,10 @@ class Trajectory:
         if self.pool is not None:
             self.pool.give(vector)
 
+    def discard(self, record: StepRecord) -> None:
+        """Release the vectors of a record that will not be appended (a skipped step)."""
+        self._release(record)
+
     def _drop_between_checkpoints(self, record: StepRecord) -> None:
         """Release, in place, what a step between checkpoints does not keep: parameters and
         optimizer state, and (without ``keep_gradients``) the gradient and context."""

@@ -563,3 +563,73 @@ def test_counts_given_to_estimators_and_recorders_are_refused_with_one_message(b
     value and its type named, never a raw TypeError from a comparison."""
     with pytest.raises(ValueError, match=rf"{name} must be a positive int.*got {value!r} \({type(value).__name__}\)"):
         build(value)
+
+
+# ---------------------------------------------------------------------------- 7. checks one step late
+def _with_batch(batches, step, change):
+    out = list(batches.batches)
+    x, y, ids = out[step]
+    out[step] = change(x, y, ids.clone())
+    return FixedBatches(out)
+
+
+def _duplicate(x, y, ids):
+    ids[1] = ids[0]
+    return x, y, ids
+
+
+def _out_of_range(x, y, ids):
+    ids[3] = 10_000
+    return x, y, ids
+
+
+class _LateBadId(Dataset):
+    """Sample ``index`` gets ``bad_id`` from its ``on_access``-th access on (a later epoch)."""
+
+    def __init__(self, x, y, index, bad_id, on_access):
+        self.x, self.y, self.index, self.bad_id, self.on_access = x, y, index, bad_id, on_access
+        self.accesses = 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i == self.index:
+            self.accesses += 1
+            if self.accesses >= self.on_access:
+                return self.x[i], self.y[i], self.bad_id
+        return self.x[i], self.y[i], i
+
+
+@pytest.mark.parametrize("step", [30, 47])
+@pytest.mark.parametrize("duplicate,match", [(True, "duplicate sample ids in one batch"), (False, r"sample id 10000 is outside \[0, 256\)")])
+def test_bad_ids_after_the_first_steps_are_refused_one_step_later(small_digits, step, duplicate, match):
+    """Past the first, verified steps the ids reach the host by a non-blocking copy and are checked
+    at the next step (a GPU is not made to wait each step): the same error, one step later; a bad
+    last step is refused before its scores exist."""
+    epoch, position = divmod(step, 16)
+    bad_id = 16 * position if duplicate else 10_000  # the batch's first id, or one outside the dataset
+    data = _LateBadId(small_digits.x, small_digits.y, 16 * position + 3, bad_id, epoch + 1)
+    cb = _val(small_digits)
+    trainer = _refused(DataLoader(data, batch_size=16), match, cb, max_epochs=3)
+    assert "IndexedDataset" in trainer.error
+    assert trainer.global_step == step + 1
+    assert cb.scores is None
+
+
+def test_non_finite_steps_checked_one_step_late_give_the_scores_of_checking_at_once(small_digits, monkeypatch):
+    """A skipped step found one step late (here on checkpoint steps and between them, and the last
+    step) leaves exactly the scores of the immediate check: nothing of it reaches the trajectory."""
+    poisoned = _poisoned(small_digits.train, (24, 29, 32, 47))
+    results = []
+    for lagged in (True, False):
+        if not lagged:
+            monkeypatch.setattr(DiffIn, "_lagged_reads", property(lambda self: False))
+        for mode in ("replay", "online"):
+            cb = DiffIn(target="val", target_loader=small_digits.val, mode=mode, window=8, score_every=8)
+            _, warned = _fit_counting_warnings(poisoned, cb, _model(_SkipsNonFinite))
+            assert len(warned) == 1 and "optimizer step 24" in str(warned[0].message)
+            assert cb.scores.metadata["skipped_steps"] == 4
+            results.append(cb.scores.values)
+    for lagged, eager in zip(results[:2], results[2:]):
+        torch.testing.assert_close(lagged, eager, rtol=0, atol=0)

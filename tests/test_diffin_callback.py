@@ -162,7 +162,8 @@ def test_checkpoints_rebuilt_from_kept_gradients_give_the_replay_scores(small_di
 
     class Probe(L.Callback):
         def on_train_batch_end(self, *args):  # type: ignore[no-untyped-def]
-            records = list(callbacks[1]._trajectory._records)
+            held = callbacks[1]._held  # the last step, until its host values arrive (one step later)
+            records = list(callbacks[1]._trajectory._records) + ([held.record] if held is not None else [])
             peak.append((sum(r.theta is not None for r in records), sum(r.grad is not None for r in records), len(records)))
             # After each online sweep, the window it re-swept keeps no rebuilt parameters.
             online = list(callbacks[3]._trajectory._records)

@@ -28,11 +28,23 @@ def check_ids(
     """The sample ids of one training batch: a 1-D integer tensor of ids in ``[0, num_samples)``
     (``num_samples``: the training dataset's length when known; otherwise the score store grows),
     distinct unless the loader draws with replacement (``repeats``)."""
+    check_id_type(ids, module, batch)
+    check_id_values(ids, num_samples, module, batch, repeats)
+
+
+def check_id_type(ids: Tensor, module: Any = None, batch: Any = None) -> None:
+    """The part of :func:`check_ids` that reads no value: a 1-D integer tensor."""
     if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ValueError(
             f"sample_ids(batch) must return an integer Tensor[B] of sample ids, got dtype {ids.dtype} and shape "
             f"{tuple(ids.shape)}: {_ids_hint(module, batch)}"
         )
+
+
+def check_id_values(
+    ids: Tensor, num_samples: int | None = None, module: Any = None, batch: Any = None, repeats: bool = False
+) -> None:
+    """The part of :func:`check_ids` that reads the values (on the host for ids on the host)."""
     if not ids.numel():
         return
     low, high = torch.stack(torch.aminmax(ids)).tolist()

@@ -22,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_influence.callbacks.checks import (
+    check_id_type,
+    check_id_values,
     check_ids,
     check_influence_aware,
     check_losses,
@@ -43,6 +45,7 @@ from lightning_influence.kernels import (
     ParameterSpace,
     all_finite,
     check_functional_gradient,
+    finite_flag,
     default_rel_step,
     evaluation_mode,
     has_mode_dependent_layers,
@@ -51,6 +54,7 @@ from lightning_influence.kernels import (
     per_sample_loss_function,
     spectral_norm_layers,
 )
+from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel
 from lightning_influence.scores import InfluenceScores
@@ -317,6 +321,8 @@ class DiffIn(Callback):
         self._capture_losses = False  # reuse training_step's per-sample losses (set in on_fit_start)
         self._micro_losses: dict[int, Tensor] = {}  # micro-batch position -> its per-sample losses at theta_t
         self._unverified: StepRecord | None = None
+        self._held: _HeldStep | None = None  # the last step, until its ids and finiteness reach the host
+        self._num_samples: int | None = None  # the training dataset's length (set at the first batch)
         self._loss_check: Tensor | None = None
         self._loss_checked = False
         self._loss_dtype: torch.dtype | None = None
@@ -469,7 +475,7 @@ class DiffIn(Callback):
             self.seconds = 0.0
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
-        self._micro_batches, self._unverified = [], None
+        self._micro_batches, self._unverified, self._held = [], None, None
         restored_records: list[dict[str, Any]] = []
         if self._restored:  # resuming: carry on with the restored scores and recorded steps
             self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
@@ -654,6 +660,7 @@ class DiffIn(Callback):
             self._data_checks_pending = False
             check_training_dataset(trainer, pl_module)
             self._repeats = draws_with_replacement(trainer)
+            self._num_samples = dataset_length(trainer)
         ids = torch.as_tensor(pl_module.sample_ids(batch))
         if ids.numel() == 0:
             raise ValueError(
@@ -661,8 +668,13 @@ class DiffIn(Callback):
                 "step to the samples of its batch. Drop empty batches before they reach training_step (a collate_fn "
                 "that filters samples out can produce them)"
             )
-        check_ids(ids, dataset_length(trainer), pl_module, batch, repeats=self._repeats)
-        self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
+        if self._lagged_reads:
+            # Values checked when they reach the host, at the next step (_settle): no wait for the device here.
+            check_id_type(ids, pl_module, batch)
+            self._micro_batches.append((batch, ids.detach()))
+        else:
+            check_ids(ids, self._num_samples, pl_module, batch, repeats=self._repeats)
+            self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
         if not self._loss_checked and self._loss_check is None:
             # Same RNG stream as training_step will draw, so dropout masks agree; with autograd on, to check
             # that the losses depend on the parameters. Buffers (batch-norm running statistics) are restored:
@@ -709,10 +721,18 @@ class DiffIn(Callback):
 
             pl_module.set_loss_tap(self, tap)  # type: ignore[attr-defined]
 
+    @property
+    def _lagged_reads(self) -> bool:
+        """Whether this step's ids and gradient finiteness are read on the host one step later
+        (:meth:`_settle`) instead of at once: after the first, verified steps (whose checks read
+        the device anyway), in single-process runs (DDP steps exchange them by collectives)."""
+        return self._verified_steps >= VERIFIED_STEPS and self._loss_checked and not self._collective.distributed
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not self._micro_batches:
             return
         start = time.perf_counter()
+        self._settle()
         micro, self._micro_batches = self._micro_batches, []
         captured, self._micro_losses = self._micro_losses, {}
         space, model = self._space, self._model
@@ -733,7 +753,10 @@ class DiffIn(Callback):
             # No gradient at all (training_step returned None): the optimizer leaves every parameter and its
             # state as they are, so removing any of these samples changes nothing at this step.
             self.empty_steps += 1
-            for _, ids in micro:
+            for batch, ids in micro:
+                ids = ids.to("cpu", torch.long).reshape(-1)  # a rare step: read at once
+                if self._lagged_reads:
+                    check_id_values(ids, self._num_samples, pl_module, batch, repeats=self._repeats)
                 self._accumulator.mark_seen(ids)
             self.seconds += time.perf_counter() - start
             return
@@ -746,27 +769,15 @@ class DiffIn(Callback):
                 "the loss), which the optimizer then applies like any other"
             )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        finite = all_finite(grads + context_grads)
+        lagged = self._lagged_reads
+        finite = True if lagged else all_finite(grads + context_grads)
         global_ids: tuple[Tensor, ...] | None = None
         if self._collective.distributed:  # the skip decision and the global batch, on every rank alike
             finite, global_ids = self._global_step_batch(micro, finite)
-        elif self._repeats and any(ids.unique().numel() != ids.numel() for _, ids in micro):
-            # copies of a sample in one batch: the global form removes them all (a one-process "union")
-            global_ids = tuple(ids for _, ids in micro)
+        elif not lagged:
+            global_ids = self._repeated_ids([ids for _, ids in micro])
         if not finite:
-            # Mixed precision: the gradient scaler skips this step. Otherwise it is a diverging step:
-            # either way it is not attributed.
-            self.skipped_steps += 1
-            if self.skipped_steps == 1:
-                step_ids = torch.cat([i for _, i in micro])
-                rank_zero_warn(
-                    f"DiffIn: non-finite gradients at optimizer step {trainer.global_step} (batch of {step_ids.numel()} "
-                    f"samples, ids {step_ids[:8].tolist()}{' ...' if step_ids.numel() > 8 else ''}); the step is not "
-                    "attributed, here and at any later such step (counted in scores.metadata['skipped_steps'], warned "
-                    "once). Under '16-mixed' the gradient scaler skips such steps; otherwise, unless the module skips "
-                    "them itself, the optimizer applies them and training is likely diverging: check these samples for "
-                    "NaN/inf inputs and the loss for overflow"
-                )
+            self._skip_step(trainer.global_step, [ids for _, ids in micro])
             self.seconds += time.perf_counter() - start
             return
         samples = sum(int(i.numel()) for i in global_ids) if global_ids is not None else sum(int(i.numel()) for _, i in micro)
@@ -812,14 +823,65 @@ class DiffIn(Callback):
             varying=self._buffer_watch.values() if self._buffer_watch is not None else {},
             losses=tuple(captured.get(k) for k in range(len(micro))) if captured else None,
         )
-        for _, ids in micro:
-            self._accumulator.mark_seen(ids)
         self.steps_seen += 1
-        if self._verified_steps < VERIFIED_STEPS and keep:
-            self._unverified = record  # appended once the real update is known (on_train_batch_end)
+        if lagged:
+            # Completed at the next step (or before a sweep): the copies then have long arrived.
+            values = HostCopy([finite_flag(grads + context_grads), *record.ids])
+            self._held = _HeldStep(record, values, trainer.global_step, pl_module)
         else:
-            trajectory.append(record)
+            for ids in record.ids:
+                self._accumulator.mark_seen(ids)
+            if self._verified_steps < VERIFIED_STEPS and keep:
+                self._unverified = record  # appended once the real update is known (on_train_batch_end)
+            else:
+                trajectory.append(record)
         self.seconds += time.perf_counter() - start
+
+    def _settle(self) -> None:
+        """Complete the step held back by :meth:`on_before_optimizer_step` for its host values:
+        check its sample ids, and record it, or skip it if its gradients were not finite."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        assert self._trajectory is not None and self._accumulator is not None
+        record = held.record
+        flag, *host_ids = held.values.wait()
+        ids = [i.to(torch.long).reshape(-1) for i in host_ids]
+        for batch, step_ids in zip(record.batches, ids, strict=True):
+            check_id_values(step_ids, self._num_samples, held.module, batch, repeats=self._repeats)
+        if not bool(flag):
+            self.steps_seen -= 1
+            self._trajectory.discard(record)
+            self._skip_step(held.global_step, ids)
+            return
+        record.ids = tuple(ids)
+        record.global_ids = self._repeated_ids(ids)
+        for step_ids in ids:
+            self._accumulator.mark_seen(step_ids)
+        self._trajectory.append(record)
+
+    def _repeated_ids(self, ids: list[Tensor]) -> tuple[Tensor, ...] | None:
+        """Single process: the step's ids as its "global" micro-batches when a sampler drawing with
+        replacement put copies of a sample in one batch (the global form removes them all), else ``None``."""
+        if self._repeats and any(i.unique().numel() != i.numel() for i in ids):
+            return tuple(ids)
+        return None
+
+    def _skip_step(self, global_step: int, ids: list[Tensor]) -> None:
+        """A step with non-finite gradients is not attributed (warned once). Mixed precision: the
+        gradient scaler skips it. Otherwise it is a diverging step."""
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            step_ids = torch.cat(ids)
+            rank_zero_warn(
+                f"DiffIn: non-finite gradients at optimizer step {global_step} (batch of {step_ids.numel()} "
+                f"samples, ids {step_ids[:8].tolist()}{' ...' if step_ids.numel() > 8 else ''}); the step is not "
+                "attributed, here and at any later such step (counted in scores.metadata['skipped_steps'], warned "
+                "once). Under '16-mixed' the gradient scaler skips such steps; otherwise, unless the module skips "
+                "them itself, the optimizer applies them and training is likely diverging: check these samples for "
+                "NaN/inf inputs and the loss for overflow. (A float32 sum of the gradients beyond 3.4e38 counts as "
+                "non-finite.)"
+            )
 
     def _check_parameters_unwritten(self, trainer: L.Trainer) -> None:
         """The forward and backward passes of a step must not write the trained parameters in place
@@ -941,10 +1003,14 @@ class DiffIn(Callback):
             self._verify_update(record, pl_module)
             assert self._trajectory is not None
             self._trajectory.append(record)
-        if self.mode == "online" and self._trajectory is not None and len(self._trajectory) >= self.window + self.score_every:
+        if self.mode == "online" and self._trajectory is not None and self._recorded_steps() >= self.window + self.score_every:
             if _is_last_step(trainer):
                 return  # the end-of-fit sweep scores every remaining step exactly
             start = time.perf_counter()
+            self._settle()
+            if len(self._trajectory) < self.window + self.score_every:  # the held step was skipped
+                self.seconds += time.perf_counter() - start
+                return
             self._run_sweep(self.score_every)
             self.truncated_sweeps += 1
             self.steps_scored_truncated += self.score_every
@@ -1035,7 +1101,12 @@ class DiffIn(Callback):
             "gradient passes each). checkpoint_every=1 stores every step instead of rebuilding it"
         )
 
+    def _recorded_steps(self) -> int:
+        """Steps in the trajectory, counting the one held back for its host values."""
+        return (len(self._trajectory) if self._trajectory is not None else 0) + (self._held is not None)
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._held = None
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)  # a fit that stopped mid-batch leaves no tap behind
 
@@ -1053,6 +1124,7 @@ class DiffIn(Callback):
             pl_module.set_loss_tap(self, None)
         if self._trajectory is None:
             return
+        self._settle()
         if self.steps_seen == 0:
             rank_zero_warn(
                 "DiffIn scored no sample: the fit took no optimizer step (max_steps=0, limit_train_batches=0, an empty "
@@ -1201,6 +1273,8 @@ class DiffIn(Callback):
                 "DiffIn cannot be checkpointed in the middle of a gradient accumulation: save at optimizer-step "
                 "boundaries (ModelCheckpoint(every_n_train_steps=...) does)"
             )
+        if self._trajectory is not None:
+            self._settle()  # the step held back for its host values belongs to the checkpoint
         collective = self._collective
         records = self._trajectory.export() if self._trajectory is not None else []
         accumulator = self._accumulator.reduced(collective) if self._accumulator is not None else None
@@ -1290,6 +1364,14 @@ class DiffIn(Callback):
             {**record, "batches": shard["batches"], "ids": shard["ids"], "losses": shard.get("losses")}
             for record, shard in zip(records, mine, strict=True)
         ]
+
+
+class _HeldStep:
+    """A recorded step waiting for its host values: ``values`` holds the finiteness flag of its
+    gradients and the sample ids of each micro-batch."""
+
+    def __init__(self, record: StepRecord, values: HostCopy, global_step: int, module: L.LightningModule) -> None:
+        self.record, self.values, self.global_step, self.module = record, values, global_step, module
 
 
 def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:

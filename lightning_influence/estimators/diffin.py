@@ -111,6 +111,10 @@ class LossChangedError(RuntimeError):
 class ScoreAccumulator:
     """Per-sample float64 sums indexed by sample id, growing as larger ids appear.
 
+    The sums live on the device of the values added (where it has float64; else on the CPU), so
+    that adding reads nothing back from it; ids and ``seen`` stay on the host. :meth:`result`,
+    :meth:`reduced` and :meth:`state_dict` return CPU tensors.
+
     Cross-rank reduction (for distributed runs, :meth:`reduced`): sum of ``totals``, logical or of
     ``seen``.
     """
@@ -128,7 +132,7 @@ class ScoreAccumulator:
             return
         size = max(size, 2 * self.seen.numel())
         extra = size - self.seen.numel()
-        pad = torch.zeros((extra, *self.totals.shape[1:]), dtype=torch.float64)
+        pad = torch.zeros((extra, *self.totals.shape[1:]), dtype=torch.float64, device=self.totals.device)
         self.totals = torch.cat([self.totals, pad])
         self.seen = torch.cat([self.seen, torch.zeros(extra, dtype=torch.bool)])
 
@@ -138,14 +142,18 @@ class ScoreAccumulator:
         self.seen[ids] = True
 
     def add(self, ids: Tensor, values: Tensor) -> None:
+        """Add ``values`` (``[b]`` or ``[b, Q]``, any device) to the sums of ``ids`` (host ``[b]``)."""
         ids = ids.cpu()
         self._grow(int(ids.max()) + 1, tuple(values.shape[1:]))
-        self.totals.index_add_(0, ids, values.detach().to("cpu", torch.float64))
+        device = values.device if values.device.type in ("cpu", "cuda") else torch.device("cpu")
+        if self.totals.device != device:
+            self.totals = self.totals.to(device)
+        self.totals.index_add_(0, ids.to(device, non_blocking=True), values.detach().to(device, torch.float64))
 
     def result(self) -> tuple[Tensor, Tensor]:
-        """``(ids, values)`` of every sample seen in training."""
+        """``(ids, values)`` of every sample seen in training (CPU)."""
         ids = self.seen.nonzero().reshape(-1)
-        return ids, self.totals[ids].clone()
+        return ids, self.totals.cpu()[ids].clone()
 
     def reduced(self, collective: Collective) -> ScoreAccumulator:
         """The accumulator summed over the ranks of ``collective`` (a collective call: every rank
@@ -165,7 +173,7 @@ class ScoreAccumulator:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"totals": self.totals.clone(), "seen": self.seen.clone()}
+        return {"totals": self.totals.cpu().clone(), "seen": self.seen.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.totals, self.seen = state["totals"].clone(), state["seen"].clone()
@@ -359,7 +367,7 @@ class DiffInSweep:
                     if self.hessian_products % ADJOINT_CHECK_EVERY == 0:
                         self._check_adjoint(record)
         self._check_adjoint(record)
-        self._check_dominant_step()
+        self._check_step_norms(record)
         self._adjoint, self._first_stored, self._last_stored = None, None, None
 
     def _scaled_step(
@@ -446,13 +454,21 @@ class DiffInSweep:
         else:
             self._step_norms.append((step, squared))
 
-    def _check_dominant_step(self) -> None:
-        """Compare the sweep's steps' contributions with their median: record the largest ratio and
-        warn (once) when one step dominates its samples' scores."""
+    def _check_step_norms(self, record: StepRecord) -> None:
+        """The sweep's steps' contributions (their norms, one read for the sweep): raise if any is
+        non-finite; compare them with their median, record the largest ratio and warn (once) when
+        one step dominates its samples' scores."""
         steps, self._step_norms = self._step_norms, []
-        if len(steps) < DOMINANCE_MIN_STEPS:
+        if not steps:
             return
         norms = torch.stack([n for _, n in steps]).sqrt().cpu()
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            self._check_adjoint(record)
+            step = steps[int((~finite).nonzero()[0])][0]  # the newest: the sweep runs newest first
+            raise FloatingPointError(f"non-finite per-sample directional derivatives at step {step}")
+        if len(steps) < DOMINANCE_MIN_STEPS:
+            return
         median = float(norms.median())
         if not median > 0:
             return
@@ -603,9 +619,7 @@ class DiffInSweep:
                 contribution = s / record.normalizer
             else:
                 contribution = (s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)) / record.normalizer
-            if not all_finite(contribution):
-                self._check_adjoint(record)
-                raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
+            # Finiteness is read once per sweep, from the steps' norms (_check_step_norms): no wait here.
             self._note_step(record.step, contribution)
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
