@@ -141,6 +141,11 @@ class StepModel:
         return (*self.family.hyper, "rest_norm_sq")
 
     @property
+    def is_adaptive(self) -> bool:
+        """Adam/AdamW: the update divides by ``sqrt(v) + eps``, per coordinate."""
+        return self.family is _ADAM
+
+    @property
     def is_stateless_sgd(self) -> bool:
         """The update is ``theta - lr * (sign * g + weight_decay * theta)``: no state, no clipping."""
         return self.family is _SGD and not self.state_names and self.clip_val is None

@@ -438,6 +438,27 @@ def _verify_zip(data: bytes, origin: str) -> None:
             raise ScoreFileError(f"{origin} is corrupted: zip member {info.filename!r} is damaged ({err})") from None
 
 
+def check_writable(path: str | os.PathLike[str], owner: str) -> None:
+    """Refuse, before any work is spent, a file path that :func:`atomic_write_bytes` could not
+    write: a folder, a path under a regular file, or a folder this process cannot create files in
+    (probed with a temporary file that is removed at once; missing folders are not created)."""
+    path = Path(path)
+    advice = "pass a file path in a folder this process can write to"
+    if path.is_dir():
+        raise ValueError(f"{owner}: save_path {str(path)!r} is a folder, not a file; {advice} (e.g. {str(path / 'scores.pt')!r})")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{owner}: save_path {str(path)!r} lies under {str(ancestor)!r}, which is a file, not a folder; {advice}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{owner}: save_path {str(path)!r} cannot be written: creating a file in {str(ancestor)!r} failed ({err}); {advice}") from err
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
     path = Path(path)

@@ -633,3 +633,77 @@ def test_non_finite_steps_checked_one_step_late_give_the_scores_of_checking_at_o
             results.append(cb.scores.values)
     for lagged, eager in zip(results[:2], results[2:]):
         torch.testing.assert_close(lagged, eager, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- 8. training loops DiffIn cannot model
+def test_an_overridden_optimizer_zero_grad_is_refused_at_setup(small_digits):
+    """Hand-made accumulation (zeroing every other step) would be scored as another run."""
+
+    class ZeroEveryOther(Classifier):
+        def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+            if batch_idx % 2 == 0:
+                optimizer.zero_grad()
+
+    trainer = _refused(small_digits.train, r"overrides optimizer_zero_grad.*accumulate_grad_batches", _val(small_digits), model=_model(ZeroEveryOther))
+    assert trainer.global_step == 0
+
+
+def test_a_custom_optimizer_step_that_skips_steps_is_refused_at_the_next_batch(small_digits):
+    """Lightning's documented pattern for skipping steps (closure without optimizer.step) would merge
+    the skipped batch into the next step; refused at once, naming the fix."""
+
+    class SkipsOdd(Classifier):
+        def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+            if batch_idx % 2 == 1:
+                optimizer_closure()
+                return
+            optimizer.step(closure=optimizer_closure)
+
+    _refused(small_digits.train, r"training batch 2 starts while 1 earlier batch\(es\) still await.*return None from training_step", _val(small_digits), model=_model(SkipsOdd))
+
+
+def test_adam_on_a_parameter_that_batch_norm_cancels_is_refused_on_the_first_step(small_digits):
+    """The bias of a layer feeding a batch norm has no training gradient (the batch mean removes it)
+    but one in evaluation mode, where the products run: with Adam the scores blew up (1e98)."""
+    from torch import nn
+
+    class BatchNormed(Classifier):
+        def __init__(self, bias, hidden):
+            super().__init__(hidden=hidden, lr=3e-3, optimizer="adam")
+            self.net = nn.Sequential(nn.Linear(64, 8, bias=bias), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 10))
+
+    trainer = _refused(small_digits.train, r"\['net.0.bias'\] get a zero gradient in training.*bias=False", _val(small_digits), model=_model(BatchNormed, bias=True))
+    assert trainer.global_step == 0
+    cb = _val(small_digits)
+    _fit(small_digits.train, cb, model=_model(BatchNormed, bias=False))
+    growth = cb.scores.metadata["max_adjoint_growth"]
+    assert growth < 10 and torch.isfinite(cb.scores.values).all()
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file"])
+def test_an_unwritable_save_path_is_refused_at_setup(small_digits, tmp_path, where):
+    (tmp_path / "a_file").write_text("x")
+    path = {"folder": tmp_path, "under_a_file": tmp_path / "a_file" / "scores.pt"}[where]
+    for callback in (DiffIn(target="val", target_loader=small_digits.val, save_path=path), _tracin(save_path=path)):
+        trainer = _refused(small_digits.train, "save_path .* (is a folder|which is a file)", callback)
+        assert trainer.global_step == 0
+    assert (tmp_path / "a_file").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def _tracin(**kwargs):
+    from lightning_influence.callbacks import TracIn
+
+    return TracIn(target="train", **kwargs)
+
+
+def test_sparse_ids_of_a_stream_without_length_are_refused_before_they_size_the_store(small_digits, monkeypatch):
+    """Ids index the score store: a stream of row numbers in the trillions would have asked for
+    terabytes; refused with the budget, and accepted under a budget that covers them."""
+    loader = DataLoader(_Stream(small_digits.x, small_digits.y, 2**40), batch_size=16)
+    trainer = _refused(loader, r"sample id 1099511627791 would size the score store.*dense positions", _val(small_digits))
+    assert trainer.global_step == 0
+    monkeypatch.setenv("LIGHTNING_INFLUENCE_MEMORY_BUDGET", str(2**20))
+    _refused(DataLoader(_Stream(small_digits.x, small_digits.y, 200_000), batch_size=16), "would size the score store", _val(small_digits))
+    cb = _val(small_digits)
+    _fit(DataLoader(_Stream(small_digits.x, small_digits.y, 1000), batch_size=16), cb)
+    assert len(cb.scores) == small_digits.n

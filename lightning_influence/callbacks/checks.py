@@ -62,6 +62,16 @@ def check_id_values(
             "dataset itself in lightning_influence.IndexedDataset (not a larger dataset that is then subset or "
             "filtered), or override sample_ids(batch) to map your ids to 0..N-1 (1-based ids: subtract 1)"
         )
+    if num_samples is None:
+        store = (high + 1) * STORE_BYTES_PER_ID  # the score store is indexed by id
+        if store > _memory_budget():
+            raise ValueError(
+                f"sample id {high} would size the score store at {high + 1} entries ({_format_bytes(store)}), beyond the "
+                f"memory budget of {_format_bytes(_memory_budget())} ({MEMORY_BUDGET_ENV}): the training data has no "
+                "length, and ids index the store, so they must be dense positions 0..N-1 (not row numbers of a larger "
+                "table, hashes or timestamps). Map them to positions in sample_ids(batch), give the dataset a __len__, "
+                f"or raise {MEMORY_BUDGET_ENV}=<bytes> if the data really has that many samples. {_ids_hint(module, batch)}"
+            )
     if not repeats and ids.unique().numel() != ids.numel():
         dup = ids[torch.cat([ids.sort().values.diff() == 0, torch.tensor([False], device=ids.device)])]
         raise ValueError(
@@ -233,6 +243,10 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
 
 MEMORY_BUDGET_ENV = "LIGHTNING_INFLUENCE_MEMORY_BUDGET"
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
+
+
+STORE_BYTES_PER_ID = 9
+"""Bytes of score store per sample id: a float64 sum and a seen flag (per query column: 8 more)."""
 
 
 def _memory_budget() -> float:

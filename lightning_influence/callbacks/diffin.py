@@ -57,7 +57,7 @@ from lightning_influence.kernels import (
 from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel
-from lightning_influence.scores import InfluenceScores
+from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
 from lightning_influence.validation import check_count
@@ -284,6 +284,7 @@ class DiffIn(Callback):
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
         self._kinks_pending = False
         self._functional_check_pending = False
+        self._cancelled_check_pending = False
         self._theta_at_start: list[Tensor] | None = None  # the parameters at a verified step's first micro-batch
         self._restored_kinks: list[str] | None = None
         self._recorded_is_exact = True
@@ -407,6 +408,15 @@ class DiffIn(Callback):
                 f"{type(pl_module).__name__} overrides configure_gradient_clipping, which DiffIn cannot model; use the "
                 f"Trainer's gradient_clip_val / gradient_clip_algorithm instead ({SUPPORTED})"
             )
+        if type(pl_module).optimizer_zero_grad is not L.LightningModule.optimizer_zero_grad:
+            raise ValueError(
+                f"{type(pl_module).__name__} overrides optimizer_zero_grad: DiffIn reads each optimizer step's gradient "
+                "as the sum over that step's micro-batches, and a hook that keeps gradients across steps (hand-made "
+                "accumulation) or clears them differently would be scored as another run. Remove the override and use "
+                f"Trainer(accumulate_grad_batches=k) for accumulation ({SUPPORTED})"
+            )
+        if self.save_path is not None and trainer.is_global_zero:
+            check_writable(self.save_path, "DiffIn")
         if self.checkpoint_every > 1 and self.recompute == "gradients":
             why = None
             if has_mode_dependent_layers(pl_module):
@@ -456,6 +466,7 @@ class DiffIn(Callback):
         self._kinks = kinks
         self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
         self._functional_check_pending = True
+        self._cancelled_check_pending = self._model.is_adaptive and has_mode_dependent_layers(pl_module)
         # Tensors that an earlier part of a resumed run changed are recorded from the start (removed ones keep
         # the products off the recorded gradients).
         self._buffer_watch = None
@@ -661,6 +672,16 @@ class DiffIn(Callback):
             check_training_dataset(trainer, pl_module)
             self._repeats = draws_with_replacement(trainer)
             self._num_samples = dataset_length(trainer)
+        waiting = len(self._micro_batches)
+        if waiting >= max(int(trainer.accumulate_grad_batches), 1):
+            raise ValueError(
+                f"training batch {batch_idx} starts while {waiting} earlier batch(es) still await their optimizer step "
+                f"(accumulate_grad_batches={trainer.accumulate_grad_batches}): the optimizer did not step after them, "
+                "which DiffIn cannot model (it would merge those batches into the next step). A custom optimizer_step "
+                "that skips optimizer.step(closure=optimizer_closure) on some batches is the usual cause: to leave a "
+                "batch out, return None from training_step instead (an empty step, which DiffIn counts), and use "
+                f"Trainer(accumulate_grad_batches=k) for accumulation ({SUPPORTED})"
+            )
         ids = torch.as_tensor(pl_module.sample_ids(batch))
         if ids.numel() == 0:
             raise ValueError(
@@ -769,6 +790,9 @@ class DiffIn(Callback):
                 "the loss), which the optimizer then applies like any other"
             )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        if self._cancelled_check_pending:
+            self._cancelled_check_pending = False
+            self._check_cancelled_parameters(pl_module, micro[0][0], grads)
         lagged = self._lagged_reads
         finite = True if lagged else all_finite(grads + context_grads)
         global_ids: tuple[Tensor, ...] | None = None
@@ -881,6 +905,31 @@ class DiffIn(Callback):
                 "them itself, the optimizer applies them and training is likely diverging: check these samples for "
                 "NaN/inf inputs and the loss for overflow. (A float32 sum of the gradients beyond 3.4e38 counts as "
                 "non-finite.)"
+            )
+
+    def _check_cancelled_parameters(self, pl_module: L.LightningModule, batch: Any, grads: list[Tensor]) -> None:
+        """Adam with batch norm, first step: a parameter whose training gradient is zero (up to
+        rounding) because train-mode batch statistics cancel it (the bias of a layer feeding a batch norm)
+        keeps Adam's second moment at 0, so the linearised update scales it by ``lr / eps``; DiffIn's
+        products run in evaluation mode, where it is not cancelled, and the propagation blows up.
+        Refused, naming the parameters (one evaluation-mode gradient pass, first step only)."""
+        assert self._space is not None and self._loss_fn is not None
+        theta = self._space.flatten(self._params)
+        with evaluation_mode(pl_module), torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            _, evaluated = losses_and_gradient(self._loss_fn, self._space, theta, batch, flat=False)
+        norms = torch.stack([torch.stack([g.norm(), e.norm()]) for g, e in zip(grads, evaluated, strict=True)]).double().cpu()  # type: ignore[union-attr]
+        scale = float(norms[:, 1].norm())
+        # Cancelled: nothing left in training but rounding (below 1e-3 of the evaluation-mode gradient), while the
+        # evaluation-mode gradient is not negligible (a zero-initialised branch is zero in both modes).
+        cancelled = [n for n, (t, e) in zip(self._space.names, norms.tolist(), strict=True) if e > 1e-6 * scale and t < 1e-3 * e]
+        if cancelled:
+            raise ValueError(
+                f"{cancelled[:6]} get a zero gradient in training (up to rounding) but not in evaluation mode: train-mode batch "
+                f"norm subtracts them out (the bias of a layer that feeds a batch norm). With "
+                f"{type(self._model.optimizer).__name__}, whose second moment then stays 0, the linearised update "  # type: ignore[union-attr]
+                "scales them by lr / eps, and DiffIn's products, taken in evaluation mode (running statistics), "
+                "propagate that into meaningless scores. Drop those parameters: bias=False in the layer before the "
+                "norm (the norm's own shift does the same job), or freeze them (requires_grad_(False)) before fit"
             )
 
     def _check_parameters_unwritten(self, trainer: L.Trainer) -> None:

@@ -54,7 +54,7 @@ from lightning_influence.kernels import (
     per_sample_loss_function,
 )
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.scores import InfluenceScores
+from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.validation import check_count
 
@@ -125,6 +125,8 @@ class TracIn(Callback):
         if not pl_module.automatic_optimization:
             raise ValueError("TracIn follows Lightning's automatic optimization only, not manual optimization")
         check_single_device(trainer, "TracIn")
+        if self.save_path is not None:
+            check_writable(self.save_path, "TracIn")
         if getattr(pl_module, "coupled_batch_loss", False):
             rank_zero_warn(
                 f"{type(pl_module).__name__} declares coupled_batch_loss: removing a sample also changes the other "
