@@ -3,6 +3,9 @@
 The configs ship inside the package (``lightning_influence.conf``), so this works from a clone
 (editable install) and from an installed wheel alike. See ``--help`` and ``--cfg job``.
 A user's own Hydra app reuses them with ``hydra.searchpath=[pkg://lightning_influence.conf]``.
+The config is checked before any training (:func:`lightning_influence.config.check_config`), and
+what the run prints is also logged to ``<run dir>/lightning-influence.log``
+(:func:`lightning_influence.app.run_log`).
 """
 
 from __future__ import annotations

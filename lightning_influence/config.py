@@ -7,16 +7,32 @@ The YAML files of ``lightning_influence.conf`` extend these schemas through thei
 lists (``recipe/cleaning.yaml`` starts from ``cleaning_schema``, every ``estimator/*.yaml``
 from ``estimator_schema``). :func:`register_configs` runs when the config package is imported,
 so it is in place for ``python -m lightning_influence`` and for a user's own Hydra app that
-adds ``hydra.searchpath=[pkg://lightning_influence.conf]``.
+adds ``hydra.searchpath=[pkg://lightning_influence.conf]``. It also registers the resolver
+``${li.datamodule:<name>[,<default>]}`` (:func:`data_property`), through which the model configs
+take their output size (``num_classes``) and input width (``in_features``) from the data config.
+
+The ``_target_`` groups (``data``, ``model``, ``trainer``, ``callbacks`` and any node with a
+``_target_``) have no schema of their own: :func:`check_config` checks each node's values
+against the signature and type annotations of the constructor it names (a misspelt key, a
+value of a type the annotation does not admit, a missing required argument) and that the
+model's sizes agree with the data, before any training (:func:`lightning_influence.app.run`
+calls it first).
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import logging
+import types
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from os import PathLike
+from pathlib import PurePath
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = [
     "TargetKind",
@@ -31,6 +47,12 @@ __all__ = [
     "recipe_params",
     "estimator_params",
     "check_estimator_target",
+    "DATA_LINKED_MODEL_KEYS",
+    "data_property",
+    "check_target_node",
+    "check_data_and_model",
+    "check_top_level",
+    "check_config",
 ]
 
 
@@ -197,6 +219,7 @@ def register_configs() -> None:
     for name, schema in RECIPE_SCHEMAS.items():
         cs.store(group="recipe", name=f"{name}_schema", node=schema)
     cs.store(group="estimator", name="estimator_schema", node=EstimatorConfig)
+    OmegaConf.register_new_resolver("li.datamodule", _datamodule_resolver, replace=True)
 
 
 def recipe_params(node: DictConfig, schema: type) -> Any:
@@ -239,3 +262,383 @@ def check_estimator_target(estimator: EstimatorConfig, target: TargetKind | str,
             "score against another subset of the target than the recipe asks for. Set recipe.target_samples only "
             "(the estimator's config follows it)"
         )
+
+
+# ---------------------------------------------------------------------- _target_ nodes
+#: Keys that Hydra's ``instantiate`` reads itself: never constructor arguments.
+_HYDRA_KEYS = frozenset({"_target_", "_convert_", "_recursive_", "_partial_", "_args_"})
+
+#: Model arguments that must equal a property of the training data: model key -> the data's name
+#: for it (see :func:`data_property`). The shipped model configs interpolate them with
+#: ``${li.datamodule:<name>}``, and :func:`check_data_and_model` refuses an override that differs.
+DATA_LINKED_MODEL_KEYS: dict[str, str] = {"num_classes": "num_classes", "in_features": "num_features"}
+
+#: Constructor arguments the recipes pass themselves, per config node, with where a user sets them.
+_SET_BY_RECIPES: dict[str, dict[str, str]] = {
+    "trainer": {
+        "callbacks": "the recipes pass the callbacks group's callbacks (and the estimator's) to every Trainer; "
+        "add yours as callbacks.<name>._target_=... (+callbacks.<name>._target_=... on the command line)"
+    },
+}
+
+_NO_DEFAULT = object()
+_EMPTY = inspect.Parameter.empty
+_NONE_TYPE = type(None)
+
+
+def _get_object(target: str) -> Any:
+    """What the dotted path ``target`` names (Hydra's lookup, without its error log line: the caller
+    reports the failure)."""
+    from hydra.utils import get_object
+
+    log = logging.getLogger("hydra.utils")
+    disabled, log.disabled = log.disabled, True
+    try:
+        return get_object(target)
+    finally:
+        log.disabled = disabled
+
+
+def _parameters(obj: Any) -> dict[str, inspect.Parameter] | None:
+    """The parameters of ``obj``'s signature (a class: its constructor's); ``None`` where Python cannot tell."""
+    try:
+        return dict(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _annotations(obj: Any) -> dict[str, Any]:
+    """The evaluated type annotations of ``obj``'s parameters (a class: its ``__init__``'s). Where they
+    cannot all be evaluated (names imported for type checkers only), the ones that are not strings."""
+    try:
+        return get_type_hints(obj.__init__ if isinstance(obj, type) else obj)
+    except Exception:  # NameError, TypeError, ...: whatever evaluating foreign annotations raises
+        params = _parameters(obj) or {}
+        return {n: p.annotation for n, p in params.items() if p.annotation is not _EMPTY and not isinstance(p.annotation, str)}
+
+
+def data_property(data: Any, name: str) -> tuple[Any, str] | None:
+    """The training data's ``name`` (e.g. ``num_classes``) and where it was read: the data config's
+    key ``name``, else the default of the datamodule constructor's argument ``name``, else a
+    number or string class attribute of the datamodule (``DigitsDataModule.num_classes``).
+    ``None`` where the data declare none."""
+    if not isinstance(data, DictConfig):
+        return None
+    if name in data:
+        return data[name], f"data.{name}"
+    target = data.get("_target_")
+    if not isinstance(target, str):
+        return None
+    try:
+        cls = _get_object(target)
+    except Exception:  # an unimportable _target_ is reported by check_target_node
+        return None
+    param = (_parameters(cls) or {}).get(name)
+    if param is not None and param.default is not _EMPTY and param.default is not None:
+        return param.default, f"the default of {target}({name}=...)"
+    value = getattr(cls, name, None)
+    if isinstance(value, (int, float, str)):
+        return value, f"{target}.{name}"
+    return None
+
+
+def _datamodule_resolver(name: str, default: Any = _NO_DEFAULT, *, _root_: DictConfig) -> Any:
+    """``${li.datamodule:<name>[,<default>]}``: :func:`data_property` of the config's ``data`` node,
+    else ``default``."""
+    found = data_property(_root_.get("data"), name)
+    if found is not None:
+        return found[0]
+    if default is not _NO_DEFAULT:
+        return default
+    raise ValueError(
+        f"${{li.datamodule:{name}}}: the data config declares no {name} (no key data.{name}, and its _target_ has no "
+        f"{name} argument default or class attribute). Add data.{name} to the data config, or set the value explicitly"
+    )
+
+
+def _is_target(value: Any) -> bool:
+    return isinstance(value, Mapping) and "_target_" in value
+
+
+def _is_class(tp: Any) -> bool:
+    return isinstance(tp, type)
+
+
+def _accepts(value: Any, tp: Any) -> bool:
+    """Can the plain config value ``value`` (as ``OmegaConf.to_container`` gives it) be passed where
+    ``tp`` is annotated? A ``_target_`` node is instantiated first, so it passes (it is checked
+    on its own); an annotation this cannot read accepts anything."""
+    if tp is Any or tp is _EMPTY or _is_target(value):
+        return True
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _accepts(value, args[0])
+    if origin is Union or origin is types.UnionType:
+        return any(_accepts(value, a) for a in args)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if hasattr(tp, "__supertype__"):  # typing.NewType
+        return _accepts(value, tp.__supertype__)
+    if tp is None or tp is _NONE_TYPE:
+        return value is None
+    if value is None:
+        return False
+    container = origin if origin is not None else tp
+    if not _is_class(container):
+        return True  # TypeVar, ForwardRef, a string annotation, ...
+    if isinstance(value, list) and (container in (tuple, set, frozenset) or issubclass(list, container)):
+        if container is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
+            return len(args) == len(value) and all(_accepts(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_accepts(v, args[0]) for v in value)
+    if isinstance(value, dict) and issubclass(container, Mapping):
+        return len(args) != 2 or all(_accepts(k, args[0]) and _accepts(v, args[1]) for k, v in value.items())
+    if args:  # list[int], Iterable[Logger], Callable[...], type[X]: no plain value but the containers above
+        return False
+    if container is float or container is complex:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if container is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if issubclass(container, (PurePath, PathLike)):
+        return isinstance(value, (str, PurePath))
+    if issubclass(container, Enum):
+        return isinstance(value, container) or value in container.__members__ or value in [m.value for m in container]
+    try:
+        return isinstance(value, container)
+    except TypeError:  # a protocol that is not runtime-checkable
+        return True
+
+
+def _article(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
+
+
+def _join(parts: list[str]) -> str:
+    unique = list(dict.fromkeys(parts))
+    return unique[0] if len(unique) == 1 else f"{', '.join(unique[:-1])} or {unique[-1]}"
+
+
+def _describe(tp: Any) -> str:
+    """What ``tp`` admits, in the words of a config value: ``an integer or null``, ``one of ...``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or tp is _EMPTY:
+        return "any value"
+    if origin is Annotated:
+        return _describe(args[0])
+    if origin is Union or origin is types.UnionType:
+        literals = [v for a in args if get_origin(a) is Literal for v in get_args(a)]
+        others = [_describe(a) for a in args if get_origin(a) is not Literal]
+        return _join(([_describe(Literal[tuple(literals)])] if literals else []) + others)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if tp is None or tp is _NONE_TYPE:
+        return "null"
+    container = origin if origin is not None else tp
+    if not _is_class(container):
+        return str(tp)
+    if issubclass(container, Mapping):
+        return f"a mapping (each value: {_describe(args[1])})" if len(args) == 2 else "a mapping"
+    if container in (tuple, set, frozenset) or issubclass(list, container):
+        return f"a list (each entry: {_describe(args[0])})" if args else "a list"
+    words = {bool: "true or false", int: "an integer", float: "a number", complex: "a number", str: "a string"}
+    if container in words:
+        return words[container]
+    if issubclass(container, (PurePath, PathLike)):
+        return "a path"
+    if issubclass(container, Enum):
+        return "one of " + ", ".join(container.__members__)
+    return f"{_article(container.__name__)} (a _target_ node)"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"{_article(type(value).__name__)}"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "a mapping" if isinstance(value, dict) else _article(type(value).__name__)
+
+
+def _as_override(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _example(tp: Any, default: Any) -> str | None:
+    """A value ``tp`` admits, for the message: the argument's own default where it is a plain
+    non-null value, else a value of the first kind the annotation admits."""
+    if isinstance(default, (bool, int, float, str)) and _accepts(default, tp):
+        return _as_override(default)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _example(args[0], _EMPTY)
+    if origin is Union or origin is types.UnionType:
+        return next((e for e in (_example(a, _EMPTY) for a in args if a is not _NONE_TYPE) if e is not None), None)
+    if origin is Literal:
+        return _as_override(args[0]) if args else None
+    return {bool: "true", int: "1", float: "0.5"}.get(tp)
+
+
+def _nested_targets(value: Any, where: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """The ``_target_`` nodes in a plain config value, with their paths."""
+    if _is_target(value):
+        yield where, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _nested_targets(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _nested_targets(item, f"{where}[{i}]")
+
+
+def check_target_node(node: DictConfig | Mapping[str, Any], where: str, set_elsewhere: Mapping[str, str] | None = None) -> None:
+    """Refuse, before anything is instantiated, what the callable that ``node._target_`` names would
+    refuse only when called, or take and fail with later: a key that is none of its arguments
+    (naming the closest ones), a value that its type annotation does not admit (naming the value,
+    what is expected and a value that fits), a required argument the node does not set, and an
+    argument in ``set_elsewhere`` (passed by the recipes themselves, with where the user sets it).
+    ``where``: the node's path in the config (``trainer``, ``callbacks.early_stopping``), named in
+    every message. ``_target_`` nodes among the values are checked in turn. Arguments without a
+    type annotation take any value; a callable without a readable signature is not checked."""
+    values = OmegaConf.to_container(node, resolve=True, throw_on_missing=True) if isinstance(node, DictConfig) else dict(node)
+    raw = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else values
+    assert isinstance(values, dict) and isinstance(raw, dict)
+    target = values.get("_target_")
+    if not isinstance(target, str) or not target:
+        raise ValueError(f"{where}._target_ must be the dotted import path of a class or function, got {target!r}")
+    try:
+        obj = _get_object(target)
+    except Exception as err:  # ImportError, AttributeError, ...: whatever importing its module raises
+        cause = err.__cause__ or err
+        raise ValueError(
+            f"{where}._target_={target!r} cannot be imported ({type(cause).__name__}: {cause}). Check its spelling, "
+            "and that its module is installed or on PYTHONPATH"
+        ) from err
+    params = _parameters(obj)
+    if params is None:
+        return
+    hints = _annotations(obj)
+    kinds = inspect.Parameter
+    any_keyword = any(p.kind is kinds.VAR_KEYWORD for p in params.values())
+    keyword = {n: p for n, p in params.items() if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    positional = [p for p in params.values() if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    given: dict[str, tuple[str, Any]] = {}
+    args = values.get("_args_") or []
+    if len(args) > len(positional) and not any(p.kind is kinds.VAR_POSITIONAL for p in params.values()):
+        raise ValueError(
+            f"{where}._args_ has {len(args)} entries but {target} takes at most {len(positional)} positional arguments"
+        )
+    for i, value in enumerate(args[: len(positional)]):
+        given[positional[i].name] = (f"{where}._args_[{i}]", value)
+    elsewhere = set_elsewhere or {}
+    for key, value in values.items():
+        if key in _HYDRA_KEYS:
+            continue
+        if key in elsewhere:
+            raise ValueError(
+                f"{where}.{key} is not taken from the config: {elsewhere[key]}. Remove it (~{where}.{key} on the command line)"
+            )
+        if key in keyword:
+            given[key] = (f"{where}.{key}", value)
+        elif not any_keyword:
+            close = difflib.get_close_matches(key, list(keyword), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"its arguments are {', '.join(keyword) or 'none'}."
+            raise ValueError(
+                f"{where}.{key} is not an argument of {target}: {hint} Fix the spelling, or remove the key "
+                f"(~{where}.{key} on the command line)"
+            )
+    for name, (path, value) in given.items():
+        tp = hints.get(name, _EMPTY)
+        if not _accepts(value, tp):
+            expected = _describe(tp)
+            example = _example(tp, params[name].default)
+            source = raw.get(name) if path == f"{where}.{name}" else None
+            via = f", from {source}" if isinstance(source, str) and "${" in source else ""
+            raise ValueError(
+                f"{path}={value!r} ({_kind(value)}{via}) is not accepted by {target}: its argument {name} takes {expected}. "
+                f"Set {path}{' or what it interpolates' if via else ''} to such a value"
+                f"{f' (e.g. {path}={example})' if example is not None else ''}, on the command line or in the config file"
+            )
+        if values.get("_recursive_", True):
+            for inner_where, inner in _nested_targets(value, path):
+                check_target_node(inner, inner_where)
+    if not values.get("_partial_", False):
+        missing = [n for n, p in params.items() if p.default is _EMPTY and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+                   and n not in given and n not in elsewhere]
+        if missing:
+            raise ValueError(
+                f"{where} ({target}) needs the argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which the config "
+                f"does not set: add {' and '.join(f'{where}.{n}' for n in missing)} "
+                f"(+{where}.{missing[0]}=<value> on the command line)"
+            )
+
+
+def check_data_and_model(cfg: DictConfig) -> None:
+    """Refuse a model whose size contradicts the data: each key of :data:`DATA_LINKED_MODEL_KEYS`
+    that the model config sets must equal the data's value, where the data declare one
+    (:func:`data_property`). The shipped model configs follow the data (``${li.datamodule:...}``),
+    so a contradiction comes from an override of the model's key."""
+    model, data = cfg.get("model"), cfg.get("data")
+    if not isinstance(model, DictConfig) or not isinstance(data, DictConfig):
+        return
+    for model_key, data_key in DATA_LINKED_MODEL_KEYS.items():
+        if model_key not in model:
+            continue
+        found = data_property(data, data_key)
+        value = model[model_key]
+        if found is None or value == found[0]:
+            continue
+        wanted, source = found
+        change = (
+            f"set data.{data_key}={value} instead" if source == f"data.{data_key}"
+            else f"use a data config with {data_key}={value} (e.g. data=synthetic data.{data_key}={value})"
+        )
+        raise ValueError(
+            f"model.{model_key}={value} contradicts the data: their {data_key} is {wanted} ({source}), and the model's "
+            f"{model_key} must equal it. Drop the model.{model_key} override (the shipped model configs take it from the "
+            f"data: ${{li.datamodule:{data_key}}}); to train with {value}, {change}"
+        )
+
+
+def _target_nodes(node: Any, where: str) -> Iterator[tuple[str, DictConfig]]:
+    """The outermost ``_target_`` nodes under ``node`` (interpolated entries are not followed)."""
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield where, node
+            return
+        keys: list[Any] = [k for k in node.keys() if not (where == "" and k == "hydra")]
+    elif isinstance(node, ListConfig):
+        keys = list(range(len(node)))
+    else:
+        return
+    for key in keys:
+        if not OmegaConf.is_interpolation(node, key):
+            path = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+            yield from _target_nodes(node[key], path)
+
+
+def check_top_level(cfg: DictConfig) -> None:
+    """Refuse a ``seed`` that is not an integer (``TypeError``) and a ``num_threads`` that is not a
+    positive integer or null (``ValueError``): values that the groups interpolate (``data.seed:
+    ${seed}``) or the recipes apply, so they are named before the nodes that use them."""
+    seed, threads = cfg.get("seed", 0), cfg.get("num_threads")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}: set seed=<integer>, e.g. seed=0")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(
+            f"num_threads must be a positive integer or null, got {threads!r}: e.g. num_threads=1, or num_threads=null for torch's default"
+        )
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check a composed config before any training: the top-level values (:func:`check_top_level`),
+    every ``_target_`` node (``data``, ``model``, ``trainer``, each ``callbacks`` entry, and
+    ``_target_`` nodes in their values) against the signature of what it names
+    (:func:`check_target_node`), and the model's sizes against the data
+    (:func:`check_data_and_model`). Raises ``ValueError`` (``TypeError`` for a non-integer seed)
+    naming the key, the value, what is expected and the fix."""
+    check_top_level(cfg)
+    for where, node in _target_nodes(cfg, ""):
+        check_target_node(node, where, _SET_BY_RECIPES.get(where))
+    check_data_and_model(cfg)

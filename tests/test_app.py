@@ -1,11 +1,15 @@
 """The Hydra main job: ``python -m lightning_influence`` runs ``recipe=cleaning`` by default;
-an in-process run of :func:`lightning_influence.app.run` and one run of the command line."""
+an in-process run of :func:`lightning_influence.app.run` and runs of the command line: the run
+folder's log holds the run's output, a misconfigured trainer or model is refused before any
+training, and the model's classes follow the data's."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +20,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from lightning_influence import InfluenceScores
-from lightning_influence.app import run
+from lightning_influence.app import run, run_log
 
 CONF = "lightning_influence.conf"
 
@@ -70,12 +74,11 @@ def test_main_job_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "most harmful" in out and "ROC-AUC" in out and "no_removal" in out
 
 
-def test_command_line(tmp_path: Path) -> None:
-    """The README main job (tiny settings): scores, report and plots in the Hydra run dir."""
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_influence", "trainer.max_epochs=1", "recipe.seeds=[0]", f"hydra.run.dir={run_dir}"],
+def command_line(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """``python -m lightning_influence <overrides>`` run from ``tmp_path``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_influence", *overrides],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -83,9 +86,102 @@ def test_command_line(tmp_path: Path) -> None:
         text=True,
         timeout=300,
     )
+
+
+def test_command_line(tmp_path: Path) -> None:
+    """The README main job (tiny settings): scores, report and plots in the Hydra run dir, and a log
+    file there that holds the run (its summary, the recipe's tables, where the outputs went) instead
+    of the empty file Hydra's job logging used to leave."""
+    run_dir = tmp_path / "run"
+    proc = command_line(tmp_path, "trainer.max_epochs=1", "recipe.seeds=[0]", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "most harmful" in proc.stdout and "ROC-AUC" in proc.stdout
     for name in ("scores.pt", "scores.csv", "report.json", ".hydra/config.yaml", "score_histogram.png", "detection_curve.png", "most_harmful.png"):
         assert (run_dir / name).is_file(), name
     report = json.loads((run_dir / "report.json").read_text())
     assert report["recipe"] == "cleaning" and 0.0 <= report["detection"]["estimator"]["auroc"] <= 1.0
+
+    assert f"outputs in {run_dir}" in proc.stdout and "recipe=cleaning estimator=diffin" in proc.stdout
+    log = (run_dir / "lightning-influence.log").read_text()
+    for line in ("recipe=cleaning estimator=diffin", "overrides: trainer.max_epochs=1 recipe.seeds=[0]", "(most harmful)", "ROC-AUC",
+                 "no_removal", "DiffIn (replay, target=val): scored 1200 samples", f"Outputs in {run_dir}: scores.pt, scores.csv"):
+        assert line in log, line
+    top = report["most_harmful"][0]
+    assert f"{top['id']:>6}  {top['score']:>11.3e}" in log, "the table rows, as printed"
+    assert log.count("(most harmful)") == proc.stdout.count("(most harmful)") == 1, "each line once"
+    assert "[lightning_influence.run][INFO]" not in proc.stdout + proc.stderr, "the copies go to the log file only"
+
+
+def test_command_line_refuses_a_bad_trainer_value_before_training(tmp_path: Path) -> None:
+    """trainer.max_epochs=abc used to pass the trial fit and end in a bare AssertionError inside
+    Lightning's fit loop; now it stops before any training with the key, the value, what is
+    expected and the fix, on the console and in the run's log."""
+    run_dir = tmp_path / "run"
+    proc = command_line(tmp_path, "trainer.max_epochs=abc", f"hydra.run.dir={run_dir}")
+    assert proc.returncode != 0
+    message = ("trainer.max_epochs='abc' (a string) is not accepted by lightning.pytorch.Trainer: its argument max_epochs takes an "
+               "integer or null. Set trainer.max_epochs to such a value (e.g. trainer.max_epochs=1)")
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "AssertionError" not in proc.stderr and "fit_loop" not in proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "lightning-influence.log"], "nothing trained, nothing written"
+    log = (run_dir / "lightning-influence.log").read_text()
+    assert "the run failed: ValueError: " + message in log
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epochs=abc", r"trainer.max_epochs='abc' .*takes an integer or null"),
+        ("+trainer.max_epoch=2", r"trainer.max_epoch is not an argument .*did you mean max_epochs"),
+        ("model.num_classes=5", r"model.num_classes=5 contradicts the data: their num_classes is 10"),
+    ],
+)
+def test_run_checks_the_config_before_anything_is_set_up(override: str, message: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(compose_cfg(override, f"output_dir={out}", "recipe.plots=false"))
+    assert not out.exists(), "refused before the output folder, the data or any training"
+
+
+def test_model_classes_follow_the_data_in_a_run(tmp_path: Path) -> None:
+    """12 synthetic classes (and 16 features): the model's head follows data.num_classes. Before, the
+    model kept its own 10 classes, and cross-entropy failed on labels 10 and 11 mid-fit."""
+    overrides = ("data=synthetic", "data.num_classes=12", "data.num_features=16", "data.num_samples=800", "data.val_size=100",
+                 "data.test_size=100", "data.batch_size=64", "model=logreg", "trainer.max_epochs=1", "recipe.seeds=[0]", "recipe.plots=false")
+    report = run(compose_cfg(*overrides, f"output_dir={tmp_path}"))
+    assert report["num_scored"] == 600
+    written = (tmp_path / "config.yaml").read_text()
+    assert "  in_features: 16\n  num_classes: 12\n" in written, written
+
+
+def test_run_log_copies_output_and_warnings_to_the_log_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With a file handler on the root logger (Hydra's job log), printed lines and warnings are
+    copied to it once each; the console output is unchanged; without one nothing is copied."""
+    path = tmp_path / "job.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with run_log() as log, warnings.catch_warnings():
+            warnings.simplefilter("always")
+            print("first line\n\nsecond line", flush=True)
+            warnings.warn("mind the gap", UserWarning, stacklevel=1)
+            log.info("for the file only")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+    lines = path.read_text().splitlines()
+    assert lines == [
+        "[lightning_influence.run][INFO] - first line",
+        "[lightning_influence.run][INFO] - second line",
+        "[lightning_influence.run][WARNING] - UserWarning: mind the gap",
+        "[lightning_influence.run][INFO] - for the file only",
+    ]
+    assert capsys.readouterr().out == "first line\n\nsecond line\n"
+    with run_log():
+        print("no log file")
+    assert path.read_text().splitlines() == lines and capsys.readouterr().out == "no log file\n"

@@ -1,6 +1,7 @@
 """Every config of every group composes and instantiates; the structured schemas refuse
-misconfiguration at composition or when a recipe starts; a user's own app finds the
-shipped configs through the Hydra search path."""
+misconfiguration at composition or when a recipe starts; the `_target_` nodes (trainer,
+callbacks, model, data) are checked against their constructors' signatures; the model's size
+follows the data; a user's own app finds the shipped configs through the Hydra search path."""
 
 from __future__ import annotations
 
@@ -13,10 +14,17 @@ import torch
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, ValidationError
 
-from lightning_influence.config import RECIPE_SCHEMAS, CleaningConfig, estimator_params, recipe_params
+from lightning_influence.config import (
+    RECIPE_SCHEMAS,
+    CleaningConfig,
+    check_config,
+    estimator_params,
+    recipe_params,
+    register_configs,
+)
 from lightning_influence.estimators.base import REGISTRY, Estimator, build
 from lightning_influence.recipes.common import make_trainer, user_callbacks
 
@@ -34,7 +42,8 @@ def compose_cfg(*overrides: str) -> DictConfig:
 
 
 def instantiate_all(cfg: DictConfig, tmp_path: Path) -> None:
-    """Instantiate every node of a composed config the way the recipes do."""
+    """Check the config as the app does, then instantiate every node the way the recipes do."""
+    check_config(cfg)
     data = instantiate(cfg.data)
     assert isinstance(data, L.LightningDataModule)
     model = instantiate(cfg.model)
@@ -128,11 +137,107 @@ def test_unknown_estimator_name_is_refused_with_the_choices() -> None:
 
 
 def test_recipe_params_checks_a_plain_user_node() -> None:
-    from omegaconf import OmegaConf
-
     assert recipe_params(OmegaConf.create({"name": "cleaning", "seeds": [3]}), CleaningConfig).seeds == [3]
     with pytest.raises(ConfigKeyError):
         recipe_params(OmegaConf.create({"name": "cleaning", "sedes": [3]}), CleaningConfig)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.max_epochs=abc"], r"trainer.max_epochs='abc' \(a string\) is not accepted by lightning.pytorch.Trainer: its argument "
+         r"max_epochs takes an integer or null. Set trainer.max_epochs to such a value \(e.g. trainer.max_epochs=1\)"),
+        (["trainer.max_epochs=1.5"], r"trainer.max_epochs=1.5 \(a float\).*an integer or null"),
+        (["trainer.max_epochs=true"], r"trainer.max_epochs=True \(a boolean\).*an integer or null"),
+        (["trainer.precision=33"], r"trainer.precision=33 .*takes one of 64, 32, 16, .*'32-true'.* or null"),
+        (["trainer.devices=[a]"], r"trainer.devices=\['a'\].*a list \(each entry: an integer\), a string or an integer"),
+        (["trainer.enable_progress_bar=maybe"], r"enable_progress_bar='maybe'.*true or false or null"),
+        (["trainer.logger=csv"], r"trainer.logger='csv'.*a Logger \(a _target_ node\)"),
+        (["+trainer.max_epoch=3"], r"trainer.max_epoch is not an argument of lightning.pytorch.Trainer: did you mean max_epochs"),
+        (["+trainer.callbacks=[]"], r"trainer.callbacks is not taken from the config.*callbacks.<name>._target_"),
+        (["+trainer.max_time={minutes:soon}"], r"trainer.max_time=\{'minutes': 'soon'\}.*a mapping \(each value: an integer\)"),
+        (["trainer.logger={_target_:lightning.pytorch.loggers.CSVLogger,save_dir:logs,flush_logs_every_n_steps:often}"],
+         r"trainer.logger.flush_logs_every_n_steps='often' .*lightning.pytorch.loggers.CSVLogger.*an integer"),
+        (["callbacks=early_stopping", "callbacks.early_stopping.patience=soon"],
+         r"callbacks.early_stopping.patience='soon' .*EarlyStopping: its argument patience takes an integer.*patience=3\)"),
+        (["callbacks=early_stopping", "+callbacks.early_stopping.patince=1"], r"callbacks.early_stopping.patince .*did you mean patience"),
+        (["+callbacks.mine._target_=no_such_pkg.Callback"], r"callbacks.mine._target_='no_such_pkg.Callback' cannot be imported \(ModuleNotFoundError"),
+        (["+callbacks.timer._target_=lightning.pytorch.callbacks.Timer", "+callbacks.timer.duration=5"],
+         r"callbacks.timer.duration=5 .*a string, a timedelta \(a _target_ node\), a mapping \(each value: an integer\) or null"),
+        (["+callbacks.fixed._target_=lightning_influence.data.FixedBatches"], r"callbacks.fixed .*needs the argument batches"),
+        (["model.lr=fast"], r"model.lr='fast' .*Classifier: its argument lr takes a number"),
+        (["model.hidden=[a]"], r"model.hidden=\['a'\] .*a list \(each entry: an integer\)"),
+        (["data.batch_size=big"], r"data.batch_size='big' .*DigitsDataModule: its argument batch_size takes an integer"),
+    ],
+)
+def test_target_nodes_are_checked_against_their_signatures(overrides: list[str], message: str) -> None:
+    """Values the Trainer, a callback, the model or the datamodule would refuse late (or, like
+    max_epochs=abc, with a bare AssertionError mid-fit) are refused with the key, the value, what is
+    expected and a value that fits, from the target's own signature."""
+    with pytest.raises(ValueError, match=message):
+        check_config(compose_cfg(*overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer=ddp", "trainer.precision=64", "trainer.devices=auto", "trainer.gradient_clip_val=1", "model.lr=1"],
+        ["trainer.devices=[0]", "trainer.logger={_target_:lightning.pytorch.loggers.CSVLogger,save_dir:logs}", "+trainer.max_time={minutes:3}"],
+        ["trainer.deterministic=warn", "+trainer.val_check_interval=0.5", "+model.optimizer_options.momentum=0.9", "model.hidden=[16,8]"],
+        ["+callbacks.ckpt._target_=lightning.pytorch.callbacks.ModelCheckpoint", "+callbacks.ckpt.monitor=val_loss"],
+    ],
+)
+def test_target_node_check_passes_valid_settings(overrides: list[str]) -> None:
+    check_config(compose_cfg(*overrides))
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("data", options("data"))
+def test_model_output_size_follows_the_data(data: str, model: str) -> None:
+    """Every model config takes its classes from every data config: digits' 10 (its datamodule's
+    class attribute), the synthetic data's data.num_classes (here 3, and 12 > the old fixed 10)."""
+    declared = "num_classes" in compose_cfg(f"data={data}").data
+    for classes in ([3, 12] if declared else [None]):
+        cfg = compose_cfg(f"data={data}", f"model={model}", *([f"data.num_classes={classes}"] if declared else []))
+        check_config(cfg)
+        datamodule = instantiate(cfg.data)
+        assert cfg.model.num_classes == datamodule.num_classes == (classes or 10)
+        width = cfg.model.in_features if "in_features" in cfg.model else cfg.model.side**2
+        assert instantiate(cfg.model)(torch.rand(2, width)).shape == (2, datamodule.num_classes)
+
+
+@pytest.mark.parametrize("model", [m for m in options("model") if "in_features" in compose_cfg(f"model={m}").model])
+def test_model_input_width_follows_the_data(model: str) -> None:
+    cfg = compose_cfg("data=synthetic", f"model={model}", "data.num_features=16")
+    assert cfg.model.in_features == 16
+    check_config(cfg)
+    assert compose_cfg(f"model={model}").model.in_features == 64, "the digits' 8x8 features when the data declare none"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_classes=5"], r"model.num_classes=5 contradicts the data: their num_classes is 10 "
+         r"\(lightning_influence.data.DigitsDataModule.num_classes\).*Drop the model.num_classes override.*data=synthetic data.num_classes=5"),
+        (["model=cnn", "model.num_classes=5"], r"model.num_classes=5 contradicts the data"),
+        (["data=synthetic", "model.num_classes=5"], r"their num_classes is 10 \(data.num_classes\).*set data.num_classes=5 instead"),
+        (["data=synthetic", "data.num_classes=4", "model=logreg", "model.num_classes=10"], r"model.num_classes=10 contradicts the data: their num_classes is 4"),
+        (["data=synthetic", "model.in_features=32"], r"model.in_features=32 contradicts the data: their num_features is 64 \(data.num_features\)"),
+    ],
+)
+def test_model_size_contradicting_the_data_is_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_config(compose_cfg(*overrides))
+
+
+def test_datamodule_resolver_names_what_is_missing() -> None:
+    """A user's datamodule that declares no num_classes: the model config's interpolation says what to set."""
+    register_configs()
+    cfg = OmegaConf.create({"data": {"_target_": "builtins.dict"}, "model": {"num_classes": "${li.datamodule:num_classes}",
+                                                                             "in_features": "${li.datamodule:num_features,64}"}})
+    assert cfg.model.in_features == 64
+    with pytest.raises(InterpolationResolutionError, match=r"declares no num_classes.*Add data.num_classes"):
+        _ = cfg.model.num_classes
 
 
 def test_user_app_finds_the_shipped_configs_through_the_search_path(tmp_path: Path) -> None:
@@ -147,7 +252,8 @@ def test_user_app_finds_the_shipped_configs_through_the_search_path(tmp_path: Pa
     )
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["model._target_=lightning_influence.models.SmallCNN", "~model.in_features", "~model.hidden"])
-    assert cfg.recipe.name == "coreset" and cfg.data.seed == 3
+    assert cfg.recipe.name == "coreset" and cfg.data.seed == 3 and cfg.model.num_classes == 10
+    check_config(cfg)
     model = instantiate(cfg.model)
     assert type(model).__name__ == "SmallCNN"
     names = sorted(type(c).__name__ for c in user_callbacks(cfg))
