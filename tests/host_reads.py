@@ -4,8 +4,9 @@ On an accelerator, reading a tensor's value on the host (``bool``, ``int``, ``fl
 ``.tolist()``, ``.cpu()``, ``torch.equal``, data-dependent shapes such as ``unique`` or boolean
 indexing) waits for the device to finish all the work queued before it. On the CPU every tensor
 is on the host, so the audit tracks *provenance* instead: a tensor counts as a host tensor when
-library code created it on the CPU (a factory call without a device, or a copy to the CPU) or
-computed it from host tensors only; anything else (parameters, gradients, batches, and whatever
+library code created it on the CPU (a factory call without a device or with ``device="cpu"``, or
+a copy to the CPU) or computed it from host tensors only (a factory given a ``torch.device``
+object makes a tensor on the compute device); anything else (parameters, gradients, batches, and whatever
 is computed from them) counts as a device tensor, as it would be on a GPU. A read of a device
 tensor's value from a frame in ``lightning_influence`` is recorded with its call site.
 """
@@ -92,7 +93,9 @@ class HostReadAudit(TorchFunctionMode):
             if not any(out is t for t in tensors):  # a copy (on a GPU, always; on the CPU, unless already there)
                 _mark(out, True)
         elif name in FACTORIES and not (name.endswith("_like") and device_inputs):
-            _mark(out, target is None or torch.device(target).type == "cpu")
+            # Host intent is written as no device or the string "cpu"; a torch.device object is the compute
+            # device of some tensor (a parameter's, a batch's): a device tensor, as it would be on a GPU.
+            _mark(out, target is None or (isinstance(target, str) and torch.device(target).type == "cpu"))
         elif tensors:
             _mark(out, not device_inputs)
         return out

@@ -1,4 +1,4 @@
-"""The training steps of a DiffIn fit read nothing back from the device once its first, verified
+"""The training steps of a DiffIn (or TracIn) fit read nothing back from the device once its first, verified
 steps are done: the sample ids and the gradients' finiteness travel to the host by non-blocking
 copies and are checked one step later (``DiffIn._settle``). Audited by provenance on the CPU
 (``host_reads.HostReadAudit``): a read there is a synchronisation on a GPU."""
@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import quiet_trainer
 from host_reads import HostReadAudit, as_device
 from lightning_influence import DiffIn, IndexedDataset
+from lightning_influence.callbacks import TracIn
 from lightning_influence.callbacks.diffin import VERIFIED_STEPS
 from lightning_influence.data import load_digits_tensors
 from lightning_influence.host import HostCopy
@@ -23,7 +24,7 @@ STEADY = 4 * 8 * VERIFIED_STEPS
 """Steps after which a fit is in its steady state (the verified steps lie at the first checkpoints)."""
 
 
-def _audited_fit(callback: DiffIn, model: L.LightningModule, steps: int, **trainer_kwargs) -> tuple[HostReadAudit, list[int]]:
+def _audited_fit(callback: L.Callback, model: L.LightningModule, steps: int, **trainer_kwargs) -> tuple[HostReadAudit, list[int]]:
     """Fit with the audit on; count the library's reads in the callback's training hooks of the
     steady-state steps that run no sweep. Returns the audit and the audited steps."""
     x, y = load_digits_tensors(torch.float32)
@@ -37,14 +38,14 @@ def _audited_fit(callback: DiffIn, model: L.LightningModule, steps: int, **train
 
         def wrapped(trainer, pl_module, *args, _original=original, _hook=hook):
             as_device([*args, list(pl_module.parameters()), list(pl_module.buffers())])
-            sweeps, before = callback.truncated_sweeps, audit.sites.copy()
+            sweeps, before = getattr(callback, "truncated_sweeps", 0), audit.sites.copy()
             audit.counting = state["step"] >= STEADY
             try:
                 return _original(trainer, pl_module, *args)
             finally:
                 audit.counting = False
                 if _hook == "on_train_batch_end":
-                    if callback.truncated_sweeps != sweeps:  # a sweep's reads are not a training step's
+                    if getattr(callback, "truncated_sweeps", 0) != sweeps:  # a sweep's reads are not a training step's
                         audit.sites = before
                     elif state["step"] >= STEADY:
                         audited.append(state["step"])
@@ -61,14 +62,15 @@ def _audited_fit(callback: DiffIn, model: L.LightningModule, steps: int, **train
 
 @pytest.mark.parametrize(
     "case",
-    ["replay", "online", "adam", "accumulation"],
+    ["replay", "online", "adam", "accumulation", "tracin"],
 )
 def test_steady_state_training_steps_read_nothing_from_the_device(case):
     options = {"online": dict(mode="online", window=16, score_every=16)}.get(case, {})
     model = Classifier(hidden=(16,), lr=0.01, optimizer="adam") if case == "adam" else Classifier(hidden=(16,), lr=0.1)
     kwargs = {"accumulate_grad_batches": 2} if case == "accumulation" else {}
     steps = STEADY + 40
-    audit, audited = _audited_fit(DiffIn(target="val", **options), model, steps, **kwargs)
+    callback = TracIn(target="val") if case == "tracin" else DiffIn(target="val", **options)
+    audit, audited = _audited_fit(callback, model, steps, **kwargs)
     assert len(audited) >= 20
     assert not audit.sites, f"reads of device values in steady-state training steps: {dict(audit.sites)}"
 
@@ -88,3 +90,35 @@ def test_the_audit_sees_the_reads_it_is_meant_to_catch():
 
         assert all_finite(device_value)  # library code reading a device value
     assert sum(audit.sites.values()) >= 1 and all("kernels.py" in site for site in audit.sites)
+
+
+@pytest.mark.parametrize("mode", ["replay", "online"])
+def test_sweeps_read_about_one_device_value_per_hessian_product(mode):
+    """What a sweep still reads: each product's step length (a norm), the propagated gradient's norm
+    every 16 products, and a few values per sweep (its start, the steps' norms, the recorded-
+    gradient checks); the per-step score sums and finiteness checks stay on the device."""
+    x, y = load_digits_tensors(torch.float32)
+    train = DataLoader(IndexedDataset(TensorDataset(x[:512], y[:512])), batch_size=16, shuffle=True)
+    val = DataLoader(IndexedDataset(TensorDataset(x[512:640], y[512:640])), batch_size=64)
+    callback = DiffIn(target="val", mode=mode, **({"window": 16, "score_every": 16} if mode == "online" else {}))
+    audit, sweeps = HostReadAudit(), []
+    original = callback._run_sweep
+
+    def run_sweep(num_scored):
+        as_device([list(callback._params)])
+        sweeps.append(num_scored)
+        audit.counting = True
+        try:
+            return original(num_scored)
+        finally:
+            audit.counting = False
+
+    callback._run_sweep = run_sweep
+    torch.manual_seed(0)
+    with audit:
+        quiet_trainer(max_steps=96, max_epochs=-1, callbacks=[callback]).fit(Classifier(hidden=(16,), lr=0.1), train, val)
+    products = callback.scores.metadata["hessian_products"]
+    reads = sum(audit.sites.values())
+    per_product = sum(n for site, n in audit.sites.items() if "kernels.py" in site)
+    assert per_product <= products + len(sweeps), dict(audit.sites)
+    assert reads <= products * (1 + 1 / 16) + 16 * len(sweeps), dict(audit.sites)

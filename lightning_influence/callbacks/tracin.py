@@ -34,6 +34,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checks import (
+    check_id_type,
+    check_id_values,
     check_ids,
     check_influence_aware,
     check_losses,
@@ -48,11 +50,12 @@ from lightning_influence.callbacks.checks import (
 from lightning_influence.estimators.diffin import ScoreAccumulator
 from lightning_influence.kernels import (
     ParameterSpace,
-    all_finite,
     directional_derivatives,
     evaluation_mode,
+    finite_flag,
     per_sample_loss_function,
 )
+from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
@@ -111,6 +114,8 @@ class TracIn(Callback):
         self._cached_gradient: Tensor | None = None
         self._cached_at = -1
         self._checks_pending = False
+        self._held: tuple[HostCopy, list[Tensor], int, Any] | None = None  # the last step, until its host values arrive
+        self._num_samples: int | None = None  # the training dataset's length (set at fit start)
         self._restored = False
 
     @property
@@ -159,6 +164,8 @@ class TracIn(Callback):
             self.seconds = 0.0
         self._restored = False
         self._micro, self._cached_gradient, self._cached_at = [], None, -1
+        self._held = None
+        self._num_samples = dataset_length(trainer)
         self._checks_pending = True
         self.scores = None
         if self.target == "train" and self.target_samples is None:
@@ -191,31 +198,30 @@ class TracIn(Callback):
                 f"training batch {batch_idx} has no samples (sample_ids(batch) returned no ids): TracIn attributes each "
                 "step to the samples of its batch; drop empty batches before training_step"
             )
-        check_ids(ids, dataset_length(trainer), pl_module, batch)
+        first = self._checks_pending
+        if first:
+            check_ids(ids, self._num_samples, pl_module, batch)
+        else:  # values checked when they reach the host, at the next step (_settle): no wait for the device here
+            check_id_type(ids, pl_module, batch)
         if self._checks_pending:
             self._checks_pending = False
             with evaluation_mode(pl_module), torch.enable_grad():
                 losses = pl_module.per_sample_loss(batch)  # type: ignore[operator]
             check_losses(losses, ids, device=pl_module.device, requires_grad=True)
             check_target_data(self, trainer)  # type: ignore[arg-type]
-        self._micro.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
+        self._micro.append((batch, ids.detach().reshape(-1)))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not self._micro:
             return
         start = time.perf_counter()
+        self._settle()
         micro, self._micro = self._micro, []
-        space, accumulator = self._space, self._accumulator
-        assert space is not None and accumulator is not None
+        space = self._space
+        assert space is not None
         step = self.steps_seen
         self.steps_seen += 1
-        for _, ids in micro:
-            accumulator.mark_seen(ids)
         grads = [p.grad for p in self._params if p.grad is not None]
-        if not all_finite(grads):
-            self.skipped_steps += 1  # the gradient scaler skips it (16-mixed) or training diverges: not attributed
-            self.seconds += time.perf_counter() - start
-            return
         theta = space.flatten(self._params)
         lrs = torch.tensor([float(g["lr"]) for g in getattr(optimizer, "optimizer", optimizer).param_groups], dtype=torch.float64)
         per_coordinate = space.expand(lrs[self._group_of].to(theta.device))
@@ -227,6 +233,7 @@ class TracIn(Callback):
                 self.target_gradients += 1
             target = self._cached_gradient.reshape(space.size, -1)
             params = space.unflatten(theta)
+            contributions = []
             for batch, ids in micro:
                 columns = []
                 for q in range(target.shape[1]):
@@ -237,14 +244,37 @@ class TracIn(Callback):
                 values = torch.stack(columns, dim=1) / (normalizer * ids.numel())
                 if values.shape[0] != ids.numel():
                     raise ValueError(f"per_sample_loss returned {values.shape[0]} values for a batch of {ids.numel()} sample ids at step {step}")
-                if not all_finite(values):
-                    raise FloatingPointError(f"non-finite per-sample directional derivatives at optimizer step {step}")
-                accumulator.add(ids, values[:, 0] if self._cached_gradient.dim() == 1 else values)
+                contributions.append(values[:, 0] if self._cached_gradient.dim() == 1 else values)
+        # Attributed at the next step, once the ids and the finiteness flags have reached the host (_settle).
+        flags = [finite_flag(grads) if grads else torch.ones((), dtype=torch.bool), finite_flag(contributions)]
+        self._held = (HostCopy([*flags, *(ids for _, ids in micro)]), contributions, step, (pl_module, [b for b, _ in micro]))
         self.seconds += time.perf_counter() - start
+
+    def _settle(self) -> None:
+        """Attribute the step held back by :meth:`on_before_optimizer_step`: check its ids on the
+        host and add its contributions, or skip it if its gradients were not finite (the gradient
+        scaler skipped it under 16-mixed, or training diverges)."""
+        if self._held is None:
+            return
+        (values, contributions, step, (module, batches)), self._held = self._held, None
+        assert self._accumulator is not None
+        grads_finite, values_finite, *ids = values.wait()
+        ids = [i.to(torch.long) for i in ids]
+        for batch, step_ids in zip(batches, ids, strict=True):
+            check_id_values(step_ids, self._num_samples, module, batch)
+            self._accumulator.mark_seen(step_ids)
+        if not bool(grads_finite):
+            self.skipped_steps += 1
+            return
+        if not bool(values_finite):
+            raise FloatingPointError(f"non-finite per-sample directional derivatives at optimizer step {step}")
+        for step_ids, contribution in zip(ids, contributions, strict=True):
+            self._accumulator.add(step_ids, contribution)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._accumulator is None:
             return
+        self._settle()
         ids, values = self._accumulator.result()
         self.scores = InfluenceScores(
             ids,
@@ -275,6 +305,7 @@ class TracIn(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._micro:
             raise RuntimeError("TracIn cannot be checkpointed in the middle of a gradient accumulation: save at optimizer-step boundaries")
+        self._settle()  # the step held back for its host values belongs to the checkpoint
         return {
             "format": STATE_FORMAT,
             "steps_seen": self.steps_seen,

@@ -148,7 +148,8 @@ class ScoreAccumulator:
         device = values.device if values.device.type in ("cpu", "cuda") else torch.device("cpu")
         if self.totals.device != device:
             self.totals = self.totals.to(device)
-        self.totals.index_add_(0, ids.to(device, non_blocking=True), values.detach().to(device, torch.float64))
+        values = values.detach().to(torch.float64) if values.device == device else values.detach().to(device, torch.float64)
+        self.totals.index_add_(0, ids.to(device, non_blocking=True), values)
 
     def result(self) -> tuple[Tensor, Tensor]:
         """``(ids, values)`` of every sample seen in training (CPU)."""
