@@ -126,6 +126,7 @@ class DigitsDataModule(L.LightningDataModule):
     """
 
     num_classes = 10
+    num_features = 64  # 8 x 8 images, flattened
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from lightning_influence.config import check_config
+
 RECIPES: dict[str, str] = {
     "cleaning": "lightning_influence.recipes.cleaning:run",
     "deletion": "lightning_influence.recipes.deletion:run",
@@ -35,10 +37,6 @@ def run_recipe(cfg: DictConfig) -> dict[str, Any]:
     name = str(recipe.name)
     if name not in RECIPES:
         raise ValueError(f"recipe.name={name!r} is not a recipe; choose one of {', '.join(RECIPES)}")
-    seed, threads = cfg.get("seed", 0), cfg.get("num_threads")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"num_threads must be a positive integer or null, got {threads!r}")
+    check_config(cfg)  # also for callers that skip the Hydra entry point
     module, attr = RECIPES[name].split(":")
     return getattr(importlib.import_module(module), attr)(cfg)
