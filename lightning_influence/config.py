@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import math
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -598,6 +599,15 @@ def check_data_and_model(cfg: DictConfig) -> None:
             f"model.{model_key}={value} contradicts the data: their {data_key} is {wanted} ({source}), and the model's "
             f"{model_key} must equal it. Drop the model.{model_key} override (the shipped model configs take it from the "
             f"data: ${{li.datamodule:{data_key}}}); to train with {value}, {change}"
+        )
+    side = model.get("side")
+    found = data_property(data, "num_features") if isinstance(side, int) else None
+    if found is not None and side * side != found[0]:
+        root = math.isqrt(found[0])
+        fix = f"set model.side={root}" if root * root == found[0] else "use data with a square number of features"
+        raise ValueError(
+            f"model.side={side} takes {side}x{side} = {side * side} inputs per sample, but the data have num_features="
+            f"{found[0]} ({found[1]}): {fix} (e.g. data=synthetic data.num_features={side * side})"
         )
 
 

@@ -223,6 +223,8 @@ def test_model_input_width_follows_the_data(model: str) -> None:
         (["data=synthetic", "model.num_classes=5"], r"their num_classes is 10 \(data.num_classes\).*set data.num_classes=5 instead"),
         (["data=synthetic", "data.num_classes=4", "model=logreg", "model.num_classes=10"], r"model.num_classes=10 contradicts the data: their num_classes is 4"),
         (["data=synthetic", "model.in_features=32"], r"model.in_features=32 contradicts the data: their num_features is 64 \(data.num_features\)"),
+        (["model=cnn", "data=synthetic", "data.num_features=32"], r"model.side=8 takes 8x8 = 64 inputs.*num_features=32.*square number"),
+        (["model=cnn", "data=synthetic", "data.num_features=36"], r"model.side=8 takes 8x8 = 64 inputs.*set model.side=6"),
     ],
 )
 def test_model_size_contradicting_the_data_is_refused(overrides: list[str], message: str) -> None:
