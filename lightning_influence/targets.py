@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, SubsetRandomSampler
 
 from lightning_influence.distributed import Collective
 from lightning_influence.batches import batch_size
@@ -178,3 +179,32 @@ class TargetGradient:
     @staticmethod
     def _batch_size(batch: Any) -> int:
         return batch_size(batch, "target batch")
+
+
+def target_in_order(loader: Any, world_size: int = 1) -> Iterable[Any]:
+    """A validation or query loader that shuffles, read in order instead (one process: ``world_size``
+    1; same batch size, collate function, workers): every pass over the target must see the same
+    samples in the same order, since query columns and ``target_samples`` subsets are by position and each online
+    sweep (and a checkpoint's resume) reads the target again. ``RandomSampler`` without replacement
+    reads the whole dataset in order, ``SubsetRandomSampler`` its indices sorted; other loaders,
+    samplers and DDP's sharded loaders are left as they are."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    if world_size > 1 or loader.batch_size is None:
+        return loader
+    sampler = loader.sampler
+    if isinstance(sampler, SubsetRandomSampler):
+        order: Any = sorted(int(i) for i in sampler.indices)
+    elif isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(loader.dataset):  # type: ignore[arg-type]
+        order = SequentialSampler(loader.dataset)  # type: ignore[arg-type]
+    else:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=order,
+        drop_last=loader.drop_last,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )

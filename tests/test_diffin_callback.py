@@ -838,3 +838,32 @@ def test_a_step_that_dominates_the_scores_is_warned_about(optimizer, lr):
         assert len(dominance) == 1 and "optimizer step 0" in str(dominance[0].message)
     else:
         assert meta["max_step_ratio"] < STEP_DOMINANCE_LIMIT / 3 and not dominance
+
+
+@pytest.mark.parametrize("target,sampler", [("query", "random"), ("val", "random"), ("val", "subset")])
+def test_a_shuffling_target_loader_is_read_in_order(small_digits, target, sampler):
+    """Query columns and target_samples subsets are by position, and every online sweep reads the
+    target again: a shuffling target loader would score a different column order (or subset) each
+    time. It is read in order, so its scores equal those of the same loader without shuffling."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    from lightning_influence import IndexedDataset
+
+    x, y = small_digits.x, small_digits.y
+    data = IndexedDataset(TensorDataset(x[:24], y[:24]))
+    subset = [5, 1, 17, 9, 12, 3, 20]
+    shuffled = (
+        DataLoader(data, batch_size=4, shuffle=True) if sampler == "random"
+        else DataLoader(data, batch_size=4, sampler=SubsetRandomSampler(subset))
+    )
+    ordered = DataLoader(data, batch_size=4) if sampler == "random" else DataLoader(data, batch_size=4, sampler=sorted(subset))
+    options = {"target_samples": 5} if target == "val" else {}
+    results = []
+    for loader in (ordered, shuffled):
+        for mode in ("replay", "online"):
+            cb = DiffIn(target=target, target_loader=loader, mode=mode, window=8, score_every=8, **options)
+            torch.manual_seed(0)
+            _fit(small_digits, cb, model=Classifier(hidden=(8,), lr=0.1).double())
+            results.append(cb.scores.values)
+    for expected, got in zip(results[:2], results[2:]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

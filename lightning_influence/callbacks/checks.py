@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.targets import TARGET_KINDS, TargetGradient
+from lightning_influence.targets import TARGET_KINDS, TargetGradient, target_in_order
 from lightning_influence.validation import check_count
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
 
     def source() -> Iterable[Any]:
         if target_loader is not None:
-            return target_loader
+            return target_in_order(target_loader, _world_size(trainer)) if kind != "train" else target_loader
         if kind == "train":
             loader = trainer.train_dataloader
             loader = loader if loader is not None else trainer.fit_loop._data_source.dataloader()
@@ -351,12 +351,17 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
                     "samples together, a list of their batches)"
                 )
             loader = loaders[0]
-        return loader
+        return target_in_order(loader, _world_size(trainer))
 
     return source
 
 
+
 _END = object()
+
+
+def _world_size(trainer: L.Trainer) -> int:
+    return int(getattr(trainer, "world_size", 1) or 1)
 
 
 def training_set_loader(loader: Any, trainer: L.Trainer, owner: str) -> Iterable[Any]:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, per_sample_loss_function
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.targets import TARGET_KINDS, TargetGradient
+from lightning_influence.targets import TARGET_KINDS, TargetGradient, target_in_order
 from lightning_influence.validation import check_count
 
 __all__ = [
@@ -79,7 +79,9 @@ class Target:
 
     def loader_for(self, train_loader: Iterable[Any]) -> Iterable[Any]:
         """The loader whose samples define the target (the training loader for ``"train"``)."""
-        return train_loader if self.kind == "train" and self.loader is None else self.loader  # type: ignore[return-value]
+        if self.kind == "train":
+            return train_loader if self.loader is None else self.loader
+        return target_in_order(self.loader)  # every pass sees the same samples in the same order
 
     def gradient(self, module: L.LightningModule, train_loader: Iterable[Any]) -> TargetGradient:
         """A :class:`~lightning_influence.targets.TargetGradient` over this target's batches,
