@@ -707,3 +707,15 @@ def test_sparse_ids_of_a_stream_without_length_are_refused_before_they_size_the_
     cb = _val(small_digits)
     _fit(DataLoader(_Stream(small_digits.x, small_digits.y, 1000), batch_size=16), cb)
     assert len(cb.scores) == small_digits.n
+
+
+@pytest.mark.parametrize("step", [5, 20])  # within the first, verified steps (parameter-write checks) and after
+def test_a_run_diverged_by_a_nan_input_is_refused_at_the_end_naming_the_first_bad_step(small_digits, step):
+    """Without a gradient scaler, SGD applies the NaN step: the parameters stay NaN, every later
+    step is skipped, and the end of fit names the cause (not the forward pass writing parameters,
+    not the propagation)."""
+    cb = _val(small_digits)
+    model = _model()
+    with pytest.raises(FloatingPointError, match=rf"final parameters are not finite.*optimizer step {step}, sample ids"):
+        _fit_counting_warnings(_poisoned(small_digits.train, (step,)), cb, model)
+    assert cb.skipped_steps == len(small_digits.train) - step and cb.scores is None

@@ -189,3 +189,20 @@ def test_a_last_checkpoint_written_only_at_fit_end_is_refused_with_the_setup_tha
     _fit(problem, tmp_path / "a", FixedBatches(problem.train.batches), checkpoint=checkpoint, max_epochs=EPOCHS - 1)
     with pytest.raises(RuntimeError, match=r"after DiffIn had finished.*save_top_k=0"):
         _fit(problem, tmp_path / "b", FixedBatches(problem.train.batches), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+
+@pytest.mark.parametrize("saved_with", ["no_diffin", "other_options"])
+def test_resuming_from_a_checkpoint_without_this_callbacks_state_warns_that_earlier_steps_are_not_scored(problem, tmp_path, saved_with):
+    """A checkpoint saved without DiffIn, or with options that make another state key: DiffIn can
+    only score the steps from the resume on, and says so."""
+    loader = problem.train  # 8 batches: one epoch, then one more after the resume
+    path = tmp_path / "first.ckpt"
+    torch.manual_seed(0)
+    first = [] if saved_with == "no_diffin" else [DiffIn(target="val", target_loader=problem.val, hessian_every=2)]
+    trainer = quiet_trainer(callbacks=first, max_epochs=1)
+    trainer.fit(Classifier(hidden=(16,), lr=0.1).double(), train_dataloaders=loader)
+    trainer.save_checkpoint(path)
+    cb = DiffIn(target="val", target_loader=problem.val)
+    with pytest.warns(UserWarning, match=r"DiffIn starts at optimizer step 8 of a resumed fit whose checkpoint holds no state"):
+        quiet_trainer(callbacks=[cb], max_epochs=2).fit(Classifier(hidden=(16,), lr=0.1).double(), train_dataloaders=loader, ckpt_path=path)
+    assert cb.scores.metadata["steps_seen"] == 8

@@ -323,6 +323,7 @@ class DiffIn(Callback):
         self._micro_losses: dict[int, Tensor] = {}  # micro-batch position -> its per-sample losses at theta_t
         self._unverified: StepRecord | None = None
         self._held: _HeldStep | None = None  # the last step, until its ids and finiteness reach the host
+        self._first_skipped: str | None = None  # where the first step with non-finite gradients was (for messages)
         self._num_samples: int | None = None  # the training dataset's length (set at the first batch)
         self._loss_check: Tensor | None = None
         self._loss_checked = False
@@ -483,6 +484,7 @@ class DiffIn(Callback):
             self._accumulator = ScoreAccumulator(capacity=dataset_length(trainer) or 0)
             self.steps_seen = self.steps_scored = self.truncated_sweeps = self.steps_scored_truncated = 0
             self.skipped_steps = self.empty_steps = self.singleton_steps = 0
+            self._first_skipped = None
             self.seconds = 0.0
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
@@ -664,6 +666,13 @@ class DiffIn(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._data_checks_pending and not self._resume_check_pending and trainer.global_step > 0:
+            rank_zero_warn(
+                f"DiffIn starts at optimizer step {trainer.global_step} of a resumed fit whose checkpoint holds no state of "
+                f"this callback (state key {self.state_key!r}: saved without DiffIn, or with other options, which make "
+                "another key): the scores cover only the steps from here on. To score the whole run, resume from a "
+                "checkpoint saved with this same callback, or train from the start"
+            )
         if self._resume_check_pending:
             self._check_resume(trainer, batch_idx)
         if self._data_checks_pending:
@@ -897,6 +906,7 @@ class DiffIn(Callback):
         self.skipped_steps += 1
         if self.skipped_steps == 1:
             step_ids = torch.cat(ids)
+            self._first_skipped = f"optimizer step {global_step}, sample ids {step_ids[:8].tolist()}"
             rank_zero_warn(
                 f"DiffIn: non-finite gradients at optimizer step {global_step} (batch of {step_ids.numel()} "
                 f"samples, ids {step_ids[:8].tolist()}{' ...' if step_ids.numel() > 8 else ''}); the step is not "
@@ -942,7 +952,11 @@ class DiffIn(Callback):
         self._theta_at_start = None
         if before is None or len(before) != len(params):
             return
-        written = [i for i, (p, v) in enumerate(zip(params, before, strict=True)) if not torch.equal(p, v)]
+        # (NaN at the same places counts as unchanged: a diverged step's parameters, not a write.)
+        written = [
+            i for i, (p, v) in enumerate(zip(params, before, strict=True))
+            if not torch.equal(p, v) and not bool(torch.allclose(p, v, rtol=0.0, atol=0.0, equal_nan=True))
+        ]
         if written:
             assert self._space is not None
             names = [*self._space.names, *(self._context_space.names if self._context_space is not None else ())]
@@ -1174,6 +1188,14 @@ class DiffIn(Callback):
         if self._trajectory is None:
             return
         self._settle()
+        if not all_finite([p.detach() for p in self._params]):  # one read, at the end
+            self._trajectory.close()
+            first = f" The first step with non-finite gradients: {self._first_skipped}." if self._first_skipped else ""
+            raise FloatingPointError(
+                "DiffIn: the model's final parameters are not finite: training diverged, and a diverged model has no "
+                f"target loss to attribute.{first} Look for NaN/inf inputs or labels in those samples, a loss that "
+                "overflows, or a learning rate too large; under '16-mixed' the gradient scaler would skip such steps"
+            )
         if self.steps_seen == 0:
             rank_zero_warn(
                 "DiffIn scored no sample: the fit took no optimizer step (max_steps=0, limit_train_batches=0, an empty "
