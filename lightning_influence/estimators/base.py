@@ -52,6 +52,8 @@ __all__ = [
     "attributed_space",
     "device_batches",
     "progress",
+    "TrainingPasses",
+    "posthoc_training",
 ]
 
 
@@ -142,7 +144,8 @@ class Estimator(ABC):
 
     ``module`` is a trained LightningModule with :class:`~lightning_influence.InfluenceMixin`
     (``per_sample_loss`` and ``sample_ids``); ``train_loader`` yields the training batches
-    (each sample once per pass; the order does not matter to post-hoc estimators).
+    (each sample once per pass, the same samples every pass; the order does not matter to
+    post-hoc estimators, which read it through :func:`posthoc_training`).
     """
 
     name: ClassVar[str] = ""
@@ -269,9 +272,13 @@ def attributed_space(module: torch.nn.Module, params: list[str] | None = None) -
 
 def device_batches(module: L.LightningModule, loader: Iterable[Any]) -> Iterator[Any]:
     """The loader's batches moved to the module's device (its ``transfer_batch_to_device`` hook).
-    The module must be influence-aware (per-sample losses and sample ids)."""
+    The module must be influence-aware (per-sample losses and sample ids). A
+    :class:`TrainingPasses` yields its checked pass (its batches are on the device already)."""
     from lightning_influence.callbacks.checks import check_influence_aware
 
+    if isinstance(loader, TrainingPasses):
+        yield from loader.batches()
+        return
     check_influence_aware(module)
     device = getattr(module, "device", torch.device("cpu"))
     for batch in loader:
@@ -292,3 +299,116 @@ def progress(iterable: Iterable[Any], description: str, enabled: bool = True, to
         except TypeError:
             total = None
     return tqdm(iterable, desc=description, total=total, leave=False, dynamic_ncols=True, smoothing=0)
+
+
+# ---------------------------------------------------------------------- the training loader, read post hoc
+class TrainingPasses:
+    """The training loader as a post-hoc estimator reads it, often several times (the target, the
+    curvature, the scores; a pass per checkpoint or per target column): its batches on the
+    module's device, each pass checked to hold the same samples as the first complete one. The
+    samples are compared as a set, so a loader that shuffles the same samples is fine; one that
+    draws another subset each pass (``shuffle=True`` with ``drop_last=True``, a sampler with
+    replacement or ``num_samples`` below the dataset's length, a one-shot iterator) is refused at
+    the first sample that differs, before a score mixes quantities of two different sets of
+    samples (a curvature of one, the gradients of another).
+
+    ``batches(limit)`` reads the first ``limit`` batches only (a partial pass, such as
+    ``hessian_batches``); partial passes of one ``limit`` are compared with each other. A pass that
+    its reader abandons early is not compared. Iterating the object (or passing it to
+    :func:`device_batches`) reads a full pass; ``len()`` is the loader's."""
+
+    def __init__(self, module: L.LightningModule, loader: Iterable[Any], owner: str) -> None:
+        self.module, self.loader, self.owner = module, loader, owner
+        self._reference: dict[int | None, Tensor] = {}  # limit -> sorted ids of the first complete pass
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.batches()
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]  # TypeError for a loader without len, as the loader's
+
+    def batches(self, limit: int | None = None) -> Iterator[Any]:
+        """One pass (the first ``limit`` batches, or all) on the module's device, checked."""
+        reference = self._reference.get(limit)
+        seen: list[Tensor] = []
+        for position, batch in enumerate(device_batches(self.module, self.loader)):
+            if limit is not None and position >= limit:
+                break
+            ids = torch.as_tensor(self.module.sample_ids(batch)).detach().reshape(-1).to("cpu", torch.long)  # type: ignore[operator]
+            if reference is not None:
+                stray = ids[~torch.isin(ids, reference)]
+                if stray.numel():
+                    raise ValueError(self._different(limit, f"sample id {int(stray[0])} is in this pass but not in the first"))
+            seen.append(ids)
+            yield batch
+        ids = torch.cat(seen).unique() if seen else torch.zeros(0, dtype=torch.long)
+        if reference is None:
+            self._reference[limit] = ids
+        elif not torch.equal(ids, reference):
+            missing = reference[~torch.isin(reference, ids)]
+            detail = (
+                "this pass yielded no batch at all (a one-shot iterator or generator? pass a DataLoader or a list of batches)"
+                if not seen
+                else f"{missing.numel()} sample(s) of the first pass are missing from this one (e.g. sample id {int(missing[0])})"
+            )
+            raise ValueError(self._different(limit, detail))
+
+    def _different(self, limit: int | None, detail: str) -> str:
+        return different_passes_message(self.owner, detail, limit)
+
+
+def different_passes_message(owner: str, detail: str, limit: int | None = None) -> str:
+    """The refusal of a training loader whose passes hold different samples (one wording for every
+    estimator that reads the loader more than once)."""
+    what = "the training loader" if limit is None else f"the first {limit} batches of the training loader"
+    return (
+        f"{what} yielded different samples on two passes: {owner} reads it more than once and needs the same samples "
+        f"every pass ({detail}). A loader that draws another subset each epoch does this: shuffle=True with "
+        "drop_last=True, a sampler with replacement or with num_samples below the dataset's length. Score with a "
+        "loader that yields every training sample once, e.g. DataLoader(train_set, batch_size=..., shuffle=False) "
+        "(the order does not matter to post-hoc estimators)"
+    )
+
+
+def posthoc_training(module: L.LightningModule, train_loader: Iterable[Any], owner: str, *, differentiates: bool = True) -> TrainingPasses:
+    """The training loader of a post-hoc estimator as :class:`TrainingPasses`, after the checks every
+    post-hoc estimator makes before any heavy work: the module is influence-aware, the loader
+    yields a batch, and (``differentiates``: the estimator takes gradients of the per-sample
+    losses) ``per_sample_loss`` of the first training batch is a floating-point ``Tensor[B]``, one
+    loss per sample id, that depends on the trainable parameters. Called by every post-hoc estimator
+    at the top of ``scores``; a ``TrainingPasses`` passed in is returned as it is."""
+    from lightning_influence.callbacks.checks import check_influence_aware
+
+    if isinstance(train_loader, TrainingPasses):
+        return train_loader
+    check_influence_aware(module)
+    passes = TrainingPasses(module, train_loader, owner)
+    if differentiates:
+        first = next(iter(passes.batches(limit=1)), None)
+        if first is None:
+            raise ValueError(f"the training loader produced no batches: {owner} has nothing to score")
+        check_differentiable_losses(module, first, owner)
+    return passes
+
+
+def check_differentiable_losses(module: L.LightningModule, batch: Any, owner: str) -> None:
+    """``per_sample_loss(batch)``, computed in evaluation mode with autograd on, must be an unreduced
+    floating-point ``Tensor[B]`` (one loss per sample id) that depends on the trainable parameters:
+    the messages of the DiffIn callback's first-batch check
+    (:func:`~lightning_influence.callbacks.checks.check_losses`), raised before a post-hoc estimator
+    differentiates anything."""
+    from lightning_influence.callbacks.checks import check_losses
+    from lightning_influence.kernels import evaluation_mode
+
+    ids = torch.as_tensor(module.sample_ids(batch)).reshape(-1)  # type: ignore[operator]
+    with evaluation_mode(module), torch.enable_grad():
+        losses = module.per_sample_loss(batch)  # type: ignore[operator]
+    well_formed = isinstance(losses, Tensor) and losses.dim() == 1 and losses.shape[0] == ids.numel() and losses.is_floating_point()
+    if not well_formed:
+        check_losses(losses, ids)  # raises: the shape or dtype message
+    if not losses.requires_grad:
+        raise ValueError(
+            "per_sample_loss(batch) returned losses that do not depend on the trainable parameters (requires_grad is "
+            f"False): {owner} differentiates them, so compute them with autograd from the module's forward pass, "
+            "without .detach(), .item(), NumPy or torch.no_grad()"
+        )

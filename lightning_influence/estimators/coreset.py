@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_influence.callbacks.forgetting import ForgettingEvents, OutputsFn, model_outputs
-from lightning_influence.estimators.base import Estimator, Target, attributed_space, device_batches, progress
+from lightning_influence.estimators.base import Estimator, Target, attributed_space, device_batches, posthoc_training, progress
 from lightning_influence.kernels import evaluation_mode, per_sample_gradients
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.validation import check_count
@@ -159,6 +159,7 @@ class GraNd(Estimator):
         self.progress = progress
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # differentiable losses, before any work
         space, theta, loss_fn = attributed_space(module, self.params)
 
         def norms(batch: Any) -> Tensor:

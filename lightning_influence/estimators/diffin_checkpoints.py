@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lightning_influence.callbacks.checkpoints import ParameterCheckpoint, RecordedCheckpoints, Sampling
-from lightning_influence.estimators.base import Target, as_target, device_batches, progress
+from lightning_influence.estimators.base import Target, as_target, device_batches, posthoc_training, progress
 from lightning_influence.estimators.tracin import CheckpointEstimator, CheckpointTotals
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, batch_gradient, directional_derivatives, evaluation_mode
 from lightning_influence.scores import InfluenceScores
@@ -105,6 +105,7 @@ class DiffInCheckpoints(CheckpointEstimator):
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         target = as_target(target)
         record = self.record()
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # a pass per checkpoint: the same samples each
         space, loss_fn, _ = self.space_for(module, record)
         chosen = self.chosen(record)
         m = len(chosen)

@@ -38,7 +38,16 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_influence.estimators.base import Estimator, Target, as_target, attributed_space, device_batches, progress
+from lightning_influence.estimators.base import (
+    Estimator,
+    Target,
+    TrainingPasses,
+    as_target,
+    attributed_space,
+    device_batches,
+    posthoc_training,
+    progress,
+)
 from lightning_influence.kernels import (
     ParameterSpace,
     PerSampleLossFn,
@@ -79,20 +88,14 @@ def _check_damping(damping: Any, damping_scale: str) -> None:
 
 
 class _Training:
-    """The training loader's batches (on the module's device, optionally the first ``limit``),
-    and the sample count / ids of one full pass (each id must appear once)."""
+    """The training batches of the curvature (on the module's device, optionally the first
+    ``limit``), every pass checked to hold the same samples (:class:`TrainingPasses`)."""
 
-    def __init__(self, module: L.LightningModule, loader: Iterable[Any], limit: int | None = None) -> None:
-        self.module, self.loader, self.limit = module, loader, limit
+    def __init__(self, passes: TrainingPasses, limit: int | None = None) -> None:
+        self.passes, self.limit = passes, limit
 
     def batches(self) -> Iterable[Any]:
-        for i, batch in enumerate(device_batches(self.module, self.loader)):
-            if self.limit is not None and i >= self.limit:
-                return
-            yield batch
-
-    def all_batches(self) -> Iterable[Any]:
-        return device_batches(self.module, self.loader)
+        return self.passes.batches(self.limit)
 
 
 def _directional_scores(
@@ -239,9 +242,10 @@ class InfluenceFunction(Estimator):
     def inverse_curvature_products(self, module: L.LightningModule, train_loader: Iterable[Any], rhs: Tensor) -> tuple[Tensor, float, dict[str, Any]]:
         """``(C + lambda I)^{-1} rhs`` for float64 columns ``rhs[P, Q]`` in the attributed space:
         ``(solution, lambda, info)``. The module must be in evaluation mode."""
+        passes = posthoc_training(module, train_loader, f"estimator {self.name!r}")
         space, theta, loss_fn = attributed_space(module, self.params)
         solver = self.resolved_solver(space.size)
-        training = _Training(module, train_loader, self.hessian_batches)
+        training = _Training(passes, self.hessian_batches)
         outputs = None
         if self.curvature == "gauss_newton" or solver in ("ekfac", "kfac"):
             outputs = OutputModel(module, self.output_fn, self.output_loss)
@@ -283,6 +287,7 @@ class InfluenceFunction(Estimator):
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         """Score every training sample (``[N]``; ``[N, Q]`` for a query target)."""
         target = as_target(target)
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # read several times: checked every pass
         with evaluation_mode(module):
             space, theta, loss_fn = attributed_space(module, self.params)
             rhs = _target_columns(target, module, train_loader, loss_fn, space, theta)
@@ -375,6 +380,7 @@ class DataInf(Estimator):
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         target = as_target(target)
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # three passes, and the target's: checked
         with evaluation_mode(module):
             space, theta, loss_fn = attributed_space(module, self.params)
             V = _target_columns(target, module, train_loader, loss_fn, space, theta)  # [P, Q]

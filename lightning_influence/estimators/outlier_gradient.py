@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_influence.estimators.base import Estimator, Target, attributed_space
+from lightning_influence.estimators.base import Estimator, Target, attributed_space, posthoc_training
 from lightning_influence.estimators.coreset import per_sample_values, ranking_convention
 from lightning_influence.kernels import per_sample_gradients
 from lightning_influence.scores import InfluenceScores
@@ -100,6 +100,7 @@ class OutlierGradient(Estimator):
         self.progress = progress
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # differentiable losses, before any work
         patterns = self.params or last_module_parameters(module)
         space, theta, loss_fn = attributed_space(module, patterns)
 

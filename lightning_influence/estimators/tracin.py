@@ -29,7 +29,17 @@ from torch import Tensor
 
 from lightning_influence.callbacks.checkpoints import ParameterCheckpoints, RecordedCheckpoints, Sampling
 from lightning_influence.callbacks.tracin import TracIn as TracInCallback
-from lightning_influence.estimators.base import Estimator, Target, as_target, attributed_space, check_recorded_target, device_batches, progress
+from lightning_influence.estimators.base import (
+    Estimator,
+    Target,
+    as_target,
+    attributed_space,
+    check_recorded_target,
+    device_batches,
+    different_passes_message,
+    posthoc_training,
+    progress,
+)
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, all_finite, directional_derivatives, evaluation_mode
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TargetGradient
@@ -78,8 +88,8 @@ class CheckpointTotals:
         order = torch.argsort(ids)
         if self.totals is None:
             self.totals, self.ids = contribution[order], ids[order]
-        elif not torch.equal(ids[order], self.ids):
-            raise ValueError("the training loader yielded different samples at different checkpoints")
+        elif not torch.equal(ids[order], self.ids):  # the passes are checked as they are read: a last guard
+            raise ValueError(different_passes_message(self.estimator, f"different samples at the checkpoint of step {step}"))
         else:
             self.totals += contribution[order]
 
@@ -256,6 +266,7 @@ class TracInCheckpoints(CheckpointEstimator):
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         target = as_target(target)
         record = self.record()
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # a pass per checkpoint: the same samples each
         space, loss_fn, group_of = self.space_for(module, record)
         groups = len(record.param_groups)
         n = self.trained_samples(record)

@@ -1,0 +1,126 @@
+"""What every post-hoc estimator checks about the training loader and the loss before scoring
+(``estimators.base.posthoc_training``): a loader whose passes hold different samples is refused
+at the first sample that differs (the estimators read it several times), and a per-sample loss
+that autograd cannot differentiate is refused with the DiffIn callback's message, before any
+gradient is taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import quiet_trainer
+from lightning_influence import IndexedDataset
+from lightning_influence.data import load_digits_tensors
+from lightning_influence.estimators.base import Target, build
+from lightning_influence.models import Classifier
+
+N = 60
+#: the estimators that read the training loader more than once, and their recording callbacks
+MULTI_PASS = ["influence_function", "datainf", "forward_inf", "tracin_checkpoints", "diffin_checkpoints"]
+
+
+def _data():
+    x, y = load_digits_tensors(torch.float64)
+    return IndexedDataset(TensorDataset(x[:N], y[:N])), IndexedDataset(TensorDataset(x[N : N + 40], y[N : N + 40]))
+
+
+def _estimator(name):
+    options = {"progress": False} if name == "forward_inf" else {"progress_bar": False} if name in ("influence_function", "datainf", "tracin_checkpoints", "diffin_checkpoints") else {}
+    return build(name, **options)
+
+
+def _fit(train_loader, estimators=(), model_class=Classifier):
+    torch.manual_seed(0)
+    model = model_class(hidden=(8,)).double()
+    callbacks = [c for e in estimators if (c := e.callback()) is not None]
+    quiet_trainer(max_epochs=2, callbacks=callbacks).fit(model, train_loader)
+    return model
+
+
+class CountingLoader:
+    """A loader that counts how often it is read (to show that a refusal comes before any work)."""
+
+    def __init__(self, loader):
+        self.loader, self.passes = loader, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+@pytest.mark.parametrize("name", MULTI_PASS)
+def test_a_loader_that_draws_another_subset_each_pass_is_refused(name):
+    train_set, val_set = _data()
+    # shuffle + drop_last: each pass drops another 12 of the 60 samples
+    drawing = DataLoader(train_set, batch_size=16, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    val = DataLoader(val_set, batch_size=40)
+    estimator = _estimator(name)
+    model = _fit(drawing, [estimator])
+    with pytest.raises(ValueError, match=rf"different samples on two passes: estimator '{name}' reads it more than once .*drop_last=True"):
+        estimator.scores(model, drawing, Target("val", val))
+
+
+def test_the_same_samples_in_another_order_score_the_same_and_partial_passes_are_compared_too():
+    train_set, val_set = _data()
+    ordered = DataLoader(train_set, batch_size=16)
+    shuffled = DataLoader(train_set, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3))
+    val = DataLoader(val_set, batch_size=40)
+    model = _fit(ordered)
+    for name in ("influence_function", "datainf"):
+        a = _estimator(name).scores(model, ordered, Target("val", val))
+        b = _estimator(name).scores(model, shuffled, Target("val", val))
+        assert sorted(a.ids.tolist()) == sorted(b.ids.tolist()) == list(range(N))
+        torch.testing.assert_close(torch.stack([b[i] for i in range(N)]), torch.stack([a[i] for i in range(N)]), rtol=1e-9, atol=1e-12)
+    # the curvature of hessian_batches=2 must come from the same two batches on every pass: a
+    # shuffling loader changes them from pass to pass (CG would solve with a changing operator)
+    with pytest.raises(ValueError, match="the first 2 batches of the training loader yielded different samples on two passes"):
+        build("influence_function", solver="cg", hessian_batches=2).scores(model, shuffled, Target("val", val))
+    fixed = build("influence_function", solver="cg", hessian_batches=2).scores(model, ordered, Target("val", val))
+    assert sorted(fixed.ids.tolist()) == list(range(N))
+
+
+def test_a_one_shot_iterator_is_refused_at_its_second_pass():
+    train_set, val_set = _data()
+    loader = DataLoader(train_set, batch_size=16)
+    model = _fit(loader)
+    with pytest.raises(ValueError, match="this pass yielded no batch at all .*one-shot iterator"):
+        build("datainf").scores(model, (b for b in loader), Target("val", DataLoader(val_set, batch_size=40)))
+
+
+class DetachedLoss(Classifier):
+    """A user's mistake: the per-sample losses are cut from the graph (training itself is fine)."""
+
+    def per_sample_loss(self, batch):
+        return super().per_sample_loss(batch).detach()
+
+    def training_step(self, batch, batch_idx):
+        return Classifier.per_sample_loss(self, batch).mean()
+
+
+class IntegerLoss(DetachedLoss):
+    """Another: the 'losses' are correctness flags."""
+
+    def per_sample_loss(self, batch):
+        return (self(batch[0]).argmax(-1) != batch[1]).long()
+
+
+@pytest.mark.parametrize("name", ["influence_function", "datainf", "forward_inf", "grand", "outlier_gradient", "tracin_checkpoints", "diffin_checkpoints"])
+def test_a_loss_that_autograd_cannot_differentiate_is_refused_before_any_work(name):
+    train_set, val_set = _data()
+    loader = DataLoader(train_set, batch_size=16)
+    estimator = _estimator(name)
+    model = _fit(loader, [estimator], model_class=DetachedLoss)
+    val = CountingLoader(DataLoader(val_set, batch_size=40))
+    with pytest.raises(ValueError, match=rf"do not depend on the trainable parameters \(requires_grad is False\): estimator '{name}' differentiates them.*without \.detach\(\)"):
+        estimator.scores(model, loader, Target("val", val))
+    assert val.passes == 0  # refused before the target gradient
+    integer = IntegerLoss(hidden=(8,)).double()
+    integer.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="must return floating-point losses, got dtype torch.int64"):
+        estimator.scores(integer, loader, Target("val", val))
+    assert val.passes == 0
