@@ -63,6 +63,21 @@ def test_recording_estimators_refuse_a_target_they_did_not_record(name: str, pro
     assert len(estimator.scores(model, problem.train, Target("val", problem.val))) == problem.n
 
 
+@pytest.mark.parametrize("name", ["diffin", "tracin"])
+def test_recording_estimators_refuse_another_seed_of_the_target_subset(name: str, problem) -> None:  # type: ignore[no-untyped-def]
+    """A target subset is its size and the seed that drew it: a subset of the recorded size drawn
+    with another seed is another question, refused like another size."""
+    estimator = build(name, target="val", target_loader=problem.val, target_samples=3, seed=5)
+    torch.manual_seed(0)
+    model = Classifier(hidden=(8,), lr=0.1).double()
+    quiet_trainer(callbacks=[estimator.callback()]).fit(model, train_dataloaders=problem.train)
+    recorded = estimator.scores(model, problem.train, Target("val", problem.val, sample_count=3, seed=5))
+    assert len(recorded) == problem.n
+    for seed in (0, 7):
+        with pytest.raises(ValueError, match=rf"target_samples=3 drawn with seed=5 but seed={seed} was asked for .*build the estimator with seed={seed}"):
+            estimator.scores(model, problem.train, Target("val", problem.val, sample_count=3, seed=seed))
+
+
 def test_unknown_names_are_refused_with_the_list() -> None:
     with pytest.raises(KeyError, match="available: .*diffin"):
         build("no_such_estimator")

@@ -103,7 +103,8 @@ def check_recorded_target(owner: str, recorded: Any, target: Target | str | Iter
     ``target``, ``target_loader`` and ``target_samples``): refuse a ``target`` that asks another
     question. A loader must be the recorded one (or a loader over the same dataset object); one
     the callback did not get (it used the Trainer's validation loader) cannot be compared and is
-    taken as given. A ``sample_count`` must be the recorded one."""
+    taken as given. A ``sample_count`` must be the recorded one, and so must the ``seed`` that drew
+    its subset."""
     kind = target if isinstance(target, str) else as_target(target).kind
     if kind != recorded.target:
         raise ValueError(
@@ -125,6 +126,13 @@ def check_recorded_target(owner: str, recorded: Any, target: Target | str | Iter
         raise ValueError(
             f"{owner} recorded its scores against target_samples={recorded.target_samples} but sample_count="
             f"{wanted.sample_count} was asked for: build the estimator with target_samples={wanted.sample_count} before fit"
+        )
+    recorded_seed = getattr(recorded, "seed", 0)
+    if wanted.sample_count is not None and wanted.seed != recorded_seed:
+        raise ValueError(
+            f"{owner} recorded its scores against the subset of target_samples={recorded.target_samples} drawn with "
+            f"seed={recorded_seed} but seed={wanted.seed} was asked for (another subset of the target): build the "
+            f"estimator with seed={wanted.seed} before fit, or ask for Target(..., seed={recorded_seed})"
         )
 
 
