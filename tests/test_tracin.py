@@ -262,6 +262,48 @@ def test_bad_input(tmp_path):
         )
 
 
+class RepeatingSampler(torch.utils.data.Sampler):
+    """A custom sampler that puts sample 0 twice in the first batch (not recognisable as drawing with replacement)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter([0, 0, *range(1, self.n - 1)])
+
+    def __len__(self):
+        return self.n
+
+
+@pytest.mark.parametrize("recorder", ["tracin", "tracin_checkpoints"])
+def test_samplers_that_repeat_a_sample_in_a_batch_are_refused_with_what_to_do(recorder):
+    """TracIn and the parameter-checkpoint recorder count a sample once per step: a sampler drawing
+    with replacement is refused at the first batch (before a duplicate shows up mid-training), and
+    a repeat from an unrecognisable sampler is refused where it shows, saying what to do; neither
+    message claims that the sampler is supported."""
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    from lightning_influence import IndexedDataset
+
+    problem = digits_problem(n=64, batch_size=16, epochs=1, val_size=100)
+    dataset = IndexedDataset(TensorDataset(problem.x, problem.y))
+    owner = "TracIn" if recorder == "tracin" else r"ParameterCheckpoints \(the recorder of tracin_checkpoints and diffin_checkpoints\)"
+    advice = rf"{owner} does not support a training sampler that can repeat a sample within a batch .*draw without replacement .*or use DiffIn .*scores removing every copy"
+    replacement = DataLoader(dataset, batch_size=8, sampler=RandomSampler(dataset, replacement=True, num_samples=64, generator=torch.Generator().manual_seed(0)))
+    repeating = DataLoader(dataset, batch_size=8, sampler=RepeatingSampler(64))
+    for loader, match in ((replacement, "sampler draws with replacement. " + advice), (repeating, r"duplicate sample ids in one batch: \[0\]. " + advice + ".*If the sampler draws each sample once per epoch, the ids are wrong")):
+        estimator = build(recorder, target="val", target_loader=problem.val) if recorder == "tracin" else build(recorder)
+        torch.manual_seed(0)
+        with pytest.raises(ValueError, match=match) as refused:
+            quiet_trainer(callbacks=[estimator.callback()]).fit(Classifier(hidden=(8,)).double(), train_dataloaders=loader)
+        assert "DiffIn recognises and then scores" not in str(refused.value)
+    # DiffIn takes the sampler drawing with replacement
+    diffin = build("diffin", target="val", target_loader=problem.val)
+    torch.manual_seed(0)
+    quiet_trainer(callbacks=[diffin.callback()]).fit(Classifier(hidden=(8,)).double(), train_dataloaders=replacement)
+    assert len(diffin.callback().scores) > 0
+
+
 # ---------------------------------------------------------------------- README measurement
 def measure(n: int = 1024, batch_size: int = 32, epochs: int = 8, hidden: tuple[int, ...] = (32,), samples: int = 120) -> None:
     """Spearman vs leave-one-out of online TracIn, TracInCP (one checkpoint per epoch) and the published

@@ -26,7 +26,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_influence.callbacks.checks import check_ids, check_influence_aware, check_single_device, dataset_length
+from lightning_influence.callbacks.checks import (
+    check_ids,
+    check_influence_aware,
+    check_single_device,
+    dataset_length,
+    draws_with_replacement,
+    repeats_unsupported,
+)
 from lightning_influence.scores import atomic_write_bytes
 from lightning_influence.validation import check_count
 
@@ -38,6 +45,8 @@ FORMAT_VERSION = 1
 STEPS_FILE = "steps.pt"
 _CHECKPOINT_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
 Sampling = Literal["even", "random"]
+#: who refuses in messages: the recorder of the checkpoint estimators
+OWNER = "ParameterCheckpoints (the recorder of tracin_checkpoints and diffin_checkpoints)"
 
 
 class CheckpointFileError(ValueError):
@@ -326,8 +335,10 @@ class ParameterCheckpoints(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._num_samples is None:
             self._num_samples = dataset_length(trainer)
+            if draws_with_replacement(trainer):  # refused before a duplicate shows up mid-training
+                raise ValueError(f"the training loader's sampler draws with replacement. {repeats_unsupported(OWNER)}")
         ids = torch.as_tensor(pl_module.sample_ids(batch))  # type: ignore[operator]
-        check_ids(ids, self._num_samples, pl_module, batch)
+        check_ids(ids, self._num_samples, pl_module, batch, owner=OWNER)
         self._micro.append(ids.detach().to("cpu", torch.long).reshape(-1).clone())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:

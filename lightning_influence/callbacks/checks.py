@@ -23,13 +23,14 @@ if TYPE_CHECKING:
     from lightning_influence.callbacks.diffin import DiffIn
 
 def check_ids(
-    ids: Tensor, num_samples: int | None = None, module: Any = None, batch: Any = None, repeats: bool = False
+    ids: Tensor, num_samples: int | None = None, module: Any = None, batch: Any = None, repeats: bool = False, owner: str = "DiffIn"
 ) -> None:
     """The sample ids of one training batch: a 1-D integer tensor of ids in ``[0, num_samples)``
     (``num_samples``: the training dataset's length when known; otherwise the score store grows),
-    distinct unless the loader draws with replacement (``repeats``)."""
+    distinct unless the loader draws with replacement (``repeats``). ``owner``: the callback that
+    reads them (only DiffIn scores a sample repeated in a batch)."""
     check_id_type(ids, module, batch)
-    check_id_values(ids, num_samples, module, batch, repeats)
+    check_id_values(ids, num_samples, module, batch, repeats, owner)
 
 
 def check_id_type(ids: Tensor, module: Any = None, batch: Any = None) -> None:
@@ -42,7 +43,7 @@ def check_id_type(ids: Tensor, module: Any = None, batch: Any = None) -> None:
 
 
 def check_id_values(
-    ids: Tensor, num_samples: int | None = None, module: Any = None, batch: Any = None, repeats: bool = False
+    ids: Tensor, num_samples: int | None = None, module: Any = None, batch: Any = None, repeats: bool = False, owner: str = "DiffIn"
 ) -> None:
     """The part of :func:`check_ids` that reads the values (on the host for ids on the host)."""
     if not ids.numel():
@@ -74,11 +75,26 @@ def check_id_values(
             )
     if not repeats and ids.unique().numel() != ids.numel():
         dup = ids[torch.cat([ids.sort().values.diff() == 0, torch.tensor([False], device=ids.device)])]
+        if owner == "DiffIn":
+            raise ValueError(
+                f"duplicate sample ids in one batch: {dup.unique().tolist()[:10]}; a sample appears at most once per "
+                "step unless the training loader's sampler draws with replacement (RandomSampler(replacement=True), "
+                f"WeightedRandomSampler), which DiffIn recognises and then scores removing every copy. {_ids_hint(module, batch)}"
+            )
         raise ValueError(
-            f"duplicate sample ids in one batch: {dup.unique().tolist()[:10]}; a sample appears at most once per "
-            "step unless the training loader's sampler draws with replacement (RandomSampler(replacement=True), "
-            f"WeightedRandomSampler), which DiffIn recognises and then scores removing every copy. {_ids_hint(module, batch)}"
+            f"duplicate sample ids in one batch: {dup.unique().tolist()[:10]}. {repeats_unsupported(owner)} If the "
+            f"sampler draws each sample once per epoch, the ids are wrong: {_ids_hint(module, batch)}"
         )
+
+
+def repeats_unsupported(owner: str) -> str:
+    """Why ``owner`` (a callback other than DiffIn) refuses a sampler that repeats a sample in a batch, and what to do."""
+    return (
+        f"{owner} does not support a training sampler that can repeat a sample within a batch (a sampler drawing with "
+        "replacement: RandomSampler(replacement=True), WeightedRandomSampler): draw without replacement "
+        "(DataLoader(shuffle=True), or RandomSampler(replacement=False)), or use DiffIn (the DiffIn callback, "
+        "build('diffin')), which recognises such samplers and scores removing every copy of a sample."
+    )
 
 
 def draws_with_replacement(trainer: L.Trainer) -> bool:

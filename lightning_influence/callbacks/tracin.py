@@ -45,6 +45,8 @@ from lightning_influence.callbacks.checks import (
     check_training_dataset,
     dataset_length,
     device_target_batches,
+    draws_with_replacement,
+    repeats_unsupported,
     target_loader_source,
 )
 from lightning_influence.estimators.diffin import ScoreAccumulator
@@ -193,6 +195,8 @@ class TracIn(Callback):
         ids = torch.as_tensor(pl_module.sample_ids(batch))  # type: ignore[operator]
         if self._checks_pending:
             check_training_dataset(trainer, pl_module)
+            if draws_with_replacement(trainer):  # refused before a duplicate shows up mid-training
+                raise ValueError(f"the training loader's sampler draws with replacement. {repeats_unsupported('TracIn')}")
         if ids.numel() == 0:
             raise ValueError(
                 f"training batch {batch_idx} has no samples (sample_ids(batch) returned no ids): TracIn attributes each "
@@ -200,7 +204,7 @@ class TracIn(Callback):
             )
         first = self._checks_pending
         if first:
-            check_ids(ids, self._num_samples, pl_module, batch)
+            check_ids(ids, self._num_samples, pl_module, batch, owner="TracIn")
         else:  # values checked when they reach the host, at the next step (_settle): no wait for the device here
             check_id_type(ids, pl_module, batch)
         if self._checks_pending:
@@ -261,7 +265,7 @@ class TracIn(Callback):
         grads_finite, values_finite, *ids = values.wait()
         ids = [i.to(torch.long) for i in ids]
         for batch, step_ids in zip(batches, ids, strict=True):
-            check_id_values(step_ids, self._num_samples, module, batch)
+            check_id_values(step_ids, self._num_samples, module, batch, owner="TracIn")
             self._accumulator.mark_seen(step_ids)
         if not bool(grads_finite):
             self.skipped_steps += 1
