@@ -7,6 +7,7 @@ steps) and leave-one-out retraining.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -260,6 +261,42 @@ def test_bad_input(tmp_path):
         quiet_trainer(callbacks=[TracInCallback(target="val", target_loader=problem.val)]).fit(
             Classifier().double(), train_dataloaders=plain
         )
+
+
+@pytest.mark.parametrize(
+    "setting,expected",
+    [
+        ("sgd", None),
+        ("adam", "Adam \\(its step is not the learning rate times the gradient\\)"),
+        ("momentum", "SGD with momentum 0.9"),
+        ("clip", "gradient clipping by norm at 0.05"),
+    ],
+)
+def test_tracin_says_calibrated_false_outside_plain_unclipped_sgd(tmp_path, setting, expected):
+    """TracIn is the plain-SGD first-order view: in target-loss units only under plain SGD without
+    clipping (measured ~15x too small under Adam and ~10x too large with clipping). Its metadata (the
+    callback's and TracInCP's, also over a checkpoint directory) says so as Forward-INF's does, which
+    the deletion recipe reads."""
+    from lightning_influence.recipes.deletion import in_target_loss_units
+
+    problem = digits_problem(n=64, batch_size=16, epochs=2, val_size=100)
+    online = build("tracin", target="val", target_loader=problem.val)
+    recorded = build("tracin_checkpoints", every=2, directory=tmp_path / "c", progress_bar=False)
+    options = {"adam": dict(optimizer="adam"), "momentum": dict(optimizer_options={"momentum": 0.9})}.get(setting, {})
+    torch.manual_seed(0)
+    model = Classifier(hidden=(8,), lr=0.01 if setting == "adam" else 0.1, **options).double()
+    trainer_options = {"gradient_clip_val": 0.05} if setting == "clip" else {}
+    quiet_trainer(max_epochs=2, callbacks=[online.callback(), recorded.callback()], **trainer_options).fit(model, train_dataloaders=problem.train)
+    one_epoch = type(problem.train)(problem.train.batches[:4])
+    reloaded = TracInCheckpoints(checkpoints=tmp_path / "c", progress_bar=False)
+    for estimator in (online, recorded, reloaded):
+        metadata = estimator.scores(model, one_epoch, problem.val).metadata
+        assert metadata["calibrated"] is (expected is None)
+        assert in_target_loss_units(metadata) is (expected is None)
+        if expected is None:
+            assert metadata["units"].startswith("first-order target-loss change when the sample is removed")
+        else:
+            assert re.search(f"magnitude NOT calibrated: the run used {expected}", metadata["units"])
 
 
 class RepeatingSampler(torch.utils.data.Sampler):

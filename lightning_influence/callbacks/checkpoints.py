@@ -53,6 +53,40 @@ class CheckpointFileError(ValueError):
     """A checkpoint directory or file is missing, damaged or of an unknown format."""
 
 
+def first_order_calibration(trainer: L.Trainer, optimizer: Any) -> tuple[bool, str]:
+    """Is a first-order, plain-SGD view of the run (TracIn: ``eta_t <grad F, grad l_z> / b`` per step)
+    in target-loss units? Only when the update is the learning rate times the gradient: plain
+    ``torch.optim.SGD`` without momentum and without gradient clipping. Returns ``(True, "plain SGD")``
+    or ``(False, why)``: with Adam the step is preconditioned (measured ~15x off on a small MLP),
+    with momentum a gradient is applied again in later steps (up to ``1 / (1 - momentum)`` in all),
+    and clipping scales the step down (measured ~10x)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    reasons = []
+    if type(optimizer) is not torch.optim.SGD:
+        reasons.append(f"{type(optimizer).__name__} (its step is not the learning rate times the gradient)")
+    else:
+        momentum = max(float(g.get("momentum", 0.0) or 0.0) for g in optimizer.param_groups)
+        if momentum:
+            reasons.append(f"SGD with momentum {momentum:g} (each gradient is applied again in later steps)")
+        if any(g.get("maximize", False) for g in optimizer.param_groups):
+            reasons.append("SGD with maximize=True")
+    clip = getattr(trainer, "gradient_clip_val", None)
+    if clip:
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
+        reasons.append(f"gradient clipping by {algorithm} at {clip:g} (a clipped step is not proportional to the gradient)")
+    return (not reasons, "; ".join(reasons) if reasons else "plain SGD")
+
+
+def first_order_units(calibrated: bool, update: str) -> str:
+    """The ``units`` metadata of first-order (TracIn) scores, from :func:`first_order_calibration`."""
+    if calibrated:
+        return "first-order target-loss change when the sample is removed (units of the target loss; plain SGD)"
+    return (
+        f"target-loss units and sign of the plain-SGD first-order view, magnitude NOT calibrated: the run used {update}, "
+        "whose update TracIn does not model; rank by these scores (DiffIn models the optimizer and clipping)"
+    )
+
+
 def _checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.pt"
 
@@ -113,7 +147,8 @@ class RecordedCheckpoints:
     parameters. ``step_lrs``: float64 ``[T, G]``, the learning rates of every optimizer step;
     ``step_normalizers``: ``[T]``, Lightning's ``accumulate_grad_batches`` at each step;
     ``step_ids[t]``: the sample ids of each micro-batch of step ``t``. ``num_samples``: the training
-    dataset's length when known.
+    dataset's length when known. ``calibrated`` / ``update``: whether the run's update was plain
+    unclipped SGD, and what it was (:func:`first_order_calibration`; ``None`` when not recorded).
     """
 
     checkpoints: list[ParameterCheckpoint]
@@ -122,6 +157,8 @@ class RecordedCheckpoints:
     step_normalizers: Tensor
     step_ids: list[tuple[Tensor, ...]] = field(default_factory=list)
     num_samples: int | None = None
+    calibrated: bool | None = None
+    update: str | None = None
 
     @property
     def total_steps(self) -> int:
@@ -160,6 +197,8 @@ class RecordedCheckpoints:
             "num_samples": self.num_samples,
             "checkpoint_steps": [c.step for c in self.checkpoints],
             "checkpoint_lrs": [list(c.lrs) for c in self.checkpoints],
+            "calibrated": self.calibrated,
+            "update": self.update,
         }
 
     @classmethod
@@ -183,6 +222,8 @@ class RecordedCheckpoints:
                 step_normalizers=log["normalizers"],
                 step_ids=step_ids,
                 num_samples=log["num_samples"],
+                calibrated=log.get("calibrated"),  # absent from step logs written before it was recorded
+                update=log.get("update"),
             )
         except (KeyError, AttributeError, TypeError, RuntimeError) as err:
             raise CheckpointFileError(f"{origin} is an incomplete step log: {err}") from None
@@ -289,6 +330,8 @@ class ParameterCheckpoints(Callback):
         self._params: list[tuple[str, Tensor]] = []
         self._planned: set[int] | None = None
         self._num_samples: int | None = None
+        self._calibrated: bool | None = None
+        self._update: str | None = None
         self._restored = False
 
     @property
@@ -317,6 +360,7 @@ class ParameterCheckpoints(Callback):
                     params.append((names[id(p)], p))
             groups.append(tuple(members))
         self._groups, self._params = tuple(groups), params
+        self._calibrated, self._update = first_order_calibration(trainer, optimizer)
         if self.count is not None:
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):
@@ -371,6 +415,8 @@ class ParameterCheckpoints(Callback):
             step_normalizers=torch.tensor(self._normalizers, dtype=torch.long),
             step_ids=list(self._ids),
             num_samples=self._num_samples,
+            calibrated=self._calibrated,
+            update=self._update,
         )
 
     # ------------------------------------------------------------------ checkpoint state

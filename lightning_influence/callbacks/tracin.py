@@ -15,9 +15,10 @@ helps), as every score in the library. Per step: one target gradient (or one per
 mode. No checkpoints are stored.
 
 The learning rate is read from the optimizer's parameter groups at each step (any scheduler). With
-momentum, Adam or weight decay the score is still this plain-SGD first-order view: the update's
-preconditioning and the later reuse of the gradient through momentum are not modelled (Diff-In
-models them). The ``1/(b-1)`` renormalisation of the shrunken batch is not modelled either
+momentum, Adam or gradient clipping the score is still this plain-SGD first-order view: the update's
+preconditioning, clipping and the later reuse of the gradient through momentum are not modelled
+(Diff-In models them), so the magnitudes are off (measured ~15x under Adam, ~10x under clipping)
+and the metadata says ``calibrated: False`` (:func:`~lightning_influence.callbacks.checkpoints.first_order_calibration`). The ``1/(b-1)`` renormalisation of the shrunken batch is not modelled either
 (classic TracIn); nor is the propagation of the removal's effect through later steps.
 """
 
@@ -33,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
 from lightning_influence.callbacks.checks import (
     check_id_type,
     check_id_values,
@@ -280,6 +282,7 @@ class TracIn(Callback):
             return
         self._settle()
         ids, values = self._accumulator.result()
+        calibrated, update = first_order_calibration(trainer, trainer.optimizers[0])
         self.scores = InfluenceScores(
             ids,
             values,
@@ -295,6 +298,9 @@ class TracIn(Callback):
                 "forward_mode_passes": self.forward_mode_passes,
                 "optimizer": type(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])).__name__,
                 "update_model": "plain SGD, first order (learning rate read from the optimizer at each step)",
+                # target-loss units only when the update is plain unclipped SGD (the deletion recipe reads this)
+                "calibrated": calibrated,
+                "units": first_order_units(calibrated, update),
                 "callback_seconds": round(self.seconds, 6),
             },
         )

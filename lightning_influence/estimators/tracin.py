@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_influence.callbacks.checkpoints import ParameterCheckpoints, RecordedCheckpoints, Sampling
+from lightning_influence.callbacks.checkpoints import ParameterCheckpoints, RecordedCheckpoints, Sampling, first_order_units
 from lightning_influence.callbacks.tracin import TracIn as TracInCallback
 from lightning_influence.estimators.base import (
     Estimator,
@@ -229,6 +229,14 @@ class CheckpointEstimator(Estimator):
         return target.gradient(module, train_loader)
 
 
+def _calibration(record: RecordedCheckpoints) -> dict[str, Any]:
+    """``calibrated`` and ``units`` of first-order scores over ``record``: target-loss units only for a
+    run with plain unclipped SGD (nothing is claimed for checkpoints recorded without that fact)."""
+    if record.calibrated is None:
+        return {}
+    return {"calibrated": bool(record.calibrated), "units": first_order_units(bool(record.calibrated), record.update or "an unrecorded update")}
+
+
 class TracInCheckpoints(CheckpointEstimator):
     """TracInCP: ``sum_c w_c(z) <Lambda... grad F(theta_c), grad l_z(theta_c)>`` over recorded checkpoints.
 
@@ -307,6 +315,7 @@ class TracInCheckpoints(CheckpointEstimator):
                 "num_samples": n,
                 "forward_mode_passes": passes,
                 "update_model": "plain SGD, first order (recorded learning rates)",
+                **_calibration(record),
             },
         )
 
