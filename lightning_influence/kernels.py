@@ -366,7 +366,7 @@ def difference_derivatives(
     theta: Tensor,
     batch: Any,
     tangent: Tensor,
-    eps: float,
+    eps: Step,
     *,
     plus: Tensor | None = None,
     minus: Tensor | None = None,
@@ -392,14 +392,14 @@ def difference_derivatives(
     if plus is not None and minus is None and base is not None:
         if plus.shape != base.shape:
             raise ValueError(f"per-sample losses of shapes {tuple(plus.shape)} and {tuple(base.shape)} at the two points")
-        return (plus.double() - base.double()) / eps
+        return (plus.double() - base.double()) * reciprocal(eps)
     if plus is None:
         plus = shifted_losses(loss_fn, space, theta, batch, tangent, eps, chunk_size)
     if minus is None:
         minus = shifted_losses(loss_fn, space, theta, batch, tangent, -eps, chunk_size)
     if plus.shape != minus.shape:
         raise ValueError(f"per-sample losses of shapes {tuple(plus.shape)} and {tuple(minus.shape)} at the two points")
-    return (plus.double() - minus.double()) / (2.0 * eps)
+    return (plus.double() - minus.double()) * reciprocal(eps, 0.5)
 
 
 def shifted_losses(
@@ -408,13 +408,13 @@ def shifted_losses(
     theta: Tensor,
     batch: Any,
     direction: Tensor,
-    step: float,
+    step: Step,
     chunk_size: int | None = None,
 ) -> Tensor:
     """Per-sample losses ``[B]`` at the flat point ``theta + step * direction``: one forward pass
     without autograd (per chunk of at most ``chunk_size`` samples)."""
     with torch.no_grad():
-        params = space.unflatten(torch.add(theta, direction.to(theta.dtype), alpha=step))
+        params = space.unflatten(shift(theta, direction, step))
         return torch.cat([loss_fn(params, chunk) for chunk, _ in batch_chunks(batch, chunk_size)])
 
 
@@ -424,25 +424,52 @@ def default_rel_step(dtype: torch.dtype, scheme: FiniteDifference) -> float:
     return torch.finfo(dtype).eps ** (0.5 if scheme == "forward" else 1.0 / 3.0)
 
 
+Step = float | Tensor
+"""A finite-difference step: a number, or a float64 0-d tensor on the device (see
+:func:`finite_difference_step`), which no function here reads on the host."""
+
+
 def finite_difference_step(
     theta: Tensor,
     direction: Tensor,
     scheme: FiniteDifference,
     rel_step: float | None = None,
     theta_norm: float | None = None,
-) -> float:
+    on_device: bool = False,
+) -> Step:
     """Step length ``eps`` for a finite difference along ``direction`` at ``theta``.
 
-    ``eps = rel_step * (1 + ||theta||) / ||direction||`` with ``rel_step`` defaulting to the
-    square root (forward) or cube root (central) of the parameters' machine epsilon,
-    which balances truncation against rounding error. ``theta_norm``: ``||theta||`` when the
-    caller knows it (or a value of the same scale, e.g. one norm for a whole trajectory).
+    ``eps = rel_step * (1 + ||theta||) / ||direction||`` (0 for a zero direction) with
+    ``rel_step`` defaulting to the square root (forward) or cube root (central) of the
+    parameters' machine epsilon, which balances truncation against rounding error.
+    ``theta_norm``: ``||theta||`` when the caller knows it (or a value of the same scale, e.g.
+    one norm for a whole trajectory). ``on_device``: returned as a float64 0-d tensor on the
+    direction's device, without reading the norm on the host (no synchronisation).
     """
     if rel_step is None:
         rel_step = default_rel_step(theta.dtype, scheme)
-    norm = float(direction.norm())
     scale = float(theta.norm()) if theta_norm is None else theta_norm
+    if on_device:
+        norm = direction.norm().double()
+        return torch.where(norm > 0, rel_step * (1.0 + scale) / norm, torch.zeros_like(norm))
+    norm = float(direction.norm())
     return rel_step * (1.0 + scale) / norm if norm > 0 else 0.0
+
+
+def shift(theta: Tensor, direction: Tensor, step: Step) -> Tensor:
+    """``theta + step * direction`` (a new tensor in ``theta``'s dtype), for a number or a 0-d tensor ``step``."""
+    direction = direction.to(theta.dtype)
+    if isinstance(step, Tensor):
+        return torch.addcmul(theta, direction, step.to(theta.dtype))
+    return torch.add(theta, direction, alpha=step)
+
+
+def reciprocal(step: Step, factor: float = 1.0) -> Step:
+    """``factor / step``, and 0 for a zero step (whose differences are all zero): a number, or a
+    0-d tensor for a tensor ``step`` (no host read)."""
+    if isinstance(step, Tensor):
+        return torch.where(step != 0, factor / step, torch.zeros_like(step))
+    return factor / step if step != 0 else 0.0
 
 
 def hessian_vector_product(
@@ -453,7 +480,7 @@ def hessian_vector_product(
     scheme: FiniteDifference = "central",
     base_gradient: Tensor | None = None,
     rel_step: float | None = None,
-    eps: float | None = None,
+    eps: Step | None = None,
     add_to: Tensor | None = None,
     alpha: float = 1.0,
 ) -> Tensor:
@@ -468,7 +495,8 @@ def hessian_vector_product(
     ``central``: ``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``: two backward passes,
     second-order accurate. ``gradient`` is called at ``theta + eps v`` first, then at ``theta``
     (forward, without ``base_gradient``) or ``theta - eps v`` (central). ``eps``: the step
-    (default :func:`finite_difference_step`). Returned flat, in the parameters' dtype
+    (default :func:`finite_difference_step`; a 0-d tensor ``eps`` is never read on the host, and a
+    zero one gives a zero product). Returned flat, in the parameters' dtype
     (differences of nearby gradients lose nothing to it); with ``add_to`` the product times
     ``alpha`` is added into that flat tensor in place instead (saving two parameter-sized passes)
     and it is returned. A negative ``eps`` steps along ``-vector`` (the product is the same).
@@ -477,29 +505,31 @@ def hessian_vector_product(
         raise ValueError(f"unknown finite-difference scheme {scheme!r}: use 'forward' or 'central'")
     if eps is None:
         eps = finite_difference_step(theta, vector, scheme, rel_step)
-    if eps == 0.0:
+    if isinstance(eps, float) and eps == 0.0:
         return add_to if add_to is not None else torch.zeros_like(theta)
-    vector = vector.to(theta.dtype)
-    plus = gradient(torch.add(theta, vector, alpha=eps))
+    plus = gradient(shift(theta, vector, eps))
     # Differences of nearby gradients are exact in the parameters' dtype; one conversion at the end.
     if scheme == "forward":
         other = base_gradient if base_gradient is not None else gradient(theta)
-        scale = 1.0 / eps
+        factor = reciprocal(eps, alpha)
     else:
-        other, scale = gradient(torch.add(theta, vector, alpha=-eps)), 0.5 / eps
+        other, factor = gradient(shift(theta, vector, -eps)), reciprocal(eps, 0.5 * alpha)
     if isinstance(plus, Tensor):
         difference = plus.sub_(other.to(plus.dtype) if isinstance(other, Tensor) else torch.cat([o.reshape(-1) for o in other]))
-        if add_to is not None:
-            return add_to.add_(difference, alpha=alpha * scale)
-        return difference.mul_(alpha * scale)
-    pieces = list(plus)
-    torch._foreach_sub_(pieces, _pieces_of(other, pieces))
+        pieces = [difference]
+    else:
+        pieces = list(plus)
+        torch._foreach_sub_(pieces, _pieces_of(other, pieces))
     if add_to is None:
-        return torch.cat([p.reshape(-1) for p in pieces]).mul_(alpha * scale)
+        flat = pieces[0] if len(pieces) == 1 and pieces[0].dim() == 1 else torch.cat([p.reshape(-1) for p in pieces])
+        return flat.mul_(factor)
     targets = _pieces_of(add_to, pieces)
     if pieces[0].dtype != add_to.dtype:
         pieces = [p.to(add_to.dtype) for p in pieces]
-    torch._foreach_add_(targets, pieces, alpha=alpha * scale)
+    if isinstance(factor, Tensor):  # one pass, as with a number: the 0-d factor broadcasts
+        torch._foreach_addcmul_(targets, pieces, [factor.to(add_to.dtype)] * len(pieces))
+    else:
+        torch._foreach_add_(targets, pieces, alpha=factor)
     return add_to
 
 

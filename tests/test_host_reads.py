@@ -93,10 +93,10 @@ def test_the_audit_sees_the_reads_it_is_meant_to_catch():
 
 
 @pytest.mark.parametrize("mode", ["replay", "online"])
-def test_sweeps_read_about_one_device_value_per_hessian_product(mode):
-    """What a sweep still reads: each product's step length (a norm), the propagated gradient's norm
-    every 16 products, and a few values per sweep (its start, the steps' norms, the recorded-
-    gradient checks); the per-step score sums and finiteness checks stay on the device."""
+def test_sweeps_read_a_few_device_values_per_sweep_not_per_product(mode):
+    """What a sweep still reads: the propagated gradient's norm every 16 products and a few values
+    per sweep (its start, the steps' norms, the recorded-gradient checks). The products' steps,
+    the per-step score sums and the finiteness checks stay on the device."""
     x, y = load_digits_tensors(torch.float32)
     train = DataLoader(IndexedDataset(TensorDataset(x[:512], y[:512])), batch_size=16, shuffle=True)
     val = DataLoader(IndexedDataset(TensorDataset(x[512:640], y[512:640])), batch_size=64)
@@ -119,6 +119,5 @@ def test_sweeps_read_about_one_device_value_per_hessian_product(mode):
         quiet_trainer(max_steps=96, max_epochs=-1, callbacks=[callback]).fit(Classifier(hidden=(16,), lr=0.1), train, val)
     products = callback.scores.metadata["hessian_products"]
     reads = sum(audit.sites.values())
-    per_product = sum(n for site, n in audit.sites.items() if "kernels.py" in site)
-    assert per_product <= products + len(sweeps), dict(audit.sites)
-    assert reads <= products * (1 + 1 / 16) + 16 * len(sweeps), dict(audit.sites)
+    assert not any("kernels.py" in site for site in audit.sites), dict(audit.sites)
+    assert reads <= products / 16 + 16 * len(sweeps), dict(audit.sites)

@@ -325,7 +325,9 @@ def test_influence_functions_track_leave_one_out_retraining_to_convergence():
         return loss
 
     opt.step(closure)
-    assert max(float(p.grad.abs().max()) for p in stacked.values()) < 1e-8
+    # Converged: the largest gradient entry is ~1e-8 (1.03e-8 on some CPUs, whose kernels round differently),
+    # against leave-one-out effects of ~1e-3 on the validation loss.
+    assert max(float(p.grad.abs().max()) for p in stacked.values()) < 1e-7
     val_loss = lambda p: loss_fn(p, (Xv, Yv)).mean()  # noqa: E731
     truth = (torch.func.vmap(val_loss)(stacked) - val_loss(dict(module.named_parameters()))).detach()
 

@@ -68,6 +68,7 @@ from lightning_influence.kernels import (
     ParameterSpace,
     PerSampleLossFn,
     RemoveFn,
+    Step,
     all_finite,
     difference_derivatives,
     directional_derivatives,
@@ -561,16 +562,13 @@ class DiffInSweep:
         if shifted is None and self.hessian_every > 1 and self.reuse_recorded_gradient and known is not None and all(k is not None for k in known):
             # A step without a product of its own (hessian_every > 1): training_step's losses at theta_t are the
             # base of a forward difference, one forward pass without autograd (the products' truncation order).
-            eps = finite_difference_step(record.theta, tangent, "forward", self.fd_rel_step, self._theta_norm)
-            if eps == 0.0:
-                return [torch.zeros(ids.numel(), dtype=torch.float64, device=ids.device) for ids in record.ids]
+            # (A 0-d step on the device, read by no one on the host; a zero tangent gives zero derivatives.)
+            eps = finite_difference_step(record.theta, tangent, "forward", self.fd_rel_step, self._theta_norm, on_device=True)
             plus = [shifted_losses(loss_fn, self.space, record.theta, batch, tangent, eps, self.chunk_size) for batch in record.batches]
             self.loss_evaluations += len(plus)
             shifted = _ShiftedLosses(eps, list(plus), [None] * len(plus), list(known))
         if shifted is None:
-            eps = finite_difference_step(record.theta, tangent, "central", self.fd_rel_step, self._theta_norm)
-            if eps == 0.0:  # a zero tangent: every derivative along it is zero
-                return [torch.zeros(ids.numel(), dtype=torch.float64, device=ids.device) for ids in record.ids]
+            eps = finite_difference_step(record.theta, tangent, "central", self.fd_rel_step, self._theta_norm, on_device=True)
             shifted = _ShiftedLosses(eps, [None] * len(record.batches), [None] * len(record.batches))
         out = []
         for k, batch in enumerate(record.batches):
@@ -666,12 +664,13 @@ class DiffInSweep:
         assert record.theta is not None
         base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
         self.hessian_products += 1
-        eps = finite_difference_step(record.theta, vector, self.finite_difference, self.fd_rel_step, self._theta_norm)
-        eps = math.copysign(eps, alpha)
+        # The step stays on the device (a 0-d tensor): a sweep reads no value per product.
+        eps = finite_difference_step(record.theta, vector, self.finite_difference, self.fd_rel_step, self._theta_norm, on_device=True)
+        eps = eps if alpha >= 0 else -eps
         evaluated: list[list[Tensor]] = []  # per gradient pass: theta + eps v, then theta or theta - eps v
         count = len(record.batches)
         minus: list[Tensor | None] = [None] * count
-        if keep_losses and eps != 0.0 and self.finite_difference == "forward" and base is not None:
+        if keep_losses and self.finite_difference == "forward" and base is not None:
             # The loss differences' other side, where training_step's losses at theta_t are missing: a plain
             # forward pass at theta_t - eps v, taken now since add_to may be vector itself.
             known = record.losses if record.losses is not None else (None,) * count
@@ -690,7 +689,7 @@ class DiffInSweep:
         hessian_vector_product(
             gradient, record.theta, vector, scheme=self.finite_difference, base_gradient=base, eps=eps, add_to=add_to, alpha=alpha
         )
-        if not keep_losses or eps == 0.0:
+        if not keep_losses:
             return None
         if self.finite_difference == "central":
             return _ShiftedLosses(eps, list(evaluated[0]), list(evaluated[1]))
@@ -704,7 +703,7 @@ class _ShiftedLosses:
     (``None``: not evaluated)."""
 
     def __init__(
-        self, eps: float, plus: list[Tensor | None], minus: list[Tensor | None], base: list[Tensor | None] | None = None
+        self, eps: Step, plus: list[Tensor | None], minus: list[Tensor | None], base: list[Tensor | None] | None = None
     ) -> None:
         self.eps, self.plus, self.minus = eps, plus, minus
         self.base = base if base is not None else [None] * len(plus)
