@@ -131,6 +131,41 @@ def test_random_removals_refuse_bad_arguments(kwargs, match) -> None:  # type: i
 
 
 # ---------------------------------------------------------------- retraining ids
+@pytest.mark.parametrize("limit,held", [(None, r"the 4 recorded steps hold the sample ids 0\.\.15"), (2, r"the 2 recorded steps hold 8 distinct sample ids between \d+ and \d+")])
+def test_removed_ids_that_no_recorded_step_holds_are_refused(limit, held) -> None:  # type: ignore[no-untyped-def]
+    """An id that no recorded step holds (an offset, another numbering, a sample the fit never drew)
+    would read as a ground truth of 0: leave_one_out and subset_retraining refuse it, naming it and
+    the ids the steps hold, before any retraining; retrain itself warns (removing it is a no-op)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import quiet_trainer
+    from lightning_influence import IndexedDataset
+    from lightning_influence.evaluation import StepRecorder, check_recorded_ids
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 64, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g)
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=4, shuffle=True, generator=g)
+    torch.manual_seed(0)
+    model, recorder = Classifier(hidden=(4,)).double(), StepRecorder()
+    quiet_trainer(callbacks=[recorder], limit_train_batches=limit).fit(model, train_dataloaders=loader)
+    held_ids = sorted({int(i) for step in recorder.steps for b in step.batches for i in b[2]})
+    unheld = next(i for i in range(16) if i not in held_ids) if limit else 16
+    target = [(x[:4], y[:4], torch.arange(4))]
+    args = (model, recorder.initial_params, recorder.steps, recorder.optimizer)
+    for ids in ([unheld, 1000], torch.tensor([held_ids[0], unheld, 1000])):
+        with pytest.raises(ValueError, match=rf"2 removed sample id\(s\) occur in no recorded step \({unheld}, 1000\): {held}\. Check that the ids"):
+            leave_one_out(*args, ids, target)
+    with pytest.raises(ValueError, match=rf"1 removed sample id\(s\) occur in no recorded step \({unheld}\): {held}"):
+        subset_retraining(*args, [(held_ids[0], held_ids[1]), (held_ids[2], unheld)], target)
+    with pytest.raises(ValueError, match=r"occur in no recorded step \(500, 501\)"):
+        check_recorded_ids(model, recorder.steps, [500, 501])
+    # the ids the steps hold are retrained as before
+    assert leave_one_out(*args, held_ids[:2], target).shape == (2,)
+    assert subset_retraining(*args, [tuple(held_ids[:2])], target).changes.shape == (1,)
+    with pytest.warns(UserWarning, match=rf"occur in no recorded step \({unheld}\): {held}.*; removing them changes nothing"):
+        retrain(*args, [(unheld,)])
+
+
 def test_leave_one_out_and_retrain_refuse_non_integer_ids(run) -> None:  # type: ignore[no-untyped-def]
     model, initial, steps, spec, target = run
     with pytest.raises(ValueError, match=r"sample_ids must hold integer sample ids, got a torch.float32 Tensor"):

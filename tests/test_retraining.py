@@ -218,7 +218,7 @@ def test_emptied_batch_does_not_move_parameters_under_plain_sgd(
     steps = schedule(x, y, n_steps=6)
     with_empty = [steps[0], only_z, steps[1], pair, *steps[2:]]
     out = retrain(module, initial, with_empty, spec, [(30, 31, 32)])
-    with pytest.warns(UserWarning, match="occur in no batch"):  # 31 and 32 were only in the emptied pair
+    with pytest.warns(UserWarning, match="occur in no recorded step"):  # 31 and 32 were only in the emptied pair
         skipped = retrain(module, initial, [steps[0], steps[1], *steps[2:]], spec, [(30, 31, 32)])
     for n in out:
         assert torch.isfinite(out[n]).all()
@@ -246,10 +246,9 @@ def test_leave_one_out_is_target_change_of_retraining(
     torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0.0)
     assert float(scores.abs().min()) > 1e-8  # every one of these samples was trained on
 
-    # a sample that never occurs changes nothing, and the caller is told
-    with pytest.warns(UserWarning, match="occur in no batch"):
-        unseen = leave_one_out(module, initial, steps, spec, torch.tensor([319]), target)
-    assert float(unseen.abs().max()) < 1e-14
+    # a sample that never occurs would change nothing: its id is refused (a wrong id, not a ground truth of 0)
+    with pytest.raises(ValueError, match=r"1 removed sample id\(s\) occur in no recorded step \(319\)"):
+        leave_one_out(module, initial, steps, spec, torch.tensor([319]), target)
 
 
 def test_target_loss_stacked_and_single(digits: tuple[Tensor, Tensor], small_mlp: tuple[Classifier, list[list[str]]]) -> None:

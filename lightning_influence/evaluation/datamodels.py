@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_influence.evaluation._checks import as_ids, as_numbers, check_fraction, check_same_length, require_ids_cover
 from lightning_influence.evaluation.metrics import spearman
-from lightning_influence.evaluation.retraining import OptimizerSpec, TrainingStep, retrain, target_loss
+from lightning_influence.evaluation.retraining import OptimizerSpec, TrainingStep, check_recorded_ids, retrain, target_loss
 
 __all__ = ["SubsetRetraining", "random_removals", "subset_retraining", "linear_datamodeling_score"]
 
@@ -135,8 +135,11 @@ def subset_retraining(
     """Retrain the recorded run once without each removal set and once with nothing removed.
 
     ``removals``: collections of distinct integer sample ids, none empty (``ValueError`` otherwise:
-    a repeated id would be counted twice by :meth:`SubsetRetraining.predicted` but removed once)."""
+    a repeated id would be counted twice by :meth:`SubsetRetraining.predicted` but removed once), each
+    id held by a recorded step (``ValueError`` naming those that are not:
+    :func:`~lightning_influence.evaluation.retraining.check_recorded_ids`)."""
     runs: list[tuple[int, ...]] = [(), *_removal_sets(removals)]
+    check_recorded_ids(module, steps, {i for run in runs for i in run})
     batches = list(target_batches)
     losses = []
     for start in range(0, len(runs), chunk_size):

@@ -316,6 +316,49 @@ def _ids_list(module: nn.Module, batch: Any, step: int, micro: int) -> list[int]
     return [int(i) for i in ids.tolist()]
 
 
+def _recorded_step_ids(module: nn.Module, steps: Sequence[TrainingStep]) -> list[list[list[int]]]:
+    """The sample ids of every micro-batch of every recorded step (``[step][micro-batch][sample]``)."""
+    for t, step in enumerate(steps):
+        if not isinstance(step, TrainingStep):
+            raise TypeError(f"step {t} is a {type(step).__name__}, not a TrainingStep")
+    return [[_ids_list(module, b, t, m) for m, b in enumerate(step.batches)] for t, step in enumerate(steps)]
+
+
+def _unrecorded(ids: Iterable[int], step_ids: list[list[list[int]]]) -> list[int]:
+    """The ``ids`` that no recorded step holds, sorted."""
+    seen = {i for step in step_ids for micro in step for i in micro}
+    return sorted(set(ids) - seen)
+
+
+def _unrecorded_message(unseen: list[int], step_ids: list[list[list[int]]]) -> str:
+    """What is wrong with ``unseen`` ids, with the ids the recorded steps do hold."""
+    seen = sorted({i for step in step_ids for micro in step for i in micro})
+    shown = ", ".join(map(str, unseen[:10])) + (", ..." if len(unseen) > 10 else "")
+    if not seen:
+        held = "the recorded steps hold no sample at all (was anything recorded?)"
+    elif len(seen) == seen[-1] - seen[0] + 1:
+        held = f"the {len(step_ids)} recorded steps hold the sample ids {seen[0]}..{seen[-1]}"
+    else:
+        held = f"the {len(step_ids)} recorded steps hold {len(seen)} distinct sample ids between {seen[0]} and {seen[-1]}"
+    return (
+        f"{len(unseen)} removed sample id(s) occur in no recorded step ({shown}): {held}. Check that the ids are the "
+        "ones module.sample_ids(batch) reports (positions in the training set, as IndexedDataset gives: 0-based, "
+        "of this training set rather than a larger one) and that the StepRecorder watched the whole fit"
+    )
+
+
+def check_recorded_ids(module: nn.Module, steps: Sequence[TrainingStep], ids: Iterable[int]) -> None:
+    """Refuse removed sample ``ids`` that no recorded step holds (``ValueError`` naming them and the ids
+    the steps hold): removing a sample that was never trained on changes nothing, so such an id is
+    almost always a wrong one (an offset, another numbering), whose ground truth would read 0. The
+    check of :func:`leave_one_out` and :func:`~lightning_influence.evaluation.subset_retraining`;
+    :func:`retrain` itself only warns."""
+    step_ids = _recorded_step_ids(module, steps)
+    unseen = _unrecorded(ids, step_ids)
+    if unseen:
+        raise ValueError(_unrecorded_message(unseen, step_ids))
+
+
 def _check_functional_gradient(
     module: nn.Module,
     loss_fn: PerSampleLossFn,
@@ -448,16 +491,10 @@ def retrain(
             f"{type(removals).__name__}"
         )
     removal_sets = [frozenset(as_ids(f"removal set {k}", r).tolist()) for k, r in enumerate(removals)]
-    step_ids = [[_ids_list(module, b, t, m) for m, b in enumerate(step.batches)] for t, step in enumerate(steps)]
-    seen_ids = {i for ids in step_ids for micro in ids for i in micro}
-    unseen = sorted({i for r in removal_sets for i in r} - seen_ids)
+    step_ids = _recorded_step_ids(module, steps)
+    unseen = _unrecorded({i for r in removal_sets for i in r}, step_ids)
     if unseen:
-        shown = ", ".join(map(str, unseen[:10])) + (", ..." if len(unseen) > 10 else "")
-        warnings.warn(
-            f"{len(unseen)} removed sample id(s) occur in no batch of the trajectory ({shown}); removing them changes "
-            "nothing. Check that the ids match module.sample_ids(batch).",
-            stacklevel=2,
-        )
+        warnings.warn(f"{_unrecorded_message(unseen, step_ids)}; removing them changes nothing", stacklevel=2)
 
     if coupled is None:
         coupled = bool(getattr(module, "coupled_batch_loss", False))
@@ -749,12 +786,14 @@ def leave_one_out(
     ``z`` hurts.
 
     ``sample_ids``: integer ids (a tensor, array or sequence; ``ValueError`` for floating-point,
-    complex or boolean ones, which are not rounded to an id). Returns a float64
+    complex or boolean ones, which are not rounded to an id, and for ids that no recorded step
+    holds: :func:`check_recorded_ids`). Returns a float64
     ``Tensor[len(sample_ids)]`` on the CPU. Cost: ``len(sample_ids) + 1``
     retraining runs, vectorised ``chunk_size`` at a time. ``coupled``: see :func:`retrain` (default:
     ``module.coupled_batch_loss``); the target batches are evaluated whole either way.
     """
     ids = as_ids("sample_ids", sample_ids, flatten=True).tolist()
+    check_recorded_ids(module, steps, ids)
     batches = list(target_batches)
     removals: list[tuple[int, ...]] = [(), *((i,) for i in ids)]
     losses: list[Tensor] = []
