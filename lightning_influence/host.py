@@ -36,10 +36,6 @@ class HostCopy:
             self._event = torch.cuda.Event()
             self._event.record()
 
-    def ready(self) -> bool:
-        """True when the copies are complete (:meth:`wait` would not block)."""
-        return self._event is None or bool(self._event.query())
-
     def wait(self) -> list[Tensor]:
         """The host copies, in the order given (waits for the copies only if they are still running)."""
         if self._event is not None:
