@@ -104,11 +104,45 @@ def _normalised_tensors(ids: Any, values: Any) -> tuple[Tensor, Tensor]:
 
 
 def _check_metadata_mapping(metadata: Any) -> None:
+    """The metadata check of the constructor and :meth:`InfluenceScores.save` (one check, so that
+    what the constructor accepts is what a file can hold): a mapping whose keys are strings at
+    every level, nested mappings (also inside lists) included. JSON, and so the score file, has
+    string keys only; other keys would come back from :meth:`InfluenceScores.load` as strings (an
+    ``int`` key ``0`` as ``"0"``), or, mixed with string keys, could not be written at all."""
     if not isinstance(metadata, Mapping):
         raise ValueError(f"metadata must be a dict with string keys, got {type(metadata).__name__}")
-    bad = [k for k in metadata if not isinstance(k, str)]
-    if bad:
-        raise ValueError(f"metadata keys must be strings (they are saved as JSON), got {bad[:4]}")
+    _check_metadata_keys(metadata, "metadata")
+
+
+def _check_metadata_keys(value: Any, path: str) -> None:
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            shown = ", ".join(f"{k!r} ({type(k).__name__})" for k in bad[:4]) + (", ..." if len(bad) > 4 else "")
+            raise ValueError(
+                f"metadata keys must be strings, at every level (score files store the metadata as JSON, whose keys "
+                f"are strings): {path} has the non-string key(s) {shown}. Convert them, e.g. "
+                "{str(key): value for key, value in ...items()}"
+            )
+        for key, item in value.items():
+            _check_metadata_keys(item, f"{path}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_metadata_keys(item, f"{path}[{index}]")
+
+
+def _integer_index(value: Any) -> int | None:
+    """``value`` as an ``int`` if it is integer-like (a Python or NumPy integer, a 0-d integer tensor or
+    array: anything with ``__index__``), else ``None``; booleans (Python, NumPy or tensor) are not counts
+    or column indices."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        return None
+    if isinstance(value, Tensor) and (value.dim() != 0 or value.is_floating_point() or value.is_complex()):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _ranking(ids: Tensor, col: Tensor, descending: bool) -> Tensor:
@@ -148,7 +182,8 @@ class InfluenceScores:
 
     ``ids``: ``LongTensor[N]`` sample ids, unique. ``values``: float64 ``Tensor[N]`` (one target)
     or ``Tensor[N, Q]`` (one column per query). ``metadata``: JSON-serialisable facts (estimator,
-    mode, target, steps seen, ...); ``version`` is always added, and ``sign_convention`` (the
+    mode, target, steps seen, ...), with string keys at every level (nested dicts included: JSON's
+    keys are strings, so other keys are refused rather than turned into strings by a save and load); ``version`` is always added, and ``sign_convention`` (the
     library's, :data:`SIGN_CONVENTION`) unless the metadata states another: the rankings that
     are not removal effects (coreset and cleaning baselines) say what a high value means.
     """
@@ -195,18 +230,19 @@ class InfluenceScores:
         count = self.values.shape[1]
         if query is None:
             raise ValueError(f"these scores have {count} query columns: pass query=<column index>")
-        if isinstance(query, bool) or not isinstance(query, int) and not (isinstance(query, Tensor) and query.dim() == 0 and not query.is_floating_point()):
+        index = _integer_index(query)
+        if index is None:
             raise TypeError(f"query is one column index, an int in [0, {count}), got {query!r} ({type(query).__name__})")
-        if not 0 <= int(query) < count:
-            raise IndexError(f"query={int(query)} is out of range: these scores have {count} query columns, 0..{count - 1}")
-        return self.values[:, int(query)]
+        if not 0 <= index < count:
+            raise IndexError(f"query={index} is out of range: these scores have {count} query columns, 0..{count - 1}")
+        return self.values[:, index]
 
     def __getitem__(self, sample_id: int) -> Tensor:
         """Score(s) of one sample id (an integer)."""
-        try:
-            sample_id = operator.index(sample_id)
-        except TypeError:
-            raise TypeError(f"sample ids are integers, got {sample_id!r}") from None
+        index = _integer_index(sample_id)
+        if index is None:
+            raise TypeError(f"sample ids are integers, got {sample_id!r}")
+        sample_id = index
         hit = (self.ids == sample_id).nonzero()
         if hit.numel() == 0:
             raise KeyError(
@@ -232,11 +268,8 @@ class InfluenceScores:
         return self._ranked(k, query, helpful=True)
 
     def _ranked(self, k: int, query: int | None, helpful: bool) -> tuple[Tensor, Tensor]:
-        try:
-            count = -1 if isinstance(k, bool) else operator.index(k)
-        except TypeError:
-            count = -1
-        if count < 0:
+        count = _integer_index(k)
+        if count is None or count < 0:
             raise ValueError(f"k must be a non-negative number of samples, got {k!r}")
         col = self._column(query)
         order = _ranking(self.ids, col, descending=helpful)[:count]

@@ -10,6 +10,7 @@ import struct
 import warnings
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -51,7 +52,7 @@ def test_most_harmful_and_most_helpful_follow_the_sign_convention():
 def test_ids_and_metadata_that_would_not_round_trip_are_refused(tmp_path):
     with pytest.raises(ValueError, match="sample ids must be integers, got a torch.float32"):
         InfluenceScores(torch.tensor([0.5, 1.7]), torch.zeros(2))
-    with pytest.raises(ValueError, match=r"metadata keys must be strings .* got \[1\]"):
+    with pytest.raises(ValueError, match=r"metadata keys must be strings.*metadata has the non-string key\(s\) 1 \(int\)"):
         InfluenceScores(torch.tensor([0, 1]), torch.zeros(2), {1: "a", "b": 2})
     empty = InfluenceScores(torch.zeros(0, dtype=torch.long), torch.zeros(0, 3))
     assert empty.to_csv(tmp_path / "empty.csv").read_text().splitlines() == ["sample_id,query_0,query_1,query_2"]
@@ -61,6 +62,43 @@ def test_nan_scores_rank_last_both_ways():
     s = InfluenceScores(torch.tensor([0, 1, 2, 3]), torch.tensor([float("nan"), -1.0, 1.0, 1.0]))
     assert s.most_helpful(3)[0].tolist() == [2, 3, 1]  # ties keep id order
     assert s.most_harmful(3)[0].tolist() == [1, 2, 3]
+
+
+def test_metadata_keys_must_be_strings_at_every_level_in_the_constructor_and_in_save(tmp_path):
+    """One check for both: what the constructor accepts, save() writes and load() gives back unchanged
+    (JSON keys are strings: an int key would come back as a string, mixed keys could not be written)."""
+    nested = "metadata keys must be strings, at every level .*JSON.*"
+    with pytest.raises(ValueError, match=nested + r"metadata\['per_class'\] has the non-string key\(s\) 0 \(int\)"):
+        InfluenceScores([0, 1], [0.1, -0.2], {"per_class": {0: 1.5, "all": 2.0}})
+    with pytest.raises(ValueError, match=nested + r"metadata\['runs'\]\[1\] has the non-string key\(s\) \(1, 2\) \(tuple\)"):
+        InfluenceScores([0], [0.0], {"runs": [{"a": 1}, {(1, 2): 3}]})
+    with pytest.raises(ValueError, match=r"metadata keys must be strings.* has the non-string key\(s\) 1 \(int\)"):
+        InfluenceScores([0], [0.0], {1: "a", "b": 2})
+    scores = InfluenceScores([0, 1], [0.1, -0.2], {"per_class": {"0": 1.5, "all": 2.0}, "runs": [{"a": 1}]})
+    assert InfluenceScores.load(scores.save(tmp_path / "ok.pt")).metadata == scores.metadata  # string keys round-trip
+    scores.metadata["per_class"][0] = 1.0  # changed after construction: save() refuses it with the same message
+    with pytest.raises(ValueError, match=r"cannot save these scores: metadata keys must be strings, at every level .*\['per_class'\] has the non-string key\(s\) 0 \(int\)"):
+        scores.save(tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_integer_like_numpy_and_tensor_scalars_are_accepted_wherever_an_int_is():
+    s = _scores(q=2)
+    for query in (1, np.int64(1), np.int32(1), torch.tensor(1), np.array(1)):
+        assert s.most_harmful(np.int64(1), query=query)[0].tolist() == [11]
+        assert s.to_dict(query=query)[11] == s.to_dict(query=1)[11]
+        assert s.summary(query=query) == s.summary(query=1)
+    with pytest.raises(IndexError, match="query=2 is out of range"):
+        s.most_helpful(1, query=np.int64(2))
+    for bad in (True, np.True_, torch.tensor(True), 1.0, np.float64(1.0), torch.tensor([1])):
+        with pytest.raises(TypeError, match="query is one column index"):
+            s.summary(query=bad)
+        with pytest.raises(ValueError, match="k must be a non-negative number of samples"):
+            s.most_harmful(bad, query=0)
+    single = _scores()
+    assert single[np.int64(11)].item() == single[11].item() == 1.5
+    with pytest.raises(TypeError, match="sample ids are integers, got True"):
+        single[True]  # type: ignore[index]
 
 
 def test_query_matrix_needs_a_column():
