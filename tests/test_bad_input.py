@@ -230,7 +230,7 @@ def test_non_finite_losses_on_the_first_step_name_the_samples(small_digits):
     x = x.clone()
     x[3, 5] = float("nan")
     batches[0] = (x, y, ids)
-    trainer = _refused(FixedBatches(batches), rf"non-finite values for sample ids \[{int(ids[3])}\] on the first step", _val(small_digits))
+    trainer = _refused(FixedBatches(batches), rf"non-finite values for sample ids \[{int(ids[3])}\] on the first batch", _val(small_digits))
     assert "NaN/inf" in trainer.error
     assert trainer.global_step == 0
 

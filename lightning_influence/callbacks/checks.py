@@ -113,9 +113,12 @@ def draws_with_replacement(trainer: L.Trainer) -> bool:
     return False
 
 
-def check_losses(losses: Any, ids: Tensor, device: torch.device | None = None, requires_grad: bool = False) -> None:
+def check_losses(
+    losses: Any, ids: Tensor, device: torch.device | None = None, requires_grad: bool = False, owner: str = "DiffIn"
+) -> None:
     """The per-sample losses of the first training batch (computed with autograd on): one floating value
-    per sample id, on the parameters' ``device``, differentiable when ``requires_grad``, finite."""
+    per sample id, on the parameters' ``device``, differentiable when ``requires_grad``, finite.
+    ``owner``: the callback or estimator named in the messages."""
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != ids.numel():
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
@@ -137,7 +140,7 @@ def check_losses(losses: Any, ids: Tensor, device: torch.device | None = None, r
     if requires_grad and not losses.requires_grad:
         raise ValueError(
             "per_sample_loss(batch) returned losses that do not depend on the trainable parameters (requires_grad is "
-            "False): DiffIn differentiates them, so compute them with autograd from the module's forward pass, "
+            f"False): {owner} differentiates them, so compute them with autograd from the module's forward pass, "
             "without .detach(), .item(), NumPy or torch.no_grad()"
         )
     finite = torch.isfinite(losses.detach())
@@ -145,9 +148,8 @@ def check_losses(losses: Any, ids: Tensor, device: torch.device | None = None, r
         bad = ids.reshape(-1).cpu()[~finite.cpu()]
         raise ValueError(
             f"per_sample_loss(batch) returned non-finite values for sample ids {bad[:10].tolist()}"
-            f"{' ...' if bad.numel() > 10 else ''} on the first step: check these samples for NaN/inf inputs and the "
-            "loss for log(0) or division by zero (DiffIn can neither check the per-sample losses against the training "
-            "loss nor attribute such a step)"
+            f"{' ...' if bad.numel() > 10 else ''} on the first batch: check these samples for NaN/inf inputs and the "
+            f"loss for log(0) or division by zero ({owner} cannot score with losses that are not finite)"
         )
 
 

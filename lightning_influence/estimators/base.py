@@ -411,12 +411,4 @@ def check_differentiable_losses(module: L.LightningModule, batch: Any, owner: st
     ids = torch.as_tensor(module.sample_ids(batch)).reshape(-1)  # type: ignore[operator]
     with evaluation_mode(module), torch.enable_grad():
         losses = module.per_sample_loss(batch)  # type: ignore[operator]
-    well_formed = isinstance(losses, Tensor) and losses.dim() == 1 and losses.shape[0] == ids.numel() and losses.is_floating_point()
-    if not well_formed:
-        check_losses(losses, ids)  # raises: the shape or dtype message
-    if not losses.requires_grad:
-        raise ValueError(
-            "per_sample_loss(batch) returned losses that do not depend on the trainable parameters (requires_grad is "
-            f"False): {owner} differentiates them, so compute them with autograd from the module's forward pass, "
-            "without .detach(), .item(), NumPy or torch.no_grad()"
-        )
+    check_losses(losses, ids, requires_grad=True, owner=owner)
