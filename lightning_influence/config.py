@@ -21,6 +21,7 @@ calls it first).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import logging
@@ -45,6 +46,10 @@ __all__ = [
     "CoresetConfig",
     "RECIPE_SCHEMAS",
     "register_configs",
+    "check_schema_keys",
+    "estimator_option_names",
+    "check_estimator_keys",
+    "check_schema_nodes",
     "recipe_params",
     "estimator_params",
     "check_estimator_target",
@@ -223,18 +228,75 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("li.datamodule", _datamodule_resolver, replace=True)
 
 
+def _schema_fields(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def check_schema_keys(node: DictConfig | Mapping[str, Any], schema: type, where: str, elsewhere: Mapping[str, str] | None = None) -> None:
+    """Refuse keys of ``node`` that are not fields of the dataclass ``schema``, naming the closest
+    fields as ``<where>.<field>``. Hydra refuses a misspelt key of a schema node when the config is
+    composed, and its message suggests ``+<where>.<key>=...``, which adds the key all the same
+    (``+`` opens the schema); :func:`OmegaConf.to_object` then drops it without a word. So the
+    recipes (:func:`recipe_params`, :func:`estimator_params`) and :func:`check_config` check the
+    keys themselves. ``elsewhere``: keys that belong in another node, with their path there
+    (``mode`` -> ``estimator.options.mode``), suggested first."""
+    fields = _schema_fields(schema)
+    for key in node.keys():
+        key = str(key)
+        if key in fields:
+            continue
+        other = dict(elsewhere or {})
+        hints = [other[key]] if key in other else []
+        hints += [f"{where}.{f}" for f in difflib.get_close_matches(key, fields, n=3, cutoff=0.6)]
+        if not hints:
+            hints = [other[k] for k in difflib.get_close_matches(key, list(other), n=3, cutoff=0.6)]
+        hint = f"did you mean {' or '.join(dict.fromkeys(hints))}?" if hints else f"its keys are {', '.join(fields)}."
+        raise ValueError(
+            f"{where}.{key} is not a key of {where} ({schema.__name__}), so the run would not read it (a key added with "
+            f"+{where}.{key}=... is ignored): {hint} Fix the spelling (without +), or remove the key (~{where}.{key} on the "
+            "command line)"
+        )
+
+
 def recipe_params(node: DictConfig, schema: type) -> Any:
-    """The recipe node as its schema's dataclass, validated (ranges, choices). A node composed
-    without the schema (a user's own YAML) is merged onto it first, so a misspelt key fails
-    here with the schema's message."""
+    """The recipe node as its schema's dataclass, validated (ranges, choices). A key the schema
+    does not have (misspelt, or added with ``+``) is refused with the closest keys
+    (:func:`check_schema_keys`); a node composed without the schema (a user's own YAML) is merged
+    onto it, so that its types are checked too."""
+    check_schema_keys(node, schema, "recipe")
     if OmegaConf.get_type(node) is not schema:
         node = OmegaConf.merge(OmegaConf.structured(schema), node)
     return OmegaConf.to_object(node)
 
 
+def estimator_option_names(node: DictConfig | Mapping[str, Any]) -> list[str]:
+    """The options the estimator node could mean: those its config sets (the shipped configs list
+    them all; DiffIn's class takes ``**options``) and the keyword arguments of the estimator class
+    it names (where the name is registered and its module imports)."""
+    options = node.get("options")
+    names = [str(k) for k in options.keys()] if isinstance(options, (DictConfig, Mapping)) else []
+    try:
+        from lightning_influence.estimators.base import estimator_class
+
+        params = _parameters(estimator_class(str(node.get("name"))).__init__) or {}
+    except Exception:  # an unregistered name (refused with the choices) or a missing optional dependency
+        params = {}
+    kinds = inspect.Parameter
+    names += [n for n, p in params.items() if n != "self" and p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+    return list(dict.fromkeys(names))
+
+
+def check_estimator_keys(node: DictConfig | Mapping[str, Any]) -> None:
+    """Refuse keys of the estimator node other than ``name`` and ``options`` (e.g. ``+estimator.mode=online``),
+    suggesting ``estimator.options.<key>`` where the key is one of the estimator's options."""
+    check_schema_keys(node, EstimatorConfig, "estimator", {n: f"estimator.options.{n}" for n in estimator_option_names(node)})
+
+
 def estimator_params(node: DictConfig) -> EstimatorConfig:
     """The estimator node as a validated :class:`EstimatorConfig` with plain-Python options
-    (interpolations resolved, enums as their names)."""
+    (interpolations resolved, enums as their names). A key other than ``name`` and ``options``
+    is refused (:func:`check_estimator_keys`)."""
+    check_estimator_keys(node)
     raw = node.get("options")
     options = {} if raw is None else OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
     if not isinstance(options, dict):
@@ -641,14 +703,27 @@ def check_top_level(cfg: DictConfig) -> None:
         )
 
 
+def check_schema_nodes(cfg: DictConfig) -> None:
+    """Refuse keys that the schema of the ``recipe`` node (the one its ``name`` selects in
+    :data:`RECIPE_SCHEMAS`) or of the ``estimator`` node does not have, with the closest keys: a
+    key added with ``+`` is not refused when the config is composed (:func:`check_schema_keys`)."""
+    recipe, estimator = cfg.get("recipe"), cfg.get("estimator")
+    if isinstance(recipe, DictConfig) and str(recipe.get("name")) in RECIPE_SCHEMAS:
+        check_schema_keys(recipe, RECIPE_SCHEMAS[str(recipe.get("name"))], "recipe")
+    if isinstance(estimator, DictConfig):
+        check_estimator_keys(estimator)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Check a composed config before any training: the top-level values (:func:`check_top_level`),
     every ``_target_`` node (``data``, ``model``, ``trainer``, each ``callbacks`` entry, and
     ``_target_`` nodes in their values) against the signature of what it names
-    (:func:`check_target_node`), and the model's sizes against the data
-    (:func:`check_data_and_model`). Raises ``ValueError`` (``TypeError`` for a non-integer seed)
+    (:func:`check_target_node`), the keys of the ``recipe`` and ``estimator`` nodes against their
+    schemas (:func:`check_schema_nodes`: keys added with ``+``), and the model's sizes against the
+    data (:func:`check_data_and_model`). Raises ``ValueError`` (``TypeError`` for a non-integer seed)
     naming the key, the value, what is expected and the fix."""
     check_top_level(cfg)
+    check_schema_nodes(cfg)
     for where, node in _target_nodes(cfg, ""):
         check_target_node(node, where, _SET_BY_RECIPES.get(where))
     check_data_and_model(cfg)

@@ -128,12 +128,26 @@ def test_command_line_refuses_a_bad_trainer_value_before_training(tmp_path: Path
     assert "the run failed: ValueError: " + message in log
 
 
+def test_command_line_refuses_a_key_added_with_plus_before_training(tmp_path: Path) -> None:
+    """Hydra refuses recipe.remove_fractoin=0.5 and suggests +recipe.remove_fractoin=0.5; that form used
+    to run the whole recipe with the key ignored. Now it stops before any training, naming the key
+    the user meant."""
+    run_dir = tmp_path / "run"
+    proc = command_line(tmp_path, "+recipe.remove_fractoin=0.5", f"hydra.run.dir={run_dir}")
+    assert proc.returncode != 0
+    assert "recipe.remove_fractoin is not a key of recipe (CleaningConfig)" in proc.stderr, proc.stderr[-3000:]
+    assert "did you mean recipe.remove_fraction" in proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "lightning-influence.log"], "nothing trained, nothing written"
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("trainer.max_epochs=abc", r"trainer.max_epochs='abc' .*takes an integer or null"),
         ("+trainer.max_epoch=2", r"trainer.max_epoch is not an argument .*did you mean max_epochs"),
         ("model.num_classes=5", r"model.num_classes=5 contradicts the data: their num_classes is 10"),
+        ("+recipe.remove_fractoin=0.5", r"recipe.remove_fractoin is not a key of recipe \(CleaningConfig\).*did you mean recipe.remove_fraction"),
+        ("+estimator.mode=online", r"estimator.mode is not a key of estimator .*did you mean estimator.options.mode\?"),
     ],
 )
 def test_run_checks_the_config_before_anything_is_set_up(override: str, message: str, tmp_path: Path) -> None:

@@ -138,8 +138,37 @@ def test_unknown_estimator_name_is_refused_with_the_choices() -> None:
 
 def test_recipe_params_checks_a_plain_user_node() -> None:
     assert recipe_params(OmegaConf.create({"name": "cleaning", "seeds": [3]}), CleaningConfig).seeds == [3]
-    with pytest.raises(ConfigKeyError):
+    with pytest.raises(ValueError, match=r"recipe.sedes is not a key of recipe \(CleaningConfig\).*did you mean recipe.seeds\?"):
         recipe_params(OmegaConf.create({"name": "cleaning", "sedes": [3]}), CleaningConfig)
+    with pytest.raises(ValidationError):  # the schema's types, also for a node composed without it
+        recipe_params(OmegaConf.create({"name": "cleaning", "seeds": "three"}), CleaningConfig)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+recipe.remove_fractoin=0.5"], r"recipe.remove_fractoin is not a key of recipe \(CleaningConfig\), so the run would not read it "
+         r"\(a key added with \+recipe.remove_fractoin=... is ignored\): did you mean recipe.remove_fraction"),
+        (["recipe=deletion", "+recipe.size=[5]"], r"recipe.size is not a key of recipe \(DeletionConfig\).*did you mean recipe.sizes\?"),
+        (["recipe=coreset", "+recipe.fractoin=0.3"], r"recipe.fractoin is not a key of recipe \(CoresetConfig\).*did you mean recipe.fraction\?"),
+        (["+estimator.mode=online"], r"estimator.mode is not a key of estimator \(EstimatorConfig\).*did you mean estimator.options.mode\?"),
+        (["estimator=influence_function", "+estimator.solvr=cg"], r"estimator.solvr .*did you mean estimator.options.solver\?"),
+        (["+estimator.optons.mode=online"], r"estimator.optons .*did you mean estimator.options\?"),
+        (["+estimator.zzz=1"], r"estimator.zzz is not a key of estimator \(EstimatorConfig\).*its keys are name, options\."),
+    ],
+)
+def test_keys_added_with_plus_to_a_schema_node_are_refused(overrides: list[str], message: str) -> None:
+    """Hydra refuses recipe.remove_fractoin=0.5 (not in the schema) and suggests +recipe.remove_fractoin=0.5,
+    which composes: the config check and the recipes' readers refuse the key, with the closest keys,
+    where it would otherwise be dropped without a word."""
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ValueError, match=message):
+        check_config(cfg)
+    with pytest.raises(ValueError, match=message):
+        if overrides[-1].startswith("+recipe."):
+            recipe_params(cfg.recipe, RECIPE_SCHEMAS[cfg.recipe.name])
+        else:
+            estimator_params(cfg.estimator)
 
 
 @pytest.mark.parametrize(

@@ -202,7 +202,10 @@ def test_an_epoch_limit_of_minus_one_needs_another_bound() -> None:
         (coreset, ["recipe=coreset", "estimator.options.window=0"], r"estimator.options refused: window must be a positive int, got 0"),
         (deletion, ["recipe=deletion", "estimator.options.mode=foo"], r"estimator.options refused: mode must be 'replay' or 'online'"),
         (cleaning, ["estimator=tracin", "estimator.options.target_every=0"], r"estimator=tracin: estimator.options refused: target_every"),
-        (coreset, ["recipe=coreset", "+estimator.options.windw=3"], r"estimator.options refused: .*unexpected keyword argument 'windw'"),
+        (coreset, ["recipe=coreset", "+estimator.options.windw=3"], r"estimator.options refused: .*unexpected keyword argument 'windw'; did you mean estimator.options.window\?"),
+        (cleaning, ["estimator=influence_function", "+estimator.options.dampin=0.1"],
+         r"estimator=influence_function: estimator.options refused: .*'dampin'; did you mean estimator.options.damping or "
+         r"estimator.options.damping_scale\? Remove the option with ~estimator.options.dampin"),
         (cleaning, ["estimator.options.target=train"], r"estimator.options.target=train contradicts recipe.target=val.*Set recipe.target=train"),
         (coreset, ["recipe=coreset", "estimator=tracin", "estimator.options.target=val"], r"estimator.options.target=val contradicts recipe.target=train"),
         (deletion, ["recipe=deletion", "recipe.target_samples=5", "estimator.options.target_samples=7"],

@@ -19,12 +19,14 @@ collective. A training loader that does not shuffle keeps its order there
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import json
 import logging
 import math
 import os
 import platform
+import re
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,7 +43,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler, Subset
 
-from lightning_influence.config import EstimatorConfig, check_estimator_target, estimator_params
+from lightning_influence.config import EstimatorConfig, check_estimator_target, estimator_option_names, estimator_params
 from lightning_influence.estimators.base import REGISTRY, Estimator, Target, build, estimator_class
 from lightning_influence.scores import InfluenceScores, atomic_write_bytes
 
@@ -373,7 +375,20 @@ def check_estimator(est: EstimatorConfig, target: Any, target_samples: int | Non
     except ValueError as err:
         raise ValueError(f"estimator={est.name}: estimator.options refused: {err}") from err
     except TypeError as err:
-        raise TypeError(f"estimator={est.name}: estimator.options refused: {err}") from err
+        raise TypeError(f"estimator={est.name}: estimator.options refused: {err}{_option_hint(est, err)}") from err
+
+
+def _option_hint(est: EstimatorConfig, err: TypeError) -> str:
+    """For an option the estimator does not take (``unexpected keyword argument 'windw'``): the
+    closest of its options (those its config sets and its constructor's arguments)."""
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+    if found is None:
+        return ""
+    key = found.group(1)
+    known = [n for n in estimator_option_names({"name": est.name, "options": est.options}) if n != key]
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(f'estimator.options.{c}' for c in close)}?" if close else "check its spelling."
+    return f"; {hint} Remove the option with ~estimator.options.{key} on the command line"
 
 
 def fit_and_score(
