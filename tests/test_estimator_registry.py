@@ -76,6 +76,8 @@ def test_recording_estimators_refuse_another_seed_of_the_target_subset(name: str
     for seed in (0, 7):
         with pytest.raises(ValueError, match=rf"target_samples=3 drawn with seed=5 but seed={seed} was asked for .*build the estimator with seed={seed}"):
             estimator.scores(model, problem.train, Target("val", problem.val, sample_count=3, seed=seed))
+    with pytest.raises(ValueError, match=r"subset of target_samples=3 target samples, but the whole target was asked for.*sample_count=3, seed=5"):
+        estimator.scores(model, problem.train, Target("val", problem.val))
 
 
 def test_unknown_names_are_refused_with_the_list() -> None:

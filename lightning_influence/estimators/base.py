@@ -103,8 +103,8 @@ def check_recorded_target(owner: str, recorded: Any, target: Target | str | Iter
     ``target``, ``target_loader`` and ``target_samples``): refuse a ``target`` that asks another
     question. A loader must be the recorded one (or a loader over the same dataset object); one
     the callback did not get (it used the Trainer's validation loader) cannot be compared and is
-    taken as given. A ``sample_count`` must be the recorded one, and so must the ``seed`` that drew
-    its subset."""
+    taken as given. A ``sample_count`` must be the recorded one (none when none was recorded), and
+    so must the ``seed`` that drew its subset."""
     kind = target if isinstance(target, str) else as_target(target).kind
     if kind != recorded.target:
         raise ValueError(
@@ -122,6 +122,12 @@ def check_recorded_target(owner: str, recorded: Any, target: Target | str | Iter
                 f"{owner} recorded its scores against the target_loader it was built with, not against the loader passed "
                 "to scores(): pass that same loader, or build the estimator with target_loader=<this loader> before fit"
             )
+    if wanted.sample_count is None and recorded.target_samples is not None:
+        raise ValueError(
+            f"{owner} recorded its scores against a subset of target_samples={recorded.target_samples} target samples, but "
+            f"the whole target was asked for: pass Target(..., sample_count={recorded.target_samples}, "
+            f"seed={getattr(recorded, 'seed', 0)}), or build the estimator without target_samples before fit"
+        )
     if wanted.sample_count is not None and wanted.sample_count != recorded.target_samples:
         raise ValueError(
             f"{owner} recorded its scores against target_samples={recorded.target_samples} but sample_count="
