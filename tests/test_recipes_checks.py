@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import lightning as L
 import pytest
@@ -287,6 +288,58 @@ def test_deletion_sets_beyond_the_scored_samples_are_refused() -> None:
     with pytest.raises(ValueError, match=r"100 samples exceeds the 64 samples the estimator scored \(of 1200"):
         deletion.deletion_sets(ids, column, [5, 100], ["harmful"], seed=0, num_train=1200)
     assert len(deletion.deletion_sets(ids, column, [64], ["random"], seed=0, num_train=1200)[0]["ids"]) == 64
+
+
+def test_random_deletion_sets_do_not_depend_on_the_order_of_the_ids() -> None:
+    ids = torch.arange(100)
+    column = torch.linspace(-1, 1, 100, dtype=torch.float64)
+    shuffled = torch.randperm(100, generator=torch.Generator().manual_seed(3))
+    kinds = ["harmful", "helpful", "random"]
+    in_order = deletion.deletion_sets(ids, column, [5, 20], kinds, seed=7)
+    reordered = deletion.deletion_sets(ids[shuffled], column[shuffled], [5, 20], kinds, seed=7)
+    for a, b in zip(in_order, reordered, strict=True):
+        assert (a["kind"], a["size"]) == (b["kind"], b["size"]) and a["ids"].tolist() == b["ids"].tolist()
+    other_seed = deletion.deletion_sets(ids, column, [20], ["random"], seed=8)[0]["ids"]
+    assert other_seed.tolist() != in_order[-1]["ids"].tolist()
+
+
+def test_every_estimator_deletes_the_same_random_sets(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The same seed and sizes give the same random deletion sets and LDS subsets whatever the
+    estimator: influence functions return the ids in the (shuffled) loader's order, DiffIn sorted,
+    and the sets used to be drawn by position in that order, so a sweep over estimators compared
+    each with other random sets."""
+    from lightning_influence import evaluation
+
+    drawn: list[dict[str, Any]] = []
+    sets_of, removals_of = deletion.deletion_sets, evaluation.random_removals
+
+    def spy_sets(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sets = sets_of(ids, *args, **kwargs)
+        drawn.append({"ids": ids.clone(), "random": [s["ids"].tolist() for s in sets if s["kind"] == "random"]})
+        return sets
+
+    def spy_removals(*args, **kwargs):  # type: ignore[no-untyped-def]
+        removals = removals_of(*args, **kwargs)
+        drawn[-1]["lds"] = removals
+        return removals
+
+    monkeypatch.setattr(deletion, "deletion_sets", spy_sets)
+    monkeypatch.setattr(evaluation, "random_removals", spy_removals)
+    reports = {}
+    for name in ("diffin", "influence_function"):
+        reports[name] = run(compose_cfg(
+            "recipe=deletion", f"estimator={name}", "model=logreg", "recipe.sizes=[5,20]", "recipe.kinds=[random]",
+            "recipe.lds_subsets=3", *QUICK, f"output_dir={tmp_path / name}",
+        ))
+    diffin, influence = drawn
+    assert diffin["ids"].tolist() == list(range(1200)), "DiffIn returns the ids sorted"
+    assert influence["ids"].tolist() != list(range(1200)) and sorted(influence["ids"].tolist()) == list(range(1200)), (
+        "influence functions return them in the shuffled loader's order: the case this test is about"
+    )
+    assert diffin["random"] == influence["random"] and len(diffin["random"]) == 2
+    assert diffin["lds"] == influence["lds"] and len(diffin["lds"]) == 3
+    actual = {name: [r["actual"] for r in report["sets"]] for name, report in reports.items()}
+    assert actual["diffin"] == pytest.approx(actual["influence_function"], rel=1e-9, abs=1e-12), "the same sets, the same replay"
 
 
 def test_step_budget_counts_a_partial_batch_as_a_step(tmp_path: Path) -> None:

@@ -75,9 +75,13 @@ def deletion_sets(
 ) -> list[dict[str, Any]]:
     """``[{kind, size, ids}]``: the ``size`` lowest / highest / random scores for each size and kind,
     among the scored ``ids`` (``num_train``: the training set's size, when not every sample was scored).
-    NaN scores rank last for both ``harmful`` and ``helpful`` (the recipe itself refuses them)."""
+    NaN scores rank last for both ``harmful`` and ``helpful`` (the recipe itself refuses them). A
+    ``random`` set depends on ``seed``, ``size`` and the set of scored ids only, not on the order in
+    which the estimator returned them (drawn from the ids in ascending order), so that every
+    estimator of a sweep deletes the same random sets."""
     order = ranking(column)  # lowest first; NaN last in both directions
     helpful = ranking(column, descending=True)
+    pool = torch.sort(ids).values
     total = len(ids) if num_train is None else num_train
     sets = []
     for size in sizes:
@@ -96,7 +100,7 @@ def deletion_sets(
                 chosen = ids[helpful[:size]]
             else:
                 g = torch.Generator().manual_seed(1_000_003 * seed + size)
-                chosen = ids[torch.randperm(len(ids), generator=g)[:size]]
+                chosen = pool[torch.randperm(len(pool), generator=g)[:size]]
             sets.append({"kind": kind, "size": size, "ids": chosen})
     return sets
 
@@ -183,7 +187,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if params.lds_subsets:
         from lightning_influence.evaluation import random_removals
 
-        lds_removals = random_removals(ids, params.lds_subsets, params.lds_keep_fraction, seed=int(cfg.seed))
+        # From the ids in ascending order: the same subsets whatever order the estimator returned them in.
+        lds_removals = random_removals(torch.sort(ids).values, params.lds_subsets, params.lds_keep_fraction, seed=int(cfg.seed))
 
     removals = [tuple(int(i) for i in s["ids"].tolist()) for s in sets]
     if mode == "trajectory":
