@@ -177,6 +177,18 @@ def test_target_subset_is_the_estimators_draw() -> None:
         (coreset, ["recipe=coreset", "estimator=forgetting"], r"forgetting events.*runs 1 full epoch.*trainer.max_epochs to at least 2"),
         (coreset, ["recipe=coreset", "estimator=forgetting", "trainer.max_epochs=3", "+trainer.max_steps=40"],
          r"runs 1 full epoch.*trainer.max_steps to at least 76 \(two epochs of 38 steps\)"),
+        # Post-hoc estimators' options that depend on the model: refused on the trial model, not after the scoring fit.
+        (cleaning, ["estimator=influence_function", "estimator.options.params=nothing.x"],
+         r"estimator=influence_function refused the one-step trial model \(Classifier with 2410 trainable values in 4 tensors: "
+         r"net.0.weight, net.0.bias, net.2.weight, net.2.bias\) with its estimator.options, before the scoring fit: no trainable "
+         r"parameter name matches params=\['nothing.x'\]; set estimator.options.params to patterns of these names \(e.g. \['net.0.\*'\]\)"),
+        (deletion, ["recipe=deletion", "estimator=influence_function", "estimator.options.solver=exact", "model.hidden=[100]"],
+         r"estimator=influence_function refused the one-step trial model \(Classifier with 7510 trainable values.*solver='exact' builds "
+         r"the explicit 7510 x 7510 curvature .*above max_exact_parameters=5000: use estimator.options.solver=cg"),
+        (deletion, ["recipe=deletion", "estimator=datainf", "estimator.options.params=[head.*]"], r"estimator=datainf refused the one-step trial model"),
+        (coreset, ["recipe=coreset", "estimator=grand", "estimator.options.params=nothing"], r"estimator=grand refused the one-step trial model"),
+        (cleaning, ["estimator=outlier_gradient", "estimator.options.params=[x]"], r"estimator=outlier_gradient refused the one-step trial model"),
+        (deletion, ["recipe=deletion", "estimator=forward_inf", "estimator.options.params=[x]"], r"estimator=forward_inf refused the one-step trial model"),
     ],
 )
 def test_values_that_fail_after_training_are_refused_before(recipe, overrides: list[str], message: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -187,6 +199,26 @@ def test_values_that_fail_after_training_are_refused_before(recipe, overrides: l
     cfg = compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}")
     with pytest.raises(ValueError, match=message):
         run(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["estimator=influence_function", "estimator.options.solver=exact", "model.hidden=[100]", "estimator.options.params=[net.2.*]"],
+        ["estimator=influence_function", "model.hidden=[100]"],  # auto: cg above max_exact_parameters
+        ["estimator=datainf", "estimator.options.params=[net.2.*]"],
+    ],
+)
+def test_model_dependent_estimator_options_that_fit_pass_the_trial(overrides: list[str], tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The trial model check refuses only what the scoring would: an exact solve over the parameters
+    that params selects (1010 of 7510), the automatic solver, patterns that match, reach the scoring run."""
+
+    def scoring_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the scoring run started")
+
+    monkeypatch.setattr(cleaning, "fit_and_score", scoring_run)
+    with pytest.raises(AssertionError, match="the scoring run started"):
+        run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
 
 
 def test_an_epoch_limit_of_minus_one_needs_another_bound() -> None:

@@ -6,8 +6,8 @@ from training (positive helps, negative hurts). Coreset baselines keep the direc
 means more worth keeping (their metadata says ``higher_means``).
 
 Before the scoring run, :func:`preflight` refuses what would otherwise fail only after training
-(a Trainer that runs no step, a metric the model does not log, sizes beyond the data) with a
-one-step trial fit on one device.
+(a Trainer that runs no step, a metric the model does not log, sizes beyond the data, estimator
+options that do not fit the model) with a one-step trial fit on one device.
 
 Distributed runs (``trainer=ddp``): every process runs the whole recipe (fits, scoring and
 retraining take part in the collectives; each process runs its own one-device trial fit); only
@@ -60,6 +60,7 @@ __all__ = [
     "removal_effect_estimators",
     "require_removal_scores",
     "preflight",
+    "check_estimator_on_model",
     "target_subset",
     "distributed_train_loader",
     "user_callbacks",
@@ -201,9 +202,11 @@ def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str
     runs no step; then a one-step trial fit on one device in this process (one training,
     validation and test batch, the user's callbacks, no estimator) of a fresh model, which sets
     up the datamodule, runs the model on the data, and tells which metrics the model logs, so
-    that a misspelt ``metric`` and a ``target_samples`` larger than the target are refused here.
-    Returns the datamodule (reused by the scoring run) and the sizes the recipe checks its own
-    values against."""
+    that a misspelt ``metric`` and a ``target_samples`` larger than the target are refused here;
+    the estimator options that depend on the model (``params`` patterns that match none of its
+    parameters, ``solver=exact`` above the size limit) are refused on the trial model too
+    (:func:`check_estimator_on_model`). Returns the datamodule (reused by the scoring run) and
+    the sizes the recipe checks its own values against."""
     check_training_steps(cfg)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -224,6 +227,8 @@ def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str
         if is_overridden("test_dataloader", datamodule, L.LightningDataModule):
             results = trainer.test(model, datamodule=datamodule, verbose=False)
             metrics.update(results[0] if results else {})
+    if cfg.get("estimator") is not None:
+        check_estimator_on_model(estimator_params(cfg.estimator), model)
     num_train = len(train_dataset(datamodule))
     num_val = None
     if is_overridden("val_dataloader", datamodule, L.LightningDataModule):
@@ -242,6 +247,51 @@ def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str
                 f"lower it to at most {available}, or null for the whole target"
             )
     return Preflight(datamodule, num_train, num_val, metrics)
+
+
+def _parameter_summary(model: torch.nn.Module, shown: int = 8) -> str:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = ", ".join(n for n, _ in named[:shown]) + (", ..." if len(named) > shown else "")
+    return f"{type(model).__name__} with {sum(p.numel() for _, p in named)} trainable values in {len(named)} tensors: {names}"
+
+
+def check_estimator_on_model(est: EstimatorConfig, model: torch.nn.Module) -> None:
+    """Refuse, on the trial ``model`` (a model of the configured architecture), the estimator
+    options that its ``scores()`` would refuse from the model alone, after the whole scoring fit:
+    the parameters it attributes (an estimator with a ``params`` attribute: fnmatch patterns, as
+    :func:`~lightning_influence.estimators.base.attributed_space` selects them, e.g. influence
+    functions, DataInf, GraNd, Forward-INF, outlier gradients), and, for an estimator with an
+    inverse-curvature solver (``resolved_solver`` and ``max_exact_parameters``), an explicit
+    ``exact`` solve above its size limit. Cheap: no gradient, no curvature, no data. Raises
+    ``ValueError`` as ``estimator=<name> refused the one-step trial model (<its parameters>) ...``.
+    Recording estimators (DiffIn, TracIn) check their options against the model when the scoring
+    fit starts, before its first step."""
+    from lightning_influence.estimators.base import attributed_space
+
+    estimator = build(est.name, **est.options)
+
+    def refuse(reason: str) -> ValueError:
+        return ValueError(
+            f"estimator={est.name} refused the one-step trial model ({_parameter_summary(model)}) with its estimator.options, "
+            f"before the scoring fit: {reason}"
+        )
+
+    if not hasattr(estimator, "params"):
+        return
+    try:
+        space = attributed_space(model, estimator.params)[0]
+    except ValueError as err:
+        first = next((n for n, p in model.named_parameters() if p.requires_grad), "")
+        example = f" (e.g. ['{first.rsplit('.', 1)[0]}.*'])" if "." in first else ""
+        raise refuse(f"{err}; set estimator.options.params to patterns of these names{example}, or null for all") from err
+    solver = getattr(estimator, "resolved_solver", None)
+    limit = getattr(estimator, "max_exact_parameters", None)
+    if callable(solver) and isinstance(limit, int) and solver(space.size) == "exact" and space.size > limit:
+        raise refuse(
+            f"solver='exact' builds the explicit {space.size} x {space.size} curvature of the {space.size} attributed parameters, "
+            f"above max_exact_parameters={limit}: use estimator.options.solver=cg (or auto, arnoldi, lissa, ekfac), attribute "
+            "fewer parameters (estimator.options.params=[...]), or raise estimator.options.max_exact_parameters"
+        )
 
 
 def user_callbacks(cfg: DictConfig) -> list[L.Callback]:
