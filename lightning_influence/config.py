@@ -46,6 +46,7 @@ __all__ = [
     "CoresetConfig",
     "RECIPE_SCHEMAS",
     "register_configs",
+    "SEED_RANGE",
     "check_schema_keys",
     "estimator_option_names",
     "check_estimator_keys",
@@ -99,11 +100,30 @@ def _check_distinct(name: str, values: list[Any], what: str) -> None:
         raise ValueError(f"{name} has repeated {what} {', '.join(repeated)} in {plain}: each must differ (a repeat only repeats rows)")
 
 
+#: The seeds that numpy's and so ``lightning.seed_everything``'s generators accept: 0 .. 2**32 - 1.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _check_seed_range(name: str, seed: int) -> None:
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise ValueError(
+            f"{name}={seed} is out of range: a seed must be an integer in [{low}, {high}] (numpy's range, which "
+            f"lightning.seed_everything seeds), e.g. {name}=0"
+        )
+
+
 def _check_seeds(name: str, seeds: list[int]) -> None:
     if len(seeds) == 0:
         raise ValueError(f"{name} needs at least one retraining seed, e.g. {name}=[0,1,2]")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"{name} has repeated seeds {list(seeds)}: each retraining seed must differ")
+    for seed in seeds:
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ValueError(
+                f"{name}={list(seeds)} holds the seed {seed}, out of range: each retraining seed must be an integer in "
+                f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}] (numpy's range, which lightning.seed_everything seeds), e.g. {name}=[0,1,2]"
+            )
 
 
 @dataclass
@@ -691,12 +711,14 @@ def _target_nodes(node: Any, where: str) -> Iterator[tuple[str, DictConfig]]:
 
 
 def check_top_level(cfg: DictConfig) -> None:
-    """Refuse a ``seed`` that is not an integer (``TypeError``) and a ``num_threads`` that is not a
-    positive integer or null (``ValueError``): values that the groups interpolate (``data.seed:
-    ${seed}``) or the recipes apply, so they are named before the nodes that use them."""
+    """Refuse a ``seed`` that is not an integer (``TypeError``) or lies outside ``[0, 2**32 - 1]``
+    (numpy's range, which ``lightning.seed_everything`` seeds; ``ValueError``) and a ``num_threads``
+    that is not a positive integer or null (``ValueError``): values that the groups interpolate
+    (``data.seed: ${seed}``) or the recipes apply, so they are named before the nodes that use them."""
     seed, threads = cfg.get("seed", 0), cfg.get("num_threads")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an integer, got {seed!r}: set seed=<integer>, e.g. seed=0")
+    _check_seed_range("seed", seed)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(
             f"num_threads must be a positive integer or null, got {threads!r}: e.g. num_threads=1, or num_threads=null for torch's default"

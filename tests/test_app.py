@@ -148,6 +148,8 @@ def test_command_line_refuses_a_key_added_with_plus_before_training(tmp_path: Pa
         ("model.num_classes=5", r"model.num_classes=5 contradicts the data: their num_classes is 10"),
         ("+recipe.remove_fractoin=0.5", r"recipe.remove_fractoin is not a key of recipe \(CleaningConfig\).*did you mean recipe.remove_fraction"),
         ("+estimator.mode=online", r"estimator.mode is not a key of estimator .*did you mean estimator.options.mode\?"),
+        ("seed=-1", r"seed=-1 is out of range: a seed must be an integer in \[0, 4294967295\] .*e.g. seed=0"),
+        ("seed=4294967296", r"seed=4294967296 is out of range"),
     ],
 )
 def test_run_checks_the_config_before_anything_is_set_up(override: str, message: str, tmp_path: Path) -> None:

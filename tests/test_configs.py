@@ -122,6 +122,8 @@ def test_schema_refuses_misconfiguration_at_composition(override: str) -> None:
         (["recipe=deletion", "recipe.sizes=[5,10,5]"], r"recipe.sizes has repeated sizes 5 in \[5, 10, 5\]"),
         (["recipe=deletion", "recipe.kinds=[harmful,random,harmful]"], r"recipe.kinds has repeated kinds harmful"),
         (["recipe.top_fractions=[0.1,0.1]"], r"recipe.top_fractions has repeated"),
+        (["recipe.seeds=[0,-1]"], r"recipe.seeds=\[0, -1\] holds the seed -1, out of range: .*\[0, 4294967295\]"),
+        (["recipe=deletion", "recipe.seeds=[4294967296]"], r"holds the seed 4294967296, out of range"),
     ],
 )
 def test_schema_refuses_bad_values_before_training(overrides: list[str], message: str) -> None:
