@@ -186,6 +186,14 @@ class Estimator(ABC):
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         """Score every training sample of ``train_loader`` (sign and units: see the module docstring)."""
 
+    def check_module(self, module: torch.nn.Module) -> None:
+        """Refuse, from the module's architecture alone (no data, no gradient), options that
+        :meth:`scores` would refuse on it: here, ``params`` patterns that select no trainable
+        parameter (estimators with a ``params`` option). Subclasses add their own (e.g. a solver's
+        size limit). Cheap enough to run on a trial model before any training (the recipes do)."""
+        if hasattr(self, "params"):
+            attributed_space(module, self.params)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -278,7 +286,8 @@ def attributed_space(module: torch.nn.Module, params: list[str] | None = None) -
     if params:
         named = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in params)]
         if not named:
-            raise ValueError(f"no trainable parameter name matches params={params}")
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+            raise ValueError(f"no trainable parameter name matches params={params}; the names are like {names[:6]}")
     space = ParameterSpace.from_parameters(named)
     theta = space.flatten(dict(named))
     return space, theta, per_sample_loss_function(module)

@@ -253,12 +253,7 @@ class InfluenceFunction(Estimator):
             if first is None:
                 raise ValueError("the training loader produced no batches")
             outputs.check(first)
-        if solver == "exact" and space.size > self.max_exact_parameters:
-            raise ValueError(
-                f"solver='exact' builds the explicit {space.size} x {space.size} curvature, above max_exact_parameters="
-                f"{self.max_exact_parameters}: use solver='cg', 'arnoldi', 'lissa' or 'ekfac', attribute fewer parameters "
-                "(params=[...]), or raise max_exact_parameters"
-            )
+        self._check_exact_size(space.size)
         operator = kron = None
         if solver in ("ekfac", "kfac"):
             assert outputs is not None
@@ -276,6 +271,19 @@ class InfluenceFunction(Estimator):
         if operator is not None:
             info["curvature_products"] = operator.calls
         return result.solution, result.damping, info
+
+    def check_module(self, module: torch.nn.Module) -> None:
+        """Also refuse an explicit ``solver='exact'`` above ``max_exact_parameters`` for this module."""
+        super().check_module(module)
+        self._check_exact_size(attributed_space(module, self.params)[0].size)
+
+    def _check_exact_size(self, size: int) -> None:
+        if self.resolved_solver(size) == "exact" and size > self.max_exact_parameters:
+            raise ValueError(
+                f"solver='exact' builds the explicit {size} x {size} curvature of the {size} attributed parameters, above "
+                f"max_exact_parameters={self.max_exact_parameters}: use solver='cg', 'arnoldi', 'lissa' or 'ekfac', attribute "
+                "fewer parameters (params=[...]), or raise max_exact_parameters"
+            )
 
     def resolved_solver(self, num_parameters: int) -> str:
         """The solver used for ``num_parameters`` attributed parameters: ``solver="auto"`` means

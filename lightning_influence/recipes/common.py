@@ -257,41 +257,25 @@ def _parameter_summary(model: torch.nn.Module, shown: int = 8) -> str:
 
 def check_estimator_on_model(est: EstimatorConfig, model: torch.nn.Module) -> None:
     """Refuse, on the trial ``model`` (a model of the configured architecture), the estimator
-    options that its ``scores()`` would refuse from the model alone, after the whole scoring fit:
-    the parameters it attributes (an estimator with a ``params`` attribute: fnmatch patterns, as
-    :func:`~lightning_influence.estimators.base.attributed_space` selects them, e.g. influence
-    functions, DataInf, GraNd, Forward-INF, outlier gradients), and, for an estimator with an
-    inverse-curvature solver (``resolved_solver`` and ``max_exact_parameters``), an explicit
-    ``exact`` solve above its size limit. Cheap: no gradient, no curvature, no data. Raises
-    ``ValueError`` as ``estimator=<name> refused the one-step trial model (<its parameters>) ...``.
-    Recording estimators (DiffIn, TracIn) check their options against the model when the scoring
-    fit starts, before its first step."""
-    from lightning_influence.estimators.base import attributed_space
-
+    options that its ``scores()`` would refuse from the model alone, after the whole scoring fit
+    (:meth:`~lightning_influence.estimators.base.Estimator.check_module`: ``params`` patterns that
+    match nothing, an explicit ``exact`` solve above its size limit). Cheap: no gradient, no
+    curvature, no data. Raises ``ValueError`` as ``estimator=<name> refused the one-step trial
+    model (<its parameters>) ...``. Recording estimators (DiffIn, TracIn) check their options
+    against the model when the scoring fit starts, before its first step."""
     estimator = build(est.name, **est.options)
-
-    def refuse(reason: str) -> ValueError:
-        return ValueError(
-            f"estimator={est.name} refused the one-step trial model ({_parameter_summary(model)}) with its estimator.options, "
-            f"before the scoring fit: {reason}"
-        )
-
-    if not hasattr(estimator, "params"):
-        return
     try:
-        space = attributed_space(model, estimator.params)[0]
+        estimator.check_module(model)
     except ValueError as err:
-        first = next((n for n, p in model.named_parameters() if p.requires_grad), "")
-        example = f" (e.g. ['{first.rsplit('.', 1)[0]}.*'])" if "." in first else ""
-        raise refuse(f"{err}; set estimator.options.params to patterns of these names{example}, or null for all") from err
-    solver = getattr(estimator, "resolved_solver", None)
-    limit = getattr(estimator, "max_exact_parameters", None)
-    if callable(solver) and isinstance(limit, int) and solver(space.size) == "exact" and space.size > limit:
-        raise refuse(
-            f"solver='exact' builds the explicit {space.size} x {space.size} curvature of the {space.size} attributed parameters, "
-            f"above max_exact_parameters={limit}: use estimator.options.solver=cg (or auto, arnoldi, lissa, ekfac), attribute "
-            "fewer parameters (estimator.options.params=[...]), or raise estimator.options.max_exact_parameters"
-        )
+        hint = ""
+        if "matches params=" in str(err):
+            first = next((n for n, p in model.named_parameters() if p.requires_grad), "")
+            example = f" (e.g. ['{first.rsplit('.', 1)[0]}.*'])" if "." in first else ""
+            hint = f"; set estimator.options.params to patterns of these names{example}, or null for all"
+        raise ValueError(
+            f"estimator={est.name} refused the one-step trial model ({_parameter_summary(model)}) with its estimator.options, "
+            f"before the scoring fit: {err}{hint}"
+        ) from err
 
 
 def user_callbacks(cfg: DictConfig) -> list[L.Callback]:
