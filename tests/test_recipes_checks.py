@@ -652,3 +652,16 @@ def test_nan_estimator_scores_are_counted_and_named(tmp_path: Path, monkeypatch)
     cfg = compose_cfg("recipe=coreset", "estimator=random", "model=logreg", *QUICK, f"output_dir={tmp_path}")
     with pytest.raises(FloatingPointError, match=r"estimator 'random' gave 1 NaN and 1 infinite of its 1200 scores \(sample ids 5, 9\)"):
         run(cfg)
+
+
+def test_deletion_with_a_post_hoc_estimator_on_a_partial_fit_draws_its_sets_from_the_trained_samples(tmp_path: Path) -> None:
+    """A post-hoc estimator scores every sample of the loader, also those the fit never drew: the
+    retraining along the recorded steps can only measure the removal of trained ones, so the sets
+    are drawn from them (said in a warning) instead of failing (or measuring a removal of 0)."""
+    cfg = compose_cfg(
+        *PARTIAL, "recipe=deletion", "estimator=influence_function", "+trainer.limit_train_batches=3", "recipe.sizes=[10]",
+        "recipe.lds_subsets=4", f"output_dir={tmp_path}",
+    )
+    with pytest.warns(UserWarning, match=r"1104 of the 1200 scored samples were never trained on.*drawn from the 96 trained ones"):
+        report = run(cfg)
+    assert [row["size"] for row in report["sets"]] == [10, 10, 10] and report["lds"]["subsets"] == 4

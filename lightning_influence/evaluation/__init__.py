@@ -30,6 +30,7 @@ from lightning_influence.evaluation.retraining import (
     hyperparameter_changes,
     leave_one_out,
     optimizer_lrs,
+    recorded_ids,
     retrain,
     target_loss,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "StepRecorder",
     "TrainingStep",
     "check_recorded_ids",
+    "recorded_ids",
     "hyperparameter_changes",
     "leave_one_out",
     "optimizer_lrs",

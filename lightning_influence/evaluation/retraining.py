@@ -347,6 +347,12 @@ def _unrecorded_message(unseen: list[int], step_ids: list[list[list[int]]]) -> s
     )
 
 
+def recorded_ids(module: nn.Module, steps: Sequence[TrainingStep]) -> Tensor:
+    """The distinct sample ids of the recorded ``steps``, ascending: the samples whose removal
+    retraining along these steps can measure."""
+    return torch.tensor(sorted({i for step in _recorded_step_ids(module, steps) for micro in step for i in micro}), dtype=torch.long)
+
+
 def check_recorded_ids(module: nn.Module, steps: Sequence[TrainingStep], ids: Iterable[int]) -> None:
     """Refuse removed sample ``ids`` that no recorded step holds (``ValueError`` naming them and the ids
     the steps hold): removing a sample that was never trained on changes nothing, so such an id is

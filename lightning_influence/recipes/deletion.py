@@ -176,6 +176,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     scored = fit_and_score(cfg, out, target, params.target_samples, [recorder] if recorder is not None else [], datamodule=checked.datamodule)
     dm, ids, column = scored.datamodule, scored.ids, scored.column
     n_train = len(train_dataset(dm))
+    if recorder is not None:
+        # Retraining along the recorded steps measures only the removal of samples they trained on: a
+        # post-hoc estimator also scores samples the fit never drew (e.g. trainer.limit_train_batches).
+        from lightning_influence.evaluation import recorded_ids
+
+        trained = torch.isin(ids, recorded_ids(scored.model, recorder.steps))
+        if not bool(trained.all()):
+            warnings.warn(
+                f"{int((~trained).sum())} of the {len(ids)} scored samples were never trained on in the recorded fit "
+                f"(e.g. trainer.limit_train_batches): the deletion sets are drawn from the {int(trained.sum())} trained "
+                "ones, whose removal the retraining measures",
+                stacklevel=2,
+            )
+            ids, column = ids[trained], column[trained]
     sets = deletion_sets(ids, column, list(params.sizes), [k.value for k in params.kinds], int(cfg.seed), n_train)
     # The actual change is measured on the target the scores are about: with target_samples, the
     # same subset of the target samples (the estimators' draw).
