@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, SubsetRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler, Subset, SubsetRandomSampler
 
 from lightning_influence.distributed import Collective
 from lightning_influence.batches import batch_size
@@ -181,29 +181,52 @@ class TargetGradient:
         return batch_size(batch, "target batch")
 
 
-def target_in_order(loader: Any, world_size: int = 1) -> Iterable[Any]:
-    """A validation or query loader that shuffles, read in order instead (one process: ``world_size``
-    1; same batch size, collate function, workers): every pass over the target must see the same
-    samples in the same order, since query columns and ``target_samples`` subsets are by position and each online
-    sweep (and a checkpoint's resume) reads the target again. ``RandomSampler`` without replacement
-    reads the whole dataset in order, ``SubsetRandomSampler`` its indices sorted; other loaders,
-    samplers and DDP's sharded loaders are left as they are."""
+def _read_in_order(loader: DataLoader) -> tuple[Any, Any, bool]:
+    """``(dataset, sampler, shuffles)`` of a map-style ``DataLoader``: the samples it draws from (a
+    ``Subset`` for a ``SubsetRandomSampler``, also inside Lightning's distributed wrapper), its
+    outermost sampler, and whether that draws them in a random order."""
+    outer = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    inner = getattr(getattr(outer, "dataset", None), "_sampler", None)  # Lightning's DistributedSamplerWrapper
+    user = inner if inner is not None else outer
+    dataset = loader.dataset
+    if isinstance(user, SubsetRandomSampler):
+        return Subset(dataset, sorted(int(i) for i in user.indices)), outer, True
+    if isinstance(user, RandomSampler) and not user.replacement and user.num_samples == len(dataset):  # type: ignore[arg-type]
+        return dataset, outer, True
+    return dataset, outer, isinstance(user, DistributedSampler) and bool(user.shuffle)
+
+
+def in_order(loader: Any, *, world_size: int = 1, rank: int = 0, always: bool = False) -> Iterable[Any]:
+    """``loader`` (a map-style ``DataLoader``) read in order: same batch size, collate function and
+    workers; a ``SubsetRandomSampler``'s indices sorted, any other sampler's whole dataset. Every
+    pass then sees the same samples in the same order: query columns and ``target_samples`` subsets
+    are by position, and online sweeps (and resumes) read a target again.
+
+    A loader sharded by a ``DistributedSampler`` (Lightning's, under DDP) stays sharded the same way,
+    without shuffling. ``always`` (the training set as a target): rebuild even a loader that does
+    not shuffle, without ``drop_last``, sharded over ``world_size`` ranks when above 1, so that every
+    training sample counts once whatever the sampler draws (with replacement, weighted, a
+    shuffled last partial batch dropped). Otherwise only a shuffling loader is rebuilt; other
+    loaders and iterables are returned as they are."""
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return loader
-    if world_size > 1 or loader.batch_size is None:
+    dataset, outer, shuffles = _read_in_order(loader)
+    if not (shuffles or always):
         return loader
-    sampler = loader.sampler
-    if isinstance(sampler, SubsetRandomSampler):
-        order: Any = sorted(int(i) for i in sampler.indices)
-    elif isinstance(sampler, RandomSampler) and not sampler.replacement and sampler.num_samples == len(loader.dataset):  # type: ignore[arg-type]
-        order = SequentialSampler(loader.dataset)  # type: ignore[arg-type]
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 64
+    drop_last = False if always else loader.drop_last
+    sampler: Any
+    if isinstance(outer, DistributedSampler):
+        sampler = DistributedSampler(dataset, num_replicas=outer.num_replicas, rank=outer.rank, shuffle=False, drop_last=outer.drop_last and not always)
+    elif always and world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
     else:
-        return loader
+        sampler = SequentialSampler(dataset)
     return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=order,
-        drop_last=loader.drop_last,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
         collate_fn=loader.collate_fn,
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,

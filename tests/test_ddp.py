@@ -83,7 +83,9 @@ def data():
     x, y = load_digits_tensors(torch.float64)
     train = IndexedDataset(TensorDataset(x[:ARGS["n_train"]], y[:ARGS["n_train"]]))
     val = IndexedDataset(TensorDataset(x[1000 : 1000 + ARGS["n_val"]], y[1000 : 1000 + ARGS["n_val"]]))
-    return DataLoader(train, batch_size=ARGS["batch"], shuffle=True), DataLoader(val, batch_size=50)
+    # A shuffling validation loader: Lightning shards it with a shuffling DistributedSampler, which
+    # the targets read in order (target_samples subsets are by position).
+    return DataLoader(train, batch_size=ARGS["batch"], shuffle=True), DataLoader(val, batch_size=50, shuffle=True)
 
 
 class Named(DiffIn):

@@ -867,3 +867,34 @@ def test_a_shuffling_target_loader_is_read_in_order(small_digits, target, sample
             results.append(cb.scores.values)
     for expected, got in zip(results[:2], results[2:]):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_an_unread_hand_over_file_of_an_earlier_spawned_fit_does_not_replace_the_next_fits_scores(small_digits):
+    """Under ddp_spawn rank zero hands the scores to the launching process in a file; one left
+    unread must not stand for the scores of the next fit with the same callback."""
+    cb = DiffIn(target="val", target_loader=small_digits.val)
+    stale = InfluenceScores(torch.arange(3), torch.ones(3), {"steps_seen": 99})
+    stale.save(cb._handoff)
+    _fit(small_digits, cb, model=Classifier(hidden=(8,), lr=0.1).double())
+    assert cb.scores.metadata["steps_seen"] == len(small_digits.train) and len(cb.scores) == small_digits.n
+    assert not cb._handoff.exists()
+
+
+def test_the_training_target_of_a_subset_sampler_is_its_subset(small_digits):
+    """target='train' is the mean loss over the training set: for a SubsetRandomSampler, the samples
+    it draws from (read in order, every pass), as a target loader over them gives."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    from lightning_influence import IndexedDataset
+
+    data = IndexedDataset(TensorDataset(small_digits.x[:64], small_digits.y[:64]))
+    subset = list(range(0, 64, 2))
+    results = []
+    for options in ({"target": "train"}, {"target": "val", "target_loader": DataLoader(data, batch_size=8, sampler=subset)}):
+        cb = DiffIn(**options)
+        torch.manual_seed(0)
+        model = Classifier(hidden=(8,), lr=0.1).double()
+        quiet_trainer(callbacks=[cb], max_epochs=2).fit(model, train_dataloaders=DataLoader(data, batch_size=8, sampler=SubsetRandomSampler(subset)))
+        results.append(cb.scores)
+    assert torch.equal(results[0].ids, torch.tensor(subset))
+    torch.testing.assert_close(results[0].values, results[1].values, rtol=1e-10, atol=1e-14)

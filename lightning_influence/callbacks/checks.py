@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.targets import TARGET_KINDS, TargetGradient, target_in_order
+from lightning_influence.targets import TARGET_KINDS, TargetGradient, in_order
 from lightning_influence.validation import check_count
 
 if TYPE_CHECKING:
@@ -354,11 +354,11 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
 
     def source() -> Iterable[Any]:
         if target_loader is not None:
-            return target_in_order(target_loader, _world_size(trainer)) if kind != "train" else target_loader
+            return in_order(target_loader) if kind != "train" else target_loader
         if kind == "train":
             loader = trainer.train_dataloader
             loader = loader if loader is not None else trainer.fit_loop._data_source.dataloader()
-            return training_set_loader(loader, trainer, owner)
+            return training_set_loader(loader, trainer)
         loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else val_source.dataloader()
         if isinstance(loader, (list, tuple, Mapping)):  # Lightning's form of several validation loaders
             loaders = list(loader.values()) if isinstance(loader, Mapping) else list(loader)
@@ -369,7 +369,7 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
                     "samples together, a list of their batches)"
                 )
             loader = loaders[0]
-        return target_in_order(loader, _world_size(trainer))
+        return in_order(loader)
 
     return source
 
@@ -382,32 +382,13 @@ def _world_size(trainer: L.Trainer) -> int:
     return int(getattr(trainer, "world_size", 1) or 1)
 
 
-def training_set_loader(loader: Any, trainer: L.Trainer, owner: str) -> Iterable[Any]:
-    """The loader of ``target="train"``: every training sample once. In one process a
-    ``DataLoader`` over a map-style dataset is read in order instead (same batch size, collate
-    function and workers): a sampler drawing with replacement would weigh a random draw of the
-    samples, and ``drop_last`` with shuffling a random subset, differently at every target pass.
-    Under DDP Lightning's distributed sampler shards the training loader, which the target
-    gradient reduces over the ranks; a sampler drawing with replacement is refused there."""
-    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        return loader
-    if int(getattr(trainer, "world_size", 1) or 1) > 1:
-        if draws_with_replacement(trainer):
-            raise ValueError(
-                f"{owner}(target='train') under DDP with a training sampler that draws with replacement: each process's "
-                "draw would stand for the training set. Pass target='val' with target_loader=<a loader over the "
-                "training set without a distributed sampler>, which is the same target loss"
-            )
-        return loader
-    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 64
-    return DataLoader(
-        loader.dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-        pin_memory=loader.pin_memory,
-    )
+def training_set_loader(loader: Any, trainer: L.Trainer) -> Iterable[Any]:
+    """The loader of ``target="train"``: every training sample once, in order
+    (:func:`~lightning_influence.targets.in_order` with ``always``): a sampler drawing with
+    replacement would weigh a random draw of the samples, and ``drop_last`` with shuffling a random
+    subset, differently at every target pass. Under DDP the in-order read is sharded over the ranks,
+    whose target gradients are reduced: the same target as in one process."""
+    return in_order(loader, world_size=_world_size(trainer), rank=int(getattr(trainer, "global_rank", 0) or 0), always=True)
 
 
 @contextlib.contextmanager

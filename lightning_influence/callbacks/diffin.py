@@ -16,7 +16,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -375,10 +375,14 @@ class DiffIn(Callback):
         if stage != "fit":
             return
         check_influence_aware(pl_module)
+        global_zero = bool(getattr(trainer, "is_global_zero", True))
+        if global_zero:
+            # A hand-over file an earlier ddp_spawn fit left unread must not stand for this fit's scores.
+            self._handoff.unlink(missing_ok=True)
         if not pl_module.automatic_optimization:
             raise ValueError(f"DiffIn does not model manual optimization; {SUPPORTED}")
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, (DeepSpeedStrategy, XLAStrategy)):
             raise ValueError(
                 f"DiffIn does not support strategy {type(strategy).__name__}: it models the optimizer step on full, "
                 f"replicated parameters (sharded strategies such as FSDP and DeepSpeed are not modelled); {SUPPORTED}"
@@ -416,7 +420,7 @@ class DiffIn(Callback):
                 "accumulation) or clears them differently would be scored as another run. Remove the override and use "
                 f"Trainer(accumulate_grad_batches=k) for accumulation ({SUPPORTED})"
             )
-        if self.save_path is not None and trainer.is_global_zero:
+        if self.save_path is not None and global_zero:
             check_writable(self.save_path, "DiffIn")
         if self.checkpoint_every > 1 and self.recompute == "gradients":
             why = None
@@ -810,7 +814,7 @@ class DiffIn(Callback):
         elif not lagged:
             global_ids = self._repeated_ids([ids for _, ids in micro])
         if not finite:
-            self._skip_step(trainer.global_step, [ids for _, ids in micro])
+            self._skip_step(trainer.global_step, list(global_ids) if global_ids is not None else [ids for _, ids in micro])
             self.seconds += time.perf_counter() - start
             return
         samples = sum(int(i.numel()) for i in global_ids) if global_ids is not None else sum(int(i.numel()) for _, i in micro)
@@ -1032,12 +1036,12 @@ class DiffIn(Callback):
 
     def _global_step_batch(self, micro: list[tuple[Any, Tensor]], finite: bool) -> tuple[bool, tuple[Tensor, ...] | None]:
         """Collectives (every rank, every optimizer step): whether every rank's gradients are finite
-        and, if so, the ids of each global micro-batch (the union of the ranks' shards, rank order)."""
+        and the ids of each global micro-batch (the union of the ranks' shards, rank order; for a
+        non-finite step, to name its samples: DDP's averaged gradients do not tell which rank's)."""
         collective = self._collective
         sizes = torch.tensor([ids.numel() for _, ids in micro] + [int(not finite)], dtype=torch.int64)
         every = [row.tolist() for row in collective.gather(sizes)]
-        if any(row[-1] for row in every):
-            return False, None
+        finite = not any(row[-1] for row in every)
         counts = [row[:-1] for row in every]
         longest = max(sum(row) for row in counts)
         local = torch.cat([ids for _, ids in micro])
@@ -1046,6 +1050,8 @@ class DiffIn(Callback):
         gathered = collective.gather(padded)
         shards = [list(g[: sum(row)].split(row)) for g, row in zip(gathered, counts, strict=True)]
         union = tuple(torch.cat([shards[r][k] for r in range(len(shards))]) for k in range(len(micro)))
+        if not finite:
+            return False, union
         if not self._uneven_warned and any(len(set(column)) > 1 for column in zip(*counts)):
             self._uneven_warned = True
             rank_zero_warn(

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, per_sample_loss_function
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.targets import TARGET_KINDS, TargetGradient, target_in_order
+from lightning_influence.targets import TARGET_KINDS, TargetGradient, in_order
 from lightning_influence.validation import check_count
 
 __all__ = [
@@ -83,7 +83,7 @@ class Target:
         """The loader whose samples define the target (the training loader for ``"train"``)."""
         if self.kind == "train":
             return train_loader if self.loader is None else self.loader
-        return target_in_order(self.loader)  # every pass sees the same samples in the same order
+        return in_order(self.loader)  # every pass sees the same samples in the same order
 
     def gradient(self, module: L.LightningModule, train_loader: Iterable[Any]) -> TargetGradient:
         """A :class:`~lightning_influence.targets.TargetGradient` over this target's batches,
