@@ -185,7 +185,8 @@ def _read_in_order(loader: DataLoader) -> tuple[Any, Any, bool]:
     """``(dataset, sampler, shuffles)`` of a map-style ``DataLoader``: the samples it draws from (a
     ``Subset`` for a ``SubsetRandomSampler``, also inside Lightning's distributed wrapper), its
     outermost sampler, and whether that draws them in a random order."""
-    outer = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
+    outer = getattr(loader.batch_sampler, "sampler", None)  # a custom batch sampler may have none
+    outer = loader.sampler if outer is None else outer
     inner = getattr(getattr(outer, "dataset", None), "_sampler", None)  # Lightning's DistributedSamplerWrapper
     user = inner if inner is not None else outer
     dataset = loader.dataset
