@@ -36,6 +36,8 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lightning_influence.validation import did_you_mean
+
 __all__ = [
     "TargetKind",
     "DeletionKind",
@@ -625,8 +627,7 @@ def check_target_node(node: DictConfig | Mapping[str, Any], where: str, set_else
         if key in keyword:
             given[key] = (f"{where}.{key}", value)
         elif not any_keyword:
-            close = difflib.get_close_matches(key, list(keyword), n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(close)}?" if close else f"its arguments are {', '.join(keyword) or 'none'}."
+            hint = did_you_mean(key, keyword, f"its arguments are {', '.join(keyword) or 'none'}.")
             raise ValueError(
                 f"{where}.{key} is not an argument of {target}: {hint} Fix the spelling, or remove the key "
                 f"(~{where}.{key} on the command line)"

@@ -19,7 +19,6 @@ collective. A training loader that does not shuffle keeps its order there
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import json
 import logging
@@ -46,6 +45,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Itera
 from lightning_influence.config import EstimatorConfig, check_estimator_target, estimator_option_names, estimator_params
 from lightning_influence.estimators.base import REGISTRY, Estimator, Target, build, estimator_class
 from lightning_influence.scores import InfluenceScores, atomic_write_bytes
+from lightning_influence.validation import did_you_mean
 
 __all__ = [
     "ScoredRun",
@@ -420,8 +420,7 @@ def _option_hint(est: EstimatorConfig, err: TypeError) -> str:
         return ""
     key = found.group(1)
     known = [n for n in estimator_option_names({"name": est.name, "options": est.options}) if n != key]
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    hint = f"did you mean {' or '.join(f'estimator.options.{c}' for c in close)}?" if close else "check its spelling."
+    hint = did_you_mean(key, known, "check its spelling.", prefix="estimator.options.")
     return f"; {hint} Remove the option with ~estimator.options.{key} on the command line"
 
 
