@@ -27,6 +27,7 @@ import inspect
 import logging
 import math
 import types
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -36,7 +37,7 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lightning_influence.validation import did_you_mean
+from lightning_influence.validation import SEED_RANGE, check_seed, did_you_mean
 
 __all__ = [
     "TargetKind",
@@ -100,19 +101,6 @@ def _check_distinct(name: str, values: list[Any], what: str) -> None:
     repeated = sorted({str(v) for v in plain if plain.count(v) > 1})
     if repeated:
         raise ValueError(f"{name} has repeated {what} {', '.join(repeated)} in {plain}: each must differ (a repeat only repeats rows)")
-
-
-#: The seeds that numpy's and so ``lightning.seed_everything``'s generators accept: 0 .. 2**32 - 1.
-SEED_RANGE = (0, 2**32 - 1)
-
-
-def _check_seed_range(name: str, seed: int) -> None:
-    low, high = SEED_RANGE
-    if not low <= seed <= high:
-        raise ValueError(
-            f"{name}={seed} is out of range: a seed must be an integer in [{low}, {high}] (numpy's range, which "
-            f"lightning.seed_everything seeds), e.g. {name}=0"
-        )
 
 
 def _check_seeds(name: str, seeds: list[int]) -> None:
@@ -644,6 +632,8 @@ def check_target_node(node: DictConfig | Mapping[str, Any], where: str, set_else
                 f"Set {path}{' or what it interpolates' if via else ''} to such a value"
                 f"{f' (e.g. {path}={example})' if example is not None else ''}, on the command line or in the config file"
             )
+        if (name == "seed" or name.endswith("_seed")) and isinstance(value, int):
+            check_seed(path, value)  # seeds generators that refuse negative or 64-bit values, mid-setup
         if values.get("_recursive_", True):
             for inner_where, inner in _nested_targets(value, path):
                 check_target_node(inner, inner_where)
@@ -711,15 +701,31 @@ def _target_nodes(node: Any, where: str) -> Iterator[tuple[str, DictConfig]]:
             yield from _target_nodes(node[key], path)
 
 
+TOP_LEVEL_KEYS: tuple[str, ...] = ("seed", "num_threads", "output_dir", "data", "model", "trainer", "estimator", "recipe", "callbacks", "hydra")
+"""The top-level keys that the recipes read (``conf/config.yaml``)."""
+
+
 def check_top_level(cfg: DictConfig) -> None:
-    """Refuse a ``seed`` that is not an integer (``TypeError``) or lies outside ``[0, 2**32 - 1]``
-    (numpy's range, which ``lightning.seed_everything`` seeds; ``ValueError``) and a ``num_threads``
-    that is not a positive integer or null (``ValueError``): values that the groups interpolate
+    """Refuse a top-level key that no recipe reads but that is close to one that it does
+    (``+sed=3``: did you mean ``seed``?; ``ValueError``) and warn about other unknown ones (a
+    user's own app may keep notes there; the recipes ignore them). Refuse a ``seed`` that is not
+    an integer (``TypeError``) or lies outside ``[0, 2**32 - 1]`` (numpy's range, which
+    ``lightning.seed_everything`` seeds; ``ValueError``) and a ``num_threads`` that is not a
+    positive integer or null (``ValueError``): values that the groups interpolate
     (``data.seed: ${seed}``) or the recipes apply, so they are named before the nodes that use them."""
+    for key in cfg.keys():
+        if str(key) in TOP_LEVEL_KEYS:
+            continue
+        hint = did_you_mean(str(key), TOP_LEVEL_KEYS, "")
+        if hint:
+            raise ValueError(f"unknown top-level key {key!r} (no recipe reads it): {hint} Fix the override, e.g. seed=3 instead of +sed=3")
+        warnings.warn(
+            f"top-level key {key!r} is not read by the recipes and has no effect; they read {', '.join(TOP_LEVEL_KEYS[:-1])}",
+            UserWarning,
+            stacklevel=2,
+        )
     seed, threads = cfg.get("seed", 0), cfg.get("num_threads")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r}: set seed=<integer>, e.g. seed=0")
-    _check_seed_range("seed", seed)
+    check_seed("seed", seed)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(
             f"num_threads must be a positive integer or null, got {threads!r}: e.g. num_threads=1, or num_threads=null for torch's default"

@@ -27,6 +27,7 @@ DIGITS_CONFUSABLE: dict[int, int] = {1: 7, 7: 1, 3: 8, 8: 3, 4: 9, 9: 4, 5: 6, 6
 handwritten shapes are commonly confused (1/7, 3/8, 4/9, 5/6, and 0/2 to pair the rest)."""
 
 from lightning_influence.mixin import SAMPLE_ID_KEY
+from lightning_influence.validation import check_seed
 
 
 class IndexedDataset(Dataset):
@@ -147,6 +148,8 @@ class DigitsDataModule(L.LightningDataModule):
             raise ValueError(f"noise_kind must be one of {NOISE_KINDS}, got {noise_kind!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_seed("seed", seed)
+        check_seed("noise_seed", noise_seed, none_ok=True)
         self.batch_size, self.val_size, self.test_size = batch_size, val_size, test_size
         self.label_noise, self.seed, self.shuffle = label_noise, seed, shuffle
         self.noise_kind, self.noise_seed = noise_kind, noise_seed

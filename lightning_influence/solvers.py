@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,7 @@ __all__ = [
     "OutputModel",
     "CurvatureOperator",
     "KroneckerFactors",
+    "kronecker_layers",
     "SolveResult",
     "IndefiniteCurvatureWarning",
     "check_definite",
@@ -614,6 +615,31 @@ class _Layer:
     eig: Tensor | None = None  # [out, in(+1)]
 
 
+def kronecker_layers(module: nn.Module, names: Sequence[str]) -> list[_Layer]:
+    """The layers that K-FAC/EK-FAC factor for the attributed parameters ``names`` of ``module``.
+    Raises ``ValueError`` naming the attributed parameters outside supported layers (``nn.Linear``;
+    ``nn.Conv2d`` with ``groups=1`` and zero padding) or a bias attributed without its weight."""
+    attributed = set(names)
+    layers, claimed = [], set()
+    for mname, m in module.named_modules():
+        if not isinstance(m, _SUPPORTED_LAYERS):
+            continue
+        w, b = f"{mname}.weight" if mname else "weight", f"{mname}.bias" if mname else "bias"
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            continue
+        if w in attributed:
+            layers.append(_Layer(mname, m, w, b if (m.bias is not None and b in attributed) else None))
+            claimed |= {w, b}
+    rest = [n for n in names if n not in claimed]
+    if rest:
+        raise ValueError(
+            f"K-FAC/EK-FAC attributes only nn.Linear and nn.Conv2d (groups=1, zero padding) layers, with the bias only "
+            f"together with its weight; these attributed parameters are not covered: {rest}. Restrict params= to the "
+            "supported layers' weights and biases, or use another solver"
+        )
+    return layers
+
+
 class KroneckerFactors:
     """Per-layer K-FAC / EK-FAC approximation of the GGN (or Fisher) of the mean training loss.
 
@@ -645,25 +671,7 @@ class KroneckerFactors:
         self.num_samples = 0
 
     def _find_layers(self) -> list[_Layer]:
-        names = set(self.space.names)
-        layers, claimed = [], set()
-        for mname, m in self.module.named_modules():
-            if not isinstance(m, _SUPPORTED_LAYERS):
-                continue
-            w, b = f"{mname}.weight" if mname else "weight", f"{mname}.bias" if mname else "bias"
-            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
-                continue
-            if w in names:
-                layers.append(_Layer(mname, m, w, b if (m.bias is not None and b in names) else None))
-                claimed |= {w, b}
-        rest = [n for n in self.space.names if n not in claimed]
-        if rest:
-            raise ValueError(
-                f"K-FAC/EK-FAC attributes only nn.Linear and nn.Conv2d (groups=1, zero padding) layers, with the bias only "
-                f"together with its weight; these attributed parameters are not covered: {rest}. Restrict params= to the "
-                "supported layers' weights and biases, or use another solver"
-            )
-        return layers
+        return kronecker_layers(self.module, self.space.names)
 
     # -- hooks: per layer, inputs [B, T, D] and output gradients [B, T, out]
     def _inputs(self, layer: _Layer, x: Tensor) -> Tensor:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["check_count", "did_you_mean"]
+__all__ = ["SEED_RANGE", "check_count", "check_seed", "did_you_mean"]
+
+#: The seeds that numpy's and so ``lightning.seed_everything``'s generators accept: 0 .. 2**32 - 1.
+SEED_RANGE = (0, 2**32 - 1)
 
 
 def check_count(name: str, value: object, none_ok: bool = False, meaning: str = "") -> None:
@@ -24,3 +27,18 @@ def did_you_mean(key: str, choices: Iterable[str], otherwise: str, prefix: str =
     ``prefix``), else ``otherwise``: the hint of a refused key."""
     close = difflib.get_close_matches(key, list(choices), n=3, cutoff=0.6)
     return f"did you mean {' or '.join(prefix + c for c in close)}?" if close else otherwise
+
+
+def check_seed(name: str, value: object, none_ok: bool = False) -> None:
+    """Raise ``TypeError`` unless ``value`` is an ``int`` (or ``None`` where ``none_ok``) and
+    ``ValueError`` unless it lies in :data:`SEED_RANGE`, naming ``name`` and a valid example."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer{' or None' if none_ok else ''}, got {value!r}: e.g. {name}=0")
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise ValueError(
+            f"{name}={value} is out of range: a seed must be an integer in [{low}, {high}] (numpy's range, which "
+            f"lightning.seed_everything seeds), e.g. {name}=0"
+        )

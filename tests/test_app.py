@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from lightning_influence import InfluenceScores
 from lightning_influence.app import run, run_log
+from lightning_influence.config import check_top_level
 
 CONF = "lightning_influence.conf"
 
@@ -150,6 +151,8 @@ def test_command_line_refuses_a_key_added_with_plus_before_training(tmp_path: Pa
         ("+estimator.mode=online", r"estimator.mode is not a key of estimator .*did you mean estimator.options.mode\?"),
         ("seed=-1", r"seed=-1 is out of range: a seed must be an integer in \[0, 4294967295\] .*e.g. seed=0"),
         ("seed=4294967296", r"seed=4294967296 is out of range"),
+        ("+sed=3", r"unknown top-level key 'sed' \(no recipe reads it\): did you mean seed\?"),
+        ("data.seed=-1", r"data.seed=-1 is out of range: a seed must be an integer in \[0, 4294967295\]"),
     ],
 )
 def test_run_checks_the_config_before_anything_is_set_up(override: str, message: str, tmp_path: Path) -> None:
@@ -201,3 +204,13 @@ def test_run_log_copies_output_and_warnings_to_the_log_file(tmp_path: Path, caps
     with run_log():
         print("no log file")
     assert path.read_text().splitlines() == lines and capsys.readouterr().out == "no log file\n"
+
+
+def test_an_unknown_top_level_key_far_from_any_known_one_is_warned_about_not_refused() -> None:
+    """A user's own app may keep notes at the top level: warned (no recipe reads them), not refused;
+    a key close to a known one (``+sed=3``) is refused (see the test above)."""
+    with pytest.warns(UserWarning, match=r"top-level key 'notes' is not read by the recipes and has no effect"):
+        check_top_level(compose_cfg("+notes=first try"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_top_level(compose_cfg())

@@ -124,3 +124,59 @@ def test_a_loss_that_autograd_cannot_differentiate_is_refused_before_any_work(na
     with pytest.raises(ValueError, match="must return floating-point losses, got dtype torch.int64"):
         estimator.scores(integer, loader, Target("val", val))
     assert val.passes == 0
+
+
+# ------------------------------------------------------------------ model contracts, before any work
+class _NoClassScores(Classifier):
+    per_sample_outputs = None  # a module without per-sample class scores
+
+
+class _SmoothedLoss(Classifier):
+    """Its per-sample loss is not the default output split's plain cross-entropy."""
+
+    def per_sample_loss(self, batch):
+        x, y, _ = batch
+        return torch.nn.functional.cross_entropy(self(x), y, reduction="none", label_smoothing=0.2)
+
+
+class _NormedHead(Classifier):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.norm = torch.nn.LayerNorm(10)
+
+    def forward(self, x):
+        return self.norm(super().forward(x))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "module_class", "with_batch", "error", "message"),
+    [
+        ("el2n", {}, _NoClassScores, False, TypeError, r"_NoClassScores does not provide per-sample class scores: define a method per_sample_outputs"),
+        ("forgetting", {}, _NoClassScores, False, TypeError, r"does not provide per-sample class scores"),
+        ("el2n", {"outputs": lambda m, b: (m(b[0]), b[1][:3])}, Classifier, True, ValueError, r"labels of shape \(3,\) for logits of shape \(16, 10\)"),
+        ("influence_function", {"solver": "ekfac"}, _NormedHead, False, ValueError, r"K-FAC/EK-FAC attributes only nn.Linear .*not covered: \['norm.weight', 'norm.bias'\]"),
+        ("influence_function", {}, _SmoothedLoss, True, ValueError, r"the default split .* does not reproduce module.per_sample_loss\(batch\)"),
+        ("influence_function", {"solver": "kfac"}, _SmoothedLoss, True, ValueError, r"does not reproduce module.per_sample_loss"),
+    ],
+)
+def test_check_module_refuses_what_scores_would_refuse_after_its_work(name, options, module_class, with_batch, error, message):
+    """``Estimator.check_module`` (run by the recipes on their trial model) refuses, from the
+    module and one batch, what ``scores`` would refuse only after reading the data; the same
+    module without the fault passes."""
+    train_set, _ = _data()
+    batch = next(iter(DataLoader(train_set, batch_size=16)))
+    torch.manual_seed(0)
+    module = module_class(hidden=(8,)).double()
+    estimator = build(name, **options)
+    with pytest.raises(error, match=message):
+        estimator.check_module(module, batch if with_batch else None)
+    build(name).check_module(Classifier(hidden=(8,)).double(), batch)
+    if module_class is _SmoothedLoss:  # Hessian curvature needs no output split: nothing to refuse
+        build(name, curvature="hessian", solver="cg").check_module(module, batch)
+
+
+def test_the_forgetting_callback_refuses_a_module_without_class_scores_at_setup():
+    train_set, _ = _data()
+    estimator = build("forgetting")
+    with pytest.raises(TypeError, match="does not provide per-sample class scores"):
+        quiet_trainer(max_epochs=1, callbacks=[estimator.callback()]).fit(_NoClassScores(hidden=(8,)).double(), DataLoader(train_set, batch_size=16))

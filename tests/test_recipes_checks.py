@@ -23,6 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_influence.app import run
 from lightning_influence.data import DigitsDataModule
+from lightning_influence.models import Classifier
+from lightning_influence.scores import InfluenceScores
 from lightning_influence.recipes import aggregate, cleaning, coreset, deletion
 from lightning_influence.recipes.common import (
     check_training_steps,
@@ -199,6 +201,41 @@ def test_values_that_fail_after_training_are_refused_before(recipe, overrides: l
     cfg = compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}")
     with pytest.raises(ValueError, match=message):
         run(cfg)
+
+
+class ClassifierWithoutClassScores(Classifier):
+    """A user's model (built by ``_target_``) that gives no per-sample class scores."""
+
+    per_sample_outputs = None
+
+
+class ClassifierWithSmoothedLoss(Classifier):
+    """A user's model whose per-sample loss the default output split does not reproduce."""
+
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        x, y, _ = batch
+        return torch.nn.functional.cross_entropy(self(x), y, reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "error", "message"),
+    [
+        (coreset, ["recipe=coreset", "estimator=el2n", f"model._target_={__name__}.ClassifierWithoutClassScores"], TypeError,
+         r"estimator=el2n refused the one-step trial model .*does not provide per-sample class scores: define a method per_sample_outputs"),
+        (cleaning, ["estimator=influence_function", f"model._target_={__name__}.ClassifierWithSmoothedLoss"], ValueError,
+         r"estimator=influence_function refused the one-step trial model .*the default split .* does not reproduce module.per_sample_loss"),
+    ],
+)
+def test_model_contracts_that_fail_after_training_are_refused_on_the_trial_model(recipe, overrides: list[str], error: type, message: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A model without what the estimator reads from it (class scores, an output split that
+    reproduces the per-sample loss) is refused on the one-step trial, not after the scoring fit."""
+
+    def no_scoring_run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the scoring run started")
+
+    monkeypatch.setattr(recipe, "fit_and_score", no_scoring_run)
+    with pytest.raises(error, match=message):
+        run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
 
 
 @pytest.mark.parametrize(
@@ -665,3 +702,37 @@ def test_deletion_with_a_post_hoc_estimator_on_a_partial_fit_draws_its_sets_from
     with pytest.warns(UserWarning, match=r"1104 of the 1200 scored samples were never trained on.*drawn from the 96 trained ones"):
         report = run(cfg)
     assert [row["size"] for row in report["sets"]] == [10, 10, 10] and report["lds"]["subsets"] == 4
+
+
+def test_tied_scores_rank_by_sample_id_whatever_order_the_estimator_returns(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The recipes rank ties by sample id: the same scores returned in another order (and coarsened,
+    so that many tie) give the same harmful and helpful lists and the same removals."""
+    from lightning_influence.recipes import common
+
+    real_build = common.build
+
+    def reordering(order: str):  # type: ignore[no-untyped-def]
+        def build(name, **options):  # type: ignore[no-untyped-def]
+            estimator = real_build(name, **options)
+            scores = estimator.scores
+
+            def tied(*args, **kwargs):  # type: ignore[no-untyped-def]
+                s = scores(*args, **kwargs)
+                perm = torch.argsort(s.ids, descending=order == "descending")
+                return InfluenceScores(s.ids[perm], (s.values[perm] * 2).round() / 2, s.metadata)  # four or five distinct values
+
+            estimator.scores = tied  # type: ignore[method-assign]
+            return estimator
+
+        return build
+
+    reports = []
+    for order in ("ascending", "descending"):
+        monkeypatch.setattr(common, "build", reordering(order))
+        out = tmp_path / order
+        reports.append(run(compose_cfg(*QUICK, "estimator=loss", "recipe.top_k=20", "recipe.remove_count=30", f"output_dir={out}")))
+    a, b = reports
+    assert a["most_harmful"] == b["most_harmful"] and a["most_helpful"] == b["most_helpful"]
+    assert a["removal"]["conditions"]["estimator"] == b["removal"]["conditions"]["estimator"]
+    ids = [row["id"] for row in a["most_harmful"]]
+    assert len(set(row["score"] for row in a["most_harmful"])) < len(ids), "the test needs ties"

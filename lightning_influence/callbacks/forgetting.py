@@ -25,7 +25,7 @@ from torch import Tensor
 from lightning_influence.callbacks.checks import check_single_device
 from lightning_influence.kernels import evaluation_mode
 
-__all__ = ["OUTPUTS_METHOD", "ForgettingEvents", "OutputsFn", "model_outputs"]
+__all__ = ["OUTPUTS_METHOD", "ForgettingEvents", "OutputsFn", "check_outputs_contract", "model_outputs"]
 
 OUTPUTS_METHOD = "per_sample_outputs"
 """Name of the optional module method ``(batch) -> (logits[B, C], labels)`` that classification
@@ -36,20 +36,27 @@ OutputsFn = Callable[[torch.nn.Module, Any], tuple[Tensor, Tensor]]
 """``(module, batch) -> (logits[B, C], labels)``: an explicit replacement for the module method."""
 
 
-def model_outputs(module: torch.nn.Module, batch: Any, outputs: OutputsFn | None = None) -> tuple[Tensor, Tensor]:
-    """``(logits[B, C], labels[B] or [B, C])`` of a batch, from ``outputs(module, batch)`` when
-    given, else from ``module.per_sample_outputs(batch)``; the shapes are checked."""
-    if outputs is not None:
-        result = outputs(module, batch)
-    elif callable(getattr(module, OUTPUTS_METHOD, None)):
-        result = getattr(module, OUTPUTS_METHOD)(batch)
-    else:
+def check_outputs_contract(module: torch.nn.Module, outputs: OutputsFn | None = None, batch: Any = None) -> None:
+    """Refuse a module without per-sample class scores (no ``outputs`` function and no
+    :data:`OUTPUTS_METHOD`); given a ``batch``, also evaluate them once (evaluation mode, no
+    gradient) and refuse outputs of the wrong kind or shape (:func:`model_outputs`)."""
+    if outputs is None and not callable(getattr(module, OUTPUTS_METHOD, None)):
         raise TypeError(
             f"{type(module).__name__} does not provide per-sample class scores: define a method "
             f"{OUTPUTS_METHOD}(self, batch) -> (logits[B, C], labels[B]) on the module (e.g. "
             "`return self(batch[0]), batch[1]`), or pass outputs=lambda module, batch: (module(batch[0]), batch[1]) "
             "to the estimator"
         )
+    if batch is not None:
+        with evaluation_mode(module), torch.no_grad():
+            model_outputs(module, batch, outputs)
+
+
+def model_outputs(module: torch.nn.Module, batch: Any, outputs: OutputsFn | None = None) -> tuple[Tensor, Tensor]:
+    """``(logits[B, C], labels[B] or [B, C])`` of a batch, from ``outputs(module, batch)`` when
+    given, else from ``module.per_sample_outputs(batch)``; the shapes are checked."""
+    check_outputs_contract(module, outputs)
+    result = outputs(module, batch) if outputs is not None else getattr(module, OUTPUTS_METHOD)(batch)
     if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(t, Tensor) for t in result)):
         raise TypeError(f"{OUTPUTS_METHOD} must return a pair of tensors (logits[B, C], labels), got {type(result).__name__}")
     logits, labels = result
@@ -127,6 +134,7 @@ class ForgettingEvents(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             check_single_device(trainer, "ForgettingEvents")
+            check_outputs_contract(pl_module, self.outputs)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         with evaluation_mode(pl_module), torch.no_grad():

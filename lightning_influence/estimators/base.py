@@ -186,11 +186,13 @@ class Estimator(ABC):
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         """Score every training sample of ``train_loader`` (sign and units: see the module docstring)."""
 
-    def check_module(self, module: torch.nn.Module) -> None:
-        """Refuse, from the module's architecture alone (no data, no gradient), options that
-        :meth:`scores` would refuse on it: here, ``params`` patterns that select no trainable
-        parameter (estimators with a ``params`` option). Subclasses add their own (e.g. a solver's
-        size limit). Cheap enough to run on a trial model before any training (the recipes do)."""
+    def check_module(self, module: torch.nn.Module, batch: Any = None) -> None:
+        """Refuse, from the module (and, when given, one training ``batch`` on the module's
+        device), options and contracts that :meth:`scores` would refuse only after its work: here,
+        ``params`` patterns that select no trainable parameter (estimators with a ``params``
+        option). Subclasses add their own (a solver's size limit or supported layers, an output
+        split or class scores the batch must give). No gradient, no curvature: cheap enough to run
+        on a trial model before any training (the recipes do)."""
         if hasattr(self, "params"):
             attributed_space(module, self.params)
 

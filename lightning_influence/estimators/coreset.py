@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_influence.callbacks.forgetting import ForgettingEvents, OutputsFn, model_outputs
+from lightning_influence.callbacks.forgetting import ForgettingEvents, OutputsFn, check_outputs_contract, model_outputs
 from lightning_influence.estimators.base import Estimator, Target, attributed_space, device_batches, posthoc_training, progress
 from lightning_influence.kernels import evaluation_mode, per_sample_gradients
 from lightning_influence.scores import InfluenceScores
@@ -104,7 +104,17 @@ def ranking_convention(higher_means: str) -> str:
     return f"a ranking, not a target-loss change: higher = {higher_means}"
 
 
-class EL2N(Estimator):
+class _ClassScores:
+    """Estimators that read per-sample class scores (``outputs`` or the module's
+    ``per_sample_outputs``): their :meth:`check_module` refuses a module without them."""
+
+    outputs: OutputsFn | None
+
+    def check_module(self, module: torch.nn.Module, batch: Any = None) -> None:
+        check_outputs_contract(module, self.outputs, batch)
+
+
+class EL2N(_ClassScores, Estimator):
     """EL2N (Paul et al., 2021): ``||softmax(logits_i) - onehot(y_i)||_2`` at the final parameters.
 
     Needs class scores: the module's ``per_sample_outputs(batch) -> (logits[B, C], labels)``
@@ -173,7 +183,7 @@ class GraNd(Estimator):
         )
 
 
-class Forgetting(Estimator):
+class Forgetting(_ClassScores, Estimator):
     """Forgetting events (Toneva et al., 2019), counted during ``fit`` by
     :class:`~lightning_influence.callbacks.forgetting.ForgettingEvents` (add :meth:`callback` to
     the Trainer). Score: the number of forgetting events; samples never learned get

@@ -66,6 +66,7 @@ from lightning_influence.solvers import (
     CurvatureOperator,
     KroneckerFactors,
     OutputModel,
+    kronecker_layers,
     solve,
 )
 
@@ -272,10 +273,19 @@ class InfluenceFunction(Estimator):
             info["curvature_products"] = operator.calls
         return result.solution, result.damping, info
 
-    def check_module(self, module: torch.nn.Module) -> None:
-        """Also refuse an explicit ``solver='exact'`` above ``max_exact_parameters`` for this module."""
+    def check_module(self, module: torch.nn.Module, batch: Any = None) -> None:
+        """Also refuse an explicit ``solver='exact'`` above ``max_exact_parameters``, K-FAC/EK-FAC
+        on attributed parameters outside the layers they factor, and (given a ``batch``) an
+        output split that does not reproduce ``per_sample_loss`` where the curvature needs one."""
         super().check_module(module)
-        self._check_exact_size(attributed_space(module, self.params)[0].size)
+        space = attributed_space(module, self.params)[0]
+        self._check_exact_size(space.size)
+        solver = self.resolved_solver(space.size)
+        if solver in ("ekfac", "kfac"):
+            kronecker_layers(module, space.names)
+        if batch is not None and (self.curvature == "gauss_newton" or solver in ("ekfac", "kfac")):
+            with evaluation_mode(module):
+                OutputModel(module, self.output_fn, self.output_loss).check(batch)
 
     def _check_exact_size(self, size: int) -> None:
         if self.resolved_solver(size) == "exact" and size > self.max_exact_parameters:

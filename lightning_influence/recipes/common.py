@@ -228,7 +228,7 @@ def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str
             results = trainer.test(model, datamodule=datamodule, verbose=False)
             metrics.update(results[0] if results else {})
     if cfg.get("estimator") is not None:
-        check_estimator_on_model(estimator_params(cfg.estimator), model)
+        check_estimator_on_model(estimator_params(cfg.estimator), model, next(iter(datamodule.train_dataloader()), None))
     num_train = len(train_dataset(datamodule))
     num_val = None
     if is_overridden("val_dataloader", datamodule, L.LightningDataModule):
@@ -255,24 +255,26 @@ def _parameter_summary(model: torch.nn.Module, shown: int = 8) -> str:
     return f"{type(model).__name__} with {sum(p.numel() for _, p in named)} trainable values in {len(named)} tensors: {names}"
 
 
-def check_estimator_on_model(est: EstimatorConfig, model: torch.nn.Module) -> None:
-    """Refuse, on the trial ``model`` (a model of the configured architecture), the estimator
-    options that its ``scores()`` would refuse from the model alone, after the whole scoring fit
-    (:meth:`~lightning_influence.estimators.base.Estimator.check_module`: ``params`` patterns that
-    match nothing, an explicit ``exact`` solve above its size limit). Cheap: no gradient, no
-    curvature, no data. Raises ``ValueError`` as ``estimator=<name> refused the one-step trial
-    model (<its parameters>) ...``. Recording estimators (DiffIn, TracIn) check their options
-    against the model when the scoring fit starts, before its first step."""
+def check_estimator_on_model(est: EstimatorConfig, model: torch.nn.Module, batch: Any = None) -> None:
+    """Refuse, on the trial ``model`` (a model of the configured architecture) and one training
+    ``batch``, the estimator options that its ``scores()`` would refuse only after the whole
+    scoring fit (:meth:`~lightning_influence.estimators.base.Estimator.check_module`: ``params``
+    patterns that match nothing, an explicit ``exact`` solve above its size limit, K-FAC on
+    layers it does not factor, an output split or class scores the model does not give). Cheap:
+    no gradient, no curvature. Raises ``ValueError`` (``TypeError`` for a missing method) as
+    ``estimator=<name> refused the one-step trial model (<its parameters>) ...``. Recording
+    estimators (DiffIn, TracIn) check their options against the model when the scoring fit
+    starts, before its first step."""
     estimator = build(est.name, **est.options)
     try:
-        estimator.check_module(model)
-    except ValueError as err:
+        estimator.check_module(model, batch)
+    except (ValueError, TypeError) as err:
         hint = ""
         if "matches params=" in str(err):
             first = next((n for n, p in model.named_parameters() if p.requires_grad), "")
             example = f" (e.g. ['{first.rsplit('.', 1)[0]}.*'])" if "." in first else ""
             hint = f"; set estimator.options.params to patterns of these names{example}, or null for all"
-        raise ValueError(
+        raise type(err)(
             f"estimator={est.name} refused the one-step trial model ({_parameter_summary(model)}) with its estimator.options, "
             f"before the scoring fit: {err}{hint}"
         ) from err
@@ -336,7 +338,8 @@ def labels_of(dataset: Any, ids: Iterable[int]) -> list[int | None]:
 
 @dataclass
 class ScoredRun:
-    """The scoring run: ``column`` holds one score per id of ``ids`` (a query target's columns summed)."""
+    """The scoring run: ``column`` holds one score per id of ``ids`` (a query target's columns
+    summed), in ascending id order, so that rankings break ties by sample id (:func:`ranking`)."""
 
     datamodule: Any
     model: L.LightningModule
@@ -464,7 +467,8 @@ def fit_and_score(
         raise RuntimeError(f"estimator {params.name!r} scored no training sample (did fit run any training step?)")
     column = scores.values if scores.values.dim() == 1 else scores.values.sum(dim=1)
     require_finite(column, scores.ids, f"estimator {params.name!r}", "training diverged or the estimator failed")
-    return ScoredRun(datamodule, model, trainer, estimator, scores, scores.ids, column, fit_seconds, score_seconds, extra)
+    by_id = torch.argsort(scores.ids, stable=True)  # ranks break ties by position: make that the id, whatever the estimator's order
+    return ScoredRun(datamodule, model, trainer, estimator, scores, scores.ids[by_id], column[by_id], fit_seconds, score_seconds, extra)
 
 
 def world_size_of(cfg: DictConfig) -> int:
@@ -480,7 +484,7 @@ def world_size_of(cfg: DictConfig) -> int:
 def ranking(column: Tensor, descending: bool = False) -> Tensor:
     """Positions of ``column`` in ascending order (``descending``: highest first), NaN last in
     both directions (as :meth:`~lightning_influence.InfluenceScores.most_helpful`), ties in
-    position order. ``torch.argsort(descending=True)`` would put NaN first."""
+    position order (ascending sample id for a :class:`ScoredRun`'s column). ``torch.argsort(descending=True)`` would put NaN first."""
     # ascending order puts NaN last; negating ranks the highest first and keeps ties in order
     return torch.argsort(-column if descending else column, stable=True)
 
