@@ -697,6 +697,12 @@ class KroneckerFactors:
         handles = []
         for layer in self.layers:
             def fwd(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor, layer: _Layer = layer) -> None:
+                if layer.name in acts:
+                    raise ValueError(
+                        f"K-FAC/EK-FAC: layer {layer.name!r} is called more than once in one forward pass (a shared layer): "
+                        "its factors would count only one of the calls. Use solver='cg', 'arnoldi', 'lissa' or 'exact', "
+                        "or leave its parameters out of params="
+                    )
                 acts[layer.name] = self._inputs(layer, inp[0].detach())
                 outs[layer.name] = out
             handles.append(layer.module.register_forward_hook(fwd))
@@ -714,6 +720,13 @@ class KroneckerFactors:
                         eps = torch.randn(L.shape[0], L.shape[2], generator=self.generator, dtype=L.dtype).to(L.device)
                         seeds = [torch.einsum("bck,bk->bc", L, eps)]
                     roots = [out] * len(seeds)
+                unused = [l.name for l in self.layers if l.name not in outs]
+                if unused:
+                    raise ValueError(
+                        f"K-FAC/EK-FAC: the attributed layers {unused} are not called when the model computes its outputs "
+                        "(an unused or auxiliary head?), so they have no inputs to factor. Leave their parameters out of "
+                        "params=, or use solver='cg', 'arnoldi', 'lissa' or 'exact'"
+                    )
                 layer_outs = [outs[l.name] for l in self.layers]
                 columns = []
                 for k, (root, seed) in enumerate(zip(roots, seeds)):

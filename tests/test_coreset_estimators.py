@@ -15,7 +15,7 @@ from conftest import digits_problem, quiet_trainer
 from lightning_influence.callbacks.forgetting import ForgettingEvents
 from lightning_influence.data import DigitsDataModule, FixedBatches
 from lightning_influence.estimators.base import Target, build
-from lightning_influence.estimators.coreset import EL2N, FinalLoss, Forgetting, GraNd, RandomScores
+from lightning_influence.estimators.coreset import EL2N, FinalLoss, Forgetting, GraNd, RandomScores, uniform_hash
 from lightning_influence.estimators.outlier_gradient import OutlierGradient, last_module_parameters
 from lightning_influence.models import Classifier
 
@@ -177,6 +177,18 @@ def test_random_scores_are_seeded_and_independent_of_order(small):
     assert bool(((a.values >= 0) & (a.values < 1)).all())
     with pytest.raises(TypeError, match="seed"):
         RandomScores(seed="three")  # type: ignore[arg-type]
+
+
+def test_random_draws_depend_on_seed_and_id_only_and_take_any_id():
+    """Ids as large as 2**62 cost nothing (no table indexed by id); a draw is the same whatever
+    the other ids; the draws are uniform (Kolmogorov-Smirnov distance of 200,000 draws)."""
+    ids = torch.tensor([2**62, 10**12, 5, 0])
+    draws = uniform_hash(ids, 3)
+    assert torch.equal(draws[2:], uniform_hash(torch.tensor([5, 0]), 3))
+    assert not torch.equal(draws, uniform_hash(ids, 4))
+    many = uniform_hash(torch.arange(200_000), 0).sort().values
+    grid = (torch.arange(1, 200_001, dtype=torch.float64)) / 200_000
+    assert float((many - grid).abs().max()) < 0.005 and bool(((many >= 0) & (many < 1)).all())
 
 
 def test_final_loss_is_minus_the_per_sample_loss(small):

@@ -135,3 +135,30 @@ def test_options_are_checked_against_their_annotations_for_every_estimator() -> 
     from lightning_influence import DiffIn
 
     assert DiffIn(params="net.2.*").params == ["net.2.*"]
+
+
+def test_scalar_options_and_option_names_are_checked_when_the_estimator_is_built() -> None:
+    """Numbers, strings and flags are checked against their annotations (``True`` is not a learning
+    rate, ``"3"`` is not a seed); the recording estimators check their callback's options (names,
+    with the closest ones, and values) when built, not at ``callback()``."""
+    for name, options, message in [
+        ("diffin", {"log_summary": "off"}, r"option log_summary must be True or False, got 'off' \(str\)"),
+        ("diffin", {"windw": 3}, r"estimator 'diffin' has no option 'windw': did you mean window\?"),
+        ("diffin", {"coupled": "false"}, r"option coupled must be True or False or None"),
+        ("tracin", {"target_evry": 2}, r"estimator 'tracin' has no option 'target_evry': did you mean target_every"),
+        ("forward_inf", {"lr": True}, r"option lr must be a number, got True \(bool\)"),
+        ("forward_inf", {"learning_rate_sum": "2"}, r"option learning_rate_sum must be a number or None, got '2'"),
+        ("influence_function", {"seed": "3"}, r"option seed must be an integer, got '3'"),
+        ("influence_function", {"hessian_batches": True}, r"option hessian_batches must be an integer or None, got True"),
+        ("outlier_gradient", {"sed": 1}, r"has no option 'sed': did you mean seed\?"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            build(name, **options)
+    with pytest.raises(ValueError, match="mode must be 'replay' or 'online'"):
+        build("diffin", mode="bogus")
+    assert build("diffin", fd_rel_step=1e-3, window=16, mode="online").callback().window == 16  # an int where a float goes is fine
+    assert build("influence_function", damping=1).damping == 1
+    from lightning_influence import DiffIn
+
+    with pytest.raises(ValueError, match="log_summary must be True or False, got 'off'"):
+        DiffIn(log_summary="off")  # type: ignore[arg-type]

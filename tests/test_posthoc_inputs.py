@@ -180,3 +180,77 @@ def test_the_forgetting_callback_refuses_a_module_without_class_scores_at_setup(
     estimator = build("forgetting")
     with pytest.raises(TypeError, match="does not provide per-sample class scores"):
         quiet_trainer(max_epochs=1, callbacks=[estimator.callback()]).fit(_NoClassScores(hidden=(8,)).double(), DataLoader(train_set, batch_size=16))
+
+
+# ------------------------------------------------------------------ batches without sample ids
+POST_HOC = ["influence_function", "datainf", "forward_inf", "grand", "el2n", "loss", "random", "outlier_gradient"]
+
+
+@pytest.mark.parametrize("name", POST_HOC)
+def test_a_training_set_without_id_column_is_refused_by_every_post_hoc_estimator(name):
+    """``TensorDataset(x, y)``: the default ``sample_ids`` would read the labels as ids (10 "samples"
+    scored for 60, each the first one seen with its label)."""
+    x, y = load_digits_tensors(torch.float64)
+    _, val_set = _data()
+    model = _fit(DataLoader(_data()[0], batch_size=16))
+    with pytest.raises(ValueError, match=r"TensorDataset of 2 tensors whose last one .* is not a column of sample ids"):
+        _estimator(name).scores(model, DataLoader(TensorDataset(x[:N], y[:N]), batch_size=16), Target("val", DataLoader(val_set, batch_size=40)))
+
+
+@pytest.mark.parametrize("name", ["el2n", "loss", "grand", "influence_function"])
+def test_batches_whose_ids_repeat_in_one_pass_are_refused(name):
+    """A dataset of (x, y) pairs that is not a TensorDataset: the labels read as ids repeat."""
+    x, y = load_digits_tensors(torch.float64)
+    pairs = [(x[i], y[i]) for i in range(N)]
+    _, val_set = _data()
+    model = _fit(DataLoader(_data()[0], batch_size=16))
+    with pytest.raises(ValueError, match=r"yields sample id \d+ more than once in one pass .*reads their last element \(the labels\?\) as ids"):
+        _estimator(name).scores(model, DataLoader(pairs, batch_size=16), Target("val", DataLoader(val_set, batch_size=40)))
+
+
+def test_the_forgetting_callback_refuses_batches_without_ids():
+    x, y = load_digits_tensors(torch.float64)
+    with pytest.raises(ValueError, match="is not a column of sample ids"):
+        quiet_trainer(max_epochs=1, callbacks=[build("forgetting").callback()]).fit(Classifier(hidden=(8,)).double(), DataLoader(TensorDataset(x[:N], y[:N]), batch_size=16))
+    pairs = [(x[i], y[i]) for i in range(N)]
+    with pytest.raises(ValueError, match=r"duplicate sample ids in one batch"):
+        quiet_trainer(max_epochs=1, callbacks=[build("forgetting").callback()]).fit(Classifier(hidden=(8,)).double(), DataLoader(pairs, batch_size=16))
+
+
+# ------------------------------------------------------------------ layers K-FAC cannot factor, unused heads
+class _SharedLayer(Classifier):
+    """One hidden layer applied twice (weight sharing)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.mid = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.mid(torch.tanh(self.mid(super().forward(x))))
+
+
+class _AuxiliaryHead(Classifier):
+    """A head registered last that the loss never calls."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.aux = torch.nn.Linear(64, 3)
+
+
+@pytest.mark.parametrize("solver", ["ekfac", "kfac"])
+def test_kfac_refuses_a_shared_layer_and_an_unused_one(solver):
+    train_set, val_set = _data()
+    train, val = DataLoader(train_set, batch_size=16), Target("val", DataLoader(val_set, batch_size=40))
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"layer 'mid' is called more than once in one forward pass"):
+        build("influence_function", solver=solver, progress_bar=False).scores(_SharedLayer(hidden=(8,)).double(), train, val)
+    with pytest.raises(ValueError, match=r"the attributed layers \['aux'\] are not called when the model computes its outputs"):
+        build("influence_function", solver=solver, progress_bar=False).scores(_AuxiliaryHead(hidden=(8,)).double(), train, val)
+
+
+def test_outlier_gradient_refuses_parameters_with_zero_gradients_everywhere():
+    train_set, _ = _data()
+    model = _AuxiliaryHead(hidden=(8,)).double()
+    with pytest.raises(ValueError, match=r"per-sample gradients of \['aux.weight', 'aux.bias'\] \(the default .*\) are zero on every training sample"):
+        build("outlier_gradient", progress=False).scores(model, DataLoader(train_set, batch_size=16))
+    assert build("outlier_gradient", params=["net.*"], progress=False).scores(model, DataLoader(train_set, batch_size=16)).values.ne(0).all()

@@ -174,11 +174,16 @@ def _ids_hint(module: Any, batch: Any) -> str:
 
 
 def check_training_dataset(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """The trainer's training loader passes :func:`check_dataset_ids`."""
+    check_dataset_ids(trainer.train_dataloader, pl_module)
+
+
+def check_dataset_ids(loader: Any, pl_module: L.LightningModule) -> None:
     """A ``TensorDataset`` read by the default ``sample_ids``: its last tensor must be a column of
     distinct integer ids, else its batches carry none and the labels would be taken for ids."""
-    if type(pl_module).sample_ids is not InfluenceMixin.sample_ids:
-        return
-    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if getattr(type(pl_module), "sample_ids", None) is not InfluenceMixin.sample_ids:
+        return  # ids of the module's own making (or no mixin: refused where the ids are read)
+    dataset = getattr(loader, "dataset", None)
     if not isinstance(dataset, TensorDataset) or not dataset.tensors:
         return
     last = dataset.tensors[-1]

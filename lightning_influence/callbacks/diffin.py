@@ -60,7 +60,7 @@ from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, S
 from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
-from lightning_influence.validation import check_count
+from lightning_influence.validation import check_count, check_seed
 
 Mode = Literal["replay", "online"]
 SUPPORTED = (
@@ -276,6 +276,9 @@ class DiffIn(Callback):
             raise ValueError(f"second_moment must be 'linearized' or 'frozen', got {second_moment!r}")
         self.second_moment: SecondMoment = second_moment
         self.save_path = Path(save_path) if save_path is not None else None
+        if not isinstance(log_summary, bool):
+            raise ValueError(f"log_summary must be True or False, got {log_summary!r} ({type(log_summary).__name__})")
+        check_seed("seed", seed)  # the draw of target_samples
         self.log_summary = log_summary
         if coupled is not None and not isinstance(coupled, bool):
             raise ValueError(f"coupled must be None (the module's coupled_batch_loss), True or False, got {coupled!r}")

@@ -22,7 +22,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_influence.callbacks.checks import check_single_device
+from lightning_influence.callbacks.checks import (
+    check_id_type,
+    check_id_values,
+    check_single_device,
+    check_training_dataset,
+    dataset_length,
+    draws_with_replacement,
+)
 from lightning_influence.kernels import evaluation_mode
 
 __all__ = ["OUTPUTS_METHOD", "ForgettingEvents", "OutputsFn", "check_outputs_contract", "model_outputs"]
@@ -91,6 +98,7 @@ class ForgettingEvents(L.Callback):
         self.events = torch.zeros(0, dtype=torch.long)
         self.learned = torch.zeros(0, dtype=torch.bool)
         self.presentations = torch.zeros(0, dtype=torch.long)
+        self._ids_checked = True  # set False when a fit starts: its first batch's ids are checked
 
     # ------------------------------------------------------------------ counting
     def _grow(self, size: int) -> None:
@@ -136,11 +144,20 @@ class ForgettingEvents(L.Callback):
             check_single_device(trainer, "ForgettingEvents")
             check_outputs_contract(pl_module, self.outputs)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_training_dataset(trainer, pl_module)
+        self._ids_checked = False
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        ids = torch.as_tensor(pl_module.sample_ids(batch)).reshape(-1)  # type: ignore[operator]
+        if not self._ids_checked:  # the first batch of a fit: ids, not labels read as ids
+            self._ids_checked = True
+            check_id_type(ids, pl_module, batch)
+            check_id_values(ids, dataset_length(trainer), pl_module, batch, repeats=draws_with_replacement(trainer), owner="ForgettingEvents")
         with evaluation_mode(pl_module), torch.no_grad():
             logits, labels = model_outputs(pl_module, batch, self.outputs)
         correct = logits.argmax(dim=-1) == class_labels(labels)
-        self.update(pl_module.sample_ids(batch), correct)  # type: ignore[operator]
+        self.update(ids, correct)
 
     def state_dict(self) -> dict[str, Any]:
         return {

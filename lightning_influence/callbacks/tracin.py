@@ -63,7 +63,7 @@ from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
-from lightning_influence.validation import check_count
+from lightning_influence.validation import check_count, check_seed
 
 STATE_FORMAT = 1
 
@@ -96,6 +96,7 @@ class TracIn(Callback):
     ) -> None:
         check_target_arguments(target, target_loader, target_samples)
         check_count("target_every", target_every)
+        check_seed("seed", seed)  # the draw of target_samples
         self.target: TargetKind = target
         self.target_loader = target_loader
         self.target_samples = target_samples

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -40,7 +41,7 @@ from torch import Tensor
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, per_sample_loss_function
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TARGET_KINDS, TargetGradient, in_order
-from lightning_influence.validation import check_count
+from lightning_influence.validation import check_count, did_you_mean
 
 __all__ = [
     "Estimator",
@@ -173,6 +174,10 @@ class Estimator(ABC):
     #: ranking's metadata says ``calibrated: False`` and what a high value means.)
     predicts_removal: ClassVar[bool] = True
 
+    options_from: ClassVar[type | None] = None
+    """For an estimator whose ``**options`` are its callback's arguments: the callback class, whose
+    constructor's names and annotations the options are checked against."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__ and not getattr(cls.__init__, "_checks_options", False):
@@ -201,37 +206,87 @@ class Estimator(ABC):
         return f"{type(self).__name__}({fields})"
 
 
-def _checked_options(init: Any) -> Any:
-    """``init`` with its options checked against their annotations first, the same way for every
-    estimator and however they arrive (Python, or strings and numbers from a Hydra command line):
-    an option annotated ``bool`` must be a bool (``"off"`` would read as true), and ``params``
-    (parameter-name patterns) given as one string is that one pattern, not its characters."""
+_SCALARS: dict[Any, str] = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def _scalar_mismatch(value: Any, hint: Any) -> str | None:
+    """What a value for an option annotated with scalar types (``bool``, ``int``, ``float``,
+    ``str``, or a union of them with ``None``) must be, if ``value`` is not that; else ``None``.
+    Other annotations (paths, loaders, functions, sequences) are not checked here."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = [m for m in members if m is not type(None)]
+    if not kinds or any(k not in _SCALARS for k in kinds):
+        return None
+    if value is None:
+        return None if len(kinds) < len(members) else " or ".join(_SCALARS[k] for k in kinds)
+    fits = any(
+        isinstance(value, bool) if k is bool
+        else isinstance(value, int) and not isinstance(value, bool) if k is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool) if k is float
+        else isinstance(value, str)
+        for k in kinds
+    )
+    return None if fits else " or ".join(_SCALARS[k] for k in kinds) + (" or None" if len(kinds) < len(members) else "")
+
+
+def _options_signature(init: Any) -> tuple[inspect.Signature, dict[str, Any]]:
     signature = inspect.signature(init)
     try:
         hints = typing.get_type_hints(init)
     except Exception:  # an annotation naming a type imported for type checkers only: check params alone
         hints = {}
+    return signature, hints
+
+
+def check_options(owner: str, init: Any, options: dict[str, Any], skip_first: bool = True) -> dict[str, Any]:
+    """``options`` (keyword arguments of ``init``) checked the same way for every estimator and
+    however they arrive (Python, or strings and numbers from a Hydra command line): a name that is
+    none of ``init``'s arguments is refused with the closest ones; a value of an option annotated
+    with scalar types must be of them (``bool``: ``"off"`` would read as true; ``int``: not
+    ``True`` or ``"3"``); ``params`` (parameter-name patterns) given as one string is that one
+    pattern, not its characters. Returns the options, ``params`` normalised."""
+    signature, hints = _options_signature(init)
+    parameters = list(signature.parameters.values())[1 if skip_first else 0 :]
+    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    any_name = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    result = dict(options)
+    for name, value in options.items():
+        if name not in names:
+            if any_name:
+                continue
+            hint = did_you_mean(name, names, f"its options are {', '.join(names) or 'none'}")
+            raise TypeError(f"estimator {owner!r} has no option {name!r}: {hint}")
+        expected = _scalar_mismatch(value, hints.get(name))
+        if expected is not None:
+            hydra = " (on a Hydra command line: =true or =false)" if hints.get(name) is bool else ""
+            raise TypeError(f"estimator {owner!r}: option {name} must be {expected}, got {value!r} ({type(value).__name__}){hydra}")
+        if name == "params" and isinstance(value, str):
+            result[name] = [value]
+        elif name == "params" and value is not None and not all(isinstance(v, str) for v in value):
+            raise TypeError(f"estimator {owner!r}: params must be parameter-name patterns (strings), got {value!r}")
+        elif name == "params" and value is not None and len(value) == 0:
+            raise ValueError(
+                f"estimator {owner!r}: params={value!r} selects no parameter; give name patterns such as ['head.*'], "
+                "or leave params unset (None) for every trainable parameter"
+            )
+    return result
+
+
+def _checked_options(init: Any) -> Any:
+    """``init`` with its options checked first (:func:`check_options`). An estimator that forwards
+    ``**options`` to its callback (``options_from``) has them checked against the callback's
+    constructor."""
+    signature, _ = _options_signature(init)
 
     @functools.wraps(init)
     def checked(self: Any, *args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(self, *args, **kwargs)
         owner = getattr(type(self), "name", "") or type(self).__name__
-        for name, value in list(bound.arguments.items()):
-            if hints.get(name) is bool and not isinstance(value, bool):
-                raise TypeError(
-                    f"estimator {owner!r}: option {name} must be True or False, got {value!r} ({type(value).__name__}); "
-                    f"on a Hydra command line write estimator.options.{name}=true or =false"
-                )
-            if name == "params" and isinstance(value, str):
-                bound.arguments[name] = [value]
-            elif name == "params" and value is not None and not all(isinstance(v, str) for v in value):
-                raise TypeError(f"estimator {owner!r}: params must be parameter-name patterns (strings), got {value!r}")
-            elif name == "params" and value is not None and len(value) == 0:
-                raise ValueError(
-                    f"estimator {owner!r}: params={value!r} selects no parameter; give name patterns such as ['head.*'], "
-                    "or leave params unset (None) for every trainable parameter"
-                )
-        init(*bound.args, **bound.kwargs)
+        bound = signature.bind_partial(self, *args)
+        kwargs = check_options(owner, init, {**{k: v for k, v in bound.arguments.items() if k != "self"}, **kwargs})
+        forwarded = getattr(type(self), "options_from", None)
+        if forwarded is not None:
+            kwargs = check_options(owner, forwarded.__init__, kwargs)
+        init(self, **kwargs)
 
     checked._checks_options = True  # type: ignore[attr-defined]
     return checked
@@ -343,6 +398,9 @@ class TrainingPasses:
     :func:`device_batches`) reads a full pass; ``len()`` is the loader's."""
 
     def __init__(self, module: L.LightningModule, loader: Iterable[Any], owner: str) -> None:
+        from lightning_influence.callbacks.checks import check_dataset_ids
+
+        check_dataset_ids(loader, module)
         self.module, self.loader, self.owner = module, loader, owner
         self._reference: dict[int | None, Tensor] = {}  # limit -> sorted ids of the first complete pass
 
@@ -414,6 +472,21 @@ def posthoc_training(module: L.LightningModule, train_loader: Iterable[Any], own
             raise ValueError(f"the training loader produced no batches: {owner} has nothing to score")
         check_differentiable_losses(module, first, owner)
     return passes
+
+
+def check_unique_ids(ids: Tensor) -> None:
+    """Refuse a pass over the training loader that yields a sample id more than once: post-hoc
+    estimators score each training sample once. The usual cause is batches without ids, whose
+    labels the default ``sample_ids`` reads instead."""
+    unique, counts = ids.unique(return_counts=True)
+    if bool((counts > 1).any()):
+        raise ValueError(
+            f"the training loader yields sample id {int(unique[counts > 1][0])} more than once in one pass "
+            f"({int((counts > 1).sum())} of {unique.numel()} ids repeat): post-hoc estimators need each training sample "
+            "exactly once (one epoch, no repeats). If the batches carry no sample ids, the default sample_ids(batch) reads "
+            "their last element (the labels?) as ids: wrap the dataset, DataLoader(lightning_influence.IndexedDataset(dataset), "
+            "...), or override sample_ids(batch)"
+        )
 
 
 def check_differentiable_losses(module: L.LightningModule, batch: Any, owner: str) -> None:

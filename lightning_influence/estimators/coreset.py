@@ -32,12 +32,22 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_influence.callbacks.checks import check_dataset_ids
 from lightning_influence.callbacks.forgetting import ForgettingEvents, OutputsFn, check_outputs_contract, model_outputs
-from lightning_influence.estimators.base import Estimator, Target, attributed_space, device_batches, posthoc_training, progress
+from lightning_influence.estimators.base import (
+    Estimator,
+    Target,
+    attributed_space,
+    check_unique_ids,
+    device_batches,
+    posthoc_training,
+    progress,
+)
 from lightning_influence.kernels import evaluation_mode, per_sample_gradients
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.validation import check_count
@@ -63,8 +73,10 @@ def per_sample_values(
 ) -> tuple[Tensor, Tensor]:
     """``fn(batch) -> Tensor[B, ...]`` over every batch of ``loader`` (moved to the module's
     device), with the module in evaluation mode. Returns ``(ids, values)``: the sample ids
-    sorted ascending, each once (a sample yielded again keeps its first value), and the values
-    as float64 on the CPU, in id order."""
+    sorted ascending and the values as float64 on the CPU, in id order. A loader that yields an
+    id twice (or batches without ids, whose labels the default ``sample_ids`` would read) is
+    refused (:func:`~lightning_influence.estimators.base.check_unique_ids`)."""
+    check_dataset_ids(getattr(loader, "loader", loader), module)
     ids_parts: list[Tensor] = []
     value_parts: list[Tensor] = []
     grad_context = torch.no_grad() if no_grad else torch.enable_grad()
@@ -80,11 +92,9 @@ def per_sample_values(
     if not ids_parts:
         raise ValueError("the training loader produced no batches: nothing to score")
     ids, values = torch.cat(ids_parts), torch.cat(value_parts)
+    check_unique_ids(ids)
     order = torch.argsort(ids, stable=True)
-    ids, values = ids[order], values[order]
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[1:] = ids[1:] != ids[:-1]
-    return ids[first], values[first]
+    return ids[order], values[order]
 
 
 def _metadata(estimator: Estimator, units: str, higher_means: str, **extra: Any) -> dict[str, Any]:
@@ -233,7 +243,8 @@ class Forgetting(_ClassScores, Estimator):
 
 class RandomScores(Estimator):
     """The random-selection baseline: a uniform number in ``[0, 1)`` per sample, a function of
-    ``seed`` and the sample id only (reproducible, independent of the loader's order).
+    ``seed`` and the sample id only (reproducible, independent of the loader's order and of the
+    other ids; :func:`uniform_hash`).
     Dimensionless; higher means nothing. ``target`` is ignored."""
 
     name: ClassVar[str] = "random"
@@ -246,8 +257,25 @@ class RandomScores(Estimator):
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         ids, _ = per_sample_values(module, train_loader, lambda batch: torch.zeros(module.sample_ids(batch).numel()), show_progress=False)  # type: ignore[operator]
-        draws = torch.rand(int(ids.max()) + 1, generator=torch.Generator().manual_seed(self.seed), dtype=torch.float64)
-        return InfluenceScores(ids, draws[ids], _metadata(self, "uniform random number in [0, 1)", "nothing (random baseline)", seed=self.seed))
+        return InfluenceScores(ids, uniform_hash(ids, self.seed), _metadata(self, "uniform random number in [0, 1)", "nothing (random baseline)", seed=self.seed))
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on ``uint64`` values (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform_hash(ids: Tensor, seed: int) -> Tensor:
+    """A uniform float64 in ``[0, 1)`` per id, a function of ``(seed, id)`` alone (SplitMix64 of
+    the id keyed by the seed): the same for an id whatever the other ids, their order or their
+    size (ids up to 2**63), in O(len(ids)) memory."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+        bits = _splitmix64(ids.cpu().numpy().astype(np.uint64) ^ key)
+    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
 
 class FinalLoss(Estimator):

@@ -19,14 +19,14 @@ class DiffInEstimator(Estimator):
 
     name: ClassVar[str] = "diffin"
     records_training: ClassVar[bool] = True
+    options_from: ClassVar[type | None] = DiffIn
 
     def __init__(self, **options: Any) -> None:
         self.options = options
-        self._callback: DiffIn | None = None
+        self._callback: DiffIn | None = DiffIn(**options)  # validates the options now
 
     def callback(self) -> DiffIn:
-        if self._callback is None:
-            self._callback = DiffIn(**self.options)
+        assert self._callback is not None
         return self._callback
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:

@@ -44,6 +44,7 @@ from lightning_influence.estimators.base import (
     TrainingPasses,
     as_target,
     attributed_space,
+    check_unique_ids,
     device_batches,
     posthoc_training,
     progress,
@@ -122,22 +123,13 @@ def _directional_scores(
     if not rows:
         raise ValueError("the training loader produced no batches")
     id_vec, values = torch.cat(ids), torch.cat(rows)
-    _check_unique(id_vec)
+    check_unique_ids(id_vec)
     n = id_vec.numel()
     if n < 2:
         raise ValueError("influence scores need at least 2 training samples")
     if centered:
         values = values - values.mean(0, keepdim=True)
     return id_vec, values / (n - 1)
-
-
-def _check_unique(ids: Tensor) -> None:
-    unique, counts = ids.unique(return_counts=True)
-    if bool((counts > 1).any()):
-        raise ValueError(
-            f"the training loader yields sample id {int(unique[counts > 1][0])} more than once in one pass: post-hoc "
-            "estimators need each training sample exactly once (one epoch, no repeats)"
-        )
 
 
 def _target_columns(target: Target, module: L.LightningModule, train_loader: Iterable[Any], loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor) -> Tensor:
@@ -167,7 +159,10 @@ class InfluenceFunction(Estimator):
       the count of negative eigenvalues and the fix) and set ``solver_indefinite`` in the metadata;
       ``"cg"`` refuses it.
     - ``damping`` (default ``1e-3``) with ``damping_scale="mean_eigenvalue"`` (``lambda = damping *
-      trace(C) / P``) or ``"absolute"``.
+      trace(C) / P``; the trace is exact for ``exact``, ``ekfac`` and ``kfac``, a 16-probe Hutchinson
+      estimate for the matrix-free solvers, so their ``lambda`` differs by that estimate's error;
+      the value used is ``metadata["damping_value"]``) or ``"absolute"`` (the same ``lambda`` for
+      every solver).
     - ``hvp``: ``"autograd"`` (exact double-backward, default) or ``"finite_difference"``.
     - ``params``: fnmatch patterns of the attributed parameters (default: all trainable ones;
       the others are held fixed).
@@ -416,7 +411,7 @@ class DataInf(Estimator):
             if not ids:
                 raise ValueError("the training loader produced no batches")
             id_vec = torch.cat(ids)
-            _check_unique(id_vec)
+            check_unique_ids(id_vec)
             norm2, dot = torch.cat(norms), torch.cat(dots)  # [n, nb], [n, nb, Q]
             n = id_vec.numel()
             lam = self.damping * norm2.mean(0) / dims if self.damping_scale == "mean_eigenvalue" else torch.full((nb,), self.damping, dtype=torch.float64, device=norm2.device)

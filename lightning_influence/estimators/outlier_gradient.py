@@ -112,6 +112,13 @@ class OutlierGradient(Estimator):
             return -squared if self.method == "self_influence" else -squared.sqrt()
 
         ids, values = per_sample_values(module, train_loader, features, description="outlier gradients", show_progress=self.progress, no_grad=False)
+        if not bool(values.ne(0).any()):
+            chosen = "params" if self.params else "the default (the last module with trainable parameters, in registration order)"
+            raise ValueError(
+                f"outlier_gradient: the per-sample gradients of {list(space.names)} ({chosen}) are zero on every training sample, "
+                "so every score would be 0: the loss does not use these parameters (an unused or auxiliary head?). Pass "
+                "params=[...] naming the layer that computes the outputs, e.g. params=['head.*']"
+            )
         if self.method == "isolation_forest":
             forest = _isolation_forest()(random_state=self.seed, **self.detector_options)
             matrix = values.numpy()

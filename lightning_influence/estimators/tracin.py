@@ -56,6 +56,7 @@ class TracIn(Estimator):
 
     name: ClassVar[str] = "tracin"
     records_training: ClassVar[bool] = True
+    options_from: ClassVar[type | None] = TracInCallback
 
     def __init__(self, **options: Any) -> None:
         self.options = options
