@@ -35,6 +35,7 @@ from lightning_influence.evaluation import (
     spearman,
     target_loss,
 )
+from lightning_influence.kernels import evaluation_mode
 from lightning_influence.models import Classifier
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -662,3 +663,159 @@ def test_float32_target_batches_of_a_64_true_fit_are_evaluated_as_training_saw_t
     exact = leave_one_out(module, initial, recorder.steps, recorder.optimizer, ids, target64)
     torch.testing.assert_close(widened, exact, rtol=0, atol=0)
     assert float(exact.abs().max()) > 0
+
+
+# --- models torch.func cannot evaluate; the same function as the differentiable path ---------------
+
+
+def token_batches(n: int = 32, length: int = 6, vocab: int = 10, size: int = 8, seed: int = 0) -> list[Batch]:
+    """Right-padded token sequences (0 = padding, lengths 2..length) with binary labels, ids 0..n-1."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab, (n, length), generator=g)
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    for i in range(n):
+        tokens[i, lengths[i] :] = 0
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids = torch.arange(n)
+    return [(tokens[i : i + size], labels[i : i + size], ids[i : i + size]) for i in range(0, n, size)]
+
+
+class _PackedLSTM(Classifier):
+    """An LSTM fed with ``pack_padded_sequence`` (padded text): vmap cannot batch ``_pack_padded_sequence``
+    and ``torch.func.grad`` cannot run the packed LSTM ("Cannot access data pointer of Tensor that
+    doesn't have storage"), while plain autograd can."""
+
+    def __init__(self) -> None:
+        super().__init__(in_features=4, num_classes=2, hidden=())
+        self.emb = nn.Embedding(10, 4)
+        self.rnn = nn.LSTM(4, 4, batch_first=True)
+        self.drop_last_loss = False
+
+    def per_sample_loss(self, batch: Any) -> Tensor:
+        tokens, labels = batch[0], batch[1]
+        lengths = (tokens != 0).sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(tokens), lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        losses = nn.functional.cross_entropy(self.net(h[-1]), labels, reduction="none")
+        return losses[:-1] if self.drop_last_loss else losses
+
+
+def grad_enabled_target(module: nn.Module, params: dict[str, Tensor], target: Sequence[Any]) -> float:
+    """The mean per-sample target loss in evaluation mode as the estimators compute it: with gradients
+    enabled, on a module copy whose parameters require them."""
+    model = copy.deepcopy(module).eval()
+    model.load_state_dict(params, strict=False)
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.enable_grad():
+        return float(torch.cat([model.per_sample_loss(b) for b in target]).mean().detach())
+
+
+def test_packed_sequence_lstm_is_retrained_run_by_run_as_the_sequential_reference() -> None:
+    """Before: a misleading refusal blaming activation checkpointing (the fallback to one run at a time
+    depended on the wording of vmap's error)."""
+    batches = token_batches()
+    steps = [TrainingStep(batches=(b,), lrs=(0.1,)) for _ in range(2) for b in batches]
+    torch.manual_seed(0)
+    module = _PackedLSTM().double()
+    initial = initial_of(module)
+    spec = OptimizerSpec(torch.optim.Adam, (tuple(initial),), ({"lr": 0.01},))
+    removals: list[tuple[int, ...]] = [(0,), (), (3, 9, 30)]
+    out = retrain(module, initial, steps, spec, removals, chunk_size=2)
+    for k, removed in enumerate(removals):
+        assert_params_close(run_of(out, k), reference_run(module, initial, steps, spec, removed), atol=1e-12)
+
+    target = token_batches(n=12, size=5, seed=1)
+    ids = [0, 5, 17]
+    scores = leave_one_out(module, initial, steps, spec, ids, target, chunk_size=2)
+    base = grad_enabled_target(module, reference_run(module, initial, steps, spec), target)
+    retrained = [reference_run(module, initial, steps, spec, (z,)) for z in ids]
+    expected = [grad_enabled_target(module, params, target) - base for params in retrained]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0.0)
+    assert float(scores.abs().min()) > 1e-8
+
+
+def test_errors_the_run_by_run_evaluation_raises_too_keep_their_message() -> None:
+    """The model's own error surfaces as itself, not as vmap's (or as advice about checkpointing)."""
+    batches = token_batches()
+    steps = [TrainingStep(batches=(b,), lrs=(0.1,)) for b in batches]
+    torch.manual_seed(0)
+    module = _PackedLSTM().double()
+    initial = initial_of(module)
+    module.drop_last_loss = True  # one loss too few: the retraining's own check of the loss shape
+    message = r"per_sample_loss returned shape \(7,\) at step 0 \(micro-batch 0\)"
+    with pytest.raises(ValueError, match=message) as caught:
+        retrain(module, initial, steps, plain_sgd([list(initial)]), [(), (1,)])
+    assert caught.value.__context__ is None and caught.value.__cause__ is None
+
+
+class _PaddedTransformer(Classifier):
+    """A two-layer TransformerEncoder with a key padding mask, mean-pooled over all positions (padding
+    included): in evaluation mode without gradients PyTorch's fast path (nested tensors) returns zeros at
+    the padded positions, a different function from the one gradients go through."""
+
+    def __init__(self) -> None:
+        super().__init__(in_features=8, num_classes=2, hidden=())
+        self.emb = nn.Embedding(10, 8, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.enc = nn.TransformerEncoder(layer, 2)
+        self.fail = False
+
+    def per_sample_loss(self, batch: Any) -> Tensor:
+        if self.fail:
+            raise RuntimeError("the loss failed")
+        tokens, labels = batch[0], batch[1]
+        h = self.enc(self.emb(tokens), src_key_padding_mask=tokens == 0)
+        return nn.functional.cross_entropy(self.net(h.mean(1)), labels, reduction="none")
+
+
+def test_target_loss_is_the_differentiable_function_not_the_attention_fast_path() -> None:
+    torch.manual_seed(0)
+    module = _PaddedTransformer().double()
+    target = token_batches(n=12, size=6, length=8, seed=1)
+    params = initial_of(module)
+    differentiable = grad_enabled_target(module, params, target)
+    assert torch.backends.mha.get_fastpath_enabled()
+    with evaluation_mode(module), torch.no_grad(), warnings.catch_warnings():  # what the ground truth computed before
+        warnings.simplefilter("ignore")  # nested tensors are a prototype
+        fast = float(torch.cat([module.per_sample_loss(b) for b in target]).mean())
+    assert abs(fast - differentiable) > 1e-4  # the fast path really is another function here
+
+    assert float(target_loss(module, params, target)) == pytest.approx(differentiable, abs=1e-12)
+    stacked = {n: torch.stack([p, p + 0.01]) for n, p in params.items()}
+    values = target_loss(module, stacked, target)
+    for k in range(2):
+        assert float(values[k]) == pytest.approx(grad_enabled_target(module, run_of(stacked, k), target), abs=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+    module.fail = True
+    with pytest.raises(RuntimeError, match="the loss failed"):
+        target_loss(module, params, target)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after an error as well
+    module.fail = False
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        target_loss(module, params, target)
+        assert not torch.backends.mha.get_fastpath_enabled()  # restored to what it was, not switched on
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+
+
+def test_leave_one_out_of_a_padded_transformer_is_that_of_the_differentiable_loss() -> None:
+    batches = token_batches(n=24, length=8)
+    steps = [TrainingStep(batches=(b,), lrs=(0.05,)) for b in batches]
+    torch.manual_seed(0)
+    module = _PaddedTransformer().double()
+    initial = initial_of(module)
+    spec = plain_sgd([list(initial)])
+    target = token_batches(n=12, size=6, length=8, seed=1)
+    ids = [0, 9, 20]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap's fallback for attention kernels without a batching rule
+        scores = leave_one_out(module, initial, steps, spec, ids, target)
+    base = grad_enabled_target(module, reference_run(module, initial, steps, spec), target)
+    retrained = [reference_run(module, initial, steps, spec, (z,)) for z in ids]
+    expected = [grad_enabled_target(module, params, target) - base for params in retrained]
+    torch.testing.assert_close(scores, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=0.0)
+    assert torch.backends.mha.get_fastpath_enabled()

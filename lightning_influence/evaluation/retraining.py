@@ -44,13 +44,19 @@ independent runs only for optimizers whose update is elementwise per coordinate 
 and the update of a coordinate depend on that coordinate's history and on the step count
 alone): :data:`SUPPORTED_OPTIMIZERS`. Anything else (LBFGS, optimizers with per-tensor norms
 or factored statistics such as Adafactor, subclasses that may change the update) is refused.
+
+Where ``vmap`` (or ``torch.func`` at all) cannot evaluate the model -- an operation without a
+batching rule such as ``nn.GRU``, or ``pack_padded_sequence`` into an RNN -- the gradients are
+computed one run at a time by plain autograd over ``functional_call`` (the same values, slower); an
+error that the run-by-run evaluation raises too is the model's own and is raised with its own message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -376,7 +382,8 @@ def _check_functional_gradient(
 
     On the first micro-batch of ``step``: the training forward must not write module buffers
     (power iterations, custom running statistics), and the gradient as the retraining computes it
-    (``torch.func.grad`` over ``functional_call``, vmapped) must equal plain autograd on the module
+    (``torch.func.grad`` over ``functional_call``, vmapped; plain autograd over ``functional_call``, run
+    by run, where torch.func cannot evaluate the model) must equal plain autograd on the module
     holding the same values (:func:`~lightning_influence.kernels.check_functional_gradient`, at a
     point shifted from the initial parameters). Catches what reads parameters outside the
     functional call (activation checkpointing, a module keeping its own reference to a weight).
@@ -408,7 +415,7 @@ def _check_functional_gradient(
             return loss_fn({**state, **params}, batch).mean()
 
         stacked = {n: v.unsqueeze(0) for n, v in point.items()}
-        return {n: v[0] for n, v in _Vectorize()(torch.func.grad(mean_loss), stacked).items()}
+        return {n: v[0] for n, v in _Vectorize().grad(mean_loss, stacked).items()}
 
     check_functional_gradient(module, functional, probe, batch, held=step.varying, owner="the retraining")
 
@@ -511,7 +518,7 @@ def retrain(
         remove = module.remove_from_batch
     loss_fn = per_sample_loss_function(module)
     chunks: list[dict[str, Tensor]] = []
-    with module_mode(module, training=True), torch.no_grad():
+    with module_mode(module, training=True), torch.no_grad(), _differentiable_attention():
         if steps and removal_sets:
             _check_functional_gradient(module, loss_fn, initial_params, trained, steps[0])
         for start in range(0, len(removal_sets), chunk_size):
@@ -591,7 +598,7 @@ def _retrain_chunk(
                 mean = (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
                 return mean / norm
 
-            micro = vectorize(torch.func.grad(weighted_loss), theta, weights)
+            micro = vectorize.grad(weighted_loss, theta, weights)
             # accumulated in micro-batch order, as successive backward passes do
             grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
         assert grads is not None  # a TrainingStep has at least one micro-batch
@@ -615,24 +622,69 @@ def _holding(loss_fn: PerSampleLossFn, values: Mapping[str, Tensor]) -> PerSampl
 
 
 class _Vectorize:
-    """``torch.func.vmap(fn)(*args)`` over dim 0 of every argument, or, once an operation of the
-    model turns out to have no batching rule (e.g. ``nn.GRU``), a loop over the runs with the
-    results stacked: the same values, one run at a time."""
+    """Evaluate a function of per-run arguments stacked along dim 0 for every run at once
+    (``torch.func.vmap``), or run by run with the results stacked: the same values either way.
+
+    The run-by-run loop takes over, for this and every later call, once the vectorised evaluation
+    fails in any way while the loop succeeds: an operation without a batching rule (``nn.GRU``), or
+    one that torch.func cannot run at all (``pack_padded_sequence`` into an RNN: "Cannot access data
+    pointer of Tensor that doesn't have storage"), whatever the error's wording. For gradients the loop
+    uses plain autograd (:meth:`grad`), since ``torch.func.grad`` fails on such operations as well. An
+    error that the loop raises too is the model's own, and is raised as the loop raises it."""
 
     def __init__(self) -> None:
         self.loop = False
 
     def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``vmap(fn)(*args)``, or ``fn`` applied to each run's slice of ``args``, stacked."""
+        return self._run(lambda: torch.func.vmap(fn)(*args), lambda: _each_run(fn, *args))
+
+    def grad(self, fn: Callable[..., Tensor], params: dict[str, Tensor], *args: Any) -> dict[str, Tensor]:
+        """Per-run gradient ``{name: Tensor[K, *shape]}`` of the scalar ``fn(params_k, *args_k)`` with
+        respect to ``params_k`` (``vmap(grad(fn))``, or plain autograd one run at a time)."""
+        return self._run(
+            lambda: torch.func.vmap(torch.func.grad(fn))(params, *args),
+            lambda: _each_run(_autograd_gradient(fn), params, *args),
+        )
+
+    def _run(self, vectorised: Callable[[], Any], sequential: Callable[[], Any]) -> Any:
         if not self.loop:
             try:
-                return torch.func.vmap(fn)(*args)
-            except (RuntimeError, NotImplementedError) as err:
-                if "atching rule" not in str(err) and "vmap" not in str(err):
-                    raise
-                self.loop = True
-        size = torch.utils._pytree.tree_leaves(args)[0].shape[0]
-        runs = [fn(*torch.utils._pytree.tree_map(lambda a, j=j: a[j], args)) for j in range(size)]
-        return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *runs)
+                return vectorised()
+            except Exception:  # noqa: BLE001 - whatever vmap raises, the loop decides whether it is the model's error
+                pass
+        # outside the handler: an error of the loop is raised as itself, not as a consequence of vmap's
+        result = sequential()
+        self.loop = True
+        return result
+
+
+def _each_run(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn`` on each run's slice (index ``j`` of dim 0) of every tensor of ``args``, stacked over runs."""
+    size = torch.utils._pytree.tree_leaves(args)[0].shape[0]
+    runs = [fn(*torch.utils._pytree.tree_map(lambda a, j=j: a[j], args)) for j in range(size)]
+    return torch.utils._pytree.tree_map(lambda *parts: torch.stack(parts), *runs)
+
+
+def _autograd_gradient(fn: Callable[..., Tensor]) -> Callable[..., dict[str, Tensor]]:
+    """``torch.func.grad(fn)`` computed by plain autograd: the gradient of the scalar ``fn(params, *args)``
+    with respect to ``params`` (a dict of tensors), zero for a parameter the value does not depend on, dense."""
+
+    def gradient(params: dict[str, Tensor], *args: Any) -> dict[str, Tensor]:
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        with torch.enable_grad():
+            value = fn(leaves, *args)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise RuntimeError(f"expected a scalar loss to differentiate, got {type(value).__name__}")
+            if not value.requires_grad:
+                return {n: torch.zeros_like(p) for n, p in leaves.items()}
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        return {
+            n: torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g)
+            for (n, p), g in zip(leaves.items(), grads, strict=True)
+        }
+
+    return gradient
 
 
 def _coupled_gradients(
@@ -680,7 +732,7 @@ def _coupled_gradients(
 
         index = torch.tensor(runs, device=theta[trained[0]].device)
         part = {n: theta[n].index_select(0, index) for n in trained}
-        grads = vectorize(torch.func.grad(mean_loss), part)
+        grads = vectorize.grad(mean_loss, part)
         for n in trained:
             out[n].index_copy_(0, index, grads[n].to(out[n].dtype))
     return out
@@ -698,6 +750,33 @@ def _clip(grads: dict[str, Tensor], trained: list[str], spec: OptimizerSpec, k: 
     total = torch.linalg.vector_norm(norms, 2, dim=1)
     coef = torch.clamp(spec.clip_val / (total + 1e-6), max=1.0)
     return {n: grads[n] * coef.to(grads[n].dtype).reshape(k, *([1] * (grads[n].ndim - 1))) for n in trained}
+
+
+@contextlib.contextmanager
+def _differentiable_attention() -> Iterator[None]:
+    """Evaluate attention as the differentiable path does: PyTorch's fast path of
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoder(Layer)`` off (``torch.backends.mha``), then
+    restored to what it was.
+
+    The fast path runs only in evaluation mode when no gradient is tracked (no_grad, or weights that do
+    not require one, as the parameters passed in here), and is not the same function: with a
+    key padding mask ``nn.TransformerEncoder`` converts its input to nested tensors and returns zeros at
+    the padded positions, where the regular path (the one every gradient goes through) returns values,
+    so a loss that pools over padded positions differs. Values computed under ``torch.no_grad()`` for the
+    ground truth must be those of the function the estimators differentiate. Nothing to do where the
+    installed torch has no such switch."""
+    mha = getattr(torch.backends, "mha", None)
+    get = getattr(mha, "get_fastpath_enabled", None)
+    set_ = getattr(mha, "set_fastpath_enabled", None)
+    if get is None or set_ is None:
+        yield
+        return
+    previous = bool(get())
+    set_(False)
+    try:
+        yield
+    finally:
+        set_(previous)
 
 
 def _stacked(module: nn.Module, params: Mapping[str, Tensor]) -> bool:
@@ -736,6 +815,12 @@ def target_loss(
     unstacked, ``{name: Tensor[*shape]}``, giving a float64 0-d tensor. Units: the loss's.
     A float64 module evaluates lower-precision floating inputs converted to float64, as
     Lightning's ``precision="64-true"`` converts the batches its loops feed the module.
+
+    The loss evaluated is the one the estimators differentiate: the same function as with gradients
+    enabled. PyTorch's fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoder`` (taken only in
+    evaluation mode when no gradient is tracked; with a ``src_key_padding_mask`` it runs on nested tensors and
+    returns zeros at padded positions, so a loss that pools over them changes) is switched off while
+    evaluating (``torch.backends.mha.set_fastpath_enabled(False)``) and restored afterwards.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -750,7 +835,7 @@ def target_loss(
     totals = torch.zeros(k, dtype=torch.float64)
     count = 0
     vectorize = _Vectorize()
-    with evaluation_mode(module), torch.no_grad():
+    with evaluation_mode(module), torch.no_grad(), _differentiable_attention():
         for batch in batches:
             if stacked:
                 parts = []
