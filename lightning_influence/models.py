@@ -20,6 +20,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
 }
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
@@ -100,7 +102,7 @@ class Classifier(InfluenceMixin, L.LightningModule):
 
     Batches are ``(x, y, index)`` tuples as produced by :class:`~lightning_influence.data.IndexedDataset`.
 
-    ``optimizer``: ``"sgd"``, ``"adam"`` or ``"adamw"`` with ``optimizer_options`` passed to it
+    ``optimizer``: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"adagrad"`` with ``optimizer_options`` passed to it
     (``momentum``, ``nesterov``, ``weight_decay``, ``betas``, ...). ``schedule``: ``"constant"``,
     ``"cosine"`` (per step, to zero at the last step), ``"warmup_cosine"`` (linear warm-up over the
     first 10% of steps, then cosine) or ``"step"`` (per epoch, halving every epoch).

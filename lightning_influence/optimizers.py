@@ -15,15 +15,18 @@ and ``g_t``. One mechanism for every family; a family only states its update.
 
 Modelled (per parameter group, any mix): ``torch.optim.SGD`` with momentum, dampening,
 Nesterov, coupled weight decay and ``maximize``; ``torch.optim.Adam`` / ``AdamW`` with coupled
-or decoupled weight decay, ``amsgrad`` and ``maximize``. The learning rate and every other
+or decoupled weight decay, ``amsgrad`` and ``maximize``; ``torch.optim.RMSprop`` with
+``alpha``, momentum, ``centered``, weight decay and ``maximize``; ``torch.optim.Adagrad`` with
+``lr_decay``, ``initial_accumulator_value``, weight decay and ``maximize``. The learning rate and every other
 hyperparameter are read per step, so any scheduler (including ones that cycle momentum or
 betas) is followed. Gradient clipping by norm (over all parameters of the optimizer) or by
 value.
 
-Adam's second moment: ``second_moment="linearized"`` (default) differentiates ``v_t`` too, so
-the removed sample's effect on the preconditioner is carried; ``"frozen"`` treats the
+The second moment of the adaptive families (Adam's ``v``, RMSprop's ``square_avg`` and
+``grad_avg``, Adagrad's ``sum``): ``second_moment="linearized"`` (default) differentiates it too,
+so the removed sample's effect on the preconditioner is carried; ``"frozen"`` treats the
 preconditioner ``lr / (sqrt(v_hat) + eps)`` as fixed along the trajectory (cheaper to reason
-about; the README measures what it costs).
+about; the README measures what it costs for Adam).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ ClipAlgorithm = Literal["norm", "value"]
 
 SUPPORTED_OPTIMIZERS = (
     "torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize), torch.optim.Adam and "
-    "torch.optim.AdamW (weight_decay, amsgrad, maximize)"
+    "torch.optim.AdamW (weight_decay, amsgrad, maximize), torch.optim.RMSprop (alpha, momentum, centered, "
+    "weight_decay, maximize) and torch.optim.Adagrad (lr_decay, initial_accumulator_value, weight_decay, maximize)"
 )
 
 
@@ -83,6 +87,15 @@ _ADAM = _Family(
     ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "bias_correction1", "bias_correction2", "sign", "amsgrad"),
     ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
 )
+_RMSPROP = _Family("rmsprop", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "sign"), ("square_avg", "momentum_buffer", "grad_avg"))
+_ADAGRAD = _Family("adagrad", ("lr", "lr_decay_factor", "eps", "weight_decay", "sign"), ("sum",))
+_FAMILIES: dict[type, _Family] = {
+    torch.optim.SGD: _SGD,
+    torch.optim.Adam: _ADAM,
+    torch.optim.AdamW: _ADAM,
+    torch.optim.RMSprop: _RMSPROP,
+    torch.optim.Adagrad: _ADAGRAD,
+}
 
 
 class StepModel:
@@ -105,12 +118,9 @@ class StepModel:
     ) -> None:
         inner = _unwrap(optimizer)
         kind = type(inner)
-        if kind is torch.optim.SGD:
-            self.family = _SGD
-        elif kind in (torch.optim.Adam, torch.optim.AdamW):
-            self.family = _ADAM
-        else:
+        if kind not in _FAMILIES:
             raise UnsupportedOptimizer(f"DiffIn does not model optimizer {kind.__name__}; supported: {SUPPORTED_OPTIMIZERS}")
+        self.family = _FAMILIES[kind]
         if clip_algorithm not in ("norm", "value"):
             raise ValueError(f"clip_algorithm must be 'norm' or 'value', got {clip_algorithm!r}")
         if second_moment not in ("linearized", "frozen"):
@@ -129,10 +139,14 @@ class StepModel:
         for g, group in enumerate(inner.param_groups):
             _check_group(kind, g, group)
         # Only the state this optimizer really carries is recorded.
-        if self.family is _SGD:
-            unused = set() if any(float(g.get("momentum", 0.0)) != 0.0 for g in inner.param_groups) else {"momentum_buffer"}
-        else:
-            unused = set() if any(g.get("amsgrad", False) for g in inner.param_groups) else {"max_exp_avg_sq"}
+        groups = inner.param_groups
+        unused: set[str] = set()
+        if self.family in (_SGD, _RMSPROP) and not any(float(g.get("momentum", 0.0)) != 0.0 for g in groups):
+            unused.add("momentum_buffer")
+        if self.family is _ADAM and not any(g.get("amsgrad", False) for g in groups):
+            unused.add("max_exp_avg_sq")
+        if self.family is _RMSPROP and not any(g.get("centered", False) for g in groups):
+            unused.add("grad_avg")
         self.state_names: tuple[str, ...] = tuple(n for n in self.family.state if n not in unused)
         self._expanded: tuple[Tensor, dict[str, Tensor], dict[str, float]] | None = None
 
@@ -142,8 +156,8 @@ class StepModel:
 
     @property
     def is_adaptive(self) -> bool:
-        """Adam/AdamW: the update divides by ``sqrt(v) + eps``, per coordinate."""
-        return self.family is _ADAM
+        """Adam/AdamW, RMSprop, Adagrad: the update divides by ``sqrt(v) + eps``, per coordinate."""
+        return self.family is not _SGD
 
     @property
     def is_stateless_sgd(self) -> bool:
@@ -172,6 +186,14 @@ class StepModel:
                 dampening = 0.0 if first else float(group.get("dampening", 0.0))
                 row = [float(group["lr"]), momentum, dampening, float(group.get("weight_decay", 0.0)),
                        float(bool(group.get("nesterov", False))), -1.0 if group.get("maximize", False) else 1.0]
+            elif self.family is _RMSPROP:
+                row = [float(group["lr"]), float(group["alpha"]), float(group["eps"]), float(group.get("weight_decay", 0.0)),
+                       float(group.get("momentum", 0.0)), float(bool(group.get("centered", False))),
+                       -1.0 if group.get("maximize", False) else 1.0]
+            elif self.family is _ADAGRAD:
+                done = float(st["step"]) if "step" in st else 0.0  # steps taken before this one
+                row = [float(group["lr"]), 1.0 / (1.0 + done * float(group.get("lr_decay", 0.0))), float(group["eps"]),
+                       float(group.get("weight_decay", 0.0)), -1.0 if group.get("maximize", False) else 1.0]
             else:
                 beta1, beta2 = (float(b) for b in group["betas"])
                 step = float(st["step"]) + 1.0 if "step" in st else 1.0
@@ -252,6 +274,10 @@ class StepModel:
             buf = _where(has_momentum, buf, torch.zeros_like(buf))
             step = _where(has_momentum, step, d)
             return theta - h["lr"] * step, {"momentum_buffer": buf}
+        if self.family is _RMSPROP:
+            return self._rmsprop(theta, state, g, h, uniform)
+        if self.family is _ADAGRAD:
+            return self._adagrad(theta, state, g, h, uniform)
         # Adam / AdamW (torch.optim's single-tensor formula)
         if uniform.get("weight_decay") != 0.0:
             decoupled = h["decoupled"] > 0
@@ -272,6 +298,43 @@ class StepModel:
             second = _where(amsgrad, new_state["max_exp_avg_sq"], v)
         denom = _sqrt_safe(second) / h["bias_correction2"].sqrt() + h["eps"]
         return theta - (h["lr"] / h["bias_correction1"]) * m / denom, new_state
+
+    def _second_moment_input(self, g: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        """``(g, previous)`` as the second-moment recursion sees them: detached when frozen."""
+        if self.second_moment == "frozen":
+            return g.detach(), previous.detach()
+        return g, previous
+
+    def _rmsprop(self, theta: Tensor, state: Mapping[str, Tensor], g: Tensor, h: Mapping[str, Tensor], uniform: Mapping[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+        """torch.optim.RMSprop's single-tensor formula (``g``: clipped, signed)."""
+        if uniform.get("weight_decay") != 0.0:
+            g = g + h["weight_decay"] * theta
+        g_v, previous = self._second_moment_input(g, state["square_avg"])
+        square_avg = h["alpha"] * previous + (1.0 - h["alpha"]) * g_v * g_v
+        new_state = {"square_avg": square_avg}
+        second = square_avg
+        if "grad_avg" in self.state_names:
+            centered = h["centered"] > 0
+            g_m, previous_mean = self._second_moment_input(g, state["grad_avg"])
+            grad_avg = previous_mean + (g_m - previous_mean) * (1.0 - h["alpha"])
+            new_state["grad_avg"] = _where(centered, grad_avg, torch.zeros_like(grad_avg))
+            second = _where(centered, square_avg - grad_avg * grad_avg, square_avg)
+        denom = _sqrt_safe(second) + h["eps"]
+        if "momentum_buffer" in self.state_names:
+            has_momentum = h["momentum"] > 0
+            buf = h["momentum"] * state["momentum_buffer"] + g / denom
+            new_state["momentum_buffer"] = _where(has_momentum, buf, torch.zeros_like(buf))
+            return theta - h["lr"] * _where(has_momentum, buf, g / denom), new_state
+        return theta - h["lr"] * g / denom, new_state
+
+    def _adagrad(self, theta: Tensor, state: Mapping[str, Tensor], g: Tensor, h: Mapping[str, Tensor], uniform: Mapping[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+        """torch.optim.Adagrad's single-tensor formula (``g``: clipped, signed); the learning rate
+        decays as ``lr / (1 + (step - 1) lr_decay)`` (``lr_decay_factor``, read per step)."""
+        if uniform.get("weight_decay") != 0.0:
+            g = g + h["weight_decay"] * theta
+        g_v, previous = self._second_moment_input(g, state["sum"])
+        total = previous + g_v * g_v
+        return theta - (h["lr"] * h["lr_decay_factor"]) * g / (_sqrt_safe(total) + h["eps"]), {"sum": total}
 
     def adjoint_scales(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[float, float] | None:
         """``(k, c)`` with ``a^theta = k * lambda`` and ``a^G = c * lambda`` when the step's transpose

@@ -13,7 +13,7 @@ import torch
 from conftest import digits_problem, quiet_trainer
 from lightning_influence import DiffIn
 from lightning_influence.evaluation import StepRecorder, leave_one_out, pearson, spearman
-from lightning_influence.models import Classifier
+from lightning_influence.models import OPTIMIZERS, Classifier
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ CASES: dict[str, Case] = {
     "adam-clip-norm": Case("adam", 2e-3, trainer={"gradient_clip_val": 0.5}),
     "sgd-clip-value": Case("sgd", 0.1, trainer={"gradient_clip_val": 0.02, "gradient_clip_algorithm": "value"}),
     "adamw-accumulate-3": Case("adamw", 2e-3, {"weight_decay": 0.01}, trainer={"accumulate_grad_batches": 3}),
+    "rmsprop": Case("rmsprop", 5e-4),
+    "rmsprop-centered-momentum-l2": Case("rmsprop", 5e-5, {"momentum": 0.9, "centered": True, "weight_decay": 1e-3}),
+    "adagrad-decay-l2": Case("adagrad", 0.02, {"lr_decay": 0.01, "weight_decay": 1e-3}),
 }
 
 
@@ -50,7 +53,7 @@ class _Grouped(Classifier):
         self.net[0].bias.requires_grad_(False)
         head = list(self.net[-1].parameters())
         body = [p for p in self.parameters() if all(p is not h for h in head)]
-        kind = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.optimizer_name]
+        kind = OPTIMIZERS[self.optimizer_name]
         optimizer = kind([{"params": body}, {"params": head, "lr": self.lr / 2}], lr=self.lr, **self.optimizer_options)
         if self.schedule == "step":
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)]

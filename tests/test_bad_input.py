@@ -560,8 +560,9 @@ def test_a_step_on_a_single_sample_is_warned_about_and_counted(small_digits):
 @pytest.mark.parametrize("value", [0, -3, 2.5, "8", True])
 def test_counts_given_to_estimators_and_recorders_are_refused_with_one_message(build, name, value):
     """Every count argument (steps, samples, chunk sizes) is checked alike: a positive int, the
-    value and its type named, never a raw TypeError from a comparison."""
-    with pytest.raises(ValueError, match=rf"{name} must be a positive int.*got {value!r} \({type(value).__name__}\)"):
+    value and its type named, never a raw TypeError from a comparison (a value of the wrong type
+    may be refused first by the estimators' option check, which names the same)."""
+    with pytest.raises((ValueError, TypeError), match=rf"{name} must be (a positive int|an integer).*got {value!r} \({type(value).__name__}\)"):
         build(value)
 
 
@@ -719,3 +720,90 @@ def test_a_run_diverged_by_a_nan_input_is_refused_at_the_end_naming_the_first_ba
     with pytest.raises(FloatingPointError, match=rf"final parameters are not finite.*optimizer step {step}, sample ids"):
         _fit_counting_warnings(_poisoned(small_digits.train, (step,)), cb, model)
     assert cb.skipped_steps == len(small_digits.train) - step and cb.scores is None
+
+
+# ---------------------------------------------------------------------------- found by using it on other models
+def test_a_target_loader_the_loss_cannot_read_is_refused_before_the_first_step(small_digits):
+    """``(x, y)`` validation batches where the loss unpacks ``(x, y, ids)``: refused at the first
+    batch naming the target loader, not after the whole fit with a bare unpacking error."""
+    pairs = FixedBatches([(x, y) for x, y, _ in small_digits.val.batches])
+    for mode in ("replay", "online"):
+        trainer = _refused(small_digits.train, r"per_sample_loss fails on the first batch of the target_loader \(ValueError: not enough values to unpack",
+                           DiffIn(target="val", target_loader=pairs, mode=mode), model=_model(_Unpacks3))
+        assert trainer.global_step == 0
+
+
+class _Unpacks3(Classifier):
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        x, y, _ = batch
+        return torch.nn.functional.cross_entropy(self(x), y, reduction="none")
+
+
+class _MeanOfSums(Classifier):
+    """Per-sample losses summed over the classes, training loss their mean over classes too: 10x apart."""
+
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        x, y, _ = batch
+        return torch.nn.functional.mse_loss(self(x), torch.nn.functional.one_hot(y, 10).to(x.dtype), reduction="none").sum(1)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y, _ = batch
+        return torch.nn.functional.mse_loss(self(x), torch.nn.functional.one_hot(y, 10).to(x.dtype))
+
+
+def test_a_reduction_mismatch_is_refused_at_the_first_step_however_small_the_losses(small_digits):
+    """The first-step check is relative to the losses' size: losses of ~1e-6 that differ 10-fold
+    are refused (an absolute tolerance let them through, to fail after fit with another diagnosis)."""
+    model = _model(_MeanOfSums, lr=1e-6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e-4)
+    tiny = FixedBatches([(x * 1e-3, y, i) for x, y, i in small_digits.train.batches])
+    trainer = _refused(tiny, r"per_sample_loss\(batch\).mean\(\) = .* but training_step returned loss .* on the first step", _val(small_digits), model=model)
+    assert trainer.global_step <= 1
+
+
+class _SmoothedInTraining(Classifier):
+    """Label smoothing in training mode only: a loss that reads ``self.training``."""
+
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        x, y, _ = batch
+        return torch.nn.functional.cross_entropy(self(x), y, reduction="none", label_smoothing=0.3 if self.training else 0.0)
+
+
+def test_a_loss_that_reads_self_training_is_refused_at_the_first_step(small_digits):
+    trainer = _refused(small_digits.train, r"differs between training and evaluation mode on the first step .*reads self.training",
+                       _val(small_digits), model=_model(_SmoothedInTraining))
+    assert trainer.global_step == 0
+
+
+class _BatchStream(IterableDataset):
+    def __init__(self, problem):
+        self.batches = problem.train.batches
+
+    def __iter__(self):
+        for x, y, i in self.batches:
+            yield from zip(x, y, i)
+
+
+@pytest.mark.parametrize("mode", ["replay", "online"])
+def test_a_train_target_over_a_stream_is_refused_before_the_first_step(small_digits, mode):
+    """An IterableDataset may never end (the target read would hang) and reading it may move what
+    training sees next: refused, pointing to a finite target loader."""
+    stream = DataLoader(_BatchStream(small_digits), batch_size=16)
+    trainer = _refused(stream, r"DiffIn\(target='train'\) reads the training set again .* a stream \(_BatchStream, an IterableDataset\).*target='val', target_loader=",
+                       DiffIn(target="train", mode=mode), max_steps=5)
+    assert trainer.global_step == 0
+
+
+def test_a_failed_fit_leaves_no_spilled_files(small_digits, tmp_path):
+    class FailsAtStep5(Classifier):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if self.global_step == 5:
+                raise RuntimeError("failed at step 5")
+            return super().training_step(batch, batch_idx)
+
+    cb = DiffIn(target="val", target_loader=small_digits.val, storage="disk", spill_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="failed at step 5"):
+        _fit(small_digits.train, cb, model=_model(FailsAtStep5))
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -380,8 +380,8 @@ def test_module_without_mixin_is_refused(small_digits):
 @pytest.mark.parametrize(
     "make_opt,match",
     [
-        (lambda p: torch.optim.RMSprop(p, lr=1e-3), "optimizer RMSprop"),
-        (lambda p: torch.optim.Adagrad(p, lr=1e-3), "optimizer Adagrad"),
+        (lambda p: torch.optim.Adamax(p, lr=1e-3), "optimizer Adamax"),
+        (lambda p: torch.optim.NAdam(p, lr=1e-3), "optimizer NAdam"),
         (lambda p: torch.optim.LBFGS(p, lr=0.1), "optimizer LBFGS"),
     ],
 )

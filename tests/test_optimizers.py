@@ -19,6 +19,12 @@ CONFIGS = {
     "adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
     "adamw-amsgrad": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
     "adam-foreach": (torch.optim.Adam, {"lr": 0.01, "foreach": True}),
+    "rmsprop": (torch.optim.RMSprop, {"lr": 0.01}),
+    "rmsprop-centered-momentum-l2": (torch.optim.RMSprop, {"lr": 0.01, "alpha": 0.9, "momentum": 0.8, "centered": True, "weight_decay": 0.05}),
+    "rmsprop-maximize-foreach": (torch.optim.RMSprop, {"lr": 0.01, "momentum": 0.5, "maximize": True, "foreach": True}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.1}),
+    "adagrad-decay-l2": (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.1, "weight_decay": 0.05}),
+    "adagrad-maximize-foreach": (torch.optim.Adagrad, {"lr": 0.1, "maximize": True, "foreach": True}),
 }
 
 
@@ -66,7 +72,11 @@ def test_update_reproduces_torch_optim_over_steps(name, clip):
 
 @pytest.mark.parametrize("clip", [None, ("norm", 0.7), ("norm", 1e3), ("value", 0.5)], ids=["noclip", "norm", "inactive", "value"])
 @pytest.mark.parametrize("second_moment", ["linearized", "frozen"])
-@pytest.mark.parametrize("name", ["sgd-wd", "sgd-maximize", "heavy-ball", "nesterov", "adam", "adam-l2", "adamw-amsgrad"])
+@pytest.mark.parametrize(
+    "name",
+    ["sgd-wd", "sgd-maximize", "heavy-ball", "nesterov", "adam", "adam-l2", "adamw-amsgrad", "rmsprop",
+     "rmsprop-centered-momentum-l2", "adagrad-decay-l2"],
+)
 def test_vjp_is_the_transpose_of_the_jvp(name, second_moment, clip):
     kind, options = CONFIGS[name]
     params = _params()
@@ -141,7 +151,7 @@ def test_plain_sgd_rebuild_is_torch_optim_sgd_bit_for_bit(weight_decay):
     torch.testing.assert_close(a_grad, scale * cot)
 
 
-@pytest.mark.parametrize("kind", [torch.optim.LBFGS, torch.optim.RMSprop, torch.optim.Adagrad])
+@pytest.mark.parametrize("kind", [torch.optim.LBFGS, torch.optim.Adamax, torch.optim.NAdam])
 def test_unmodelled_optimizers_are_refused(kind):
     params = _params()
     with pytest.raises(UnsupportedOptimizer, match="does not model optimizer .*supported: torch.optim.SGD"):

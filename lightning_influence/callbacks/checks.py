@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import IterableDataset, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.targets import TARGET_KINDS, TargetGradient, in_order
@@ -224,6 +224,8 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
     memory budget. A one-pass iterator is left alone (it is consumed by the target gradient), and so is
     the training loader (being iterated)."""
     source = callback._target_source
+    if callback.target == "train":
+        check_readable_training_set(trainer, type(callback).__name__)
     if callback.target == "train" or source is None:
         return
     loader = source()
@@ -231,7 +233,7 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
         return
     query = callback.target == "query"
     batches = samples = 0
-    sizes_known = True
+    sizes_known, evaluated = True, False
     with untouched_random_state(loader, trainer.strategy.root_device):  # a shuffling loader draws
         for batch in loader:
             batches += 1
@@ -240,6 +242,9 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
                 sizes_known = False
             else:
                 samples += size
+            if size != 0 and not evaluated:
+                evaluated = True
+                check_target_losses(trainer, batch, callback)
             if not query and size != 0:
                 break
     if samples == 0 and sizes_known:
@@ -262,6 +267,35 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
         dtype=torch.promote_types(space.dtype, torch.float32),
         adjoint_vectors=vectors,
     )
+
+
+def check_target_losses(trainer: L.Trainer, batch: Any, callback: Any) -> None:
+    """``per_sample_loss`` of one target batch (on the module's device, evaluation mode, no
+    gradient) must be a ``Tensor[B]``: a target loader whose batches the loss cannot read (say,
+    ``(x, y)`` batches where training's are ``(x, y, ids)``) is refused before training, naming
+    the loader, instead of failing in the first sweep."""
+    from lightning_influence.kernels import evaluation_mode
+
+    owner = type(callback).__name__
+    which = "target_loader" if callback.target_loader is not None else "validation loader"
+    pl_module = trainer.lightning_module
+    try:
+        device_batch = trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))  # as the target's batches
+        with evaluation_mode(pl_module), torch.no_grad():
+            losses = pl_module.per_sample_loss(device_batch)  # type: ignore[operator]
+    except Exception as error:
+        raise ValueError(
+            f"{owner}(target={callback.target!r}): per_sample_loss fails on the first batch of the {which} "
+            f"({type(error).__name__}: {error}). Its batches must have the structure of the training batches that "
+            "per_sample_loss reads (e.g. (x, y, ids): wrap the dataset in lightning_influence.IndexedDataset too)"
+        ) from error
+    size = batch_length(batch)
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or (size is not None and losses.shape[0] != size):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"{owner}(target={callback.target!r}): per_sample_loss returned {shape} on a batch of {size} samples of the "
+            f"{which}; the target needs one loss per sample, Tensor[B]"
+        )
 
 
 MEMORY_BUDGET_ENV = "LIGHTNING_INFLUENCE_MEMORY_BUDGET"
@@ -385,6 +419,21 @@ _END = object()
 
 def _world_size(trainer: L.Trainer) -> int:
     return int(getattr(trainer, "world_size", 1) or 1)
+
+
+def check_readable_training_set(trainer: L.Trainer, owner: str) -> None:
+    """``target="train"`` reads the training set again, in order (at the end of fit; online, at every
+    sweep): refused for a stream (an ``IterableDataset``), which may never end (the read would hang)
+    and whose reading may move what training sees next."""
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"{owner}(target='train') reads the training set again to compute its mean loss (at the end of fit, and at "
+            f"every sweep online), but the training data is a stream ({type(dataset).__name__}, an IterableDataset): it "
+            "may never end, and reading it may change what training sees next. Give the training samples as a finite "
+            f"loader instead: {owner}(target='val', target_loader=DataLoader(<the training samples>, ...)) scores "
+            "against their mean loss, the same target"
+        )
 
 
 def training_set_loader(loader: Any, trainer: L.Trainer) -> Iterable[Any]:

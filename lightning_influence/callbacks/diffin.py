@@ -329,6 +329,7 @@ class DiffIn(Callback):
         self._first_skipped: str | None = None  # where the first step with non-finite gradients was (for messages)
         self._num_samples: int | None = None  # the training dataset's length (set at the first batch)
         self._loss_check: Tensor | None = None
+        self._loss_scale = 0.0  # mean |per-sample loss| of the first batch: the scale of the first-step loss check
         self._loss_checked = False
         self._loss_dtype: torch.dtype | None = None
         """The per-sample losses' dtype (seen on the first batch): finite differences of a loss rounded to a
@@ -727,6 +728,9 @@ class DiffIn(Callback):
                     b.copy_(saved)
             check_losses(losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params))
             self._loss_check = losses.detach().mean()
+            self._loss_scale = float(losses.detach().abs().mean())
+            if not self._mixed and not has_mode_dependent_layers(pl_module) and not spectral_norm_layers(pl_module):
+                self._check_mode_independent_losses(pl_module, batch, losses.detach(), devices)
             if losses.dtype != self._loss_dtype:
                 self._loss_dtype = losses.dtype
                 if not self._kinks_pending:  # else set with the kinks, below
@@ -925,7 +929,7 @@ class DiffIn(Callback):
             )
 
     def _check_cancelled_parameters(self, pl_module: L.LightningModule, batch: Any, grads: list[Tensor]) -> None:
-        """Adam with batch norm, first step: a parameter whose training gradient is zero (up to
+        """An adaptive optimizer (Adam, RMSprop, Adagrad) with batch norm, first step: a parameter whose training gradient is zero (up to
         rounding) because train-mode batch statistics cancel it (the bias of a layer feeding a batch norm)
         keeps Adam's second moment at 0, so the linearised update scales it by ``lr / eps``; DiffIn's
         products run in evaluation mode, where it is not cancelled, and the propagation blows up.
@@ -1178,9 +1182,15 @@ class DiffIn(Callback):
         return (len(self._trajectory) if self._trajectory is not None else 0) + (self._held is not None)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A fit that failed (in training or in the end-of-fit sweep) or was interrupted leaves nothing
+        behind: no loss tap on the module, no recorded steps in memory, no spilled files (a resume
+        starts from a checkpoint, which holds its own copy of the steps)."""
         self._held = None
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)  # a fit that stopped mid-batch leaves no tap behind
+        if self._trajectory is not None:
+            self._trajectory.close()
+        self._trajectory, self._sweep, self._micro_batches = None, None, []
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -1280,6 +1290,25 @@ class DiffIn(Callback):
             theta, state = self._model.update(record.theta, record.state, grad, record.hyper, out=pool.take() if reuse else None)  # type: ignore[union-attr]
         return grad, theta, state
 
+    def _check_mode_independent_losses(self, pl_module: L.LightningModule, batch: Any, training: Tensor, devices: list[Any]) -> None:
+        """First step, a module without dropout, batch norm or spectral normalisation (whose power
+        iteration runs in training mode only): its per-sample losses must be the same
+        in evaluation mode, where DiffIn evaluates every loss, gradient and product. A loss that reads
+        ``self.training`` (label smoothing or a regulariser in training only) would otherwise be scored
+        as another function than the one trained (found after fit as a changed loss, if at all)."""
+        with torch.random.fork_rng(devices=devices), evaluation_mode(pl_module), torch.enable_grad():
+            evaluated = pl_module.per_sample_loss(batch).detach()  # type: ignore[operator]
+        tol = 1e-4 if training.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        difference = float((evaluated.to(training.dtype) - training).abs().max()) if evaluated.shape == training.shape else math.inf
+        if difference > tol * max(float(training.abs().max()), 1e-30):
+            raise ValueError(
+                f"per_sample_loss(batch) differs between training and evaluation mode on the first step (by up to "
+                f"{difference:.3g}, losses up to {float(training.abs().max()):.3g}) although the module has no dropout or batch "
+                "norm: the loss reads self.training (label smoothing, a regulariser or augmentation in training only?). "
+                "DiffIn evaluates every loss, gradient and Hessian product in evaluation mode, so it would score another "
+                "function than the one trained. Make per_sample_loss the same in both modes"
+            )
+
     def _compare_training_loss(self, outputs: Any, accumulate: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         self._loss_checked = True
@@ -1288,7 +1317,9 @@ class DiffIn(Callback):
         # Lightning reports the loss divided by accumulate_grad_batches; autocast computes it in low precision.
         expected, got = float(loss.detach()) * accumulate, float(self._loss_check)  # type: ignore[arg-type]
         tol = 2e-2 if self._mixed else 1e-4 if loss.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-        if not math.isclose(expected, got, rel_tol=tol, abs_tol=tol):
+        # Relative to the losses' size (the mean of their magnitudes: a mean of signed terms may cancel), never absolute:
+        # losses of 1e-5 that differ 4-fold are a mismatch.
+        if not math.isclose(expected, got, rel_tol=tol, abs_tol=tol * self._loss_scale):
             raise ValueError(
                 f"per_sample_loss(batch).mean() = {got!r} but training_step returned loss {expected!r} on the first "
                 "step: the per-sample losses must be the unreduced terms of the training loss (same reduction, "

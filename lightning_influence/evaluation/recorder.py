@@ -101,7 +101,7 @@ class StepRecorder(Callback):
         step = len(self.steps) + self.skipped_steps
         if [tuple(id(p) for p in group["params"]) for group in optimizer.param_groups] != self._group_ids:
             raise ValueError(f"the optimizer's parameter groups changed during fit (at step {step}): StepRecorder cannot follow")
-        if step == 0 and optimizer.state:
+        if step == 0 and any(float(st.get("step", 1)) != 0 for st in optimizer.state.values()):  # Adagrad starts with state at step 0
             raise ValueError(
                 "the optimizer already has state at the first step (a resumed run?): StepRecorder reproduces runs "
                 "that start from a fresh optimizer"
