@@ -11,6 +11,7 @@ forward-mode pass of the vector of per-sample losses.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -98,6 +99,20 @@ class ParameterSpace:
     def expand(self, per_parameter: Tensor) -> Tensor:
         """Repeat one scalar per parameter tensor to the flat layout (e.g. per-group learning rates)."""
         return per_parameter.repeat_interleave(torch.tensor(self.numels, device=per_parameter.device))
+
+
+def parameter_names(module: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter of ``module``, by ``id``: a tied parameter (an output layer
+    sharing the embedding's weight) has several, its ``named_parameters()`` name first."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def matches_any(names: Sequence[str], patterns: Sequence[str]) -> bool:
+    """Does one of a parameter's ``names`` match one of the fnmatch ``patterns``?"""
+    return any(fnmatch.fnmatchcase(name, pattern) for name in names for pattern in patterns)
 
 
 def per_sample_loss_function(module: nn.Module, method: str = "per_sample_loss") -> PerSampleLossFn:

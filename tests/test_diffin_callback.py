@@ -898,3 +898,31 @@ def test_the_training_target_of_a_subset_sampler_is_its_subset(small_digits):
         results.append(cb.scores)
     assert torch.equal(results[0].ids, torch.tensor(subset))
     torch.testing.assert_close(results[0].values, results[1].values, rtol=1e-10, atol=1e-14)
+
+
+def test_params_patterns_match_a_tied_parameter_under_any_of_its_names(small_digits):
+    """``params=["out.*"]`` on a module whose ``out.weight`` is ``emb.weight`` (tied) attributes
+    both of ``out``'s parameters, in DiffIn and in the post-hoc estimators' ``attributed_space``."""
+    from lightning_influence.estimators.base import attributed_space
+
+    class Tied(Classifier):
+        def __init__(self) -> None:
+            super().__init__(hidden=(8,))
+            self.emb = torch.nn.Embedding(10, 8)
+            self.out = torch.nn.Linear(8, 10)
+            self.out.weight = self.emb.weight  # tied: named_parameters() lists it as emb.weight only
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return self.out(torch.tanh(self.net[0](x)))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    assert [n for n, _ in model.named_parameters() if n.startswith(("emb", "out"))] == ["emb.weight", "out.bias"]
+    space = attributed_space(model, ["out.*"])[0]
+    assert sorted(space.names) == ["emb.weight", "out.bias"]
+    cb = DiffIn(target="val", target_loader=small_digits.val, params=["out.*"])
+    attributed, context = cb._split_parameters(model, model.configure_optimizers())
+    assert sorted(n for n, _ in attributed) == ["emb.weight", "out.bias"]
+    assert sorted(n for n, _ in context) == sorted(n for n, _ in model.named_parameters() if n.startswith("net."))
+    quiet_trainer(callbacks=[cb], max_epochs=1).fit(model, train_dataloaders=small_digits.train)
+    assert len(cb.scores) == small_digits.n and bool(cb.scores.values.ne(0).any())

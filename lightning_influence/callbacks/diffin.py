@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 import tempfile
@@ -49,6 +48,8 @@ from lightning_influence.kernels import (
     default_rel_step,
     evaluation_mode,
     has_mode_dependent_layers,
+    matches_any,
+    parameter_names,
     kinked_operations,
     losses_and_gradient,
     per_sample_loss_function,
@@ -145,7 +146,8 @@ class DiffIn(Callback):
             step's batch, with the block's summed step sizes: ``prod (I - H_s L_s) ~ I - H_t sum L_s``),
             k times fewer products; exact propagation is ``1``. Accuracy cost in the README.
         params: attribute through these parameters only (``fnmatch`` patterns on the names of
-            ``named_parameters()``, e.g. ``["head.*"]``): derivatives, Hessian products and the
+            ``named_parameters()``, e.g. ``["head.*"]``; a tied parameter matches under any of its
+            names, e.g. ``out.weight`` for an output layer sharing ``emb.weight``): derivatives, Hessian products and the
             propagated target gradient live in that subset; the other trainable parameters follow
             their recorded trajectory (stored with each step) but the removed sample's effect on
             them is not carried. Cheaper for large models; exact when the others are frozen.
@@ -653,23 +655,23 @@ class DiffIn(Callback):
     ) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
         """The optimizer's trainable parameters, split into the attributed ones (``params``
         patterns; all by default) and the others (recorded as context)."""
-        names = {id(p): n for n, p in pl_module.named_parameters()}
+        names = parameter_names(pl_module)  # a tied parameter matches a pattern under any of its names
         trained: list[tuple[str, Tensor]] = []
         for group in getattr(optimizer, "optimizer", optimizer).param_groups:
             for p in group["params"]:
                 if id(p) not in names:
                     raise ValueError("the optimizer holds a parameter that is not a parameter of the LightningModule")
                 if p.requires_grad:
-                    trained.append((names[id(p)], p))
+                    trained.append((names[id(p)][0], p))
         if self.params is None:
             return trained, []
-        unmatched = [pat for pat in self.params if not any(fnmatch.fnmatchcase(n, pat) for n, _ in trained)]
+        unmatched = [pat for pat in self.params if not any(matches_any(names[id(p)], [pat]) for _, p in trained)]
         if unmatched:
             raise ValueError(
                 f"params patterns {unmatched} match no trainable parameter in the optimizer; names look like "
                 f"{[n for n, _ in trained[:6]]}"
             )
-        attributed = [(n, p) for n, p in trained if any(fnmatch.fnmatchcase(n, pat) for pat in self.params)]
+        attributed = [(n, p) for n, p in trained if matches_any(names[id(p)], self.params)]
         return attributed, [(n, p) for n, p in trained if (n, p) not in attributed]
 
     # ------------------------------------------------------------------ training hooks

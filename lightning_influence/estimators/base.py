@@ -38,7 +38,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, per_sample_loss_function
+from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, matches_any, parameter_names, per_sample_loss_function
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TARGET_KINDS, TargetGradient, in_order
 from lightning_influence.validation import check_count, did_you_mean
@@ -337,11 +337,10 @@ def attributed_space(module: torch.nn.Module, params: list[str] | None = None) -
     """``(space, theta, loss_fn)`` for a trained module: the trainable parameters (or those whose
     names match one of the fnmatch patterns ``params``), their flat values, and the module's
     functional per-sample loss."""
-    import fnmatch
-
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if params:
-        named = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in params)]
+        aliases = parameter_names(module)  # a tied parameter matches a pattern under any of its names
+        named = [(n, p) for n, p in named if matches_any(aliases[id(p)], params)]
         if not named:
             names = [n for n, p in module.named_parameters() if p.requires_grad]
             raise ValueError(f"no trainable parameter name matches params={params}; the names are like {names[:6]}")
