@@ -198,13 +198,13 @@ def test_a_training_set_without_id_column_is_refused_by_every_post_hoc_estimator
 
 
 @pytest.mark.parametrize("name", ["el2n", "loss", "grand", "influence_function"])
-def test_batches_whose_ids_repeat_in_one_pass_are_refused(name):
+def test_batches_whose_ids_repeat_in_one_batch_are_refused(name):
     """A dataset of (x, y) pairs that is not a TensorDataset: the labels read as ids repeat."""
     x, y = load_digits_tensors(torch.float64)
     pairs = [(x[i], y[i]) for i in range(N)]
     _, val_set = _data()
     model = _fit(DataLoader(_data()[0], batch_size=16))
-    with pytest.raises(ValueError, match=r"yields sample id \d+ more than once in one pass .*reads their last element \(the labels\?\) as ids"):
+    with pytest.raises(ValueError, match=r"a training batch holds sample id \d+ more than once .*reads their last element \(the labels\?\) as ids"):
         _estimator(name).scores(model, DataLoader(pairs, batch_size=16), Target("val", DataLoader(val_set, batch_size=40)))
 
 

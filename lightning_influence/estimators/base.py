@@ -417,6 +417,7 @@ class TrainingPasses:
             if limit is not None and position >= limit:
                 break
             ids = torch.as_tensor(self.module.sample_ids(batch)).detach().reshape(-1).to("cpu", torch.long)  # type: ignore[operator]
+            check_batch_ids(ids)
             if reference is not None:
                 stray = ids[~torch.isin(ids, reference)]
                 if stray.numel():
@@ -471,6 +472,21 @@ def posthoc_training(module: L.LightningModule, train_loader: Iterable[Any], own
             raise ValueError(f"the training loader produced no batches: {owner} has nothing to score")
         check_differentiable_losses(module, first, owner)
     return passes
+
+
+def check_batch_ids(ids: Tensor) -> None:
+    """Refuse a training batch that holds a sample id twice: post-hoc estimators score each sample
+    once. The usual cause is batches without ids, whose labels the default ``sample_ids`` reads
+    instead (a loader that repeats whole epochs is fine: each sample keeps its one score)."""
+    unique, counts = ids.unique(return_counts=True)
+    if bool((counts > 1).any()):
+        raise ValueError(
+            f"a training batch holds sample id {int(unique[counts > 1][0])} more than once ({int((counts > 1).sum())} of "
+            f"{unique.numel()} ids repeat in a batch of {ids.numel()}): post-hoc estimators score each training sample once. "
+            "If the batches carry no sample ids, the default sample_ids(batch) reads their last element (the labels?) as "
+            "ids: wrap the dataset, DataLoader(lightning_influence.IndexedDataset(dataset), ...), or override "
+            "sample_ids(batch); a sampler drawing with replacement repeats samples too: score with a plain loader"
+        )
 
 
 def check_unique_ids(ids: Tensor) -> None:

@@ -43,7 +43,7 @@ from lightning_influence.estimators.base import (
     Estimator,
     Target,
     attributed_space,
-    check_unique_ids,
+    check_batch_ids,
     device_batches,
     posthoc_training,
     progress,
@@ -73,9 +73,10 @@ def per_sample_values(
 ) -> tuple[Tensor, Tensor]:
     """``fn(batch) -> Tensor[B, ...]`` over every batch of ``loader`` (moved to the module's
     device), with the module in evaluation mode. Returns ``(ids, values)``: the sample ids
-    sorted ascending and the values as float64 on the CPU, in id order. A loader that yields an
-    id twice (or batches without ids, whose labels the default ``sample_ids`` would read) is
-    refused (:func:`~lightning_influence.estimators.base.check_unique_ids`)."""
+    sorted ascending, each once (a sample yielded again, in a later epoch of the loader, keeps its
+    first value), and the values as float64 on the CPU, in id order. A batch that holds an id twice
+    (batches without ids, whose labels the default ``sample_ids`` would read) is refused
+    (:func:`~lightning_influence.estimators.base.check_batch_ids`)."""
     check_dataset_ids(getattr(loader, "loader", loader), module)
     ids_parts: list[Tensor] = []
     value_parts: list[Tensor] = []
@@ -84,6 +85,7 @@ def per_sample_values(
         batches = progress(device_batches(module, loader), description, show_progress, total=_loader_length(loader))
         for batch in batches:
             ids = module.sample_ids(batch).reshape(-1).to("cpu", torch.long)  # type: ignore[operator]
+            check_batch_ids(ids)
             values = fn(batch)
             if values.dim() == 0 or values.shape[0] != ids.numel():
                 raise ValueError(f"got {tuple(values.shape)} values for a batch of {ids.numel()} sample ids; expected [B, ...]")
@@ -92,9 +94,11 @@ def per_sample_values(
     if not ids_parts:
         raise ValueError("the training loader produced no batches: nothing to score")
     ids, values = torch.cat(ids_parts), torch.cat(value_parts)
-    check_unique_ids(ids)
     order = torch.argsort(ids, stable=True)
-    return ids[order], values[order]
+    ids, values = ids[order], values[order]
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[1:] = ids[1:] != ids[:-1]
+    return ids[first], values[first]
 
 
 def _metadata(estimator: Estimator, units: str, higher_means: str, **extra: Any) -> dict[str, Any]:
