@@ -88,6 +88,10 @@ def reference_run(
         options = {k: (False if k in ("foreach", "fused", "capturable", "differentiable") else v) for k, v in options.items()}
         groups.append({**options, "params": [params[n] for n in names]})
     opt = spec.optimizer_class(groups)
+    if isinstance(opt, torch.optim.Adagrad):  # a fresh Adagrad's accumulators start at its initial value
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["sum"] = torch.full_like(p, group["initial_accumulator_value"])
     trained = [p for names in spec.param_groups for n in names if (p := params[n]).requires_grad]
     removed_t = torch.tensor(sorted(removed), dtype=torch.long)
     for step in steps:
@@ -300,6 +304,16 @@ def _adam(groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
     return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20, eta_min=1e-3)
 
 
+def _adagrad(groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.Adagrad(groups, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=1e-2)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s)
+
+
+def _rmsprop(groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.RMSprop(groups, alpha=0.9, momentum=0.5, centered=True, weight_decay=1e-2)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20, eta_min=1e-3)
+
+
 def _adamw(groups: list[dict[str, Any]]) -> tuple[torch.optim.Optimizer, Any]:
     opt = torch.optim.AdamW(groups, amsgrad=True, weight_decay=0.05)
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.05, 0.02], total_steps=14, cycle_momentum=False)
@@ -320,7 +334,11 @@ class GradientProbe(Callback):
 
 
 @pytest.mark.parametrize("clip", ["norm", "value"])
-@pytest.mark.parametrize("make", [_sgd, _adam, _adamw], ids=["sgd-nesterov-wd", "adam-cosine", "adamw-amsgrad-onecycle"])
+@pytest.mark.parametrize(
+    "make",
+    [_sgd, _adam, _adamw, _adagrad, _rmsprop],
+    ids=["sgd-nesterov-wd", "adam-cosine", "adamw-amsgrad-onecycle", "adagrad-initial-accumulator", "rmsprop-centered"],
+)
 def test_retraining_reproduces_lightning_optimizers(digits: tuple[Tensor, Tensor], make: Callable, clip: str) -> None:
     x, y = digits
     batches = fixed_batches(x[:120], y[:120], size=12)  # 10 micro-batches: accumulation 3 leaves a last step of 1

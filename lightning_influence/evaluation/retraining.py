@@ -263,7 +263,24 @@ class OptimizerSpec:
 
 def _group_hyperparameters(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> dict[str, Any]:
     # only the optimizer's own options: schedulers add keys such as 'initial_lr' or 'max_lr'
-    return {k: _plain(group[k]) for k in optimizer.defaults if k != "params" and k in group}
+    options = {k: _plain(group[k]) for k in optimizer.defaults if k != "params" and k in group}
+    if isinstance(optimizer, torch.optim.Adagrad):
+        # torch fills every parameter's accumulator from the constructor's value, whatever a group says
+        options["initial_accumulator_value"] = _plain(optimizer.defaults["initial_accumulator_value"])
+    return options
+
+
+def _fresh_optimizer(spec: OptimizerSpec, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """``spec``'s optimizer over ``param_groups`` in the state a fresh one starts in: Adagrad's
+    accumulators filled with each group's ``initial_accumulator_value`` (its constructor reads
+    only its own argument, 0 when the options come in the groups)."""
+    optimizer = spec.optimizer_class(param_groups)
+    if isinstance(optimizer, torch.optim.Adagrad):
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    optimizer.state[p]["sum"].fill_(float(group.get("initial_accumulator_value", 0.0)))
+    return optimizer
 
 
 def hyperparameter_changes(spec: OptimizerSpec, optimizer: Any) -> list[str]:
@@ -552,7 +569,7 @@ def _retrain_chunk(
             if flag in options:
                 options[flag] = False
         param_groups.append({**options, "params": [theta[n] for n in groups[g]]})
-    opt = spec.optimizer_class(param_groups)
+    opt = _fresh_optimizer(spec, param_groups)
 
     # inverted index: sample id -> runs of this chunk that remove it
     runs_removing: dict[int, list[int]] = {}
