@@ -4,9 +4,10 @@
 directory. Call :func:`run` with a composed config to do the same in-process (``output_dir``
 must then be set).
 
-Before anything is set up or trained, :func:`run` checks the config
+Before anything is set up or trained, and before its start line, :func:`run` checks the config
 (:func:`lightning_influence.config.check_config`: the values of every ``_target_`` node against
-its constructor's signature, the model's sizes against the data). What the run prints (the
+its constructor's signature, the model's sizes against the data, the recipe's keys and
+out-of-range values, an ``output_dir`` that every job of a multirun would share). What the run prints (the
 run's summary, the recipe's tables, where the outputs went) and the warnings it raises are also
 written to the log files of the logging configuration, i.e. Hydra's job log
 ``<run dir>/lightning-influence.log``; a failure is logged there with its traceback.

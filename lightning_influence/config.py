@@ -1,7 +1,9 @@
 """Structured-config schemas of the recipes and the estimator group, registered in Hydra's
 ConfigStore so that a misspelt key, a wrong type or an unknown choice is refused when the
-config is composed (before any training), and out-of-range values when a recipe starts
-(:func:`recipe_params` calls each schema's ``__post_init__``).
+config is composed (before any training), and out-of-range values when the run starts, before
+anything is set up (:func:`check_config`, and the recipe itself, call :func:`recipe_params`, which
+runs each schema's ``__post_init__``). Composing does not check ranges: ``--cfg job`` prints
+them, and in a multirun each job checks its own values when it starts.
 
 The YAML files of ``lightning_influence.conf`` extend these schemas through their defaults
 lists (``recipe/cleaning.yaml`` starts from ``cleaning_schema``, every ``estimator/*.yaml``
@@ -57,11 +59,15 @@ __all__ = [
     "recipe_params",
     "estimator_params",
     "check_estimator_target",
+    "estimator_defaults",
+    "effective_estimator_options",
     "DATA_LINKED_MODEL_KEYS",
     "data_property",
     "check_target_node",
     "check_data_and_model",
     "check_top_level",
+    "check_output_dir",
+    "in_multirun",
     "check_config",
 ]
 
@@ -314,26 +320,113 @@ def estimator_params(node: DictConfig) -> EstimatorConfig:
     return EstimatorConfig(name=str(node.name), options=dict(options))
 
 
-def check_estimator_target(estimator: EstimatorConfig, target: TargetKind | str, target_samples: int | None = None) -> None:
+_ABSENT = object()
+
+
+def estimator_defaults(name: str) -> dict[str, tuple[Any, str]]:
+    """The default of each option of the estimator registered under ``name``, with whose default
+    it is: its constructor's keyword defaults and, for an estimator whose ``**options`` are its
+    callback's arguments (:attr:`~lightning_influence.estimators.base.Estimator.options_from`:
+    DiffIn, TracIn), the callback constructor's (``{"target": ("val", "DiffIn"), ...}``). Empty
+    where the name is not registered or its module does not import (refused elsewhere)."""
+    try:
+        from lightning_influence.estimators.base import estimator_class
+
+        cls = estimator_class(name)
+    except Exception:  # an unregistered name (refused with the choices) or a missing optional dependency
+        return {}
+    defaults: dict[str, tuple[Any, str]] = {}
+    for owner in (getattr(cls, "options_from", None), cls):
+        if owner is None:
+            continue
+        for key, param in (_parameters(owner.__init__) or {}).items():
+            if key != "self" and param.default is not _EMPTY and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+                defaults.setdefault(key, (param.default, owner.__name__))
+    return defaults
+
+
+def effective_estimator_options(estimator: EstimatorConfig) -> dict[str, tuple[Any, str | None]]:
+    """What each option of the estimator will be: ``(value, None)`` for the options its config
+    sets, ``(default, "<class>")`` for those it leaves to a constructor default
+    (:func:`estimator_defaults`)."""
+    result: dict[str, tuple[Any, str | None]] = {k: (v, owner) for k, (v, owner) in estimator_defaults(estimator.name).items()}
+    result.update({str(k): (v, None) for k, v in estimator.options.items()})
+    return result
+
+
+def check_estimator_target(
+    estimator: EstimatorConfig, target: TargetKind | str, target_samples: int | None = None, seed: int | None = None
+) -> None:
     """Refuse, before any training, estimator options that contradict the recipe: a recording
     estimator's ``target`` (what it records for during fit) other than ``recipe.target`` (what the
-    recipe scores and measures), or its ``target_samples`` other than a ``recipe.target_samples``
-    the recipe sets. The shipped estimator configs default both to the recipe's values."""
+    recipe scores and measures), its ``target_samples`` other than ``recipe.target_samples`` (a
+    subset where the recipe wants the whole target counts, and the other way round), and, with a
+    subset, its ``seed`` (which draws the subset) other than the recipe's ``seed``. The values
+    compared are the ones the estimator will use: the options its config sets, else its (or its
+    callback's) constructor defaults (:func:`effective_estimator_options`): an estimator config
+    without ``options.target`` records for DiffIn's default ``val``. The shipped estimator configs
+    follow the recipe's values (``target: ${recipe.target}``, ...)."""
     wanted = target.value if isinstance(target, Enum) else str(target)
-    options = estimator.options
-    if "target" in options and options["target"] is not None and str(options["target"]) != wanted:
+    effective = effective_estimator_options(estimator)
+    name = estimator.name
+    value, default_of = effective.get("target", (_ABSENT, None))
+    if value is not _ABSENT and value is not None and str(value) != wanted:
+        if default_of is None:
+            raise ValueError(
+                f"estimator.options.target={value} contradicts recipe.target={wanted}: the {name} estimator would "
+                f"record its scores for the {value} target while the recipe asks for (and measures) the {wanted} target. "
+                f"Set recipe.target={value} to score that target, or drop the estimator.options.target override "
+                "(its config follows recipe.target)"
+            )
         raise ValueError(
-            f"estimator.options.target={options['target']} contradicts recipe.target={wanted}: the {estimator.name} estimator would "
-            f"record its scores for the {options['target']} target while the recipe asks for (and measures) the {wanted} target. "
-            f"Set recipe.target={options['target']} to score that target, or drop the estimator.options.target override "
-            "(its config follows recipe.target)"
+            f"the {name} estimator would record its scores for the {value} target (the default of {default_of}'s target: "
+            f"the estimator config sets no estimator.options.target) while recipe.target={wanted} asks for (and measures) "
+            f"the {wanted} target. Add +estimator.options.target={wanted} on the command line (or, in the estimator's "
+            "config file, options.target: ${recipe.target}, as the shipped configs do), or set "
+            f"recipe.target={value} to score that target"
         )
-    count = options.get("target_samples")
-    if target_samples is not None and count is not None and int(count) != int(target_samples):
+    count, count_default_of = effective.get("target_samples", (_ABSENT, None))
+    if count is _ABSENT or isinstance(count, bool) or not isinstance(count, (int, type(None))):
+        return  # no such option, or a value of the wrong type: building the estimator refuses it with its own message
+    recipe_count = None if target_samples is None else int(target_samples)
+    estimator_count = None if count is None else int(count)
+    if estimator_count != recipe_count:
+        shown = "null" if estimator_count is None else estimator_count
+        wanted_count = "null" if recipe_count is None else recipe_count
+        what = "the whole target" if estimator_count is None else f"a random subset of {estimator_count} target samples"
+        asked = "the whole target" if recipe_count is None else f"a subset of {recipe_count}"
+        if count_default_of is not None:
+            raise ValueError(
+                f"the {name} estimator would record its scores against {what} (the default of {count_default_of}'s "
+                f"target_samples: the estimator config sets no estimator.options.target_samples) while "
+                f"recipe.target_samples={wanted_count} asks for {asked}. Add +estimator.options.target_samples={wanted_count} "
+                "on the command line (or, in the estimator's config file, options.target_samples: ${recipe.target_samples}, "
+                "as the shipped configs do)"
+            )
+        fix = (
+            "Set recipe.target_samples only (the estimator's config follows it)" if recipe_count is not None and estimator_count is not None
+            else f"Set recipe.target_samples={shown} to score against that subset, or drop the estimator.options.target_samples "
+            "override (its config follows recipe.target_samples)" if recipe_count is None
+            else f"Set estimator.options.target_samples={wanted_count} (or drop the override: the shipped configs follow "
+            "recipe.target_samples)"
+        )
         raise ValueError(
-            f"estimator.options.target_samples={count} contradicts recipe.target_samples={target_samples}: the estimator would "
-            "score against another subset of the target than the recipe asks for. Set recipe.target_samples only "
-            "(the estimator's config follows it)"
+            f"estimator.options.target_samples={shown} contradicts recipe.target_samples={wanted_count}: the estimator would "
+            f"score against {what} while the recipe asks for (and measures) {asked}. {fix}"
+        )
+    drawn, seed_default_of = effective.get("seed", (_ABSENT, None))
+    if recipe_count is None or seed is None or drawn is _ABSENT or drawn is None:
+        return
+    if isinstance(drawn, int) and not isinstance(drawn, bool) and drawn != int(seed):
+        source = (
+            f"the default of {seed_default_of}'s seed: the estimator config sets no estimator.options.seed"
+            if seed_default_of is not None else f"estimator.options.seed={drawn}"
+        )
+        raise ValueError(
+            f"the {name} estimator would draw its subset of recipe.target_samples={recipe_count} target samples with "
+            f"seed={drawn} ({source}) while the recipe measures on the subset drawn with seed={seed}: two different "
+            f"subsets. {'Add +' if seed_default_of is not None else 'Set '}estimator.options.seed={seed} on the command "
+            "line (or options.seed: ${seed} in the estimator's config file, as the shipped configs do)"
         )
 
 
@@ -735,16 +828,48 @@ def check_top_level(cfg: DictConfig) -> None:
 def check_schema_nodes(cfg: DictConfig) -> None:
     """Refuse keys that the schema of the ``recipe`` node (the one its ``name`` selects in
     :data:`RECIPE_SCHEMAS`) or of the ``estimator`` node does not have, with the closest keys: a
-    key added with ``+`` is not refused when the config is composed (:func:`check_schema_keys`)."""
+    key added with ``+`` is not refused when the config is composed (:func:`check_schema_keys`);
+    and the recipe's out-of-range values (:func:`recipe_params`: its schema's ``__post_init__``),
+    which composing the config does not check either (``--cfg job`` prints them)."""
     recipe, estimator = cfg.get("recipe"), cfg.get("estimator")
     if isinstance(recipe, DictConfig) and str(recipe.get("name")) in RECIPE_SCHEMAS:
-        check_schema_keys(recipe, RECIPE_SCHEMAS[str(recipe.get("name"))], "recipe")
+        recipe_params(recipe, RECIPE_SCHEMAS[str(recipe.get("name"))])  # keys, then types and ranges
     if isinstance(estimator, DictConfig):
         check_estimator_keys(estimator)
 
 
+def check_output_dir(cfg: DictConfig) -> None:
+    """Refuse, in a Hydra multirun (``-m``, or a preset with ``hydra.mode: MULTIRUN``), an
+    ``output_dir`` that is one fixed path (no interpolation): every job of the sweep would write
+    its ``scores.pt``, ``report.json``, ... into that one folder, each over the one before. A
+    single run with ``output_dir`` set and a multirun with ``output_dir=null`` (each job's own
+    folder under the sweep dir) pass, and so does an interpolated path (e.g. with
+    ``${hydra:job.num}``); one that still resolves to a folder of another job of the sweep is
+    refused when that job starts (:func:`lightning_influence.recipes.common.claim_output_dir`)."""
+    explicit = cfg.get("output_dir")
+    if explicit is None or not in_multirun() or OmegaConf.is_interpolation(cfg, "output_dir"):
+        return
+    raise ValueError(
+        f"output_dir={explicit} is one fixed folder for every job of this multirun: each job would write its outputs "
+        "(scores.pt, report.json, ...) over the previous job's, and only the last job's would be kept. Use output_dir=null "
+        "(each job writes into its own folder under hydra.sweep.dir), or give each job its own folder, e.g. "
+        f"'output_dir={explicit}/${{hydra:job.num}}' (quoted on the command line)"
+    )
+
+
+def in_multirun() -> bool:
+    """Does this job run as part of a Hydra multirun?"""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return False
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def check_config(cfg: DictConfig) -> None:
     """Check a composed config before any training: the top-level values (:func:`check_top_level`),
+    an ``output_dir`` that every job of a multirun would share (:func:`check_output_dir`),
     every ``_target_`` node (``data``, ``model``, ``trainer``, each ``callbacks`` entry, and
     ``_target_`` nodes in their values) against the signature of what it names
     (:func:`check_target_node`), the keys of the ``recipe`` and ``estimator`` nodes against their
@@ -752,6 +877,7 @@ def check_config(cfg: DictConfig) -> None:
     data (:func:`check_data_and_model`). Raises ``ValueError`` (``TypeError`` for a non-integer seed)
     naming the key, the value, what is expected and the fix."""
     check_top_level(cfg)
+    check_output_dir(cfg)
     check_schema_nodes(cfg)
     for where, node in _target_nodes(cfg, ""):
         check_target_node(node, where, _SET_BY_RECIPES.get(where))

@@ -15,6 +15,8 @@ import json
 import math
 import operator
 import os
+import pickle
+import re
 import tempfile
 import warnings
 import zipfile
@@ -154,6 +156,29 @@ def _ranking(ids: Tensor, col: Tensor, descending: bool) -> Tensor:
     return by_id[torch.argsort(-keyed if descending else keyed, stable=True)]
 
 
+def _quantiles(values: Tensor, qs: list[float]) -> list[float]:
+    """Linear-interpolation quantiles of the NaN-free 1-D ``values`` (as ``torch.quantile``), with
+    infinite values interpolated without ``inf - inf``: a quantile between a finite value and an
+    infinite one is that infinity (the interpolation runs towards it), one between two equal
+    infinities is that infinity; only one strictly between ``-inf`` and ``+inf`` is NaN (undefined)."""
+    result = torch.quantile(values, torch.tensor(qs, dtype=torch.float64)).tolist()
+    if bool(torch.isfinite(values).all()):
+        return result
+    ordered = values.sort().values
+    last = ordered.numel() - 1
+    for k, q in enumerate(qs):
+        position = q * last
+        lo, hi = math.floor(position), math.ceil(position)
+        a, b = float(ordered[lo]), float(ordered[hi])
+        if lo == hi or a == b:
+            result[k] = a
+        elif math.isinf(a) and math.isinf(b):
+            result[k] = math.nan  # between -inf and +inf
+        elif math.isinf(a) or math.isinf(b):
+            result[k] = a if math.isinf(a) else b
+    return result
+
+
 def _spread(col: Tensor) -> dict[str, float | int]:
     """:meth:`InfluenceScores.summary` of one column, NaN scores left out and counted."""
     nan = torch.isnan(col)
@@ -162,7 +187,7 @@ def _spread(col: Tensor) -> dict[str, float | int]:
     if kept.numel() == 0:
         keys = ("mean", "std", "min", "q25", "median", "q75", "max", "harmful_fraction")
         return {**out, **dict.fromkeys(keys, math.nan)}
-    q = torch.quantile(kept, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    q = _quantiles(kept, [0.25, 0.5, 0.75])
     return {
         **out,
         "mean": float(kept.mean()),
@@ -281,7 +306,9 @@ class InfluenceScores:
         score), min, quartiles, max (target-loss units) and the fraction of harmful (negative)
         samples. NaN scores are left out of every statistic and counted: ``count`` is the number
         of scores the statistics are over, ``nan_count`` the number of NaN scores left out. With
-        no score to summarise every statistic is NaN. Cheap; what the callback logs."""
+        no score to summarise every statistic is NaN. Quartiles next to an infinite score are
+        that infinity (``[0, 1, inf]``: q75 is ``inf``), never NaN from ``inf - inf``; only a
+        quartile strictly between ``-inf`` and ``+inf`` is NaN. Cheap; what the callback logs."""
         return _spread(self._column(query))
 
     def per_class(self, labels: Mapping[int, Any] | Tensor, query: int | None = None) -> dict[Any, dict[str, float | int]]:
@@ -339,7 +366,9 @@ class InfluenceScores:
 
         ``ids``, ``values`` and ``metadata`` are checked (and the tensors normalised) as the
         constructor does, also when they were replaced after construction: what :meth:`load` would
-        refuse raises ``ValueError`` here, and nothing is written."""
+        refuse raises ``ValueError`` here, and nothing is written. So does a ``path`` that cannot be
+        written (a folder, a path under a file, a folder without write permission)."""
+        check_writable(path, "InfluenceScores.save", what="path")
         try:
             ids, values = _normalised_tensors(self.ids, self.values)
             _check_metadata_mapping(self.metadata)
@@ -378,8 +407,13 @@ class InfluenceScores:
         _verify_zip(data, str(path))
         try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            message = _plain(str(err))
+            if "Weights only load failed" not in message and "Unsupported global" not in message:
+                raise ScoreFileError(f"{path} is not a readable score file (truncated or corrupted?): {message}") from None
+            raise ScoreFileError(_pickled_object_message(str(path), message)) from None
         except Exception as err:  # torch raises many types for damaged zip/pickle data
-            raise ScoreFileError(f"{path} is not a readable score file (truncated or corrupted?): {err}") from None
+            raise ScoreFileError(f"{path} is not a readable score file (truncated or corrupted?): {_plain(str(err))}") from None
         return cls._from_payload(payload, str(path))
 
     @classmethod
@@ -421,7 +455,8 @@ class InfluenceScores:
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
         """Write ``sample_id,score`` (or ``sample_id,query_0,...``) rows, atomically (the tensors
-        checked as :meth:`save` checks them)."""
+        checked as :meth:`save` checks them; a ``path`` that cannot be written is refused as there)."""
+        check_writable(path, "InfluenceScores.to_csv", what="path")
         try:
             ids, values = _normalised_tensors(self.ids, self.values)
         except ValueError as err:  # fields replaced after construction
@@ -434,6 +469,30 @@ class InfluenceScores:
         for i, row in zip(ids.tolist(), rows, strict=True):
             writer.writerow([i, *(repr(v) for v in row)])
         return atomic_write_bytes(path, out.getvalue().encode())
+
+
+def _pickled_object_message(origin: str, torch_message: str = "") -> str:
+    """What a file that holds a pickled Python object instead of a score file is, and the fix."""
+    found = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    name = found.group(1) if found else ""
+    what = f"a pickled Python object (of {name})" if name else "a pickled Python object"
+    how = (
+        "written with torch.save(scores, path), which pickles the object" if name.endswith("InfluenceScores")
+        else "written with torch.save(...) or pickle"
+    )
+    return (
+        f"{origin} holds {what}, not a score file ({how}, not with InfluenceScores.save). Score files are read without "
+        "unpickling Python objects (unpickling can run arbitrary code), so it is not loaded. Write score files with "
+        "scores.save(path) and read them with InfluenceScores.load(path)"
+    )
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _plain(message: str) -> str:
+    """``message`` without ANSI escape sequences (torch bolds parts of its messages)."""
+    return _ANSI_ESCAPE.sub("", message)
 
 
 def _checksum(version: int, ids: Tensor, values: Tensor, metadata: str) -> str:
@@ -457,7 +516,9 @@ def _verify_zip(data: bytes, origin: str) -> None:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = archive.infolist()
     except Exception as err:  # BadZipFile, and struct/Unicode/OS errors for damaged directories
-        raise ScoreFileError(f"{origin} is not a readable score file (truncated or corrupted?): {err}") from None
+        if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a pickle's PROTO opcode
+            raise ScoreFileError(_pickled_object_message(origin) + " (it looks like a pickle, not the zip archive of a score file)") from None
+        raise ScoreFileError(f"{origin} is not a readable score file (truncated or corrupted?): {_plain(str(err))}") from None
     if not members:
         raise ScoreFileError(f"{origin} is not a readable score file (truncated or corrupted?): an empty archive")
     for info in members:
@@ -471,30 +532,43 @@ def _verify_zip(data: bytes, origin: str) -> None:
             raise ScoreFileError(f"{origin} is corrupted: zip member {info.filename!r} is damaged ({err})") from None
 
 
-def check_writable(path: str | os.PathLike[str], owner: str) -> None:
+def check_writable(path: str | os.PathLike[str], owner: str, what: str = "save_path") -> None:
     """Refuse, before any work is spent, a file path that :func:`atomic_write_bytes` could not
     write: a folder, a path under a regular file, or a folder this process cannot create files in
-    (probed with a temporary file that is removed at once; missing folders are not created)."""
+    (probed with a temporary file that is removed at once; missing folders are not created).
+    ``owner`` and ``what`` (the argument's name) start the ``ValueError``'s message."""
     path = Path(path)
     advice = "pass a file path in a folder this process can write to"
     if path.is_dir():
-        raise ValueError(f"{owner}: save_path {str(path)!r} is a folder, not a file; {advice} (e.g. {str(path / 'scores.pt')!r})")
+        raise ValueError(f"{owner}: {what} {str(path)!r} is a folder, not a file; {advice} (e.g. {str(path / 'scores.pt')!r})")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ValueError(f"{owner}: save_path {str(path)!r} lies under {str(ancestor)!r}, which is a file, not a folder; {advice}")
+        raise ValueError(f"{owner}: {what} {str(path)!r} lies under {str(ancestor)!r}, which is a file, not a folder; {advice}")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=ancestor)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise ValueError(f"{owner}: save_path {str(path)!r} cannot be written: creating a file in {str(ancestor)!r} failed ({err}); {advice}") from err
+        raise ValueError(
+            f"{owner}: {what} {str(path)!r} cannot be written: creating a file in {str(ancestor)!r} failed "
+            f"({type(err).__name__}: {err.strerror or err}); {advice}"
+        ) from err
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename."""
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+    A ``path`` that is a folder (``IsADirectoryError``) or lies under a file
+    (``NotADirectoryError``) is refused with a message naming it, not the temporary file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write the file {str(path)!r}: it is a folder; pass the path of a file, not of a folder")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"cannot write the file {str(path)!r}: it lies under {str(ancestor)!r}, which is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

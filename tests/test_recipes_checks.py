@@ -268,14 +268,42 @@ def test_an_epoch_limit_of_minus_one_needs_another_bound() -> None:
 @pytest.mark.parametrize(
     ("recipe", "overrides", "message"),
     [
-        (cleaning, ["estimator.options.window=abc"], r"estimator=diffin: estimator.options refused: window must be a positive int, got 'abc'"),
+        (cleaning, ["estimator.options.window=abc"], r"estimator=diffin: estimator.options refused: estimator 'diffin': option window must be an integer, got 'abc'"),
         (coreset, ["recipe=coreset", "estimator.options.window=0"], r"estimator.options refused: window must be a positive int, got 0"),
         (deletion, ["recipe=deletion", "estimator.options.mode=foo"], r"estimator.options refused: mode must be 'replay' or 'online'"),
         (cleaning, ["estimator=tracin", "estimator.options.target_every=0"], r"estimator=tracin: estimator.options refused: target_every"),
-        (coreset, ["recipe=coreset", "+estimator.options.windw=3"], r"estimator.options refused: .*unexpected keyword argument 'windw'; did you mean estimator.options.window\?"),
+        (coreset, ["recipe=coreset", "+estimator.options.windw=3"],
+         r"estimator.options refused: estimator 'diffin' has no option 'windw': did you mean window\?; did you mean estimator.options.window\? "
+         r"Remove the option with ~estimator.options.windw on the command line$"),
         (cleaning, ["estimator=influence_function", "+estimator.options.dampin=0.1"],
-         r"estimator=influence_function: estimator.options refused: .*'dampin'; did you mean estimator.options.damping or "
+         r"estimator=influence_function: estimator.options refused: .*'dampin'.*; did you mean estimator.options.damping or "
          r"estimator.options.damping_scale\? Remove the option with ~estimator.options.dampin"),
+        # an option a preset sets for Diff-In, under another estimator (the source is named under Hydra: see the CLI test)
+        (cleaning, ["experiment=synthetic_large", "estimator=tracin"],
+         r"estimator=tracin: estimator.options refused: estimator 'tracin' has no option 'mode': its options are target, .*\. "
+         r"Remove the option with ~estimator.options.mode on the command line"),
+        # the estimator's own defaults count where its config leaves an option out: DiffIn's and TracIn's target is val
+        (coreset, ["recipe=coreset", "~estimator.options.target"],
+         r"^the diffin estimator would record its scores for the val target \(the default of DiffIn's target: the "
+         r"estimator config sets no estimator.options.target\) while recipe.target=train asks for \(and measures\) the train target. "
+         r"Add \+estimator.options.target=train on the command line"),
+        (deletion, ["recipe=deletion", "recipe.target=train", "estimator=tracin", "~estimator.options.target"],
+         r"the tracin estimator would record its scores for the val target \(the default of TracIn's target"),
+        (coreset, ["recipe=coreset", "recipe.target_samples=50", "~estimator.options.target_samples"],
+         r"the diffin estimator would record its scores against the whole target \(the default of DiffIn's target_samples: the "
+         r"estimator config sets no estimator.options.target_samples\) while recipe.target_samples=50 asks for a subset of 50. "
+         r"Add \+estimator.options.target_samples=50 on the command line"),
+        (cleaning, ["estimator.options.target_samples=20"],
+         r"estimator.options.target_samples=20 contradicts recipe.target_samples=null: the estimator would score against a random "
+         r"subset of 20 target samples while the recipe asks for \(and measures\) the whole target. Set recipe.target_samples=20"),
+        (cleaning, ["recipe.target_samples=20", "estimator.options.target_samples=null"],
+         r"estimator.options.target_samples=null contradicts recipe.target_samples=20.*Set estimator.options.target_samples=20"),
+        (cleaning, ["recipe.target_samples=20", "estimator.options.seed=3"],
+         r"the diffin estimator would draw its subset of recipe.target_samples=20 target samples with seed=3 \(estimator.options.seed=3\) "
+         r"while the recipe measures on the subset drawn with seed=0: two different subsets. Set estimator.options.seed=0"),
+        (coreset, ["recipe=coreset", "recipe.target_samples=20", "seed=4", "estimator=tracin", "~estimator.options.seed"],
+         r"with seed=0 \(the default of TracIn's seed: the estimator config sets no estimator.options.seed\) while the recipe measures "
+         r"on the subset drawn with seed=4.*Add \+estimator.options.seed=4"),
         (cleaning, ["estimator.options.target=train"], r"estimator.options.target=train contradicts recipe.target=val.*Set recipe.target=train"),
         (coreset, ["recipe=coreset", "estimator=tracin", "estimator.options.target=val"], r"estimator.options.target=val contradicts recipe.target=train"),
         (deletion, ["recipe=deletion", "recipe.target_samples=5", "estimator.options.target_samples=7"],
@@ -298,6 +326,142 @@ def test_estimator_configs_are_refused_before_data_setup(recipe, overrides: list
     monkeypatch.setattr(recipe, "preflight", no_data)
     with pytest.raises((ValueError, TypeError), match=message):
         run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides"),
+    [
+        # the defaults agree with the recipe: no override needed
+        (cleaning, ["~estimator.options.target", "~estimator.options.seed"]),
+        (coreset, ["recipe=coreset", "estimator.options.target=train", "~estimator.options.seed", "seed=3"]),  # no subset: the seed draws nothing
+        (coreset, ["recipe=coreset", "estimator=random", "recipe.target_samples=5"]),  # post-hoc: the recipe passes its target
+        (cleaning, ["experiment=synthetic_large", "estimator=tracin", "~estimator.options.mode"]),
+    ],
+)
+def test_estimator_defaults_that_agree_with_the_recipe_pass(recipe, overrides: list[str], tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the data were set up")
+
+    monkeypatch.setattr(recipe, "preflight", no_data)
+    with pytest.raises(AssertionError, match="the data were set up"):
+        run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
+
+
+def test_a_preset_option_another_estimator_does_not_take_is_traced_to_the_preset(tmp_path: Path) -> None:
+    """experiment=synthetic_large sets Diff-In's mode: under estimator=tracin the refusal says the preset
+    set it (the command line did not) and how to remove it, before the data are set up."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_influence", "experiment=synthetic_large", "estimator=tracin", f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert (
+        "estimator 'tracin' has no option 'mode': its options are target, target_loader, target_samples, seed, target_every, "
+        "save_path. The command line does not set estimator.options.mode: the preset experiment=synthetic_large does (for the "
+        "estimator it was written for), and estimator=tracin does not take it. Remove the option with ~estimator.options.mode "
+        "on the command line (or drop it from the config that sets it)"
+    ) in proc.stderr
+    assert "Sanity Checking" not in proc.stderr + proc.stdout and "Epoch" not in proc.stderr + proc.stdout
+
+
+def test_multirun_jobs_sharing_one_output_dir_are_refused_before_training(tmp_path: Path) -> None:
+    """-m with a fixed output_dir: every job would write into one folder (the last job's kept). A
+    fixed path is refused in every job before training; an interpolated one that does not differ
+    between the jobs is refused in the second job, before its training, leaving the first job's
+    outputs; ${hydra:job.num} gives each job its own folder."""
+    common = ["-m", "recipe=coreset", "estimator=random", "seed=0,1", *QUICK]
+
+    def sweep(name: str, output_dir: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_influence", *common, f"output_dir={output_dir}", f"hydra.sweep.dir={tmp_path / name}"],
+            cwd=tmp_path, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+        )
+
+    fixed = sweep("fixed", str(tmp_path / "out"))
+    assert fixed.returncode != 0 and not (tmp_path / "out").exists()
+    assert (
+        f"output_dir={tmp_path / 'out'} is one fixed folder for every job of this multirun: each job would write its outputs "
+        "(scores.pt, report.json, ...) over the previous job's, and only the last job's would be kept. Use output_dir=null"
+    ) in fixed.stderr and f"'output_dir={tmp_path / 'out'}/${{hydra:job.num}}'" in fixed.stderr
+    shared = sweep("shared", str(tmp_path / "by_lr" / "${model.lr}"))
+    assert shared.returncode != 0
+    assert (
+        f"output_dir resolves to {tmp_path / 'by_lr' / '0.1'}, the output folder of job 0 of this multirun ({tmp_path / 'shared'}): "
+        "job 1 would write its outputs over that job's"
+    ) in shared.stderr
+    report = json.loads((tmp_path / "by_lr" / "0.1" / "report.json").read_text())
+    assert report["summary"][0]["seed"] == 0  # job 0's outputs are kept
+    assert shared.stdout.count("Outputs in") == 1
+    per_job = sweep("per_job", str(tmp_path / "jobs" / "${hydra:job.num}"))
+    assert per_job.returncode == 0, per_job.stderr[-3000:]
+    seeds = {int(p.parent.name): json.loads(p.read_text())["summary"][0]["seed"] for p in (tmp_path / "jobs").glob("*/report.json")}
+    assert seeds == {0: 0, 1: 1}
+
+
+def test_a_single_run_keeps_its_output_dir_and_reruns_of_a_job_may_reuse_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from lightning_influence.config import check_output_dir
+    from lightning_influence.recipes import common
+
+    check_output_dir(compose_cfg(f"output_dir={tmp_path}"))  # not a multirun: a fixed folder is fine
+    runtime = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path / "sweep" / "0")), job=SimpleNamespace(num=0))
+    monkeypatch.setattr(common, "in_multirun", lambda: True)
+    monkeypatch.setattr("hydra.core.hydra_config.HydraConfig.get", staticmethod(lambda: runtime))
+    common.claim_output_dir(tmp_path)
+    common.claim_output_dir(tmp_path)  # the same job again
+    runtime.job.num, runtime.runtime.output_dir = 1, str(tmp_path / "sweep" / "1")
+    with pytest.raises(ValueError, match=r"the output folder of job 0 of this multirun"):
+        common.claim_output_dir(tmp_path)
+    runtime.runtime.output_dir = str(tmp_path / "another_sweep" / "1")
+    common.claim_output_dir(tmp_path)  # another sweep into that folder: its stale files are named at the end
+
+
+@pytest.mark.parametrize("blocked", ["report.json", "scores.pt", "config.yaml"])
+def test_an_output_file_name_taken_by_a_folder_is_refused_before_training(blocked: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the data were set up")
+
+    monkeypatch.setattr(coreset, "preflight", no_data)
+    (tmp_path / blocked).mkdir()
+    with pytest.raises(ValueError, match=rf"{tmp_path / blocked} is a folder: the recipe writes its {blocked} there after training and "
+                       r"retraining, and could not. Remove or rename that folder, or write into another output folder"):
+        run(compose_cfg("recipe=coreset", *QUICK, f"output_dir={tmp_path}"))
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(ValueError, match=rf"the output folder {tmp_path / 'out'} is a file, not a folder: .*Choose another output folder"):
+        run(compose_cfg("recipe=coreset", *QUICK, f"output_dir={tmp_path / 'out'}"))
+
+
+def test_an_output_folder_without_write_permission_is_refused_before_training(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import lightning_influence.scores as scores_module
+
+    def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the data were set up")
+
+    def denied(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied")  # a read-only folder (root may write into one)
+
+    monkeypatch.setattr(coreset, "preflight", no_data)
+    monkeypatch.setattr(scores_module.tempfile, "mkstemp", denied)
+    with pytest.raises(ValueError, match=rf"the output folder {tmp_path} is not writable \(PermissionError: Permission denied\): the "
+                       r"recipe writes scores.pt, report.json, ... into it after training. Make that folder writable"):
+        run(compose_cfg("recipe=coreset", *QUICK, f"output_dir={tmp_path}"))
+
+
+def test_out_of_range_recipe_values_are_refused_before_the_run_starts(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Composing checks keys and types, not ranges (--cfg job prints remove_fraction: 1.5): the run
+    refuses the value first, before its start line and before anything is set up."""
+    from lightning_influence.config import check_config
+
+    cfg = compose_cfg("recipe.remove_fraction=1.5", f"output_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"recipe.remove_fraction must be in \(0, 1\), got 1.5"):
+        check_config(cfg)
+    with pytest.raises(ValueError, match=r"recipe.remove_fraction must be in"):
+        run(cfg)
+    assert "outputs in" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"recipe.sizes has repeated sizes 10"):
+        check_config(compose_cfg("recipe=deletion", "recipe.sizes=[10,10]"))
 
 
 def test_only_removal_effects_are_predicted_and_calibration_follows_the_metadata(tmp_path: Path) -> None:
@@ -341,6 +505,70 @@ def test_cleaning_removes_at_most_the_scored_samples_in_every_condition(tmp_path
     assert (removal["count"], removal["requested_count"], report["num_scored"]) == (64, 100, 64)
     assert {k: c["removed"] for k, c in removal["conditions"].items()} == {"no_removal": 0, "estimator": 64, "loss": 64, "random": 64}
     assert "Retrained without 64 samples (100 asked for; only 64 were scored)" in capsys.readouterr().out
+
+
+def test_partly_scored_cleaning_reports_how_many_flipped_labels_it_scored(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Three batches of 32 scored: the ROC-AUC and found-in-top shares are over the flipped labels
+    among those 96, and the report and the printed line say how many that is (not only the 120 of
+    the whole training set)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(*PARTIAL, "+trainer.limit_train_batches=3", "recipe.remove_count=50", f"output_dir={tmp_path}")
+    report = run(cfg)
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    scored = set(InfluenceScores.load(tmp_path / "scores.pt").ids.tolist())
+    among = len(scored & set(data.flipped_ids.tolist()))
+    det = report["detection"]
+    assert (det["num_flipped"], det["num_flipped_scored"], det["num_scored"], len(scored)) == (120, among, 96, 96) and 0 < among < 96
+    assert det["label_noise"] == 0.1 and det["label_noise_configured"] == 0.1
+    assert (
+        f"Flipped labels: {among} among the 96 scored samples (120 in the whole training set of 1200; uniform); the detection "
+        "metrics are over the scored samples."
+    ) in capsys.readouterr().out
+    assert type(det["estimator"]["auroc"]) is float and type(det["loss"]["auroc"]) is float
+
+
+def test_without_label_noise_the_report_says_none_was_injected(tmp_path: Path) -> None:
+    report = run(compose_cfg(*PARTIAL, "+trainer.limit_train_batches=2", "recipe.remove_count=10", "data.noise_kind=none", f"output_dir={tmp_path}"))
+    det = report["detection"]
+    assert (det["num_flipped"], det["num_flipped_scored"], det["label_noise"], det["noise_kind"]) == (0, 0, 0.0, "none")
+    assert det["label_noise_configured"] == 0.1 and det["estimator"] is None
+
+
+def test_detection_roc_auc_is_a_float64_python_float() -> None:
+    """7 of 12 pairs ranked right: 7/12 exactly in float64 (torchmetrics' value is float32-rounded); ties count one half."""
+    from lightning_influence.evaluation.metrics import detection_auroc
+
+    values = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    flipped = torch.tensor([True, False, True, False, False, False, True])
+    result = cleaning.detection_metrics(values, flipped, [0.5])["auroc"]
+    pairs = sum(float(v) < float(w) for v, p in zip(values, flipped) if p for w, q in zip(values, flipped) if not q)
+    assert type(result) is float and pairs == 7 and result == 7 / 12 == cleaning.auroc64(values, flipped)
+    assert result == pytest.approx(detection_auroc(values, flipped), abs=1e-6) and result != float(torch.tensor(result, dtype=torch.float32))
+    assert cleaning.auroc64(torch.zeros(5), torch.tensor([True, False, False, True, False])) == 0.5
+    assert cleaning.auroc64(torch.tensor([2.0, 1.0, 1.0, 0.0]), torch.tensor([False, True, False, True])) == 0.875
+    assert cleaning.auroc64(torch.tensor([2.0, 1.0, 1.0, 0.0]), torch.tensor([False, True, False, True])) == pytest.approx(
+        detection_auroc(torch.tensor([2.0, 1.0, 1.0, 0.0]), torch.tensor([False, True, False, True])), abs=1e-7
+    )
+    with pytest.raises(ValueError, match="needs both positive and negative samples"):
+        cleaning.auroc64(values, torch.ones(7, dtype=torch.bool))
+
+
+def test_the_detection_table_fits_long_estimator_names(capsys) -> None:  # type: ignore[no-untyped-def]
+    row = {"auroc": 0.9, "found_in_top_5pct": 0.5}
+    report = {
+        "target": "val", "num_scored": 10, "num_train_samples": 10, "fit_seconds": 1.0, "score_seconds": 1.0, "most_harmful": [],
+        "detection": {"num_flipped": 2, "num_flipped_scored": 2, "noise_kind": "uniform", "estimator": row, "loss": row,
+                      "chance": {"found_in_top_5pct": 0.05}},
+        "removal": {"count": 1, "requested_count": 1, "seeds": [0], "conditions": {}}, "files": {},
+    }
+    cleaning._print(report, "influence_function", "test_acc")
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("Flipped labels: 2 (uniform).") + 1 :][:4]
+    assert [line.split()[0] for line in table] == ["ranking", "influence_function", "final", "chance"]
+    assert len({line.index("  ", len("influence_function")) for line in table[1:]}) == 1
+    assert len({len(line) for line in table}) == 1
 
 
 def test_coreset_of_partly_scored_data_says_what_it_kept(tmp_path: Path) -> None:
@@ -401,10 +629,12 @@ def test_every_estimator_deletes_the_same_random_sets(tmp_path: Path, monkeypatc
             "recipe.lds_subsets=3", *QUICK, f"output_dir={tmp_path / name}",
         ))
     diffin, influence = drawn
-    assert diffin["ids"].tolist() == list(range(1200)), "DiffIn returns the ids sorted"
-    assert influence["ids"].tolist() != list(range(1200)) and sorted(influence["ids"].tolist()) == list(range(1200)), (
+    returned = {name: InfluenceScores.load(tmp_path / name / "scores.pt").ids.tolist() for name in reports}
+    assert returned["diffin"] == list(range(1200)), "DiffIn returns the ids sorted"
+    assert returned["influence_function"] != list(range(1200)) and sorted(returned["influence_function"]) == list(range(1200)), (
         "influence functions return them in the shuffled loader's order: the case this test is about"
     )
+    assert diffin["ids"].tolist() == influence["ids"].tolist() == list(range(1200)), "the recipe ranks in sample-id order"
     assert diffin["random"] == influence["random"] and len(diffin["random"]) == 2
     assert diffin["lds"] == influence["lds"] and len(diffin["lds"]) == 3
     actual = {name: [r["actual"] for r in report["sets"]] for name, report in reports.items()}

@@ -456,3 +456,71 @@ def test_equal_scores_rank_by_sample_id_whatever_the_storage_order():
     assert [row[0] for row in s.join(list(range(5)))] == [4, 0, 1, 3, 2]
     q = InfluenceScores(torch.tensor([9, 5, 7]), torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 2.0]]))
     assert q.most_helpful(3, query=0)[0].tolist() == [5, 9, 7] and q.most_harmful(3, query=1)[0].tolist() == [5, 7, 9]
+
+
+# ---------------------------------------------------------------- quantiles with infinite scores
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([0.0, 1.0, float("inf")], (0.5, 1.0, float("inf"))),
+        ([0.0, 1.0, 2.0, float("inf")], (0.75, 1.5, float("inf"))),
+        ([float("-inf"), 1.0, 2.0], (float("-inf"), 1.0, 1.5)),
+        ([float("-inf"), float("-inf"), 0.0, float("inf"), float("inf")], (float("-inf"), 0.0, float("inf"))),
+        ([1.0, float("inf"), float("inf")], (float("inf"), float("inf"), float("inf"))),
+    ],
+)
+def test_quartiles_next_to_infinite_scores_are_that_infinity_not_nan(values, expected):
+    """torch.quantile interpolates inf - inf into NaN ([0, 1, inf]: q75 NaN, while [0, 1, 2, inf]
+    gave inf): a quartile between a finite and an infinite score is that infinity."""
+    s = InfluenceScores(torch.arange(len(values)), torch.tensor(values, dtype=torch.float64)).summary()
+    assert (s["q25"], s["median"], s["q75"]) == expected
+
+
+def test_quartiles_of_finite_scores_are_torch_quantile_exactly():
+    values = torch.randn(101, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = InfluenceScores(torch.arange(101), values).summary()
+    assert [s["q25"], s["median"], s["q75"]] == torch.quantile(values, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    both = InfluenceScores(torch.arange(2), torch.tensor([float("-inf"), float("inf")])).summary()
+    assert both["median"] != both["median"] and both["min"] == float("-inf")  # strictly between -inf and +inf: undefined
+
+
+# ---------------------------------------------------------------- pickled objects, unwritable paths
+def test_a_pickled_scores_object_is_named_and_the_fix_given_without_ansi_codes(tmp_path):
+    torch.save(_scores(), tmp_path / "obj.pt")
+    with pytest.raises(ScoreFileError) as info:
+        InfluenceScores.load(tmp_path / "obj.pt")
+    message = str(info.value)
+    assert "holds a pickled Python object (of lightning_influence.scores.InfluenceScores), not a score file" in message
+    assert "torch.save(scores, path)" in message
+    assert "without unpickling Python objects" in message and "scores.save(path)" in message
+    assert "\x1b" not in message and "weights_only" not in message and "truncated or corrupted" not in message
+    import pickle
+
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps(_scores()))
+    with pytest.raises(ScoreFileError, match=r"holds a pickled Python object, not a score file .*looks like a pickle"):
+        InfluenceScores.load(tmp_path / "plain.pkl")
+
+
+@pytest.mark.parametrize("where", ["folder", "cwd"])
+def test_saving_onto_a_folder_names_the_path_not_a_temporary_file(tmp_path, monkeypatch, where):
+    (tmp_path / "adir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    path = "adir" if where == "folder" else "."
+    for write, owner in ((_scores().save, "InfluenceScores.save"), (_scores().to_csv, "InfluenceScores.to_csv")):
+        with pytest.raises(ValueError, match=rf"{owner}: path '{path}' is a folder, not a file; pass a file path"):
+            write(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"] and not any((tmp_path / "adir").iterdir())
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"path 'afile/scores.pt' lies under 'afile', which is a file"):
+        _scores().save("afile/scores.pt")
+
+
+def test_atomic_writes_onto_a_folder_name_the_path(tmp_path):
+    from lightning_influence.scores import atomic_write_bytes
+
+    with pytest.raises(IsADirectoryError, match=rf"cannot write the file '{tmp_path}': it is a folder"):
+        atomic_write_bytes(tmp_path, b"x")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"lies under '.*/f', which is a file, not a folder"):
+        atomic_write_bytes(tmp_path / "f" / "g" / "h.json", b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

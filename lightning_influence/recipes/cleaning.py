@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_influence.config import CleaningConfig, estimator_params, recipe_params
-from lightning_influence.evaluation.metrics import detection_auroc, fraction_found
+from lightning_influence.evaluation.metrics import fraction_found
 from lightning_influence.recipes.common import (
     ScoredRun,
     check_estimator,
@@ -60,7 +60,7 @@ from lightning_influence.recipes.common import (
     write_outputs,
 )
 
-__all__ = ["run", "detection_metrics", "BASELINE_METHODS"]
+__all__ = ["run", "detection_metrics", "auroc64", "BASELINE_METHODS"]
 
 #: The summary-row method name of each baseline condition: distinct from every estimator name.
 BASELINE_METHODS = {
@@ -86,11 +86,32 @@ def detection_metrics(values: torch.Tensor, flipped: torch.Tensor, fractions: li
         else:
             ranks[nan] = 0.0
         values = ranks
-    result: dict[str, Any] = {"auroc": detection_auroc(values, flipped)}
+    result: dict[str, Any] = {"auroc": auroc64(values, flipped)}
     for f in fractions:
         result[f"found_in_top_{_pct(f)}"] = fraction_found(values, flipped, f)
     result["num_nan"] = int(nan.sum())
     return result
+
+
+def auroc64(values: torch.Tensor, positives: torch.Tensor) -> float:
+    """ROC-AUC of finding ``positives`` by ranking the lowest ``values`` first, as a Python float
+    computed in float64 (the Mann-Whitney statistic over average ranks: ties count one half, as
+    the trapezoidal ROC curve does): :func:`~lightning_influence.evaluation.metrics.detection_auroc`'s
+    value without its float32 rounding. Needs positive and negative samples."""
+    x = -torch.as_tensor(values, dtype=torch.float64).reshape(-1)  # the most suspicious (lowest score) ranks highest
+    pos = torch.as_tensor(positives).reshape(-1).bool()
+    if x.shape != pos.shape:
+        raise ValueError(f"values and positives differ in length: {x.numel()} and {pos.numel()}")
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("detection ROC-AUC needs both positive and negative samples")
+    order = torch.argsort(x, stable=True)
+    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)
+    average = ends - (counts.to(torch.float64) - 1.0) / 2.0  # 1-based average rank of each run of ties
+    ranks = torch.empty_like(x)
+    ranks[order] = average[inverse]
+    return (float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
 def _asked(params: CleaningConfig) -> str:
@@ -108,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: CleaningConfig = recipe_params(cfg.recipe, CleaningConfig)
     est = estimator_params(cfg.estimator)
-    check_estimator(est, params.target, params.target_samples)
+    check_estimator(est, params.target, params.target_samples, int(cfg.seed))
     require_removal_scores(est.name, est.options, "cleaning")
     out = prepare(cfg, params.plots)
     target = params.target.value
@@ -145,9 +166,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     require_finite(loss_column, ids, "the final-loss ranking (the model's training loss per sample)", "the trained model gives those samples no finite loss")
     fractions = list(params.top_fractions)
     detection: dict[str, Any] = {
+        # every flipped label of the training set, and those among the scored samples (the
+        # detection metrics are over the scored samples only)
         "num_flipped": len(flipped_set),
+        "num_flipped_scored": int(flipped.sum()),
+        "num_scored": len(ids),
         "noise_kind": getattr(dm, "noise_kind", None),
-        "label_noise": getattr(dm, "label_noise", None),
+        # what was injected: the fraction of training labels flipped (0 with noise_kind=none),
+        # next to the datamodule's label_noise setting
+        "label_noise": len(flipped_set) / n_train if flipped_ids is not None and n_train else None,
+        "label_noise_configured": getattr(dm, "label_noise", None),
         "chance": {f"found_in_top_{_pct(f)}": f for f in fractions},
     }
     if bool(flipped.any()) and not bool(flipped.all()):
@@ -279,11 +307,20 @@ def _print(report: dict[str, Any], name: str, metric: str) -> None:
         lines.append(f"{rank:>4}  {row['id']:>6}  {row['score']:>11.3e}  {label:>5}  {'yes' if row['flipped'] else 'no'}")
     if det["estimator"] is not None:
         keys = [k for k in det["chance"]]
-        lines += ["", f"Flipped labels: {det['num_flipped']} ({det['noise_kind']}).", f"{'ranking':<12} {'ROC-AUC':>8}  " + "  ".join(f"{k.removeprefix('found_in_'):>12}" for k in keys)]
+        scored, flipped = report["num_scored"], det.get("num_flipped_scored", det["num_flipped"])
+        if scored < report["num_train_samples"]:
+            flips = (
+                f"Flipped labels: {flipped} among the {scored} scored samples ({det['num_flipped']} in the whole training set "
+                f"of {report['num_train_samples']}; {det['noise_kind']}); the detection metrics are over the scored samples."
+            )
+        else:
+            flips = f"Flipped labels: {det['num_flipped']} ({det['noise_kind']})."
+        width = max(len("ranking"), len("final loss"), len(name))
+        lines += ["", flips, f"{'ranking':<{width}} {'ROC-AUC':>8}  " + "  ".join(f"{k.removeprefix('found_in_'):>12}" for k in keys)]
         for key, title in (("estimator", name), ("loss", "final loss")):
             row = det[key]
-            lines.append(f"{title:<12} {row['auroc']:>8.3f}  " + "  ".join(f"{row[k]:>12.1%}" for k in keys))
-        lines.append(f"{'chance':<12} {0.5:>8.3f}  " + "  ".join(f"{det['chance'][k]:>12.1%}" for k in keys))
+            lines.append(f"{title:<{width}} {row['auroc']:>8.3f}  " + "  ".join(f"{row[k]:>12.1%}" for k in keys))
+        lines.append(f"{'chance':<{width}} {0.5:>8.3f}  " + "  ".join(f"{det['chance'][k]:>12.1%}" for k in keys))
     rem = report["removal"]
     asked = f" ({rem['requested_count']} asked for; only {report['num_scored']} were scored)" if rem["requested_count"] != rem["count"] else ""
     lines += ["", f"Retrained without {rem['count']} samples{asked}, {len(rem['seeds'])} seed(s); {metric} mean +- std (paired change vs no removal):"]

@@ -42,9 +42,17 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler, Subset
 
-from lightning_influence.config import EstimatorConfig, check_estimator_target, estimator_option_names, estimator_params
+from lightning_influence.config import (
+    EstimatorConfig,
+    check_estimator_target,
+    check_output_dir,
+    estimator_defaults,
+    estimator_option_names,
+    estimator_params,
+    in_multirun,
+)
 from lightning_influence.estimators.base import REGISTRY, Estimator, Target, build, estimator_class
-from lightning_influence.scores import InfluenceScores, atomic_write_bytes
+from lightning_influence.scores import InfluenceScores, atomic_write_bytes, check_writable
 from lightning_influence.validation import did_you_mean
 
 __all__ = [
@@ -84,6 +92,9 @@ __all__ = [
     "sample_rows",
     "versions",
     "RECIPE_OUTPUTS",
+    "check_outputs_writable",
+    "claim_output_dir",
+    "JOB_MARKER",
 ]
 
 
@@ -106,17 +117,84 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def prepare(cfg: DictConfig, plots: bool = False) -> Path:
     """The output folder (created on rank zero) after applying ``num_threads``; with ``plots``,
-    fail before any training when matplotlib is missing."""
+    fail before any training when matplotlib is missing. Also refused before any training: a
+    fixed ``output_dir`` shared by the jobs of a multirun
+    (:func:`~lightning_influence.config.check_output_dir`, :func:`claim_output_dir`) and an output
+    folder the recipe could not write its files into (:func:`check_outputs_writable`)."""
     if plots:
         from lightning_influence.plots import require_matplotlib
 
         require_matplotlib()
     out = output_dir(cfg)
+    check_output_dir(cfg)
     if is_global_zero():
+        if out.exists() and not out.is_dir():
+            raise ValueError(
+                f"the output folder {out} is a file, not a folder: the recipe writes scores.pt, report.json, ... into it. "
+                "Choose another output folder (output_dir=... or hydra.run.dir=...)"
+            )
         out.mkdir(parents=True, exist_ok=True)
+        check_outputs_writable(out, plots)
+        claim_output_dir(out)
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
     return out
+
+
+def check_outputs_writable(out: Path, plots: bool = True) -> None:
+    """Refuse, before any training, an output folder into which the recipe could not write its
+    files at the end (:data:`RECIPE_OUTPUTS`; the plots only with ``plots``): one of the file
+    names taken by a folder (``report.json/``), or a folder this process cannot create files in."""
+    for name in RECIPE_OUTPUTS:
+        if name.endswith(".png") and not plots:
+            continue
+        path = out / name
+        if path.is_dir():
+            raise ValueError(
+                f"{path} is a folder: the recipe writes its {name} there after training and retraining, and could not. "
+                f"Remove or rename that folder, or write into another output folder (output_dir=... or hydra.run.dir=...)"
+            )
+    try:
+        check_writable(out / "report.json", "the recipe's output folder", what="file")
+    except ValueError as err:
+        cause = err.__cause__
+        why = f"{type(cause).__name__}: {cause.strerror or cause}" if isinstance(cause, OSError) else str(err)
+        raise ValueError(
+            f"the output folder {out} is not writable ({why}): the recipe writes scores.pt, report.json, ... into it after "
+            "training. Make that folder writable, or write into another one (output_dir=... or hydra.run.dir=...)"
+        ) from err
+
+
+#: The file by which the job of a Hydra multirun marks its output folder as its own (:func:`claim_output_dir`).
+JOB_MARKER = ".lightning-influence-job.json"
+
+
+def claim_output_dir(out: Path) -> None:
+    """In a Hydra multirun, mark ``out`` as this job's output folder (:data:`JOB_MARKER`: the
+    sweep's folder and the job's number), and refuse, before any training, a folder that another
+    job of the same sweep marked: an interpolated ``output_dir`` that does not differ between
+    the jobs (``output_dir`` without interpolation is refused by
+    :func:`~lightning_influence.config.check_output_dir` in every job). The same job run again
+    (same sweep folder and number) may reuse its folder. Outside a multirun: nothing."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not in_multirun():
+        return
+    runtime = HydraConfig.get()
+    job_dir = Path(str(runtime.runtime.output_dir)).resolve()
+    job = {"sweep_dir": str(job_dir.parent), "job_num": int(runtime.job.num), "job_dir": str(job_dir)}
+    marker = out / JOB_MARKER
+    previous: Any = None
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads(marker.read_text())
+    if isinstance(previous, dict) and previous.get("sweep_dir") == job["sweep_dir"] and previous.get("job_num") != job["job_num"]:
+        raise ValueError(
+            f"output_dir resolves to {out}, the output folder of job {previous.get('job_num')} of this multirun "
+            f"({job['sweep_dir']}): job {job['job_num']} would write its outputs over that job's. Give each job its own "
+            "folder: output_dir=null (each job writes into its own folder under hydra.sweep.dir), or a path that differs "
+            "between the jobs, e.g. with ${hydra:job.num}"
+        )
+    atomic_write_bytes(marker, (json.dumps(job, indent=2) + "\n").encode())
 
 
 # Lightning's precision names (and its aliases) -> the dtype the module's parameters train in.
@@ -400,13 +478,15 @@ def require_removal_scores(name: str, options: dict[str, Any], recipe: str, pred
         )
 
 
-def check_estimator(est: EstimatorConfig, target: Any, target_samples: int | None = None) -> None:
+def check_estimator(est: EstimatorConfig, target: Any, target_samples: int | None = None, seed: int | None = None) -> None:
     """Check the estimator config before the data are set up and anything trains: its options
-    agree with ``recipe.target`` / ``recipe.target_samples``
+    (those it sets, and the constructor defaults of those it does not) agree with
+    ``recipe.target`` / ``recipe.target_samples`` and, with a target subset, the recipe's ``seed``
     (:func:`~lightning_influence.config.check_estimator_target`), and the estimator and its
     training callback (for the recording estimators, where most options are checked) construct
-    from them -- cheap, no data, no training. A refused option is named as ``estimator.options``."""
-    check_estimator_target(est, target, target_samples)
+    from them -- cheap, no data, no training. A refused option is named as ``estimator.options``,
+    with where it came from when a preset (``experiment=...``) set it."""
+    check_estimator_target(est, target, target_samples, seed)
     try:
         build(est.name, **est.options).callback()
     except ValueError as err:
@@ -416,15 +496,55 @@ def check_estimator(est: EstimatorConfig, target: Any, target_samples: int | Non
 
 
 def _option_hint(est: EstimatorConfig, err: TypeError) -> str:
-    """For an option the estimator does not take (``unexpected keyword argument 'windw'``): the
-    closest of its options (those its config sets and its constructor's arguments)."""
-    found = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+    """For an option the estimator does not take (``has no option 'windw'``, or Python's
+    ``unexpected keyword argument 'windw'``): the closest of its options (those its config sets
+    and its constructor's arguments) as ``estimator.options.<name>``, where the option came from
+    when the command line did not set it (:func:`_option_source`), and how to remove it."""
+    text = str(err)
+    found = re.search(r"has no option '([^']+)'", text) or re.search(r"unexpected keyword argument '([^']+)'", text)
     if found is None:
         return ""
     key = found.group(1)
     known = [n for n in estimator_option_names({"name": est.name, "options": est.options}) if n != key]
-    hint = did_you_mean(key, known, "check its spelling.", prefix="estimator.options.")
-    return f"; {hint} Remove the option with ~estimator.options.{key} on the command line"
+    known += [n for n in estimator_defaults(est.name) if n not in known and n != key]
+    hint = did_you_mean(key, known, "", prefix="estimator.options.")
+    source = _option_source(key)
+    remove = f"Remove the option with ~estimator.options.{key} on the command line{' (or drop it from the config that sets it)' if source else ''}"
+    return f"; {hint} {source}{remove}" if hint else f". {source}{remove}"
+
+
+def _option_source(key: str) -> str:
+    """Where ``estimator.options.<key>`` came from, when the command line did not set it: the
+    preset (``experiment=<name>``) that sets it, else the configs of the defaults list. Empty
+    outside a Hydra run, or when a command-line override sets the key."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    runtime = HydraConfig.get()
+    path = f"estimator.options.{key}"
+    if any(str(o).lstrip("+~").split("=", 1)[0] == path for o in runtime.overrides.task):
+        return ""
+    choices = runtime.runtime.choices
+    experiment, estimator = choices.get("experiment"), choices.get("estimator")
+    if experiment and _preset_sets(str(experiment), path):
+        return (
+            f"The command line does not set {path}: the preset experiment={experiment} does (for the estimator it was "
+            f"written for), and estimator={estimator} does not take it. "
+        )
+    where = f"experiment={experiment}, " if experiment else ""
+    return f"The command line does not set {path}: a config of the defaults list does ({where}estimator={estimator}, ...). "
+
+
+def _preset_sets(experiment: str, path: str) -> bool:
+    """Does the shipped preset ``conf/experiment/<experiment>.yaml`` set the key ``path``?"""
+    from importlib import resources
+
+    try:
+        text = resources.files("lightning_influence.conf").joinpath("experiment", f"{experiment}.yaml").read_text()
+        return OmegaConf.select(OmegaConf.create(text), path, default=None) is not None
+    except Exception:  # not a shipped preset (a user's, on the search path), or unreadable
+        return False
 
 
 def fit_and_score(

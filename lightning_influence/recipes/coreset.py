@@ -142,7 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: CoresetConfig = recipe_params(cfg.recipe, CoresetConfig)
     est = estimator_params(cfg.estimator)
-    check_estimator(est, params.target, params.target_samples)
+    check_estimator(est, params.target, params.target_samples, int(cfg.seed))
     out = prepare(cfg, params.plots)
     target = params.target.value
     checked = preflight(cfg, out, params.metric, target, params.target_samples)

@@ -153,7 +153,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: DeletionConfig = recipe_params(cfg.recipe, DeletionConfig)
     est = estimator_params(cfg.estimator)
-    check_estimator(est, params.target, params.target_samples)
+    check_estimator(est, params.target, params.target_samples, int(cfg.seed))
     require_removal_scores(est.name, est.options, "deletion", predicted=True)
     mode = params.retraining.value
     if mode == "trajectory":
