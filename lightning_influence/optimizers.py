@@ -64,6 +64,15 @@ def _sqrt_safe(x: Tensor) -> Tensor:
     return torch.where(positive, x, torch.ones_like(x)).sqrt() * positive
 
 
+def _preconditioned(numerator: Tensor, second: Tensor, denom: Tensor) -> Tensor:
+    """``numerator / denom`` of an adaptive update, 0 (with a zero derivative) where the second
+    moment ``second`` is exactly 0: a coordinate whose gradient was always exactly 0 (a weight on
+    an input that is always 0, a dead unit), which no sample's removal can move. Its derivative
+    ``1 / eps`` there (1e8 and more) would swamp the products' directions and cost their finite
+    differences their precision."""
+    return torch.where(second > 0, numerator / denom, torch.zeros_like(numerator))
+
+
 def _where(condition: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``torch.where`` that picks a whole branch when the condition is one scalar."""
     if condition.dim() == 0:
@@ -158,6 +167,15 @@ class StepModel:
     def is_adaptive(self) -> bool:
         """Adam/AdamW, RMSprop, Adagrad: the update divides by ``sqrt(v) + eps``, per coordinate."""
         return self.family is not _SGD
+
+    @property
+    def second_moment_starts_at_zero(self) -> bool:
+        """Adaptive, with a second moment that starts at 0 (all but Adagrad with a positive
+        ``initial_accumulator_value``): where a coordinate's gradients stay near 0 the update's
+        derivative approaches ``lr / eps``."""
+        if not self.is_adaptive:
+            return False
+        return not (self.family is _ADAGRAD and float(self.optimizer.defaults.get("initial_accumulator_value", 0.0)) > 0)
 
     @property
     def is_stateless_sgd(self) -> bool:
@@ -297,7 +315,7 @@ class StepModel:
             new_state["max_exp_avg_sq"] = _where(amsgrad, torch.maximum(prev_max, v), torch.zeros_like(v))
             second = _where(amsgrad, new_state["max_exp_avg_sq"], v)
         denom = _sqrt_safe(second) / h["bias_correction2"].sqrt() + h["eps"]
-        return theta - (h["lr"] / h["bias_correction1"]) * m / denom, new_state
+        return theta - (h["lr"] / h["bias_correction1"]) * _preconditioned(m, second, denom), new_state
 
     def _second_moment_input(self, g: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
         """``(g, previous)`` as the second-moment recursion sees them: detached when frozen."""
@@ -319,13 +337,13 @@ class StepModel:
             grad_avg = previous_mean + (g_m - previous_mean) * (1.0 - h["alpha"])
             new_state["grad_avg"] = _where(centered, grad_avg, torch.zeros_like(grad_avg))
             second = _where(centered, square_avg - grad_avg * grad_avg, square_avg)
-        denom = _sqrt_safe(second) + h["eps"]
+        scaled = _preconditioned(g, second, _sqrt_safe(second) + h["eps"])
         if "momentum_buffer" in self.state_names:
             has_momentum = h["momentum"] > 0
-            buf = h["momentum"] * state["momentum_buffer"] + g / denom
+            buf = h["momentum"] * state["momentum_buffer"] + scaled
             new_state["momentum_buffer"] = _where(has_momentum, buf, torch.zeros_like(buf))
-            return theta - h["lr"] * _where(has_momentum, buf, g / denom), new_state
-        return theta - h["lr"] * g / denom, new_state
+            return theta - h["lr"] * _where(has_momentum, buf, scaled), new_state
+        return theta - h["lr"] * scaled, new_state
 
     def _adagrad(self, theta: Tensor, state: Mapping[str, Tensor], g: Tensor, h: Mapping[str, Tensor], uniform: Mapping[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
         """torch.optim.Adagrad's single-tensor formula (``g``: clipped, signed); the learning rate
@@ -334,7 +352,7 @@ class StepModel:
             g = g + h["weight_decay"] * theta
         g_v, previous = self._second_moment_input(g, state["sum"])
         total = previous + g_v * g_v
-        return theta - (h["lr"] * h["lr_decay_factor"]) * g / (_sqrt_safe(total) + h["eps"]), {"sum": total}
+        return theta - (h["lr"] * h["lr_decay_factor"]) * _preconditioned(g, total, _sqrt_safe(total) + h["eps"]), {"sum": total}
 
     def adjoint_scales(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[float, float] | None:
         """``(k, c)`` with ``a^theta = k * lambda`` and ``a^G = c * lambda`` when the step's transpose

@@ -669,16 +669,22 @@ def test_adam_on_a_parameter_that_batch_norm_cancels_is_refused_on_the_first_ste
     from torch import nn
 
     class BatchNormed(Classifier):
-        def __init__(self, bias, hidden):
-            super().__init__(hidden=hidden, lr=3e-3, optimizer="adam")
+        def __init__(self, bias, hidden, optimizer="adam", lr=3e-3, optimizer_options=None):
+            super().__init__(hidden=hidden, lr=lr, optimizer=optimizer, optimizer_options=optimizer_options)
             self.net = nn.Sequential(nn.Linear(64, 8, bias=bias), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 10))
 
-    trainer = _refused(small_digits.train, r"\['net.0.bias'\] get a zero gradient in training.*bias=False", _val(small_digits), model=_model(BatchNormed, bias=True))
-    assert trainer.global_step == 0
+    for optimizer in ("adam", "rmsprop", "adagrad"):
+        trainer = _refused(small_digits.train, r"\['net.0.bias'\] get a zero gradient in training.*bias=False", _val(small_digits),
+                           model=_model(BatchNormed, bias=True, optimizer=optimizer))
+        assert trainer.global_step == 0
     cb = _val(small_digits)
     _fit(small_digits.train, cb, model=_model(BatchNormed, bias=False))
     growth = cb.scores.metadata["max_adjoint_growth"]
     assert growth < 10 and torch.isfinite(cb.scores.values).all()
+    # Adagrad whose accumulator starts above 0 keeps the update's derivative below lr / sqrt(start): not refused
+    cb = _val(small_digits)
+    _fit(small_digits.train, cb, model=_model(BatchNormed, bias=True, optimizer="adagrad", lr=0.05, optimizer_options={"initial_accumulator_value": 1.0}))
+    assert torch.isfinite(cb.scores.values).all()
 
 
 @pytest.mark.parametrize("where", ["folder", "under_a_file"])

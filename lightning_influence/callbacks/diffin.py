@@ -477,7 +477,7 @@ class DiffIn(Callback):
         self._kinks = kinks
         self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
         self._functional_check_pending = True
-        self._cancelled_check_pending = self._model.is_adaptive and has_mode_dependent_layers(pl_module)
+        self._cancelled_check_pending = self._model.second_moment_starts_at_zero and has_mode_dependent_layers(pl_module)
         # Tensors that an earlier part of a resumed run changed are recorded from the start (removed ones keep
         # the products off the recorded gradients).
         self._buffer_watch = None

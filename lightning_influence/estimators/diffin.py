@@ -482,9 +482,9 @@ class DiffInSweep:
             self._dominance_warned = True
             warnings.warn(
                 f"DiffIn: the contributions of optimizer step {steps[k][0]} are {ratio:.0f}x the median step's (norm over "
-                "the step's samples), so that one step decides its samples' scores. The known cause is Adam/AdamW's first "
-                "steps, whose update is close to the gradient's sign (the second moment is then the step's own squared "
-                "gradient): where a parameter's batch gradient nearly cancels, as on inputs with many exact zeros, the "
+                "the step's samples), so that one step decides its samples' scores. The known cause is the first steps of an "
+                "adaptive optimizer (Adam/AdamW, RMSprop, Adagrad), whose update is close to the gradient's sign (the second "
+                "moment is then the step's own squared gradient): where a parameter's batch gradient nearly cancels, as on inputs with many exact zeros, the "
                 "linearised update overshoots the real leave-one-out change many times (README, 'Adam's first steps'). "
                 "Check those samples against retraining (lightning_influence.evaluation). The ratio is in "
                 "scores.metadata['max_step_ratio']",
