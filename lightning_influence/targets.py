@@ -207,8 +207,14 @@ def in_order(loader: Any, *, world_size: int = 1, rank: int = 0, always: bool = 
     without shuffling. ``always`` (the training set as a target): rebuild even a loader that does
     not shuffle, without ``drop_last``, sharded over ``world_size`` ranks when above 1, so that every
     training sample counts once whatever the sampler draws (with replacement, weighted, a
-    shuffled last partial batch dropped). Otherwise only a shuffling loader is rebuilt; other
+    shuffled last partial batch dropped). Otherwise only a shuffling loader is rebuilt; a
+    :class:`~lightning_influence.data.FixedBatches` is read as the list of its batches (its
+    position, which Lightning checkpoints to resume mid-epoch, is left alone); other
     loaders and iterables are returned as they are."""
+    from lightning_influence.data import FixedBatches
+
+    if isinstance(loader, FixedBatches):
+        return list(loader.batches)  # a pass of its own: the loader's position (its resume state) stays
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return loader
     dataset, outer, shuffles = _read_in_order(loader)

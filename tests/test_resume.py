@@ -206,3 +206,75 @@ def test_resuming_from_a_checkpoint_without_this_callbacks_state_warns_that_earl
     with pytest.warns(UserWarning, match=r"DiffIn starts at optimizer step 8 of a resumed fit whose checkpoint holds no state"):
         quiet_trainer(callbacks=[cb], max_epochs=2).fit(Classifier(hidden=(16,), lr=0.1).double(), train_dataloaders=loader, ckpt_path=path)
     assert cb.scores.metadata["steps_seen"] == 8
+
+
+def test_online_train_target_leaves_the_fixed_batches_position_and_resumes_exactly(problem, tmp_path):
+    """Online sweeps of target="train" read the training set: not through the trainer's own
+    FixedBatches, whose position Lightning checkpoints (it had moved to the end of the pass, and a
+    mid-epoch resume re-trained batches already seen)."""
+
+    def fit(folder, ckpt_path=None, checkpoint=None):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        cb = DiffIn(target="train", mode="online", window=2, score_every=2)
+        extra = [checkpoint] if checkpoint is not None else []
+        model = Classifier(hidden=(16,), lr=0.1).double()
+        quiet_trainer(callbacks=[cb, *extra], max_epochs=EPOCHS, enable_checkpointing=bool(extra)).fit(
+            model, train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path
+        )
+        return cb, model
+
+    straight, straight_model = fit("a")
+    fit("b", checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=11))
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]
+    saved = torch.load(first, map_location="cpu", weights_only=True)
+    assert "step=11" in first.name and saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["position"] == 3
+    resumed, resumed_model = fit("c", ckpt_path=first)
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    torch.testing.assert_close(resumed.scores.values, straight.scores.values, rtol=0, atol=1e-12)
+
+
+def test_options_that_change_the_state_change_the_key_and_the_defaults_keep_theirs(problem):
+    base = DiffIn(target="val", target_loader=problem.val)
+    assert base.state_key == "DiffIn{'target': 'val', 'mode': 'replay', 'window': 256, 'hessian_every': 1, 'params': None}"
+    keys = {
+        DiffIn(target="val", target_loader=problem.val, target_samples=10).state_key,
+        DiffIn(target="val", target_loader=problem.val, target_samples=10, seed=1).state_key,
+        DiffIn(target="val", target_loader=problem.val, mode="online", window=4).state_key,
+        DiffIn(target="val", target_loader=problem.val, mode="online", window=4, score_every=4).state_key,
+        base.state_key,
+    }
+    assert len(keys) == 5
+
+
+def test_a_checkpoint_saved_in_the_middle_of_an_accumulation_lets_training_go_on_and_is_refused_for_resume(problem, tmp_path):
+    """Validation every 3 batches with accumulation over 2: the default checkpoint after validation
+    falls between the micro-batches of one step. The fit goes on; resuming from that checkpoint is
+    refused, naming the setups that work."""
+    torch.manual_seed(0)
+    cb = DiffIn(target="val", target_loader=problem.val)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    quiet_trainer(callbacks=[cb, checkpoint], max_epochs=1, accumulate_grad_batches=2, val_check_interval=3, enable_checkpointing=True).fit(
+        Classifier(hidden=(16,), lr=0.1).double(), train_dataloaders=problem.train, val_dataloaders=problem.val
+    )
+    assert cb.scores is not None and cb.scores.metadata["steps_seen"] == 4
+    saved = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))
+    assert saved
+    with pytest.raises(ValueError, match="saved in the middle of a gradient accumulation .* multiple of accumulate_grad_batches"):
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=problem.val)], max_epochs=2, accumulate_grad_batches=2).fit(
+            Classifier(hidden=(16,), lr=0.1).double(), train_dataloaders=problem.train, ckpt_path=saved[0]
+        )
+
+
+def test_a_second_fit_of_the_same_trainer_is_not_called_a_resume(problem):
+    import warnings
+
+    cb = DiffIn(target="val", target_loader=problem.val)
+    trainer = quiet_trainer(callbacks=[cb], max_epochs=1)
+    model = Classifier(hidden=(16,), lr=0.1).double()
+    trainer.fit(model, train_dataloaders=problem.train)
+    trainer.fit_loop.max_epochs = 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train_dataloaders=problem.train)
+    assert not [w for w in caught if "resumed fit" in str(w.message)]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.targets import TARGET_KINDS, TargetGradient, in_order
@@ -478,6 +478,8 @@ def device_target_batches(
         seen = 0
         found = False
         loader = source()
+        resumable = not isinstance(loader, DataLoader) and callable(getattr(loader, "state_dict", None))
+        state = loader.state_dict() if resumable else None
         with untouched_random_state(loader, device):
             iterator = iter(loader)
         while True:
@@ -492,6 +494,13 @@ def device_target_batches(
             yield trainer.precision_plugin.convert_input(strategy.batch_to_device(batch))
         if not found:
             raise ValueError(empty_target_message(kind, explicit, seen, owner))
+        if resumable and loader.state_dict() != state:
+            raise ValueError(
+                f"{owner}(target={kind!r}): reading the target moved the state of its loader ({type(loader).__name__}: "
+                f"state_dict() {state!r} before, {loader.state_dict()!r} after). Lightning saves that state to resume "
+                "mid-epoch, so a checkpoint would resume at the wrong batch. Give the target a loader of its own "
+                "(for target='train': target='val' with target_loader=<another loader over the training samples>)"
+            )
 
     return batches
 

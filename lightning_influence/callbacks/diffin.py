@@ -371,7 +371,13 @@ class DiffIn(Callback):
 
     @property
     def state_key(self) -> str:
-        extra = {} if self.coupled is None else {"coupled": self.coupled}
+        extra: dict[str, Any] = {} if self.coupled is None else {"coupled": self.coupled}
+        # Options that change what the state means, named when not the default (so the keys of the defaults stay):
+        # a checkpoint of another target subset or block length is not resumed as if it were this one.
+        if self.target_samples is not None:
+            extra.update(target_samples=self.target_samples, seed=self.seed)
+        if self.mode == "online" and self.score_every != 2 * self.window:
+            extra["score_every"] = self.score_every
         return self._generate_state_key(
             target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params, **extra
         )
@@ -676,7 +682,7 @@ class DiffIn(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._data_checks_pending and not self._resume_check_pending and trainer.global_step > 0:
+        if self._data_checks_pending and not self._resume_check_pending and trainer.global_step > 0 and trainer.ckpt_path is not None:
             rank_zero_warn(
                 f"DiffIn starts at optimizer step {trainer.global_step} of a resumed fit whose checkpoint holds no state of "
                 f"this callback (state key {self.state_key!r}: saved without DiffIn, or with other options, which make "
@@ -1382,10 +1388,9 @@ class DiffIn(Callback):
         parameters, gradients and optimizer state: a replay checkpoint carries the trajectory so
         far). Tensors and primitives only: loadable with ``torch.load(weights_only=True)``."""
         if self._micro_batches:
-            raise RuntimeError(
-                "DiffIn cannot be checkpointed in the middle of a gradient accumulation: save at optimizer-step "
-                "boundaries (ModelCheckpoint(every_n_train_steps=...) does)"
-            )
+            # A checkpoint between the micro-batches of one optimizer step (validation mid-accumulation, e.g.
+            # val_check_interval=3 with accumulate_grad_batches=2): training goes on; resuming from it is refused.
+            return {"format": STATE_FORMAT, "mid_accumulation": True}
         if self._trajectory is not None:
             self._settle()  # the step held back for its host values belongs to the checkpoint
         collective = self._collective
@@ -1425,6 +1430,14 @@ class DiffIn(Callback):
             raise ValueError(
                 f"this checkpoint holds DiffIn state of format {state_dict.get('format')!r}; this version reads format "
                 f"{STATE_FORMAT}. Rerun the fit, or resume without the DiffIn callback"
+            )
+        if state_dict.get("mid_accumulation"):
+            raise ValueError(
+                "this checkpoint was saved in the middle of a gradient accumulation (between the micro-batches of one "
+                "optimizer step, e.g. at a validation with val_check_interval not a multiple of accumulate_grad_batches), "
+                "whose partial gradient no checkpoint holds: DiffIn cannot resume from it. Resume from a checkpoint saved "
+                "at an optimizer-step boundary (ModelCheckpoint(every_n_train_steps=...)), or make val_check_interval a "
+                "multiple of accumulate_grad_batches"
             )
         self.steps_seen = int(state_dict["steps_seen"])
         self.steps_scored = int(state_dict["steps_scored"])
