@@ -532,6 +532,19 @@ def _verify_zip(data: bytes, origin: str) -> None:
             raise ScoreFileError(f"{origin} is corrupted: zip member {info.filename!r} is damaged ({err})") from None
 
 
+def _file_path_problem(path: Path) -> tuple[Path, str | None]:
+    """``(nearest existing ancestor, why path cannot be a file there)``: ``"is a folder, not a
+    file"``, ``"lies under <ancestor>, which is a file, not a folder"``, or ``None``."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if path.is_dir():
+        return ancestor, "is a folder, not a file"
+    if not ancestor.is_dir():
+        return ancestor, f"lies under {str(ancestor)!r}, which is a file, not a folder"
+    return ancestor, None
+
+
 def check_writable(path: str | os.PathLike[str], owner: str, what: str = "save_path") -> None:
     """Refuse, before any work is spent, a file path that :func:`atomic_write_bytes` could not
     write: a folder, a path under a regular file, or a folder this process cannot create files in
@@ -539,13 +552,10 @@ def check_writable(path: str | os.PathLike[str], owner: str, what: str = "save_p
     ``owner`` and ``what`` (the argument's name) start the ``ValueError``'s message."""
     path = Path(path)
     advice = "pass a file path in a folder this process can write to"
-    if path.is_dir():
-        raise ValueError(f"{owner}: {what} {str(path)!r} is a folder, not a file; {advice} (e.g. {str(path / 'scores.pt')!r})")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"{owner}: {what} {str(path)!r} lies under {str(ancestor)!r}, which is a file, not a folder; {advice}")
+    ancestor, problem = _file_path_problem(path)
+    if problem is not None:
+        example = f" (e.g. {str(path / 'scores.pt')!r})" if path.is_dir() else ""
+        raise ValueError(f"{owner}: {what} {str(path)!r} {problem}; {advice}{example}")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=ancestor)
         os.close(fd)
@@ -562,13 +572,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     A ``path`` that is a folder (``IsADirectoryError``) or lies under a file
     (``NotADirectoryError``) is refused with a message naming it, not the temporary file."""
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write the file {str(path)!r}: it is a folder; pass the path of a file, not of a folder")
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise NotADirectoryError(f"cannot write the file {str(path)!r}: it lies under {str(ancestor)!r}, which is a file, not a folder")
+    _, problem = _file_path_problem(path)
+    if problem is not None:
+        error = IsADirectoryError if path.is_dir() else NotADirectoryError
+        raise error(f"cannot write the file {str(path)!r}: it {problem}; pass the path of a file in a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

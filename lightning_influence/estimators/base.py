@@ -417,7 +417,7 @@ class TrainingPasses:
             if limit is not None and position >= limit:
                 break
             ids = torch.as_tensor(self.module.sample_ids(batch)).detach().reshape(-1).to("cpu", torch.long)  # type: ignore[operator]
-            check_batch_ids(ids)
+            check_unique_ids(ids, scope="batch")
             if reference is not None:
                 stray = ids[~torch.isin(ids, reference)]
                 if stray.numel():
@@ -474,33 +474,25 @@ def posthoc_training(module: L.LightningModule, train_loader: Iterable[Any], own
     return passes
 
 
-def check_batch_ids(ids: Tensor) -> None:
-    """Refuse a training batch that holds a sample id twice: post-hoc estimators score each sample
-    once. The usual cause is batches without ids, whose labels the default ``sample_ids`` reads
-    instead (a loader that repeats whole epochs is fine: each sample keeps its one score)."""
+def check_unique_ids(ids: Tensor, scope: str = "pass") -> None:
+    """Refuse ``ids`` of one training ``scope`` (``"batch"`` or ``"pass"``) that hold a sample id
+    twice: post-hoc estimators score each training sample once. The usual cause is batches without
+    ids, whose labels the default ``sample_ids`` reads instead. (A loader that repeats whole epochs
+    is fine where only batches are checked: each sample keeps its one score.)"""
     unique, counts = ids.unique(return_counts=True)
     if bool((counts > 1).any()):
-        raise ValueError(
-            f"a training batch holds sample id {int(unique[counts > 1][0])} more than once ({int((counts > 1).sum())} of "
-            f"{unique.numel()} ids repeat in a batch of {ids.numel()}): post-hoc estimators score each training sample once. "
-            "If the batches carry no sample ids, the default sample_ids(batch) reads their last element (the labels?) as "
-            "ids: wrap the dataset, DataLoader(lightning_influence.IndexedDataset(dataset), ...), or override "
-            "sample_ids(batch); a sampler drawing with replacement repeats samples too: score with a plain loader"
+        first, repeated = int(unique[counts > 1][0]), int((counts > 1).sum())
+        where = (
+            f"a training batch holds sample id {first} more than once ({repeated} of {unique.numel()} ids repeat in a batch "
+            f"of {ids.numel()}): post-hoc estimators score each training sample once"
+            if scope == "batch"
+            else f"the training loader yields sample id {first} more than once in one pass ({repeated} of {unique.numel()} ids "
+            "repeat): post-hoc estimators need each training sample exactly once (one epoch, no repeats)"
         )
-
-
-def check_unique_ids(ids: Tensor) -> None:
-    """Refuse a pass over the training loader that yields a sample id more than once: post-hoc
-    estimators score each training sample once. The usual cause is batches without ids, whose
-    labels the default ``sample_ids`` reads instead."""
-    unique, counts = ids.unique(return_counts=True)
-    if bool((counts > 1).any()):
         raise ValueError(
-            f"the training loader yields sample id {int(unique[counts > 1][0])} more than once in one pass "
-            f"({int((counts > 1).sum())} of {unique.numel()} ids repeat): post-hoc estimators need each training sample "
-            "exactly once (one epoch, no repeats). If the batches carry no sample ids, the default sample_ids(batch) reads "
-            "their last element (the labels?) as ids: wrap the dataset, DataLoader(lightning_influence.IndexedDataset(dataset), "
-            "...), or override sample_ids(batch)"
+            f"{where}. If the batches carry no sample ids, the default sample_ids(batch) reads their last element (the "
+            "labels?) as ids: wrap the dataset, DataLoader(lightning_influence.IndexedDataset(dataset), ...), or override "
+            "sample_ids(batch); a sampler drawing with replacement repeats samples too: score with a plain loader"
         )
 
 

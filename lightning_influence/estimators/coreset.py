@@ -43,7 +43,7 @@ from lightning_influence.estimators.base import (
     Estimator,
     Target,
     attributed_space,
-    check_batch_ids,
+    check_unique_ids,
     device_batches,
     posthoc_training,
     progress,
@@ -76,7 +76,7 @@ def per_sample_values(
     sorted ascending, each once (a sample yielded again, in a later epoch of the loader, keeps its
     first value), and the values as float64 on the CPU, in id order. A batch that holds an id twice
     (batches without ids, whose labels the default ``sample_ids`` would read) is refused
-    (:func:`~lightning_influence.estimators.base.check_batch_ids`)."""
+    (:func:`~lightning_influence.estimators.base.check_unique_ids`)."""
     check_dataset_ids(getattr(loader, "loader", loader), module)
     ids_parts: list[Tensor] = []
     value_parts: list[Tensor] = []
@@ -85,7 +85,7 @@ def per_sample_values(
         batches = progress(device_batches(module, loader), description, show_progress, total=_loader_length(loader))
         for batch in batches:
             ids = module.sample_ids(batch).reshape(-1).to("cpu", torch.long)  # type: ignore[operator]
-            check_batch_ids(ids)
+            check_unique_ids(ids, scope="batch")
             values = fn(batch)
             if values.dim() == 0 or values.shape[0] != ids.numel():
                 raise ValueError(f"got {tuple(values.shape)} values for a batch of {ids.numel()} sample ids; expected [B, ...]")
