@@ -22,6 +22,8 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "rmsprop": torch.optim.RMSprop,
     "adagrad": torch.optim.Adagrad,
+    "nadam": torch.optim.NAdam,
+    "radam": torch.optim.RAdam,
 }
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
@@ -102,7 +104,7 @@ class Classifier(InfluenceMixin, L.LightningModule):
 
     Batches are ``(x, y, index)`` tuples as produced by :class:`~lightning_influence.data.IndexedDataset`.
 
-    ``optimizer``: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"`` or ``"adagrad"`` with ``optimizer_options`` passed to it
+    ``optimizer``: ``"sgd"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``, ``"adagrad"``, ``"nadam"`` or ``"radam"`` with ``optimizer_options`` passed to it
     (``momentum``, ``nesterov``, ``weight_decay``, ``betas``, ...). ``schedule``: ``"constant"``,
     ``"cosine"`` (per step, to zero at the last step), ``"warmup_cosine"`` (linear warm-up over the
     first 10% of steps, then cosine) or ``"step"`` (per epoch, halving every epoch).

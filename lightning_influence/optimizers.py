@@ -17,7 +17,9 @@ Modelled (per parameter group, any mix): ``torch.optim.SGD`` with momentum, damp
 Nesterov, coupled weight decay and ``maximize``; ``torch.optim.Adam`` / ``AdamW`` with coupled
 or decoupled weight decay, ``amsgrad`` and ``maximize``; ``torch.optim.RMSprop`` with
 ``alpha``, momentum, ``centered``, weight decay and ``maximize``; ``torch.optim.Adagrad`` with
-``lr_decay``, ``initial_accumulator_value``, weight decay and ``maximize``. The learning rate and every other
+``lr_decay``, ``initial_accumulator_value``, weight decay and ``maximize``; ``torch.optim.NAdam``
+(its momentum schedule) and ``torch.optim.RAdam`` (its rectification), with coupled or decoupled
+weight decay and ``maximize``. The learning rate and every other
 hyperparameter are read per step, so any scheduler (including ones that cycle momentum or
 betas) is followed. Gradient clipping by norm (over all parameters of the optimizer) or by
 value.
@@ -45,7 +47,9 @@ ClipAlgorithm = Literal["norm", "value"]
 SUPPORTED_OPTIMIZERS = (
     "torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize), torch.optim.Adam and "
     "torch.optim.AdamW (weight_decay, amsgrad, maximize), torch.optim.RMSprop (alpha, momentum, centered, "
-    "weight_decay, maximize) and torch.optim.Adagrad (lr_decay, initial_accumulator_value, weight_decay, maximize)"
+    "weight_decay, maximize), torch.optim.Adagrad (lr_decay, initial_accumulator_value, weight_decay, maximize), "
+    "torch.optim.NAdam (momentum_decay, weight_decay coupled or decoupled, maximize) and torch.optim.RAdam "
+    "(weight_decay coupled or decoupled, maximize)"
 )
 
 
@@ -98,12 +102,22 @@ _ADAM = _Family(
 )
 _RMSPROP = _Family("rmsprop", ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "sign"), ("square_avg", "momentum_buffer", "grad_avg"))
 _ADAGRAD = _Family("adagrad", ("lr", "lr_decay_factor", "eps", "weight_decay", "sign"), ("sum",))
+_NADAM = _Family(
+    "nadam", ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "bias_correction2", "grad_coef", "avg_coef", "sign"),
+    ("exp_avg", "exp_avg_sq"),
+)
+_RADAM = _Family(
+    "radam", ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "bias_correction1", "bias_correction2", "rect", "sign"),
+    ("exp_avg", "exp_avg_sq"),
+)
 _FAMILIES: dict[type, _Family] = {
     torch.optim.SGD: _SGD,
     torch.optim.Adam: _ADAM,
     torch.optim.AdamW: _ADAM,
     torch.optim.RMSprop: _RMSPROP,
     torch.optim.Adagrad: _ADAGRAD,
+    torch.optim.NAdam: _NADAM,
+    torch.optim.RAdam: _RADAM,
 }
 
 
@@ -208,6 +222,10 @@ class StepModel:
                 row = [float(group["lr"]), float(group["alpha"]), float(group["eps"]), float(group.get("weight_decay", 0.0)),
                        float(group.get("momentum", 0.0)), float(bool(group.get("centered", False))),
                        -1.0 if group.get("maximize", False) else 1.0]
+            elif self.family in (_NADAM, _RADAM):
+                row = [float(group["lr"]), *(float(b) for b in group["betas"]), float(group["eps"]),
+                       float(group.get("weight_decay", 0.0)), float(bool(group.get("decoupled_weight_decay", False))),
+                       *self._schedule_columns(group, st), -1.0 if group.get("maximize", False) else 1.0]
             elif self.family is _ADAGRAD:
                 done = float(st["step"]) if "step" in st else 0.0  # steps taken before this one
                 row = [float(group["lr"]), 1.0 / (1.0 + done * float(group.get("lr_decay", 0.0))), float(group["eps"]),
@@ -296,6 +314,10 @@ class StepModel:
             return self._rmsprop(theta, state, g, h, uniform)
         if self.family is _ADAGRAD:
             return self._adagrad(theta, state, g, h, uniform)
+        if self.family is _NADAM:
+            return self._nadam(theta, state, g, h, uniform)
+        if self.family is _RADAM:
+            return self._radam(theta, state, g, h, uniform)
         # Adam / AdamW (torch.optim's single-tensor formula)
         if uniform.get("weight_decay") != 0.0:
             decoupled = h["decoupled"] > 0
@@ -316,6 +338,58 @@ class StepModel:
             second = _where(amsgrad, new_state["max_exp_avg_sq"], v)
         denom = _sqrt_safe(second) / h["bias_correction2"].sqrt() + h["eps"]
         return theta - (h["lr"] / h["bias_correction1"]) * _preconditioned(m, second, denom), new_state
+
+    def _schedule_columns(self, group: Mapping[str, Any], st: Mapping[str, Any]) -> list[float]:
+        """NAdam's and RAdam's per-step scalars, from the step count (and NAdam's running
+        ``mu_product``) before this step, as torch computes them: NAdam ``(1 - beta2^t,
+        -lr (1 - mu_t) / (1 - prod mu), -lr mu_{t+1} / (1 - prod mu * mu_{t+1}))``; RAdam
+        ``(1 - beta1^t, 1 - beta2^t, rect_t)``, ``rect_t = 0`` while ``rho_t <= 5`` (the step is
+        then the bias-corrected momentum alone)."""
+        beta1, beta2 = (float(b) for b in group["betas"])
+        step = float(st["step"]) + 1.0 if "step" in st else 1.0
+        lr = float(group["lr"])
+        if self.family is _NADAM:
+            decay = float(group["momentum_decay"])
+            mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * decay))
+            mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1.0) * decay))
+            # torch keeps the running product as a scalar tensor (float32 unless float64 is the default dtype)
+            previous = st.get("mu_product")
+            if not isinstance(previous, Tensor):
+                previous = torch.tensor(1.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
+            product = float(previous * mu)
+            return [1.0 - beta2**step, -lr * (1.0 - mu) / (1.0 - product), -lr * mu_next / (1.0 - product * mu_next)]
+        bias2 = 1.0 - beta2**step
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        rho = rho_inf - 2.0 * step * beta2**step / bias2
+        rect = math.sqrt((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho)) if rho > 5.0 else 0.0
+        return [1.0 - beta1**step, bias2, rect]
+
+    def _adam_family(self, theta: Tensor, state: Mapping[str, Tensor], g: Tensor, h: Mapping[str, Tensor], uniform: Mapping[str, float]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        """The weight decay (coupled or decoupled) and moment updates NAdam and RAdam share with
+        Adam: ``(theta after decoupled decay, m, v, new state)``."""
+        if uniform.get("weight_decay") != 0.0:
+            decoupled = h["decoupled"] > 0
+            g = _where(decoupled, g, g + h["weight_decay"] * theta)
+            theta = _where(decoupled, theta * (1.0 - h["lr"] * h["weight_decay"]), theta)
+        m = state["exp_avg"] + (g - state["exp_avg"]) * (1.0 - h["beta1"])
+        g_v, previous = self._second_moment_input(g, state["exp_avg_sq"])
+        v = h["beta2"] * previous + (1.0 - h["beta2"]) * g_v * g_v
+        return theta, g, m, {"exp_avg": m, "exp_avg_sq": v}
+
+    def _nadam(self, theta: Tensor, state: Mapping[str, Tensor], g: Tensor, h: Mapping[str, Tensor], uniform: Mapping[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+        """torch.optim.NAdam's single-tensor formula (``g``: clipped, signed)."""
+        theta, g, m, new_state = self._adam_family(theta, state, g, h, uniform)
+        v = new_state["exp_avg_sq"]
+        denom = _sqrt_safe(v / h["bias_correction2"]) + h["eps"]
+        return theta + h["grad_coef"] * _preconditioned(g, v, denom) + h["avg_coef"] * _preconditioned(m, v, denom), new_state
+
+    def _radam(self, theta: Tensor, state: Mapping[str, Tensor], g: Tensor, h: Mapping[str, Tensor], uniform: Mapping[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
+        """torch.optim.RAdam's single-tensor formula (``g``: clipped, signed)."""
+        theta, g, m, new_state = self._adam_family(theta, state, g, h, uniform)
+        v = new_state["exp_avg_sq"]
+        corrected = m / h["bias_correction1"]
+        adaptive = _preconditioned(corrected, v, _sqrt_safe(v) + h["eps"]) * h["bias_correction2"].sqrt() * h["rect"]
+        return theta - h["lr"] * _where(h["rect"] > 0, adaptive, corrected), new_state
 
     def _second_moment_input(self, g: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
         """``(g, previous)`` as the second-moment recursion sees them: detached when frozen."""

@@ -43,6 +43,8 @@ CASES: dict[str, Case] = {
     "rmsprop": Case("rmsprop", 5e-4),
     "rmsprop-centered-momentum-l2": Case("rmsprop", 5e-5, {"momentum": 0.9, "centered": True, "weight_decay": 1e-3}),
     "adagrad-decay-l2": Case("adagrad", 0.02, {"lr_decay": 0.01, "weight_decay": 1e-3}),
+    "nadam": Case("nadam", 1e-3),
+    "radam-decoupled": Case("radam", 2e-3, {"weight_decay": 0.01, "decoupled_weight_decay": True}),
 }
 
 

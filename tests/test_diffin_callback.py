@@ -382,7 +382,7 @@ def test_module_without_mixin_is_refused(small_digits):
     "make_opt,match",
     [
         (lambda p: torch.optim.Adamax(p, lr=1e-3), "optimizer Adamax"),
-        (lambda p: torch.optim.NAdam(p, lr=1e-3), "optimizer NAdam"),
+        (lambda p: torch.optim.Rprop(p, lr=1e-3), "optimizer Rprop"),
         (lambda p: torch.optim.LBFGS(p, lr=0.1), "optimizer LBFGS"),
     ],
 )

@@ -25,6 +25,12 @@ CONFIGS = {
     "adagrad": (torch.optim.Adagrad, {"lr": 0.1}),
     "adagrad-decay-l2": (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.1, "weight_decay": 0.05}),
     "adagrad-maximize-foreach": (torch.optim.Adagrad, {"lr": 0.1, "maximize": True, "foreach": True}),
+    "nadam": (torch.optim.NAdam, {"lr": 0.01}),
+    "nadam-decoupled-maximize": (torch.optim.NAdam, {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True, "momentum_decay": 0.01, "maximize": True}),
+    "nadam-l2-foreach": (torch.optim.NAdam, {"lr": 0.01, "weight_decay": 0.05, "foreach": True}),
+    "radam": (torch.optim.RAdam, {"lr": 0.01}),
+    "radam-fast-rectification-l2": (torch.optim.RAdam, {"lr": 0.01, "betas": (0.9, 0.9), "weight_decay": 0.05}),
+    "radam-decoupled-maximize-foreach": (torch.optim.RAdam, {"lr": 0.01, "betas": (0.8, 0.9), "weight_decay": 0.1, "decoupled_weight_decay": True, "maximize": True, "foreach": True}),
 }
 
 
@@ -48,7 +54,7 @@ def test_update_reproduces_torch_optim_over_steps(name, clip):
     optimizer = kind([{"params": params[:2]}, {"params": params[2:], "lr": options["lr"] * 3}], **options)
     model = StepModel(optimizer, params, clip_val=clip[1] if clip else None, clip_algorithm=clip[0] if clip else "norm")
     g = torch.Generator().manual_seed(1)
-    for step in range(6):
+    for step in range(12):  # RAdam's rectification starts after its first steps (step 6 at betas (0.9, 0.9))
         for group in optimizer.param_groups:
             group["lr"] *= 0.9  # a scheduler
         raw = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
@@ -75,7 +81,7 @@ def test_update_reproduces_torch_optim_over_steps(name, clip):
 @pytest.mark.parametrize(
     "name",
     ["sgd-wd", "sgd-maximize", "heavy-ball", "nesterov", "adam", "adam-l2", "adamw-amsgrad", "rmsprop",
-     "rmsprop-centered-momentum-l2", "adagrad-decay-l2"],
+     "rmsprop-centered-momentum-l2", "adagrad-decay-l2", "nadam-decoupled-maximize", "radam-fast-rectification-l2"],
 )
 def test_vjp_is_the_transpose_of_the_jvp(name, second_moment, clip):
     kind, options = CONFIGS[name]
@@ -151,7 +157,7 @@ def test_plain_sgd_rebuild_is_torch_optim_sgd_bit_for_bit(weight_decay):
     torch.testing.assert_close(a_grad, scale * cot)
 
 
-@pytest.mark.parametrize("kind", [torch.optim.LBFGS, torch.optim.Adamax, torch.optim.NAdam])
+@pytest.mark.parametrize("kind", [torch.optim.LBFGS, torch.optim.Adamax, torch.optim.ASGD])
 def test_unmodelled_optimizers_are_refused(kind):
     params = _params()
     with pytest.raises(UnsupportedOptimizer, match="does not model optimizer .*supported: torch.optim.SGD"):
