@@ -179,7 +179,8 @@ class StepModel:
 
     @property
     def is_adaptive(self) -> bool:
-        """Adam/AdamW, RMSprop, Adagrad: the update divides by ``sqrt(v) + eps``, per coordinate."""
+        """Every family but SGD (Adam/AdamW, NAdam, RAdam, RMSprop, Adagrad): the update divides by
+        ``sqrt(v) + eps``, per coordinate."""
         return self.family is not _SGD
 
     @property
@@ -319,18 +320,8 @@ class StepModel:
         if self.family is _RADAM:
             return self._radam(theta, state, g, h, uniform)
         # Adam / AdamW (torch.optim's single-tensor formula)
-        if uniform.get("weight_decay") != 0.0:
-            decoupled = h["decoupled"] > 0
-            g = _where(decoupled, g, g + h["weight_decay"] * theta)
-            theta = _where(decoupled, theta * (1.0 - h["lr"] * h["weight_decay"]), theta)
-        m = state["exp_avg"] + (g - state["exp_avg"]) * (1.0 - h["beta1"])
-        v_prev = state["exp_avg_sq"]
-        g_v = g if self.second_moment == "linearized" else g.detach()
-        if self.second_moment == "frozen":
-            v_prev = v_prev.detach()
-        v = h["beta2"] * v_prev + (1.0 - h["beta2"]) * g_v * g_v
-        new_state = {"exp_avg": m, "exp_avg_sq": v}
-        second = v
+        theta, g, m, new_state = self._adam_family(theta, state, g, h, uniform)
+        v = second = new_state["exp_avg_sq"]
         if "max_exp_avg_sq" in self.state_names:
             prev_max = state["max_exp_avg_sq"] if self.second_moment == "linearized" else state["max_exp_avg_sq"].detach()
             amsgrad = h["amsgrad"] > 0
@@ -365,8 +356,8 @@ class StepModel:
         return [1.0 - beta1**step, bias2, rect]
 
     def _adam_family(self, theta: Tensor, state: Mapping[str, Tensor], g: Tensor, h: Mapping[str, Tensor], uniform: Mapping[str, float]) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        """The weight decay (coupled or decoupled) and moment updates NAdam and RAdam share with
-        Adam: ``(theta after decoupled decay, m, v, new state)``."""
+        """The weight decay (coupled or decoupled) and moment updates of Adam, NAdam and RAdam:
+        ``(theta after decoupled decay, the decayed gradient, m, new state)``."""
         if uniform.get("weight_decay") != 0.0:
             decoupled = h["decoupled"] > 0
             g = _where(decoupled, g, g + h["weight_decay"] * theta)
