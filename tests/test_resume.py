@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import digits_problem, quiet_trainer
-from lightning_influence import DiffIn
+from lightning_influence import DiffIn, TracIn
 from lightning_influence.data import FixedBatches
 from lightning_influence.models import Classifier
 
@@ -245,6 +245,10 @@ def test_options_that_change_the_state_change_the_key_and_the_defaults_keep_thei
         base.state_key,
     }
     assert len(keys) == 5
+    tracin = TracIn(target="val", target_loader=problem.val)
+    assert tracin.state_key == "TracIn{'target': 'val', 'target_every': 1}"
+    assert len({tracin.state_key, TracIn(target="val", target_loader=problem.val, target_samples=10).state_key,
+                TracIn(target="val", target_loader=problem.val, target_samples=10, seed=1).state_key}) == 3
 
 
 def test_a_checkpoint_saved_in_the_middle_of_an_accumulation_lets_training_go_on_and_is_refused_for_resume(problem, tmp_path):

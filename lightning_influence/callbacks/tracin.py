@@ -125,7 +125,11 @@ class TracIn(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(target=self.target, target_every=self.target_every)
+        # A checkpoint of another target subset is not resumed as if it were this one (the keys of the defaults stay).
+        extra: dict[str, Any] = {}
+        if self.target_samples is not None:
+            extra.update(target_samples=self.target_samples, seed=self.seed)
+        return self._generate_state_key(target=self.target, target_every=self.target_every, **extra)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
