@@ -3,7 +3,7 @@ ConfigStore so that a misspelt key, a wrong type or an unknown choice is refused
 config is composed (before any training), and out-of-range values when the run starts, before
 anything is set up (:func:`check_config`, and the recipe itself, call :func:`recipe_params`, which
 runs each schema's ``__post_init__``). Composing does not check ranges: ``--cfg job`` prints
-them, and in a multirun each job checks its own values when it starts.
+them; a multirun checks every job's config before its first job runs (:mod:`lightning_influence.sweep`).
 
 The YAML files of ``lightning_influence.conf`` extend these schemas through their defaults
 lists (``recipe/cleaning.yaml`` starts from ``cleaning_schema``, every ``estimator/*.yaml``

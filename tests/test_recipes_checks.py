@@ -366,9 +366,8 @@ def test_a_preset_option_another_estimator_does_not_take_is_traced_to_the_preset
 
 def test_multirun_jobs_sharing_one_output_dir_are_refused_before_training(tmp_path: Path) -> None:
     """-m with a fixed output_dir: every job would write into one folder (the last job's kept). A
-    fixed path is refused in every job before training; an interpolated one that does not differ
-    between the jobs is refused in the second job, before its training, leaving the first job's
-    outputs; ${hydra:job.num} gives each job its own folder."""
+    fixed path, and an interpolated one that does not differ between the jobs, are refused before
+    the first job runs (lightning_influence.sweep); ${hydra:job.num} gives each job its own folder."""
     common = ["-m", "recipe=coreset", "estimator=random", "seed=0,1", *QUICK]
 
     def sweep(name: str, output_dir: str) -> subprocess.CompletedProcess:
@@ -378,24 +377,43 @@ def test_multirun_jobs_sharing_one_output_dir_are_refused_before_training(tmp_pa
         )
 
     fixed = sweep("fixed", str(tmp_path / "out"))
-    assert fixed.returncode != 0 and not (tmp_path / "out").exists()
+    assert fixed.returncode != 0 and not (tmp_path / "out").exists() and not (tmp_path / "fixed").exists()
     assert (
         f"output_dir={tmp_path / 'out'} is one fixed folder for every job of this multirun: each job would write its outputs "
         "(scores.pt, report.json, ...) over the previous job's, and only the last job's would be kept. Use output_dir=null"
     ) in fixed.stderr and f"'output_dir={tmp_path / 'out'}/${{hydra:job.num}}'" in fixed.stderr
     shared = sweep("shared", str(tmp_path / "by_lr" / "${model.lr}"))
-    assert shared.returncode != 0
+    assert shared.returncode != 0 and not (tmp_path / "by_lr").exists() and "Outputs in" not in shared.stdout
     assert (
-        f"output_dir resolves to {tmp_path / 'by_lr' / '0.1'}, the output folder of job 0 of this multirun ({tmp_path / 'shared'}): "
-        "job 1 would write its outputs over that job's"
-    ) in shared.stderr
-    report = json.loads((tmp_path / "by_lr" / "0.1" / "report.json").read_text())
-    assert report["summary"][0]["seed"] == 0  # job 0's outputs are kept
-    assert shared.stdout.count("Outputs in") == 1
+        "1 of the 2 jobs of this multirun have a config that would be refused when the job starts; no job was run" in shared.stderr
+        and "job 1 (recipe=coreset estimator=random seed=1 " in shared.stderr
+        and f"output_dir resolves to {tmp_path / 'by_lr' / '0.1'}, the output folder of job 0 too" in shared.stderr
+    ), shared.stderr[-3000:]
     per_job = sweep("per_job", str(tmp_path / "jobs" / "${hydra:job.num}"))
     assert per_job.returncode == 0, per_job.stderr[-3000:]
     seeds = {int(p.parent.name): json.loads(p.read_text())["summary"][0]["seed"] for p in (tmp_path / "jobs").glob("*/report.json")}
     assert seeds == {0: 0, 1: 1}
+
+
+def test_every_job_of_a_multirun_is_checked_before_the_first_one_runs(tmp_path: Path) -> None:
+    """An out-of-range value in some jobs of a sweep (given on the command line, and through a
+    preset's hydra.sweeper.params) refuses the whole sweep before any job runs, naming each
+    failing job; a sweep whose jobs all pass goes on (the multirun tests above)."""
+    def sweep(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_influence", "-m", *overrides, *QUICK, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+            cwd=tmp_path, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+        )
+
+    bad = sweep("recipe=coreset", "estimator=random", "seed=0,1", "recipe.fraction=0.5,1.5")
+    assert bad.returncode == 1 and not (tmp_path / "sweep").exists() and "Launching" not in bad.stderr + bad.stdout
+    assert "2 of the 4 jobs of this multirun have a config that would be refused when the job starts; no job was run" in bad.stderr
+    assert "job 1 (recipe=coreset estimator=random seed=0 recipe.fraction=1.5" in bad.stderr
+    assert "job 3 (recipe=coreset estimator=random seed=1 recipe.fraction=1.5" in bad.stderr
+    assert bad.stderr.count("recipe.fraction must be in (0, 1], got 1.5") == 2
+    preset = sweep("experiment=coreset_sweep", "hydra.sweeper.params.seed='0,-3'")
+    assert preset.returncode == 1 and not (tmp_path / "sweep").exists()
+    assert "20 of the 40 jobs" in preset.stderr and "seed=-3 is out of range" in preset.stderr and "... and 15 more" in preset.stderr
 
 
 def test_a_single_run_keeps_its_output_dir_and_reruns_of_a_job_may_reuse_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
