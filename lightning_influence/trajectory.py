@@ -118,6 +118,7 @@ class Trajectory:
         self.keep_gradients = keep_gradients
         self.device = torch.device(device)
         self._records: deque[StepRecord | Path] = deque()
+        self._extra_checkpoints: set[int] = set()  # steps that keep their parameters off the k-step grid
         self.pool: VectorPool | None = None
         # A folder of its own (inside spill_dir when given): callbacks, ranks and processes sharing a
         # spill_dir never read or delete each other's files.
@@ -142,7 +143,14 @@ class Trajectory:
         return out
 
     def keeps_theta(self, step: int) -> bool:
-        return step % self.checkpoint_every == 0
+        return step % self.checkpoint_every == 0 or step in self._extra_checkpoints
+
+    def keep_theta_at(self, step: int) -> None:
+        """Store the parameters (and optimizer state) of ``step`` too, off the ``checkpoint_every``
+        grid: the steps after it are rebuilt from what it stores. For parameters that did not
+        come from the recorded update, e.g. a resumed fit's, rounded when Lightning loads a float64
+        checkpoint into the module before its precision converts it."""
+        self._extra_checkpoints.add(step)
 
     def append(self, record: StepRecord) -> None:
         if not self.keeps_theta(record.step):
@@ -166,6 +174,8 @@ class Trajectory:
     def restore(self, payloads: list[dict[str, Any]]) -> None:
         """Append records exported by :meth:`export` (after a resume)."""
         for p in payloads:
+            if p["theta"] is not None:
+                self._extra_checkpoints.add(int(p["step"]))
             self.append(_from_payload(p, self.device))
 
     def release(self, vector: Tensor | None) -> None:
@@ -201,8 +211,10 @@ class Trajectory:
         for _ in range(min(count, len(self._records))):
             item = self._records.popleft()
             if isinstance(item, Path):
+                self._extra_checkpoints.discard(_path_step(item))
                 item.unlink(missing_ok=True)
             else:
+                self._extra_checkpoints.discard(item.step)
                 self._release(item)
 
     def newest_first(self, recompute_step: RecomputeStep | None = None) -> Iterator[StepRecord]:
@@ -249,7 +261,7 @@ class Trajectory:
     def _load_meta_theta_missing(self, item: StepRecord | Path) -> bool:
         if isinstance(item, StepRecord):
             return item.theta is None
-        return not self.keeps_theta(int(item.stem.split("-")[1]))
+        return not self.keeps_theta(_path_step(item))
 
     def close(self) -> None:
         """Free every record and pooled vector; delete spilled files (and the temporary folder
@@ -258,6 +270,11 @@ class Trajectory:
         self.pool = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _path_step(path: Path) -> int:
+    """The step of a spilled record's file (``step-000000042.pt``)."""
+    return int(path.stem.split("-")[1])
 
 
 def _payload(record: StepRecord) -> dict[str, Any]:

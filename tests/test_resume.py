@@ -282,3 +282,52 @@ def test_a_second_fit_of_the_same_trainer_is_not_called_a_resume(problem):
         warnings.simplefilter("always")
         trainer.fit(model, train_dataloaders=problem.train)
     assert not [w for w in caught if "resumed fit" in str(w.message)]
+
+
+def test_a_resume_under_64_true_precision_rebuilds_from_the_resumed_parameters(problem, tmp_path):
+    """A float32 module trained with precision="64-true": Lightning loads the float64 checkpoint into
+    the module before the precision plugin converts it, so the resumed parameters are the saved ones
+    rounded to float32 (~1e-8). The first resumed step stores its parameters, and the steps after it
+    are rebuilt from them: the scores are the uninterrupted run's up to that rounding (they were up
+    to 12% off when those steps were rebuilt from the checkpoint before the resume)."""
+    def fit(folder, ckpt_path=None, checkpoint=None):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        callbacks = [DiffIn(target="val", target_loader=problem.val),
+                     DiffIn(target="val", mode="online", window=8, score_every=8, target_loader=problem.val)]
+        callbacks[1]._generate_state_key = lambda **kw: "online"
+        model = Classifier(hidden=(16,), lr=0.1)  # float32 parameters until the precision plugin converts them
+        extra = [] if checkpoint is None else [checkpoint]
+        quiet_trainer(callbacks=[*callbacks, *extra], max_epochs=EPOCHS, precision="64-true", enable_checkpointing=bool(extra),
+                      default_root_dir=tmp_path / folder).fit(model, train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path)
+        return callbacks
+
+    straight = fit("a")
+    fit("b", checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=11))
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]
+    assert "step=11" in first.name  # off the checkpoint_every=8 grid
+    resumed = fit("c", ckpt_path=first)
+    for a, b in zip(straight, resumed):
+        torch.testing.assert_close(b.scores.ids, a.scores.ids)
+        assert float((b.scores.values - a.scores.values).abs().max()) <= 1e-6 * float(a.scores.values.abs().max())
+
+
+def test_checkpoints_written_before_fit_do_not_break_the_fit_or_its_scores(problem, tmp_path):
+    """Lightning's tuner saves (and restores) a checkpoint before the callback's fit has set it up;
+    the fit after it scores as a fit alone does."""
+    from lightning.pytorch.tuner import Tuner
+
+    assert DiffIn(target="val", target_loader=problem.val).state_dict()["steps_seen"] == 0
+
+    def fit(tune: bool):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        cb = DiffIn(target="val", target_loader=problem.val)
+        model = Classifier(hidden=(16,), lr=0.1).double()
+        trainer = quiet_trainer(callbacks=[cb], max_epochs=2, default_root_dir=tmp_path)
+        if tune:
+            Tuner(trainer).lr_find(model, train_dataloaders=FixedBatches(problem.train.batches), num_training=6, update_attr=False)
+        trainer.fit(model, train_dataloaders=FixedBatches(problem.train.batches))
+        return cb
+
+    alone, tuned = fit(False), fit(True)
+    assert tuned.scores.metadata["steps_seen"] == alone.scores.metadata["steps_seen"] == 16
+    torch.testing.assert_close(tuned.scores.values, alone.scores.values, rtol=0, atol=1e-12)

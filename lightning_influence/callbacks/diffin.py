@@ -345,6 +345,8 @@ class DiffIn(Callback):
         self._restored_finished = False  # the checkpoint was saved after the end-of-fit sweep
         self._finished = False
         self._resume_check_pending = False
+        self._store_resumed_step = False
+        self._verified_steps = 0
         self._data_checks_pending = False  # set per fit: first-batch checks of the training and target data
         self._target_checks_pending = False
         self._target_source: Any = None
@@ -848,6 +850,9 @@ class DiffIn(Callback):
         clips_norm = model.clip_val is not None and model.clip_algorithm == "norm"
         rest = float(sum(g.double().square().sum() for g in context_grads)) if clips_norm and context_grads else 0.0
         hyper, state = model.capture(rest_norm_sq=rest)
+        if self._store_resumed_step:
+            self._store_resumed_step = False
+            trajectory.keep_theta_at(self.steps_seen)
         keep = trajectory.keeps_theta(self.steps_seen)  # between checkpoints: the batches (and gradients, recompute="updates")
         needs_grad = (
             self._sweep.reuse_recorded_gradient
@@ -1110,6 +1115,11 @@ class DiffIn(Callback):
         checkpointed fit left to its end-of-fit flush runs now, at the parameters it would have
         run at, so the resumed run scores every step as an uninterrupted one does."""
         self._resume_check_pending, done_in_epoch = False, batch_idx  # Lightning restores the epoch's batch count
+        # The resumed parameters need not be the recorded update's: Lightning loads a float64 checkpoint into the
+        # module before its precision plugin converts it (rounded to float32 on the way), and a module may change
+        # what it loads. The first resumed step therefore stores its parameters, and the steps after it are rebuilt
+        # from them, not from the checkpoint before the resume.
+        self._store_resumed_step = True
         if self._restored_finished:
             raise RuntimeError(
                 "this fit resumes from a checkpoint saved after DiffIn had finished scoring its fit (e.g. "
