@@ -419,6 +419,15 @@ class StepModel:
         total = previous + g_v * g_v
         return theta - (h["lr"] * h["lr_decay_factor"]) * _preconditioned(g, total, _sqrt_safe(total) + h["eps"]), {"sum": total}
 
+    def step_size(self, hyper: Tensor) -> float:
+        """The step's largest learning rate over the parameter tensors (Adagrad's decayed one), as
+        the optimizer applies it: a step's change of the parameters, and so each sample's share in
+        it, scales with this number. Read from ``hyper`` (host float64): no device read."""
+        lr = hyper[:, self.hyper_names.index("lr")]
+        if "lr_decay_factor" in self.hyper_names:
+            lr = lr * hyper[:, self.hyper_names.index("lr_decay_factor")]
+        return float(lr.abs().max()) if lr.numel() else 0.0
+
     def adjoint_scales(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[float, float] | None:
         """``(k, c)`` with ``a^theta = k * lambda`` and ``a^G = c * lambda`` when the step's transpose
         maps ``lambda`` (the adjoint of ``theta_next``) to multiples of itself: stateless SGD with

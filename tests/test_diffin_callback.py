@@ -804,13 +804,20 @@ def test_a_loss_rounded_below_the_parameters_precision_takes_that_precisions_ste
     assert 0.8 < float((predicted * truth).sum() / (predicted * predicted).sum()) < 1.25  # LOO / score
 
 
-@pytest.mark.parametrize("optimizer, lr", [("adam", 1e-3), ("sgd", 0.1)])
+class _DecayTenfoldPerEpoch(Classifier):
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)}
+
+
+@pytest.mark.parametrize("optimizer, lr", [("adam", 1e-3), ("sgd", 0.1), ("sgd-decaying", 0.1)])
 def test_a_step_that_dominates_the_scores_is_warned_about(optimizer, lr):
     """Adam's first step on digits (many exact zeros) is close to sign descent: where a batch
     gradient nearly cancels, its linearisation overshoots leave-one-out many times, and that one
     step decides its samples' scores (measured: 154x the median step's contributions, scores 100x
     the real effects). The sweep compares every step's contributions with the median step's and
-    warns; plain SGD on the same batches stays far below the limit."""
+    warns; plain SGD on the same batches stays far below the limit, also when its learning rate
+    falls tenfold per epoch (1e5-fold over the fit): contributions are compared per unit learning rate."""
     import warnings
 
     from lightning_influence.estimators.diffin import STEP_DOMINANCE_LIMIT
@@ -828,7 +835,7 @@ def test_a_step_that_dominates_the_scores_is_warned_about(optimizer, lr):
     )
     cb = DiffIn(target="val", target_loader=DataLoader(TensorDataset(x[val], y[val]), batch_size=100))
     torch.manual_seed(0)
-    model = Classifier(hidden=(32,), lr=lr, optimizer=optimizer).double()
+    model = (_DecayTenfoldPerEpoch if optimizer == "sgd-decaying" else Classifier)(hidden=(32,), lr=lr, optimizer=optimizer.split("-")[0]).double()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_trainer(callbacks=[cb], max_epochs=6).fit(model, train_dataloaders=loader)

@@ -447,10 +447,13 @@ class DiffInSweep:
                 stacklevel=2,
             )
 
-    def _note_step(self, step: int, contribution: Tensor) -> None:
-        """Add a micro-batch's contributions to its step's squared norm (kept on the device until
-        the sweep ends)."""
-        squared = contribution.square().sum()
+    def _note_step(self, record: StepRecord, contribution: Tensor) -> None:
+        """Add a micro-batch's contributions to its step's squared norm per unit learning rate
+        (kept on the device until the sweep ends): a step's contributions scale with its learning
+        rate, so the high early rates of a decaying schedule do not make their steps look dominant."""
+        step = record.step
+        lr = self.step_model.step_size(record.hyper)
+        squared = contribution.square().sum() / (lr * lr if lr > 0 else 1.0)
         if self._step_norms and self._step_norms[-1][0] == step:
             self._step_norms[-1] = (step, self._step_norms[-1][1] + squared)
         else:
@@ -482,7 +485,7 @@ class DiffInSweep:
             self._dominance_warned = True
             warnings.warn(
                 f"DiffIn: the contributions of optimizer step {steps[k][0]} are {ratio:.0f}x the median step's (norm over "
-                "the step's samples), so that one step decides its samples' scores. The known cause is the first steps of an "
+                "the step's samples, per unit learning rate), so that one step decides its samples' scores. The known cause is the first steps of an "
                 "adaptive optimizer (Adam/AdamW, RMSprop, Adagrad), whose update is close to the gradient's sign (the second "
                 "moment is then the step's own squared gradient): where a parameter's batch gradient nearly cancels, as on inputs with many exact zeros, the "
                 "linearised update overshoots the real leave-one-out change many times (README, 'Adam's first steps'). "
@@ -620,7 +623,7 @@ class DiffInSweep:
             else:
                 contribution = (s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)) / record.normalizer
             # Finiteness is read once per sweep, from the steps' norms (_check_step_norms): no wait here.
-            self._note_step(record.step, contribution)
+            self._note_step(record, contribution)
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
     def _accumulate_global(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
@@ -646,7 +649,7 @@ class DiffInSweep:
             mean = (sums[k] / size).to(s.device)
             rest = size - copies
             contribution = torch.where(rest > 0, (s - mean) / rest.clamp(min=1), s / copies) / record.normalizer
-            self._note_step(record.step, contribution)
+            self._note_step(record, contribution)
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 
     def _hessian_product(
