@@ -649,6 +649,20 @@ def test_an_overridden_optimizer_zero_grad_is_refused_at_setup(small_digits):
     assert trainer.global_step == 0
 
 
+@pytest.mark.parametrize("averaging", ["swa", "ema"])
+def test_weight_averaging_callbacks_are_refused_at_setup(small_digits, averaging):
+    """SWA and EMA replace the trained parameters with an average: the fit ends with a model that is
+    not the end of the scored trajectory (measured: scores 2x too large, in an order that depends on
+    the callbacks' order)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, StochasticWeightAveraging
+
+    extra = StochasticWeightAveraging(swa_lrs=0.05) if averaging == "swa" else EMAWeightAveraging()
+    trainer = quiet_trainer(callbacks=[_val(small_digits), extra])
+    with pytest.raises(ValueError, match=rf"DiffIn does not model {type(extra).__name__}: it replaces the trained parameters"):
+        trainer.fit(_model(), train_dataloaders=small_digits.train)
+    assert trainer.global_step == 0
+
+
 def test_a_custom_optimizer_step_that_skips_steps_is_refused_at_the_next_batch(small_digits):
     """Lightning's documented pattern for skipping steps (closure without optimizer.step) would merge
     the skipped batch into the next step; refused at once, naming the fix."""

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -71,6 +71,12 @@ SUPPORTED = (
     "'ddp_spawn', 'ddp_fork', any number of processes and nodes)"
 )
 PRECISIONS = ("32-true", "64-true", "bf16-mixed", "16-mixed", "32", "64")
+try:  # Lightning >= 2.5: the general averaging callback (EMAWeightAveraging is one)
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    _WEIGHT_AVERAGING: tuple[type, ...] = (StochasticWeightAveraging, WeightAveraging)
+except ImportError:  # pragma: no cover
+    _WEIGHT_AVERAGING = (StochasticWeightAveraging,)
 STATE_FORMAT = 2
 """Version of the callback's checkpoint state (``state_dict``)."""
 CHECKPOINT_EVERY = 8
@@ -400,6 +406,14 @@ class DiffIn(Callback):
             raise ValueError(
                 f"DiffIn does not support strategy {type(strategy).__name__}: it models the optimizer step on full, "
                 f"replicated parameters (sharded strategies such as FSDP and DeepSpeed are not modelled); {SUPPORTED}"
+            )
+        averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _WEIGHT_AVERAGING)]
+        if averaging:
+            raise ValueError(
+                f"DiffIn does not model {', '.join(averaging)}: it replaces the trained parameters with an average of the "
+                "trajectory's (at the end of fit, and for validation), so the model the fit ends with is not the one at "
+                "the end of the trajectory that DiffIn scores, and the scores would predict removals for neither. Score "
+                f"the run without the averaging callback; {SUPPORTED}"
             )
         spectral = spectral_norm_layers(pl_module)
         if spectral:
