@@ -251,12 +251,13 @@ def test_options_that_change_the_state_change_the_key_and_the_defaults_keep_thei
                 TracIn(target="val", target_loader=problem.val, target_samples=10, seed=1).state_key}) == 3
 
 
-def test_a_checkpoint_saved_in_the_middle_of_an_accumulation_lets_training_go_on_and_is_refused_for_resume(problem, tmp_path):
+@pytest.mark.parametrize("callback", [DiffIn, TracIn])
+def test_a_checkpoint_saved_in_the_middle_of_an_accumulation_lets_training_go_on_and_is_refused_for_resume(problem, tmp_path, callback):
     """Validation every 3 batches with accumulation over 2: the default checkpoint after validation
     falls between the micro-batches of one step. The fit goes on; resuming from that checkpoint is
     refused, naming the setups that work."""
     torch.manual_seed(0)
-    cb = DiffIn(target="val", target_loader=problem.val)
+    cb = callback(target="val", target_loader=problem.val)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
     quiet_trainer(callbacks=[cb, checkpoint], max_epochs=1, accumulate_grad_batches=2, val_check_interval=3, enable_checkpointing=True).fit(
         Classifier(hidden=(16,), lr=0.1).double(), train_dataloaders=problem.train, val_dataloaders=problem.val
@@ -264,8 +265,8 @@ def test_a_checkpoint_saved_in_the_middle_of_an_accumulation_lets_training_go_on
     assert cb.scores is not None and cb.scores.metadata["steps_seen"] == 4
     saved = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))
     assert saved
-    with pytest.raises(ValueError, match="saved in the middle of a gradient accumulation .* multiple of accumulate_grad_batches"):
-        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=problem.val)], max_epochs=2, accumulate_grad_batches=2).fit(
+    with pytest.raises(ValueError, match=rf"saved in the middle of a gradient accumulation .*{callback.__name__} cannot resume .* multiple of accumulate_grad_batches"):
+        quiet_trainer(callbacks=[callback(target="val", target_loader=problem.val)], max_epochs=2, accumulate_grad_batches=2).fit(
             Classifier(hidden=(16,), lr=0.1).double(), train_dataloaders=problem.train, ckpt_path=saved[0]
         )
 

@@ -524,3 +524,14 @@ def check_influence_aware(pl_module: L.LightningModule) -> None:
             "bases and implement per_sample_loss(batch) -> Tensor[B] (and sample_ids if batches are not "
             "IndexedDataset tuples/dicts)"
         )
+
+
+def mid_accumulation_resume_error(owner: str) -> ValueError:
+    """The refusal to resume from a checkpoint saved between the micro-batches of one optimizer step."""
+    return ValueError(
+        "this checkpoint was saved in the middle of a gradient accumulation (between the micro-batches of one "
+        "optimizer step, e.g. at a validation with val_check_interval not a multiple of accumulate_grad_batches), "
+        f"whose partial gradient no checkpoint holds: {owner} cannot resume from it. Resume from a checkpoint saved "
+        "at an optimizer-step boundary (ModelCheckpoint(every_n_train_steps=...)), or make val_check_interval a "
+        "multiple of accumulate_grad_batches"
+    )

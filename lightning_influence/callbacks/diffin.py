@@ -32,6 +32,7 @@ from lightning_influence.callbacks.checks import (
     dataset_length,
     device_target_batches,
     draws_with_replacement,
+    mid_accumulation_resume_error,
     target_loader_source,
 )
 from lightning_influence.distributed import Collective, distributed_shard
@@ -352,6 +353,7 @@ class DiffIn(Callback):
         self._finished = False
         self._resume_check_pending = False
         self._store_resumed_step = False
+        self._saved_parameters: dict[str, Tensor] | None = None  # the resumed checkpoint's, until the first batch
         self._verified_steps = 0
         self._data_checks_pending = False  # set per fit: first-batch checks of the training and target data
         self._target_checks_pending = False
@@ -1129,11 +1131,12 @@ class DiffIn(Callback):
         checkpointed fit left to its end-of-fit flush runs now, at the parameters it would have
         run at, so the resumed run scores every step as an uninterrupted one does."""
         self._resume_check_pending, done_in_epoch = False, batch_idx  # Lightning restores the epoch's batch count
-        # The resumed parameters need not be the recorded update's: Lightning loads a float64 checkpoint into the
-        # module before its precision plugin converts it (rounded to float32 on the way), and a module may change
-        # what it loads. The first resumed step therefore stores its parameters, and the steps after it are rebuilt
-        # from them, not from the checkpoint before the resume.
-        self._store_resumed_step = True
+        # The resumed parameters need not be the ones the checkpoint saved: Lightning loads a float64 checkpoint into
+        # a float32 module before its precision plugin converts it (rounded on the way), and a module may change what
+        # it loads. Then the first resumed step stores its parameters, and the steps after it are rebuilt from them,
+        # not from the checkpoint before the resume (which would rebuild the saved ones).
+        saved, self._saved_parameters = self._saved_parameters, None
+        self._store_resumed_step = saved is not None and _loaded_differently(trainer.lightning_module, saved)
         if self._restored_finished:
             raise RuntimeError(
                 "this fit resumes from a checkpoint saved after DiffIn had finished scoring its fit (e.g. "
@@ -1407,6 +1410,11 @@ class DiffIn(Callback):
         return InfluenceScores(ids, values, meta)
 
     # ------------------------------------------------------------------ checkpoint state
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Compared with the module's parameters at the first resumed batch (see _check_resume).
+        state = checkpoint.get("state_dict")
+        self._saved_parameters = dict(state) if isinstance(state, dict) else None
+
     def state_dict(self) -> dict[str, Any]:
         """Counters, the score accumulator and the recorded steps not yet scored (their batches,
         parameters, gradients and optimizer state: a replay checkpoint carries the trajectory so
@@ -1456,13 +1464,7 @@ class DiffIn(Callback):
                 f"{STATE_FORMAT}. Rerun the fit, or resume without the DiffIn callback"
             )
         if state_dict.get("mid_accumulation"):
-            raise ValueError(
-                "this checkpoint was saved in the middle of a gradient accumulation (between the micro-batches of one "
-                "optimizer step, e.g. at a validation with val_check_interval not a multiple of accumulate_grad_batches), "
-                "whose partial gradient no checkpoint holds: DiffIn cannot resume from it. Resume from a checkpoint saved "
-                "at an optimizer-step boundary (ModelCheckpoint(every_n_train_steps=...)), or make val_check_interval a "
-                "multiple of accumulate_grad_batches"
-            )
+            raise mid_accumulation_resume_error("DiffIn")
         self.steps_seen = int(state_dict["steps_seen"])
         self.steps_scored = int(state_dict["steps_scored"])
         self.truncated_sweeps = int(state_dict["truncated_sweeps"])
@@ -1550,6 +1552,16 @@ def _remove_handoff(path: Path, owner_pid: int) -> None:
     """Delete an unread hand-over file when the launching process's callback goes away."""
     if os.getpid() == owner_pid:
         path.unlink(missing_ok=True)
+
+
+def _loaded_differently(module: L.LightningModule, saved: dict[str, Tensor]) -> bool:
+    """Do the module's parameters differ from the checkpoint's ``saved`` ones (bit for bit, in the
+    module's dtype)? One comparison per parameter, at the first batch after a resume."""
+    for name, p in module.named_parameters():
+        value = saved.get(name)
+        if isinstance(value, Tensor) and not torch.equal(p.detach(), value.to(device=p.device, dtype=p.dtype)):
+            return True
+    return False
 
 
 def _is_last_step(trainer: L.Trainer) -> bool:

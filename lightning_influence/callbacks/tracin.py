@@ -48,6 +48,7 @@ from lightning_influence.callbacks.checks import (
     dataset_length,
     device_target_batches,
     draws_with_replacement,
+    mid_accumulation_resume_error,
     repeats_unsupported,
     target_loader_source,
 )
@@ -283,9 +284,23 @@ class TracIn(Callback):
             self._accumulator.add(step_ids, contribution)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._accumulator is None:
+        self._finish(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A fit with nothing to train (max_steps=0, a resume with no epochs left) skips the training loop and
+        # its on_train_end: the scores are finished here.
+        self._finish(trainer, pl_module)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The scores of this fit (once per fit), on the callback and the module."""
+        if self._accumulator is None or self.scores is not None:
             return
         self._settle()
+        if self.steps_seen == 0:
+            rank_zero_warn(
+                "TracIn scored no sample: the fit took no optimizer step (max_steps=0, limit_train_batches=0, an empty "
+                "training loader or every batch skipped). The scores are empty"
+            )
         ids, values = self._accumulator.result()
         calibrated, update = first_order_calibration(trainer, trainer.optimizers[0])
         self.scores = InfluenceScores(
@@ -319,7 +334,9 @@ class TracIn(Callback):
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         if self._micro:
-            raise RuntimeError("TracIn cannot be checkpointed in the middle of a gradient accumulation: save at optimizer-step boundaries")
+            # A checkpoint between the micro-batches of one optimizer step (validation mid-accumulation, e.g.
+            # val_check_interval=3 with accumulate_grad_batches=2): training goes on; resuming from it is refused.
+            return {"format": STATE_FORMAT, "mid_accumulation": True}
         self._settle()  # the step held back for its host values belongs to the checkpoint
         return {
             "format": STATE_FORMAT,
@@ -333,6 +350,8 @@ class TracIn(Callback):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if state_dict.get("format") != STATE_FORMAT:
             raise ValueError(f"TracIn state of format {state_dict.get('format')!r}; this version reads {STATE_FORMAT}")
+        if state_dict.get("mid_accumulation"):
+            raise mid_accumulation_resume_error("TracIn")
         for key in ("steps_seen", "skipped_steps", "target_gradients", "forward_mode_passes"):
             setattr(self, key, int(state_dict[key]))
         self._accumulator = ScoreAccumulator()
