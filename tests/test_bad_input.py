@@ -469,11 +469,17 @@ class _SparseEmbedding(Classifier):
         return self.net(self.emb((x * 16).round().long().clamp(0, 16)).flatten(1))
 
 
-def test_sparse_gradients_are_refused_before_the_first_step(small_digits):
+@pytest.mark.parametrize("recorder", ["none", "first", "alone"])
+def test_sparse_gradients_are_refused_before_the_first_step(small_digits, recorder):
+    """By DiffIn and by the ground truth's StepRecorder, in any order."""
+    from lightning_influence.evaluation import StepRecorder
+
     model = _SparseEmbedding().double()
     before = [p.detach().clone() for p in model.parameters()]
+    diffin = [] if recorder == "alone" else [DiffIn(target="val", target_loader=small_digits.val)]
+    callbacks = diffin if recorder == "none" else [StepRecorder(), *diffin]
     with pytest.raises(ValueError, match=r"'emb.weight' has a sparse gradient.*sparse=False"):
-        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=small_digits.val)]).fit(model, train_dataloaders=small_digits.train)
+        quiet_trainer(callbacks=callbacks).fit(model, train_dataloaders=small_digits.train)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 

@@ -123,6 +123,13 @@ class StepRecorder(Callback):
                         "retraining gives every trained parameter a gradient; freeze it (requires_grad=False) or leave "
                         "it out of the optimizer"
                     )
+                if p.grad.is_sparse:
+                    name = next((n for n, q in pl_module.named_parameters() if q is p), f"of shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"parameter {name!r} has a sparse gradient (nn.Embedding(sparse=True) or EmbeddingBag): the "
+                        "retraining replays dense optimizer steps, and DiffIn models dense ones. Use sparse=False "
+                        "(torch.optim.SGD, Adam and AdamW take the dense gradient)"
+                    )
                 flags.append(torch.isfinite(p.grad).all())
         if flags and not bool(torch.stack(flags).all()):  # GradScaler skips this step: no update, no state change
             self.skipped_steps += 1
