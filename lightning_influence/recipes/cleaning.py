@@ -297,7 +297,7 @@ def _print(report: dict[str, Any], name: str, metric: str) -> None:
     lines = [
         "",
         f"Cleaning with {name} (target {report['target']}): {report['num_scored']} training samples scored, "
-        f"fit {report['fit_seconds']:.1f}s, scoring {report['score_seconds']:.1f}s.",
+        f"fit {report['fit_seconds']:.1f}s, scoring after fit {report['score_seconds']:.1f}s.",
         "Score = predicted change of the target loss when the sample is removed: positive helps, negative hurts.",
         "",
         f"{'rank':>4}  {'id':>6}  {'score':>11}  {'label':>5}  flipped   (most harmful)",
