@@ -1,8 +1,10 @@
 """Agreement between influence scores and the retraining ground truth.
 
-Both are dimensionless correlations in [-1, 1], computed in float64 with
-``torchmetrics.functional``; +1 means the scores order (Spearman) or linearly track
-(Pearson) the true influence exactly, with the same sign convention.
+Both are dimensionless correlations in [-1, 1], computed in float64 (Pearson with
+``torchmetrics.functional``, Spearman as the Pearson correlation of average ranks); +1 means
+the scores order (Spearman) or linearly track (Pearson) the true influence exactly, with the
+same sign convention. The detection ROC-AUC is the Mann-Whitney statistic of the average
+ranks, in float64 too.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+from torchmetrics.functional import pearson_corrcoef
 
 from lightning_influence.evaluation._checks import as_flags, as_numbers, check_fraction, check_same_length
 
-__all__ = ["detection_auroc", "fraction_found", "pearson", "spearman"]
+__all__ = ["average_ranks", "detection_auroc", "fraction_found", "pearson", "spearman"]
 
 ArrayLike = Tensor | Sequence[float]
 
@@ -45,15 +47,28 @@ def _standardised(t: Tensor) -> Tensor:
     return rescale(scaled - scaled.mean())
 
 
+def average_ranks(t: Tensor) -> Tensor:
+    """The 1-based ranks of ``t`` in float64, ties given their average rank (exact for any length:
+    integer positions, no float32 or int32 sums)."""
+    order = torch.argsort(t, stable=True)
+    sorted_values = t[order]
+    _, counts = torch.unique_consecutive(sorted_values, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()  # the last 1-based position of each tie group
+    mean_rank = ends - (counts.double() - 1.0) / 2.0
+    ranks = torch.empty(t.numel(), dtype=torch.float64, device=t.device)
+    ranks[order] = torch.repeat_interleave(mean_rank, counts)
+    return ranks
+
+
 def spearman(scores: ArrayLike, truth: ArrayLike) -> float:
-    """Spearman rank correlation of ``scores`` with ``truth`` (ties get their average rank).
+    """Spearman rank correlation of ``scores`` with ``truth``: the Pearson correlation of their
+    average ranks (ties get their average rank, as ``scipy.stats.spearmanr``).
 
     Dimensionless, in [-1, 1]. Raises ``ValueError`` unless both are 1-D, of equal length
-    >= 3, finite and not constant. (torchmetrics adds 1e-6 to the product of the rank standard
-    deviations, a relative bias below 2e-6 for n >= 3 and far smaller for larger n.)
+    >= 3, finite and not constant.
     """
     x, y = _validated(scores, truth)
-    return float(spearman_corrcoef(x, y))
+    return pearson(average_ranks(x), average_ranks(y))
 
 
 def pearson(scores: ArrayLike, truth: ArrayLike) -> float:
@@ -85,12 +100,14 @@ def detection_auroc(scores: ArrayLike, positives: Tensor | Sequence[bool]) -> fl
     first: with the library's sign, harmful samples have negative scores. Dimensionless, in
     [0, 1]; 0.5 is chance. ``scores``: 1-D, real, finite; ``positives``: 1-D booleans (or 0/1)
     of the same length. Raises ``ValueError`` otherwise, or without both positives and negatives."""
-    from torchmetrics.functional import auroc
-
     x, pos = _scores_and_flags(scores, positives)
     if bool(pos.all()) or not bool(pos.any()):
         raise ValueError("detection ROC-AUC needs both positive and negative samples")
-    return float(auroc(-x, pos.long(), task="binary"))
+    # Mann-Whitney: the chance that a random positive ranks before a random negative (ties count half).
+    ranks = average_ranks(-x)
+    n_pos = int(pos.sum())
+    n_neg = pos.numel() - n_pos
+    return (float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
 def fraction_found(scores: ArrayLike, positives: Tensor | Sequence[bool], fraction: float) -> float:
