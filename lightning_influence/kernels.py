@@ -11,6 +11,7 @@ forward-mode pass of the vector of per-sample losses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import math
 import weakref
@@ -26,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_influence.batches import batch_chunks, batch_size, map_tensors
+from lightning_influence.batches import batch_chunks, batch_size, map_tensors, select_samples, tensors
 
 PerSampleLossFn = Callable[[Mapping[str, Tensor], Any], Tensor]
 """``(params, batch) -> Tensor[B]``: unreduced per-sample losses at ``params``."""
@@ -829,31 +830,75 @@ def per_sample_gradients(loss_fn: PerSampleLossFn, space: ParameterSpace, theta:
 
     Materialises ``B x P`` numbers: meant for estimators that need the vectors themselves
     (TracIn, influence functions, GraNd); per-sample *directional* derivatives are far cheaper
-    with :func:`directional_derivatives`. Computed with ``torch.func.vmap`` over ``torch.func.grad``
-    of each sample's loss (the batch split into single-sample batches of the same structure);
-    ``chunk_size`` bounds how many samples are vectorised at once. Falls back to one backward
-    pass per sample when the loss is not vmappable (e.g. data-dependent control flow).
+    with :func:`directional_derivatives`. Every sample is evaluated as a batch of one: its
+    per-sample tensors (those whose leading dimension is the batch size, labels and ids
+    included, see :mod:`lightning_influence.batches`) each get a leading dimension of 1, the
+    other leaves are shared. Computed with ``torch.func.vmap`` over ``torch.func.grad`` of that
+    one-sample loss, ``chunk_size`` samples vectorised at once (memory grows with it, not with
+    the batch). Falls back to one backward pass per one-sample sub-batch when the loss cannot be
+    vmapped (data-dependent control flow, ``.item()``) or the batch holds per-sample lists of
+    plain values (strings), which a vectorised pass cannot split. Either way each row depends on
+    its own sample only: a sample with a non-finite loss gives a non-finite row and leaves the
+    others as they are.
     """
     params = space.unflatten(theta)
     size = batch_size(batch)
 
-    def one(p: Mapping[str, Tensor], sample: Any) -> Tensor:
-        single = map_tensors(lambda t: t.unsqueeze(0) if t.dim() > 0 else t, sample)
-        return loss_fn(p, single).sum()
+    def per_sample(t: Tensor) -> bool:
+        return t.dim() > 0 and t.shape[0] == size
 
-    in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == size else None, batch)
-    try:
-        grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, in_dims), chunk_size=chunk_size)(params, batch)
-        return torch.cat([grads[n].reshape(size, -1).to(space.dtype) for n in space.names], dim=1)
-    except (RuntimeError, NotImplementedError, ValueError):
-        rows = []
-        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-        with torch.enable_grad():
-            losses = loss_fn(leaves, batch)
-            for i in range(size):
-                g = torch.autograd.grad(losses[i], list(leaves.values()), retain_graph=i + 1 < size, allow_unused=True)
-                rows.append(space.flatten(list(g)))
-        return torch.stack(rows) if rows else torch.zeros(0, space.size, dtype=space.dtype, device=theta.device)
+    if size > 0 and not _per_sample_values(batch, size):
+        rows = tuple(t for t in tensors(batch) if per_sample(t))
+
+        def one(p: Mapping[str, Tensor], sample_rows: tuple[Tensor, ...]) -> Tensor:
+            it = iter(sample_rows)
+            single = map_tensors(lambda t: next(it).unsqueeze(0) if per_sample(t) else t, batch)
+            return _one_loss(loss_fn(p, single))
+
+        try:
+            grads = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0), chunk_size=chunk_size)(params, rows)
+            return torch.cat([grads[n].reshape(size, -1).to(space.dtype) for n in space.names], dim=1)
+        except _OneSampleLossError:
+            raise
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
+            pass  # not vmappable: one backward pass per sample below
+    out = torch.zeros(size, space.size, dtype=space.dtype, device=theta.device)
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        for i in range(size):
+            loss = _one_loss(loss_fn(leaves, select_samples(batch, [i], size)))
+            g = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            out[i] = space.flatten(list(g))
+    return out
+
+
+class _OneSampleLossError(ValueError):
+    """``per_sample_loss`` of a one-sample sub-batch is not one loss."""
+
+
+def _one_loss(losses: Tensor) -> Tensor:
+    if losses.numel() != 1:
+        raise _OneSampleLossError(
+            f"per_sample_loss returned shape {tuple(losses.shape)} for a batch of one sample; expected (1,): per-sample "
+            "gradients evaluate each sample as a batch of one, so the loss must give one value per sample of any batch"
+        )
+    return losses.reshape(())
+
+
+def _per_sample_values(batch: Any, size: int) -> bool:
+    """Whether ``batch`` holds a list/tuple of ``size > 1`` plain values (strings, numbers) that
+    :func:`~lightning_influence.batches.select_samples` treats as per-sample."""
+    if size <= 1 or isinstance(batch, Tensor):
+        return False
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return any(_per_sample_values(getattr(batch, f.name), size) for f in dataclasses.fields(batch) if f.init)
+    if isinstance(batch, Mapping):
+        return any(_per_sample_values(v, size) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == size and all(isinstance(v, (str, bytes, int, float, complex, bool, type(None))) for v in batch):
+            return True
+        return any(_per_sample_values(v, size) for v in batch)
+    return False
 
 
 RemoveFn = Callable[[Any, Any], Any]

@@ -19,6 +19,7 @@ from lightning_influence.kernels import (
     hessian_vector_product,
     kinked_operations,
     losses_and_gradient,
+    per_sample_gradients,
     per_sample_loss_function,
 )
 from lightning_influence.models import Classifier
@@ -363,3 +364,76 @@ def test_forward_mode_goes_through_fused_transformer_kernels():
         expected.append(sum((g * tangent[n]).sum() for g, n in zip(grads, leaves)))
     torch.testing.assert_close(derivatives, torch.stack(expected), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(losses, loss_fn(params, x))
+
+
+class _CountingLoss:
+    """A per-sample loss function that counts its calls (one per vectorised chunk on the vmap path,
+    one per sample on the fallback path)."""
+
+    def __init__(self, module):
+        self.fn, self.calls = per_sample_loss_function(module), 0
+
+    def __call__(self, params, batch):
+        self.calls += 1
+        return self.fn(params, batch)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_per_sample_gradients_take_the_vectorised_path_for_x_label_id_batches_and_equal_an_autograd_loop(chunk_size):
+    module, batch, space = _setup(b=12)
+    theta = space.flatten(dict(module.named_parameters()))
+    loss_fn = _CountingLoss(module)
+    G = per_sample_gradients(loss_fn, space, theta, batch, chunk_size)
+    torch.testing.assert_close(G, _per_sample_gradients(module, batch, space), rtol=1e-10, atol=1e-12)
+    # one call per vectorised chunk, not one per sample (the labels are 0-d inside vmap: they are split too)
+    assert loss_fn.calls == (1 if chunk_size is None else 3)
+
+
+def test_per_sample_gradients_of_a_non_finite_sample_leave_the_other_rows_exact():
+    module, batch, space = _setup(b=7)
+    x = batch[0].clone()
+    x[3, 0] = float("nan")
+    x[5, 1] = float("inf")
+    bad = (x, batch[1], batch[2])
+    theta = space.flatten(dict(module.named_parameters()))
+    G = per_sample_gradients(per_sample_loss_function(module), space, theta, bad)
+    finite = torch.isfinite(G).all(1)
+    assert finite.tolist() == [True, True, True, False, True, False, True]
+    torch.testing.assert_close(G[finite], _per_sample_gradients(module, bad, space)[finite], rtol=1e-10, atol=1e-12)
+
+
+class _ItemLoss(Classifier):
+    """A loss with data-dependent control flow (``.item()``), which ``vmap`` cannot run."""
+
+    def per_sample_loss(self, batch):
+        losses = super().per_sample_loss(batch)
+        return losses * 2 if batch[0].sum().item() > 1e9 else losses
+
+
+def test_per_sample_gradients_fall_back_to_one_isolated_backward_pass_per_sample():
+    torch.manual_seed(0)
+    module = _ItemLoss(in_features=6, num_classes=4, hidden=(8,), activation="tanh").double()
+    space = ParameterSpace.from_parameters(list(module.named_parameters()))
+    x = torch.randn(6, 6, dtype=torch.float64)
+    x[2, 0] = float("nan")
+    batch = (x, torch.randint(0, 4, (6,)), torch.arange(6))
+    theta = space.flatten(dict(module.named_parameters()))
+    loss_fn = _CountingLoss(module)
+    G = per_sample_gradients(loss_fn, space, theta, batch)
+    assert loss_fn.calls >= 6  # the fallback: one pass per sample
+    finite = torch.isfinite(G).all(1)
+    assert finite.tolist() == [True, True, False, True, True, True]
+    torch.testing.assert_close(G[finite], _per_sample_gradients(module, batch, space)[finite], rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_gradients_split_dict_batches_and_keep_shared_leaves_whole():
+    module, (x, y, ids), space = _setup(b=5)
+    theta = space.flatten(dict(module.named_parameters()))
+    shared = torch.tensor(2.0, dtype=torch.float64)
+
+    def loss_fn(params, batch):
+        out = torch.func.functional_call(module, params, (batch["x"],))
+        return torch.nn.functional.cross_entropy(out, batch["y"], reduction="none") * batch["w"]
+
+    G = per_sample_gradients(loss_fn, space, theta, {"x": x, "y": y, "w": shared, "names": [f"s{i}" for i in range(5)]})
+    torch.testing.assert_close(G, 2.0 * _per_sample_gradients(module, (x, y, ids), space), rtol=1e-10, atol=1e-12)
