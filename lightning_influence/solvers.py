@@ -13,9 +13,10 @@ Solvers (:data:`SOLVERS`), by model size:
   (refused with advice when a non-positive curvature is met: see *Indefinite curvature* below).
   Any size; cost ``iterations x`` one pass over the training set per column.
 - ``"lissa"``: the stochastic Neumann recursion of Agarwal et al. / Koh & Liang on sampled
-  training batches, ``v_j = b + (I - (C_batch + damping I) / scale) v_{j-1}``, result
-  ``v_J / scale``. Converges iff every eigenvalue of ``(C_batch + damping I) / scale`` lies in
-  ``(0, 2)``; the error decays like ``(1 - (lambda_min + damping) / scale)^depth``, so
+  training batches, ``v_j = b + (I - (w C_batch + damping I) / scale) v_{j-1}``, result
+  ``v_J / scale``, where ``w = batch size x number of batches / N`` makes the batches' average
+  the curvature of the mean training loss when batch sizes differ. Converges iff every
+  eigenvalue of ``(w C_batch + damping I) / scale`` lies in ``(0, 2)``; the error decays like ``(1 - (lambda_min + damping) / scale)^depth``, so
   ``depth`` must be several times ``scale / (lambda_min + damping)``.
 - ``"arnoldi"``: top-``rank`` eigenpairs of ``C`` by Arnoldi iteration (full
   re-orthogonalisation) from one random start, then the inverse on that subspace only
@@ -41,7 +42,9 @@ float32). At the final parameters the autograd product is the more accurate choi
 
 Damping (:func:`resolve_damping`): ``damping_scale="mean_eigenvalue"`` (default) reads
 ``damping`` relative to the mean eigenvalue of the curvature, ``trace(C) / P`` (exact from the
-explicit matrix or the Kronecker factors, else a 16-probe Hutchinson estimate), so the default
+explicit matrix, or for K-FAC/EK-FAC from the per-sample pseudo-gradients of the fitting pass:
+the trace of the curvature they approximate, not of K-FAC's approximation; else a 16-probe
+Hutchinson estimate), so the default
 ``damping=1e-3`` means ``1e-3 * trace(C) / P`` whatever the loss scale; ``"absolute"`` uses the
 number as is (e.g. the weight-decay coefficient when the training loss had an L2 term that the
 per-sample loss leaves out).
@@ -90,6 +93,7 @@ __all__ = [
     "kronecker_layers",
     "SolveResult",
     "IndefiniteCurvatureWarning",
+    "NonFiniteCurvatureError",
     "check_definite",
     "solve",
     "exact_solve",
@@ -108,6 +112,18 @@ DAMPING_SCALES: tuple[str, ...] = ("mean_eigenvalue", "absolute")
 
 Batches = Callable[[], Iterable[Any]]
 MatVec = Callable[[Tensor], Tensor]
+
+
+class NonFiniteCurvatureError(ValueError):
+    """A curvature quantity of the training set (a product, the explicit matrix, a Kronecker factor,
+    the output Hessians of a batch) is not finite (NaN or inf): a training sample with a non-finite
+    loss or gradient, usually. The solvers know no sample ids; the estimators catch this and name
+    the samples (:func:`~lightning_influence.estimators.base.non_finite_training_error`)."""
+
+
+def _check_finite(value: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteCurvatureError(f"{what} is not finite")
 
 
 # ------------------------------------------------------------------------ model outputs
@@ -203,7 +219,9 @@ class _OutputCall(nn.Module):
 
 
 def _psd_sqrt(hessians: Tensor) -> Tensor:
-    """``L[B, C, C]`` with ``L L^T = H`` (negative eigenvalues of the symmetrised ``H`` set to zero)."""
+    """``L[B, C, C]`` with ``L L^T = H`` (negative eigenvalues of the symmetrised ``H`` set to zero).
+    Raises :class:`NonFiniteCurvatureError` for a non-finite ``H`` (which ``eigh`` cannot decompose)."""
+    _check_finite(hessians, "the loss Hessian with respect to the model outputs of a training batch")
     evals, evecs = torch.linalg.eigh(0.5 * (hessians + hessians.transpose(1, 2)))
     return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
 
@@ -258,6 +276,8 @@ class CurvatureOperator:
         else:
             for batch in self.batches():
                 total += self.batch_matvec(V, batch) * (batch_size(batch) / self.num_samples)
+        if bool(torch.isfinite(V).all()):
+            _check_finite(total, "a curvature-vector product over the training batches")
         self.calls += V.shape[1]
         return total.reshape(-1) if squeeze else total
 
@@ -358,6 +378,7 @@ class CurvatureOperator:
                 J = torch.autograd.functional.jacobian(f, self.theta)
             JL = torch.einsum("bcp,bck->bkp", J.to(torch.float64), L).reshape(-1, P)
             M += JL.T @ JL
+        _check_finite(M, "the Gauss-Newton matrix of the training batches")
         M /= self.num_samples
         self.calls += P
         return 0.5 * (M + M.T)
@@ -511,13 +532,22 @@ def lissa(
     depth: int,
     repeats: int = 1,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """LiSSA: ``v_j = rhs + v_{j-1} - (C_{b_j} + damping I) v_{j-1} / scale``, ``v_0 = rhs``,
+    """LiSSA: ``v_j = rhs + v_{j-1} - (w_j C_{b_j} + damping I) v_{j-1} / scale``, ``v_0 = rhs``,
     estimate ``v_depth / scale``, averaged over ``repeats`` recursions; ``b_j`` cycles through the
-    training batches. Convergence needs every eigenvalue of ``(C_b + damping I)/scale`` in
-    ``(0, 2)`` (``scale`` above the largest batch eigenvalue plus damping) and
-    ``depth >> scale / (lambda_min + damping)``. Raises if the recursion blows up."""
+    training batches and ``C_b`` is the curvature of batch ``b``'s mean loss (``batch_matvec``).
+    Each batch's product is weighted by ``w = n_b K / N`` (``n_b`` its samples, ``K`` batches,
+    ``N`` samples in all), so a cycle averages to ``sum_b (n_b / N) C_b``: the curvature of the
+    mean training loss whatever the batch sizes (``w = 1`` for equal batches). Convergence needs
+    every eigenvalue of ``(w C_b + damping I)/scale`` in ``(0, 2)`` (``scale`` above the largest
+    weighted batch eigenvalue plus damping) and ``depth >> scale / (lambda_min + damping)``.
+    Raises if the recursion blows up, :class:`NonFiniteCurvatureError` if a batch's product is
+    not finite. Reads the batches once more first, for their sizes."""
     if scale <= 0 or depth < 1 or repeats < 1:
         raise ValueError(f"LiSSA needs scale > 0, depth >= 1, repeats >= 1; got {scale}, {depth}, {repeats}")
+    sizes = [batch_size(b) for b in batches()]
+    if not sizes or sum(sizes) == 0:
+        raise ValueError("the training loader produced no batches")
+    per_batch = len(sizes) / sum(sizes)
     stream = _cycle(batches)
     estimate = torch.zeros_like(rhs)
     start = float(rhs.norm())
@@ -525,11 +555,15 @@ def lissa(
     for _ in range(repeats):
         v = rhs.clone()
         for _ in range(depth):
-            step = rhs - (batch_matvec(v, next(stream)) + damping * v) / scale
-            new = v + step
-            last_change = float((new - v).norm()) / max(float(new.norm()), 1e-300)
+            batch = next(stream)
+            product = batch_matvec(v, batch) * (batch_size(batch) * per_batch)
+            new = v + rhs - (product + damping * v) / scale
+            norm = float(new.norm())
+            last_change = float((new - v).norm()) / max(norm, 1e-300)
+            if not math.isfinite(norm) and not bool(torch.isfinite(product).all()) and bool(torch.isfinite(v).all()):
+                raise NonFiniteCurvatureError("a training batch's curvature-vector product in the LiSSA recursion is not finite")
             v = new
-            if not math.isfinite(float(v.norm())) or float(v.norm()) > 1e12 * max(start, 1e-300) * depth:
+            if not math.isfinite(norm) or norm > 1e12 * max(start, 1e-300) * depth:
                 raise ValueError(
                     f"LiSSA diverged (scale={scale:g}): the damped batch curvature has eigenvalues outside (0, 2 * scale). "
                     "Increase lissa_scale or damping, or use curvature='gauss_newton'"
@@ -669,6 +703,7 @@ class KroneckerFactors:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.layers = self._find_layers()
         self.num_samples = 0
+        self.curvature_trace = math.nan
 
     def _find_layers(self) -> list[_Layer]:
         return kronecker_layers(self.module, self.space.names)
@@ -742,6 +777,7 @@ class KroneckerFactors:
         wrap = progress or (lambda it, desc: it)
         sums_A = {l.name: 0.0 for l in self.layers}
         sums_S = {l.name: 0.0 for l in self.layers}
+        squared_norms: Tensor | float = 0.0
         n = 0
         for batch in wrap(batches(), "K-FAC factors"):
             acts, columns = self._pass(batch)
@@ -752,12 +788,18 @@ class KroneckerFactors:
                 for col in columns:
                     g = col[l.name]
                     sums_S[l.name] = sums_S[l.name] + torch.einsum("bto,btp->op", g, g)
+                    squared_norms = squared_norms + _squared_gradient_norms(a, g)
         if n == 0:
             raise ValueError("the training loader produced no samples: K-FAC factors are undefined")
         self.num_samples = n
+        self.curvature_trace = float(squared_norms) / n
+        if not math.isfinite(self.curvature_trace):
+            raise NonFiniteCurvatureError("the trace of the Kronecker-factored curvature (the per-sample pseudo-gradients) is not finite")
         for l in self.layers:
             l.A = sums_A[l.name] / n
             l.S = sums_S[l.name] / n
+            _check_finite(l.A, f"the K-FAC input factor A of layer {l.name!r}")
+            _check_finite(l.S, f"the K-FAC output-gradient factor S of layer {l.name!r}")
             ea, l.QA = torch.linalg.eigh(l.A)
             es, l.QS = torch.linalg.eigh(l.S)
             l.eig = es.clamp_min(0).unsqueeze(1) * ea.clamp_min(0).unsqueeze(0)
@@ -772,10 +814,21 @@ class KroneckerFactors:
                         sums[l.name] = sums[l.name] + (torch.einsum("bto,btd->bod", gq, aq) ** 2).sum(0)
             for l in self.layers:
                 l.eig = sums[l.name] / n
+                _check_finite(l.eig, f"the EK-FAC eigenvalues of layer {l.name!r}")
         return self
 
     def trace(self) -> float:
-        """``trace`` of the block-diagonal approximation."""
+        """``trace(C)`` of the curvature the factors approximate (the GGN, or the sampled or
+        empirical Fisher, of the attributed parameters): the mean squared norm of the per-sample
+        pseudo-gradients, exact, collected in the first pass of :meth:`fit` (the same for K-FAC and
+        EK-FAC; EK-FAC's eigenvalues sum to it too, K-FAC's products ``s_j a_k`` do not)."""
+        if self.layers[0].eig is None:
+            raise RuntimeError("call fit() before trace()")
+        return self.curvature_trace
+
+    def approximation_trace(self) -> float:
+        """``trace`` of the block-diagonal approximation itself (the sum of its eigenvalues:
+        ``s_j a_k`` for K-FAC, which differs from :meth:`trace`; the corrected ones for EK-FAC)."""
         return float(sum(float(l.eig.sum()) for l in self.layers))  # type: ignore[union-attr]
 
     def solve(self, rhs: Tensor, damping: float) -> Tensor:
@@ -799,6 +852,18 @@ class KroneckerFactors:
                 back = back[:, :, :-1]
             out[w0:w1] = back.reshape(rhs.shape[1], -1).T
         return out
+
+
+def _squared_gradient_norms(a: Tensor, g: Tensor) -> Tensor:
+    """``sum_i |sum_t g_it a_it^T|_F^2``: the squared Frobenius norms of a layer's per-sample
+    weight gradients (inputs ``a[B, T, D]``, output gradients ``g[B, T, out]``), by whichever of
+    the Gram form ``sum_{t,s} (g_t . g_s)(a_t . a_s)`` and the explicit gradients is cheaper."""
+    T, D, O = a.shape[1], a.shape[2], g.shape[2]
+    if T == 1:
+        return ((g[:, 0] ** 2).sum(1) * (a[:, 0] ** 2).sum(1)).sum()
+    if T * (D + O) <= D * O:
+        return (torch.einsum("btd,bsd->bts", a, a) * torch.einsum("bto,bso->bts", g, g)).sum()
+    return (torch.einsum("bto,btd->bod", g, a) ** 2).sum()
 
 
 def _offsets(space: ParameterSpace) -> list[tuple[int, int]]:

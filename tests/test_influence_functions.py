@@ -629,3 +629,61 @@ def test_dict_batches_need_an_output_split_and_then_score_as_tuple_batches(mlp, 
     scores = InfluenceFunction(solver=solver).scores(_DictBatches(mlp.module, split=True), train, Target("val", val))
     reference = InfluenceFunction(solver=solver).scores(mlp.module, mlp.train, Target("val", mlp.val))
     torch.testing.assert_close(scores.values, reference.values, rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------------ unequal batches, K-FAC's damping trace
+def test_lissa_weights_unequal_batches_by_size_and_converges_to_the_exact_solve(logreg, references):
+    """Batches of 22 and 178 samples (class 0 and the rest: different curvatures). Cycling them with
+    equal weight converged to the solve with the batches' unweighted mean curvature (11% off here);
+    weighted by size, the recursion converges to the mean training loss's curvature."""
+    H = references["logreg"]["H"]
+    lam = 0.1
+    rhs = references["logreg"]["v"].unsqueeze(1)
+    expected = torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=H.dtype), rhs)
+    zero = logreg.Y == 0
+    batches = [(logreg.X[zero], logreg.Y[zero]), (logreg.X[~zero], logreg.Y[~zero])]
+    unweighted = 0.5 * sum(torch.autograd.functional.hessian(lambda t: logreg.mean_loss(t, x, y), logreg.theta) for x, y in batches)
+    equal_weight = torch.linalg.solve(unweighted + lam * torch.eye(H.shape[0], dtype=H.dtype), rhs)
+    assert _rel(equal_weight, expected) > 0.1
+    result = solve("lissa", logreg.operator(), rhs, lam, damping_scale="absolute", lissa_depth=1500, lissa_scale=5.0, lissa_batches=lambda: batches)
+    assert _rel(result.solution, expected) < 0.03  # what is left: the order of the cycle, O(1 / lissa_scale)
+
+
+def test_kfac_relative_damping_uses_the_exact_curvature_trace_as_ekfac_and_exact_do(mlp, references):
+    ggn = references["mlp"]["GGN"]
+    kfac = KroneckerFactors(mlp.module, mlp.space, OutputModel(mlp.module), fisher="gauss_newton", corrected=False).fit(lambda: iter(mlp.train))
+    assert kfac.trace() == pytest.approx(float(torch.trace(ggn)), rel=1e-9)
+    assert kfac.approximation_trace() != pytest.approx(kfac.trace(), rel=1e-3)  # K-FAC's own S (x) A trace: another number (3% off here)
+    values = {
+        solver: InfluenceFunction(solver=solver).scores(mlp.module, mlp.train, Target("val", mlp.val)).metadata["damping_value"]
+        for solver in ("exact", "ekfac", "kfac")
+    }
+    assert values["exact"] == pytest.approx(1e-3 * float(torch.trace(ggn)) / mlp.space.size, rel=1e-9)
+    assert values["kfac"] == pytest.approx(values["exact"], rel=1e-9) and values["ekfac"] == pytest.approx(values["exact"], rel=1e-9)
+    # a convolution (9 positions per sample) too
+    x, y = load_digits_tensors(torch.float64)
+    torch.manual_seed(0)
+    model = _Conv().double()
+    named = list(model.named_parameters())
+    space = ParameterSpace.from_parameters(named)
+    theta = space.flatten(dict(named))
+    kfac = KroneckerFactors(model, space, OutputModel(model), fisher="gauss_newton", corrected=False).fit(lambda: iter([(x[:12], y[:12]), (x[12:24], y[12:24])]))
+    assert kfac.trace() == pytest.approx(float(torch.trace(_exact_ggn(model, space, theta, x[:24]))), rel=1e-9)
+
+
+@pytest.mark.parametrize("T,D,O", [(1, 5, 3), (3, 16, 12), (9, 10, 3)])  # one position; the Gram form; explicit gradients
+def test_squared_gradient_norms_equal_the_explicit_per_sample_gradients(T, D, O):
+    from lightning_influence.solvers import _squared_gradient_norms
+
+    g = torch.Generator().manual_seed(0)
+    a, grad = torch.randn(4, T, D, generator=g, dtype=torch.float64), torch.randn(4, T, O, generator=g, dtype=torch.float64)
+    explicit = sum((sum(torch.outer(grad[i, t], a[i, t]) for t in range(T)) ** 2).sum() for i in range(4))
+    assert float(_squared_gradient_norms(a, grad)) == pytest.approx(float(explicit), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["influence_function", "datainf", "grand", "outlier_gradient"])
+@pytest.mark.parametrize("params", [5, 2.5, True, ["net.*", 3]])
+def test_params_that_are_not_name_patterns_are_refused_with_the_patterns_message(name, params):
+    """``params=5`` (not a string, not a list) failed with ``'int' object is not iterable``."""
+    with pytest.raises(TypeError, match=rf"estimator '{name}': params must be parameter-name patterns \(strings\), got"):
+        build(name, params=params)

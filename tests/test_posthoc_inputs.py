@@ -254,3 +254,65 @@ def test_outlier_gradient_refuses_parameters_with_zero_gradients_everywhere():
     with pytest.raises(ValueError, match=r"per-sample gradients of \['aux.weight', 'aux.bias'\] \(the default .*\) are zero on every training sample"):
         build("outlier_gradient", progress=False).scores(model, DataLoader(train_set, batch_size=16))
     assert build("outlier_gradient", params=["net.*"], progress=False).scores(model, DataLoader(train_set, batch_size=16)).values.ne(0).all()
+
+
+# ------------------------------------------------------------------ non-finite training or target data
+NON_FINITE_CASES = [
+    ("influence_function", {"solver": "exact"}),
+    ("influence_function", {"solver": "exact", "curvature": "hessian"}),
+    ("influence_function", {"solver": "cg"}),
+    ("influence_function", {"solver": "lissa", "lissa_depth": 20}),
+    ("influence_function", {"solver": "lissa", "lissa_depth": 20, "lissa_scale": 10.0, "damping_scale": "absolute", "curvature": "hessian"}),
+    ("influence_function", {"solver": "arnoldi", "arnoldi_iterations": 10, "arnoldi_rank": 5}),
+    ("influence_function", {"solver": "ekfac"}),
+    ("influence_function", {"solver": "kfac"}),
+    ("influence_function", {"solver": "kfac", "fisher": "empirical"}),
+    ("influence_function", {"solver": "cg", "hessian_batches": 1}),  # the bad batch is outside the curvature's
+    ("datainf", {}),
+    ("grand", {"progress": False}),
+    ("outlier_gradient", {"progress": False}),
+    ("el2n", {"progress": False}),
+    ("loss", {"progress": False}),
+]
+
+
+def _with_nan(dataset, index):
+    x, y = dataset.dataset.tensors
+    x = x.clone()
+    x[index, 5] = float("nan")
+    return IndexedDataset(TensorDataset(x, y))
+
+
+@pytest.mark.parametrize("name,options", NON_FINITE_CASES, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o in NON_FINITE_CASES])
+def test_a_nan_sample_in_a_later_training_batch_is_refused_naming_its_id_and_batch(name, options):
+    """Only the first batch's losses are checked up front: a NaN sample further on must still be
+    refused with its id and batch, never give NaN (or all-zero) scores or a solver's misleading error."""
+    train_set, val_set = _data()
+    model = Classifier(hidden=(8,)).double().eval()
+    if name in ("influence_function", "datainf"):
+        options = {"progress_bar": False, **options}
+    train = DataLoader(_with_nan(train_set, 50), batch_size=16)  # sample 50: batch 3 (counted from 0)
+    with pytest.raises(ValueError, match=r"training sample id \[50\] \(training batch 3, counted from 0\) is not finite .*Check these samples for NaN/inf"):
+        build(name, **options).scores(model, train, Target("val", DataLoader(val_set, batch_size=40)))
+    # the same estimator scores the clean data with finite numbers
+    clean = build(name, **options).scores(model, DataLoader(train_set, batch_size=16), Target("val", DataLoader(val_set, batch_size=40)))
+    assert bool(torch.isfinite(clean.values).all())
+
+
+def test_a_nan_sample_is_refused_when_the_target_is_the_training_loss():
+    train_set, _ = _data()
+    model = Classifier(hidden=(8,)).double().eval()
+    with pytest.raises(ValueError, match=r"training sample id \[50\] \(training batch 3, counted from 0\) is not finite \(NaN or inf\) \(detected because the target loss/gradient is not finite"):
+        build("influence_function", progress_bar=False).scores(model, DataLoader(_with_nan(train_set, 50), batch_size=16), "train")
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa", "arnoldi", "ekfac", "datainf"])
+def test_a_nan_target_sample_is_refused_before_any_solver_runs(solver):
+    """A NaN target gradient made CG return all-zero scores and LiSSA report a divergence."""
+    train_set, val_set = _data()
+    model = Classifier(hidden=(8,)).double().eval()
+    estimator = build("datainf", progress_bar=False) if solver == "datainf" else build("influence_function", solver=solver, lissa_depth=20, progress_bar=False)
+    train = CountingLoader(DataLoader(train_set, batch_size=16))
+    with pytest.raises(ValueError, match=r"the target loss/gradient is not finite: check the target/validation data for NaN/inf \(non-finite losses in target batch 1, rows \[2\]"):
+        estimator.scores(model, train, Target("val", DataLoader(_with_nan(val_set, 22), batch_size=20)))
+    assert train.passes <= 1  # the first-batch check only: no curvature pass

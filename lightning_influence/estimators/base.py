@@ -55,6 +55,8 @@ __all__ = [
     "progress",
     "TrainingPasses",
     "posthoc_training",
+    "non_finite_samples_error",
+    "non_finite_training_error",
 ]
 
 
@@ -262,7 +264,7 @@ def check_options(owner: str, init: Any, options: dict[str, Any], skip_first: bo
             raise TypeError(f"estimator {owner!r}: option {name} must be {expected}, got {value!r} ({type(value).__name__}){hydra}")
         if name == "params" and isinstance(value, str):
             result[name] = [value]
-        elif name == "params" and value is not None and not all(isinstance(v, str) for v in value):
+        elif name == "params" and value is not None and (not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value)):
             raise TypeError(f"estimator {owner!r}: params must be parameter-name patterns (strings), got {value!r}")
         elif name == "params" and value is not None and len(value) == 0:
             raise ValueError(
@@ -509,3 +511,62 @@ def check_differentiable_losses(module: L.LightningModule, batch: Any, owner: st
     with evaluation_mode(module), torch.enable_grad():
         losses = module.per_sample_loss(batch)  # type: ignore[operator]
     check_losses(losses, ids, requires_grad=True, owner=owner)
+
+
+def non_finite_samples_error(owner: str, ids: Tensor, what: str, batches: Iterable[int] | None = None, detail: str = "") -> ValueError:
+    """The refusal of training samples (``ids``) whose loss or gradient is not finite: one wording
+    for every post-hoc estimator, naming the samples (up to 10) and, when known, the positions of
+    their batches in the training loader; ``detail``: how it was found."""
+    ids = torch.as_tensor(ids).reshape(-1).cpu()
+    shown = ids[:10].tolist()
+    more = f" and {ids.numel() - 10} more" if ids.numel() > 10 else ""
+    where = ""
+    if batches is not None:
+        positions = sorted(set(batches))
+        where = f" (training batch{'es' if len(positions) > 1 else ''} {', '.join(str(b) for b in positions[:10])}{' ...' if len(positions) > 10 else ''}, counted from 0)"
+    return ValueError(
+        f"{owner}: the {what} of training sample id{'s' if ids.numel() > 1 else ''} {shown}{more}{where} "
+        f"{'are' if ids.numel() > 1 else 'is'} not finite (NaN or inf){f' (detected because {detail})' if detail else ''}, so every score "
+        "would be NaN or meaningless. Check "
+        "these samples for NaN/inf inputs (torch.isfinite) and the loss for log(0) or division by zero; repair them or "
+        "leave them out of the training loader, then score again"
+    )
+
+
+def non_finite_training_error(
+    module: L.LightningModule, batches: Iterable[Any], owner: str, found: str, params: list[str] | None = None
+) -> ValueError:
+    """The refusal of a training set on which a quantity of the whole set (``found``: a curvature,
+    its trace, a Kronecker factor) came out non-finite. Called on that error path only, it reads
+    ``batches`` (on the module's device) once more to name the samples at fault: those whose loss is
+    not finite, else those whose gradient (with respect to the attributed ``params``) is not; if
+    every loss and gradient is finite, the message says the curvature itself overflowed."""
+    from lightning_influence.kernels import evaluation_mode, per_sample_gradients
+
+    space, theta, loss_fn = attributed_space(module, params)
+    bad_ids: list[Tensor] = []
+    positions: list[int] = []
+    kinds: set[str] = set()
+    with evaluation_mode(module):
+        for position, batch in enumerate(batches):
+            ids = torch.as_tensor(module.sample_ids(batch)).reshape(-1).cpu()  # type: ignore[operator]
+            with torch.no_grad():
+                losses = module.per_sample_loss(batch)  # type: ignore[operator]
+            bad = ~torch.isfinite(losses.detach()).reshape(-1).cpu()
+            if bool(bad.any()):
+                kinds.add("loss")
+            else:
+                bad = ~torch.isfinite(per_sample_gradients(loss_fn, space, theta, batch)).all(1).cpu()
+                if bool(bad.any()):
+                    kinds.add("loss gradient")
+            if bool(bad.any()):
+                bad_ids.append(ids[bad])
+                positions.append(position)
+    if bad_ids:
+        what = " or ".join(sorted(kinds, key=len))
+        return non_finite_samples_error(owner, torch.cat(bad_ids), what, positions, detail=found)
+    return ValueError(
+        f"{owner}: {found}, although every training sample's loss and gradient is finite: the curvature overflowed "
+        "(model outputs or a loss whose second derivatives are huge or not finite, e.g. in float16/bfloat16). Score in "
+        "float32 or float64, or check the model's outputs and the loss"
+    )

@@ -45,6 +45,7 @@ from lightning_influence.estimators.base import (
     attributed_space,
     check_unique_ids,
     device_batches,
+    non_finite_samples_error,
     posthoc_training,
     progress,
 )
@@ -70,16 +71,21 @@ def per_sample_values(
     description: str = "scoring",
     show_progress: bool = True,
     no_grad: bool = True,
+    finite: str | None = None,
+    owner: str = "",
 ) -> tuple[Tensor, Tensor]:
     """``fn(batch) -> Tensor[B, ...]`` over every batch of ``loader`` (moved to the module's
     device), with the module in evaluation mode. Returns ``(ids, values)``: the sample ids
     sorted ascending, each once (a sample yielded again, in a later epoch of the loader, keeps its
     first value), and the values as float64 on the CPU, in id order. A batch that holds an id twice
     (batches without ids, whose labels the default ``sample_ids`` would read) is refused
-    (:func:`~lightning_influence.estimators.base.check_unique_ids`)."""
+    (:func:`~lightning_influence.estimators.base.check_unique_ids`). ``finite``: what the values
+    measure (e.g. ``"loss gradient"``); samples whose values are not all finite are then refused
+    (:func:`~lightning_influence.estimators.base.non_finite_samples_error`, naming ``owner``)."""
     check_dataset_ids(getattr(loader, "loader", loader), module)
     ids_parts: list[Tensor] = []
     value_parts: list[Tensor] = []
+    positions: list[Tensor] = []
     grad_context = torch.no_grad() if no_grad else torch.enable_grad()
     with evaluation_mode(module), grad_context:
         batches = progress(device_batches(module, loader), description, show_progress, total=_loader_length(loader))
@@ -91,9 +97,14 @@ def per_sample_values(
                 raise ValueError(f"got {tuple(values.shape)} values for a batch of {ids.numel()} sample ids; expected [B, ...]")
             ids_parts.append(ids)
             value_parts.append(values.detach().to("cpu", torch.float64))
+            positions.append(torch.full((ids.numel(),), len(positions)))
     if not ids_parts:
         raise ValueError("the training loader produced no batches: nothing to score")
     ids, values = torch.cat(ids_parts), torch.cat(value_parts)
+    if finite is not None:
+        ok = torch.isfinite(values.reshape(values.shape[0], -1)).all(1)
+        if not bool(ok.all()):
+            raise non_finite_samples_error(owner or "scores", ids[~ok], finite, torch.cat(positions)[~ok].tolist())
     order = torch.argsort(ids, stable=True)
     ids, values = ids[order], values[order]
     first = torch.ones_like(ids, dtype=torch.bool)
@@ -156,7 +167,9 @@ class EL2N(_ClassScores, Estimator):
             onehot = F.one_hot(labels, logits.shape[-1]).double() if labels.dim() == 1 else labels.double()
             return (probs - onehot).norm(dim=-1)
 
-        ids, values = per_sample_values(module, train_loader, el2n, description="EL2N", show_progress=self.progress)
+        ids, values = per_sample_values(
+            module, train_loader, el2n, description="EL2N", show_progress=self.progress, finite="class scores (EL2N)", owner=f"estimator {self.name!r}"
+        )
         return InfluenceScores(
             ids, values, _metadata(self, "L2 norm of softmax(logits) - onehot(label), dimensionless in [0, sqrt(2)]", "harder / more informative sample: keep")
         )
@@ -189,7 +202,9 @@ class GraNd(Estimator):
         def norms(batch: Any) -> Tensor:
             return per_sample_gradients(loss_fn, space, theta, batch, chunk_size=self.chunk_size).double().norm(dim=1)
 
-        ids, values = per_sample_values(module, train_loader, norms, description="GraNd", show_progress=self.progress, no_grad=False)
+        ids, values = per_sample_values(
+            module, train_loader, norms, description="GraNd", show_progress=self.progress, no_grad=False, finite="loss gradient", owner=f"estimator {self.name!r}"
+        )
         return InfluenceScores(
             ids,
             values,
@@ -301,5 +316,7 @@ class FinalLoss(Estimator):
                 raise ValueError(f"per_sample_loss returned shape {tuple(losses.shape)}; expected [B]")
             return -losses
 
-        ids, values = per_sample_values(module, train_loader, negative_loss, description="final loss", show_progress=self.progress)
+        ids, values = per_sample_values(
+            module, train_loader, negative_loss, description="final loss", show_progress=self.progress, finite="loss", owner=f"estimator {self.name!r}"
+        )
         return InfluenceScores(ids, values, _metadata(self, "minus the final per-sample training loss (loss units)", "lower loss (fits the model); lowest = most suspicious"))

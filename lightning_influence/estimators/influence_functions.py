@@ -46,6 +46,8 @@ from lightning_influence.estimators.base import (
     attributed_space,
     check_unique_ids,
     device_batches,
+    non_finite_samples_error,
+    non_finite_training_error,
     posthoc_training,
     progress,
 )
@@ -66,6 +68,7 @@ from lightning_influence.solvers import (
     SOLVERS,
     CurvatureOperator,
     KroneckerFactors,
+    NonFiniteCurvatureError,
     OutputModel,
     kronecker_layers,
     solve,
@@ -110,19 +113,24 @@ def _directional_scores(
     centered: bool,
     show_progress: bool,
     description: str,
+    owner: str = "influence scores",
 ) -> tuple[Tensor, Tensor]:
     """``(ids[N], scores[N, Q])`` with ``scores = (<grad l_z, s_q> - centering) / (n - 1)``: one
     forward-mode pass per batch and column of ``directions`` (float64 ``[P, Q]``)."""
     params = space.unflatten(theta)
     tangents = [space.unflatten(directions[:, q].to(space.dtype)) for q in range(directions.shape[1])]
-    ids, rows = [], []
-    for batch in progress(device_batches(module, loader), description, show_progress):
+    ids, rows, positions = [], [], []
+    for position, batch in enumerate(progress(device_batches(module, loader), description, show_progress)):
         cols = [directional_derivatives(loss_fn, params, batch, t)[1].to(torch.float64) for t in tangents]
         rows.append(torch.stack(cols, dim=1).cpu())
         ids.append(torch.as_tensor(module.sample_ids(batch)).reshape(-1).cpu())  # type: ignore[operator]
+        positions.append(torch.full((ids[-1].numel(),), position))
     if not rows:
         raise ValueError("the training loader produced no batches")
     id_vec, values = torch.cat(ids), torch.cat(rows)
+    finite = torch.isfinite(values).all(1)
+    if not bool(finite.all()):  # e.g. a sample outside the curvature's batches (hessian_batches)
+        raise non_finite_samples_error(owner, id_vec[~finite], "loss gradient", torch.cat(positions)[~finite].tolist())
     check_unique_ids(id_vec)
     n = id_vec.numel()
     if n < 2:
@@ -132,9 +140,31 @@ def _directional_scores(
     return id_vec, values / (n - 1)
 
 
-def _target_columns(target: Target, module: L.LightningModule, train_loader: Iterable[Any], loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor) -> Tensor:
+def _target_columns(
+    target: Target, module: L.LightningModule, train_loader: Iterable[Any], loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tensor,
+    owner: str, params: list[str] | None,
+) -> Tensor:
+    """``grad F`` as float64 columns ``[P, Q]``, refused (before any solver runs) when not finite."""
     grad = target.gradient(module, train_loader)(loss_fn, space, theta)
+    if not bool(torch.isfinite(grad).all()):
+        found = "the target loss/gradient is not finite"
+        if target.kind == "train" and target.loader is None:  # the target is the training data
+            raise non_finite_training_error(module, train_loader, owner, f"{found} (target 'train': the mean training loss)", params)
+        raise ValueError(f"{owner}: {found}: check the target/validation data for NaN/inf{_non_finite_target_rows(target, module, train_loader)}")
     return grad.reshape(space.size, -1).to(torch.float64)
+
+
+def _non_finite_target_rows(target: Target, module: L.LightningModule, train_loader: Iterable[Any]) -> str:
+    """Where the target's per-sample losses are not finite (read on this error path only)."""
+    found = []
+    with torch.no_grad():
+        for position, batch in enumerate(device_batches(module, target.loader_for(train_loader))):
+            bad = (~torch.isfinite(module.per_sample_loss(batch).detach().reshape(-1))).nonzero().reshape(-1).tolist()  # type: ignore[operator]
+            if bad:
+                found.append(f"batch {position}, rows {bad[:10]}{' ...' if len(bad) > 10 else ''}")
+    if not found:
+        return " (every target sample's loss is finite: its gradient is not; check the loss for log(0) or division by zero)"
+    return f" (non-finite losses in target {'; '.join(found[:5])}{'; ...' if len(found) > 5 else ''}, counted from 0)"
 
 
 def _metadata(target: Target, **facts: Any) -> dict[str, Any]:
@@ -159,8 +189,11 @@ class InfluenceFunction(Estimator):
       the count of negative eigenvalues and the fix) and set ``solver_indefinite`` in the metadata;
       ``"cg"`` refuses it.
     - ``damping`` (default ``1e-3``) with ``damping_scale="mean_eigenvalue"`` (``lambda = damping *
-      trace(C) / P``; the trace is exact for ``exact``, ``ekfac`` and ``kfac``, a 16-probe Hutchinson
-      estimate for the matrix-free solvers, so their ``lambda`` differs by that estimate's error;
+      trace(C) / P``; the trace is exact for ``exact``, ``ekfac`` and ``kfac`` (for the Kronecker
+      solvers: the trace of the curvature they approximate, from the per-sample pseudo-gradients,
+      not that of K-FAC's approximation ``S (x) A``; K-FAC and EK-FAC get the same ``lambda``), a
+      16-probe Hutchinson estimate for the matrix-free solvers, so their ``lambda`` differs by
+      that estimate's error;
       the value used is ``metadata["damping_value"]``) or ``"absolute"`` (the same ``lambda`` for
       every solver).
     - ``hvp``: ``"autograd"`` (exact double-backward, default) or ``"finite_difference"``.
@@ -251,18 +284,21 @@ class InfluenceFunction(Estimator):
             outputs.check(first)
         self._check_exact_size(space.size)
         operator = kron = None
-        if solver in ("ekfac", "kfac"):
-            assert outputs is not None
-            kron = KroneckerFactors(module, space, outputs, fisher=self.fisher, corrected=solver == "ekfac", seed=self.seed)
-            kron.fit(training.batches, lambda it, desc: progress(it, desc, self.progress_bar))
-        else:
-            operator = CurvatureOperator(loss_fn, space, theta, training.batches, curvature=self.curvature, hvp=self.hvp, outputs=outputs)
-        result = solve(
-            solver, operator, rhs, self.damping, damping_scale=self.damping_scale, max_exact_parameters=self.max_exact_parameters,
-            chunk_size=self.chunk_size, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, lissa_scale=self.lissa_scale,
-            lissa_depth=self.lissa_depth, lissa_repeats=self.lissa_repeats, arnoldi_iterations=self.arnoldi_iterations,
-            arnoldi_rank=self.arnoldi_rank, kronecker=kron, seed=self.seed,
-        )
+        try:
+            if solver in ("ekfac", "kfac"):
+                assert outputs is not None
+                kron = KroneckerFactors(module, space, outputs, fisher=self.fisher, corrected=solver == "ekfac", seed=self.seed)
+                kron.fit(training.batches, lambda it, desc: progress(it, desc, self.progress_bar))
+            else:
+                operator = CurvatureOperator(loss_fn, space, theta, training.batches, curvature=self.curvature, hvp=self.hvp, outputs=outputs)
+            result = solve(
+                solver, operator, rhs, self.damping, damping_scale=self.damping_scale, max_exact_parameters=self.max_exact_parameters,
+                chunk_size=self.chunk_size, cg_tol=self.cg_tol, cg_max_iter=self.cg_max_iter, lissa_scale=self.lissa_scale,
+                lissa_depth=self.lissa_depth, lissa_repeats=self.lissa_repeats, arnoldi_iterations=self.arnoldi_iterations,
+                arnoldi_rank=self.arnoldi_rank, kronecker=kron, seed=self.seed,
+            )
+        except NonFiniteCurvatureError as error:  # name the training samples at fault
+            raise non_finite_training_error(module, training.batches(), f"estimator {self.name!r}", str(error), self.params) from error
         info = {"solver": solver, **result.info}
         if operator is not None:
             info["curvature_products"] = operator.calls
@@ -303,9 +339,11 @@ class InfluenceFunction(Estimator):
         train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # read several times: checked every pass
         with evaluation_mode(module):
             space, theta, loss_fn = attributed_space(module, self.params)
-            rhs = _target_columns(target, module, train_loader, loss_fn, space, theta)
+            rhs = _target_columns(target, module, train_loader, loss_fn, space, theta, f"estimator {self.name!r}", self.params)
             solution, lam, info = self.inverse_curvature_products(module, train_loader, rhs)
-            ids, values = _directional_scores(module, train_loader, loss_fn, space, theta, solution, self.centered, self.progress_bar, "influence scores")
+            ids, values = _directional_scores(
+                module, train_loader, loss_fn, space, theta, solution, self.centered, self.progress_bar, "influence scores", f"estimator {self.name!r}"
+            )
         self.last_solve = {"damping_value": lam, **info}
         meta = _metadata(
             target,
@@ -396,7 +434,7 @@ class DataInf(Estimator):
         train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # three passes, and the target's: checked
         with evaluation_mode(module):
             space, theta, loss_fn = attributed_space(module, self.params)
-            V = _target_columns(target, module, train_loader, loss_fn, space, theta)  # [P, Q]
+            V = _target_columns(target, module, train_loader, loss_fn, space, theta, f"estimator {self.name!r}", self.params)  # [P, Q]
             names, block = self._block_index(space)
             block = block.to(theta.device)
             nb = len(names)
@@ -413,6 +451,10 @@ class DataInf(Estimator):
             id_vec = torch.cat(ids)
             check_unique_ids(id_vec)
             norm2, dot = torch.cat(norms), torch.cat(dots)  # [n, nb], [n, nb, Q]
+            finite = torch.isfinite(norm2).all(1).cpu()
+            if not bool(finite.all()):
+                positions = torch.cat([torch.full((len(i),), k) for k, i in enumerate(ids)])
+                raise non_finite_samples_error(f"estimator {self.name!r}", id_vec[~finite], "loss gradient", positions[~finite].tolist())
             n = id_vec.numel()
             lam = self.damping * norm2.mean(0) / dims if self.damping_scale == "mean_eigenvalue" else torch.full((nb,), self.damping, dtype=torch.float64, device=norm2.device)
             if bool((lam <= 0).any()):
@@ -428,7 +470,9 @@ class DataInf(Estimator):
                 c = coef[rows.to(coef.device)]  # [B, nb, Q]
                 acc += torch.einsum("bp,bpq->pq", G, c[:, block, :])
             S = (V - acc / n) / lam[block].unsqueeze(1)
-            ids_out, values = _directional_scores(module, train_loader, loss_fn, space, theta, S, self.centered, self.progress_bar, "DataInf scores")
+            ids_out, values = _directional_scores(
+                module, train_loader, loss_fn, space, theta, S, self.centered, self.progress_bar, "DataInf scores", f"estimator {self.name!r}"
+            )
         meta = _metadata(
             target,
             estimator=self.name,

@@ -111,7 +111,10 @@ class OutlierGradient(Estimator):
             squared = grads.pow(2).sum(dim=1)
             return -squared if self.method == "self_influence" else -squared.sqrt()
 
-        ids, values = per_sample_values(module, train_loader, features, description="outlier gradients", show_progress=self.progress, no_grad=False)
+        ids, values = per_sample_values(
+            module, train_loader, features, description="outlier gradients", show_progress=self.progress, no_grad=False,
+            finite="loss gradient", owner=f"estimator {self.name!r}",
+        )
         if not bool(values.ne(0).any()):
             chosen = "params" if self.params else "the default (the last module with trainable parameters, in registration order)"
             raise ValueError(
