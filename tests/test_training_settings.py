@@ -204,6 +204,28 @@ def test_batches_skipped_by_training_step_change_nothing(small_digits):
     torch.testing.assert_close(torch.stack([skipping[int(i)] for i in reference.ids]), reference.values, rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_ground_truth_leaves_out_batches_skipped_by_training_step(small_digits, accumulate):
+    """StepRecorder records a micro-batch only if its loss was backpropagated: the retraining with
+    nothing removed reproduces the fit, also when a skipped micro-batch shares its step with trained
+    ones, and DiffIn's scores track its leave-one-out (the skipped samples score 0 in DiffIn and are
+    in no recorded step)."""
+    batches = small_digits.train.batches[:16]
+    torch.manual_seed(0)
+    model = _SkipsBatches(hidden=(16,), lr=0.1).double()
+    recorder, cb = StepRecorder(), DiffIn(target="val", target_loader=small_digits.val)
+    quiet_trainer(callbacks=[recorder, cb], accumulate_grad_batches=accumulate).fit(model, train_dataloaders=FixedBatches(batches))
+    assert recorder.empty_steps == (len(_SkipsBatches.skip) if accumulate == 1 else 0)
+    replayed = retrain(model, recorder.initial_params, recorder.steps, recorder.optimizer, [()])
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(replayed[name][0], p.detach(), rtol=0, atol=1e-12)
+    skipped = torch.cat([batches[k][2] for k in _SkipsBatches.skip])
+    assert all(float(cb.scores[int(i)]) == 0.0 for i in skipped)
+    trained = torch.cat([b[2] for k, b in enumerate(batches) if k not in _SkipsBatches.skip])[::4]
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, trained, small_digits.val)
+    assert spearman(torch.stack([cb.scores[int(i)] for i in trained]), truth) > 0.97
+
+
 def test_float32_data_under_64_true_is_scored_like_float64_data(small_digits):
     """Lightning converts the model and the training batches to float64; the target batches are
     converted alike."""

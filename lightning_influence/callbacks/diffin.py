@@ -353,6 +353,7 @@ class DiffIn(Callback):
         self._finished = False
         self._resume_check_pending = False
         self._store_resumed_step = False
+        self._backward_pending = False  # the last micro-batch awaits its backward (on_after_backward)
         self._saved_parameters: dict[str, Tensor] | None = None  # the resumed checkpoint's, until the first batch
         self._verified_steps = 0
         self._data_checks_pending = False  # set per fit: first-batch checks of the training and target data
@@ -523,6 +524,7 @@ class DiffIn(Callback):
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
         self._micro_batches, self._unverified, self._held = [], None, None
+        self._backward_pending = False
         restored_records: list[dict[str, Any]] = []
         if self._restored:  # resuming: carry on with the restored scores and recorded steps
             self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
@@ -715,6 +717,7 @@ class DiffIn(Callback):
             check_training_dataset(trainer, pl_module)
             self._repeats = draws_with_replacement(trainer)
             self._num_samples = dataset_length(trainer)
+        self._drop_unbackpropagated(pl_module)
         waiting = len(self._micro_batches)
         if waiting >= max(int(trainer.accumulate_grad_batches), 1):
             raise ValueError(
@@ -739,6 +742,7 @@ class DiffIn(Callback):
         else:
             check_ids(ids, self._num_samples, pl_module, batch, repeats=self._repeats)
             self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
+        self._backward_pending = True  # until on_after_backward: training_step may return None
         if not self._loss_checked and self._loss_check is None:
             # Same RNG stream as training_step will draw, so dropout masks agree; with autograd on, to check
             # that the losses depend on the parameters. Buffers (batch-norm running statistics) are restored:
@@ -795,7 +799,30 @@ class DiffIn(Callback):
         the device anyway), in single-process runs (DDP steps exchange them by collectives)."""
         return self._verified_steps >= VERIFIED_STEPS and self._loss_checked and not self._collective.distributed
 
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._backward_pending = False
+
+    def _drop_unbackpropagated(self, pl_module: L.LightningModule) -> bool:
+        """Take the last micro-batch out of its step if no backward ran for it (``training_step``
+        returned ``None``: Lightning's way of leaving a batch out): the step is the other
+        micro-batches' alone, and its samples are seen with nothing added (removing them changes
+        nothing there). Returns whether one was taken out."""
+        if not self._backward_pending or not self._micro_batches:
+            return False
+        self._backward_pending = False
+        batch, ids = self._micro_batches.pop()
+        self._micro_losses.pop(len(self._micro_batches), None)
+        ids = ids.to("cpu", torch.long).reshape(-1)  # a rare event: read at once
+        if self._lagged_reads:
+            check_id_values(ids, self._num_samples, pl_module, batch, repeats=self._repeats)
+        assert self._accumulator is not None
+        self._accumulator.mark_seen(ids)
+        return True
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if self._drop_unbackpropagated(pl_module) and not self._micro_batches:
+            self.empty_steps += 1  # every micro-batch of the step left out: no gradient, nothing moves
+            return
         if not self._micro_batches:
             return
         start = time.perf_counter()

@@ -37,7 +37,9 @@ class StepRecorder(Callback):
     ``configure_gradient_clipping``, a scheduler changing anything but learning rates (e.g.
     ``OneCycleLR(cycle_momentum=True)``), parameter groups changing during fit, and a trained
     parameter that receives no gradient. ``training_step`` must return the mean of
-    ``per_sample_loss(batch)``. A buffer or untrained parameter that training changes (outside
+    ``per_sample_loss(batch)``, or ``None`` to leave the batch out: a micro-batch whose loss
+    was not backpropagated is not recorded, and a step left out entirely is counted in
+    :attr:`empty_steps` (torch.optim leaves the parameters as they were). A buffer or untrained parameter that training changes (outside
     normalisation layers: an annealed temperature, an EMA teacher) is recorded with every step
     (``TrainingStep.varying``), so the retraining evaluates each step with the values it trained
     with; one removed from the module is refused. A buffer that the training forward itself writes
@@ -51,7 +53,9 @@ class StepRecorder(Callback):
         self.steps: list[TrainingStep] = []
         self.optimizer: OptimizerSpec | None = None
         self.skipped_steps = 0
+        self.empty_steps = 0
         self._batches: list[Any] = []
+        self._pending: Any = None
         self._group_ids: list[tuple[int, ...]] = []
         self._watch: BufferWatch | None = None
 
@@ -82,23 +86,43 @@ class StepRecorder(Callback):
         self.initial_params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
         self.steps = []
         self.skipped_steps = 0
+        self.empty_steps = 0
         self._batches = []
+        self._pending: Any = None
         self._watch = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batches.append(batch)
+        self._pending = batch
         if self._watch is None:  # at the first batch, after setup hooks that may set buffers
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
 
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A micro-batch trains only if its loss was backpropagated: training_step returning None skips it
+        # (Lightning's way of leaving a batch out), and the step is then the other micro-batches' alone.
+        if self._pending is not None:
+            self._batches.append(self._pending)
+            self._pending = None
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after the backward passes of the step's micro-batches (and after
         # unscaling under 16-mixed), before clipping and before optimizer.step()
-        batches, self._batches = self._batches, []
-        if not batches or self.optimizer is None:
+        batches, self._batches, self._pending = self._batches, [], None
+        if self.optimizer is None:
+            return
+        if not batches:
+            # Every micro-batch of the step was left out: no gradient, and torch.optim leaves the parameters
+            # (and their state) as they are. The retraining takes no step here either.
+            if any(p.grad is not None for group in _unwrap(optimizer).param_groups for p in group["params"]):
+                raise ValueError(
+                    "an optimizer step received gradients although no micro-batch of it was backpropagated through "
+                    "training_step's loss (gradients kept from an earlier step, or written by a hook): StepRecorder "
+                    "cannot reproduce it"
+                )
+            self.empty_steps += 1
             return
         optimizer = _unwrap(optimizer)
-        step = len(self.steps) + self.skipped_steps
+        step = len(self.steps) + self.skipped_steps + self.empty_steps
         if [tuple(id(p) for p in group["params"]) for group in optimizer.param_groups] != self._group_ids:
             raise ValueError(f"the optimizer's parameter groups changed during fit (at step {step}): StepRecorder cannot follow")
         if step == 0 and any(float(st.get("step", 1)) != 0 for st in optimizer.state.values()):  # Adagrad starts with state at step 0
