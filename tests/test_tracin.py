@@ -383,3 +383,31 @@ def test_a_fit_that_takes_no_step_gives_empty_scores_and_says_so():
         quiet_trainer(callbacks=[callback], max_steps=0).fit(model, train_dataloaders=problem.train)
     assert callback.scores is not None and len(callback.scores) == 0 and model.influence is callback.scores
     assert any("TracIn scored no sample: the fit took no optimizer step" in str(w.message) for w in caught)
+
+
+class _SkipsBatches(Classifier):
+    skip = (2, 5)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return None if batch_idx in self.skip else super().training_step(batch, batch_idx)
+
+
+def test_batches_skipped_by_training_step_get_nothing():
+    """training_step returning None leaves its batch out (no backward, no update): its samples score
+    0 there, and the others score as in the run that never saw those batches."""
+    from lightning_influence.data import FixedBatches
+
+    problem = digits_problem(n=128, batch_size=16, epochs=1, val_size=50)
+    batches = list(problem.train.batches)
+    kept = [b for k, b in enumerate(batches) if k not in _SkipsBatches.skip]
+    scores = []
+    for cls, train in ((_SkipsBatches, batches), (Classifier, kept)):
+        torch.manual_seed(0)
+        model = cls(hidden=(16,), lr=0.1).double()
+        callback = TracInCallback(target="val", target_loader=problem.val)
+        quiet_trainer(callbacks=[callback]).fit(model, train_dataloaders=FixedBatches(train))
+        scores.append(callback.scores)
+    skipping, reference = scores
+    skipped = torch.cat([batches[k][2] for k in _SkipsBatches.skip])
+    assert all(float(skipping[int(i)]) == 0.0 for i in skipped) and skipping.metadata["steps_seen"] == len(kept)
+    torch.testing.assert_close(torch.stack([skipping[int(i)] for i in reference.ids]), reference.values, rtol=0, atol=1e-15)

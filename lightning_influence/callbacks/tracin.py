@@ -117,6 +117,7 @@ class TracIn(Callback):
         self._target_source: Any = None
         self._accumulator: ScoreAccumulator | None = None
         self._micro: list[tuple[Any, Tensor]] = []
+        self._backward_pending = False  # the last micro-batch awaits its backward (on_after_backward)
         self._cached_gradient: Tensor | None = None
         self._cached_at = -1
         self._checks_pending = False
@@ -174,6 +175,7 @@ class TracIn(Callback):
             self.seconds = 0.0
         self._restored = False
         self._micro, self._cached_gradient, self._cached_at = [], None, -1
+        self._backward_pending = False
         self._held = None
         self._num_samples = dataset_length(trainer)
         self._checks_pending = True
@@ -200,6 +202,7 @@ class TracIn(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._drop_unbackpropagated()
         ids = torch.as_tensor(pl_module.sample_ids(batch))  # type: ignore[operator]
         if self._checks_pending:
             check_training_dataset(trainer, pl_module)
@@ -222,8 +225,22 @@ class TracIn(Callback):
             check_losses(losses, ids, device=pl_module.device, requires_grad=True)
             check_target_data(self, trainer)  # type: ignore[arg-type]
         self._micro.append((batch, ids.detach().reshape(-1)))
+        self._backward_pending = True  # until on_after_backward: training_step may return None
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._backward_pending = False
+
+    def _drop_unbackpropagated(self) -> None:
+        """Take the last micro-batch out of its step if no backward ran for it (``training_step``
+        returned ``None``): it did not move the parameters, so its samples get nothing here."""
+        if self._backward_pending and self._micro:
+            _, ids = self._micro.pop()
+            assert self._accumulator is not None
+            self._accumulator.mark_seen(ids.to("cpu", torch.long))
+        self._backward_pending = False
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        self._drop_unbackpropagated()
         if not self._micro:
             return
         start = time.perf_counter()
