@@ -124,9 +124,17 @@ class Trajectory:
         # spill_dir never read or delete each other's files.
         self._dir: Path | None = None
         if storage == "disk":
-            if spill_dir is not None:
-                Path(spill_dir).mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="diffin-trajectory-", dir=spill_dir))
+            try:
+                if spill_dir is not None:
+                    Path(spill_dir).mkdir(parents=True, exist_ok=True)
+                self._dir = Path(tempfile.mkdtemp(prefix="diffin-trajectory-", dir=spill_dir))
+            except OSError as err:
+                where = f"spill_dir={str(spill_dir)!r}" if spill_dir is not None else "the system's temporary folder"
+                raise ValueError(
+                    f"storage='disk' spills the recorded steps into a folder of their own inside {where}, which cannot "
+                    f"be created there ({type(err).__name__}: {err}). Pass a spill_dir that is a writable folder (or a "
+                    "path where one can be made)"
+                ) from err
 
     def __len__(self) -> int:
         return len(self._records)

@@ -833,3 +833,13 @@ def test_a_failed_fit_leaves_no_spilled_files(small_digits, tmp_path):
     with pytest.raises(RuntimeError, match="failed at step 5"):
         _fit(small_digits.train, cb, model=_model(FailsAtStep5))
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_spill_dir_that_cannot_be_a_folder_is_refused_naming_it(small_digits, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for spill_dir in (blocker, blocker / "below"):
+        cb = DiffIn(target="val", target_loader=small_digits.val, storage="disk", spill_dir=spill_dir)
+        trainer = _refused(small_digits.train, rf"storage='disk' spills .* inside spill_dir='{spill_dir}', which cannot be created", cb)
+        assert trainer.global_step == 0
+    assert blocker.read_text() == "not a folder"

@@ -464,7 +464,7 @@ class DiffIn(Callback):
             if why:
                 raise ValueError(
                     f"checkpoint_every > 1 with recompute='gradients' recomputes the training gradients exactly, which is "
-                    f"not possible with {why}; use recompute='updates' (keeps each step's gradient) or storage='disk'"
+                    f"not possible with {why}; use recompute='updates' (keeps each step's gradient) or checkpoint_every=1 (stores every step)"
                 )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
