@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from lightning_influence.config import check_config
 from lightning_influence.recipes import run_recipe
-from lightning_influence.recipes.common import is_global_zero, output_dir
+from lightning_influence.recipes.common import is_global_zero, make_output_dir, output_dir
 
 __all__ = ["run", "output_dir", "run_log", "describe_run", "RUN_LOGGER"]
 
@@ -128,7 +128,8 @@ def describe_run(cfg: DictConfig) -> str:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Check the config (before anything is set up or trained), run the recipe it selects
     (``cfg.recipe.name``) and return its report. Global rank zero prints a summary line first and
-    where the outputs went last; the run's console output also goes to the log file (:func:`run_log`)."""
+    where the outputs went last; the run's console output also goes to the log file (:func:`run_log`).
+    An output folder that cannot be created is refused before the start line."""
     with run_log() as log:
 
         def say(line: str) -> None:
@@ -141,6 +142,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         try:
             check_config(cfg)
             out = output_dir(cfg)
+            if is_global_zero():
+                make_output_dir(out)  # a folder that cannot be created: refused before the start line
             say(f"lightning-influence: {describe_run(cfg)}; outputs in {out}")
             report = run_recipe(cfg)
         except Exception as err:

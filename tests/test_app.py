@@ -214,3 +214,31 @@ def test_an_unknown_top_level_key_far_from_any_known_one_is_warned_about_not_ref
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_top_level(compose_cfg())
+
+
+def _uncreatable_folders(tmp_path: Path) -> list[Path]:
+    """Output folders that cannot be created, also for root: below a regular file, and below /proc."""
+    (tmp_path / "a_file").write_text("x")
+    folders = [tmp_path / "a_file" / "out"]
+    if Path("/proc/self").is_dir():
+        folders.append(Path("/proc/lightning-influence-test/out"))
+    return folders
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_the_start_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """output_dir=/proc/x used to print the start line, then a bare FileNotFoundError from mkdir."""
+    for folder in _uncreatable_folders(tmp_path):
+        with pytest.raises(ValueError, match=rf"the output folder {folder} could not be created \((NotADirectoryError|FileNotFoundError|"
+                           r"PermissionError|OSError): .+\): the recipe writes scores.pt, report.json, ... into it. Choose an output "
+                           r"folder that can be created and written \(output_dir=... or hydra.run.dir=...\)"):
+            run(compose_cfg("recipe=coreset", "estimator=random", "trainer.max_epochs=1", "recipe.seeds=[0]", f"output_dir={folder}"))
+        assert "lightning-influence:" not in capsys.readouterr().out, "refused before the start line"
+
+
+def test_command_line_refuses_an_output_folder_under_proc(tmp_path: Path) -> None:
+    folder = _uncreatable_folders(tmp_path)[-1]
+    proc = command_line(tmp_path, f"output_dir={folder}", "trainer.max_epochs=1")
+    assert proc.returncode != 0 and "lightning-influence:" not in proc.stdout
+    assert f"ValueError: the output folder {folder} could not be created (" in proc.stderr, proc.stderr[-3000:]
+    assert "Choose an output folder that can be created and written" in proc.stderr
+

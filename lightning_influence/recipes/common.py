@@ -94,6 +94,7 @@ __all__ = [
     "RECIPE_OUTPUTS",
     "check_outputs_writable",
     "claim_output_dir",
+    "make_output_dir",
     "JOB_MARKER",
 ]
 
@@ -120,7 +121,8 @@ def prepare(cfg: DictConfig, plots: bool = False) -> Path:
     fail before any training when matplotlib is missing. Also refused before any training: a
     fixed ``output_dir`` shared by the jobs of a multirun
     (:func:`~lightning_influence.config.check_output_dir`, :func:`claim_output_dir`) and an output
-    folder the recipe could not write its files into (:func:`check_outputs_writable`)."""
+    folder that cannot be created (:func:`make_output_dir`) or that the recipe could not write its
+    files into (:func:`check_outputs_writable`)."""
     if plots:
         from lightning_influence.plots import require_matplotlib
 
@@ -128,17 +130,31 @@ def prepare(cfg: DictConfig, plots: bool = False) -> Path:
     out = output_dir(cfg)
     check_output_dir(cfg)
     if is_global_zero():
-        if out.exists() and not out.is_dir():
-            raise ValueError(
-                f"the output folder {out} is a file, not a folder: the recipe writes scores.pt, report.json, ... into it. "
-                "Choose another output folder (output_dir=... or hydra.run.dir=...)"
-            )
-        out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(out)
         check_outputs_writable(out, plots)
         claim_output_dir(out)
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
     return out
+
+
+def make_output_dir(out: Path) -> None:
+    """Create the output folder ``out`` (and its parents), or refuse with the folder's name and
+    the fix: a path that is a file, or one that cannot be created (any ``OSError``: a parent that
+    is a file, a read-only or special file system such as ``/proc``, no permission, ...)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"the output folder {out} is a file, not a folder: the recipe writes scores.pt, report.json, ... into it. "
+            "Choose another output folder (output_dir=... or hydra.run.dir=...)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"the output folder {out} could not be created ({type(err).__name__}: {err.strerror or err}): the recipe writes "
+            "scores.pt, report.json, ... into it. Choose an output folder that can be created and written "
+            "(output_dir=... or hydra.run.dir=...)"
+        ) from err
 
 
 def check_outputs_writable(out: Path, plots: bool = True) -> None:
