@@ -24,13 +24,14 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
 from omegaconf import DictConfig
 
 from lightning_influence.config import check_config
 from lightning_influence.recipes import run_recipe
-from lightning_influence.recipes.common import is_global_zero, make_output_dir, output_dir
+from lightning_influence.recipes.common import end_run, fail_run, is_global_zero, make_output_dir, output_dir
 
 __all__ = ["run", "output_dir", "run_log", "describe_run", "RUN_LOGGER"]
 
@@ -129,7 +130,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Check the config (before anything is set up or trained), run the recipe it selects
     (``cfg.recipe.name``) and return its report. Global rank zero prints a summary line first and
     where the outputs went last; the run's console output also goes to the log file (:func:`run_log`).
-    An output folder that cannot be created is refused before the start line."""
+    An output folder that cannot be created is refused before the start line. When the run fails,
+    its job marker says so and a warning names the recipe outputs of an earlier run still in its
+    output folder: they are not this run's (:func:`lightning_influence.recipes.common.fail_run`)."""
     with run_log() as log:
 
         def say(line: str) -> None:
@@ -139,6 +142,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             else:
                 log.info(line)
 
+        out: Path | None = None
         try:
             check_config(cfg)
             out = output_dir(cfg)
@@ -148,7 +152,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             report = run_recipe(cfg)
         except Exception as err:
             log.error("the run failed: %s: %s", type(err).__name__, err, exc_info=True)
+            if out is None:  # refused by check_config: its folder's earlier outputs are not this run's either
+                with contextlib.suppress(Exception):
+                    out = output_dir(cfg)
+            if out is not None:
+                try:
+                    fail_run(out, err)  # the folder's outputs of an earlier run are not this run's: say so
+                except Exception as note:  # noqa: BLE001 - the run's own error is what the user needs
+                    log.warning("could not mark %s as failed: %s: %s", out, type(note).__name__, note)
             raise
+        finally:
+            if out is not None:
+                end_run(out)
         files = report.get("files") if isinstance(report, dict) else None
         say(f"Outputs in {out}" + (f": {', '.join(map(str, files.values()))}" if isinstance(files, dict) and files else ""))
     return report

@@ -242,3 +242,25 @@ def test_command_line_refuses_an_output_folder_under_proc(tmp_path: Path) -> Non
     assert f"ValueError: the output folder {folder} could not be created (" in proc.stderr, proc.stderr[-3000:]
     assert "Choose an output folder that can be created and written" in proc.stderr
 
+
+def test_a_failed_run_marks_its_folder_and_names_the_earlier_runs_outputs(tmp_path: Path) -> None:
+    """A run into a folder that holds a finished run's outputs fails at runtime: its job marker says
+    it failed (with the error), a warning names the earlier outputs as not this run's, and they
+    are left as they were; a finished run's report carries the run id its marker records."""
+    from lightning_influence.recipes.common import JOB_MARKER
+
+    quick = ("recipe=coreset", "estimator=random", "trainer.max_epochs=1", "recipe.seeds=[0]", "recipe.plots=false", f"output_dir={tmp_path}")
+    report = run(compose_cfg(*quick))
+    marker = json.loads((tmp_path / JOB_MARKER).read_text())
+    assert marker["status"] == "finished" and report["run"]["id"] == marker["run_id"]
+    assert json.loads((tmp_path / "report.json").read_text())["run"]["id"] == marker["run_id"]
+    earlier = (tmp_path / "report.json").read_bytes()
+    with pytest.warns(UserWarning, match=rf"the run failed; {tmp_path} holds outputs of an earlier run, not of this one: config.yaml, "
+                      r"report.json, scores.csv, scores.pt. They are left as they were and its job marker"):
+        with pytest.raises(ValueError, match="recipe.metric='nope' is not logged"):
+            run(compose_cfg(*quick, "recipe.metric=nope"))
+    failed = json.loads((tmp_path / JOB_MARKER).read_text())
+    assert failed["status"] == "failed" and failed["run_id"] != marker["run_id"] and "recipe.metric='nope'" in failed["error"]
+    assert (tmp_path / "report.json").read_bytes() == earlier
+    again = run(compose_cfg(*quick))
+    assert again["run"]["id"] == json.loads((tmp_path / JOB_MARKER).read_text())["run_id"] != failed["run_id"]

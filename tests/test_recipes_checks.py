@@ -25,7 +25,7 @@ from lightning_influence.app import run
 from lightning_influence.data import DigitsDataModule
 from lightning_influence.models import Classifier
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.recipes import aggregate, cleaning, coreset, deletion
+from lightning_influence.recipes import aggregate, cleaning, common, coreset, deletion
 from lightning_influence.recipes.common import (
     check_training_steps,
     distributed_train_loader,
@@ -984,3 +984,79 @@ def test_tied_scores_rank_by_sample_id_whatever_order_the_estimator_returns(tmp_
     assert a["removal"]["conditions"]["estimator"] == b["removal"]["conditions"]["estimator"]
     ids = [row["id"] for row in a["most_harmful"]]
     assert len(set(row["score"] for row in a["most_harmful"])) < len(ids), "the test needs ties"
+
+
+# ---------------------------------------------------------------------- results of an earlier run in a job's folder
+def test_a_failed_job_does_not_pass_off_the_earlier_runs_results_as_its_own(tmp_path: Path) -> None:
+    """A second sweep into the same sweep folder whose job 1 fails at runtime (a metric the model does
+    not log): job 1's folder keeps the first sweep's report.json, scores.pt, ... (not deleted), its
+    job marker says the run failed, the run warns that those files are not its own, and the
+    aggregation skips the job, naming it and why, instead of tabulating the old numbers under the
+    failed job's overrides. Then a single run into job 0's folder (hydra.run.dir) refused before its
+    folder was marked: Hydra rewrote .hydra/, and job 0 is skipped too (its config changed)."""
+    sweep = tmp_path / "multirun"
+
+    def launch(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_influence", *overrides, "recipe=coreset", "estimator=random", "recipe.fraction=0.5", *QUICK],
+            cwd=tmp_path, env=ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+        )
+
+    first = launch("-m", f"hydra.sweep.dir={sweep}", "model.lr=0.1,0.5")
+    assert first.returncode == 0, first.stderr[-4000:]
+    earlier = {name: (sweep / "1" / name).read_bytes() for name in ("report.json", "scores.pt", "config.yaml")}
+    marker = json.loads((sweep / "1" / common.JOB_MARKER).read_text())
+    assert marker["status"] == "finished" and marker["run_id"] == json.loads(earlier["report.json"])["run"]["id"]
+    second = launch("-m", f"hydra.sweep.dir={sweep}", "model.lr=0.1", "recipe.metric=test_acc,nope")
+    assert "recipe.metric='nope' is not logged by the model" in second.stderr, second.stderr[-4000:]
+    assert f"the run failed; {sweep / '1'} holds outputs of an earlier run, not of this one: config.yaml, report.json, scores.csv, scores.pt" in second.stderr
+    assert {name: (sweep / "1" / name).read_bytes() for name in earlier} == earlier, "the earlier files are left"
+    marker = json.loads((sweep / "1" / common.JOB_MARKER).read_text())
+    assert marker["status"] == "failed" and marker["error"].startswith("ValueError: recipe.metric='nope'") and marker["job_num"] == 1
+    assert "recipe.metric=nope" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+
+    found = aggregate.scan(sweep)
+    assert [job for job, _ in found.not_own] == ["1"] and {row["job"] for row in found.rows} == {"0"}
+    assert "the last run there, started " in found.not_own[0][1] and ", failed: ValueError: recipe.metric='nope'" in found.not_own[0][1]
+    assert aggregate.main([str(sweep), "--no-plot"]) == 0
+    table = (sweep / "aggregate.md").read_text()
+    assert "nope" not in table.split("Note:")[0] and "[" not in table.split("Note:")[0], "one configuration: job 0's"
+    assert "Note: Skipped 1 job folder(s) whose report.json is not the last run's there" in table
+
+    refused = launch(f"hydra.run.dir={sweep / '0'}", "model.lr=0.3", "seed=-3")
+    assert refused.returncode != 0 and "seed=-3 is out of range" in refused.stderr, refused.stderr[-3000:]
+    assert f"the run failed; {sweep / '0'} holds outputs of an earlier run, not of this one: config.yaml, report.json" in refused.stderr
+    assert json.loads((sweep / "0" / common.JOB_MARKER).read_text())["status"] == "finished", "refused before the folder was marked"
+    found = aggregate.scan(sweep)
+    assert [job for job, _ in found.not_own] == ["0", "1"] and not found.rows
+    assert "its .hydra/config.yaml is not the config its report.json's run started with" in found.not_own[0][1]
+    with pytest.raises(ValueError, match=r"no report.json with accuracy rows below .*skipped 2 job folder\(s\) whose report.json is not the last run's"):
+        aggregate.collect(sweep)
+
+
+def test_aggregation_checks_each_report_against_its_folders_job_marker(tmp_path: Path) -> None:
+    """Folders written before reports carried a run id aggregate as before; a report whose run id is
+    not the job marker's (or that has none, under a marker that has one) is skipped with a warning
+    that names the folder and says why; the marker of a run that is still running or was killed
+    says so."""
+    rows = [{"recipe": "coreset", "method": "random", "fraction": 0.5, "seed": 0, "metric": "test_acc", "accuracy": 0.8}]
+    for name in ("legacy", "own", "killed", "upgraded"):
+        _job(tmp_path, name, ["seed=0"], rows, "random")
+    (tmp_path / "legacy" / common.JOB_MARKER).write_text(json.dumps({"sweep_dir": str(tmp_path), "job_num": 0}))  # before run ids
+
+    def report_of(name: str, run_id: str) -> None:
+        path = tmp_path / name / "report.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "run": {"id": run_id, "hydra_config_sha256": None}}))
+
+    def mark(name: str, run_id: str, status: str) -> None:
+        (tmp_path / name / common.JOB_MARKER).write_text(json.dumps({"run_id": run_id, "status": status, "started": "T0"}))
+
+    report_of("own", "a"), mark("own", "a", "finished")
+    report_of("killed", "b"), mark("killed", "c", "running")
+    mark("upgraded", "d", "failed")  # a report written before run ids, then a run of this version that failed
+    with pytest.warns(UserWarning, match=r"skipped 2 job folder\(s\) whose report.json is not the last run's there") as caught:
+        found = aggregate.collect(tmp_path)
+    assert sorted(row["job"] for row in found) == ["legacy", "own"]
+    message = str(caught[0].message)
+    assert "killed (the last run there, started T0, did not finish (killed, or still running); its report.json is of an earlier run (run b" in message
+    assert "upgraded (the last run there, started T0, failed; its report.json is of an earlier run (without run id" in message

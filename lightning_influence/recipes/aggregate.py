@@ -18,9 +18,14 @@ its own table. Writes, into ``--out`` (default: the directory):
 - ``accuracy_vs_fraction.png`` (matplotlib; skipped with ``--no-plot``).
 
 Job folders (those holding ``.hydra/``) without a ``report.json`` -- failed, killed or unfinished
-jobs -- and reports without accuracy rows (the deletion recipe's: its predicted vs actual
-changes stay in each report.json) are skipped with a warning that names them; ``aggregate.md``
-ends with a note that counts them.
+jobs --, reports that are not the last run's in their folder -- an earlier run's outputs, left
+there by a run that failed, was killed or is still running (the run id in the report is not the
+one of the folder's job marker, or ``.hydra/config.yaml`` changed since the report's run started;
+:func:`not_own_report`) -- and reports without accuracy rows (the deletion recipe's: its
+predicted vs actual changes stay in each report.json) are skipped with a warning that names them
+and says why; ``aggregate.md`` ends with a note that counts them. Reports written before runs
+recorded an id, in folders no later run marked, are taken as before (nothing to check them
+against).
 
 Baselines have rows of their own, named ``"<name> (baseline)"`` (the cleaning recipe's
 ``no removal (baseline)``, ``final loss (baseline)`` and ``random removal (baseline)``; older
@@ -41,6 +46,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import hashlib
 import io
 import json
 import re
@@ -52,10 +59,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_influence.recipes.common import summary
+from lightning_influence.recipes.common import JOB_MARKER, read_job_marker, summary
 from lightning_influence.scores import atomic_write_bytes
 
-__all__ = ["collect", "scan", "Scan", "aggregate", "configurations", "markdown_table", "baseline_method", "main"]
+__all__ = ["collect", "scan", "Scan", "not_own_report", "aggregate", "configurations", "markdown_table", "baseline_method", "main"]
 
 Key = tuple[str, str, str, str, float]  # recipe, metric, configuration, method, fraction
 
@@ -119,16 +126,24 @@ def _natural(path: str) -> list[Any]:
 @dataclass
 class Scan:
     """What :func:`scan` found below a directory: the summary ``rows``; the Hydra job folders
-    (holding ``.hydra/``) without a ``report.json`` (failed, killed or unfinished jobs); and the
-    reports without accuracy rows (``(job, recipe)``: a deletion sweep, ...)."""
+    (holding ``.hydra/``) without a ``report.json`` (failed, killed or unfinished jobs); the
+    reports without accuracy rows (``(job, recipe)``: a deletion sweep, ...); and the reports
+    that are not their folder's last run's (``(job, why)``, :func:`not_own_report`)."""
 
     rows: list[dict[str, Any]]
     without_report: list[str]
     unsupported: list[tuple[str, str]]
+    not_own: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def notes(self) -> list[str]:
         """One line per kind of skipped folder, naming them."""
         lines = []
+        if self.not_own:
+            lines.append(
+                f"skipped {len(self.not_own)} job folder(s) whose report.json is not the last run's there (outputs of an earlier "
+                "run, left in the folder by a run that failed, was killed or is still running): "
+                + "; ".join(f"{job} ({why})" for job, why in self.not_own)
+            )
         if self.without_report:
             lines.append(
                 f"skipped {len(self.without_report)} job folder(s) without report.json (failed, killed or unfinished jobs): "
@@ -143,6 +158,43 @@ class Scan:
         return lines
 
 
+def not_own_report(folder: Path, report: dict[str, Any]) -> str | None:
+    """Why the ``report.json`` in ``folder`` is not the report of the last run there, or ``None``
+    when it is (or when nothing tells). A run marks its folder when it starts (the job marker
+    :data:`~lightning_influence.recipes.common.JOB_MARKER`: a run id, ``running``) and writes that
+    id into its report at the end. Not the last run's: a report whose run id (or a report without
+    one, of a version that wrote none) is not the marker's: the last run failed, was killed or is
+    still running, and the report is an earlier run's; and a report next to a ``.hydra/`` folder
+    whose ``config.yaml`` is not the one the report's run started with: a later job with another
+    config started there (Hydra rewrote ``.hydra/``) and wrote no report. A report without a run
+    id in a folder whose marker has none either (written before run ids) is taken as before."""
+    run = report.get("run")
+    run_id = run.get("id") if isinstance(run, dict) else None
+    marker = read_job_marker(folder)
+    marked = marker.get("run_id") if marker is not None else None
+    if marked is not None and marked != run_id:
+        status = str(marker.get("status"))
+        last = {"failed": "failed", "running": "did not finish (killed, or still running)"}.get(status, f"is {status}")
+        error = f": {str(marker['error'])[:300]}" if status == "failed" and marker.get("error") else ""
+        return (
+            f"the last run there, started {marker.get('started')}, {last}{error}; its report.json is of an earlier run "
+            f"({'run ' + str(run_id) if run_id else 'without run id'}, not run {marked} of {JOB_MARKER})"
+        )
+    digest = run.get("hydra_config_sha256") if isinstance(run, dict) else None
+    config = folder / ".hydra" / "config.yaml"
+    if digest and config.is_file():
+        try:
+            current = hashlib.sha256(config.read_bytes()).hexdigest()
+        except OSError:
+            current = None
+        if current is not None and current != digest:
+            return (
+                "its .hydra/config.yaml is not the config its report.json's run started with: a later run with another "
+                "config started there and wrote no report (it failed before its output folder was marked)"
+            )
+    return None
+
+
 def scan(directory: str | Path) -> Scan:
     """The summary rows of every ``report.json`` below ``directory`` (see :func:`collect`) and what
     was skipped: job folders without a report, reports of recipes without accuracy rows."""
@@ -151,15 +203,19 @@ def scan(directory: str | Path) -> Scan:
         raise FileNotFoundError(f"no multirun directory at {root}")
     rows: list[dict[str, Any]] = []
     unsupported: list[tuple[str, str]] = []
+    not_own: list[tuple[str, str]] = []
     for path in sorted(root.rglob("report.json"), key=lambda p: _natural(str(p.relative_to(root)))):
         try:
             report = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"{path} is not a readable report: {err}") from None
+        job = str(path.parent.relative_to(root))
+        if isinstance(report, dict) and (why := not_own_report(path.parent, report)) is not None:
+            not_own.append((job, why))
+            continue
         overrides = read_overrides(path.parent)
         node = report.get("estimator")
         estimator = node.get("name") if isinstance(node, dict) else None
-        job = str(path.parent.relative_to(root))
         found = 0
         for row in report.get("summary") or []:
             if row.get("accuracy") is None or row.get("fraction") is None:
@@ -178,7 +234,7 @@ def scan(directory: str | Path) -> Scan:
             unsupported.append((job, str(report.get("recipe", "unknown"))))
     jobs = {p.parent for p in root.rglob(".hydra") if p.is_dir()}
     missing = sorted((str(j.relative_to(root)) for j in jobs if not (j / "report.json").is_file()), key=_natural)
-    return Scan(rows, missing, unsupported)
+    return Scan(rows, missing, unsupported, not_own)
 
 
 def collect(directory: str | Path) -> list[dict[str, Any]]:
@@ -204,7 +260,8 @@ def _checked_rows(found: Scan, directory: str | Path) -> list[dict[str, Any]]:
             )
         else:
             reason = "did the runs finish (python -m lightning_influence -m ...)?"
-        missing = f" ({found.notes()[0]})" if found.without_report else ""
+        skipped = [note for note in found.notes() if "without report.json" in note or "not the last run's" in note]
+        missing = f" ({'; '.join(skipped)})" if skipped else ""
         raise ValueError(f"no report.json with accuracy rows below {root}: {reason}{missing}")
     for note in found.notes():
         warnings.warn(f"{Path(directory)}: {note}", UserWarning, stacklevel=2)

@@ -95,6 +95,11 @@ __all__ = [
     "check_outputs_writable",
     "claim_output_dir",
     "make_output_dir",
+    "start_run",
+    "fail_run",
+    "end_run",
+    "read_job_marker",
+    "hydra_config_digest",
     "JOB_MARKER",
 ]
 
@@ -122,7 +127,8 @@ def prepare(cfg: DictConfig, plots: bool = False) -> Path:
     fixed ``output_dir`` shared by the jobs of a multirun
     (:func:`~lightning_influence.config.check_output_dir`, :func:`claim_output_dir`) and an output
     folder that cannot be created (:func:`make_output_dir`) or that the recipe could not write its
-    files into (:func:`check_outputs_writable`)."""
+    files into (:func:`check_outputs_writable`). Marks the folder as this run's, running
+    (:func:`start_run`): outputs of an earlier run there are no longer taken as a run's own."""
     if plots:
         from lightning_influence.plots import require_matplotlib
 
@@ -132,7 +138,7 @@ def prepare(cfg: DictConfig, plots: bool = False) -> Path:
     if is_global_zero():
         make_output_dir(out)
         check_outputs_writable(out, plots)
-        claim_output_dir(out)
+        start_run(out)
     if cfg.get("num_threads") is not None:
         torch.set_num_threads(int(cfg.num_threads))
     return out
@@ -181,36 +187,124 @@ def check_outputs_writable(out: Path, plots: bool = True) -> None:
         ) from err
 
 
-#: The file by which the job of a Hydra multirun marks its output folder as its own (:func:`claim_output_dir`).
+#: The file by which a run marks its output folder (:func:`start_run`, :func:`claim_output_dir`):
+#: the run's id, its status (``running``, ``finished``, ``failed``) and, in a Hydra multirun,
+#: the sweep's folder and the job's number.
 JOB_MARKER = ".lightning-influence-job.json"
 
+#: The runs of this process that started (:func:`start_run`) and did not end yet, by output folder.
+_RUNS: dict[str, dict[str, Any]] = {}
 
-def claim_output_dir(out: Path) -> None:
-    """In a Hydra multirun, mark ``out`` as this job's output folder (:data:`JOB_MARKER`: the
-    sweep's folder and the job's number), and refuse, before any training, a folder that another
-    job of the same sweep marked: an interpolated ``output_dir`` that does not differ between
-    the jobs (``output_dir`` without interpolation is refused by
-    :func:`~lightning_influence.config.check_output_dir` in every job). The same job run again
-    (same sweep folder and number) may reuse its folder. Outside a multirun: nothing."""
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def read_job_marker(out: Path) -> dict[str, Any] | None:
+    """The job marker of ``out`` (:data:`JOB_MARKER`), ``None`` without a readable one."""
+    with contextlib.suppress(OSError, ValueError):
+        marker = json.loads((out / JOB_MARKER).read_text())
+        return marker if isinstance(marker, dict) else None
+    return None
+
+
+def _multirun_job() -> dict[str, Any]:
+    """In a Hydra multirun, the sweep's folder, the job's number and folder; else ``{}``."""
     from hydra.core.hydra_config import HydraConfig
 
     if not in_multirun():
-        return
+        return {}
     runtime = HydraConfig.get()
     job_dir = Path(str(runtime.runtime.output_dir)).resolve()
-    job = {"sweep_dir": str(job_dir.parent), "job_num": int(runtime.job.num), "job_dir": str(job_dir)}
-    marker = out / JOB_MARKER
-    previous: Any = None
-    with contextlib.suppress(OSError, ValueError):
-        previous = json.loads(marker.read_text())
-    if isinstance(previous, dict) and previous.get("sweep_dir") == job["sweep_dir"] and previous.get("job_num") != job["job_num"]:
+    return {"sweep_dir": str(job_dir.parent), "job_num": int(runtime.job.num), "job_dir": str(job_dir)}
+
+
+def hydra_config_digest() -> str | None:
+    """The SHA-256 of the Hydra job's ``.hydra/config.yaml`` (the composed config Hydra wrote when
+    this job started), ``None`` outside Hydra or without that file. A report carries it, so that a
+    report next to a ``.hydra/`` folder that a later run rewrote is told from that run's own."""
+    import hashlib
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    runtime = HydraConfig.get()
+    subdir = runtime.output_subdir
+    if subdir is None:
+        return None
+    with contextlib.suppress(OSError):
+        return hashlib.sha256((Path(str(runtime.runtime.output_dir)) / str(subdir) / "config.yaml").read_bytes()).hexdigest()
+    return None
+
+
+def claim_output_dir(out: Path, run: dict[str, Any] | None = None) -> None:
+    """Write the job marker of ``out`` (:data:`JOB_MARKER`): ``run`` (the run's id and status,
+    :func:`start_run`) and, in a Hydra multirun, the sweep's folder and the job's number. In a
+    multirun, refuse first, before any training, a folder that another job of the same sweep
+    marked: an interpolated ``output_dir`` that does not differ between the jobs (``output_dir``
+    without interpolation is refused by :func:`~lightning_influence.config.check_output_dir` in
+    every job). The same job run again (same sweep folder and number) may reuse its folder.
+    Outside a multirun without ``run``: nothing."""
+    job = _multirun_job()
+    if not job and run is None:
+        return
+    previous = read_job_marker(out)
+    if job and previous is not None and previous.get("sweep_dir") == job["sweep_dir"] and previous.get("job_num") != job["job_num"]:
         raise ValueError(
             f"output_dir resolves to {out}, the output folder of job {previous.get('job_num')} of this multirun "
             f"({job['sweep_dir']}): job {job['job_num']} would write its outputs over that job's. Give each job its own "
             "folder: output_dir=null (each job writes into its own folder under hydra.sweep.dir), or a path that differs "
             "between the jobs, e.g. with ${hydra:job.num}"
         )
-    atomic_write_bytes(marker, (json.dumps(job, indent=2) + "\n").encode())
+    atomic_write_bytes(out / JOB_MARKER, (json.dumps({**job, **(run or {})}, indent=2) + "\n").encode())
+
+
+def start_run(out: Path) -> dict[str, Any]:
+    """On global rank zero, before any training: mark ``out`` as the folder of a new run (a fresh
+    run id, status ``running``, the start time; :func:`claim_output_dir`). From then on, outputs
+    of an earlier run in that folder are not taken as this run's: :func:`write_outputs` writes the
+    run id into ``report.json`` and sets the status to ``finished``; a failed run sets it to
+    ``failed`` (:func:`fail_run`); the aggregation skips a report whose run id is not the
+    marker's. The earlier files are left as they are. Returns the run's record."""
+    import uuid
+
+    run = {"run_id": uuid.uuid4().hex, "status": "running", "started": _now(), "hydra_config_sha256": hydra_config_digest()}
+    claim_output_dir(out, run)
+    _RUNS[str(out)] = run
+    return run
+
+
+def end_run(out: Path) -> None:
+    """Forget this process's record of the run with output folder ``out`` (:func:`start_run`)."""
+    _RUNS.pop(str(out), None)
+
+
+def fail_run(out: Path, err: BaseException) -> list[str]:
+    """After a failed run with output folder ``out`` (on global rank zero): the job marker says
+    ``failed`` (when this run had marked the folder, :func:`start_run`), and a warning names the
+    recipe outputs there, which are an earlier run's, not this one's. Returns their names."""
+    if not is_global_zero():
+        return []
+    run = _RUNS.get(str(out))
+    if run is not None and run["status"] == "finished":  # failed after writing its outputs: they are its own
+        return []
+    marker = read_job_marker(out) if run is not None else None
+    if run is not None and marker is not None and marker.get("run_id") == run["run_id"]:
+        run["status"] = "failed"
+        with contextlib.suppress(OSError):
+            marker.update(status="failed", ended=_now(), error=f"{type(err).__name__}: {err}"[:2000])
+            atomic_write_bytes(out / JOB_MARKER, (json.dumps(marker, indent=2) + "\n").encode())
+    earlier = stale_outputs(out, []) if out.is_dir() else []
+    if earlier:
+        warnings.warn(
+            f"the run failed; {out} holds outputs of an earlier run, not of this one: {', '.join(earlier)}. They are left as "
+            f"they were{' and its job marker ' + JOB_MARKER + ' says this run failed (aggregate skips the folder)' if run else ''}; "
+            "delete them or use a fresh output folder (hydra.run.dir=... or output_dir=...), so that they are not read as this run's",
+            UserWarning,
+            stacklevel=2,
+        )
+    return earlier
 
 
 # Lightning's precision names (and its aliases) -> the dtype the module's parameters train in.
@@ -946,19 +1040,25 @@ def stale_outputs(out: Path, written: Iterable[str]) -> list[str]:
 
 def write_outputs(out: Path, cfg: DictConfig, report: dict[str, Any], scores: InfluenceScores | None) -> None:
     """On global rank zero: ``scores.pt`` (+ ``scores.csv``), ``config.yaml`` and ``report.json``,
-    each atomically. Files of an earlier run in the same folder that this run did not write are
+    each atomically; ``report["run"]`` is the run's id (:func:`start_run`) and the job marker then
+    says ``finished``. Files of an earlier run in the same folder that this run did not write are
     left as they are, named in ``report["stale_files"]`` and in a warning."""
     if not is_global_zero():
         return
+    run = _RUNS.get(str(out)) or start_run(out)  # a caller that did not go through prepare: a run of its own
     files = report.setdefault("files", {})
     stale = stale_outputs(out, files.values())
     report["stale_files"] = stale
+    report["run"] = {"id": run["run_id"], "started": run["started"], "hydra_config_sha256": run["hydra_config_sha256"]}
     if scores is not None:
         scores.save(out / "scores.pt")
         scores.to_csv(out / "scores.csv")
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     text = json.dumps(_finite(report), indent=2, allow_nan=False, default=_json_default) + "\n"
     atomic_write_bytes(out / "report.json", text.encode())
+    marker = read_job_marker(out) or {}
+    run.update(status="finished", ended=_now())
+    atomic_write_bytes(out / JOB_MARKER, (json.dumps({**marker, **run}, indent=2) + "\n").encode())
     if stale:
         warnings.warn(
             f"{out} holds files of an earlier run that this {report.get('recipe', 'recipe')} run did not write: "
