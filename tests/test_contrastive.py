@@ -206,3 +206,31 @@ def test_tracin_warns_that_it_ignores_the_coupling():
     data = Modalities.make().sample(32, mismatch=0.2, seed=0)
     with pytest.warns(UserWarning, match="coupled_batch_loss.*TracIn.*does not see. DiffIn scores coupled removals"):
         quiet_trainer(callbacks=[TracIn(target="train")], max_steps=2).fit(PairEncoder().double(), train_dataloaders=fixed_batches(data, 16, 1))
+
+
+class _Undeclared(PairEncoder):
+    coupled_batch_loss = False  # an InfoNCE loss, coupling not declared
+
+
+def test_a_coupled_loss_that_is_not_declared_is_found_on_the_first_batch():
+    """Taking a sample out of the batch changes the others' InfoNCE losses: DiffIn and the ground
+    truth refuse at the first batch (the independent-loss formula scored 0.75 against true
+    leave-one-out), DiffIn(coupled=False) scores it that way on purpose, and post-hoc estimators
+    warn. Independent losses pass the same check."""
+    from lightning_influence.estimators import build
+
+    data = Modalities.make().sample(32, mismatch=0.2, seed=0)
+    train = fixed_batches(data, 8, 1)
+    for callbacks in ([DiffIn(target="train")], [StepRecorder()]):
+        torch.manual_seed(0)
+        trainer = quiet_trainer(callbacks=callbacks)
+        with pytest.raises(ValueError, match=r"_Undeclared.per_sample_loss is coupled across its batch .* Set coupled_batch_loss = True"):
+            trainer.fit(_Undeclared().double(), train_dataloaders=train)
+        assert trainer.global_step == 0
+    on_purpose = DiffIn(target="train", coupled=False)
+    quiet_trainer(callbacks=[on_purpose]).fit(_Undeclared().double(), train_dataloaders=train)
+    assert on_purpose.scores.metadata["coupled"] is False and len(on_purpose.scores) == 32
+    with pytest.warns(UserWarning, match=r"is coupled across its batch .* scores each sample's own loss only"):
+        build("grand", progress=False).scores(_Undeclared().double(), train)
+    with pytest.warns(UserWarning, match=r"declares coupled_batch_loss: .* depend on the loader's batch size"):
+        build("grand", progress=False).scores(PairEncoder().double(), train)

@@ -535,3 +535,52 @@ def mid_accumulation_resume_error(owner: str) -> ValueError:
         "at an optimizer-step boundary (ModelCheckpoint(every_n_train_steps=...)), or make val_check_interval a "
         "multiple of accumulate_grad_batches"
     )
+
+
+#: Relative difference (to the losses' mean magnitude) above which a batch's losses count as coupled.
+COUPLING_TOLERANCE = 1e-3
+
+
+def undeclared_coupling(module: Any, batch: Any) -> float | None:
+    """For a module that does not declare ``coupled_batch_loss``: the largest change of the other
+    samples' losses when the first sample is taken out of ``batch`` (``remove_from_batch``),
+    relative to their mean magnitude, if above :data:`COUPLING_TOLERANCE` (in-batch negatives,
+    batch statistics: each sample's loss depends on its batch); else ``None``. Evaluated in
+    evaluation mode without autograd (two forward passes); ``None`` too where it cannot tell (a
+    batch of fewer than 3 samples, a ``remove_from_batch`` that does not apply to the batch)."""
+    from lightning_influence.kernels import evaluation_mode
+
+    if getattr(module, "coupled_batch_loss", False):
+        return None
+    try:
+        size = int(torch.as_tensor(module.sample_ids(batch)).numel())
+        if size < 3:
+            return None
+        with evaluation_mode(module), torch.no_grad():
+            full = module.per_sample_loss(batch)
+            without_first = module.per_sample_loss(module.remove_from_batch(batch, 0))
+    except Exception:  # noqa: BLE001 - a batch layout the default removal does not handle: nothing to tell
+        return None
+    if not (isinstance(full, Tensor) and isinstance(without_first, Tensor)) or tuple(full.shape) != (size,):
+        return None
+    if tuple(without_first.shape) != (size - 1,):
+        return None
+    others = full.detach().double()[1:]
+    scale = float(others.abs().mean())
+    change = float((without_first.detach().double() - others).abs().max())
+    if not math.isfinite(change) or scale == 0.0 or change <= COUPLING_TOLERANCE * scale:
+        return None
+    return change / scale
+
+
+def coupling_message(module: Any, change: float, owner: str) -> str:
+    """What :func:`undeclared_coupling` found, and the fix."""
+    name = type(module).__name__
+    return (
+        f"{name}.per_sample_loss is coupled across its batch but {name} does not declare coupled_batch_loss: taking "
+        f"the first sample out of a training batch changed the other samples' losses by up to {change:.3g} of their "
+        "mean (in-batch negatives as in contrastive/InfoNCE losses, or statistics over the batch). Removing a sample "
+        "then also changes the others' losses, which the independent-loss formula misses (on a CLIP-like model: "
+        f"Spearman 0.75 against true leave-one-out instead of 1.00). Set coupled_batch_loss = True on {name} "
+        f"({owner} then scores removals as the batch loss recomputed without the sample)"
+    )

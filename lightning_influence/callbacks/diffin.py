@@ -29,11 +29,13 @@ from lightning_influence.callbacks.checks import (
     check_target_arguments,
     check_target_data,
     check_training_dataset,
+    coupling_message,
     dataset_length,
     device_target_batches,
     draws_with_replacement,
     mid_accumulation_resume_error,
     target_loader_source,
+    undeclared_coupling,
 )
 from lightning_influence.distributed import Collective, distributed_shard
 from lightning_influence.estimators.diffin import DiffInSweep, PerSampleDerivatives, ScoreAccumulator, step_losses_and_gradient
@@ -410,7 +412,7 @@ class DiffIn(Callback):
                 f"DiffIn does not support strategy {type(strategy).__name__}: it models the optimizer step on full, "
                 f"replicated parameters (sharded strategies such as FSDP and DeepSpeed are not modelled); {SUPPORTED}"
             )
-        averaging = [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, _WEIGHT_AVERAGING)]
+        averaging = [type(cb).__name__ for cb in getattr(trainer, "callbacks", []) if isinstance(cb, _WEIGHT_AVERAGING)]
         if averaging:
             raise ValueError(
                 f"DiffIn does not model {', '.join(averaging)}: it replaces the trained parameters with an average of the "
@@ -757,6 +759,13 @@ class DiffIn(Callback):
                 for b, saved in zip(pl_module.buffers(), buffers):
                     b.copy_(saved)
             check_losses(losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params))
+            if self.coupled is None and not self._coupled:
+                change = undeclared_coupling(pl_module, batch)
+                if change is not None:
+                    raise ValueError(
+                        coupling_message(pl_module, change, "DiffIn") + "; or pass DiffIn(coupled=False) to score them "
+                        "with the independent-loss formula on purpose"
+                    )
             self._loss_check = losses.detach().mean()
             self._loss_scale = float(losses.detach().abs().mean())
             if not self._mixed and not has_mode_dependent_layers(pl_module) and not spectral_norm_layers(pl_module):

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 
@@ -473,7 +474,28 @@ def posthoc_training(module: L.LightningModule, train_loader: Iterable[Any], own
         if first is None:
             raise ValueError(f"the training loader produced no batches: {owner} has nothing to score")
         check_differentiable_losses(module, first, owner)
+        _warn_coupled(module, first, owner)
     return passes
+
+
+def _warn_coupled(module: L.LightningModule, batch: Any, owner: str) -> None:
+    """Post-hoc estimators treat per-sample losses as independent: warn where a removal would also
+    change the other samples' losses in its batch (declared, or found on the first batch)."""
+    from lightning_influence.callbacks.checks import coupling_message, undeclared_coupling
+
+    name = type(module).__name__
+    if getattr(module, "coupled_batch_loss", False):
+        message = (
+            f"{name} declares coupled_batch_loss: removing a sample also changes the other samples' losses in its batch "
+            f"(in-batch negatives), which {owner}, built on each sample's own loss, does not see, so its scores depend on "
+            "the loader's batch size. DiffIn scores coupled removals"
+        )
+    else:
+        change = undeclared_coupling(module, batch)
+        if change is None:
+            return
+        message = coupling_message(module, change, "DiffIn") + f"; {owner} itself scores each sample's own loss only"
+    rank_zero_warn(message)
 
 
 def check_unique_ids(ids: Tensor, scope: str = "pass") -> None:

@@ -94,6 +94,11 @@ class StepRecorder(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._pending = batch
         if self._watch is None:  # at the first batch, after setup hooks that may set buffers
+            from lightning_influence.callbacks.checks import coupling_message, undeclared_coupling
+
+            change = undeclared_coupling(pl_module, batch)
+            if change is not None:
+                raise ValueError(coupling_message(pl_module, change, "the retraining"))
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
 
