@@ -762,10 +762,7 @@ class DiffIn(Callback):
             if self.coupled is None and not self._coupled:
                 change = undeclared_coupling(pl_module, batch)
                 if change is not None:
-                    raise ValueError(
-                        coupling_message(pl_module, change, "DiffIn") + "; or pass DiffIn(coupled=False) to score them "
-                        "with the independent-loss formula on purpose"
-                    )
+                    rank_zero_warn(coupling_message(pl_module, change))
             self._loss_check = losses.detach().mean()
             self._loss_scale = float(losses.detach().abs().mean())
             if not self._mixed and not has_mode_dependent_layers(pl_module) and not spectral_norm_layers(pl_module):

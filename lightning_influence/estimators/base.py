@@ -494,7 +494,7 @@ def _warn_coupled(module: L.LightningModule, batch: Any, owner: str) -> None:
         change = undeclared_coupling(module, batch)
         if change is None:
             return
-        message = coupling_message(module, change, "DiffIn") + f"; {owner} itself scores each sample's own loss only"
+        message = coupling_message(module, change) + f". ({owner} itself scores each sample's own loss only)"
     rank_zero_warn(message)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import warnings
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -98,7 +100,7 @@ class StepRecorder(Callback):
 
             change = undeclared_coupling(pl_module, batch)
             if change is not None:
-                raise ValueError(coupling_message(pl_module, change, "the retraining"))
+                warnings.warn(coupling_message(pl_module, change), UserWarning, stacklevel=2)
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
 
