@@ -597,7 +597,7 @@ def test_recorder_refuses_runs_it_cannot_reproduce(digits: tuple[Tensor, Tensor]
     recorder = StepRecorder()
     recorder.on_fit_start(trainer, module)  # type: ignore[arg-type]
     recorder.on_train_batch_start(trainer, module, batches[0], 0)  # type: ignore[arg-type]
-    recorder.on_after_backward(trainer, module)  # type: ignore[arg-type]
+    module.per_sample_loss(batches[0]).mean().backward()  # the micro-batch's backward
     with pytest.raises(ValueError, match="already has state"):
         recorder.on_before_optimizer_step(trainer, module, opt)  # type: ignore[arg-type]
 

@@ -612,3 +612,27 @@ def coupling_message(module: Any, change: float) -> str:
         "tensor of the batch that all samples share but that has as many rows as the batch has samples), pass "
         "DiffIn(coupled=False), or override remove_from_batch to keep that tensor whole"
     )
+
+
+class BackwardWatch:
+    """Whether a backward pass has accumulated a gradient into any of ``params`` since the last
+    :meth:`arm`: Lightning runs none for a micro-batch whose ``training_step`` returned ``None``
+    (its way of leaving a batch out), which the micro-batch's step must then leave out too. Hooks
+    on the parameters (``register_post_accumulate_grad_hook``), so the answer does not depend on
+    which callback hooks a subclass overrides; no device read. :meth:`close` removes them."""
+
+    def __init__(self, params: Iterable[Tensor]) -> None:
+        self.ran = True
+        self._handles = [p.register_post_accumulate_grad_hook(self._seen) for p in params if p.requires_grad]
+
+    def _seen(self, param: Tensor) -> None:
+        self.ran = True
+
+    def arm(self) -> None:
+        """A micro-batch starts: no backward has run for it yet."""
+        self.ran = False
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -28,6 +28,7 @@ from lightning_influence.callbacks.checks import (
     check_losses,
     check_target_arguments,
     check_target_data,
+    BackwardWatch,
     check_training_dataset,
     coupling_message,
     dataset_length,
@@ -355,7 +356,7 @@ class DiffIn(Callback):
         self._finished = False
         self._resume_check_pending = False
         self._store_resumed_step = False
-        self._backward_pending = False  # the last micro-batch awaits its backward (on_after_backward)
+        self._backward: BackwardWatch | None = None  # did the last micro-batch's backward run?
         self._saved_parameters: dict[str, Tensor] | None = None  # the resumed checkpoint's, until the first batch
         self._verified_steps = 0
         self._data_checks_pending = False  # set per fit: first-batch checks of the training and target data
@@ -526,7 +527,9 @@ class DiffIn(Callback):
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
         self._micro_batches, self._unverified, self._held = [], None, None
-        self._backward_pending = False
+        if self._backward is not None:
+            self._backward.close()
+        self._backward = BackwardWatch([*self._params, *self._context])
         restored_records: list[dict[str, Any]] = []
         if self._restored:  # resuming: carry on with the restored scores and recorded steps
             self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
@@ -744,7 +747,8 @@ class DiffIn(Callback):
         else:
             check_ids(ids, self._num_samples, pl_module, batch, repeats=self._repeats)
             self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
-        self._backward_pending = True  # until on_after_backward: training_step may return None
+        assert self._backward is not None
+        self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
         if not self._loss_checked and self._loss_check is None:
             # Same RNG stream as training_step will draw, so dropout masks agree; with autograd on, to check
             # that the losses depend on the parameters. Buffers (batch-norm running statistics) are restored:
@@ -805,17 +809,14 @@ class DiffIn(Callback):
         the device anyway), in single-process runs (DDP steps exchange them by collectives)."""
         return self._verified_steps >= VERIFIED_STEPS and self._loss_checked and not self._collective.distributed
 
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._backward_pending = False
-
     def _drop_unbackpropagated(self, pl_module: L.LightningModule) -> bool:
         """Take the last micro-batch out of its step if no backward ran for it (``training_step``
         returned ``None``: Lightning's way of leaving a batch out): the step is the other
         micro-batches' alone, and its samples are seen with nothing added (removing them changes
         nothing there). Returns whether one was taken out."""
-        if not self._backward_pending or not self._micro_batches:
+        if self._backward is None or self._backward.ran or not self._micro_batches:
             return False
-        self._backward_pending = False
+        self._backward.ran = True
         batch, ids = self._micro_batches.pop()
         self._micro_losses.pop(len(self._micro_batches), None)
         ids = ids.to("cpu", torch.long).reshape(-1)  # a rare event: read at once
@@ -1254,11 +1255,18 @@ class DiffIn(Callback):
         behind: no loss tap on the module, no recorded steps in memory, no spilled files (a resume
         starts from a checkpoint, which holds its own copy of the steps)."""
         self._held = None
+        self._close_backward_watch()
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)  # a fit that stopped mid-batch leaves no tap behind
         if self._trajectory is not None:
             self._trajectory.close()
         self._trajectory, self._sweep, self._micro_batches = None, None, []
+
+    def _close_backward_watch(self) -> None:
+        """Remove the parameter hooks of the fit's :class:`BackwardWatch`."""
+        if self._backward is not None:
+            self._backward.close()
+            self._backward = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -1270,6 +1278,7 @@ class DiffIn(Callback):
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The end-of-fit sweep: score every step still recorded against the final parameters."""
+        self._close_backward_watch()
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)
         if self._trajectory is None:

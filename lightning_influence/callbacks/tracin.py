@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
 from lightning_influence.callbacks.checks import (
+    BackwardWatch,
     check_id_type,
     check_id_values,
     check_ids,
@@ -117,7 +118,7 @@ class TracIn(Callback):
         self._target_source: Any = None
         self._accumulator: ScoreAccumulator | None = None
         self._micro: list[tuple[Any, Tensor]] = []
-        self._backward_pending = False  # the last micro-batch awaits its backward (on_after_backward)
+        self._backward: BackwardWatch | None = None  # did the last micro-batch's backward run?
         self._cached_gradient: Tensor | None = None
         self._cached_at = -1
         self._checks_pending = False
@@ -175,7 +176,8 @@ class TracIn(Callback):
             self.seconds = 0.0
         self._restored = False
         self._micro, self._cached_gradient, self._cached_at = [], None, -1
-        self._backward_pending = False
+        self._close_backward_watch()
+        self._backward = BackwardWatch(self._params)
         self._held = None
         self._num_samples = dataset_length(trainer)
         self._checks_pending = True
@@ -225,19 +227,22 @@ class TracIn(Callback):
             check_losses(losses, ids, device=pl_module.device, requires_grad=True)
             check_target_data(self, trainer)  # type: ignore[arg-type]
         self._micro.append((batch, ids.detach().reshape(-1)))
-        self._backward_pending = True  # until on_after_backward: training_step may return None
-
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._backward_pending = False
+        assert self._backward is not None
+        self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
 
     def _drop_unbackpropagated(self) -> None:
         """Take the last micro-batch out of its step if no backward ran for it (``training_step``
         returned ``None``): it did not move the parameters, so its samples get nothing here."""
-        if self._backward_pending and self._micro:
+        if self._backward is not None and not self._backward.ran and self._micro:
             _, ids = self._micro.pop()
             assert self._accumulator is not None
             self._accumulator.mark_seen(ids.to("cpu", torch.long))
-        self._backward_pending = False
+            self._backward.ran = True
+
+    def _close_backward_watch(self) -> None:
+        if self._backward is not None:
+            self._backward.close()
+            self._backward = None
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         self._drop_unbackpropagated()
@@ -300,6 +305,9 @@ class TracIn(Callback):
         for step_ids, contribution in zip(ids, contributions, strict=True):
             self._accumulator.add(step_ids, contribution)
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close_backward_watch()  # no hooks left on the parameters of a fit that failed
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
 
@@ -310,6 +318,7 @@ class TracIn(Callback):
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The scores of this fit (once per fit), on the callback and the module."""
+        self._close_backward_watch()
         if self._accumulator is None or self.scores is not None:
             return
         self._settle()

@@ -19,6 +19,7 @@ from lightning_influence.evaluation.retraining import (
     hyperparameter_changes,
     optimizer_lrs,
 )
+from lightning_influence.callbacks.checks import BackwardWatch
 from lightning_influence.kernels import BufferWatch
 
 
@@ -58,6 +59,7 @@ class StepRecorder(Callback):
         self.empty_steps = 0
         self._batches: list[Any] = []
         self._pending: Any = None
+        self._backward: BackwardWatch | None = None  # did the pending micro-batch's backward run?
         self._group_ids: list[tuple[int, ...]] = []
         self._watch: BufferWatch | None = None
 
@@ -90,11 +92,16 @@ class StepRecorder(Callback):
         self.skipped_steps = 0
         self.empty_steps = 0
         self._batches = []
-        self._pending: Any = None
+        self._pending = None
+        self._close_backward_watch()
+        self._backward = BackwardWatch([p for group in optimizer.param_groups for p in group["params"]])
         self._watch = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._keep_pending()
         self._pending = batch
+        if self._backward is not None:
+            self._backward.arm()
         if self._watch is None:  # at the first batch, after setup hooks that may set buffers
             from lightning_influence.callbacks.checks import coupling_message, undeclared_coupling
 
@@ -104,17 +111,29 @@ class StepRecorder(Callback):
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
 
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _keep_pending(self) -> None:
         # A micro-batch trains only if its loss was backpropagated: training_step returning None skips it
         # (Lightning's way of leaving a batch out), and the step is then the other micro-batches' alone.
-        if self._pending is not None:
+        if self._pending is not None and self._backward is not None and self._backward.ran:
             self._batches.append(self._pending)
-            self._pending = None
+        self._pending = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close_backward_watch()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._close_backward_watch()
+
+    def _close_backward_watch(self) -> None:
+        if self._backward is not None:
+            self._backward.close()
+            self._backward = None
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after the backward passes of the step's micro-batches (and after
         # unscaling under 16-mixed), before clipping and before optimizer.step()
-        batches, self._batches, self._pending = self._batches, [], None
+        self._keep_pending()
+        batches, self._batches = self._batches, []
         if self.optimizer is None:
             return
         if not batches:
