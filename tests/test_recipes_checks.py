@@ -414,6 +414,14 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_one_runs(tmp_path: 
     preset = sweep("experiment=coreset_sweep", "hydra.sweeper.params.seed='0,-3'")
     assert preset.returncode == 1 and not (tmp_path / "sweep").exists()
     assert "20 of the 40 jobs" in preset.stderr and "seed=-3 is out of range" in preset.stderr and "... and 15 more" in preset.stderr
+    # the recipe's own config checks, and jobs sharing a Hydra job folder
+    recipe = sweep("trainer.precision=32-true,bf16-mixed", "data.dtype=float64", "estimator=random,el2n")
+    assert recipe.returncode == 1 and not (tmp_path / "sweep").exists()
+    assert "3 of the 4 jobs" in recipe.stderr and "data.dtype=float64 does not match trainer.precision=bf16-mixed" in recipe.stderr
+    assert "estimator 'el2n' ranks samples for a coreset" in recipe.stderr
+    shared = sweep("recipe=coreset", "estimator=random,loss", "hydra.sweep.subdir=same")
+    assert shared.returncode == 1 and not (tmp_path / "sweep").exists()
+    assert "job 1 (recipe=coreset estimator=loss" in shared.stderr and f"resolves to {tmp_path / 'sweep' / 'same'}, the output folder of job 0 too" in shared.stderr
 
 
 def test_a_single_run_keeps_its_output_dir_and_reruns_of_a_job_may_reuse_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -26,17 +26,30 @@ RECIPES: dict[str, str] = {
     "coreset": "lightning_influence.recipes.coreset:run",
 }
 
-__all__ = ["RECIPES", "run_recipe"]
+__all__ = ["RECIPES", "check_recipe", "run_recipe"]
 
 
-def run_recipe(cfg: DictConfig) -> dict[str, Any]:
-    """Run the recipe named ``cfg.recipe.name``; returns its report."""
+def _recipe_module(cfg: DictConfig) -> Any:
     recipe = cfg.get("recipe")
     if recipe is None or recipe.get("name") is None:
         raise ValueError(f"the config selects no recipe: add recipe=<{'|'.join(RECIPES)}>")
     name = str(recipe.name)
     if name not in RECIPES:
         raise ValueError(f"recipe.name={name!r} is not a recipe; choose one of {', '.join(RECIPES)}")
+    return importlib.import_module(RECIPES[name].split(":")[0])
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    """Every check of ``cfg`` that needs the config alone: :func:`check_config`, then the selected
+    recipe's own (``checked_settings``: precision against data dtype, the recipe's ranges, the
+    estimator against the recipe). Raises ``ValueError`` naming what is wrong and the fix."""
+    module = _recipe_module(cfg)
+    check_config(cfg)
+    module.checked_settings(cfg)
+
+
+def run_recipe(cfg: DictConfig) -> dict[str, Any]:
+    """Run the recipe named ``cfg.recipe.name``; returns its report."""
+    module = _recipe_module(cfg)
     check_config(cfg)  # also for callers that skip the Hydra entry point
-    module, attr = RECIPES[name].split(":")
-    return getattr(importlib.import_module(module), attr)(cfg)
+    return getattr(module, RECIPES[str(cfg.recipe.name)].split(":")[1])(cfg)

@@ -137,12 +137,20 @@ def check_forgetting_epochs(est_name: str, cfg: DictConfig, datamodule: Any, num
         )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the coreset recipe on the composed config; returns the report (also in ``report.json``)."""
+def checked_settings(cfg: DictConfig) -> tuple[DictConfig, CoresetConfig, Any]:
+    """The recipe's checks that need the config alone (run before any setup, and by a multirun
+    for every job before the first): ``(cfg with precision and data dtype agreed, the recipe's
+    parameters, the estimator's)``."""
     cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: CoresetConfig = recipe_params(cfg.recipe, CoresetConfig)
     est = estimator_params(cfg.estimator)
     check_estimator(est, params.target, params.target_samples, int(cfg.seed))
+    return cfg, params, est
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the coreset recipe on the composed config; returns the report (also in ``report.json``)."""
+    cfg, params, est = checked_settings(cfg)
     out = prepare(cfg, params.plots)
     target = params.target.value
     checked = preflight(cfg, out, params.metric, target, params.target_samples)

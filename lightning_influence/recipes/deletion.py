@@ -148,16 +148,24 @@ def _correlations(predicted: list[float], actual: list[float]) -> dict[str, Any]
     return result
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the deletion recipe on the composed config; returns the report (also in ``report.json``)."""
+def checked_settings(cfg: DictConfig) -> tuple[DictConfig, DeletionConfig, Any]:
+    """The recipe's checks that need the config alone (run before any setup, and by a multirun
+    for every job before the first): ``(cfg with precision and data dtype agreed, the recipe's
+    parameters, the estimator's)``."""
     cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
     params: DeletionConfig = recipe_params(cfg.recipe, DeletionConfig)
     est = estimator_params(cfg.estimator)
     check_estimator(est, params.target, params.target_samples, int(cfg.seed))
     require_removal_scores(est.name, est.options, "deletion", predicted=True)
-    mode = params.retraining.value
-    if mode == "trajectory":
+    if params.retraining.value == "trajectory":
         check_trajectory_on_one_device(cfg)
+    return cfg, params, est
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the deletion recipe on the composed config; returns the report (also in ``report.json``)."""
+    cfg, params, est = checked_settings(cfg)
+    mode = params.retraining.value
     out = prepare(cfg, params.plots)
     target = params.target.value
     subset_count, subset_seed = _target_subset_of(est, params.target_samples, int(cfg.seed))
