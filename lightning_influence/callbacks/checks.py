@@ -632,6 +632,14 @@ class BackwardWatch:
         """A micro-batch starts: no backward has run for it yet."""
         self.ran = False
 
+    def take_skipped(self, micro_batches: list[Any]) -> Any | None:
+        """Pop and return the last of ``micro_batches`` (the one :meth:`arm` was called for) if no
+        backward has run for it; ``None`` otherwise."""
+        if self.ran or not micro_batches:
+            return None
+        self.ran = True
+        return micro_batches.pop()
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()

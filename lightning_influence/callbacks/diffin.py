@@ -814,10 +814,10 @@ class DiffIn(Callback):
         returned ``None``: Lightning's way of leaving a batch out): the step is the other
         micro-batches' alone, and its samples are seen with nothing added (removing them changes
         nothing there). Returns whether one was taken out."""
-        if self._backward is None or self._backward.ran or not self._micro_batches:
+        taken = self._backward.take_skipped(self._micro_batches) if self._backward is not None else None
+        if taken is None:
             return False
-        self._backward.ran = True
-        batch, ids = self._micro_batches.pop()
+        batch, ids = taken
         self._micro_losses.pop(len(self._micro_batches), None)
         ids = ids.to("cpu", torch.long).reshape(-1)  # a rare event: read at once
         if self._lagged_reads:

@@ -233,11 +233,10 @@ class TracIn(Callback):
     def _drop_unbackpropagated(self) -> None:
         """Take the last micro-batch out of its step if no backward ran for it (``training_step``
         returned ``None``): it did not move the parameters, so its samples get nothing here."""
-        if self._backward is not None and not self._backward.ran and self._micro:
-            _, ids = self._micro.pop()
+        taken = self._backward.take_skipped(self._micro) if self._backward is not None else None
+        if taken is not None:
             assert self._accumulator is not None
-            self._accumulator.mark_seen(ids.to("cpu", torch.long))
-            self._backward.ran = True
+            self._accumulator.mark_seen(taken[1].to("cpu", torch.long))
 
     def _close_backward_watch(self) -> None:
         if self._backward is not None:
