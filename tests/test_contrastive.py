@@ -225,7 +225,9 @@ def test_a_coupled_loss_that_is_not_declared_is_found_on_the_first_batch():
 
     data = Modalities.make().sample(32, mismatch=0.2, seed=0)
     train = fixed_batches(data, 8, 1)
-    for callbacks in ([DiffIn(target="train")], [StepRecorder()]):
+    from lightning_influence import TracIn
+
+    for callbacks in ([DiffIn(target="train")], [StepRecorder()], [TracIn(target="train")]):
         torch.manual_seed(0)
         with pytest.warns(UserWarning, match=r"_Undeclared.per_sample_loss looks coupled across its batch .* set coupled_batch_loss = True"):
             quiet_trainer(callbacks=callbacks).fit(_Undeclared().double(), train_dataloaders=train)

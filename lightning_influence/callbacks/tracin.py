@@ -46,12 +46,14 @@ from lightning_influence.callbacks.checks import (
     check_target_arguments,
     check_target_data,
     check_training_dataset,
+    coupling_message,
     dataset_length,
     device_target_batches,
     draws_with_replacement,
     mid_accumulation_resume_error,
     repeats_unsupported,
     target_loader_source,
+    undeclared_coupling,
 )
 from lightning_influence.estimators.diffin import ScoreAccumulator
 from lightning_influence.kernels import (
@@ -225,6 +227,9 @@ class TracIn(Callback):
             with evaluation_mode(pl_module), torch.enable_grad():
                 losses = pl_module.per_sample_loss(batch)  # type: ignore[operator]
             check_losses(losses, ids, device=pl_module.device, requires_grad=True)
+            change = undeclared_coupling(pl_module, batch)
+            if change is not None:
+                rank_zero_warn(coupling_message(pl_module, change) + ". (TracIn itself scores each sample's own loss only)")
             check_target_data(self, trainer)  # type: ignore[arg-type]
         self._micro.append((batch, ids.detach().reshape(-1)))
         assert self._backward is not None
