@@ -219,7 +219,7 @@ def test_a_coupled_loss_that_is_not_declared_is_found_on_the_first_batch():
     warning. Independent losses, and a loss that draws random numbers, are not flagged."""
     import warnings
 
-    from lightning_influence.callbacks.checks import undeclared_coupling
+    from lightning_influence.callbacks.checks import COUPLING_TOLERANCE, undeclared_coupling
     from lightning_influence.estimators import build
     from lightning_influence.models import Classifier
 
@@ -251,3 +251,9 @@ def test_a_coupled_loss_that_is_not_declared_is_found_on_the_first_batch():
         assert undeclared_coupling(module, (x, y, torch.arange(16))) is None
         assert torch.equal(torch.random.get_rng_state(), state)  # training's random stream is untouched
     assert undeclared_coupling(_Undeclared().double(), next(iter(train))) is not None
+    for n in (8, 1024):  # the others' summed change shrinks slowly with the batch: still far above the tolerance
+        pairs = Modalities.make().sample(n, seed=1)
+        torch.manual_seed(0)
+        change = undeclared_coupling(_Undeclared().double(), (pairs.x_a, pairs.x_b, torch.arange(n)))
+        print(f"undeclared InfoNCE over {n} pairs: the others' losses change by {change:.3f} of the mean loss")
+        assert change is not None and change > 50 * COUPLING_TOLERANCE
