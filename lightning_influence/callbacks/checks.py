@@ -615,14 +615,20 @@ def coupling_message(module: Any, change: float) -> str:
 
 
 class BackwardWatch:
-    """Whether a backward pass has accumulated a gradient into any of ``params`` since the last
-    :meth:`arm`: Lightning runs none for a micro-batch whose ``training_step`` returned ``None``
-    (its way of leaving a batch out), which the micro-batch's step must then leave out too. Hooks
-    on the parameters (``register_post_accumulate_grad_hook``), so the answer does not depend on
-    which callback hooks a subclass overrides; no device read. :meth:`close` removes them."""
+    """Whether a backward pass has accumulated a gradient into any of the watched parameters since
+    the last :meth:`arm`: Lightning runs none for a micro-batch whose ``training_step`` returned
+    ``None`` (its way of leaving a batch out), which the micro-batch's step must then leave out
+    too. Hooks on the parameters (``register_post_accumulate_grad_hook``), so the answer does not
+    depend on which callback hooks a subclass overrides; no device read. Watches nothing (and
+    reports every backward as run) until :meth:`watch`, and again after :meth:`close`."""
 
-    def __init__(self, params: Iterable[Tensor]) -> None:
+    def __init__(self) -> None:
         self.ran = True
+        self._handles: list[Any] = []
+
+    def watch(self, params: Iterable[Tensor]) -> None:
+        """Watch ``params`` (the trainable ones), in place of any watched before."""
+        self.close()
         self._handles = [p.register_post_accumulate_grad_hook(self._seen) for p in params if p.requires_grad]
 
     def _seen(self, param: Tensor) -> None:
@@ -630,7 +636,7 @@ class BackwardWatch:
 
     def arm(self) -> None:
         """A micro-batch starts: no backward has run for it yet."""
-        self.ran = False
+        self.ran = not self._handles
 
     def take_skipped(self, micro_batches: list[Any]) -> Any | None:
         """Pop and return the last of ``micro_batches`` (the one :meth:`arm` was called for) if no
@@ -641,6 +647,8 @@ class BackwardWatch:
         return micro_batches.pop()
 
     def close(self) -> None:
+        """Remove the hooks (a fit that ended or failed leaves none on the parameters)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.ran = True

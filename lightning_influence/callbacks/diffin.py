@@ -356,7 +356,7 @@ class DiffIn(Callback):
         self._finished = False
         self._resume_check_pending = False
         self._store_resumed_step = False
-        self._backward: BackwardWatch | None = None  # did the last micro-batch's backward run?
+        self._backward = BackwardWatch()  # did the last micro-batch's backward run?
         self._saved_parameters: dict[str, Tensor] | None = None  # the resumed checkpoint's, until the first batch
         self._verified_steps = 0
         self._data_checks_pending = False  # set per fit: first-batch checks of the training and target data
@@ -527,9 +527,7 @@ class DiffIn(Callback):
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
         self._micro_batches, self._unverified, self._held = [], None, None
-        if self._backward is not None:
-            self._backward.close()
-        self._backward = BackwardWatch([*self._params, *self._context])
+        self._backward.watch([*self._params, *self._context])
         restored_records: list[dict[str, Any]] = []
         if self._restored:  # resuming: carry on with the restored scores and recorded steps
             self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
@@ -747,7 +745,6 @@ class DiffIn(Callback):
         else:
             check_ids(ids, self._num_samples, pl_module, batch, repeats=self._repeats)
             self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
-        assert self._backward is not None
         self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
         if not self._loss_checked and self._loss_check is None:
             # Same RNG stream as training_step will draw, so dropout masks agree; with autograd on, to check
@@ -814,7 +811,7 @@ class DiffIn(Callback):
         returned ``None``: Lightning's way of leaving a batch out): the step is the other
         micro-batches' alone, and its samples are seen with nothing added (removing them changes
         nothing there). Returns whether one was taken out."""
-        taken = self._backward.take_skipped(self._micro_batches) if self._backward is not None else None
+        taken = self._backward.take_skipped(self._micro_batches)
         if taken is None:
             return False
         batch, ids = taken
@@ -1255,18 +1252,12 @@ class DiffIn(Callback):
         behind: no loss tap on the module, no recorded steps in memory, no spilled files (a resume
         starts from a checkpoint, which holds its own copy of the steps)."""
         self._held = None
-        self._close_backward_watch()
+        self._backward.close()
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)  # a fit that stopped mid-batch leaves no tap behind
         if self._trajectory is not None:
             self._trajectory.close()
         self._trajectory, self._sweep, self._micro_batches = None, None, []
-
-    def _close_backward_watch(self) -> None:
-        """Remove the parameter hooks of the fit's :class:`BackwardWatch`."""
-        if self._backward is not None:
-            self._backward.close()
-            self._backward = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -1278,7 +1269,7 @@ class DiffIn(Callback):
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The end-of-fit sweep: score every step still recorded against the final parameters."""
-        self._close_backward_watch()
+        self._backward.close()
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)
         if self._trajectory is None:

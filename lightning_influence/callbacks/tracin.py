@@ -120,7 +120,7 @@ class TracIn(Callback):
         self._target_source: Any = None
         self._accumulator: ScoreAccumulator | None = None
         self._micro: list[tuple[Any, Tensor]] = []
-        self._backward: BackwardWatch | None = None  # did the last micro-batch's backward run?
+        self._backward = BackwardWatch()  # did the last micro-batch's backward run?
         self._cached_gradient: Tensor | None = None
         self._cached_at = -1
         self._checks_pending = False
@@ -178,8 +178,7 @@ class TracIn(Callback):
             self.seconds = 0.0
         self._restored = False
         self._micro, self._cached_gradient, self._cached_at = [], None, -1
-        self._close_backward_watch()
-        self._backward = BackwardWatch(self._params)
+        self._backward.watch(self._params)
         self._held = None
         self._num_samples = dataset_length(trainer)
         self._checks_pending = True
@@ -232,21 +231,15 @@ class TracIn(Callback):
                 rank_zero_warn(coupling_message(pl_module, change) + ". (TracIn itself scores each sample's own loss only)")
             check_target_data(self, trainer)  # type: ignore[arg-type]
         self._micro.append((batch, ids.detach().reshape(-1)))
-        assert self._backward is not None
         self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
 
     def _drop_unbackpropagated(self) -> None:
         """Take the last micro-batch out of its step if no backward ran for it (``training_step``
         returned ``None``): it did not move the parameters, so its samples get nothing here."""
-        taken = self._backward.take_skipped(self._micro) if self._backward is not None else None
+        taken = self._backward.take_skipped(self._micro)
         if taken is not None:
             assert self._accumulator is not None
             self._accumulator.mark_seen(taken[1].to("cpu", torch.long))
-
-    def _close_backward_watch(self) -> None:
-        if self._backward is not None:
-            self._backward.close()
-            self._backward = None
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         self._drop_unbackpropagated()
@@ -310,7 +303,7 @@ class TracIn(Callback):
             self._accumulator.add(step_ids, contribution)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close_backward_watch()  # no hooks left on the parameters of a fit that failed
+        self._backward.close()  # no hooks left on the parameters of a fit that failed
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -322,7 +315,7 @@ class TracIn(Callback):
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The scores of this fit (once per fit), on the callback and the module."""
-        self._close_backward_watch()
+        self._backward.close()
         if self._accumulator is None or self.scores is not None:
             return
         self._settle()

@@ -59,7 +59,7 @@ class StepRecorder(Callback):
         self.empty_steps = 0
         self._batches: list[Any] = []
         self._pending: Any = None
-        self._backward: BackwardWatch | None = None  # did the pending micro-batch's backward run?
+        self._backward = BackwardWatch()  # did the pending micro-batch's backward run?
         self._group_ids: list[tuple[int, ...]] = []
         self._watch: BufferWatch | None = None
 
@@ -93,15 +93,13 @@ class StepRecorder(Callback):
         self.empty_steps = 0
         self._batches = []
         self._pending = None
-        self._close_backward_watch()
-        self._backward = BackwardWatch([p for group in optimizer.param_groups for p in group["params"]])
+        self._backward.watch([p for group in optimizer.param_groups for p in group["params"]])
         self._watch = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._keep_pending()
         self._pending = batch
-        if self._backward is not None:
-            self._backward.arm()
+        self._backward.arm()
         if self._watch is None:  # at the first batch, after setup hooks that may set buffers
             from lightning_influence.callbacks.checks import coupling_message, undeclared_coupling
 
@@ -114,20 +112,15 @@ class StepRecorder(Callback):
     def _keep_pending(self) -> None:
         # A micro-batch trains only if its loss was backpropagated: training_step returning None skips it
         # (Lightning's way of leaving a batch out), and the step is then the other micro-batches' alone.
-        if self._pending is not None and self._backward is not None and self._backward.ran:
+        if self._pending is not None and self._backward.ran:
             self._batches.append(self._pending)
         self._pending = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._close_backward_watch()
+        self._backward.close()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._close_backward_watch()
-
-    def _close_backward_watch(self) -> None:
-        if self._backward is not None:
-            self._backward.close()
-            self._backward = None
+        self._backward.close()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after the backward passes of the step's micro-batches (and after
