@@ -255,6 +255,10 @@ CONFIG_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "replay-jvp": ("replay, per_sample=forward_mode", {"mode": "replay", "per_sample": "forward_mode"}),
     "online": ("online (defaults: window 256, blocks of 512)", {"mode": "online"}),
     "online-k2": ("online, hessian_every=2 (defaults otherwise)", {"mode": "online", "hessian_every": 2}),
+    "online-forward": (
+        "online, finite_difference=forward (one gradient pass per product also on kinked networks)",
+        {"mode": "online", "finite_difference": "forward"},
+    ),
     "online-small": ("online (window {small}, blocks of {small2}, checkpoints every 8: the default ratios)", {"mode": "online", "window": "{small}"}),
     "online-small-previous": (
         "online (window {small}, blocks of {small}, every step recorded: the previous defaults' ratios)",

@@ -3,7 +3,8 @@
 The configs ship inside the package (``lightning_influence.conf``), so this works from a clone
 (editable install) and from an installed wheel alike. See ``--help`` and ``--cfg job``.
 A user's own Hydra app reuses them with ``hydra.searchpath=[pkg://lightning_influence.conf]``.
-The config is checked before any training (:func:`lightning_influence.config.check_config`), and
+The config is checked before any training (:func:`lightning_influence.recipes.check_recipe`; a
+refused config prints its error without a traceback and exits with status 1), and
 what the run prints is also logged to ``<run dir>/lightning-influence.log``
 (:func:`lightning_influence.app.run_log`).
 """
@@ -15,7 +16,7 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from lightning_influence.config import register_configs
+from lightning_influence.config import ConfigError, register_configs
 
 register_configs()
 
@@ -26,7 +27,10 @@ def main(cfg: DictConfig) -> None:
 
     # Known, harmless version noise of lightning on recent torch; nothing the user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as err:  # the user's input, not the library, is at fault: no traceback
+        raise SystemExit(f"lightning-influence: the config is refused, nothing was run: {err}") from None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ directory. Call :func:`run` with a composed config to do the same in-process (``
 must then be set).
 
 Before anything is set up or trained, and before its start line, :func:`run` checks the config
-(:func:`lightning_influence.config.check_config`: the values of every ``_target_`` node against
+(:func:`lightning_influence.recipes.check_recipe`: :func:`lightning_influence.config.check_config`,
+then the selected recipe's own settings; a refusal is a
+:class:`~lightning_influence.config.ConfigError`, which the command line prints without a
+traceback). :func:`~lightning_influence.config.check_config` checks the values of every ``_target_`` node against
 its constructor's signature, the model's sizes against the data, the recipe's keys and
 out-of-range values, an ``output_dir`` that every job of a multirun would share). What the run prints (the
 run's summary, the recipe's tables, where the outputs went) and the warnings it raises are also
@@ -29,8 +32,8 @@ from typing import Any, TextIO
 
 from omegaconf import DictConfig
 
-from lightning_influence.config import check_config
-from lightning_influence.recipes import run_recipe
+from lightning_influence.config import refused_config
+from lightning_influence.recipes import check_recipe, run_recipe
 from lightning_influence.recipes.common import end_run, fail_run, is_global_zero, make_output_dir, output_dir
 
 __all__ = ["run", "output_dir", "run_log", "describe_run", "RUN_LOGGER"]
@@ -144,7 +147,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         out: Path | None = None
         try:
-            check_config(cfg)
+            try:
+                check_recipe(cfg)
+            except (ValueError, TypeError) as err:
+                raise refused_config(err) from err
             out = output_dir(cfg)
             if is_global_zero():
                 make_output_dir(out)  # a folder that cannot be created: refused before the start line

@@ -42,6 +42,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lightning_influence.validation import SEED_RANGE, check_seed, did_you_mean
 
 __all__ = [
+    "ConfigError",
+    "ConfigTypeError",
     "TargetKind",
     "DeletionKind",
     "RetrainingMode",
@@ -70,6 +72,25 @@ __all__ = [
     "in_multirun",
     "check_config",
 ]
+
+
+class ConfigError(ValueError):
+    """A config refused by its checks before anything was set up or trained
+    (:func:`lightning_influence.app.run`); the message names the key, the value and the fix.
+    The command line prints it without a traceback and exits with status 1."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A :class:`ConfigError` for a value of the wrong type (e.g. a non-integer seed); still a
+    ``TypeError`` for callers that catch that."""
+
+
+def refused_config(err: ValueError | TypeError) -> ConfigError:
+    """``err``, raised by a config check, as the :class:`ConfigError` (or :class:`ConfigTypeError`)
+    with the same message."""
+    if isinstance(err, ConfigError):
+        return err
+    return (ConfigTypeError if isinstance(err, TypeError) else ConfigError)(str(err))
 
 
 class TargetKind(Enum):
