@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["SEED_RANGE", "check_count", "check_seed", "did_you_mean"]
+__all__ = ["SEED_RANGE", "check_callback_name", "check_count", "check_seed", "did_you_mean"]
 
 #: The seeds that numpy's and so ``lightning.seed_everything``'s generators accept: 0 .. 2**32 - 1.
 SEED_RANGE = (0, 2**32 - 1)
@@ -20,6 +20,13 @@ def check_count(name: str, value: object, none_ok: bool = False, meaning: str = 
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "a positive int" + (f" ({meaning})" if meaning else "") + (" or None" if none_ok else "")
         raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+
+
+def check_callback_name(name: object) -> None:
+    """Raise ``ValueError`` unless ``name`` (a callback's ``name`` argument) is ``None`` or a
+    non-empty ``str``."""
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"name must be None or a non-empty string such as 'test_set', got {name!r} ({type(name).__name__})")
 
 
 def did_you_mean(key: str, choices: Iterable[str], otherwise: str, prefix: str = "") -> str:

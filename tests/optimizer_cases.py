@@ -76,9 +76,7 @@ def measure(
     problem = digits_problem(n=1024, batch_size=32, epochs=epochs)
     callbacks = {}
     for name, kwargs in configs.items():
-        cb = DiffIn(target="val", target_loader=problem.val, **kwargs)
-        cb._generate_state_key = (lambda key: (lambda **kw: key))(f"DiffIn-{name}")  # several instances
-        callbacks[name] = cb
+        callbacks[name] = DiffIn(target="val", target_loader=problem.val, name=name, **kwargs)
     model = build_model(case, seed)
     recorder = StepRecorder()
     start = time.perf_counter()

@@ -132,8 +132,7 @@ def _contrastive_run():
     torch.manual_seed(0)
     model = PairEncoder(hidden=16, lr=0.1).double()
     replay = DiffIn(target="val", mode="replay", target_loader=val)
-    online = DiffIn(target="val", mode="online", target_loader=val, window=16, score_every=16)
-    online._generate_state_key = lambda **kw: "online"
+    online = DiffIn(target="val", mode="online", target_loader=val, window=16, score_every=16, name="online")
     uncoupled = DiffIn(target="val", mode="replay", target_loader=val, coupled=False)
     recorder = StepRecorder()
     quiet_trainer(callbacks=[recorder, replay, online, uncoupled]).fit(model, train_dataloaders=train)

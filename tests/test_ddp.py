@@ -88,20 +88,9 @@ def data():
     return DataLoader(train, batch_size=ARGS["batch"], shuffle=True), DataLoader(val, batch_size=50, shuffle=True)
 
 
-class Named(DiffIn):
-    # Several DiffIn callbacks of the same target and mode: distinct checkpoint state keys (picklable).
-
-    def __init__(self, name, **options):
-        super().__init__(**options)
-        self.name = name
-
-    @property
-    def state_key(self):
-        return self.name
-
-
 def callbacks():
-    return {name: Named(name, **options) for name, options in ARGS["callbacks"].items()}
+    # Several DiffIn callbacks of the same target and mode: a name each, for distinct checkpoint state keys.
+    return {name: DiffIn(name=name, **options) for name, options in ARGS["callbacks"].items()}
 
 
 def fit(strategy, ckpt_dir=None, ckpt_path=None):
@@ -192,8 +181,7 @@ def _reference() -> dict[str, DiffIn]:
     callbacks = {}
     for name, options in CALLBACKS.items():
         options = {**options, "target": "val", "target_loader": FixedBatches(train_set if name.startswith("train") else val_set)}
-        callbacks[name] = DiffIn(**options)
-        callbacks[name]._generate_state_key = (lambda n: (lambda **kw: n))(name)
+        callbacks[name] = DiffIn(**options, name=name)
     torch.manual_seed(0)
     model = Classifier(hidden=(16,), lr=0.05, optimizer_options=OPTIMIZER).double()
     trainer = quiet_trainer(callbacks=list(callbacks.values()), accumulate_grad_batches=ACCUMULATE)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import digits_problem, quiet_trainer
-from lightning_influence import DiffIn, InfluenceScores
+from lightning_influence import DiffIn, InfluenceScores, TracIn
 from lightning_influence.data import FixedBatches
 from lightning_influence.models import Classifier, SmallCNN
 
@@ -934,3 +934,26 @@ def test_params_patterns_match_a_tied_parameter_under_any_of_its_names(small_dig
     assert sorted(n for n, _ in context) == sorted(n for n, _ in model.named_parameters() if n.startswith("net."))
     quiet_trainer(callbacks=[cb], max_epochs=1).fit(model, train_dataloaders=small_digits.train)
     assert len(cb.scores) == small_digits.n and bool(cb.scores.values.ne(0).any())
+
+
+def test_two_named_callbacks_with_the_same_options_share_a_trainer(small_digits):
+    """Two targets of one kind read from different loaders (here validation and a held-out half of
+    it) need a name each (Lightning requires unique state keys); each gets exactly the scores of
+    its own fit, and so does TracIn next to them."""
+    test = FixedBatches(list(small_digits.val)[1:])
+    alone_val, alone_test = DiffIn(target="val", target_loader=small_digits.val), DiffIn(target="val", target_loader=test)
+    alone_tracin = TracIn(target="val", target_loader=test)
+    for cb in (alone_val, alone_test, alone_tracin):
+        _fit(small_digits, cb)
+    val = DiffIn(target="val", target_loader=small_digits.val, name="val")
+    held_out = DiffIn(target="val", target_loader=test, name="test")
+    tracin = TracIn(target="val", target_loader=test, name="test")
+    _fit(small_digits, val, held_out, tracin)
+    assert len({val.state_key, held_out.state_key, tracin.state_key}) == 3
+    assert (val.scores.metadata["name"], held_out.scores.metadata["name"], alone_val.scores.metadata["name"]) == ("val", "test", None)
+    for together, alone in ((val, alone_val), (held_out, alone_test), (tracin, alone_tracin)):
+        torch.testing.assert_close(_values(together), _values(alone), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="state_key"):
+        _fit(small_digits, DiffIn(target="val", target_loader=small_digits.val), DiffIn(target="val", target_loader=test))
+    with pytest.raises(ValueError, match="name must be None or a non-empty string"):
+        DiffIn(name="")

@@ -652,3 +652,27 @@ class BackwardWatch:
             handle.remove()
         self._handles = []
         self.ran = True
+
+
+class OptimizerStepWatch:
+    """Calls ``on_step(optimizer)`` as each ``optimizer.step`` starts (a step pre-hook on the torch
+    optimizer behind Lightning's wrapper): after ``on_before_optimizer_step`` of every callback and
+    of the LightningModule, after gradient clipping, so the learning rates and other
+    hyperparameters it reads are the ones the step uses. A step that the gradient scaler skips
+    calls nothing. Watches nothing until :meth:`watch`, and again after :meth:`close`."""
+
+    def __init__(self, on_step: Callable[[torch.optim.Optimizer], None]) -> None:
+        self._on_step = on_step
+        self._handle: Any = None
+
+    def watch(self, optimizer: Any) -> None:
+        """Watch ``optimizer`` (a ``LightningOptimizer`` or a torch optimizer), in place of any watched before."""
+        self.close()
+        inner = getattr(optimizer, "_optimizer", optimizer)
+        self._handle = inner.register_step_pre_hook(lambda opt, args, kwargs: self._on_step(opt))
+
+    def close(self) -> None:
+        """Remove the hook (a fit that ended or failed leaves none on the optimizer)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

@@ -65,7 +65,7 @@ from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, S
 from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
-from lightning_influence.validation import check_count, check_seed
+from lightning_influence.validation import check_callback_name, check_count, check_seed
 
 Mode = Literal["replay", "online"]
 SUPPORTED = (
@@ -171,6 +171,11 @@ class DiffIn(Callback):
             ``b - 1`` per micro-batch and scored step (vectorised with ``vmap``); single process only.
             ``False`` on a coupled module scores it as if the losses were independent (only for
             comparisons: it is not the leave-one-out effect).
+        name: a name for this callback, needed only to put two ``DiffIn`` with the same options
+            (e.g. two targets of the same kind read from different loaders) into one Trainer: it
+            tells their checkpoint states apart (Lightning requires unique state keys) and is
+            recorded in the scores' ``metadata["name"]``. ``pl_module.influence`` then holds the
+            scores of the callback that finished last; read each one's :attr:`scores`.
         log_summary: send summary statistics to the Trainer's loggers (``diffin/...`` keys, written
             with ``logger.log_metrics`` so the module's own logged metrics and ``callback_metrics``
             are untouched): after each online block, the steps scored and the seconds spent in the
@@ -232,8 +237,10 @@ class DiffIn(Callback):
         save_path: str | Path | None = None,
         log_summary: bool = True,
         coupled: bool | None = None,
+        name: str | None = None,
     ) -> None:
         check_target_arguments(target, target_loader, target_samples)
+        check_callback_name(name)
         if mode not in ("replay", "online"):
             raise ValueError(f"mode must be 'replay' or 'online', got {mode!r}")
         check_count("window", window)
@@ -295,6 +302,7 @@ class DiffIn(Callback):
         if coupled is not None and not isinstance(coupled, bool):
             raise ValueError(f"coupled must be None (the module's coupled_batch_loss), True or False, got {coupled!r}")
         self.coupled = coupled
+        self.name = name
         self._coupled = False
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
         self._kinks_pending = False
@@ -386,6 +394,8 @@ class DiffIn(Callback):
     @property
     def state_key(self) -> str:
         extra: dict[str, Any] = {} if self.coupled is None else {"coupled": self.coupled}
+        if self.name is not None:
+            extra["name"] = self.name
         # Options that change what the state means, named when not the default (so the keys of the defaults stay):
         # a checkpoint of another target subset or block length is not resumed as if it were this one.
         if self.target_samples is not None:
@@ -1401,6 +1411,7 @@ class DiffIn(Callback):
         ids, values = self._accumulator.reduced(self._collective).result()
         meta = {
             "estimator": "diffin",
+            "name": self.name,
             "mode": self.mode,
             "target": self.target,
             "target_samples": self.target_samples,

@@ -67,7 +67,7 @@ from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
-from lightning_influence.validation import check_count, check_seed
+from lightning_influence.validation import check_callback_name, check_count, check_seed
 
 STATE_FORMAT = 1
 
@@ -84,6 +84,8 @@ class TracIn(Callback):
         target_every: compute the target gradient every k optimizer steps and reuse it in between
             (``1``: at every step, the exact TracIn sum).
         save_path: write the scores there at the end of fit.
+        name: a name for this callback, needed only to put two ``TracIn`` with the same options into
+            one Trainer (their checkpoint states need unique keys); recorded in ``metadata["name"]``.
 
     After ``fit`` the scores are in :attr:`scores` and ``pl_module.influence``.
     """
@@ -97,8 +99,11 @@ class TracIn(Callback):
         seed: int = 0,
         target_every: int = 1,
         save_path: str | Path | None = None,
+        name: str | None = None,
     ) -> None:
         check_target_arguments(target, target_loader, target_samples)
+        check_callback_name(name)
+        self.name = name
         check_count("target_every", target_every)
         check_seed("seed", seed)  # the draw of target_samples
         self.target: TargetKind = target
@@ -134,6 +139,8 @@ class TracIn(Callback):
         extra: dict[str, Any] = {}
         if self.target_samples is not None:
             extra.update(target_samples=self.target_samples, seed=self.seed)
+        if self.name is not None:
+            extra["name"] = self.name
         return self._generate_state_key(target=self.target, target_every=self.target_every, **extra)
 
     # ------------------------------------------------------------------ setup
@@ -331,6 +338,7 @@ class TracIn(Callback):
             values,
             {
                 "estimator": "tracin",
+                "name": self.name,
                 "mode": "online",
                 "target": self.target,
                 "target_samples": self.target_samples,
