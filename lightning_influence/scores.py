@@ -404,7 +404,7 @@ class InfluenceScores:
             raise ScoreFileError(f"no score file at {path}") from None
         except OSError as err:
             raise ScoreFileError(f"cannot read the score file {path}: {err}") from None
-        _verify_zip(data, str(path))
+        verify_zip(data, str(path))
         try:
             payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
@@ -509,27 +509,31 @@ def _checksum(version: int, ids: Tensor, values: Tensor, metadata: str) -> str:
     return f"{CHECKSUM_ALGORITHM}:{digest.hexdigest()}"
 
 
-def _verify_zip(data: bytes, origin: str) -> None:
-    """Refuse ``data`` unless it is a zip archive (as ``torch.save`` writes) whose members are
-    stored uncompressed and all match their CRC-32: torch's own reader does not check CRCs."""
+def verify_zip(data: bytes, origin: str, kind: str = "score file", error: type[ValueError] = ScoreFileError) -> None:
+    """Refuse ``data`` (raise ``error``) unless it is a zip archive (as ``torch.save`` writes)
+    whose members are stored uncompressed and all match their CRC-32: torch's own reader does not
+    check CRCs, so a flipped bit in a tensor would load as a changed value. ``kind`` names the
+    file in messages (a score file, a parameter checkpoint, ...)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = archive.infolist()
     except Exception as err:  # BadZipFile, and struct/Unicode/OS errors for damaged directories
         if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a pickle's PROTO opcode
-            raise ScoreFileError(_pickled_object_message(origin) + " (it looks like a pickle, not the zip archive of a score file)") from None
-        raise ScoreFileError(f"{origin} is not a readable score file (truncated or corrupted?): {_plain(str(err))}") from None
+            if error is ScoreFileError:
+                raise error(_pickled_object_message(origin) + " (it looks like a pickle, not the zip archive of a score file)") from None
+            raise error(f"{origin} is a pickle, not the zip archive torch.save writes for a {kind}") from None
+        raise error(f"{origin} is not a readable {kind} (truncated or corrupted?): {_plain(str(err))}") from None
     if not members:
-        raise ScoreFileError(f"{origin} is not a readable score file (truncated or corrupted?): an empty archive")
+        raise error(f"{origin} is not a readable {kind} (truncated or corrupted?): an empty archive")
     for info in members:
         if info.compress_type != zipfile.ZIP_STORED:
-            raise ScoreFileError(f"{origin} is not a score file written by InfluenceScores.save: member {info.filename!r} is compressed")
+            raise error(f"{origin} is not a {kind} written by this library: member {info.filename!r} is compressed")
         try:
             with archive.open(info) as member:
                 while member.read(1 << 20):
                     pass
         except Exception as err:  # zipfile.BadZipFile("Bad CRC-32 ..."), EOFError for a short member
-            raise ScoreFileError(f"{origin} is corrupted: zip member {info.filename!r} is damaged ({err})") from None
+            raise error(f"{origin} is corrupted: zip member {info.filename!r} is damaged ({err})") from None
 
 
 def _file_path_problem(path: Path) -> tuple[Path, str | None]:

@@ -110,3 +110,34 @@ def test_sign_against_leave_one_out_and_bad_input():
         DiffInCheckpoints(checkpoints=two_rates, progress_bar=False).scores(model, problem.train, problem.val)
     with pytest.raises(ValueError, match="exactly one of every"):
         ParameterCheckpoints()
+
+
+def _flip_a_bit_in_a_tensor(path: Path) -> None:
+    """Flip one bit of the first float64 of the first tensor member of a ``torch.save`` archive:
+    the archive stays readable by torch, only the member's CRC-32 no longer matches."""
+    import io
+    import struct
+    import zipfile
+
+    raw = bytearray(path.read_bytes())
+    info = next(i for i in zipfile.ZipFile(io.BytesIO(bytes(raw))).infolist() if "/data/" in i.filename and i.file_size >= 8)
+    name_len, extra_len = struct.unpack("<HH", bytes(raw[info.header_offset + 26 : info.header_offset + 30]))
+    raw[info.header_offset + 30 + name_len + extra_len + 7] ^= 0x10  # the exponent of the first value
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_checkpoint_file_is_refused_not_loaded_with_changed_values(tmp_path):
+    """torch.load does not check the zip members' CRC-32: a flipped bit in a stored parameter used
+    to load as a changed value (and change the checkpoint estimators' scores silently)."""
+    from lightning_influence.callbacks.checkpoints import CheckpointFileError
+
+    problem = digits_problem(n=64, batch_size=16, epochs=1)
+    _fit(problem, [ParameterCheckpoints(every=2, directory=tmp_path / "c")])
+    loaded = RecordedCheckpoints.load(tmp_path / "c")
+    assert [c.parameters() is not None for c in loaded] == [True] * len(list(loaded))
+    _flip_a_bit_in_a_tensor(tmp_path / "c" / "checkpoint-00000002.pt")
+    with pytest.raises(CheckpointFileError, match=r"checkpoint-00000002.pt is corrupted: zip member .*data/.* is damaged"):
+        [c.parameters() for c in RecordedCheckpoints.load(tmp_path / "c")]
+    _flip_a_bit_in_a_tensor(tmp_path / "c" / "steps.pt")
+    with pytest.raises(CheckpointFileError, match=r"steps.pt is corrupted"):
+        RecordedCheckpoints.load(tmp_path / "c")

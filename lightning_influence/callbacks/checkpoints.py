@@ -34,7 +34,7 @@ from lightning_influence.callbacks.checks import (
     draws_with_replacement,
     repeats_unsupported,
 )
-from lightning_influence.scores import atomic_write_bytes
+from lightning_influence.scores import atomic_write_bytes, verify_zip
 from lightning_influence.validation import check_count
 
 __all__ = ["ParameterCheckpoint", "ParameterCheckpoints", "RecordedCheckpoints", "CheckpointFileError"]
@@ -92,10 +92,17 @@ def _checkpoint_name(step: int) -> str:
 
 
 def _load(path: Path, what: str) -> Any:
+    """``path``'s tensors and plain values, after checking every zip member's CRC-32 (torch's
+    reader does not: a damaged parameter would load as changed values and change the scores)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointFileError(f"no {what} at {path}") from None
+    except OSError as err:
+        raise CheckpointFileError(f"cannot read the {what} at {path}: {err}") from None
+    verify_zip(data, str(path), kind=what, error=CheckpointFileError)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged zip/pickle data
         raise CheckpointFileError(f"{path} is not a readable {what} (truncated or corrupted?): {err}") from None
 
