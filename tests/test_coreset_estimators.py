@@ -89,6 +89,25 @@ def test_missing_class_score_hook_is_explained(small):
         Forgetting().scores(model, p.train)
 
 
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        (lambda m, b: (m(b[0]), F.one_hot(b[1], 10).double() + F.one_hot((b[1] + 1) % 10, 10)), "not distributions"),  # multi-label 0/1
+        (lambda m, b: (m(b[0])[:, :1], b[0][:, :1].double()), "one class score per sample"),  # a regression output
+        (lambda m, b: (m(b[0]), b[1].double()), "must be integers"),
+        (lambda m, b: (m(b[0]), b[1] + 10), r"class indices in \[10, 19\] for 10 classes"),
+    ],
+)
+def test_class_score_estimators_refuse_outputs_that_are_not_class_labels(small, outputs, message):
+    """Multi-label or regression outputs used to be scored: EL2N's softmax distance exceeded its
+    documented range (up to 1.73 > sqrt(2)) or, for one output column, was just |1 - y|."""
+    p, model = small
+    with pytest.raises(ValueError, match=message):
+        EL2N(outputs=outputs, progress=False).scores(model, p.train)
+    with pytest.raises(ValueError, match=message):
+        quiet_trainer(callbacks=[Forgetting(outputs=outputs).callback()], max_steps=1).fit(model, train_dataloaders=p.train)
+
+
 def test_forgetting_events_on_a_hand_made_sequence():
     # Presentations (id: correct?) in order. 0: C W C W -> 2 events; 1: never correct;
     # 2: C C C -> 0; 3: W C W -> 1; 4: presented twice within one update call: C then W -> 1.

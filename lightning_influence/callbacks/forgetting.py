@@ -56,7 +56,38 @@ def check_outputs_contract(module: torch.nn.Module, outputs: OutputsFn | None = 
         )
     if batch is not None:
         with evaluation_mode(module), torch.no_grad():
-            model_outputs(module, batch, outputs)
+            check_class_labels(*model_outputs(module, batch, outputs))
+
+
+def check_class_labels(logits: Tensor, labels: Tensor) -> None:
+    """Refuse outputs that are not class scores with class labels (reads the labels' values, so
+    called on one batch, or per batch by post-hoc estimators): at least two classes; indices
+    ``[B]`` of an integer dtype in ``[0, C)``; distributions ``[B, C]`` with non-negative rows
+    summing to 1 (multi-label 0/1 targets or regression targets are not class labels)."""
+    classes = logits.shape[-1]
+    if classes < 2:
+        raise ValueError(
+            f"{OUTPUTS_METHOD} returned logits of shape {tuple(logits.shape)}: one class score per sample. These "
+            "estimators need scores over C >= 2 classes (a softmax over one column is always 1); for a binary model "
+            "with one logit z, return torch.stack([torch.zeros_like(z), z], dim=-1)"
+        )
+    if labels.dim() == 1:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(f"{OUTPUTS_METHOD} returned labels of dtype {labels.dtype}: class indices must be integers")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise ValueError(
+                f"{OUTPUTS_METHOD} returned class indices in [{int(labels.min())}, {int(labels.max())}] for {classes} classes: "
+                f"expected values in [0, {classes})"
+            )
+        return
+    rows = labels.double()
+    if labels.numel() and (bool((rows < 0).any()) or not torch.allclose(rows.sum(-1), torch.ones_like(rows[:, 0]), atol=1e-6 * classes)):
+        raise ValueError(
+            f"{OUTPUTS_METHOD} returned labels of shape {tuple(labels.shape)} whose rows are not distributions over the "
+            f"{classes} classes (non-negative, summing to 1; e.g. row sums {rows.sum(-1)[:3].tolist()}): multi-label 0/1 "
+            "targets and regression targets are not class labels, and these estimators (softmax class scores) do not "
+            "apply to such models. Return class indices [B] or per-sample class distributions"
+        )
 
 
 def model_outputs(module: torch.nn.Module, batch: Any, outputs: OutputsFn | None = None) -> tuple[Tensor, Tensor]:
@@ -99,6 +130,7 @@ class ForgettingEvents(L.Callback):
         self.learned = torch.zeros(0, dtype=torch.bool)
         self.presentations = torch.zeros(0, dtype=torch.long)
         self._ids_checked = True  # set False when a fit starts: its first batch's ids are checked
+        self._labels_checked = True  # likewise its class labels
 
     # ------------------------------------------------------------------ counting
     def _grow(self, size: int) -> None:
@@ -152,10 +184,14 @@ class ForgettingEvents(L.Callback):
         ids = torch.as_tensor(pl_module.sample_ids(batch)).reshape(-1)  # type: ignore[operator]
         if not self._ids_checked:  # the first batch of a fit: ids, not labels read as ids
             self._ids_checked = True
+            self._labels_checked = False
             check_id_type(ids, pl_module, batch)
             check_id_values(ids, dataset_length(trainer), pl_module, batch, repeats=draws_with_replacement(trainer), owner="ForgettingEvents")
         with evaluation_mode(pl_module), torch.no_grad():
             logits, labels = model_outputs(pl_module, batch, self.outputs)
+        if not self._labels_checked:
+            self._labels_checked = True
+            check_class_labels(logits, labels)
         correct = logits.argmax(dim=-1) == class_labels(labels)
         self.update(ids, correct)
 

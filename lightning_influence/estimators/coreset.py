@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_influence.callbacks.checks import check_dataset_ids
-from lightning_influence.callbacks.forgetting import ForgettingEvents, OutputsFn, check_outputs_contract, model_outputs
+from lightning_influence.callbacks.forgetting import ForgettingEvents, OutputsFn, check_class_labels, check_outputs_contract, model_outputs
 from lightning_influence.estimators.base import (
     Estimator,
     Target,
@@ -163,6 +163,7 @@ class EL2N(_ClassScores, Estimator):
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         def el2n(batch: Any) -> Tensor:
             logits, labels = model_outputs(module, batch, self.outputs)
+            check_class_labels(logits, labels)
             probs = torch.softmax(logits.double(), dim=-1)
             onehot = F.one_hot(labels, logits.shape[-1]).double() if labels.dim() == 1 else labels.double()
             return (probs - onehot).norm(dim=-1)
