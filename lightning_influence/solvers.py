@@ -585,15 +585,18 @@ def _cycle(batches: Batches) -> Iterator[Any]:
 def arnoldi_eigenpairs(matvec: MatVec, size: int, iterations: int, rank: int, seed: int = 0, device: torch.device | None = None) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Top-``rank`` (by magnitude) Ritz pairs of the symmetric operator ``matvec`` from
     ``iterations`` Arnoldi steps with full re-orthogonalisation (two Gram-Schmidt passes) from
-    one random start. Returns ``(eigenvalues[k], vectors[P, k], info)``, float64; stops early
-    on an invariant subspace."""
+    one random start. Returns ``(eigenvalues[k], vectors[P, k], info)``, float64. A Krylov
+    space from one start holds one direction per distinct eigenvalue, so on an invariant subspace
+    (repeated eigenvalues, e.g. a curvature ``I_K (x) E[h h^T]`` of K outputs) the iteration
+    restarts from a new random vector orthogonal to the basis so far (``info["restarts"]``) and
+    stops early only when the basis spans the whole space."""
     iterations = min(iterations, size)
     g = torch.Generator(device="cpu").manual_seed(seed)
     Q = torch.zeros(size, iterations + 1, dtype=torch.float64, device=device)
     Hm = torch.zeros(iterations + 1, iterations, dtype=torch.float64, device=device)
     q = torch.randn(size, generator=g, dtype=torch.float64).to(device)
     Q[:, 0] = q / q.norm()
-    m = 0
+    m = restarts = 0
     norm_scale = 0.0
     for j in range(iterations):
         w = matvec(Q[:, j : j + 1])[:, 0]
@@ -605,13 +608,24 @@ def arnoldi_eigenpairs(matvec: MatVec, size: int, iterations: int, rank: int, se
         m = j + 1
         beta = float(w.norm())
         if beta <= 1e-12 * max(norm_scale, 1e-300):
-            break
+            if m == iterations:
+                break
+            # Invariant subspace: continue from a fresh direction orthogonal to it (the operator is symmetric,
+            # so it maps that direction's complement into itself and Hm stays the projection, with a zero here).
+            w = torch.randn(size, generator=g, dtype=torch.float64).to(device)
+            for _ in range(2):
+                w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+            if float(w.norm()) <= 1e-8:  # the basis spans the whole space
+                break
+            restarts += 1
+            Q[:, j + 1] = w / w.norm()
+            continue
         Hm[j + 1, j] = beta
         Q[:, j + 1] = w / beta
     T = Hm[:m, :m]
     evals, evecs = torch.linalg.eigh(0.5 * (T + T.T))
     keep = evals.abs().argsort(descending=True)[: min(rank, m)]
-    return evals[keep], Q[:, :m] @ evecs[:, keep], {"iterations": m, "rank": int(keep.numel())}
+    return evals[keep], Q[:, :m] @ evecs[:, keep], {"iterations": m, "rank": int(keep.numel()), "restarts": restarts}
 
 
 def hutchinson_trace(matvec: MatVec, size: int, probes: int = 16, seed: int = 0, device: torch.device | None = None) -> float:
