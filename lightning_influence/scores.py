@@ -20,7 +20,7 @@ import re
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,6 +276,20 @@ class InfluenceScores:
                 "before every sample was drawn)"
             )
         return self.values[int(hit[0, 0])]
+
+    def values_for(self, ids: Tensor | Sequence[int], query: int | None = None) -> Tensor:
+        """The scores of ``ids`` in their order (one target column: ``query`` for a matrix), e.g.
+        to line them up with a ground truth computed for those ids; ``KeyError`` naming the
+        first id without a score."""
+        wanted = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        column = self._column(query)
+        order = self.ids.argsort()
+        sorted_ids = self.ids[order]
+        where = torch.searchsorted(sorted_ids, wanted).clamp(max=max(len(sorted_ids) - 1, 0))
+        found = sorted_ids[where] == wanted if len(sorted_ids) else torch.zeros_like(wanted, dtype=torch.bool)
+        if not bool(found.all()):
+            self[int(wanted[~found][0])]  # raises the KeyError that explains a missing score
+        return column[order[where]]
 
     def to_dict(self, query: int | None = None) -> dict[int, float]:
         """``{sample_id: score}`` for one target column."""

@@ -524,3 +524,19 @@ def test_atomic_writes_onto_a_folder_name_the_path(tmp_path):
     with pytest.raises(NotADirectoryError, match=r"lies under '.*/f', which is a file, not a folder"):
         atomic_write_bytes(tmp_path / "f" / "g" / "h.json", b"x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_values_for_lines_scores_up_with_ids_and_metrics_refuse_unaligned_scores():
+    """A metric pairs its arguments by position; an InfluenceScores passed to it used to fail with
+    an unrelated KeyError or shape error. values_for gives the scores in a given id order."""
+    from lightning_influence.evaluation import spearman
+
+    scores = InfluenceScores(torch.tensor([7, 3, 9, 1]), torch.tensor([0.7, 0.3, 0.9, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(scores.values_for([1, 9, 3]), torch.tensor([0.1, 0.9, 0.3], dtype=torch.float64))
+    with pytest.raises(KeyError, match="no score for sample id 4"):
+        scores.values_for(torch.tensor([1, 4]))
+    matrix = InfluenceScores(torch.tensor([5, 2]), torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(matrix.values_for([2, 5], query=1), torch.tensor([4.0, 2.0], dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"scores.values_for\(ids\)"):
+        spearman(scores, [1.0, 2.0, 3.0, 4.0])
+    assert spearman(scores.values_for([1, 3, 7, 9]), [1.0, 2.0, 3.0, 4.0]) == pytest.approx(1.0)

@@ -78,7 +78,14 @@ def as_ids(name: str, ids: Any, *, unique: bool = False, flatten: bool = False) 
 
 def as_numbers(name: str, values: Any, *, finite: bool = True) -> Tensor:
     """``values`` as a CPU float64 ``Tensor[N]`` (from a tensor, a numpy array or a sequence of
-    numbers), or ``ValueError``: not 1-D, complex, boolean, or (when ``finite``) NaN or infinite."""
+    numbers), or ``ValueError``: not 1-D, complex, boolean, or (when ``finite``) NaN or infinite.
+    An ``InfluenceScores`` is refused: its values must be put in the order of the other argument
+    (by sample id), which a position-wise metric cannot do for it."""
+    if type(values).__name__ == "InfluenceScores" and hasattr(values, "values_for"):
+        raise TypeError(
+            f"{name} is an InfluenceScores, whose samples need not be in the order of the other argument's: pass "
+            f"{name}.values_for(ids), the scores of the ids the other argument holds, in their order"
+        )
     try:
         probe = values if _is_array(values) else torch.as_tensor(values)
         probe = torch.as_tensor(probe)
