@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler, Subset, SubsetRandomSampler
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from lightning_influence.distributed import Collective
 from lightning_influence.batches import batch_size
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn
@@ -179,6 +181,44 @@ class TargetGradient:
     @staticmethod
     def _batch_size(batch: Any) -> int:
         return batch_size(batch, "target batch")
+
+
+class FitStartLoader:
+    """The trainer's validation loader as a target: the loader of the first read in a fit, kept for
+    the whole fit, so that every step (online sweeps, TracIn, the replay at the end of fit) is scored
+    against one target loss. ``trainer_loader()`` returns the trainer's loader as it is now, or
+    ``None`` before Lightning has set one up (then ``fallback()`` supplies it: e.g. the module's
+    ``val_dataloader()``). When the trainer's loader later is another object
+    (``reload_dataloaders_every_n_epochs`` with a ``val_dataloader()`` that serves other data per
+    epoch), the target stays the first one, with one warning that says so and how to pin another.
+    One instance per fit; reads no device value."""
+
+    def __init__(self, trainer_loader: Callable[[], Any], fallback: Callable[[], Any], owner: str) -> None:
+        self._trainer_loader = trainer_loader
+        self._fallback = fallback
+        self._owner = owner
+        self._pinned: Any = None
+        self._reference: Any = None  # the trainer's loader the pinned one was compared with
+        self._has_pinned = self._warned = False
+
+    def __call__(self) -> Any:
+        current = self._trainer_loader()
+        if not self._has_pinned:
+            self._pinned = current if current is not None else self._fallback()
+            self._has_pinned = True
+            self._reference = current
+        elif current is not None:
+            if self._reference is None:
+                self._reference = current  # the trainer set its loader up after the first read
+            elif current is not self._reference and not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"{self._owner}(target='val'): the trainer's validation loader changed during fit (a reload: "
+                    "reload_dataloaders_every_n_epochs, with a val_dataloader() that returns another loader). The target "
+                    "stays the validation loader as of the first read in this fit, so that every step is scored against "
+                    f"one target loss. To score against another loader, pin it with {self._owner}(target_loader=...)"
+                )
+        return self._pinned
 
 
 def _read_in_order(loader: DataLoader) -> tuple[Any, Any, bool]:

@@ -12,6 +12,7 @@ and, when attribution is restricted to a parameter subset, the other trainable p
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 from collections import deque
@@ -88,6 +89,11 @@ class VectorPool:
         self._free.append(vector)
 
 
+class SpilledTrajectoryError(RuntimeError):
+    """A record spilled by ``storage="disk"`` cannot be written or read back: its folder (or the
+    record's file) was removed or changed during fit."""
+
+
 class Trajectory:
     """A window of recorded steps, oldest first.
 
@@ -123,6 +129,7 @@ class Trajectory:
         # A folder of its own (inside spill_dir when given): callbacks, ranks and processes sharing a
         # spill_dir never read or delete each other's files.
         self._dir: Path | None = None
+        self._spill_dir = spill_dir
         if storage == "disk":
             try:
                 if spill_dir is not None:
@@ -169,15 +176,35 @@ class Trajectory:
             return
         path = self._dir / f"step-{record.step:09d}.pt"  # type: ignore[operator]
         partial = path.with_name(f".{path.name}.tmp")
-        torch.save(_payload(record), partial)
-        os.replace(partial, path)  # never a half-written record under the final name (scratch: no fsync)
+        try:
+            torch.save(_payload(record), partial)
+            os.replace(partial, path)  # never a half-written record under the final name (scratch: no fsync)
+        except (OSError, RuntimeError) as err:
+            raise self._spill_error(f"writing step {record.step} to {path.name}", err) from err
         self._records.append(path)
+
+    def _read(self, path: Path) -> dict[str, Any]:
+        """A spilled record's payload, or a :class:`SpilledTrajectoryError` saying what happened to it."""
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+            raise self._spill_error(f"reading step {_path_step(path)} back from {path.name}", err) from err
+
+    def _spill_error(self, doing: str, err: BaseException) -> SpilledTrajectoryError:
+        where = f"{self._dir}" + (f" (inside spill_dir={str(self._spill_dir)!r})" if self._spill_dir is not None else "")
+        gone = self._dir is None or not self._dir.is_dir()
+        what = "its folder no longer exists" if gone else f"{type(err).__name__}: {err}"
+        return SpilledTrajectoryError(
+            f"DiffIn's spilled trajectory in {where} was removed or changed during fit ({doing} failed: {what}). "
+            "storage='disk' keeps every recorded step there until the end of fit (or of its online window): keep the "
+            "folder and its files for the whole fit, out of reach of temporary-file cleaners (or use storage='memory')"
+            + ("" if gone else "; if the disk is full, free space or pass another spill_dir")
+        )
 
     def export(self) -> list[dict[str, Any]]:
         """Every record as a dict of CPU tensors and primitives (``torch.load(weights_only=True)``
         can read it back), oldest first: the trajectory's part of a Lightning checkpoint."""
-        return [_payload(self._load(item)) if isinstance(item, StepRecord) else torch.load(item, map_location="cpu", weights_only=True)
-                for item in self._records]
+        return [_payload(self._load(item)) if isinstance(item, StepRecord) else self._read(item) for item in self._records]
 
     def restore(self, payloads: list[dict[str, Any]]) -> None:
         """Append records exported by :meth:`export` (after a resume)."""
@@ -213,7 +240,7 @@ class Trajectory:
     def _load(self, item: StepRecord | Path) -> StepRecord:
         if isinstance(item, StepRecord):
             return item
-        return _from_payload(torch.load(item, map_location="cpu", weights_only=True), self.device)
+        return _from_payload(self._read(item), self.device)
 
     def drop_oldest(self, count: int) -> None:
         for _ in range(min(count, len(self._records))):

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.targets import TARGET_KINDS, TargetGradient, in_order
+from lightning_influence.targets import TARGET_KINDS, FitStartLoader, TargetGradient, in_order
 from lightning_influence.validation import check_count
 
 if TYPE_CHECKING:
@@ -114,11 +114,30 @@ def draws_with_replacement(trainer: L.Trainer) -> bool:
 
 
 def check_losses(
-    losses: Any, ids: Tensor, device: torch.device | None = None, requires_grad: bool = False, owner: str = "DiffIn"
+    losses: Any,
+    ids: Tensor,
+    device: torch.device | None = None,
+    requires_grad: bool = False,
+    owner: str = "DiffIn",
+    batch: Any = None,
+    module: Any = None,
 ) -> None:
     """The per-sample losses of the first training batch (computed with autograd on): one floating value
     per sample id, on the parameters' ``device``, differentiable when ``requires_grad``, finite.
-    ``owner``: the callback or estimator named in the messages."""
+    ``owner``: the callback or estimator named in the messages. With the ``batch`` (and its
+    ``module``), one loss per sample of the batch but another number of ids blames ``sample_ids``."""
+    samples = batch_length(batch) if batch is not None else None
+    if (
+        isinstance(losses, Tensor)
+        and losses.dim() == 1
+        and samples is not None
+        and losses.shape[0] == samples != ids.numel()
+    ):
+        raise ValueError(
+            f"sample_ids(batch) returned {ids.numel()} ids for a batch of {samples} samples (per_sample_loss(batch) "
+            f"returned {samples} losses, one per sample): {owner} needs one id per sample, in the order of the batch's "
+            f"samples. {_ids_hint(module, batch)}"
+        )
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != ids.numel():
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
@@ -382,7 +401,9 @@ def check_single_device(trainer: L.Trainer, owner: str) -> None:
 def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[Any] | None, owner: str) -> Callable[[], Iterable[Any]]:
     """A function returning the loader of a callback's target, resolved when called (Lightning sets
     its loaders up after ``on_fit_start``): ``target_loader`` when given, else the trainer's training
-    loader (``"train"``) or its validation loader (``"val"``). Refuses a ``"val"`` target without
+    loader (``"train"``) or its validation loader (``"val"``) as of the first call, kept for the whole
+    fit (:class:`~lightning_influence.targets.FitStartLoader`: a reloaded one is warned about, once). Call
+    it once per fit. Refuses a ``"val"`` target without
     any validation loader at once, and with several (which one is the target?) when resolved."""
     val_source = trainer.fit_loop.epoch_loop.val_loop._data_source
     if kind == "val" and target_loader is None and not val_source.is_defined():
@@ -391,6 +412,9 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
             f"val_dataloader() in the module or datamodule, or give {owner}(target_loader=...)"
         )
 
+    # The trainer's validation loader as of the first read in this fit, for the whole fit (a reload is warned about).
+    val_loader = FitStartLoader(lambda: trainer.val_dataloaders, val_source.dataloader, owner)
+
     def source() -> Iterable[Any]:
         if target_loader is not None:
             return in_order(target_loader) if kind != "train" else target_loader
@@ -398,7 +422,7 @@ def target_loader_source(trainer: L.Trainer, kind: str, target_loader: Iterable[
             loader = trainer.train_dataloader
             loader = loader if loader is not None else trainer.fit_loop._data_source.dataloader()
             return training_set_loader(loader, trainer)
-        loader = trainer.val_dataloaders if trainer.val_dataloaders is not None else val_source.dataloader()
+        loader = val_loader()
         if isinstance(loader, (list, tuple, Mapping)):  # Lightning's form of several validation loaders
             loaders = list(loader.values()) if isinstance(loader, Mapping) else list(loader)
             if len(loaders) != 1:
@@ -614,6 +638,34 @@ def coupling_message(module: Any, change: float) -> str:
     )
 
 
+def check_trained_parameters(
+    owner: str, names: Iterable[str], params: Iterable[Tensor], known: Iterable[Tensor], optimizer: Any, step: int
+) -> None:
+    """The parameters ``owner`` took as trained at fit start (``names``, ``params``) must keep
+    training, and no other parameter of the optimizer (``known``: every one ``owner`` took at fit
+    start, trained or kept as context) may start to: one frozen since (``requires_grad=False``) or
+    one unfrozen since (it received a gradient: ``BackboneFinetuning`` adds the backbone to the
+    optimizer as a new parameter group) is refused, naming it and ``step``. Reads no device value."""
+    frozen = [name for name, p in zip(names, params, strict=True) if not p.requires_grad]
+    seen = {id(p) for p in known}
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    thawed = [p for group in groups for p in group["params"] if id(p) not in seen and p.grad is not None]
+    if not frozen and not thawed:
+        return
+    what = (
+        f"parameter {frozen[0]!r} has been frozen (requires_grad=False)"
+        if frozen
+        else f"a parameter of shape {tuple(thawed[0].shape)} that was frozen has been unfrozen (it received a gradient)"
+    )
+    raise ValueError(
+        f"{what} since {owner} took the trainable parameters (its on_fit_start, before the module's), seen at "
+        f"optimizer step {step}: {owner} cannot score steps in which the set of trained parameters changed "
+        "(e.g. BackboneFinetuning, which unfreezes a backbone mid-fit and adds it to the optimizer). Freeze "
+        "parameters before fit (or leave them out of the optimizer) and keep them frozen, or score each training "
+        "phase with its own fit"
+    )
+
+
 class BackwardWatch:
     """Whether a backward pass has accumulated a gradient into any of the watched parameters since
     the last :meth:`arm`: Lightning runs none for a micro-batch whose ``training_step`` returned
@@ -655,11 +707,18 @@ class BackwardWatch:
 
 
 class OptimizerStepWatch:
-    """Calls ``on_step(optimizer)`` as each ``optimizer.step`` starts (a step pre-hook on the torch
-    optimizer behind Lightning's wrapper): after ``on_before_optimizer_step`` of every callback and
-    of the LightningModule, after gradient clipping, so the learning rates and other
-    hyperparameters it reads are the ones the step uses. A step that the gradient scaler skips
-    calls nothing. Watches nothing until :meth:`watch`, and again after :meth:`close`."""
+    """Calls ``on_step(optimizer)`` once per ``optimizer.step``, right before the torch optimizer
+    updates the parameters: after ``on_before_optimizer_step`` of every callback and of the
+    LightningModule, after gradient clipping, so the learning rates and other hyperparameters it
+    reads are the ones the step uses, and the gradients the final ones. A step that the gradient
+    scaler skips calls nothing. Watches nothing until :meth:`watch`, and again after :meth:`close`.
+
+    How: a step pre-hook on the torch optimizer behind Lightning's wrapper. Lightning passes
+    ``optimizer.step`` a closure that runs the step's last ``training_step``, its backward, the
+    ``on_before_optimizer_step`` hooks and the clipping, and the torch optimizer calls that closure
+    inside ``step``, after its pre-hooks (32-true, 64-true, bf16-mixed): the pre-hook then wraps the
+    closure so that ``on_step`` runs when it returns. Without a closure (16-mixed: Lightning runs it
+    first and the gradient scaler calls ``step()`` bare), ``on_step`` runs in the pre-hook itself."""
 
     def __init__(self, on_step: Callable[[torch.optim.Optimizer], None]) -> None:
         self._on_step = on_step
@@ -669,7 +728,23 @@ class OptimizerStepWatch:
         """Watch ``optimizer`` (a ``LightningOptimizer`` or a torch optimizer), in place of any watched before."""
         self.close()
         inner = getattr(optimizer, "_optimizer", optimizer)
-        self._handle = inner.register_step_pre_hook(lambda opt, args, kwargs: self._on_step(opt))
+        self._handle = inner.register_step_pre_hook(self._pre_step)
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # torch passes the hook step's own arguments: (optimizer, closure?) and keyword arguments
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._on_step(optimizer)
+            return None
+
+        def closure_then_step(*closure_args: Any, **closure_kwargs: Any) -> Any:
+            result = closure(*closure_args, **closure_kwargs)
+            self._on_step(optimizer)
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_step}
+        return (args[0], closure_then_step, *args[2:]), kwargs
 
     def close(self) -> None:
         """Remove the hook (a fit that ended or failed leaves none on the optimizer)."""

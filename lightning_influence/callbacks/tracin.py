@@ -14,7 +14,11 @@ helps), as every score in the library. Per step: one target gradient (or one per
 (:func:`~lightning_influence.kernels.directional_derivatives` along ``Lambda_t grad F``), in eval
 mode. No checkpoints are stored.
 
-The learning rate is read from the optimizer's parameter groups at each step (any scheduler). With
+The learning rate is read from the optimizer's parameter groups as each step's ``optimizer.step`` starts
+(:class:`~lightning_influence.callbacks.checks.OptimizerStepWatch`): after every
+``on_before_optimizer_step`` (the callbacks' and the module's) and clipping, so any scheduler and any
+hook that sets it count. The set of trained parameters is the optimizer's at fit start: one frozen
+or unfrozen since (``BackboneFinetuning`` adds a parameter group) is refused at the step that shows it. With
 momentum, Adam or gradient clipping the score is still this plain-SGD first-order view: the update's
 preconditioning, clipping and the later reuse of the gradient through momentum are not modelled
 (Diff-In models them), so the magnitudes are off (measured ~15x under Adam, ~10x under clipping)
@@ -37,6 +41,7 @@ from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
 from lightning_influence.callbacks.checks import (
     BackwardWatch,
+    OptimizerStepWatch,
     check_id_type,
     check_id_values,
     check_ids,
@@ -45,6 +50,7 @@ from lightning_influence.callbacks.checks import (
     check_single_device,
     check_target_arguments,
     check_target_data,
+    check_trained_parameters,
     check_training_dataset,
     coupling_message,
     dataset_length,
@@ -126,6 +132,8 @@ class TracIn(Callback):
         self._accumulator: ScoreAccumulator | None = None
         self._micro: list[tuple[Any, Tensor]] = []
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
+        self._step_watch = OptimizerStepWatch(self._on_step)  # scores each step as optimizer.step starts
+        self._stepping: tuple[list[tuple[Any, Tensor]], Any, int] | None = None  # the step between its hooks and optimizer.step
         self._cached_gradient: Tensor | None = None
         self._cached_at = -1
         self._checks_pending = False
@@ -186,6 +194,8 @@ class TracIn(Callback):
         self._restored = False
         self._micro, self._cached_gradient, self._cached_at = [], None, -1
         self._backward.watch(self._params)
+        self._step_watch.watch(trainer.optimizers[0])
+        self._stepping = None
         self._held = None
         self._num_samples = dataset_length(trainer)
         self._checks_pending = True
@@ -212,6 +222,7 @@ class TracIn(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._close_unstepped()
         self._drop_unbackpropagated()
         ids = torch.as_tensor(pl_module.sample_ids(batch))  # type: ignore[operator]
         if self._checks_pending:
@@ -232,7 +243,7 @@ class TracIn(Callback):
             self._checks_pending = False
             with evaluation_mode(pl_module), torch.enable_grad():
                 losses = pl_module.per_sample_loss(batch)  # type: ignore[operator]
-            check_losses(losses, ids, device=pl_module.device, requires_grad=True)
+            check_losses(losses, ids, device=pl_module.device, requires_grad=True, owner="TracIn", batch=batch, module=pl_module)
             change = undeclared_coupling(pl_module, batch)
             if change is not None:
                 rank_zero_warn(coupling_message(pl_module, change) + ". (TracIn itself scores each sample's own loss only)")
@@ -249,21 +260,46 @@ class TracIn(Callback):
             self._accumulator.mark_seen(taken[1].to("cpu", torch.long))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        # The step's micro-batches are complete; it is scored when optimizer.step starts (_on_step), after the
+        # module's own on_before_optimizer_step, the later callbacks' and clipping, with the hyperparameters it uses.
+        self._close_unstepped()
         self._drop_unbackpropagated()
         if not self._micro:
             return
+        micro, self._micro = self._micro, []
+        self._stepping = (micro, pl_module, int(trainer.accumulate_grad_batches))
+
+    def _close_unstepped(self) -> None:
+        """A step whose ``optimizer.step`` never ran (the gradient scaler skipped it, or under 16-mixed
+        its last ``training_step`` returned ``None``): it moved nothing, so its samples are marked seen
+        with nothing added, counted in ``skipped_steps`` (at the next settle)."""
+        if self._stepping is None:
+            return
+        (micro, pl_module, _), self._stepping = self._stepping, None
+        self._settle()
+        step = self.steps_seen
+        self.steps_seen += 1
+        flags = [torch.zeros((), dtype=torch.bool), torch.ones((), dtype=torch.bool)]
+        self._held = (HostCopy([*flags, *(ids for _, ids in micro)]), [], step, (pl_module, [b for b, _ in micro]))
+
+    def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Score the step whose micro-batches :meth:`on_before_optimizer_step` took, as its
+        ``optimizer.step`` starts: parameters ``theta_t``, the final (clipped) gradients, and the
+        learning rates the step really uses."""
+        if self._stepping is None:
+            return  # a step none of whose micro-batches was backpropagated, or one TracIn did not see begin
+        (micro, pl_module, normalizer), self._stepping = self._stepping, None
         start = time.perf_counter()
         self._settle()
-        micro, self._micro = self._micro, []
         space = self._space
         assert space is not None
         step = self.steps_seen
         self.steps_seen += 1
+        check_trained_parameters("TracIn", space.names, self._params, self._params, optimizer, step)
         grads = [p.grad for p in self._params if p.grad is not None]
         theta = space.flatten(self._params)
-        lrs = torch.tensor([float(g["lr"]) for g in getattr(optimizer, "optimizer", optimizer).param_groups], dtype=torch.float64)
+        lrs = torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64)
         per_coordinate = space.expand(lrs[self._group_of].to(theta.device))
-        normalizer = int(trainer.accumulate_grad_batches)
         with evaluation_mode(pl_module):
             if self._cached_gradient is None or step - self._cached_at >= self.target_every:
                 self._cached_gradient = self._target(self._loss_fn, space, theta)
@@ -310,7 +346,9 @@ class TracIn(Callback):
             self._accumulator.add(step_ids, contribution)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._backward.close()  # no hooks left on the parameters of a fit that failed
+        self._backward.close()  # no hooks left on the parameters or the optimizer of a fit that failed
+        self._step_watch.close()
+        self._stepping = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -323,8 +361,10 @@ class TracIn(Callback):
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The scores of this fit (once per fit), on the callback and the module."""
         self._backward.close()
+        self._step_watch.close()
         if self._accumulator is None or self.scores is not None:
             return
+        self._close_unstepped()
         self._settle()
         if self.steps_seen == 0:
             rank_zero_warn(
@@ -348,7 +388,7 @@ class TracIn(Callback):
                 "target_gradients": self.target_gradients,
                 "forward_mode_passes": self.forward_mode_passes,
                 "optimizer": type(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])).__name__,
-                "update_model": "plain SGD, first order (learning rate read from the optimizer at each step)",
+                "update_model": "plain SGD, first order (learning rate read from the optimizer as each step starts)",
                 # target-loss units only when the update is plain unclipped SGD (the deletion recipe reads this)
                 "calibrated": calibrated,
                 "units": first_order_units(calibrated, update),
@@ -368,6 +408,7 @@ class TracIn(Callback):
             # A checkpoint between the micro-batches of one optimizer step (validation mid-accumulation, e.g.
             # val_check_interval=3 with accumulate_grad_batches=2): training goes on; resuming from it is refused.
             return {"format": STATE_FORMAT, "mid_accumulation": True}
+        self._close_unstepped()
         self._settle()  # the step held back for its host values belongs to the checkpoint
         return {
             "format": STATE_FORMAT,

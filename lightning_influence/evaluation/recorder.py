@@ -19,13 +19,18 @@ from lightning_influence.evaluation.retraining import (
     hyperparameter_changes,
     optimizer_lrs,
 )
-from lightning_influence.callbacks.checks import BackwardWatch
+from lightning_influence.callbacks.checks import BackwardWatch, OptimizerStepWatch
 from lightning_influence.kernels import BufferWatch
 
 
 class StepRecorder(Callback):
     """Records the initial parameters, the optimizer and clipping, and each optimizer step's
     micro-batches and learning rates.
+
+    The learning rates are read as each step's ``optimizer.step`` starts
+    (:class:`~lightning_influence.callbacks.checks.OptimizerStepWatch`), after every
+    ``on_before_optimizer_step`` (the callbacks' and the module's) and clipping: the ones the
+    step really uses, whoever set them.
 
     After ``fit``: :attr:`initial_params`, :attr:`steps` (a :class:`TrainingStep` per optimizer
     step that really ran, its micro-batches exactly as ``training_step`` saw them) and
@@ -62,6 +67,8 @@ class StepRecorder(Callback):
         self._backward = BackwardWatch()  # did the pending micro-batch's backward run?
         self._group_ids: list[tuple[int, ...]] = []
         self._watch: BufferWatch | None = None
+        self._step_watch = OptimizerStepWatch(self._on_step)
+        self._awaiting: int | None = None  # the step recorded at on_before_optimizer_step, until its optimizer.step starts
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if int(getattr(trainer, "world_size", 1) or 1) > 1:
@@ -94,9 +101,12 @@ class StepRecorder(Callback):
         self._batches = []
         self._pending = None
         self._backward.watch([p for group in optimizer.param_groups for p in group["params"]])
+        self._step_watch.watch(optimizer)
+        self._awaiting = None
         self._watch = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._drop_unstepped()
         self._keep_pending()
         self._pending = batch
         self._backward.arm()
@@ -118,13 +128,49 @@ class StepRecorder(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._backward.close()
+        self._step_watch.close()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._drop_unstepped()
         self._backward.close()
+        self._step_watch.close()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step_watch.close()  # also when the training loop never ran
+
+    def _drop_unstepped(self) -> None:
+        """A recorded step whose ``optimizer.step`` never ran (under 16-mixed, a last micro-batch left
+        out skips the scaler's step) moved nothing: it is taken back and counted as skipped."""
+        if self._awaiting is not None:
+            del self.steps[self._awaiting]
+            self._awaiting = None
+            self.skipped_steps += 1
+
+    def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The recorded step's ``optimizer.step`` starts: its learning rates (and the other
+        hyperparameters' check) as the step uses them."""
+        if self._awaiting is None or self.optimizer is None:
+            return
+        index, self._awaiting = self._awaiting, None
+        self._check_optimizer(optimizer, index + self.skipped_steps + self.empty_steps)
+        self.steps[index] = replace(self.steps[index], lrs=optimizer_lrs(optimizer))
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        assert self.optimizer is not None
+        if [tuple(id(p) for p in group["params"]) for group in optimizer.param_groups] != self._group_ids:
+            raise ValueError(f"the optimizer's parameter groups changed during fit (at step {step}): StepRecorder cannot follow")
+        changes = hyperparameter_changes(self.optimizer, optimizer)
+        if changes:
+            raise ValueError(
+                f"optimizer hyperparameters other than the learning rate changed at step {step} ({'; '.join(changes)}): "
+                "the retraining reproduces learning-rate schedules only (e.g. OneCycleLR needs cycle_momentum=False)"
+            )
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         # Lightning calls this after the backward passes of the step's micro-batches (and after
-        # unscaling under 16-mixed), before clipping and before optimizer.step()
+        # unscaling under 16-mixed), before clipping and before optimizer.step(); the learning rates are read when
+        # optimizer.step starts (_on_step), after the module's own on_before_optimizer_step and the later callbacks'
+        self._drop_unstepped()
         self._keep_pending()
         batches, self._batches = self._batches, []
         if self.optimizer is None:
@@ -142,19 +188,12 @@ class StepRecorder(Callback):
             return
         optimizer = _unwrap(optimizer)
         step = len(self.steps) + self.skipped_steps + self.empty_steps
-        if [tuple(id(p) for p in group["params"]) for group in optimizer.param_groups] != self._group_ids:
-            raise ValueError(f"the optimizer's parameter groups changed during fit (at step {step}): StepRecorder cannot follow")
         if step == 0 and any(float(st.get("step", 1)) != 0 for st in optimizer.state.values()):  # Adagrad starts with state at step 0
             raise ValueError(
                 "the optimizer already has state at the first step (a resumed run?): StepRecorder reproduces runs "
                 "that start from a fresh optimizer"
             )
-        changes = hyperparameter_changes(self.optimizer, optimizer)
-        if changes:
-            raise ValueError(
-                f"optimizer hyperparameters other than the learning rate changed at step {step} ({'; '.join(changes)}): "
-                "the retraining reproduces learning-rate schedules only (e.g. OneCycleLR needs cycle_momentum=False)"
-            )
+        self._check_optimizer(optimizer, step)
         flags = []
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -179,6 +218,7 @@ class StepRecorder(Callback):
             return
         varying = self._varying(step)  # first: it may rewrite the earlier steps
         self.steps.append(TrainingStep(tuple(batches), optimizer_lrs(optimizer), int(trainer.accumulate_grad_batches), varying))
+        self._awaiting = len(self.steps) - 1
 
     def _varying(self, step: int) -> dict[str, Tensor]:
         """The values this step trains with of the tensors training changes outside the optimizer;
