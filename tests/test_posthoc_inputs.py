@@ -123,7 +123,18 @@ def test_a_loss_that_autograd_cannot_differentiate_is_refused_before_any_work(na
     integer.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match="must return floating-point losses, got dtype torch.int64"):
         estimator.scores(integer, loader, Target("val", val))
+    short_ids = ShortIds(hidden=(8,)).double()
+    short_ids.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match=r"sample_ids\(batch\) returned 15 ids for a batch of 16 samples"):
+        estimator.scores(short_ids, loader, Target("val", val))
     assert val.passes == 0
+
+
+class ShortIds(Classifier):
+    """A sample_ids with one id missing: the refusal used to blame per_sample_loss."""
+
+    def sample_ids(self, batch):
+        return batch[-1][:-1]
 
 
 # ------------------------------------------------------------------ model contracts, before any work

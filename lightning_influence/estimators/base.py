@@ -532,7 +532,7 @@ def check_differentiable_losses(module: L.LightningModule, batch: Any, owner: st
     ids = torch.as_tensor(module.sample_ids(batch)).reshape(-1)  # type: ignore[operator]
     with evaluation_mode(module), torch.enable_grad():
         losses = module.per_sample_loss(batch)  # type: ignore[operator]
-    check_losses(losses, ids, requires_grad=True, owner=owner)
+    check_losses(losses, ids, requires_grad=True, owner=owner, batch=batch, module=module)
 
 
 def non_finite_samples_error(owner: str, ids: Tensor, what: str, batches: Iterable[int] | None = None, detail: str = "") -> ValueError:
