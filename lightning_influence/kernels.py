@@ -57,6 +57,15 @@ class ParameterSpace:
     def from_parameters(cls, named: Sequence[tuple[str, Tensor]]) -> ParameterSpace:
         if not named:
             raise ValueError("no trainable parameters to attribute: every parameter is frozen or unused")
+        lazy = [n for n, p in named if nn.parameter.is_lazy(p)]
+        if lazy:
+            raise ValueError(
+                f"parameter {lazy[0]!r}{f' (and {len(lazy) - 1} more)' if len(lazy) > 1 else ''} is still uninitialised "
+                "(a lazy module such as nn.LazyLinear, whose shape is set by its first forward pass): the influence "
+                "callbacks and recorders lay the parameters out when fit starts, before any training forward. Run one "
+                "forward pass on an example batch before fit, e.g. at the end of the module's __init__ or in its "
+                "setup() (self(example_input)), so that lazy modules have their shapes"
+            )
         dtypes = {p.dtype for _, p in named}
         devices = {p.device for _, p in named}
         if len(dtypes) != 1 or len(devices) != 1:
@@ -716,13 +725,21 @@ def spectral_norm_layers(module: nn.Module) -> list[str]:
 
 def has_mode_dependent_layers(module: nn.Module) -> bool:
     """True if ``module`` holds a standard layer that acts differently in train and eval mode
-    (dropout with ``p > 0``, batch norm, instance norm with running statistics)."""
+    (dropout with ``p > 0``, also the dropout built into ``nn.MultiheadAttention`` and multi-layer
+    ``nn.RNN``/``nn.GRU``/``nn.LSTM``; batch norm, instance norm with running statistics). Dropout
+    written as a function (``F.dropout(x, p, training=self.training)``) is not seen here: DiffIn
+    tells it apart from other train-only terms on the first batch (random from one evaluation to
+    the next)."""
     return any(_is_mode_dependent(m) for m in module.modules())
 
 
 def _is_mode_dependent(module: nn.Module) -> bool:
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return module.p > 0  # dropout with p=0 is the identity in either mode
+    if isinstance(module, nn.MultiheadAttention):
+        return float(module.dropout) > 0  # on the attention weights, in training mode only
+    if isinstance(module, nn.RNNBase):
+        return float(module.dropout) > 0 and module.num_layers > 1  # between layers, in training mode only
     return isinstance(module, _MODE_DEPENDENT_LAYERS)
 
 

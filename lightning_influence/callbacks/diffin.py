@@ -29,6 +29,7 @@ from lightning_influence.callbacks.checks import (
     check_target_arguments,
     check_target_data,
     BackwardWatch,
+    OptimizerStepWatch,
     check_training_dataset,
     coupling_message,
     dataset_length,
@@ -311,6 +312,8 @@ class DiffIn(Callback):
         self._theta_at_start: list[Tensor] | None = None  # the parameters at a verified step's first micro-batch
         self._restored_kinks: list[str] | None = None
         self._recorded_is_exact = True
+        self._random_training = False  # the loss is random in training mode only (dropout written as a function)
+        self._restored_random_training = False
         self._inexact_rebuild = False  # the modelled update misses the real one by more than a product's step
         self._buffer_watch: BufferWatch | None = None  # started at the first batch
         self._changed_buffers: list[str] = []  # buffers/untrained parameters training changed (recorded per step)
@@ -344,6 +347,8 @@ class DiffIn(Callback):
         self._micro_batches: list[tuple[Any, Tensor]] = []
         self._capture_losses = False  # reuse training_step's per-sample losses (set in on_fit_start)
         self._micro_losses: dict[int, Tensor] = {}  # micro-batch position -> its per-sample losses at theta_t
+        self._tap_losses = False  # see training_step's per-sample losses (an InfluenceMixin module; set in on_fit_start)
+        self._loss_pairs: list[tuple[Tensor, float]] = []  # per micro-batch: (training_step's loss, their mean, mean |loss|), tolerance
         self._unverified: StepRecord | None = None
         self._held: _HeldStep | None = None  # the last step, until its ids and finiteness reach the host
         self._first_skipped: str | None = None  # where the first step with non-finite gradients was (for messages)
@@ -365,6 +370,11 @@ class DiffIn(Callback):
         self._resume_check_pending = False
         self._store_resumed_step = False
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
+        # The hyperparameters are read again where optimizer.step starts its update (after every
+        # on_before_optimizer_step and clipping): a learning rate changed after DiffIn's hook is the one used.
+        self._step_watch = OptimizerStepWatch(self._on_optimizer_step)
+        self._stepping: tuple[StepRecord, float] | None = None  # the record of the step about to be taken, its rest
+        self._to_append: StepRecord | None = None  # a record appended once its step has started (hyper final)
         self._saved_parameters: dict[str, Tensor] | None = None  # the resumed checkpoint's, until the first batch
         self._verified_steps = 0
         self._data_checks_pending = False  # set per fit: first-batch checks of the training and target data
@@ -410,6 +420,7 @@ class DiffIn(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._scores, self._finished = None, False  # this fit's, once it ends (a refusal below leaves none)
         check_influence_aware(pl_module)
         global_zero = bool(getattr(trainer, "is_global_zero", True))
         if global_zero:
@@ -507,7 +518,9 @@ class DiffIn(Callback):
         # sweep would compute: same network (no dropout/batch norm) and full precision (no autocast).
         if not self._restored:
             self._inexact_rebuild = False
-        self._recorded_is_exact = not has_mode_dependent_layers(pl_module) and not self._mixed and not self._inexact_rebuild
+        # Found on the first batch (_check_mode_independent_losses); a resumed fit keeps the finding of the run it continues.
+        self._random_training = self._restored_random_training if self._restored else False
+        self._recorded_is_exact = not self._mode_dependent(pl_module) and not self._mixed and not self._inexact_rebuild
         # Kinks (ReLU, max pooling, clamps, L1 losses) are found by tracing the loss on the first batch; until then
         # (and for good when the scheme and the step are both given) the loss counts as smooth. A resumed fit
         # keeps the decision of the run it continues.
@@ -526,7 +539,12 @@ class DiffIn(Callback):
         self._loss_dtype, self._restored_loss_dtype = self._restored_loss_dtype, None
         scheme, rel_step, reuse = self._differences(kinks or [])
         self._per_sample = self._resolve_per_sample()
-        self._micro_losses = {}
+        self._micro_losses, self._loss_pairs = {}, []
+        # Every step compares training_step's loss with the mean of the per-sample losses it computed (the tap):
+        # on the device, read with the step's other host values. Not under mixed precision, whose scaler hands
+        # on_before_backward the scaled loss (the first step's check covers it).
+        self._tap_losses = isinstance(pl_module, InfluenceMixin) and not self._mixed
+        self._scores = None  # a fit that fails leaves no earlier fit's scores behind (set again at its end)
         if not self._restored:
             # A new fit scores a new run: earlier results refer to another final model.
             self._accumulator = ScoreAccumulator(capacity=dataset_length(trainer) or 0)
@@ -537,7 +555,9 @@ class DiffIn(Callback):
         self._loss_checked, self._loss_check = False, None
         self._verified_steps = 0
         self._micro_batches, self._unverified, self._held = [], None, None
+        self._stepping, self._to_append = None, None
         self._backward.watch([*self._params, *self._context])
+        self._step_watch.watch(optimizer)
         restored_records: list[dict[str, Any]] = []
         if self._restored:  # resuming: carry on with the restored scores and recorded steps
             self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
@@ -568,7 +588,7 @@ class DiffIn(Callback):
         )
         self._sweep.varying_defaults = self._varying_defaults  # the same dict: filled as tensors start to change
         # Training's loss is the sweep's (no dropout, batch norm or autocast): each sweep checks a recorded gradient.
-        self._sweep.verify_recorded = not has_mode_dependent_layers(pl_module) and not self._mixed and not self._removed_buffers
+        self._sweep.verify_recorded = not self._mode_dependent(pl_module) and not self._mixed and not self._removed_buffers
         self._set_differences(pl_module, scheme, rel_step, reuse)
         self._trajectory = Trajectory(
             self.storage,
@@ -578,6 +598,11 @@ class DiffIn(Callback):
             keep_gradients=self.checkpoint_every > 1 and self.recompute == "updates",
         )
         self._trajectory.restore(restored_records)
+
+    def _mode_dependent(self, pl_module: L.LightningModule) -> bool:
+        """Whether training's network differs from the sweep's (evaluation mode): dropout or batch-norm
+        layers, or a loss found random in training mode only on the first batch."""
+        return self._random_training or has_mode_dependent_layers(pl_module)
 
     @property
     def _loss_dtype_name(self) -> str | None:
@@ -714,6 +739,13 @@ class DiffIn(Callback):
         return attributed, [(n, p) for n, p in trained if (n, p) not in attributed]
 
     # ------------------------------------------------------------------ training hooks
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._data_checks_pending:
+            # Lightning reloads the training loader here (reload_dataloaders_every_n_epochs): ids are checked against
+            # the current dataset's length (a step held for its host values keeps the length it trained with).
+            self._num_samples = dataset_length(trainer)
+            self._repeats = draws_with_replacement(trainer)
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._data_checks_pending and not self._resume_check_pending and trainer.global_step > 0 and trainer.ckpt_path is not None:
             rank_zero_warn(
@@ -776,7 +808,7 @@ class DiffIn(Callback):
                     rank_zero_warn(coupling_message(pl_module, change))
             self._loss_check = losses.detach().mean()
             self._loss_scale = float(losses.detach().abs().mean())
-            if not self._mixed and not has_mode_dependent_layers(pl_module) and not spectral_norm_layers(pl_module):
+            if not self._mixed and not self._mode_dependent(pl_module) and not spectral_norm_layers(pl_module):
                 self._check_mode_independent_losses(pl_module, batch, losses.detach(), devices)
             if losses.dtype != self._loss_dtype:
                 self._loss_dtype = losses.dtype
@@ -800,7 +832,7 @@ class DiffIn(Callback):
             # The verified steps also check that forward and backward leave the parameters alone (values, not
             # version counters: checks like the ones above write them back bit for bit, in any callback).
             self._theta_at_start = [p.detach().clone() for p in (*self._params, *self._context)]
-        if self._capture_losses:
+        if self._capture_losses or self._tap_losses:
             position, size = len(self._micro_batches) - 1, ids.numel()
 
             def tap(seen: Any, losses: Any) -> None:
@@ -842,7 +874,10 @@ class DiffIn(Callback):
         start = time.perf_counter()
         self._settle()
         micro, self._micro_batches = self._micro_batches, []
-        captured, self._micro_losses = self._micro_losses, {}
+        captured, self._micro_losses = (self._micro_losses if self._capture_losses else {}), {}
+        pairs, self._loss_pairs = self._loss_pairs, []
+        loss_values = torch.stack([pair for pair, _ in pairs]) if pairs else None
+        loss_tols = [tol for _, tol in pairs]
         space, model = self._space, self._model
         assert space is not None and model is not None and self._trajectory is not None and self._accumulator is not None
         trajectory = self._trajectory
@@ -938,31 +973,60 @@ class DiffIn(Callback):
             losses=tuple(captured.get(k) for k in range(len(micro))) if captured else None,
         )
         self.steps_seen += 1
+        # Hyperparameters changed after this hook (the module's own on_before_optimizer_step, a later callback)
+        # replace the record's when the step starts (_on_optimizer_step): the record reaches the trajectory after.
+        self._stepping = (record, rest)
         if lagged:
             # Completed at the next step (or before a sweep): the copies then have long arrived.
-            values = HostCopy([finite_flag(grads + context_grads), *record.ids])
-            self._held = _HeldStep(record, values, trainer.global_step, pl_module)
+            values = HostCopy([finite_flag(grads + context_grads), *record.ids, *([loss_values] if loss_values is not None else [])])
+            self._held = _HeldStep(record, values, trainer.global_step, pl_module, self._num_samples, loss_tols)
         else:
+            if loss_values is not None:
+                self._check_step_losses(loss_values.cpu(), loss_tols, trainer.global_step)  # a step that reads the device anyway
             for ids in record.ids:
                 self._accumulator.mark_seen(ids)
             if self._verified_steps < VERIFIED_STEPS and keep:
                 self._unverified = record  # appended once the real update is known (on_train_batch_end)
             else:
-                trajectory.append(record)
+                self._to_append = record  # appended when its step starts (or at the batch's end)
         self.seconds += time.perf_counter() - start
+
+    def _on_optimizer_step(self, optimizer: Any) -> None:
+        """``optimizer.step`` starts its update (every ``on_before_optimizer_step`` and the clipping
+        have run): read the hyperparameters again, and if a hook changed them after DiffIn's (the
+        LightningModule's ``on_before_optimizer_step``, a callback after DiffIn, a custom
+        ``optimizer_step`` before its ``optimizer.step``), record the ones the step uses. Host values
+        only (the param groups' numbers), no device read."""
+        stepping, self._stepping = self._stepping, None
+        if stepping is not None and self._model is not None:
+            record, rest = stepping
+            hyper, _ = self._model.capture(rest_norm_sq=rest)
+            if hyper.shape != record.hyper.shape or not torch.equal(hyper, record.hyper):
+                record.hyper = hyper  # not in the trajectory yet (held, unverified or to append)
+        self._append_started()
+
+    def _append_started(self) -> None:
+        """Append the record waiting for its step to start (the step started, or the batch ended)."""
+        record, self._to_append = self._to_append, None
+        if record is not None and self._trajectory is not None:
+            self._trajectory.append(record)
 
     def _settle(self) -> None:
         """Complete the step held back by :meth:`on_before_optimizer_step` for its host values:
         check its sample ids, and record it, or skip it if its gradients were not finite."""
+        self._append_started()  # an earlier step's record goes first
         held, self._held = self._held, None
         if held is None:
             return
         assert self._trajectory is not None and self._accumulator is not None
         record = held.record
         flag, *host_ids = held.values.wait()
+        host_ids, loss_values = host_ids[: len(record.ids)], host_ids[len(record.ids) :]
+        if loss_values:
+            self._check_step_losses(loss_values[0], held.loss_tols, held.global_step)
         ids = [i.to(torch.long).reshape(-1) for i in host_ids]
         for batch, step_ids in zip(record.batches, ids, strict=True):
-            check_id_values(step_ids, self._num_samples, held.module, batch, repeats=self._repeats)
+            check_id_values(step_ids, held.num_samples, held.module, batch, repeats=self._repeats)
         if not bool(flag):
             self.steps_seen -= 1
             self._trajectory.discard(record)
@@ -1139,8 +1203,47 @@ class DiffIn(Callback):
             )
         return True, union
 
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        """Every micro-batch whose ``training_step`` called ``per_sample_loss(batch)``: keep its loss
+        next to the mean of those per-sample losses (device values, compared once they reach the
+        host with the step's ids: :meth:`_check_step_losses`). Lightning hands over the loss divided
+        by ``accumulate_grad_batches``."""
+        if not self._tap_losses or not self._loss_checked or not self._micro_batches or not isinstance(loss, Tensor) or loss.numel() != 1:
+            return  # (the first micro-batch of a fit has a check of its own: _compare_training_loss)
+        losses = self._micro_losses.get(len(self._micro_batches) - 1)
+        if losses is None or losses.numel() == 0:
+            return
+        with torch.no_grad():
+            accumulate = float(max(int(trainer.accumulate_grad_batches), 1))
+            terms = losses.detach().double()
+            tol = 1e-9 if loss.dtype == losses.dtype == torch.float64 else 1e-4  # the first step's tolerances
+            pair = torch.stack([loss.detach().double().reshape(()) * accumulate, terms.mean(), terms.abs().mean()])
+            self._loss_pairs.append((pair, tol))
+
+    def _check_step_losses(self, values: Tensor, tols: Sequence[float], global_step: int) -> None:
+        """``values[k] = (training_step's loss, mean of its per-sample losses, mean of their
+        magnitudes)``, compared to the relative tolerance ``tols[k]``, for micro-batch ``k`` of optimizer step ``global_step`` (host values): they
+        must agree, as the first step's check requires, at every step (a loss divided by a fixed
+        batch size on a partial last batch, or sample weights that differ in one batch, change the
+        loss at one step only)."""
+        for k, ((expected, got, scale), tol) in enumerate(zip(values.tolist(), tols, strict=True)):
+            if math.isclose(expected, got, rel_tol=tol, abs_tol=tol * scale) or not (math.isfinite(expected) and math.isfinite(got)):
+                continue  # non-finite losses: the step's gradients are not finite either (skipped, warned)
+            where = f"optimizer step {global_step}" + (f", micro-batch {k}" if len(values) > 1 else "")
+            raise ValueError(
+                f"training_step returned loss {expected!r} at {where} but the per-sample losses it computed with "
+                f"per_sample_loss(batch) have mean {got!r}: the per-sample losses must be the unreduced terms of the "
+                "training loss at every step (DiffIn attributes each step's update to its samples through them). A loss "
+                "divided by a fixed batch size (per_sample_loss(batch).sum() / BATCH_SIZE) differs on a smaller last "
+                "batch, and sample weights (or a regulariser) that training_step applies differ from the plain mean. "
+                "Return per_sample_loss(batch).mean() from training_step (DataLoader(drop_last=True) if the last batch "
+                "must be full), and put weights and regularisers into per_sample_loss"
+            )
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._capture_losses:
+        self._stepping = None  # a step that did not start (skipped by the gradient scaler) keeps its hyperparameters
+        self._append_started()
+        if self._capture_losses or self._tap_losses:
             pl_module.set_loss_tap(self, None)  # type: ignore[attr-defined]
         if not self._loss_checked and self._loss_check is not None:
             self._compare_training_loss(outputs, trainer.accumulate_grad_batches)
@@ -1226,8 +1329,14 @@ class DiffIn(Callback):
             raise RuntimeError(
                 f"DiffIn's model of the optimizer step disagrees with the real update at step {record.step} "
                 f"(max deviation {error:.3g}, the step moved parameters by up to {moved:.3g}): the scores would be "
-                "wrong. Gradients must not be changed after on_before_optimizer_step (e.g. by the LightningModule's "
-                f"on_before_optimizer_step or a custom optimizer_step); {SUPPORTED}"
+                "wrong. DiffIn reads the gradients in its on_before_optimizer_step and the learning rates and other "
+                "hyperparameters where optimizer.step starts: neither the gradients, nor the optimizer's state, nor "
+                "its hyperparameters may change after that (a LightningModule's on_before_optimizer_step or a later "
+                "callback's that edits p.grad, a custom optimizer_step that changes them around optimizer.step, an "
+                "optimizer subclass that changes them inside its step). Change learning rates and other "
+                "hyperparameters with a learning-rate scheduler, in on_train_batch_start, or after optimizer.step in "
+                "an optimizer_step override (for the next step); change the loss, not the gradients; use the Trainer's "
+                f"gradient_clip_val for clipping; {SUPPORTED}"
             )
         self._check_rebuild(predicted, actual, pl_module)
 
@@ -1261,8 +1370,13 @@ class DiffIn(Callback):
         """A fit that failed (in training or in the end-of-fit sweep) or was interrupted leaves nothing
         behind: no loss tap on the module, no recorded steps in memory, no spilled files (a resume
         starts from a checkpoint, which holds its own copy of the steps)."""
-        self._held = None
+        self._held, self._stepping, self._to_append = None, None, None
+        if not self._finished:
+            # No scores for a failed fit. Under ddp_spawn/ddp_fork this also runs in the launching process, whose
+            # callback holds the scores an earlier fit handed over (the workers' on_fit_start cannot reset them).
+            self._scores = None
         self._backward.close()
+        self._step_watch.close()
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)  # a fit that stopped mid-batch leaves no tap behind
         if self._trajectory is not None:
@@ -1280,6 +1394,7 @@ class DiffIn(Callback):
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The end-of-fit sweep: score every step still recorded against the final parameters."""
         self._backward.close()
+        self._step_watch.close()
         if isinstance(pl_module, InfluenceMixin):
             pl_module.set_loss_tap(self, None)
         if self._trajectory is None:
@@ -1379,6 +1494,8 @@ class DiffIn(Callback):
         tol = 1e-4 if training.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
         difference = float((evaluated.to(training.dtype) - training).abs().max()) if evaluated.shape == training.shape else math.inf
         if difference > tol * max(float(training.abs().max()), 1e-30):
+            if self._random_in_training(pl_module, batch, training, devices, tol):
+                return
             raise ValueError(
                 f"per_sample_loss(batch) differs between training and evaluation mode on the first step (by up to "
                 f"{difference:.3g}, losses up to {float(training.abs().max()):.3g}) although the module has no dropout or batch "
@@ -1386,6 +1503,44 @@ class DiffIn(Callback):
                 "DiffIn evaluates every loss, gradient and Hessian product in evaluation mode, so it would score another "
                 "function than the one trained. Make per_sample_loss the same in both modes"
             )
+
+    def _random_in_training(self, pl_module: L.LightningModule, batch: Any, training: Tensor, devices: list[Any], tol: float) -> bool:
+        """The training-mode losses differ from the evaluation-mode ones: evaluate them once more in
+        training mode under another random state (a fork: training's random stream is untouched,
+        buffers are put back). If they change, the difference is random, as dropout's is
+        (``F.dropout(x, p, training=self.training)``, a custom dropout layer): scored like
+        ``nn.Dropout``, through the evaluation-mode network along the recorded trajectory (central
+        differences; training's gradients are not the sweep's). Deterministic differences (label
+        smoothing or a regulariser in training only) are refused by the caller."""
+        buffers = [b.detach().clone() for b in pl_module.buffers()]
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.manual_seed(torch.initial_seed() ^ 0x5DEECE66D)
+            again = pl_module.per_sample_loss(batch).detach()  # type: ignore[operator]
+        with torch.no_grad():
+            for b, saved in zip(pl_module.buffers(), buffers):
+                b.copy_(saved)
+        if again.shape != training.shape or not float((again.to(training.dtype) - training).abs().max()) > tol * max(float(training.abs().max()), 1e-30):
+            return False
+        if self.checkpoint_every > 1 and self.recompute == "gradients":
+            raise ValueError(
+                "per_sample_loss(batch) is random in training mode (dropout written as a function, e.g. "
+                "F.dropout(x, p, training=self.training)): checkpoint_every > 1 with recompute='gradients' recomputes the "
+                "training gradients exactly, which is not possible then; use recompute='updates' (keeps each step's "
+                "gradient) or checkpoint_every=1 (stores every step)"
+            )
+        self._random_training = True
+        self._recorded_is_exact = False
+        assert self._sweep is not None
+        self._sweep.verify_recorded = False
+        self._per_sample = self._resolve_per_sample()
+        self._sweep.per_sample = self._per_sample
+        self._set_differences(pl_module, *self._differences(self._kinks or []))
+        rank_zero_info(
+            "DiffIn: per_sample_loss is random in training mode and not in evaluation mode (dropout written as a "
+            "function, or a layer that DiffIn does not know as dropout): scored like nn.Dropout, through the "
+            "evaluation-mode network along the recorded trajectory, with central differences"
+        )
+        return True
 
     def _compare_training_loss(self, outputs: Any, accumulate: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -1488,6 +1643,7 @@ class DiffIn(Callback):
             "changed_buffers": list(self._changed_buffers),
             "removed_buffers": list(self._removed_buffers),
             "inexact_rebuild": self._inexact_rebuild,
+            "random_training": self._random_training,
             "varying_defaults": {k: v.detach().cpu() for k, v in self._varying_defaults.items()},
             "accumulator": accumulator.state_dict() if accumulator is not None else None,
             "records": records,
@@ -1523,6 +1679,7 @@ class DiffIn(Callback):
         loss_dtype = getattr(torch, str(state_dict.get("loss_dtype")), None)
         self._restored_loss_dtype = loss_dtype if isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point else None
         self._inexact_rebuild = bool(state_dict.get("inexact_rebuild", False))
+        self._restored_random_training = bool(state_dict.get("random_training", False))
         self._restored_changed = (
             [str(name) for name in state_dict.get("changed_buffers", [])],
             [str(name) for name in state_dict.get("removed_buffers", [])],
@@ -1564,10 +1721,15 @@ class DiffIn(Callback):
 
 class _HeldStep:
     """A recorded step waiting for its host values: ``values`` holds the finiteness flag of its
-    gradients and the sample ids of each micro-batch."""
+    gradients, the sample ids of each micro-batch and, where training_step computed them with
+    per_sample_loss, each micro-batch's loss next to the mean of its per-sample losses."""
 
-    def __init__(self, record: StepRecord, values: HostCopy, global_step: int, module: L.LightningModule) -> None:
+    def __init__(
+        self, record: StepRecord, values: HostCopy, global_step: int, module: L.LightningModule, num_samples: int | None, loss_tols: list[float]
+    ) -> None:
         self.record, self.values, self.global_step, self.module = record, values, global_step, module
+        self.num_samples = num_samples  # the training dataset's length when the step ran
+        self.loss_tols = loss_tols  # the tolerances of the loss comparisons in ``values`` (after the ids), if any
 
 
 def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:

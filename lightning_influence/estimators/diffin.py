@@ -264,6 +264,8 @@ class DiffInSweep:
         self.max_adjoint_growth = 0.0
         """Largest ``||lambda_t|| / ||lambda_end||`` seen at the checks (a stability diagnostic)."""
         self._growth_warned = False
+        self._checked_down_to: int | None = None  # the step of the last adjoint check (the sweep runs newest first)
+        self._suspect: tuple[int, int] | None = None  # steps (oldest, newest) over which the adjoint first blew up
         self.max_step_ratio = 0.0
         """Largest ratio, over the sweeps, of one step's contributions (their norm) to the median scored
         step's (sweeps of at least :data:`DOMINANCE_MIN_STEPS` steps)."""
@@ -300,6 +302,41 @@ class DiffInSweep:
         self._adjoint, self._adjoint_start = adjoint, float(adjoint.norm())
         self._step_norms = []
         self._first_stored, self._last_stored = None, None
+        self._checked_down_to, self._suspect = None, None
+        with evaluation_mode(self.module):
+            try:
+                self._sweep_steps(trajectory, num_scored, recompute_step, u, adjoint)
+            except FloatingPointError:
+                self._recheck_suspects(trajectory, recompute_step)  # a changed loss explains it better
+                raise
+            self._recheck_suspects(trajectory, recompute_step)
+        self._adjoint, self._first_stored, self._last_stored = None, None, None
+
+    def _recheck_suspects(self, trajectory: Trajectory, recompute_step: RecomputeStep | None) -> None:
+        """Where the propagated gradient blew up (:meth:`_check_adjoint`): recompute the gradient of
+        every step since the adjoint check before (at most :data:`ADJOINT_CHECK_EVERY` gradient passes,
+        once per sweep, and only then) and compare it with the one training recorded. A step whose
+        loss in training differs from its recomputation (a loss that reads ``self.training`` or the
+        step count at one step, say) turns every forward-difference product there into ``(g_train -
+        g_eval) / eps``: refused, naming the step, rather than warned about as an instability."""
+        suspect, self._suspect = self._suspect, None
+        if suspect is None or not self.verify_recorded:
+            return
+        oldest, newest = suspect
+        for record in trajectory.newest_first(recompute_step):  # rebuilds the steps between checkpoints again
+            if oldest <= record.step <= newest:
+                self._check_recorded_gradient(self.loss_fn_at(record), record)
+
+    def _sweep_steps(
+        self,
+        trajectory: Trajectory,
+        num_scored: int,
+        recompute_step: RecomputeStep | None,
+        u: Tensor,
+        adjoint: Tensor,
+    ) -> None:
+        """The sweep itself (see :meth:`run`): the records newest first, each scored (the oldest
+        ``num_scored``) and propagated through."""
         columns = adjoint.shape[1]
         adjoint_state: list[dict[str, Tensor] | None] = [None] * columns
         pending: list[Tensor | None] = [None] * columns  # sum of a^G over the block not yet propagated
@@ -307,70 +344,70 @@ class DiffInSweep:
         pending_scale = [0.0] * columns
         block_steps = 0
         size = len(trajectory)
-        with evaluation_mode(self.module):
-            for back, record in enumerate(trajectory.newest_first(recompute_step)):
-                position = size - 1 - back
-                scored = position < num_scored
-                loss_fn = self.loss_fn_at(record)
-                if self.verify_recorded and trajectory.keeps_theta(record.step):  # parameters stored, not rebuilt
-                    # Recorded gradients are compared with the sweep's loss at the newest and the oldest stored
-                    # step, and where the propagation fails (a loss that changed during fit; see the method).
-                    self._last_stored = (loss_fn, record)
-                    if self._first_stored is None:
-                        self._first_stored = record
-                        self._check_recorded_gradient(loss_fn, record)
-                if position > 0:
-                    block_steps += 1
-                propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
-                derivatives: list[list[Tensor]] = []
-                scales = self.step_model.adjoint_scales(record.hyper, self.work_dtype, adjoint.device)
-                for q in range(columns):
-                    if scales is not None and pending[q] is None:
-                        terms, pending_scale[q] = self._scaled_step(
-                            loss_fn, record, adjoint[:, q], scales, propagate, scored, position == 0, pending_scale[q]
-                        )
-                        if terms is not None:
-                            derivatives.append(terms)
-                        continue
-                    if pending_scale[q] != 0.0:  # the block's sum so far, as a vector of its own from here on
-                        pending[q] = pending_scale[q] * adjoint[:, q]
-                        pending_scale[q] = 0.0
-                    a_theta, a_state, a_grad = self.step_model.vjp(
-                        record.theta, record.state, record.grad, record.hyper, adjoint[:, q], adjoint_state[q]
+        for back, record in enumerate(trajectory.newest_first(recompute_step)):
+            position = size - 1 - back
+            if self._checked_down_to is None:
+                self._checked_down_to = record.step
+            scored = position < num_scored
+            loss_fn = self.loss_fn_at(record)
+            if self.verify_recorded and trajectory.keeps_theta(record.step):  # parameters stored, not rebuilt
+                # Recorded gradients are compared with the sweep's loss at the newest and the oldest stored
+                # step, and where the propagation fails (a loss that changed during fit; see the method).
+                self._last_stored = (loss_fn, record)
+                if self._first_stored is None:
+                    self._first_stored = record
+                    self._check_recorded_gradient(loss_fn, record)
+            if position > 0:
+                block_steps += 1
+            propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
+            derivatives: list[list[Tensor]] = []
+            scales = self.step_model.adjoint_scales(record.hyper, self.work_dtype, adjoint.device)
+            for q in range(columns):
+                if scales is not None and pending[q] is None:
+                    terms, pending_scale[q] = self._scaled_step(
+                        loss_fn, record, adjoint[:, q], scales, propagate, scored, position == 0, pending_scale[q]
                     )
-                    shifted: _ShiftedLosses | None = None
-                    if position > 0:
-                        adjoint_state[q] = a_state
-                        pending[q] = a_grad if pending[q] is None else pending[q] + a_grad  # type: ignore[operator]
-                        if propagate:
-                            # The product's gradient passes run along a^G itself when the block is this step alone:
-                            # their per-sample losses then serve the finite-difference derivatives below.
-                            share = scored and self.per_sample == "finite_difference" and pending[q] is a_grad
-                            column = adjoint[:, q]
-                            if a_theta.data_ptr() != column.data_ptr():
-                                column.copy_(a_theta)
-                            # lambda^theta_t = a^theta + H_t (sum of the block's a^G), added in place
-                            shifted = self._hessian_product(loss_fn, record, pending[q].to(self.space.dtype), column, share)  # type: ignore[union-attr]
-                            pending[q] = None
-                        else:
-                            adjoint[:, q] = a_theta
-                    if scored:
-                        derivatives.append(self._step_terms(loss_fn, record, a_grad, shifted))
+                    if terms is not None:
+                        derivatives.append(terms)
+                    continue
+                if pending_scale[q] != 0.0:  # the block's sum so far, as a vector of its own from here on
+                    pending[q] = pending_scale[q] * adjoint[:, q]
+                    pending_scale[q] = 0.0
+                a_theta, a_state, a_grad = self.step_model.vjp(
+                    record.theta, record.state, record.grad, record.hyper, adjoint[:, q], adjoint_state[q]
+                )
+                shifted: _ShiftedLosses | None = None
+                if position > 0:
+                    adjoint_state[q] = a_state
+                    pending[q] = a_grad if pending[q] is None else pending[q] + a_grad  # type: ignore[operator]
+                    if propagate:
+                        # The product's gradient passes run along a^G itself when the block is this step alone:
+                        # their per-sample losses then serve the finite-difference derivatives below.
+                        share = scored and self.per_sample == "finite_difference" and pending[q] is a_grad
+                        column = adjoint[:, q]
+                        if a_theta.data_ptr() != column.data_ptr():
+                            column.copy_(a_theta)
+                        # lambda^theta_t = a^theta + H_t (sum of the block's a^G), added in place
+                        shifted = self._hessian_product(loss_fn, record, pending[q].to(self.space.dtype), column, share)  # type: ignore[union-attr]
+                        pending[q] = None
+                    else:
+                        adjoint[:, q] = a_theta
                 if scored:
-                    self._accumulate(record, derivatives, squeeze=u.dim() == 1)
-                if position == 0:
-                    if self._last_stored is not None and self._last_stored[1] is record and record is not self._first_stored:
-                        self._check_recorded_gradient(loss_fn, record)
-                    break
-                if propagate:
-                    block_steps = 0
-                    # A non-finite adjoint stays non-finite: checked every few products (a parameter-sized
-                    # reduction), and whenever a step's contributions come out non-finite (_accumulate).
-                    if self.hessian_products % ADJOINT_CHECK_EVERY == 0:
-                        self._check_adjoint(record)
+                    derivatives.append(self._step_terms(loss_fn, record, a_grad, shifted))
+            if scored:
+                self._accumulate(record, derivatives, squeeze=u.dim() == 1)
+            if position == 0:
+                if self._last_stored is not None and self._last_stored[1] is record and record is not self._first_stored:
+                    self._check_recorded_gradient(loss_fn, record)
+                break
+            if propagate:
+                block_steps = 0
+                # A non-finite adjoint stays non-finite: checked every few products (a parameter-sized
+                # reduction), and whenever a step's contributions come out non-finite (_accumulate).
+                if self.hessian_products % ADJOINT_CHECK_EVERY == 0:
+                    self._check_adjoint(record)
         self._check_adjoint(record)
         self._check_step_norms(record)
-        self._adjoint, self._first_stored, self._last_stored = None, None, None
 
     def _scaled_step(
         self,
@@ -426,7 +463,11 @@ class DiffInSweep:
             return
         norm = float(self._adjoint.norm())
         growth = norm / self._adjoint_start if self._adjoint_start > 0 else 0.0
-        if (not math.isfinite(norm) or growth > ADJOINT_GROWTH_LIMIT) and self._last_stored is not None:
+        blown = not math.isfinite(norm) or growth > ADJOINT_GROWTH_LIMIT
+        if blown and self._suspect is None and self._checked_down_to is not None:
+            self._suspect = (record.step, self._checked_down_to)  # rechecked once the sweep is done (_recheck_suspects)
+        self._checked_down_to = record.step
+        if blown and self._last_stored is not None:
             self._check_recorded_gradient(*self._last_stored)  # a loss that changed explains it better
         if not math.isfinite(norm):
             raise FloatingPointError(
@@ -441,8 +482,13 @@ class DiffInSweep:
                 f"{record.step}: the linearised propagation is unstable and the scores are likely meaningless. Usual "
                 "causes: finite-difference products across the kinks of ReLU-like activations or max pooling (use "
                 "finite_difference='central' with fd_rel_step=5e-3, the default where kinks are found), hessian_every too large for the learning rate "
-                "(use hessian_every=1), or training at the edge of stability (a smaller learning rate). The growth is "
-                "in scores.metadata['max_adjoint_growth']",
+                "(use hessian_every=1), training at the edge of stability (a smaller learning rate), or recorded steps "
+                "that disagree with their recomputation: a loss, hyperparameter or gradient that changed between "
+                "training and DiffIn's evaluation (a per_sample_loss that reads self.training or the step count, a "
+                "learning rate or gradient changed where DiffIn does not see it). DiffIn rechecks the recorded gradients "
+                "of the steps where the growth showed (where training's loss is the sweep's: no dropout, batch norm or "
+                "autocast); check the others against retraining (lightning_influence.evaluation) and compare "
+                "per_sample_loss in training and evaluation mode. The growth is in scores.metadata['max_adjoint_growth']",
                 RuntimeWarning,
                 stacklevel=2,
             )
