@@ -357,7 +357,7 @@ def test_a_preset_option_another_estimator_does_not_take_is_traced_to_the_preset
     assert proc.returncode != 0
     assert (
         "estimator 'tracin' has no option 'mode': its options are target, target_loader, target_samples, seed, target_every, "
-        "save_path. The command line does not set estimator.options.mode: the preset experiment=synthetic_large does (for the "
+        "save_path, name. The command line does not set estimator.options.mode: the preset experiment=synthetic_large does (for the "
         "estimator it was written for), and estimator=tracin does not take it. Remove the option with ~estimator.options.mode "
         "on the command line (or drop it from the config that sets it)"
     ) in proc.stderr
@@ -413,7 +413,8 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_one_runs(tmp_path: 
     assert bad.stderr.count("recipe.fraction must be in (0, 1], got 1.5") == 2
     preset = sweep("experiment=coreset_sweep", "hydra.sweeper.params.seed='0,-3'")
     assert preset.returncode == 1 and not (tmp_path / "sweep").exists()
-    assert "20 of the 40 jobs" in preset.stderr and "seed=-3 is out of range" in preset.stderr and "... and 15 more" in preset.stderr
+    # 20 jobs with seed=-3, and the 4 forgetting-events jobs of seed=0 (QUICK trains one epoch; forgetting needs two)
+    assert "24 of the 40 jobs" in preset.stderr and "seed=-3 is out of range" in preset.stderr and "... and 19 more" in preset.stderr
     # the recipe's own config checks, and jobs sharing a Hydra job folder
     recipe = sweep("trainer.precision=32-true,bf16-mixed", "data.dtype=float64", "estimator=random,el2n")
     assert recipe.returncode == 1 and not (tmp_path / "sweep").exists()
@@ -422,6 +423,11 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_one_runs(tmp_path: 
     shared = sweep("recipe=coreset", "estimator=random,loss", "hydra.sweep.subdir=same")
     assert shared.returncode == 1 and not (tmp_path / "sweep").exists()
     assert "job 1 (recipe=coreset estimator=loss" in shared.stderr and f"resolves to {tmp_path / 'sweep' / 'same'}, the output folder of job 0 too" in shared.stderr
+    # Trainer settings that run no step, and forgetting events over one epoch: config-only, so checked up front too
+    trainer = sweep("recipe=coreset", "estimator=forgetting,random", "+trainer.max_steps=0,-1")
+    assert trainer.returncode == 1 and not (tmp_path / "sweep").exists()
+    assert "3 of the 4 jobs" in trainer.stderr and trainer.stderr.count("trainer.max_steps=0 runs no training step") == 2
+    assert "job 1 (recipe=coreset estimator=forgetting +trainer.max_steps=-1" in trainer.stderr and "runs 1 full epoch(s)" in trainer.stderr
 
 
 def test_a_single_run_keeps_its_output_dir_and_reruns_of_a_job_may_reuse_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

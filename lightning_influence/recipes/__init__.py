@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lightning_influence.config import check_config
+from lightning_influence.recipes.common import check_training_steps
 
 RECIPES: dict[str, str] = {
     "cleaning": "lightning_influence.recipes.cleaning:run",
@@ -40,11 +41,13 @@ def _recipe_module(cfg: DictConfig) -> Any:
 
 
 def check_recipe(cfg: DictConfig) -> None:
-    """Every check of ``cfg`` that needs the config alone: :func:`check_config`, then the selected
+    """Every check of ``cfg`` that needs the config alone: :func:`check_config`, a Trainer config
+    that runs no step or never ends (``check_training_steps``), then the selected
     recipe's own (``checked_settings``: precision against data dtype, the recipe's ranges, the
     estimator against the recipe). Raises ``ValueError`` naming what is wrong and the fix."""
     module = _recipe_module(cfg)
     check_config(cfg)
+    check_training_steps(cfg)
     module.checked_settings(cfg)
 
 

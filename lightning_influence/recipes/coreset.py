@@ -114,15 +114,17 @@ def _scoring_epochs(trainer: DictConfig, epoch_steps: int | None) -> int | None:
     return epochs
 
 
-def check_forgetting_epochs(est_name: str, cfg: DictConfig, datamodule: Any, num_train: int) -> None:
+def check_forgetting_epochs(est_name: str, cfg: DictConfig, datamodule: Any = None, num_train: int | None = None) -> None:
     """Forgetting events need a sample presented at least twice: refuse, before the scoring fit, a
     Trainer config that runs fewer than two full epochs (``trainer.max_epochs``, or
     ``trainer.max_steps`` over the steps of an epoch): most scores would be 0, learned at the one
-    presentation, or the never-learned value."""
+    presentation, or the never-learned value. Without the ``datamodule`` (the config-only check
+    of every multirun job) only ``trainer.max_epochs`` is compared."""
     if not issubclass(estimator_class(est_name), Forgetting):
         return
     world = _configured_world_size(cfg.trainer)
-    epoch_steps = steps_per_epoch(num_train, datamodule.train_dataloader(), cfg.trainer, world) if world is not None else None
+    known = datamodule is not None and num_train is not None and world is not None
+    epoch_steps = steps_per_epoch(num_train, datamodule.train_dataloader(), cfg.trainer, world) if known else None
     epochs = _scoring_epochs(cfg.trainer, epoch_steps)
     if epochs is not None and epochs < 2:
         setting = f"trainer.max_epochs={cfg.trainer.get('max_epochs')}, trainer.max_steps={cfg.trainer.get('max_steps')}"
@@ -145,6 +147,7 @@ def checked_settings(cfg: DictConfig) -> tuple[DictConfig, CoresetConfig, Any]:
     params: CoresetConfig = recipe_params(cfg.recipe, CoresetConfig)
     est = estimator_params(cfg.estimator)
     check_estimator(est, params.target, params.target_samples, int(cfg.seed))
+    check_forgetting_epochs(est.name, cfg)  # trainer.max_epochs; with the data, max_steps too (in run)
     return cfg, params, est
 
 
