@@ -30,6 +30,7 @@ from lightning_influence.callbacks.checks import (
     check_target_data,
     BackwardWatch,
     OptimizerStepWatch,
+    check_trained_parameters,
     check_training_dataset,
     coupling_message,
     dataset_length,
@@ -801,7 +802,9 @@ class DiffIn(Callback):
             with torch.no_grad():
                 for b, saved in zip(pl_module.buffers(), buffers):
                     b.copy_(saved)
-            check_losses(losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params))
+            check_losses(
+                losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params), batch=batch, module=pl_module
+            )
             if self.coupled is None and not self._coupled:
                 change = undeclared_coupling(pl_module, batch)
                 if change is not None:
@@ -881,7 +884,7 @@ class DiffIn(Callback):
         space, model = self._space, self._model
         assert space is not None and model is not None and self._trajectory is not None and self._accumulator is not None
         trajectory = self._trajectory
-        self._check_trained_parameters(trainer, optimizer)
+        check_trained_parameters("DiffIn", space.names, self._params, [*self._params, *self._context], optimizer, trainer.global_step)
         self._check_parameters_unwritten(trainer)
         self._check_buffers(trainer, pl_module)
         missing = [i for i, p in enumerate(self._params) if p.grad is None]
@@ -1114,27 +1117,6 @@ class DiffIn(Callback):
                 "vectors out of place in forward), or apply the projection in an optimizer step hook that is part of "
                 "the optimizer"
             )
-
-    def _check_trained_parameters(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
-        """The parameters split into attributed and fixed ones at fit start must keep training:
-        one frozen or unfrozen since is refused (its steps would be mis-scored)."""
-        assert self._space is not None
-        frozen = [name for name, p in zip(self._space.names, self._params, strict=True) if not p.requires_grad]
-        known = {id(p) for p in self._params} | {id(p) for p in self._context}
-        thawed = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in known and p.grad is not None]
-        if not frozen and not thawed:
-            return
-        what = (
-            f"parameter {frozen[0]!r} has been frozen (requires_grad=False)"
-            if frozen
-            else f"a parameter of shape {tuple(thawed[0].shape)} that was frozen has been unfrozen (it received a gradient)"
-        )
-        raise ValueError(
-            f"{what} since DiffIn took the trainable parameters (its on_fit_start, before the module's), seen at "
-            f"optimizer step {trainer.global_step}: DiffIn cannot score steps in which the set of trained parameters "
-            "changed. Freeze parameters before fit (or leave them out of the optimizer) and keep them frozen, or score "
-            "each training phase with its own fit"
-        )
 
     def _check_buffers(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A buffer or untrained parameter that training changes (an annealed temperature, an EMA
