@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from conftest import quiet_trainer
-from lightning_influence import DiffIn
+from lightning_influence import DiffIn, IndexedDataset
 from lightning_influence.callbacks.checks import check_ids, check_losses, check_query_budget
 from lightning_influence.callbacks.checkpoints import ParameterCheckpoints
 from lightning_influence.estimators.base import Target
@@ -846,3 +846,30 @@ def test_a_spill_dir_that_cannot_be_a_folder_is_refused_naming_it(small_digits, 
         trainer = _refused(small_digits.train, rf"storage='disk' spills .* inside spill_dir='{spill_dir}', which cannot be created", cb)
         assert trainer.global_step == 0
     assert blocker.read_text() == "not a folder"
+
+
+class _BatchPositions(Classifier):
+    """Ids that are positions within the batch (0..b-1), not in the dataset: every batch reuses them."""
+
+    def sample_ids(self, batch):
+        return torch.arange(len(batch[-1]))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ids_that_come_back_within_an_epoch_of_a_once_per_epoch_sampler_are_warned_about(shuffle):
+    """Ids 0..b-1 in every batch pass every per-batch check (in range, unique in the batch) and used
+    to merge 40 samples into 8 scores without a word. A sampler that yields each sample once an
+    epoch cannot repeat one, so a repeat within an epoch is warned about, once; real dataset
+    positions, a later epoch and a weighted sampler's repeats are not."""
+    g = torch.Generator().manual_seed(0)
+    data = IndexedDataset(TensorDataset(torch.randn(40, 64, generator=g, dtype=torch.float64), torch.randint(0, 10, (40,), generator=g)))
+    loader = DataLoader(data, batch_size=8, shuffle=shuffle)
+    with pytest.warns(UserWarning, match=r"32 sample id\(s\) came back within epoch 0 \(8 distinct ids\) although the training sampler \((Sequential|Random)Sampler\)") as record:
+        quiet_trainer(max_epochs=3, callbacks=[DiffIn(target="train")]).fit(_BatchPositions(hidden=(8,)).double(), train_dataloaders=loader)
+    assert sum("came back within epoch" in str(w.message) for w in record) == 1
+    weighted = DataLoader(data, batch_size=8, sampler=torch.utils.data.WeightedRandomSampler(torch.ones(40), 40, generator=g))
+    for train in (loader, weighted):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(max_epochs=2, callbacks=[DiffIn(target="train")]).fit(Classifier(hidden=(8,)).double(), train_dataloaders=train)
+        assert not any("came back within epoch" in str(w.message) for w in caught)

@@ -751,3 +751,60 @@ class OptimizerStepWatch:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def draws_each_sample_once(trainer: L.Trainer) -> str | None:
+    """The name of the training loader's sampler if it is one that yields every sample of the
+    dataset at most once per epoch (``SequentialSampler``, ``RandomSampler`` without replacement
+    or a smaller ``num_samples``, a ``DistributedSampler`` of the dataset, behind a plain
+    ``BatchSampler``); ``None`` for anything else (custom or weighted samplers, iterable datasets),
+    whose repeats may be meant."""
+    from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, SequentialSampler
+
+    loader = trainer.train_dataloader
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return None
+    if type(loader.batch_sampler) is not BatchSampler:
+        return None
+    sampler = loader.batch_sampler.sampler
+    if type(sampler) is DistributedSampler:
+        return "DistributedSampler"
+    if type(sampler) is SequentialSampler:
+        return "SequentialSampler"
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples <= len(sampler.data_source):  # type: ignore[arg-type]
+        return "RandomSampler"
+    wrapped = getattr(getattr(sampler, "dataset", None), "_sampler", None)  # Lightning's DistributedSamplerWrapper
+    if wrapped is not None and type(wrapped) in (SequentialSampler, RandomSampler) and not getattr(wrapped, "replacement", False):
+        return f"{type(wrapped).__name__} (distributed)"
+    return None
+
+
+class EpochRepeats:
+    """Sample ids that come back within one epoch, counted on the device (one ``index_add`` per
+    micro-batch, no host read) and read once at the epoch's end: with a sampler that yields each
+    sample once an epoch (:func:`draws_each_sample_once`), a repeat means the ids are not
+    positions in the training dataset (e.g. positions within the batch, ``0..b-1``), so that
+    different samples would share one score. Ids outside ``[0, num_samples)`` are left to the id
+    checks."""
+
+    def __init__(self) -> None:
+        self._counts: Tensor | None = None
+
+    def start(self, num_samples: int | None, device: torch.device, active: bool) -> None:
+        """An epoch starts: count its ids (over ``num_samples`` positions) if ``active``."""
+        self._counts = torch.zeros(num_samples, dtype=torch.int32, device=device) if active and num_samples else None
+
+    def add(self, ids: Tensor) -> None:
+        if self._counts is None:
+            return
+        ids = ids.reshape(-1).to(self._counts.device, torch.long)
+        size = self._counts.numel()
+        inside = (ids >= 0) & (ids < size)
+        self._counts.index_add_(0, ids.clamp(0, size - 1), inside.to(torch.int32))
+
+    def take(self) -> tuple[int, int]:
+        """``(repeats, distinct ids)`` of the epoch so far (host read), and stop counting."""
+        counts, self._counts = self._counts, None
+        if counts is None:
+            return 0, 0
+        return int((counts - 1).clamp(min=0).sum()), int((counts > 0).sum())
