@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
@@ -784,15 +785,24 @@ class EpochRepeats:
     micro-batch, no host read) and read once at the epoch's end: with a sampler that yields each
     sample once an epoch (:func:`draws_each_sample_once`), a repeat means the ids are not
     positions in the training dataset (e.g. positions within the batch, ``0..b-1``), so that
-    different samples would share one score. Ids outside ``[0, num_samples)`` are left to the id
-    checks."""
+    different samples would share one score; warned about once a fit. Ids outside
+    ``[0, N)`` are left to the id checks."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
         self._counts: Tensor | None = None
+        self._sampler: str | None = None
+        self._warned = False
 
-    def start(self, num_samples: int | None, device: torch.device, active: bool) -> None:
-        """An epoch starts: count its ids (over ``num_samples`` positions) if ``active``."""
-        self._counts = torch.zeros(num_samples, dtype=torch.int32, device=device) if active and num_samples else None
+    def reset(self) -> None:
+        """A fit starts: warn again."""
+        self._counts, self._warned = None, False
+
+    def start(self, trainer: L.Trainer, device: torch.device) -> None:
+        """An epoch starts: count its ids if its sampler yields each sample once."""
+        self._sampler = draws_each_sample_once(trainer)
+        size = dataset_length(trainer) if self._sampler is not None and not self._warned else None
+        self._counts = torch.zeros(size, dtype=torch.int32, device=device) if size else None
 
     def add(self, ids: Tensor) -> None:
         if self._counts is None:
@@ -802,9 +812,18 @@ class EpochRepeats:
         inside = (ids >= 0) & (ids < size)
         self._counts.index_add_(0, ids.clamp(0, size - 1), inside.to(torch.int32))
 
-    def take(self) -> tuple[int, int]:
-        """``(repeats, distinct ids)`` of the epoch so far (host read), and stop counting."""
+    def end(self, epoch: int) -> None:
+        """The epoch ends: read the count (one host read) and warn on a repeat, once a fit."""
         counts, self._counts = self._counts, None
         if counts is None:
-            return 0, 0
-        return int((counts - 1).clamp(min=0).sum()), int((counts > 0).sum())
+            return
+        repeats, distinct = int((counts - 1).clamp(min=0).sum()), int((counts > 0).sum())
+        if repeats and not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                f"{self.owner}: {repeats} sample id(s) came back within epoch {epoch} ({distinct} distinct ids) although "
+                f"the training sampler ({self._sampler}) yields each sample once an epoch: the ids are probably not "
+                "positions in the training dataset (positions within the batch, 0..b-1, are the usual mistake), and then "
+                "different samples share one score. sample_ids(batch) must return each sample's position in the "
+                "training dataset (IndexedDataset adds it to every item). Warned once"
+            )

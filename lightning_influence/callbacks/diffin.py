@@ -36,7 +36,6 @@ from lightning_influence.callbacks.checks import (
     coupling_message,
     dataset_length,
     device_target_batches,
-    draws_each_sample_once,
     draws_with_replacement,
     mid_accumulation_resume_error,
     target_loader_source,
@@ -373,9 +372,7 @@ class DiffIn(Callback):
         self._resume_check_pending = False
         self._store_resumed_step = False
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
-        self._epoch_repeats = EpochRepeats()  # ids that come back within an epoch (ids that are not dataset positions)
-        self._repeats_warned = False
-        self._sampler_once: str | None = None
+        self._epoch_repeats = EpochRepeats("DiffIn")  # ids that come back within an epoch (ids that are not dataset positions)
         # The hyperparameters are read again where optimizer.step starts its update (after every
         # on_before_optimizer_step and clipping): a learning rate changed after DiffIn's hook is the one used.
         self._step_watch = OptimizerStepWatch(self._on_optimizer_step)
@@ -498,7 +495,7 @@ class DiffIn(Callback):
                 )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._repeats_warned = False
+        self._epoch_repeats.reset()
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
             raise ValueError(f"DiffIn needs exactly one optimizer, got {len(optimizers)}; {SUPPORTED}")
@@ -747,8 +744,7 @@ class DiffIn(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sampler_once = draws_each_sample_once(trainer)
-        self._epoch_repeats.start(dataset_length(trainer), pl_module.device, active=self._sampler_once is not None and not self._repeats_warned)
+        self._epoch_repeats.start(trainer, pl_module.device)
         if not self._data_checks_pending:
             # Lightning reloads the training loader here (reload_dataloaders_every_n_epochs): ids are checked against
             # the current dataset's length (a step held for its host values keeps the length it trained with).
@@ -756,16 +752,7 @@ class DiffIn(Callback):
             self._repeats = draws_with_replacement(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        repeats, distinct = self._epoch_repeats.take()  # one host read an epoch
-        if repeats and not self._repeats_warned:
-            self._repeats_warned = True
-            rank_zero_warn(
-                f"DiffIn: {repeats} sample id(s) came back within epoch {trainer.current_epoch} ({distinct} distinct ids) "
-                f"although the training sampler ({self._sampler_once}) yields each sample once an epoch: the ids are "
-                "probably not positions in the training dataset (positions within the batch, 0..b-1, are the usual "
-                "mistake), and then different samples share one score. sample_ids(batch) must return each sample's "
-                "position in the training dataset (IndexedDataset adds it to every item). Warned once"
-            )
+        self._epoch_repeats.end(trainer.current_epoch)  # one host read an epoch
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._data_checks_pending and not self._resume_check_pending and trainer.global_step > 0 and trainer.ckpt_path is not None:

@@ -41,6 +41,7 @@ from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
 from lightning_influence.callbacks.checks import (
     BackwardWatch,
+    EpochRepeats,
     OptimizerStepWatch,
     check_id_type,
     check_id_values,
@@ -132,6 +133,7 @@ class TracIn(Callback):
         self._accumulator: ScoreAccumulator | None = None
         self._micro: list[tuple[Any, Tensor]] = []
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
+        self._epoch_repeats = EpochRepeats("TracIn")  # ids that come back within an epoch (ids that are not dataset positions)
         self._step_watch = OptimizerStepWatch(self._on_step)  # scores each step as optimizer.step starts
         self._stepping: tuple[list[tuple[Any, Tensor]], Any, int] | None = None  # the step between its hooks and optimizer.step
         self._cached_gradient: Tensor | None = None
@@ -169,6 +171,7 @@ class TracIn(Callback):
             )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_repeats.reset()
         if len(trainer.optimizers) != 1:
             raise ValueError(f"TracIn needs exactly one optimizer, got {len(trainer.optimizers)}")
         optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
@@ -221,6 +224,12 @@ class TracIn(Callback):
         )
 
     # ------------------------------------------------------------------ training hooks
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_repeats.start(trainer, pl_module.device)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_repeats.end(trainer.current_epoch)  # one host read an epoch
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._close_unstepped()
         self._drop_unbackpropagated()
@@ -239,6 +248,7 @@ class TracIn(Callback):
             check_ids(ids, self._num_samples, pl_module, batch, owner="TracIn")
         else:  # values checked when they reach the host, at the next step (_settle): no wait for the device here
             check_id_type(ids, pl_module, batch)
+        self._epoch_repeats.add(ids.detach())
         if self._checks_pending:
             self._checks_pending = False
             with evaluation_mode(pl_module), torch.enable_grad():
