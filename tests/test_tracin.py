@@ -411,3 +411,24 @@ def test_batches_skipped_by_training_step_get_nothing():
     skipped = torch.cat([batches[k][2] for k in _SkipsBatches.skip])
     assert all(float(skipping[int(i)]) == 0.0 for i in skipped) and skipping.metadata["steps_seen"] == len(kept)
     torch.testing.assert_close(torch.stack([skipping[int(i)] for i in reference.ids]), reference.values, rtol=0, atol=1e-15)
+
+
+class _LearningRateInModuleHook(Classifier):
+    """Sets the learning rate in its own on_before_optimizer_step, which Lightning runs after every
+    callback's: 0.2 on even steps, 0.02 on odd ones."""
+
+    def on_before_optimizer_step(self, optimizer):  # type: ignore[no-untyped-def]
+        for group in optimizer.param_groups:
+            group["lr"] = 0.2 if self.trainer.global_step % 2 == 0 else 0.02
+
+
+def test_parameter_checkpoints_record_the_learning_rate_the_step_used():
+    """ParameterCheckpoints read the rate in its own on_before_optimizer_step, before the module's
+    hook changed it: the checkpoint estimators weighted every step with its neighbour's rate."""
+    problem = digits_problem(n=96, batch_size=16, epochs=2)
+    checkpoints = ParameterCheckpoints(every=1)
+    _, recorder = _fit(problem, [checkpoints], model_class=_LearningRateInModuleHook)
+    used = [step.lrs[0] for step in recorder.steps]
+    assert used[:4] == [0.2, 0.02, 0.2, 0.02]
+    assert checkpoints.record.step_lrs[:, 0].tolist() == used
+    assert [c.lrs[0] for c in checkpoints.record.checkpoints] == used

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from lightning_influence.callbacks.checks import (
+    OptimizerStepWatch,
     check_ids,
     check_influence_aware,
     check_single_device,
@@ -333,6 +334,8 @@ class ParameterCheckpoints(Callback):
         self._normalizers: list[int] = []
         self._ids: list[tuple[Tensor, ...]] = []
         self._micro: list[Tensor] = []
+        self._pending: tuple[tuple[Tensor, ...], int] | None = None  # the step between its hooks and optimizer.step
+        self._step_watch = OptimizerStepWatch(self._on_step)  # records each step as optimizer.step starts
         self._groups: tuple[tuple[str, ...], ...] = ()
         self._params: list[tuple[str, Tensor]] = []
         self._planned: set[int] | None = None
@@ -379,9 +382,10 @@ class ParameterCheckpoints(Callback):
         if not self._restored:
             self._checkpoints, self._lrs, self._normalizers, self._ids = [], [], [], []
         self._restored = False
-        self._micro = []
+        self._micro, self._pending = [], None
         self._num_samples = None
         self.record = None
+        self._step_watch.watch(trainer.optimizers[0])
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._num_samples is None:
@@ -394,11 +398,20 @@ class ParameterCheckpoints(Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         micro, self._micro = self._micro, []
+        self._pending = (tuple(micro), int(trainer.accumulate_grad_batches))  # recorded as optimizer.step starts
+
+    def _on_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The step as ``optimizer.step`` takes it (:class:`OptimizerStepWatch`): the learning rates
+        after every hook (the module's ``on_before_optimizer_step`` runs after the callbacks'), the
+        parameters before the update. A step the gradient scaler skips is never recorded."""
+        if self._pending is None:
+            return
+        (micro, normalizer), self._pending = self._pending, None
         step = len(self._lrs)
-        lrs = [float(group["lr"]) for group in getattr(optimizer, "optimizer", optimizer).param_groups]
+        lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self._lrs.append(lrs)
-        self._normalizers.append(int(trainer.accumulate_grad_batches))
-        self._ids.append(tuple(micro))
+        self._normalizers.append(normalizer)
+        self._ids.append(micro)
         wanted = step % self.every == 0 if self.every is not None else step in (self._planned or ())
         if not wanted:
             return
@@ -408,7 +421,11 @@ class ParameterCheckpoints(Callback):
         else:
             self._checkpoints.append(ParameterCheckpoint(step, tuple(lrs), {n: p.detach().clone() for n, p in self._params}))
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._step_watch.close()
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step_watch.close()
         self.record = self._current_record()
         if self.directory is not None:
             _save(self.directory / STEPS_FILE, self.record.step_log())
