@@ -281,7 +281,13 @@ class InfluenceScores:
         """The scores of ``ids`` in their order (one target column: ``query`` for a matrix), e.g.
         to line them up with a ground truth computed for those ids; ``KeyError`` naming the
         first id without a score."""
-        wanted = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        given = torch.as_tensor(ids)
+        if given.numel() and (given.is_floating_point() or given.is_complex() or given.dtype == torch.bool) or given.ndim > 1:
+            raise TypeError(
+                f"ids must be a 1-D sequence of integer sample ids, got a {given.dtype} tensor of shape {tuple(given.shape)}"
+                + (" (a boolean mask? pass scores.ids[mask])" if given.dtype == torch.bool else "")
+            )
+        wanted = given.to(torch.long).reshape(-1)
         column = self._column(query)
         order = self.ids.argsort()
         sorted_ids = self.ids[order]

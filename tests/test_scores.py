@@ -535,6 +535,10 @@ def test_values_for_lines_scores_up_with_ids_and_metrics_refuse_unaligned_scores
     torch.testing.assert_close(scores.values_for([1, 9, 3]), torch.tensor([0.1, 0.9, 0.3], dtype=torch.float64))
     with pytest.raises(KeyError, match="no score for sample id 4"):
         scores.values_for(torch.tensor([1, 4]))
+    for wrong in (torch.tensor([0.9, 5.7]), torch.tensor([True, False, True, False]), [[1, 3]]):
+        with pytest.raises(TypeError, match="1-D sequence of integer sample ids"):
+            scores.values_for(wrong)  # used to truncate floats and read a mask as ids 1 and 0
+    assert scores.values_for([]).shape == (0,)
     matrix = InfluenceScores(torch.tensor([5, 2]), torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
     torch.testing.assert_close(matrix.values_for([2, 5], query=1), torch.tensor([4.0, 2.0], dtype=torch.float64))
     with pytest.raises(TypeError, match=r"scores.values_for\(ids\)"):
