@@ -206,6 +206,41 @@ def test_functional_dropout_is_scored_like_an_nn_dropout_module(small_digits):
     torch.testing.assert_close(functional.scores.values, module.scores.values, rtol=0, atol=0)
 
 
+class _LayerDrop(Classifier):
+    """The hidden layer's output is dropped as a whole with probability 1/2, one coin per batch, in
+    training mode only (LayerDrop): a redraw repeats the first batch's coin half of the time."""
+
+    def per_sample_loss(self, batch):
+        x, y, _ = batch
+        layers = list(self.net)
+        h = layers[1](layers[0](x))
+        if self.training and bool(torch.rand(()) < 0.5):
+            h = torch.zeros_like(h)
+        for layer in layers[2:]:
+            h = layer(h)
+        return F.cross_entropy(h, y, reduction="none")
+
+
+def test_randomness_drawn_once_per_batch_is_told_from_a_deterministic_difference(small_digits):
+    """One redraw under another random state repeated the first batch's coin and the loss was refused
+    as 'reads self.training' (seeds 0, 2, 5, 6 here); several redraws find it random and score it
+    like dropout. Where the first batch's coin kept the layer, training and evaluation agree there;
+    the steps that dropped it are then caught by the recorded-gradient check, whose message names
+    such randomness."""
+    from lightning_influence.estimators.diffin import LossChangedError
+
+    for seed in (0, 2, 5, 6):
+        callback = DiffIn(target="val", target_loader=small_digits.val, log_summary=False)
+        torch.manual_seed(seed)
+        quiet_trainer(callbacks=[callback], max_steps=4).fit(_LayerDrop(hidden=(16,), lr=0.1).double(), train_dataloaders=small_digits.train)
+        assert callback.scores.metadata["finite_difference"] == "central"
+    torch.manual_seed(1)
+    with pytest.raises(LossChangedError, match="randomness in training mode that the first batch did not show"):
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=small_digits.val, log_summary=False)], max_steps=4).fit(
+            _LayerDrop(hidden=(16,), lr=0.1).double(), train_dataloaders=small_digits.train
+        )
+
+
 class _LabelSmoothedInTraining(Classifier):
     def per_sample_loss(self, batch):
         x, y, _ = batch

@@ -84,6 +84,10 @@ try:  # Lightning >= 2.5: the general averaging callback (EMAWeightAveraging is 
     _WEIGHT_AVERAGING: tuple[type, ...] = (StochasticWeightAveraging, WeightAveraging)
 except ImportError:  # pragma: no cover
     _WEIGHT_AVERAGING = (StochasticWeightAveraging,)
+RANDOM_REDRAWS = 8
+"""Training-mode re-evaluations of the first batch's losses under other random states that decide
+whether a loss that differs between the modes is random (dropout-like) or deterministic."""
+
 STATE_FORMAT = 2
 """Version of the callback's checkpoint state (``state_dict``)."""
 CHECKPOINT_EVERY = 8
@@ -1489,9 +1493,12 @@ class DiffIn(Callback):
             raise ValueError(
                 f"per_sample_loss(batch) differs between training and evaluation mode on the first step (by up to "
                 f"{difference:.3g}, losses up to {float(training.abs().max()):.3g}) although the module has no dropout or batch "
-                "norm: the loss reads self.training (label smoothing, a regulariser or augmentation in training only?). "
-                "DiffIn evaluates every loss, gradient and Hessian product in evaluation mode, so it would score another "
-                "function than the one trained. Make per_sample_loss the same in both modes"
+                "norm: the loss reads self.training (label smoothing, a regulariser or augmentation in training only?), and "
+                f"{RANDOM_REDRAWS} more evaluations in training mode under other random states gave the same losses, so it "
+                "is not dropout-like randomness (randomness drawn once per batch, such as a layer skipped with some "
+                "probability, can repeat its draw: write it with nn.Dropout-style per-element masks or make it "
+                "deterministic). DiffIn evaluates every loss, gradient and Hessian product in evaluation mode, so it "
+                "would score another function than the one trained. Make per_sample_loss the same in both modes"
             )
 
     def _random_in_training(self, pl_module: L.LightningModule, batch: Any, training: Tensor, devices: list[Any], tol: float) -> bool:
@@ -1503,13 +1510,19 @@ class DiffIn(Callback):
         differences; training's gradients are not the sweep's). Deterministic differences (label
         smoothing or a regulariser in training only) are refused by the caller."""
         buffers = [b.detach().clone() for b in pl_module.buffers()]
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(torch.initial_seed() ^ 0x5DEECE66D)
-            again = pl_module.per_sample_loss(batch).detach()  # type: ignore[operator]
-        with torch.no_grad():
-            for b, saved in zip(pl_module.buffers(), buffers):
-                b.copy_(saved)
-        if again.shape != training.shape or not float((again.to(training.dtype) - training).abs().max()) > tol * max(float(training.abs().max()), 1e-30):
+        scale = tol * max(float(training.abs().max()), 1e-30)
+        random = False
+        for draw in range(RANDOM_REDRAWS):  # several: randomness drawn once per batch (a skipped layer) may repeat a draw
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.manual_seed(torch.initial_seed() ^ (0x5DEECE66D + draw))
+                again = pl_module.per_sample_loss(batch).detach()  # type: ignore[operator]
+            with torch.no_grad():
+                for b, saved in zip(pl_module.buffers(), buffers):
+                    b.copy_(saved)
+            if again.shape == training.shape and float((again.to(training.dtype) - training).abs().max()) > scale:
+                random = True
+                break
+        if not random:
             return False
         if self.checkpoint_every > 1 and self.recompute == "gradients":
             raise ValueError(

@@ -564,8 +564,10 @@ class DiffInSweep:
                 f"parameters differs from the gradient training computed there (relative difference {error:.3g}): the "
                 "loss depends on something that changed during fit besides the parameters and the tensors DiffIn records "
                 "per step, e.g. a Python attribute (self.current_epoch, a temperature or loss weight kept as a float), a "
-                "regulariser or loss term switched on later, a dataset transform that changed, or a loss that reads "
-                "self.training (DiffIn recomputes it in evaluation mode). Every score would evaluate another function. "
+                "regulariser or loss term switched on later, a dataset transform that changed, a loss that reads "
+                "self.training (DiffIn recomputes it in evaluation mode), or randomness in training mode that the first "
+                "batch did not show (a layer skipped with some probability: DiffIn then took the loss as deterministic; "
+                "write it as per-element dropout, or make it deterministic). Every score would evaluate another function. "
                 "Keep such values in registered buffers (register_buffer: DiffIn records their values with every step), "
                 "and keep the loss fixed during fit and the same in both modes"
             )
