@@ -4,7 +4,6 @@ evaluation mode, random dropout outside nn.Dropout, lazy modules, refits and gro
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
