@@ -66,6 +66,21 @@ class TargetGradient:
         distributed = self.collective is not None and self.collective.distributed
         return self.shard() if distributed and self.shard is not None else None
 
+    def sample_positions(self) -> list[int]:
+        """The position (in loader order, from 0) of every sample that enters the target, in the order
+        of a query target's score columns: ``0 .. Q-1`` for the whole loader, the sorted
+        ``sample_count`` subset otherwise. Reads only the batches' sizes (and, for a subset drawn by
+        sample id, their ids)."""
+        self._resolve_subset()
+        positions: list[int] = []
+        position = 0
+        for batch in self.batches():
+            size = self._batch_size(batch)
+            keep = self._keep(batch, position, size, torch.device("cpu"))
+            positions += [position + i for i in (range(size) if keep is None else keep.tolist())]
+            position += size
+        return positions
+
     def _resolve_subset(self, shard: Shard | None = None) -> None:
         if self.sample_count is None or self.subset is not None:
             return

@@ -957,3 +957,34 @@ def test_two_named_callbacks_with_the_same_options_share_a_trainer(small_digits)
         _fit(small_digits, DiffIn(target="val", target_loader=small_digits.val), DiffIn(target="val", target_loader=test))
     with pytest.raises(ValueError, match="name must be None or a non-empty string"):
         DiffIn(name="")
+
+
+def test_query_columns_name_the_query_samples_they_score(small_digits):
+    """A query target's score column j is the query sample at loader position
+    ``metadata["column_positions"][j]``: with a ``target_samples`` subset, column j equals the
+    scores of a query loader holding that one sample (DiffIn, TracIn and an influence function)."""
+    from lightning_influence.estimators import Target
+    from lightning_influence.estimators.influence_functions import InfluenceFunction
+
+    first = small_digits.val.batches[0]
+    query = FixedBatches([tuple(t[:3] for t in first), tuple(t[3:5] for t in first)])  # positions 0..4
+    subset = dict(target="query", target_loader=query, target_samples=3, seed=1)
+    diffin, tracin = DiffIn(**subset), TracIn(**subset)
+    model = _fit(small_digits, diffin, tracin)
+    positions = diffin.scores.metadata["column_positions"]
+    assert len(positions) == 3 and positions == sorted(set(positions)) and tracin.scores.metadata["column_positions"] == positions
+    whole = DiffIn(target="query", target_loader=query)
+    _fit(small_digits, whole)
+    assert whole.scores.metadata["column_positions"] == [0, 1, 2, 3, 4]
+    for j, position in enumerate(positions):
+        torch.testing.assert_close(diffin.scores.values[:, j], whole.scores.values[:, position], rtol=0, atol=0)
+        alone = TracIn(target="query", target_loader=FixedBatches([tuple(t[position : position + 1] for t in first)]))
+        _fit(small_digits, alone)
+        torch.testing.assert_close(tracin.scores.values[:, j], alone.scores.values[:, 0], rtol=1e-12, atol=0)
+    target = Target("query", query, sample_count=3, seed=1)
+    one_epoch = FixedBatches(small_digits.train.batches[: small_digits.n // 16])  # batches of 16
+    influence = InfluenceFunction(solver="exact").scores(model, one_epoch, target)
+    assert influence.metadata["column_positions"] == positions
+    single = InfluenceFunction(solver="exact").scores(model, one_epoch, Target("query", FixedBatches([tuple(t[positions[0] : positions[0] + 1] for t in first)])))
+    torch.testing.assert_close(influence.values[:, 0], single.values[:, 0], rtol=1e-9, atol=0)
+    assert _fit(small_digits, DiffIn(target="val", target_loader=query)) is not None

@@ -94,7 +94,9 @@ def test_query_columns_train_target_and_repeated_ids(problem):
     scores = est.scores(model, p.train, Target("query", p.val, sample_count=4))
     assert scores.values.shape == (p.n, 4) and scores.metadata["columns"] == "each"
     group = ForwardInf(lr=1e-3, columns="group", progress=False).scores(model, p.train, Target("query", p.val, sample_count=4))
-    assert group.values.shape == (p.n,)
+    assert group.values.shape == (p.n,) and group.metadata["column_positions"] is None
+    positions = scores.metadata["column_positions"]  # the query loader positions of the 4 columns' samples
+    assert len(positions) == 4 and positions == sorted(set(positions)) and max(positions) < sum(len(b[0]) for b in p.val)
     # The train target is the mean training loss; a loader that repeats every sample (2 epochs)
     # scores each sample once, with the same values.
     twice = FixedBatches(p.train.batches * 2)

@@ -1573,6 +1573,7 @@ class DiffIn(Callback):
             "mode": self.mode,
             "target": self.target,
             "target_samples": self.target_samples,
+            "column_positions": self._target.sample_positions() if self.target == "query" else None,
             "window": self.window if self.mode == "online" else None,
             "score_every": self.score_every if self.mode == "online" else None,
             "checkpoint_every": self.checkpoint_every,

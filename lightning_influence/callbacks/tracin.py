@@ -392,6 +392,7 @@ class TracIn(Callback):
                 "mode": "online",
                 "target": self.target,
                 "target_samples": self.target_samples,
+                "column_positions": self._target.sample_positions() if self.target == "query" else None,
                 "target_every": self.target_every,
                 "steps_seen": self.steps_seen,
                 "skipped_steps": self.skipped_steps,

@@ -137,6 +137,7 @@ class DiffInCheckpoints(CheckpointEstimator):
                 "estimator": self.name,
                 "target": target.kind,
                 "target_samples": target.sample_count,
+                "column_positions": gradient.sample_positions() if target.kind == "query" else None,
                 "checkpoints": m,
                 "checkpoint_steps": ",".join(map(str, steps_used)),
                 "num_samples": n,

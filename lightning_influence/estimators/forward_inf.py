@@ -234,6 +234,7 @@ class ForwardInf(Estimator):
             "estimator": self.name,
             "target": target.kind,
             "columns": columns,
+            "column_positions": selector.sample_positions() if columns == "each" else None,
             "direction": self.direction,
             "steps": self.steps,
             "lr": self.lr,

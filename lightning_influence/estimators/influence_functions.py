@@ -167,8 +167,11 @@ def _non_finite_target_rows(target: Target, module: L.LightningModule, train_loa
     return f" (non-finite losses in target {'; '.join(found[:5])}{'; ...' if len(found) > 5 else ''}, counted from 0)"
 
 
-def _metadata(target: Target, **facts: Any) -> dict[str, Any]:
-    return {"target": target.kind, "units": UNITS, **facts}  # facts may override the units
+def _metadata(target: Target, module: L.LightningModule, train_loader: Iterable[Any], **facts: Any) -> dict[str, Any]:
+    """The scores' metadata: the target, the units (``facts`` may override them) and, for a query
+    target, the query loader position of each score column's sample."""
+    positions = target.gradient(module, train_loader).sample_positions() if target.kind == "query" else None
+    return {"target": target.kind, "column_positions": positions, "units": UNITS, **facts}
 
 
 class InfluenceFunction(Estimator):
@@ -347,6 +350,8 @@ class InfluenceFunction(Estimator):
         self.last_solve = {"damping_value": lam, **info}
         meta = _metadata(
             target,
+            module,
+            train_loader,
             estimator=self.name,
             solver=info["solver"],
             curvature=self.curvature if info["solver"] not in ("ekfac", "kfac") else f"{self.fisher} (Kronecker-factored)",
@@ -475,6 +480,8 @@ class DataInf(Estimator):
             )
         meta = _metadata(
             target,
+            module,
+            train_loader,
             estimator=self.name,
             units=DATAINF_UNITS,
             calibrated=False,

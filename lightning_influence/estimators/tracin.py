@@ -309,6 +309,7 @@ class TracInCheckpoints(CheckpointEstimator):
                 "estimator": self.name,
                 "target": target.kind,
                 "target_samples": target.sample_count,
+                "column_positions": gradient.sample_positions() if target.kind == "query" else None,
                 "weighting": self.weighting,
                 "checkpoints": len(record),
                 "checkpoint_steps": ",".join(str(c.step) for c in record.checkpoints),
