@@ -240,6 +240,7 @@ def test_ddp_checkpoint_holds_every_ranks_shards(ddp_run):
             assert torch.equal(record["global_ids"][k], union)
 
 
+@pytest.mark.slow
 def test_ddp_spawn_resume_gives_the_uninterrupted_ddp_scores(ddp_run):
     """Resumed under ddp_spawn from the first epoch's checkpoint: the scores of the uninterrupted DDP
     run, exposed by the callbacks of the launching process."""
@@ -262,6 +263,7 @@ def tempfile_dir() -> str:
     return tempfile.gettempdir()
 
 
+@pytest.mark.slow
 def test_hydra_entry_point_with_trainer_ddp(tmp_path):
     """``python -m lightning_influence trainer=ddp``: one run (Lightning re-runs the command for rank 1 into
     the parent's run folder, without its own .hydra folder), scores of every training sample computed by
@@ -283,6 +285,7 @@ def test_hydra_entry_point_with_trainer_ddp(tmp_path):
     assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
 
 
+@pytest.mark.slow
 def test_hydra_multirun_sweep_with_ddp_spawn(tmp_path):
     """``-m trainer=ddp trainer.strategy=ddp_spawn seed=0,1``: the spawn launcher runs each job's fits in
     worker processes that never re-run the sweep; every job writes its own complete run folder."""

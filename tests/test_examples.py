@@ -49,6 +49,7 @@ def test_harmful_digits_draws_the_grids(tmp_path: Path) -> None:
     assert harmful >= 8 and helpful <= 2  # 5% of the labels are flipped
 
 
+@pytest.mark.slow
 def test_ddp_example_scores_every_sample_on_rank_zero(tmp_path: Path) -> None:
     out = run_example("ddp.py", "--out", str(tmp_path / "scores.pt"))
     assert "world size 2: scored 1200 samples" in out and out.count("world size") == 1  # rank zero prints

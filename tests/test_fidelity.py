@@ -165,6 +165,7 @@ def test_float32_training_with_default_settings_tracks_float64_retraining():
 CNN_BARS = {"gelu": REPLAY_BAR, "relu": 0.95}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", sorted(CNN_BARS))
 def test_small_cnn_replay_ranks_leave_one_out_effects(activation):
     """Convolutions: replay, with forward-mode or finite-difference per-sample derivatives,

@@ -54,6 +54,7 @@ def _full_set(dataset) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-
     return x, y
 
 
+@pytest.mark.slow
 def test_ddp_evaluation_reports_the_whole_set_like_one_process(tmp_path: Path) -> None:
     script = tmp_path / "evaluate.py"
     script.write_text(textwrap.dedent(DDP_EVALUATION.format(model="Classifier")))

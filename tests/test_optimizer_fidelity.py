@@ -34,7 +34,12 @@ BARS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Two setups (plain SGD, and AdamW for the adaptive updates) run in the quick suite; the other
+# setups take 20-40 s each and are marked slow: CI runs them (`pytest -m slow`, see .ci/run).
+QUICK = ("sgd", "adamw")
+
+
+@pytest.mark.parametrize("name", [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in CASES])
 def test_scores_track_retraining_with_the_same_optimizer(name):
     epochs = 16 if CASES[name].trainer.get("accumulate_grad_batches", 1) > 1 else 32
     result = measure(CASES[name], {"replay": {}, "online": {"mode": "online"}}, epochs=epochs, samples=100)

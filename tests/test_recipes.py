@@ -103,6 +103,7 @@ def test_deletion_predictions_match_retraining(tmp_path: Path) -> None:
     assert report["lds"]["subsets"] == 5 and report["lds"]["lds"] is not None
 
 
+@pytest.mark.slow
 def test_coreset_multirun_sweep_and_aggregation(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
     entry_point(

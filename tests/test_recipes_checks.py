@@ -364,6 +364,7 @@ def test_a_preset_option_another_estimator_does_not_take_is_traced_to_the_preset
     assert "Sanity Checking" not in proc.stderr + proc.stdout and "Epoch" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_multirun_jobs_sharing_one_output_dir_are_refused_before_training(tmp_path: Path) -> None:
     """-m with a fixed output_dir: every job would write into one folder (the last job's kept). A
     fixed path, and an interpolated one that does not differ between the jobs, are refused before
@@ -395,6 +396,7 @@ def test_multirun_jobs_sharing_one_output_dir_are_refused_before_training(tmp_pa
     assert seeds == {0: 0, 1: 1}
 
 
+@pytest.mark.slow
 def test_every_job_of_a_multirun_is_checked_before_the_first_one_runs(tmp_path: Path) -> None:
     """An out-of-range value in some jobs of a sweep (given on the command line, and through a
     preset's hydra.sweeper.params) refuses the whole sweep before any job runs, naming each
@@ -1001,6 +1003,7 @@ def test_tied_scores_rank_by_sample_id_whatever_order_the_estimator_returns(tmp_
 
 
 # ---------------------------------------------------------------------- results of an earlier run in a job's folder
+@pytest.mark.slow
 def test_a_failed_job_does_not_pass_off_the_earlier_runs_results_as_its_own(tmp_path: Path) -> None:
     """A second sweep into the same sweep folder whose job 1 fails at runtime (a metric the model does
     not log): job 1's folder keeps the first sweep's report.json, scores.pt, ... (not deleted), its
