@@ -57,8 +57,23 @@ class UnsupportedOptimizer(ValueError):
     """The optimizer (or one of its options) is not modelled: scores would be wrong."""
 
 
-def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)  # Lightning's LightningOptimizer
+def torch_optimizer(optimizer: Any, owner: str = "DiffIn") -> torch.optim.Optimizer:
+    """The torch optimizer behind Lightning's ``LightningOptimizer``, or ``optimizer`` itself. Only
+    Lightning's wrapper is looked through: another library's wrapper that keeps an inner optimizer
+    in an attribute (a Lookahead, say) takes other steps than that inner optimizer, and is returned
+    as it is (so that it is judged as what it is, e.g. refused as an unmodelled optimizer).
+    ``UnsupportedOptimizer`` for an object that is not a ``torch.optim.Optimizer`` at all."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    if isinstance(optimizer, LightningOptimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UnsupportedOptimizer(
+            f"{owner} follows optimizers that are a torch.optim.Optimizer (their steps, hooks and parameter groups); "
+            f"configure_optimizers returned a {type(optimizer).__module__}.{type(optimizer).__qualname__}, which is not "
+            f"one. {SUPPORTED_OPTIMIZERS}"
+        )
+    return optimizer
 
 
 def _sqrt_safe(x: Tensor) -> Tensor:
@@ -139,7 +154,7 @@ class StepModel:
         clip_algorithm: ClipAlgorithm = "norm",
         second_moment: SecondMoment = "linearized",
     ) -> None:
-        inner = _unwrap(optimizer)
+        inner = torch_optimizer(optimizer)
         kind = type(inner)
         if kind not in _FAMILIES:
             raise UnsupportedOptimizer(f"DiffIn does not model optimizer {kind.__name__}; supported: {SUPPORTED_OPTIMIZERS}")
@@ -210,6 +225,7 @@ class StepModel:
         rows: list[list[float]] = []
         state: dict[str, list[Tensor | None]] = {name: [] for name in self.state_names}
         groups = self.optimizer.param_groups
+        self._check_unrecorded_state(groups)
         for p, g in zip(self.params, self.group_index, strict=True):
             group, st = groups[g], self.optimizer.state.get(p, {})
             if self.family is _SGD:
@@ -243,6 +259,23 @@ class StepModel:
                 value = st.get(name)
                 state[name].append(value.detach() if isinstance(value, Tensor) else None)
         return torch.tensor(rows, dtype=torch.float64), state
+
+    def _check_unrecorded_state(self, groups: Sequence[Mapping[str, Any]]) -> None:
+        """Only the state the optimizer carried at fit start is recorded (see ``__init__``): an
+        option that starts a state of its own later (momentum set above 0 by a hook or a
+        scheduler, amsgrad or centered switched on) would be modelled without it."""
+        switches = (("momentum_buffer", "momentum", lambda v: float(v) != 0.0), ("max_exp_avg_sq", "amsgrad", bool), ("grad_avg", "centered", bool))
+        for name, option, active in switches:
+            if name in self.family.state and name not in self.state_names:
+                turned_on = [g for g, group in enumerate(groups) if active(group.get(option, 0.0))]
+                if turned_on:
+                    raise UnsupportedOptimizer(
+                        f"{option}={groups[turned_on[0]][option]!r} in parameter group {turned_on[0]} of "
+                        f"{type(self.optimizer).__name__}, but no group had {option} when the fit started, so the state "
+                        f"it needs ({name}) is not recorded and the steps would be modelled without it. Build the "
+                        f"optimizer with {option} on from the start (the same value throughout, or a schedule that "
+                        "starts from a non-zero value), or keep it off for the whole fit"
+                    )
 
     # ------------------------------------------------------------------ the pure update
     def expand(self, hyper: Tensor, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:

@@ -449,7 +449,7 @@ class _FreezesBody(Classifier):
 @pytest.mark.parametrize("thaw", [False, True])
 def test_parameters_frozen_or_unfrozen_during_fit_are_refused(small_digits, thaw):
     model = _FreezesBody(thaw=thaw, hidden=(8,), lr=0.1).double()
-    match = "has been unfrozen" if thaw else "'net.0.weight' has been frozen"
+    match = "is trained now" if thaw else "'net.0.weight' has been frozen"
     with pytest.raises(ValueError, match=match + ".*set of trained parameters changed.*keep them frozen"):
         quiet_trainer(callbacks=[DiffIn(target="val", target_loader=small_digits.val)], max_epochs=2).fit(
             model, train_dataloaders=small_digits.train

@@ -109,7 +109,7 @@ def test_optimizer_step_watch_runs_after_every_hook_and_clipping():
 
     class Watching(Callback):
         def on_fit_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
-            self.watch = OptimizerStepWatch(self.seen)
+            self.watch = OptimizerStepWatch(self.seen, "Watching", carries_state=True)
             self.watch.watch(trainer.optimizers[0])
 
         def seen(self, optimizer):  # type: ignore[no-untyped-def]
@@ -163,7 +163,7 @@ def test_tracin_refuses_a_change_of_the_trained_parameters(change):
     torch.manual_seed(0)
     if change == "backbone_finetuning":
         model, other = BackboneAndHead().double(), BackboneFinetuning(unfreeze_backbone_at_epoch=1, verbose=False)
-        expected = "that was frozen has been unfrozen .* optimizer step 4: TracIn cannot score"
+        expected = "that was not trained at fit start .* is trained now .* optimizer step 4: TracIn cannot score"
     else:
         model, other = Classifier(hidden=(16,), lr=0.1).double(), FreezesFirstLayer()
         expected = "parameter 'net.0.weight' has been frozen .* optimizer step 4: TracIn cannot score"

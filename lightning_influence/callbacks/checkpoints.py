@@ -35,6 +35,7 @@ from lightning_influence.callbacks.checks import (
     draws_with_replacement,
     repeats_unsupported,
 )
+from lightning_influence.optimizers import torch_optimizer
 from lightning_influence.scores import atomic_write_bytes, verify_zip
 from lightning_influence.validation import check_count
 
@@ -61,7 +62,7 @@ def first_order_calibration(trainer: L.Trainer, optimizer: Any) -> tuple[bool, s
     or ``(False, why)``: with Adam the step is preconditioned (measured ~15x off on a small MLP),
     with momentum a gradient is applied again in later steps (up to ``1 / (1 - momentum)`` in all),
     and clipping scales the step down (measured ~10x)."""
-    optimizer = getattr(optimizer, "optimizer", optimizer)
+    optimizer = torch_optimizer(optimizer, "TracIn")
     reasons = []
     if type(optimizer) is not torch.optim.SGD:
         reasons.append(f"{type(optimizer).__name__} (its step is not the learning rate times the gradient)")
@@ -69,13 +70,23 @@ def first_order_calibration(trainer: L.Trainer, optimizer: Any) -> tuple[bool, s
         momentum = max(float(g.get("momentum", 0.0) or 0.0) for g in optimizer.param_groups)
         if momentum:
             reasons.append(f"SGD with momentum {momentum:g} (each gradient is applied again in later steps)")
-        if any(g.get("maximize", False) for g in optimizer.param_groups):
-            reasons.append("SGD with maximize=True")
     clip = getattr(trainer, "gradient_clip_val", None)
     if clip:
         algorithm = getattr(trainer, "gradient_clip_algorithm", None) or "norm"
         reasons.append(f"gradient clipping by {algorithm} at {clip:g} (a clipped step is not proportional to the gradient)")
     return (not reasons, "; ".join(reasons) if reasons else "plain SGD")
+
+
+def _refuse_maximize(optimizer: torch.optim.Optimizer, step: int) -> None:
+    """The checkpoint estimators weight steps by their learning rates as descent steps; an ascent
+    (``maximize=True``) would flip every score's sign without a trace in the recorded rates."""
+    maximized = [g for g, group in enumerate(optimizer.param_groups) if group.get("maximize", False)]
+    if maximized:
+        raise ValueError(
+            f"ParameterCheckpoints: parameter group(s) {maximized} of the optimizer have maximize=True (seen at optimizer "
+            f"step {step}): the checkpoint estimators (TracInCP, the published Diff-In) model descent steps. Minimise the "
+            "negated loss instead, or score this run with the TracIn or DiffIn callbacks, which model maximize"
+        )
 
 
 def first_order_units(calibrated: bool, update: str) -> str:
@@ -335,7 +346,7 @@ class ParameterCheckpoints(Callback):
         self._ids: list[tuple[Tensor, ...]] = []
         self._micro: list[Tensor] = []
         self._pending: tuple[tuple[Tensor, ...], int] | None = None  # the step between its hooks and optimizer.step
-        self._step_watch = OptimizerStepWatch(self._on_step)  # records each step as optimizer.step starts
+        self._step_watch = OptimizerStepWatch(self._on_step, "ParameterCheckpoints")  # records each step as optimizer.step starts
         self._groups: tuple[tuple[str, ...], ...] = ()
         self._params: list[tuple[str, Tensor]] = []
         self._planned: set[int] | None = None
@@ -356,7 +367,7 @@ class ParameterCheckpoints(Callback):
         check_single_device(trainer, "ParameterCheckpoints")
         if len(trainer.optimizers) != 1:
             raise ValueError(f"ParameterCheckpoints needs exactly one optimizer, got {len(trainer.optimizers)}")
-        optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
+        optimizer = torch_optimizer(trainer.optimizers[0], "ParameterCheckpoints")
         names = {id(p): n for n, p in pl_module.named_parameters()}
         groups = []
         params = []
@@ -408,6 +419,7 @@ class ParameterCheckpoints(Callback):
             return
         (micro, normalizer), self._pending = self._pending, None
         step = len(self._lrs)
+        _refuse_maximize(optimizer, step)
         lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self._lrs.append(lrs)
         self._normalizers.append(normalizer)

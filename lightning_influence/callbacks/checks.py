@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
+from lightning_influence.optimizers import UnsupportedOptimizer, torch_optimizer
 from lightning_influence.targets import TARGET_KINDS, FitStartLoader, TargetGradient, in_order
 from lightning_influence.validation import check_count
 
@@ -649,14 +650,15 @@ def check_trained_parameters(
     optimizer as a new parameter group) is refused, naming it and ``step``. Reads no device value."""
     frozen = [name for name, p in zip(names, params, strict=True) if not p.requires_grad]
     seen = {id(p) for p in known}
-    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    groups = torch_optimizer(optimizer, owner).param_groups
     thawed = [p for group in groups for p in group["params"] if id(p) not in seen and p.grad is not None]
     if not frozen and not thawed:
         return
     what = (
         f"parameter {frozen[0]!r} has been frozen (requires_grad=False)"
         if frozen
-        else f"a parameter of shape {tuple(thawed[0].shape)} that was frozen has been unfrozen (it received a gradient)"
+        else f"a parameter of shape {tuple(thawed[0].shape)} that was not trained at fit start (frozen, or left out of "
+        "the optimizer) is trained now (it received a gradient: unfrozen, or added with add_param_group)"
     )
     raise ValueError(
         f"{what} since {owner} took the trainable parameters (its on_fit_start, before the module's), seen at "
@@ -719,28 +721,86 @@ class OptimizerStepWatch:
     ``on_before_optimizer_step`` hooks and the clipping, and the torch optimizer calls that closure
     inside ``step``, after its pre-hooks (32-true, 64-true, bf16-mixed): the pre-hook then wraps the
     closure so that ``on_step`` runs when it returns. Without a closure (16-mixed: Lightning runs it
-    first and the gradient scaler calls ``step()`` bare), ``on_step`` runs in the pre-hook itself."""
+    first and the gradient scaler calls ``step()`` bare), ``on_step`` runs in the pre-hook itself.
 
-    def __init__(self, on_step: Callable[[torch.optim.Optimizer], None]) -> None:
+    ``carries_state`` (an owner that models the optimizer's state as each step leaves it for the
+    next: DiffIn, the retraining recorder): each step also checks that the optimizer's state is
+    the one the previous step left, the same tensors unmodified (their version counters; no device
+    read), and refuses a state cleared, replaced or edited in place in between (a "restart" that
+    resets momentum), naming the step."""
+
+    def __init__(self, on_step: Callable[[torch.optim.Optimizer], None], owner: str, *, carries_state: bool = False) -> None:
         self._on_step = on_step
-        self._handle: Any = None
+        self._owner = owner
+        self._carries_state = carries_state
+        self._handles: list[Any] = []
+        self._left: dict[int, dict[str, Any]] | None = None  # the state as the last step left it
+        self._steps = 0
 
     def watch(self, optimizer: Any) -> None:
         """Watch ``optimizer`` (a ``LightningOptimizer`` or a torch optimizer), in place of any watched before."""
         self.close()
-        inner = getattr(optimizer, "_optimizer", optimizer)
-        self._handle = inner.register_step_pre_hook(self._pre_step)
+        inner = torch_optimizer(optimizer, self._owner)
+        try:
+            self._handles = [inner.register_step_pre_hook(self._pre_step)]
+            if self._carries_state:
+                self._handles.append(inner.register_step_post_hook(self._post_step))
+        except AttributeError as err:  # a subclass whose __init__ skipped torch.optim.Optimizer.__init__
+            self.close()
+            raise UnsupportedOptimizer(
+                f"{self._owner} reads every step through torch.optim.Optimizer's step hooks, which "
+                f"{type(inner).__qualname__} does not have ({err}: its __init__ does not call "
+                "torch.optim.Optimizer.__init__, as some optimizer wrappers do). Use the optimizer it wraps"
+            ) from None
+
+    def _step_starts(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._left is not None:
+            self._check_state(optimizer)
+        self._on_step(optimizer)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._left = _state_marks(optimizer)
+        self._steps += 1
+
+    def _check_state(self, optimizer: torch.optim.Optimizer) -> None:
+        now = _state_marks(optimizer)
+        if now == self._left:
+            return
+        assert self._left is not None
+        shapes = {id(p): tuple(p.shape) for group in optimizer.param_groups for p in group["params"]}
+        what = "the state was cleared" if not now else "the state was replaced"
+        for key in [] if not now else sorted(set(self._left) | set(now), key=lambda k: k not in now):
+            before, after = self._left.get(key), now.get(key)
+            if before == after:
+                continue
+            shape = shapes.get(key, "?")
+            if after is None:
+                what = f"the state of a parameter of shape {shape} was removed"
+            elif before is None:
+                what = f"a parameter of shape {shape} got state of its own"
+            else:
+                changed = sorted(n for n in set(before) | set(after) if before.get(n) != after.get(n))
+                what = f"the state {changed} of a parameter of shape {shape} was replaced or changed in place"
+            break
+        raise ValueError(
+            f"{self._owner}: the optimizer's state changed between optimizer steps {self._steps - 1} and {self._steps} "
+            f"of this fit, outside optimizer.step ({what}: e.g. optimizer.state.clear() or momentum buffers reset "
+            f"for a restart, or a state loaded mid-fit). {self._owner} takes the state each step starts from to be "
+            "the one the previous step left, so every step before the change would be mis-scored. Keep the "
+            "optimizer's state for the whole fit, or train each phase in a fit of its own (configure_optimizers "
+            "builds a fresh optimizer for each fit)"
+        )
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # torch passes the hook step's own arguments: (optimizer, closure?) and keyword arguments
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if closure is None:
-            self._on_step(optimizer)
+            self._step_starts(optimizer)
             return None
 
         def closure_then_step(*closure_args: Any, **closure_kwargs: Any) -> Any:
             result = closure(*closure_args, **closure_kwargs)
-            self._on_step(optimizer)
+            self._step_starts(optimizer)
             return result
 
         if "closure" in kwargs:
@@ -748,10 +808,20 @@ class OptimizerStepWatch:
         return (args[0], closure_then_step, *args[2:]), kwargs
 
     def close(self) -> None:
-        """Remove the hook (a fit that ended or failed leaves none on the optimizer)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the hooks (a fit that ended or failed leaves none on the optimizer)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._left, self._steps = [], None, 0
+
+
+def _state_marks(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    """The optimizer's state, per parameter (by ``id``) and name, as marks that change when it
+    changes: a tensor's identity and version counter (bumped by every in-place change), any other
+    value itself. Host-only."""
+    return {
+        id(p): {name: (id(v), v._version) if isinstance(v, Tensor) else v for name, v in state.items()}
+        for p, state in optimizer.state.items()
+    }
 
 
 def draws_each_sample_once(trainer: L.Trainer) -> str | None:

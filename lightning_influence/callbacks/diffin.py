@@ -64,7 +64,7 @@ from lightning_influence.kernels import (
 )
 from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel
+from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel, torch_optimizer
 from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
@@ -379,7 +379,7 @@ class DiffIn(Callback):
         self._epoch_repeats = EpochRepeats("DiffIn")  # ids that come back within an epoch (ids that are not dataset positions)
         # The hyperparameters are read again where optimizer.step starts its update (after every
         # on_before_optimizer_step and clipping): a learning rate changed after DiffIn's hook is the one used.
-        self._step_watch = OptimizerStepWatch(self._on_optimizer_step)
+        self._step_watch = OptimizerStepWatch(self._on_optimizer_step, "DiffIn", carries_state=True)
         self._stepping: tuple[StepRecord, float] | None = None  # the record of the step about to be taken, its rest
         self._to_append: StepRecord | None = None  # a record appended once its step has started (hyper final)
         self._saved_parameters: dict[str, Tensor] | None = None  # the resumed checkpoint's, until the first batch
@@ -729,7 +729,7 @@ class DiffIn(Callback):
         patterns; all by default) and the others (recorded as context)."""
         names = parameter_names(pl_module)  # a tied parameter matches a pattern under any of its names
         trained: list[tuple[str, Tensor]] = []
-        for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+        for group in torch_optimizer(optimizer).param_groups:
             for p in group["params"]:
                 if id(p) not in names:
                     raise ValueError("the optimizer holds a parameter that is not a parameter of the LightningModule")
@@ -1316,6 +1316,15 @@ class DiffIn(Callback):
         with torch.no_grad():
             predicted, _ = self._model.update(record.theta, record.state, record.grad, record.hyper)
         actual = self._space.flatten(self._params)
+        if not bool(torch.isfinite(actual).all()):  # finite gradients (checked), yet the update was not
+            hyper = dict(zip(self._model.hyper_names, record.hyper[0].tolist(), strict=True))
+            raise FloatingPointError(
+                f"DiffIn: the optimizer step {record.step} made parameters non-finite from finite gradients and "
+                f"parameters ({type(self._model.optimizer).__name__} with {hyper}): the optimizer's own arithmetic "
+                "overflowed or divided by zero (e.g. eps=0 in an adaptive optimizer, where a coordinate's gradient "
+                "is exactly 0, gives 0/0). Training itself diverges there, with or without DiffIn: fix the "
+                "optimizer's settings (a positive eps)"
+            )
         error = float((predicted - actual).abs().max())
         moved = float((actual - record.theta).abs().max())
         tolerance = 1e-3 * moved + 64 * torch.finfo(actual.dtype).eps * (1.0 + float(actual.abs().max()))

@@ -72,6 +72,7 @@ from lightning_influence.kernels import (
 )
 from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
+from lightning_influence.optimizers import torch_optimizer
 from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.validation import check_callback_name, check_count, check_seed
@@ -134,7 +135,7 @@ class TracIn(Callback):
         self._micro: list[tuple[Any, Tensor]] = []
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
         self._epoch_repeats = EpochRepeats("TracIn")  # ids that come back within an epoch (ids that are not dataset positions)
-        self._step_watch = OptimizerStepWatch(self._on_step)  # scores each step as optimizer.step starts
+        self._step_watch = OptimizerStepWatch(self._on_step, "TracIn")  # scores each step as optimizer.step starts
         self._stepping: tuple[list[tuple[Any, Tensor]], Any, int] | None = None  # the step between its hooks and optimizer.step
         self._cached_gradient: Tensor | None = None
         self._cached_at = -1
@@ -174,7 +175,7 @@ class TracIn(Callback):
         self._epoch_repeats.reset()
         if len(trainer.optimizers) != 1:
             raise ValueError(f"TracIn needs exactly one optimizer, got {len(trainer.optimizers)}")
-        optimizer = getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])
+        optimizer = torch_optimizer(trainer.optimizers[0], "TracIn")
         names = {id(p): n for n, p in pl_module.named_parameters()}
         named: list[tuple[str, Tensor]] = []
         group_of: list[int] = []
@@ -308,7 +309,8 @@ class TracIn(Callback):
         check_trained_parameters("TracIn", space.names, self._params, self._params, optimizer, step)
         grads = [p.grad for p in self._params if p.grad is not None]
         theta = space.flatten(self._params)
-        lrs = torch.tensor([float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64)
+        # maximize=True steps along +lr * gradient: the sign of the step's first-order change flips
+        lrs = torch.tensor([-float(g["lr"]) if g.get("maximize", False) else float(g["lr"]) for g in optimizer.param_groups], dtype=torch.float64)
         per_coordinate = space.expand(lrs[self._group_of].to(theta.device))
         with evaluation_mode(pl_module):
             if self._cached_gradient is None or step - self._cached_at >= self.target_every:
@@ -398,7 +400,7 @@ class TracIn(Callback):
                 "skipped_steps": self.skipped_steps,
                 "target_gradients": self.target_gradients,
                 "forward_mode_passes": self.forward_mode_passes,
-                "optimizer": type(getattr(trainer.optimizers[0], "optimizer", trainer.optimizers[0])).__name__,
+                "optimizer": type(torch_optimizer(trainer.optimizers[0], "TracIn")).__name__,
                 "update_model": "plain SGD, first order (learning rate read from the optimizer as each step starts)",
                 # target-loss units only when the update is plain unclipped SGD (the deletion recipe reads this)
                 "calibrated": calibrated,

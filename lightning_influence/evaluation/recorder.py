@@ -67,7 +67,7 @@ class StepRecorder(Callback):
         self._backward = BackwardWatch()  # did the pending micro-batch's backward run?
         self._group_ids: list[tuple[int, ...]] = []
         self._watch: BufferWatch | None = None
-        self._step_watch = OptimizerStepWatch(self._on_step)
+        self._step_watch = OptimizerStepWatch(self._on_step, "StepRecorder", carries_state=True)
         self._awaiting: int | None = None  # the step recorded at on_before_optimizer_step, until its optimizer.step starts
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
