@@ -640,6 +640,16 @@ def coupling_message(module: Any, change: float) -> str:
     )
 
 
+def loss_tolerance(*dtypes: torch.dtype, mixed: bool = False) -> float:
+    """Relative tolerance between two computations of one loss (``training_step``'s and the mean of
+    ``per_sample_loss``, training and evaluation mode): ``1e-9`` when every value is float64,
+    ``2e-2`` under mixed precision or where a value is float16/bfloat16 (which keep 11 and 8
+    significant bits: a mean of half-precision terms rounds by ~1e-3), ``1e-4`` otherwise."""
+    if mixed or any(d in (torch.float16, torch.bfloat16) for d in dtypes):
+        return 2e-2
+    return 1e-9 if all(d == torch.float64 for d in dtypes) else 1e-4
+
+
 def check_trained_parameters(
     owner: str, names: Iterable[str], params: Iterable[Tensor], known: Iterable[Tensor], optimizer: Any, step: int
 ) -> None:

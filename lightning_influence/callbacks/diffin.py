@@ -37,6 +37,7 @@ from lightning_influence.callbacks.checks import (
     dataset_length,
     device_target_batches,
     draws_with_replacement,
+    loss_tolerance,
     mid_accumulation_resume_error,
     target_loader_source,
     undeclared_coupling,
@@ -1210,7 +1211,7 @@ class DiffIn(Callback):
         with torch.no_grad():
             accumulate = float(max(int(trainer.accumulate_grad_batches), 1))
             terms = losses.detach().double()
-            tol = 1e-9 if loss.dtype == losses.dtype == torch.float64 else 1e-4  # the first step's tolerances
+            tol = loss_tolerance(loss.dtype, losses.dtype, mixed=self._mixed)  # the first step's tolerances
             pair = torch.stack([loss.detach().double().reshape(()) * accumulate, terms.mean(), terms.abs().mean()])
             self._loss_pairs.append((pair, tol))
 
@@ -1494,7 +1495,7 @@ class DiffIn(Callback):
         as another function than the one trained (found after fit as a changed loss, if at all)."""
         with torch.random.fork_rng(devices=devices), evaluation_mode(pl_module), torch.enable_grad():
             evaluated = pl_module.per_sample_loss(batch).detach()  # type: ignore[operator]
-        tol = 1e-4 if training.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        tol = loss_tolerance(training.dtype)
         difference = float((evaluated.to(training.dtype) - training).abs().max()) if evaluated.shape == training.shape else math.inf
         if difference > tol * max(float(training.abs().max()), 1e-30):
             if self._random_in_training(pl_module, batch, training, devices, tol):
@@ -1561,7 +1562,7 @@ class DiffIn(Callback):
             return
         # Lightning reports the loss divided by accumulate_grad_batches; autocast computes it in low precision.
         expected, got = float(loss.detach()) * accumulate, float(self._loss_check)  # type: ignore[arg-type]
-        tol = 2e-2 if self._mixed else 1e-4 if loss.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        tol = loss_tolerance(loss.dtype, mixed=self._mixed)
         # Relative to the losses' size (the mean of their magnitudes: a mean of signed terms may cancel), never absolute:
         # losses of 1e-5 that differ 4-fold are a mismatch.
         if not math.isclose(expected, got, rel_tol=tol, abs_tol=tol * self._loss_scale):
