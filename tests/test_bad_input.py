@@ -780,16 +780,37 @@ class _MeanOfSums(Classifier):
         return torch.nn.functional.mse_loss(self(x), torch.nn.functional.one_hot(y, 10).to(x.dtype))
 
 
-def test_a_reduction_mismatch_is_refused_at_the_first_step_however_small_the_losses(small_digits):
+@pytest.mark.parametrize("owner", ["DiffIn", "TracIn"])
+def test_a_reduction_mismatch_is_refused_at_the_first_step_however_small_the_losses(small_digits, owner):
     """The first-step check is relative to the losses' size: losses of ~1e-6 that differ 10-fold
-    are refused (an absolute tolerance let them through, to fail after fit with another diagnosis)."""
+    are refused (an absolute tolerance let them through, to fail after fit with another diagnosis).
+    TracIn checks it too (it scored such runs, off by the loss's factor, as calibrated)."""
     model = _model(_MeanOfSums, lr=1e-6)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1e-4)
     tiny = FixedBatches([(x * 1e-3, y, i) for x, y, i in small_digits.train.batches])
-    trainer = _refused(tiny, r"per_sample_loss\(batch\).mean\(\) = .* but training_step returned loss .* on the first step", _val(small_digits), model=model)
+    cb = _val(small_digits) if owner == "DiffIn" else TracIn(target="val", target_loader=small_digits.val)
+    trainer = _refused(tiny, r"per_sample_loss\(batch\).mean\(\) = .* but training_step returned loss .* on the first step", cb, model=model)
     assert trainer.global_step <= 1
+
+
+class _DropoutClassifier(Classifier):
+    """Dropout in training: training_step's losses are the mean of per_sample_loss under the same mask."""
+
+    def __init__(self, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return super().forward(self.drop(x))
+
+
+def test_tracin_compares_the_first_loss_under_training_steps_own_dropout_mask(small_digits):
+    cb = TracIn(target="val", target_loader=small_digits.val)
+    torch.manual_seed(0)
+    quiet_trainer(callbacks=[cb]).fit(_model(_DropoutClassifier), train_dataloaders=small_digits.train)
+    assert cb.scores.metadata["steps_seen"] == 48
 
 
 class _SmoothedInTraining(Classifier):

@@ -640,6 +640,44 @@ def coupling_message(module: Any, change: float) -> str:
     )
 
 
+def training_mode_losses(pl_module: L.LightningModule, batch: Any, then: Callable[[Tensor], None] | None = None) -> Tensor:
+    """``per_sample_loss(batch)`` as ``training_step`` is about to compute it: in the module's mode,
+    with autograd on and the random stream ``training_step`` will draw (forked: dropout masks agree
+    and training's own draws are left alone), followed by ``then(losses)`` inside the same fork.
+    Buffers (batch-norm running statistics) are restored: the check does not change the run."""
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    buffers = [b.detach().clone() for b in pl_module.buffers()]
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        losses = pl_module.per_sample_loss(batch)  # type: ignore[operator]
+        if then is not None:
+            then(losses)
+    with torch.no_grad():
+        for b, saved in zip(pl_module.buffers(), buffers):
+            b.copy_(saved)
+    return losses
+
+
+def check_training_loss(outputs: Any, accumulate: int, losses: Tensor, *, mixed: bool, scale: float | None = None) -> None:
+    """The first step's check: ``training_step`` returned (in ``outputs``; Lightning divides it by
+    ``accumulate`` micro-batches) the mean of the per-sample ``losses`` of its batch, to
+    :func:`loss_tolerance` relative to the losses' mean magnitude ``scale`` (never absolute: losses
+    of 1e-5 that differ 4-fold are a mismatch). Skipped when ``training_step`` returned no tensor."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if not isinstance(loss, Tensor):
+        return
+    expected, got = float(loss.detach()) * accumulate, float(losses.detach().mean())
+    scale = float(losses.detach().abs().mean()) if scale is None else scale
+    tol = loss_tolerance(loss.dtype, mixed=mixed)
+    if not math.isclose(expected, got, rel_tol=tol, abs_tol=tol * scale):
+        raise ValueError(
+            f"per_sample_loss(batch).mean() = {got!r} but training_step returned loss {expected!r} on the first "
+            "step: the per-sample losses must be the unreduced terms of the training loss (same reduction, "
+            "same regularisers, no extra weighting). Random augmentation or masking must happen before "
+            "training_step (in the dataset, the collate function or on_after_batch_transfer), so that "
+            "per_sample_loss(batch) sees the batch training did"
+        )
+
+
 def loss_tolerance(*dtypes: torch.dtype, mixed: bool = False) -> float:
     """Relative tolerance between two computations of one loss (``training_step``'s and the mean of
     ``per_sample_loss``, training and evaluation mode): ``1e-9`` when every value is float64,

@@ -8,7 +8,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,9 +37,11 @@ from lightning_influence.callbacks.checks import (
     dataset_length,
     device_target_batches,
     draws_with_replacement,
+    check_training_loss,
     loss_tolerance,
     mid_accumulation_resume_error,
     target_loader_source,
+    training_mode_losses,
     undeclared_coupling,
 )
 from lightning_influence.distributed import Collective, distributed_shard
@@ -803,18 +805,9 @@ class DiffIn(Callback):
         self._epoch_repeats.add(ids.detach())
         self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
         if not self._loss_checked and self._loss_check is None:
-            # Same RNG stream as training_step will draw, so dropout masks agree; with autograd on, to check
-            # that the losses depend on the parameters. Buffers (batch-norm running statistics) are restored:
-            # the check must not change the training run.
+            # With autograd on, to check that the losses depend on the parameters.
             devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-            buffers = [b.detach().clone() for b in pl_module.buffers()]
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                losses = pl_module.per_sample_loss(batch)
-                if self._coupled:
-                    _check_removal(pl_module, batch, ids)
-            with torch.no_grad():
-                for b, saved in zip(pl_module.buffers(), buffers):
-                    b.copy_(saved)
+            losses = training_mode_losses(pl_module, batch, (lambda _: _check_removal(pl_module, batch, ids)) if self._coupled else None)
             check_losses(
                 losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params), batch=batch, module=pl_module
             )
@@ -822,7 +815,7 @@ class DiffIn(Callback):
                 change = undeclared_coupling(pl_module, batch)
                 if change is not None:
                     rank_zero_warn(coupling_message(pl_module, change))
-            self._loss_check = losses.detach().mean()
+            self._loss_check = losses.detach()
             self._loss_scale = float(losses.detach().abs().mean())
             if not self._mixed and not self._mode_dependent(pl_module) and not spectral_norm_layers(pl_module):
                 self._check_mode_independent_losses(pl_module, batch, losses.detach(), devices)
@@ -1556,23 +1549,9 @@ class DiffIn(Callback):
         return True
 
     def _compare_training_loss(self, outputs: Any, accumulate: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         self._loss_checked = True
-        if not isinstance(loss, Tensor):
-            return
-        # Lightning reports the loss divided by accumulate_grad_batches; autocast computes it in low precision.
-        expected, got = float(loss.detach()) * accumulate, float(self._loss_check)  # type: ignore[arg-type]
-        tol = loss_tolerance(loss.dtype, mixed=self._mixed)
-        # Relative to the losses' size (the mean of their magnitudes: a mean of signed terms may cancel), never absolute:
-        # losses of 1e-5 that differ 4-fold are a mismatch.
-        if not math.isclose(expected, got, rel_tol=tol, abs_tol=tol * self._loss_scale):
-            raise ValueError(
-                f"per_sample_loss(batch).mean() = {got!r} but training_step returned loss {expected!r} on the first "
-                "step: the per-sample losses must be the unreduced terms of the training loss (same reduction, "
-                "same regularisers, no extra weighting). Random augmentation or masking must happen before "
-                "training_step (in the dataset, the collate function or on_after_batch_transfer), so that "
-                "per_sample_loss(batch) sees the batch training did"
-            )
+        assert self._loss_check is not None
+        check_training_loss(outputs, accumulate, self._loss_check, mixed=self._mixed, scale=self._loss_scale)
 
     def _build_scores(self) -> InfluenceScores:
         assert self._accumulator is not None and self._sweep is not None
