@@ -16,7 +16,7 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
-from lightning_influence.config import ConfigError, register_configs
+from lightning_influence.config import ConfigError, SetupRefused, register_configs
 
 register_configs()
 
@@ -29,6 +29,8 @@ def main(cfg: DictConfig) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     try:
         run(cfg)
+    except SetupRefused as err:  # the user's model or data, refused by the trial step: no traceback
+        raise SystemExit(f"lightning-influence: the one-step trial run refused the model or data, nothing was scored: {err}") from None
     except ConfigError as err:  # the user's input, not the library, is at fault: no traceback
         raise SystemExit(f"lightning-influence: the config is refused, nothing was run: {err}") from None
 

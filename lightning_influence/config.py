@@ -85,12 +85,31 @@ class ConfigTypeError(ConfigError, TypeError):
     ``TypeError`` for callers that catch that."""
 
 
+class SetupRefused(ConfigError):
+    """The configured model or datamodule, run for one trial step before the scoring fit (a
+    recipe's preflight), was refused: a metric it does not log, a method it lacks, sample ids that
+    are not positions, ... Like a refused config, printed without a traceback (the run's log has
+    it); the trial step trains nothing and writes no result."""
+
+
+class SetupTypeRefused(SetupRefused, TypeError):
+    """A :class:`SetupRefused` for a missing method or a value of the wrong type."""
+
+
 def refused_config(err: ValueError | TypeError) -> ConfigError:
     """``err``, raised by a config check, as the :class:`ConfigError` (or :class:`ConfigTypeError`)
     with the same message."""
     if isinstance(err, ConfigError):
         return err
     return (ConfigTypeError if isinstance(err, TypeError) else ConfigError)(str(err))
+
+
+def refused_setup(err: ValueError | TypeError) -> ConfigError:
+    """``err``, raised while a recipe's trial step checked the model and data, as a
+    :class:`SetupRefused` (or :class:`SetupTypeRefused`) with the same message."""
+    if isinstance(err, ConfigError):
+        return err
+    return (SetupTypeRefused if isinstance(err, TypeError) else SetupRefused)(str(err))
 
 
 class TargetKind(Enum):

@@ -131,6 +131,19 @@ def test_command_line_refuses_a_bad_trainer_value_before_training(tmp_path: Path
     assert "the run failed: ConfigError: " + message in log and "Traceback" in log
 
 
+def test_command_line_prints_what_the_trial_step_refused_in_one_line(tmp_path: Path) -> None:
+    """A metric the model does not log is found by the one-step trial run before the scoring fit:
+    one line on the console (it printed a Hydra traceback), the traceback in the run's log."""
+    run_dir = tmp_path / "run"
+    proc = command_line(tmp_path, "recipe.metric=nope", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(
+        "lightning-influence: the one-step trial run refused the model or data, nothing was scored: recipe.metric='nope' is not logged"
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "the run failed: SetupRefused: recipe.metric='nope'" in (run_dir / "lightning-influence.log").read_text()
+
+
 def test_command_line_refuses_a_key_added_with_plus_before_training(tmp_path: Path) -> None:
     """Hydra refuses recipe.remove_fractoin=0.5 and suggests +recipe.remove_fractoin=0.5; that form used
     to run the whole recipe with the key ignored. Now it stops before any training, naming the key

@@ -603,6 +603,14 @@ def test_the_detection_table_fits_long_estimator_names(capsys) -> None:  # type:
     assert [line.split()[0] for line in table] == ["ranking", "influence_function", "final", "chance"]
     assert len({line.index("  ", len("influence_function")) for line in table[1:]}) == 1
     assert len({len(line) for line in table}) == 1
+    # a user datamodule that does not say how its labels were flipped: no "(None)"
+    report["detection"]["noise_kind"] = None
+    cleaning._print(report, "diffin", "test_acc")
+    out = capsys.readouterr().out
+    assert "Flipped labels: 2.\n" in out and "None" not in out
+    report["num_scored"] = 5
+    cleaning._print(report, "diffin", "test_acc")
+    assert "(2 in the whole training set of 10); the detection" in capsys.readouterr().out
 
 
 def test_coreset_of_partly_scored_data_says_what_it_kept(tmp_path: Path) -> None:
@@ -1077,3 +1085,36 @@ def test_aggregation_checks_each_report_against_its_folders_job_marker(tmp_path:
     message = str(caught[0].message)
     assert "killed (the last run there, started T0, did not finish (killed, or still running); its report.json is of an earlier run (run b" in message
     assert "upgraded (the last run there, started T0, failed; its report.json is of an earlier run (without run id" in message
+
+
+# ---------------------------------------------------------------------- sample ids must be positions
+class _TrainOnly(L.LightningDataModule):
+    def __init__(self, dataset) -> None:  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.dataset = dataset
+
+    def train_dataloader(self):  # type: ignore[no-untyped-def]
+        return DataLoader(self.dataset, batch_size=16, shuffle=True)
+
+
+def test_recipes_refuse_sample_ids_that_are_not_positions_of_the_training_set() -> None:
+    """The recipes retrain on ``Subset(dataset, kept ids)`` and read labels by position: ids kept
+    from before a shuffle, or an IndexedDataset split with random_split (a Subset carrying the full
+    set's positions), retrained without other samples than the scored ones (QA: 12 flagged ids
+    removed, 12 others left out, report unchanged)."""
+    from lightning_influence import IndexedDataset
+    from lightning_influence.config import SetupRefused
+    from lightning_influence.models import Classifier
+    from lightning_influence.recipes.common import check_ids_are_positions
+
+    x, y = torch.randn(40, 64), torch.randint(0, 10, (40,))
+    model = Classifier(hidden=(8,))
+    permuted = TensorDataset(x, y, torch.randperm(40, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match=r"sample id i must be item i of the training dataset, but item \d+ carries sample id \d+ \(TensorDataset of 40 items\)"):
+        check_ids_are_positions(model, _TrainOnly(permuted))
+    split = torch.utils.data.random_split(IndexedDataset(TensorDataset(x, y)), [30, 10], generator=torch.Generator().manual_seed(0))[0]
+    with pytest.raises(ValueError, match=r"carries sample id .*\(Subset of 30 items\).*a Subset of an IndexedDataset carries the full set's positions"):
+        check_ids_are_positions(model, _TrainOnly(split))
+    check_ids_are_positions(model, _TrainOnly(IndexedDataset(TensorDataset(x, y))))
+    check_ids_are_positions(model, _TrainOnly(TensorDataset(x, y, torch.arange(40))))
+    assert issubclass(SetupRefused, ValueError)

@@ -316,13 +316,15 @@ def _print(report: dict[str, Any], name: str, metric: str) -> None:
     if det["estimator"] is not None:
         keys = [k for k in det["chance"]]
         scored, flipped = report["num_scored"], det.get("num_flipped_scored", det["num_flipped"])
+        kind = det["noise_kind"]  # None for a user datamodule that does not name how its labels were flipped
         if scored < report["num_train_samples"]:
             flips = (
                 f"Flipped labels: {flipped} among the {scored} scored samples ({det['num_flipped']} in the whole training set "
-                f"of {report['num_train_samples']}; {det['noise_kind']}); the detection metrics are over the scored samples."
+                f"of {report['num_train_samples']}{'' if kind is None else f'; {kind}'}); the detection metrics are over the "
+                "scored samples."
             )
         else:
-            flips = f"Flipped labels: {det['num_flipped']} ({det['noise_kind']})."
+            flips = f"Flipped labels: {det['num_flipped']}" + ("." if kind is None else f" ({kind}).")
         width = max(len("ranking"), len("final loss"), len(name))
         lines += ["", flips, f"{'ranking':<{width}} {'ROC-AUC':>8}  " + "  ".join(f"{k.removeprefix('found_in_'):>12}" for k in keys)]
         for key, title in (("estimator", name), ("loss", "final loss")):

@@ -50,6 +50,7 @@ from lightning_influence.config import (
     estimator_option_names,
     estimator_params,
     in_multirun,
+    refused_setup,
 )
 from lightning_influence.estimators.base import REGISTRY, Estimator, Target, build, estimator_class
 from lightning_influence.scores import InfluenceScores, atomic_write_bytes, check_writable
@@ -385,7 +386,10 @@ class Preflight:
     metrics: set[str]
 
 
-def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str | None = None, target_samples: int | None = None) -> Preflight:
+def preflight(
+    cfg: DictConfig, out: Path, metric: str | None = None, target: str | None = None, target_samples: int | None = None,
+    ids_are_positions: bool = True,
+) -> Preflight:
     """Check what would otherwise fail only after training time was spent: a Trainer config that
     runs no step; then a one-step trial fit on one device in this process (one training,
     validation and test batch, the user's callbacks, no estimator) of a fresh model, which sets
@@ -393,9 +397,21 @@ def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str
     that a misspelt ``metric`` and a ``target_samples`` larger than the target are refused here;
     the estimator options that depend on the model (``params`` patterns that match none of its
     parameters, ``solver=exact`` above the size limit) are refused on the trial model too
-    (:func:`check_estimator_on_model`). Returns the datamodule (reused by the scoring run) and
-    the sizes the recipe checks its own values against."""
+    (:func:`check_estimator_on_model`). ``ids_are_positions``: the recipe reads samples by id as
+    positions of the training set (retraining on subsets, labels for its report), which is
+    checked (:func:`check_ids_are_positions`). Returns the datamodule (reused by the scoring run)
+    and the sizes the recipe checks its own values against. What the trial refuses is raised as
+    :class:`~lightning_influence.config.SetupRefused` (one line on the command line)."""
     check_training_steps(cfg)
+    try:
+        return _trial(cfg, out, metric, target, target_samples, ids_are_positions)
+    except (ValueError, TypeError) as err:
+        raise refused_setup(err) from err
+
+
+def _trial(
+    cfg: DictConfig, out: Path, metric: str | None, target: str | None, target_samples: int | None, ids_are_positions: bool
+) -> Preflight:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     # One device in this process, whatever the strategy: no worker processes to start for a trial
@@ -417,6 +433,8 @@ def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str
             metrics.update(results[0] if results else {})
     if cfg.get("estimator") is not None:
         check_estimator_on_model(estimator_params(cfg.estimator), model, next(iter(datamodule.train_dataloader()), None))
+    if ids_are_positions:
+        check_ids_are_positions(model, datamodule)
     num_train = len(train_dataset(datamodule))
     num_val = None
     if is_overridden("val_dataloader", datamodule, L.LightningDataModule):
@@ -435,6 +453,50 @@ def preflight(cfg: DictConfig, out: Path, metric: str | None = None, target: str
                 f"lower it to at most {available}, or null for the whole target"
             )
     return Preflight(datamodule, num_train, num_val, metrics)
+
+
+def check_ids_are_positions(model: L.LightningModule, datamodule: Any, probes: int = 64) -> None:
+    """The recipes retrain on subsets of the training set taken by position, and read labels by
+    position: sample id ``i`` must be item ``i`` of the training dataset (as
+    :class:`~lightning_influence.IndexedDataset` gives). Checked on every id of a ``TensorDataset``
+    read by the default ``sample_ids``, else on the first, the last and ``probes`` random items
+    (collated and read with ``model.sample_ids``): ids kept from before a shuffle, or positions
+    of the full set inside a ``Subset`` (``random_split``) would retrain without other samples
+    than the ones scored."""
+    from torch.utils.data import TensorDataset
+    from torch.utils.data._utils.collate import default_collate
+
+    from lightning_influence.data import IndexedDataset
+    from lightning_influence.mixin import InfluenceMixin
+
+    loader = datamodule.train_dataloader()
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, (IndexedDataset, IterableDataset)):
+        return
+    n = len(dataset)
+    if n == 0:
+        return
+    if isinstance(dataset, TensorDataset) and getattr(type(model), "sample_ids", None) is InfluenceMixin.sample_ids:
+        positions, ids = torch.arange(n), dataset.tensors[-1].reshape(-1).long().cpu()
+    else:
+        drawn = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:probes].tolist()
+        positions = torch.tensor(sorted({0, n - 1, *drawn}))
+        collate = getattr(loader, "collate_fn", None) or default_collate
+        ids = torch.as_tensor(model.sample_ids(collate([dataset[int(i)] for i in positions]))).reshape(-1).long().cpu()  # type: ignore[operator]
+    if ids.shape == positions.shape and torch.equal(ids, positions):
+        return
+    if ids.shape != positions.shape:
+        found = f"{ids.numel()} ids for {positions.numel()} items"
+    else:
+        first = int((ids != positions).nonzero()[0, 0])
+        found = f"item {int(positions[first])} carries sample id {int(ids[first])}"
+    raise ValueError(
+        f"the recipes take samples by position (retraining keeps the items at the positions of the kept ids, and labels "
+        f"are read by position), so sample id i must be item i of the training dataset, but {found} "
+        f"({type(dataset).__name__} of {n} items). Wrap the training dataset in lightning_influence.IndexedDataset (after "
+        "any split: a Subset of an IndexedDataset carries the full set's positions), or make sample_ids(batch) return "
+        "positions in the training dataset"
+    )
 
 
 def _parameter_summary(model: torch.nn.Module, shown: int = 8) -> str:

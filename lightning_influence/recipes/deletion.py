@@ -169,7 +169,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = prepare(cfg, params.plots)
     target = params.target.value
     subset_count, subset_seed = _target_subset_of(est, params.target_samples, int(cfg.seed))
-    checked = preflight(cfg, out, None, target, subset_count)
+    checked = preflight(cfg, out, None, target, subset_count, ids_are_positions=mode == "fresh")  # trajectory retraining removes by id
     too_large = [size for size in params.sizes if size >= checked.num_train]
     if too_large:
         raise ValueError(
