@@ -71,16 +71,25 @@ class InfluenceMixin:
                     f"{self.sample_id_key!r}. Wrap the dataset in lightning_influence.IndexedDataset, or set "
                     "sample_id_key, or override sample_ids(batch)"
                 )
-            ids = batch[self.sample_id_key]
+            ids, where = batch[self.sample_id_key], f"batch[{self.sample_id_key!r}]"
         elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= 2:
-            ids = batch[-1]
+            ids, where = batch[-1], "the batch's last element"
         else:
             raise TypeError(
                 f"cannot find sample ids in a batch of type {type(batch).__name__}: wrap the dataset in "
                 "lightning_influence.IndexedDataset (ids become the last tuple element or batch['index']) "
                 "or override sample_ids(batch)"
             )
-        return torch.as_tensor(ids)
+        try:
+            return torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"the default sample_ids(batch) reads {where} as the sample ids, but it is a {type(ids).__name__} that is "
+                f"not a sequence of integers ({err}). A list of training loaders gives a list batch whose last element is "
+                "a whole batch of the last loader; ids given as strings (file names) are not positions in the dataset. "
+                "Wrap the dataset in lightning_influence.IndexedDataset (integer ids become the last tuple element or "
+                "batch['index']), or override sample_ids(batch) to return integer ids"
+            ) from None
 
     def remove_from_batch(self, batch: Any, index: int | Tensor) -> Any:
         """The batch without its sample at position ``index`` (``0 <= index < B``), for modules with

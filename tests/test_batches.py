@@ -178,3 +178,19 @@ def test_dataclass_batches_are_scored_like_tuple_batches(small_digits, tmp_path,
         scores.append(cb.scores)
     assert torch.equal(scores[0].ids, scores[1].ids)
     torch.testing.assert_close(scores[1].values, scores[0].values, rtol=1e-12, atol=1e-15)
+
+
+def test_the_default_sample_ids_say_what_they_read_when_it_is_not_integer_ids():
+    """A list of two training loaders gives a list batch whose last element is a whole batch, and
+    string ids (file names) are not positions: the default ``sample_ids`` says which element it read
+    and the fix (it raised torch's "only one element tensors can be converted to Python scalars" /
+    "too many dimensions 'str'")."""
+    module = Classifier(hidden=(4,))
+    x, y, i = torch.randn(3, 64), torch.tensor([0, 1, 2]), torch.arange(3)
+    with pytest.raises(TypeError, match=r"reads the batch's last element as the sample ids, but it is a list .*A list of training loaders"):
+        module.sample_ids([[x, y, i], [x, y, i]])
+    with pytest.raises(TypeError, match=r"reads the batch's last element .* a tuple .*strings \(file names\) are not positions"):
+        module.sample_ids([x, y, ("a.png", "b.png", "c.png")])
+    with pytest.raises(TypeError, match=r"reads batch\['index'\] as the sample ids"):
+        module.sample_ids({"x": x, "index": ["a", "b", "c"]})
+    assert torch.equal(module.sample_ids([x, y, i]), i)

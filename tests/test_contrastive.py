@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from conftest import quiet_trainer
 from contrastive_case import Modalities, PairEncoder, fixed_batches
 from lightning_influence import DiffIn
+from lightning_influence.data import FixedBatches
 from lightning_influence.evaluation import OptimizerSpec, StepRecorder, TrainingStep, leave_one_out, retrain, spearman
 from lightning_influence.kernels import RemovalSizeError, directional_derivatives, per_sample_loss_function, removal_derivatives
 
@@ -256,3 +257,48 @@ def test_a_coupled_loss_that_is_not_declared_is_found_on_the_first_batch():
         change = undeclared_coupling(_Undeclared().double(), (pairs.x_a, pairs.x_b, torch.arange(n)))
         print(f"undeclared InfoNCE over {n} pairs: the others' losses change by {change:.3f} of the mean loss")
         assert change is not None and change > 50 * COUPLING_TOLERANCE
+
+
+class _WrongRows(PairEncoder):
+    """Drops the right id but the first row of ``x_b`` whatever ``index`` is: right at 0, wrong after."""
+
+    def remove_from_batch(self, batch, index):  # type: ignore[no-untyped-def]
+        x_a, x_b, ids = batch
+        keep = [i for i in range(ids.numel()) if i != int(index)]
+        return x_a[keep], x_b[1:], ids[keep]
+
+
+class _WithMask(PairEncoder):
+    """A [B, B] tensor in the batch: the default removal drops its row only."""
+
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        x_a, x_b, mask, ids = batch
+        positives = (mask * (x_a @ x_a.T)).sum(1)  # [B, B] pairs of samples: the mask needs its column removed too
+        return super().per_sample_loss((x_a, x_b, ids)) + 0.0 * positives
+
+
+def test_a_removal_is_checked_at_several_positions_and_against_dropping_rows():
+    """An override that drops the right id but another sample's data at positions above 0 passed the
+    check of position 0 (QA: Spearman 0.998 against the ground truth, which uses the same removal,
+    0.24 against real retraining); it is compared with dropping row ``index`` of every per-sample
+    tensor. A batch holding a [B, B] tensor failed with the loss's own shape error."""
+    data = Modalities.make().sample(32)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"_WrongRows.remove_from_batch\(batch, 4\) gives other losses .* than dropping row 4"):
+        quiet_trainer(callbacks=[DiffIn(target="train")], max_steps=1).fit(_WrongRows().double(), train_dataloaders=fixed_batches(data, 8, 1))
+    masked = [(a, b, torch.eye(len(i), dtype=a.dtype), i) for a, b, i in fixed_batches(data, 8, 1).batches]
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"per_sample_loss failed on the default remove_from_batch \(rows of dim 0 only\)\(batch, 0\) .*a \[B, B\] mask"):
+        quiet_trainer(callbacks=[DiffIn(target="train")], max_steps=1).fit(_WithMask().double(), train_dataloaders=FixedBatches(masked))
+
+
+def test_an_undeclared_coupling_is_found_on_a_first_batch_of_two():
+    """Two pairs are enough to see InfoNCE's coupling: without the other, a pair's loss is 0."""
+    from lightning_influence.callbacks.checks import undeclared_coupling
+
+    pairs = Modalities.make().sample(2, seed=3)
+    assert undeclared_coupling(_Undeclared().double(), (pairs.x_a, pairs.x_b, torch.arange(2))) is not None
+    data = Modalities.make().sample(8)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"looks coupled across its batch"):
+        quiet_trainer(callbacks=[DiffIn(target="train")], max_steps=1).fit(_Undeclared().double(), train_dataloaders=fixed_batches(data, 2, 1))

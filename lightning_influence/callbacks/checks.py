@@ -576,7 +576,7 @@ def undeclared_coupling(module: Any, batch: Any) -> float | None:
     sample is taken out by the module's own ``remove_from_batch`` where it overrides it, else by
     :func:`~lightning_influence.batches.select_samples` (per-sample tensors and lists of values).
     Evaluated in evaluation mode without autograd, in passes whose random state training's random
-    stream does not see; ``None`` where it cannot tell: a batch of fewer than 3 samples, a loss
+    stream does not see; ``None`` where it cannot tell: a batch of one sample, a loss
     that differs between two evaluations of the same batch from different random states (it
     draws random numbers), losses within 1e3 roundings of zero in their dtype, a removal that
     does not apply to the batch. A heuristic: a tensor of the batch that
@@ -589,7 +589,7 @@ def undeclared_coupling(module: Any, batch: Any) -> float | None:
     own_removal = type(module).remove_from_batch is not InfluenceMixin.remove_from_batch
     try:
         size = int(torch.as_tensor(module.sample_ids(batch)).numel())
-        if size < 3:
+        if size < 2:
             return None
         device = getattr(module, "device", torch.device("cpu"))
         devices = [device] if isinstance(device, torch.device) and device.type == "cuda" else []

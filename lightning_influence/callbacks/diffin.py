@@ -1726,25 +1726,64 @@ class _HeldStep:
 
 
 def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
-    """A coupled module's ``remove_from_batch(batch, 0)`` must be the batch without its first sample:
-    ``sample_ids`` without the first id and one per-sample loss fewer."""
-    if ids.numel() < 2:
+    """A coupled module's ``remove_from_batch(batch, i)`` must be the batch without its sample ``i``,
+    checked for the first, a middle and the last sample: ``sample_ids`` without that id and one
+    per-sample loss fewer. An override is also compared with dropping row ``i`` of every per-sample
+    tensor (:func:`~lightning_influence.batches.select_samples`, where that gives the same ids):
+    other losses are warned about (once), since one of the two removals takes the wrong rows."""
+    from lightning_influence.batches import select_samples
+
+    size = ids.numel()
+    if size < 2:
         return
     name = type(pl_module).__name__
-    sub = pl_module.remove_from_batch(batch, 0)
-    sub_ids = torch.as_tensor(pl_module.sample_ids(sub)).reshape(-1).cpu()
-    expected = ids.reshape(-1).cpu()[1:]
-    losses = pl_module.per_sample_loss(sub)
-    shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-    if sub_ids.shape != expected.shape or not bool((sub_ids == expected).all()) or shape != (ids.numel() - 1,):
-        raise ValueError(
-            f"{name} declares coupled_batch_loss, so DiffIn evaluates per_sample_loss on the batch without each sample "
-            f"in turn, but remove_from_batch(batch, 0) on a batch of {ids.numel()} samples gave a sub-batch with sample "
-            f"ids of shape {tuple(sub_ids.shape)} and per_sample_loss of shape {shape}; expected the ids without the "
-            f"first one ({ids.numel() - 1} samples) and {ids.numel() - 1} losses. Fix {name}.remove_from_batch: it must "
-            "drop row `index` of every per-sample tensor of the batch (the default drops it along dim 0 of every tensor "
-            "whose first dimension is the batch size)"
-        )
+    own = type(pl_module).remove_from_batch is not InfluenceMixin.remove_from_batch
+    removal = f"{name}.remove_from_batch" if own else "the default remove_from_batch (rows of dim 0 only)"
+    all_ids = ids.reshape(-1).cpu()
+    for index in sorted({0, size // 2, size - 1}):
+        expected = torch.cat([all_ids[:index], all_ids[index + 1 :]])
+        sub = pl_module.remove_from_batch(batch, index)
+        sub_ids = torch.as_tensor(pl_module.sample_ids(sub)).reshape(-1).cpu()
+        try:
+            losses = pl_module.per_sample_loss(sub)
+        except Exception as err:  # noqa: BLE001 - a sub-batch the loss cannot read: say where it came from
+            raise ValueError(
+                f"{name} declares coupled_batch_loss, so DiffIn evaluates per_sample_loss on the batch without each sample "
+                f"in turn, but per_sample_loss failed on {removal}(batch, {index}) ({type(err).__name__}: {err}). A batch "
+                "holding tensors that are per-sample along another dimension than the first (a [B, B] mask, a "
+                f"sequence-first [T, B] tensor) needs {name}.remove_from_batch overridden to drop the sample from each "
+                "of them"
+            ) from err
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        if sub_ids.shape != expected.shape or not bool((sub_ids == expected).all()) or shape != (size - 1,):
+            raise ValueError(
+                f"{name} declares coupled_batch_loss, so DiffIn evaluates per_sample_loss on the batch without each "
+                f"sample in turn, but {removal}(batch, {index}) on a batch of {size} samples gave a sub-batch with sample "
+                f"ids of shape {tuple(sub_ids.shape)} and per_sample_loss of shape {shape}; expected the ids without the "
+                f"one at position {index} ({size - 1} samples) and {size - 1} losses. Fix {name}.remove_from_batch: it "
+                "must drop row `index` of every per-sample tensor of the batch (the default drops it along dim 0 of every "
+                "tensor whose first dimension is the batch size)"
+            )
+        if own:
+            keep = [i for i in range(size) if i != index]
+            try:
+                rows = select_samples(batch, keep, size)
+                same_ids = torch.equal(torch.as_tensor(pl_module.sample_ids(rows)).reshape(-1).cpu(), expected)
+                reference = pl_module.per_sample_loss(rows) if same_ids else None
+            except Exception:  # noqa: BLE001 - a layout select_samples does not handle: nothing to compare
+                reference = None
+            if isinstance(reference, Tensor) and reference.shape == losses.shape:
+                tol = loss_tolerance(losses.dtype, reference.dtype)
+                gap = float((losses.detach().double() - reference.detach().double()).abs().max())
+                if gap > tol * max(float(reference.detach().abs().max()), 1e-30):
+                    rank_zero_warn(
+                        f"{name}.remove_from_batch(batch, {index}) gives other losses (by up to {gap:.3g}) than dropping "
+                        f"row {index} of every tensor whose first dimension is the batch size: one of the two takes out "
+                        f"other data than sample {index}. If the override is right (the batch holds per-sample data "
+                        "along another dimension), ignore this; else fix it, since the scores and the leave-one-out "
+                        "ground truth both use it"
+                    )
+                    return
 
 
 def _remove_handoff(path: Path, owner_pid: int) -> None:
