@@ -33,8 +33,10 @@ from lightning_influence.validation import check_seed
 class IndexedDataset(Dataset):
     """Wraps a map-style dataset so that item ``i`` carries ``i`` as its sample id.
 
-    Dict items gain the key ``"index"``; tuple/list items gain ``i`` as their last element;
-    any other item ``x`` becomes ``(x, i)``.
+    Dict items gain the key ``"index"``; tuple/list items gain ``i`` as their last element (a
+    named tuple becomes a plain tuple, its fields in order: a named tuple has no room for another
+    field, so read the batch by position, or make the items dicts); any other item ``x`` becomes
+    ``(x, i)``.
     """
 
     def __init__(self, dataset: Dataset, key: str = SAMPLE_ID_KEY) -> None:
