@@ -281,8 +281,13 @@ def check_functional_gradient(
     batch: Any,
     held: Mapping[str, Tensor] | None = None,
     owner: str = "this computation",
+    random_advice: str | None = None,
 ) -> None:
     """Refuse a loss that does not see the parameters a functional evaluation passes in.
+
+    ``random_advice``: what to do about a forward that draws random numbers, for an ``owner`` that
+    evaluates the module in training mode (default: the advice for evaluation mode, where
+    ``nn.Dropout`` and ``training=self.training`` switch the randomness off).
 
     At :func:`shifted_point` of ``params`` (so that passed-in and own values differ), the gradient
     ``functional_gradient(point)`` (``{name: grad}``) must equal :func:`module_gradient` of the
@@ -326,12 +331,15 @@ def check_functional_gradient(
         assert again is not None
         spread = math.sqrt(sum(float(torch.linalg.vector_norm(dense(again[n]) - dense(reference[n]))) ** 2 for n in point))
         if spread > rtol * scale + 1e-30:
+            advice = random_advice or (
+                "in evaluation mode, gave gradients {spread} apart (relative): the forward draws random numbers that eval "
+                "mode does not switch off, e.g. F.dropout(x, p) with training=True hard-wired, added noise or a sampled "
+                "latent. Use nn.Dropout or F.dropout(x, p, training=self.training), and make other randomness depend on "
+                "self.training"
+            )
             raise ValueError(
-                f"{owner} needs a deterministic {name}.per_sample_loss, but two evaluations at the same parameters, in "
-                f"evaluation mode, gave gradients {spread / max(scale, 1e-300):.2e} apart (relative): the forward draws "
-                "random numbers that eval mode does not switch off, e.g. F.dropout(x, p) with training=True hard-wired, "
-                "added noise or a sampled latent. Use nn.Dropout or F.dropout(x, p, training=self.training), and make "
-                "other randomness depend on self.training"
+                f"{owner} needs a deterministic {name}.per_sample_loss, but two evaluations at the same parameters, "
+                + advice.format(spread=f"{spread / max(scale, 1e-300):.2e}")
             )
         worst = sorted(point, key=lambda n: -errors[n])[:3]
         raise ValueError(
@@ -730,10 +738,11 @@ def has_mode_dependent_layers(module: nn.Module) -> bool:
     written as a function (``F.dropout(x, p, training=self.training)``) is not seen here: DiffIn
     tells it apart from other train-only terms on the first batch (random from one evaluation to
     the next)."""
-    return any(_is_mode_dependent(m) for m in module.modules())
+    return any(is_mode_dependent(m) for m in module.modules())
 
 
-def _is_mode_dependent(module: nn.Module) -> bool:
+def is_mode_dependent(module: nn.Module) -> bool:
+    """``module`` itself acts differently in train and eval mode (see :func:`has_mode_dependent_layers`)."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return module.p > 0  # dropout with p=0 is the identity in either mode
     if isinstance(module, nn.MultiheadAttention):
@@ -768,7 +777,7 @@ class BufferWatch:
         self.initial: dict[str, Tensor] = {}
         self.removed: list[str] = []
         for prefix, sub in module.named_modules():
-            slots = [] if _is_mode_dependent(sub) else [(sub._buffers, name) for name in sub._buffers]
+            slots = [] if is_mode_dependent(sub) else [(sub._buffers, name) for name in sub._buffers]
             slots += [(sub._parameters, name) for name in sub._parameters if f"{prefix}.{name}".lstrip(".") in wanted]
             for table, name in slots:
                 tensor = table[name]

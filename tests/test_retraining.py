@@ -593,7 +593,7 @@ def test_recorder_refuses_runs_it_cannot_reproduce(digits: tuple[Tensor, Tensor]
     opt = torch.optim.Adam(module.parameters(), lr=0.01)
     module.per_sample_loss(batches[0]).mean().backward()
     opt.step()
-    trainer = SimpleNamespace(optimizers=[opt], gradient_clip_val=None, gradient_clip_algorithm=None, accumulate_grad_batches=1)
+    trainer = SimpleNamespace(optimizers=[opt], gradient_clip_val=None, gradient_clip_algorithm=None, accumulate_grad_batches=1, precision="64-true")
     recorder = StepRecorder()
     recorder.on_fit_start(trainer, module)  # type: ignore[arg-type]
     recorder.on_train_batch_start(trainer, module, batches[0], 0)  # type: ignore[arg-type]

@@ -31,10 +31,13 @@ def state_of(module: nn.Module) -> dict[str, Tensor]:
     return {n: t.detach().clone() for n, t in module.state_dict().items()}
 
 
-def fit(module: L.LightningModule, batches: list[Batch]) -> tuple[dict[str, Tensor], StepRecorder]:
-    """Fits ``module`` for two epochs; its initial parameters and the recorder."""
+def fit(module: L.LightningModule, batches: list[Batch], verify: bool = False) -> tuple[dict[str, Tensor], StepRecorder]:
+    """Fits ``module`` for two epochs; its initial parameters and the recorder. ``verify=False``
+    (here): the recorder does not retrain the run at the end of fit, so that the refusals of the
+    retraining itself are what the tests see (the recorder's own check raises the same error at
+    the end of fit: :func:`test_the_recorder_refuses_at_the_end_of_fit_what_the_retraining_would`)."""
     initial = {n: p.detach().clone() for n, p in module.named_parameters()}
-    recorder = StepRecorder()
+    recorder = StepRecorder(verify=verify)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quiet_trainer(callbacks=[recorder], max_epochs=2).fit(module, train_dataloaders=FixedBatches(batches))
@@ -139,14 +142,19 @@ class _ExactSpectralNorm(nn.Module):
 
 @pytest.mark.parametrize("kind", ["hook", "parametrization"])
 def test_spectral_norm_is_refused(batches: list[Batch], kind: str) -> None:
+    """Holding the recorded values of the power iteration's buffers does not reproduce the runs (the
+    iteration would advance again from them, and a run without a sample has its own iterates):
+    refused by the recorder when fit starts, and by the retraining."""
+    from lightning_influence.evaluation import OptimizerSpec
+
     torch.manual_seed(0)
     module = _SpectralNormed(kind).double()
-    initial, recorder = fit(module, batches)
-    # the recorder sees the power iteration's buffers change at every step ...
-    assert len(recorder.steps[-1].varying) == 2
-    # ... but holding the recorded values does not reproduce the runs (the power iteration would
-    # advance again from them, and a run without a sample has its own iterates): refused
-    assert_refused(module, initial, recorder, batches[:1], r"spectral normalisation \(net\.0;.*matrix_norm")
+    match = r"spectral normalisation \(net\.0;.*matrix_norm"
+    with pytest.raises(ValueError, match=match):
+        fit(module, batches)
+    spec = OptimizerSpec.from_optimizer(module, torch.optim.SGD(module.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=match):
+        retrain(module, {n: p.detach() for n, p in module.named_parameters()}, [], spec, [()])
 
 
 def test_exact_spectral_norm_is_reproduced(batches: list[Batch]) -> None:
@@ -205,3 +213,66 @@ def test_gradient_check_leaves_a_plain_module_alone(batches: list[Batch]) -> Non
     assert_reproduces(module, initial, recorder)
     for p in module.parameters():
         assert p.grad is not None and bool((p.grad == 7.0).all())
+
+
+def test_the_recorder_refuses_at_the_end_of_fit_what_the_retraining_would(batches: list[Batch]) -> None:
+    torch.manual_seed(0)
+    module = Classifier(hidden=(8,)).double()
+    module.net.insert(1, _RunningScale())
+    with pytest.raises(ValueError, match=r"training forward writes module buffers \(net\.1\.running\)"):
+        fit(module, batches, verify=True)
+
+
+# --- runs that trained otherwise than the recorder replays them -----------------------------------
+
+
+class _HalvedGradients(Classifier):
+    def on_before_optimizer_step(self, optimizer):  # type: ignore[no-untyped-def]
+        for p in self.parameters():
+            p.grad.mul_(0.5)
+
+
+class _L2InTrainingStep(Classifier):
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return self.per_sample_loss(batch).mean() + 1e-2 * sum((p**2).sum() for p in self.parameters())
+
+
+class _TinyNoise(Classifier):
+    """Noise far below the functional-gradient check's tolerance, drawn in training only."""
+
+    def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]
+        losses = super().per_sample_loss(batch)
+        return losses + 1e-9 * torch.randn_like(losses) if self.training else losses
+
+
+def test_a_run_that_trained_otherwise_than_recorded_is_refused(batches: list[Batch]) -> None:
+    """QA: with the recorder alone (no DiffIn to refuse them), a gradient edited in a hook, an L2
+    term in training_step only, or noise in training gave a ground truth of another run (a
+    no-removal retraining 0.06-0.13 away from the trained parameters, two leave-one-out calls
+    differing by half the effects) without a word."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"StepRecorder: the recorded run, retrained with nothing removed, ends .* away from the trained parameters .*gradients changed in a hook"):
+        fit(_HalvedGradients(hidden=(8,)).double(), batches, verify=True)
+    torch.manual_seed(0)
+    _, unchecked = fit(_HalvedGradients(hidden=(8,)).double(), batches, verify=False)  # the option skips it
+    assert unchecked.final_gap is None and unchecked.steps
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"per_sample_loss\(batch\).mean\(\) = .* but training_step returned loss .* on the first step"):
+        fit(_L2InTrainingStep(hidden=(8,)).double(), batches, verify=True)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"the retraining needs a deterministic per_sample_loss, but its training forward draws random numbers .*set dropout to p=0"):
+        fit(_TinyNoise(hidden=(8,)).double(), batches, verify=True)
+    torch.manual_seed(0)
+    module = Classifier(hidden=(8,)).double()
+    _, faithful = fit(module, batches, verify=True)
+    moved = max(float((p.detach() - q).abs().max()) for p, q in zip(module.parameters(), faithful.initial_params.values()))
+    assert faithful.final_gap is not None and faithful.final_gap <= 1e-12 * moved
+
+
+def test_layers_that_act_differently_in_training_are_refused_when_recording_starts(batches: list[Batch]) -> None:
+    """Named, with the fix, before training (the retraining refused them only after the whole fit)."""
+    torch.manual_seed(0)
+    module = Classifier(hidden=(8,)).double()
+    module.net.insert(1, nn.Dropout(0.3))
+    with pytest.raises(ValueError, match=r"Classifier has layers that act differently in training \(net\.1: dropout .*set dropout to p=0 and use LayerNorm"):
+        fit(module, batches, verify=True)

@@ -111,8 +111,9 @@ def detection_auroc(scores: ArrayLike, positives: Tensor | Sequence[bool]) -> fl
 
 
 def fraction_found(scores: ArrayLike, positives: Tensor | Sequence[bool], fraction: float) -> float:
-    """Share of the ``positives`` among the ``fraction`` of samples with the lowest scores
-    (most harmful first; ties broken by position). In [0, 1]; chance is ``fraction``.
+    """Recall of the ``fraction`` of samples with the lowest scores (most harmful first; ties
+    broken by position): how many of all the ``positives`` are among them, as a share of the
+    positives (not of the samples taken). In [0, 1]; chance is ``fraction``.
     ``scores`` and ``positives`` as for :func:`detection_auroc`; ``fraction`` in (0, 1]."""
     fraction = check_fraction("fraction", fraction, include_one=True)
     x, pos = _scores_and_flags(scores, positives)

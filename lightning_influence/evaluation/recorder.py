@@ -16,10 +16,12 @@ from lightning_influence.evaluation.retraining import (
     OptimizerSpec,
     TrainingStep,
     _unwrap,
+    check_replayable,
     hyperparameter_changes,
     optimizer_lrs,
+    retrain,
 )
-from lightning_influence.callbacks.checks import BackwardWatch, OptimizerStepWatch
+from lightning_influence.callbacks.checks import BackwardWatch, OptimizerStepWatch, check_training_loss, training_mode_losses
 from lightning_influence.kernels import BufferWatch
 
 
@@ -54,9 +56,23 @@ class StepRecorder(Callback):
     (spectral normalisation's power iteration) is recorded too, but the retraining refuses such a
     module: each run would need its own values. Memory: every batch of the run, and a copy of
     each such tensor per step in which it was written to.
+
+    A model the retraining cannot replay (dropout with ``p > 0``, batch norm, spectral
+    normalisation) is refused when fit starts; ``training_step``'s loss is compared with the mean
+    of ``per_sample_loss`` on the first batch. ``verify`` (default): when fit ends, the recorded run
+    is retrained with nothing removed and must reproduce the trained parameters (to 1e-7 of how far
+    they moved in float64, 1e-3 in lower precision; not under mixed precision, whose autocast the
+    float32 retraining does not replay): a run that trained otherwise than recorded (a loss that is
+    not the mean of ``per_sample_loss`` at a later step, augmentation inside ``training_step``,
+    gradients edited in a hook, batch tensors changed in place) raises ``ValueError`` instead of
+    giving a ground truth of another run. Costs one retraining run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, verify: bool = True) -> None:
+        if not isinstance(verify, bool):
+            raise TypeError(f"verify must be True or False, got {verify!r}")
+        self.verify = verify
+        self.final_gap: float | None = None  # verify: how far the retraining's baseline ended from the trained parameters
         self.initial_params: dict[str, Tensor] = {}
         self.steps: list[TrainingStep] = []
         self.optimizer: OptimizerSpec | None = None
@@ -89,6 +105,7 @@ class StepRecorder(Callback):
                 f"{type(pl_module).__name__} overrides configure_gradient_clipping: StepRecorder reproduces only the "
                 "Trainer's gradient_clip_val / gradient_clip_algorithm clipping"
             )
+        check_replayable(pl_module)
         optimizer = _unwrap(trainer.optimizers[0])
         self.optimizer = OptimizerSpec.from_optimizer(
             pl_module, optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
@@ -104,6 +121,9 @@ class StepRecorder(Callback):
         self._step_watch.watch(optimizer)
         self._awaiting = None
         self._watch = None
+        self._first_losses: Tensor | None = None
+        self._mixed = "mixed" in str(trainer.precision)
+        self.final_gap = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._drop_unstepped()
@@ -118,6 +138,12 @@ class StepRecorder(Callback):
                 warnings.warn(coupling_message(pl_module, change), UserWarning, stacklevel=2)
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
+            self._first_losses = training_mode_losses(pl_module, batch).detach()  # compared at the batch end
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._first_losses is not None:  # the retraining's loss is the mean of per_sample_loss: the run's must be too
+            losses, self._first_losses = self._first_losses, None
+            check_training_loss(outputs, int(trainer.accumulate_grad_batches), losses, mixed=self._mixed)
 
     def _keep_pending(self) -> None:
         # A micro-batch trains only if its loss was backpropagated: training_step returning None skips it
@@ -137,6 +163,35 @@ class StepRecorder(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step_watch.close()  # also when the training loop never ran
+        if self.verify and self.steps and self.optimizer is not None and not self._mixed:
+            self._verify_replay(pl_module)
+
+    def _verify_replay(self, pl_module: L.LightningModule) -> None:
+        """The recorded run, retrained with nothing removed, must end at the trained parameters."""
+        assert self.optimizer is not None
+        final = retrain(pl_module, self.initial_params, self.steps, self.optimizer, [()])
+        trained = dict(pl_module.named_parameters())
+        gap = moved = 0.0
+        worst = ""
+        for name, values in final.items():
+            actual = trained[name].detach()
+            difference = float((values[0].to(actual.dtype) - actual).abs().max()) if actual.numel() else 0.0
+            moved = max(moved, float((actual - self.initial_params[name].to(actual.device, actual.dtype)).abs().max()) if actual.numel() else 0.0)
+            if difference > gap:
+                gap, worst = difference, name
+        self.final_gap = gap
+        dtype = next(iter(trained.values())).dtype
+        tolerance = (1e-7 if dtype == torch.float64 else 1e-3) * max(moved, 1e-12)
+        if not gap <= tolerance:
+            raise ValueError(
+                f"StepRecorder: the recorded run, retrained with nothing removed, ends {gap:.3g} away from the trained "
+                f"parameters (most in {worst!r}; training moved them by up to {moved:.3g}): the fit trained otherwise than "
+                "the retraining replays it, so its leave-one-out ground truth would be that of another run. The "
+                "retraining takes each step's gradient as the mean of per_sample_loss over the recorded micro-batches: "
+                "look for a training_step loss that is not that mean at some step (weights, regularisers, a sum), "
+                "randomness or augmentation inside training_step, gradients changed in a hook (on_after_backward, "
+                "on_before_optimizer_step), or batch tensors changed in place. StepRecorder(verify=False) skips this check"
+            )
 
     def _drop_unstepped(self) -> None:
         """A recorded step whose ``optimizer.step`` never ran (under 16-mixed, a last micro-batch left

@@ -70,7 +70,7 @@ from lightning_influence.kernels import (
     RemoveFn,
     check_functional_gradient,
     evaluation_mode,
-    has_mode_dependent_layers,
+    is_mode_dependent,
     spectral_norm_layers,
     module_mode,
     per_sample_loss_function,
@@ -434,7 +434,41 @@ def _check_functional_gradient(
         stacked = {n: v.unsqueeze(0) for n, v in point.items()}
         return {n: v[0] for n, v in _Vectorize().grad(mean_loss, stacked).items()}
 
-    check_functional_gradient(module, functional, probe, batch, held=step.varying, owner="the retraining")
+    check_functional_gradient(module, functional, probe, batch, held=step.varying, owner="the retraining", random_advice=RANDOM_ADVICE)
+
+
+RANDOM_ADVICE = (
+    "in training mode, gave gradients {spread} apart (relative): the training forward draws random numbers (dropout "
+    "in any form, added noise, a sampled latent), so no run could be replayed. The retraining replays the training "
+    "forward and needs it deterministic: for the ground-truth run set dropout to p=0 and leave random terms out (DiffIn "
+    "itself scores models with dropout)"
+)
+
+
+def check_replayable(module: nn.Module) -> None:
+    """Refuse a module whose training forward the retraining cannot replay run by run: layers that
+    act differently in training (dropout with ``p > 0``, batch/instance norm with running
+    statistics: named, with the fix) and spectral normalisation (its power iteration writes
+    buffers at every forward)."""
+    layers = [name or type(module).__name__ for name, m in module.named_modules() if is_mode_dependent(m)]
+    if layers:
+        shown = ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "")
+        raise ValueError(
+            f"{type(module).__name__} has layers that act differently in training ({shown}: dropout with p > 0, or "
+            "batch/instance norm with running statistics): the retraining replays the training forward of every run "
+            "and needs it deterministic and free of batch statistics. For the ground-truth run set dropout to p=0 and "
+            "use LayerNorm or GroupNorm instead of batch norm (DiffIn itself scores such models)"
+        )
+    spectral = spectral_norm_layers(module)
+    if spectral:
+        raise ValueError(
+            f"{type(module).__name__} has spectral normalisation ({', '.join(spectral[:4])}; "
+            "torch.nn.utils.spectral_norm or parametrizations.spectral_norm): in training mode every forward advances "
+            "its power iteration, writing the u/v buffers, so each run's normalisation follows that run's own weights, "
+            "which the retraining (one shared set of buffers, the recorded run's) cannot reproduce. For the "
+            "ground-truth run normalise statelessly, e.g. by the exact norm W / torch.linalg.matrix_norm(W, ord=2), or "
+            "leave spectral normalisation out"
+        )
 
 
 def retrain(
@@ -489,21 +523,7 @@ def retrain(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if has_mode_dependent_layers(module):
-        raise ValueError(
-            f"{type(module).__name__} has dropout or batch/instance-norm layers: retraining must be deterministic and "
-            "reproduce the training forward pass exactly, which such layers prevent"
-        )
-    spectral = spectral_norm_layers(module)
-    if spectral:
-        raise ValueError(
-            f"{type(module).__name__} has spectral normalisation ({', '.join(spectral[:4])}; "
-            "torch.nn.utils.spectral_norm or parametrizations.spectral_norm): in training mode every forward advances "
-            "its power iteration, writing the u/v buffers, so each run's normalisation follows that run's own weights, "
-            "which the retraining (one shared set of buffers, the recorded run's) cannot reproduce. For the "
-            "ground-truth run normalise statelessly, e.g. by the exact norm W / torch.linalg.matrix_norm(W, ord=2), or "
-            "leave spectral normalisation out"
-        )
+    check_replayable(module)
     groups = _trained_groups(module, initial_params, optimizer)
     trained = [n for group in groups for n in group]
     n_groups = len(groups)
@@ -668,8 +688,14 @@ class _Vectorize:
         if not self.loop:
             try:
                 return vectorised()
-            except Exception:  # noqa: BLE001 - whatever vmap raises, the loop decides whether it is the model's error
-                pass
+            except Exception as err:  # noqa: BLE001 - whatever vmap raises, the loop decides whether it is the model's error
+                if "random operation" in str(err):  # the loop would draw other numbers in every run: no ground truth
+                    raise ValueError(
+                        "the retraining needs a deterministic per_sample_loss, but its training forward draws random "
+                        f"numbers (torch.func.vmap refused a random operation: {str(err).split('.')[0]}), so each run "
+                        "would train with other noise than the recorded run. "
+                        + RANDOM_ADVICE.split("so no run could be replayed. ", 1)[1]
+                    ) from None
         # outside the handler: an error of the loop is raised as itself, not as a consequence of vmap's
         result = sequential()
         self.loop = True
