@@ -327,3 +327,138 @@ def test_a_nan_target_sample_is_refused_before_any_solver_runs(solver):
     with pytest.raises(ValueError, match=r"the target loss/gradient is not finite: check the target/validation data for NaN/inf \(non-finite losses in target batch 1, rows \[2\]"):
         estimator.scores(model, train, Target("val", DataLoader(_with_nan(val_set, 22), batch_size=20)))
     assert train.passes <= 1  # the first-batch check only: no curvature pass
+
+
+# ------------------------------------------------------------------ the same inputs on every pass (no random augmentation)
+class FlippingDigits(torch.utils.data.Dataset):
+    """Digits images (8 x 8) with the commonest augmentation: a random horizontal flip, drawn again
+    on every read (as torchvision's ``RandomHorizontalFlip`` in ``__getitem__``). A flip permutes
+    pixels, so a batch's sum and sum of squares do not see it. ``augment=False``: the evaluation
+    transforms (the image as it is)."""
+
+    def __init__(self, x, y, augment=True):
+        self.x, self.y, self.augment = x, y, augment
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, index):
+        image = self.x[index].reshape(8, 8)
+        if self.augment and bool(torch.rand(()) < 0.5):
+            image = image.flip(1)
+        return image.reshape(64), self.y[index], index
+
+
+def _flipping(augment=True):
+    x, y = load_digits_tensors(torch.float64)
+    return FlippingDigits(x[:N], y[:N], augment), IndexedDataset(TensorDataset(x[N : N + 40], y[N : N + 40]))
+
+
+def _forward_inf_reference(model, train_set, val_set, lr):
+    """Forward-INF with one plain SGD step, by hand: ``-(l_i(theta - lr grad F) - l_i(theta)) / (n lr)``,
+    ``F`` the mean validation loss (autograd on the module itself, no library code)."""
+    x = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    y = torch.stack([torch.as_tensor(train_set[i][1]) for i in range(len(train_set))])
+    xv, yv = val_set.dataset.tensors
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xv), yv), params)
+    with torch.no_grad():
+        base = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        for p, g in zip(params, grads):
+            p.sub_(lr * g)
+        moved = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+        for p, g in zip(params, grads):
+            p.add_(lr * g)
+    return -(moved - base) / (len(y) * lr)
+
+
+@pytest.mark.parametrize("name", ["forward_inf", "influence_function"])
+def test_a_training_set_that_augments_on_every_read_is_refused_in_order_and_shuffled(name):
+    """Forward-INF subtracts the losses of two passes: with a fresh flip per read, its scores were
+    mostly augmentation noise (about 100x the real ones, 130% apart between two identical calls),
+    accepted silently; the other post-hoc estimators mixed gradients of different inputs (4-9%)."""
+    augmented, val_set = _flipping()
+    val = DataLoader(val_set, batch_size=40)
+    model = _fit(DataLoader(_flipping(augment=False)[0], batch_size=16))
+    torch.manual_seed(1)
+    in_order = DataLoader(augmented, batch_size=16)
+    with pytest.raises(
+        ValueError,
+        match=rf"served different inputs on two passes: training batch \d+ \(counted from 0\) holds the same sample ids in the "
+        rf"same order as on the first pass, but its tensor batch\[0\] \(float64 \[16, 64\]\) holds other values.*estimator '{name}' "
+        r"reads the training loader more than once.*random augmentation.*Score with a loader without augmentation",
+    ):
+        _estimator(name).scores(model, in_order, Target("val", val))
+    shuffled = DataLoader(augmented, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"served different inputs on two passes: over the whole pass, the per-sample rows of batch\[0\] \(float64 \[B, 64\]\)"):
+        _estimator(name).scores(model, shuffled, Target("val", val))
+
+
+def test_without_augmentation_forward_inf_matches_its_formula_in_order_and_shuffled():
+    """The same dataset with its evaluation transforms is accepted, in order and shuffled (each
+    pass batching the samples differently), and Forward-INF gives the hand-computed step, identically
+    on every call."""
+    plain, val_set = _flipping(augment=False)
+    val = DataLoader(val_set, batch_size=40)
+    model = _fit(DataLoader(plain, batch_size=16))
+    reference = _forward_inf_reference(model, plain, val_set, lr=1e-3)
+    for loader in (DataLoader(plain, batch_size=16), DataLoader(plain, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))):
+        runs = [build("forward_inf", progress=False).scores(model, loader, Target("val", val)).values_for(list(range(N))) for _ in range(2)]
+        torch.testing.assert_close(runs[0], reference, rtol=1e-9, atol=1e-12)
+        assert torch.equal(runs[0], runs[1])
+
+
+def _pad_collate(samples):
+    """Batches ``(x, y, tokens, ids)`` whose ``tokens`` are padded with a non-zero id to the longest
+    sample of the batch (dynamic padding): a sample's row depends on what it is batched with."""
+    x, y, ids = (torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in (0, 1, 2))
+    tokens = torch.nn.utils.rnn.pad_sequence([torch.arange(1, 2 + int(i) % 7) for i in ids], batch_first=True, padding_value=99)
+    return x, y, tokens, ids
+
+
+def test_shuffled_dynamically_padded_batches_are_not_taken_for_augmentation():
+    """A shuffling loader that pads each batch to its longest sample serves the same samples
+    with rows of other lengths on each pass: not an augmentation, and accepted."""
+    plain, val_set = _flipping(augment=False)
+    val = DataLoader(val_set, batch_size=40)
+    model = _fit(DataLoader(plain, batch_size=16))
+    padded = DataLoader(plain, batch_size=8, shuffle=True, collate_fn=_pad_collate, generator=torch.Generator().manual_seed(0))
+    scores = build("forward_inf", progress=False).scores(model, padded, Target("val", val))
+    torch.testing.assert_close(scores.values_for(list(range(N))), _forward_inf_reference(model, plain, val_set, lr=1e-3), rtol=1e-9, atol=1e-12)
+
+
+def test_batch_fingerprints_see_every_bit_and_position_and_nothing_else():
+    """Equal tensors (any dtype, device copies included) give equal fingerprints, NaN too (a NaN
+    input is refused elsewhere, by its own message); a changed element, a flip or a swap of two
+    samples' rows changes them, although a flip keeps the sum and the sum of squares."""
+    from lightning_influence.estimators.base import batch_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, generator=g, dtype=torch.float64)
+    x[2, 0, 0] = float("nan")
+    ids = torch.arange(10, 16)
+    batch = {
+        "x": x,
+        "half": x.to(torch.float16),
+        "bf16": x.to(torch.bfloat16),
+        "mask": x > 0,
+        "labels": torch.arange(6) % 3,
+        "complex": torch.complex(x, -x).to(torch.complex64),
+        "scale": torch.tensor(0.5),
+        "ids": ids,
+    }
+    prints = batch_fingerprint(batch, ids)
+    assert [p.path for p in prints] == [f"batch[{k!r}]" for k in batch]
+    assert prints == batch_fingerprint({k: v.clone() for k, v in batch.items()}, ids.clone())
+    assert [p.by_sample is None for p in prints] == [False] * 6 + [True, False]
+    flipped = x.flip(2)
+    torch.testing.assert_close((flipped.nansum(), (flipped**2).nansum()), (x.nansum(), (x**2).nansum()), rtol=1e-14, atol=0)  # up to rounding
+    for key, changed in [("x", flipped), ("half", batch["half"].flip(2)), ("mask", ~batch["mask"]), ("labels", batch["labels"] + 1), ("scale", torch.tensor(0.25))]:
+        other = batch_fingerprint({**batch, key: changed}, ids)
+        assert [p.path for p in prints if p not in other] == [f"batch[{key!r}]"]
+    swapped = x[[1, 0, 2, 3, 4, 5]]
+    assert batch_fingerprint({**batch, "x": swapped}, ids)[0] != prints[0]
+    # the order-free sum of a whole pass: the same samples in another order, in other batches, give the same sum
+    permutation = torch.randperm(6, generator=g)
+    rows = batch_fingerprint({"x": x[permutation[:4]]}, ids[permutation[:4]])[0].by_sample + batch_fingerprint({"x": x[permutation[4:]]}, ids[permutation[4:]])[0].by_sample
+    assert rows % (2**31 - 1) == prints[0].by_sample

@@ -24,13 +24,16 @@ Use :func:`build` / :func:`available` to select one by name (this is what the Hy
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import importlib
 import inspect
+import sys
 import types
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,6 +59,8 @@ __all__ = [
     "progress",
     "TrainingPasses",
     "posthoc_training",
+    "batch_fingerprint",
+    "different_inputs_message",
     "non_finite_samples_error",
     "non_finite_training_error",
 ]
@@ -162,8 +167,9 @@ class Estimator(ABC):
 
     ``module`` is a trained LightningModule with :class:`~lightning_influence.InfluenceMixin`
     (``per_sample_loss`` and ``sample_ids``); ``train_loader`` yields the training batches
-    (each sample once per pass, the same samples every pass; the order does not matter to
-    post-hoc estimators, which read it through :func:`posthoc_training`).
+    (each sample once per pass, the same samples with the same inputs every pass: no random
+    augmentation; the order does not matter to post-hoc estimators, which read it through
+    :func:`posthoc_training`).
     """
 
     name: ClassVar[str] = ""
@@ -384,20 +390,192 @@ def progress(iterable: Iterable[Any], description: str, enabled: bool = True, to
 
 
 # ---------------------------------------------------------------------- the training loader, read post hoc
+#: Input fingerprints are residues modulo this prime: the product of a word of at most 32 bits and a
+#: weight below it fits an int64, so every fingerprint is exact integer arithmetic (no rounding, the
+#: same on every device and in any summation order).
+_PRIME = 2**31 - 1
+#: Elements hashed at a time: bounds the temporary int64 copy to 32 MiB per tensor.
+_BLOCK = 1 << 22
+_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _mixed(index: Tensor) -> Tensor:
+    """Pseudo-random weights in ``[1, _PRIME]``, a fixed function of each integer of ``index``
+    (any int64: sample ids, column positions): the same on every call and device."""
+    x = index.remainder(_PRIME)
+    x = (x * 48271 + 11).remainder_(_PRIME)
+    x = (x * x).remainder_(_PRIME)
+    x = (x * 16807 + index.remainder(65521)).remainder_(_PRIME)
+    x = (x * x).remainder_(_PRIME)
+    return x.add_(1)
+
+
+def _position_weights(start: int, count: int, device: torch.device) -> Tensor:
+    """The weights of positions ``start .. start + count - 1`` (a cached prefix for ``start = 0``)."""
+    if start > 0:
+        return _mixed(torch.arange(start, start + count, dtype=torch.long, device=device))
+    cached = _WEIGHTS.get(device)
+    if cached is None or cached.numel() < count:
+        cached = _mixed(torch.arange(max(count, 1024), dtype=torch.long, device=device))
+        _WEIGHTS[device] = cached
+    return cached[:count]
+
+
+def _row_hashes(tensor: Tensor, rows: int) -> Tensor | None:
+    """One fingerprint per row of ``tensor`` viewed as ``[rows, -1]`` (int64 ``[rows]`` on its device):
+    ``sum_j word_j * weight_j mod _PRIME`` over the row's bytes read as unsigned words of at most 32
+    bits, so it sees the exact bits (not a rounded sum) and where they sit (a flipped image changes
+    it; a sum or a sum of squares would not). ``None`` for tensors without plain strided storage
+    (sparse, nested, quantized, meta): those are not fingerprinted."""
+    try:
+        if tensor.layout != torch.strided or tensor.is_nested or tensor.is_quantized or tensor.device.type == "meta":
+            return None
+        t = tensor.detach()
+        if t.is_complex():
+            t = torch.view_as_real(t.resolve_conj())
+        t = t.resolve_neg().reshape(rows, -1).contiguous()
+        if t.dtype == torch.bool:
+            t = t.view(torch.uint8)
+        word = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[t.element_size()]
+        t = t.view(word)
+    except (KeyError, RuntimeError, TypeError):
+        return None
+    hashes = torch.zeros(rows, dtype=torch.long, device=t.device)
+    columns = t.shape[1]
+    row_step = max(1, _BLOCK // max(columns, 1))
+    for r in range(0, rows, row_step):
+        for c in range(0, columns, _BLOCK):
+            block = t[r : r + row_step, c : c + _BLOCK].to(torch.long).bitwise_and_(0xFFFFFFFF)
+            block.mul_(_position_weights(c, block.shape[1], t.device)).remainder_(_PRIME)
+            hashes[r : r + row_step] += block.sum(1)
+            hashes[r : r + row_step] %= _PRIME
+    return hashes
+
+
+def _tensor_leaves(batch: Any, path: str = "batch") -> Iterator[tuple[str, Tensor]]:
+    """``(path, tensor)`` for every tensor of ``batch`` (``batch[0]``, ``batch['x']``, ``batch.x``), in
+    the order of :func:`lightning_influence.batches.tensors`."""
+    if isinstance(batch, Tensor):
+        yield path, batch
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for f in dataclasses.fields(batch):
+            if f.init:
+                yield from _tensor_leaves(getattr(batch, f.name), f"{path}.{f.name}")
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            yield from _tensor_leaves(value, f"{path}[{key!r}]")
+    elif isinstance(batch, (list, tuple)):
+        for index, value in enumerate(batch):
+            yield from _tensor_leaves(value, f"{path}[{index}]")
+
+
+@dataclass(frozen=True, slots=True)
+class _LeafPrint:
+    """The fingerprint of one tensor of a batch: where it is, its dtype and shape, the fingerprint
+    of the whole tensor (rows in order) and, for a per-sample tensor (leading dimension = the
+    number of sample ids), the order-free sum of its rows' fingerprints, each keyed by its sample id."""
+
+    path: str
+    dtype: str
+    shape: tuple[int, ...]
+    whole: int
+    by_sample: int | None
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.dtype.replace('torch.', '')} {list(self.shape)})"
+
+
+def batch_fingerprint(batch: Any, ids: Tensor) -> tuple[_LeafPrint, ...]:
+    """Cheap fingerprints of the tensors of ``batch`` (on any device), whose samples have the ids
+    ``ids`` (CPU ``[B]``): a few integer operations per element, O(1) numbers per tensor kept.
+    Identical tensors give identical fingerprints, exactly, on any device (integer arithmetic on
+    their bits); other inputs give other fingerprints except with probability ~1e-9."""
+    count = ids.numel()
+    prints = []
+    for path, tensor in _tensor_leaves(batch):
+        per_sample = tensor.dim() > 0 and tensor.shape[0] == count
+        rows = _row_hashes(tensor, count if per_sample else 1)
+        if rows is None:
+            continue
+        rows = rows.cpu()
+        order = _position_weights(0, rows.numel(), rows.device)
+        whole = int((rows * order).remainder_(_PRIME).sum().remainder(_PRIME))
+        by_sample = int((rows * _mixed(ids)).remainder_(_PRIME).sum().remainder(_PRIME)) if per_sample else None
+        prints.append(_LeafPrint(sys.intern(path), sys.intern(str(tensor.dtype)), tuple(tensor.shape), whole, by_sample))
+    return tuple(prints)
+
+
+class _PassPrint:
+    """Order-free fingerprints of a whole pass: per tensor position in the batch, the sum (mod
+    ``_PRIME``) of its per-sample row fingerprints, and whether that tensor was per-sample with one
+    shape per sample (``[B, *shape]``) in every batch. Only such tensors can be compared between
+    passes that batch the samples differently (a shuffling loader; dynamic padding changes the
+    rows' shapes with the batch, so a padded tensor is left out)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, int] = {}
+        self.shapes: dict[int, set[tuple[int, ...]]] = {}
+        self.paths: dict[int, str] = {}
+        self.dtypes: dict[int, str] = {}
+        self.unusable: set[int] = set()
+        self.structure: set[int] = set()
+
+    def add(self, prints: tuple[_LeafPrint, ...]) -> None:
+        self.structure.add(len(prints))
+        for index, leaf in enumerate(prints):
+            self.paths.setdefault(index, leaf.path)
+            if leaf.by_sample is None or self.dtypes.setdefault(index, leaf.dtype) != leaf.dtype:
+                self.unusable.add(index)
+                continue
+            self.sums[index] = (self.sums.get(index, 0) + leaf.by_sample) % _PRIME
+            self.shapes.setdefault(index, set()).add(leaf.shape[1:])
+
+    def differs_from(self, first: _PassPrint) -> str | None:
+        """The tensor (described) whose order-free fingerprint differs from the ``first`` pass's, or
+        ``None`` where every comparable tensor agrees."""
+        if len(self.structure | first.structure) != 1:
+            return None  # batches of several structures: the positions of the tensors do not correspond
+        for index, total in self.sums.items():
+            comparable = (
+                index not in self.unusable | first.unusable
+                and index in first.sums
+                and len(self.shapes[index]) == 1
+                and self.shapes[index] == first.shapes[index]
+                and self.dtypes[index] == first.dtypes[index]
+            )
+            if comparable and total != first.sums[index]:
+                shape = ", ".join(str(d) for d in next(iter(self.shapes[index])))
+                return f"{self.paths[index]} ({self.dtypes[index].replace('torch.', '')} [B{', ' if shape else ''}{shape}])"
+        return None
+
+
 class TrainingPasses:
     """The training loader as a post-hoc estimator reads it, often several times (the target, the
     curvature, the scores; a pass per checkpoint or per target column): its batches on the
-    module's device, each pass checked to hold the same samples as the first complete one. The
-    samples are compared as a set, so a loader that shuffles the same samples is fine; one that
+    module's device, each pass checked to hold the same samples, with the same inputs, as the
+    first one.
+
+    *Samples*: compared as a set, so a loader that shuffles the same samples is fine; one that
     draws another subset each pass (``shuffle=True`` with ``drop_last=True``, a sampler with
     replacement or ``num_samples`` below the dataset's length, a one-shot iterator) is refused at
     the first sample that differs, before a score mixes quantities of two different sets of
     samples (a curvature of one, the gradients of another).
 
+    *Inputs*: every tensor of every batch is fingerprinted (:func:`batch_fingerprint`: exact integer
+    hashes of its bits, O(1) numbers per tensor and batch). A batch that holds the same sample ids
+    in the same order as the batch at its position on the first pass must have the same
+    fingerprints, and so must, over a whole pass, every per-sample tensor whose rows keep one shape
+    (the comparison a shuffling loader allows). A loader that serves other inputs on each pass (a
+    random augmentation in the dataset, the collate function or the transfer hooks) is refused:
+    Forward-INF's ``moved - base`` losses come from two passes and would be augmentation noise;
+    other estimators would mix gradients of different inputs. Identical inputs always give
+    identical fingerprints.
+
     ``batches(limit)`` reads the first ``limit`` batches only (a partial pass, such as
-    ``hessian_batches``); partial passes of one ``limit`` are compared with each other. A pass that
-    its reader abandons early is not compared. Iterating the object (or passing it to
-    :func:`device_batches`) reads a full pass; ``len()`` is the loader's."""
+    ``hessian_batches``); partial passes of one ``limit`` are compared with each other (their
+    batches with the first pass's batch at their position, too). A pass that its reader abandons
+    early is compared batch by batch as far as it was read, not as a whole. Iterating the object
+    (or passing it to :func:`device_batches`) reads a full pass; ``len()`` is the loader's."""
 
     def __init__(self, module: L.LightningModule, loader: Iterable[Any], owner: str) -> None:
         from lightning_influence.callbacks.checks import check_dataset_ids
@@ -405,6 +583,9 @@ class TrainingPasses:
         check_dataset_ids(loader, module)
         self.module, self.loader, self.owner = module, loader, owner
         self._reference: dict[int | None, Tensor] = {}  # limit -> sorted ids of the first complete pass
+        # position -> (digest of the batch's ids in order, fingerprints of its tensors), from the first pass that read it
+        self._batch_prints: list[tuple[bytes, tuple[_LeafPrint, ...]]] = []
+        self._pass_prints: dict[int | None, _PassPrint] = {}  # limit -> order-free fingerprints of the first complete pass
 
     def __iter__(self) -> Iterator[Any]:
         return self.batches()
@@ -416,6 +597,7 @@ class TrainingPasses:
         """One pass (the first ``limit`` batches, or all) on the module's device, checked."""
         reference = self._reference.get(limit)
         seen: list[Tensor] = []
+        inputs = _PassPrint()
         for position, batch in enumerate(device_batches(self.module, self.loader)):
             if limit is not None and position >= limit:
                 break
@@ -425,6 +607,9 @@ class TrainingPasses:
                 stray = ids[~torch.isin(ids, reference)]
                 if stray.numel():
                     raise ValueError(self._different(limit, f"sample id {int(stray[0])} is in this pass but not in the first"))
+            prints = batch_fingerprint(batch, ids)
+            self._check_batch(position, ids, prints)
+            inputs.add(prints)
             seen.append(ids)
             yield batch
         ids = torch.cat(seen).unique() if seen else torch.zeros(0, dtype=torch.long)
@@ -438,9 +623,61 @@ class TrainingPasses:
                 else f"{missing.numel()} sample(s) of the first pass are missing from this one (e.g. sample id {int(missing[0])})"
             )
             raise ValueError(self._different(limit, detail))
+        first = self._pass_prints.setdefault(limit, inputs)
+        if first is not inputs:
+            tensor = inputs.differs_from(first)
+            if tensor is not None:
+                raise ValueError(
+                    different_inputs_message(
+                        self.owner,
+                        f"over the whole pass, the per-sample rows of {tensor} hold other values than on the first pass, "
+                        "although the pass holds the same samples (the loader batches them in another order, so the pass is "
+                        "compared as a whole; with shuffle=False the message names the batch)",
+                    )
+                )
+
+    def _check_batch(self, position: int, ids: Tensor, prints: tuple[_LeafPrint, ...]) -> None:
+        """Compare batch ``position`` with the first pass's batch there, if it holds the same ids in
+        the same order (always, for a loader that does not shuffle); record it if it is the first."""
+        order = hashlib.blake2b(ids.contiguous().numpy().tobytes(), digest_size=16).digest()
+        if position == len(self._batch_prints):
+            self._batch_prints.append((order, prints))
+            return
+        first_order, first = self._batch_prints[position]
+        if order != first_order or prints == first:
+            return
+        if len(prints) != len(first):
+            what = f"it holds {len(prints)} tensor(s) where the first pass's held {len(first)}"
+        else:
+            now, then = next((a, b) for a, b in zip(prints, first) if a != b)
+            what = (
+                f"its tensor {now.describe()} holds other values than on the first pass"
+                if (now.path, now.dtype, now.shape) == (then.path, then.dtype, then.shape)
+                else f"its tensor {now.describe()} was {then.describe()} on the first pass"
+            )
+        raise ValueError(
+            different_inputs_message(
+                self.owner,
+                f"training batch {position} (counted from 0) holds the same sample ids in the same order as on the first "
+                f"pass, but {what}",
+            )
+        )
 
     def _different(self, limit: int | None, detail: str) -> str:
         return different_passes_message(self.owner, detail, limit)
+
+
+def different_inputs_message(owner: str, detail: str) -> str:
+    """The refusal of a training loader that serves other inputs for the same samples on two
+    passes (one wording for every estimator that reads the loader more than once)."""
+    return (
+        f"the training loader served different inputs on two passes: {detail}. {owner} reads the training loader more "
+        "than once and combines what it computes on each pass, so every pass must serve the same inputs; this loader "
+        "serves different inputs on each pass (a random augmentation in the dataset's transforms, the collate_fn or "
+        "the module's transfer hooks?), so its scores would mix quantities of different inputs: augmentation noise "
+        "(Forward-INF's would be mostly noise). Score with a loader without augmentation, e.g. DataLoader(<the same "
+        "dataset with its evaluation transforms>, batch_size=..., shuffle=False), keeping the same sample ids"
+    )
 
 
 def different_passes_message(owner: str, detail: str, limit: int | None = None) -> str:
@@ -461,7 +698,8 @@ def posthoc_training(module: L.LightningModule, train_loader: Iterable[Any], own
     post-hoc estimator makes before any heavy work: the module is influence-aware, the loader
     yields a batch, and (``differentiates``: the estimator takes gradients of the per-sample
     losses) ``per_sample_loss`` of the first training batch is a floating-point ``Tensor[B]``, one
-    loss per sample id, that depends on the trainable parameters. Called by every post-hoc estimator
+    loss per sample id, that depends on the trainable parameters. Every later pass is checked to
+    serve the same samples and inputs (:class:`TrainingPasses`). Called by every post-hoc estimator
     at the top of ``scores``; a ``TrainingPasses`` passed in is returned as it is."""
     from lightning_influence.callbacks.checks import check_influence_aware
 

@@ -8,7 +8,10 @@ how every training sample's loss moves,
 
 one forward pass over the training set per target column (the base losses ``l_i(theta_T)``
 are computed once and reused for every column). Cost per column: ``steps`` backward passes
-over the target samples and N forward passes.
+over the target samples and N forward passes. ``raw_i`` subtracts losses of two passes over
+the training loader, so the loader must serve the same inputs on every pass: one with a random
+augmentation (whose noise would swamp the shift) is refused (see
+:class:`~lightning_influence.estimators.base.TrainingPasses`).
 
 **Sign and units (calibration).** With ``direction="descent"`` and plain SGD at learning rate
 ``lr`` for ``k`` steps, ``theta' - theta_T = -k lr grad F + O(lr^2)``, so
@@ -221,7 +224,7 @@ class ForwardInf(Estimator):
             for fit_batches in progress(groups, f"Forward-INF ({len(groups)} target columns)", self.progress and len(groups) > 1):
                 fitted = self._fit(loss_fn, start, buffers, fit_batches)
                 _, moved = losses_at(fitted, "Forward-INF shifted losses", self.progress and len(groups) == 1)  # evaluation mode
-                shifts.append(moved - base)  # the same samples as the base pass (checked by the passes)
+                shifts.append(moved - base)  # the same samples and inputs as the base pass (checked by the passes)
         raw = torch.stack(shifts, dim=1)
         n = ids.numel()
         scale = (self.learning_rate_sum or 1.0) / (n * self.steps * self.lr)
