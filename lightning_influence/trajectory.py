@@ -90,8 +90,8 @@ class VectorPool:
 
 
 class SpilledTrajectoryError(RuntimeError):
-    """A record spilled by ``storage="disk"`` cannot be written or read back: its folder (or the
-    record's file) was removed or changed during fit."""
+    """A record spilled by ``storage="disk"`` cannot be written (a full disk) or read back (its
+    folder, or the record's file, was removed or changed during fit)."""
 
 
 class Trajectory:
@@ -180,7 +180,7 @@ class Trajectory:
             torch.save(_payload(record), partial)
             os.replace(partial, path)  # never a half-written record under the final name (scratch: no fsync)
         except (OSError, RuntimeError) as err:
-            raise self._spill_error(f"writing step {record.step} to {path.name}", err) from err
+            raise self._spill_error(record.step, path, err, writing=True) from err
         self._records.append(path)
 
     def _read(self, path: Path) -> dict[str, Any]:
@@ -188,17 +188,28 @@ class Trajectory:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise self._spill_error(f"reading step {_path_step(path)} back from {path.name}", err) from err
+            raise self._spill_error(_path_step(path), path, err, writing=False) from err
 
-    def _spill_error(self, doing: str, err: BaseException) -> SpilledTrajectoryError:
+    def _spill_error(self, step: int, path: Path, err: BaseException, *, writing: bool) -> SpilledTrajectoryError:
+        """What went wrong with the spilled record of ``step`` at ``path``: a write that failed in a
+        folder that still exists is a full (or read-only) disk, whose ``torch.save`` error
+        (``RuntimeError: ... unexpected pos ...``) does not say so; anything else (a read, or a write
+        into a folder that is gone) means the folder or its files were removed or changed during fit."""
         where = f"{self._dir}" + (f" (inside spill_dir={str(self._spill_dir)!r})" if self._spill_dir is not None else "")
         gone = self._dir is None or not self._dir.is_dir()
+        if writing and not gone:
+            return SpilledTrajectoryError(
+                f"writing step {step} to {where} failed (disk full? or the folder is no longer writable): "
+                f"{type(err).__name__}: {err}. storage='disk' keeps every recorded step there until the end of fit (or "
+                f"of its online window; {len(self._records)} step(s) are there now): free space on that disk, pass a "
+                "spill_dir on a disk with room for the whole trajectory, or use storage='memory'"
+            )
+        doing = f"writing step {step} to {path.name}" if writing else f"reading step {step} back from {path.name}"
         what = "its folder no longer exists" if gone else f"{type(err).__name__}: {err}"
         return SpilledTrajectoryError(
             f"DiffIn's spilled trajectory in {where} was removed or changed during fit ({doing} failed: {what}). "
             "storage='disk' keeps every recorded step there until the end of fit (or of its online window): keep the "
             "folder and its files for the whole fit, out of reach of temporary-file cleaners (or use storage='memory')"
-            + ("" if gone else "; if the disk is full, free space or pass another spill_dir")
         )
 
     def export(self) -> list[dict[str, Any]]:
