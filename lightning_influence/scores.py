@@ -116,7 +116,48 @@ def _check_metadata_mapping(metadata: Any) -> None:
     _check_metadata_keys(metadata, "metadata")
 
 
-def _check_metadata_keys(value: Any, path: str) -> None:
+def _json_metadata(value: Any, path: str, open_containers: tuple[int, ...] = ()) -> Any:
+    """``value`` as :meth:`InfluenceScores.load` will give it back from the file's JSON, or
+    ``ValueError`` naming the ``path`` of what JSON cannot hold: mappings become dicts, tuples
+    lists, NumPy scalars and 0-d arrays or tensors Python numbers (``.item()``); strings, numbers,
+    booleans and ``None`` stay. Keys are checked first (:func:`_check_metadata_keys`)."""
+    if value is None:
+        return None
+    for plain in (bool, str, int, float):  # subclasses too (np.float64, np.str_, IntEnum): as JSON gives them back
+        if isinstance(value, plain):
+            return plain(value)
+    if isinstance(value, (Mapping, list, tuple)):
+        if id(value) in open_containers:
+            raise ValueError(f"metadata must be JSON-serialisable: {path} refers back to a container that holds it (a circular reference)")
+        inner = (*open_containers, id(value))
+        if isinstance(value, Mapping):
+            return {k: _json_metadata(v, f"{path}[{k!r}]", inner) for k, v in value.items()}
+        return [_json_metadata(v, f"{path}[{i}]", inner) for i, v in enumerate(value)]
+    kind = type(value).__name__
+    if isinstance(value, Tensor) or type(value).__module__ == "numpy":
+        shape = tuple(getattr(value, "shape", ()))
+        if shape != ():
+            raise ValueError(
+                f"metadata must be JSON-serialisable: {path} is a {type(value).__module__.split('.')[0]} {kind} of shape "
+                f"{list(shape)}, which a score file (JSON) cannot hold: store value.tolist() there instead (or a summary number)"
+            )
+        item = value.item() if hasattr(value, "item") else value
+        if isinstance(item, complex) or not isinstance(item, (str, bool, int, float)):
+            raise ValueError(
+                f"metadata must be JSON-serialisable: {path} is a {kind} holding {item!r}, which JSON cannot hold: store a "
+                "real number, a string, a bool or None (e.g. str(value))"
+            )
+        return item  # a NumPy scalar (np.int64, np.float32, np.bool_, np.str_) or a 0-d array or tensor
+    raise ValueError(
+        f"metadata must be JSON-serialisable: {path} is a {kind} ({str(value)[:60]!r}), which a score file (JSON) cannot "
+        "hold: store a number, a string, a bool, None, or lists and dicts of them (e.g. str(value))"
+    )
+
+
+def _check_metadata_keys(value: Any, path: str, open_containers: tuple[int, ...] = ()) -> None:
+    if isinstance(value, (Mapping, list, tuple)) and id(value) in open_containers:
+        raise ValueError(f"metadata must be JSON-serialisable: {path} refers back to a container that holds it (a circular reference)")
+    open_containers = (*open_containers, id(value))
     if isinstance(value, Mapping):
         bad = [k for k in value if not isinstance(k, str)]
         if bad:
@@ -127,10 +168,10 @@ def _check_metadata_keys(value: Any, path: str) -> None:
                 "{str(key): value for key, value in ...items()}"
             )
         for key, item in value.items():
-            _check_metadata_keys(item, f"{path}[{key!r}]")
+            _check_metadata_keys(item, f"{path}[{key!r}]", open_containers)
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            _check_metadata_keys(item, f"{path}[{index}]")
+            _check_metadata_keys(item, f"{path}[{index}]", open_containers)
 
 
 def _integer_index(value: Any) -> int | None:
@@ -208,7 +249,9 @@ class InfluenceScores:
     ``ids``: ``LongTensor[N]`` sample ids, unique. ``values``: float64 ``Tensor[N]`` (one target)
     or ``Tensor[N, Q]`` (one column per query). ``metadata``: JSON-serialisable facts (estimator,
     mode, target, steps seen, ...), with string keys at every level (nested dicts included: JSON's
-    keys are strings, so other keys are refused rather than turned into strings by a save and load); ``version`` is always added, and ``sign_convention`` (the
+    keys are strings, so other keys are refused rather than turned into strings by a save and load),
+    held as :meth:`load` gives them back: tuples become lists, NumPy scalars and 0-d arrays or
+    tensors Python numbers, and anything else JSON cannot hold is refused, naming its key; ``version`` is always added, and ``sign_convention`` (the
     library's, :data:`SIGN_CONVENTION`) unless the metadata states another: the rankings that
     are not removal effects (coreset and cleaning baselines) say what a high value means.
     """
@@ -221,10 +264,10 @@ class InfluenceScores:
         self.ids, self.values = _normalised_tensors(self.ids, self.values)
         _check_metadata_mapping(self.metadata)
         # Rankings that are not removal effects (coreset and cleaning baselines) state their own convention.
-        metadata = {"sign_convention": SIGN_CONVENTION, **self.metadata, "version": FORMAT_VERSION}
+        metadata = {"sign_convention": SIGN_CONVENTION, **_json_metadata(self.metadata, "metadata"), "version": FORMAT_VERSION}
         try:
             json.dumps(metadata)
-        except (TypeError, ValueError) as err:  # ValueError: a circular reference
+        except (TypeError, ValueError) as err:  # a last guard: _json_metadata leaves only JSON's types
             raise ValueError(f"metadata must be JSON-serialisable: {err}") from err
         try:
             json.dumps(metadata, allow_nan=False)
@@ -392,10 +435,11 @@ class InfluenceScores:
         try:
             ids, values = _normalised_tensors(self.ids, self.values)
             _check_metadata_mapping(self.metadata)
+            held = _json_metadata(self.metadata, "metadata")
         except ValueError as err:  # fields replaced after construction
             raise ValueError(f"cannot save these scores: {err}") from None
         try:
-            metadata = json.dumps(self.metadata, sort_keys=True, allow_nan=False)
+            metadata = json.dumps(held, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as err:  # metadata changed after construction
             raise ValueError(f"metadata must be JSON-serialisable without NaN or infinite numbers: {err}") from err
         payload = {

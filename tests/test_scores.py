@@ -354,6 +354,58 @@ def test_nan_scores_still_save_and_load(tmp_path):
     assert loaded.values[0].isnan() and loaded.values[1] == 1.0
 
 
+def test_metadata_is_held_as_load_gives_it_back(tmp_path):
+    """Tuples came back from load() as lists (so loaded.metadata != scores.metadata) and NumPy
+    scalars were refused with Python's bare "Object of type int64 is not JSON serializable": the
+    constructor now holds what JSON (and so load()) gives back, checked against json itself."""
+    given = {
+        "shape": (2, 3),
+        "nested": {"pair": (1, (np.int64(2), torch.tensor(3)))},
+        "count": np.int64(7),
+        "rate": np.float32(0.5),
+        "flag": np.bool_(True),
+        "name": np.str_("cg"),
+        "mean": np.array(1.25),
+        "loss": torch.tensor(0.125, dtype=torch.float64),
+        "done": torch.tensor(False),
+    }
+    scores = InfluenceScores([0, 1], [0.1, -0.2], given)
+    as_json = json.loads(json.dumps(given, default=lambda v: v.item()))  # an independent round trip through JSON
+    assert {k: v for k, v in scores.metadata.items() if k in given} == as_json
+    assert [type(scores.metadata[k]) for k in ("count", "rate", "flag", "name", "mean", "loss", "done")] == [int, float, bool, str, float, float, bool]
+    loaded = InfluenceScores.load(scores.save(tmp_path / "meta.pt"))
+    assert loaded.metadata == scores.metadata
+    scores.metadata["late"] = (np.int64(1), 2)  # changed after construction: save() writes it as load() will give it
+    assert InfluenceScores.load(scores.save(tmp_path / "late.pt")).metadata["late"] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.arange(3), r"metadata\['stats'\]\['v'\] is a torch Tensor of shape \[3\], which a score file \(JSON\) cannot hold: store value.tolist\(\)"),
+        (np.zeros((2, 2)), r"metadata\['stats'\]\['v'\] is a numpy ndarray of shape \[2, 2\].*value.tolist\(\)"),
+        (torch.tensor(1 + 2j), r"metadata\['stats'\]\['v'\] is a Tensor holding \(1\+2j\), which JSON cannot hold: store a real number"),
+        ({1, 2}, r"metadata\['stats'\]\['v'\] is a set \('\{1, 2\}'\), which a score file \(JSON\) cannot hold.*str\(value\)"),
+    ],
+)
+def test_metadata_json_cannot_hold_is_refused_naming_its_key(value, message, tmp_path):
+    with pytest.raises(ValueError, match=r"metadata must be JSON-serialisable: " + message):
+        InfluenceScores([0], [0.0], {"stats": {"v": value}})
+    scores = InfluenceScores([0], [0.0], {"stats": {"v": 1}})
+    scores.metadata["stats"]["v"] = value  # changed after construction: save() refuses it with the same message
+    with pytest.raises(ValueError, match=r"cannot save these scores: metadata must be JSON-serialisable: " + message):
+        scores.save(tmp_path / "bad.pt")
+
+
+def test_circular_metadata_is_refused_not_a_recursion_error():
+    looped: dict = {"x": 1}
+    looped["self"] = looped
+    with pytest.raises(ValueError, match=r"metadata\['d'\]\['self'\] refers back to a container that holds it \(a circular reference\)"):
+        InfluenceScores([0], [0.0], {"d": looped})
+    shared = [1, 2]
+    assert InfluenceScores([0], [0.0], {"a": shared, "b": shared}).metadata["b"] == [1, 2]  # shared, not circular: fine
+
+
 def test_non_finite_metadata_is_kept_as_text_so_the_file_is_strict_json(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"metadata \['residual', 'growth\[1\]'\] are NaN or infinite"):
         s = InfluenceScores(torch.arange(2), torch.zeros(2), {"residual": float("nan"), "growth": [1.0, float("inf")]})
