@@ -188,6 +188,27 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+#: digits has 1797 samples; 300 of them are the validation set
+MAX_TRAINING_SAMPLES = 1797 - 300
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, models: dict[str, Any]) -> None:
+    """Refuse, as argparse errors before any training, the settings the ground truth cannot use."""
+    unknown = [m for m in args.models.split(",") if m not in models]
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose from {list(models)}")
+    if not 2 <= args.n <= MAX_TRAINING_SAMPLES:
+        parser.error(f"--n must be between 2 and {MAX_TRAINING_SAMPLES} (digits' samples less the 300 validation ones), got {args.n}")
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if not 3 <= args.samples <= args.n:
+        parser.error(f"--samples (leave-one-out retrainings) must be between 3 (for a rank correlation) and --n={args.n}, got {args.samples}")
+    if args.subsets < 3:
+        parser.error(f"--subsets must be at least 3: an LDS correlates the predicted and retrained losses over the subsets, got {args.subsets}")
+    if not 0 < args.flip < 1:
+        parser.error(f"--flip (the fraction of flipped labels for the detection AUC) must be between 0 and 1, exclusive, got {args.flip}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="logreg,mlp", help="comma-separated: logreg, mlp")
@@ -206,6 +227,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown estimator labels {unknown}; choose from {list(ESTIMATORS)}")
     hidden_of = {"logreg": (), "mlp": (32,)}
+    check_arguments(parser, args, hidden_of)
     start = time.perf_counter()
     rows = []
     for model in args.models.split(","):

@@ -174,18 +174,28 @@ class RssSampler(threading.Thread):
 
 
 def dir_bytes(path: str | None) -> tuple[int, int]:
-    """(bytes, files) of the regular files directly in ``path``."""
+    """(bytes, files) of the regular files in ``path`` and its subfolders, at any depth (DiffIn
+    spills into a folder of its own, ``spill_dir/diffin-trajectory-XXXX``); symbolic links are not
+    followed, and files or folders that the sweep deletes meanwhile are skipped."""
     if not path or not os.path.isdir(path):
         return 0, 0
     total = files = 0
-    with os.scandir(path) as it:
-        for entry in it:
-            try:
-                if entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-                    files += 1
-            except FileNotFoundError:  # deleted by the sweep meanwhile
-                pass
+    folders = [path]
+    while folders:
+        try:
+            it = os.scandir(folders.pop())
+        except (FileNotFoundError, NotADirectoryError):  # deleted meanwhile
+            continue
+        with it:
+            for entry in it:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                        files += 1
+                except FileNotFoundError:  # deleted by the sweep meanwhile
+                    pass
     return total, files
 
 
@@ -519,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-samples", type=int, default=2048, help="size of the fixed target (validation) loader")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each run")
-    parser.add_argument("--spill-root", default=None, help="folder for replay-disk's spill dir (default: system temp)")
+    parser.add_argument("--spill-root", default=None, help="folder for replay-disk's spill dir, created if missing (default: system temp)")
     parser.add_argument(
         "--max-slope-fraction",
         type=float,
@@ -544,6 +554,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=tuple(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.spill_root:
+        if os.path.exists(args.spill_root) and not os.path.isdir(args.spill_root):
+            parser.error(f"--spill-root {args.spill_root} is a file, not a folder: pass a folder (it is created if missing)")
+        try:
+            os.makedirs(args.spill_root, exist_ok=True)
+        except OSError as err:
+            parser.error(f"--spill-root {args.spill_root}: the folder cannot be created ({err}); pass a writable folder")
     defaults = {"samples": (1_000_000, 100_000), "steps": (2000, 400), "memory_steps": (300, 100),
                 "window": (64, 16), "log_every": (10, 5)}
     for key, (full, quick) in defaults.items():
