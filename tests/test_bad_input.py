@@ -895,3 +895,41 @@ def test_ids_that_come_back_within_an_epoch_of_a_once_per_epoch_sampler_are_warn
             warnings.simplefilter("always")
             quiet_trainer(max_epochs=2, callbacks=[DiffIn(target="train")]).fit(Classifier(hidden=(8,)).double(), train_dataloaders=train)
         assert not any("came back within epoch" in str(w.message) for w in caught)
+
+
+class _DoubledAfterALeftOutBatch(Classifier):
+    """Leaves the first batch out (returns None), then trains on twice the mean loss."""
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        return None if batch_idx == 0 else 2 * self.per_sample_loss(batch).mean()
+
+
+@pytest.mark.parametrize("owner", ["TracIn", "StepRecorder"])
+def test_the_first_loss_check_moves_past_batches_that_training_step_leaves_out(small_digits, owner):
+    """QA: a first batch returning None used the check up, and TracIn scored the doubled loss as
+    calibrated (every score half the true one)."""
+    from lightning_influence.evaluation import StepRecorder
+
+    cb = TracIn(target="val", target_loader=small_digits.val) if owner == "TracIn" else StepRecorder()
+    _refused(small_digits.train, r"per_sample_loss\(batch\).mean\(\) = .* but training_step returned loss .* on the first step", cb, model=_model(_DoubledAfterALeftOutBatch))
+
+
+class _OverBatchPlusOne(Classifier):
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        losses = self.per_sample_loss(batch)
+        return losses.sum() / (losses.numel() + 1)  # 6% below the mean for batches of 16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_wrong_loss_on_a_half_precision_module_is_still_refused(small_digits, dtype):
+    model = _OverBatchPlusOne(hidden=(16,), lr=0.1).to(dtype)
+    train = FixedBatches([(x.to(dtype), y, i) for x, y, i in small_digits.train.batches])
+    cb = DiffIn(target="val", target_loader=FixedBatches([(x.to(dtype), y, i) for x, y, i in small_digits.val.batches]))
+    _refused(train, r"training_step returned loss", cb, model=model)
+
+
+def test_adaptive_optimizers_on_half_precision_parameters_are_refused_with_the_reason(small_digits):
+    model = Classifier(hidden=(16,), optimizer="adam", lr=1e-3).to(torch.bfloat16)
+    train = FixedBatches([(x.to(torch.bfloat16), y, i) for x, y, i in small_digits.train.batches])
+    cb = DiffIn(target="val", target_loader=FixedBatches([(x.to(torch.bfloat16), y, i) for x, y, i in small_digits.val.batches]))
+    _refused(train, r"parameters are torch.bfloat16 and the optimizer is Adam.*precision='bf16-mixed'", cb, model=model)

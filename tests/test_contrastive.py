@@ -302,3 +302,29 @@ def test_an_undeclared_coupling_is_found_on_a_first_batch_of_two():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match=r"looks coupled across its batch"):
         quiet_trainer(callbacks=[DiffIn(target="train")], max_steps=1).fit(_Undeclared().double(), train_dataloaders=fixed_batches(data, 2, 1))
+
+
+class _DroppedRightRows(PairEncoder):
+    """Dropout on the inputs and a correct removal of its own: the comparison draws one mask for both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.2)
+
+    def embed(self, x_a, x_b):  # type: ignore[no-untyped-def]
+        return super().embed(self.drop(x_a), self.drop(x_b))
+
+    def remove_from_batch(self, batch, index):  # type: ignore[no-untyped-def]
+        keep = [i for i in range(batch[2].numel()) if i != int(index)]
+        return tuple(t[keep] for t in batch)
+
+
+def test_a_right_removal_override_is_not_warned_about_under_dropout():
+    import warnings
+
+    data = Modalities.make().sample(32)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks=[DiffIn(target="train")], max_steps=1).fit(_DroppedRightRows().double(), train_dataloaders=fixed_batches(data, 8, 1))
+    assert not [w for w in caught if "gives other losses" in str(w.message)]

@@ -1118,3 +1118,38 @@ def test_recipes_refuse_sample_ids_that_are_not_positions_of_the_training_set() 
     check_ids_are_positions(model, _TrainOnly(IndexedDataset(TensorDataset(x, y))))
     check_ids_are_positions(model, _TrainOnly(TensorDataset(x, y, torch.arange(40))))
     assert issubclass(SetupRefused, ValueError)
+
+
+def test_the_ids_check_collates_as_the_loader_does_and_trial_refusals_are_the_librarys_own() -> None:
+    """The probes are collated in the loader's batch size (a fixed-shape collate refused 66 items at
+    once); a fault in the user's own code is raised as itself, with its traceback, not as a
+    one-line refusal."""
+    from lightning_influence import IndexedDataset
+    from lightning_influence.models import Classifier
+    from lightning_influence.recipes.common import _raised_by_library, check_ids_are_positions
+
+    class FixedShape(_TrainOnly):
+        def train_dataloader(self):  # type: ignore[no-untyped-def]
+            def collate(items):  # type: ignore[no-untyped-def]
+                assert len(items) <= 16, f"collate got {len(items)} items"
+                return torch.utils.data.default_collate(items)
+
+            return DataLoader(self.dataset, batch_size=16, collate_fn=collate)
+
+    class Own(torch.utils.data.Dataset):  # items carry their own index, without IndexedDataset
+        def __len__(self) -> int:
+            return 200
+
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            return torch.zeros(64), 0, i
+
+    check_ids_are_positions(Classifier(hidden=(8,)), FixedShape(Own()))
+    check_ids_are_positions(Classifier(hidden=(8,)), FixedShape(IndexedDataset(TensorDataset(torch.zeros(40, 64), torch.zeros(40).long()))))
+
+    def user_code() -> None:
+        raise TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'")
+
+    for raise_it, ours in ((user_code, False), (lambda: check_ids_are_positions(Classifier(hidden=(8,)), _TrainOnly(TensorDataset(torch.zeros(4, 64), torch.zeros(4).long(), torch.tensor([3, 2, 1, 0])))), True)):
+        with pytest.raises((TypeError, ValueError)) as err:
+            raise_it()
+        assert _raised_by_library(err.value) is ours

@@ -67,7 +67,7 @@ from lightning_influence.kernels import (
 )
 from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel, torch_optimizer
+from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel, UnsupportedOptimizer, torch_optimizer
 from lightning_influence.scores import InfluenceScores, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
@@ -521,6 +521,14 @@ class DiffIn(Callback):
             second_moment=self.second_moment,
         )
         self._mixed = str(trainer.precision) in ("bf16-mixed", "16-mixed")
+        if torch.finfo(self._space.dtype).bits < 32 and self._model.is_adaptive:
+            raise UnsupportedOptimizer(
+                f"DiffIn: the module's parameters are {self._space.dtype} and the optimizer is "
+                f"{type(self._model.optimizer).__name__}: its update divides by sqrt(v) + eps, which in a half-precision "
+                "dtype DiffIn's model of the step reproduces only to that dtype's rounding, too coarsely for the rebuilt "
+                "steps and the update's check. Keep the parameters in float32 and train with precision='bf16-mixed' "
+                "(or '16-mixed'), or use SGD on half-precision parameters"
+            )
         self._collective = Collective.from_trainer(trainer)
         loss_fn = per_sample_loss_function(pl_module)
         self._loss_fn = loss_fn
@@ -1204,7 +1212,7 @@ class DiffIn(Callback):
         with torch.no_grad():
             accumulate = float(max(int(trainer.accumulate_grad_batches), 1))
             terms = losses.detach().double()
-            tol = loss_tolerance(loss.dtype, losses.dtype, mixed=self._mixed)  # the first step's tolerances
+            tol = loss_tolerance(loss.dtype, losses.dtype)  # both from training_step (under autocast alike)
             pair = torch.stack([loss.detach().double().reshape(()) * accumulate, terms.mean(), terms.abs().mean()])
             self._loss_pairs.append((pair, tol))
 
@@ -1549,9 +1557,10 @@ class DiffIn(Callback):
         return True
 
     def _compare_training_loss(self, outputs: Any, accumulate: int) -> None:
-        self._loss_checked = True
         assert self._loss_check is not None
-        check_training_loss(outputs, accumulate, self._loss_check, mixed=self._mixed, scale=self._loss_scale)
+        self._loss_checked = check_training_loss(outputs, accumulate, self._loss_check, mixed=self._mixed, scale=self._loss_scale)
+        if not self._loss_checked:  # training_step left the batch out: the first-batch checks run again on the next one
+            self._loss_check = None
 
     def _build_scores(self) -> InfluenceScores:
         assert self._accumulator is not None and self._sweep is not None
@@ -1740,12 +1749,20 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
     own = type(pl_module).remove_from_batch is not InfluenceMixin.remove_from_batch
     removal = f"{name}.remove_from_batch" if own else "the default remove_from_batch (rows of dim 0 only)"
     all_ids = ids.reshape(-1).cpu()
+    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(size)))
+
+    def losses_of(sub_batch: Any) -> Any:  # each evaluation from one random state: dropout masks agree
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return pl_module.per_sample_loss(sub_batch)
+
     for index in sorted({0, size // 2, size - 1}):
         expected = torch.cat([all_ids[:index], all_ids[index + 1 :]])
         sub = pl_module.remove_from_batch(batch, index)
         sub_ids = torch.as_tensor(pl_module.sample_ids(sub)).reshape(-1).cpu()
         try:
-            losses = pl_module.per_sample_loss(sub)
+            losses = losses_of(sub)
         except Exception as err:  # noqa: BLE001 - a sub-batch the loss cannot read: say where it came from
             raise ValueError(
                 f"{name} declares coupled_batch_loss, so DiffIn evaluates per_sample_loss on the batch without each sample "
@@ -1769,7 +1786,7 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
             try:
                 rows = select_samples(batch, keep, size)
                 same_ids = torch.equal(torch.as_tensor(pl_module.sample_ids(rows)).reshape(-1).cpu(), expected)
-                reference = pl_module.per_sample_loss(rows) if same_ids else None
+                reference = losses_of(rows) if same_ids else None
             except Exception:  # noqa: BLE001 - a layout select_samples does not handle: nothing to compare
                 reference = None
             if isinstance(reference, Tensor) and reference.shape == losses.shape:

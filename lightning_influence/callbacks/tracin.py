@@ -143,6 +143,7 @@ class TracIn(Callback):
         self._cached_at = -1
         self._checks_pending = False
         self._first_losses: Tensor | None = None  # the first batch's per-sample losses, until its training_step returned
+        self._loss_check_pending = False  # the first batches returned no loss: compare the next one
         self._held: tuple[HostCopy, list[Tensor], int, Any] | None = None  # the last step, until its host values arrive
         self._num_samples: int | None = None  # the training dataset's length (set at fit start)
         self._restored = False
@@ -205,7 +206,7 @@ class TracIn(Callback):
         self._stepping = None
         self._held = None
         self._num_samples = dataset_length(trainer)
-        self._checks_pending, self._first_losses = True, None
+        self._checks_pending, self._first_losses, self._loss_check_pending = True, None, False
         self.scores = None
         if self.target == "train" and self.target_samples is None:
             rank_zero_warn(
@@ -262,13 +263,17 @@ class TracIn(Callback):
             if change is not None:
                 rank_zero_warn(coupling_message(pl_module, change) + ". (TracIn itself scores each sample's own loss only)")
             check_target_data(self, trainer)  # type: ignore[arg-type]
+        elif self._loss_check_pending:
+            self._loss_check_pending = False
+            self._first_losses = training_mode_losses(pl_module, batch).detach()
         self._micro.append((batch, ids.detach().reshape(-1)))
         self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._first_losses is not None:  # the first batch: training_step must optimise the mean of these
             losses, self._first_losses = self._first_losses, None
-            check_training_loss(outputs, int(trainer.accumulate_grad_batches), losses, mixed="mixed" in str(trainer.precision))
+            if not check_training_loss(outputs, int(trainer.accumulate_grad_batches), losses, mixed="mixed" in str(trainer.precision)):
+                self._loss_check_pending = True  # training_step left the batch out: check the next one
 
     def _drop_unbackpropagated(self) -> None:
         """Take the last micro-batch out of its step if no backward ran for it (``training_step``

@@ -122,6 +122,7 @@ class StepRecorder(Callback):
         self._awaiting = None
         self._watch = None
         self._first_losses: Tensor | None = None
+        self._loss_check_pending = False
         self._mixed = "mixed" in str(trainer.precision)
         self.final_gap = None
 
@@ -139,11 +140,15 @@ class StepRecorder(Callback):
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
             self._first_losses = training_mode_losses(pl_module, batch).detach()  # compared at the batch end
+        elif self._loss_check_pending:
+            self._loss_check_pending = False
+            self._first_losses = training_mode_losses(pl_module, batch).detach()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._first_losses is not None:  # the retraining's loss is the mean of per_sample_loss: the run's must be too
             losses, self._first_losses = self._first_losses, None
-            check_training_loss(outputs, int(trainer.accumulate_grad_batches), losses, mixed=self._mixed)
+            if not check_training_loss(outputs, int(trainer.accumulate_grad_batches), losses, mixed=self._mixed):
+                self._loss_check_pending = True  # training_step left the batch out: check the next one
 
     def _keep_pending(self) -> None:
         # A micro-batch trains only if its loss was backpropagated: training_step returning None skips it

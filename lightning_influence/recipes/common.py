@@ -406,7 +406,23 @@ def preflight(
     try:
         return _trial(cfg, out, metric, target, target_samples, ids_are_positions)
     except (ValueError, TypeError) as err:
+        if not _raised_by_library(err):
+            raise  # a fault in the user's code (a dataset, a model): its traceback is what helps
         raise refused_setup(err) from err
+
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _raised_by_library(err: BaseException) -> bool:
+    """Whether ``err`` was raised in this package's code (one of its refusals, with the fix in its
+    message), not in the user's code, Lightning's or torch's."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
 
 
 def _trial(
@@ -482,7 +498,12 @@ def check_ids_are_positions(model: L.LightningModule, datamodule: Any, probes: i
         drawn = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:probes].tolist()
         positions = torch.tensor(sorted({0, n - 1, *drawn}))
         collate = getattr(loader, "collate_fn", None) or default_collate
-        ids = torch.as_tensor(model.sample_ids(collate([dataset[int(i)] for i in positions]))).reshape(-1).long().cpu()  # type: ignore[operator]
+        size = max(int(getattr(loader, "batch_size", None) or 1), 1)  # as the loader collates: a collate may need its batch size
+        chunks = [positions[i : i + size] for i in range(0, positions.numel(), size)]
+        ids = torch.cat([
+            torch.as_tensor(model.sample_ids(collate([dataset[int(i)] for i in chunk]))).reshape(-1).long().cpu()  # type: ignore[operator]
+            for chunk in chunks
+        ])
     if ids.shape == positions.shape and torch.equal(ids, positions):
         return
     if ids.shape != positions.shape:
