@@ -57,3 +57,53 @@ def test_a_removed_folder_or_file_keeps_the_removed_during_fit_wording(tmp_path)
     with pytest.raises(SpilledTrajectoryError, match=r"was removed or changed during fit \(writing step 1 to step-000000001\.pt failed: its folder no longer exists\)"):
         trajectory.append(_record(1))
     trajectory.close()
+
+
+# ------------------------------------------------------------------ the benchmarks that read these files
+def _benchmark(name: str, monkeypatch):
+    """The script ``benchmarks/<name>.py`` as a module (registered for the test's duration only)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts add their folders to it
+    sys.path.insert(0, str(path.parent))  # as when run as a script (benchmarks/revision.py)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_memory_benchmark_counts_the_spilled_trajectory_in_its_own_subfolder(tmp_path, capsys, monkeypatch):
+    """``benchmarks/memory.py``'s "trajectory on disk (peak)" column was always "-": it counted the
+    files directly in spill_dir, and the trajectory writes into spill_dir/diffin-trajectory-XXXX."""
+    memory = _benchmark("memory", monkeypatch)
+    trajectory = Trajectory(storage="disk", spill_dir=tmp_path / "spill")
+    for step in range(3):
+        trajectory.append(_record(step))
+    files = [p for p in (tmp_path / "spill").rglob("*") if p.is_file()]  # an independent count
+    assert trajectory._dir.parent == tmp_path / "spill" and len(files) == 3
+    assert memory.dir_bytes(str(tmp_path / "spill")) == (sum(p.stat().st_size for p in files), 3)
+    trajectory.close()
+    assert memory.dir_bytes(str(tmp_path / "spill")) == (0, 0)
+    # --spill-root: a missing folder is created; a file is an argparse error, not a traceback
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as raised:
+        memory.main(["--configs", "nothing", "--spill-root", str(tmp_path / "new" / "root")])
+    assert raised.value.code == 2 and (tmp_path / "new" / "root").is_dir()  # refused later, for the unknown config
+    with pytest.raises(SystemExit) as raised:
+        memory.main(["--spill-root", str(tmp_path / "a-file")])
+    assert raised.value.code == 2 and f"--spill-root {tmp_path / 'a-file'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_the_fidelity_benchmark_refuses_fewer_than_three_subsets_before_any_training(monkeypatch, capsys):
+    """``--subsets 2`` died in random_removals, after the leave-one-out retrainings, with a traceback."""
+    fidelity = _benchmark("fidelity", monkeypatch)
+    monkeypatch.setattr("sys.argv", ["fidelity.py", "--subsets", "2"])
+    monkeypatch.setattr(fidelity, "measure", lambda *args: pytest.fail("trained before checking its arguments"))
+    with pytest.raises(SystemExit) as raised:
+        fidelity.main()
+    assert raised.value.code == 2
+    assert "--subsets must be at least 3: an LDS correlates" in capsys.readouterr().err
