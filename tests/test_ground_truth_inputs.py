@@ -225,3 +225,12 @@ def test_fraction_found_refuses_a_fraction_that_is_not_a_number() -> None:
     for bad, match in (("0.3", r"must be a number in \(0, 1\]"), (True, "must be a number"), (0.0, r"must be in \(0, 1\]")):
         with pytest.raises(ValueError, match=match):
             fraction_found([1.0, 2.0, 3.0], [True, False, False], bad)
+
+
+def test_a_single_batch_passed_as_the_target_batches_is_refused_with_the_fix():
+    from lightning_influence.evaluation.retraining import target_batch_list
+
+    batch = (torch.zeros(4, 64), torch.zeros(4).long(), torch.arange(4))
+    with pytest.raises(TypeError, match=r"a single batch \(a tuple of 3 tensors\).*wrap it in a list, \[batch\]"):
+        target_batch_list(batch)
+    assert target_batch_list([batch]) == [batch]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_influence.evaluation._checks import as_ids, as_numbers, check_fraction, check_same_length, require_ids_cover
 from lightning_influence.evaluation.metrics import spearman
-from lightning_influence.evaluation.retraining import OptimizerSpec, TrainingStep, check_recorded_ids, retrain, target_loss
+from lightning_influence.evaluation.retraining import OptimizerSpec, TrainingStep, check_recorded_ids, retrain, target_batch_list, target_loss
 
 __all__ = ["SubsetRetraining", "random_removals", "subset_retraining", "linear_datamodeling_score"]
 
@@ -140,7 +140,7 @@ def subset_retraining(
     :func:`~lightning_influence.evaluation.retraining.check_recorded_ids`)."""
     runs: list[tuple[int, ...]] = [(), *_removal_sets(removals)]
     check_recorded_ids(module, steps, {i for run in runs for i in run})
-    batches = list(target_batches)
+    batches = target_batch_list(target_batches)
     losses = []
     for start in range(0, len(runs), chunk_size):
         final = retrain(module, initial_params, steps, optimizer, runs[start : start + chunk_size], chunk_size=chunk_size)

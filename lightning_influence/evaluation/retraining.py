@@ -869,7 +869,7 @@ def target_loss(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     stacked = _stacked(module, params)
     loss_fn = per_sample_loss_function(module)
-    batches = list(target_batches)
+    batches = target_batch_list(target_batches)
     if any(p.dtype == torch.float64 for p in params.values()):
         widen = lambda t: t.double() if t.is_floating_point() and t.dtype != torch.float64 else t  # noqa: E731
         batches = [map_tensors(widen, batch) for batch in batches]
@@ -896,6 +896,19 @@ def target_loss(
         raise ValueError("target_batches hold no samples: the target loss is undefined")
     result = totals / count
     return result if stacked else result[0]
+
+
+def target_batch_list(target_batches: Iterable[Any]) -> list[Any]:
+    """``target_batches`` (a list of batches, a DataLoader, ...) read once into a list; a single
+    batch passed by mistake (a tuple or list of tensors, which would be read as batches of one
+    tensor each) is refused with the fix."""
+    if isinstance(target_batches, (tuple, list)) and target_batches and all(isinstance(b, Tensor) for b in target_batches):
+        raise TypeError(
+            f"target_batches must be an iterable of batches (a list of batches, a DataLoader), but it is a single batch "
+            f"(a {type(target_batches).__name__} of {len(target_batches)} tensors), whose tensors would be read as batches: "
+            "wrap it in a list, [batch]"
+        )
+    return list(target_batches)
 
 
 def leave_one_out(
@@ -928,7 +941,7 @@ def leave_one_out(
     """
     ids = as_ids("sample_ids", sample_ids, flatten=True).tolist()
     check_recorded_ids(module, steps, ids)
-    batches = list(target_batches)
+    batches = target_batch_list(target_batches)
     removals: list[tuple[int, ...]] = [(), *((i,) for i in ids)]
     losses: list[Tensor] = []
     for start in range(0, len(removals), chunk_size):
