@@ -239,7 +239,12 @@ def test_a_coupled_loss_that_is_not_declared_is_found_on_the_first_batch():
     with pytest.warns(UserWarning, match=r"looks coupled across its batch .* scores each sample's own loss only"):
         build("grand", progress=False).scores(_Undeclared().double(), train)
     with pytest.warns(UserWarning, match=r"declares coupled_batch_loss: .* depend on the loader's batch size"):
-        build("grand", progress=False).scores(PairEncoder().double(), train)
+        build("influence_function", solver="exact", curvature="hessian").scores(PairEncoder().double(), train)
+    # estimators that evaluate each sample's loss alone (a batch of one) refuse a declared coupled loss:
+    # InfoNCE of one pair is 0 (GraNd scored all zeros, the others blamed unused parameters)
+    for name in ("grand", "outlier_gradient", "datainf"):
+        with pytest.raises(ValueError, match=r"declares coupled_batch_loss .* evaluated alone, as a batch of one"):
+            build(name).scores(PairEncoder().double(), train)
 
     class Noisy(Classifier):  # independent, but each evaluation draws new noise
         def per_sample_loss(self, batch):  # type: ignore[no-untyped-def]

@@ -693,14 +693,26 @@ def different_passes_message(owner: str, detail: str, limit: int | None = None) 
     )
 
 
-def posthoc_training(module: L.LightningModule, train_loader: Iterable[Any], owner: str, *, differentiates: bool = True) -> TrainingPasses:
+def posthoc_training(
+    module: L.LightningModule, train_loader: Iterable[Any], owner: str, *, differentiates: bool = True, alone: bool = False
+) -> TrainingPasses:
     """The training loader of a post-hoc estimator as :class:`TrainingPasses`, after the checks every
     post-hoc estimator makes before any heavy work: the module is influence-aware, the loader
     yields a batch, and (``differentiates``: the estimator takes gradients of the per-sample
     losses) ``per_sample_loss`` of the first training batch is a floating-point ``Tensor[B]``, one
     loss per sample id, that depends on the trainable parameters. Every later pass is checked to
-    serve the same samples and inputs (:class:`TrainingPasses`). Called by every post-hoc estimator
-    at the top of ``scores``; a ``TrainingPasses`` passed in is returned as it is."""
+    serve the same samples and inputs (:class:`TrainingPasses`). ``alone``: the estimator takes
+    each sample's gradient from its loss evaluated alone (a batch of one), which a declared coupled
+    batch loss does not define: refused. Called by every post-hoc estimator at the top of
+    ``scores``; a ``TrainingPasses`` passed in is returned as it is."""
+    if alone and getattr(module, "coupled_batch_loss", False):
+        raise ValueError(
+            f"{type(module).__name__} declares coupled_batch_loss (a sample's loss depends on the other samples of its "
+            f"batch), but {owner} takes each sample's gradient from its loss evaluated alone, as a batch of one, which a "
+            "coupled loss does not define (InfoNCE of a single pair is 0). Score it with DiffIn, which removes a sample "
+            "from its batch, or with an estimator that evaluates the losses within their batches (influence_function, "
+            "tracin, tracin_checkpoints)"
+        )
     from lightning_influence.callbacks.checks import check_influence_aware
 
     if isinstance(train_loader, TrainingPasses):

@@ -197,7 +197,7 @@ class GraNd(Estimator):
         self.progress = progress
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
-        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # differentiable losses, before any work
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}", alone=True)  # differentiable losses, before any work
         space, theta, loss_fn = attributed_space(module, self.params)
 
         def norms(batch: Any) -> Tensor:

@@ -436,7 +436,7 @@ class DataInf(Estimator):
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         target = as_target(target)
-        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # three passes, and the target's: checked
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}", alone=True)  # three passes, and the target's: checked
         with evaluation_mode(module):
             space, theta, loss_fn = attributed_space(module, self.params)
             V = _target_columns(target, module, train_loader, loss_fn, space, theta, f"estimator {self.name!r}", self.params)  # [P, Q]

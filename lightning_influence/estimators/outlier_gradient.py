@@ -100,7 +100,7 @@ class OutlierGradient(Estimator):
         self.progress = progress
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
-        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # differentiable losses, before any work
+        train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}", alone=True)  # differentiable losses, before any work
         patterns = self.params or last_module_parameters(module)
         space, theta, loss_fn = attributed_space(module, patterns)
 
