@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.batches import map_tensors
-from lightning_influence.evaluation._checks import as_ids
+from lightning_influence.evaluation._checks import _shown, as_ids
 from lightning_influence.kernels import (
     PerSampleLossFn,
     RemoveFn,
@@ -418,7 +418,7 @@ def _check_functional_gradient(
         loss_fn({**state, **probe}, batch)
     written = [n for n, v in state.items() if v._version != versions[n]]
     if written:
-        shown = ", ".join(written[:4]) + (", ..." if len(written) > 4 else "")
+        shown = _shown(written, 4)
         raise ValueError(
             f"{type(module).__name__}'s training forward writes module buffers ({shown}): each run's values would "
             "depend on its own trajectory, while the retraining evaluates every run with the same (recorded) values, "
@@ -452,7 +452,7 @@ def check_replayable(module: nn.Module) -> None:
     buffers at every forward)."""
     layers = [name or type(module).__name__ for name, m in module.named_modules() if is_mode_dependent(m)]
     if layers:
-        shown = ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "")
+        shown = _shown(layers, 4)
         raise ValueError(
             f"{type(module).__name__} has layers that act differently in training ({shown}: dropout with p > 0, or "
             "batch/instance norm with running statistics): the retraining replays the training forward of every run "
