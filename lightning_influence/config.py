@@ -96,20 +96,14 @@ class SetupTypeRefused(SetupRefused, TypeError):
     """A :class:`SetupRefused` for a missing method or a value of the wrong type."""
 
 
-def refused_config(err: ValueError | TypeError) -> ConfigError:
+def refused_config(err: ValueError | TypeError, *, setup: bool = False) -> ConfigError:
     """``err``, raised by a config check, as the :class:`ConfigError` (or :class:`ConfigTypeError`)
-    with the same message."""
+    with the same message; ``setup``: raised while a recipe's trial step checked the model and
+    data, as a :class:`SetupRefused` (or :class:`SetupTypeRefused`)."""
     if isinstance(err, ConfigError):
         return err
-    return (ConfigTypeError if isinstance(err, TypeError) else ConfigError)(str(err))
-
-
-def refused_setup(err: ValueError | TypeError) -> ConfigError:
-    """``err``, raised while a recipe's trial step checked the model and data, as a
-    :class:`SetupRefused` (or :class:`SetupTypeRefused`) with the same message."""
-    if isinstance(err, ConfigError):
-        return err
-    return (SetupTypeRefused if isinstance(err, TypeError) else SetupRefused)(str(err))
+    kinds = (SetupTypeRefused, SetupRefused) if setup else (ConfigTypeError, ConfigError)
+    return (kinds[0] if isinstance(err, TypeError) else kinds[1])(str(err))
 
 
 class TargetKind(Enum):

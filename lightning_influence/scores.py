@@ -124,8 +124,8 @@ def _json_metadata(value: Any, path: str, open_containers: tuple[int, ...] = ())
     if value is None:
         return None
     for plain in (bool, str, int, float):  # subclasses too (np.float64, np.str_, IntEnum): as JSON gives them back
-        if isinstance(value, plain):
-            return plain(value)
+        if isinstance(value, plain):  # str.__str__: a (str, Enum) member's value, as json writes it (str() gives 'K.A')
+            return str.__str__(value) if plain is str else plain(value)
     if isinstance(value, (Mapping, list, tuple)):
         if id(value) in open_containers:
             raise ValueError(f"metadata must be JSON-serialisable: {path} refers back to a container that holds it (a circular reference)")

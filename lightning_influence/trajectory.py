@@ -11,6 +11,7 @@ and, when attribution is restricted to a parameter subset, the other trainable p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -180,6 +181,8 @@ class Trajectory:
             torch.save(_payload(record), partial)
             os.replace(partial, path)  # never a half-written record under the final name (scratch: no fsync)
         except (OSError, RuntimeError) as err:
+            with contextlib.suppress(OSError):  # a full disk keeps nothing of the failed write
+                partial.unlink(missing_ok=True)
             raise self._spill_error(record.step, path, err, writing=True) from err
         self._records.append(path)
 

@@ -806,7 +806,7 @@ class _DropoutClassifier(Classifier):
         return super().forward(self.drop(x))
 
 
-def test_tracin_compares_the_first_loss_under_training_steps_own_dropout_mask(small_digits):
+def test_tracin_accepts_a_first_loss_under_training_steps_own_dropout_mask(small_digits):
     cb = TracIn(target="val", target_loader=small_digits.val)
     torch.manual_seed(0)
     quiet_trainer(callbacks=[cb]).fit(_model(_DropoutClassifier), train_dataloaders=small_digits.train)

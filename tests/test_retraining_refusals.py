@@ -253,6 +253,15 @@ def test_a_run_that_trained_otherwise_than_recorded_is_refused(batches: list[Bat
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"StepRecorder: the recorded run, retrained with nothing removed, ends .* away from the trained parameters .*gradients changed in a hook"):
         fit(_HalvedGradients(hidden=(8,)).double(), batches, verify=True)
+    # raised when fit ends, after every callback's on_train_end: the other callbacks' results are there
+    from lightning_influence import TracIn
+
+    tracin = TracIn(target="val", target_loader=FixedBatches(batches[:1]))
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"StepRecorder: the recorded run"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet_trainer(callbacks=[StepRecorder(), tracin], max_epochs=2).fit(_HalvedGradients(hidden=(8,)).double(), train_dataloaders=FixedBatches(batches))
+    assert tracin.scores is not None and len(tracin.scores) > 0
     torch.manual_seed(0)
     _, unchecked = fit(_HalvedGradients(hidden=(8,)).double(), batches, verify=False)  # the option skips it
     assert unchecked.final_gap is None and unchecked.steps
@@ -260,7 +269,7 @@ def test_a_run_that_trained_otherwise_than_recorded_is_refused(batches: list[Bat
     with pytest.raises(ValueError, match=r"per_sample_loss\(batch\).mean\(\) = .* but training_step returned loss .* on the first step"):
         fit(_L2InTrainingStep(hidden=(8,)).double(), batches, verify=True)
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match=r"the retraining needs a deterministic per_sample_loss, but its training forward draws random numbers .*set dropout to p=0"):
+    with pytest.raises(ValueError, match=r"the retraining needs a deterministic per_sample_loss, but it draws random numbers .*set dropout to p=0"):
         fit(_TinyNoise(hidden=(8,)).double(), batches, verify=True)
     torch.manual_seed(0)
     module = Classifier(hidden=(8,)).double()

@@ -596,3 +596,16 @@ def test_values_for_lines_scores_up_with_ids_and_metrics_refuse_unaligned_scores
     with pytest.raises(TypeError, match=r"scores.values_for\(ids\)"):
         spearman(scores, [1.0, 2.0, 3.0, 4.0])
     assert spearman(scores.values_for([1, 3, 7, 9]), [1.0, 2.0, 3.0, 4.0]) == pytest.approx(1.0)
+
+
+def test_a_string_enum_in_the_metadata_is_held_as_its_value(tmp_path):
+    """json writes a (str, Enum) member as its value; str() gives 'Kind.VAL': held as load() returns it."""
+    import enum
+
+    class Kind(str, enum.Enum):
+        VAL = "val"
+
+    scores = InfluenceScores(torch.arange(2), torch.zeros(2), {"target": Kind.VAL})
+    assert scores.metadata["target"] == "val" and type(scores.metadata["target"]) is str
+    scores.save(tmp_path / "s.pt")
+    assert InfluenceScores.load(tmp_path / "s.pt").metadata == scores.metadata

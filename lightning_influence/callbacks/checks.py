@@ -668,7 +668,7 @@ def check_training_loss(outputs: Any, accumulate: int, losses: Tensor, *, mixed:
         return False
     expected, got = float(loss.detach()) * accumulate, float(losses.detach().mean())
     scale = float(losses.detach().abs().mean()) if scale is None else scale
-    tol = loss_tolerance(loss.dtype, mixed=mixed)
+    tol = loss_tolerance(loss.dtype, losses.dtype, mixed=mixed)
     if not math.isclose(expected, got, rel_tol=tol, abs_tol=tol * scale):
         raise ValueError(
             f"per_sample_loss(batch).mean() = {got!r} but training_step returned loss {expected!r} on the first "
@@ -678,6 +678,35 @@ def check_training_loss(outputs: Any, accumulate: int, losses: Tensor, *, mixed:
             "per_sample_loss(batch) sees the batch training did"
         )
     return True
+
+
+class FirstLossCheck:
+    """The first step's :func:`check_training_loss`, for a callback that does not otherwise see the
+    per-sample losses: :meth:`batch_start` takes them (:func:`training_mode_losses`) while the
+    check is pending, :meth:`batch_end` compares them with what ``training_step`` returned. A batch
+    that ``training_step`` leaves out (returns ``None``) moves the check on to the next one."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._losses: Tensor | None = None
+
+    def reset(self) -> None:
+        """A fit starts: check its first step."""
+        self.pending, self._losses = True, None
+
+    def batch_start(self, pl_module: L.LightningModule, batch: Any, losses: Tensor | None = None) -> None:
+        """``losses``: the batch's per-sample losses if the caller already has them (from
+        :func:`training_mode_losses`)."""
+        if self.pending:
+            self._losses = (losses if losses is not None else training_mode_losses(pl_module, batch)).detach()
+
+    def batch_end(self, trainer: L.Trainer, outputs: Any) -> None:
+        if self._losses is None:
+            return
+        losses, self._losses = self._losses, None
+        mixed = str(trainer.precision) in ("bf16-mixed", "16-mixed")
+        if check_training_loss(outputs, int(trainer.accumulate_grad_batches), losses, mixed=mixed):
+            self.pending = False
 
 
 def loss_tolerance(*dtypes: torch.dtype, mixed: bool = False) -> float:

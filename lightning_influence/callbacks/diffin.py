@@ -365,6 +365,7 @@ class DiffIn(Callback):
         self._loss_check: Tensor | None = None
         self._loss_scale = 0.0  # mean |per-sample loss| of the first batch: the scale of the first-step loss check
         self._loss_checked = False
+        self._first_batch_checked = False  # the first batch's checks ran (its loss comparison may still be pending)
         self._loss_dtype: torch.dtype | None = None
         """The per-sample losses' dtype (seen on the first batch): finite differences of a loss rounded to a
         lower precision than the parameters' (e.g. ``F.cross_entropy(logits.float(), y)`` on a float64
@@ -571,7 +572,7 @@ class DiffIn(Callback):
             self.skipped_steps = self.empty_steps = self.singleton_steps = 0
             self._first_skipped = None
             self.seconds = 0.0
-        self._loss_checked, self._loss_check = False, None
+        self._loss_checked, self._loss_check, self._first_batch_checked = False, None, False
         self._verified_steps = 0
         self._micro_batches, self._unverified, self._held = [], None, None
         self._stepping, self._to_append = None, None
@@ -812,7 +813,12 @@ class DiffIn(Callback):
             self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
         self._epoch_repeats.add(ids.detach())
         self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
-        if not self._loss_checked and self._loss_check is None:
+        if not self._loss_checked and self._loss_check is None and self._first_batch_checked:
+            # the first batches were left out (training_step returned None): only the loss comparison moves on
+            self._loss_check = training_mode_losses(pl_module, batch).detach()
+            self._loss_scale = float(self._loss_check.abs().mean())
+        elif not self._loss_checked and self._loss_check is None:
+            self._first_batch_checked = True
             # With autograd on, to check that the losses depend on the parameters.
             devices = [pl_module.device] if pl_module.device.type == "cuda" else []
             losses = training_mode_losses(pl_module, batch, (lambda _: _check_removal(pl_module, batch, ids)) if self._coupled else None)
@@ -1559,7 +1565,7 @@ class DiffIn(Callback):
     def _compare_training_loss(self, outputs: Any, accumulate: int) -> None:
         assert self._loss_check is not None
         self._loss_checked = check_training_loss(outputs, accumulate, self._loss_check, mixed=self._mixed, scale=self._loss_scale)
-        if not self._loss_checked:  # training_step left the batch out: the first-batch checks run again on the next one
+        if not self._loss_checked:  # training_step left the batch out: the comparison moves on to the next one
             self._loss_check = None
 
     def _build_scores(self) -> InfluenceScores:
@@ -1752,10 +1758,12 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
     devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(size)))
 
-    def losses_of(sub_batch: Any) -> Any:  # each evaluation from one random state: dropout masks agree
-        with torch.random.fork_rng(devices=devices):
+    def losses_of(sub_batch: Any) -> Any:  # each evaluation from one random state: dropout masks agree; no graph
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
             return pl_module.per_sample_loss(sub_batch)
+
+    warned = False
 
     for index in sorted({0, size // 2, size - 1}):
         expected = torch.cat([all_ids[:index], all_ids[index + 1 :]])
@@ -1789,7 +1797,7 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
                 reference = losses_of(rows) if same_ids else None
             except Exception:  # noqa: BLE001 - a layout select_samples does not handle: nothing to compare
                 reference = None
-            if isinstance(reference, Tensor) and reference.shape == losses.shape:
+            if not warned and isinstance(reference, Tensor) and reference.shape == losses.shape:
                 tol = loss_tolerance(losses.dtype, reference.dtype)
                 gap = float((losses.detach().double() - reference.detach().double()).abs().max())
                 if gap > tol * max(float(reference.detach().abs().max()), 1e-30):
@@ -1800,7 +1808,7 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
                         "along another dimension), ignore this; else fix it, since the scores and the leave-one-out "
                         "ground truth both use it"
                     )
-                    return
+                    warned = True  # the other positions' ids and shapes are still checked
 
 
 def _remove_handoff(path: Path, owner_pid: int) -> None:

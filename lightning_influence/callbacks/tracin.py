@@ -42,6 +42,7 @@ from lightning_influence.callbacks.checkpoints import first_order_calibration, f
 from lightning_influence.callbacks.checks import (
     BackwardWatch,
     EpochRepeats,
+    FirstLossCheck,
     OptimizerStepWatch,
     check_id_type,
     check_id_values,
@@ -53,7 +54,6 @@ from lightning_influence.callbacks.checks import (
     check_target_data,
     check_trained_parameters,
     check_training_dataset,
-    check_training_loss,
     coupling_message,
     dataset_length,
     device_target_batches,
@@ -142,8 +142,7 @@ class TracIn(Callback):
         self._cached_gradient: Tensor | None = None
         self._cached_at = -1
         self._checks_pending = False
-        self._first_losses: Tensor | None = None  # the first batch's per-sample losses, until its training_step returned
-        self._loss_check_pending = False  # the first batches returned no loss: compare the next one
+        self._first_loss = FirstLossCheck()
         self._held: tuple[HostCopy, list[Tensor], int, Any] | None = None  # the last step, until its host values arrive
         self._num_samples: int | None = None  # the training dataset's length (set at fit start)
         self._restored = False
@@ -206,7 +205,8 @@ class TracIn(Callback):
         self._stepping = None
         self._held = None
         self._num_samples = dataset_length(trainer)
-        self._checks_pending, self._first_losses, self._loss_check_pending = True, None, False
+        self._checks_pending = True
+        self._first_loss.reset()
         self.scores = None
         if self.target == "train" and self.target_samples is None:
             rank_zero_warn(
@@ -258,22 +258,18 @@ class TracIn(Callback):
             self._checks_pending = False
             losses = training_mode_losses(pl_module, batch)  # as training_step computes them (compared at the batch end)
             check_losses(losses, ids, device=pl_module.device, requires_grad=True, owner="TracIn", batch=batch, module=pl_module)
-            self._first_losses = losses.detach()
+            self._first_loss.batch_start(pl_module, batch, losses)
             change = undeclared_coupling(pl_module, batch)
             if change is not None:
                 rank_zero_warn(coupling_message(pl_module, change) + ". (TracIn itself scores each sample's own loss only)")
             check_target_data(self, trainer)  # type: ignore[arg-type]
-        elif self._loss_check_pending:
-            self._loss_check_pending = False
-            self._first_losses = training_mode_losses(pl_module, batch).detach()
+        else:
+            self._first_loss.batch_start(pl_module, batch)  # while training_step left the first batches out
         self._micro.append((batch, ids.detach().reshape(-1)))
         self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._first_losses is not None:  # the first batch: training_step must optimise the mean of these
-            losses, self._first_losses = self._first_losses, None
-            if not check_training_loss(outputs, int(trainer.accumulate_grad_batches), losses, mixed="mixed" in str(trainer.precision)):
-                self._loss_check_pending = True  # training_step left the batch out: check the next one
+        self._first_loss.batch_end(trainer, outputs)  # training_step must optimise the mean of per_sample_loss
 
     def _drop_unbackpropagated(self) -> None:
         """Take the last micro-batch out of its step if no backward ran for it (``training_step``

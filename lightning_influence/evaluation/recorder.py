@@ -21,7 +21,7 @@ from lightning_influence.evaluation.retraining import (
     optimizer_lrs,
     retrain,
 )
-from lightning_influence.callbacks.checks import BackwardWatch, OptimizerStepWatch, check_training_loss, training_mode_losses
+from lightning_influence.callbacks.checks import BackwardWatch, FirstLossCheck, OptimizerStepWatch
 from lightning_influence.kernels import BufferWatch
 
 
@@ -59,10 +59,11 @@ class StepRecorder(Callback):
 
     A model the retraining cannot replay (dropout with ``p > 0``, batch norm, spectral
     normalisation) is refused when fit starts; ``training_step``'s loss is compared with the mean
-    of ``per_sample_loss`` on the first batch. ``verify`` (default): when fit ends, the recorded run
-    is retrained with nothing removed and must reproduce the trained parameters (to 1e-7 of how far
-    they moved in float64, 1e-3 in lower precision; not under mixed precision, whose autocast the
-    float32 retraining does not replay): a run that trained otherwise than recorded (a loss that is
+    of ``per_sample_loss`` on the first batch. ``verify`` (default): when training ends, the recorded
+    run is retrained with nothing removed and must reproduce the trained parameters (to 1e-7 of how
+    far they moved in float64, 1e-3 in float32, plus 64 roundings; not under mixed precision, whose
+    autocast the float32 retraining does not replay, nor for half-precision parameters), raised at
+    the end of fit, after every callback's ``on_train_end``: a run that trained otherwise than recorded (a loss that is
     not the mean of ``per_sample_loss`` at a later step, augmentation inside ``training_step``,
     gradients edited in a hook, batch tensors changed in place) raises ``ValueError`` instead of
     giving a ground truth of another run. Costs one retraining run.
@@ -85,6 +86,8 @@ class StepRecorder(Callback):
         self._watch: BufferWatch | None = None
         self._step_watch = OptimizerStepWatch(self._on_step, "StepRecorder", carries_state=True)
         self._awaiting: int | None = None  # the step recorded at on_before_optimizer_step, until its optimizer.step starts
+        self._first_loss = FirstLossCheck()
+        self._verdict: str | None = None  # the replay check's refusal, raised once every on_train_end has run
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if int(getattr(trainer, "world_size", 1) or 1) > 1:
@@ -121,9 +124,8 @@ class StepRecorder(Callback):
         self._step_watch.watch(optimizer)
         self._awaiting = None
         self._watch = None
-        self._first_losses: Tensor | None = None
-        self._loss_check_pending = False
-        self._mixed = "mixed" in str(trainer.precision)
+        self._first_loss.reset()
+        self._mixed = str(trainer.precision) in ("bf16-mixed", "16-mixed")
         self.final_gap = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -137,18 +139,14 @@ class StepRecorder(Callback):
             change = undeclared_coupling(pl_module, batch)
             if change is not None:
                 warnings.warn(coupling_message(pl_module, change), UserWarning, stacklevel=2)
+            self._first_loss.batch_start(pl_module, batch)  # before the buffer watch: the check restores the buffers
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
-            self._first_losses = training_mode_losses(pl_module, batch).detach()  # compared at the batch end
-        elif self._loss_check_pending:
-            self._loss_check_pending = False
-            self._first_losses = training_mode_losses(pl_module, batch).detach()
+        else:
+            self._first_loss.batch_start(pl_module, batch)  # while training_step left the first batches out
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._first_losses is not None:  # the retraining's loss is the mean of per_sample_loss: the run's must be too
-            losses, self._first_losses = self._first_losses, None
-            if not check_training_loss(outputs, int(trainer.accumulate_grad_batches), losses, mixed=self._mixed):
-                self._loss_check_pending = True  # training_step left the batch out: check the next one
+        self._first_loss.batch_end(trainer, outputs)  # the retraining's loss is the mean of per_sample_loss: the run's must be too
 
     def _keep_pending(self) -> None:
         # A micro-batch trains only if its loss was backpropagated: training_step returning None skips it
@@ -165,30 +163,46 @@ class StepRecorder(Callback):
         self._drop_unstepped()
         self._backward.close()
         self._step_watch.close()
+        self._verdict = None
+        if self.verify and self.steps and self.optimizer is not None and not self._mixed:
+            self._verdict = self._verify_replay(pl_module)  # on the training device, before Lightning's teardown
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step_watch.close()  # also when the training loop never ran
-        if self.verify and self.steps and self.optimizer is not None and not self._mixed:
-            self._verify_replay(pl_module)
+        # Raised after every callback's on_train_end (DiffIn's end-of-fit sweep among them), which it would stop.
+        verdict, self._verdict = self._verdict, None
+        if verdict is not None:
+            raise ValueError(verdict)
 
-    def _verify_replay(self, pl_module: L.LightningModule) -> None:
-        """The recorded run, retrained with nothing removed, must end at the trained parameters."""
+    def _verify_replay(self, pl_module: L.LightningModule) -> str | None:
+        """The recorded run, retrained with nothing removed, must end at the trained parameters:
+        within ``1e-7`` (float64; ``1e-3`` in float32) of how far they moved, plus 64 roundings of
+        their size. Parameters below float32 are not checked (their rounding is as large as a
+        step). Returns the refusal's message, or ``None``."""
         assert self.optimizer is not None
-        final = retrain(pl_module, self.initial_params, self.steps, self.optimizer, [()])
         trained = dict(pl_module.named_parameters())
-        gap = moved = 0.0
+        dtype = next(iter(trained.values())).dtype
+        if torch.finfo(dtype).bits < 32:
+            return None
+        try:
+            final = retrain(pl_module, self.initial_params, self.steps, self.optimizer, [()])
+        except (ValueError, TypeError) as err:  # a module the retraining refuses: raised at the end of fit too
+            return str(err)
+        gap = moved = size = 0.0
         worst = ""
         for name, values in final.items():
             actual = trained[name].detach()
-            difference = float((values[0].to(actual.dtype) - actual).abs().max()) if actual.numel() else 0.0
-            moved = max(moved, float((actual - self.initial_params[name].to(actual.device, actual.dtype)).abs().max()) if actual.numel() else 0.0)
+            if not actual.numel():
+                continue
+            difference = float((values[0].to(actual.device, actual.dtype) - actual).abs().max())
+            moved = max(moved, float((actual - self.initial_params[name].to(actual.device, actual.dtype)).abs().max()))
+            size = max(size, float(actual.abs().max()))
             if difference > gap:
                 gap, worst = difference, name
         self.final_gap = gap
-        dtype = next(iter(trained.values())).dtype
-        tolerance = (1e-7 if dtype == torch.float64 else 1e-3) * max(moved, 1e-12)
+        tolerance = (1e-7 if dtype == torch.float64 else 1e-3) * moved + 64 * torch.finfo(dtype).eps * (1.0 + size)
         if not gap <= tolerance:
-            raise ValueError(
+            return (
                 f"StepRecorder: the recorded run, retrained with nothing removed, ends {gap:.3g} away from the trained "
                 f"parameters (most in {worst!r}; training moved them by up to {moved:.3g}): the fit trained otherwise than "
                 "the retraining replays it, so its leave-one-out ground truth would be that of another run. The "
@@ -197,6 +211,7 @@ class StepRecorder(Callback):
                 "randomness or augmentation inside training_step, gradients changed in a hook (on_after_backward, "
                 "on_before_optimizer_step), or batch tensors changed in place. StepRecorder(verify=False) skips this check"
             )
+        return None
 
     def _drop_unstepped(self) -> None:
         """A recorded step whose ``optimizer.step`` never ran (under 16-mixed, a last micro-batch left

@@ -65,6 +65,7 @@ from torch import Tensor, nn
 
 from lightning_influence.batches import map_tensors
 from lightning_influence.evaluation._checks import _shown, as_ids
+from lightning_influence.optimizers import torch_optimizer
 from lightning_influence.kernels import (
     PerSampleLossFn,
     RemoveFn,
@@ -108,13 +109,7 @@ _CLIP_ALGORITHMS = ("norm", "value")
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside a Lightning ``LightningOptimizer`` (or ``optimizer`` itself)."""
-    from lightning.pytorch.core.optimizer import LightningOptimizer
-
-    if isinstance(optimizer, LightningOptimizer):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer (or a LightningOptimizer), got {type(optimizer).__name__}")
-    return optimizer
+    return torch_optimizer(optimizer, "the retraining")
 
 
 def _check_supported(optimizer_class: type) -> None:
@@ -437,11 +432,13 @@ def _check_functional_gradient(
     check_functional_gradient(module, functional, probe, batch, held=step.varying, owner="the retraining", random_advice=RANDOM_ADVICE)
 
 
+RANDOM_FIX = (
+    "The ground truth replays the training forward, and evaluates the target loss, with every draw fixed: for the "
+    "ground-truth run set dropout to p=0 and leave random terms out (DiffIn itself scores models with dropout)"
+)
 RANDOM_ADVICE = (
     "in training mode, gave gradients {spread} apart (relative): the training forward draws random numbers (dropout "
-    "in any form, added noise, a sampled latent), so no run could be replayed. The retraining replays the training "
-    "forward and needs it deterministic: for the ground-truth run set dropout to p=0 and leave random terms out (DiffIn "
-    "itself scores models with dropout)"
+    "in any form, added noise, a sampled latent), so no run could be replayed. " + RANDOM_FIX
 )
 
 
@@ -691,10 +688,9 @@ class _Vectorize:
             except Exception as err:  # noqa: BLE001 - whatever vmap raises, the loop decides whether it is the model's error
                 if "random operation" in str(err):  # the loop would draw other numbers in every run: no ground truth
                     raise ValueError(
-                        "the retraining needs a deterministic per_sample_loss, but its training forward draws random "
-                        f"numbers (torch.func.vmap refused a random operation: {str(err).split('.')[0]}), so each run "
-                        "would train with other noise than the recorded run. "
-                        + RANDOM_ADVICE.split("so no run could be replayed. ", 1)[1]
+                        "the retraining needs a deterministic per_sample_loss, but it draws random numbers "
+                        f"(torch.func.vmap refused a random operation: {str(err).split('.')[0]}), so each run would "
+                        f"see other noise than the recorded run. {RANDOM_FIX}"
                     ) from None
         # outside the handler: an error of the loop is raised as itself, not as a consequence of vmap's
         result = sequential()

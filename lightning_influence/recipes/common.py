@@ -50,7 +50,7 @@ from lightning_influence.config import (
     estimator_option_names,
     estimator_params,
     in_multirun,
-    refused_setup,
+    refused_config,
 )
 from lightning_influence.estimators.base import REGISTRY, Estimator, Target, build, estimator_class
 from lightning_influence.scores import InfluenceScores, atomic_write_bytes, check_writable
@@ -408,7 +408,7 @@ def preflight(
     except (ValueError, TypeError) as err:
         if not _raised_by_library(err):
             raise  # a fault in the user's code (a dataset, a model): its traceback is what helps
-        raise refused_setup(err) from err
+        raise refused_config(err, setup=True) from err
 
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
