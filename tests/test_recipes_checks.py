@@ -1037,7 +1037,7 @@ def test_a_failed_job_does_not_pass_off_the_earlier_runs_results_as_its_own(tmp_
     assert f"the run failed; {sweep / '1'} holds outputs of an earlier run, not of this one: config.yaml, report.json, scores.csv, scores.pt" in second.stderr
     assert {name: (sweep / "1" / name).read_bytes() for name in earlier} == earlier, "the earlier files are left"
     marker = json.loads((sweep / "1" / common.JOB_MARKER).read_text())
-    assert marker["status"] == "failed" and marker["error"].startswith("ValueError: recipe.metric='nope'") and marker["job_num"] == 1
+    assert marker["status"] == "failed" and marker["error"].startswith("SetupRefused: recipe.metric='nope'") and marker["job_num"] == 1
     assert "recipe.metric=nope" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
 
     found = aggregate.scan(sweep)
