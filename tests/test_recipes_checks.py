@@ -1042,7 +1042,7 @@ def test_a_failed_job_does_not_pass_off_the_earlier_runs_results_as_its_own(tmp_
 
     found = aggregate.scan(sweep)
     assert [job for job, _ in found.not_own] == ["1"] and {row["job"] for row in found.rows} == {"0"}
-    assert "the last run there, started " in found.not_own[0][1] and ", failed: ValueError: recipe.metric='nope'" in found.not_own[0][1]
+    assert "the last run there, started " in found.not_own[0][1] and ", failed: SetupRefused: recipe.metric='nope'" in found.not_own[0][1]
     assert aggregate.main([str(sweep), "--no-plot"]) == 0
     table = (sweep / "aggregate.md").read_text()
     assert "nope" not in table.split("Note:")[0] and "[" not in table.split("Note:")[0], "one configuration: job 0's"
