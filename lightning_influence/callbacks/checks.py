@@ -591,14 +591,7 @@ def undeclared_coupling(module: Any, batch: Any) -> float | None:
         size = int(torch.as_tensor(module.sample_ids(batch)).numel())
         if size < 2:
             return None
-        device = getattr(module, "device", torch.device("cpu"))
-        devices = [device] if isinstance(device, torch.device) and device.type == "cuda" else []
-        seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(size)))
-
-        def losses(b: Any, offset: int = 0) -> Any:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed + offset)
-                return module.per_sample_loss(b)
+        losses = seeded_losses(module, size)
 
         with evaluation_mode(module), torch.no_grad():
             full = losses(batch)
@@ -623,6 +616,22 @@ def undeclared_coupling(module: Any, batch: Any) -> float | None:
     if not math.isfinite(largest) or not scale > 0.0 or largest <= COUPLING_TOLERANCE * scale:
         return None
     return largest / scale
+
+
+def seeded_losses(module: Any, key: int) -> Callable[..., Any]:
+    """``losses(batch, offset=0)``: ``module.per_sample_loss(batch)`` drawn from a random state fixed
+    by ``key`` and ``offset`` (so two evaluations draw the same dropout masks and noise, or, with
+    another offset, other ones), in a fork that training's random stream does not see."""
+    device = getattr(module, "device", torch.device("cpu"))
+    devices = [device] if isinstance(device, torch.device) and device.type == "cuda" else []
+    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(key)))
+
+    def losses(batch: Any, offset: int = 0) -> Any:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + offset)
+            return module.per_sample_loss(batch)
+
+    return losses
 
 
 def coupling_message(module: Any, change: float) -> str:

@@ -41,6 +41,7 @@ from lightning_influence.callbacks.checks import (
     loss_tolerance,
     mid_accumulation_resume_error,
     target_loader_source,
+    seeded_losses,
     training_mode_losses,
     undeclared_coupling,
 )
@@ -1755,13 +1756,11 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
     own = type(pl_module).remove_from_batch is not InfluenceMixin.remove_from_batch
     removal = f"{name}.remove_from_batch" if own else "the default remove_from_batch (rows of dim 0 only)"
     all_ids = ids.reshape(-1).cpu()
-    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-    seed = int(torch.randint(0, 2**62, (), generator=torch.Generator().manual_seed(size)))
+    seeded = seeded_losses(pl_module, size)
 
     def losses_of(sub_batch: Any) -> Any:  # each evaluation from one random state: dropout masks agree; no graph
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            return pl_module.per_sample_loss(sub_batch)
+        with torch.no_grad():
+            return seeded(sub_batch)
 
     warned = False
 
