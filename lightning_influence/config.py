@@ -39,12 +39,12 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lightning_influence.validation import SEED_RANGE, check_seed, did_you_mean
+from lightning_influence.validation import SEED_RANGE, check_fraction, check_seed, did_you_mean
 
 __all__ = [
     "ConfigError",
     "ConfigTypeError",
-    "TargetKind",
+    "RecipeTarget",
     "DeletionKind",
     "RetrainingMode",
     "EstimatorConfig",
@@ -106,7 +106,7 @@ def refused_config(err: ValueError | TypeError, *, setup: bool = False) -> Confi
     return (kinds[0] if isinstance(err, TypeError) else kinds[1])(str(err))
 
 
-class TargetKind(Enum):
+class RecipeTarget(Enum):
     """What the scores are about: the mean validation loss or the mean training loss (self influence)."""
 
     val = "val"
@@ -127,13 +127,6 @@ class RetrainingMode(Enum):
 
     trajectory = "trajectory"
     fresh = "fresh"
-
-
-def _check_fraction(name: str, value: float, *, allow_one: bool = False) -> None:
-    upper_ok = value <= 1.0 if allow_one else value < 1.0
-    if not (0.0 < value and upper_ok):
-        bound = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
 
 
 def _check_distinct(name: str, values: list[Any], what: str) -> None:
@@ -180,7 +173,7 @@ class CleaningConfig:
     the module logs (e.g. ``test_acc``)."""
 
     name: str = "cleaning"
-    target: TargetKind = TargetKind.val
+    target: RecipeTarget = RecipeTarget.val
     target_samples: Optional[int] = None
     top_fractions: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2])
     remove_fraction: float = 0.1
@@ -192,9 +185,9 @@ class CleaningConfig:
 
     def __post_init__(self) -> None:
         for f in self.top_fractions:
-            _check_fraction("recipe.top_fractions entries", f, allow_one=True)
+            check_fraction("recipe.top_fractions entries", f, include_one=True)
         _check_distinct("recipe.top_fractions", list(self.top_fractions), "fractions")
-        _check_fraction("recipe.remove_fraction", self.remove_fraction)
+        check_fraction("recipe.remove_fraction", self.remove_fraction, include_one=False)
         if self.remove_count is not None and self.remove_count < 1:
             raise ValueError(f"recipe.remove_count must be >= 1 or null (then remove_fraction is used), got {self.remove_count}")
         if self.target_samples is not None and self.target_samples < 1:
@@ -211,7 +204,7 @@ class DeletionConfig:
     datamodeling score over that many random subsets keeping ``lds_keep_fraction``."""
 
     name: str = "deletion"
-    target: TargetKind = TargetKind.val
+    target: RecipeTarget = RecipeTarget.val
     target_samples: Optional[int] = None
     sizes: list[int] = field(default_factory=lambda: [10, 30, 100])
     kinds: list[DeletionKind] = field(default_factory=lambda: [DeletionKind.harmful, DeletionKind.helpful, DeletionKind.random])
@@ -230,7 +223,7 @@ class DeletionConfig:
         _check_distinct("recipe.kinds", list(self.kinds), "kinds")
         if self.lds_subsets != 0 and self.lds_subsets < 3:
             raise ValueError(f"recipe.lds_subsets must be 0 (off) or >= 3, got {self.lds_subsets}")
-        _check_fraction("recipe.lds_keep_fraction", self.lds_keep_fraction)
+        check_fraction("recipe.lds_keep_fraction", self.lds_keep_fraction, include_one=False)
         if self.target_samples is not None and self.target_samples < 1:
             raise ValueError(f"recipe.target_samples must be >= 1 or null, got {self.target_samples}")
         _check_seeds("recipe.seeds", self.seeds)
@@ -242,7 +235,7 @@ class CoresetConfig:
     per class when ``class_balanced``; retrain on it once per seed; report the test metric."""
 
     name: str = "coreset"
-    target: TargetKind = TargetKind.train
+    target: RecipeTarget = RecipeTarget.train
     target_samples: Optional[int] = None
     fraction: float = 0.5
     class_balanced: bool = False
@@ -255,7 +248,7 @@ class CoresetConfig:
     plots: bool = True
 
     def __post_init__(self) -> None:
-        _check_fraction("recipe.fraction", self.fraction, allow_one=True)
+        check_fraction("recipe.fraction", self.fraction, include_one=True)
         if self.budget not in ("epochs", "steps"):
             raise ValueError(f"recipe.budget must be 'epochs' or 'steps', got {self.budget!r}")
         if self.target_samples is not None and self.target_samples < 1:
@@ -389,7 +382,7 @@ def effective_estimator_options(estimator: EstimatorConfig) -> dict[str, tuple[A
 
 
 def check_estimator_target(
-    estimator: EstimatorConfig, target: TargetKind | str, target_samples: int | None = None, seed: int | None = None
+    estimator: EstimatorConfig, target: RecipeTarget | str, target_samples: int | None = None, seed: int | None = None
 ) -> None:
     """Refuse, before any training, estimator options that contradict the recipe: a recording
     estimator's ``target`` (what it records for during fit) other than ``recipe.target`` (what the

@@ -41,10 +41,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_influence.kernels import parameter_names
+
 SecondMoment = Literal["linearized", "frozen"]
 ClipAlgorithm = Literal["norm", "value"]
 
-SUPPORTED_OPTIMIZERS = (
+MODELLED_OPTIMIZERS = (
     "torch.optim.SGD (momentum, dampening, nesterov, weight_decay, maximize), torch.optim.Adam and "
     "torch.optim.AdamW (weight_decay, amsgrad, maximize), torch.optim.RMSprop (alpha, momentum, centered, "
     "weight_decay, maximize), torch.optim.Adagrad (lr_decay, initial_accumulator_value, weight_decay, maximize), "
@@ -71,7 +73,7 @@ def torch_optimizer(optimizer: Any, owner: str = "DiffIn") -> torch.optim.Optimi
         raise UnsupportedOptimizer(
             f"{owner} follows optimizers that are a torch.optim.Optimizer (their steps, hooks and parameter groups); "
             f"configure_optimizers returned a {type(optimizer).__module__}.{type(optimizer).__qualname__}, which is not "
-            f"one. {SUPPORTED_OPTIMIZERS}"
+            f"one. {MODELLED_OPTIMIZERS}"
         )
     return optimizer
 
@@ -157,7 +159,7 @@ class StepModel:
         inner = torch_optimizer(optimizer)
         kind = type(inner)
         if kind not in _FAMILIES:
-            raise UnsupportedOptimizer(f"DiffIn does not model optimizer {kind.__name__}; supported: {SUPPORTED_OPTIMIZERS}")
+            raise UnsupportedOptimizer(f"DiffIn does not model optimizer {kind.__name__}; supported: {MODELLED_OPTIMIZERS}")
         self.family = _FAMILIES[kind]
         if clip_algorithm not in ("norm", "value"):
             raise ValueError(f"clip_algorithm must be 'norm' or 'value', got {clip_algorithm!r}")
@@ -515,3 +517,18 @@ def _check_group(kind: type, index: int, group: Mapping[str, Any]) -> None:
     # steps of every fit are checked against the real optimizer, so any mismatch is caught.
     if not math.isfinite(float(group["lr"])):
         raise ValueError(f"parameter group {index} of {kind.__name__} has a non-finite learning rate {group['lr']!r}")
+
+
+def trainable_parameters(module: torch.nn.Module, optimizer: Any) -> list[tuple[str, Tensor, int]]:
+    """The parameters the optimizer trains (``requires_grad``), in its order: each with its name in
+    ``module`` (a tied parameter's first name) and the index of its parameter group. Refuses an
+    optimizer holding a parameter the module does not own."""
+    names = parameter_names(module)
+    trained = []
+    for g, group in enumerate(torch_optimizer(optimizer).param_groups):
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError("the optimizer holds a parameter that is not a parameter of the LightningModule")
+            if p.requires_grad:
+                trained.append((names[id(p)][0], p, g))
+    return trained

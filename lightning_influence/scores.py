@@ -23,10 +23,13 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_influence.distributed import Collective
 
 FORMAT_NAME = "lightning-influence/scores"
 FORMAT_VERSION = 1
@@ -661,3 +664,74 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         raise
     return path
 
+
+class ScoreAccumulator:
+    """Per-sample float64 sums indexed by sample id, growing as larger ids appear.
+
+    The sums live on the device of the values added (where it has float64; else on the CPU), so
+    that adding reads nothing back from it; ids and ``seen`` stay on the host. :meth:`result`,
+    :meth:`reduced` and :meth:`state_dict` return CPU tensors.
+
+    Cross-rank reduction (for distributed runs, :meth:`reduced`): sum of ``totals``, logical or of
+    ``seen``.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.totals = torch.zeros(capacity, dtype=torch.float64)  # [N] or, for query targets, [N, Q]
+        self.seen = torch.zeros(capacity, dtype=torch.bool)
+
+    def _grow(self, size: int, columns: tuple[int, ...] = ()) -> None:
+        if columns and self.totals.shape[1:] != columns:
+            if self.totals.dim() > 1 or self.totals.abs().sum() > 0:
+                raise ValueError(f"score columns changed from {tuple(self.totals.shape[1:])} to {columns}")
+            self.totals = torch.zeros((self.totals.shape[0], *columns), dtype=torch.float64)
+        if size <= self.seen.numel():
+            return
+        size = max(size, 2 * self.seen.numel())
+        extra = size - self.seen.numel()
+        pad = torch.zeros((extra, *self.totals.shape[1:]), dtype=torch.float64, device=self.totals.device)
+        self.totals = torch.cat([self.totals, pad])
+        self.seen = torch.cat([self.seen, torch.zeros(extra, dtype=torch.bool)])
+
+    def mark_seen(self, ids: Tensor) -> None:
+        ids = ids.cpu()
+        self._grow(int(ids.max()) + 1)
+        self.seen[ids] = True
+
+    def add(self, ids: Tensor, values: Tensor) -> None:
+        """Add ``values`` (``[b]`` or ``[b, Q]``, any device) to the sums of ``ids`` (host ``[b]``)."""
+        ids = ids.cpu()
+        self._grow(int(ids.max()) + 1, tuple(values.shape[1:]))
+        device = values.device if values.device.type in ("cpu", "cuda") else torch.device("cpu")
+        if self.totals.device != device:
+            self.totals = self.totals.to(device)
+        values = values.detach().to(torch.float64) if values.device == device else values.detach().to(device, torch.float64)
+        self.totals.index_add_(0, ids.to(device, non_blocking=True), values)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        """``(ids, values)`` of every sample seen in training (CPU)."""
+        ids = self.seen.nonzero().reshape(-1)
+        return ids, self.totals.cpu()[ids].clone()
+
+    def reduced(self, collective: Collective) -> ScoreAccumulator:
+        """The accumulator summed over the ranks of ``collective`` (a collective call: every rank
+        must make it); ``self`` is left as it is. Single process: ``self``."""
+        if not collective.distributed:
+            return self
+        local_columns = int(self.totals.shape[1]) if self.totals.dim() > 1 else 0
+        rows, columns = (int(v) for v in collective.max(torch.tensor([self.seen.numel(), local_columns])).tolist())
+        if local_columns and local_columns != columns:
+            raise ValueError(f"score columns differ between ranks: {local_columns} here, {columns} elsewhere")
+        totals = torch.zeros((rows, columns) if columns else (rows,), dtype=torch.float64)
+        totals[: self.totals.shape[0]] = self.totals if self.totals.dim() == totals.dim() else self.totals.unsqueeze(1)
+        seen = torch.zeros(rows, dtype=torch.int32)
+        seen[: self.seen.numel()] = self.seen.int()
+        out = ScoreAccumulator()
+        out.totals, out.seen = collective.sum(totals), collective.sum(seen) > 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": self.totals.cpu().clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.totals, self.seen = state["totals"].clone(), state["seen"].clone()

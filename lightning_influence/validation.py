@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
 
 __all__ = ["SEED_RANGE", "check_callback_name", "check_count", "check_seed", "did_you_mean"]
 
@@ -49,3 +55,16 @@ def check_seed(name: str, value: object, none_ok: bool = False) -> None:
             f"{name}={value} is out of range: a seed must be an integer in [{low}, {high}] (numpy's range, which "
             f"lightning.seed_everything seeds), e.g. {name}=0"
         )
+
+
+def check_fraction(name: str, value: Any, *, include_one: bool) -> float:
+    """``value`` as a float in ``(0, 1]`` (``include_one``) or ``(0, 1)``, else ``ValueError``."""
+    high = "1]" if include_one else "1)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not (
+        isinstance(value, Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool
+    ):
+        raise ValueError(f"{name} must be a number in (0, {high}, got {value!r} ({type(value).__name__})")
+    number = float(value)
+    if not (math.isfinite(number) and 0.0 < number and (number <= 1.0 if include_one else number < 1.0)):
+        raise ValueError(f"{name} must be in (0, {high}, got {value!r}")
+    return number

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from conftest import quiet_trainer
 from lightning_influence import DiffIn, IndexedDataset, TracIn
-from lightning_influence.callbacks.checks import check_ids, check_losses, check_query_budget
+from lightning_influence.checks import check_ids, check_losses
+from lightning_influence.callbacks.target_data import check_query_budget
 from lightning_influence.callbacks.checkpoints import ParameterCheckpoints
 from lightning_influence.estimators.base import Target
 from lightning_influence.estimators.coreset import GraNd
@@ -503,7 +504,7 @@ class _LateRegulariser(Classifier):
 @pytest.mark.parametrize("cls", [_EpochTemperature, _LateRegulariser], ids=["epoch-temperature", "late-regulariser"])
 @pytest.mark.parametrize("options", [{}, {"finite_difference": "central"}, {"mode": "online", "window": 8}], ids=str)
 def test_a_loss_that_changes_during_fit_is_refused_not_scored(small_digits, cls, options):
-    from lightning_influence.estimators.diffin import LossChangedError
+    from lightning_influence.estimators.diffin_sweep import LossChangedError
 
     cb = DiffIn(target="val", target_loader=small_digits.val, **options)
     if cls is _LateRegulariser:  # training_step's loss stops being the mean of its per-sample losses: refused at once

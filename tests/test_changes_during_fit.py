@@ -160,7 +160,7 @@ def test_a_loss_that_differs_in_training_at_one_step_is_refused_where_the_propag
     """Forward differences against the recorded gradient turn the step's (g_train - g_eval) into a
     product of size 1/eps: the propagated gradient blows up, and the recorded gradients of the steps
     where it did are recomputed and compared (before, a warning that blamed kinks or the learning rate)."""
-    from lightning_influence.estimators.diffin import LossChangedError
+    from lightning_influence.estimators.diffin_sweep import LossChangedError
 
     cb = DiffIn(target="val", target_loader=small_digits.val, finite_difference="forward", checkpoint_every=checkpoint_every)
     with pytest.raises(LossChangedError, match="at optimizer step 21, the gradient of per_sample_loss recomputed"):
@@ -218,7 +218,7 @@ def test_randomness_drawn_once_per_batch_is_told_from_a_deterministic_difference
     like dropout. Where the first batch's coin kept the layer, training and evaluation agree there;
     the steps that dropped it are then caught by the recorded-gradient check, whose message names
     such randomness."""
-    from lightning_influence.estimators.diffin import LossChangedError
+    from lightning_influence.estimators.diffin_sweep import LossChangedError
 
     for seed in (0, 2, 5, 6):
         callback = DiffIn(target="val", target_loader=small_digits.val, log_summary=False)

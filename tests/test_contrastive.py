@@ -219,7 +219,7 @@ def test_a_coupled_loss_that_is_not_declared_is_found_on_the_first_batch():
     warning. Independent losses, and a loss that draws random numbers, are not flagged."""
     import warnings
 
-    from lightning_influence.callbacks.checks import COUPLING_TOLERANCE, undeclared_coupling
+    from lightning_influence.checks import COUPLING_TOLERANCE, undeclared_coupling
     from lightning_influence.estimators import build
     from lightning_influence.models import Classifier
 
@@ -299,7 +299,7 @@ def test_a_removal_is_checked_at_several_positions_and_against_dropping_rows():
 
 def test_an_undeclared_coupling_is_found_on_a_first_batch_of_two():
     """Two pairs are enough to see InfoNCE's coupling: without the other, a pair's loss is 0."""
-    from lightning_influence.callbacks.checks import undeclared_coupling
+    from lightning_influence.checks import undeclared_coupling
 
     pairs = Modalities.make().sample(2, seed=3)
     assert undeclared_coupling(_Undeclared().double(), (pairs.x_a, pairs.x_b, torch.arange(2))) is not None

@@ -32,7 +32,7 @@ from conftest import quiet_trainer
 from lightning_influence import DiffIn, InfluenceScores
 from lightning_influence.data import FixedBatches, load_digits_tensors
 from lightning_influence.distributed import Collective, distributed_shard
-from lightning_influence.estimators.diffin import ScoreAccumulator
+from lightning_influence.scores import ScoreAccumulator
 from lightning_influence.models import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]

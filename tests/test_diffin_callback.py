@@ -820,7 +820,7 @@ def test_a_step_that_dominates_the_scores_is_warned_about(optimizer, lr):
     falls tenfold per epoch (1e5-fold over the fit): contributions are compared per unit learning rate."""
     import warnings
 
-    from lightning_influence.estimators.diffin import STEP_DOMINANCE_LIMIT
+    from lightning_influence.estimators.diffin_sweep import STEP_DOMINANCE_LIMIT
 
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -58,12 +58,12 @@ def _direct(model, estimator, record, problem):
 
 def test_matches_exact_hessian_products_to_finite_difference_accuracy(tmp_path):
     problem = digits_problem(n=64, batch_size=16, epochs=3, val_size=100)
-    published = DiffInCheckpoints(progress_bar=False, directory=tmp_path / "ckpt")  # m=5 random checkpoints, eps=1e-3
+    published = DiffInCheckpoints(progress=False, directory=tmp_path / "ckpt")  # m=5 random checkpoints, eps=1e-3
     model, recorder = _fit(problem, [published.callback()])
     record = RecordedCheckpoints.load(tmp_path / "ckpt")
     assert len(record) == 5 and record.total_steps == len(recorder.steps) == 12
     scores = published.scores(model, problem.train, problem.val)
-    fine = DiffInCheckpoints(checkpoints=record, eps=1e-6, progress_bar=False).scores(model, problem.train, problem.val)
+    fine = DiffInCheckpoints(checkpoints=record, eps=1e-6, progress=False).scores(model, problem.train, problem.val)
     want = _direct(model, published, record, problem)
     assert torch.equal(scores.ids, torch.arange(problem.n))
     scale = float(want.abs().max())
@@ -78,7 +78,7 @@ def test_matches_exact_hessian_products_to_finite_difference_accuracy(tmp_path):
 
 def test_sign_against_leave_one_out_and_bad_input():
     problem = digits_problem(n=256, batch_size=16, epochs=3, val_size=200)
-    estimator = build("diffin_checkpoints", progress_bar=False)
+    estimator = build("diffin_checkpoints", progress=False)
     model, recorder = _fit(problem, [estimator.callback()], hidden=(16,))
     scores = estimator.scores(model, problem.train, problem.val)
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:60]
@@ -99,7 +99,7 @@ def test_sign_against_leave_one_out_and_bad_input():
     with pytest.raises(ValueError, match="empty"):
         DiffInCheckpoints(checkpoints=empty).scores(model, problem.train, problem.val)
     with pytest.raises(ValueError, match="another model"):
-        DiffInCheckpoints(checkpoints=estimator.record(), progress_bar=False).scores(
+        DiffInCheckpoints(checkpoints=estimator.record(), progress=False).scores(
             Classifier(hidden=(8,)).double(), problem.train, problem.val
         )
     with pytest.raises(RuntimeError, match="run fit"):
@@ -107,7 +107,7 @@ def test_sign_against_leave_one_out_and_bad_input():
     two_rates = estimator.record()
     two_rates.checkpoints[0].lrs = (0.1, 0.05)
     with pytest.raises(ValueError, match="one learning rate"):
-        DiffInCheckpoints(checkpoints=two_rates, progress_bar=False).scores(model, problem.train, problem.val)
+        DiffInCheckpoints(checkpoints=two_rates, progress=False).scores(model, problem.train, problem.val)
     with pytest.raises(ValueError, match="exactly one of every"):
         ParameterCheckpoints()
 

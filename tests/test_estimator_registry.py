@@ -162,3 +162,17 @@ def test_scalar_options_and_option_names_are_checked_when_the_estimator_is_built
 
     with pytest.raises(ValueError, match="log_summary must be True or False, got 'off'"):
         DiffIn(log_summary="off")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["influence_function", "outlier_gradient", "random", "tracin_checkpoints", "diffin_checkpoints"])
+@pytest.mark.parametrize("seed", [-1, 2**40])
+def test_every_seeded_estimator_refuses_a_seed_out_of_range(name: str, seed: int) -> None:
+    with pytest.raises(ValueError, match=r"seed=.* is out of range"):
+        build(name, seed=seed)
+
+
+def test_parameter_checkpoints_refuse_a_seed_out_of_range() -> None:
+    from lightning_influence.callbacks.checkpoints import ParameterCheckpoints
+
+    with pytest.raises(ValueError, match=r"seed=-1 is out of range"):
+        ParameterCheckpoints(every=2, seed=-1)

@@ -484,7 +484,7 @@ def test_scores_after_a_lightning_fit_and_round_trip(tmp_path):
     mode = model.training
     options = {"curvature": "gauss_newton", "damping": 1e-3, "damping_scale": "absolute"}
     exact = InfluenceFunction(solver="exact", **options).scores(model, FixedBatches(batches), Target("val", val))
-    cg = estimator_class("influence_function")(solver="cg", progress_bar=True, **options).scores(model, FixedBatches(batches), Target("val", val))
+    cg = estimator_class("influence_function")(solver="cg", progress=True, **options).scores(model, FixedBatches(batches), Target("val", val))
     assert model.training == mode  # the estimator restores the module's mode
     assert _rel(cg.values, exact.values) < 1e-5
     path = cg.save(tmp_path / "if.pt")

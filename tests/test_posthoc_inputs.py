@@ -6,6 +6,8 @@ gradient is taken."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -13,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import quiet_trainer
 from lightning_influence import IndexedDataset
 from lightning_influence.data import load_digits_tensors
-from lightning_influence.estimators.base import Target, build
+from lightning_influence.estimators.base import Target, build, estimator_class
 from lightning_influence.models import Classifier
 
 N = 60
@@ -27,7 +29,7 @@ def _data():
 
 
 def _estimator(name):
-    options = {"progress": False} if name == "forward_inf" else {"progress_bar": False} if name in ("influence_function", "datainf", "tracin_checkpoints", "diffin_checkpoints") else {}
+    options = {"progress": False} if "progress" in inspect.signature(estimator_class(name)).parameters else {}
     return build(name, **options)
 
 
@@ -254,9 +256,9 @@ def test_kfac_refuses_a_shared_layer_and_an_unused_one(solver):
     train, val = DataLoader(train_set, batch_size=16), Target("val", DataLoader(val_set, batch_size=40))
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"layer 'mid' is called more than once in one forward pass"):
-        build("influence_function", solver=solver, progress_bar=False).scores(_SharedLayer(hidden=(8,)).double(), train, val)
+        build("influence_function", solver=solver, progress=False).scores(_SharedLayer(hidden=(8,)).double(), train, val)
     with pytest.raises(ValueError, match=r"the attributed layers \['aux'\] are not called when the model computes its outputs"):
-        build("influence_function", solver=solver, progress_bar=False).scores(_AuxiliaryHead(hidden=(8,)).double(), train, val)
+        build("influence_function", solver=solver, progress=False).scores(_AuxiliaryHead(hidden=(8,)).double(), train, val)
 
 
 def test_outlier_gradient_refuses_parameters_with_zero_gradients_everywhere():
@@ -301,7 +303,7 @@ def test_a_nan_sample_in_a_later_training_batch_is_refused_naming_its_id_and_bat
     train_set, val_set = _data()
     model = Classifier(hidden=(8,)).double().eval()
     if name in ("influence_function", "datainf"):
-        options = {"progress_bar": False, **options}
+        options = {"progress": False, **options}
     train = DataLoader(_with_nan(train_set, 50), batch_size=16)  # sample 50: batch 3 (counted from 0)
     with pytest.raises(ValueError, match=r"training sample id \[50\] \(training batch 3, counted from 0\) is not finite .*Check these samples for NaN/inf"):
         build(name, **options).scores(model, train, Target("val", DataLoader(val_set, batch_size=40)))
@@ -314,7 +316,7 @@ def test_a_nan_sample_is_refused_when_the_target_is_the_training_loss():
     train_set, _ = _data()
     model = Classifier(hidden=(8,)).double().eval()
     with pytest.raises(ValueError, match=r"training sample id \[50\] \(training batch 3, counted from 0\) is not finite \(NaN or inf\) \(detected because the target loss/gradient is not finite"):
-        build("influence_function", progress_bar=False).scores(model, DataLoader(_with_nan(train_set, 50), batch_size=16), "train")
+        build("influence_function", progress=False).scores(model, DataLoader(_with_nan(train_set, 50), batch_size=16), "train")
 
 
 @pytest.mark.parametrize("solver", ["exact", "cg", "lissa", "arnoldi", "ekfac", "datainf"])
@@ -322,7 +324,7 @@ def test_a_nan_target_sample_is_refused_before_any_solver_runs(solver):
     """A NaN target gradient made CG return all-zero scores and LiSSA report a divergence."""
     train_set, val_set = _data()
     model = Classifier(hidden=(8,)).double().eval()
-    estimator = build("datainf", progress_bar=False) if solver == "datainf" else build("influence_function", solver=solver, lissa_depth=20, progress_bar=False)
+    estimator = build("datainf", progress=False) if solver == "datainf" else build("influence_function", solver=solver, lissa_depth=20, progress=False)
     train = CountingLoader(DataLoader(train_set, batch_size=16))
     with pytest.raises(ValueError, match=r"the target loss/gradient is not finite: check the target/validation data for NaN/inf \(non-finite losses in target batch 1, rows \[2\]"):
         estimator.scores(model, train, Target("val", DataLoader(_with_nan(val_set, 22), batch_size=20)))

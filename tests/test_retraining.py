@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from conftest import quiet_trainer
 from lightning_influence.data import FixedBatches, load_digits_tensors
 from lightning_influence.evaluation import (
-    SUPPORTED_OPTIMIZERS,
+    RETRAINABLE_OPTIMIZERS,
     OptimizerSpec,
     StepRecorder,
     TrainingStep,
@@ -409,7 +409,7 @@ OPTIMIZER_OPTIONS: dict[type, list[dict[str, Any]]] = {
 }
 
 
-@pytest.mark.parametrize("optimizer_class", SUPPORTED_OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("optimizer_class", RETRAINABLE_OPTIMIZERS, ids=lambda c: c.__name__)
 def test_stacked_runs_equal_separate_real_optimizer_runs(
     digits: tuple[Tensor, Tensor], small_mlp: tuple[Classifier, list[list[str]]], optimizer_class: type
 ) -> None:

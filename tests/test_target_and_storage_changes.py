@@ -17,7 +17,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import digits_problem, quiet_trainer  # noqa: E402
-from lightning_influence.callbacks.checks import OptimizerStepWatch  # noqa: E402
+from lightning_influence.callbacks.hooks import OptimizerStepWatch  # noqa: E402
 from lightning_influence.callbacks.tracin import TracIn  # noqa: E402
 from lightning_influence.evaluation import StepRecorder  # noqa: E402
 from lightning_influence.evaluation.retraining import retrain  # noqa: E402
@@ -268,7 +268,7 @@ def test_a_spilled_trajectory_removed_during_fit_is_a_clear_error(tmp_path, whol
 
 
 def test_too_few_sample_ids_blame_sample_ids_not_the_loss():
-    from lightning_influence.callbacks.checks import check_losses
+    from lightning_influence.checks import check_losses
 
     problem = digits_problem(n=64, batch_size=16, epochs=1, val_size=100)
 

@@ -113,8 +113,8 @@ def test_checkpoint_tracin_every_step_equals_online_and_target_every_reuses(tmp_
     online = TracInCallback(target="val", target_loader=problem.val, save_path=tmp_path / "tracin.pt")
     reused = TracInCallback(target="val", target_loader=problem.val, target_every=4)
     reused._generate_state_key = lambda **kw: "reused"  # type: ignore[method-assign]
-    visits = TracInCheckpoints(every=1, weighting="visits", progress_bar=False)
-    expected = TracInCheckpoints(every=1, progress_bar=False)
+    visits = TracInCheckpoints(every=1, weighting="visits", progress=False)
+    expected = TracInCheckpoints(every=1, progress=False)
     expected.callback()._generate_state_key = lambda **kw: "expected"  # type: ignore[union-attr, method-assign]
     model, recorder = _fit(problem, [online, reused, visits.callback(), expected.callback()], model_class=TwoGroupClassifier)
     a = online.scores
@@ -203,7 +203,7 @@ def test_checkpoint_callback_records_parameters_and_learning_rates(tmp_path):
 def test_tracin_scores_track_leave_one_out():
     problem = digits_problem(n=256, batch_size=16, epochs=3, val_size=200)
     online = build("tracin", target="val", target_loader=problem.val)
-    classic = build("tracin_checkpoints", every=16, progress_bar=False)
+    classic = build("tracin_checkpoints", every=16, progress=False)
     model, recorder = _fit(problem, [online.callback(), classic.callback()])
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[:60]
     truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
@@ -236,11 +236,11 @@ def test_bad_input(tmp_path):
     callback = ParameterCheckpoints(every=1, directory=tmp_path / "c")
     _fit(problem, [callback], hidden=(16,))
     with pytest.raises(ValueError, match="another model"):
-        TracInCheckpoints(checkpoints=tmp_path / "c", progress_bar=False).scores(
+        TracInCheckpoints(checkpoints=tmp_path / "c", progress=False).scores(
             Classifier(hidden=(8,)).double(), problem.train, problem.val
         )
     with pytest.raises(ValueError, match="does not have"):
-        TracInCheckpoints(checkpoints=tmp_path / "c", progress_bar=False).scores(
+        TracInCheckpoints(checkpoints=tmp_path / "c", progress=False).scores(
             Classifier(hidden=()).double(), problem.train, problem.val
         )
     # A damaged or incomplete directory.
@@ -281,14 +281,14 @@ def test_tracin_says_calibrated_false_outside_plain_unclipped_sgd(tmp_path, sett
 
     problem = digits_problem(n=64, batch_size=16, epochs=2, val_size=100)
     online = build("tracin", target="val", target_loader=problem.val)
-    recorded = build("tracin_checkpoints", every=2, directory=tmp_path / "c", progress_bar=False)
+    recorded = build("tracin_checkpoints", every=2, directory=tmp_path / "c", progress=False)
     options = {"adam": dict(optimizer="adam"), "momentum": dict(optimizer_options={"momentum": 0.9})}.get(setting, {})
     torch.manual_seed(0)
     model = Classifier(hidden=(8,), lr=0.01 if setting == "adam" else 0.1, **options).double()
     trainer_options = {"gradient_clip_val": 0.05} if setting == "clip" else {}
     quiet_trainer(max_epochs=2, callbacks=[online.callback(), recorded.callback()], **trainer_options).fit(model, train_dataloaders=problem.train)
     one_epoch = type(problem.train)(problem.train.batches[:4])
-    reloaded = TracInCheckpoints(checkpoints=tmp_path / "c", progress_bar=False)
+    reloaded = TracInCheckpoints(checkpoints=tmp_path / "c", progress=False)
     for estimator in (online, recorded, reloaded):
         metadata = estimator.scores(model, one_epoch, problem.val).metadata
         assert metadata["calibrated"] is (expected is None)
@@ -349,8 +349,8 @@ def measure(n: int = 1024, batch_size: int = 32, epochs: int = 8, hidden: tuple[
     problem = digits_problem(n=n, batch_size=batch_size, epochs=epochs)
     estimators = {
         "tracin (online)": build("tracin", target="val", target_loader=problem.val),
-        "tracin_checkpoints (every epoch)": build("tracin_checkpoints", every=n // batch_size, progress_bar=False),
-        "diffin_checkpoints (m=5)": build("diffin_checkpoints", progress_bar=False),
+        "tracin_checkpoints (every epoch)": build("tracin_checkpoints", every=n // batch_size, progress=False),
+        "diffin_checkpoints (m=5)": build("diffin_checkpoints", progress=False),
     }
     start = time.perf_counter()
     model, recorder = _fit(problem, [e.callback() for e in estimators.values()], hidden=hidden)
@@ -411,6 +411,23 @@ def test_batches_skipped_by_training_step_get_nothing():
     skipped = torch.cat([batches[k][2] for k in _SkipsBatches.skip])
     assert all(float(skipping[int(i)]) == 0.0 for i in skipped) and skipping.metadata["steps_seen"] == len(kept)
     torch.testing.assert_close(torch.stack([skipping[int(i)] for i in reference.ids]), reference.values, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("owner", ["TracIn", "DiffIn"])
+def test_ids_of_a_batch_left_out_after_the_first_step_are_checked(owner):
+    """A batch that training_step leaves out, after the first step (whose ids are checked on the
+    host at once), still has its ids checked: a negative id is refused, not marked seen."""
+    from lightning_influence import DiffIn
+    from lightning_influence.data import FixedBatches
+
+    problem = digits_problem(n=96, batch_size=16, epochs=1, val_size=32)
+    batches = [list(b) for b in problem.train.batches]
+    batches[2][2] = batches[2][2] - 1000  # _SkipsBatches leaves batch 2 out
+    torch.manual_seed(0)
+    model = _SkipsBatches(hidden=(8,), lr=0.1).double()
+    callback = TracInCallback(target="val", target_loader=problem.val) if owner == "TracIn" else DiffIn(target="val", target_loader=problem.val)
+    with pytest.raises(ValueError, match=r"sample ids must be >= 0, got -"):
+        quiet_trainer(callbacks=[callback]).fit(model, train_dataloaders=FixedBatches([tuple(b) for b in batches]))
 
 
 class _LearningRateInModuleHook(Classifier):

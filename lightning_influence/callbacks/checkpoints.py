@@ -26,8 +26,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_influence.callbacks.checks import (
-    OptimizerStepWatch,
+from lightning_influence.callbacks.hooks import OptimizerStepWatch
+from lightning_influence.checks import (
     check_ids,
     check_influence_aware,
     check_single_device,
@@ -37,7 +37,7 @@ from lightning_influence.callbacks.checks import (
 )
 from lightning_influence.optimizers import torch_optimizer
 from lightning_influence.scores import atomic_write_bytes, verify_zip
-from lightning_influence.validation import check_count
+from lightning_influence.validation import check_count, check_seed
 
 __all__ = ["ParameterCheckpoint", "ParameterCheckpoints", "RecordedCheckpoints", "CheckpointFileError"]
 
@@ -338,6 +338,7 @@ class ParameterCheckpoints(Callback):
         self.count = count
         self.directory = Path(directory) if directory is not None else None
         self.sampling: Sampling = sampling
+        check_seed("seed", seed)
         self.seed = seed
         self.record: RecordedCheckpoints | None = None
         self._checkpoints: list[ParameterCheckpoint] = []

@@ -20,33 +20,32 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_influence.callbacks.checks import (
+from lightning_influence.checks import (
     check_id_type,
     check_id_values,
     check_ids,
     check_influence_aware,
     check_losses,
-    check_target_arguments,
-    check_target_data,
-    BackwardWatch,
-    EpochRepeats,
-    OptimizerStepWatch,
     check_trained_parameters,
     check_training_dataset,
     coupling_message,
     dataset_length,
-    device_target_batches,
     draws_with_replacement,
     check_training_loss,
     loss_tolerance,
     mid_accumulation_resume_error,
-    target_loader_source,
     seeded_losses,
     training_mode_losses,
     undeclared_coupling,
 )
-from lightning_influence.distributed import Collective, distributed_shard
-from lightning_influence.estimators.diffin import DiffInSweep, PerSampleDerivatives, ScoreAccumulator, step_losses_and_gradient
+from lightning_influence.callbacks.target_data import (
+    target_gradient,
+    check_target_arguments,
+    check_target_data,
+)
+from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch
+from lightning_influence.distributed import Collective
+from lightning_influence.estimators.diffin_sweep import DiffInSweep, PerSampleDerivatives, step_losses_and_gradient
 from lightning_influence.kernels import (
     FUNCTIONAL_CALL_ADVICE,
     KINKED_REL_STEP,
@@ -68,15 +67,15 @@ from lightning_influence.kernels import (
 )
 from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.optimizers import SUPPORTED_OPTIMIZERS, SecondMoment, StepModel, UnsupportedOptimizer, torch_optimizer
-from lightning_influence.scores import InfluenceScores, check_writable
+from lightning_influence.optimizers import MODELLED_OPTIMIZERS, SecondMoment, StepModel, UnsupportedOptimizer, trainable_parameters
+from lightning_influence.scores import InfluenceScores, ScoreAccumulator, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.trajectory import Storage, StepRecord, Trajectory
 from lightning_influence.validation import check_callback_name, check_count, check_seed
 
 Mode = Literal["replay", "online"]
 SUPPORTED = (
-    f"supported: one optimizer among {SUPPORTED_OPTIMIZERS}, with any learning-rate scheduler and parameter "
+    f"supported: one optimizer among {MODELLED_OPTIMIZERS}, with any learning-rate scheduler and parameter "
     "groups; automatic optimization; gradient accumulation; Lightning's gradient clipping by norm or value; "
     "precision '32-true', '64-true', 'bf16-mixed' or '16-mixed'; a single-device strategy or DDP ('ddp', "
     "'ddp_spawn', 'ddp_fork', any number of processes and nodes)"
@@ -213,8 +212,9 @@ class DiffIn(Callback):
     warning says so). FSDP, DeepSpeed and other strategies are refused.
 
     The optimizer step is modelled exactly (:class:`~lightning_influence.optimizers.StepModel`):
-    SGD with momentum/Nesterov/weight decay, Adam and AdamW, any scheduler, gradient accumulation
-    (one step over several micro-batches), Lightning's gradient clipping, and mixed precision
+    the optimizers of :data:`~lightning_influence.optimizers.MODELLED_OPTIMIZERS` (SGD with
+    momentum/Nesterov/weight decay, Adam, AdamW, RMSprop, Adagrad, NAdam, RAdam), any scheduler,
+    gradient accumulation (one step over several micro-batches), Lightning's gradient clipping, and mixed precision
     (the unscaled gradients the optimizer used; steps the gradient scaler skipped, or any step
     with non-finite gradients, contribute nothing and are counted in ``skipped_steps``; steps
     without any gradient, e.g. where ``training_step`` returned ``None``, change nothing and are
@@ -718,38 +718,23 @@ class DiffIn(Callback):
         return "finite_difference"
 
     def _make_target(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TargetGradient:
-        """The target's batches, resolved lazily: Lightning sets up its loaders after ``on_fit_start``."""
-        source = target_loader_source(trainer, self.target, self.target_loader, "DiffIn")
-        batches = device_target_batches(source, trainer, self.target, self.target_loader is not None, "DiffIn")
-
+        source, gradient = target_gradient(
+            "DiffIn", trainer, pl_module, self.target, self.target_loader, self.target_samples, self.seed, self._collective
+        )
         # Checked at the first training batch, once Lightning has set up its loaders (module-level helpers).
         self._target_source = source
         self._data_checks_pending = self._target_checks_pending = True
-        return TargetGradient(
-            self.target,
-            batches,
-            sample_count=self.target_samples,
-            seed=self.seed,
-            sample_ids=pl_module.sample_ids if self.target == "train" else None,
-            collective=self._collective,
-            shard=lambda: distributed_shard(source()),
-        )
+        return gradient
 
     def _split_parameters(
         self, pl_module: L.LightningModule, optimizer: Any
     ) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
         """The optimizer's trainable parameters, split into the attributed ones (``params``
         patterns; all by default) and the others (recorded as context)."""
-        names = parameter_names(pl_module)  # a tied parameter matches a pattern under any of its names
-        trained: list[tuple[str, Tensor]] = []
-        for group in torch_optimizer(optimizer).param_groups:
-            for p in group["params"]:
-                if id(p) not in names:
-                    raise ValueError("the optimizer holds a parameter that is not a parameter of the LightningModule")
-                if p.requires_grad:
-                    trained.append((names[id(p)][0], p))
+        trained = [(name, p) for name, p, _ in trainable_parameters(pl_module, optimizer)]
         if self.params is None:
             return trained, []
+        names = parameter_names(pl_module)  # a tied parameter matches a pattern under any of its names
         unmatched = [pat for pat in self.params if not any(matches_any(names[id(p)], [pat]) for _, p in trained)]
         if unmatched:
             raise ValueError(

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_influence.callbacks.checks import (
+from lightning_influence.checks import (
     check_id_type,
     check_id_values,
     check_single_device,

@@ -15,7 +15,7 @@ helps), as every score in the library. Per step: one target gradient (or one per
 mode. No checkpoints are stored.
 
 The learning rate is read from the optimizer's parameter groups as each step's ``optimizer.step`` starts
-(:class:`~lightning_influence.callbacks.checks.OptimizerStepWatch`): after every
+(:class:`~lightning_influence.callbacks.hooks.OptimizerStepWatch`): after every
 ``on_before_optimizer_step`` (the callbacks' and the module's) and clipping, so any scheduler and any
 hook that sets it count. The set of trained parameters is the optimizer's at fit start: one frozen
 or unfrozen since (``BackboneFinetuning`` adds a parameter group) is refused at the step that shows it. With
@@ -39,32 +39,30 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
-from lightning_influence.callbacks.checks import (
-    BackwardWatch,
-    EpochRepeats,
+from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch
+from lightning_influence.checks import (
     FirstLossCheck,
-    OptimizerStepWatch,
     check_id_type,
     check_id_values,
     check_ids,
     check_influence_aware,
     check_losses,
     check_single_device,
-    check_target_arguments,
-    check_target_data,
     check_trained_parameters,
     check_training_dataset,
     coupling_message,
     dataset_length,
-    device_target_batches,
     draws_with_replacement,
     mid_accumulation_resume_error,
     repeats_unsupported,
-    target_loader_source,
     training_mode_losses,
     undeclared_coupling,
 )
-from lightning_influence.estimators.diffin import ScoreAccumulator
+from lightning_influence.callbacks.target_data import (
+    target_gradient,
+    check_target_arguments,
+    check_target_data,
+)
 from lightning_influence.kernels import (
     ParameterSpace,
     directional_derivatives,
@@ -74,8 +72,8 @@ from lightning_influence.kernels import (
 )
 from lightning_influence.host import HostCopy
 from lightning_influence.mixin import InfluenceMixin
-from lightning_influence.optimizers import torch_optimizer
-from lightning_influence.scores import InfluenceScores, check_writable
+from lightning_influence.optimizers import torch_optimizer, trainable_parameters
+from lightning_influence.scores import InfluenceScores, ScoreAccumulator, check_writable
 from lightning_influence.targets import TargetGradient, TargetKind
 from lightning_influence.validation import check_callback_name, check_count, check_seed
 
@@ -128,7 +126,7 @@ class TracIn(Callback):
         self.target_gradients = 0
         self.forward_mode_passes = 0
         self.seconds = 0.0
-        # Read by the shared first-batch checks (callbacks/checks.check_target_data).
+        # Read by the shared first-batch checks (callbacks/target_data.check_target_data).
         self.hessian_every = 1
         self._model = None
         self._space: ParameterSpace | None = None
@@ -178,20 +176,10 @@ class TracIn(Callback):
         self._epoch_repeats.reset()
         if len(trainer.optimizers) != 1:
             raise ValueError(f"TracIn needs exactly one optimizer, got {len(trainer.optimizers)}")
-        optimizer = torch_optimizer(trainer.optimizers[0], "TracIn")
-        names = {id(p): n for n, p in pl_module.named_parameters()}
-        named: list[tuple[str, Tensor]] = []
-        group_of: list[int] = []
-        for g, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if id(p) not in names:
-                    raise ValueError("the optimizer holds a parameter that is not a parameter of the LightningModule")
-                if p.requires_grad:
-                    named.append((names[id(p)], p))
-                    group_of.append(g)
-        self._space = ParameterSpace.from_parameters(named)
-        self._params = [p for _, p in named]
-        self._group_of = torch.tensor(group_of, dtype=torch.long)
+        trained = trainable_parameters(pl_module, torch_optimizer(trainer.optimizers[0], "TracIn"))
+        self._space = ParameterSpace.from_parameters([(name, p) for name, p, _ in trained])
+        self._params = [p for _, p, _ in trained]
+        self._group_of = torch.tensor([g for _, _, g in trained], dtype=torch.long)
         self._loss_fn = per_sample_loss_function(pl_module)
         self._target = self._make_target(trainer, pl_module)
         if not self._restored:
@@ -215,18 +203,10 @@ class TracIn(Callback):
             )
 
     def _make_target(self, trainer: L.Trainer, pl_module: L.LightningModule) -> TargetGradient:
-        """The target's batches, resolved lazily (Lightning sets up its loaders after ``on_fit_start``)."""
-        source = target_loader_source(trainer, self.target, self.target_loader, "TracIn")
-        batches = device_target_batches(source, trainer, self.target, self.target_loader is not None, "TracIn")
-
-        self._target_source = source
-        return TargetGradient(
-            self.target,
-            batches,
-            sample_count=self.target_samples,
-            seed=self.seed,
-            sample_ids=pl_module.sample_ids if self.target == "train" else None,
+        self._target_source, gradient = target_gradient(
+            "TracIn", trainer, pl_module, self.target, self.target_loader, self.target_samples, self.seed
         )
+        return gradient
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -237,7 +217,7 @@ class TracIn(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._close_unstepped()
-        self._drop_unbackpropagated()
+        self._drop_unbackpropagated(pl_module)
         ids = torch.as_tensor(pl_module.sample_ids(batch))  # type: ignore[operator]
         if self._checks_pending:
             check_training_dataset(trainer, pl_module)
@@ -271,19 +251,23 @@ class TracIn(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._first_loss.batch_end(trainer, outputs)  # training_step must optimise the mean of per_sample_loss
 
-    def _drop_unbackpropagated(self) -> None:
+    def _drop_unbackpropagated(self, pl_module: L.LightningModule) -> None:
         """Take the last micro-batch out of its step if no backward ran for it (``training_step``
-        returned ``None``): it did not move the parameters, so its samples get nothing here."""
+        returned ``None``): it did not move the parameters, so its samples get nothing here. Its
+        ids, not yet checked on the host (see :meth:`_settle`), are checked now."""
         taken = self._backward.take_skipped(self._micro)
         if taken is not None:
+            batch, ids = taken
+            ids = ids.to("cpu", torch.long)  # a rare event: read at once
+            check_id_values(ids, self._num_samples, pl_module, batch, owner="TracIn")
             assert self._accumulator is not None
-            self._accumulator.mark_seen(taken[1].to("cpu", torch.long))
+            self._accumulator.mark_seen(ids)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         # The step's micro-batches are complete; it is scored when optimizer.step starts (_on_step), after the
         # module's own on_before_optimizer_step, the later callbacks' and clipping, with the hyperparameters it uses.
         self._close_unstepped()
-        self._drop_unbackpropagated()
+        self._drop_unbackpropagated(pl_module)
         if not self._micro:
             return
         micro, self._micro = self._micro, []

@@ -3,6 +3,5 @@
 removed from training (positive: the sample helps)."""
 
 from lightning_influence.estimators.base import REGISTRY, Estimator, Target, available, build, estimator_class
-from lightning_influence.estimators.diffin import DiffInSweep, ScoreAccumulator
 
-__all__ = ["REGISTRY", "DiffInSweep", "Estimator", "ScoreAccumulator", "Target", "available", "build", "estimator_class"]
+__all__ = ["REGISTRY", "Estimator", "Target", "available", "build", "estimator_class"]

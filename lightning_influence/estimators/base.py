@@ -42,9 +42,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import Tensor
 
+from lightning_influence.checks import check_dataset_ids, check_influence_aware, check_losses, coupling_message, undeclared_coupling
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, matches_any, parameter_names, per_sample_loss_function
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.targets import TARGET_KINDS, TargetGradient, in_order
+from lightning_influence.targets import TARGET_KINDS, TargetGradient, TargetKind, in_order
 from lightning_influence.validation import check_count, did_you_mean
 
 __all__ = [
@@ -76,7 +77,7 @@ class Target:
     samples, drawn once with ``seed`` (by sample id for ``"train"``).
     """
 
-    kind: str = "val"
+    kind: TargetKind = "val"
     loader: Iterable[Any] | None = None
     sample_count: int | None = None
     seed: int = 0
@@ -218,6 +219,7 @@ class Estimator(ABC):
 _SCALARS: dict[Any, str] = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
 
 
+
 def _scalar_mismatch(value: Any, hint: Any) -> str | None:
     """What a value for an option annotated with scalar types (``bool``, ``int``, ``float``,
     ``str``, or a union of them with ``None``) must be, if ``value`` is not that; else ``None``.
@@ -301,15 +303,39 @@ def _checked_options(init: Any) -> Any:
     return checked
 
 
+class CallbackEstimator(Estimator):
+    """An estimator computed during ``fit`` by its callback (:attr:`options_from`, built from
+    ``options`` at once, so bad options are refused before training): add :meth:`callback` to the
+    Trainer, run ``fit``, then :meth:`scores` returns what the callback computed, after checking
+    that ``target`` is the one it recorded."""
+
+    records_training: ClassVar[bool] = True
+
+    def __init__(self, **options: Any) -> None:
+        if self.options_from is None:
+            raise TypeError(f"{type(self).__name__} must name its callback class in options_from")
+        self.options = options
+        self._callback: Any = self.options_from(**options)  # validates the options now
+
+    def callback(self) -> Any:
+        return self._callback
+
+    def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
+        owner = self._callback.__class__.__name__
+        if self._callback.scores is None:
+            raise RuntimeError(f"{owner} computes its scores during fit: add estimator.callback() to the Trainer, run fit, then call scores()")
+        check_recorded_target(owner, self._callback, target)
+        return self._callback.scores
+
 # name -> "module:attribute"; imported on first use so one estimator's optional dependency
 # never breaks another.
 REGISTRY: dict[str, str] = {
-    "diffin": "lightning_influence.estimators.diffin_recording:DiffInEstimator",
+    "diffin": "lightning_influence.estimators.diffin:DiffInEstimator",
     "diffin_checkpoints": "lightning_influence.estimators.diffin_checkpoints:DiffInCheckpoints",
     "influence_function": "lightning_influence.estimators.influence_functions:InfluenceFunction",
     "datainf": "lightning_influence.estimators.influence_functions:DataInf",
     "forward_inf": "lightning_influence.estimators.forward_inf:ForwardInf",
-    "tracin": "lightning_influence.estimators.tracin:TracIn",
+    "tracin": "lightning_influence.estimators.tracin:TracInEstimator",
     "tracin_checkpoints": "lightning_influence.estimators.tracin:TracInCheckpoints",
     "el2n": "lightning_influence.estimators.coreset:EL2N",
     "grand": "lightning_influence.estimators.coreset:GraNd",
@@ -362,7 +388,6 @@ def device_batches(module: L.LightningModule, loader: Iterable[Any]) -> Iterator
     """The loader's batches moved to the module's device (its ``transfer_batch_to_device`` hook).
     The module must be influence-aware (per-sample losses and sample ids). A
     :class:`TrainingPasses` yields its checked pass (its batches are on the device already)."""
-    from lightning_influence.callbacks.checks import check_influence_aware
 
     if isinstance(loader, TrainingPasses):
         yield from loader.batches()
@@ -578,7 +603,6 @@ class TrainingPasses:
     (or passing it to :func:`device_batches`) reads a full pass; ``len()`` is the loader's."""
 
     def __init__(self, module: L.LightningModule, loader: Iterable[Any], owner: str) -> None:
-        from lightning_influence.callbacks.checks import check_dataset_ids
 
         check_dataset_ids(loader, module)
         self.module, self.loader, self.owner = module, loader, owner
@@ -713,7 +737,6 @@ def posthoc_training(
             "from its batch, or with an estimator that evaluates the losses within their batches (influence_function, "
             "tracin, tracin_checkpoints)"
         )
-    from lightning_influence.callbacks.checks import check_influence_aware
 
     if isinstance(train_loader, TrainingPasses):
         return train_loader
@@ -731,7 +754,6 @@ def posthoc_training(
 def _warn_coupled(module: L.LightningModule, batch: Any, owner: str) -> None:
     """Post-hoc estimators treat per-sample losses as independent: warn where a removal would also
     change the other samples' losses in its batch (declared, or found on the first batch)."""
-    from lightning_influence.callbacks.checks import coupling_message, undeclared_coupling
 
     name = type(module).__name__
     if getattr(module, "coupled_batch_loss", False):
@@ -774,9 +796,8 @@ def check_differentiable_losses(module: L.LightningModule, batch: Any, owner: st
     """``per_sample_loss(batch)``, computed in evaluation mode with autograd on, must be an unreduced
     floating-point ``Tensor[B]`` (one loss per sample id) that depends on the trainable parameters:
     the messages of the DiffIn callback's first-batch check
-    (:func:`~lightning_influence.callbacks.checks.check_losses`), raised before a post-hoc estimator
+    (:func:`~lightning_influence.checks.check_losses`), raised before a post-hoc estimator
     differentiates anything."""
-    from lightning_influence.callbacks.checks import check_losses
     from lightning_influence.kernels import evaluation_mode
 
     ids = torch.as_tensor(module.sample_ids(batch)).reshape(-1)  # type: ignore[operator]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_influence.callbacks.checks import check_dataset_ids
+from lightning_influence.checks import check_dataset_ids
 from lightning_influence.callbacks.forgetting import ForgettingEvents, OutputsFn, check_class_labels, check_outputs_contract, model_outputs
 from lightning_influence.estimators.base import (
     Estimator,
@@ -51,7 +51,7 @@ from lightning_influence.estimators.base import (
 )
 from lightning_influence.kernels import evaluation_mode, per_sample_gradients
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.validation import check_count
+from lightning_influence.validation import check_count, check_seed
 
 __all__ = ["EL2N", "FinalLoss", "Forgetting", "GraNd", "RandomScores", "per_sample_values"]
 
@@ -271,8 +271,7 @@ class RandomScores(Estimator):
     predicts_removal: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:
-        if not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        check_seed("seed", seed)
         self.seed = seed
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:

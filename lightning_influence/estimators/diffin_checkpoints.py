@@ -114,7 +114,7 @@ class DiffInCheckpoints(CheckpointEstimator):
         totals = CheckpointTotals("Diff-In")
         steps_used = []
         with evaluation_mode(module):
-            for index, checkpoint in enumerate(progress(chosen, "Diff-In checkpoints", self.progress_bar)):
+            for index, checkpoint in enumerate(progress(chosen, "Diff-In checkpoints", self.progress)):
                 lrs = set(checkpoint.lrs)
                 if len(lrs) != 1:
                     raise ValueError(

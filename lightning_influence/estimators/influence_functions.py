@@ -59,7 +59,7 @@ from lightning_influence.kernels import (
     per_sample_gradients,
 )
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.validation import check_count
+from lightning_influence.validation import check_count, check_seed
 from lightning_influence.solvers import (
     CURVATURES,
     DAMPING_SCALES,
@@ -237,7 +237,7 @@ class InfluenceFunction(Estimator):
         seed: int = 0,
         output_fn: Callable[[torch.nn.Module, Any], Tensor] | None = None,
         output_loss: Callable[[Tensor, Any], Tensor] | None = None,
-        progress_bar: bool = False,
+        progress: bool = True,
     ) -> None:
         if solver != "auto" and solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}: choose 'auto' or one of {SOLVERS}")
@@ -266,8 +266,9 @@ class InfluenceFunction(Estimator):
         self.max_exact_parameters = max_exact_parameters
         self.cg_tol, self.cg_max_iter = float(cg_tol), cg_max_iter
         self.lissa_scale, self.lissa_depth, self.lissa_repeats = lissa_scale, lissa_depth, lissa_repeats
+        check_seed("seed", seed)
         self.arnoldi_iterations, self.arnoldi_rank, self.seed = arnoldi_iterations, arnoldi_rank, seed
-        self.output_fn, self.output_loss, self.progress_bar = output_fn, output_loss, progress_bar
+        self.output_fn, self.output_loss, self.progress = output_fn, output_loss, progress
         #: facts of the last solve (iterations, residuals, eigenvalues), also in the scores' metadata
         self.last_solve: dict[str, Any] = {}
 
@@ -291,7 +292,7 @@ class InfluenceFunction(Estimator):
             if solver in ("ekfac", "kfac"):
                 assert outputs is not None
                 kron = KroneckerFactors(module, space, outputs, fisher=self.fisher, corrected=solver == "ekfac", seed=self.seed)
-                kron.fit(training.batches, lambda it, desc: progress(it, desc, self.progress_bar))
+                kron.fit(training.batches, lambda it, desc: progress(it, desc, self.progress))
             else:
                 operator = CurvatureOperator(loss_fn, space, theta, training.batches, curvature=self.curvature, hvp=self.hvp, outputs=outputs)
             result = solve(
@@ -345,7 +346,7 @@ class InfluenceFunction(Estimator):
             rhs = _target_columns(target, module, train_loader, loss_fn, space, theta, f"estimator {self.name!r}", self.params)
             solution, lam, info = self.inverse_curvature_products(module, train_loader, rhs)
             ids, values = _directional_scores(
-                module, train_loader, loss_fn, space, theta, solution, self.centered, self.progress_bar, "influence scores", f"estimator {self.name!r}"
+                module, train_loader, loss_fn, space, theta, solution, self.centered, self.progress, "influence scores", f"estimator {self.name!r}"
             )
         self.last_solve = {"damping_value": lam, **info}
         meta = _metadata(
@@ -415,7 +416,7 @@ class DataInf(Estimator):
         params: list[str] | None = None,
         chunk_size: int | None = None,
         centered: bool = True,
-        progress_bar: bool = False,
+        progress: bool = True,
     ) -> None:
         _check_damping(damping, damping_scale)
         if damping == 0:
@@ -425,7 +426,7 @@ class DataInf(Estimator):
         check_count("chunk_size", chunk_size, none_ok=True)
         self.damping, self.damping_scale, self.blocks = float(damping), damping_scale, blocks
         self.params = list(params) if params else None
-        self.chunk_size, self.centered, self.progress_bar = chunk_size, centered, progress_bar
+        self.chunk_size, self.centered, self.progress = chunk_size, centered, progress
 
     def _block_index(self, space: ParameterSpace) -> tuple[list[str], Tensor]:
         """Block names and the block of every flat coordinate."""
@@ -446,7 +447,7 @@ class DataInf(Estimator):
             dims = torch.bincount(block, minlength=nb).to(torch.float64)
             # Pass 1: per-sample block norms |g_il|^2 and block dots <g_il, v_l>.
             ids, norms, dots = [], [], []
-            for batch in progress(device_batches(module, train_loader), "DataInf norms", self.progress_bar):
+            for batch in progress(device_batches(module, train_loader), "DataInf norms", self.progress):
                 G = per_sample_gradients(loss_fn, space, theta, batch, self.chunk_size).to(torch.float64)  # [B, P]
                 norms.append(torch.zeros(G.shape[0], nb, dtype=torch.float64, device=G.device).index_add_(1, block, G * G))
                 dots.append(torch.zeros(G.shape[0], nb, V.shape[1], dtype=torch.float64, device=G.device).index_add_(1, block, G.unsqueeze(2) * V.unsqueeze(0)))
@@ -469,14 +470,14 @@ class DataInf(Estimator):
             row_of = {int(i): r for r, i in enumerate(id_vec.tolist())}
             # Pass 2: sum_i g_il * coef_il.
             acc = torch.zeros_like(V)
-            for batch in progress(device_batches(module, train_loader), "DataInf products", self.progress_bar):
+            for batch in progress(device_batches(module, train_loader), "DataInf products", self.progress):
                 G = per_sample_gradients(loss_fn, space, theta, batch, self.chunk_size).to(torch.float64)
                 rows = torch.tensor([row_of[int(i)] for i in torch.as_tensor(module.sample_ids(batch)).reshape(-1).tolist()])  # type: ignore[operator]
                 c = coef[rows.to(coef.device)]  # [B, nb, Q]
                 acc += torch.einsum("bp,bpq->pq", G, c[:, block, :])
             S = (V - acc / n) / lam[block].unsqueeze(1)
             ids_out, values = _directional_scores(
-                module, train_loader, loss_fn, space, theta, S, self.centered, self.progress_bar, "DataInf scores", f"estimator {self.name!r}"
+                module, train_loader, loss_fn, space, theta, S, self.centered, self.progress, "DataInf scores", f"estimator {self.name!r}"
             )
         meta = _metadata(
             target,

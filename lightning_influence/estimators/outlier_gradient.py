@@ -30,7 +30,7 @@ from lightning_influence.estimators.base import Estimator, Target, attributed_sp
 from lightning_influence.estimators.coreset import per_sample_values, ranking_convention
 from lightning_influence.kernels import per_sample_gradients
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.validation import check_count
+from lightning_influence.validation import check_count, check_seed
 
 __all__ = ["OutlierGradient", "last_module_parameters"]
 
@@ -96,6 +96,7 @@ class OutlierGradient(Estimator):
         self.params = list(params) if params else None
         self.chunk_size = chunk_size
         self.detector_options = dict(detector_options or {})
+        check_seed("seed", seed)
         self.seed = seed
         self.progress = progress
 

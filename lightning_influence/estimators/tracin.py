@@ -1,4 +1,4 @@
-"""TracIn behind the common estimator interface: online (:class:`TracIn`, accumulated at every
+"""TracIn behind the common estimator interface: online (:class:`TracInEstimator`, accumulated at every
 optimizer step by the :class:`~lightning_influence.callbacks.tracin.TracIn` callback) and over
 recorded parameter checkpoints (:class:`TracInCheckpoints`, the classic TracInCP).
 
@@ -30,11 +30,11 @@ from torch import Tensor
 from lightning_influence.callbacks.checkpoints import ParameterCheckpoints, RecordedCheckpoints, Sampling, first_order_units
 from lightning_influence.callbacks.tracin import TracIn as TracInCallback
 from lightning_influence.estimators.base import (
+    CallbackEstimator,
     Estimator,
     Target,
     as_target,
     attributed_space,
-    check_recorded_target,
     device_batches,
     different_passes_message,
     posthoc_training,
@@ -43,35 +43,20 @@ from lightning_influence.estimators.base import (
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, all_finite, directional_derivatives, evaluation_mode
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.targets import TargetGradient
+from lightning_influence.validation import check_seed
 
-__all__ = ["TracIn", "TracInCheckpoints", "CheckpointEstimator"]
+__all__ = ["TracInEstimator", "TracInCheckpoints", "CheckpointEstimator"]
 
 Weighting = Literal["expected", "visits"]
 
 
-class TracIn(Estimator):
+class TracInEstimator(CallbackEstimator):
     """Online TracIn. ``options`` are :class:`~lightning_influence.callbacks.tracin.TracIn`'s
     arguments (``target``, ``target_loader``, ``target_samples``, ``target_every``, ``save_path``).
     Add :meth:`callback` to the Trainer before ``fit``; :meth:`scores` returns what it accumulated."""
 
     name: ClassVar[str] = "tracin"
-    records_training: ClassVar[bool] = True
     options_from: ClassVar[type | None] = TracInCallback
-
-    def __init__(self, **options: Any) -> None:
-        self.options = options
-        self._callback: TracInCallback | None = TracInCallback(**options)  # validates the options now
-
-    def callback(self) -> TracInCallback:
-        assert self._callback is not None
-        return self._callback
-
-    def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
-        callback = self.callback()
-        if callback.scores is None:
-            raise RuntimeError("TracIn accumulates during fit: add estimator.callback() to the Trainer, run fit, then call scores()")
-        check_recorded_target("TracIn", callback, target)
-        return callback.scores
 
 
 class CheckpointTotals:
@@ -123,11 +108,12 @@ class CheckpointEstimator(Estimator):
         seed: int = 0,
         directory: str | Path | None = None,
         checkpoints: RecordedCheckpoints | str | Path | None = None,
-        progress_bar: bool = True,
+        progress: bool = True,
     ) -> None:
         self.checkpoints = checkpoints
+        check_seed("seed", seed)
         self.seed = seed
-        self.progress_bar = progress_bar
+        self.progress = progress
         self._callback: ParameterCheckpoints | None = None
         if checkpoints is not None:
             if every is not None or count is not None or directory is not None:
@@ -284,7 +270,7 @@ class TracInCheckpoints(CheckpointEstimator):
         passes = 0
         with evaluation_mode(module):
             segments = record.segments()
-            for c, checkpoint in enumerate(progress(record.checkpoints, "TracInCP checkpoints", self.progress_bar)):
+            for c, checkpoint in enumerate(progress(record.checkpoints, "TracInCP checkpoints", self.progress)):
                 theta = self.theta_of(space, checkpoint.parameters(), checkpoint.step)
                 grad_f = gradient(loss_fn, space, theta)
                 columns = grad_f.reshape(space.size, -1)

@@ -3,7 +3,7 @@
 - :func:`leave_one_out` / :func:`retrain`: exact trajectory-specific leave-out retraining of
   what a Lightning run did (same initial parameters, micro-batches, gradient-accumulation
   normaliser, learning rates, gradient clipping and real ``torch.optim`` optimizer -- see
-  :data:`SUPPORTED_OPTIMIZERS`; the removed samples taken out of every micro-batch).
+  :data:`RETRAINABLE_OPTIMIZERS`; the removed samples taken out of every micro-batch).
   Influence ``I(z) = F(theta_T^{-z}) - F(theta_T)``, in the units of the target loss ``F``
   (:func:`target_loss`); positive means the sample helps (removing it raises the loss),
   negative means it hurts -- the sign of every score in the library.
@@ -23,7 +23,7 @@ from lightning_influence.evaluation.datamodels import SubsetRetraining, linear_d
 from lightning_influence.evaluation.metrics import detection_auroc, fraction_found, pearson, spearman
 from lightning_influence.evaluation.recorder import StepRecorder
 from lightning_influence.evaluation.retraining import (
-    SUPPORTED_OPTIMIZERS,
+    RETRAINABLE_OPTIMIZERS,
     OptimizerSpec,
     TrainingStep,
     check_recorded_ids,
@@ -42,7 +42,7 @@ __all__ = [
     "linear_datamodeling_score",
     "random_removals",
     "subset_retraining",
-    "SUPPORTED_OPTIMIZERS",
+    "RETRAINABLE_OPTIMIZERS",
     "OptimizerSpec",
     "StepRecorder",
     "TrainingStep",

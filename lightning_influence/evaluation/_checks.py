@@ -4,8 +4,6 @@ how to fix it instead of being cast, truncated or misaligned silently."""
 
 from __future__ import annotations
 
-import math
-import numbers
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -13,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["as_flags", "as_ids", "as_numbers", "check_fraction", "check_same_length", "require_ids_cover"]
+__all__ = ["as_flags", "as_ids", "as_numbers", "check_same_length", "require_ids_cover"]
 
 
 def _is_array(value: Any) -> bool:
@@ -140,19 +138,6 @@ def check_same_length(first: str, a: Tensor, second: str, b: Tensor) -> None:
             f"{first} and {second} must have the same length (one entry per sample, in the same order), got "
             f"{a.shape[0]} and {b.shape[0]}"
         )
-
-
-def check_fraction(name: str, value: Any, *, include_one: bool) -> float:
-    """``value`` as a float in ``(0, 1]`` (``include_one``) or ``(0, 1)``, else ``ValueError``."""
-    high = "1]" if include_one else "1)"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) and not (
-        isinstance(value, Tensor) and value.ndim == 0 and not value.is_complex() and value.dtype != torch.bool
-    ):
-        raise ValueError(f"{name} must be a number in (0, {high}, got {value!r} ({type(value).__name__})")
-    number = float(value)
-    if not (math.isfinite(number) and 0.0 < number and (number <= 1.0 if include_one else number < 1.0)):
-        raise ValueError(f"{name} must be in (0, {high}, got {value!r}")
-    return number
 
 
 def require_ids_cover(ids_name: str, ids: Tensor, needed: Iterable[int], what: str) -> None:

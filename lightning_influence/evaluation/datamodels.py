@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.evaluation._checks import as_ids, as_numbers, check_fraction, check_same_length, require_ids_cover
+from lightning_influence.evaluation._checks import as_ids, as_numbers, check_same_length, require_ids_cover
 from lightning_influence.evaluation.metrics import spearman
 from lightning_influence.evaluation.retraining import OptimizerSpec, TrainingStep, check_recorded_ids, retrain, target_batch_list, target_loss
+from lightning_influence.validation import check_fraction
 
 __all__ = ["SubsetRetraining", "random_removals", "subset_retraining", "linear_datamodeling_score"]
 

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torchmetrics.functional import pearson_corrcoef
 
-from lightning_influence.evaluation._checks import as_flags, as_numbers, check_fraction, check_same_length
+from lightning_influence.evaluation._checks import as_flags, as_numbers, check_same_length
+from lightning_influence.validation import check_fraction
 
 __all__ = ["average_ranks", "detection_auroc", "fraction_found", "pearson", "spearman"]
 

@@ -21,7 +21,8 @@ from lightning_influence.evaluation.retraining import (
     optimizer_lrs,
     retrain,
 )
-from lightning_influence.callbacks.checks import BackwardWatch, FirstLossCheck, OptimizerStepWatch
+from lightning_influence.callbacks.hooks import BackwardWatch, OptimizerStepWatch
+from lightning_influence.checks import FirstLossCheck, coupling_message, undeclared_coupling
 from lightning_influence.kernels import BufferWatch
 
 
@@ -30,7 +31,7 @@ class StepRecorder(Callback):
     micro-batches and learning rates.
 
     The learning rates are read as each step's ``optimizer.step`` starts
-    (:class:`~lightning_influence.callbacks.checks.OptimizerStepWatch`), after every
+    (:class:`~lightning_influence.callbacks.hooks.OptimizerStepWatch`), after every
     ``on_before_optimizer_step`` (the callbacks' and the module's) and clipping: the ones the
     step really uses, whoever set them.
 
@@ -43,7 +44,7 @@ class StepRecorder(Callback):
 
     Refuses (``ValueError``, at the start of fit or at the offending step) what the retraining
     would not reproduce: manual optimization, more than one optimizer, an optimizer outside
-    :data:`~lightning_influence.evaluation.SUPPORTED_OPTIMIZERS`, an overridden
+    :data:`~lightning_influence.evaluation.RETRAINABLE_OPTIMIZERS`, an overridden
     ``configure_gradient_clipping``, a scheduler changing anything but learning rates (e.g.
     ``OneCycleLR(cycle_momentum=True)``), parameter groups changing during fit, and a trained
     parameter that receives no gradient. ``training_step`` must return the mean of
@@ -134,7 +135,6 @@ class StepRecorder(Callback):
         self._pending = batch
         self._backward.arm()
         if self._watch is None:  # at the first batch, after setup hooks that may set buffers
-            from lightning_influence.callbacks.checks import coupling_message, undeclared_coupling
 
             change = undeclared_coupling(pl_module, batch)
             if change is not None:

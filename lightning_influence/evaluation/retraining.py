@@ -42,7 +42,7 @@ along a leading dimension ``[K, *shape]``, per-run gradients are one ``torch.fun
 a removed sample), and ONE optimizer instance steps the stacked tensors. That is exactly K
 independent runs only for optimizers whose update is elementwise per coordinate (the state
 and the update of a coordinate depend on that coordinate's history and on the step count
-alone): :data:`SUPPORTED_OPTIMIZERS`. Anything else (LBFGS, optimizers with per-tensor norms
+alone): :data:`RETRAINABLE_OPTIMIZERS`. Anything else (LBFGS, optimizers with per-tensor norms
 or factored statistics such as Adafactor, subclasses that may change the update) is refused.
 
 Where ``vmap`` (or ``torch.func`` at all) cannot evaluate the model -- an operation without a
@@ -78,7 +78,7 @@ from lightning_influence.kernels import (
 )
 
 __all__ = [
-    "SUPPORTED_OPTIMIZERS",
+    "RETRAINABLE_OPTIMIZERS",
     "OptimizerSpec",
     "TrainingStep",
     "hyperparameter_changes",
@@ -88,7 +88,7 @@ __all__ = [
     "target_loss",
 ]
 
-SUPPORTED_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
+RETRAINABLE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
     torch.optim.AdamW,
@@ -113,8 +113,8 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def _check_supported(optimizer_class: type) -> None:
-    if optimizer_class not in SUPPORTED_OPTIMIZERS:
-        names = ", ".join(c.__name__ for c in SUPPORTED_OPTIMIZERS)
+    if optimizer_class not in RETRAINABLE_OPTIMIZERS:
+        names = ", ".join(c.__name__ for c in RETRAINABLE_OPTIMIZERS)
         raise ValueError(
             f"retraining cannot reproduce {getattr(optimizer_class, '__qualname__', optimizer_class)!s}: it runs one real "
             f"optimizer on parameters stacked over runs, which is exact only for optimizers whose update is elementwise per "
@@ -237,7 +237,7 @@ class OptimizerSpec:
         or ``<= 0`` means no clipping, an algorithm ``None`` means ``'norm'``, as in Lightning).
 
         Raises ``ValueError`` for an optimizer that :func:`retrain` cannot reproduce (see
-        :data:`SUPPORTED_OPTIMIZERS`), or a group holding a tensor that is not one of
+        :data:`RETRAINABLE_OPTIMIZERS`), or a group holding a tensor that is not one of
         ``module``'s parameters.
         """
         optimizer = _unwrap(optimizer)

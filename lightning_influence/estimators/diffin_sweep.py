@@ -1,0 +1,726 @@
+"""Diff-In: influence as the sum of per-step differences, accumulated by a reverse sweep.
+
+Each optimizer step is a map ``(theta_{t+1}, s_{t+1}) = Phi_t(theta_t, s_t, G_t)`` of the
+parameters, the optimizer state ``s`` (momentum buffer, Adam moments) and the step gradient
+``G_t = sum_k mean_{i in B_tk} grad l_i(theta_t) / n`` over the step's micro-batches
+(``n``: Lightning's accumulation normaliser; clipping is part of ``Phi_t``). Removing sample
+``z`` from micro-batch ``B_tk`` (size ``b``) changes the gradient by
+``dG_t(z) = -(grad l_z - mean_k) / (n (b - 1))``. Linearising the leave-one-out run around the
+recorded trajectory gives the exact linearised influence on the target ``F``
+
+    I(z) = sum_t < a^G_t, dG_t(z) >
+
+with adjoints swept from ``lambda^theta_T = grad F(theta_T)``, ``lambda^s_T = 0``:
+
+    (a^theta_t, a^s_t, a^G_t) = Phi_t'^T (lambda^theta_{t+1}, lambda^s_{t+1})     (StepModel.vjp)
+    lambda^theta_t = a^theta_t + H_t a^G_t,   lambda^s_t = a^s_t
+
+(``H_t``: Hessian of the step's loss at ``theta_t``, a finite-difference product). Per step:
+one forward-mode pass per micro-batch for ``s_i = <grad l_i(theta_t), -a^G_t>``, then
+``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b - 1))`` (``s_z / n`` for a micro-batch of one,
+which the removal empties), and one Hessian product. With ``per_sample="finite_difference"`` the
+``s_i`` are differences of the per-sample losses along ``a^G_t`` instead: the Hessian product
+``H_t a^G_t`` evaluates the gradient (and with it the losses) at ``theta_t + eps a^G_t`` anyway,
+and the other side is either the losses training computed at ``theta_t`` (``record.losses``: a
+forward difference, no pass) or one plain forward pass at ``theta_t - eps a^G_t`` (central). For plain SGD ``a^G = -Lambda_t lambda``
+and this is ``u_t = u_{t+1} - H_t Lambda_t u_{t+1}`` of the notes.
+
+Units and sign: target-loss change when the sample is removed (positive helps).
+
+With ``hessian_every = k`` the Hessian terms of a block of k steps are summed and applied once,
+at the block's oldest step: ``lambda_t = a^theta + H_t sum_s a^G_s`` (first order inside a
+block, exact products between blocks; for plain SGD ``prod_s (I - H_s L_s) ~ I - H_t sum L_s``).
+
+Coupled batch losses (``InfluenceMixin.coupled_batch_loss``, e.g. contrastive InfoNCE with
+in-batch negatives): removing ``z`` from ``B_tk`` means re-evaluating the micro-batch's loss on
+``B_tk \\ z``, so ``dG_t(z) = (grad mean l(B \\ z) - grad mean l(B)) / n`` and the step's term is
+``<a^G_t, dG_t(z)> = r_z / n`` with the removal derivative ``r_z`` of
+:func:`~lightning_influence.kernels.removal_derivatives` along ``a^G_t``. For an uncoupled loss
+``r_z = (s_z - mean_k s) / (b - 1)``, the formula above; in general it costs ``b`` forward-mode
+passes over sub-batches of ``b - 1`` per micro-batch (vectorised with ``vmap``) instead of one.
+Everything else (adjoints, Hessian products of the full micro-batch loss, normaliser) is unchanged.
+
+A sweep that starts from ``grad F`` at a later iterate ``theta_e`` (``e < T``) scores the steps
+with the influence on ``F(theta_e)``: that is the online mode's truncated propagation window.
+
+Distributed (DDP) runs: every rank sweeps its own copy of the trajectory (identical parameters,
+optimizer state and step gradients, since DDP averages the gradients) with its own shard of each
+micro-batch. The global micro-batch ``U_k`` is the union of the ranks' shards (``record.global_ids``)
+and the step gradient DDP fed the optimizer is the mean over ranks of the local step gradients,
+which is the mean over ``U_k`` when the shards have equal sizes (as ``DistributedSampler``
+makes them). Removing ``z`` removes every copy of it from ``U_k`` (``m_z`` copies: a sample the
+sampler repeated to pad the epoch is trained on twice), so each copy contributes
+``(s_z - mean_{U_k} s) / (n (|U_k| - m_z))`` and the copies add up; ``mean_{U_k} s`` and every
+Hessian product are reduced across ranks. With one rank and no copies this is the formula above.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence.kernels import (
+    FiniteDifference,
+    ParameterSpace,
+    PerSampleLossFn,
+    RemoveFn,
+    Step,
+    all_finite,
+    difference_derivatives,
+    directional_derivatives,
+    evaluation_mode,
+    finite_difference_step,
+    hessian_vector_product,
+    losses_and_gradient,
+    removal_derivatives,
+    shifted_losses,
+)
+from lightning_influence.distributed import Collective
+from lightning_influence.scores import ScoreAccumulator
+from lightning_influence.targets import TargetGradient
+from lightning_influence.optimizers import StepModel
+from lightning_influence.trajectory import RecomputeStep, StepRecord, Trajectory
+
+PerSampleDerivatives = Literal["forward_mode", "finite_difference"]
+
+ADJOINT_CHECK_EVERY = 16
+"""Hessian products between two checks (finite, growth) of the whole propagated adjoint."""
+
+ADJOINT_GROWTH_LIMIT = 1e3
+"""A propagated adjoint that grows this much over a sweep signals an unstable propagation."""
+
+STEP_DOMINANCE_LIMIT = 50.0
+"""A step whose contributions (their norm over its samples) exceed the median step's this many
+times dominates its samples' scores: warned about (the largest measured without a known fault was
+26, the last step of SGD at lr 0.5; Adam's first step on digits' exact zeros 154)."""
+
+DOMINANCE_MIN_STEPS = 16
+"""Scored steps a sweep needs before its steps' contributions are compared with their median."""
+
+RECORDED_GRADIENT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+"""Largest relative difference between a step's gradient recomputed by a sweep and the one
+training computed, per parameter dtype (1e-2 for others): rounding, not a changed loss."""
+
+
+class LossChangedError(RuntimeError):
+    """The loss a sweep evaluates at a recorded step is not the loss training optimised there."""
+
+
+class DiffInSweep:
+    """The reverse accumulation over a window of recorded steps (shared by replay and online)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: PerSampleLossFn,
+        space: ParameterSpace,
+        target: TargetGradient,
+        accumulator: ScoreAccumulator,
+        step_model: StepModel,
+        *,
+        context_space: ParameterSpace | None = None,
+        finite_difference: FiniteDifference = "central",
+        fd_rel_step: float | None = None,
+        reuse_recorded_gradient: bool = False,
+        hessian_every: int = 1,
+        collective: Collective | None = None,
+        remove: RemoveFn | None = None,
+        vectorize_removal: bool = True,
+        per_sample: PerSampleDerivatives = "forward_mode",
+        chunk_size: int | None = None,
+    ) -> None:
+        if hessian_every < 1:
+            raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
+        if per_sample not in ("forward_mode", "finite_difference"):
+            raise ValueError(f"per_sample must be 'forward_mode' or 'finite_difference', got {per_sample!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or a positive number of samples, got {chunk_size!r}")
+        if chunk_size is not None and remove is not None:
+            raise ValueError(
+                "chunk_size splits batches into independent chunks, which a coupled batch loss (each sample's loss "
+                "depends on its whole batch) does not allow: leave chunk_size=None"
+            )
+        if per_sample == "finite_difference" and remove is not None:
+            raise ValueError(
+                "per_sample='finite_difference' is for independent per-sample losses; coupled batch losses take "
+                "their removal derivatives by forward mode: use per_sample='forward_mode'"
+            )
+        self.module = module
+        self.loss_fn = loss_fn
+        self.space = space
+        self.context_space = context_space
+        self.varying_defaults: dict[str, Tensor] = {}
+        """Values of varying tensors (see :meth:`loss_fn_at`) before they first changed, by name."""
+        self.target = target
+        self.accumulator = accumulator
+        self.step_model = step_model
+        self.finite_difference = finite_difference
+        self.fd_rel_step = fd_rel_step
+        self.reuse_recorded_gradient = reuse_recorded_gradient
+        self.verify_recorded = False
+        """Recompute the recorded gradient at the newest and the oldest stored step of each sweep (and
+        where the propagation fails) and compare (:meth:`_check_recorded_gradient`); set where
+        training's loss is the sweep's: no dropout, batch norm or autocast."""
+        self.recorded_gradient_checks = 0
+        self.max_recorded_gradient_error = 0.0
+        self.hessian_every = hessian_every
+        self.collective = collective if collective is not None else Collective()
+        if remove is not None and self.collective.distributed:
+            raise ValueError(
+                "coupled batch losses (remove=...) are scored in a single process only: a sample's removal changes "
+                "the losses of the whole global batch, which is sharded across the ranks"
+            )
+        self.remove = remove
+        """Coupled batch loss: the batch without one sample (``None``: per-sample losses are independent)."""
+        self.vectorize_removal = vectorize_removal
+        self.per_sample: PerSampleDerivatives = per_sample
+        self.chunk_size = chunk_size
+        """Samples per pass (forward-mode, gradient, loss): bounds the passes' memory; ``None``: whole micro-batches."""
+        """How ``s_i = <grad l_i, a^G>`` is evaluated: forward mode (exact) or central differences of losses."""
+        self.hessian_products = 0
+        self.forward_mode_passes = 0
+        self.loss_evaluations = 0
+        """Forward passes without autograd for finite-difference derivatives (beyond the products' passes)."""
+        self._theta_norm: float | None = None
+        self._first_stored: StepRecord | None = None
+        self._last_stored: tuple[PerSampleLossFn, StepRecord] | None = None
+        self._adjoint: Tensor | None = None
+        self._adjoint_start = 0.0
+        self.max_adjoint_growth = 0.0
+        """Largest ``||lambda_t|| / ||lambda_end||`` seen at the checks (a stability diagnostic)."""
+        self._growth_warned = False
+        self._checked_down_to: int | None = None  # the step of the last adjoint check (the sweep runs newest first)
+        self._suspect: tuple[int, int] | None = None  # steps (oldest, newest) over which the adjoint first blew up
+        self.max_step_ratio = 0.0
+        """Largest ratio, over the sweeps, of one step's contributions (their norm) to the median scored
+        step's (sweeps of at least :data:`DOMINANCE_MIN_STEPS` steps)."""
+        self.dominant_step: int | None = None
+        """The optimizer step of :attr:`max_step_ratio`."""
+        self._step_norms: list[tuple[int, Tensor]] = []  # (step, squared norm of its contributions), this sweep
+        self._dominance_warned = False
+        self.target_gradients = 0
+        self.work_dtype = torch.promote_types(space.dtype, torch.float32)
+
+    def target_gradient(self, theta: Tensor) -> Tensor:
+        with evaluation_mode(self.module):
+            self.target_gradients += 1
+            return self.target(self.loss_fn, self.space, theta)
+
+    def run(
+        self,
+        trajectory: Trajectory,
+        theta_end: Tensor,
+        num_scored: int,
+        recompute_step: RecomputeStep | None = None,
+    ) -> None:
+        """Score the oldest ``num_scored`` records of ``trajectory`` by their influence on
+        ``F(theta_end)``; the newer records only propagate the adjoint."""
+        if num_scored <= 0 or len(trajectory) == 0:
+            return
+        u = self.target_gradient(theta_end)
+        # One ||theta|| for the sweep's finite-difference steps: it sets their scale only, and changes
+        # slowly along a trajectory (a parameter-sized reduction per step saved).
+        self._theta_norm = float(theta_end.norm())
+        # lambda^theta, [P, Q], in the parameters' dtype (float32 at least): the finite-difference error
+        # of the products (~1e-3 relative in float32) dwarfs its rounding. Scores accumulate in float64.
+        adjoint = u.reshape(self.space.size, -1).to(self.work_dtype).clone()
+        self._adjoint, self._adjoint_start = adjoint, float(adjoint.norm())
+        self._step_norms = []
+        self._first_stored, self._last_stored = None, None
+        self._checked_down_to, self._suspect = None, None
+        with evaluation_mode(self.module):
+            try:
+                self._sweep_steps(trajectory, num_scored, recompute_step, u, adjoint)
+            except FloatingPointError:
+                self._recheck_suspects(trajectory, recompute_step)  # a changed loss explains it better
+                raise
+            self._recheck_suspects(trajectory, recompute_step)
+        self._adjoint, self._first_stored, self._last_stored = None, None, None
+
+    def _recheck_suspects(self, trajectory: Trajectory, recompute_step: RecomputeStep | None) -> None:
+        """Where the propagated gradient blew up (:meth:`_check_adjoint`): recompute the gradient of
+        every step since the adjoint check before (at most :data:`ADJOINT_CHECK_EVERY` gradient passes,
+        once per sweep, and only then) and compare it with the one training recorded. A step whose
+        loss in training differs from its recomputation (a loss that reads ``self.training`` or the
+        step count at one step, say) turns every forward-difference product there into ``(g_train -
+        g_eval) / eps``: refused, naming the step, rather than warned about as an instability."""
+        suspect, self._suspect = self._suspect, None
+        if suspect is None or not self.verify_recorded:
+            return
+        oldest, newest = suspect
+        for record in trajectory.newest_first(recompute_step):  # rebuilds the steps between checkpoints again
+            if oldest <= record.step <= newest:
+                self._check_recorded_gradient(self.loss_fn_at(record), record)
+
+    def _sweep_steps(
+        self,
+        trajectory: Trajectory,
+        num_scored: int,
+        recompute_step: RecomputeStep | None,
+        u: Tensor,
+        adjoint: Tensor,
+    ) -> None:
+        """The sweep itself (see :meth:`run`): the records newest first, each scored (the oldest
+        ``num_scored``) and propagated through."""
+        columns = adjoint.shape[1]
+        adjoint_state: list[dict[str, Tensor] | None] = [None] * columns
+        pending: list[Tensor | None] = [None] * columns  # sum of a^G over the block not yet propagated
+        # the same sum as a multiple of the adjoint column, while the block's steps are all in-place SGD steps
+        pending_scale = [0.0] * columns
+        block_steps = 0
+        size = len(trajectory)
+        for back, record in enumerate(trajectory.newest_first(recompute_step)):
+            position = size - 1 - back
+            if self._checked_down_to is None:
+                self._checked_down_to = record.step
+            scored = position < num_scored
+            loss_fn = self.loss_fn_at(record)
+            if self.verify_recorded and trajectory.keeps_theta(record.step):  # parameters stored, not rebuilt
+                # Recorded gradients are compared with the sweep's loss at the newest and the oldest stored
+                # step, and where the propagation fails (a loss that changed during fit; see the method).
+                self._last_stored = (loss_fn, record)
+                if self._first_stored is None:
+                    self._first_stored = record
+                    self._check_recorded_gradient(loss_fn, record)
+            if position > 0:
+                block_steps += 1
+            propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
+            derivatives: list[list[Tensor]] = []
+            scales = self.step_model.adjoint_scales(record.hyper, self.work_dtype, adjoint.device)
+            for q in range(columns):
+                if scales is not None and pending[q] is None:
+                    terms, pending_scale[q] = self._scaled_step(
+                        loss_fn, record, adjoint[:, q], scales, propagate, scored, position == 0, pending_scale[q]
+                    )
+                    if terms is not None:
+                        derivatives.append(terms)
+                    continue
+                if pending_scale[q] != 0.0:  # the block's sum so far, as a vector of its own from here on
+                    pending[q] = pending_scale[q] * adjoint[:, q]
+                    pending_scale[q] = 0.0
+                a_theta, a_state, a_grad = self.step_model.vjp(
+                    record.theta, record.state, record.grad, record.hyper, adjoint[:, q], adjoint_state[q]
+                )
+                shifted: _ShiftedLosses | None = None
+                if position > 0:
+                    adjoint_state[q] = a_state
+                    pending[q] = a_grad if pending[q] is None else pending[q] + a_grad  # type: ignore[operator]
+                    if propagate:
+                        # The product's gradient passes run along a^G itself when the block is this step alone:
+                        # their per-sample losses then serve the finite-difference derivatives below.
+                        share = scored and self.per_sample == "finite_difference" and pending[q] is a_grad
+                        column = adjoint[:, q]
+                        if a_theta.data_ptr() != column.data_ptr():
+                            column.copy_(a_theta)
+                        # lambda^theta_t = a^theta + H_t (sum of the block's a^G), added in place
+                        shifted = self._hessian_product(loss_fn, record, pending[q].to(self.space.dtype), column, share)  # type: ignore[union-attr]
+                        pending[q] = None
+                    else:
+                        adjoint[:, q] = a_theta
+                if scored:
+                    derivatives.append(self._step_terms(loss_fn, record, a_grad, shifted))
+            if scored:
+                self._accumulate(record, derivatives, squeeze=u.dim() == 1)
+            if position == 0:
+                if self._last_stored is not None and self._last_stored[1] is record and record is not self._first_stored:
+                    self._check_recorded_gradient(loss_fn, record)
+                break
+            if propagate:
+                block_steps = 0
+                # A non-finite adjoint stays non-finite: checked every few products (a parameter-sized
+                # reduction), and whenever a step's contributions come out non-finite (_accumulate).
+                if self.hessian_products % ADJOINT_CHECK_EVERY == 0:
+                    self._check_adjoint(record)
+        self._check_adjoint(record)
+        self._check_step_norms(record)
+
+    def _scaled_step(
+        self,
+        loss_fn: PerSampleLossFn,
+        record: StepRecord,
+        column: Tensor,
+        scales: tuple[float, float],
+        propagate: bool,
+        scored: bool,
+        last: bool,
+        pending: float,
+    ) -> tuple[list[Tensor] | None, float]:
+        """One step whose transpose is ``a^theta = k * lambda``, ``a^G = c * lambda`` (stateless SGD,
+        :meth:`StepModel.adjoint_scales`), done on the adjoint ``column`` in place without a
+        parameter-sized ``a^G``: the product and the per-sample derivatives run along the column
+        and are scaled. ``pending``: the sum of ``a^G`` over the block's newer steps not yet
+        propagated (``hessian_every > 1``), as a multiple of ``column``. Returns the step's
+        per-sample terms when it is scored, and the block's sum as a multiple of the column after
+        the step (0 once propagated)."""
+        keep, factor = scales
+        total = pending + factor  # the block's sum of a^G, including this step's, in units of the column
+        if not last and keep != 1.0:
+            column.mul_(keep)  # a^theta; a^G is now (c / k) * column
+            factor /= keep
+            total /= keep
+        # Every a^G of the block is a multiple of the column: the product's gradient passes step along the
+        # direction of this step's a^G too, and their losses serve its finite-difference derivatives.
+        share = scored and propagate and self.per_sample == "finite_difference" and self.remove is None
+        terms = self._step_terms(loss_fn, record, column, None) if scored and not share else None
+        if propagate:
+            # lambda_t = a^theta + H_t (sum of the block's a^G), added in place
+            shifted = self._hessian_product(loss_fn, record, column, column, keep_losses=share, alpha=total)
+            if share:
+                terms = self._step_terms(loss_fn, record, column, shifted)
+            total = 0.0
+        return (None if terms is None else [factor * t for t in terms]), total
+
+    def _step_terms(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None
+    ) -> list[Tensor]:
+        """The step's per-sample terms along ``a^G = tangent`` (times ``n (b - 1)``, see
+        :meth:`_accumulate`): ``s_i = <grad l_i, -a^G>``, or for coupled losses the removal
+        derivatives ``r_z = <grad mean l(B \\ z) - grad mean l(B), a^G>``; float64 ``[b_k]`` per micro-batch."""
+        if self.remove is not None:
+            return self._removal_derivatives(loss_fn, record, tangent)
+        # the pass runs along a^G and the small result is negated
+        return [-s for s in self._directional_derivatives(loss_fn, record, tangent, shifted)]
+
+    def _check_adjoint(self, record: StepRecord) -> None:
+        """Raise if the propagated adjoint is non-finite; warn (once) if it grew by more than
+        :data:`ADJOINT_GROWTH_LIMIT` since the sweep started."""
+        if self._adjoint is None:
+            return
+        norm = float(self._adjoint.norm())
+        growth = norm / self._adjoint_start if self._adjoint_start > 0 else 0.0
+        blown = not math.isfinite(norm) or growth > ADJOINT_GROWTH_LIMIT
+        if blown and self._suspect is None and self._checked_down_to is not None:
+            self._suspect = (record.step, self._checked_down_to)  # rechecked once the sweep is done (_recheck_suspects)
+        self._checked_down_to = record.step
+        if blown and self._last_stored is not None:
+            self._check_recorded_gradient(*self._last_stored)  # a loss that changed explains it better
+        if not math.isfinite(norm):
+            raise FloatingPointError(
+                f"the propagated target gradient became non-finite by step {record.step}: training diverged "
+                "or the finite-difference step is unsuitable (try fd_rel_step or finite_difference='central')"
+            )
+        self.max_adjoint_growth = max(self.max_adjoint_growth, growth)
+        if growth > ADJOINT_GROWTH_LIMIT and not self._growth_warned:
+            self._growth_warned = True
+            warnings.warn(
+                f"DiffIn: the propagated target gradient grew {growth:.3g}-fold between the end of the sweep and step "
+                f"{record.step}: the linearised propagation is unstable and the scores are likely meaningless. Usual "
+                "causes: finite-difference products across the kinks of ReLU-like activations or max pooling (use "
+                "finite_difference='central' with fd_rel_step=5e-3, the default where kinks are found), hessian_every too large for the learning rate "
+                "(use hessian_every=1), training at the edge of stability (a smaller learning rate), or recorded steps "
+                "that disagree with their recomputation: a loss, hyperparameter or gradient that changed between "
+                "training and DiffIn's evaluation (a per_sample_loss that reads self.training or the step count, a "
+                "learning rate or gradient changed where DiffIn does not see it). DiffIn rechecks the recorded gradients "
+                "of the steps where the growth showed (where training's loss is the sweep's: no dropout, batch norm or "
+                "autocast); check the others against retraining (lightning_influence.evaluation) and compare "
+                "per_sample_loss in training and evaluation mode. The growth is in scores.metadata['max_adjoint_growth']",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _note_step(self, record: StepRecord, contribution: Tensor) -> None:
+        """Add a micro-batch's contributions to its step's squared norm per unit learning rate
+        (kept on the device until the sweep ends): a step's contributions scale with its learning
+        rate, so the high early rates of a decaying schedule do not make their steps look dominant."""
+        step = record.step
+        lr = self.step_model.step_size(record.hyper)
+        squared = contribution.square().sum() / (lr * lr if lr > 0 else 1.0)
+        if self._step_norms and self._step_norms[-1][0] == step:
+            self._step_norms[-1] = (step, self._step_norms[-1][1] + squared)
+        else:
+            self._step_norms.append((step, squared))
+
+    def _check_step_norms(self, record: StepRecord) -> None:
+        """The sweep's steps' contributions (their norms, one read for the sweep): raise if any is
+        non-finite; compare them with their median, record the largest ratio and warn (once) when
+        one step dominates its samples' scores."""
+        steps, self._step_norms = self._step_norms, []
+        if not steps:
+            return
+        norms = torch.stack([n for _, n in steps]).sqrt().cpu()
+        finite = torch.isfinite(norms)
+        if not bool(finite.all()):
+            self._check_adjoint(record)
+            step = steps[int((~finite).nonzero()[0])][0]  # the newest: the sweep runs newest first
+            raise FloatingPointError(f"non-finite per-sample directional derivatives at step {step}")
+        if len(steps) < DOMINANCE_MIN_STEPS:
+            return
+        median = float(norms.median())
+        if not median > 0:
+            return
+        k = int(norms.argmax())
+        ratio = float(norms[k]) / median
+        if ratio > self.max_step_ratio:
+            self.max_step_ratio, self.dominant_step = ratio, steps[k][0]
+        if ratio > STEP_DOMINANCE_LIMIT and not self._dominance_warned:
+            self._dominance_warned = True
+            warnings.warn(
+                f"DiffIn: the contributions of optimizer step {steps[k][0]} are {ratio:.0f}x the median step's (norm over "
+                "the step's samples, per unit learning rate), so that one step decides its samples' scores. The known cause is the first steps of an "
+                "adaptive optimizer (Adam/AdamW, RMSprop, Adagrad), whose update is close to the gradient's sign (the second "
+                "moment is then the step's own squared gradient): where a parameter's batch gradient nearly cancels, as on inputs with many exact zeros, the "
+                "linearised update overshoots the real leave-one-out change many times (README, 'Adam's first steps'). "
+                "Check those samples against retraining (lightning_influence.evaluation). The ratio is in "
+                "scores.metadata['max_step_ratio']",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _check_recorded_gradient(self, loss_fn: PerSampleLossFn, record: StepRecord) -> None:
+        """The gradient the sweep's loss gives at ``record``'s parameters must be the one training
+        fed the optimizer there. One gradient pass, at the newest and the oldest step of the sweep
+        whose parameters are stored (where a loss switched on late, or one that drifted since, differs
+        most), and where the propagation turns unstable or non-finite: a loss that reads something
+        that changed during fit besides the parameters and the tensors recorded per step (a Python
+        attribute such as the epoch, a regulariser switched on later) is refused, since every product
+        and derivative of the sweep would evaluate another function."""
+        if record.theta is None or record.grad is None:
+            return
+        _, now = step_losses_and_gradient(loss_fn, self.space, record.theta, record.batches, record.normalizer, self.collective, self.chunk_size)
+        assert isinstance(now, Tensor)
+        recorded = record.grad.to(now.dtype)
+        scale = float(recorded.norm())
+        error = float((now - recorded).norm()) / scale if scale > 0 else float((now - recorded).norm())
+        self.recorded_gradient_checks += 1
+        self.max_recorded_gradient_error = max(self.max_recorded_gradient_error, error)
+        if not error <= RECORDED_GRADIENT_RTOL.get(self.space.dtype, 1e-2):
+            raise LossChangedError(
+                f"DiffIn: at optimizer step {record.step}, the gradient of per_sample_loss recomputed at that step's "
+                f"parameters differs from the gradient training computed there (relative difference {error:.3g}): the "
+                "loss depends on something that changed during fit besides the parameters and the tensors DiffIn records "
+                "per step, e.g. a Python attribute (self.current_epoch, a temperature or loss weight kept as a float), a "
+                "regulariser or loss term switched on later, a dataset transform that changed, a loss that reads "
+                "self.training (DiffIn recomputes it in evaluation mode), or randomness in training mode that the first "
+                "batch did not show (a layer skipped with some probability: DiffIn then took the loss as deterministic; "
+                "write it as per-element dropout, or make it deterministic). Every score would evaluate another function. "
+                "Keep such values in registered buffers (register_buffer: DiffIn records their values with every step), "
+                "and keep the loss fixed during fit and the same in both modes"
+            )
+
+    def loss_fn_at(self, record: StepRecord) -> PerSampleLossFn:
+        """The per-sample loss as at this step: the parameters outside the attributed subset held
+        at their recorded values, and the tensors training changed outside the optimizer at the
+        values the step trained with (:attr:`StepRecord.varying`; for a step recorded before such a
+        tensor first changed, its earlier value from :attr:`varying_defaults`)."""
+        held: dict[str, Tensor] = {}
+        if record.context is not None and self.context_space is not None:
+            held.update(self.context_space.unflatten(record.context))
+        if self.varying_defaults or record.varying:
+            held.update({**self.varying_defaults, **record.varying})
+        if not held:
+            return self.loss_fn
+        base = self.loss_fn
+        return lambda params, batch: base({**held, **params}, batch)
+
+    def _directional_derivatives(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None = None
+    ) -> list[Tensor]:
+        """``s_i = <grad l_i(theta_t), tangent>`` per micro-batch, float64 ``[b_k]`` each: one
+        forward-mode pass per micro-batch, or (``per_sample="finite_difference"``) central
+        differences of the losses, reusing the ``shifted`` losses of a Hessian product along
+        ``tangent`` when there are any."""
+        if self.per_sample == "finite_difference":
+            return self._difference_derivatives(loss_fn, record, tangent, shifted)
+        params = self.space.unflatten(record.theta)
+        direction = self.space.unflatten(tangent.to(self.space.dtype))
+        out = []
+        for batch in record.batches:
+            _, s = directional_derivatives(loss_fn, params, batch, direction, self.chunk_size)
+            self.forward_mode_passes += 1
+            out.append(s.double())
+        return out
+
+    def _difference_derivatives(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None
+    ) -> list[Tensor]:
+        assert record.theta is not None
+        tangent = tangent.to(self.space.dtype)
+        known = record.losses
+        if shifted is None and self.hessian_every > 1 and self.reuse_recorded_gradient and known is not None and all(k is not None for k in known):
+            # A step without a product of its own (hessian_every > 1): training_step's losses at theta_t are the
+            # base of a forward difference, one forward pass without autograd (the products' truncation order).
+            # (A 0-d step on the device, read by no one on the host; a zero tangent gives zero derivatives.)
+            eps = finite_difference_step(record.theta, tangent, "forward", self.fd_rel_step, self._theta_norm, on_device=True)
+            plus = [shifted_losses(loss_fn, self.space, record.theta, batch, tangent, eps, self.chunk_size) for batch in record.batches]
+            self.loss_evaluations += len(plus)
+            shifted = _ShiftedLosses(eps, list(plus), [None] * len(plus), list(known))
+        if shifted is None:
+            eps = finite_difference_step(record.theta, tangent, "central", self.fd_rel_step, self._theta_norm, on_device=True)
+            shifted = _ShiftedLosses(eps, [None] * len(record.batches), [None] * len(record.batches))
+        out = []
+        for k, batch in enumerate(record.batches):
+            plus, minus = shifted.plus[k], shifted.minus[k]
+            # The losses at theta_t (training_step's, or the product's base pass): with the product's side, a
+            # forward difference.
+            base = shifted.base[k] if plus is not None and minus is None else None
+            self.loss_evaluations += (plus is None) + (minus is None and base is None)
+            out.append(
+                difference_derivatives(
+                    loss_fn, self.space, record.theta, batch, tangent, shifted.eps, plus=plus, minus=minus, base=base,
+                    chunk_size=self.chunk_size,
+                )
+            )
+        return out
+
+    def _removal_derivatives(self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor) -> list[Tensor]:
+        """Coupled losses: ``r_z = <grad mean l(B_k \\ z) - grad mean l(B_k), tangent>`` per micro-batch,
+        float64 ``[b_k]`` each."""
+        assert self.remove is not None
+        params = self.space.unflatten(record.theta)
+        direction = self.space.unflatten(tangent.to(self.space.dtype))
+        out = []
+        for batch, ids in zip(record.batches, record.ids, strict=True):
+            size = ids.numel()
+            r = removal_derivatives(loss_fn, params, batch, direction, self.remove, size, vectorize=self.vectorize_removal)
+            self.forward_mode_passes += 1 + (size if size > 1 else 0)
+            out.append(r.double())
+        return out
+
+    def _accumulate(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
+        """Add ``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b_k - 1))`` (``s_z / n`` if ``b_k = 1``);
+        coupled losses: ``r_z / n``."""
+        if record.global_ids is not None and self.remove is not None:
+            raise ValueError("coupled batch losses are scored in a single process only")
+        if record.global_ids is not None:
+            self._accumulate_global(record, derivatives, squeeze)
+            return
+        for k, ids in enumerate(record.ids):
+            s = torch.stack([column[k] for column in derivatives], dim=1)  # [b, Q]
+            b = s.shape[0]
+            if b != ids.numel():
+                raise ValueError(
+                    f"per_sample_loss returned {b} values for a batch with {ids.numel()} sample ids at step {record.step}"
+                )
+            if self.remove is not None:
+                contribution = s / record.normalizer
+            else:
+                contribution = (s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)) / record.normalizer
+            # Finiteness is read once per sweep, from the steps' norms (_check_step_norms): no wait here.
+            self._note_step(record, contribution)
+            self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
+
+    def _accumulate_global(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
+        """The distributed form: ``(s_z - mean_{U_k} s) / (n (|U_k| - m_z))`` for each local copy of
+        ``z`` (``s_z / (n m_z)`` when the copies of ``z`` are all of ``U_k``), with the sums of ``s``
+        over the global micro-batches ``U_k`` reduced across ranks (one collective per step)."""
+        assert record.global_ids is not None
+        local = [torch.stack([column[k] for column in derivatives], dim=1) for k in range(len(record.ids))]  # [b, Q]
+        for k, (s, ids) in enumerate(zip(local, record.ids, strict=True)):
+            if s.shape[0] != ids.numel():
+                raise ValueError(
+                    f"per_sample_loss returned {s.shape[0]} values for a batch with {ids.numel()} sample ids at step {record.step}"
+                )
+        sums = self.collective.sum(torch.stack([s.sum(dim=0) for s in local]))  # [K, Q], same on every rank
+        if not all_finite(sums):  # a non-finite value on any rank shows in the global sums: every rank raises
+            self._check_adjoint(record)
+            raise FloatingPointError(f"non-finite per-sample directional derivatives at step {record.step}")
+        for k, (s, ids) in enumerate(zip(local, record.ids, strict=True)):
+            union = record.global_ids[k]
+            size = union.numel()
+            values, counts = union.unique(return_counts=True)
+            copies = counts[torch.searchsorted(values, ids.cpu())].to(s.dtype).unsqueeze(1).to(s.device)  # m_z [b, 1]
+            mean = (sums[k] / size).to(s.device)
+            rest = size - copies
+            contribution = torch.where(rest > 0, (s - mean) / rest.clamp(min=1), s / copies) / record.normalizer
+            self._note_step(record, contribution)
+            self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
+
+    def _hessian_product(
+        self,
+        loss_fn: PerSampleLossFn,
+        record: StepRecord,
+        vector: Tensor,
+        add_to: Tensor,
+        keep_losses: bool = False,
+        alpha: float = 1.0,
+    ) -> _ShiftedLosses | None:
+        """Add ``alpha * H_t @ vector`` (the step's loss, by finite differences of step gradients)
+        into ``add_to``, stepping along ``sign(alpha) * vector``; with ``keep_losses`` return the
+        per-sample losses its gradient passes computed at ``theta_t + eps * vector`` (and
+        ``theta_t - eps * vector``), ``eps`` of the sign of ``alpha``."""
+        assert record.theta is not None
+        base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
+        self.hessian_products += 1
+        # The step stays on the device (a 0-d tensor): a sweep reads no value per product.
+        eps = finite_difference_step(record.theta, vector, self.finite_difference, self.fd_rel_step, self._theta_norm, on_device=True)
+        eps = eps if alpha >= 0 else -eps
+        evaluated: list[list[Tensor]] = []  # per gradient pass: theta + eps v, then theta or theta - eps v
+        count = len(record.batches)
+        minus: list[Tensor | None] = [None] * count
+        if keep_losses and self.finite_difference == "forward" and base is not None:
+            # The loss differences' other side, where training_step's losses at theta_t are missing: a plain
+            # forward pass at theta_t - eps v, taken now since add_to may be vector itself.
+            known = record.losses if record.losses is not None else (None,) * count
+            for k, batch in enumerate(record.batches):
+                if known[k] is None:
+                    minus[k] = shifted_losses(loss_fn, self.space, record.theta, batch, vector, -eps, self.chunk_size)
+                    self.loss_evaluations += 1
+
+        def gradient(theta: Tensor) -> Tensor | list[Tensor]:
+            losses, grad = step_losses_and_gradient(
+                loss_fn, self.space, theta, record.batches, record.normalizer, self.collective, self.chunk_size, flat=False
+            )
+            evaluated.append(losses)
+            return grad
+
+        hessian_vector_product(
+            gradient, record.theta, vector, scheme=self.finite_difference, base_gradient=base, eps=eps, add_to=add_to, alpha=alpha
+        )
+        if not keep_losses:
+            return None
+        if self.finite_difference == "central":
+            return _ShiftedLosses(eps, list(evaluated[0]), list(evaluated[1]))
+        # forward: the second gradient pass (without a recorded base gradient) ran at theta_t itself
+        at_theta: list[Tensor | None] = list(evaluated[1]) if base is None else list(record.losses or (None,) * count)
+        return _ShiftedLosses(eps, list(evaluated[0]), minus, at_theta)
+
+
+class _ShiftedLosses:
+    """Per-sample losses of each micro-batch at ``theta + eps v``, ``theta - eps v`` and ``theta``
+    (``None``: not evaluated)."""
+
+    def __init__(
+        self, eps: Step, plus: list[Tensor | None], minus: list[Tensor | None], base: list[Tensor | None] | None = None
+    ) -> None:
+        self.eps, self.plus, self.minus = eps, plus, minus
+        self.base = base if base is not None else [None] * len(plus)
+
+
+def step_losses_and_gradient(
+    loss_fn: PerSampleLossFn,
+    space: ParameterSpace,
+    theta: Tensor,
+    batches: tuple[Any, ...],
+    normalizer: int,
+    collective: Collective | None = None,
+    chunk_size: int | None = None,
+    flat: bool = True,
+) -> tuple[list[Tensor], Tensor | list[Tensor]]:
+    """The gradient an optimizer step was fed, ``sum_k grad mean_k / normalizer`` over its micro-batches
+    and averaged over the ranks of ``collective`` as DDP does (a collective call in distributed runs),
+    with each micro-batch's (local) per-sample losses at ``theta``: ``(losses, gradient)``; passes
+    over at most ``chunk_size`` samples each. ``flat=False``: outside distributed runs, the
+    gradient as one tensor per parameter (see :func:`~lightning_influence.kernels.losses_and_gradient`)."""
+    distributed = collective is not None and collective.distributed
+    pieces = not flat and not distributed
+    losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size, flat=not pieces)
+    every = [losses]
+    for batch in batches[1:]:
+        losses, grad = losses_and_gradient(loss_fn, space, theta, batch, chunk_size, flat=not pieces)
+        every.append(losses)
+        if isinstance(total, Tensor):
+            total.add_(grad)  # type: ignore[arg-type]
+        else:
+            torch._foreach_add_(total, grad)  # type: ignore[arg-type]
+    if normalizer != 1:
+        if isinstance(total, Tensor):
+            total.div_(normalizer)
+        else:
+            torch._foreach_div_(total, normalizer)
+    if isinstance(total, Tensor) and collective is not None:
+        total = collective.mean(total)
+    return every, total
