@@ -571,22 +571,44 @@ def test_without_label_noise_the_report_says_none_was_injected(tmp_path: Path) -
 
 
 def test_detection_roc_auc_is_a_float64_python_float() -> None:
-    """7 of 12 pairs ranked right: 7/12 exactly in float64 (torchmetrics' value is float32-rounded); ties count one half."""
+    """7 of 12 pairs ranked right: 7/12 exactly in float64, not float32-rounded; ties count one half."""
     from lightning_influence.evaluation.metrics import detection_auroc
 
     values = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     flipped = torch.tensor([True, False, True, False, False, False, True])
     result = cleaning.detection_metrics(values, flipped, [0.5])["auroc"]
     pairs = sum(float(v) < float(w) for v, p in zip(values, flipped) if p for w, q in zip(values, flipped) if not q)
-    assert type(result) is float and pairs == 7 and result == 7 / 12 == cleaning.auroc64(values, flipped)
-    assert result == pytest.approx(detection_auroc(values, flipped), abs=1e-6) and result != float(torch.tensor(result, dtype=torch.float32))
-    assert cleaning.auroc64(torch.zeros(5), torch.tensor([True, False, False, True, False])) == 0.5
-    assert cleaning.auroc64(torch.tensor([2.0, 1.0, 1.0, 0.0]), torch.tensor([False, True, False, True])) == 0.875
-    assert cleaning.auroc64(torch.tensor([2.0, 1.0, 1.0, 0.0]), torch.tensor([False, True, False, True])) == pytest.approx(
-        detection_auroc(torch.tensor([2.0, 1.0, 1.0, 0.0]), torch.tensor([False, True, False, True])), abs=1e-7
-    )
+    assert type(result) is float and pairs == 7 and result == 7 / 12 == detection_auroc(values, flipped)
+    assert result != float(torch.tensor(result, dtype=torch.float32))
+    assert detection_auroc(torch.zeros(5), torch.tensor([True, False, False, True, False])) == 0.5
+    assert detection_auroc(torch.tensor([2.0, 1.0, 1.0, 0.0]), torch.tensor([False, True, False, True])) == 0.875
     with pytest.raises(ValueError, match="needs both positive and negative samples"):
-        cleaning.auroc64(values, torch.ones(7, dtype=torch.bool))
+        detection_auroc(values, torch.ones(7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 50, 997, 5000])
+def test_detection_roc_auc_is_the_pairwise_share_with_ties_counting_one_half(n: int) -> None:
+    """The cleaning recipe's ROC-AUC (``detection_auroc``) on tied scores: exactly the share of
+    (flipped, clean) pairs in which the flipped sample scores lower, a tie counting one half."""
+    from fractions import Fraction
+
+    from lightning_influence.evaluation.metrics import detection_auroc
+
+    g = torch.Generator().manual_seed(n)
+    for values in (torch.randint(0, max(1, n // 4), (n,), generator=g).double(), torch.randint(0, 3, (n,), generator=g).float()):
+        flipped = torch.rand(n, generator=g) < 0.3
+        if n > 1:
+            flipped[0], flipped[-1] = True, False
+        if bool(flipped.all()) or not bool(flipped.any()):
+            with pytest.raises(ValueError, match="needs both positive and negative samples"):
+                detection_auroc(values, flipped)
+            continue
+        pos, neg = values[flipped].tolist(), torch.sort(values[~flipped]).values
+        below = torch.searchsorted(neg, torch.tensor(pos, dtype=neg.dtype), right=False)  # clean samples scoring lower
+        at_most = torch.searchsorted(neg, torch.tensor(pos, dtype=neg.dtype), right=True)
+        right = sum(Fraction(len(neg) - int(a)) + Fraction(int(a) - int(b), 2) for a, b in zip(at_most, below))
+        expected = right / (len(pos) * len(neg))
+        assert detection_auroc(values, flipped) == float(expected) == cleaning.detection_metrics(values, flipped, [0.5])["auroc"]
 
 
 def test_the_detection_table_fits_long_estimator_names(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_influence.config import CleaningConfig, estimator_params, recipe_params
-from lightning_influence.evaluation.metrics import fraction_found
+from lightning_influence.evaluation.metrics import detection_auroc, fraction_found
 from lightning_influence.recipes.common import (
     ScoredRun,
     check_estimator,
@@ -60,7 +60,7 @@ from lightning_influence.recipes.common import (
     write_outputs,
 )
 
-__all__ = ["run", "detection_metrics", "auroc64", "BASELINE_METHODS"]
+__all__ = ["run", "detection_metrics", "BASELINE_METHODS"]
 
 #: The summary-row method name of each baseline condition: distinct from every estimator name.
 BASELINE_METHODS = {
@@ -86,32 +86,11 @@ def detection_metrics(values: torch.Tensor, flipped: torch.Tensor, fractions: li
         else:
             ranks[nan] = 0.0
         values = ranks
-    result: dict[str, Any] = {"auroc": auroc64(values, flipped)}
+    result: dict[str, Any] = {"auroc": detection_auroc(values, flipped)}
     for f in fractions:
         result[f"found_in_top_{_pct(f)}"] = fraction_found(values, flipped, f)
     result["num_nan"] = int(nan.sum())
     return result
-
-
-def auroc64(values: torch.Tensor, positives: torch.Tensor) -> float:
-    """ROC-AUC of finding ``positives`` by ranking the lowest ``values`` first, as a Python float
-    computed in float64 (the Mann-Whitney statistic over average ranks: ties count one half, as
-    the trapezoidal ROC curve does): :func:`~lightning_influence.evaluation.metrics.detection_auroc`'s
-    value without its float32 rounding. Needs positive and negative samples."""
-    x = -torch.as_tensor(values, dtype=torch.float64).reshape(-1)  # the most suspicious (lowest score) ranks highest
-    pos = torch.as_tensor(positives).reshape(-1).bool()
-    if x.shape != pos.shape:
-        raise ValueError(f"values and positives differ in length: {x.numel()} and {pos.numel()}")
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("detection ROC-AUC needs both positive and negative samples")
-    order = torch.argsort(x, stable=True)
-    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).to(torch.float64)
-    average = ends - (counts.to(torch.float64) - 1.0) / 2.0  # 1-based average rank of each run of ties
-    ranks = torch.empty_like(x)
-    ranks[order] = average[inverse]
-    return (float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
 def _asked(params: CleaningConfig) -> str:
@@ -294,10 +273,6 @@ def _plots(
     plots.image_grid(out / "most_harmful.png", images, captions, title="most harmful training samples")
     files["most_harmful_images"] = "most_harmful.png"
     return files
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
 
 
 def _print(report: dict[str, Any], name: str, metric: str) -> None:
