@@ -332,3 +332,93 @@ def test_checkpoints_written_before_fit_do_not_break_the_fit_or_its_scores(probl
     alone, tuned = fit(False), fit(True)
     assert tuned.scores.metadata["steps_seen"] == alone.scores.metadata["steps_seen"] == 16
     torch.testing.assert_close(tuned.scores.values, alone.scores.values, rtol=0, atol=1e-12)
+
+
+class _RestartsItsFixedBatches(Classifier):
+    """configure_optimizers reads trainer.estimated_stepping_batches (a per-step schedule): Lightning
+    then does not restore the FixedBatches position on a mid-epoch resume, and the epoch restarts."""
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (total + 1)), "interval": "step"}}
+
+
+def _fit_restarting(problem, tmp_path, ckpt_path=None, checkpoint=None, **options):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    callback = DiffIn(target="val", target_loader=problem.val, **options)
+    extra = [checkpoint] if checkpoint is not None else []
+    quiet_trainer(callbacks=[callback, *extra], max_epochs=2, enable_checkpointing=bool(extra)).fit(
+        _RestartsItsFixedBatches(hidden=(8,)).double(), train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path
+    )
+    return callback
+
+
+def test_a_mid_epoch_resume_whose_loader_restarts_its_epoch_is_refused_though_the_loader_has_state(problem, tmp_path):
+    """The loader has state_dict/load_state_dict but Lightning does not restore it here: the first
+    resumed batch repeats a batch the epoch already trained on, and the resume is refused (it was
+    scored silently, 0.3 of the largest score off)."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=11)
+    _fit_restarting(problem, tmp_path, checkpoint=checkpoint)
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]  # step 11: 3 batches into the second epoch
+    with pytest.raises(RuntimeError, match=r"resumed in the middle of an epoch, and its first batch holds samples that this epoch already trained on"):
+        _fit_restarting(problem, tmp_path, ckpt_path=first)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"options": {"second_moment": "frozen"}}, r"options second_moment: 'linearized' then, 'frozen' now"),
+        ({"target": "other"}, r"target data: '.*' then, '.*' now"),
+        ({"precision": "32-true"}, r"precision: '64-true' then, '32-true' now"),
+        ({"frozen": "net.0.bias"}, r"parameter 'net.0.bias' trained then, not now"),
+        ({"momentum": 0.9}, r"optimizer state: \[\] then, \['momentum_buffer'\] now"),
+    ],
+    ids=["second_moment", "target", "precision", "frozen", "momentum"],
+)
+def test_a_resume_with_another_setup_is_refused_before_its_first_step(problem, tmp_path, change, expected):
+    """Online sums and recorded steps belong to the checkpoint's setup: another target (the online
+    scores mixed two targets, 0.7 off either run), DiffIn options, precision, trained parameters or
+    optimizer state are refused at the first resumed batch, naming what differs (they were mixed
+    silently, or failed after the rest of training in the end-of-fit sweep)."""
+    other = digits_problem(n=64, batch_size=32, epochs=1, val_size=60, seed=1) if "target" in change else None
+
+    def fit(ckpt_path=None, checkpoint=None, changed=False):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        options = {"second_moment": "frozen"} if changed and "options" in change else {}
+        target = other.val if changed and other is not None else problem.val
+        callback = DiffIn(target="val", mode="online", window=4, score_every=2, target_loader=target, **options)
+        momentum = change.get("momentum", 0.0) if changed else 0.0
+        model = Classifier(hidden=(8,), lr=0.1, optimizer_options={"momentum": momentum} if momentum else {}).double()
+        if changed and "frozen" in change:
+            model.get_parameter(change["frozen"]).requires_grad_(False)
+        precision = change.get("precision", "64-true") if changed else "64-true"
+        extra = [checkpoint] if checkpoint is not None else []
+        trainer = quiet_trainer(callbacks=[callback, *extra], max_epochs=2, enable_checkpointing=bool(extra), precision=precision)
+        trainer.fit(model, train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path)
+
+    fit(checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=8))
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]  # an epoch boundary
+    fit(ckpt_path=first)  # the same setup resumes
+    with pytest.raises(ValueError, match=r"resumes from a checkpoint of a run set up differently \(.*" + expected):
+        fit(ckpt_path=first, changed=True)
+
+
+def test_a_failed_fit_leaves_no_earlier_scores_on_the_module(problem):
+    class FailsAtStep3(Classifier):
+        fail = False
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if self.fail and batch_idx == 3:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    model = FailsAtStep3(hidden=(8,)).double()
+    callback = DiffIn(target="val", target_loader=problem.val)
+    quiet_trainer(callbacks=[callback]).fit(model, train_dataloaders=FixedBatches(problem.train.batches))
+    assert model.influence is not None
+    model.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        quiet_trainer(callbacks=[callback]).fit(model, train_dataloaders=FixedBatches(problem.train.batches))
+    assert callback.scores is None and model.influence is None

@@ -8,7 +8,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,8 +43,9 @@ from lightning_influence.callbacks.target_data import (
     check_target_arguments,
     check_target_data,
 )
-from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch
+from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
 from lightning_influence.distributed import Collective
+from lightning_influence.estimators.base import batch_fingerprint
 from lightning_influence.estimators.diffin_sweep import DiffInSweep, PerSampleDerivatives, step_losses_and_gradient
 from lightning_influence.kernels import (
     FUNCTIONAL_CALL_ADVICE,
@@ -97,6 +98,9 @@ CHECKPOINT_EVERY = 8
 """Default spacing of stored parameters, in steps (online: at most this; rebuilt in between from kept gradients)."""
 VERIFIED_STEPS = 3
 """The first steps of every fit are re-run through the step model and compared with the real update."""
+
+
+_FINGERPRINT_MODULUS = 2**61 - 1  # a prime: the target data's fingerprint is a polynomial hash modulo it
 
 
 class DiffIn(Callback):
@@ -351,6 +355,7 @@ class DiffIn(Callback):
         self._accumulator: ScoreAccumulator | None = None
         self._trajectory: Trajectory | None = None
         self._sweep: DiffInSweep | None = None
+        self._target: TargetGradient | None = None
         self._space: ParameterSpace | None = None
         self._context_space: ParameterSpace | None = None
         self._model: StepModel | None = None
@@ -380,6 +385,14 @@ class DiffIn(Callback):
         self._finished = False
         self._resume_check_pending = False
         self._store_resumed_step = False
+        self._signature: dict[str, Any] = {}  # the fit's setup, compared on resume (_setup_signature)
+        self._target_print: str | None = None  # the target data's fingerprint (_target_signature), once a fit
+        self._restored_signature: dict[str, Any] | None = None
+        self._epoch_start_step = 0  # the index (steps_seen) of the current epoch's first step
+        self._restored_epoch_start: int | None = None
+        self._restored_steps_ids: list[tuple[int, list[Tensor]]] = []  # (step, ids per micro-batch) restored on resume
+        self._resumed_epoch_batches: list[Tensor] = []  # ids of the resumed epoch's batches before the checkpoint
+        self._resume_once = False  # whether the resumed epoch's sampler yields each sample once
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
         self._epoch_repeats = EpochRepeats("DiffIn")  # ids that come back within an epoch (ids that are not dataset positions)
         # The hyperparameters are read again where optimizer.step starts its update (after every
@@ -535,6 +548,7 @@ class DiffIn(Callback):
         loss_fn = per_sample_loss_function(pl_module)
         self._loss_fn = loss_fn
         self._target = self._make_target(trainer, pl_module)
+        self._signature, self._target_print = self._setup_signature(trainer, attributed, context), None
         # The gradient recorded in training is the forward difference's base when it equals the one the
         # sweep would compute: same network (no dropout/batch norm) and full precision (no autocast).
         if not self._restored:
@@ -583,6 +597,7 @@ class DiffIn(Callback):
         if self._restored:  # resuming: carry on with the restored scores and recorded steps
             self._loss_checked, self._verified_steps = self._restored_loss_checked, self._restored_verified
             restored_records, self._restored_records = self._take_rank_part(self._restored_records), []
+            self._restored_steps_ids = [(int(r["step"]), list(r["ids"])) for r in restored_records]
             self._resume_check_pending = True  # checked at the first batch, once Lightning has restored its loops
         self._restored, self._finished = False, False
         if self.mode == "online" and self.target == "train" and self.target_samples is None:
@@ -747,6 +762,8 @@ class DiffIn(Callback):
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_repeats.start(trainer, pl_module.device)
+        if not self._resume_check_pending:  # a resumed epoch keeps the step it started at (restored)
+            self._epoch_start_step = self.steps_seen
         if not self._data_checks_pending:
             # Lightning reloads the training loader here (reload_dataloaders_every_n_epochs): ids are checked against
             # the current dataset's length (a step held for its host values keeps the length it trained with).
@@ -784,6 +801,8 @@ class DiffIn(Callback):
                 f"Trainer(accumulate_grad_batches=k) for accumulation ({SUPPORTED})"
             )
         ids = torch.as_tensor(pl_module.sample_ids(batch))
+        if self._resumed_epoch_batches:
+            self._check_restarted_epoch(ids)
         if ids.numel() == 0:
             raise ValueError(
                 f"training batch {batch_idx} has no samples (sample_ids(batch) returned no ids): DiffIn attributes each "
@@ -1279,6 +1298,12 @@ class DiffIn(Callback):
                 "ModelCheckpoint writes only at the end of fit, after the sweep. Or resume without the DiffIn callback; "
                 "the finished scores stay readable from that checkpoint's state"
             )
+        self._check_same_setup()
+        epoch_start, self._restored_epoch_start = self._restored_epoch_start, None
+        self._epoch_start_step = int(epoch_start) if epoch_start is not None else self.steps_seen - done_in_epoch // max(int(trainer.accumulate_grad_batches), 1)
+        steps_ids, self._restored_steps_ids = self._restored_steps_ids, []
+        self._resumed_epoch_batches = [ids for step, batches in steps_ids if step >= self._epoch_start_step for ids in batches] if done_in_epoch else []
+        self._resume_once = draws_each_sample_once(trainer) is not None
         if self.mode == "online":
             assert self._trajectory is not None
             start = time.perf_counter()
@@ -1298,6 +1323,103 @@ class DiffIn(Callback):
                 f"cannot restore its position ({', '.join(plain)}): it restarts the epoch and would feed samples that "
                 "DiffIn already scored a second time. Resume from a checkpoint taken at an epoch boundary, or use a "
                 "resumable loader (with state_dict/load_state_dict, e.g. torchdata's StatefulDataLoader)"
+            )
+
+    def _setup_signature(self, trainer: L.Trainer, attributed: Sequence[tuple[str, Tensor]], context: Sequence[tuple[str, Tensor]]) -> dict[str, Any]:
+        """What the recorded steps and the score sums depend on besides the state key's options, as
+        primitives: the precision, the trained parameters (names, shapes, dtypes), the optimizer's
+        class and the state its update carries, and the options that shape the scores. Compared
+        when a fit resumes (:meth:`_check_same_setup`)."""
+        assert self._model is not None
+        return {
+            "precision": str(trainer.precision),
+            "parameters": [[name, list(p.shape), str(p.dtype).removeprefix("torch.")] for name, p in attributed],
+            "context parameters": [[name, list(p.shape), str(p.dtype).removeprefix("torch.")] for name, p in context],
+            "optimizer": type(self._model.optimizer).__name__,
+            "optimizer state": list(self._model.state_names),
+            "parameter groups": [len(g["params"]) for g in self._model.optimizer.param_groups],
+            "gradient clipping": [trainer.gradient_clip_val, str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm))],
+            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
+            "options": {
+                "target": self.target,
+                "target_loader": "given" if self.target_loader is not None else "trainer's",
+                "second_moment": self.second_moment,
+                "finite_difference": self.finite_difference,
+                "fd_rel_step": self.fd_rel_step,
+                "hessian_every": self.hessian_every,
+                "per_sample": self.per_sample,
+                "params": list(self.params) if self.params is not None else None,
+                "coupled": self.coupled,
+            },
+        }
+
+    def _target_signature(self) -> dict[str, Any]:
+        """An exact fingerprint of the target's data (every tensor of every target batch, in order),
+        read once per fit: a resumed online run must score against the target the checkpointed
+        run scored against. Not for the training-loss target, whose data the training run checks."""
+        if self.target == "train" or self._target is None or self._collective.distributed:
+            return {}  # (each rank reads its own shard of the target under DDP: not compared there)
+        if self._target_print is None:
+            digest, count = 0, 0
+            for batch in self._target.batches():
+                for leaf in batch_fingerprint(batch, torch.zeros(0, dtype=torch.long)):
+                    digest = (digest * 1_000_003 + leaf.whole) % _FINGERPRINT_MODULUS
+                    count += 1
+            self._target_print = f"{count} tensors, fingerprint {digest:016x}"
+        return {"target data": self._target_print}
+
+    def _check_same_setup(self) -> None:
+        """A resumed fit must train and score as the checkpointed one did: the recorded steps (their
+        batches, gradients and optimizer state) and the score sums belong to that setup. Refuses,
+        naming what differs, before any step of the resumed fit."""
+        saved, self._restored_signature = self._restored_signature, None
+        if not saved:  # a checkpoint from before the signature was saved, or from before any fit
+            return
+        now = {**self._signature, **(self._target_signature() if "target data" in saved else {})}
+        changed = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+        if not changed:
+            return
+        lines = []
+        for key in changed:
+            before, after = saved.get(key), now.get(key)
+            if key.endswith("parameters") and isinstance(before, list) and isinstance(after, list):
+                then, current = {p[0]: p[1:] for p in before}, {p[0]: p[1:] for p in after}
+                lines += [f"{key[:-1]} {n!r} trained then, not now" for n in then if n not in current]
+                lines += [f"{key[:-1]} {n!r} trained now, not then" for n in current if n not in then]
+                lines += [f"{key[:-1]} {n!r}: shape and dtype {then[n]} then, {current[n]} now" for n in then if n in current and then[n] != current[n]]
+            elif isinstance(before, Mapping) and isinstance(after, Mapping):
+                lines += [f"{key} {k}: {before.get(k)!r} then, {after.get(k)!r} now" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+            else:
+                lines.append(f"{key}: {before!r} then, {after!r} now")
+        raise ValueError(
+            "DiffIn: this fit resumes from a checkpoint of a run set up differently (" + "; ".join(lines) + "). The "
+            "recorded steps and the score sums in the checkpoint belong to that run (its precision, trained "
+            "parameters, optimizer and DiffIn options), so the resumed fit would mix two setups in one set of scores. "
+            "Resume with the setup the checkpoint was written with (Lightning restores the optimizer's hyperparameters "
+            "from it in any case), or start a new fit"
+        )
+
+    def _check_restarted_epoch(self, ids: Tensor) -> None:
+        """The first batch after a resume in the middle of an epoch: its samples must not be ones the
+        epoch already trained on before the checkpoint, which a loader that restarts its epoch
+        serves again (its state not restored: e.g. a stateful loader whose ``load_state_dict``
+        Lightning does not call). Refused when the batch repeats one of those batches, or, with a
+        sampler that yields each sample once an epoch, any of their samples."""
+        before, self._resumed_epoch_batches = self._resumed_epoch_batches, []
+        if not before:
+            return
+        ids = ids.detach().to("cpu", torch.long).reshape(-1)
+        once = self._resume_once
+        seen = torch.cat([b.reshape(-1) for b in before])
+        repeated = bool(torch.isin(ids, seen).any()) if once else any(b.numel() == ids.numel() and bool((b.reshape(-1) == ids).all()) for b in before)
+        if repeated:
+            raise RuntimeError(
+                f"resumed in the middle of an epoch, and its first batch holds samples that this epoch already trained on "
+                f"before the checkpoint ({len(before)} batches of it recorded): the training loader restarted its epoch "
+                "instead of continuing where the checkpoint left it, and would feed samples that DiffIn already scored a "
+                "second time. Lightning restores a loader's position only when it can (a loader with state_dict/"
+                "load_state_dict that Lightning restores, e.g. torchdata's StatefulDataLoader); resume from a checkpoint "
+                "taken at an epoch boundary, or train from the start"
             )
 
     def _verify_update(self, record: StepRecord, pl_module: L.LightningModule) -> None:
@@ -1372,6 +1494,8 @@ class DiffIn(Callback):
             # No scores for a failed fit. Under ddp_spawn/ddp_fork this also runs in the launching process, whose
             # callback holds the scores an earlier fit handed over (the workers' on_fit_start cannot reset them).
             self._scores = None
+            if isinstance(pl_module, InfluenceMixin) and pl_module.influence is not None:
+                pl_module.influence = None  # an earlier fit's scores describe parameters this fit has changed
         self._backward.close()
         self._step_watch.close()
         if isinstance(pl_module, InfluenceMixin):
@@ -1642,6 +1766,8 @@ class DiffIn(Callback):
             "accumulator": accumulator.state_dict() if accumulator is not None else None,
             "records": records,
             "finished": self._finished,
+            "signature": {**self._signature, **self._target_signature()},
+            "epoch_start_step": self._epoch_start_step,
         }
         if collective.distributed:
             # Lightning saves rank zero's callback state only: it carries every rank's shards of the recorded
@@ -1684,6 +1810,9 @@ class DiffIn(Callback):
             self._accumulator.load_state_dict(state_dict["accumulator"])
         self._restored_records = list(state_dict["records"])
         self._restored_finished = bool(state_dict.get("finished", False))
+        signature = state_dict.get("signature")
+        self._restored_signature = dict(signature) if isinstance(signature, Mapping) else None
+        self._restored_epoch_start = state_dict.get("epoch_start_step")
         self._restored_world = int(state_dict.get("world_size", 1))
         self._restored_rank_records = state_dict.get("rank_records")
         self._restored = True

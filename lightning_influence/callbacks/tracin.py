@@ -354,6 +354,8 @@ class TracIn(Callback):
         self._backward.close()  # no hooks left on the parameters or the optimizer of a fit that failed
         self._step_watch.close()
         self._stepping = None
+        if self.scores is None and isinstance(pl_module, InfluenceMixin) and pl_module.influence is not None:
+            pl_module.influence = None  # an earlier fit's scores describe parameters this fit has changed
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish(trainer, pl_module)
