@@ -91,6 +91,7 @@ __all__ = [
     "CurvatureOperator",
     "KroneckerFactors",
     "kronecker_layers",
+    "check_embeddings",
     "SolveResult",
     "IndefiniteCurvatureWarning",
     "NonFiniteCurvatureError",
@@ -646,6 +647,53 @@ def resolve_damping(damping: float, damping_scale: str, mean_eigenvalue: Callabl
     return float(damping) * mean
 
 
+# ------------------------------------------------------------------------ layers a gradient cannot go through
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def check_embeddings(module: nn.Module, names: Sequence[str], owner: str, max_norm: bool = False) -> None:
+    """Refuse, before any work, an embedding whose attributed weight (one of ``names``, the
+    attributed parameters' first names) the estimator ``owner`` cannot differentiate:
+
+    - ``sparse=True``: its weight gradient is a sparse tensor, which the flat attributed parameter
+      space (per-sample gradients, target gradients, curvature products) cannot hold;
+    - with ``max_norm=True`` (the influence-function solvers), a ``max_norm``: every forward pass
+      renormalises the looked-up rows of the weight in place (``torch.embedding_renorm_``), which
+      breaks the autograd graph of curvature products ("modified by an inplace operation") and
+      would rewrite the parameters being scored.
+
+    The message names the layer and the fix (``sparse = False`` / ``max_norm = None`` on the layer
+    for scoring, or leave its weight out of ``params=``)."""
+    first_names = dict(module.named_parameters())
+    attributed = {id(first_names[n]) for n in names if n in first_names}
+    for mname, m in module.named_modules():
+        if not isinstance(m, _EMBEDDINGS) or id(m.weight) not in attributed:
+            continue
+        layer = f"{mname or '<root>'!r} ({type(m).__name__})"
+        if m.sparse:
+            raise ValueError(
+                f"{owner}: the embedding {layer} has sparse=True: its weight gradient is a sparse tensor, which the flat "
+                "attributed parameters' gradients cannot hold. For scoring, set `.sparse = False` on that layer (e.g. "
+                f"`model.{mname + '.' if mname else ''}sparse = False`; the forward pass and the trained weights are "
+                "unchanged, sparse gradients only matter to the optimizer), or leave its weight out of params="
+            )
+        if max_norm and m.max_norm is not None:
+            with torch.no_grad():
+                largest = float(m.weight.detach().norm(p=m.norm_type, dim=-1).max()) if m.weight.numel() else 0.0
+            within = (
+                "every row is within it, so the scores are the trained model's"
+                if largest <= m.max_norm * (1 + 1e-6)
+                else f"rows up to {largest:.4g} exceed it: the model would rescale them when it looks them up"
+            )
+            raise ValueError(
+                f"{owner}: the embedding {layer} has max_norm={m.max_norm}: its forward pass renormalises the looked-up "
+                "rows of the attributed weight in place, which breaks the curvature products' autograd graph and would "
+                "change the parameters being scored. For scoring, set `.max_norm = None` on that layer (e.g. "
+                f"`model.{mname + '.' if mname else ''}max_norm = None`; autograd never differentiates the "
+                f"renormalisation, and {within}), or leave its weight out of params="
+            )
+
+
 # ------------------------------------------------------------------------ K-FAC / EK-FAC
 _SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -665,19 +713,46 @@ class _Layer:
 
 def kronecker_layers(module: nn.Module, names: Sequence[str]) -> list[_Layer]:
     """The layers that K-FAC/EK-FAC factor for the attributed parameters ``names`` of ``module``.
-    Raises ``ValueError`` naming the attributed parameters outside supported layers (``nn.Linear``;
-    ``nn.Conv2d`` with ``groups=1`` and zero padding) or a bias attributed without its weight."""
-    attributed = set(names)
+
+    Layers are matched to the attributed parameters by identity (a parameter is attributed under
+    its first name, whichever module registers it first). Raises ``ValueError`` naming
+
+    - an attributed parameter registered by more than one module (a tied weight, ``c.weight =
+      b.weight``; a tied bias): the factors of one layer cannot hold the other use's share of the
+      gradient, so the scores would be silently wrong;
+    - the attributed parameters outside supported layers (``nn.Linear``; ``nn.Conv2d`` with
+      ``groups=1`` and zero padding), or a bias attributed without its weight.
+
+    Not seen here: a weight that the forward pass also uses outside its layer, e.g.
+    ``F.linear(x, self.b.weight)`` elsewhere; its factors then miss that use. Score such a model
+    with ``solver="exact"``, ``"cg"`` or ``"arnoldi"``."""
+    first_names = dict(module.named_parameters())
+    attributed = {id(first_names[n]): n for n in names if n in first_names}
+    owners: dict[int, list[str]] = {}
+    for mname, m in module.named_modules():  # each module object once, under its first name
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in attributed:
+                owners.setdefault(id(p), []).append(f"{mname or '<root>'!r} ({type(m).__name__}, as its {pname})")
+    shared = {attributed[i]: used for i, used in owners.items() if len(used) > 1}
+    if shared:
+        described = "; ".join(f"{name!r} belongs to the modules {' and '.join(used)}" for name, used in shared.items())
+        raise ValueError(
+            f"K-FAC/EK-FAC cannot factor a parameter shared by several modules (a tied weight or bias): {described}. "
+            "Each module's Kronecker factors would count only its own use of the parameter, not the other modules' share "
+            "of its gradient, so the scores would be wrong. Use solver='exact', 'cg' or 'arnoldi' (they differentiate "
+            "through every use), untie the parameter, or leave it out of params="
+        )
     layers, claimed = [], set()
     for mname, m in module.named_modules():
         if not isinstance(m, _SUPPORTED_LAYERS):
             continue
-        w, b = f"{mname}.weight" if mname else "weight", f"{mname}.bias" if mname else "bias"
         if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
             continue
-        if w in attributed:
-            layers.append(_Layer(mname, m, w, b if (m.bias is not None and b in attributed) else None))
-            claimed |= {w, b}
+        if id(m.weight) in attributed:
+            w = attributed[id(m.weight)]
+            b = attributed.get(id(m.bias)) if m.bias is not None else None
+            layers.append(_Layer(mname, m, w, b))
+            claimed |= {w} | ({b} if b is not None else set())
     rest = [n for n in names if n not in claimed]
     if rest:
         raise ValueError(

@@ -258,3 +258,39 @@ def test_outlier_gradient_uses_the_last_layer_by_default_and_refuses_bad_options
         OutlierGradient(method="isolation_forest", detector_options={"trees": 10})
     with pytest.raises(ValueError, match="chunk_size"):
         GraNd(chunk_size=0)
+
+
+class _SparseEmbedding(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x).mean(1)))
+
+
+@pytest.mark.parametrize("estimator", [GraNd(progress=False), OutlierGradient(params=["net.emb.*"], progress=False)], ids=["grand", "outlier_gradient"])
+def test_a_sparse_embedding_is_refused_before_any_gradient_naming_the_layer_and_the_fix(estimator):
+    """Before: 'reshape is not implemented for sparse tensors' from deep in the parameter space."""
+    from lightning_influence.mixin import InfluenceMixin
+
+    class Model(InfluenceMixin, torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _SparseEmbedding()
+
+        def per_sample_loss(self, batch):
+            return F.cross_entropy(self.net(batch[0]), batch[1], reduction="none")
+
+    torch.manual_seed(0)
+    model = Model().double().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 10, (40, 3), generator=g), torch.randint(0, 3, (40,), generator=g)
+    train = FixedBatches([(x[i : i + 16], y[i : i + 16], torch.arange(i, min(i + 16, 40))) for i in range(0, 40, 16)])
+    message = r"embedding 'net\.emb' \(Embedding\) has sparse=True.*`model\.net\.emb\.sparse = False`"
+    with pytest.raises(ValueError, match=message):
+        estimator.check_module(model)
+    with pytest.raises(ValueError, match=message):
+        estimator.scores(model, train)
+    model.net.emb.sparse = False  # the fix named in the message
+    assert torch.isfinite(estimator.scores(model, train).values).all()

@@ -164,3 +164,13 @@ def test_missing_target_loader_is_refused(problem):
     p, model, *_ = problem
     with pytest.raises(ValueError, match="loader"):
         ForwardInf(progress=False).scores(model, p.train, "val")
+
+
+def test_a_target_subset_is_recorded_in_the_metadata():
+    p = digits_problem(n=64, batch_size=32, epochs=1, val_size=100)
+    torch.manual_seed(0)
+    model = Classifier(64, 10, hidden=()).double()
+    whole = ForwardInf(lr=1e-3, progress=False).scores(model, p.train, Target("val", p.val))
+    subset = ForwardInf(lr=1e-3, progress=False).scores(model, p.train, Target("val", p.val, sample_count=3, seed=5))
+    assert (whole.metadata["target_samples"], whole.metadata["target_seed"]) == (None, None)
+    assert (subset.metadata["target_samples"], subset.metadata["target_seed"]) == (3, 5)

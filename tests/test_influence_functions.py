@@ -700,3 +700,127 @@ def test_params_that_are_not_name_patterns_are_refused_with_the_patterns_message
     """``params=5`` (not a string, not a list) failed with ``'int' object is not iterable``."""
     with pytest.raises(TypeError, match=rf"estimator '{name}': params must be parameter-name patterns \(strings\), got"):
         build(name, params=params)
+
+
+class _TiedLinear(InfluenceMixin, nn.Module):
+    """``out = b(x) + c(x)`` with ``c.weight`` tied to ``b.weight`` (``c.bias`` frozen): a linear
+    regression, whose GGN K-FAC would give exactly if it saw both uses of the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b, self.c = nn.Linear(5, 3), nn.Linear(5, 3)
+        self.c.weight = self.b.weight
+        self.c.bias.requires_grad_(False)
+
+    def forward(self, x):
+        return self.b(x) + self.c(x)
+
+    def per_sample_loss(self, batch):
+        return 0.5 * ((self(batch[0]) - batch[1]) ** 2).sum(1)
+
+
+def _regression_batches(n: int, seed: int, size: int = 16) -> FixedBatches:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return FixedBatches([(x[i : i + size], y[i : i + size], torch.arange(i, min(i + size, n))) for i in range(0, n, size)])
+
+
+@pytest.mark.parametrize("solver", ["kfac", "ekfac"])
+def test_kronecker_solvers_refuse_a_weight_tied_between_two_layers_naming_both_and_the_fix(solver):
+    """Before: K-FAC factored ``b`` only and scored 3.7x the exact influence, silently."""
+    torch.manual_seed(0)
+    model = _TiedLinear().double()
+    train, val = _regression_batches(48, 0), _regression_batches(20, 1)
+    loss = lambda out, batch: 0.5 * ((out - batch[1]) ** 2).sum(1)  # noqa: E731
+    estimator = InfluenceFunction(solver=solver, damping=0.05, damping_scale="absolute", output_loss=loss, progress=False)
+    message = r"'b\.weight' belongs to the modules 'b' \(Linear, as its weight\) and 'c' \(Linear, as its weight\).*solver='exact', 'cg' or 'arnoldi'.*untie"
+    with pytest.raises(ValueError, match=message):
+        estimator.check_module(model)
+    with pytest.raises(ValueError, match=message):
+        estimator.scores(model, train, Target("val", val))
+    exact = InfluenceFunction(solver="exact", damping=0.05, damping_scale="absolute", output_loss=loss, progress=False).scores(model, train, Target("val", val))
+    assert torch.isfinite(exact.values).all()  # the fix named in the message runs
+
+
+def test_kronecker_solvers_still_factor_untied_layers_and_refuse_a_tied_bias():
+    torch.manual_seed(0)
+    model = _TiedLinear().double()
+    model.c.weight = nn.Parameter(model.b.weight.detach().clone())  # untied: two layers, factored each
+    train, val = _regression_batches(48, 0), _regression_batches(20, 1)
+    loss = lambda out, batch: 0.5 * ((out - batch[1]) ** 2).sum(1)  # noqa: E731
+    options = dict(damping=0.05, damping_scale="absolute", output_loss=loss, progress=False)
+    exact = InfluenceFunction(solver="exact", **options).scores(model, train, Target("val", val))
+    kfac = InfluenceFunction(solver="kfac", **options).scores(model, train, Target("val", val))
+    assert pearson(kfac.values, exact.values) > 0.9
+    model.c.bias = model.b.bias  # a tied bias (attributed) is refused the same way
+    with pytest.raises(ValueError, match=r"'b\.bias' belongs to the modules 'b' .* and 'c'"):
+        InfluenceFunction(solver="kfac", **options).check_module(model)
+
+
+class _Embedding(InfluenceMixin, nn.Module):
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(10, 4, **options), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x).mean(1)))
+
+    def per_sample_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1], reduction="none")
+
+
+def _token_batches(n: int, seed: int, size: int = 16) -> FixedBatches:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randint(0, 10, (n, 3), generator=g), torch.randint(0, 3, (n,), generator=g)
+    return FixedBatches([(x[i : i + size], y[i : i + size], torch.arange(i, min(i + size, n))) for i in range(0, n, size)])
+
+
+@pytest.mark.parametrize("name", ["influence_function", "datainf"])
+def test_a_sparse_embedding_is_refused_before_any_gradient_naming_the_layer_and_the_fix(name):
+    """Before: 'reshape is not implemented for sparse tensors' from deep in the parameter space."""
+    torch.manual_seed(0)
+    model = _Embedding(sparse=True).double().eval()
+    train, val = _token_batches(40, 0), _token_batches(12, 1, 12)
+    estimator = build(name, progress=False)
+    message = r"embedding 'emb' \(Embedding\) has sparse=True.*`model\.emb\.sparse = False`"
+    with pytest.raises(ValueError, match=message):
+        estimator.check_module(model)
+    with pytest.raises(ValueError, match=message):
+        estimator.scores(model, train, Target("val", val))
+    assert torch.isfinite(build(name, progress=False, params=["head.*"]).scores(model, train, Target("val", val)).values).all()
+    model.emb.sparse = False  # the fix named: same forward pass, dense gradients
+    assert torch.isfinite(estimator.scores(model, train, Target("val", val)).values).all()
+
+
+def test_an_embedding_with_max_norm_is_refused_by_every_influence_solver_naming_the_fix():
+    """Before: cg/lissa/arnoldi (and exact with Gauss-Newton) failed with autograd's 'modified by an
+    inplace operation', and the forward pass rescaled the parameters being scored."""
+    torch.manual_seed(0)
+    model = _Embedding(max_norm=0.5).double().eval()
+    with torch.no_grad():
+        model.emb.weight.mul_(0.1)  # every row within max_norm (as training would leave the rows it used)
+    train, val = _token_batches(40, 0), _token_batches(12, 1, 12)
+    for solver in ("cg", "exact"):
+        estimator = InfluenceFunction(solver=solver, progress=False)
+        with pytest.raises(ValueError, match=r"'emb' \(Embedding\) has max_norm=0\.5.*`model\.emb\.max_norm = None`.*every row is within it"):
+            estimator.scores(model, train, Target("val", val))
+        with pytest.raises(ValueError, match="max_norm"):
+            estimator.check_module(model)
+    model.emb.max_norm = None  # the fix named in the message
+    exact = InfluenceFunction(solver="exact", damping=0.1, damping_scale="absolute", progress=False).scores(model, train, Target("val", val))
+    cg = InfluenceFunction(solver="cg", damping=0.1, damping_scale="absolute", progress=False).scores(model, train, Target("val", val))
+    assert _rel(cg.values, exact.values) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["influence_function", "datainf"])
+def test_a_target_subset_is_recorded_in_the_metadata(name):
+    torch.manual_seed(0)
+    model = _Linear(5, 3).double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    train = FixedBatches([(x[i : i + 16], y[i : i + 16], torch.arange(i, min(i + 16, 40))) for i in range(0, 40, 16)])
+    val = FixedBatches([(x[:12] + 0.1, y[:12], torch.arange(12))])
+    whole = build(name, progress=False).scores(model, train, Target("val", val))
+    subset = build(name, progress=False).scores(model, train, Target("val", val, sample_count=3, seed=5))
+    assert (whole.metadata["target_samples"], whole.metadata["target_seed"]) == (None, None)
+    assert (subset.metadata["target_samples"], subset.metadata["target_seed"]) == (3, 5)

@@ -51,6 +51,7 @@ from lightning_influence.estimators.base import (
 )
 from lightning_influence.kernels import evaluation_mode, per_sample_gradients
 from lightning_influence.scores import InfluenceScores
+from lightning_influence.solvers import check_embeddings
 from lightning_influence.validation import check_count, check_seed
 
 __all__ = ["EL2N", "FinalLoss", "Forgetting", "GraNd", "RandomScores", "per_sample_values"]
@@ -196,9 +197,15 @@ class GraNd(Estimator):
         self.chunk_size = chunk_size
         self.progress = progress
 
+    def check_module(self, module: torch.nn.Module, batch: Any = None) -> None:
+        """Also refuse an attributed embedding with ``sparse=True`` (its gradient is a sparse tensor)."""
+        super().check_module(module)
+        check_embeddings(module, attributed_space(module, self.params)[0].names, f"estimator {self.name!r}")
+
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}", alone=True)  # differentiable losses, before any work
         space, theta, loss_fn = attributed_space(module, self.params)
+        check_embeddings(module, space.names, f"estimator {self.name!r}")  # before any gradient
 
         def norms(batch: Any) -> Tensor:
             return per_sample_gradients(loss_fn, space, theta, batch, chunk_size=self.chunk_size).double().norm(dim=1)

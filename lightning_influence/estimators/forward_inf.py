@@ -70,6 +70,7 @@ from torch import Tensor
 
 from lightning_influence.estimators.base import Estimator, Target, as_target, attributed_space, posthoc_training, progress
 from lightning_influence.estimators.coreset import per_sample_values
+from lightning_influence.estimators.influence_functions import target_subset
 from lightning_influence.batches import batch_size, select_samples
 from lightning_influence.kernels import PerSampleLossFn, module_mode
 from lightning_influence.scores import InfluenceScores
@@ -236,6 +237,7 @@ class ForwardInf(Estimator):
         metadata = {
             "estimator": self.name,
             "target": target.kind,
+            **target_subset(target),
             "columns": columns,
             "column_positions": selector.sample_positions() if columns == "each" else None,
             "direction": self.direction,

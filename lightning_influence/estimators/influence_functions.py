@@ -70,6 +70,7 @@ from lightning_influence.solvers import (
     KroneckerFactors,
     NonFiniteCurvatureError,
     OutputModel,
+    check_embeddings,
     kronecker_layers,
     solve,
 )
@@ -168,10 +169,17 @@ def _non_finite_target_rows(target: Target, module: L.LightningModule, train_loa
 
 
 def _metadata(target: Target, module: L.LightningModule, train_loader: Iterable[Any], **facts: Any) -> dict[str, Any]:
-    """The scores' metadata: the target, the units (``facts`` may override them) and, for a query
-    target, the query loader position of each score column's sample."""
+    """The scores' metadata: the target (and its subset, :func:`target_subset`), the units
+    (``facts`` may override them) and, for a query target, the query loader position of each score
+    column's sample."""
     positions = target.gradient(module, train_loader).sample_positions() if target.kind == "query" else None
-    return {"target": target.kind, "column_positions": positions, "units": UNITS, **facts}
+    return {"target": target.kind, **target_subset(target), "column_positions": positions, "units": UNITS, **facts}
+
+
+def target_subset(target: Target) -> dict[str, Any]:
+    """The target subset in the scores' metadata: ``target_samples`` (its ``sample_count``, ``None``
+    for the whole target) and ``target_seed`` (the seed of its draw; ``None`` for the whole target)."""
+    return {"target_samples": target.sample_count, "target_seed": target.seed if target.sample_count is not None else None}
 
 
 class InfluenceFunction(Estimator):
@@ -277,6 +285,7 @@ class InfluenceFunction(Estimator):
         ``(solution, lambda, info)``. The module must be in evaluation mode."""
         passes = posthoc_training(module, train_loader, f"estimator {self.name!r}")
         space, theta, loss_fn = attributed_space(module, self.params)
+        check_embeddings(module, space.names, f"estimator {self.name!r}", max_norm=True)
         solver = self.resolved_solver(space.size)
         training = _Training(passes, self.hessian_batches)
         outputs = None
@@ -310,10 +319,12 @@ class InfluenceFunction(Estimator):
 
     def check_module(self, module: torch.nn.Module, batch: Any = None) -> None:
         """Also refuse an explicit ``solver='exact'`` above ``max_exact_parameters``, K-FAC/EK-FAC
-        on attributed parameters outside the layers they factor, and (given a ``batch``) an
+        on attributed parameters outside the layers they factor or shared by several modules, an
+        attributed embedding with ``sparse=True`` or ``max_norm`` (:func:`check_embeddings`), and (given a ``batch``) an
         output split that does not reproduce ``per_sample_loss`` where the curvature needs one."""
         super().check_module(module)
         space = attributed_space(module, self.params)[0]
+        check_embeddings(module, space.names, f"estimator {self.name!r}", max_norm=True)
         self._check_exact_size(space.size)
         solver = self.resolved_solver(space.size)
         if solver in ("ekfac", "kfac"):
@@ -340,6 +351,7 @@ class InfluenceFunction(Estimator):
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         """Score every training sample (``[N]``; ``[N, Q]`` for a query target)."""
         target = as_target(target)
+        check_embeddings(module, attributed_space(module, self.params)[0].names, f"estimator {self.name!r}", max_norm=True)
         train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}")  # read several times: checked every pass
         with evaluation_mode(module):
             space, theta, loss_fn = attributed_space(module, self.params)
@@ -428,6 +440,11 @@ class DataInf(Estimator):
         self.params = list(params) if params else None
         self.chunk_size, self.centered, self.progress = chunk_size, centered, progress
 
+    def check_module(self, module: torch.nn.Module, batch: Any = None) -> None:
+        """Also refuse an attributed embedding with ``sparse=True`` (:func:`check_embeddings`)."""
+        super().check_module(module)
+        check_embeddings(module, attributed_space(module, self.params)[0].names, f"estimator {self.name!r}")
+
     def _block_index(self, space: ParameterSpace) -> tuple[list[str], Tensor]:
         """Block names and the block of every flat coordinate."""
         keys = [n.rsplit(".", 1)[0] if self.blocks == "module" and "." in n else n for n in space.names]
@@ -437,6 +454,7 @@ class DataInf(Estimator):
 
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         target = as_target(target)
+        check_embeddings(module, attributed_space(module, self.params)[0].names, f"estimator {self.name!r}")  # before any gradient
         train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}", alone=True)  # three passes, and the target's: checked
         with evaluation_mode(module):
             space, theta, loss_fn = attributed_space(module, self.params)

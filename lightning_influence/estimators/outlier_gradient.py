@@ -30,6 +30,7 @@ from lightning_influence.estimators.base import Estimator, Target, attributed_sp
 from lightning_influence.estimators.coreset import per_sample_values, ranking_convention
 from lightning_influence.kernels import per_sample_gradients
 from lightning_influence.scores import InfluenceScores
+from lightning_influence.solvers import check_embeddings
 from lightning_influence.validation import check_count, check_seed
 
 __all__ = ["OutlierGradient", "last_module_parameters"]
@@ -100,10 +101,16 @@ class OutlierGradient(Estimator):
         self.seed = seed
         self.progress = progress
 
+    def check_module(self, module: torch.nn.Module, batch: Any = None) -> None:
+        """Also refuse an attributed embedding with ``sparse=True`` (its gradient is a sparse tensor)."""
+        super().check_module(module)
+        check_embeddings(module, attributed_space(module, self.params or last_module_parameters(module))[0].names, f"estimator {self.name!r}")
+
     def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
         train_loader = posthoc_training(module, train_loader, f"estimator {self.name!r}", alone=True)  # differentiable losses, before any work
         patterns = self.params or last_module_parameters(module)
         space, theta, loss_fn = attributed_space(module, patterns)
+        check_embeddings(module, space.names, f"estimator {self.name!r}")  # before any gradient
 
         def features(batch: Any) -> Tensor:
             grads = per_sample_gradients(loss_fn, space, theta, batch, chunk_size=self.chunk_size).double()
