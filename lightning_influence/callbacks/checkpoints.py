@@ -56,9 +56,10 @@ class CheckpointFileError(ValueError):
 
 
 def first_order_calibration(trainer: L.Trainer, optimizer: Any) -> tuple[bool, str]:
-    """Is a first-order, plain-SGD view of the run (TracIn: ``eta_t <grad F, grad l_z> / b`` per step)
-    in target-loss units? Only when the update is the learning rate times the gradient: plain
-    ``torch.optim.SGD`` without momentum and without gradient clipping. Returns ``(True, "plain SGD")``
+    """Is the run's update the one a first-order, plain-SGD view (TracIn: ``eta_t <grad F, grad l_z> / b``
+    per step) takes, the learning rate times the gradient: plain ``torch.optim.SGD`` without momentum
+    and without gradient clipping? (Even then TracIn's magnitudes are not calibrated: see
+    :func:`first_order_units`.) Returns ``(True, "plain SGD")``
     or ``(False, why)``: with Adam the step is preconditioned (measured ~15x off on a small MLP),
     with momentum a gradient is applied again in later steps (up to ``1 / (1 - momentum)`` in all),
     and clipping scales the step down (measured ~10x)."""
@@ -89,13 +90,19 @@ def _refuse_maximize(optimizer: torch.optim.Optimizer, step: int) -> None:
         )
 
 
-def first_order_units(calibrated: bool, update: str) -> str:
-    """The ``units`` metadata of first-order (TracIn) scores, from :func:`first_order_calibration`."""
-    if calibrated:
-        return "first-order target-loss change when the sample is removed (units of the target loss; plain SGD)"
+def first_order_units(plain_sgd: bool, update: str) -> str:
+    """The ``units`` metadata of first-order (TracIn) scores. Their magnitudes are never those of the
+    retraining change the library's scores predict: TracIn's step term drops the sample's loss but
+    keeps the batch's ``1 / b``, where the removal re-averages the other ``b - 1`` samples, so each
+    step's terms miss ``-eta / (b - 1) <grad F, batch-mean gradient>`` (a per-step offset that sums
+    over sets; measured 10x too large on a deletion set), and outside plain unclipped SGD
+    (``plain_sgd`` False, from :func:`first_order_calibration`) the step itself is another."""
+    also = "" if plain_sgd else f"; and the run used {update}, whose update TracIn does not model"
     return (
-        f"target-loss units and sign of the plain-SGD first-order view, magnitude NOT calibrated: the run used {update}, "
-        "whose update TracIn does not model; rank by these scores (DiffIn models the optimizer and clipping)"
+        "target-loss units and sign of TracIn's first-order view, magnitude NOT calibrated: each step's term drops "
+        "the sample's loss but keeps the batch's 1/b, where the removal the scores stand for re-averages the other "
+        f"b-1 samples (a per-step offset, -eta/(b-1) <grad F, batch-mean gradient>, that sums over sets){also}; rank "
+        "by these scores (DiffIn models the batch, the optimizer and clipping)"
     )
 
 

@@ -379,7 +379,7 @@ class TracIn(Callback):
                 "training loader or every batch skipped). The scores are empty"
             )
         ids, values = self._accumulator.result()
-        calibrated, update = first_order_calibration(trainer, trainer.optimizers[0])
+        plain_sgd, update = first_order_calibration(trainer, trainer.optimizers[0])
         self.scores = InfluenceScores(
             ids,
             values,
@@ -397,9 +397,9 @@ class TracIn(Callback):
                 "forward_mode_passes": self.forward_mode_passes,
                 "optimizer": type(torch_optimizer(trainer.optimizers[0], "TracIn")).__name__,
                 "update_model": "plain SGD, first order (learning rate read from the optimizer as each step starts)",
-                # target-loss units only when the update is plain unclipped SGD (the deletion recipe reads this)
-                "calibrated": calibrated,
-                "units": first_order_units(calibrated, update),
+                # never in the units of the retraining change (first_order_units; the deletion recipe reads this)
+                "calibrated": False,
+                "units": first_order_units(plain_sgd, update),
                 "callback_seconds": round(self.seconds, 6),
             },
         )

@@ -217,11 +217,12 @@ class CheckpointEstimator(Estimator):
 
 
 def _calibration(record: RecordedCheckpoints) -> dict[str, Any]:
-    """``calibrated`` and ``units`` of first-order scores over ``record``: target-loss units only for a
-    run with plain unclipped SGD (nothing is claimed for checkpoints recorded without that fact)."""
-    if record.calibrated is None:
-        return {}
-    return {"calibrated": bool(record.calibrated), "units": first_order_units(bool(record.calibrated), record.update or "an unrecorded update")}
+    """``calibrated`` (never: :func:`~lightning_influence.callbacks.checkpoints.first_order_units`) and
+    ``units`` of first-order scores over ``record`` (``record.calibrated``: whether the run's update was
+    plain unclipped SGD; ``None`` for checkpoints recorded without that fact)."""
+    plain_sgd = bool(record.calibrated) if record.calibrated is not None else False
+    update = record.update or "an unrecorded update"
+    return {"calibrated": False, "units": first_order_units(plain_sgd, update)}
 
 
 class TracInCheckpoints(CheckpointEstimator):
