@@ -21,7 +21,7 @@ from lightning_influence.data import DIGITS_CONFUSABLE, DigitsDataModule, Synthe
 from lightning_influence.estimators.base import build
 from lightning_influence.models import SmallCNN
 from lightning_influence.recipes import aggregate
-from lightning_influence.recipes.common import subset_datamodule, summary
+from lightning_influence.recipes.retraining import subset_datamodule, summary
 from lightning_influence.recipes.coreset import select_coreset
 from lightning_influence.recipes.deletion import deletion_sets
 

@@ -25,17 +25,12 @@ from lightning_influence.app import run
 from lightning_influence.data import DigitsDataModule
 from lightning_influence.models import Classifier
 from lightning_influence.scores import InfluenceScores
-from lightning_influence.recipes import aggregate, cleaning, common, coreset, deletion
-from lightning_influence.recipes.common import (
-    check_training_steps,
-    distributed_train_loader,
-    harmonise_precision,
-    predicts_removal,
-    ranking,
-    removal_effect_estimators,
-    subset_datamodule,
-    target_subset,
-)
+from lightning_influence.recipes import aggregate, cleaning, common, coreset, deletion, outputs
+from lightning_influence.recipes.common import harmonise_precision
+from lightning_influence.recipes.preflight import check_training_steps
+from lightning_influence.recipes.retraining import subset_datamodule, target_subset
+from lightning_influence.recipes.scoring import predicts_removal, ranking, removal_effect_estimators
+from lightning_influence.recipes.training_set import distributed_train_loader
 from lightning_influence.targets import TargetGradient
 
 CONF = "lightning_influence.conf"
@@ -197,7 +192,7 @@ def test_values_that_fail_after_training_are_refused_before(recipe, overrides: l
     def no_scoring_run(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the scoring run started")
 
-    monkeypatch.setattr(recipe, "fit_and_score", no_scoring_run)
+    monkeypatch.setattr(common, "fit_and_score", no_scoring_run)
     cfg = compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}")
     with pytest.raises(ValueError, match=message):
         run(cfg)
@@ -233,7 +228,7 @@ def test_model_contracts_that_fail_after_training_are_refused_on_the_trial_model
     def no_scoring_run(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the scoring run started")
 
-    monkeypatch.setattr(recipe, "fit_and_score", no_scoring_run)
+    monkeypatch.setattr(common, "fit_and_score", no_scoring_run)
     with pytest.raises(error, match=message):
         run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
 
@@ -253,7 +248,7 @@ def test_model_dependent_estimator_options_that_fit_pass_the_trial(overrides: li
     def scoring_run(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the scoring run started")
 
-    monkeypatch.setattr(cleaning, "fit_and_score", scoring_run)
+    monkeypatch.setattr(common, "fit_and_score", scoring_run)
     with pytest.raises(AssertionError, match="the scoring run started"):
         run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
 
@@ -323,7 +318,7 @@ def test_estimator_configs_are_refused_before_data_setup(recipe, overrides: list
     def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the data were set up")
 
-    monkeypatch.setattr(recipe, "preflight", no_data)
+    monkeypatch.setattr(common, "preflight", no_data)
     with pytest.raises((ValueError, TypeError), match=message):
         run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
 
@@ -342,7 +337,7 @@ def test_estimator_defaults_that_agree_with_the_recipe_pass(recipe, overrides: l
     def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the data were set up")
 
-    monkeypatch.setattr(recipe, "preflight", no_data)
+    monkeypatch.setattr(common, "preflight", no_data)
     with pytest.raises(AssertionError, match="the data were set up"):
         run(compose_cfg(*QUICK, *overrides, f"output_dir={tmp_path}"))
 
@@ -434,19 +429,17 @@ def test_every_job_of_a_multirun_is_checked_before_the_first_one_runs(tmp_path: 
 
 def test_a_single_run_keeps_its_output_dir_and_reruns_of_a_job_may_reuse_it(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from lightning_influence.config import check_output_dir
-    from lightning_influence.recipes import common
-
     check_output_dir(compose_cfg(f"output_dir={tmp_path}"))  # not a multirun: a fixed folder is fine
     runtime = SimpleNamespace(runtime=SimpleNamespace(output_dir=str(tmp_path / "sweep" / "0")), job=SimpleNamespace(num=0))
-    monkeypatch.setattr(common, "in_multirun", lambda: True)
+    monkeypatch.setattr(outputs, "in_multirun", lambda: True)
     monkeypatch.setattr("hydra.core.hydra_config.HydraConfig.get", staticmethod(lambda: runtime))
-    common.claim_output_dir(tmp_path)
-    common.claim_output_dir(tmp_path)  # the same job again
+    outputs.claim_output_dir(tmp_path)
+    outputs.claim_output_dir(tmp_path)  # the same job again
     runtime.job.num, runtime.runtime.output_dir = 1, str(tmp_path / "sweep" / "1")
     with pytest.raises(ValueError, match=r"the output folder of job 0 of this multirun"):
-        common.claim_output_dir(tmp_path)
+        outputs.claim_output_dir(tmp_path)
     runtime.runtime.output_dir = str(tmp_path / "another_sweep" / "1")
-    common.claim_output_dir(tmp_path)  # another sweep into that folder: its stale files are named at the end
+    outputs.claim_output_dir(tmp_path)  # another sweep into that folder: its stale files are named at the end
 
 
 @pytest.mark.parametrize("blocked", ["report.json", "scores.pt", "config.yaml"])
@@ -454,7 +447,7 @@ def test_an_output_file_name_taken_by_a_folder_is_refused_before_training(blocke
     def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("the data were set up")
 
-    monkeypatch.setattr(coreset, "preflight", no_data)
+    monkeypatch.setattr(common, "preflight", no_data)
     (tmp_path / blocked).mkdir()
     with pytest.raises(ValueError, match=rf"{tmp_path / blocked} is a folder: the recipe writes its {blocked} there after training and "
                        r"retraining, and could not. Remove or rename that folder, or write into another output folder"):
@@ -476,7 +469,7 @@ def test_an_output_folder_without_write_permission_is_refused_before_training(tm
     def denied(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise PermissionError(13, "Permission denied")  # a read-only folder (root may write into one)
 
-    monkeypatch.setattr(coreset, "preflight", no_data)
+    monkeypatch.setattr(common, "preflight", no_data)
     monkeypatch.setattr(scores_module.tempfile, "mkstemp", denied)
     with pytest.raises(ValueError, match=rf"the output folder {tmp_path} is not writable \(PermissionError: Permission denied\): the "
                        r"recipe writes scores.pt, report.json, ... into it after training. Make that folder writable"):
@@ -916,7 +909,7 @@ def test_trajectory_retraining_under_ddp_is_refused_before_anything_runs(tmp_pat
     def no_data(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise Reached
 
-    monkeypatch.setattr(deletion, "preflight", no_data)
+    monkeypatch.setattr(common, "preflight", no_data)
     with pytest.raises(ValueError, match=r"recipe.retraining=trajectory .*StepRecorder records the batches one process sees.* trains with "
                        r"2 processes.*Use recipe.retraining=fresh .* or train on one device \(trainer.devices=1"):
         run(compose_cfg("recipe=deletion", "trainer=ddp", *QUICK, f"output_dir={tmp_path}"))
@@ -1001,9 +994,9 @@ def test_deletion_with_a_post_hoc_estimator_on_a_partial_fit_draws_its_sets_from
 def test_tied_scores_rank_by_sample_id_whatever_order_the_estimator_returns(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The recipes rank ties by sample id: the same scores returned in another order (and coarsened,
     so that many tie) give the same harmful and helpful lists and the same removals."""
-    from lightning_influence.recipes import common
+    from lightning_influence.recipes import scoring
 
-    real_build = common.build
+    real_build = scoring.build
 
     def reordering(order: str):  # type: ignore[no-untyped-def]
         def build(name, **options):  # type: ignore[no-untyped-def]
@@ -1022,7 +1015,7 @@ def test_tied_scores_rank_by_sample_id_whatever_order_the_estimator_returns(tmp_
 
     reports = []
     for order in ("ascending", "descending"):
-        monkeypatch.setattr(common, "build", reordering(order))
+        monkeypatch.setattr(scoring, "build", reordering(order))
         out = tmp_path / order
         reports.append(run(compose_cfg(*QUICK, "estimator=loss", "recipe.top_k=20", "recipe.remove_count=30", f"output_dir={out}")))
     a, b = reports
@@ -1052,13 +1045,13 @@ def test_a_failed_job_does_not_pass_off_the_earlier_runs_results_as_its_own(tmp_
     first = launch("-m", f"hydra.sweep.dir={sweep}", "model.lr=0.1,0.5")
     assert first.returncode == 0, first.stderr[-4000:]
     earlier = {name: (sweep / "1" / name).read_bytes() for name in ("report.json", "scores.pt", "config.yaml")}
-    marker = json.loads((sweep / "1" / common.JOB_MARKER).read_text())
+    marker = json.loads((sweep / "1" / outputs.JOB_MARKER).read_text())
     assert marker["status"] == "finished" and marker["run_id"] == json.loads(earlier["report.json"])["run"]["id"]
     second = launch("-m", f"hydra.sweep.dir={sweep}", "model.lr=0.1", "recipe.metric=test_acc,nope")
     assert "recipe.metric='nope' is not logged by the model" in second.stderr, second.stderr[-4000:]
     assert f"the run failed; {sweep / '1'} holds outputs of an earlier run, not of this one: config.yaml, report.json, scores.csv, scores.pt" in second.stderr
     assert {name: (sweep / "1" / name).read_bytes() for name in earlier} == earlier, "the earlier files are left"
-    marker = json.loads((sweep / "1" / common.JOB_MARKER).read_text())
+    marker = json.loads((sweep / "1" / outputs.JOB_MARKER).read_text())
     assert marker["status"] == "failed" and marker["error"].startswith("SetupRefused: recipe.metric='nope'") and marker["job_num"] == 1
     assert "recipe.metric=nope" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
 
@@ -1073,7 +1066,7 @@ def test_a_failed_job_does_not_pass_off_the_earlier_runs_results_as_its_own(tmp_
     refused = launch(f"hydra.run.dir={sweep / '0'}", "model.lr=0.3", "seed=-3")
     assert refused.returncode != 0 and "seed=-3 is out of range" in refused.stderr, refused.stderr[-3000:]
     assert f"the run failed; {sweep / '0'} holds outputs of an earlier run, not of this one: config.yaml, report.json" in refused.stderr
-    assert json.loads((sweep / "0" / common.JOB_MARKER).read_text())["status"] == "finished", "refused before the folder was marked"
+    assert json.loads((sweep / "0" / outputs.JOB_MARKER).read_text())["status"] == "finished", "refused before the folder was marked"
     found = aggregate.scan(sweep)
     assert [job for job, _ in found.not_own] == ["0", "1"] and not found.rows
     assert "its .hydra/config.yaml is not the config its report.json's run started with" in found.not_own[0][1]
@@ -1089,14 +1082,14 @@ def test_aggregation_checks_each_report_against_its_folders_job_marker(tmp_path:
     rows = [{"recipe": "coreset", "method": "random", "fraction": 0.5, "seed": 0, "metric": "test_acc", "accuracy": 0.8}]
     for name in ("legacy", "own", "killed", "upgraded"):
         _job(tmp_path, name, ["seed=0"], rows, "random")
-    (tmp_path / "legacy" / common.JOB_MARKER).write_text(json.dumps({"sweep_dir": str(tmp_path), "job_num": 0}))  # before run ids
+    (tmp_path / "legacy" / outputs.JOB_MARKER).write_text(json.dumps({"sweep_dir": str(tmp_path), "job_num": 0}))  # before run ids
 
     def report_of(name: str, run_id: str) -> None:
         path = tmp_path / name / "report.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "run": {"id": run_id, "hydra_config_sha256": None}}))
 
     def mark(name: str, run_id: str, status: str) -> None:
-        (tmp_path / name / common.JOB_MARKER).write_text(json.dumps({"run_id": run_id, "status": status, "started": "T0"}))
+        (tmp_path / name / outputs.JOB_MARKER).write_text(json.dumps({"run_id": run_id, "status": status, "started": "T0"}))
 
     report_of("own", "a"), mark("own", "a", "finished")
     report_of("killed", "b"), mark("killed", "c", "running")
@@ -1127,7 +1120,7 @@ def test_recipes_refuse_sample_ids_that_are_not_positions_of_the_training_set() 
     from lightning_influence import IndexedDataset
     from lightning_influence.config import SetupRefused
     from lightning_influence.models import Classifier
-    from lightning_influence.recipes.common import check_ids_are_positions
+    from lightning_influence.recipes.preflight import check_ids_are_positions
 
     x, y = torch.randn(40, 64), torch.randint(0, 10, (40,))
     model = Classifier(hidden=(8,))
@@ -1148,7 +1141,7 @@ def test_the_ids_check_collates_as_the_loader_does_and_trial_refusals_are_the_li
     one-line refusal."""
     from lightning_influence import IndexedDataset
     from lightning_influence.models import Classifier
-    from lightning_influence.recipes.common import _raised_by_library, check_ids_are_positions
+    from lightning_influence.recipes.preflight import _raised_by_library, check_ids_are_positions
 
     class FixedShape(_TrainOnly):
         def train_dataloader(self):  # type: ignore[no-untyped-def]

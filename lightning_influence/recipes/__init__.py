@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lightning_influence.config import check_config
-from lightning_influence.recipes.common import check_training_steps
+from lightning_influence.recipes.preflight import check_training_steps
 
 RECIPES: dict[str, str] = {
     "cleaning": "lightning_influence.recipes.cleaning:run",

@@ -59,7 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_influence.recipes.common import JOB_MARKER, read_job_marker, summary
+from lightning_influence.recipes.outputs import JOB_MARKER, read_job_marker
+from lightning_influence.recipes.retraining import summary
 from lightning_influence.scores import atomic_write_bytes
 
 __all__ = ["collect", "scan", "Scan", "not_own_report", "aggregate", "configurations", "markdown_table", "baseline_method", "main"]
@@ -161,7 +162,7 @@ class Scan:
 def not_own_report(folder: Path, report: dict[str, Any]) -> str | None:
     """Why the ``report.json`` in ``folder`` is not the report of the last run there, or ``None``
     when it is (or when nothing tells). A run marks its folder when it starts (the job marker
-    :data:`~lightning_influence.recipes.common.JOB_MARKER`: a run id, ``running``) and writes that
+    :data:`~lightning_influence.recipes.outputs.JOB_MARKER`: a run id, ``running``) and writes that
     id into its report at the end. Not the last run's: a report whose run id (or a report without
     one, of a version that wrote none) is not the marker's: the last run failed, was killed or is
     still running, and the report is an earlier run's; and a report next to a ``.hydra/`` folder

@@ -14,7 +14,7 @@
 
 Scores that are NaN or infinite (the estimator's, or a final loss) stop the recipe after the
 scoring fit, before detection and retraining, with their count and sample ids
-(:func:`~lightning_influence.recipes.common.require_finite`): a NaN has no rank.
+(:func:`~lightning_influence.recipes.scoring.require_finite`): a NaN has no rank.
 
 The report's ``summary`` rows (what :mod:`~lightning_influence.recipes.aggregate` tabulates)
 name the estimator's row by the estimator and the baselines by :data:`BASELINE_METHODS`
@@ -36,29 +36,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lightning_influence.config import CleaningConfig, estimator_params, recipe_params
+from lightning_influence.config import CleaningConfig, EstimatorConfig
 from lightning_influence.evaluation.metrics import detection_auroc, fraction_found
-from lightning_influence.recipes.common import (
-    ScoredRun,
-    check_estimator,
-    final_loss_scores,
-    fit_and_score,
-    harmonise_precision,
-    is_global_zero,
-    metric_of,
-    paired_difference,
-    preflight,
-    prepare,
-    ranking,
-    require_finite,
-    require_removal_scores,
-    retrain_fresh,
-    sample_rows,
-    summary,
-    train_dataset,
-    versions,
-    write_outputs,
-)
+from lightning_influence.recipes import common
+from lightning_influence.recipes.common import Plan, RecipeRun, partly_scored, scored_run
+from lightning_influence.recipes.outputs import is_global_zero, sample_rows, versions, write_outputs
+from lightning_influence.recipes.preflight import Preflight
+from lightning_influence.recipes.retraining import metric_of, paired_difference, retrain_fresh, summary
+from lightning_influence.recipes.scoring import ScoredRun, final_loss_scores, ranking, require_finite, require_removal_scores
 
 __all__ = ["run", "detection_metrics", "BASELINE_METHODS"]
 
@@ -103,78 +88,116 @@ def _pct(fraction: float) -> str:
     return f"{100 * fraction:g}pct"
 
 
+def _refuse_coreset_rankings(cfg: DictConfig, params: CleaningConfig, est: EstimatorConfig) -> None:
+    require_removal_scores(est.name, est.options, "cleaning")
+
+
 def checked_settings(cfg: DictConfig) -> tuple[DictConfig, CleaningConfig, Any]:
     """The recipe's checks that need the config alone (run before any setup, and by a multirun
     for every job before the first): ``(cfg with precision and data dtype agreed, the recipe's
     parameters, the estimator's)``."""
-    cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
-    params: CleaningConfig = recipe_params(cfg.recipe, CleaningConfig)
-    est = estimator_params(cfg.estimator)
-    check_estimator(est, params.target, params.target_samples, int(cfg.seed))
-    require_removal_scores(est.name, est.options, "cleaning")
-    return cfg, params, est
+    return common.checked_settings(cfg, CleaningConfig, _refuse_coreset_rankings)
+
+
+def _removal_count(params: CleaningConfig, num_train: int) -> int:
+    """How many samples each condition removes (``remove_count``, or ``remove_fraction`` of the
+    training set); refused when that leaves nothing to train on."""
+    count = params.remove_count if params.remove_count is not None else max(1, round(params.remove_fraction * num_train))
+    if count >= num_train:
+        raise ValueError(
+            f"removing {count} of {num_train} training samples leaves nothing to train on; "
+            f"lower recipe.remove_count (at most {num_train - 1}) or recipe.remove_fraction"
+        )
+    return count
+
+
+def _plan(cfg: DictConfig, params: CleaningConfig, est: EstimatorConfig) -> Plan:
+    def check_count(trial: Preflight) -> None:
+        _removal_count(params, trial.num_train)
+
+    return Plan(params.metric, params.target_samples, check_trial=check_count)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the cleaning recipe on the composed config; returns the report (also in ``report.json``)."""
-    cfg, params, est = checked_settings(cfg)
-    out = prepare(cfg, params.plots)
-    target = params.target.value
-    checked = preflight(cfg, out, params.metric, target, params.target_samples)
-    count = params.remove_count if params.remove_count is not None else max(1, round(params.remove_fraction * checked.num_train))
-    if count >= checked.num_train:
-        raise ValueError(
-            f"removing {count} of {checked.num_train} training samples leaves nothing to train on; "
-            f"lower recipe.remove_count (at most {checked.num_train - 1}) or recipe.remove_fraction"
-        )
-    scored = fit_and_score(cfg, out, target, params.target_samples, datamodule=checked.datamodule)
-    dm, ids, column = scored.datamodule, scored.ids, scored.column
-    dataset = train_dataset(dm)
-    n_train = len(dataset)
-    requested = count
-    if count > len(ids):
-        # The rankings can only remove scored samples: every condition removes as many.
-        count = len(ids)
-        warnings.warn(
-            f"the cleaning recipe was asked to remove {requested} samples ({_asked(params)}) but the estimator scored only "
-            f"{len(ids)} of the {n_train} training samples (the scoring fit saw only those: trainer.limit_train_batches, "
-            f"max_steps, ...): every condition (estimator, loss, random) removes {count} samples instead. Lower "
-            "recipe.remove_count, or let the scoring fit see the whole training set",
-            UserWarning,
-            stacklevel=2,
-        )
-
-    # ------------------------------------------------------------ detection
-    flipped_ids = getattr(dm, "flipped_ids", None)
-    flipped_set = {int(i) for i in torch.as_tensor(flipped_ids).tolist()} if flipped_ids is not None else set()
-    flipped = torch.tensor([int(i) in flipped_set for i in ids.tolist()], dtype=torch.bool)
-    loss_column = final_loss_scores(scored)
+    state = scored_run(cfg, CleaningConfig, _plan, _refuse_coreset_rankings)
+    requested = _removal_count(state.params, state.trial.num_train)
+    count = _scored_count(state, requested)
+    flipped_set = _flipped_ids(state.scored.datamodule)
+    flipped = torch.tensor([int(i) in flipped_set for i in state.scored.ids.tolist()], dtype=torch.bool)
+    loss_column = final_loss_scores(state.scored)
     # The estimator's column was checked by fit_and_score; the final-loss ranking acts the same way.
-    require_finite(loss_column, ids, "the final-loss ranking (the model's training loss per sample)", "the trained model gives those samples no finite loss")
-    fractions = list(params.top_fractions)
+    require_finite(
+        loss_column, state.scored.ids, "the final-loss ranking (the model's training loss per sample)",
+        "the trained model gives those samples no finite loss",
+    )
+    detection = _detection(state, flipped_set, flipped, loss_column)
+    conditions = _retrain_conditions(state, count, loss_column, flipped_set)
+    report = _report(state, detection, conditions, count, requested, flipped_set)
+    if is_global_zero():
+        if state.params.plots:
+            harmful = ranking(state.scored.column)[: state.params.top_k]
+            report["files"].update(_plots(state.out, state.scored, flipped, loss_column, state.dataset, harmful, flipped_set))
+        write_outputs(state.out, state.cfg, report, state.scored.scores)
+        _print(report, state.est.name, state.params.metric)
+    return report
+
+
+def _scored_count(state: RecipeRun, requested: int) -> int:
+    """The rankings can only remove scored samples: where fewer were scored than ``requested``,
+    every condition removes as many as were scored, with a warning."""
+    if requested <= state.num_scored:
+        return requested
+    count = state.num_scored
+    warnings.warn(
+        f"the cleaning recipe was asked to remove {requested} samples ({_asked(state.params)}) but {partly_scored(state, only=True)}: "
+        f"every condition (estimator, loss, random) removes {count} samples instead. Lower recipe.remove_count, or let the "
+        "scoring fit see the whole training set",
+        UserWarning,
+        stacklevel=3,
+    )
+    return count
+
+
+def _flipped_ids(datamodule: Any) -> set[int]:
+    """The ids of the training samples whose labels the datamodule flipped (empty without ``flipped_ids``)."""
+    flipped_ids = getattr(datamodule, "flipped_ids", None)
+    return {int(i) for i in torch.as_tensor(flipped_ids).tolist()} if flipped_ids is not None else set()
+
+
+def _detection(state: RecipeRun, flipped_set: set[int], flipped: torch.Tensor, loss_column: torch.Tensor) -> dict[str, Any]:
+    """The report's ``detection``: how well the estimator's and the final-loss rankings find the
+    flipped labels among the scored samples, and what was injected."""
+    dm, n_train, fractions = state.scored.datamodule, state.num_train, list(state.params.top_fractions)
     detection: dict[str, Any] = {
         # every flipped label of the training set, and those among the scored samples (the
         # detection metrics are over the scored samples only)
         "num_flipped": len(flipped_set),
         "num_flipped_scored": int(flipped.sum()),
-        "num_scored": len(ids),
+        "num_scored": state.num_scored,
         "noise_kind": getattr(dm, "noise_kind", None),
         # what was injected: the fraction of training labels flipped (0 with noise_kind=none),
         # next to the datamodule's label_noise setting
-        "label_noise": len(flipped_set) / n_train if flipped_ids is not None and n_train else None,
+        "label_noise": len(flipped_set) / n_train if getattr(dm, "flipped_ids", None) is not None and n_train else None,
         "label_noise_configured": getattr(dm, "label_noise", None),
         "chance": {f"found_in_top_{_pct(f)}": f for f in fractions},
     }
     if bool(flipped.any()) and not bool(flipped.all()):
-        detection["estimator"] = detection_metrics(column, flipped, fractions)
+        detection["estimator"] = detection_metrics(state.scored.column, flipped, fractions)
         detection["loss"] = detection_metrics(loss_column, flipped, fractions)
     else:
         detection["estimator"] = detection["loss"] = None
+    return detection
 
-    # ------------------------------------------------------------ removal and retraining
+
+def _retrain_conditions(state: RecipeRun, count: int, loss_column: torch.Tensor, flipped_set: set[int]) -> dict[str, dict[str, Any]]:
+    """Retrain once per seed of ``recipe.seeds`` for each condition -- no removal, the estimator's
+    ``count`` most harmful, the ``count`` highest final losses, ``count`` random samples (drawn per
+    seed) -- and summarise the metric and the flipped labels removed over the seeds."""
+    cfg, params, ids, n_train = state.cfg, state.params, state.scored.ids, state.num_train
     all_ids = torch.arange(n_train)
     ranked = {
-        "estimator": ids[ranking(column)[:count]],
+        "estimator": ids[ranking(state.scored.column)[:count]],
         "loss": ids[ranking(loss_column)[:count]],
     }
 
@@ -194,7 +217,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for seed in params.seeds:
             removed = removal_for(seed)
             keep = all_ids[~torch.isin(all_ids, removed)]
-            metrics = retrain_fresh(cfg, dm, keep, seed, out / "retraining")
+            metrics = retrain_fresh(cfg, state.scored.datamodule, keep, seed, state.out / "retraining")
             accuracies.append(metric_of(metrics, params.metric))
             flipped_removed.append(sum(int(i) in flipped_set for i in removed.tolist()))
         conditions[name] = {
@@ -205,14 +228,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     base = conditions["no_removal"][params.metric]["values"]
     for name in ("estimator", "loss", "random"):
         conditions[name][f"{params.metric}_minus_no_removal"] = paired_difference(conditions[name][params.metric]["values"], base)
+    return conditions
 
-    # ------------------------------------------------------------ report
+
+def _report(
+    state: RecipeRun, detection: dict[str, Any], conditions: dict[str, dict[str, Any]], count: int, requested: int, flipped_set: set[int]
+) -> dict[str, Any]:
+    cfg, params, est, scored, n_train = state.cfg, state.params, state.est, state.scored, state.num_train
+    ids, column = scored.ids, scored.column
     harmful = ranking(column)[: params.top_k]
     helpful = ranking(column, descending=True)[: params.top_k]  # NaN last, as InfluenceScores.most_helpful
-    report: dict[str, Any] = {
+    return {
         "recipe": "cleaning",
         "estimator": {"name": est.name, "options": est.options},
-        "target": target,
+        "target": params.target.value,
         "sign_convention": scored.scores.metadata.get("sign_convention"),
         "score_metadata": scored.scores.metadata,
         "num_train_samples": n_train,
@@ -224,8 +253,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "score_seconds": round(scored.score_seconds, 3),
         "detection": detection,
         "removal": {"count": count, "requested_count": requested, "fraction": count / n_train, "seeds": list(params.seeds), "metric": params.metric, "conditions": conditions},
-        "most_harmful": sample_rows(dataset, ids[harmful], column[harmful], flipped_set),
-        "most_helpful": sample_rows(dataset, ids[helpful], column[helpful], flipped_set),
+        "most_harmful": sample_rows(state.dataset, ids[harmful], column[harmful], flipped_set),
+        "most_helpful": sample_rows(state.dataset, ids[helpful], column[helpful], flipped_set),
         "summary": [
             {
                 "recipe": "cleaning",
@@ -242,12 +271,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "files": {"scores": "scores.pt", "csv": "scores.csv", "report": "report.json", "config": "config.yaml"},
         "versions": versions(),
     }
-    if is_global_zero():
-        if params.plots:
-            report["files"].update(_plots(out, scored, flipped, loss_column, dataset, harmful, flipped_set))
-        write_outputs(out, cfg, report, scored.scores)
-        _print(report, est.name, params.metric)
-    return report
 
 
 def _plots(

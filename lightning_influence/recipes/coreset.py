@@ -26,31 +26,23 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, open_dict
 
-from lightning_influence.config import CoresetConfig, estimator_params, recipe_params
+from lightning_influence.config import CoresetConfig, EstimatorConfig
 from lightning_influence.estimators.base import estimator_class
 from lightning_influence.estimators.coreset import Forgetting
-from lightning_influence.recipes.common import (
-    check_estimator,
-    fit_and_score,
-    runs_in_this_process,
-    harmonise_precision,
-    is_global_zero,
-    labels_of,
-    metric_of,
-    preflight,
-    prepare,
-    ranking,
-    retrain_fresh,
-    summary,
-    train_dataset,
-    versions,
-    write_outputs,
-)
+from lightning_influence.recipes import common
+from lightning_influence.recipes.common import Plan, RecipeRun, partly_scored, scored_run
+from lightning_influence.recipes.outputs import is_global_zero, versions, write_outputs
+from lightning_influence.recipes.preflight import Preflight
+from lightning_influence.recipes.retraining import metric_of, retrain_fresh, summary
+from lightning_influence.recipes.scoring import ranking
+from lightning_influence.recipes.trainers import runs_in_this_process
+from lightning_influence.recipes.training_set import labels_of
 
 __all__ = ["run", "select_coreset", "steps_per_epoch", "check_forgetting_epochs"]
 
@@ -139,51 +131,90 @@ def check_forgetting_epochs(est_name: str, cfg: DictConfig, datamodule: Any = No
         )
 
 
+def _check_forgetting_config(cfg: DictConfig, params: CoresetConfig, est: EstimatorConfig) -> None:
+    check_forgetting_epochs(est.name, cfg)  # trainer.max_epochs; with the data, max_steps too (in the trial)
+
+
 def checked_settings(cfg: DictConfig) -> tuple[DictConfig, CoresetConfig, Any]:
     """The recipe's checks that need the config alone (run before any setup, and by a multirun
     for every job before the first): ``(cfg with precision and data dtype agreed, the recipe's
     parameters, the estimator's)``."""
-    cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
-    params: CoresetConfig = recipe_params(cfg.recipe, CoresetConfig)
-    est = estimator_params(cfg.estimator)
-    check_estimator(est, params.target, params.target_samples, int(cfg.seed))
-    check_forgetting_epochs(est.name, cfg)  # trainer.max_epochs; with the data, max_steps too (in run)
-    return cfg, params, est
+    return common.checked_settings(cfg, CoresetConfig, _check_forgetting_config)
+
+
+def _plan(cfg: DictConfig, params: CoresetConfig, est: EstimatorConfig) -> Plan:
+    def check_epochs(trial: Preflight) -> None:
+        check_forgetting_epochs(est.name, cfg, trial.datamodule, trial.num_train)
+
+    return Plan(params.metric, params.target_samples, check_trial=check_epochs)
+
+
+@dataclass
+class _Budget:
+    """The retraining's Trainer config (``recipe.budget=steps``: as many optimizer steps as the
+    scoring fit) and the step counts it was derived from."""
+
+    cfg: DictConfig
+    full_steps: int | None
+    kept_steps: int | None
+    budget_steps: int | None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the coreset recipe on the composed config; returns the report (also in ``report.json``)."""
-    cfg, params, est = checked_settings(cfg)
-    out = prepare(cfg, params.plots)
-    target = params.target.value
-    checked = preflight(cfg, out, params.metric, target, params.target_samples)
-    check_forgetting_epochs(est.name, cfg, checked.datamodule, checked.num_train)
-    scored = fit_and_score(cfg, out, target, params.target_samples, datamodule=checked.datamodule)
-    dm, ids, column = scored.datamodule, scored.ids, scored.column
-    dataset = train_dataset(dm)
-    n_train = len(dataset)
-    if issubclass(estimator_class(est.name), Forgetting) and runs_in_this_process(scored.trainer) and scored.trainer.current_epoch < 2:
+    state = scored_run(cfg, CoresetConfig, _plan, _check_forgetting_config)
+    params, scored = state.params, state.scored
+    _warn_if_forgetting_stopped_early(state)
+    labels = labels_of(state.dataset, scored.ids.tolist()) if params.class_balanced else None
+    kept = select_coreset(scored.ids, scored.column, params.fraction, labels)
+    if state.num_scored < state.num_train:
+        num_kept = int(kept.numel())
         warnings.warn(
-            f"the scoring fit stopped after {scored.trainer.current_epoch} epoch(s) (a callback or max_time): the forgetting "
-            "scores count events over fewer than two presentations per sample and say little",
-            UserWarning,
-            stacklevel=2,
-        )
-    labels = labels_of(dataset, ids.tolist()) if params.class_balanced else None
-    kept = select_coreset(ids, column, params.fraction, labels)
-    num_kept = int(kept.numel())
-    if len(ids) < n_train:
-        warnings.warn(
-            f"the estimator scored {len(ids)} of the {n_train} training samples (the scoring fit saw only those: "
-            f"trainer.limit_train_batches, max_steps, ...): the coreset keeps {num_kept}, fraction {params.fraction:g} of the "
-            f"scored samples, which is {num_kept / n_train:.4g} of the training set; the {n_train - len(ids)} unscored samples "
+            f"{partly_scored(state)}: the coreset keeps {num_kept}, fraction {params.fraction:g} of the scored samples, which is "
+            f"{num_kept / state.num_train:.4g} of the training set; the {state.num_train - state.num_scored} unscored samples "
             "are never kept. Let the scoring fit see the whole training set for a fraction of all of it",
             UserWarning,
             stacklevel=2,
         )
+    budget = _retraining_budget(state, int(kept.numel()))
+    accuracies = []
+    for seed in params.seeds:
+        metrics = retrain_fresh(budget.cfg, scored.datamodule, kept, seed, state.out / "retraining")
+        accuracies.append(metric_of(metrics, params.metric))
+    acc = summary(accuracies)
+    report = _report(state, kept, budget, acc)
+    if is_global_zero():
+        if params.plots:
+            from lightning_influence import plots
 
-    loader = dm.train_dataloader()
-    world = max(int(getattr(scored.trainer, "world_size", 1) or 1), 1)
+            plots.score_histogram(
+                state.out / "score_histogram.png", scored.column, torch.isin(scored.ids, kept), xlabel="score (higher = keep)",
+                title=f"{state.est.name} scores", names=("removed", "kept"),
+            )
+            report["files"]["score_histogram"] = "score_histogram.png"
+        write_outputs(state.out, state.cfg, report, scored.scores)
+        _print(state, report, budget)
+    return report
+
+
+def _warn_if_forgetting_stopped_early(state: RecipeRun) -> None:
+    trainer = state.scored.trainer
+    if issubclass(estimator_class(state.est.name), Forgetting) and runs_in_this_process(trainer) and trainer.current_epoch < 2:
+        warnings.warn(
+            f"the scoring fit stopped after {trainer.current_epoch} epoch(s) (a callback or max_time): the forgetting "
+            "scores count events over fewer than two presentations per sample and say little",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _retraining_budget(state: RecipeRun, num_kept: int) -> _Budget:
+    """The steps of an epoch over the training set and over the coreset, refusing a coreset that
+    makes no step; with ``recipe.budget=steps`` (and a positive ``trainer.max_epochs``), the
+    retraining's ``trainer.max_epochs`` raised to as many optimizer steps as the scoring fit."""
+    cfg, n_train = state.cfg, state.num_train
+    loader = state.scored.datamodule.train_dataloader()
+    world = max(int(getattr(state.scored.trainer, "world_size", 1) or 1), 1)
     full_steps = steps_per_epoch(n_train, loader, cfg.trainer, world)
     kept_steps = steps_per_epoch(num_kept, loader, cfg.trainer, world)
     if kept_steps == 0:
@@ -192,45 +223,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"{loader.drop_last}, trainer.limit_train_batches={cfg.trainer.get('limit_train_batches')}): the retrained "
             "models would be untrained. Raise recipe.fraction, or lower the batch size (or let the last partial batch train)"
         )
-    retrain_cfg = cfg
-    budget_steps = None
+    budget = _Budget(cfg, full_steps, kept_steps, None)
     max_epochs = cfg.trainer.get("max_epochs")
-    if params.budget == "steps" and isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and max_epochs > 0:
+    if state.params.budget == "steps" and isinstance(max_epochs, int) and not isinstance(max_epochs, bool) and max_epochs > 0:
         # As many optimizer steps as the scoring fit: epochs over the coreset, each ceil(kept / batch) steps.
         if full_steps is not None and kept_steps is not None:
-            budget_steps = max_epochs * full_steps
-            epochs = math.ceil(budget_steps / kept_steps)
+            budget.budget_steps = max_epochs * full_steps
+            epochs = math.ceil(budget.budget_steps / kept_steps)
         else:  # no batch size to count steps with: scale by the number of samples
             epochs = math.ceil(max_epochs * n_train / max(num_kept, 1))
-        retrain_cfg = cfg.copy()
-        with open_dict(retrain_cfg):
-            retrain_cfg.trainer.max_epochs = epochs
-    accuracies = []
-    for seed in params.seeds:
-        metrics = retrain_fresh(retrain_cfg, dm, kept, seed, out / "retraining")
-        accuracies.append(metric_of(metrics, params.metric))
-    acc = summary(accuracies)
-    kept_labels = Counter(y for y in labels_of(dataset, kept.tolist()) if y is not None)
-    flipped_ids = getattr(dm, "flipped_ids", None)
-    flipped_kept = int(torch.isin(kept, torch.as_tensor(flipped_ids, dtype=torch.long)).sum()) if flipped_ids is not None else None
+        budget.cfg = cfg.copy()
+        with open_dict(budget.cfg):
+            budget.cfg.trainer.max_epochs = epochs
+    return budget
 
-    report: dict[str, Any] = {
+
+def _report(state: RecipeRun, kept: torch.Tensor, budget: _Budget, acc: dict[str, Any]) -> dict[str, Any]:
+    cfg, params, est, scored, n_train = state.cfg, state.params, state.est, state.scored, state.num_train
+    num_kept = int(kept.numel())
+    kept_labels = Counter(y for y in labels_of(state.dataset, kept.tolist()) if y is not None)
+    flipped_ids = getattr(scored.datamodule, "flipped_ids", None)
+    flipped_kept = int(torch.isin(kept, torch.as_tensor(flipped_ids, dtype=torch.long)).sum()) if flipped_ids is not None else None
+    return {
         "recipe": "coreset",
         "estimator": {"name": est.name, "options": est.options},
         "method": est.name,
-        "target": target,
+        "target": params.target.value,
         "higher_means": scored.scores.metadata.get("higher_means", "helps the target more (keep)"),
         "score_metadata": scored.scores.metadata,
         "fraction": params.fraction,
         "class_balanced": params.class_balanced,
         "budget": params.budget,
-        "retrain_max_epochs": retrain_cfg.trainer.get("max_epochs"),
-        "scoring_steps_per_epoch": full_steps,
-        "retrain_steps_per_epoch": kept_steps,
-        "budget_steps": budget_steps,
+        "retrain_max_epochs": budget.cfg.trainer.get("max_epochs"),
+        "scoring_steps_per_epoch": budget.full_steps,
+        "retrain_steps_per_epoch": budget.kept_steps,
+        "budget_steps": budget.budget_steps,
         "num_train_samples": n_train,
-        "num_scored": len(ids),
-        "num_unscored": n_train - len(ids),
+        "num_scored": state.num_scored,
+        "num_unscored": n_train - state.num_scored,
         "num_kept": num_kept,
         "kept_fraction": num_kept / n_train,
         "kept_per_class": {str(k): v for k, v in sorted(kept_labels.items())},
@@ -249,19 +279,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "files": {"scores": "scores.pt", "csv": "scores.csv", "report": "report.json", "config": "config.yaml"},
         "versions": versions(),
     }
-    if is_global_zero():
-        if params.plots:
-            from lightning_influence import plots
 
-            plots.score_histogram(out / "score_histogram.png", column, torch.isin(ids, kept), xlabel="score (higher = keep)", title=f"{est.name} scores", names=("removed", "kept"))
-            report["files"]["score_histogram"] = "score_histogram.png"
-        write_outputs(out, cfg, report, scored.scores)
-        of_scored = f" of the {len(ids)} scored" if len(ids) < n_train else ""
-        epochs = f"; retrained {retrain_cfg.trainer.max_epochs} epochs for the scoring fit's steps" if retrain_cfg is not cfg else ""
-        print(
-            f"\nCoreset by {est.name} (target {target}): kept {num_kept} of {n_train} ({num_kept / n_train:.4g} of the training set; "
-            f"fraction {params.fraction:g}{of_scored}{', class-balanced' if params.class_balanced else ''}{epochs}); "
-            f"{params.metric} {acc['mean']:.4f} +- {acc['std']:.4f} over {acc['n']} seed(s)",
-            flush=True,
-        )
-    return report
+
+def _print(state: RecipeRun, report: dict[str, Any], budget: _Budget) -> None:
+    params, n_train, num_kept, acc = state.params, state.num_train, report["num_kept"], report[state.params.metric]
+    of_scored = f" of the {state.num_scored} scored" if state.num_scored < n_train else ""
+    epochs = f"; retrained {budget.cfg.trainer.max_epochs} epochs for the scoring fit's steps" if budget.cfg is not state.cfg else ""
+    print(
+        f"\nCoreset by {state.est.name} (target {params.target.value}): kept {num_kept} of {n_train} ({num_kept / n_train:.4g} of the training set; "
+        f"fraction {params.fraction:g}{of_scored}{', class-balanced' if params.class_balanced else ''}{epochs}); "
+        f"{params.metric} {acc['mean']:.4f} +- {acc['std']:.4f} over {acc['n']} seed(s)",
+        flush=True,
+    )

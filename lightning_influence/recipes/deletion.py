@@ -1,7 +1,7 @@
 """The deletion recipe: does removing a set of samples change the target as the scores predict?
 
 1. Train with the estimator attached and score every training sample for the target. The
-   estimator must predict removal effects (:func:`~lightning_influence.recipes.common.predicts_removal`:
+   estimator must predict removal effects (:func:`~lightning_influence.recipes.scoring.predicts_removal`:
    diffin, tracin, influence functions, ...); rankings in other units (loss, outlier_gradient,
    random, the coreset scores) are refused before any training. ``predicted_calibrated`` in the
    report says whether the scores are in target-loss units (:func:`in_target_loss_units`).
@@ -38,26 +38,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from lightning_influence.config import DeletionConfig, estimator_params, recipe_params
+from lightning_influence.config import DeletionConfig, EstimatorConfig
 from lightning_influence.evaluation.metrics import pearson, spearman
-from lightning_influence.recipes.common import (
-    check_estimator,
-    fit_and_score,
-    harmonise_precision,
-    is_global_zero,
-    preflight,
-    prepare,
-    ranking,
-    require_removal_scores,
-    retrain_fresh,
-    summary,
-    target_batches,
-    target_subset,
-    train_dataset,
-    versions,
-    world_size_of,
-    write_outputs,
-)
+from lightning_influence.recipes import common
+from lightning_influence.recipes.common import Plan, RecipeRun, scored_run
+from lightning_influence.recipes.outputs import is_global_zero, versions, write_outputs
+from lightning_influence.recipes.preflight import Preflight
+from lightning_influence.recipes.retraining import retrain_fresh, summary, target_batches, target_subset
+from lightning_influence.recipes.scoring import ranking, require_removal_scores
+from lightning_influence.recipes.trainers import world_size_of
 
 __all__ = ["run", "deletion_sets", "in_target_loss_units", "check_trajectory_on_one_device"]
 
@@ -148,160 +137,199 @@ def _correlations(predicted: list[float], actual: list[float]) -> dict[str, Any]
     return result
 
 
+def _check_deletion_config(cfg: DictConfig, params: DeletionConfig, est: EstimatorConfig) -> None:
+    require_removal_scores(est.name, est.options, "deletion", predicted=True)
+    if params.retraining.value == "trajectory":
+        check_trajectory_on_one_device(cfg)
+
+
 def checked_settings(cfg: DictConfig) -> tuple[DictConfig, DeletionConfig, Any]:
     """The recipe's checks that need the config alone (run before any setup, and by a multirun
     for every job before the first): ``(cfg with precision and data dtype agreed, the recipe's
     parameters, the estimator's)``."""
-    cfg = harmonise_precision(cfg)  # data.dtype and trainer.precision agree, or a clear error
-    params: DeletionConfig = recipe_params(cfg.recipe, DeletionConfig)
-    est = estimator_params(cfg.estimator)
-    check_estimator(est, params.target, params.target_samples, int(cfg.seed))
-    require_removal_scores(est.name, est.options, "deletion", predicted=True)
-    if params.retraining.value == "trajectory":
-        check_trajectory_on_one_device(cfg)
-    return cfg, params, est
+    return common.checked_settings(cfg, DeletionConfig, _check_deletion_config)
+
+
+def _plan(cfg: DictConfig, params: DeletionConfig, est: EstimatorConfig) -> Plan:
+    """The trial checks the target subset the estimator scores against and, for fresh retraining,
+    that sample ids are positions (trajectory retraining removes by id); the scoring fit records
+    its steps for trajectory retraining."""
+
+    def check_sizes(trial: Preflight) -> None:
+        too_large = [size for size in params.sizes if size >= trial.num_train]
+        if too_large:
+            raise ValueError(
+                f"recipe.sizes {too_large} would remove the whole training set of {trial.num_train} samples; "
+                f"keep every size below {trial.num_train}"
+            )
+
+    mode = params.retraining.value
+    subset_count, _ = _target_subset_of(est, params.target_samples, int(cfg.seed))
+    callbacks: list[Any] = []
+    if mode == "trajectory":
+        from lightning_influence.evaluation import StepRecorder
+
+        callbacks.append(StepRecorder())
+    return Plan(None, subset_count, ids_are_positions=mode == "fresh", check_trial=check_sizes, callbacks=callbacks)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the deletion recipe on the composed config; returns the report (also in ``report.json``)."""
-    cfg, params, est = checked_settings(cfg)
-    mode = params.retraining.value
-    out = prepare(cfg, params.plots)
-    target = params.target.value
-    subset_count, subset_seed = _target_subset_of(est, params.target_samples, int(cfg.seed))
-    checked = preflight(cfg, out, None, target, subset_count, ids_are_positions=mode == "fresh")  # trajectory retraining removes by id
-    too_large = [size for size in params.sizes if size >= checked.num_train]
-    if too_large:
-        raise ValueError(
-            f"recipe.sizes {too_large} would remove the whole training set of {checked.num_train} samples; "
-            f"keep every size below {checked.num_train}"
-        )
-    recorder = None
-    if mode == "trajectory":
-        from lightning_influence.evaluation import StepRecorder
-
-        recorder = StepRecorder()
-    scored = fit_and_score(cfg, out, target, params.target_samples, [recorder] if recorder is not None else [], datamodule=checked.datamodule)
-    dm, ids, column = scored.datamodule, scored.ids, scored.column
-    n_train = len(train_dataset(dm))
-    if recorder is not None:
-        # Retraining along the recorded steps measures only the removal of samples they trained on: a
-        # post-hoc estimator also scores samples the fit never drew (e.g. trainer.limit_train_batches).
-        from lightning_influence.evaluation import recorded_ids
-
-        trained = torch.isin(ids, recorded_ids(scored.model, recorder.steps))
-        if not bool(trained.all()):
-            warnings.warn(
-                f"{int((~trained).sum())} of the {len(ids)} scored samples were never trained on in the recorded fit "
-                f"(e.g. trainer.limit_train_batches): the deletion sets are drawn from the {int(trained.sum())} trained "
-                "ones, whose removal the retraining measures",
-                stacklevel=2,
-            )
-            ids, column = ids[trained], column[trained]
-    sets = deletion_sets(ids, column, list(params.sizes), [k.value for k in params.kinds], int(cfg.seed), n_train)
+    state = scored_run(cfg, DeletionConfig, _plan, _check_deletion_config)
+    params, scored, target = state.params, state.scored, state.params.target.value
+    recorder = state.plan.callbacks[0] if state.plan.callbacks else None
+    ids, column = _trained_on(state, recorder)
+    sets = deletion_sets(ids, column, list(params.sizes), [k.value for k in params.kinds], int(state.cfg.seed), state.num_train)
     # The actual change is measured on the target the scores are about: with target_samples, the
     # same subset of the target samples (the estimators' draw).
+    subset_count, subset_seed = _target_subset_of(state.est, params.target_samples, int(state.cfg.seed))
     sample_ids = scored.model.sample_ids if target == "train" else None  # type: ignore[attr-defined]
-    batches = target_subset(target, target_batches(target, dm), subset_count, subset_seed, sample_ids)
-    all_ids = torch.arange(n_train)
+    batches = target_subset(target, target_batches(target, scored.datamodule), subset_count, subset_seed, sample_ids)
 
     lds_removals: list[tuple[int, ...]] = []
     if params.lds_subsets:
         from lightning_influence.evaluation import random_removals
 
         # From the ids in ascending order: the same subsets whatever order the estimator returned them in.
-        lds_removals = random_removals(torch.sort(ids).values, params.lds_subsets, params.lds_keep_fraction, seed=int(cfg.seed))
-
+        lds_removals = random_removals(torch.sort(ids).values, params.lds_subsets, params.lds_keep_fraction, seed=int(state.cfg.seed))
     removals = [tuple(int(i) for i in s["ids"].tolist()) for s in sets]
-    if mode == "trajectory":
-        from lightning_influence.evaluation import subset_retraining
-
-        model = scored.model
-        retrained = subset_retraining(model, recorder.initial_params, recorder.steps, recorder.optimizer, [*removals, *lds_removals], batches)  # type: ignore[union-attr,arg-type]
-        changes = retrained.changes.tolist()
-        actual, lds_actual = changes[: len(removals)], changes[len(removals) :]
-        actual_spread = [0.0] * len(removals)
+    if recorder is not None:
+        actual, actual_spread, lds_actual = _replayed_changes(state, recorder, removals, lds_removals, batches)
     else:
-        base = [retrain_fresh(cfg, dm, all_ids, s, out / "retraining", {"target": batches})["target_loss/target"] for s in params.seeds]
-        per_set: list[list[float]] = []
-        for removal in [*removals, *lds_removals]:
-            keep = all_ids[~torch.isin(all_ids, torch.tensor(removal, dtype=torch.long))]
-            seeds = params.seeds if len(per_set) < len(removals) else params.seeds[:1]  # LDS: one seed per subset
-            per_set.append([
-                retrain_fresh(cfg, dm, keep, s, out / "retraining", {"target": batches})["target_loss/target"] - base[k]
-                for k, s in enumerate(seeds)
-            ])
-        actual = [summary(v)["mean"] for v in per_set[: len(removals)]]
-        actual_spread = [summary(v)["std"] for v in per_set[: len(removals)]]
-        lds_actual = [v[0] for v in per_set[len(removals) :]]
+        actual, actual_spread, lds_actual = _retrained_changes(state, removals, lds_removals, batches)
 
-    rows = []
-    for s, a, spread in zip(sets, actual, actual_spread, strict=True):
-        rows.append({"kind": s["kind"], "size": s["size"], "predicted": _predicted(ids, column, s["ids"]), "actual": a, "actual_std": spread})
-    predicted = [r["predicted"] for r in rows]
-    overall = _correlations(predicted, actual)
-    by_kind = {k: _correlations([r["predicted"] for r in rows if r["kind"] == k], [r["actual"] for r in rows if r["kind"] == k]) for k in dict.fromkeys(r["kind"] for r in rows)}
-    lds: dict[str, Any] | None = None
-    if lds_removals:
-        lds_pred = [_predicted(ids, column, torch.tensor(r, dtype=torch.long)) for r in lds_removals]
-        try:
-            value = spearman(torch.tensor(lds_pred), torch.tensor(lds_actual))
-        except ValueError:
-            value = None
-        lds = {"subsets": len(lds_removals), "keep_fraction": params.lds_keep_fraction, "lds": value}
-
-    calibrated = in_target_loss_units(scored.scores.metadata)
-    if not calibrated:
-        why = f"score metadata 'calibrated': False; units: {scored.scores.metadata.get('units', 'not stated')}"
-        warnings.warn(
-            f"{est.name}'s scores are not in units of the target-loss change ({why}): "
-            "the predicted changes of the deletion sets are off in scale; read the correlations and sign agreement, "
-            "not predicted against actual magnitudes",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    report: dict[str, Any] = {
-        "recipe": "deletion",
-        "predicted_calibrated": calibrated,
-        "estimator": {"name": est.name, "options": est.options},
-        "target": target,
-        "units": "target loss (mean over the target samples)",
-        "target_samples": subset_count,
-        "sign_convention": scored.scores.metadata.get("sign_convention"),
-        "score_metadata": scored.scores.metadata,
-        "retraining": mode,
-        "seeds": list(params.seeds) if mode == "fresh" else None,
-        "num_train_samples": n_train,
-        "num_scored": len(ids),
-        "fit_seconds": round(scored.fit_seconds, 3),
-        "score_seconds": round(scored.score_seconds, 3),
-        "sets": rows,
-        "correlation": overall,
-        "correlation_by_kind": by_kind,
-        "lds": lds,
-        "summary": [
-            {"recipe": "deletion", "method": est.name, "kind": r["kind"], "fraction": r["size"] / n_train, "seed": int(cfg.seed), "predicted": r["predicted"], "actual": r["actual"]}
-            for r in rows
-        ],
-        "files": {"scores": "scores.pt", "csv": "scores.csv", "report": "report.json", "config": "config.yaml"},
-        "versions": versions(),
-    }
+    rows = [
+        {"kind": s["kind"], "size": s["size"], "predicted": _predicted(ids, column, s["ids"]), "actual": a, "actual_std": spread}
+        for s, a, spread in zip(sets, actual, actual_spread, strict=True)
+    ]
+    lds = _lds(ids, column, lds_removals, lds_actual, params.lds_keep_fraction) if lds_removals else None
+    report = _report(state, ids, rows, lds, subset_count)
     if is_global_zero():
         if params.plots:
             from lightning_influence import plots
 
             plots.predicted_vs_actual(
-                out / "predicted_vs_actual.png",
-                predicted,
+                state.out / "predicted_vs_actual.png",
+                [r["predicted"] for r in rows],
                 actual,
                 [f"{r['kind']}" for r in rows],
                 units=f"{target} loss",
-                title=f"deletion: {est.name}, {mode} retraining",
+                title=f"deletion: {state.est.name}, {params.retraining.value} retraining",
             )
             report["files"]["predicted_vs_actual"] = "predicted_vs_actual.png"
-        write_outputs(out, cfg, report, scored.scores)
+        write_outputs(state.out, state.cfg, report, scored.scores)
         _print(report)
     return report
+
+
+def _trained_on(state: RecipeRun, recorder: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scored ids and their scores from which the deletion sets are drawn: with trajectory
+    retraining, those the recorded fit trained on (a warning names how many were not)."""
+    ids, column = state.scored.ids, state.scored.column
+    if recorder is None:
+        return ids, column
+    # Retraining along the recorded steps measures only the removal of samples they trained on: a
+    # post-hoc estimator also scores samples the fit never drew (e.g. trainer.limit_train_batches).
+    from lightning_influence.evaluation import recorded_ids
+
+    trained = torch.isin(ids, recorded_ids(state.scored.model, recorder.steps))
+    if bool(trained.all()):
+        return ids, column
+    warnings.warn(
+        f"{int((~trained).sum())} of the {len(ids)} scored samples were never trained on in the recorded fit "
+        f"(e.g. trainer.limit_train_batches): the deletion sets are drawn from the {int(trained.sum())} trained "
+        "ones, whose removal the retraining measures",
+        stacklevel=3,
+    )
+    return ids[trained], column[trained]
+
+
+def _replayed_changes(
+    state: RecipeRun, recorder: Any, removals: list[tuple[int, ...]], lds_removals: list[tuple[int, ...]], batches: list[Any]
+) -> tuple[list[float], list[float], list[float]]:
+    """``recipe.retraining=trajectory``: the actual target change of each removal (and each LDS
+    subset) along the recorded run; the spread over seeds is 0."""
+    from lightning_influence.evaluation import subset_retraining
+
+    retrained = subset_retraining(
+        state.scored.model, recorder.initial_params, recorder.steps, recorder.optimizer, [*removals, *lds_removals], batches
+    )
+    changes = retrained.changes.tolist()
+    return changes[: len(removals)], [0.0] * len(removals), changes[len(removals) :]
+
+
+def _retrained_changes(
+    state: RecipeRun, removals: list[tuple[int, ...]], lds_removals: list[tuple[int, ...]], batches: list[Any]
+) -> tuple[list[float], list[float], list[float]]:
+    """``recipe.retraining=fresh``: the target change of each removal against the full set, mean
+    and spread over ``recipe.seeds`` (each LDS subset: its first seed only)."""
+    cfg, dm, seeds, out = state.cfg, state.scored.datamodule, state.params.seeds, state.out / "retraining"
+    all_ids = torch.arange(state.num_train)
+    base = [retrain_fresh(cfg, dm, all_ids, s, out, {"target": batches})["target_loss/target"] for s in seeds]
+    per_set: list[list[float]] = []
+    for removal in [*removals, *lds_removals]:
+        keep = all_ids[~torch.isin(all_ids, torch.tensor(removal, dtype=torch.long))]
+        set_seeds = seeds if len(per_set) < len(removals) else seeds[:1]  # LDS: one seed per subset
+        per_set.append([
+            retrain_fresh(cfg, dm, keep, s, out, {"target": batches})["target_loss/target"] - base[k] for k, s in enumerate(set_seeds)
+        ])
+    actual = [summary(v)["mean"] for v in per_set[: len(removals)]]
+    actual_spread = [summary(v)["std"] for v in per_set[: len(removals)]]
+    return actual, actual_spread, [v[0] for v in per_set[len(removals) :]]
+
+
+def _lds(ids: torch.Tensor, column: torch.Tensor, removals: list[tuple[int, ...]], actual: list[float], keep_fraction: float) -> dict[str, Any]:
+    """The linear datamodelling score: the rank correlation of the predicted and actual changes over the random subsets."""
+    predicted = [_predicted(ids, column, torch.tensor(r, dtype=torch.long)) for r in removals]
+    try:
+        value = spearman(torch.tensor(predicted), torch.tensor(actual))
+    except ValueError:
+        value = None
+    return {"subsets": len(removals), "keep_fraction": keep_fraction, "lds": value}
+
+
+def _report(state: RecipeRun, ids: torch.Tensor, rows: list[dict[str, Any]], lds: dict[str, Any] | None, subset_count: int | None) -> dict[str, Any]:
+    params, est, metadata, n_train = state.params, state.est, state.scored.scores.metadata, state.num_train
+    mode = params.retraining.value
+    calibrated = in_target_loss_units(metadata)
+    if not calibrated:
+        why = f"score metadata 'calibrated': False; units: {metadata.get('units', 'not stated')}"
+        warnings.warn(
+            f"{est.name}'s scores are not in units of the target-loss change ({why}): "
+            "the predicted changes of the deletion sets are off in scale; read the correlations and sign agreement, "
+            "not predicted against actual magnitudes",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    kinds = dict.fromkeys(r["kind"] for r in rows)
+    return {
+        "recipe": "deletion",
+        "predicted_calibrated": calibrated,
+        "estimator": {"name": est.name, "options": est.options},
+        "target": params.target.value,
+        "units": "target loss (mean over the target samples)",
+        "target_samples": subset_count,
+        "sign_convention": metadata.get("sign_convention"),
+        "score_metadata": metadata,
+        "retraining": mode,
+        "seeds": list(params.seeds) if mode == "fresh" else None,
+        "num_train_samples": n_train,
+        "num_scored": len(ids),
+        "fit_seconds": round(state.scored.fit_seconds, 3),
+        "score_seconds": round(state.scored.score_seconds, 3),
+        "sets": rows,
+        "correlation": _correlations([r["predicted"] for r in rows], [r["actual"] for r in rows]),
+        "correlation_by_kind": {
+            k: _correlations([r["predicted"] for r in rows if r["kind"] == k], [r["actual"] for r in rows if r["kind"] == k]) for k in kinds
+        },
+        "lds": lds,
+        "summary": [
+            {"recipe": "deletion", "method": est.name, "kind": r["kind"], "fraction": r["size"] / n_train, "seed": int(state.cfg.seed), "predicted": r["predicted"], "actual": r["actual"]}
+            for r in rows
+        ],
+        "files": {"scores": "scores.pt", "csv": "scores.csv", "report": "report.json", "config": "config.yaml"},
+        "versions": versions(),
+    }
 
 
 def _fmt(value: Any, spec: str = ".3f") -> str:
