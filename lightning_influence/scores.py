@@ -17,6 +17,7 @@ import operator
 import os
 import pickle
 import re
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -37,6 +38,10 @@ CHECKSUM_ALGORITHM = "sha256"
 SIGN_CONVENTION = "target-loss change when the sample is removed; positive helps, negative hurts"
 
 MetadataValue = str | int | float | bool | None
+
+RESERVED_METADATA: dict[str, Any] = {"version": FORMAT_VERSION}
+"""Metadata keys that :class:`InfluenceScores` sets itself, with their values: metadata that gives
+one of them another value is refused (the same value, as copied from other scores, is accepted)."""
 
 
 class ScoreFileError(ValueError):
@@ -77,6 +82,15 @@ def _normalised_tensors(ids: Any, values: Any) -> tuple[Tensor, Tensor]:
         try:
             tensor = torch.as_tensor(given)
         except (TypeError, ValueError, RuntimeError) as err:
+            if "Overflow" in str(err):
+                raise ValueError(
+                    f"{name} hold an integer outside the int64 range ({err}): "
+                    + (
+                        "sample ids are positions in the training dataset, stored as int64 (below 2**63)"
+                        if name == "ids"
+                        else "pass the values as floats (influence scores are float64)"
+                    )
+                ) from None
             raise ValueError(f"{name} must be a tensor (or a sequence of numbers), got {type(given).__name__}: {err}") from None
         if tensor.layout != torch.strided:
             raise ValueError(f"{name} must be a dense tensor, got layout {tensor.layout}: pass {name}.to_dense()")
@@ -91,10 +105,23 @@ def _normalised_tensors(ids: Any, values: Any) -> tuple[Tensor, Tensor]:
         )
     if values.dtype == torch.bool:
         raise ValueError("values are booleans; influence scores are real numbers (float64)")
-    ids = ids.detach().to("cpu", torch.long).reshape(-1)
+    if ids.dim() > 1:
+        raise ValueError(
+            f"sample ids must be a vector [N] (or a single id), got a tensor of shape {tuple(ids.shape)}: pass "
+            "ids.reshape(-1) (with values reshaped to match) if the ids are meant to be flattened"
+        )
+    if ids.device.type == "meta" or values.device.type == "meta":
+        raise ValueError("ids and values must hold data: got a tensor on the 'meta' device, which has none")
+    if ids.dtype == torch.uint64 and ids.numel() and bool((ids.view(torch.int64) < 0).any()):
+        raise ValueError(
+            "sample ids overflow int64: a uint64 id is >= 2**63, which InfluenceScores (int64 ids, as torch indexes "
+            "datasets) cannot hold; sample ids are positions in the training dataset"
+        )
+    # Copies (copy=True): later in-place changes of the caller's tensors (or NumPy arrays) do not reach the scores.
+    ids = ids.detach().to("cpu", torch.long, copy=True).reshape(-1)
     if ids.numel() and int(ids.min()) < 0:
         raise ValueError(f"sample ids must be >= 0 (positions in the training dataset), got {int(ids.min())}")
-    values = values.detach().to("cpu", torch.float64)
+    values = values.detach().to("cpu", torch.float64, copy=True)
     if values.dim() not in (1, 2) or values.shape[0] != ids.shape[0]:
         raise ValueError(f"values must have shape [N] or [N, Q] with N = len(ids) = {ids.shape[0]}, got {tuple(values.shape)}")
     unique, counts = ids.unique(return_counts=True)
@@ -117,6 +144,14 @@ def _check_metadata_mapping(metadata: Any) -> None:
     if not isinstance(metadata, Mapping):
         raise ValueError(f"metadata must be a dict with string keys, got {type(metadata).__name__}")
     _check_metadata_keys(metadata, "metadata")
+    for key, value in RESERVED_METADATA.items():
+        given = metadata.get(key, value)
+        if isinstance(given, bool) or not isinstance(given, type(value)) or given != value:
+            raise ValueError(
+                f"metadata key {key!r} is reserved (InfluenceScores sets it: the score-file format version, "
+                f"{value}; reserved keys: {', '.join(map(repr, RESERVED_METADATA))}), got {key!r}: {metadata[key]!r}. "
+                f"Store your value under another key, e.g. 'model_{key}'"
+            )
 
 
 def _json_metadata(value: Any, path: str, open_containers: tuple[int, ...] = ()) -> Any:
@@ -254,9 +289,13 @@ class InfluenceScores:
     mode, target, steps seen, ...), with string keys at every level (nested dicts included: JSON's
     keys are strings, so other keys are refused rather than turned into strings by a save and load),
     held as :meth:`load` gives them back: tuples become lists, NumPy scalars and 0-d arrays or
-    tensors Python numbers, and anything else JSON cannot hold is refused, naming its key; ``version`` is always added, and ``sign_convention`` (the
+    tensors Python numbers, and anything else JSON cannot hold is refused, naming its key; ``version`` is always added
+    (a reserved key: metadata that gives it another value is refused), and ``sign_convention`` (the
     library's, :data:`SIGN_CONVENTION`) unless the metadata states another: the rankings that
     are not removal effects (coreset and cleaning baselines) say what a high value means.
+
+    The constructor copies ``ids`` and ``values`` (a later in-place change of the caller's tensors
+    does not reach the scores); ``ids`` must be a vector (or one id), of values below ``2**63``.
     """
 
     ids: Tensor
@@ -327,7 +366,17 @@ class InfluenceScores:
         """The scores of ``ids`` in their order (one target column: ``query`` for a matrix), e.g.
         to line them up with a ground truth computed for those ids; ``KeyError`` naming the
         first id without a score."""
-        given = torch.as_tensor(ids)
+        try:
+            given = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as err:
+            if "Overflow" in str(err):
+                raise ValueError(
+                    f"ids hold an integer outside the int64 range ({err}): sample ids are int64 (below 2**63), so no "
+                    "sample has such an id"
+                ) from None
+            raise TypeError(f"ids must be a 1-D sequence of integer sample ids, got {type(ids).__name__}: {err}") from None
+        if given.dtype == torch.uint64 and given.numel() and bool((given.view(torch.int64) < 0).any()):
+            raise ValueError("ids overflow int64: a uint64 id is >= 2**63; sample ids are int64 (below 2**63), so no sample has such an id")
         if given.numel() and (given.is_floating_point() or given.is_complex() or given.dtype == torch.bool) or given.ndim > 1:
             raise TypeError(
                 f"ids must be a 1-D sequence of integer sample ids, got a {given.dtype} tensor of shape {tuple(given.shape)}"
@@ -465,6 +514,9 @@ class InfluenceScores:
         CRC-32 of every zip member is checked before anything is unpickled, and the content
         checksum (files written before checksums were added have none and load without it)."""
         path = Path(path)
+        kind = _special_file_kind(path)
+        if kind is not None:  # reading a FIFO would block; a device is not a score file
+            raise ScoreFileError(f"{path} is {kind}, not a regular file: pass the path of a score file written by InfluenceScores.save")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -481,7 +533,14 @@ class InfluenceScores:
             raise ScoreFileError(_pickled_object_message(str(path), message)) from None
         except Exception as err:  # torch raises many types for damaged zip/pickle data
             raise ScoreFileError(f"{path} is not a readable score file (truncated or corrupted?): {_plain(str(err))}") from None
-        return cls._from_payload(payload, str(path))
+        try:
+            return cls._from_payload(payload, str(path))
+        except ScoreFileError:
+            raise
+        except Exception as err:  # a last guard: every failure to load names the file
+            raise ScoreFileError(
+                f"{path} is not a readable score file (crafted or corrupted?): {type(err).__name__}: {_plain(str(err))[:300]}"
+            ) from None
 
     @classmethod
     def _from_payload(cls, payload: Any, origin: str) -> InfluenceScores:
@@ -502,6 +561,11 @@ class InfluenceScores:
             raise ScoreFileError(f"{origin} has ids of dtype {ids.dtype} and values of dtype {values.dtype}; expected int64 and float64")
         if ids.dim() != 1:
             raise ScoreFileError(f"{origin} has ids of shape {tuple(ids.shape)}; expected a vector [N]")
+        if ids.device.type != "cpu" or values.device.type != "cpu":
+            raise ScoreFileError(
+                f"{origin} has ids on the {ids.device.type!r} device and values on the {values.device.type!r} device; score "
+                "files hold CPU tensors with their data (a 'meta' tensor holds none): re-create it with InfluenceScores.save"
+            )
         if "checksum" in payload:
             stored = payload["checksum"]
             if not isinstance(stored, str) or stored != _checksum(version, ids, values, meta):
@@ -513,6 +577,11 @@ class InfluenceScores:
             metadata = json.loads(meta, parse_constant=_refuse_json_constant, parse_float=_finite_json_float)
         except ValueError as err:  # json.JSONDecodeError is a ValueError
             raise ScoreFileError(f"{origin} has unreadable metadata: {err}") from None
+        except RecursionError:
+            raise ScoreFileError(
+                f"{origin} has unreadable metadata: its JSON is nested too deeply to read (InfluenceScores.save never "
+                "writes such metadata: a crafted or corrupted file)"
+            ) from None
         if not isinstance(metadata, dict):
             raise ScoreFileError(f"{origin} has metadata that is not a mapping")
         try:
@@ -603,32 +672,82 @@ def verify_zip(data: bytes, origin: str, kind: str = "score file", error: type[V
             raise error(f"{origin} is corrupted: zip member {info.filename!r} is damaged ({err})") from None
 
 
+def _special_file_kind(path: Path) -> str | None:
+    """What ``path`` is if it exists (symbolic links followed) and is neither a regular file nor a
+    folder (``"a FIFO (named pipe)"``, ``"a character device"``, ...), else ``None``."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing (or a dangling link, or unreadable): not a special file we know of
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _write_target(path: Path) -> Path:
+    """The file an atomic write of ``path`` replaces: ``path`` itself, or, for a symbolic link, the
+    file the link resolves to (the link stays a link; its target gets the new content)."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _temporary_prefix(name: str) -> str:
+    """A prefix for the temporary (and probe) files of a write of ``name`` that keeps them within
+    the 255-byte name limit of common file systems whatever the length of ``name``: ``.<name>.``
+    for a short name, else ``.<start of name>~<hash>.``."""
+    if len(name.encode()) <= 64:
+        return f".{name}."
+    start = name.encode()[:40].decode(errors="ignore")
+    return f".{start}~{hashlib.sha256(name.encode()).hexdigest()[:12]}."
+
+
 def _file_path_problem(path: Path) -> tuple[Path, str | None]:
     """``(nearest existing ancestor, why path cannot be a file there)``: ``"is a folder, not a
-    file"``, ``"lies under <ancestor>, which is a file, not a folder"``, or ``None``."""
-    ancestor = path.parent
+    file"``, ``"lies under <ancestor>, which is a file, not a folder"``, ``"is a FIFO (named pipe),
+    not a regular file ..."`` (any existing non-regular file), or ``None``. A symbolic link is judged
+    by the file it resolves to (see :func:`atomic_write_bytes`)."""
+    target = _write_target(path)
+    ancestor = target.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
-    if path.is_dir():
+    if target.is_dir():
         return ancestor, "is a folder, not a file"
     if not ancestor.is_dir():
         return ancestor, f"lies under {str(ancestor)!r}, which is a file, not a folder"
+    kind = _special_file_kind(target)
+    if kind is not None:
+        via = f" (the symbolic link resolves to {str(target)!r})" if target != path else ""
+        return ancestor, (
+            f"exists and is {kind}, not a regular file{via}: writing would replace it with a regular file, so it is "
+            "left alone"
+        )
     return ancestor, None
 
 
 def check_writable(path: str | os.PathLike[str], owner: str, what: str = "save_path") -> None:
     """Refuse, before any work is spent, a file path that :func:`atomic_write_bytes` could not
-    write: a folder, a path under a regular file, or a folder this process cannot create files in
-    (probed with a temporary file that is removed at once; missing folders are not created).
-    ``owner`` and ``what`` (the argument's name) start the ``ValueError``'s message."""
+    write: a folder, a path under a regular file, an existing file that is not a regular file (a
+    FIFO, a device, a socket), or a folder this process cannot create files in (probed with a
+    temporary file that is removed at once; missing folders are not created). A symbolic link is
+    checked as the file it resolves to, which the write replaces. ``owner`` and ``what`` (the
+    argument's name) start the ``ValueError``'s message."""
     path = Path(path)
     advice = "pass a file path in a folder this process can write to"
     ancestor, problem = _file_path_problem(path)
     if problem is not None:
         example = f" (e.g. {str(path / 'scores.pt')!r})" if path.is_dir() else ""
+        if "not a regular file" in problem:
+            advice = "pass the path of a regular file (or of one that does not exist yet)"
         raise ValueError(f"{owner}: {what} {str(path)!r} {problem}; {advice}{example}")
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=ancestor)
+        fd, probe = tempfile.mkstemp(prefix=_temporary_prefix(_write_target(path).name), suffix=".probe", dir=ancestor)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
@@ -640,15 +759,28 @@ def check_writable(path: str | os.PathLike[str], owner: str, what: str = "save_p
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
-    A ``path`` that is a folder (``IsADirectoryError``) or lies under a file
-    (``NotADirectoryError``) is refused with a message naming it, not the temporary file."""
+
+    A ``path`` that is a folder (``IsADirectoryError``), lies under a file (``NotADirectoryError``)
+    or exists as something other than a regular file (a FIFO, a device, a socket:
+    ``FileExistsError``; it is left as it is) is refused with a message naming it, not the
+    temporary file. A symbolic link is written through: its resolved target is replaced
+    atomically (the temporary file in the target's folder) and the link stays a link. A write that
+    fails (a full disk, a file size limit) raises ``OSError`` naming ``path`` and leaves the
+    previous file, if any, as it was. Temporary file names stay short whatever the length of
+    ``path``'s name. Returns ``path``."""
     path = Path(path)
     _, problem = _file_path_problem(path)
     if problem is not None:
-        error = IsADirectoryError if path.is_dir() else NotADirectoryError
-        raise error(f"cannot write the file {str(path)!r}: it {problem}; pass the path of a file in a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        target = _write_target(path)
+        error = IsADirectoryError if target.is_dir() else FileExistsError if "not a regular file" in problem else NotADirectoryError
+        fix = (
+            "pass the path of a regular file (or of one that does not exist yet)" if error is FileExistsError
+            else "pass the path of a file in a folder"
+        )
+        raise error(f"cannot write the file {str(path)!r}: it {problem}; {fix}")
+    target = _write_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(target.name), suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -657,10 +789,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, target)
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            via = f" (through the symbolic link to {str(target)!r})" if target != path else ""
+            message = (
+                f"writing the file {str(path)!r}{via} failed ({err.strerror or err}; disk full, or over a file size "
+                "limit?): the previous file there, if any, is left as it was; free space or write elsewhere"
+            )
+            raise (OSError(err.errno, message) if err.errno is not None else OSError(message)) from err
         raise
     return path
 

@@ -214,9 +214,9 @@ def test_summary_per_class_and_join_agree_with_direct_computation():
 
 def test_to_pandas_or_a_clear_message():
     scores = InfluenceScores(torch.tensor([1, 0]), torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64))
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("pandas") is None:
         with pytest.raises(ImportError, match="pip install pandas"):
             scores.to_pandas()
         return
