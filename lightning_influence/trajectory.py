@@ -126,6 +126,9 @@ class Trajectory:
         self.device = torch.device(device)
         self._records: deque[StepRecord | Path] = deque()
         self._extra_checkpoints: set[int] = set()  # steps that keep their parameters off the k-step grid
+        # Steps whose stored record (in memory or in its file) holds no parameters, whatever the grid says: records
+        # restored from a fit with another checkpoint_every keep what that fit stored.
+        self._without_theta: set[int] = set()
         self.pool: VectorPool | None = None
         # A folder of its own (inside spill_dir when given): callbacks, ranks and processes sharing a
         # spill_dir never read or delete each other's files.
@@ -159,6 +162,11 @@ class Trajectory:
         return out
 
     def keeps_theta(self, step: int) -> bool:
+        """Whether the record of ``step`` stores its parameters: on the ``checkpoint_every`` grid or
+        kept off it (:meth:`keep_theta_at`, restored records that hold them), and not a record,
+        restored from a fit with another grid, that was stored without them."""
+        if step in self._without_theta:
+            return False
         return step % self.checkpoint_every == 0 or step in self._extra_checkpoints
 
     def keep_theta_at(self, step: int) -> None:
@@ -172,6 +180,8 @@ class Trajectory:
         if not self.keeps_theta(record.step):
             record = replace(record)
             self._drop_between_checkpoints(record)
+        if record.theta is None:
+            self._without_theta.add(record.step)
         if self.storage == "memory":
             self._records.append(record)
             return
@@ -187,11 +197,25 @@ class Trajectory:
         self._records.append(path)
 
     def _read(self, path: Path) -> dict[str, Any]:
-        """A spilled record's payload, or a :class:`SpilledTrajectoryError` saying what happened to it."""
+        """A spilled record's payload, or a :class:`SpilledTrajectoryError` saying what happened to it:
+        also for a file that reads but holds another record than the one written under its name
+        (files swapped or copied over each other during fit), told by the payload's own step and
+        by whether it holds parameters."""
+        step = _path_step(path)
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            raise self._spill_error(_path_step(path), path, err, writing=False) from err
+            raise self._spill_error(step, path, err, writing=False) from err
+        held = payload.get("step") if isinstance(payload, dict) else None
+        if isinstance(held, bool) or not isinstance(held, int) or held != step:
+            what = f"step {held}" if isinstance(held, int) and not isinstance(held, bool) else "no step record"
+            raise self._spill_error(step, path, ValueError(f"the file holds {what}, not step {step}: files swapped or replaced"), writing=False)
+        if (payload.get("theta") is None) != (step in self._without_theta):
+            holds, written = ("no", "with") if payload.get("theta") is None else ("the", "without")
+            raise self._spill_error(
+                step, path, ValueError(f"the file holds {holds} parameters, but step {step} was written {written} them: replaced"), writing=False
+            )
+        return payload
 
     def _spill_error(self, step: int, path: Path, err: BaseException, *, writing: bool) -> SpilledTrajectoryError:
         """What went wrong with the spilled record of ``step`` at ``path``: a write that failed in a
@@ -259,11 +283,12 @@ class Trajectory:
     def drop_oldest(self, count: int) -> None:
         for _ in range(min(count, len(self._records))):
             item = self._records.popleft()
+            step = _path_step(item) if isinstance(item, Path) else item.step
+            self._extra_checkpoints.discard(step)
+            self._without_theta.discard(step)
             if isinstance(item, Path):
-                self._extra_checkpoints.discard(_path_step(item))
                 item.unlink(missing_ok=True)
             else:
-                self._extra_checkpoints.discard(item.step)
                 self._release(item)
 
     def newest_first(self, recompute_step: RecomputeStep | None = None) -> Iterator[StepRecord]:
@@ -310,7 +335,7 @@ class Trajectory:
     def _load_meta_theta_missing(self, item: StepRecord | Path) -> bool:
         if isinstance(item, StepRecord):
             return item.theta is None
-        return not self.keeps_theta(_path_step(item))
+        return _path_step(item) in self._without_theta  # what the file was written with, not the current grid
 
     def close(self) -> None:
         """Free every record and pooled vector; delete spilled files (and the temporary folder
