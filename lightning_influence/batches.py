@@ -15,10 +15,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+
+BatchRemoval = Literal["reaverage", "drop"]
+"""What removing ``z`` from a micro-batch of ``b`` means: ``"reaverage"``, the mean loss over the other
+``b - 1`` (``dG = -(grad l_z - mean) / (n (b - 1))``); ``"drop"``, ``z``'s term dropped with the
+batch's ``1 / b`` kept (``dG = -grad l_z / (n b)``, SGD-influence's counterfactual)."""
 
 
 def map_tensors(fn: Callable[[Tensor], Any], batch: Any) -> Any:

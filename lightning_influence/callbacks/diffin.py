@@ -20,6 +20,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_influence.batches import BatchRemoval
 from lightning_influence.checks import (
     check_id_type,
     check_id_values,
@@ -185,6 +186,12 @@ class DiffIn(Callback):
             ``b - 1`` per micro-batch and scored step (vectorised with ``vmap``); single process only.
             ``False`` on a coupled module scores it as if the losses were independent (only for
             comparisons: it is not the leave-one-out effect).
+        batch_removal: what removing ``z`` from a batch of ``b`` means: ``"reaverage"`` (default) the
+            batch's mean loss over the other ``b - 1`` samples, as retraining without ``z`` computes
+            it; ``"drop"`` ``z``'s term dropped and the batch's ``1 / b`` kept, the counterfactual of
+            SGD-influence (Hara et al., 2019), whose first-order step term is TracIn's. Judge each
+            against :func:`~lightning_influence.evaluation.leave_one_out` with the same option.
+            Not for coupled losses.
         name: a name for this callback, needed only to put two ``DiffIn`` with the same options
             (e.g. two targets of the same kind read from different loaders) into one Trainer: it
             tells their checkpoint states apart (Lightning requires unique state keys) and is
@@ -252,6 +259,7 @@ class DiffIn(Callback):
         save_path: str | Path | None = None,
         log_summary: bool = True,
         coupled: bool | None = None,
+        batch_removal: BatchRemoval = "reaverage",
         name: str | None = None,
     ) -> None:
         check_target_arguments(target, target_loader, target_samples)
@@ -317,6 +325,14 @@ class DiffIn(Callback):
         if coupled is not None and not isinstance(coupled, bool):
             raise ValueError(f"coupled must be None (the module's coupled_batch_loss), True or False, got {coupled!r}")
         self.coupled = coupled
+        if batch_removal not in ("reaverage", "drop"):
+            raise ValueError(
+                f"batch_removal must be 'reaverage' (the batch mean over the samples left: the library's removal) or "
+                f"'drop' (the sample's term dropped, the batch keeps its 1/b: SGD-influence's counterfactual), got {batch_removal!r}"
+            )
+        if batch_removal == "drop" and coupled:
+            raise ValueError("batch_removal='drop' is defined for losses that are a sum of per-sample terms, not for coupled=True")
+        self.batch_removal: BatchRemoval = batch_removal
         self.name = name
         self._coupled = False
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
@@ -437,6 +453,8 @@ class DiffIn(Callback):
             extra.update(target_samples=self.target_samples, seed=self.seed)
         if self.mode == "online" and self.score_every != 2 * self.window:
             extra["score_every"] = self.score_every
+        if self.batch_removal != "reaverage":
+            extra["batch_removal"] = self.batch_removal
         return self._generate_state_key(
             target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params, **extra
         )
@@ -479,6 +497,11 @@ class DiffIn(Callback):
                 "scored exactly"
             )
         self._coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)
+        if self._coupled and self.batch_removal == "drop":
+            raise ValueError(
+                f"{type(pl_module).__name__} declares coupled_batch_loss, and batch_removal='drop' is defined for losses that "
+                "are a sum of per-sample terms: use batch_removal='reaverage' (the batch loss recomputed without the sample)"
+            )
         if self._coupled and int(getattr(trainer, "world_size", 1) or 1) > 1:
             raise ValueError(
                 f"{type(pl_module).__name__} declares coupled_batch_loss (each sample's loss depends on its batch): "
@@ -619,6 +642,7 @@ class DiffIn(Callback):
             hessian_every=self.hessian_every,
             collective=self._collective,
             remove=pl_module.remove_from_batch if self._coupled else None,  # type: ignore[attr-defined]
+            batch_removal=self.batch_removal,
             per_sample=self._per_sample,
             chunk_size=self.chunk_size,
         )
@@ -1350,6 +1374,7 @@ class DiffIn(Callback):
                 "per_sample": self.per_sample,
                 "params": list(self.params) if self.params is not None else None,
                 "coupled": self.coupled,
+                "batch_removal": self.batch_removal,
             },
         }
 
@@ -1701,6 +1726,7 @@ class DiffIn(Callback):
             "singleton_steps": self.singleton_steps,
             "optimizer": type(self._model.optimizer).__name__ if self._model is not None else None,
             "second_moment": self.second_moment,
+            "batch_removal": self.batch_removal,
             "params": self.params,
             "finite_difference": self._sweep.finite_difference,
             "fd_rel_step": self._sweep.fd_rel_step,

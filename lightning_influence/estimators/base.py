@@ -331,6 +331,7 @@ class CallbackEstimator(Estimator):
 # never breaks another.
 REGISTRY: dict[str, str] = {
     "diffin": "lightning_influence.estimators.diffin:DiffInEstimator",
+    "sgd_influence": "lightning_influence.estimators.diffin:SGDInfluence",
     "diffin_checkpoints": "lightning_influence.estimators.diffin_checkpoints:DiffInCheckpoints",
     "influence_function": "lightning_influence.estimators.influence_functions:InfluenceFunction",
     "datainf": "lightning_influence.estimators.influence_functions:DataInf",

@@ -4,10 +4,14 @@ callback records during ``fit`` (and sweeps, with :mod:`~lightning_influence.est
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import lightning as L
 
 from lightning_influence.callbacks.diffin import DiffIn
-from lightning_influence.estimators.base import CallbackEstimator
+from lightning_influence.estimators.base import CallbackEstimator, Target
+from lightning_influence.scores import InfluenceScores
 
 
 class DiffInEstimator(CallbackEstimator):
@@ -16,3 +20,23 @@ class DiffInEstimator(CallbackEstimator):
 
     name: ClassVar[str] = "diffin"
     options_from: ClassVar[type | None] = DiffIn
+
+
+class SGDInfluence(DiffInEstimator):
+    """Trajectory SGD-influence (Hara et al., 2019): the linear influence of a sample on the final
+    target loss, traced back through the recorded steps, for their counterfactual run in which the
+    sample's term is dropped from each batch it was in and the batch keeps its ``1 / b``. This is
+    :class:`~lightning_influence.DiffIn` in replay mode with ``batch_removal="drop"`` (the defaults
+    here; every other DiffIn option applies, and so do the optimizers DiffIn models, where the paper
+    treats plain SGD): Hessian products from finite differences of gradients, exact propagation.
+    Units and sign: the predicted change of the target loss when the sample is dropped so; judge it
+    against :func:`~lightning_influence.evaluation.leave_one_out` with ``batch_removal="drop"``."""
+
+    name: ClassVar[str] = "sgd_influence"
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**{"mode": "replay", "batch_removal": "drop", **options})
+
+    def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
+        scores = super().scores(module, train_loader, target)
+        return InfluenceScores(scores.ids, scores.values, {**scores.metadata, "estimator": "sgd_influence"})

@@ -79,6 +79,7 @@ from lightning_influence.kernels import (
     removal_derivatives,
     shifted_losses,
 )
+from lightning_influence.batches import BatchRemoval
 from lightning_influence.distributed import Collective
 from lightning_influence.scores import ScoreAccumulator
 from lightning_influence.targets import TargetGradient
@@ -129,6 +130,7 @@ class DiffInSweep:
         hessian_every: int = 1,
         collective: Collective | None = None,
         remove: RemoveFn | None = None,
+        batch_removal: BatchRemoval = "reaverage",
         vectorize_removal: bool = True,
         per_sample: PerSampleDerivatives = "forward_mode",
         chunk_size: int | None = None,
@@ -175,6 +177,7 @@ class DiffInSweep:
                 "the losses of the whole global batch, which is sharded across the ranks"
             )
         self.remove = remove
+        self.batch_removal: BatchRemoval = batch_removal
         """Coupled batch loss: the batch without one sample (``None``: per-sample losses are independent)."""
         self.vectorize_removal = vectorize_removal
         self.per_sample: PerSampleDerivatives = per_sample
@@ -582,7 +585,7 @@ class DiffInSweep:
 
     def _accumulate(self, record: StepRecord, derivatives: list[list[Tensor]], squeeze: bool) -> None:
         """Add ``<a^G_t, dG_t(z)> = (s_z - mean_k s) / (n (b_k - 1))`` (``s_z / n`` if ``b_k = 1``);
-        coupled losses: ``r_z / n``."""
+        ``s_z / (n b_k)`` with ``batch_removal="drop"``; coupled losses: ``r_z / n``."""
         if record.global_ids is not None and self.remove is not None:
             raise ValueError("coupled batch losses are scored in a single process only")
         if record.global_ids is not None:
@@ -597,6 +600,8 @@ class DiffInSweep:
                 )
             if self.remove is not None:
                 contribution = s / record.normalizer
+            elif self.batch_removal == "drop":
+                contribution = s / (b * record.normalizer)
             else:
                 contribution = (s if b == 1 else (s - s.mean(dim=0, keepdim=True)) / (b - 1)) / record.normalizer
             # Finiteness is read once per sweep, from the steps' norms (_check_step_norms): no wait here.
@@ -625,7 +630,10 @@ class DiffInSweep:
             copies = counts[torch.searchsorted(values, ids.cpu())].to(s.dtype).unsqueeze(1).to(s.device)  # m_z [b, 1]
             mean = (sums[k] / size).to(s.device)
             rest = size - copies
-            contribution = torch.where(rest > 0, (s - mean) / rest.clamp(min=1), s / copies) / record.normalizer
+            if self.batch_removal == "drop":  # each local copy's term dropped from the global micro-batch of `size`
+                contribution = s / (size * record.normalizer)
+            else:
+                contribution = torch.where(rest > 0, (s - mean) / rest.clamp(min=1), s / copies) / record.normalizer
             self._note_step(record, contribution)
             self.accumulator.add(ids, contribution[:, 0] if squeeze else contribution)
 

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.batches import map_tensors
+from lightning_influence.batches import BatchRemoval, map_tensors
 from lightning_influence.evaluation._checks import _shown, as_ids
 from lightning_influence.optimizers import torch_optimizer
 from lightning_influence.kernels import (
@@ -477,6 +477,7 @@ def retrain(
     *,
     chunk_size: int = 128,
     coupled: bool | None = None,
+    batch_removal: BatchRemoval = "reaverage",
 ) -> dict[str, Tensor]:
     """Final parameters of the recorded run re-run without the samples of each removal set.
 
@@ -513,7 +514,13 @@ def retrain(
     mean of ``per_sample_loss`` evaluated on the sub-batch without its removed samples
     (``module.remove_from_batch``), not the full batch's losses with those terms dropped; runs are
     then vectorised per group of runs removing the same positions of a micro-batch.
+
+    ``batch_removal="drop"``: a micro-batch's loss is the sum of its remaining samples' losses
+    divided by its full size ``b`` (the removed terms dropped, the ``1 / b`` kept: the
+    counterfactual of SGD-influence, Hara et al., 2019) instead of their mean; not for coupled losses.
     """
+    if batch_removal not in ("reaverage", "drop"):
+        raise ValueError(f"batch_removal must be 'reaverage' or 'drop', got {batch_removal!r}")
     if not isinstance(optimizer, OptimizerSpec):
         raise TypeError(
             f"optimizer must be an OptimizerSpec (OptimizerSpec.from_optimizer(module, optimizer)), got {type(optimizer).__name__}"
@@ -546,6 +553,8 @@ def retrain(
     if coupled is None:
         coupled = bool(getattr(module, "coupled_batch_loss", False))
     remove: RemoveFn | None = None
+    if coupled and batch_removal == "drop":
+        raise ValueError("batch_removal='drop' is defined for losses that are a sum of per-sample terms, not for coupled losses")
     if coupled:
         if not hasattr(module, "remove_from_batch"):
             raise TypeError(f"{type(module).__name__} has no remove_from_batch(batch, index): mix in lightning_influence.InfluenceMixin")
@@ -557,7 +566,7 @@ def retrain(
             _check_functional_gradient(module, loss_fn, initial_params, trained, steps[0])
         for start in range(0, len(removal_sets), chunk_size):
             chunk = removal_sets[start : start + chunk_size]
-            chunks.append(_retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove))
+            chunks.append(_retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove, batch_removal))
     if not chunks:
         return {n: initial_params[n].detach().new_empty((0, *initial_params[n].shape)) for n in trained}
     return {n: torch.cat([c[n] for c in chunks]) for n in trained}
@@ -572,6 +581,7 @@ def _retrain_chunk(
     step_ids: list[list[list[int]]],
     chunk: list[frozenset[int]],
     remove: RemoveFn | None = None,
+    batch_removal: BatchRemoval = "reaverage",
 ) -> dict[str, Tensor]:
     k = len(chunk)
     trained = [n for group in groups for n in group]
@@ -595,6 +605,7 @@ def _retrain_chunk(
             runs_removing.setdefault(i, []).append(run)
 
     vectorize = _Vectorize()
+    drop = batch_removal == "drop"
     for t, (step, micro_ids) in enumerate(zip(steps, step_ids, strict=True)):
         grads: dict[str, Tensor] | None = None
         step_loss = _holding(loss_fn, step.varying)
@@ -627,8 +638,9 @@ def _retrain_chunk(
                         f"per_sample_loss returned shape {tuple(losses.shape)} at step {t} (micro-batch {m}), but "
                         f"sample_ids reports {w.shape[0]} samples: it must return one loss per sample"
                     )
-                total = w.sum()
-                # an emptied micro-batch: loss 0, it contributes no gradient
+                # the mean over the samples left (an emptied micro-batch: loss 0, no gradient), or with
+                # batch_removal="drop" their sum over the full micro-batch's size
+                total = w.sum() if not drop else torch.full_like(w.sum(), w.shape[0])
                 mean = (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
                 return mean / norm
 
@@ -917,6 +929,7 @@ def leave_one_out(
     *,
     chunk_size: int = 128,
     coupled: bool | None = None,
+    batch_removal: BatchRemoval = "reaverage",
 ) -> Tensor:
     """Exact trajectory-specific leave-one-out influence of each sample in ``sample_ids``.
 
@@ -934,6 +947,8 @@ def leave_one_out(
     ``Tensor[len(sample_ids)]`` on the CPU. Cost: ``len(sample_ids) + 1``
     retraining runs, vectorised ``chunk_size`` at a time. ``coupled``: see :func:`retrain` (default:
     ``module.coupled_batch_loss``); the target batches are evaluated whole either way.
+    ``batch_removal``: see :func:`retrain` (``"drop"``: the counterfactual that
+    ``DiffIn(batch_removal="drop")`` and the ``sgd_influence`` estimator predict).
     """
     ids = as_ids("sample_ids", sample_ids, flatten=True).tolist()
     check_recorded_ids(module, steps, ids)
@@ -942,7 +957,14 @@ def leave_one_out(
     losses: list[Tensor] = []
     for start in range(0, len(removals), chunk_size):
         final = retrain(
-            module, initial_params, steps, optimizer, removals[start : start + chunk_size], chunk_size=chunk_size, coupled=coupled
+            module,
+            initial_params,
+            steps,
+            optimizer,
+            removals[start : start + chunk_size],
+            chunk_size=chunk_size,
+            coupled=coupled,
+            batch_removal=batch_removal,
         )
         losses.append(target_loss(module, final, batches, chunk_size=chunk_size))
     f = torch.cat(losses)
