@@ -25,7 +25,7 @@ def test_every_registered_estimator_scores_every_training_sample(name: str, prob
     cls = estimator_class(name)
     assert issubclass(cls, Estimator) and cls.name == name
     # Estimators that watch training take their target when built (their callback needs it during fit).
-    options = {"target": "val", "target_loader": problem.val} if name in ("diffin", "tracin") else {}
+    options = {"target": "val", "target_loader": problem.val} if cls.options_from is not None else {}
     estimator = build(name, **options)
     callback = estimator.callback()
     assert (callback is not None) == cls.records_training
@@ -45,7 +45,7 @@ def test_every_registered_estimator_scores_every_training_sample(name: str, prob
     assert scores.metadata.get("estimator") is not None
 
 
-@pytest.mark.parametrize("name", ["diffin", "tracin"])
+@pytest.mark.parametrize("name", ["diffin", "sgd_influence", "tracin"])
 def test_recording_estimators_refuse_a_target_they_did_not_record(name: str, problem) -> None:  # type: ignore[no-untyped-def]
     """Their scores answer the target their callback saw during fit: another loader, sample
     count or kind asked of scores() is refused, not silently answered with the recorded one."""

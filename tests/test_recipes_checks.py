@@ -306,7 +306,7 @@ def test_an_epoch_limit_of_minus_one_needs_another_bound() -> None:
         *[
             (deletion, ["recipe=deletion", f"estimator={name}"],
              rf"estimator '{name}' ranks samples in its own units: its scores are not predicted changes of the target loss.*"
-             r"Use an estimator that predicts removal effects: datainf, diffin, diffin_checkpoints, forward_inf, influence_function, tracin, tracin_checkpoints")
+             r"Use an estimator that predicts removal effects: datainf, diffin, diffin_checkpoints, forward_inf, influence_function, sgd_influence, tracin, tracin_checkpoints")
             for name in ("loss", "random", "outlier_gradient")
         ],
     ],
@@ -495,7 +495,7 @@ def test_only_removal_effects_are_predicted_and_calibration_follows_the_metadata
     """The deletion recipe sums scores into predicted target-loss changes: the registry's rankings
     are not removal effects; Forward-INF's default scores are per unit of summed learning rate, so
     the report says they are not calibrated (with a warning)."""
-    assert removal_effect_estimators() == ["datainf", "diffin", "diffin_checkpoints", "forward_inf", "influence_function", "tracin", "tracin_checkpoints"]
+    assert removal_effect_estimators() == ["datainf", "diffin", "diffin_checkpoints", "forward_inf", "influence_function", "sgd_influence", "tracin", "tracin_checkpoints"]
     assert not any(predicts_removal(n) for n in ("loss", "random", "outlier_gradient", "el2n", "grand", "forgetting"))
     assert deletion.in_target_loss_units({"target": "val"}) and deletion.in_target_loss_units({"calibrated": True})
     assert not deletion.in_target_loss_units({"calibrated": False, "units": "target-loss change"})
