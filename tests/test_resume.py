@@ -422,3 +422,26 @@ def test_a_failed_fit_leaves_no_earlier_scores_on_the_module(problem):
     with pytest.raises(RuntimeError, match="boom"):
         quiet_trainer(callbacks=[callback]).fit(model, train_dataloaders=FixedBatches(problem.train.batches))
     assert callback.scores is None and model.influence is None
+
+
+def test_tracin_resumed_with_another_target_is_refused(problem, tmp_path):
+    """TracIn's score sums are taken against its target at every step: a resume with another target
+    mixed both targets in one set of scores."""
+    other = digits_problem(n=64, batch_size=32, epochs=1, val_size=60, seed=1)
+
+    def fit(target, ckpt_path=None, checkpoint=None):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        callback = TracIn(target="val", target_loader=target)
+        extra = [checkpoint] if checkpoint is not None else []
+        quiet_trainer(callbacks=[callback, *extra], max_epochs=2, enable_checkpointing=bool(extra)).fit(
+            Classifier(hidden=(8,), lr=0.1).double(), train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path
+        )
+        return callback
+
+    whole = fit(problem.val)
+    fit(problem.val, checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=8))
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]
+    resumed = fit(problem.val, ckpt_path=first)
+    torch.testing.assert_close(resumed.scores.values, whole.scores.values, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"TracIn: this fit resumes from a checkpoint of a run set up differently \(target data: "):
+        fit(other.val, ckpt_path=first)

@@ -44,9 +44,9 @@ from lightning_influence.callbacks.target_data import (
     check_target_arguments,
     check_target_data,
 )
+from lightning_influence.callbacks.resume import check_same_setup, parameter_signature, setup_signature, target_fingerprint
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
 from lightning_influence.distributed import Collective
-from lightning_influence.estimators.base import batch_fingerprint
 from lightning_influence.estimators.diffin_sweep import DiffInSweep, PerSampleDerivatives, step_losses_and_gradient
 from lightning_influence.kernels import (
     FUNCTIONAL_CALL_ADVICE,
@@ -99,9 +99,6 @@ CHECKPOINT_EVERY = 8
 """Default spacing of stored parameters, in steps (online: at most this; rebuilt in between from kept gradients)."""
 VERIFIED_STEPS = 3
 """The first steps of every fit are re-run through the step model and compared with the real update."""
-
-
-_FINGERPRINT_MODULUS = 2**61 - 1  # a prime: the target data's fingerprint is a polynomial hash modulo it
 
 
 class DiffIn(Callback):
@@ -1350,79 +1347,49 @@ class DiffIn(Callback):
             )
 
     def _setup_signature(self, trainer: L.Trainer, attributed: Sequence[tuple[str, Tensor]], context: Sequence[tuple[str, Tensor]]) -> dict[str, Any]:
-        """What the recorded steps and the score sums depend on besides the state key's options, as
-        primitives: the precision, the trained parameters (names, shapes, dtypes), the optimizer's
-        class and the state its update carries, and the options that shape the scores. Compared
-        when a fit resumes (:meth:`_check_same_setup`)."""
+        """This fit's setup (:func:`~lightning_influence.callbacks.resume.setup_signature`), with the
+        optimizer's class, the state its modelled update carries and its groups' sizes, and the
+        options that shape DiffIn's scores."""
         assert self._model is not None
-        return {
-            "precision": str(trainer.precision),
-            "parameters": [[name, list(p.shape), str(p.dtype).removeprefix("torch.")] for name, p in attributed],
-            "context parameters": [[name, list(p.shape), str(p.dtype).removeprefix("torch.")] for name, p in context],
-            "optimizer": type(self._model.optimizer).__name__,
-            "optimizer state": list(self._model.state_names),
-            "parameter groups": [len(g["params"]) for g in self._model.optimizer.param_groups],
-            "gradient clipping": [trainer.gradient_clip_val, str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm))],
-            "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
-            "options": {
-                "target": self.target,
-                "target_loader": "given" if self.target_loader is not None else "trainer's",
-                "second_moment": self.second_moment,
-                "finite_difference": self.finite_difference,
-                "fd_rel_step": self.fd_rel_step,
-                "hessian_every": self.hessian_every,
-                "per_sample": self.per_sample,
-                "params": list(self.params) if self.params is not None else None,
-                "coupled": self.coupled,
-                "batch_removal": self.batch_removal,
-            },
+        options = {
+            "target": self.target,
+            "target_loader": "given" if self.target_loader is not None else "trainer's",
+            "second_moment": self.second_moment,
+            "finite_difference": self.finite_difference,
+            "fd_rel_step": self.fd_rel_step,
+            "hessian_every": self.hessian_every,
+            "per_sample": self.per_sample,
+            "params": list(self.params) if self.params is not None else None,
+            "coupled": self.coupled,
+            "batch_removal": self.batch_removal,
         }
+        return setup_signature(
+            trainer,
+            attributed,
+            options,
+            **{
+                "context parameters": parameter_signature(context),
+                "optimizer": type(self._model.optimizer).__name__,
+                "optimizer state": list(self._model.state_names),
+                "parameter groups": [len(g["params"]) for g in self._model.optimizer.param_groups],
+            },
+        )
 
     def _target_signature(self) -> dict[str, Any]:
-        """An exact fingerprint of the target's data (every tensor of every target batch, in order),
-        read once per fit: a resumed online run must score against the target the checkpointed
-        run scored against. Not for the training-loss target, whose data the training run checks."""
+        """The target data's fingerprint, read once per fit: a resumed online run must score against
+        the target the checkpointed run scored against. Not for the training-loss target, whose data
+        the training run checks, nor under DDP, where each rank reads its own shard."""
         if self.target == "train" or self._target is None or self._collective.distributed:
-            return {}  # (each rank reads its own shard of the target under DDP: not compared there)
+            return {}
         if self._target_print is None:
-            digest, count = 0, 0
-            for batch in self._target.batches():
-                for leaf in batch_fingerprint(batch, torch.zeros(0, dtype=torch.long)):
-                    digest = (digest * 1_000_003 + leaf.whole) % _FINGERPRINT_MODULUS
-                    count += 1
-            self._target_print = f"{count} tensors, fingerprint {digest:016x}"
+            self._target_print = target_fingerprint(self._target)
         return {"target data": self._target_print}
 
     def _check_same_setup(self) -> None:
-        """A resumed fit must train and score as the checkpointed one did: the recorded steps (their
-        batches, gradients and optimizer state) and the score sums belong to that setup. Refuses,
-        naming what differs, before any step of the resumed fit."""
+        """A resumed fit must train and score as the checkpointed one did (before any step of it)."""
         saved, self._restored_signature = self._restored_signature, None
-        if not saved:  # a checkpoint from before the signature was saved, or from before any fit
-            return
-        now = {**self._signature, **(self._target_signature() if "target data" in saved else {})}
-        changed = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
-        if not changed:
-            return
-        lines = []
-        for key in changed:
-            before, after = saved.get(key), now.get(key)
-            if key.endswith("parameters") and isinstance(before, list) and isinstance(after, list):
-                then, current = {p[0]: p[1:] for p in before}, {p[0]: p[1:] for p in after}
-                lines += [f"{key[:-1]} {n!r} trained then, not now" for n in then if n not in current]
-                lines += [f"{key[:-1]} {n!r} trained now, not then" for n in current if n not in then]
-                lines += [f"{key[:-1]} {n!r}: shape and dtype {then[n]} then, {current[n]} now" for n in then if n in current and then[n] != current[n]]
-            elif isinstance(before, Mapping) and isinstance(after, Mapping):
-                lines += [f"{key} {k}: {before.get(k)!r} then, {after.get(k)!r} now" for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-            else:
-                lines.append(f"{key}: {before!r} then, {after!r} now")
-        raise ValueError(
-            "DiffIn: this fit resumes from a checkpoint of a run set up differently (" + "; ".join(lines) + "). The "
-            "recorded steps and the score sums in the checkpoint belong to that run (its precision, trained "
-            "parameters, optimizer and DiffIn options), so the resumed fit would mix two setups in one set of scores. "
-            "Resume with the setup the checkpoint was written with (Lightning restores the optimizer's hyperparameters "
-            "from it in any case), or start a new fit"
-        )
+        now = {**self._signature, **(self._target_signature() if saved and "target data" in saved else {})}
+        check_same_setup("DiffIn", saved, now)
 
     def _check_restarted_epoch(self, ids: Tensor) -> None:
         """The first batch after a resume in the middle of an epoch: its samples must not be ones the

@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
+from lightning_influence.callbacks.resume import check_same_setup, setup_signature, target_fingerprint
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch
 from lightning_influence.checks import (
     FirstLossCheck,
@@ -144,6 +145,10 @@ class TracIn(Callback):
         self._held: tuple[HostCopy, list[Tensor], int, Any] | None = None  # the last step, until its host values arrive
         self._num_samples: int | None = None  # the training dataset's length (set at fit start)
         self._restored = False
+        self._target: TargetGradient | None = None
+        self._signature: dict[str, Any] = {}  # the fit's setup, compared on resume (callbacks.resume)
+        self._target_print: str | None = None  # the target data's fingerprint, once a fit
+        self._restored_signature: dict[str, Any] | None = None  # the checkpoint's, compared at the first batch
 
     @property
     def state_key(self) -> str:
@@ -182,7 +187,12 @@ class TracIn(Callback):
         self._group_of = torch.tensor([g for _, _, g in trained], dtype=torch.long)
         self._loss_fn = per_sample_loss_function(pl_module)
         self._target = self._make_target(trainer, pl_module)
+        options = {"target": self.target, "target_loader": "given" if self.target_loader is not None else "trainer's", "target_every": self.target_every}
+        optimizer = torch_optimizer(trainer.optimizers[0], "TracIn")
+        self._signature = setup_signature(trainer, [(name, p) for name, p, _ in trained], options, optimizer=type(optimizer).__name__)
+        self._target_print = None
         if not self._restored:
+            self._restored_signature = None
             self._accumulator = ScoreAccumulator(capacity=dataset_length(trainer) or 0)
             self.steps_seen = self.skipped_steps = self.target_gradients = self.forward_mode_passes = 0
             self.seconds = 0.0
@@ -220,6 +230,8 @@ class TracIn(Callback):
         self._drop_unbackpropagated(pl_module)
         ids = torch.as_tensor(pl_module.sample_ids(batch))  # type: ignore[operator]
         if self._checks_pending:
+            saved, self._restored_signature = self._restored_signature, None
+            check_same_setup("TracIn", saved, {**self._signature, **(self._target_signature() if saved and "target data" in saved else {})})
             check_training_dataset(trainer, pl_module)
             if draws_with_replacement(trainer):  # refused before a duplicate shows up mid-training
                 raise ValueError(f"the training loader's sampler draws with replacement. {repeats_unsupported('TracIn')}")
@@ -425,6 +437,7 @@ class TracIn(Callback):
             "target_gradients": self.target_gradients,
             "forward_mode_passes": self.forward_mode_passes,
             "accumulator": self._accumulator.state_dict() if self._accumulator is not None else None,
+            "signature": {**self._signature, **self._target_signature()},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -437,4 +450,15 @@ class TracIn(Callback):
         self._accumulator = ScoreAccumulator()
         if state_dict["accumulator"] is not None:
             self._accumulator.load_state_dict(dict(state_dict["accumulator"]))
+        signature = state_dict.get("signature")
+        self._restored_signature = dict(signature) if isinstance(signature, Mapping) else None
         self._restored = True
+
+    def _target_signature(self) -> dict[str, Any]:
+        """The target data's fingerprint (:func:`~lightning_influence.callbacks.resume.target_fingerprint`),
+        read once per fit; not for the training-loss target."""
+        if self.target == "train" or self._target is None:
+            return {}
+        if self._target_print is None:
+            self._target_print = target_fingerprint(self._target)
+        return {"target data": self._target_print}
