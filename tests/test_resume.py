@@ -445,3 +445,24 @@ def test_tracin_resumed_with_another_target_is_refused(problem, tmp_path):
     torch.testing.assert_close(resumed.scores.values, whole.scores.values, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match=r"TracIn: this fit resumes from a checkpoint of a run set up differently \(target data: "):
         fit(other.val, ckpt_path=first)
+
+
+def test_checkpoints_leave_a_one_pass_target_for_the_end_of_fit_and_replay_resumes_with_another_target(problem, tmp_path):
+    """Replay scores every step against the target at the end of fit: writing a checkpoint must not
+    read a one-pass target (it used the iterator up, and the end-of-fit sweep found no target), and
+    a replay resume with another target is the new target's run, not refused."""
+    def fit(target, ckpt_path=None, checkpoint=None):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        callback = DiffIn(target="val", target_loader=target)
+        extra = [checkpoint] if checkpoint is not None else []
+        quiet_trainer(callbacks=[callback, *extra], max_epochs=2, enable_checkpointing=bool(extra)).fit(
+            Classifier(hidden=(8,), lr=0.1).double(), train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path
+        )
+        return callback
+
+    plain = fit(iter(list(problem.val)))
+    checkpointed = fit(iter(list(problem.val)), checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=4))
+    torch.testing.assert_close(checkpointed.scores.values, plain.scores.values, rtol=0, atol=0)
+    other = digits_problem(n=64, batch_size=32, epochs=1, val_size=60, seed=1)
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]
+    torch.testing.assert_close(fit(other.val, ckpt_path=first).scores.values, fit(other.val).scores.values, rtol=0, atol=1e-12)

@@ -57,6 +57,7 @@ def test_sgd_influence_ranks_dropped_term_retraining_and_equals_diffin_with_that
     truth_reaverage = leave_one_out(*args)
     scores = estimator.scores(model, problem.train, problem.val)
     assert scores.metadata["estimator"] == "sgd_influence" and scores.metadata["batch_removal"] == "drop" and scores.metadata["mode"] == "replay"
+    assert estimator.callback().scores is scores  # the callback's own scores say sgd_influence too
     torch.testing.assert_close(scores.values, drop.scores.values, rtol=0, atol=0)
     sgd = scores.values_for(ids)
     rho = spearman(sgd, truth_drop)

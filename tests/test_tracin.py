@@ -450,3 +450,29 @@ def test_parameter_checkpoints_record_the_learning_rate_the_step_used():
     assert used[:4] == [0.2, 0.02, 0.2, 0.02]
     assert checkpoints.record.step_lrs[:, 0].tolist() == used
     assert [c.lrs[0] for c in checkpoints.record.checkpoints] == used
+
+
+@pytest.mark.parametrize("removal", ["drop", "reaverage"])
+def test_one_tracin_step_is_the_first_order_change_of_retraining_with_its_batch_removal(removal):
+    """One plain SGD step: TracIn's term is the first-order leave-one-out change for its counterfactual,
+    so its error against leave_one_out(batch_removal=...) shrinks ~16x for a 4x smaller step; the
+    other counterfactual's change differs by the step's offset. Only 'reaverage' says calibrated."""
+    from lightning_influence.data import FixedBatches
+
+    problem = digits_problem(n=64, batch_size=16, epochs=1, val_size=100)
+    errors = []
+    for lr in (0.04, 0.01):
+        torch.manual_seed(0)
+        model = Classifier(hidden=(8,), lr=lr).double()
+        recorder = StepRecorder()
+        callback = TracInCallback(target="val", target_loader=problem.val, batch_removal=removal)
+        quiet_trainer(callbacks=[recorder, callback], max_steps=1).fit(model, train_dataloaders=FixedBatches(problem.train.batches[:1]))
+        ids = problem.train.batches[0][2]
+        args = (model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
+        truth, other = leave_one_out(*args, batch_removal=removal), leave_one_out(*args, batch_removal="drop" if removal == "reaverage" else "reaverage")
+        est = callback.scores.values_for(ids)
+        errors.append(float((est - truth).abs().max()))
+        if lr == 0.01:  # a second-order error, far below the other counterfactual's first-order offset
+            assert errors[-1] < 0.1 * float((est - other).abs().max())
+    assert errors[0] / errors[1] > 8  # second-order error: ~16x for a 4x smaller step
+    assert callback.scores.metadata["calibrated"] is (removal == "reaverage") and callback.scores.metadata["batch_removal"] == removal

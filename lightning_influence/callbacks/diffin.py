@@ -8,7 +8,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -399,6 +399,7 @@ class DiffIn(Callback):
         self._resume_check_pending = False
         self._store_resumed_step = False
         self._signature: dict[str, Any] = {}  # the fit's setup, compared on resume (_setup_signature)
+        self._estimator_name = "diffin"  # metadata["estimator"] (the sgd_influence estimator sets its own)
         self._target_print: str | None = None  # the target data's fingerprint (_target_signature), once a fit
         self._restored_signature: dict[str, Any] | None = None
         self._epoch_start_step = 0  # the index (steps_seen) of the current epoch's first step
@@ -1377,9 +1378,13 @@ class DiffIn(Callback):
 
     def _target_signature(self) -> dict[str, Any]:
         """The target data's fingerprint, read once per fit: a resumed online run must score against
-        the target the checkpointed run scored against. Not for the training-loss target, whose data
-        the training run checks, nor under DDP, where each rank reads its own shard."""
-        if self.target == "train" or self._target is None or self._collective.distributed:
+        the target the checkpointed run scored against. Online only (replay scores every step against
+        the target at the end of fit, whatever it was before); not for the training-loss target,
+        whose data the training run checks, a one-pass iterator (a read would use it up), nor under
+        DDP, where each rank reads its own shard."""
+        if self.mode != "online" or self.target == "train" or self._target is None or self._collective.distributed:
+            return {}
+        if self._target_source is None or isinstance(self._target_source(), Iterator):
             return {}
         if self._target_print is None:
             self._target_print = target_fingerprint(self._target)
@@ -1674,7 +1679,7 @@ class DiffIn(Callback):
         assert self._accumulator is not None and self._sweep is not None
         ids, values = self._accumulator.reduced(self._collective).result()
         meta = {
-            "estimator": "diffin",
+            "estimator": self._estimator_name,
             "name": self.name,
             "mode": self.mode,
             "target": self.target,

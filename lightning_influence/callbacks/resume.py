@@ -33,7 +33,7 @@ def setup_signature(trainer: L.Trainer, trained: Sequence[tuple[str, Tensor]], o
     return {
         "precision": str(trainer.precision),
         "parameters": parameter_signature(trained),
-        "gradient clipping": [trainer.gradient_clip_val, str(algorithm)],
+        "gradient clipping": [float(trainer.gradient_clip_val) if trainer.gradient_clip_val is not None else None, str(algorithm)],
         "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         "options": dict(options),
         **more,

@@ -22,14 +22,20 @@ or unfrozen since (``BackboneFinetuning`` adds a parameter group) is refused at 
 momentum, Adam or gradient clipping the score is still this plain-SGD first-order view: the update's
 preconditioning, clipping and the later reuse of the gradient through momentum are not modelled
 (Diff-In models them), so the magnitudes are off (measured ~15x under Adam, ~10x under clipping)
-and the metadata says ``calibrated: False`` (:func:`~lightning_influence.callbacks.checkpoints.first_order_calibration`). The ``1/(b-1)`` renormalisation of the shrunken batch is not modelled either
-(classic TracIn); nor is the propagation of the removal's effect through later steps.
+and the metadata says ``calibrated: False`` (:func:`~lightning_influence.callbacks.checkpoints.first_order_calibration`).
+Classic TracIn (``batch_removal="drop"``, the default) does not re-average the batch either: its
+term is the first-order change for the sample's term dropped with the batch's ``1 / b`` kept,
+while retraining without ``z`` averages over the other ``b - 1`` samples; ``batch_removal="reaverage"``
+takes ``(s_z - mean_k s) / (n (b - 1))`` instead (``s_z`` the directional derivative above), the
+first-order change of that retraining, and only then, under plain unclipped SGD, says
+``calibrated: True``. The propagation of the removal's effect through later steps is not modelled
+(Diff-In models it).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
 from lightning_influence.callbacks.resume import check_same_setup, setup_signature, target_fingerprint
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch
+from lightning_influence.batches import BatchRemoval
 from lightning_influence.checks import (
     FirstLossCheck,
     check_id_type,
@@ -92,6 +99,9 @@ class TracIn(Callback):
         target_samples: use a fixed random subset of this many target samples (``seed``).
         target_every: compute the target gradient every k optimizer steps and reuse it in between
             (``1``: at every step, the exact TracIn sum).
+        batch_removal: ``"drop"`` (classic TracIn, ``s_z / (n b)``) or ``"reaverage"`` (centred on the
+            batch mean, ``(s_z - mean s) / (n (b - 1))``: the first-order change of retraining
+            without the sample, calibrated under plain SGD), see the module docstring.
         save_path: write the scores there at the end of fit.
         name: a name for this callback, needed only to put two ``TracIn`` with the same options into
             one Trainer (their checkpoint states need unique keys); recorded in ``metadata["name"]``.
@@ -107,6 +117,7 @@ class TracIn(Callback):
         target_samples: int | None = None,
         seed: int = 0,
         target_every: int = 1,
+        batch_removal: BatchRemoval = "drop",
         save_path: str | Path | None = None,
         name: str | None = None,
     ) -> None:
@@ -120,6 +131,12 @@ class TracIn(Callback):
         self.target_samples = target_samples
         self.seed = seed
         self.target_every = target_every
+        if batch_removal not in ("reaverage", "drop"):
+            raise ValueError(
+                f"batch_removal must be 'drop' (classic TracIn: the sample's term dropped, the batch keeps its 1/b) or "
+                f"'reaverage' (the batch mean over the samples left, as retraining without the sample computes it), got {batch_removal!r}"
+            )
+        self.batch_removal: BatchRemoval = batch_removal
         self.save_path = Path(save_path) if save_path is not None else None
         self.scores: InfluenceScores | None = None
         self.steps_seen = 0
@@ -158,6 +175,8 @@ class TracIn(Callback):
             extra.update(target_samples=self.target_samples, seed=self.seed)
         if self.name is not None:
             extra["name"] = self.name
+        if self.batch_removal != "drop":
+            extra["batch_removal"] = self.batch_removal
         return self._generate_state_key(target=self.target, target_every=self.target_every, **extra)
 
     # ------------------------------------------------------------------ setup
@@ -187,7 +206,12 @@ class TracIn(Callback):
         self._group_of = torch.tensor([g for _, _, g in trained], dtype=torch.long)
         self._loss_fn = per_sample_loss_function(pl_module)
         self._target = self._make_target(trainer, pl_module)
-        options = {"target": self.target, "target_loader": "given" if self.target_loader is not None else "trainer's", "target_every": self.target_every}
+        options = {
+            "target": self.target,
+            "target_loader": "given" if self.target_loader is not None else "trainer's",
+            "target_every": self.target_every,
+            "batch_removal": self.batch_removal,
+        }
         optimizer = torch_optimizer(trainer.optimizers[0], "TracIn")
         self._signature = setup_signature(trainer, [(name, p) for name, p, _ in trained], options, optimizer=type(optimizer).__name__)
         self._target_print = None
@@ -332,7 +356,12 @@ class TracIn(Callback):
                     _, s = directional_derivatives(self._loss_fn, params, batch, tangent)
                     self.forward_mode_passes += 1
                     columns.append(s.double())
-                values = torch.stack(columns, dim=1) / (normalizer * ids.numel())
+                values = torch.stack(columns, dim=1)
+                b = ids.numel()
+                if self.batch_removal == "reaverage" and b > 1:
+                    values = (values - values.mean(dim=0, keepdim=True)) / ((b - 1) * normalizer)
+                else:
+                    values = values / ((1 if self.batch_removal == "reaverage" else b) * normalizer)
                 if values.shape[0] != ids.numel():
                     raise ValueError(f"per_sample_loss returned {values.shape[0]} values for a batch of {ids.numel()} sample ids at step {step}")
                 contributions.append(values[:, 0] if self._cached_gradient.dim() == 1 else values)
@@ -409,9 +438,11 @@ class TracIn(Callback):
                 "forward_mode_passes": self.forward_mode_passes,
                 "optimizer": type(torch_optimizer(trainer.optimizers[0], "TracIn")).__name__,
                 "update_model": "plain SGD, first order (learning rate read from the optimizer as each step starts)",
-                # never in the units of the retraining change (first_order_units; the deletion recipe reads this)
-                "calibrated": False,
-                "units": first_order_units(plain_sgd, update),
+                # in the units of the retraining change only for plain SGD with the batch re-averaged (first_order_units;
+                # the deletion recipe reads this)
+                "calibrated": plain_sgd and self.batch_removal == "reaverage",
+                "units": first_order_units(plain_sgd, update, reaveraged=self.batch_removal == "reaverage"),
+                "batch_removal": self.batch_removal,
                 "callback_seconds": round(self.seconds, 6),
             },
         )
@@ -459,6 +490,8 @@ class TracIn(Callback):
         read once per fit; not for the training-loss target."""
         if self.target == "train" or self._target is None:
             return {}
+        if self._target_source is None or isinstance(self._target_source(), Iterator):
+            return {}  # a one-pass iterator: a read would use it up
         if self._target_print is None:
             self._target_print = target_fingerprint(self._target)
         return {"target data": self._target_print}

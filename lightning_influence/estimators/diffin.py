@@ -4,14 +4,10 @@ callback records during ``fit`` (and sweeps, with :mod:`~lightning_influence.est
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import lightning as L
-
 from lightning_influence.callbacks.diffin import DiffIn
-from lightning_influence.estimators.base import CallbackEstimator, Target
-from lightning_influence.scores import InfluenceScores
+from lightning_influence.estimators.base import CallbackEstimator
 
 
 class DiffInEstimator(CallbackEstimator):
@@ -36,7 +32,4 @@ class SGDInfluence(DiffInEstimator):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**{"mode": "replay", "batch_removal": "drop", **options})
-
-    def scores(self, module: L.LightningModule, train_loader: Iterable[Any], target: Target | str | Iterable[Any] = "train") -> InfluenceScores:
-        scores = super().scores(module, train_loader, target)
-        return InfluenceScores(scores.ids, scores.values, {**scores.metadata, "estimator": "sgd_influence"})
+        self._callback._estimator_name = self.name  # the callback's scores, model.influence and save_path say so too

@@ -630,8 +630,8 @@ class DiffInSweep:
             copies = counts[torch.searchsorted(values, ids.cpu())].to(s.dtype).unsqueeze(1).to(s.device)  # m_z [b, 1]
             mean = (sums[k] / size).to(s.device)
             rest = size - copies
-            if self.batch_removal == "drop":  # each local copy's term dropped from the global micro-batch of `size`
-                contribution = s / (size * record.normalizer)
+            if self.batch_removal == "drop":  # DDP averages the ranks' batch means: z's term weighs 1 / (W b_local)
+                contribution = s / (self.collective.world_size * s.shape[0] * record.normalizer)
             else:
                 contribution = torch.where(rest > 0, (s - mean) / rest.clamp(min=1), s / copies) / record.normalizer
             self._note_step(record, contribution)
