@@ -424,19 +424,23 @@ def test_a_failed_fit_leaves_no_earlier_scores_on_the_module(problem):
     assert callback.scores is None and model.influence is None
 
 
+def _fit_two_epochs(problem, callback, ckpt_path=None, checkpoint=None):  # type: ignore[no-untyped-def]
+    """Two epochs of a small MLP on the fixed batches with ``callback`` (and a ``checkpoint`` callback)."""
+    torch.manual_seed(0)
+    extra = [checkpoint] if checkpoint is not None else []
+    quiet_trainer(callbacks=[callback, *extra], max_epochs=2, enable_checkpointing=bool(extra)).fit(
+        Classifier(hidden=(8,), lr=0.1).double(), train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path
+    )
+    return callback
+
+
 def test_tracin_resumed_with_another_target_is_refused(problem, tmp_path):
     """TracIn's score sums are taken against its target at every step: a resume with another target
     mixed both targets in one set of scores."""
     other = digits_problem(n=64, batch_size=32, epochs=1, val_size=60, seed=1)
 
     def fit(target, ckpt_path=None, checkpoint=None):  # type: ignore[no-untyped-def]
-        torch.manual_seed(0)
-        callback = TracIn(target="val", target_loader=target)
-        extra = [checkpoint] if checkpoint is not None else []
-        quiet_trainer(callbacks=[callback, *extra], max_epochs=2, enable_checkpointing=bool(extra)).fit(
-            Classifier(hidden=(8,), lr=0.1).double(), train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path
-        )
-        return callback
+        return _fit_two_epochs(problem, TracIn(target="val", target_loader=target), ckpt_path, checkpoint)
 
     whole = fit(problem.val)
     fit(problem.val, checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=8))
@@ -451,14 +455,9 @@ def test_checkpoints_leave_a_one_pass_target_for_the_end_of_fit_and_replay_resum
     """Replay scores every step against the target at the end of fit: writing a checkpoint must not
     read a one-pass target (it used the iterator up, and the end-of-fit sweep found no target), and
     a replay resume with another target is the new target's run, not refused."""
+
     def fit(target, ckpt_path=None, checkpoint=None):  # type: ignore[no-untyped-def]
-        torch.manual_seed(0)
-        callback = DiffIn(target="val", target_loader=target)
-        extra = [checkpoint] if checkpoint is not None else []
-        quiet_trainer(callbacks=[callback, *extra], max_epochs=2, enable_checkpointing=bool(extra)).fit(
-            Classifier(hidden=(8,), lr=0.1).double(), train_dataloaders=FixedBatches(problem.train.batches), ckpt_path=ckpt_path
-        )
-        return callback
+        return _fit_two_epochs(problem, DiffIn(target="val", target_loader=target), ckpt_path, checkpoint)
 
     plain = fit(iter(list(problem.val)))
     checkpointed = fit(iter(list(problem.val)), checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=4))
