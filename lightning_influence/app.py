@@ -34,7 +34,8 @@ from omegaconf import DictConfig
 
 from lightning_influence.config import refused_config
 from lightning_influence.recipes import check_recipe, run_recipe
-from lightning_influence.recipes.common import end_run, fail_run, is_global_zero, make_output_dir, output_dir
+from lightning_influence.distributed import is_global_zero
+from lightning_influence.recipes.outputs import end_run, fail_run, make_output_dir, output_dir
 
 __all__ = ["run", "output_dir", "run_log", "describe_run", "RUN_LOGGER"]
 
@@ -135,7 +136,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     where the outputs went last; the run's console output also goes to the log file (:func:`run_log`).
     An output folder that cannot be created is refused before the start line. When the run fails,
     its job marker says so and a warning names the recipe outputs of an earlier run still in its
-    output folder: they are not this run's (:func:`lightning_influence.recipes.common.fail_run`)."""
+    output folder: they are not this run's (:func:`lightning_influence.recipes.outputs.fail_run`)."""
     with run_log() as log:
 
         def say(line: str) -> None:

@@ -872,7 +872,7 @@ def check_output_dir(cfg: DictConfig) -> None:
     single run with ``output_dir`` set and a multirun with ``output_dir=null`` (each job's own
     folder under the sweep dir) pass, and so does an interpolated path (e.g. with
     ``${hydra:job.num}``); one that still resolves to a folder of another job of the sweep is
-    refused when that job starts (:func:`lightning_influence.recipes.common.claim_output_dir`)."""
+    refused when that job starts (:func:`lightning_influence.recipes.outputs.claim_output_dir`)."""
     explicit = cfg.get("output_dir")
     if explicit is None or not in_multirun() or OmegaConf.is_interpolation(cfg, "output_dir"):
         return

@@ -22,7 +22,18 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-__all__ = ["Collective", "distributed_shard"]
+__all__ = ["Collective", "distributed_shard", "is_global_zero"]
+
+
+def is_global_zero() -> bool:
+    """Is this process global rank zero? Reads Lightning's ``rank_zero_only.rank``, which its
+    strategies set in every process of a distributed run (from the launcher's environment
+    before the process group exists); ``True`` outside distributed runs. Unlike
+    ``trainer.is_global_zero`` it needs no Trainer, so code that runs before or between fits
+    (creating output folders, writing reports) can ask it."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0) == 0
 
 
 class Collective:

@@ -262,7 +262,7 @@ def test_a_failed_run_marks_its_folder_and_names_the_earlier_runs_outputs(tmp_pa
     """A run into a folder that holds a finished run's outputs fails at runtime: its job marker says
     it failed (with the error), a warning names the earlier outputs as not this run's, and they
     are left as they were; a finished run's report carries the run id its marker records."""
-    from lightning_influence.recipes.common import JOB_MARKER
+    from lightning_influence.recipes.outputs import JOB_MARKER
 
     quick = ("recipe=coreset", "estimator=random", "trainer.max_epochs=1", "recipe.seeds=[0]", "recipe.plots=false", f"output_dir={tmp_path}")
     report = run(compose_cfg(*quick))

@@ -26,7 +26,7 @@ from lightning_influence.config import (
     register_configs,
 )
 from lightning_influence.estimators.base import REGISTRY, Estimator, build
-from lightning_influence.recipes.common import make_trainer, user_callbacks
+from lightning_influence.recipes.trainers import make_trainer, user_callbacks
 
 CONF = "lightning_influence.conf"
 GROUPS = ("data", "model", "trainer", "estimator", "recipe", "callbacks", "experiment")
