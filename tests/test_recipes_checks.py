@@ -352,7 +352,7 @@ def test_a_preset_option_another_estimator_does_not_take_is_traced_to_the_preset
     assert proc.returncode != 0
     assert (
         "estimator 'tracin' has no option 'mode': its options are target, target_loader, target_samples, seed, target_every, "
-        "save_path, name. The command line does not set estimator.options.mode: the preset experiment=synthetic_large does (for the "
+        "batch_removal, save_path, name. The command line does not set estimator.options.mode: the preset experiment=synthetic_large does (for the "
         "estimator it was written for), and estimator=tracin does not take it. Remove the option with ~estimator.options.mode "
         "on the command line (or drop it from the config that sets it)"
     ) in proc.stderr

@@ -4,7 +4,9 @@
     lightning-influence-aggregate multirun/<date>/<time>
 
 Reads every ``report.json`` below the directory and their ``summary`` rows (one per method and
-fraction: the coreset recipe's kept fraction, the cleaning recipe's removed fraction), and the
+fraction: the coreset recipe's kept fraction, the cleaning recipe's removed fraction; each row's
+value under the name of its ``metric``, e.g. ``"test_acc"`` or ``"test_mse"``, or, in reports
+written before rows named it so, under ``"accuracy"``: :func:`row_value`), and the
 Hydra overrides of each job (``.hydra/overrides.yaml`` next to the report). Jobs are pooled only
 over their seeds: the overrides that differ between jobs, other than seeds (``seed``,
 ``recipe.seeds``, ``data.seed``, ...), the estimator (the table's rows) and the fraction (its
@@ -63,7 +65,9 @@ from lightning_influence.recipes.outputs import JOB_MARKER, read_job_marker
 from lightning_influence.recipes.retraining import summary
 from lightning_influence.scores import atomic_write_bytes
 
-__all__ = ["collect", "scan", "Scan", "not_own_report", "aggregate", "configurations", "markdown_table", "baseline_method", "main"]
+__all__ = [
+    "collect", "scan", "Scan", "not_own_report", "aggregate", "configurations", "markdown_table", "baseline_method", "row_value", "main",
+]
 
 Key = tuple[str, str, str, str, float]  # recipe, metric, configuration, method, fraction
 
@@ -196,6 +200,16 @@ def not_own_report(folder: Path, report: dict[str, Any]) -> str | None:
     return None
 
 
+def row_value(row: dict[str, Any]) -> Any:
+    """The value of a ``summary`` row: under the name of its ``metric`` (``row["test_mse"]`` for
+    ``"metric": "test_mse"``), else under ``"accuracy"``, where reports written before the rows
+    named the field after the metric kept it, whatever the metric (``None`` without either)."""
+    metric = row.get("metric")
+    if isinstance(metric, str) and metric in row:
+        return row[metric]
+    return row.get("accuracy")
+
+
 def scan(directory: str | Path) -> Scan:
     """The summary rows of every ``report.json`` below ``directory`` (see :func:`collect`) and what
     was skipped: job folders without a report, reports of recipes without accuracy rows."""
@@ -219,7 +233,7 @@ def scan(directory: str | Path) -> Scan:
         estimator = node.get("name") if isinstance(node, dict) else None
         found = 0
         for row in report.get("summary") or []:
-            if row.get("accuracy") is None or row.get("fraction") is None:
+            if row_value(row) is None or row.get("fraction") is None:
                 continue
             method, baseline = str(row["method"]), row.get("baseline")
             if baseline is None:  # reports without the field: any row of another method (or of an unknown estimator)
@@ -305,7 +319,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[Key, dict[str, Any]]:
         overrides = row.get("overrides") or {}
         config = _config_label(row.get("overrides"), config_keys)
         key = (str(row.get("recipe", "?")), str(row.get("metric", "accuracy")), config, str(row["method"]), round(float(row["fraction"]), 6))
-        value = float(row["accuracy"])
+        value = float(row_value(row))
         if (key, "job", row["job"]) in seen:  # a report that repeats a row: one job, one ranking, once
             continue
         seen.add((key, "job", row["job"]))

@@ -5,12 +5,16 @@
 2. Mislabel detection against the flipped labels the datamodule injected (``flipped_ids``):
    ROC-AUC of the ranking "lowest score first" and the share of the flipped samples found in
    the lowest ``top_fractions`` of the scores; the plain final-loss ranking alongside (an
-   influence method earns its cost only where it beats it); chance is the fraction itself.
+   influence method earns its cost only where it beats it); chance is ``k / n``, the share of the
+   ``n`` scored samples that the ``k = max(1, round(f * n))`` lowest take (``f`` itself only
+   where ``f * n`` is whole).
 3. Remove ``remove_count`` (or ``remove_fraction`` of the training set) samples by each ranking
    -- the estimator's most harmful, the highest final losses, and a random set of the same
-   count (drawn per seed) -- and retrain each with a fresh, seeded Trainer per seed of
-   ``recipe.seeds``; the test metric (``recipe.metric``) as mean and spread over the seeds,
-   and its paired difference against no removal.
+   count (drawn per seed: :func:`random_removal`) -- and retrain each with a fresh, seeded Trainer
+   per seed of ``recipe.seeds``; the test metric (``recipe.metric``) as mean and spread over the
+   seeds, and its paired difference against no removal. The report lists the ids each condition
+   removed for each seed (``removal.conditions.<name>.removed_ids``, aligned with
+   ``removal.seeds``).
 
 Scores that are NaN or infinite (the estimator's, or a final loss) stop the recipe after the
 scoring fit, before detection and retraining, with their count and sample ids
@@ -37,15 +41,17 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_influence.config import CleaningConfig, EstimatorConfig
+from lightning_influence.distributed import is_global_zero
 from lightning_influence.evaluation.metrics import detection_auroc, fraction_found
 from lightning_influence.recipes import common
-from lightning_influence.recipes.common import Plan, RecipeRun, partly_scored, scored_run
-from lightning_influence.recipes.outputs import is_global_zero, sample_rows, versions, write_outputs
+from lightning_influence.recipes.common import Plan, RecipeRun, baseline_generator, partly_scored, scored_run
+from lightning_influence.recipes.outputs import sample_rows, versions, write_outputs
 from lightning_influence.recipes.preflight import Preflight
 from lightning_influence.recipes.retraining import metric_of, paired_difference, retrain_fresh, summary
 from lightning_influence.recipes.scoring import ScoredRun, final_loss_scores, ranking, require_finite, require_removal_scores
+from lightning_influence.recipes.training_set import labels_of
 
-__all__ = ["run", "detection_metrics", "BASELINE_METHODS"]
+__all__ = ["run", "detection_metrics", "random_removal", "top_count", "BASELINE_METHODS"]
 
 #: The summary-row method name of each baseline condition: distinct from every estimator name.
 BASELINE_METHODS = {
@@ -78,6 +84,22 @@ def detection_metrics(values: torch.Tensor, flipped: torch.Tensor, fractions: li
     return result
 
 
+def top_count(fraction: float, num_scored: int) -> int:
+    """How many of ``num_scored`` samples the share found in the lowest ``fraction`` takes
+    (:func:`~lightning_influence.evaluation.metrics.fraction_found`): ``max(1, round(fraction * n))``."""
+    return max(1, round(fraction * num_scored))
+
+
+def random_removal(num_train: int, count: int, seed: int, retrain_seed: int) -> torch.Tensor:
+    """The random-removal baseline's ``count`` sample ids (of ``num_train``) for the run's ``seed``
+    and the retraining seed ``retrain_seed``: ``randperm(num_train)[:count]`` drawn with
+    :func:`~lightning_influence.recipes.common.baseline_generator` ``("cleaning random removal",
+    seed, retrain_seed)``, a salted seed that never coincides with a user's own
+    ``torch.manual_seed(0)``, ``(1)``, ... (e.g. a datamodule's label-noise draw)."""
+    g = baseline_generator("cleaning random removal", seed, retrain_seed)
+    return torch.randperm(num_train, generator=g)[:count]
+
+
 def _asked(params: CleaningConfig) -> str:
     if params.remove_count is not None:
         return f"recipe.remove_count={params.remove_count}"
@@ -86,6 +108,11 @@ def _asked(params: CleaningConfig) -> str:
 
 def _pct(fraction: float) -> str:
     return f"{100 * fraction:g}pct"
+
+
+def _fraction_of(key: str) -> float:
+    """The fraction of a ``found_in_top_<100 f>pct`` key."""
+    return float(key.removeprefix("found_in_top_").removesuffix("pct")) / 100
 
 
 def _refuse_coreset_rankings(cfg: DictConfig, params: CleaningConfig, est: EstimatorConfig) -> None:
@@ -180,7 +207,10 @@ def _detection(state: RecipeRun, flipped_set: set[int], flipped: torch.Tensor, l
         # next to the datamodule's label_noise setting
         "label_noise": len(flipped_set) / n_train if getattr(dm, "flipped_ids", None) is not None and n_train else None,
         "label_noise_configured": getattr(dm, "label_noise", None),
-        "chance": {f"found_in_top_{_pct(f)}": f for f in fractions},
+        # fraction_found takes the k = max(1, round(f * n)) lowest of the n scored samples: a random
+        # ranking finds k / n of the flipped ones on average, which is f only where f * n is whole
+        "top_counts": {f"found_in_top_{_pct(f)}": top_count(f, state.num_scored) for f in fractions},
+        "chance": {f"found_in_top_{_pct(f)}": top_count(f, state.num_scored) / state.num_scored for f in fractions},
     }
     if bool(flipped.any()) and not bool(flipped.all()):
         detection["estimator"] = detection_metrics(state.scored.column, flipped, fractions)
@@ -202,8 +232,7 @@ def _retrain_conditions(state: RecipeRun, count: int, loss_column: torch.Tensor,
     }
 
     def random_set(seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(1_000_003 * int(cfg.seed) + int(seed))
-        return all_ids[torch.randperm(n_train, generator=g)[:count]]
+        return all_ids[random_removal(n_train, count, int(cfg.seed), int(seed))]
 
     conditions: dict[str, dict[str, Any]] = {}
     plans = {
@@ -213,9 +242,10 @@ def _retrain_conditions(state: RecipeRun, count: int, loss_column: torch.Tensor,
         "random": random_set,
     }
     for name, removal_for in plans.items():
-        accuracies, flipped_removed = [], []
+        accuracies, flipped_removed, removed_ids = [], [], []
         for seed in params.seeds:
             removed = removal_for(seed)
+            removed_ids.append([int(i) for i in removed.tolist()])
             keep = all_ids[~torch.isin(all_ids, removed)]
             metrics = retrain_fresh(cfg, state.scored.datamodule, keep, seed, state.out / "retraining")
             accuracies.append(metric_of(metrics, params.metric))
@@ -224,6 +254,8 @@ def _retrain_conditions(state: RecipeRun, count: int, loss_column: torch.Tensor,
             "removed": int(removal_for(params.seeds[0]).numel()),
             "flipped_removed": summary(flipped_removed),
             params.metric: summary(accuracies),
+            # per seed of recipe.seeds: the estimator's and the loss ranking's are the same every seed
+            "removed_ids": removed_ids,
         }
     base = conditions["no_removal"][params.metric]["values"]
     for name in ("estimator", "loss", "random"):
@@ -263,7 +295,7 @@ def _report(
                 "fraction": count / n_train if name != "no_removal" else 0.0,
                 "seed": int(cfg.seed),
                 "metric": params.metric,
-                "accuracy": conditions[name][params.metric]["mean"],
+                params.metric: conditions[name][params.metric]["mean"],
                 "baseline": name != "estimator",
             }
             for name in conditions
@@ -290,7 +322,8 @@ def _plots(
         for i, v in zip(scored.ids[harmful].tolist(), scored.column[harmful].tolist(), strict=True):
             item = dataset[i]
             images.append(plots.as_image(item[0] if isinstance(item, (tuple, list)) else item["x"]))
-            captions.append(f"id {i} y={int(item[1]) if isinstance(item, (tuple, list)) else '?'}{' flip' if i in flipped_set else ''}\n{v:.2e}")
+            (y,) = labels_of(dataset, [i])
+            captions.append(f"id {i} y={'?' if y is None else f'{y:g}'}{' flip' if i in flipped_set else ''}\n{v:.2e}")
     except (ValueError, KeyError, TypeError, IndexError):
         return files  # not image data
     plots.image_grid(out / "most_harmful.png", images, captions, title="most harmful training samples")
@@ -329,6 +362,10 @@ def _print(report: dict[str, Any], name: str, metric: str) -> None:
             row = det[key]
             lines.append(f"{title:<{width}} {row['auroc']:>8.3f}  " + "  ".join(f"{row[k]:>12.1%}" for k in keys))
         lines.append(f"{'chance':<{width}} {0.5:>8.3f}  " + "  ".join(f"{det['chance'][k]:>12.1%}" for k in keys))
+        counts = det.get("top_counts") or {}
+        if any(k in counts and abs(counts[k] - _fraction_of(k) * scored) > 1e-9 for k in keys):
+            taken = ", ".join(f"{k.removeprefix('found_in_')} {counts[k]}" for k in keys if k in counts)
+            lines.append(f"(of the {scored} scored samples the top fractions take {taken}; chance is that share)")
     rem = report["removal"]
     asked = f" ({rem['requested_count']} asked for; only {report['num_scored']} were scored)" if rem["requested_count"] != rem["count"] else ""
     lines += ["", f"Retrained without {rem['count']} samples{asked}, {len(rem['seeds'])} seed(s); {metric} mean +- std (paired change vs no removal):"]

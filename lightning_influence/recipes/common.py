@@ -18,50 +18,24 @@ collective.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig, open_dict
 
 from lightning_influence.config import EstimatorConfig, estimator_params, recipe_params
-from lightning_influence.recipes.outputs import (
-    JOB_MARKER,
-    claim_output_dir,
-    end_run,
-    fail_run,
-    is_global_zero,
-    make_output_dir,
-    output_dir,
-    prepare,
-)
+from lightning_influence.distributed import is_global_zero
+from lightning_influence.recipes.outputs import prepare
 from lightning_influence.recipes.preflight import Preflight, preflight
 from lightning_influence.recipes.scoring import ScoredRun, check_estimator, fit_and_score
-from lightning_influence.recipes.trainers import make_trainer, user_callbacks
 from lightning_influence.recipes.training_set import train_dataset
 
-__all__ = [
-    "Plan",
-    "RecipeRun",
-    "checked_settings",
-    "harmonise_precision",
-    "partly_scored",
-    "scored_run",
-    # Imported from here by modules outside the recipes (lightning_influence.app, the tests of the
-    # app and of the configs, the documentation of lightning_influence.config); they live in
-    # recipes.outputs and recipes.trainers.
-    "JOB_MARKER",
-    "claim_output_dir",
-    "end_run",
-    "fail_run",
-    "is_global_zero",
-    "make_output_dir",
-    "make_trainer",
-    "output_dir",
-    "user_callbacks",
-]
+__all__ = ["Plan", "RecipeRun", "baseline_generator", "baseline_seed", "checked_settings", "harmonise_precision", "partly_scored", "scored_run"]
 
 # Lightning's precision names (and its aliases) -> the dtype the module's parameters train in.
 _PRECISION_ALIASES = {"64": "64-true", "double": "64-true", "32": "32-true", "16": "16-mixed", "half": "16-mixed", "bf16": "bf16-mixed"}
@@ -189,3 +163,28 @@ def partly_scored(run: RecipeRun, only: bool = False) -> str:
         f"the estimator scored {'only ' if only else ''}{run.num_scored} of the {run.num_train} training samples (the "
         "scoring fit saw only those: trainer.limit_train_batches, max_steps, ...)"
     )
+
+
+#: The salt of :func:`baseline_seed`: a constant, so that a baseline's draws depend on its own
+#: numbers alone and never coincide with a plain ``torch.manual_seed(seed)`` of the same numbers.
+BASELINE_SALT = "lightning-influence/recipes/baseline"
+
+
+def baseline_seed(purpose: str, *numbers: int) -> int:
+    """The seed of a recipe's random baseline (``purpose``, e.g. ``"cleaning random removal"``)
+    drawn for ``numbers`` (e.g. the run's ``seed`` and the retraining seed):
+
+        int.from_bytes(sha256(f"{BASELINE_SALT}/{purpose}/{n1}/{n2}/...".encode()).digest()[:8], "little") >> 1
+
+    (63 bits). Deterministic for given numbers, different for every purpose and numbers, and
+    unrelated to the small seeds (0, 1, 2, ...) that a user's own code passes to
+    ``torch.manual_seed``: a datamodule that flips labels with ``manual_seed(seed + 1)`` does not
+    draw the same permutation as the baseline (earlier versions seeded it with
+    ``1_000_003 * seed + s``, i.e. ``manual_seed(0)``, ``(1)``, ``(2)`` at ``seed=0``)."""
+    text = "/".join([BASELINE_SALT, purpose, *(str(int(n)) for n in numbers)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def baseline_generator(purpose: str, *numbers: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`baseline_seed` ``(purpose, *numbers)``."""
+    return torch.Generator().manual_seed(baseline_seed(purpose, *numbers))

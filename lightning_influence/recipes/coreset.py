@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,32 +34,40 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from lightning_influence.config import CoresetConfig, EstimatorConfig
+from lightning_influence.distributed import is_global_zero
 from lightning_influence.estimators.base import estimator_class
 from lightning_influence.estimators.coreset import Forgetting
 from lightning_influence.recipes import common
 from lightning_influence.recipes.common import Plan, RecipeRun, partly_scored, scored_run
-from lightning_influence.recipes.outputs import is_global_zero, versions, write_outputs
+from lightning_influence.recipes.outputs import versions, write_outputs
 from lightning_influence.recipes.preflight import Preflight
 from lightning_influence.recipes.retraining import metric_of, retrain_fresh, summary
 from lightning_influence.recipes.scoring import ranking
 from lightning_influence.recipes.trainers import runs_in_this_process
-from lightning_influence.recipes.training_set import labels_of
+from lightning_influence.recipes.training_set import are_classes, class_labels, labels_of, train_dataset
 
-__all__ = ["run", "select_coreset", "steps_per_epoch", "check_forgetting_epochs"]
+__all__ = ["run", "select_coreset", "steps_per_epoch", "check_class_labels", "check_forgetting_epochs"]
 
 
-def select_coreset(ids: torch.Tensor, column: torch.Tensor, fraction: float, labels: list[int | None] | None = None) -> torch.Tensor:
+#: How :func:`select_coreset` and the recipe refuse labels that are not classes.
+_CLASS_BALANCED = "recipe.class_balanced=true"
+_NOT_BALANCED = "Use recipe.class_balanced=false (the highest scores over the whole training set)"
+
+
+def select_coreset(
+    ids: torch.Tensor, column: torch.Tensor, fraction: float, labels: Sequence[int | float | None] | None = None
+) -> torch.Tensor:
     """Sorted ids of the kept samples: the ``round(fraction * N)`` highest scores (at least one),
     or, with ``labels``, the ``round(fraction * N_c)`` highest of each class ``c`` (at least one
-    per class). NaN scores rank last (kept only when there are too few other samples), ties by
+    per class). Labels must be classes (:func:`~lightning_influence.recipes.training_set.class_labels`:
+    integers, or whole-number floats); a regression target is refused, not truncated into
+    classes. NaN scores rank last (kept only when there are too few other samples), ties by
     position (the recipe itself refuses NaN scores)."""
     if labels is None:
         keep = max(1, round(fraction * len(ids)))
         order = ranking(column, descending=True)
         return ids[order[:keep]].sort().values
-    if any(y is None for y in labels):
-        raise ValueError("class_balanced needs a class label for every training sample (items (x, y, index) or dicts with 'label')")
-    y = torch.tensor(labels, dtype=torch.long)
+    y = torch.tensor(class_labels(labels, _CLASS_BALANCED, _NOT_BALANCED), dtype=torch.long)
     chosen = []
     for c in y.unique().tolist():
         members = (y == c).nonzero().reshape(-1)
@@ -66,6 +75,19 @@ def select_coreset(ids: torch.Tensor, column: torch.Tensor, fraction: float, lab
         order = ranking(column[members], descending=True)
         chosen.append(ids[members[order[:keep]]])
     return torch.cat(chosen).sort().values
+
+
+def check_class_labels(dataset: Any, num_train: int, seed: int = 0, sample: int = 256) -> None:
+    """``recipe.class_balanced=true`` before the scoring fit: the labels of up to ``sample`` training
+    items (the first, the last and random ones) must be classes
+    (:func:`~lightning_influence.recipes.training_set.class_labels`); every label is checked
+    again when the coreset is selected."""
+    if num_train <= sample:
+        positions = list(range(num_train))
+    else:
+        g = torch.Generator().manual_seed(int(seed))
+        positions = sorted({0, num_train - 1, *torch.randint(0, num_train, (sample - 2,), generator=g).tolist()})
+    class_labels(labels_of(dataset, positions), _CLASS_BALANCED, _NOT_BALANCED)
 
 
 def steps_per_epoch(samples: int, loader: Any, trainer: DictConfig, world_size: int = 1) -> int | None:
@@ -145,6 +167,8 @@ def checked_settings(cfg: DictConfig) -> tuple[DictConfig, CoresetConfig, Any]:
 def _plan(cfg: DictConfig, params: CoresetConfig, est: EstimatorConfig) -> Plan:
     def check_epochs(trial: Preflight) -> None:
         check_forgetting_epochs(est.name, cfg, trial.datamodule, trial.num_train)
+        if params.class_balanced:
+            check_class_labels(train_dataset(trial.datamodule), trial.num_train, int(cfg.seed))
 
     return Plan(params.metric, params.target_samples, check_trial=check_epochs)
 
@@ -241,7 +265,9 @@ def _retraining_budget(state: RecipeRun, num_kept: int) -> _Budget:
 def _report(state: RecipeRun, kept: torch.Tensor, budget: _Budget, acc: dict[str, Any]) -> dict[str, Any]:
     cfg, params, est, scored, n_train = state.cfg, state.params, state.est, state.scored, state.num_train
     num_kept = int(kept.numel())
-    kept_labels = Counter(y for y in labels_of(state.dataset, kept.tolist()) if y is not None)
+    kept_labels = [y for y in labels_of(state.dataset, kept.tolist()) if y is not None]
+    # Per-class counts only for class labels: a regression target's values are no classes.
+    per_class = Counter(int(y) for y in kept_labels) if are_classes(kept_labels) else None
     flipped_ids = getattr(scored.datamodule, "flipped_ids", None)
     flipped_kept = int(torch.isin(kept, torch.as_tensor(flipped_ids, dtype=torch.long)).sum()) if flipped_ids is not None else None
     return {
@@ -263,7 +289,8 @@ def _report(state: RecipeRun, kept: torch.Tensor, budget: _Budget, acc: dict[str
         "num_unscored": n_train - state.num_scored,
         "num_kept": num_kept,
         "kept_fraction": num_kept / n_train,
-        "kept_per_class": {str(k): v for k, v in sorted(kept_labels.items())},
+        "kept_per_class": None if per_class is None else {str(k): v for k, v in sorted(per_class.items())},
+        "kept_ids": kept.tolist(),
         "flipped_kept": flipped_kept,
         "fit_seconds": round(scored.fit_seconds, 3),
         "score_seconds": round(scored.score_seconds, 3),
@@ -273,7 +300,7 @@ def _report(state: RecipeRun, kept: torch.Tensor, budget: _Budget, acc: dict[str
         "summary": [
             {
                 "recipe": "coreset", "method": est.name, "fraction": params.fraction, "kept_fraction": num_kept / n_train,
-                "seed": int(cfg.seed), "metric": params.metric, "accuracy": acc["mean"],
+                "seed": int(cfg.seed), "metric": params.metric, params.metric: acc["mean"],
             }
         ],
         "files": {"scores": "scores.pt", "csv": "scores.csv", "report": "report.json", "config": "config.yaml"},

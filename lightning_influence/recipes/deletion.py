@@ -39,10 +39,11 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_influence.config import DeletionConfig, EstimatorConfig
+from lightning_influence.distributed import is_global_zero
 from lightning_influence.evaluation.metrics import pearson, spearman
 from lightning_influence.recipes import common
-from lightning_influence.recipes.common import Plan, RecipeRun, scored_run
-from lightning_influence.recipes.outputs import is_global_zero, versions, write_outputs
+from lightning_influence.recipes.common import Plan, RecipeRun, baseline_generator, scored_run
+from lightning_influence.recipes.outputs import versions, write_outputs
 from lightning_influence.recipes.preflight import Preflight
 from lightning_influence.recipes.retraining import retrain_fresh, summary, target_batches, target_subset
 from lightning_influence.recipes.scoring import ranking, require_removal_scores
@@ -67,7 +68,9 @@ def deletion_sets(
     NaN scores rank last for both ``harmful`` and ``helpful`` (the recipe itself refuses them). A
     ``random`` set depends on ``seed``, ``size`` and the set of scored ids only, not on the order in
     which the estimator returned them (drawn from the ids in ascending order), so that every
-    estimator of a sweep deletes the same random sets."""
+    estimator of a sweep deletes the same random sets; its generator is
+    :func:`~lightning_influence.recipes.common.baseline_generator` ``("deletion random set", seed,
+    size)``, salted so that it never draws what a user's ``torch.manual_seed(seed)`` draws."""
     order = ranking(column)  # lowest first; NaN last in both directions
     helpful = ranking(column, descending=True)
     pool = torch.sort(ids).values
@@ -88,7 +91,7 @@ def deletion_sets(
             elif kind == "helpful":
                 chosen = ids[helpful[:size]]
             else:
-                g = torch.Generator().manual_seed(1_000_003 * seed + size)
+                g = baseline_generator("deletion random set", seed, size)
                 chosen = pool[torch.randperm(len(pool), generator=g)[:size]]
             sets.append({"kind": kind, "size": size, "ids": chosen})
     return sets
@@ -199,7 +202,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         actual, actual_spread, lds_actual = _retrained_changes(state, removals, lds_removals, batches)
 
     rows = [
-        {"kind": s["kind"], "size": s["size"], "predicted": _predicted(ids, column, s["ids"]), "actual": a, "actual_std": spread}
+        {
+            "kind": s["kind"], "size": s["size"], "predicted": _predicted(ids, column, s["ids"]), "actual": a, "actual_std": spread,
+            "ids": [int(i) for i in s["ids"].tolist()],  # the set removed: most harmful / helpful first, random as drawn
+        }
         for s, a, spread in zip(sets, actual, actual_spread, strict=True)
     ]
     lds = _lds(ids, column, lds_removals, lds_actual, params.lds_keep_fraction) if lds_removals else None

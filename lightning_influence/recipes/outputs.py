@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import time
+import uuid
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,11 +18,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from lightning_influence.config import check_output_dir, in_multirun
+from lightning_influence.distributed import is_global_zero
 from lightning_influence.recipes.training_set import labels_of
 from lightning_influence.scores import InfluenceScores, atomic_write_bytes, check_writable
 
@@ -33,22 +34,17 @@ __all__ = [
     "end_run",
     "fail_run",
     "hydra_config_digest",
-    "is_global_zero",
     "make_output_dir",
     "output_dir",
     "prepare",
     "read_job_marker",
+    "report_json",
     "sample_rows",
     "stale_outputs",
     "start_run",
     "versions",
     "write_outputs",
 ]
-
-
-def is_global_zero() -> bool:
-    """Is this process global rank zero (``True`` outside distributed runs)?"""
-    return int(getattr(rank_zero_only, "rank", 0) or 0) == 0
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -217,8 +213,6 @@ def start_run(out: Path) -> dict[str, Any]:
     run id into ``report.json`` and sets the status to ``finished``; a failed run sets it to
     ``failed`` (:func:`fail_run`); the aggregation skips a report whose run id is not the
     marker's. The earlier files are left as they are. Returns the run's record."""
-    import uuid
-
     run = {"run_id": uuid.uuid4().hex, "status": "running", "started": _now(), "hydra_config_sha256": hydra_config_digest()}
     claim_output_dir(out, run)
     _RUNS[str(out)] = run
@@ -301,6 +295,33 @@ def _finite(value: Any) -> Any:
     return value
 
 
+#: Lists of more integers than this (sample ids) take one line each in ``report.json``.
+_COMPACT_INTS = 8
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """``report`` as the text of ``report.json``: indented JSON, NaN and infinities as ``null``,
+    and every list of more than a few integers (the sample ids of the removed, kept or deleted
+    sets) on one line, so that ids take about as much room as in ``scores.csv``, not a line each."""
+    token = f"@@ids-{uuid.uuid4().hex}-"
+    lines: list[str] = []
+
+    def lift(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: lift(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            if len(value) > _COMPACT_INTS and all(type(v) is int for v in value):
+                lines.append(json.dumps(list(value)))
+                return f"{token}{len(lines) - 1}"
+            return [lift(v) for v in value]
+        return value
+
+    text = json.dumps(lift(_finite(report)), indent=2, allow_nan=False, default=_json_default)
+    for i, line in enumerate(lines):
+        text = text.replace(f'"{token}{i}"', line, 1)
+    return text + "\n"
+
+
 def write_outputs(out: Path, cfg: DictConfig, report: dict[str, Any], scores: InfluenceScores | None) -> None:
     """On global rank zero: ``scores.pt`` (+ ``scores.csv``), ``config.yaml`` and ``report.json``,
     each atomically; ``report["run"]`` is the run's id (:func:`start_run`) and the job marker then
@@ -317,8 +338,7 @@ def write_outputs(out: Path, cfg: DictConfig, report: dict[str, Any], scores: In
         scores.save(out / "scores.pt")
         scores.to_csv(out / "scores.csv")
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
-    text = json.dumps(_finite(report), indent=2, allow_nan=False, default=_json_default) + "\n"
-    atomic_write_bytes(out / "report.json", text.encode())
+    atomic_write_bytes(out / "report.json", report_json(report).encode())
     marker = read_job_marker(out) or {}
     run.update(status="finished", ended=_now())
     atomic_write_bytes(out / JOB_MARKER, (json.dumps({**marker, **run}, indent=2) + "\n").encode())

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
+import numpy
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
-__all__ = ["distributed_train_loader", "is_shuffled", "labels_of", "train_dataset", "train_loader_in_order"]
+__all__ = [
+    "are_classes",
+    "class_labels",
+    "distributed_train_loader",
+    "is_shuffled",
+    "labels_of",
+    "train_dataset",
+    "train_loader_in_order",
+]
 
 
 def train_dataset(datamodule: Any) -> Any:
@@ -22,9 +31,12 @@ def train_dataset(datamodule: Any) -> Any:
     return dataset if dataset is not None else datamodule.train_dataloader().dataset
 
 
-def labels_of(dataset: Any, ids: Iterable[int]) -> list[int | None]:
-    """Class label of each sample: item ``(x, y, index)`` or ``{"label"|"labels"|"y"|"target": ...}``."""
-    labels: list[int | None] = []
+def labels_of(dataset: Any, ids: Iterable[int]) -> list[int | float | None]:
+    """Label (or regression target) of each sample, as it is: an ``int`` for an integer or
+    boolean label, a ``float`` for a floating-point one (``-5.46`` stays ``-5.46``); ``None``
+    where the item carries no single value. Items ``(x, y, index)`` or dicts with
+    ``"label"|"labels"|"y"|"target"``. Whether the labels are classes: :func:`class_labels`."""
+    labels: list[int | float | None] = []
     for i in ids:
         item = dataset[int(i)]
         if isinstance(item, dict):
@@ -33,8 +45,52 @@ def labels_of(dataset: Any, ids: Iterable[int]) -> list[int | None]:
             y = item[1]
         else:
             y = None
-        labels.append(int(y) if y is not None and torch.as_tensor(y).numel() == 1 else None)
+        labels.append(_scalar(y))
     return labels
+
+
+def _scalar(y: Any) -> int | float | None:
+    if y is None:
+        return None
+    try:
+        t = torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if t.numel() != 1 or t.is_complex():
+        return None
+    if not t.is_floating_point():
+        return int(t.item())
+    if t.dtype == torch.float64:
+        return float(t.item())
+    # float32 (or narrower): the shortest decimal that is the same float32, -5.46 rather than -5.460000038146973
+    return float(str(numpy.float32(t.item())))
+
+
+def class_labels(labels: Sequence[int | float | None], purpose: str, fix: str) -> list[int]:
+    """``labels`` (:func:`labels_of`) as class indices for ``purpose`` (e.g. ``"recipe.class_balanced=true"``):
+    integers, or floats that are all whole numbers (``0.0``/``1.0`` targets of a binary
+    classifier). Refuses, naming ``purpose`` and the ``fix``, a sample without a label and
+    non-integer values (a regression target: truncating it would make "classes" of its integer
+    parts)."""
+    missing = sum(y is None for y in labels)
+    if missing:
+        raise ValueError(
+            f"{purpose} needs a class label for every training sample, and {missing} of {len(labels)} carry none "
+            f"(items (x, y, index) or dicts with 'label', 'labels', 'y' or 'target'). {fix}"
+        )
+    fractional = [y for y in labels if isinstance(y, float) and not float(y).is_integer()]
+    if fractional:
+        shown = ", ".join(f"{y:g}" for y in fractional[:3])
+        raise ValueError(
+            f"{purpose} needs class labels, but {len(fractional)} of the {len(labels)} training labels read are not whole numbers "
+            f"(e.g. {shown}): a regression target has no classes. {fix}"
+        )
+    return [int(y) for y in labels]  # type: ignore[arg-type]
+
+
+def are_classes(labels: Sequence[int | float | None]) -> bool:
+    """Are ``labels`` (:func:`labels_of`) class indices (:func:`class_labels` would take them)?"""
+    return all(y is not None and (not isinstance(y, float) or float(y).is_integer()) for y in labels)
 
 
 def is_shuffled(loader: DataLoader) -> bool:
