@@ -259,10 +259,12 @@ class FixedBatches:
         self.batches = list(batches)
         self._position = 0
         self._start = 0
+        self.started_at = 0
+        """The position the latest pass started at (``load_state_dict`` sets it for the next pass)."""
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         start, self._start = self._start, 0
-        self._position = start
+        self._position = self.started_at = start
         for batch in self.batches[start:]:
             self._position += 1
             yield batch

@@ -361,7 +361,7 @@ def test_a_mid_epoch_resume_whose_loader_restarts_its_epoch_is_refused_though_th
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=11)
     _fit_restarting(problem, tmp_path, checkpoint=checkpoint)
     first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]  # step 11: 3 batches into the second epoch
-    with pytest.raises(RuntimeError, match=r"resumed in the middle of an epoch, and its first batch holds samples that this epoch already trained on"):
+    with pytest.raises(RuntimeError, match=r"resumed in the middle of an epoch \(3 of its batches trained before the checkpoint\), but the training loader restarted the epoch.*estimated_stepping_batches"):
         _fit_restarting(problem, tmp_path, ckpt_path=first)
 
 
@@ -465,3 +465,30 @@ def test_checkpoints_leave_a_one_pass_target_for_the_end_of_fit_and_replay_resum
     other = digits_problem(n=64, batch_size=32, epochs=1, val_size=60, seed=1)
     first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]
     torch.testing.assert_close(fit(other.val, ckpt_path=first).scores.values, fit(other.val).scores.values, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["clip spelled out", "no clipping as 0", "an epoch of one batch twice over", "constant batches"])
+def test_legitimate_resumes_that_look_different_are_not_refused(problem, tmp_path, case):
+    """The same clipping written otherwise (the default algorithm spelled out; 0 for none) and
+    epochs whose batches repeat (a mid-epoch resume whose next batch equals an earlier one) resume
+    to the uninterrupted scores; both were refused at their first batch."""
+    batches = problem.train.batches[:4]
+    data = {"an epoch of one batch twice over": batches + batches, "constant batches": [batches[0]] * 4}.get(case, problem.train.batches)
+    first_clip, then_clip = {
+        "clip spelled out": ({"gradient_clip_val": 0.5}, {"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"}),
+        "no clipping as 0": ({}, {"gradient_clip_val": 0}),
+    }.get(case, ({}, {}))
+
+    def fit(options, ckpt_path=None, checkpoint=None):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        callback = DiffIn(target="val", target_loader=problem.val)
+        extra = [checkpoint] if checkpoint is not None else []
+        quiet_trainer(callbacks=[callback, *extra], max_epochs=2, enable_checkpointing=bool(extra), **options).fit(
+            Classifier(hidden=(8,), lr=0.1).double(), train_dataloaders=FixedBatches(data), ckpt_path=ckpt_path
+        )
+        return callback
+
+    whole = fit(first_clip)
+    fit(first_clip, checkpoint=ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=len(data) // 2 + 1))
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)[0]  # mid-epoch
+    torch.testing.assert_close(fit(then_clip, ckpt_path=first).scores.values, whole.scores.values, rtol=0, atol=1e-12)

@@ -75,3 +75,5 @@ def test_dropping_a_term_is_refused_for_coupled_losses():
         DiffIn(target="val", coupled=True, batch_removal="drop")
     with pytest.raises(ValueError, match="batch_removal must be 'reaverage'"):
         DiffIn(target="val", batch_removal="mean")
+    with pytest.raises(ValueError, match="sgd_influence is DiffIn with batch_removal='drop'.*use the diffin estimator"):
+        build("sgd_influence", target="val", batch_removal="reaverage")

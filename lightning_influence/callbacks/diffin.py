@@ -46,6 +46,7 @@ from lightning_influence.callbacks.target_data import (
 )
 from lightning_influence.callbacks.resume import check_same_setup, parameter_signature, setup_signature, target_fingerprint
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
+from lightning_influence.data import FixedBatches
 from lightning_influence.distributed import Collective
 from lightning_influence.estimators.diffin_sweep import DiffInSweep, PerSampleDerivatives, step_losses_and_gradient
 from lightning_influence.kernels import (
@@ -407,6 +408,7 @@ class DiffIn(Callback):
         self._restored_steps_ids: list[tuple[int, list[Tensor]]] = []  # (step, ids per micro-batch) restored on resume
         self._resumed_epoch_batches: list[Tensor] = []  # ids of the resumed epoch's batches before the checkpoint
         self._resume_once = False  # whether the resumed epoch's sampler yields each sample once
+        self._resumed_fixed: list[FixedBatches] = []  # the resumed fit's FixedBatches training loaders
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
         self._epoch_repeats = EpochRepeats("DiffIn")  # ids that come back within an epoch (ids that are not dataset positions)
         # The hyperparameters are read again where optimizer.step starts its update (after every
@@ -1326,6 +1328,9 @@ class DiffIn(Callback):
         steps_ids, self._restored_steps_ids = self._restored_steps_ids, []
         self._resumed_epoch_batches = [ids for step, batches in steps_ids if step >= self._epoch_start_step for ids in batches] if done_in_epoch else []
         self._resume_once = draws_each_sample_once(trainer) is not None
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        loaders = combined.flattened if combined is not None else [trainer.train_dataloader]
+        self._resumed_fixed = [x for x in loaders if isinstance(x, FixedBatches)]
         if self.mode == "online":
             assert self._trajectory is not None
             start = time.perf_counter()
@@ -1397,26 +1402,41 @@ class DiffIn(Callback):
         check_same_setup("DiffIn", saved, now)
 
     def _check_restarted_epoch(self, ids: Tensor) -> None:
-        """The first batch after a resume in the middle of an epoch: its samples must not be ones the
-        epoch already trained on before the checkpoint, which a loader that restarts its epoch
-        serves again (its state not restored: e.g. a stateful loader whose ``load_state_dict``
-        Lightning does not call). Refused when the batch repeats one of those batches, or, with a
-        sampler that yields each sample once an epoch, any of their samples."""
+        """The first batch after a resume in the middle of an epoch must continue the epoch, not
+        restart it: a loader whose position Lightning did not restore (it re-creates the training
+        loader without restoring it when, e.g., ``configure_optimizers`` reads
+        ``trainer.estimated_stepping_batches``) serves the epoch's samples again. A
+        :class:`~lightning_influence.data.FixedBatches` says where its pass started; for other
+        loaders the batch's samples tell: with a sampler that yields each sample once an epoch,
+        none may be one the epoch trained on before the checkpoint; otherwise the batch must not
+        repeat the epoch's first batch (unless that batch recurs in the epoch's recorded batches,
+        where a repeat is the data's own)."""
         before, self._resumed_epoch_batches = self._resumed_epoch_batches, []
+        fixed, self._resumed_fixed = self._resumed_fixed, []
         if not before:
             return
-        ids = ids.detach().to("cpu", torch.long).reshape(-1)
-        once = self._resume_once
-        seen = torch.cat([b.reshape(-1) for b in before])
-        repeated = bool(torch.isin(ids, seen).any()) if once else any(b.numel() == ids.numel() and bool((b.reshape(-1) == ids).all()) for b in before)
-        if repeated:
+        if fixed:
+            restarted = any(loader.started_at == 0 for loader in fixed)
+        else:
+            ids = ids.detach().to("cpu", torch.long).reshape(-1)
+            first = before[0].reshape(-1)
+
+            def same(a: Tensor, b: Tensor) -> bool:
+                return a.numel() == b.numel() and bool((a.reshape(-1) == b.reshape(-1)).all())
+
+            if self._resume_once:
+                restarted = bool(torch.isin(ids, torch.cat([b.reshape(-1) for b in before])).any())
+            else:
+                restarted = same(ids, first) and not any(same(b, first) for b in before[1:])
+        if restarted:
             raise RuntimeError(
-                f"resumed in the middle of an epoch, and its first batch holds samples that this epoch already trained on "
-                f"before the checkpoint ({len(before)} batches of it recorded): the training loader restarted its epoch "
-                "instead of continuing where the checkpoint left it, and would feed samples that DiffIn already scored a "
-                "second time. Lightning restores a loader's position only when it can (a loader with state_dict/"
-                "load_state_dict that Lightning restores, e.g. torchdata's StatefulDataLoader); resume from a checkpoint "
-                "taken at an epoch boundary, or train from the start"
+                f"resumed in the middle of an epoch ({len(before)} of its batches trained before the checkpoint), but the "
+                "training loader restarted the epoch instead of continuing where the checkpoint left it: it would feed "
+                "samples that DiffIn already scored a second time. Lightning restores a loader's position only when it "
+                "can: the loader must have state_dict/load_state_dict (e.g. FixedBatches, torchdata's StatefulDataLoader), "
+                "and Lightning re-creates the training loader without restoring it when configure_optimizers reads "
+                "trainer.estimated_stepping_batches (compute the schedule's length from the data instead). Or resume from "
+                "a checkpoint taken at an epoch boundary, or train from the start"
             )
 
     def _verify_update(self, record: StepRecord, pl_module: L.LightningModule) -> None:

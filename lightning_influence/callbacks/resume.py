@@ -29,11 +29,14 @@ def setup_signature(trainer: L.Trainer, trained: Sequence[tuple[str, Tensor]], o
     precision, the trained parameters (names, shapes, dtypes), gradient clipping and
     accumulation, the callback's ``options`` that shape the scores, and ``more`` entries of the
     caller's (e.g. the optimizer's class and state)."""
-    algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm)
+    value = trainer.gradient_clip_val
+    algorithm = getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm"
+    # the clipping that runs: none for a value of None or <= 0 (Lightning's), else by norm (its default) or value
+    clipping = f"by {algorithm} at {float(value)!r}" if value is not None and float(value) > 0 else "none"
     return {
         "precision": str(trainer.precision),
         "parameters": parameter_signature(trained),
-        "gradient clipping": [float(trainer.gradient_clip_val) if trainer.gradient_clip_val is not None else None, str(algorithm)],
+        "gradient clipping": clipping,
         "accumulate_grad_batches": int(trainer.accumulate_grad_batches),
         "options": dict(options),
         **more,

@@ -31,5 +31,10 @@ class SGDInfluence(DiffInEstimator):
     name: ClassVar[str] = "sgd_influence"
 
     def __init__(self, **options: Any) -> None:
+        if options.get("batch_removal", "drop") != "drop":
+            raise ValueError(
+                f"sgd_influence is DiffIn with batch_removal='drop' (SGD-influence's counterfactual), got "
+                f"batch_removal={options['batch_removal']!r}: for the re-averaged removal use the diffin estimator"
+            )
         super().__init__(**{"mode": "replay", "batch_removal": "drop", **options})
         self._callback._estimator_name = self.name  # the callback's scores, model.influence and save_path say so too
