@@ -90,19 +90,27 @@ def _refuse_maximize(optimizer: torch.optim.Optimizer, step: int) -> None:
         )
 
 
-def first_order_units(plain_sgd: bool, update: str) -> str:
-    """The ``units`` metadata of first-order (TracIn) scores. Their magnitudes are never those of the
-    retraining change the library's scores predict: TracIn's step term drops the sample's loss but
-    keeps the batch's ``1 / b``, where the removal re-averages the other ``b - 1`` samples, so each
-    step's terms miss ``-eta / (b - 1) <grad F, batch-mean gradient>`` (a per-step offset that sums
-    over sets; measured 10x too large on a deletion set), and outside plain unclipped SGD
-    (``plain_sgd`` False, from :func:`first_order_calibration`) the step itself is another."""
-    also = "" if plain_sgd else f"; and the run used {update}, whose update TracIn does not model"
+def first_order_units(plain_sgd: bool, update: str, reaveraged: bool = False) -> str:
+    """The ``units`` metadata of first-order (TracIn) scores. Classic TracIn's step term drops the
+    sample's loss but keeps the batch's ``1 / b``, where the removal the library's scores stand
+    for re-averages the other ``b - 1`` samples: each step's terms miss
+    ``-eta / (b - 1) <grad F, batch-mean gradient>`` (a per-step offset that sums over sets;
+    measured 10x too large on a deletion set). ``reaveraged``: the terms were centred on the batch
+    mean and scaled by ``1 / (b - 1)`` (``TracIn(batch_removal="reaverage")``), which models it.
+    Outside plain unclipped SGD (``plain_sgd`` False, from :func:`first_order_calibration`) the
+    step itself is another, and the magnitudes are off either way."""
+    if reaveraged and plain_sgd:
+        return "first-order target-loss change when the sample is removed (units of the target loss; plain SGD, batch re-averaged)"
+    why = [] if reaveraged else [
+        "each step's term drops the sample's loss but keeps the batch's 1/b, where the removal the scores stand for "
+        "re-averages the other b-1 samples (a per-step offset, -eta/(b-1) <grad F, batch-mean gradient>, that sums over "
+        "sets; batch_removal='reaverage' models it)"
+    ]
+    if not plain_sgd:
+        why.append(f"the run used {update}, whose update TracIn does not model")
     return (
-        "target-loss units and sign of TracIn's first-order view, magnitude NOT calibrated: each step's term drops "
-        "the sample's loss but keeps the batch's 1/b, where the removal the scores stand for re-averages the other "
-        f"b-1 samples (a per-step offset, -eta/(b-1) <grad F, batch-mean gradient>, that sums over sets){also}; rank "
-        "by these scores (DiffIn models the batch, the optimizer and clipping)"
+        f"target-loss units and sign of TracIn's first-order view, magnitude NOT calibrated: {'; and '.join(why)}; rank by "
+        "these scores (DiffIn models the batch, the optimizer and clipping)"
     )
 
 
