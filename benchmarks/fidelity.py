@@ -64,7 +64,11 @@ ESTIMATORS: dict[str, tuple[str, dict[str, Any]]] = {
     "diffin-online": ("diffin", {"target": "val", "mode": "online"}),
     "diffin-online-w32": ("diffin", {"target": "val", "mode": "online", "window": 32, "score_every": 32}),
     "diffin-paper": ("diffin_checkpoints", {}),
+    # SGD-influence's counterfactual drops the sample's term and keeps the batch's 1/b; the ground truth
+    # here re-averages the batch (the library's removal), so this row shows what that difference costs.
+    "sgd-influence": ("sgd_influence", {"target": "val"}),
     "tracin": ("tracin", {}),
+    "tracin-reaverage": ("tracin", {"batch_removal": "reaverage"}),
     "tracin-checkpoints": ("tracin_checkpoints", {}),
     "if-exact": ("influence_function", {"solver": "exact"}),
     "if-cg": ("influence_function", {"solver": "cg"}),
@@ -126,7 +130,7 @@ def one_epoch(problem: Problem) -> FixedBatches:
 
 def score(label: str, hidden: tuple[int, ...], problem: Problem, plain_seconds: float) -> tuple[Any, float]:
     name, options = ESTIMATORS[label]
-    if name in ("diffin", "tracin"):  # estimators that watch training take their target when built
+    if name in ("diffin", "sgd_influence", "tracin"):  # estimators that watch training take their target when built
         options = {**options, "target_loader": problem.val}
     estimator = build(name, **options)
     callback = estimator.callback()
