@@ -1341,8 +1341,6 @@ class DiffIn(Callback):
             self.seconds += time.perf_counter() - start
         if done_in_epoch == 0:
             return
-        combined = getattr(trainer.fit_loop, "_combined_loader", None)
-        loaders = combined.flattened if combined is not None else [trainer.train_dataloader]
         plain = [type(x).__name__ for x in loaders if not (hasattr(x, "state_dict") and hasattr(x, "load_state_dict"))]
         if plain:
             raise RuntimeError(
