@@ -27,6 +27,16 @@ BatchRemoval = Literal["reaverage", "drop"]
 batch's ``1 / b`` kept (``dG = -grad l_z / (n b)``, SGD-influence's counterfactual)."""
 
 
+def check_batch_removal(value: object) -> None:
+    """Refuse a ``batch_removal`` other than the two :data:`BatchRemoval` values, saying what each means."""
+    if value not in ("reaverage", "drop"):
+        raise ValueError(
+            "batch_removal must be 'reaverage' (the batch mean over the samples left, as retraining without the sample "
+            "computes it) or 'drop' (the sample's term dropped, the batch keeps its 1/b: SGD-influence's and classic "
+            f"TracIn's counterfactual), got {value!r}"
+        )
+
+
 def map_tensors(fn: Callable[[Tensor], Any], batch: Any) -> Any:
     """``batch`` with every tensor replaced by ``fn(tensor)``; containers keep their type.
 

@@ -8,7 +8,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_influence.batches import BatchRemoval
+from lightning_influence.batches import BatchRemoval, check_batch_removal
 from lightning_influence.checks import (
     check_id_type,
     check_id_values,
@@ -44,7 +44,7 @@ from lightning_influence.callbacks.target_data import (
     check_target_arguments,
     check_target_data,
 )
-from lightning_influence.callbacks.resume import check_same_setup, parameter_signature, setup_signature, target_fingerprint
+from lightning_influence.callbacks.resume import check_same_setup, parameter_signature, setup_signature, target_signature
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
 from lightning_influence.data import FixedBatches
 from lightning_influence.distributed import Collective
@@ -323,11 +323,7 @@ class DiffIn(Callback):
         if coupled is not None and not isinstance(coupled, bool):
             raise ValueError(f"coupled must be None (the module's coupled_batch_loss), True or False, got {coupled!r}")
         self.coupled = coupled
-        if batch_removal not in ("reaverage", "drop"):
-            raise ValueError(
-                f"batch_removal must be 'reaverage' (the batch mean over the samples left: the library's removal) or "
-                f"'drop' (the sample's term dropped, the batch keeps its 1/b: SGD-influence's counterfactual), got {batch_removal!r}"
-            )
+        check_batch_removal(batch_removal)
         if batch_removal == "drop" and coupled:
             raise ValueError("batch_removal='drop' is defined for losses that are a sum of per-sample terms, not for coupled=True")
         self.batch_removal: BatchRemoval = batch_removal
@@ -401,7 +397,7 @@ class DiffIn(Callback):
         self._store_resumed_step = False
         self._signature: dict[str, Any] = {}  # the fit's setup, compared on resume (_setup_signature)
         self._estimator_name = "diffin"  # metadata["estimator"] (the sgd_influence estimator sets its own)
-        self._target_print: str | None = None  # the target data's fingerprint (_target_signature), once a fit
+        self._target_print: dict[str, Any] | None = None  # the target data's signature (_target_signature), once a fit
         self._restored_signature: dict[str, Any] | None = None
         self._epoch_start_step = 0  # the index (steps_seen) of the current epoch's first step
         self._restored_epoch_start: int | None = None
@@ -1385,13 +1381,11 @@ class DiffIn(Callback):
         the target at the end of fit, whatever it was before); not for the training-loss target,
         whose data the training run checks, a one-pass iterator (a read would use it up), nor under
         DDP, where each rank reads its own shard."""
-        if self.mode != "online" or self.target == "train" or self._target is None or self._collective.distributed:
-            return {}
-        if self._target_source is None or isinstance(self._target_source(), Iterator):
+        if self.mode != "online" or self._collective.distributed:
             return {}
         if self._target_print is None:
-            self._target_print = target_fingerprint(self._target)
-        return {"target data": self._target_print}
+            self._target_print = target_signature(self._target, self._target_source)
+        return self._target_print
 
     def _check_same_setup(self) -> None:
         """A resumed fit must train and score as the checkpointed one did (before any step of it)."""

@@ -5,7 +5,7 @@ checkpointed run; mixing two setups would give scores of neither)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -53,6 +53,15 @@ def target_fingerprint(target: TargetGradient) -> str:
             digest = (digest * 1_000_003 + leaf.whole) % FINGERPRINT_MODULUS
             count += 1
     return f"{count} tensors, fingerprint {digest:016x}"
+
+
+def target_signature(target: TargetGradient | None, source: Callable[[], Any] | None) -> dict[str, Any]:
+    """``{"target data": fingerprint}`` of a callback's target, or ``{}`` where none is taken: no
+    target yet, the training-loss target (whose data the training run checks), or a one-pass
+    iterator (a read would use it up)."""
+    if target is None or target.kind == "train" or source is None or isinstance(source(), Iterator):
+        return {}
+    return {"target data": target_fingerprint(target)}
 
 
 def check_same_setup(owner: str, saved: Mapping[str, Any] | None, now: Mapping[str, Any]) -> None:

@@ -35,7 +35,7 @@ first-order change of that retraining, and only then, under plain unclipped SGD,
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
-from lightning_influence.callbacks.resume import check_same_setup, setup_signature, target_fingerprint
+from lightning_influence.callbacks.resume import check_same_setup, setup_signature, target_signature
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch
-from lightning_influence.batches import BatchRemoval
+from lightning_influence.batches import BatchRemoval, check_batch_removal
 from lightning_influence.checks import (
     FirstLossCheck,
     check_id_type,
@@ -131,11 +131,7 @@ class TracIn(Callback):
         self.target_samples = target_samples
         self.seed = seed
         self.target_every = target_every
-        if batch_removal not in ("reaverage", "drop"):
-            raise ValueError(
-                f"batch_removal must be 'drop' (classic TracIn: the sample's term dropped, the batch keeps its 1/b) or "
-                f"'reaverage' (the batch mean over the samples left, as retraining without the sample computes it), got {batch_removal!r}"
-            )
+        check_batch_removal(batch_removal)
         self.batch_removal: BatchRemoval = batch_removal
         self.save_path = Path(save_path) if save_path is not None else None
         self.scores: InfluenceScores | None = None
@@ -164,7 +160,7 @@ class TracIn(Callback):
         self._restored = False
         self._target: TargetGradient | None = None
         self._signature: dict[str, Any] = {}  # the fit's setup, compared on resume (callbacks.resume)
-        self._target_print: str | None = None  # the target data's fingerprint, once a fit
+        self._target_print: dict[str, Any] | None = None  # the target data's signature, once a fit
         self._restored_signature: dict[str, Any] | None = None  # the checkpoint's, compared at the first batch
 
     @property
@@ -200,7 +196,8 @@ class TracIn(Callback):
         self._epoch_repeats.reset()
         if len(trainer.optimizers) != 1:
             raise ValueError(f"TracIn needs exactly one optimizer, got {len(trainer.optimizers)}")
-        trained = trainable_parameters(pl_module, torch_optimizer(trainer.optimizers[0], "TracIn"))
+        optimizer = torch_optimizer(trainer.optimizers[0], "TracIn")
+        trained = trainable_parameters(pl_module, optimizer)
         self._space = ParameterSpace.from_parameters([(name, p) for name, p, _ in trained])
         self._params = [p for _, p, _ in trained]
         self._group_of = torch.tensor([g for _, _, g in trained], dtype=torch.long)
@@ -212,7 +209,6 @@ class TracIn(Callback):
             "target_every": self.target_every,
             "batch_removal": self.batch_removal,
         }
-        optimizer = torch_optimizer(trainer.optimizers[0], "TracIn")
         self._signature = setup_signature(trainer, [(name, p) for name, p, _ in trained], options, optimizer=type(optimizer).__name__)
         self._target_print = None
         if not self._restored:
@@ -486,12 +482,7 @@ class TracIn(Callback):
         self._restored = True
 
     def _target_signature(self) -> dict[str, Any]:
-        """The target data's fingerprint (:func:`~lightning_influence.callbacks.resume.target_fingerprint`),
-        read once per fit; not for the training-loss target."""
-        if self.target == "train" or self._target is None:
-            return {}
-        if self._target_source is None or isinstance(self._target_source(), Iterator):
-            return {}  # a one-pass iterator: a read would use it up
+        """The target data's fingerprint (:func:`~lightning_influence.callbacks.resume.target_signature`), read once per fit."""
         if self._target_print is None:
-            self._target_print = target_fingerprint(self._target)
-        return {"target data": self._target_print}
+            self._target_print = target_signature(self._target, self._target_source)
+        return self._target_print

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.batches import BatchRemoval, map_tensors
+from lightning_influence.batches import BatchRemoval, check_batch_removal, map_tensors
 from lightning_influence.evaluation._checks import _shown, as_ids
 from lightning_influence.optimizers import torch_optimizer
 from lightning_influence.kernels import (
@@ -519,8 +519,7 @@ def retrain(
     divided by its full size ``b`` (the removed terms dropped, the ``1 / b`` kept: the
     counterfactual of SGD-influence, Hara et al., 2019) instead of their mean; not for coupled losses.
     """
-    if batch_removal not in ("reaverage", "drop"):
-        raise ValueError(f"batch_removal must be 'reaverage' or 'drop', got {batch_removal!r}")
+    check_batch_removal(batch_removal)
     if not isinstance(optimizer, OptimizerSpec):
         raise TypeError(
             f"optimizer must be an OptimizerSpec (OptimizerSpec.from_optimizer(module, optimizer)), got {type(optimizer).__name__}"
