@@ -150,6 +150,35 @@ def test_resuming_the_last_checkpoint_with_nothing_left_to_train_finishes_the_sc
         torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
 
 
+def test_a_mid_epoch_resume_with_torchdata_stateful_loader_gives_the_uninterrupted_scores(problem, tmp_path):
+    """torchdata's ``StatefulDataLoader`` over a shuffled ``IndexedDataset``: Lightning restores its
+    position (and its sampler's random state) from the checkpoint, and the resumed fit scores exactly
+    what the uninterrupted one does. The uninterrupted run is the one that wrote the checkpoints:
+    with torchdata 0.11, taking the loader's state changes how later epochs are shuffled. (Shuffled
+    with the global random state, which the loader saves; with a ``generator=`` of the loader's own,
+    the epochs after the resume are shuffled otherwise than the uninterrupted run's: DiffIn then
+    scores the batches the resumed run trains on.)"""
+    from torch.utils.data import TensorDataset
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from lightning_influence import IndexedDataset
+
+    dataset = IndexedDataset(TensorDataset(problem.x, problem.y))
+
+    def loader() -> StatefulDataLoader:
+        return StatefulDataLoader(dataset, batch_size=32, shuffle=True)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=11)
+    straight = _fit(problem, tmp_path / "b", loader(), checkpoint=checkpoint)
+    first = sorted(Path(tmp_path / "ckpt").glob("*.ckpt"))[0]
+    assert "step=11" in first.name  # the middle of the second epoch (8 batches an epoch)
+    resumed = _fit(problem, tmp_path / "c", loader(), ckpt_path=first)
+    for a, b in zip(straight, resumed):
+        torch.testing.assert_close(b.scores.ids, a.scores.ids)
+        torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
+        assert b.scores.metadata["steps_seen"] == a.scores.metadata["steps_seen"] == 3 * 8
+
+
 class _Replaying:
     """An iterable Lightning cannot rewind: a resume mid-epoch restarts it from its first batch."""
 
