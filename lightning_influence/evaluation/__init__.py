@@ -3,7 +3,8 @@
 - :func:`leave_one_out` / :func:`retrain`: exact trajectory-specific leave-out retraining of
   what a Lightning run did (same initial parameters, micro-batches, gradient-accumulation
   normaliser, learning rates, gradient clipping and real ``torch.optim`` optimizer -- see
-  :data:`RETRAINABLE_OPTIMIZERS`; the removed samples taken out of every micro-batch).
+  :data:`RETRAINABLE_OPTIMIZERS`; the removed samples taken out of every micro-batch; batch
+  norm replayed with each run's own batch and running statistics).
   Influence ``I(z) = F(theta_T^{-z}) - F(theta_T)``, in the units of the target loss ``F``
   (:func:`target_loss`); positive means the sample helps (removing it raises the loss),
   negative means it hurts -- the sign of every score in the library.

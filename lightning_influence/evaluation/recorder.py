@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_influence.batch_norm import running_statistics
 from lightning_influence.evaluation.retraining import (
     OptimizerSpec,
     TrainingStep,
@@ -35,8 +36,10 @@ class StepRecorder(Callback):
     ``on_before_optimizer_step`` (the callbacks' and the module's) and clipping: the ones the
     step really uses, whoever set them.
 
-    After ``fit``: :attr:`initial_params`, :attr:`steps` (a :class:`TrainingStep` per optimizer
-    step that really ran, its micro-batches exactly as ``training_step`` saw them) and
+    After ``fit``: :attr:`initial_params` (the parameters at the start of fit, and the running
+    statistics of batch norm and instance norm layers, by buffer name), :attr:`steps` (a
+    :class:`TrainingStep` per optimizer step that really ran, its micro-batches exactly as
+    ``training_step`` saw them) and
     :attr:`optimizer` (an :class:`OptimizerSpec`), ready for
     ``leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, ...)``.
     A step whose gradients are not all finite (one that ``torch.amp.GradScaler`` skips under
@@ -58,15 +61,18 @@ class StepRecorder(Callback):
     module: each run would need its own values. Memory: every batch of the run, and a copy of
     each such tensor per step in which it was written to.
 
-    A model the retraining cannot replay (dropout with ``p > 0``, batch norm, spectral
-    normalisation) is refused when fit starts; ``training_step``'s loss is compared with the mean
+    A model the retraining cannot replay (dropout with ``p > 0``, ``nn.SyncBatchNorm``, spectral
+    normalisation) is refused when fit starts (batch norm is replayed: :func:`retrain`);
+    ``training_step``'s loss is compared with the mean
     of ``per_sample_loss`` on the first batch. ``verify`` (default): when training ends, the recorded
-    run is retrained with nothing removed and must reproduce the trained parameters (to 1e-7 of how
-    far they moved in float64, 1e-3 in float32, plus 64 roundings; not under mixed precision, whose
+    run is retrained with nothing removed and must reproduce the trained parameters and the running
+    statistics of its normalisation layers (to 1e-7 of how far they moved in float64, 1e-3 in
+    float32, plus 64 roundings; ``num_batches_tracked`` exactly; not under mixed precision, whose
     autocast the float32 retraining does not replay, nor for half-precision parameters), raised at
     the end of fit, after every callback's ``on_train_end``: a run that trained otherwise than recorded (a loss that is
     not the mean of ``per_sample_loss`` at a later step, augmentation inside ``training_step``,
-    gradients edited in a hook, batch tensors changed in place) raises ``ValueError`` instead of
+    gradients edited in a hook, batch tensors changed in place, a training-mode forward outside
+    ``training_step`` that updated batch norm's running statistics) raises ``ValueError`` instead of
     giving a ground truth of another run. Costs one retraining run.
     """
 
@@ -115,7 +121,11 @@ class StepRecorder(Callback):
             pl_module, optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
         )
         self._group_ids = [tuple(id(p) for p in group["params"]) for group in optimizer.param_groups]
-        self.initial_params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        buffers = dict(pl_module.named_buffers())
+        self.initial_params = {
+            **{n: p.detach().clone() for n, p in pl_module.named_parameters()},
+            **{n: buffers[n].detach().clone() for n in running_statistics(pl_module)},
+        }
         self.steps = []
         self.skipped_steps = 0
         self.empty_steps = 0
@@ -175,10 +185,11 @@ class StepRecorder(Callback):
             raise ValueError(verdict)
 
     def _verify_replay(self, pl_module: L.LightningModule) -> str | None:
-        """The recorded run, retrained with nothing removed, must end at the trained parameters:
-        within ``1e-7`` (float64; ``1e-3`` in float32) of how far they moved, plus 64 roundings of
-        their size. Parameters below float32 are not checked (their rounding is as large as a
-        step). Returns the refusal's message, or ``None``."""
+        """The recorded run, retrained with nothing removed, must end at the trained parameters and
+        running statistics: within ``1e-7`` (float64; ``1e-3`` in float32) of how far each kind moved
+        (parameters, running statistics), plus 64 roundings of their size; the batch counts exactly.
+        Parameters below float32 are not checked (their rounding is as large as a step). Returns the
+        refusal's message, or ``None``."""
         assert self.optimizer is not None
         trained = dict(pl_module.named_parameters())
         dtype = next(iter(trained.values())).dtype
@@ -188,20 +199,11 @@ class StepRecorder(Callback):
             final = retrain(pl_module, self.initial_params, self.steps, self.optimizer, [()])
         except (ValueError, TypeError) as err:  # a module the retraining refuses: raised at the end of fit too
             return str(err)
-        gap = moved = size = 0.0
-        worst = ""
-        for name, values in final.items():
-            actual = trained[name].detach()
-            if not actual.numel():
-                continue
-            difference = float((values[0].to(actual.device, actual.dtype) - actual).abs().max())
-            moved = max(moved, float((actual - self.initial_params[name].to(actual.device, actual.dtype)).abs().max()))
-            size = max(size, float(actual.abs().max()))
-            if difference > gap:
-                gap, worst = difference, name
+        buffers = dict(pl_module.named_buffers())
+        running = [n for n in final if n not in trained]
+        gap, worst, moved = self._gap(final, trained, [n for n in final if n in trained], dtype)
         self.final_gap = gap
-        tolerance = (1e-7 if dtype == torch.float64 else 1e-3) * moved + 64 * torch.finfo(dtype).eps * (1.0 + size)
-        if not gap <= tolerance:
+        if worst is not None:
             return (
                 f"StepRecorder: the recorded run, retrained with nothing removed, ends {gap:.3g} away from the trained "
                 f"parameters (most in {worst!r}; training moved them by up to {moved:.3g}): the fit trained otherwise than "
@@ -211,7 +213,45 @@ class StepRecorder(Callback):
                 "randomness or augmentation inside training_step, gradients changed in a hook (on_after_backward, "
                 "on_before_optimizer_step), or batch tensors changed in place. StepRecorder(verify=False) skips this check"
             )
+        stat_gap, stat_worst, stat_moved = self._gap(final, buffers, running, dtype)
+        if stat_worst is not None:
+            return (
+                f"StepRecorder: the recorded run, retrained with nothing removed, reaches the trained parameters but its "
+                f"normalisation running statistics end {stat_gap:.3g} away from the trained ones (most in {stat_worst!r}; "
+                f"training moved them by up to {stat_moved:.3g}): the running statistics were updated otherwise than by "
+                "one training-mode forward of each recorded micro-batch, so the eval-mode target loss of the retrained "
+                "runs would be that of another model. Look for a forward in training mode outside training_step (a "
+                "callback or hook evaluating the model while it trains), training_step running the model more than once "
+                "per batch, layers put in evaluation mode during training (frozen batch norm), or running statistics "
+                "reset or edited in a hook. StepRecorder(verify=False) skips this check"
+            )
         return None
+
+    def _gap(
+        self, final: dict[str, Tensor], actual: dict[str, Tensor], names: list[str], dtype: torch.dtype
+    ) -> tuple[float, str | None, float]:
+        """The largest difference between the retrained ``final`` values (run 0) and the ``actual``
+        tensors of ``names``, and how far training moved them; the name that differs most when the
+        difference is beyond the tolerance (or an integer count differs at all), else ``None``."""
+        gap = moved = size = 0.0
+        worst = ""
+        for name in names:
+            value = actual[name].detach()
+            if not value.numel():
+                continue
+            retrained = final[name][0].to(value.device, value.dtype)
+            start = self.initial_params[name].to(value.device, value.dtype)
+            if not value.is_floating_point():  # a count (num_batches_tracked): exactly
+                if not torch.equal(retrained, value):
+                    return float((retrained - value).abs().max()), name, float((value - start).abs().max())
+                continue
+            difference = float((retrained - value).abs().max())
+            moved = max(moved, float((value - start).abs().max()))
+            size = max(size, float(value.abs().max()))
+            if difference > gap:
+                gap, worst = difference, name
+        tolerance = (1e-7 if dtype == torch.float64 else 1e-3) * moved + 64 * torch.finfo(dtype).eps * (1.0 + size)
+        return gap, (worst if not gap <= tolerance else None), moved
 
     def _drop_unstepped(self) -> None:
         """A recorded step whose ``optimizer.step`` never ran (under 16-mixed, a last micro-batch left

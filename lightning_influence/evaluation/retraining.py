@@ -21,7 +21,8 @@ group's learning rate set to the recorded one. The optimizer is not re-implement
 an independent reference for code that reasons about updates (momentum, Adam moments, ...).
 Not modelled: mixed-precision arithmetic (retrain in float64; steps that the GradScaler
 skipped are simply not recorded), stochastic layers (refused), forwards that write module state
-such as spectral normalisation's power iteration (each run would need its own; refused), parts of
+other than normalisation statistics, such as spectral normalisation's power iteration (each run
+would need its own; refused), ``nn.SyncBatchNorm`` (statistics over several processes; refused), parts of
 the model that read parameters outside ``torch.func.functional_call`` such as activation
 checkpointing (refused, after a gradient check on the first step), custom clipping
 (``configure_gradient_clipping``) or other changes made to the gradients in hooks, and
@@ -35,6 +36,16 @@ other samples' losses; masking their terms out of the full batch's losses would 
 whose sub-batches differ cannot share one vectorised evaluation: at each micro-batch the runs are
 grouped by the positions they remove there (for leave-one-out: the runs removing nothing share one
 ``vmap``; each run removing a sample of this micro-batch is its own group).
+
+Batch norm (``nn.BatchNorm1d/2d/3d``, also with ``affine=False``, ``momentum=None`` or
+``track_running_stats=False``) and instance norm with running statistics are replayed as training ran
+them: each micro-batch is normalised with its own batch statistics, so a run without ``z`` evaluates
+the sub-batch without ``z`` (such models are retrained as coupled, whatever ``coupled_batch_loss``
+says), and every run keeps its own running statistics (``running_mean``, ``running_var``,
+``num_batches_tracked``, stacked ``[K, *shape]`` and passed to ``functional_call``, whose
+training-mode forward updates them in place from that run's sub-batches and parameters), which the
+eval-mode target loss of that run then normalises with. A removal that leaves a micro-batch with one
+sample, which batch norm cannot normalise, is refused naming the step and the samples.
 
 Many removal sets are retrained at once, in lockstep: the parameters of K runs are stacked
 along a leading dimension ``[K, *shape]``, per-run gradients are one ``torch.func.vmap`` of
@@ -63,6 +74,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_influence.batch_norm import NORMALISATION_LAYERS, batch_statistics_layers, running_statistics, sync_batch_norm_layers
 from lightning_influence.batches import BatchRemoval, check_batch_removal, map_tensors
 from lightning_influence.evaluation._checks import _shown, as_ids
 from lightning_influence.optimizers import torch_optimizer
@@ -389,11 +401,13 @@ def _check_functional_gradient(
     initial_params: Mapping[str, Tensor],
     trained: list[str],
     step: TrainingStep,
+    running: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Refuse a module that the functional evaluation of the retraining does not reproduce.
 
     On the first micro-batch of ``step``: the training forward must not write module buffers
-    (power iterations, custom running statistics), and the gradient as the retraining computes it
+    (power iterations, custom running statistics) other than ``running`` (the normalisation layers'
+    running statistics, which the retraining keeps per run; given here at their initial values), and the gradient as the retraining computes it
     (``torch.func.grad`` over ``functional_call``, vmapped; plain autograd over ``functional_call``, run
     by run, where torch.func cannot evaluate the model) must equal plain autograd on the module
     holding the same values (:func:`~lightning_influence.kernels.check_functional_gradient`, at a
@@ -404,13 +418,14 @@ def _check_functional_gradient(
     batch = step.batches[0]
     # the module's buffers and the step's held values, as copies: a plain functional forward (no transform,
     # which would refuse the write itself) shows whether the training forward writes them
-    state = {n: b.detach().clone() for n, b in module.named_buffers()}
+    running = dict(running or {})
+    state = {n: b.detach().clone() for n, b in module.named_buffers() if n not in running}
     state.update({n: v.detach().clone() for n, v in step.varying.items()})
     versions = {n: v._version for n, v in state.items()}
     probe = {n: initial_params[n].detach() for n in trained}
     with warnings.catch_warnings():  # a probe: e.g. reentrant checkpointing warns that nothing requires grad here
         warnings.simplefilter("ignore")
-        loss_fn({**state, **probe}, batch)
+        loss_fn({**state, **{n: v.clone() for n, v in running.items()}, **probe}, batch)
     written = [n for n, v in state.items() if v._version != versions[n]]
     if written:
         shown = _shown(written, 4)
@@ -423,11 +438,12 @@ def _check_functional_gradient(
         )
 
     def functional(point: dict[str, Tensor]) -> dict[str, Tensor]:
-        def mean_loss(params: dict[str, Tensor]) -> Tensor:
-            return loss_fn({**state, **params}, batch).mean()
+        def mean_loss(params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+            return loss_fn({**state, **buffers, **params}, batch).mean()
 
         stacked = {n: v.unsqueeze(0) for n, v in point.items()}
-        return {n: v[0] for n, v in _Vectorize().grad(mean_loss, stacked).items()}
+        buffers = {n: v.unsqueeze(0).clone() for n, v in running.items()}  # copies: the forward writes them
+        return {n: v[0] for n, v in _Vectorize().grad(mean_loss, stacked, buffers, writes=buffers.values()).items()}
 
     check_functional_gradient(module, functional, probe, batch, held=step.varying, owner="the retraining", random_advice=RANDOM_ADVICE)
 
@@ -444,17 +460,30 @@ RANDOM_ADVICE = (
 
 def check_replayable(module: nn.Module) -> None:
     """Refuse a module whose training forward the retraining cannot replay run by run: layers that
-    act differently in training (dropout with ``p > 0``, batch/instance norm with running
-    statistics: named, with the fix) and spectral normalisation (its power iteration writes
-    buffers at every forward)."""
-    layers = [name or type(module).__name__ for name, m in module.named_modules() if is_mode_dependent(m)]
+    draw random numbers in training (dropout with ``p > 0``, also inside attention and multi-layer
+    RNNs), ``nn.SyncBatchNorm`` (statistics over every process's batch) and spectral normalisation
+    (its power iteration writes buffers at every forward), each named, with the fix. Batch norm and
+    instance norm are replayed (batch statistics of each run's own sub-batches, running statistics
+    per run: :func:`retrain`)."""
+    layers = [
+        name or type(module).__name__
+        for name, m in module.named_modules()
+        if is_mode_dependent(m) and not isinstance(m, NORMALISATION_LAYERS)
+    ]
     if layers:
         shown = _shown(layers, 4)
         raise ValueError(
-            f"{type(module).__name__} has layers that act differently in training ({shown}: dropout with p > 0, or "
-            "batch/instance norm with running statistics): the retraining replays the training forward of every run "
-            "and needs it deterministic and free of batch statistics. For the ground-truth run set dropout to p=0 and "
-            "use LayerNorm or GroupNorm instead of batch norm (DiffIn itself scores such models)"
+            f"{type(module).__name__} has layers that draw random numbers in training ({shown}: dropout with p > 0): "
+            "the retraining replays the training forward of every run and needs it deterministic. For the "
+            "ground-truth run set dropout to p=0 (DiffIn itself scores models with dropout)"
+        )
+    synced = sync_batch_norm_layers(module)
+    if synced:
+        raise ValueError(
+            f"{type(module).__name__} has nn.SyncBatchNorm layers ({_shown(synced, 4)}): they normalise with statistics "
+            "over the batches of every process, which the retraining (one process, the recorded batches) does not "
+            "model. Record and retrain the ground-truth run on one device with plain batch norm: build the model "
+            "without nn.SyncBatchNorm.convert_sync_batchnorm (or Trainer(sync_batchnorm=False)), devices=1"
         )
     spectral = spectral_norm_layers(module)
     if spectral:
@@ -497,27 +526,35 @@ def retrain(
     others keep the module's current values (only the trained ones are read from
     ``initial_params``), except those a step holds at recorded values (``TrainingStep.varying``).
     Those count as given: the retraining does not recompute them (e.g. an EMA teacher of the
-    trained weights keeps the recorded run's values). The module is run in training mode, which must not differ from
-    evaluation mode: a module with dropout or batch/instance norm raises ``ValueError``, and so does one whose
-    training forward writes buffers (spectral normalisation's power iteration, custom running statistics). Before
+    trained weights keeps the recorded run's values). The module is run in training mode, which must be
+    deterministic: a module with dropout (``p > 0``) or ``nn.SyncBatchNorm`` raises ``ValueError``, and so does one
+    whose training forward writes buffers other than the normalisation layers' running statistics (spectral
+    normalisation's power iteration, custom running statistics). Batch norm (and instance norm with running
+    statistics) is replayed: see ``coupled`` below, and the running statistics in the result. Before
     retraining, the gradient of the first micro-batch's loss as the retraining computes it (``torch.func``, the
     parameters passed in) is checked against plain autograd on the module holding the same values: a model that
     reads parameters outside the functional call (activation checkpointing, a cached reference to a weight) raises
     ``ValueError`` instead of being retrained wrongly.
 
     Returns ``{name: Tensor[K, *shape]}`` for the trained parameters, ``K = len(removals)``,
-    in the dtype and on the device of ``initial_params``. The K runs are vectorised with
+    in the dtype and on the device of ``initial_params``, and for a module with batch norm (or instance
+    norm with ``track_running_stats=True``) also each run's final running statistics under their buffer
+    names (:func:`~lightning_influence.batch_norm.running_statistics`), whose initial values
+    ``initial_params`` must hold too (:class:`~lightning_influence.evaluation.StepRecorder` records
+    them): :func:`target_loss` of the result evaluates each run with its own. The K runs are vectorised with
     ``torch.func.vmap``, ``chunk_size`` runs at a time (memory grows linearly with it:
     parameters, gradients and optimizer state per run).
 
-    ``coupled`` (default: ``module.coupled_batch_loss``): the micro-batch loss of a run is the
-    mean of ``per_sample_loss`` evaluated on the sub-batch without its removed samples
+    ``coupled`` (default: ``module.coupled_batch_loss``, and ``True`` for a module with batch norm or
+    instance norm with running statistics, for which ``False`` raises ``ValueError``): the micro-batch
+    loss of a run is the mean of ``per_sample_loss`` evaluated on the sub-batch without its removed samples
     (``module.remove_from_batch``), not the full batch's losses with those terms dropped; runs are
     then vectorised per group of runs removing the same positions of a micro-batch.
 
     ``batch_removal="drop"``: a micro-batch's loss is the sum of its remaining samples' losses
     divided by its full size ``b`` (the removed terms dropped, the ``1 / b`` kept: the
-    counterfactual of SGD-influence, Hara et al., 2019) instead of their mean; not for coupled losses.
+    counterfactual of SGD-influence, Hara et al., 2019) instead of their mean; not for coupled losses
+    nor batch norm.
     """
     check_batch_removal(batch_removal)
     if not isinstance(optimizer, OptimizerSpec):
@@ -549,8 +586,19 @@ def retrain(
     if unseen:
         warnings.warn(f"{_unrecorded_message(unseen, step_ids)}; removing them changes nothing", stacklevel=2)
 
+    normalised = batch_statistics_layers(module)
+    if normalised and (coupled is False or batch_removal == "drop"):
+        raise ValueError(
+            f"{type(module).__name__} has batch-statistics layers ({_shown(normalised, 4)}: batch norm, or instance norm "
+            "with running statistics): in training mode a sample's removal changes the statistics the rest of its batch "
+            "is normalised with (or records), so a run without it evaluates the sub-batch without it. "
+            + ("coupled=False would mask its loss out of the full batch instead; leave coupled at its default"
+               if coupled is False else
+               "batch_removal='drop' (the removed terms dropped, the 1/b kept) is defined for losses that are a sum of "
+               "per-sample terms only; use batch_removal='reaverage'")
+        )
     if coupled is None:
-        coupled = bool(getattr(module, "coupled_batch_loss", False))
+        coupled = bool(getattr(module, "coupled_batch_loss", False)) or bool(normalised)
     remove: RemoveFn | None = None
     if coupled and batch_removal == "drop":
         raise ValueError("batch_removal='drop' is defined for losses that are a sum of per-sample terms, not for coupled losses")
@@ -558,17 +606,46 @@ def retrain(
         if not hasattr(module, "remove_from_batch"):
             raise TypeError(f"{type(module).__name__} has no remove_from_batch(batch, index): mix in lightning_influence.InfluenceMixin")
         remove = module.remove_from_batch
+    running = _initial_running_statistics(module, initial_params)
     loss_fn = per_sample_loss_function(module)
     chunks: list[dict[str, Tensor]] = []
     with module_mode(module, training=True), torch.no_grad(), _differentiable_attention():
         if steps and removal_sets:
-            _check_functional_gradient(module, loss_fn, initial_params, trained, steps[0])
+            _check_functional_gradient(module, loss_fn, initial_params, trained, steps[0], running)
         for start in range(0, len(removal_sets), chunk_size):
             chunk = removal_sets[start : start + chunk_size]
-            chunks.append(_retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove, batch_removal))
+            chunks.append(
+                _retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove, batch_removal, running)
+            )
+    names = [*trained, *running]
+    start_values = {**{n: initial_params[n].detach() for n in trained}, **running}
     if not chunks:
-        return {n: initial_params[n].detach().new_empty((0, *initial_params[n].shape)) for n in trained}
-    return {n: torch.cat([c[n] for c in chunks]) for n in trained}
+        return {n: start_values[n].new_empty((0, *start_values[n].shape)) for n in names}
+    return {n: torch.cat([c[n] for c in chunks]) for n in names}
+
+
+def _initial_running_statistics(module: nn.Module, initial_params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The running statistics of ``module``'s normalisation layers at the start of the run (by full
+    buffer name, from ``initial_params``), detached; empty for a module without any."""
+    names = running_statistics(module)
+    missing = [n for n in names if n not in initial_params]
+    if missing:
+        raise ValueError(
+            f"initial_params has no entry for the running statistics {_shown(missing, 4)}: a run with batch norm (or "
+            "instance norm with track_running_stats=True) starts from the buffers' values at the start of training as "
+            "well as the parameters'. Pass them in initial_params by their buffer names (StepRecorder.initial_params "
+            "holds them), e.g. {n: t.clone() for n, t in module.state_dict().items()} taken before fit"
+        )
+    buffers = dict(module.named_buffers())
+    values: dict[str, Tensor] = {}
+    for n in names:
+        value = initial_params[n].detach()
+        if value.shape != buffers[n].shape:
+            raise ValueError(
+                f"initial_params[{n!r}] has shape {tuple(value.shape)}; the module's buffer has shape {tuple(buffers[n].shape)}"
+            )
+        values[n] = value
+    return values
 
 
 def _retrain_chunk(
@@ -581,11 +658,16 @@ def _retrain_chunk(
     chunk: list[frozenset[int]],
     remove: RemoveFn | None = None,
     batch_removal: BatchRemoval = "reaverage",
+    running: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
+    """The final parameters (and running statistics, ``running`` being their initial values) of
+    the ``chunk``'s runs, stacked ``[K, *shape]``."""
     k = len(chunk)
     trained = [n for group in groups for n in group]
     # plain leaf tensors [K, *shape]: the real optimizer updates them in place
     theta = {n: initial_params[n].detach().unsqueeze(0).repeat(k, *([1] * initial_params[n].ndim)) for n in trained}
+    # each run's own running statistics, written in place by the training-mode forwards of its sub-batches
+    state = {n: v.unsqueeze(0).repeat(k, *([1] * v.ndim)) for n, v in (running or {}).items()}
     # one real optimizer over the stacked tensors; groups left empty by frozen parameters are omitted
     active = [g for g, names in enumerate(groups) if names]
     param_groups = []
@@ -611,7 +693,7 @@ def _retrain_chunk(
         for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
             if remove is not None:
                 micro = _coupled_gradients(
-                    step_loss, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize
+                    step_loss, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize, state
                 )
                 grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
                 continue
@@ -655,7 +737,7 @@ def _retrain_chunk(
         opt.step()
     for n in trained:
         theta[n].grad = None
-    return theta
+    return {**theta, **state}
 
 
 def _holding(loss_fn: PerSampleLossFn, values: Mapping[str, Tensor]) -> PerSampleLossFn:
@@ -675,7 +757,12 @@ class _Vectorize:
     one that torch.func cannot run at all (``pack_padded_sequence`` into an RNN: "Cannot access data
     pointer of Tensor that doesn't have storage"), whatever the error's wording. For gradients the loop
     uses plain autograd (:meth:`grad`), since ``torch.func.grad`` fails on such operations as well. An
-    error that the loop raises too is the model's own, and is raised as the loop raises it."""
+    error that the loop raises too is the model's own, and is raised as the loop raises it.
+
+    ``writes``: stacked tensors that the function updates in place (each run's running statistics,
+    written by batch norm's training-mode forward through its run's slice); a vectorised evaluation
+    that fails part-way is undone on them before the loop runs (``momentum=None`` batch norm reads
+    ``num_batches_tracked`` as a Python number after incrementing it, which ``vmap`` refuses)."""
 
     def __init__(self) -> None:
         self.loop = False
@@ -684,19 +771,26 @@ class _Vectorize:
         """``vmap(fn)(*args)``, or ``fn`` applied to each run's slice of ``args``, stacked."""
         return self._run(lambda: torch.func.vmap(fn)(*args), lambda: _each_run(fn, *args))
 
-    def grad(self, fn: Callable[..., Tensor], params: dict[str, Tensor], *args: Any) -> dict[str, Tensor]:
+    def grad(
+        self, fn: Callable[..., Tensor], params: dict[str, Tensor], *args: Any, writes: Iterable[Tensor] = ()
+    ) -> dict[str, Tensor]:
         """Per-run gradient ``{name: Tensor[K, *shape]}`` of the scalar ``fn(params_k, *args_k)`` with
-        respect to ``params_k`` (``vmap(grad(fn))``, or plain autograd one run at a time)."""
+        respect to ``params_k`` (``vmap(grad(fn))``, or plain autograd one run at a time); ``writes``:
+        the tensors of ``args`` that ``fn`` updates in place."""
         return self._run(
             lambda: torch.func.vmap(torch.func.grad(fn))(params, *args),
             lambda: _each_run(_autograd_gradient(fn), params, *args),
+            writes,
         )
 
-    def _run(self, vectorised: Callable[[], Any], sequential: Callable[[], Any]) -> Any:
+    def _run(self, vectorised: Callable[[], Any], sequential: Callable[[], Any], writes: Iterable[Tensor] = ()) -> Any:
         if not self.loop:
+            written = [(w, w.clone()) for w in writes]
             try:
                 return vectorised()
             except Exception as err:  # noqa: BLE001 - whatever vmap raises, the loop decides whether it is the model's error
+                for tensor, before in written:  # undo what the failed evaluation wrote before the loop runs
+                    tensor.copy_(before)
                 if "random operation" in str(err):  # the loop would draw other numbers in every run: no ground truth
                     raise ValueError(
                         "the retraining needs a deterministic per_sample_loss, but it draws random numbers "
@@ -750,10 +844,16 @@ def _coupled_gradients(
     m: int,
     norm: int,
     vectorize: _Vectorize,
+    state: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Per-run gradients ``[K, *shape]`` of one micro-batch's coupled loss: for each group of runs
     removing the same positions, ``grad mean per_sample_loss(sub-batch) / norm`` (vmapped over the
-    group's parameters); zero for a run that removes every sample of the micro-batch."""
+    group's parameters); zero for a run that removes every sample of the micro-batch.
+
+    ``state``: each run's running statistics ``{buffer name: Tensor[K, *shape]}``, passed to the
+    training-mode forward of the run's sub-batch, which updates them in place as training did (a run
+    whose micro-batch is emptied runs no forward: its statistics stay as they were)."""
+    state = state if state is not None else {}
     removed_at: dict[int, list[int]] = {}  # run -> positions it removes in this micro-batch
     for pos, i in enumerate(ids):
         for run in runs_removing.get(i, ()):
@@ -770,8 +870,10 @@ def _coupled_gradients(
         for pos in reversed(positions):  # highest position first: the lower ones keep their place
             sub = remove(sub, pos)
 
-        def mean_loss(params: dict[str, Tensor], sub: Any = sub, remaining: int = remaining) -> Tensor:
-            losses = loss_fn(params, sub)
+        def mean_loss(
+            params: dict[str, Tensor], buffers: dict[str, Tensor], sub: Any = sub, remaining: int = remaining
+        ) -> Tensor:
+            losses = loss_fn({**buffers, **params}, sub)
             if losses.shape != (remaining,):
                 raise ValueError(
                     f"per_sample_loss returned shape {tuple(losses.shape)} at step {t} (micro-batch {m}) on a sub-batch "
@@ -782,9 +884,23 @@ def _coupled_gradients(
 
         index = torch.tensor(runs, device=theta[trained[0]].device)
         part = {n: theta[n].index_select(0, index) for n in trained}
-        grads = vectorize.grad(mean_loss, part)
+        buffers = {n: v.index_select(0, index) for n, v in state.items()}
+        try:
+            grads = vectorize.grad(mean_loss, part, buffers, writes=buffers.values())
+        except ValueError as err:
+            if "Expected more than 1 value per channel" not in str(err):
+                raise
+            removed = sorted({ids[pos] for pos in positions})
+            raise ValueError(
+                f"removing sample(s) {_shown(removed, 8)} leaves micro-batch {m} of step {t} (sample ids "
+                f"{_shown(ids, 8)}) with {remaining} sample(s), which batch norm in training mode cannot normalise "
+                "(one value per channel: no batch variance; the recorded run never met such a batch). Leave these "
+                "samples out of the removal set, or train the ground-truth run with larger batches"
+            ) from None
         for n in trained:
             out[n].index_copy_(0, index, grads[n].to(out[n].dtype))
+        for n, v in buffers.items():
+            state[n].index_copy_(0, index, v)
     return out
 
 
@@ -830,10 +946,10 @@ def _differentiable_attention() -> Iterator[None]:
 
 
 def _stacked(module: nn.Module, params: Mapping[str, Tensor]) -> bool:
-    known = dict(module.named_parameters())
+    known = {**dict(module.named_buffers()), **dict(module.named_parameters())}
     unknown = [n for n in params if n not in known]
     if unknown:
-        raise ValueError(f"params names {unknown[:5]}, which are not parameters of the module")
+        raise ValueError(f"params names {unknown[:5]}, which are not parameters (or buffers) of the module")
     if not params:
         raise ValueError("params is empty")
     kinds = set()
@@ -843,7 +959,7 @@ def _stacked(module: nn.Module, params: Mapping[str, Tensor]) -> bool:
         elif tuple(p.shape[1:]) == tuple(known[n].shape):
             kinds.add(True)
         else:
-            raise ValueError(f"params[{n!r}] has shape {tuple(p.shape)}; the parameter has shape {tuple(known[n].shape)}")
+            raise ValueError(f"params[{n!r}] has shape {tuple(p.shape)}; the module's tensor has shape {tuple(known[n].shape)}")
     if len(kinds) != 1:
         raise ValueError("params mixes stacked [K, ...] and unstacked tensors")
     stacked = kinds.pop()
@@ -858,7 +974,9 @@ def target_loss(
     """The target ``F(theta)``: mean per-sample loss (``module.per_sample_loss``) over all
     samples of all ``target_batches`` (each sample weighs the same, whatever its batch size),
     with the module in evaluation mode and the parameters in ``params`` swapped in (the
-    others keep the module's values).
+    others keep the module's values). ``params`` may also hold buffers by name, such as the
+    running statistics of batch norm that :func:`retrain` returns for each run: evaluation mode
+    normalises with them (each run with its own).
 
     ``params`` is either stacked, ``{name: Tensor[K, *shape]}`` (as :func:`retrain` returns),
     giving a float64 ``Tensor[K]`` (vmapped over K, ``chunk_size`` runs at a time), or

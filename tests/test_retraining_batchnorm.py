@@ -1,0 +1,323 @@
+"""Ground-truth retraining of models with batch norm (and instance norm with running statistics).
+
+Training normalises each micro-batch with its own statistics and updates the running statistics in
+place; a run without sample ``z`` normalises the sub-batch without ``z`` and keeps its own running
+statistics, which its eval-mode target loss uses. Every case is compared with an independent
+reference: the recorded ``Trainer.fit`` itself (no removal), or a plain PyTorch loop (a deep copy of
+the initial module in training mode, a ``torch.optim`` optimizer of the same class, the same batch
+list with the removed samples taken out, then the eval-mode target loss)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Collection
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+
+from conftest import quiet_trainer
+from lightning_influence.batch_norm import batch_statistics, running_statistics
+from lightning_influence.data import FixedBatches, load_digits_tensors
+from lightning_influence.evaluation import StepRecorder, leave_one_out, retrain, subset_retraining
+from lightning_influence.evaluation import retraining as retraining_module
+from lightning_influence.models import Classifier
+
+Batch = tuple[Tensor, Tensor, Tensor]
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "adam": (torch.optim.Adam, {"lr": 0.01}),
+}
+
+
+class Normed(Classifier):
+    """A digits classifier whose network ``body`` reads the 64 pixels reshaped to ``shape``."""
+
+    def __init__(self, body: nn.Module, shape: tuple[int, ...], optimizer: str) -> None:
+        options = dict(OPTIMIZERS[optimizer][1])
+        super().__init__(hidden=(), lr=options.pop("lr"), optimizer=optimizer, optimizer_options=options)
+        self.shape = shape
+        self.net = body
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.reshape(x.shape[0], *self.shape))
+
+
+# The layer before each normalisation has no bias: the normalisation removes it, so its exact gradient
+# is 0 and Adam would turn the rounding noise of that 0 into steps of the learning rate's size.
+def bn1d(**options: Any) -> tuple[nn.Module, tuple[int, ...]]:
+    return nn.Sequential(nn.Linear(64, 8, bias=False), nn.BatchNorm1d(8, **options), nn.Tanh(), nn.Linear(8, 10)), (64,)
+
+
+def bn2d(**options: Any) -> tuple[nn.Module, tuple[int, ...]]:
+    body = nn.Sequential(nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3, **options), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 36, 10))
+    return body, (1, 8, 8)
+
+
+def bn3d(**options: Any) -> tuple[nn.Module, tuple[int, ...]]:
+    body = nn.Sequential(nn.Conv3d(1, 2, 2, bias=False), nn.BatchNorm3d(2, **options), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 27, 10))
+    return body, (1, 4, 4, 4)
+
+
+def in1d(**options: Any) -> tuple[nn.Module, tuple[int, ...]]:
+    norm = nn.InstanceNorm1d(3, affine=True, track_running_stats=True, **options)
+    return nn.Sequential(nn.Conv1d(1, 3, 5, stride=4), norm, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 15, 10)), (1, 64)
+
+
+def model(layers: Callable[..., tuple[nn.Module, tuple[int, ...]]], optimizer: str = "sgd", **options: Any) -> Normed:
+    torch.manual_seed(0)
+    body, shape = layers(**options)
+    return Normed(body, shape, optimizer).double()
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[list[Batch], list[Batch]]:
+    """Two shuffled epochs of 96 digits in micro-batches of 12 (16 batches), and 100 target samples."""
+    x, y = load_digits_tensors(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        order = torch.randperm(96, generator=g)
+        batches += [(x[order[i : i + 12]], y[order[i : i + 12]], order[i : i + 12]) for i in range(0, 96, 12)]
+    return batches, [(x[200:300], y[200:300], torch.arange(100))]
+
+
+def fit(module: Normed, batches: list[Batch], accumulate: int = 1, callbacks: tuple[Callback, ...] = ()) -> StepRecorder:
+    """One ``Trainer.fit`` over ``batches`` recorded by a :class:`StepRecorder` (which checks at the end
+    of fit that retraining with nothing removed reproduces it)."""
+    recorder = StepRecorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = quiet_trainer(callbacks=[recorder, *callbacks], accumulate_grad_batches=accumulate)
+        trainer.fit(module, train_dataloaders=FixedBatches(batches))
+    return recorder
+
+
+def brute_force(
+    initial: nn.Module, optimizer: str, batches: list[Batch], removed: Collection[int], target: list[Batch], accumulate: int = 1
+) -> tuple[float, dict[str, Tensor]]:
+    """Plain PyTorch training without ``removed``: the eval-mode target loss and the final state.
+    A micro-batch left empty gets no forward and contributes a zero gradient (the step still runs)."""
+    module = copy.deepcopy(initial).train()
+    optimizer_class, options = OPTIMIZERS[optimizer]
+    opt = optimizer_class(module.parameters(), **options)
+    gone = torch.tensor(sorted(removed), dtype=torch.long)
+    for start in range(0, len(batches), accumulate):
+        for p in module.parameters():
+            p.grad = torch.zeros_like(p)
+        for x, y, ids in batches[start : start + accumulate]:
+            keep = ~torch.isin(ids, gone)
+            if keep.any():
+                (module.per_sample_loss((x[keep], y[keep], ids[keep])).mean() / accumulate).backward()
+        opt.step()
+    module.eval()
+    with torch.no_grad():
+        loss = torch.cat([module.per_sample_loss(b) for b in target]).mean()
+    return float(loss), {n: t.detach().clone() for n, t in module.state_dict().items()}
+
+
+def assert_state_close(retrained: dict[str, Tensor], run: int, state: dict[str, Tensor], names: list[str]) -> None:
+    for name in names:
+        expected = state[name]
+        scale = float(expected.abs().max()) if expected.is_floating_point() else 0.0
+        torch.testing.assert_close(retrained[name][run], expected, rtol=0.0, atol=1e-11 * (1.0 + scale), msg=name)
+
+
+# --- no removal: the Trainer's own run -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("layers", [bn1d, bn2d], ids=["BatchNorm1d-MLP", "Conv-BatchNorm2d"])
+def test_no_removal_lands_on_the_trained_parameters_and_running_statistics(data, layers, optimizer) -> None:
+    batches, _ = data
+    module = model(layers, optimizer)
+    recorder = fit(module, batches)  # the recorder's end-of-fit check compares parameters and buffers as well
+    assert recorder.optimizer is not None and len(recorder.steps) == 16
+    stats = running_statistics(module)
+    assert stats == ["net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked"]
+    final = retrain(module, recorder.initial_params, recorder.steps, recorder.optimizer, [()])
+    state = {n: t.detach() for n, t in module.state_dict().items()}
+    assert sorted(final) == sorted([n for n, _ in module.named_parameters()] + stats)
+    assert_state_close(final, 0, state, list(final))
+    assert int(final["net.1.num_batches_tracked"][0]) == 16
+    moved = float((state["net.1.running_var"] - recorder.initial_params["net.1.running_var"]).abs().max())
+    assert moved > 0.1  # the statistics really moved
+
+
+class _TrainModeForward(Callback):
+    """Runs the model in training mode on each batch outside training_step: batch norm updates its
+    running statistics once more per batch, which no recorded step accounts for."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            pl_module(batch[0])
+
+
+def test_the_recorder_refuses_running_statistics_written_outside_the_recorded_steps(data) -> None:
+    batches, _ = data
+    with pytest.raises(ValueError, match=r"reaches the trained parameters but its normalisation running statistics end .* a forward in training mode outside training_step"):
+        fit(model(bn1d), batches, callbacks=(_TrainModeForward(),))
+
+
+# --- removals: an independent plain PyTorch loop -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("layers", "optimizer", "accumulate"),
+    [(bn1d, "sgd", 1), (bn2d, "adam", 2)],
+    ids=["BatchNorm1d-SGD-momentum", "Conv-BatchNorm2d-Adam-accumulated"],
+)
+def test_leave_one_out_and_subsets_equal_brute_force_retraining(data, layers, optimizer, accumulate) -> None:
+    batches, target = data
+    module = model(layers, optimizer)
+    initial = copy.deepcopy(module)
+    recorder = fit(module, batches, accumulate)
+    assert recorder.optimizer is not None and len(recorder.steps) == 16 // accumulate
+    ids = [0, 17, 42, 95]
+    truth = leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, ids, target)
+    base, _ = brute_force(initial, optimizer, batches, (), target, accumulate)
+    reference = torch.tensor([brute_force(initial, optimizer, batches, (i,), target, accumulate)[0] - base for i in ids], dtype=torch.float64)
+    torch.testing.assert_close(truth, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+    assert float(reference.abs().min()) > 1e-6  # every removal changes the target
+
+    # subsets: two samples of one micro-batch, and a whole micro-batch (left empty: no forward, zero gradient)
+    whole = tuple(batches[3][2].tolist())
+    removals = [(5, 6, 60), whole]
+    final = retrain(module, recorder.initial_params, recorder.steps, recorder.optimizer, removals)
+    subsets = subset_retraining(module, recorder.initial_params, recorder.steps, recorder.optimizer, removals, target)
+    for run, removed in enumerate(removals):
+        loss, state = brute_force(initial, optimizer, batches, removed, target, accumulate)
+        assert_state_close(final, run, state, list(final))
+        assert subsets.changes[run].item() == pytest.approx(loss - base, rel=1e-10, abs=1e-12)
+
+
+def test_retraining_uses_one_vectorised_evaluation_per_group_of_runs(data, monkeypatch) -> None:
+    """torch.func.vmap carries each run's running statistics (updated in place through its slice):
+    the run-by-run loop is never needed for batch norm with a momentum, and the result is exact."""
+    batches, target = data
+    module = model(bn1d)
+    initial = copy.deepcopy(module)
+    recorder = fit(module, batches[:6])
+
+    def no_loop(*args: Any) -> Any:
+        raise AssertionError("the run-by-run evaluation was used")
+
+    monkeypatch.setattr(retraining_module, "_each_run", no_loop)
+    removals = [(), (1,), (2, 3)]
+    assert recorder.optimizer is not None
+    final = retrain(module, recorder.initial_params, recorder.steps, recorder.optimizer, removals)
+    for run, removed in enumerate(removals):
+        assert_state_close(final, run, brute_force(initial, "sgd", batches[:6], removed, target)[1], list(final))
+
+
+@pytest.mark.parametrize(
+    ("layers", "options", "accumulate"),
+    [
+        (bn1d, {"momentum": None}, 1),
+        (bn1d, {"track_running_stats": False}, 1),
+        (bn1d, {"affine": False}, 2),
+        (bn3d, {}, 1),
+        (in1d, {}, 1),
+    ],
+    ids=["cumulative-average", "no-running-stats", "not-affine-accumulated", "BatchNorm3d", "InstanceNorm1d-running-stats"],
+)
+def test_normalisation_variants_equal_brute_force_retraining(data, layers, options, accumulate) -> None:
+    batches, target = data
+    batches = batches[:8]
+    module = model(layers, **options)
+    initial = copy.deepcopy(module)
+    recorder = fit(module, batches, accumulate)
+    assert recorder.optimizer is not None
+    ids = [3, 50]
+    truth = leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, ids, target)
+    base, state = brute_force(initial, "sgd", batches, (), target, accumulate)
+    reference = torch.tensor([brute_force(initial, "sgd", batches, (i,), target, accumulate)[0] - base for i in ids], dtype=torch.float64)
+    torch.testing.assert_close(truth, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+    final = retrain(module, recorder.initial_params, recorder.steps, recorder.optimizer, [()])
+    assert sorted(final) == sorted([n for n, _ in module.named_parameters()] + running_statistics(module))
+    assert_state_close(final, 0, state, list(final))
+
+
+# --- refusals ------------------------------------------------------------------------------------------
+
+
+def test_a_removal_leaving_one_sample_to_batch_norm_is_refused_naming_step_and_sample(data) -> None:
+    batches, target = data
+    short = [*batches[:2], (batches[2][0][:2], batches[2][1][:2], batches[2][2][:2])]  # the third step: 2 samples
+    module = model(bn1d)
+    recorder = fit(module, short)
+    assert recorder.optimizer is not None
+    lonely = int(short[2][2][0])
+    with pytest.raises(ValueError, match=rf"removing sample\(s\) {lonely} leaves micro-batch 0 of step 2 .* with 1 sample\(s\), which batch norm in training mode cannot normalise"):
+        leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, [int(short[0][2][0]), lonely], target)
+    # batch norm over space (2-D) normalises a single image: no refusal
+    conv = model(bn2d)
+    recorder = fit(conv, short)
+    assert recorder.optimizer is not None
+    assert leave_one_out(conv, recorder.initial_params, recorder.steps, recorder.optimizer, [lonely], target).isfinite().all()
+
+
+def test_sync_batch_norm_dropout_and_unmodelled_options_are_refused(data) -> None:
+    batches, target = data
+    synced = model(bn1d)
+    synced.net = nn.SyncBatchNorm.convert_sync_batchnorm(synced.net).double()
+    with pytest.raises(ValueError, match=r"nn\.SyncBatchNorm layers \(net\.1\).*one device with plain batch norm"):
+        fit(synced, batches[:2])
+    dropped = model(bn1d)
+    dropped.net.insert(3, nn.Dropout(0.2))
+    with pytest.raises(ValueError, match=r"layers that draw random numbers in training \(net\.3: dropout.*set dropout to p=0"):
+        fit(dropped, batches[:2])
+
+    module = model(bn1d)
+    recorder = fit(module, batches[:2])
+    assert recorder.optimizer is not None
+    args = (module, recorder.initial_params, recorder.steps, recorder.optimizer, [(1,)])
+    with pytest.raises(ValueError, match=r"batch-statistics layers \(net\.1: .*coupled=False would mask"):
+        retrain(*args, coupled=False)
+    with pytest.raises(ValueError, match=r"batch-statistics layers \(net\.1: .*use batch_removal='reaverage'"):
+        retrain(*args, batch_removal="drop")
+    parameters_only = {n: p for n, p in recorder.initial_params.items() if "running" not in n and "tracked" not in n}
+    with pytest.raises(ValueError, match=r"initial_params has no entry for the running statistics net\.1\.running_mean.*StepRecorder\.initial_params"):
+        retrain(module, parameters_only, recorder.steps, recorder.optimizer, [(1,)])
+
+
+# --- the shared helper -------------------------------------------------------------------------------
+
+
+def test_batch_statistics_evaluates_the_training_function_without_writing_buffers() -> None:
+    """Batch and instance norm as in training (the reference: a copy with those layers in training
+    mode), dropout as in evaluation, no buffer written, modes restored; also under torch.func.vmap."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3), nn.InstanceNorm1d(3, affine=True, track_running_stats=True), nn.Dropout(0.5)
+    ).double()
+    net[1].running_mean.fill_(0.3)
+    net[2].running_var.fill_(2.0)
+    net.eval()
+    x = torch.randn(5, 2, 7, dtype=torch.float64)
+    before = copy.deepcopy(net.state_dict())
+
+    def reference(params: dict[str, Tensor] | None = None) -> Tensor:
+        twin = copy.deepcopy(net)
+        if params is not None:
+            twin.load_state_dict({**twin.state_dict(), **params})
+        twin[1].train()
+        twin[2].train()
+        return twin(x)
+
+    with batch_statistics(net):
+        out = net(x)
+    torch.testing.assert_close(out, reference(), rtol=0, atol=1e-14)
+    assert all(torch.equal(t, before[n]) for n, t in net.state_dict().items())
+    assert not any(m.training for m in net.modules()) and net[1].track_running_stats and net[2].running_mean is not None
+
+    params = {n: p.detach() for n, p in net.named_parameters()}
+    stacked = {n: torch.stack([p, p + 0.1 * torch.randn_like(p)]) for n, p in params.items()}
+    with batch_statistics(net):
+        outs = torch.func.vmap(lambda p: torch.func.functional_call(net, p, (x,)))(stacked)
+    for run in range(2):
+        torch.testing.assert_close(outs[run], reference({n: v[run] for n, v in stacked.items()}), rtol=0, atol=1e-13)
+    assert all(torch.equal(t, before[n]) for n, t in net.state_dict().items())
