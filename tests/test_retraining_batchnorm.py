@@ -87,10 +87,12 @@ def data() -> tuple[list[Batch], list[Batch]]:
 
 def fit(module: Normed, batches: list[Batch], accumulate: int = 1, callbacks: tuple[Callback, ...] = ()) -> StepRecorder:
     """One ``Trainer.fit`` over ``batches`` recorded by a :class:`StepRecorder` (which checks at the end
-    of fit that retraining with nothing removed reproduces it)."""
+    of fit that retraining with nothing removed reproduces it, and does not warn that the loss looks
+    coupled: batch statistics are retrained as coupled anyway)."""
     recorder = StepRecorder()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        warnings.filterwarnings("error", message=".*looks coupled across its batch")
         trainer = quiet_trainer(callbacks=[recorder, *callbacks], accumulate_grad_batches=accumulate)
         trainer.fit(module, train_dataloaders=FixedBatches(batches))
     return recorder

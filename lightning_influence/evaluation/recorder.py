@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_influence.batch_norm import running_statistics
+from lightning_influence.batch_norm import batch_statistics_layers, running_statistics
 from lightning_influence.evaluation.retraining import (
     OptimizerSpec,
     TrainingStep,
@@ -146,7 +146,8 @@ class StepRecorder(Callback):
         self._backward.arm()
         if self._watch is None:  # at the first batch, after setup hooks that may set buffers
 
-            change = undeclared_coupling(pl_module, batch)
+            # a model with batch-statistics layers is retrained as coupled whatever it declares
+            change = None if batch_statistics_layers(pl_module) else undeclared_coupling(pl_module, batch)
             if change is not None:
                 warnings.warn(coupling_message(pl_module, change), UserWarning, stacklevel=2)
             self._first_loss.batch_start(pl_module, batch)  # before the buffer watch: the check restores the buffers
