@@ -62,6 +62,11 @@ class StepRecord:
     losses: tuple[Tensor | None, ...] | None = None
     """Per micro-batch, the per-sample losses ``training_step`` computed at ``theta`` (``None``
     where they were not seen): the base of forward differences of the losses."""
+    running_counts: Tensor | None = None
+    """``DiffIn(batch_norm="batch")``: ``num_batches_tracked`` of the batch-norm layers with running
+    statistics after the step's forwards, int64 ``[L]``."""
+    running_momenta: tuple[float | None, ...] | None = None
+    """``DiffIn(batch_norm="batch")``: those layers' ``momentum`` at the step (``None``: cumulative average)."""
 
 
 class VectorPool:
@@ -366,6 +371,8 @@ def _payload(record: StepRecord) -> dict[str, Any]:
         "global_ids": None if record.global_ids is None else [i.cpu() for i in record.global_ids],
         "varying": {k: v.detach().cpu() for k, v in record.varying.items()},
         "losses": _cpu_losses(record.losses),
+        "running_counts": None if record.running_counts is None else record.running_counts.detach().cpu(),
+        "running_momenta": None if record.running_momenta is None else list(record.running_momenta),
     }
 
 
@@ -401,4 +408,6 @@ def _from_payload(p: dict[str, Any], device: torch.device) -> StepRecord:
         global_ids=None if p.get("global_ids") is None else tuple(p["global_ids"]),
         varying={k: v.to(device) for k, v in p.get("varying", {}).items()},
         losses=None if p.get("losses") is None else tuple(None if x is None else x.to(device) for x in p["losses"]),
+        running_counts=p.get("running_counts"),
+        running_momenta=None if p.get("running_momenta") is None else tuple(p["running_momenta"]),
     )

@@ -48,6 +48,7 @@ from lightning_influence.callbacks.resume import check_same_setup, parameter_sig
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
 from lightning_influence.data import FixedBatches
 from lightning_influence.distributed import Collective
+from lightning_influence.estimators.diffin_batch_norm import BatchNormMode, BatchNormTrace, check_batch_norm_mode
 from lightning_influence.estimators.diffin_sweep import DiffInSweep, PerSampleDerivatives, step_losses_and_gradient
 from lightning_influence.kernels import (
     FUNCTIONAL_CALL_ADVICE,
@@ -190,6 +191,17 @@ class DiffIn(Callback):
             SGD-influence (Hara et al., 2019), whose first-order step term is TracIn's. Judge each
             against :func:`~lightning_influence.evaluation.leave_one_out` with the same option.
             Not for coupled losses.
+        batch_norm: how batch-norm layers are scored. ``"running"`` (default): in evaluation mode with
+            their running statistics, like every other layer (an approximation of what training did:
+            Spearman about 0.85 against true leave-one-out on a small batch-norm MLP). ``"batch"``: as
+            trained: each step's losses and Hessian products with the batch's own statistics (a
+            coupled batch loss, removed like ``coupled`` losses: ``b`` extra forward-mode passes per
+            micro-batch), and the running statistics carried through the sweep as part of the state
+            (their own adjoint; each sample's effect on its step's statistics), so the target, read
+            in evaluation mode, sees how removing a sample moves them. One process, full batches of
+            at least two samples, one training forward per micro-batch, ``nn.BatchNorm1d/2d/3d``
+            (not ``SyncBatchNorm``); not with ``chunk_size``, ``per_sample="finite_difference"``,
+            ``coupled=False`` or ``batch_removal="drop"``.
         name: a name for this callback, needed only to put two ``DiffIn`` with the same options
             (e.g. two targets of the same kind read from different loaders) into one Trainer: it
             tells their checkpoint states apart (Lightning requires unique state keys) and is
@@ -230,7 +242,9 @@ class DiffIn(Callback):
     counted in ``empty_steps``). Parameters frozen or unfrozen during fit are refused. The
     derivatives themselves are evaluated in full precision, outside autocast, in eval mode
     (dropout off, batch-norm running statistics): with dropout or batch norm the scores are the
-    influence through the deterministic (eval-mode) network along the recorded trajectory.
+    influence through the deterministic (eval-mode) network along the recorded trajectory;
+    ``batch_norm="batch"`` scores batch norm as trained instead (batch statistics, running
+    statistics carried through the sweep).
     """
 
     def __init__(
@@ -258,6 +272,7 @@ class DiffIn(Callback):
         log_summary: bool = True,
         coupled: bool | None = None,
         batch_removal: BatchRemoval = "reaverage",
+        batch_norm: BatchNormMode = "running",
         name: str | None = None,
     ) -> None:
         check_target_arguments(target, target_loader, target_samples)
@@ -327,6 +342,23 @@ class DiffIn(Callback):
         if batch_removal == "drop" and coupled:
             raise ValueError("batch_removal='drop' is defined for losses that are a sum of per-sample terms, not for coupled=True")
         self.batch_removal: BatchRemoval = batch_removal
+        check_batch_norm_mode(batch_norm)
+        if batch_norm == "batch":
+            clash = {
+                "coupled=False": coupled is False,
+                "batch_removal='drop'": batch_removal == "drop",
+                f"chunk_size={chunk_size}": chunk_size is not None,
+                "per_sample='finite_difference'": per_sample == "finite_difference",
+            }
+            named = [k for k, v in clash.items() if v]
+            if named:
+                raise ValueError(
+                    f"batch_norm='batch' scores each batch's loss with its own statistics, a coupled batch loss whose removal "
+                    f"re-evaluates the batch without the sample (forward mode over the whole batch), which {', '.join(named)} "
+                    "does not allow: leave it at its default, or use batch_norm='running'"
+                )
+        self.batch_norm: BatchNormMode = batch_norm
+        self._batch_norm_trace: BatchNormTrace | None = None
         self.name = name
         self._coupled = False
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
@@ -451,6 +483,8 @@ class DiffIn(Callback):
             extra["score_every"] = self.score_every
         if self.batch_removal != "reaverage":
             extra["batch_removal"] = self.batch_removal
+        if self.batch_norm != "running":
+            extra["batch_norm"] = self.batch_norm
         return self._generate_state_key(
             target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params, **extra
         )
@@ -493,6 +527,15 @@ class DiffIn(Callback):
                 "scored exactly"
             )
         self._coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)
+        if self.batch_norm == "batch":
+            BatchNormTrace(pl_module)  # refuses a model without batch norm, or with layers it does not model
+            if int(getattr(trainer, "world_size", 1) or 1) > 1:
+                raise ValueError(
+                    "DiffIn(batch_norm='batch') scores batch norm as trained in a single process only: under DDP each rank "
+                    "normalises its own shard and removing a sample changes one rank's statistics. Train on one device "
+                    "(devices=1) for scoring, or use batch_norm='running'"
+                )
+            self._coupled = True  # each batch's loss depends on the whole batch through its statistics
         if self._coupled and self.batch_removal == "drop":
             raise ValueError(
                 f"{type(pl_module).__name__} declares coupled_batch_loss, and batch_removal='drop' is defined for losses that "
@@ -624,6 +667,7 @@ class DiffIn(Callback):
                 "DiffIn(mode='online', target='train') evaluates the full training loss at every block of "
                 f"{self.score_every} steps; pass target_samples=<k> to use a fixed subset and bound this cost"
             )
+        self._batch_norm_trace = BatchNormTrace(pl_module) if self.batch_norm == "batch" else None
         self._sweep = DiffInSweep(
             pl_module,
             loss_fn,
@@ -641,6 +685,7 @@ class DiffIn(Callback):
             batch_removal=self.batch_removal,
             per_sample=self._per_sample,
             chunk_size=self.chunk_size,
+            batch_norm=self._batch_norm_trace,
         )
         self._sweep.varying_defaults = self._varying_defaults  # the same dict: filled as tensors start to change
         # Training's loss is the sweep's (no dropout, batch norm or autocast): each sweep checks a recorded gradient.
@@ -1019,6 +1064,8 @@ class DiffIn(Callback):
             global_ids=global_ids,
             varying=self._buffer_watch.values() if self._buffer_watch is not None else {},
             losses=tuple(captured.get(k) for k in range(len(micro))) if captured else None,
+            running_counts=self._batch_norm_trace.counts() if self._batch_norm_trace is not None else None,
+            running_momenta=self._batch_norm_trace.momenta() if self._batch_norm_trace is not None else None,
         )
         self.steps_seen += 1
         # Hyperparameters changed after this hook (the module's own on_before_optimizer_step, a later callback)
@@ -1362,6 +1409,7 @@ class DiffIn(Callback):
             "params": list(self.params) if self.params is not None else None,
             "coupled": self.coupled,
             "batch_removal": self.batch_removal,
+            **({"batch_norm": self.batch_norm} if self.batch_norm != "running" else {}),
         }
         return setup_signature(
             trainer,
@@ -1733,7 +1781,10 @@ class DiffIn(Callback):
             "callback_seconds": round(self.seconds, 6),
             "world_size": self._collective.world_size,
             "coupled": self._coupled,
+            "batch_norm": self.batch_norm,
         }
+        if self._sweep.batch_norm is not None:
+            meta["statistics_passes"] = self._sweep.statistics_passes
         return InfluenceScores(ids, values, meta)
 
     # ------------------------------------------------------------------ checkpoint state

@@ -43,6 +43,12 @@ Everything else (adjoints, Hessian products of the full micro-batch loss, normal
 A sweep that starts from ``grad F`` at a later iterate ``theta_e`` (``e < T``) scores the steps
 with the influence on ``F(theta_e)``: that is the online mode's truncated propagation window.
 
+Batch norm scored as trained (``batch_norm``, a
+:class:`~lightning_influence.estimators.diffin_batch_norm.BatchNormTrace`): the step losses are
+evaluated with batch statistics (a coupled loss, removed as above), and the running statistics
+are carried as part of the state, with an adjoint of their own (derivation in
+:mod:`~lightning_influence.estimators.diffin_batch_norm`).
+
 Distributed (DDP) runs: every rank sweeps its own copy of the trajectory (identical parameters,
 optimizer state and step gradients, since DDP averages the gradients) with its own shard of each
 micro-batch. The global micro-batch ``U_k`` is the union of the ranks' shards (``record.global_ids``)
@@ -80,6 +86,7 @@ from lightning_influence.kernels import (
     shifted_losses,
 )
 from lightning_influence.batches import BatchRemoval
+from lightning_influence.estimators.diffin_batch_norm import BatchNormTrace, sub_batch_statistics
 from lightning_influence.distributed import Collective
 from lightning_influence.scores import ScoreAccumulator
 from lightning_influence.targets import TargetGradient
@@ -134,6 +141,7 @@ class DiffInSweep:
         vectorize_removal: bool = True,
         per_sample: PerSampleDerivatives = "forward_mode",
         chunk_size: int | None = None,
+        batch_norm: BatchNormTrace | None = None,
     ) -> None:
         if hessian_every < 1:
             raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
@@ -207,11 +215,41 @@ class DiffInSweep:
         self._dominance_warned = False
         self.target_gradients = 0
         self.work_dtype = torch.promote_types(space.dtype, torch.float32)
+        if batch_norm is not None and remove is None:
+            raise ValueError("batch_norm (batch statistics) makes the batch loss coupled: pass remove= (the batch without a sample)")
+        if batch_norm is not None and self.collective.distributed:
+            raise ValueError("batch_norm (batch statistics) is scored in a single process only")
+        self.batch_norm = batch_norm
+        """Batch norm with batch statistics and its running statistics in the state (``None``: evaluation mode)."""
+        self._running_adjoint: Tensor | None = None  # mu, [R, Q]: the adjoint of the running statistics
+        self._expected_counts: Tensor | None = None  # num_batches_tracked after the newest step not yet swept
+        self.statistics_passes = 0
+        """Gradient passes of the batch statistics (their VJP) and vmapped sub-batch statistics passes."""
+
+    def _step_mode(self) -> Any:
+        """The mode the step losses are evaluated in: evaluation mode, or batch statistics for batch norm."""
+        if self.batch_norm is not None:
+            return self.batch_norm.batch_statistics_mode()
+        return evaluation_mode(self.module)
 
     def target_gradient(self, theta: Tensor) -> Tensor:
+        """``grad F(theta)`` in evaluation mode (``[P]`` or ``[P, Q]``). With batch norm scored as
+        trained, also ``dF/dr`` at the module's current running statistics: kept in
+        ``self._running_adjoint`` (``[R, Q]``), the start of their adjoint."""
         with evaluation_mode(self.module):
             self.target_gradients += 1
-            return self.target(self.loss_fn, self.space, theta)
+            if self.batch_norm is None:
+                return self.target(self.loss_fn, self.space, theta)
+            trace = self.batch_norm
+            stats_space = trace.stats_space(self.space)
+            joint = ParameterSpace(
+                names=self.space.names + stats_space.names, shapes=self.space.shapes + stats_space.shapes, dtype=self.space.dtype, device=self.space.device
+            )
+            running = trace.running(self.space.dtype).to(theta.device)
+            gradient = self.target(trace.target_loss_function(self.loss_fn), joint, torch.cat([theta.to(self.space.dtype), running]))
+            self._running_adjoint = gradient[self.space.size :].reshape(stats_space.size, -1).to(torch.float64).clone()
+            self._expected_counts = trace.counts()
+            return gradient[: self.space.size]
 
     def run(
         self,
@@ -235,7 +273,7 @@ class DiffInSweep:
         self._step_norms = []
         self._first_stored, self._last_stored = None, None
         self._checked_down_to, self._suspect = None, None
-        with evaluation_mode(self.module):
+        with self._step_mode():
             try:
                 self._sweep_steps(trajectory, num_scored, recompute_step, u, adjoint)
             except FloatingPointError:
@@ -243,6 +281,7 @@ class DiffInSweep:
                 raise
             self._recheck_suspects(trajectory, recompute_step)
         self._adjoint, self._first_stored, self._last_stored = None, None, None
+        self._running_adjoint, self._expected_counts = None, None
 
     def _recheck_suspects(self, trajectory: Trajectory, recompute_step: RecomputeStep | None) -> None:
         """Where the propagated gradient blew up (:meth:`_check_adjoint`): recompute the gradient of
@@ -326,6 +365,12 @@ class DiffInSweep:
                         adjoint[:, q] = a_theta
                 if scored:
                     derivatives.append(self._step_terms(loss_fn, record, a_grad, shifted))
+            if self.batch_norm is not None:
+                for q in range(columns):  # the block's pending a^G stops being a multiple of the column
+                    if pending_scale[q] != 0.0:
+                        pending[q] = pending_scale[q] * adjoint[:, q]
+                        pending_scale[q] = 0.0
+                self._running_statistics_step(loss_fn, record, adjoint, scored, position > 0, squeeze=u.dim() == 1)
             if scored:
                 self._accumulate(record, derivatives, squeeze=u.dim() == 1)
             if position == 0:
@@ -340,6 +385,75 @@ class DiffInSweep:
                     self._check_adjoint(record)
         self._check_adjoint(record)
         self._check_step_norms(record)
+
+    def _running_statistics_step(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, adjoint: Tensor, scored: bool, propagate: bool, squeeze: bool
+    ) -> None:
+        """The running statistics' part of one step (:mod:`~lightning_influence.estimators.diffin_batch_norm`),
+        its micro-batches newest first: ``w = m mu`` (``mu`` after the update), each sample's direct
+        term ``<w, S(B \\ z) - S(B)>`` when scored, ``lambda += J_S^T w`` (one gradient pass) when the
+        adjoint goes on, then ``mu <- (1 - m) mu``."""
+        trace, mu = self.batch_norm, self._running_adjoint
+        assert trace is not None and mu is not None and record.theta is not None
+        if not trace.tracked:
+            return
+        factors = self._running_factors(record)  # [K, L]
+        stats_fn = trace.statistics_function(loss_fn)
+        leaves = {n: p.detach().requires_grad_(propagate) for n, p in self.space.unflatten(record.theta).items()}
+        totals: list[Tensor] = []  # per micro-batch: sum_R w * S(theta), [Q]
+        for k in reversed(range(len(record.batches))):
+            batch, ids = record.batches[k], record.ids[k]
+            m = trace.expand(factors[k].to(mu.device))
+            w = m.unsqueeze(1) * mu  # [R, Q]
+            with torch.set_grad_enabled(propagate):
+                _, stats = stats_fn(leaves, batch)
+            self.statistics_passes += 1
+            if propagate:
+                totals.append((stats.to(torch.float64).unsqueeze(1) * w).sum(dim=0))
+            if scored:
+                size = ids.numel()
+                if size < 2:
+                    raise ValueError(
+                        f"batch_norm='batch': optimizer step {record.step} trained a batch-norm model on a micro-batch of one "
+                        "sample, whose removal leaves no batch to normalise (and training in batch statistics on one sample "
+                        "is degenerate): use DataLoader(drop_last=True)"
+                    )
+                sub = sub_batch_statistics(stats_fn, leaves, batch, self.remove, size, vectorize=self.vectorize_removal)  # type: ignore[arg-type]
+                self.statistics_passes += 1
+                change = (sub.detach().to(torch.float64) - stats.detach().to(torch.float64)) @ w  # [b, Q]
+                self._note_step(record, change)
+                self.accumulator.add(ids, change[:, 0] if squeeze else change)
+            mu.mul_((1.0 - m).unsqueeze(1))
+        if totals:
+            total = torch.stack(totals).sum(dim=0)  # [Q]
+            if not total.requires_grad:  # no attributed parameter feeds a batch-norm layer (params=...)
+                return
+            params = list(leaves.values())
+            for q in range(total.shape[0]):  # lambda += J_S^T w, one backward per column
+                grads = torch.autograd.grad(total[q], params, allow_unused=True, retain_graph=q + 1 < total.shape[0])
+                adjoint[:, q].add_(self.space.flatten(list(grads), adjoint.dtype))
+
+    def _running_factors(self, record: StepRecord) -> Tensor:
+        """``m`` of each micro-batch's update of each tracked layer, after checking that the counters of
+        the step (``record.running_counts``) continue those of the newer step: one training forward per
+        micro-batch, none outside the recorded steps."""
+        trace = self.batch_norm
+        assert trace is not None
+        if record.running_counts is None or record.running_momenta is None:
+            raise ValueError(f"optimizer step {record.step} was recorded without the batch-norm counters batch_norm='batch' needs")
+        after = record.running_counts.to("cpu", torch.long)
+        expected = self._expected_counts
+        if expected is not None and not torch.equal(after, expected.to("cpu", torch.long)):
+            raise ValueError(
+                f"batch_norm='batch': the batch-norm layers' num_batches_tracked after optimizer step {record.step} is "
+                f"{after.tolist()} where the steps after it account for {expected.to('cpu').tolist()}: batch-norm layers ran in "
+                "training mode outside the recorded steps' forwards (a step the gradient scaler skipped, a training_step "
+                "that returned None after its forward, a second forward per batch, training-mode forwards in a hook), and "
+                "their running statistics moved in ways DiffIn does not model. Run exactly one forward of each batch per "
+                "training step, or use batch_norm='running'"
+            )
+        self._expected_counts = after - len(record.batches)
+        return trace.factors(after, record.running_momenta, len(record.batches))
 
     def _scaled_step(
         self,

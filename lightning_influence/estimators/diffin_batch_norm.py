@@ -1,0 +1,243 @@
+"""Diff-In on batch-norm models scored as trained (``DiffIn(batch_norm="batch")``).
+
+Training normalises each micro-batch ``B`` with its own statistics, so the step's loss is a
+*coupled* batch loss ``L(theta; B) = mean_{i in B} l_i(theta; B)``, and each train-mode forward
+of a batch-norm layer updates its running statistics (running mean and unbiased running
+variance, stacked per layer into ``r``):
+
+    r_{t+1} = (1 - m_t) r_t + m_t S(theta_t; B_t)
+
+(``S``: the batch mean and unbiased variance of the layer's input over every dimension but the
+channel one; ``m_t``: the layer's ``momentum``, or ``1 / num_batches_tracked`` after the forward's
+increment when ``momentum=None``). The running statistics never feed training's forward, only the
+target, which is evaluated in evaluation mode at the end: ``F(theta_T, r_T)``. The trajectory's
+state is ``(theta, optimizer state, r)``; linearising the leave-one-out run around it, as for the
+parameters (see :mod:`~lightning_influence.estimators.diffin_sweep`), gives the adjoint
+``mu_t`` of ``r`` next to ``lambda_t`` of ``theta``:
+
+    mu_T      = dF/dr (theta_T, r_T)                           (evaluation mode)
+    mu_t      = (1 - m_t) mu_{t+1}
+    lambda_t  = [the parameter sweep's a^theta + H_t a^G]  +  J_S(theta_t; B_t)^T (m_t mu_{t+1})
+
+and the removal of ``z`` from ``B_t`` adds, besides the coupled loss's removal term
+``<a^G_t, grad L(B \\ z) - grad L(B)> / n`` (the sweep's coupled machinery, with the Hessian
+products of ``L`` evaluated with batch statistics), the direct change of the step's statistics
+
+    m_t < mu_{t+1}, S(theta_t; B_t \\ z) - S(theta_t; B_t) >.
+
+With several micro-batches per step (gradient accumulation) each micro-batch's forward is one
+update of ``r`` at the same ``theta_t``, in order. Every forward here runs with the batch-norm
+layers in training mode but without running statistics (``track_running_stats`` off for the
+call: the batch statistics are used and no buffer is written); dropout stays off.
+
+Units and sign as everywhere: target-loss change when the sample is removed (positive helps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from lightning_influence.batch_norm import batch_statistics, sync_batch_norm_layers
+from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, RemoveFn, evaluation_mode
+
+BatchNormMode = Literal["running", "batch"]
+"""``"running"``: batch norm evaluated in evaluation mode with the running statistics (a
+deterministic network along the recorded trajectory); ``"batch"``: as trained, see the module."""
+
+BATCH_NORM_MODES: tuple[str, ...] = ("running", "batch")
+
+
+def check_batch_norm_mode(value: Any) -> None:
+    if value not in BATCH_NORM_MODES:
+        raise ValueError(
+            f"batch_norm must be 'running' (evaluation mode, running statistics) or 'batch' (batch statistics and "
+            f"running statistics as training computed them), got {value!r}"
+        )
+
+
+def unmodelled_normalisation(module: nn.Module) -> list[str]:
+    """Layers whose training-mode behaviour ``batch_norm="batch"`` does not model: synchronised batch
+    norm (statistics over every rank's shard) and instance norm with running statistics."""
+    out = [f"{name} (SyncBatchNorm)" for name in sync_batch_norm_layers(module)]
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
+            out.append(f"{name or type(sub).__name__} ({type(sub).__name__}(track_running_stats=True))")
+    return out
+
+
+class BatchNormTrace:
+    """The batch-norm layers of ``module`` and the running statistics they carry, flat.
+
+    ``layers``: every ``_BatchNorm`` submodule (all run with batch statistics in :meth:`batch_statistics_mode`);
+    ``tracked``: those with running statistics, whose ``running_mean`` and ``running_var`` make up
+    the flat vector ``r`` (``stats_space``: names ``<layer>.running_mean``, ``<layer>.running_var``).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.layers: list[tuple[str, _BatchNorm]] = [(n, m) for n, m in module.named_modules() if isinstance(m, _BatchNorm)]
+        if not self.layers:
+            raise ValueError(
+                f"batch_norm='batch' scores batch-norm layers as trained, and {type(module).__name__} has none "
+                "(nn.BatchNorm1d/2d/3d): leave batch_norm at its default"
+            )
+        unmodelled = unmodelled_normalisation(module)
+        if unmodelled:
+            raise ValueError(
+                f"batch_norm='batch' models nn.BatchNorm1d/2d/3d in one process; {', '.join(unmodelled)} is not modelled "
+                "(SyncBatchNorm normalises over every rank's shard; an instance norm's running statistics would need "
+                "their own adjoint). Use nn.BatchNorm* on one device, or batch_norm='running'"
+            )
+        self.tracked = [(n, m) for n, m in self.layers if m.track_running_stats and m.running_mean is not None]
+        names: list[str] = []
+        shapes: list[torch.Size] = []
+        for name, layer in self.tracked:
+            assert layer.running_mean is not None and layer.running_var is not None
+            names += [f"{name}.running_mean", f"{name}.running_var"]
+            shapes += [layer.running_mean.shape, layer.running_var.shape]
+        self.channels = [int(layer.num_features) for _, layer in self.tracked]
+        self._names = tuple(names)
+        self._shapes = tuple(shapes)
+
+    # ------------------------------------------------------------------ running statistics
+    def stats_space(self, like: ParameterSpace) -> ParameterSpace:
+        return ParameterSpace(names=self._names, shapes=self._shapes, dtype=like.dtype, device=like.device)
+
+    @property
+    def size(self) -> int:
+        return 2 * sum(self.channels)
+
+    def running(self, dtype: torch.dtype) -> Tensor:
+        """The current running statistics, flat ``[R]`` (layer by layer: mean, then variance)."""
+        parts = []
+        for _, layer in self.tracked:
+            assert layer.running_mean is not None and layer.running_var is not None
+            parts += [layer.running_mean.detach().reshape(-1), layer.running_var.detach().reshape(-1)]
+        if not parts:
+            return torch.zeros(0, dtype=dtype)
+        return torch.cat(parts).to(dtype)
+
+    def counts(self) -> Tensor | None:
+        """``num_batches_tracked`` of the tracked layers, ``[L]`` int64 (a copy, on the module's device)."""
+        if not self.tracked:
+            return None
+        return torch.stack([layer.num_batches_tracked.detach().reshape(()) for _, layer in self.tracked]).clone()  # type: ignore[union-attr]
+
+    def momenta(self) -> tuple[float | None, ...]:
+        return tuple(None if layer.momentum is None else float(layer.momentum) for _, layer in self.tracked)
+
+    def factors(self, counts_after: Tensor, momenta: tuple[float | None, ...], micro_batches: int) -> Tensor:
+        """``m`` of each micro-batch's update of each tracked layer, float64 ``[K, L]``, for a step
+        whose ``micro_batches`` forwards left the counters at ``counts_after``."""
+        after = counts_after.to("cpu", torch.float64)
+        rows = []
+        for k in range(micro_batches):
+            count = after - (micro_batches - 1 - k)  # num_batches_tracked after this forward's increment
+            rows.append(torch.tensor([1.0 / float(c) if mom is None else mom for c, mom in zip(count.tolist(), momenta, strict=True)], dtype=torch.float64))
+        return torch.stack(rows) if rows else torch.zeros(0, len(momenta), dtype=torch.float64)
+
+    def expand(self, per_layer: Tensor) -> Tensor:
+        """One value per tracked layer to the flat layout of ``r``."""
+        sizes = torch.tensor([2 * c for c in self.channels], device=per_layer.device)
+        return per_layer.repeat_interleave(sizes)
+
+    # ------------------------------------------------------------------ modes
+    @contextlib.contextmanager
+    def batch_statistics_mode(self) -> Iterator[None]:
+        """Evaluation mode (dropout off) except the batch-norm layers, which normalise with the batch's
+        own statistics and write no buffer (``track_running_stats`` off for the duration); every flag
+        is restored after (:func:`lightning_influence.batch_norm.batch_statistics`)."""
+        with evaluation_mode(self.module), batch_statistics(self.module):
+            yield
+
+    @contextlib.contextmanager
+    def _hooks(self, pre: Any = None, post: Any = None) -> Iterator[None]:
+        handles = []
+        try:
+            for _, layer in self.tracked:
+                if pre is not None:
+                    handles.append(layer.register_forward_pre_hook(pre))
+                if post is not None:
+                    handles.append(layer.register_forward_hook(post))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def statistics_function(self, loss_fn: PerSampleLossFn) -> Any:
+        """``(params, batch) -> (losses [B], S [R])``: the per-sample losses with batch statistics and
+        the batch statistics of every tracked layer's input (run inside :meth:`batch_statistics_mode`)."""
+        index = {id(layer): k for k, (_, layer) in enumerate(self.tracked)}
+
+        def fn(params: Mapping[str, Tensor], batch: Any) -> tuple[Tensor, Tensor]:
+            seen: dict[int, Tensor] = {}
+
+            def capture(layer: nn.Module, inputs: tuple[Any, ...]) -> None:
+                k = index[id(layer)]
+                if k in seen:
+                    raise ValueError(
+                        f"batch norm layer {self.tracked[k][0]!r} ran twice in one per_sample_loss call: batch_norm='batch' "
+                        "models one update of its running statistics per forward; call each batch-norm layer once"
+                    )
+                x = inputs[0]
+                dims = [0, *range(2, x.dim())]
+                seen[k] = torch.cat([x.mean(dims), x.var(dims, unbiased=True)])
+
+            with self._hooks(pre=capture):
+                losses = loss_fn(params, batch)
+            missing = [self.tracked[k][0] for k in range(len(self.tracked)) if k not in seen]
+            if missing:
+                raise ValueError(f"batch norm layer(s) {missing} did not run in per_sample_loss: batch_norm='batch' needs every one used")
+            stats = torch.cat([seen[k] for k in range(len(self.tracked))]) if seen else losses.new_zeros(0)
+            return losses, stats
+
+        return fn
+
+    def target_loss_function(self, loss_fn: PerSampleLossFn) -> PerSampleLossFn:
+        """``loss_fn`` over parameters and running statistics together (the names of :meth:`stats_space`),
+        differentiable in both: each tracked layer in evaluation mode is written out as
+        ``(x - mean) / sqrt(var + eps) * weight + bias`` with the given statistics."""
+        names = set(self._names)
+        prefix = {id(layer): name for name, layer in self.tracked}
+
+        def fn(params: Mapping[str, Tensor], batch: Any) -> Tensor:
+            stats = {n: p for n, p in params.items() if n in names}
+            rest = {n: p for n, p in params.items() if n not in names}
+
+            def explicit(layer: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+                if layer.training:
+                    return output
+                name = prefix[id(layer)]
+                x = inputs[0]
+                shape = [1, -1] + [1] * (x.dim() - 2)
+                y = (x - stats[f"{name}.running_mean"].view(shape)) * torch.rsqrt(stats[f"{name}.running_var"].view(shape) + layer.eps)  # type: ignore[operator]
+                if layer.weight is not None:
+                    y = y * layer.weight.view(shape) + layer.bias.view(shape)  # type: ignore[union-attr]
+                return y
+
+            with self._hooks(post=explicit):
+                return loss_fn(rest, batch)
+
+        return fn
+
+
+def sub_batch_statistics(
+    stats_fn: Any, params: Mapping[str, Tensor], batch: Any, remove: RemoveFn, size: int, *, vectorize: bool = True
+) -> Tensor:
+    """``S(theta; B \\ z)`` for every ``z`` of a batch of ``size``: ``[b, R]`` (one ``vmap`` over the
+    removal index, or one forward per sample where the model cannot be vmapped)."""
+    with torch.no_grad():
+        if vectorize:
+            try:
+                device = next(iter(params.values())).device
+                index = torch.arange(size, device=device)
+                return torch.func.vmap(lambda i: stats_fn(params, remove(batch, i))[1])(index)
+            except (RuntimeError, NotImplementedError, TypeError, IndexError):
+                pass
+        return torch.stack([stats_fn(params, remove(batch, z))[1] for z in range(size)])

@@ -1,0 +1,295 @@
+"""DiffIn(batch_norm="batch"): batch-norm models scored as trained (batch statistics, the sample's
+removal from its batch's statistics, running statistics carried to the evaluation-mode target),
+against leave-one-out retraining written as a plain PyTorch loop (train-mode batch norm, the
+sample taken out of its batches, the target read in evaluation mode with the retrained running
+statistics)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_influence import DiffIn, InfluenceMixin
+from lightning_influence.data import FixedBatches, load_digits_tensors
+from lightning_influence.evaluation import StepRecorder, leave_one_out
+
+from conftest import quiet_trainer
+
+import lightning as L
+
+
+class BatchNormNet(InfluenceMixin, L.LightningModule):
+    """A small digits classifier with batch norm: an MLP (``BatchNorm1d``) or a conv net (``BatchNorm2d``
+    then ``BatchNorm1d``, one of them a cumulative average: ``momentum=None``)."""
+
+    def __init__(self, kind: str = "mlp", lr: float = 0.1, momentum: float = 0.0) -> None:
+        super().__init__()
+        self.lr, self.momentum = lr, momentum
+        if kind == "mlp":
+            self.body = nn.Sequential(nn.Linear(64, 16, bias=False), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10))
+        else:
+            self.body = nn.Sequential(
+                nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 3, 3, bias=False), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                nn.Linear(3 * 36, 12, bias=False), nn.BatchNorm1d(12, momentum=None), nn.Tanh(), nn.Linear(12, 10),
+            )
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        return F.cross_entropy(self.body(x), y, reduction="none")
+
+    def sample_ids(self, batch: Any) -> torch.Tensor:
+        return batch[2]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.per_sample_loss(batch).mean()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def problem(n: int, batch_size: int, epochs: int, seed: int = 0) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
+    x, y = load_digits_tensors(torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    X, Y = x[perm[:n]], y[perm[:n]]
+    batches = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        batches += [(X[order[i : i + batch_size]], Y[order[i : i + batch_size]], order[i : i + batch_size]) for i in range(0, n, batch_size)]
+    val = [(x[perm[n : n + 100]], y[perm[n : n + 100]], torch.arange(100))]
+    return batches, val
+
+
+def target_loss(model: nn.Module, val: list[tuple[torch.Tensor, ...]]) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(torch.cat([model.per_sample_loss(b) for b in val]).mean())  # type: ignore[operator]
+
+
+def retrain(init: BatchNormNet, batches: list[tuple[torch.Tensor, ...]], remove: int | None = None, accumulate: int = 1) -> BatchNormNet:
+    """Plain training loop: train-mode batch norm, ``remove`` taken out of every batch, the loss of a
+    step's micro-batches summed with weight ``1 / accumulate`` (as Lightning accumulates)."""
+    model = copy.deepcopy(init)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=model.lr, momentum=model.momentum)
+    for start in range(0, len(batches), accumulate):
+        opt.zero_grad()
+        for x, y, ids in batches[start : start + accumulate]:
+            keep = ids != remove if remove is not None else torch.ones_like(ids, dtype=torch.bool)
+            (model.per_sample_loss((x[keep], y[keep], ids[keep])).mean() / accumulate).backward()
+        opt.step()
+    return model
+
+
+def fit(init: BatchNormNet, batches: list[tuple[torch.Tensor, ...]], callbacks: list[Any], accumulate: int = 1) -> BatchNormNet:
+    model = copy.deepcopy(init)
+    quiet_trainer(callbacks=callbacks, accumulate_grad_batches=accumulate).fit(model, train_dataloaders=FixedBatches(batches))
+    return model
+
+
+def loo(init: BatchNormNet, batches: list[tuple[torch.Tensor, ...]], val: list[tuple[torch.Tensor, ...]], ids: torch.Tensor, accumulate: int = 1) -> torch.Tensor:
+    base = target_loss(retrain(init, batches, accumulate=accumulate), val)
+    return torch.tensor([target_loss(retrain(init, batches, int(i), accumulate), val) - base for i in ids], dtype=torch.float64)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def eval_target_gradients(model: BatchNormNet, val: list[tuple[torch.Tensor, ...]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradient of the evaluation-mode target with respect to the parameters and to every batch-norm
+    layer's running mean and variance, with each layer written out as ``(x - mean) / sqrt(var + eps) * w + b``."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    stats = [t.detach().clone().requires_grad_(True) for m in layers for t in (m.running_mean, m.running_var)]
+
+    def explicit(layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        k = layers.index(layer)  # type: ignore[arg-type]
+        x = inputs[0]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x - stats[2 * k].view(shape)) / torch.sqrt(stats[2 * k + 1].view(shape) + layer.eps)  # type: ignore[operator]
+        return y * layer.weight.view(shape) + layer.bias.view(shape)  # type: ignore[union-attr, operator]
+
+    handles = [m.register_forward_hook(explicit) for m in layers]
+    model.eval()
+    loss = torch.cat([model.per_sample_loss(b) for b in val]).mean()
+    for h in handles:
+        h.remove()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss, params + stats)
+    return list(grads[: len(params)]), list(grads[len(params) :])
+
+
+def running_stats(model: nn.Module) -> list[torch.Tensor]:
+    return [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for t in (m.running_mean, m.running_var)]
+
+
+def test_one_step_is_the_target_gradient_along_the_removal() -> None:
+    """One optimizer step (SGD with momentum, a conv net with a BatchNorm2d of momentum 0.1 and a
+    cumulative-average BatchNorm1d): the step itself is not linearised, so the score of z is exactly
+    ``<dF/dtheta, theta_1^{-z} - theta_1> + <dF/dr, r_1^{-z} - r_1>`` with the changes of the parameters
+    and of the running statistics taken from retraining without z (plain loop) and the gradients of the
+    evaluation-mode target from autograd: the removal's effect on the batch statistics (through the
+    coupled loss's gradient and through the running statistics) checked piece by piece."""
+    torch.manual_seed(0)
+    batches, val = problem(8, 8, 1)
+    init = BatchNormNet("conv", lr=0.1, momentum=0.9).double()
+    diffin = DiffIn(target="val", target_loader=val, batch_norm="batch")
+    trained = fit(init, batches, [diffin])
+    base = retrain(init, batches)
+    assert all(torch.equal(a, b) for a, b in zip(running_stats(trained), running_stats(base)))
+    g_theta, g_stats = eval_target_gradients(base, val)
+    ids = batches[0][2]
+    for i in ids:
+        gone = retrain(init, batches, int(i))
+        moved = sum(float((g * (a - b)).sum()) for g, a, b in zip(g_theta, gone.parameters(), base.parameters()))
+        moved += sum(float((g * (a - b)).sum()) for g, a, b in zip(g_stats, running_stats(gone), running_stats(base)))
+        assert abs(float(diffin.scores[int(i)]) - moved) < 1e-9 * abs(moved) + 1e-15, (int(i), float(diffin.scores[int(i)]), moved)
+
+
+@pytest.mark.parametrize(
+    "kind, momentum, accumulate, bn_momentum",
+    [("mlp", 0.9, 1, 0.01), ("mlp", 0.0, 2, 0.01), ("conv", 0.9, 1, None)],
+    ids=["mlp-momentum", "mlp-accumulation", "conv-cumulative-average"],
+)
+def test_few_steps_match_leave_one_out_to_the_linearisation(kind: str, momentum: float, accumulate: int, bn_momentum: float | None) -> None:
+    """Three steps at a small learning rate, where the linearised propagation is close to exact: the
+    adjoints of the parameters, the optimizer state and the running statistics (carried through the
+    later steps' updates, with the statistics' dependence on the parameters), against retraining.
+    With a batch-norm momentum of 0.01 the running statistics move little and the prediction is
+    close; the cumulative average (the first update replaces the statistics) leaves the target's
+    curvature in them, a second-order error of a few percent."""
+    torch.manual_seed(0)
+    batches, val = problem(24 * accumulate, 8, 1)
+    batches = batches[: 3 * accumulate]
+    init = BatchNormNet(kind, lr=1e-3, momentum=momentum).double()
+    if bn_momentum is not None:
+        for m in init.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = bn_momentum
+    diffin = DiffIn(target="val", target_loader=val, batch_norm="batch")
+    fit(init, batches, [diffin], accumulate)
+    ids = torch.cat([b[2] for b in batches]).unique()
+    truth = loo(init, batches, val, ids, accumulate)
+    scores = torch.stack([diffin.scores[int(i)] for i in ids])
+    error = float((scores - truth).abs().max()) / float(truth.abs().max())
+    assert error < (2e-3 if bn_momentum is not None else 0.1)
+    assert spearman(scores, truth) > 0.99
+
+
+def test_running_statistics_carry_most_of_the_effect() -> None:
+    """The same one-step case scored in evaluation mode (the default) misses the removal's effect on the
+    running statistics and on the batch statistics of the step: the batch-norm option is what fits."""
+    torch.manual_seed(0)
+    batches, val = problem(24, 8, 1)
+    init = BatchNormNet("mlp", lr=1e-3).double()
+    running, batch = DiffIn(target="val", target_loader=val, name="r"), DiffIn(target="val", target_loader=val, batch_norm="batch", name="b")
+    fit(init, batches[:1], [running, batch])
+    ids = batches[0][2]
+    truth = loo(init, batches[:1], val, ids)
+    off = lambda cb: float((torch.stack([cb.scores[int(i)] for i in ids]) - truth).abs().max())  # noqa: E731
+    assert off(batch) < 1e-2 * float(truth.abs().max())
+    assert off(running) > 0.5 * float(truth.abs().max()) > 10 * off(batch)
+    assert batch.scores.metadata["batch_norm"] == "batch" and running.scores.metadata["batch_norm"] == "running"
+
+
+def test_fit_fidelity_against_retraining() -> None:
+    """A digits MLP with batch norm, SGD lr 0.1, 30 steps of 16, float64: replay and online (a window of 8
+    steps) against the library's leave-one-out retraining of 30 samples (each run with its own batch
+    and running statistics), itself checked against the plain loop on three of them."""
+    torch.manual_seed(0)
+    batches, val = problem(160, 16, 3)
+    init = BatchNormNet("mlp", lr=0.1).double()
+    recorder = StepRecorder()
+    replay = DiffIn(target="val", target_loader=val, batch_norm="batch", name="replay")
+    online = DiffIn(target="val", target_loader=val, batch_norm="batch", mode="online", window=8, score_every=8, name="online")
+    running = DiffIn(target="val", target_loader=val, name="running")
+    model = fit(init, batches, [recorder, replay, online, running])
+    ids = torch.randperm(160, generator=torch.Generator().manual_seed(1))[:30]
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, val)
+    torch.testing.assert_close(truth[:3], loo(init, batches, val, ids[:3]), rtol=1e-6, atol=1e-12)
+    rho = {name: spearman(torch.stack([cb.scores[int(i)] for i in ids]), truth) for name, cb in [("replay", replay), ("online", online), ("running", running)]}
+    assert rho["replay"] >= 0.97, rho
+    assert rho["online"] >= 0.85, rho
+    assert rho["replay"] > rho["running"] + 0.05, rho
+
+
+def test_query_columns_and_spilled_steps_score_as_the_mean_target_in_memory(tmp_path: Any) -> None:
+    """Each query column carries its own running-statistics adjoint: the mean of the columns is the
+    score against the mean loss of the same samples; steps spilled to disk and rebuilt between
+    checkpoints carry their batch-norm counters."""
+    torch.manual_seed(0)
+    batches, val = problem(48, 8, 2)
+    queries = [(val[0][0][:3], val[0][1][:3], torch.arange(3))]
+    init = BatchNormNet("conv", lr=0.05, momentum=0.9).double()
+    mean = DiffIn(target="val", target_loader=queries, batch_norm="batch", name="mean")
+    query = DiffIn(target="query", target_loader=queries, batch_norm="batch", name="query")
+    spilled = DiffIn(target="val", target_loader=queries, batch_norm="batch", storage="disk", spill_dir=tmp_path, checkpoint_every=4, name="disk")
+    fit(init, batches, [mean, query, spilled])
+    size = float(mean.scores.values.abs().max())
+    # the columns' Hessian products take finite-difference steps of their own: equal to their truncation error
+    torch.testing.assert_close(query.scores.values.mean(dim=1), mean.scores.values, rtol=0, atol=1e-5 * size)
+    torch.testing.assert_close(spilled.scores.values, mean.scores.values, rtol=0, atol=1e-9 * size)
+
+
+class TwoForwards(BatchNormNet):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.body(batch[0])  # a second training-mode forward: the running statistics move twice
+        return self.per_sample_loss(batch).mean()
+
+
+def test_unmodelled_runs_are_refused() -> None:
+    batches, val = problem(32, 8, 1)
+    with pytest.raises(ValueError, match="batch_norm must be"):
+        DiffIn(batch_norm="train")  # type: ignore[arg-type]
+    for kwargs in ({"coupled": False}, {"chunk_size": 4}, {"per_sample": "finite_difference"}, {"batch_removal": "drop"}):
+        with pytest.raises(ValueError, match="batch_norm='batch' scores each batch"):
+            DiffIn(batch_norm="batch", **kwargs)
+
+    class NoNorm(BatchNormNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(64, 10))
+
+    with pytest.raises(ValueError, match="has none"):
+        fit(NoNorm().double(), batches, [DiffIn(target="val", target_loader=val, batch_norm="batch")])
+    synced = BatchNormNet().double()
+    synced.body[1] = nn.SyncBatchNorm(16).double()
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        fit(synced, batches, [DiffIn(target="val", target_loader=val, batch_norm="batch")])
+    with pytest.raises(ValueError, match="outside the recorded steps"):
+        fit(TwoForwards().double(), batches, [DiffIn(target="val", target_loader=val, batch_norm="batch")])
+
+
+def test_a_resumed_fit_gives_the_uninterrupted_scores(tmp_path: Any) -> None:
+    """Replay and online (blocks of 4 steps) resumed from the last checkpoint of a shorter fit: the
+    recorded steps carry their batch-norm counters, and the online flush reads the resumed running
+    statistics, so the scores equal the uninterrupted fit's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    batches, val = problem(48, 8, 1)
+
+    def run(folder: str, epochs: int, ckpt_path: Any = None, save: bool = False) -> list[DiffIn]:
+        torch.manual_seed(0)
+        model = BatchNormNet("mlp", lr=0.1, momentum=0.9).double()
+        callbacks = [
+            DiffIn(target="val", target_loader=val, batch_norm="batch", name="replay"),
+            DiffIn(target="val", target_loader=val, batch_norm="batch", mode="online", window=4, score_every=4, name="online"),
+        ]
+        extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)] if save else []
+        quiet_trainer(callbacks=[*callbacks, *extra], max_epochs=epochs, enable_checkpointing=save).fit(
+            model, train_dataloaders=FixedBatches(batches), ckpt_path=ckpt_path
+        )
+        return callbacks
+
+    straight = run("a", 3)
+    run("b", 2, save=True)
+    resumed = run("c", 3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for a, b in zip(straight, resumed):
+        assert a.steps_scored == b.steps_scored == 18
+        torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
