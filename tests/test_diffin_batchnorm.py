@@ -237,6 +237,11 @@ def test_query_columns_and_spilled_steps_score_as_the_mean_target_in_memory(tmp_
     torch.testing.assert_close(spilled.scores.values, mean.scores.values, rtol=0, atol=1e-9 * size)
 
 
+class FrozenNorm(BatchNormNet):
+    def on_train_epoch_start(self) -> None:
+        self.body[1].eval()  # batch norm frozen: training normalises with the running statistics
+
+
 class TwoForwards(BatchNormNet):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self.body(batch[0])  # a second training-mode forward: the running statistics move twice
@@ -262,6 +267,8 @@ def test_unmodelled_runs_are_refused() -> None:
     synced.body[1] = nn.SyncBatchNorm(16).double()
     with pytest.raises(ValueError, match="SyncBatchNorm"):
         fit(synced, batches, [DiffIn(target="val", target_loader=val, batch_norm="batch")])
+    with pytest.raises(ValueError, match="were in evaluation mode during training"):
+        fit(FrozenNorm().double(), batches, [DiffIn(target="val", target_loader=val, batch_norm="batch")])
     with pytest.raises(ValueError, match="outside the recorded steps"):
         fit(TwoForwards().double(), batches, [DiffIn(target="val", target_loader=val, batch_norm="batch")])
 

@@ -1046,6 +1046,8 @@ class DiffIn(Callback):
             or trajectory.keep_gradients  # the steps between checkpoints are rebuilt from their gradients
         )
         keep_grad = needs_grad and (keep or trajectory.keep_gradients)
+        if self._batch_norm_trace is not None:
+            self._batch_norm_trace.check_training(self.steps_seen)
         record = StepRecord(
             step=self.steps_seen,
             batches=tuple(b for b, _ in micro),

@@ -129,6 +129,16 @@ class BatchNormTrace:
             return None
         return torch.stack([layer.num_batches_tracked.detach().reshape(()) for _, layer in self.tracked]).clone()  # type: ignore[union-attr]
 
+    def check_training(self, step: int) -> None:
+        """Every batch-norm layer must have run in training mode (batch statistics) at this step."""
+        frozen = [name for name, layer in self.layers if not layer.training]
+        if frozen:
+            raise ValueError(
+                f"DiffIn(batch_norm='batch'): batch norm layer(s) {frozen} were in evaluation mode during training at optimizer "
+                f"step {step} (frozen batch norm, e.g. .eval() in a hook): they normalised with their running statistics, which "
+                "batch_norm='running' models exactly; batch_norm='batch' models layers trained with batch statistics"
+            )
+
     def momenta(self) -> tuple[float | None, ...]:
         return tuple(None if layer.momentum is None else float(layer.momentum) for _, layer in self.tracked)
 
