@@ -183,12 +183,12 @@ def test_few_steps_match_leave_one_out_to_the_linearisation(kind: str, momentum:
 
 
 def test_running_statistics_carry_most_of_the_effect() -> None:
-    """The same one-step case scored in evaluation mode (the default) misses the removal's effect on the
+    """The same one-step case scored in evaluation mode (``batch_norm="running"``) misses the removal's effect on the
     running statistics and on the batch statistics of the step: the batch-norm option is what fits."""
     torch.manual_seed(0)
     batches, val = problem(24, 8, 1)
     init = BatchNormNet("mlp", lr=1e-3).double()
-    running, batch = DiffIn(target="val", target_loader=val, name="r"), DiffIn(target="val", target_loader=val, batch_norm="batch", name="b")
+    running, batch = DiffIn(target="val", target_loader=val, batch_norm="running", name="r"), DiffIn(target="val", target_loader=val, batch_norm="batch", name="b")
     fit(init, batches[:1], [running, batch])
     ids = batches[0][2]
     truth = loo(init, batches[:1], val, ids)
@@ -208,7 +208,7 @@ def test_fit_fidelity_against_retraining() -> None:
     recorder = StepRecorder()
     replay = DiffIn(target="val", target_loader=val, batch_norm="batch", name="replay")
     online = DiffIn(target="val", target_loader=val, batch_norm="batch", mode="online", window=8, score_every=8, name="online")
-    running = DiffIn(target="val", target_loader=val, name="running")
+    running = DiffIn(target="val", target_loader=val, batch_norm="running", name="running")
     model = fit(init, batches, [recorder, replay, online, running])
     ids = torch.randperm(160, generator=torch.Generator().manual_seed(1))[:30]
     truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, val)
@@ -300,3 +300,33 @@ def test_a_resumed_fit_gives_the_uninterrupted_scores(tmp_path: Any) -> None:
     for a, b in zip(straight, resumed):
         assert a.steps_scored == b.steps_scored == 18
         torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
+
+
+class NoNormNet(BatchNormNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+
+def test_auto_scores_batch_norm_as_trained_unless_the_run_rules_it_out() -> None:
+    """The default ``batch_norm="auto"`` gives the scores of ``"batch"`` on a batch-norm model; an option
+    that rules ``"batch"`` out falls back to ``"running"`` with a warning naming it; a model without batch
+    norm is scored as before, without a warning."""
+    import warnings
+
+    torch.manual_seed(0)
+    batches, val = problem(48, 8, 1)
+    init = BatchNormNet("mlp", lr=0.05).double()
+    auto, batch = DiffIn(target="val", target_loader=val, name="auto"), DiffIn(target="val", target_loader=val, batch_norm="batch", name="batch")
+    fit(init, batches, [auto, batch])
+    assert auto.scores.metadata["batch_norm"] == "batch"
+    torch.testing.assert_close(auto.scores.values, batch.scores.values, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match=r"has batch norm.*chunk_size=4.*batch_norm='running'"):
+        chunked = DiffIn(target="val", target_loader=val, chunk_size=4)
+        fit(init, batches, [chunked])
+    assert chunked.scores.metadata["batch_norm"] == "running"
+    plain = DiffIn(target="val", target_loader=val)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batch norm.*")
+        fit(NoNormNet().double(), batches, [plain])
+    assert plain.scores.metadata["batch_norm"] == "running"

@@ -48,7 +48,12 @@ from lightning_influence.callbacks.resume import check_same_setup, parameter_sig
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
 from lightning_influence.data import FixedBatches
 from lightning_influence.distributed import Collective
-from lightning_influence.estimators.diffin_batch_norm import BatchNormMode, BatchNormTrace, check_batch_norm_mode
+from lightning_influence.estimators.diffin_batch_norm import (
+    BatchNormMode,
+    BatchNormTrace,
+    check_batch_norm_mode,
+    resolve_batch_norm_mode,
+)
 from lightning_influence.estimators.diffin_sweep import DiffInSweep, PerSampleDerivatives, step_losses_and_gradient
 from lightning_influence.kernels import (
     FUNCTIONAL_CALL_ADVICE,
@@ -191,17 +196,20 @@ class DiffIn(Callback):
             SGD-influence (Hara et al., 2019), whose first-order step term is TracIn's. Judge each
             against :func:`~lightning_influence.evaluation.leave_one_out` with the same option.
             Not for coupled losses.
-        batch_norm: how batch-norm layers are scored. ``"running"`` (default): in evaluation mode with
-            their running statistics, like every other layer (an approximation of what training did:
-            Spearman about 0.85 against true leave-one-out on a small batch-norm MLP). ``"batch"``: as
-            trained: each step's losses and Hessian products with the batch's own statistics (a
-            coupled batch loss, removed like ``coupled`` losses: ``b`` extra forward-mode passes per
-            micro-batch), and the running statistics carried through the sweep as part of the state
-            (their own adjoint; each sample's effect on its step's statistics), so the target, read
-            in evaluation mode, sees how removing a sample moves them. One process, full batches of
-            at least two samples, one training forward per micro-batch, ``nn.BatchNorm1d/2d/3d``
-            (not ``SyncBatchNorm``); not with ``chunk_size``, ``per_sample="finite_difference"``,
-            ``coupled=False`` or ``batch_removal="drop"``.
+        batch_norm: how batch-norm layers are scored. ``"batch"``: as trained: each step's losses
+            and Hessian products with the batch's own statistics (a coupled batch loss, removed like
+            ``coupled`` losses: ``b`` extra forward-mode passes per micro-batch), and the running
+            statistics carried through the sweep as part of the state (their own adjoint; each
+            sample's effect on its step's statistics), so the target, read in evaluation mode, sees
+            how removing a sample moves them. One process, micro-batches of at least two samples,
+            one training forward per micro-batch, ``nn.BatchNorm1d/2d/3d`` (not ``SyncBatchNorm``)
+            trained in training mode; not with ``chunk_size``, ``per_sample="finite_difference"``,
+            ``coupled=False`` or ``batch_removal="drop"``. ``"running"``: in evaluation mode with the
+            running statistics, like every other layer: exact for batch norm frozen in evaluation
+            mode throughout, and a poor approximation of batch norm trained with batch statistics
+            (Spearman -0.25 to 0.44 against true leave-one-out on digits, ``benchmarks/batchnorm_fidelity.py``).
+            ``"auto"`` (default): ``"batch"`` for a model with batch norm where the run allows it,
+            else ``"running"``, with a warning naming what prevented ``"batch"`` on a batch-norm model.
         name: a name for this callback, needed only to put two ``DiffIn`` with the same options
             (e.g. two targets of the same kind read from different loaders) into one Trainer: it
             tells their checkpoint states apart (Lightning requires unique state keys) and is
@@ -242,9 +250,9 @@ class DiffIn(Callback):
     counted in ``empty_steps``). Parameters frozen or unfrozen during fit are refused. The
     derivatives themselves are evaluated in full precision, outside autocast, in eval mode
     (dropout off, batch-norm running statistics): with dropout or batch norm the scores are the
-    influence through the deterministic (eval-mode) network along the recorded trajectory;
-    ``batch_norm="batch"`` scores batch norm as trained instead (batch statistics, running
-    statistics carried through the sweep).
+    influence through the deterministic (eval-mode) network along the recorded trajectory,
+    except batch norm, which ``batch_norm="auto"`` scores as trained where it can (batch
+    statistics, running statistics carried through the sweep).
     """
 
     def __init__(
@@ -272,7 +280,7 @@ class DiffIn(Callback):
         log_summary: bool = True,
         coupled: bool | None = None,
         batch_removal: BatchRemoval = "reaverage",
-        batch_norm: BatchNormMode = "running",
+        batch_norm: BatchNormMode = "auto",
         name: str | None = None,
     ) -> None:
         check_target_arguments(target, target_loader, target_samples)
@@ -358,6 +366,7 @@ class DiffIn(Callback):
                     "does not allow: leave it at its default, or use batch_norm='running'"
                 )
         self.batch_norm: BatchNormMode = batch_norm
+        self._batch_norm: Literal["running", "batch"] = "running"  # batch_norm as resolved for this fit (setup)
         self._batch_norm_trace: BatchNormTrace | None = None
         self.name = name
         self._coupled = False
@@ -483,7 +492,7 @@ class DiffIn(Callback):
             extra["score_every"] = self.score_every
         if self.batch_removal != "reaverage":
             extra["batch_removal"] = self.batch_removal
-        if self.batch_norm != "running":
+        if self.batch_norm != "auto":
             extra["batch_norm"] = self.batch_norm
         return self._generate_state_key(
             target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params, **extra
@@ -527,7 +536,8 @@ class DiffIn(Callback):
                 "scored exactly"
             )
         self._coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)
-        if self.batch_norm == "batch":
+        self._batch_norm = self._resolve_batch_norm(trainer, pl_module)
+        if self._batch_norm == "batch":
             BatchNormTrace(pl_module)  # refuses a model without batch norm, or with layers it does not model
             if int(getattr(trainer, "world_size", 1) or 1) > 1:
                 raise ValueError(
@@ -577,6 +587,31 @@ class DiffIn(Callback):
                     f"checkpoint_every > 1 with recompute='gradients' recomputes the training gradients exactly, which is "
                     f"not possible with {why}; use recompute='updates' (keeps each step's gradient) or checkpoint_every=1 (stores every step)"
                 )
+
+    def _resolve_batch_norm(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Literal["running", "batch"]:
+        """``batch_norm`` for this fit: ``"auto"`` scores a batch-norm model as trained unless the run or
+        the options rule it out, and then warns that the scores are an approximation."""
+        if self.batch_norm != "auto":
+            return self.batch_norm
+        mode, reasons = resolve_batch_norm_mode(
+            pl_module,
+            {
+                "training runs in several processes (DDP)": int(getattr(trainer, "world_size", 1) or 1) > 1,
+                "coupled=False": self.coupled is False,
+                "batch_removal='drop'": self.batch_removal == "drop",
+                f"chunk_size={self.chunk_size}": self.chunk_size is not None,
+                "per_sample='finite_difference'": self.per_sample == "finite_difference",
+            },
+        )
+        if reasons:
+            rank_zero_warn(
+                f"DiffIn: {type(pl_module).__name__} has batch norm, which batch_norm='auto' scores as trained (batch "
+                f"statistics, running statistics carried) where it can; here {'; '.join(reasons)}, so it is scored in "
+                "evaluation mode with the running statistics (batch_norm='running'), a poor approximation of batch norm "
+                "trained with batch statistics (Spearman -0.25 to 0.44 against true leave-one-out on digits, "
+                "benchmarks/batchnorm_fidelity.py). Pass batch_norm='running' to silence this"
+            )
+        return mode
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_repeats.reset()
@@ -667,7 +702,7 @@ class DiffIn(Callback):
                 "DiffIn(mode='online', target='train') evaluates the full training loss at every block of "
                 f"{self.score_every} steps; pass target_samples=<k> to use a fixed subset and bound this cost"
             )
-        self._batch_norm_trace = BatchNormTrace(pl_module) if self.batch_norm == "batch" else None
+        self._batch_norm_trace = BatchNormTrace(pl_module) if self._batch_norm == "batch" else None
         self._sweep = DiffInSweep(
             pl_module,
             loss_fn,
@@ -1411,7 +1446,7 @@ class DiffIn(Callback):
             "params": list(self.params) if self.params is not None else None,
             "coupled": self.coupled,
             "batch_removal": self.batch_removal,
-            **({"batch_norm": self.batch_norm} if self.batch_norm != "running" else {}),
+            **({"batch_norm": self._batch_norm} if self._batch_norm != "running" else {}),
         }
         return setup_signature(
             trainer,
@@ -1783,7 +1818,7 @@ class DiffIn(Callback):
             "callback_seconds": round(self.seconds, 6),
             "world_size": self._collective.world_size,
             "coupled": self._coupled,
-            "batch_norm": self.batch_norm,
+            "batch_norm": self._batch_norm,
         }
         if self._sweep.batch_norm is not None:
             meta["statistics_passes"] = self._sweep.statistics_passes

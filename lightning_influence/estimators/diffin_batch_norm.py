@@ -46,19 +46,39 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lightning_influence.batch_norm import batch_statistics, sync_batch_norm_layers
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, RemoveFn, evaluation_mode
 
-BatchNormMode = Literal["running", "batch"]
+BatchNormMode = Literal["auto", "running", "batch"]
 """``"running"``: batch norm evaluated in evaluation mode with the running statistics (a
-deterministic network along the recorded trajectory); ``"batch"``: as trained, see the module."""
+deterministic network along the recorded trajectory); ``"batch"``: as trained, see the module;
+``"auto"``: ``"batch"`` where the model has batch norm and the run allows it
+(:func:`resolve_batch_norm_mode`), else ``"running"``."""
 
-BATCH_NORM_MODES: tuple[str, ...] = ("running", "batch")
+BATCH_NORM_MODES: tuple[str, ...] = ("auto", "running", "batch")
 
 
 def check_batch_norm_mode(value: Any) -> None:
     if value not in BATCH_NORM_MODES:
         raise ValueError(
-            f"batch_norm must be 'running' (evaluation mode, running statistics) or 'batch' (batch statistics and "
-            f"running statistics as training computed them), got {value!r}"
+            f"batch_norm must be 'auto' (the default: 'batch' for a model with batch norm where the run allows it), "
+            f"'running' (evaluation mode, running statistics) or 'batch' (batch statistics and running statistics as "
+            f"training computed them), got {value!r}"
         )
+
+
+def has_batch_norm(module: nn.Module) -> bool:
+    """``module`` holds a batch-norm layer (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``)."""
+    return any(isinstance(m, _BatchNorm) for m in module.modules())
+
+
+def resolve_batch_norm_mode(module: nn.Module, obstacles: Mapping[str, bool]) -> tuple[Literal["running", "batch"], list[str]]:
+    """``batch_norm="auto"``: ``"batch"`` for a module with batch norm unless something prevents it
+    (its unmodelled normalisation layers, or one of the caller's named ``obstacles`` that is true),
+    else ``"running"``; with the reasons that prevented it (empty when none did, or when the
+    module has no batch norm at all)."""
+    if not has_batch_norm(module):
+        return "running", []
+    reasons = [f"{layer} is not modelled" for layer in unmodelled_normalisation(module)]
+    reasons += [name for name, present in obstacles.items() if present]
+    return ("running", reasons) if reasons else ("batch", [])
 
 
 def unmodelled_normalisation(module: nn.Module) -> list[str]:
@@ -133,10 +153,17 @@ class BatchNormTrace:
         """Every batch-norm layer must have run in training mode (batch statistics) at this step."""
         frozen = [name for name, layer in self.layers if not layer.training]
         if frozen:
+            everything = len(frozen) == len(self.layers)
             raise ValueError(
-                f"DiffIn(batch_norm='batch'): batch norm layer(s) {frozen} were in evaluation mode during training at optimizer "
-                f"step {step} (frozen batch norm, e.g. .eval() in a hook): they normalised with their running statistics, which "
-                "batch_norm='running' models exactly; batch_norm='batch' models layers trained with batch statistics"
+                f"DiffIn(batch_norm='batch', which 'auto' chooses for batch-norm models): batch norm layer(s) {frozen} were in "
+                f"evaluation mode during training at optimizer step {step} (frozen batch norm, e.g. .eval() in a hook): they "
+                "normalised with their running statistics, and batch_norm='batch' models layers trained with batch statistics. "
+                + (
+                    "Pass batch_norm='running', which models batch norm frozen throughout exactly"
+                    if everything
+                    else "Freeze all of them (then batch_norm='running' models the run exactly) or none; batch_norm='running' "
+                    "scores this run approximately"
+                )
             )
 
     def momenta(self) -> tuple[float | None, ...]:
