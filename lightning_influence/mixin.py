@@ -93,12 +93,17 @@ class InfluenceMixin:
 
     def remove_from_batch(self, batch: Any, index: int | Tensor) -> Any:
         """The batch without its sample at position ``index`` (``0 <= index < B``), for modules with
-        :attr:`coupled_batch_loss`: ``per_sample_loss`` of the result must return ``B - 1`` losses and
-        ``sample_ids`` the ids without ``batch``'s ``index``-th.
+        :attr:`coupled_batch_loss`, and for every module with batch norm (or instance norm with running
+        statistics), whose ground-truth retraining (:func:`~lightning_influence.evaluation.retrain`)
+        evaluates each run's sub-batches with it: ``per_sample_loss`` of the result must return ``B - 1``
+        losses and ``sample_ids`` the ids without ``batch``'s ``index``-th. For a batch-norm model the
+        retraining first checks that the eval-mode losses of the result are the full batch's without
+        position ``index``, and refuses a mismatch.
 
         The default drops row ``index`` along dim 0 of every tensor of the batch (nested tuples,
         lists, dicts, named tuples and dataclasses) whose first dimension is the batch size ``B`` (``sample_ids(batch).numel()``);
-        other leaves are kept as they are. It accepts a 0-d integer tensor as ``index`` and is
+        other leaves are kept as they are; override it when a batch holds a tensor that is not per sample
+        but may have ``B`` rows (class weights of ``B`` classes). It accepts a 0-d integer tensor as ``index`` and is
         written with tensor operations only, so the estimators can vectorise it over ``index`` with
         ``torch.func.vmap``; an override may use Python control flow (the estimators then fall back
         to one call per removed sample).

@@ -99,17 +99,26 @@ def fit(module: Normed, batches: list[Batch], accumulate: int = 1, callbacks: tu
 
 
 def brute_force(
-    initial: nn.Module, optimizer: str, batches: list[Batch], removed: Collection[int], target: list[Batch], accumulate: int = 1
+    initial: nn.Module,
+    optimizer: str,
+    batches: list[Batch],
+    removed: Collection[int],
+    target: list[Batch],
+    accumulate: int = 1,
+    frozen_from: int | None = None,
 ) -> tuple[float, dict[str, Tensor]]:
     """Plain PyTorch training without ``removed``: the eval-mode target loss and the final state.
-    A micro-batch left empty gets no forward and contributes a zero gradient (the step still runs)."""
+    A micro-batch left empty gets no forward and contributes a zero gradient (the step still runs).
+    ``frozen_from``: from that step on, the first batch norm (``net.1``) runs in evaluation mode."""
     module = copy.deepcopy(initial).train()
     optimizer_class, options = OPTIMIZERS[optimizer]
-    opt = optimizer_class(module.parameters(), **options)
+    opt = optimizer_class([p for p in module.parameters() if p.requires_grad], **options)
     gone = torch.tensor(sorted(removed), dtype=torch.long)
     for start in range(0, len(batches), accumulate):
+        if frozen_from is not None and start // accumulate >= frozen_from:
+            module.net[1].eval()
         for p in module.parameters():
-            p.grad = torch.zeros_like(p)
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
         for x, y, ids in batches[start : start + accumulate]:
             keep = ~torch.isin(ids, gone)
             if keep.any():
@@ -323,3 +332,188 @@ def test_batch_statistics_evaluates_the_training_function_without_writing_buffer
     for run in range(2):
         torch.testing.assert_close(outs[run], reference({n: v[run] for n, v in stacked.items()}), rtol=0, atol=1e-13)
     assert all(torch.equal(t, before[n]) for n, t in net.state_dict().items())
+
+
+# --- batch norm frozen in evaluation mode during training -------------------------------------------------
+
+
+class _FreezesBatchNorm(Callback):
+    """Puts ``net.1`` in evaluation mode from batch ``start`` on (the frozen-backbone pattern): when the
+    epoch starts for ``start=0``, else in ``on_train_batch_start``, after the recorder's hook of that batch."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def on_train_epoch_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        if self.start == 0:
+            pl_module.net[1].eval()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if batch_idx >= self.start:
+            pl_module.net[1].eval()
+
+
+@pytest.mark.parametrize(("start", "verify"), [(0, True), (5, True), (5, False)], ids=["from-the-start", "from-step-5", "from-step-5-unverified"])
+def test_batch_norm_switched_to_evaluation_mode_is_replayed_as_trained(data, start, verify) -> None:
+    """Eval-mode batch norm normalises with the running statistics and leaves them as they are: the
+    recorded steps say which layers were in evaluation mode, and the retraining replays them so (also
+    unverified: without the record, the truth of a run that normalised with batch statistics)."""
+    batches, target = data
+    batches = batches[:10]
+    module = model(bn1d)
+    if start == 0:  # a frozen backbone: pretrained statistics, batch norm's own parameters not trained
+        module.net[1].running_mean.normal_(generator=torch.Generator().manual_seed(1))
+        module.net[1].running_var.uniform_(0.5, 2.0)
+        module.net[1].requires_grad_(False)
+    initial = copy.deepcopy(module)
+    recorder = StepRecorder(verify=verify)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = quiet_trainer(callbacks=[recorder, _FreezesBatchNorm(start)])
+        trainer.fit(module, train_dataloaders=FixedBatches(batches))
+    assert recorder.optimizer is not None
+    assert [sorted(s.eval_layers) for s in recorder.steps] == [[]] * start + [["net.1"]] * (10 - start)
+    assert len({id(s.eval_layers) for s in recorder.steps[start:]}) == 1  # one set for the whole stretch
+    ids = [3, 50, 77]
+    truth = leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, ids, target)
+    base, state = brute_force(initial, "sgd", batches, (), target, frozen_from=start)
+    reference = torch.tensor(
+        [brute_force(initial, "sgd", batches, (i,), target, frozen_from=start)[0] - base for i in ids], dtype=torch.float64
+    )
+    torch.testing.assert_close(truth, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+    final = retrain(module, recorder.initial_params, recorder.steps, recorder.optimizer, [()])
+    assert_state_close(final, 0, state, list(final))
+
+
+# --- remove_from_batch: checked before the coupled retraining of batch-norm models ----------------------
+
+
+class _ClassWeighted(Normed):
+    """Batches ``(x, y, weights, ids)`` carry one weight per class (12 of them, of which the 10 digits
+    use the first): not per sample, but with as many rows as a micro-batch has samples."""
+
+    def per_sample_loss(self, batch: Any) -> Tensor:
+        x, y, weights = batch[0], batch[1], batch[2]
+        return super().per_sample_loss((x, y)) * weights[y]
+
+
+class _ClassWeightedRemoval(_ClassWeighted):
+    def remove_from_batch(self, batch: Any, index: int | Tensor) -> Any:
+        x, y, weights, ids = batch
+        keep = [i for i in range(len(ids)) if i != int(index)]
+        return x[keep], y[keep], weights, ids[keep]
+
+
+class _BrokenRemoval(Normed):
+    def remove_from_batch(self, batch: Any, index: int | Tensor) -> Any:
+        raise RuntimeError("no such sample")
+
+
+def _class_weighted(cls: type[Normed]) -> Normed:
+    torch.manual_seed(0)
+    body, shape = bn1d()
+    return cls(body, shape, "sgd").double()
+
+
+def test_a_remove_from_batch_that_drops_a_shared_tensor_is_refused_and_a_correct_one_is_exact(data) -> None:
+    """The default remove_from_batch drops row i of the 12 class weights too (shifting every weight
+    after it): refused, naming the tensor, before any run is retrained. An override that keeps them
+    whole gives the brute-force truth (the class weights untouched)."""
+    batches, target = data
+    weights = torch.linspace(0.5, 1.5, 12, dtype=torch.float64)
+    weighted = [(x, y, weights, ids) for x, y, ids in batches[:6]]
+    weighted_target = [(x, y, weights, ids) for x, y, ids in target]
+    module = _class_weighted(_ClassWeighted)
+    recorder = fit(module, weighted)  # nothing removed: the recorded run is reproduced
+    assert recorder.optimizer is not None
+    args = (recorder.initial_params, recorder.steps, recorder.optimizer, [3, 50], weighted_target)
+    with pytest.raises(ValueError, match=r"remove_from_batch takes out more than the sample: .*remove_from_batch\(batch, 0\) at step 0 .*tensor 2 of the batch .* kept whole they agree.*Override remove_from_batch"):
+        leave_one_out(module, *args)
+
+    fixed = _class_weighted(_ClassWeightedRemoval)
+    initial = copy.deepcopy(fixed)
+    recorder = fit(fixed, weighted)
+    assert recorder.optimizer is not None
+    truth = leave_one_out(fixed, recorder.initial_params, recorder.steps, recorder.optimizer, [3, 50], weighted_target)
+
+    def brute(removed: tuple[int, ...]) -> float:
+        twin = copy.deepcopy(initial).train()
+        opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+        for x, y, w, ids in weighted:
+            opt.zero_grad()
+            keep = ~torch.isin(ids, torch.tensor(removed, dtype=torch.long))
+            twin.per_sample_loss((x[keep], y[keep], w, ids[keep])).mean().backward()
+            opt.step()
+        twin.eval()
+        with torch.no_grad():
+            return float(torch.cat([twin.per_sample_loss(b) for b in weighted_target]).mean())
+
+    base = brute(())
+    reference = torch.tensor([brute((3,)) - base, brute((50,)) - base], dtype=torch.float64)
+    torch.testing.assert_close(truth, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+
+
+def test_an_error_inside_remove_from_batch_names_it(data) -> None:
+    batches, target = data
+    module = _class_weighted(_BrokenRemoval)
+    recorder = fit(module, batches[:2])
+    assert recorder.optimizer is not None
+    with pytest.raises(ValueError, match=r"evaluating remove_from_batch\(batch, position\) for position\(s\) 0 .* of micro-batch 0 of step 0, then per_sample_loss on the result, raised RuntimeError: no such sample"):
+        leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, [3], target)
+
+
+# --- parameters frozen after fit ---------------------------------------------------------------------------
+
+
+def test_freezing_the_model_after_fit_leaves_the_ground_truth_as_trained(data) -> None:
+    """The recorder records which parameters trained; requires_grad_(False) or LightningModule.freeze()
+    after fit (before inference) must not turn them into never-trained ones."""
+    batches, target = data
+    batches = batches[:6]
+    module = model(bn1d)
+    initial = copy.deepcopy(module)
+    recorder = fit(module, batches)
+    assert recorder.optimizer is not None
+    ids = [3, 50]
+    base, _ = brute_force(initial, "sgd", batches, (), target)
+    reference = torch.tensor([brute_force(initial, "sgd", batches, (i,), target)[0] - base for i in ids], dtype=torch.float64)
+    args = (recorder.initial_params, recorder.steps, recorder.optimizer, ids, target)
+    module.net[0].requires_grad_(False)
+    torch.testing.assert_close(leave_one_out(module, *args), reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+    module.freeze()
+    torch.testing.assert_close(leave_one_out(module, *args), reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+    assert not any(p.requires_grad for p in module.parameters())  # the flags are left as the caller set them
+
+
+class _FreezesAt(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if batch_idx == 3:
+            pl_module.net[0].weight.requires_grad_(False)
+
+
+def test_the_recorder_refuses_parameters_frozen_during_fit(data) -> None:
+    batches, _ = data
+    with pytest.raises(ValueError, match=r"the trained parameters changed during fit \(at step 3: frozen since the first batch: net\.0\.weight\)"):
+        fit(model(bn1d), batches[:6], callbacks=(_FreezesAt(),))
+
+
+# --- the end-of-fit check names the likely cause -----------------------------------------------------------
+
+
+class _ChangesMomentum(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if batch_idx == 4:
+            pl_module.net[1].momentum = 0.5
+
+
+def test_the_end_of_fit_check_names_a_bias_before_batch_norm_under_adam_and_a_momentum_change(data) -> None:
+    """float32 Conv2d(bias=True) into BatchNorm2d under Adam: the bias's exact gradient is 0 and its
+    rounding noise, divided by Adam's running size, moves the fit and the retraining apart."""
+    batches, _ = data
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 10))
+    single = [(x.float(), y, ids) for x, y, ids in batches]
+    with pytest.raises(ValueError, match=r"most in 'net\.0\.bias'.*Likely cause: 'net\.0\.bias' is a bias in a model with batch norm, trained by Adam: .*batch norm cancels this bias's gradient.*bias=False, freeze that bias, or train in float64"):
+        fit(Normed(body, (1, 8, 8), "adam"), single)
+    with pytest.raises(ValueError, match=r"normalisation running statistics end .*batch norm momentum changed during training"):
+        fit(model(bn1d), batches[:8], callbacks=(_ChangesMomentum(),))

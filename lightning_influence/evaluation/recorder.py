@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_influence.batch_norm import batch_statistics_layers, running_statistics
+from lightning_influence.batch_norm import NORMALISATION_LAYERS, batch_statistics_layers, running_statistics
+from lightning_influence.evaluation._checks import _shown
 from lightning_influence.evaluation.retraining import (
     OptimizerSpec,
     TrainingStep,
@@ -25,6 +26,17 @@ from lightning_influence.evaluation.retraining import (
 from lightning_influence.callbacks.hooks import BackwardWatch, OptimizerStepWatch
 from lightning_influence.checks import FirstLossCheck, coupling_message, undeclared_coupling
 from lightning_influence.kernels import BufferWatch
+
+
+def _batch_statistics_names(module: torch.nn.Module) -> list[str]:
+    """Full names (``""`` for ``module`` itself) of the layers whose training-mode forward reads or
+    records statistics of the batch: batch norm, and instance norm with running statistics."""
+    return [
+        name
+        for name, sub in module.named_modules()
+        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm)
+        or (isinstance(sub, NORMALISATION_LAYERS) and getattr(sub, "track_running_stats", False))
+    ]
 
 
 class StepRecorder(Callback):
@@ -61,6 +73,12 @@ class StepRecorder(Callback):
     module: each run would need its own values. Memory: every batch of the run, and a copy of
     each such tensor per step in which it was written to.
 
+    Which parameters train is recorded at the first batch (``OptimizerSpec.trained``: freezing the
+    model after fit does not change the ground truth); freezing or unfreezing parameters during fit is
+    refused at the step it shows. Batch-statistics layers that a step ran in evaluation mode (a frozen
+    backbone's batch norm, switched before ``training_step``) are recorded with the step
+    (``TrainingStep.eval_layers``) and replayed so; a switch between the micro-batches of one step is refused.
+
     A model the retraining cannot replay (dropout with ``p > 0``, ``nn.SyncBatchNorm``, spectral
     normalisation) is refused when fit starts (batch norm is replayed: :func:`retrain`);
     ``training_step``'s loss is compared with the mean
@@ -88,8 +106,13 @@ class StepRecorder(Callback):
         self.empty_steps = 0
         self._batches: list[Any] = []
         self._pending: Any = None
+        self._norm_layers: list[tuple[str, torch.nn.Module]] = []  # batch-statistics layers, by name
+        self._pending_eval: frozenset[str] = frozenset()  # those in evaluation mode when the pending micro-batch ran
+        self._eval_layers: list[frozenset[str]] = []  # per kept micro-batch of the step being gathered
+        self._last_eval: frozenset[str] = frozenset()  # the previous step's set, shared when unchanged
         self._backward = BackwardWatch()  # did the pending micro-batch's backward run?
         self._group_ids: list[tuple[int, ...]] = []
+        self._trained_ids: set[int] = set()  # the parameters requiring a gradient at the first batch
         self._watch: BufferWatch | None = None
         self._step_watch = OptimizerStepWatch(self._on_step, "StepRecorder", carries_state=True)
         self._awaiting: int | None = None  # the step recorded at on_before_optimizer_step, until its optimizer.step starts
@@ -131,6 +154,10 @@ class StepRecorder(Callback):
         self.empty_steps = 0
         self._batches = []
         self._pending = None
+        self._norm_layers = [(name, pl_module.get_submodule(name) if name else pl_module) for name in _batch_statistics_names(pl_module)]
+        self._pending_eval = frozenset()
+        self._eval_layers = []
+        self._last_eval = frozenset()
         self._backward.watch([p for group in optimizer.param_groups for p in group["params"]])
         self._step_watch.watch(optimizer)
         self._awaiting = None
@@ -152,6 +179,10 @@ class StepRecorder(Callback):
                 warnings.warn(coupling_message(pl_module, change), UserWarning, stacklevel=2)
             self._first_loss.batch_start(pl_module, batch)  # before the buffer watch: the check restores the buffers
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
+            self._trained_ids = trained
+            if self.optimizer is not None:  # the parameters training updates, whatever their flags say after fit
+                names = [n for n, p in pl_module.named_parameters() if id(p) in trained]
+                self.optimizer = replace(self.optimizer, trained=tuple(names))
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
         else:
             self._first_loss.batch_start(pl_module, batch)  # while training_step left the first batches out
@@ -164,7 +195,13 @@ class StepRecorder(Callback):
         # (Lightning's way of leaving a batch out), and the step is then the other micro-batches' alone.
         if self._pending is not None and self._backward.ran:
             self._batches.append(self._pending)
+            self._eval_layers.append(self._pending_eval)
         self._pending = None
+        self._pending_eval = frozenset()
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        # after training_step's forward: the batch-statistics layers it ran in evaluation mode (a frozen backbone's)
+        self._pending_eval = frozenset(name for name, layer in self._norm_layers if not layer.training)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._backward.close()
@@ -208,8 +245,9 @@ class StepRecorder(Callback):
             return (
                 f"StepRecorder: the recorded run, retrained with nothing removed, ends {gap:.3g} away from the trained "
                 f"parameters (most in {worst!r}; training moved them by up to {moved:.3g}): the fit trained otherwise than "
-                "the retraining replays it, so its leave-one-out ground truth would be that of another run. The "
-                "retraining takes each step's gradient as the mean of per_sample_loss over the recorded micro-batches: "
+                "the retraining replays it, so its leave-one-out ground truth would be that of another run. "
+                + self._likely_cause(pl_module, worst)
+                + "The retraining takes each step's gradient as the mean of per_sample_loss over the recorded micro-batches: "
                 "look for a training_step loss that is not that mean at some step (weights, regularisers, a sum), "
                 "randomness or augmentation inside training_step, gradients changed in a hook (on_after_backward, "
                 "on_before_optimizer_step), or batch tensors changed in place. StepRecorder(verify=False) skips this check"
@@ -223,10 +261,30 @@ class StepRecorder(Callback):
                 "one training-mode forward of each recorded micro-batch, so the eval-mode target loss of the retrained "
                 "runs would be that of another model. Look for a forward in training mode outside training_step (a "
                 "callback or hook evaluating the model while it trains), training_step running the model more than once "
-                "per batch, layers put in evaluation mode during training (frozen batch norm), or running statistics "
-                "reset or edited in a hook. StepRecorder(verify=False) skips this check"
+                "per batch, batch norm momentum changed during training, or running statistics reset or edited in a "
+                "hook. StepRecorder(verify=False) skips this check"
             )
         return None
+
+    def _likely_cause(self, pl_module: L.LightningModule, worst: str) -> str:
+        """The likely cause of a parameter gap, when the run shows one, as a sentence; else ``""``.
+
+        A bias feeding batch norm (``Conv2d(bias=True)`` then ``BatchNorm2d``) has an exact gradient of 0:
+        the normalisation subtracts the batch mean, bias included. Its computed gradient is rounding noise,
+        which differs between the fit and the retraining, and an adaptive optimizer (Adam, RMSprop, ...)
+        divides it by its own running size, so each run takes steps of the learning rate's size in
+        directions that are noise."""
+        assert self.optimizer is not None
+        adaptive = self.optimizer.optimizer_class is not torch.optim.SGD
+        if adaptive and self._norm_layers and worst.rsplit(".", 1)[-1] == "bias":
+            return (
+                f"Likely cause: {worst!r} is a bias in a model with batch norm, trained by "
+                f"{self.optimizer.optimizer_class.__name__}: when it feeds a batch norm layer, batch norm cancels this "
+                "bias's gradient (exactly 0, computed as rounding noise), and the adaptive update turns that rounding into "
+                "steps of the learning rate's size, different in every run. Build the layer before batch norm with "
+                "bias=False, freeze that bias, or train in float64. "
+            )
+        return ""
 
     def _gap(
         self, final: dict[str, Tensor], actual: dict[str, Tensor], names: list[str], dtype: torch.dtype
@@ -289,6 +347,7 @@ class StepRecorder(Callback):
         self._drop_unstepped()
         self._keep_pending()
         batches, self._batches = self._batches, []
+        modes, self._eval_layers = self._eval_layers, []
         if self.optimizer is None:
             return
         if not batches:
@@ -310,6 +369,24 @@ class StepRecorder(Callback):
                 "that start from a fresh optimizer"
             )
         self._check_optimizer(optimizer, step)
+        trained_now = {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+        if trained_now != self._trained_ids:
+            named = {id(p): n for n, p in pl_module.named_parameters()}
+            frozen = [named.get(i, "?") for i in self._trained_ids - trained_now]
+            unfrozen = [named.get(i, "?") for i in trained_now - self._trained_ids]
+            raise ValueError(
+                f"the trained parameters changed during fit (at step {step}: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"frozen since the first batch: {', '.join(frozen[:4])}" if frozen else "",
+                        f"trained now, not at the first batch: {', '.join(unfrozen[:4])}" if unfrozen else "",
+                    )
+                    if part
+                )
+                + "): the retraining trains one set of parameters throughout. Record a run that freezes (or "
+                "unfreezes) before fit, not during it"
+            )
         flags = []
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -333,8 +410,26 @@ class StepRecorder(Callback):
             self.skipped_steps += 1
             return
         varying = self._varying(step)  # first: it may rewrite the earlier steps
-        self.steps.append(TrainingStep(tuple(batches), optimizer_lrs(optimizer), int(trainer.accumulate_grad_batches), varying))
+        eval_layers = self._step_eval_layers(modes, step)
+        self.steps.append(
+            TrainingStep(tuple(batches), optimizer_lrs(optimizer), int(trainer.accumulate_grad_batches), varying, eval_layers)
+        )
         self._awaiting = len(self.steps) - 1
+
+    def _step_eval_layers(self, modes: list[frozenset[str]], step: int) -> frozenset[str]:
+        """The batch-statistics layers in evaluation mode at this step (the previous step's set
+        object when unchanged: one set for a whole run that never switches)."""
+        if len(set(modes)) > 1:
+            raise ValueError(
+                f"batch-statistics layers switched between training and evaluation mode between the micro-batches of "
+                f"step {step} ({_shown(sorted(set().union(*modes) - set.intersection(*map(set, modes))), 4)}): the "
+                "retraining runs each step's layers in one mode. Switch modes at step boundaries (e.g. in "
+                "on_train_epoch_start)"
+            )
+        current = modes[0] if modes else frozenset()
+        if current != self._last_eval:
+            self._last_eval = current
+        return self._last_eval
 
     def _varying(self, step: int) -> dict[str, Tensor]:
         """The values this step trains with of the tensors training changes outside the optimizer;

@@ -45,7 +45,14 @@ says), and every run keeps its own running statistics (``running_mean``, ``runni
 ``num_batches_tracked``, stacked ``[K, *shape]`` and passed to ``functional_call``, whose
 training-mode forward updates them in place from that run's sub-batches and parameters), which the
 eval-mode target loss of that run then normalises with. A removal that leaves a micro-batch with one
-sample, which batch norm cannot normalise, is refused naming the step and the samples.
+sample, which batch norm cannot normalise, is refused naming the step and the samples. The sub-batches
+come from ``module.remove_from_batch``, checked first (for a model coupled by its batch statistics
+alone) to take out just the sample: in evaluation mode each sample's loss is its own, so the losses of
+``remove_from_batch(batch, i)`` must be the full batch's without position ``i`` (the default drops row
+``i`` of every tensor with ``B`` rows, also of a class-weight vector that happens to have ``B``
+entries: refused, naming that tensor). A layer that training ran in evaluation mode at a step (a
+frozen backbone's batch norm: :attr:`TrainingStep.eval_layers`) is replayed so at that step: running
+statistics used, not updated.
 
 Many removal sets are retrained at once, in lockstep: the parameters of K runs are stacked
 along a leading dimension ``[K, *shape]``, per-run gradients are one ``torch.func.vmap`` of
@@ -75,7 +82,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence.batch_norm import NORMALISATION_LAYERS, batch_statistics_layers, running_statistics, sync_batch_norm_layers
-from lightning_influence.batches import BatchRemoval, check_batch_removal, map_tensors
+from lightning_influence.batches import BatchRemoval, check_batch_removal, map_tensors, tensors
 from lightning_influence.evaluation._checks import _shown, as_ids
 from lightning_influence.optimizers import torch_optimizer
 from lightning_influence.kernels import (
@@ -167,6 +174,11 @@ class TrainingStep:
     """Values this step trained with of the module's tensors that training changed outside the
     optimizer (buffers or untrained parameters, by full name, e.g. an annealed temperature): the
     retraining evaluates the step with them instead of the module's current values."""
+    eval_layers: frozenset[str] = frozenset()
+    """Names (as in ``module.named_modules()``) of the batch-statistics layers (batch norm, instance norm
+    with running statistics) that were in evaluation mode at this step, such as a frozen backbone's:
+    the retraining runs the step with them in evaluation mode too, normalising with each run's running
+    statistics and leaving them unchanged, as torch does."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.batches, (tuple, list)):
@@ -183,6 +195,10 @@ class TrainingStep:
         object.__setattr__(self, "normalizer", int(self.normalizer))
         if not isinstance(self.varying, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in self.varying.items()):
             raise TypeError("TrainingStep.varying must map full names of module tensors (str) to Tensors")
+        if isinstance(self.eval_layers, str) or not all(isinstance(n, str) for n in self.eval_layers):
+            raise TypeError("TrainingStep.eval_layers must be a collection of submodule names (str)")
+        if not isinstance(self.eval_layers, frozenset):
+            object.__setattr__(self, "eval_layers", frozenset(self.eval_layers))
 
 
 @dataclass(frozen=True)
@@ -205,6 +221,11 @@ class OptimizerSpec:
     hyperparameters: tuple[dict[str, Any], ...]
     clip_val: float | None = None
     clip_algorithm: str = "norm"
+    trained: tuple[str, ...] | None = None
+    """The names of the parameters the run trained (in a group and requiring a gradient when training
+    started): the retraining trains exactly these, whatever ``requires_grad`` says later (a model frozen
+    after fit, ``LightningModule.freeze()``). ``None`` (a hand-built spec): the group members that
+    require a gradient when :func:`retrain` is called."""
 
     def __post_init__(self) -> None:
         _check_supported(self.optimizer_class)
@@ -230,6 +251,12 @@ class OptimizerSpec:
         algorithm = str(getattr(self.clip_algorithm, "value", self.clip_algorithm)).lower()
         if algorithm not in _CLIP_ALGORITHMS:
             raise ValueError(f"clip_algorithm must be 'norm' or 'value', got {self.clip_algorithm!r}")
+        if self.trained is not None:
+            trained = tuple(str(n) for n in self.trained)
+            outside = [n for n in trained if n not in seen]
+            if outside:
+                raise ValueError(f"OptimizerSpec.trained names {outside[:4]}, which are in no parameter group")
+            object.__setattr__(self, "trained", trained)
         object.__setattr__(self, "param_groups", groups)
         object.__setattr__(self, "hyperparameters", hypers)
         object.__setattr__(self, "clip_val", clip_val)
@@ -248,6 +275,9 @@ class OptimizerSpec:
         (``trainer.gradient_clip_val`` / ``trainer.gradient_clip_algorithm``: a value ``None``
         or ``<= 0`` means no clipping, an algorithm ``None`` means ``'norm'``, as in Lightning).
 
+        :attr:`trained` records the group members that require a gradient now (take the spec when
+        training starts: :class:`~lightning_influence.evaluation.StepRecorder` does, at the first batch).
+
         Raises ``ValueError`` for an optimizer that :func:`retrain` cannot reproduce (see
         :data:`RETRAINABLE_OPTIMIZERS`), or a group holding a tensor that is not one of
         ``module``'s parameters.
@@ -265,7 +295,8 @@ class OptimizerSpec:
             hypers.append(_group_hyperparameters(optimizer, group))
         clip = None if gradient_clip_val is None or float(gradient_clip_val) <= 0 else float(gradient_clip_val)
         algorithm = "norm" if gradient_clip_algorithm is None else gradient_clip_algorithm
-        return cls(type(optimizer), tuple(groups), tuple(hypers), clip, algorithm)
+        trained = tuple(names[id(p)] for group in optimizer.param_groups for p in group["params"] if p.requires_grad)
+        return cls(type(optimizer), tuple(groups), tuple(hypers), clip, algorithm, trained)
 
 
 def _group_hyperparameters(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -309,16 +340,18 @@ def hyperparameter_changes(spec: OptimizerSpec, optimizer: Any) -> list[str]:
 
 
 def _trained_groups(module: nn.Module, initial_params: Mapping[str, Tensor], spec: OptimizerSpec) -> list[list[str]]:
-    """Per group, the names of the parameters that are trained: in the group and requiring a
-    gradient (a frozen parameter gets no gradient, so the optimizer skips it)."""
+    """Per group, the names of the parameters that are trained: those ``spec.trained`` records, or
+    (a spec without that record) the group members requiring a gradient now (a frozen parameter gets
+    no gradient, so the optimizer skips it)."""
     known = dict(module.named_parameters())
+    recorded = None if spec.trained is None else set(spec.trained)
     groups: list[list[str]] = []
     for g, group in enumerate(spec.param_groups):
         trained = []
         for name in group:
             if name not in known:
                 raise ValueError(f"parameter group {g} names {name!r}, which is not a parameter of the module")
-            if not known[name].requires_grad:
+            if not (known[name].requires_grad if recorded is None else name in recorded):
                 continue
             if name not in initial_params:
                 raise ValueError(f"initial_params has no entry for the trained parameter {name!r}")
@@ -330,7 +363,11 @@ def _trained_groups(module: nn.Module, initial_params: Mapping[str, Tensor], spe
             trained.append(name)
         groups.append(trained)
     if not any(groups):
-        raise ValueError("the optimizer's parameter groups hold no parameter that requires a gradient: nothing to retrain")
+        raise ValueError(
+            "the optimizer's parameter groups hold no parameter that "
+            + ("requires a gradient" if recorded is None else "OptimizerSpec.trained records as trained")
+            + ": nothing to retrain"
+        )
     return groups
 
 
@@ -445,7 +482,16 @@ def _check_functional_gradient(
         buffers = {n: v.unsqueeze(0).clone() for n, v in running.items()}  # copies: the forward writes them
         return {n: v[0] for n, v in _Vectorize().grad(mean_loss, stacked, buffers, writes=buffers.values()).items()}
 
-    check_functional_gradient(module, functional, probe, batch, held=step.varying, owner="the retraining", random_advice=RANDOM_ADVICE)
+    # the trained parameters require a gradient for plain autograd's side, also on a model frozen after fit
+    parameters = dict(module.named_parameters())
+    flags = {n: parameters[n].requires_grad for n in trained}
+    try:
+        for n in trained:
+            parameters[n].requires_grad_(True)
+        check_functional_gradient(module, functional, probe, batch, held=step.varying, owner="the retraining", random_advice=RANDOM_ADVICE)
+    finally:
+        for n, flag in flags.items():
+            parameters[n].requires_grad_(flag)
 
 
 RANDOM_FIX = (
@@ -522,8 +568,10 @@ def retrain(
     weight decay or adaptive moments a step whose samples were all removed still moves the
     parameters. An empty removal set reproduces the recorded run.
 
-    Trained: the parameters named in ``optimizer.param_groups`` that require a gradient; all
-    others keep the module's current values (only the trained ones are read from
+    Trained: the parameters ``optimizer.trained`` records (:class:`~lightning_influence.evaluation.StepRecorder`:
+    those that required a gradient when training started, whatever the module's flags say now, so
+    freezing the model after fit changes nothing), or for a spec without that record the ones named in
+    ``optimizer.param_groups`` that require a gradient; all others keep the module's current values (only the trained ones are read from
     ``initial_params``), except those a step holds at recorded values (``TrainingStep.varying``).
     Those count as given: the retraining does not recompute them (e.g. an EMA teacher of the
     trained weights keeps the recorded run's values). The module is run in training mode, which must be
@@ -548,8 +596,13 @@ def retrain(
     ``coupled`` (default: ``module.coupled_batch_loss``, and ``True`` for a module with batch norm or
     instance norm with running statistics, for which ``False`` raises ``ValueError``): the micro-batch
     loss of a run is the mean of ``per_sample_loss`` evaluated on the sub-batch without its removed samples
-    (``module.remove_from_batch``), not the full batch's losses with those terms dropped; runs are
-    then vectorised per group of runs removing the same positions of a micro-batch.
+    (``module.remove_from_batch``, also for batch norm models: override it when a batch holds tensors
+    that are not per sample), not the full batch's losses with those terms dropped; runs are
+    then vectorised per group of runs removing the same positions of a micro-batch. For a model coupled
+    by its batch statistics alone, ``remove_from_batch`` is checked first on the first micro-batches:
+    in evaluation mode, where each sample's loss is its own, the losses of ``remove_from_batch(batch, i)``
+    must be the full batch's without position ``i``; otherwise ``ValueError`` names what differs. Each
+    step runs the layers its :attr:`TrainingStep.eval_layers` names in evaluation mode.
 
     ``batch_removal="drop"``: a micro-batch's loss is the sum of its remaining samples' losses
     divided by its full size ``b`` (the removed terms dropped, the ``1 / b`` kept: the
@@ -611,11 +664,16 @@ def retrain(
     chunks: list[dict[str, Tensor]] = []
     with module_mode(module, training=True), torch.no_grad(), _differentiable_attention():
         if steps and removal_sets:
-            _check_functional_gradient(module, loss_fn, initial_params, trained, steps[0], running)
+            with _layers_in_evaluation(module, steps[0].eval_layers):
+                _check_functional_gradient(module, loss_fn, initial_params, trained, steps[0], running)
+        if remove is not None and normalised and not getattr(module, "coupled_batch_loss", False) and any(removal_sets):
+            _check_removal(module, loss_fn, remove, {**running, **{n: initial_params[n].detach() for n in trained}}, steps, step_ids)
         for start in range(0, len(removal_sets), chunk_size):
             chunk = removal_sets[start : start + chunk_size]
             chunks.append(
-                _retrain_chunk(loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove, batch_removal, running)
+                _retrain_chunk(
+                    module, loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove, batch_removal, running
+                )
             )
     names = [*trained, *running]
     start_values = {**{n: initial_params[n].detach() for n in trained}, **running}
@@ -648,7 +706,152 @@ def _initial_running_statistics(module: nn.Module, initial_params: Mapping[str, 
     return values
 
 
+def _check_removal(
+    module: nn.Module,
+    loss_fn: PerSampleLossFn,
+    remove: RemoveFn,
+    point: Mapping[str, Tensor],
+    steps: Sequence[TrainingStep],
+    step_ids: list[list[list[int]]],
+) -> None:
+    """Refuse a ``remove_from_batch`` that takes out more than the sample, for a model retrained as
+    coupled only because of its batch statistics.
+
+    In evaluation mode batch norm normalises with running statistics (fixed ones for a layer without:
+    :func:`_fixed_statistics`), so every sample's loss is its own: the eval-mode losses of ``remove_from_batch(batch, i)`` must be those of the full batch
+    without position ``i`` (to rounding). Checked at the first, middle and last position of the first
+    micro-batch of each size among the first steps (at ``point``: the initial parameters and running
+    statistics). The default ``remove_from_batch`` drops row ``i`` of every tensor with ``B`` rows,
+    also of one that is not per sample but happens to have ``B`` rows (class weights of ``B``
+    classes): the message names such a tensor when keeping it whole fixes the losses."""
+    sizes: set[int] = set()
+    with evaluation_mode(module), _fixed_statistics(module):
+        for t, (step, micro) in enumerate(zip(steps[:8], step_ids, strict=False)):
+            step_loss = _holding(loss_fn, step.varying)
+            for m, (batch, ids) in enumerate(zip(step.batches, micro, strict=True)):
+                size = len(ids)
+                if size < 2 or size in sizes:
+                    continue
+                sizes.add(size)
+                full = step_loss(point, batch)
+                for pos in sorted({0, size // 2, size - 1}):
+                    sub = _removed(remove, step_loss, point, batch, [pos], size - 1, t, m, ids)
+                    expected = torch.cat([full[:pos], full[pos + 1 :]])
+                    gap = float((sub - expected).abs().max())
+                    tolerance = 1e3 * torch.finfo(full.dtype).eps * (1.0 + float(full.abs().max()))
+                    if gap > tolerance:
+                        raise ValueError(
+                            f"{type(module).__name__} has batch-statistics layers ({_shown(batch_statistics_layers(module), 4)}), "
+                            "so it is retrained as coupled: a run without a sample evaluates remove_from_batch(batch, i), "
+                            "the batch without it. But remove_from_batch takes out more than the sample: in evaluation "
+                            "mode (running statistics: each sample's loss is its own) the losses of "
+                            f"remove_from_batch(batch, {pos}) at step {t} (micro-batch {m}) differ from the full batch's "
+                            f"losses without position {pos} by up to {gap:.3g}{_shared_rows(module, step_loss, point, batch, pos, expected, tolerance)}. "
+                            f"The default remove_from_batch drops row {pos} of every tensor whose first dimension is the "
+                            f"batch size ({size}). Override remove_from_batch to drop the sample's rows only, or keep "
+                            "tensors that are not per sample (class weights, lookup tables) out of the batch (e.g. as "
+                            "module attributes or buffers)"
+                        )
+            if len(sizes) >= 2:
+                return
+
+
+@contextlib.contextmanager
+def _fixed_statistics(module: nn.Module) -> Iterator[None]:
+    """Batch norm without running statistics (``track_running_stats=False``, which normalises with batch
+    statistics in evaluation mode too) given fixed ones (mean 0, variance 1) within the context, so that
+    in evaluation mode every sample's output is its own; restored on exit."""
+    first = next((p for p in module.parameters() if p.is_floating_point()), None)
+    dtype, device = (torch.get_default_dtype(), None) if first is None else (first.dtype, first.device)
+    hidden: list[tuple[nn.Module, bool]] = []
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.running_mean is None:
+            hidden.append((sub, sub.track_running_stats))
+            sub._buffers["running_mean"] = torch.zeros(sub.num_features, dtype=dtype, device=device)
+            sub._buffers["running_var"] = torch.ones(sub.num_features, dtype=dtype, device=device)
+            sub.track_running_stats = True
+    try:
+        yield
+    finally:
+        for sub, track in hidden:
+            sub._buffers["running_mean"] = None
+            sub._buffers["running_var"] = None
+            sub.track_running_stats = track
+
+
+def _removed(
+    remove: RemoveFn,
+    loss_fn: PerSampleLossFn,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    positions: Sequence[int],
+    remaining: int,
+    t: int,
+    m: int,
+    ids: Sequence[int],
+) -> Tensor:
+    """The losses of the sub-batch without ``positions`` (``remove_from_batch`` once per position,
+    the highest first), with an error inside either call named as one of ``remove_from_batch``'s."""
+    try:
+        sub = batch
+        for pos in sorted(positions, reverse=True):
+            sub = remove(sub, pos)
+        losses = loss_fn(params, sub)
+    except Exception as err:  # noqa: BLE001 - re-raised with what was being evaluated
+        raise _sub_batch_error(err, positions, t, m, ids) from err
+    if losses.shape != (remaining,):
+        raise ValueError(_SHAPE_MESSAGE.format(shape=tuple(losses.shape), t=t, m=m, remaining=remaining))
+    return losses
+
+
+_SHAPE_MESSAGE = (
+    "per_sample_loss returned shape {shape} at step {t} (micro-batch {m}) on a sub-batch that should hold "
+    "{remaining} samples: remove_from_batch must drop exactly one sample per call, and per_sample_loss return one "
+    "loss per sample"
+)
+
+
+def _sub_batch_error(err: Exception, positions: Sequence[int], t: int, m: int, ids: Sequence[int]) -> ValueError:
+    removed = sorted({ids[pos] for pos in positions})
+    return ValueError(
+        f"evaluating remove_from_batch(batch, position) for position(s) {_shown(sorted(positions), 8)} (sample(s) "
+        f"{_shown(removed, 8)}) of micro-batch {m} of step {t}, then per_sample_loss on the result, raised "
+        f"{type(err).__name__}: {err}. The default remove_from_batch drops the row of every tensor whose first "
+        "dimension is the batch size, also of one that is not per sample (class weights, a lookup table): override "
+        "remove_from_batch, or keep such tensors out of the batch"
+    )
+
+
+def _shared_rows(
+    module: nn.Module, loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, pos: int, expected: Tensor, tolerance: float
+) -> str:
+    """``": tensor number j of the batch (shape ...) is not per sample"`` when dropping row ``pos`` of
+    every tensor with the batch's rows except that one gives the expected losses; else ``""``."""
+    size = expected.shape[0] + 1
+    rows = [j for j, leaf in enumerate(tensors(batch)) if leaf.dim() > 0 and leaf.shape[0] == size]
+    keep = torch.tensor([r for r in range(size) if r != pos])
+    for whole in rows:
+        counter = iter(range(10**9))
+
+        def drop(leaf: Tensor, whole: int = whole) -> Tensor:
+            j = next(counter)
+            return leaf if j == whole or leaf.dim() == 0 or leaf.shape[0] != size else leaf.index_select(0, keep.to(leaf.device))
+
+        try:
+            losses = loss_fn(params, map_tensors(drop, batch))
+        except Exception:  # noqa: BLE001 - a diagnosis only
+            continue
+        if losses.shape == expected.shape and float((losses - expected).abs().max()) <= tolerance:
+            shape = tuple(list(tensors(batch))[whole].shape)
+            return (
+                f": with tensor {whole} of the batch (in the order map_tensors visits them; shape {shape}) kept whole "
+                "they agree, so that tensor is not per sample"
+            )
+    return ""
+
+
 def _retrain_chunk(
+    module: nn.Module,
     loss_fn: PerSampleLossFn,
     initial_params: Mapping[str, Tensor],
     groups: list[list[str]],
@@ -688,47 +891,11 @@ def _retrain_chunk(
     vectorize = _Vectorize()
     drop = batch_removal == "drop"
     for t, (step, micro_ids) in enumerate(zip(steps, step_ids, strict=True)):
-        grads: dict[str, Tensor] | None = None
         step_loss = _holding(loss_fn, step.varying)
-        for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
-            if remove is not None:
-                micro = _coupled_gradients(
-                    step_loss, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize, state
-                )
-                grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
-                continue
-            first = theta[trained[0]]
-            weights = torch.ones(k, len(ids), dtype=first.dtype, device=first.device)
-            for pos, i in enumerate(ids):
-                runs = runs_removing.get(i)
-                if runs is not None:
-                    weights[runs, pos] = 0.0
-
-            def weighted_loss(
-                params: dict[str, Tensor],
-                w: Tensor,
-                batch: Any = batch,
-                t: int = t,
-                m: int = m,
-                norm: int = step.normalizer,
-                step_loss: PerSampleLossFn = step_loss,
-            ) -> Tensor:
-                losses = step_loss(params, batch)
-                if losses.shape != w.shape:
-                    raise ValueError(
-                        f"per_sample_loss returned shape {tuple(losses.shape)} at step {t} (micro-batch {m}), but "
-                        f"sample_ids reports {w.shape[0]} samples: it must return one loss per sample"
-                    )
-                # the mean over the samples left (an emptied micro-batch: loss 0, no gradient), or with
-                # batch_removal="drop" their sum over the full micro-batch's size
-                total = w.sum() if not drop else torch.full_like(w.sum(), w.shape[0])
-                mean = (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
-                return mean / norm
-
-            micro = vectorize.grad(weighted_loss, theta, weights)
-            # accumulated in micro-batch order, as successive backward passes do
-            grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
-        assert grads is not None  # a TrainingStep has at least one micro-batch
+        with _layers_in_evaluation(module, step.eval_layers):
+            grads = _step_gradients(
+                step, t, micro_ids, step_loss, theta, trained, k, runs_removing, remove, drop, vectorize, state
+            )
         grads = _clip(grads, trained, spec, k)
         for n in trained:
             theta[n].grad = grads[n].to(theta[n].dtype).contiguous()
@@ -738,6 +905,90 @@ def _retrain_chunk(
     for n in trained:
         theta[n].grad = None
     return {**theta, **state}
+
+
+def _step_gradients(
+    step: TrainingStep,
+    t: int,
+    micro_ids: list[list[int]],
+    step_loss: PerSampleLossFn,
+    theta: dict[str, Tensor],
+    trained: list[str],
+    k: int,
+    runs_removing: dict[int, list[int]],
+    remove: RemoveFn | None,
+    drop: bool,
+    vectorize: _Vectorize,
+    state: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """Per-run gradients ``[K, *shape]`` of step ``t``'s loss, accumulated over its micro-batches in
+    order (as successive backward passes do), before clipping; ``state`` (each run's running
+    statistics) is updated in place by the training-mode forwards."""
+    grads: dict[str, Tensor] | None = None
+    for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
+        if remove is not None:
+            micro = _coupled_gradients(
+                step_loss, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize, state
+            )
+            grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
+            continue
+        first = theta[trained[0]]
+        weights = torch.ones(k, len(ids), dtype=first.dtype, device=first.device)
+        for pos, i in enumerate(ids):
+            runs = runs_removing.get(i)
+            if runs is not None:
+                weights[runs, pos] = 0.0
+
+        def weighted_loss(
+            params: dict[str, Tensor],
+            w: Tensor,
+            batch: Any = batch,
+            t: int = t,
+            m: int = m,
+            norm: int = step.normalizer,
+            step_loss: PerSampleLossFn = step_loss,
+        ) -> Tensor:
+            losses = step_loss(params, batch)
+            if losses.shape != w.shape:
+                raise ValueError(
+                    f"per_sample_loss returned shape {tuple(losses.shape)} at step {t} (micro-batch {m}), but "
+                    f"sample_ids reports {w.shape[0]} samples: it must return one loss per sample"
+                )
+            # the mean over the samples left (an emptied micro-batch: loss 0, no gradient), or with
+            # batch_removal="drop" their sum over the full micro-batch's size
+            total = w.sum() if not drop else torch.full_like(w.sum(), w.shape[0])
+            mean = (w * losses).sum() / torch.where(total > 0, total, torch.ones_like(total))
+            return mean / norm
+
+        micro = vectorize.grad(weighted_loss, theta, weights)
+        # accumulated in micro-batch order, as successive backward passes do
+        grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
+    assert grads is not None  # a TrainingStep has at least one micro-batch
+    return grads
+
+
+@contextlib.contextmanager
+def _layers_in_evaluation(module: nn.Module, names: Collection[str]) -> Iterator[None]:
+    """The submodules of ``module`` named in ``names`` in evaluation mode (as a step recorded them:
+    :attr:`TrainingStep.eval_layers`), then restored."""
+    if not names:
+        yield
+        return
+    found = dict(module.named_modules())
+    missing = sorted(n for n in names if n not in found)
+    if missing:
+        raise ValueError(
+            f"a step records {_shown(missing, 4)} in evaluation mode, which {type(module).__name__} has no submodule of that name"
+        )
+    layers = [found[n] for n in names]
+    modes = [layer.training for layer in layers]
+    for layer in layers:
+        layer.training = False
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes, strict=True):
+            layer.training = mode
 
 
 def _holding(loss_fn: PerSampleLossFn, values: Mapping[str, Tensor]) -> PerSampleLossFn:
@@ -867,19 +1118,18 @@ def _coupled_gradients(
         if remaining == 0:
             continue  # an emptied micro-batch: loss 0, no gradient
         sub = batch
-        for pos in reversed(positions):  # highest position first: the lower ones keep their place
-            sub = remove(sub, pos)
+        try:
+            for pos in reversed(positions):  # highest position first: the lower ones keep their place
+                sub = remove(sub, pos)
+        except Exception as err:  # noqa: BLE001 - re-raised naming remove_from_batch
+            raise _sub_batch_error(err, positions, t, m, ids) from err
 
         def mean_loss(
             params: dict[str, Tensor], buffers: dict[str, Tensor], sub: Any = sub, remaining: int = remaining
         ) -> Tensor:
             losses = loss_fn({**buffers, **params}, sub)
             if losses.shape != (remaining,):
-                raise ValueError(
-                    f"per_sample_loss returned shape {tuple(losses.shape)} at step {t} (micro-batch {m}) on a sub-batch "
-                    f"that should hold {remaining} samples: remove_from_batch must drop exactly one sample per call, and "
-                    "per_sample_loss return one loss per sample"
-                )
+                raise ValueError(_SHAPE_MESSAGE.format(shape=tuple(losses.shape), t=t, m=m, remaining=remaining))
             return losses.mean() / norm
 
         index = torch.tensor(runs, device=theta[trained[0]].device)
@@ -887,9 +1137,11 @@ def _coupled_gradients(
         buffers = {n: v.index_select(0, index) for n, v in state.items()}
         try:
             grads = vectorize.grad(mean_loss, part, buffers, writes=buffers.values())
-        except ValueError as err:
+        except Exception as err:  # noqa: BLE001 - re-raised naming what was evaluated
             if "Expected more than 1 value per channel" not in str(err):
-                raise
+                if not positions or isinstance(err, ValueError):  # the library's own messages, or a full batch's error
+                    raise
+                raise _sub_batch_error(err, positions, t, m, ids) from err
             removed = sorted({ids[pos] for pos in positions})
             raise ValueError(
                 f"removing sample(s) {_shown(removed, 8)} leaves micro-batch {m} of step {t} (sample ids "
