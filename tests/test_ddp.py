@@ -82,7 +82,8 @@ OPTIMIZER = ARGS["optimizer"]
 def data():
     x, y = load_digits_tensors(torch.float64)
     train = IndexedDataset(TensorDataset(x[:ARGS["n_train"]], y[:ARGS["n_train"]]))
-    val = IndexedDataset(TensorDataset(x[1000 : 1000 + ARGS["n_val"]], y[1000 : 1000 + ARGS["n_val"]]))
+    start = ARGS.get("val_start", 1000)
+    val = IndexedDataset(TensorDataset(x[start : start + ARGS["n_val"]], y[start : start + ARGS["n_val"]]))
     # A shuffling validation loader: Lightning shards it with a shuffling DistributedSampler, which
     # the targets read in order (target_samples subsets are by position).
     return DataLoader(train, batch_size=ARGS["batch"], shuffle=True), DataLoader(val, batch_size=50, shuffle=True)
@@ -135,7 +136,7 @@ if __name__ == "__main__":
 """
 
 
-def _run_script(tmp_path: Path, name: str, source: str, timeout: float = 400, **args) -> subprocess.CompletedProcess:
+def _run_script(tmp_path: Path, name: str, source: str, timeout: float = 400, check: bool = True, **args) -> subprocess.CompletedProcess:
     script = tmp_path / f"{name}.py"
     script.write_text(textwrap.dedent(source))
     config = tmp_path / f"{name}.json"
@@ -143,7 +144,8 @@ def _run_script(tmp_path: Path, name: str, source: str, timeout: float = 400, **
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("PL_GLOBAL_SEED", None)
     proc = subprocess.run([sys.executable, str(script), str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if check:
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
@@ -233,6 +235,11 @@ def test_ddp_checkpoint_holds_every_ranks_shards(ddp_run):
     assert state["world_size"] == WORLD and len(state["records"]) == STEPS_PER_EPOCH
     shards = state["rank_records"]
     assert len(shards) == WORLD and all(len(r) == STEPS_PER_EPOCH for r in shards)
+    # An online callback's setup holds the fingerprint of every rank's shard of its target data.
+    (online,) = (v for k, v in states.items() if "'name': 'val_online'" in k)
+    shards = online["signature"]["target data"]
+    assert [s.split(":")[0] for s in shards] == ["rank 0", "rank 1"] and shards[0].split(":")[1] != shards[1].split(":")[1]
+    shards = state["rank_records"]
     for step, record in enumerate(state["records"]):
         assert len(record["global_ids"]) == ACCUMULATE
         for k in range(ACCUMULATE):
@@ -255,6 +262,16 @@ def test_ddp_spawn_resume_gives_the_uninterrupted_ddp_scores(ddp_run):
         for key in ("steps_seen", "steps_scored", "truncated_sweeps", "skipped_steps"):
             assert a[key] == b[key], (name, key)
     assert not list(Path(tempfile_dir()).glob(f"lightning-influence-diffin-{resumed['pid']}-*"))  # hand-over files read
+
+
+@pytest.mark.slow
+def test_ddp_online_resume_with_other_target_data_is_refused(ddp_run):
+    """Resumed under ddp_spawn with validation data one sample further on: the online callbacks' score
+    sums were taken against the checkpoint's target, so the resume is refused, naming each rank's shard."""
+    tmp, _, _ = ddp_run
+    proc = _run_script(tmp, "spawn_other_target", SPAWN_SCRIPT, check=False, out=str(tmp / "other.pt"), ckpt_dir=str(tmp / "ckpt"), val_start=1001)
+    assert proc.returncode != 0
+    assert "target data" in proc.stderr and "rank 1:" in proc.stderr, proc.stderr[-3000:]
 
 
 def tempfile_dir() -> str:

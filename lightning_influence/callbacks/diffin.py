@@ -1464,12 +1464,18 @@ class DiffIn(Callback):
         """The target data's fingerprint, read once per fit: a resumed online run must score against
         the target the checkpointed run scored against. Online only (replay scores every step against
         the target at the end of fit, whatever it was before); not for the training-loss target,
-        whose data the training run checks, a one-pass iterator (a read would use it up), nor under
-        DDP, where each rank reads its own shard."""
-        if self.mode != "online" or self._collective.distributed:
+        whose data the training run checks, nor a one-pass iterator (a read would use it up). Under
+        DDP each rank reads its own shard: the signature lists every rank's fingerprint, gathered
+        (a collective: every rank takes it at the same point, the first checkpoint or the resumed
+        fit's first batch)."""
+        if self.mode != "online":
             return {}
         if self._target_print is None:
-            self._target_print = target_signature(self._target, self._target_source)
+            own = target_signature(self._target, self._target_source)
+            if self._collective.distributed:
+                shards = self._collective.gather_objects(own.get("target data"))
+                own = {"target data": [f"rank {rank}: {shard}" for rank, shard in enumerate(shards)]} if any(shards) else {}
+            self._target_print = own
         return self._target_print
 
     def _check_same_setup(self) -> None:
