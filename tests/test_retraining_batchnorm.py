@@ -224,6 +224,39 @@ def test_retraining_uses_one_vectorised_evaluation_per_group_of_runs(data, monke
         assert_state_close(final, run, brute_force(initial, "sgd", batches[:6], removed, target)[1], list(final))
 
 
+def test_runs_keeping_as_many_samples_share_one_vectorised_evaluation(data, monkeypatch) -> None:
+    """With the default remove_from_batch, the runs that remove something from a micro-batch are
+    grouped by how many samples they keep (each run its own rows, gathered): one evaluation per
+    distinct count, plus one for the runs removing nothing; the result is the brute-force one."""
+    batches, target = data
+    batches = batches[:4]
+    module = model(bn1d)
+    initial = copy.deepcopy(module)
+    recorder = fit(module, batches)
+    first, second = batches[0][2].tolist(), batches[1][2].tolist()
+    removals = [(), (first[0],), (first[5],), (first[1], first[2]), (first[3], second[0]), (second[4], second[7]), tuple(first)]
+    calls = 0
+    grad = retraining_module._Vectorize.grad
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return grad(self, *args, **kwargs)
+
+    monkeypatch.setattr(retraining_module._Vectorize, "grad", counted)
+    assert recorder.optimizer is not None
+    final = retrain(module, recorder.initial_params, recorder.steps, recorder.optimizer, removals)
+    expected = 0
+    for _, _, ids in batches:
+        kept = {12 - len(set(ids.tolist()) & set(r)) for r in removals}
+        expected += len(kept - {0})
+    # batch 0: kept 12, 11, 10 and 0 (emptied: no evaluation); batch 1: 12, 11, 10; batches 2 and 3: 12.
+    # One more: the check of the functional gradient on the first micro-batch
+    assert calls - 1 == expected == 3 + 3 + 1 + 1
+    for run, removed in enumerate(removals):
+        assert_state_close(final, run, brute_force(initial, "sgd", batches, removed, target)[1], list(final))
+
+
 @pytest.mark.parametrize(
     ("layers", "options", "accumulate"),
     [

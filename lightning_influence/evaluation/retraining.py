@@ -84,6 +84,7 @@ from torch import Tensor, nn
 from lightning_influence.batch_norm import NORMALISATION_LAYERS, batch_statistics_layers, running_statistics, sync_batch_norm_layers
 from lightning_influence.batches import BatchRemoval, check_batch_removal, map_tensors, tensors
 from lightning_influence.evaluation._checks import _shown, as_ids
+from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.optimizers import torch_optimizer
 from lightning_influence.kernels import (
     PerSampleLossFn,
@@ -659,6 +660,8 @@ def retrain(
         if not hasattr(module, "remove_from_batch"):
             raise TypeError(f"{type(module).__name__} has no remove_from_batch(batch, index): mix in lightning_influence.InfluenceMixin")
         remove = module.remove_from_batch
+    # the default removal (rows of the per-sample tensors) is gathered for many runs at once; an override is called
+    default_removal = coupled and getattr(type(module), "remove_from_batch", None) is InfluenceMixin.remove_from_batch
     running = _initial_running_statistics(module, initial_params)
     loss_fn = per_sample_loss_function(module)
     chunks: list[dict[str, Tensor]] = []
@@ -672,7 +675,18 @@ def retrain(
             chunk = removal_sets[start : start + chunk_size]
             chunks.append(
                 _retrain_chunk(
-                    module, loss_fn, initial_params, groups, optimizer, steps, step_ids, chunk, remove, batch_removal, running
+                    module,
+                    loss_fn,
+                    initial_params,
+                    groups,
+                    optimizer,
+                    steps,
+                    step_ids,
+                    chunk,
+                    coupled,
+                    None if default_removal else remove,
+                    batch_removal,
+                    running,
                 )
             )
     names = [*trained, *running]
@@ -859,12 +873,15 @@ def _retrain_chunk(
     steps: Sequence[TrainingStep],
     step_ids: list[list[list[int]]],
     chunk: list[frozenset[int]],
+    coupled: bool = False,
     remove: RemoveFn | None = None,
     batch_removal: BatchRemoval = "reaverage",
     running: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The final parameters (and running statistics, ``running`` being their initial values) of
-    the ``chunk``'s runs, stacked ``[K, *shape]``."""
+    the ``chunk``'s runs, stacked ``[K, *shape]``. ``coupled``: each run evaluates its sub-batches,
+    made by ``remove`` (the module's own ``remove_from_batch``) or, when ``None``, by taking the rows of
+    the per-sample tensors (the default ``remove_from_batch``)."""
     k = len(chunk)
     trained = [n for group in groups for n in group]
     # plain leaf tensors [K, *shape]: the real optimizer updates them in place
@@ -894,7 +911,7 @@ def _retrain_chunk(
         step_loss = _holding(loss_fn, step.varying)
         with _layers_in_evaluation(module, step.eval_layers):
             grads = _step_gradients(
-                step, t, micro_ids, step_loss, theta, trained, k, runs_removing, remove, drop, vectorize, state
+                step, t, micro_ids, step_loss, theta, trained, k, runs_removing, coupled, remove, drop, vectorize, state
             )
         grads = _clip(grads, trained, spec, k)
         for n in trained:
@@ -916,6 +933,7 @@ def _step_gradients(
     trained: list[str],
     k: int,
     runs_removing: dict[int, list[int]],
+    coupled: bool,
     remove: RemoveFn | None,
     drop: bool,
     vectorize: _Vectorize,
@@ -926,7 +944,7 @@ def _step_gradients(
     statistics) is updated in place by the training-mode forwards."""
     grads: dict[str, Tensor] | None = None
     for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
-        if remove is not None:
+        if coupled:
             micro = _coupled_gradients(
                 step_loss, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize, state
             )
@@ -1084,7 +1102,7 @@ def _autograd_gradient(fn: Callable[..., Tensor]) -> Callable[..., dict[str, Ten
 
 def _coupled_gradients(
     loss_fn: PerSampleLossFn,
-    remove: RemoveFn,
+    remove: RemoveFn | None,
     theta: dict[str, Tensor],
     trained: list[str],
     batch: Any,
@@ -1097,46 +1115,56 @@ def _coupled_gradients(
     vectorize: _Vectorize,
     state: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-run gradients ``[K, *shape]`` of one micro-batch's coupled loss: for each group of runs
-    removing the same positions, ``grad mean per_sample_loss(sub-batch) / norm`` (vmapped over the
-    group's parameters); zero for a run that removes every sample of the micro-batch.
+    """Per-run gradients ``[K, *shape]`` of one micro-batch's coupled loss, ``grad mean
+    per_sample_loss(sub-batch) / norm``; zero for a run that removes every sample of the micro-batch.
+
+    The runs removing nothing here share the whole batch (one ``vmap`` over their parameters). The
+    others: with ``remove=None`` (the default ``remove_from_batch``: the rows of every tensor whose first
+    dimension is the batch size), grouped by how many samples they keep, each group's sub-batches
+    gathered row by row into tensors ``[runs, remaining, ...]`` and vmapped together with the runs'
+    parameters, each run its own rows; with a ``remove`` of the module's own, grouped by the positions
+    they remove (one evaluation per distinct sub-batch, built by ``remove`` once per removed position).
 
     ``state``: each run's running statistics ``{buffer name: Tensor[K, *shape]}``, passed to the
     training-mode forward of the run's sub-batch, which updates them in place as training did (a run
     whose micro-batch is emptied runs no forward: its statistics stay as they were)."""
     state = state if state is not None else {}
+    size = len(ids)
+    device = theta[trained[0]].device
     removed_at: dict[int, list[int]] = {}  # run -> positions it removes in this micro-batch
     for pos, i in enumerate(ids):
         for run in runs_removing.get(i, ()):
             removed_at.setdefault(run, []).append(pos)
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[Any, list[int]] = {}
     for run in range(k):
-        groups.setdefault(tuple(sorted(removed_at.get(run, ()))), []).append(run)
+        positions = tuple(sorted(removed_at.get(run, ())))
+        key = positions if remove is not None or not positions else size - len(positions)
+        groups.setdefault(key, []).append(run)
     out = {n: torch.zeros_like(theta[n]) for n in trained}
-    for positions, runs in groups.items():
-        remaining = len(ids) - len(positions)
-        if remaining == 0:
-            continue  # an emptied micro-batch: loss 0, no gradient
-        sub = batch
-        try:
-            for pos in reversed(positions):  # highest position first: the lower ones keep their place
-                sub = remove(sub, pos)
-        except Exception as err:  # noqa: BLE001 - re-raised naming remove_from_batch
-            raise _sub_batch_error(err, positions, t, m, ids) from err
+    leaves = list(tensors(batch))
+    per_sample = [j for j, leaf in enumerate(leaves) if leaf.dim() > 0 and leaf.shape[0] == size]
 
-        def mean_loss(
-            params: dict[str, Tensor], buffers: dict[str, Tensor], sub: Any = sub, remaining: int = remaining
-        ) -> Tensor:
-            losses = loss_fn({**buffers, **params}, sub)
+    def evaluate(runs: list[int], remaining: int, sub: Any, rows: list[Tensor] | None) -> None:
+        """The gradients of ``runs`` on ``sub`` (shared), or on the batch with its per-sample tensors
+        replaced by each run's slice of ``rows`` (``[runs, remaining, ...]``)."""
+
+        def mean_loss(params: dict[str, Tensor], buffers: dict[str, Tensor], *own: Tensor) -> Tensor:
+            evaluated = sub
+            if own:
+                visit = iter(range(len(leaves)))
+                replaced = dict(zip(per_sample, own, strict=True))
+                evaluated = map_tensors(lambda leaf: replaced.get(next(visit), leaf), batch)
+            losses = loss_fn({**buffers, **params}, evaluated)
             if losses.shape != (remaining,):
                 raise ValueError(_SHAPE_MESSAGE.format(shape=tuple(losses.shape), t=t, m=m, remaining=remaining))
             return losses.mean() / norm
 
-        index = torch.tensor(runs, device=theta[trained[0]].device)
+        positions = sorted({pos for run in runs for pos in removed_at.get(run, ())})
+        index = torch.tensor(runs, device=device)
         part = {n: theta[n].index_select(0, index) for n in trained}
         buffers = {n: v.index_select(0, index) for n, v in state.items()}
         try:
-            grads = vectorize.grad(mean_loss, part, buffers, writes=buffers.values())
+            grads = vectorize.grad(mean_loss, part, buffers, *(rows or ()), writes=buffers.values())
         except Exception as err:  # noqa: BLE001 - re-raised naming what was evaluated
             if "Expected more than 1 value per channel" not in str(err):
                 if not positions or isinstance(err, ValueError):  # the library's own messages, or a full batch's error
@@ -1153,7 +1181,38 @@ def _coupled_gradients(
             out[n].index_copy_(0, index, grads[n].to(out[n].dtype))
         for n, v in buffers.items():
             state[n].index_copy_(0, index, v)
+
+    for key, runs in groups.items():
+        if key == ():
+            evaluate(runs, size, batch, None)
+        elif isinstance(key, int):  # the default removal: each run's remaining rows, gathered
+            if key == 0:
+                continue  # an emptied micro-batch: loss 0, no gradient
+            kept = torch.tensor(
+                [[pos for pos in range(size) if pos not in set(removed_at[run])] for run in runs], dtype=torch.long
+            )
+            rows_per_run = sum(leaves[j][0].numel() for j in per_sample) * key
+            share = max(1, _GATHERED_ELEMENTS // max(rows_per_run, 1))  # runs per evaluation: bounded memory
+            for start in range(0, len(runs), share):
+                part = kept[start : start + share]
+                rows = [leaves[j][part.to(leaves[j].device)] for j in per_sample]
+                evaluate(runs[start : start + share], key, batch, rows)
+        else:
+            remaining = size - len(key)
+            if remaining == 0:
+                continue
+            sub = batch
+            try:
+                for pos in reversed(key):  # highest position first: the lower ones keep their place
+                    sub = remove(sub, pos)  # type: ignore[misc]
+            except Exception as err:  # noqa: BLE001 - re-raised naming remove_from_batch
+                raise _sub_batch_error(err, key, t, m, ids) from err
+            evaluate(runs, remaining, sub, None)
     return out
+
+
+_GATHERED_ELEMENTS = 1 << 24
+"""At most this many elements of gathered sub-batch rows per vectorised evaluation (128 MiB in float64)."""
 
 
 def _clip(grads: dict[str, Tensor], trained: list[str], spec: OptimizerSpec, k: int) -> dict[str, Tensor]:
