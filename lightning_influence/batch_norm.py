@@ -20,12 +20,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 __all__ = [
     "NORMALISATION_LAYERS",
     "batch_statistics",
     "batch_statistics_layers",
+    "fixed_statistics",
     "running_statistics",
     "sync_batch_norm_layers",
 ]
@@ -103,3 +105,26 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
         for sub, training, track, hidden in saved:
             sub.training, sub.track_running_stats = training, track
             sub._buffers.update(hidden)
+
+
+@contextlib.contextmanager
+def fixed_statistics(module: nn.Module) -> Iterator[None]:
+    """Batch norm without running statistics (``track_running_stats=False``, which normalises with batch
+    statistics in evaluation mode too) given fixed ones (mean 0, variance 1) within the context, so that
+    in evaluation mode every sample's output is its own; restored on exit."""
+    first = next((p for p in module.parameters() if p.is_floating_point()), None)
+    dtype, device = (torch.get_default_dtype(), None) if first is None else (first.dtype, first.device)
+    hidden: list[tuple[nn.Module, bool]] = []
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.running_mean is None:
+            hidden.append((sub, sub.track_running_stats))
+            sub._buffers["running_mean"] = torch.zeros(sub.num_features, dtype=dtype, device=device)
+            sub._buffers["running_var"] = torch.ones(sub.num_features, dtype=dtype, device=device)
+            sub.track_running_stats = True
+    try:
+        yield
+    finally:
+        for sub, track in hidden:
+            sub._buffers["running_mean"] = None
+            sub._buffers["running_var"] = None
+            sub.track_running_stats = track

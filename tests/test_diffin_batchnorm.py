@@ -330,3 +330,39 @@ def test_auto_scores_batch_norm_as_trained_unless_the_run_rules_it_out() -> None
         warnings.filterwarnings("error", message=".*batch norm.*")
         fit(NoNormNet().double(), batches, [plain])
     assert plain.scores.metadata["batch_norm"] == "running"
+
+
+class ClassWeighted(BatchNormNet):
+    """Batches ``(x, y, w, ids)`` whose ``w`` holds 8 class weights (batches of 8): not
+    per sample, yet with as many rows as the batch."""
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y, w, _ = batch
+        return F.cross_entropy(self.body(x), y, reduction="none") * w[y]
+
+    def sample_ids(self, batch: Any) -> torch.Tensor:
+        return batch[3]
+
+
+class ClassWeightedRemoval(ClassWeighted):
+    def remove_from_batch(self, batch: Any, index: int | torch.Tensor) -> Any:
+        x, y, w, ids = batch
+        keep = torch.arange(len(ids), device=ids.device) != index
+        return x[keep], y[keep], w, ids[keep]
+
+
+def test_a_remove_from_batch_that_drops_a_shared_tensor_is_refused() -> None:
+    """Removal re-evaluates ``remove_from_batch(batch, i)``; the default also drops row ``i`` of the class
+    weights, which would change every other sample's loss: refused at the first batch, in evaluation mode
+    (each sample's loss its own there). A removal that keeps the weights whole is scored."""
+    torch.manual_seed(0)
+    x, y = load_digits_tensors(torch.float64)
+    seven = torch.nonzero(y < 7).flatten()  # seven classes: a weight dropped shifts the others silently
+    weights = torch.linspace(0.5, 1.5, 8, dtype=torch.float64)
+    weighted = [(x[seven[i : i + 8]], y[seven[i : i + 8]], weights, torch.arange(i, i + 8)) for i in range(0, 32, 8)]
+    val = [(x[seven[100:200]], y[seven[100:200]], weights, torch.arange(100))]
+    with pytest.raises(ValueError, match=r"has batch norm.*takes out more than the sample.*Override remove_from_batch"):
+        fit(ClassWeighted().double(), weighted, [DiffIn(target="val", target_loader=val)])
+    right = DiffIn(target="val", target_loader=val)
+    fit(ClassWeightedRemoval().double(), weighted, [right])
+    assert right.scores.metadata["batch_norm"] == "batch" and bool(torch.isfinite(right.scores.values).all())

@@ -47,6 +47,7 @@ from lightning_influence.callbacks.target_data import (
 from lightning_influence.callbacks.resume import check_same_setup, parameter_signature, setup_signature, target_signature
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
 from lightning_influence.data import FixedBatches
+from lightning_influence.batch_norm import fixed_statistics
 from lightning_influence.distributed import Collective
 from lightning_influence.estimators.diffin_batch_norm import (
     BatchNormMode,
@@ -207,7 +208,7 @@ class DiffIn(Callback):
             ``coupled=False`` or ``batch_removal="drop"``. ``"running"``: in evaluation mode with the
             running statistics, like every other layer: exact for batch norm frozen in evaluation
             mode throughout, and a poor approximation of batch norm trained with batch statistics
-            (Spearman -0.25 to 0.44 against true leave-one-out on digits, ``benchmarks/batchnorm_fidelity.py``).
+            (Spearman -0.25 to 0.44 against true leave-one-out on digits, ``benchmarks/batch_norm.py``).
             ``"auto"`` (default): ``"batch"`` for a model with batch norm where the run allows it,
             else ``"running"``, with a warning naming what prevented ``"batch"`` on a batch-norm model.
         name: a name for this callback, needed only to put two ``DiffIn`` with the same options
@@ -609,7 +610,7 @@ class DiffIn(Callback):
                 f"statistics, running statistics carried) where it can; here {'; '.join(reasons)}, so it is scored in "
                 "evaluation mode with the running statistics (batch_norm='running'), a poor approximation of batch norm "
                 "trained with batch statistics (Spearman -0.25 to 0.44 against true leave-one-out on digits, "
-                "benchmarks/batchnorm_fidelity.py). Pass batch_norm='running' to silence this"
+                "benchmarks/batch_norm.py). Pass batch_norm='running' to silence this"
             )
         return mode
 
@@ -926,7 +927,9 @@ class DiffIn(Callback):
             self._first_batch_checked = True
             # With autograd on, to check that the losses depend on the parameters.
             devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-            losses = training_mode_losses(pl_module, batch, (lambda _: _check_removal(pl_module, batch, ids)) if self._coupled else None)
+            statistics_only = self._batch_norm == "batch" and not (pl_module.coupled_batch_loss or self.coupled)
+            check = (lambda _: _check_removal(pl_module, batch, ids, statistics_only)) if self._coupled else None
+            losses = training_mode_losses(pl_module, batch, check)
             check_losses(
                 losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params), batch=batch, module=pl_module
             )
@@ -1959,12 +1962,16 @@ class _HeldStep:
         self.loss_tols = loss_tols  # the tolerances of the loss comparisons in ``values`` (after the ids), if any
 
 
-def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
+def _check_removal(pl_module: Any, batch: Any, ids: Tensor, statistics_only: bool = False) -> None:
     """A coupled module's ``remove_from_batch(batch, i)`` must be the batch without its sample ``i``,
     checked for the first, a middle and the last sample: ``sample_ids`` without that id and one
     per-sample loss fewer. An override is also compared with dropping row ``i`` of every per-sample
     tensor (:func:`~lightning_influence.batches.select_samples`, where that gives the same ids):
-    other losses are warned about (once), since one of the two removals takes the wrong rows."""
+    other losses are warned about (once), since one of the two removals takes the wrong rows.
+    ``statistics_only``: the batch is coupled through batch norm's statistics only, so in evaluation
+    mode (running or fixed statistics) every sample's loss is its own, and the sub-batch's losses must
+    be the batch's without sample ``i``: a removal that also takes a row out of a tensor that is not
+    per sample (class weights with ``B`` rows) is refused."""
     from lightning_influence.batches import select_samples
 
     size = ids.numel()
@@ -1973,6 +1980,7 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
     name = type(pl_module).__name__
     own = type(pl_module).remove_from_batch is not InfluenceMixin.remove_from_batch
     removal = f"{name}.remove_from_batch" if own else "the default remove_from_batch (rows of dim 0 only)"
+    why = "has batch norm, scored as trained (batch_norm='batch')" if statistics_only else "declares coupled_batch_loss"
     all_ids = ids.reshape(-1).cpu()
     seeded = seeded_losses(pl_module, size)
 
@@ -1990,7 +1998,7 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
             losses = losses_of(sub)
         except Exception as err:  # noqa: BLE001 - a sub-batch the loss cannot read: say where it came from
             raise ValueError(
-                f"{name} declares coupled_batch_loss, so DiffIn evaluates per_sample_loss on the batch without each sample "
+                f"{name} {why}, so DiffIn evaluates per_sample_loss on the batch without each sample "
                 f"in turn, but per_sample_loss failed on {removal}(batch, {index}) ({type(err).__name__}: {err}). A batch "
                 "holding tensors that are per-sample along another dimension than the first (a [B, B] mask, a "
                 f"sequence-first [T, B] tensor) needs {name}.remove_from_batch overridden to drop the sample from each "
@@ -1999,7 +2007,7 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         if sub_ids.shape != expected.shape or not bool((sub_ids == expected).all()) or shape != (size - 1,):
             raise ValueError(
-                f"{name} declares coupled_batch_loss, so DiffIn evaluates per_sample_loss on the batch without each "
+                f"{name} {why}, so DiffIn evaluates per_sample_loss on the batch without each "
                 f"sample in turn, but {removal}(batch, {index}) on a batch of {size} samples gave a sub-batch with sample "
                 f"ids of shape {tuple(sub_ids.shape)} and per_sample_loss of shape {shape}; expected the ids without the "
                 f"one at position {index} ({size - 1} samples) and {size - 1} losses. Fix {name}.remove_from_batch: it "
@@ -2026,6 +2034,27 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor) -> None:
                         "ground truth both use it"
                     )
                     warned = True  # the other positions' ids and shapes are still checked
+        if statistics_only:
+            _check_removal_in_evaluation_mode(pl_module, batch, index, size, removal)
+
+
+def _check_removal_in_evaluation_mode(pl_module: Any, batch: Any, index: int, size: int, removal: str) -> None:
+    """See :func:`_check_removal` (``statistics_only``)."""
+    with torch.no_grad(), evaluation_mode(pl_module), fixed_statistics(pl_module):
+        full = pl_module.per_sample_loss(batch).detach()
+        sub = pl_module.per_sample_loss(pl_module.remove_from_batch(batch, index)).detach()
+    expected = torch.cat([full[:index], full[index + 1 :]])
+    gap = float((sub.double() - expected.double()).abs().max())
+    if gap > 1e3 * torch.finfo(full.dtype).eps * (1.0 + float(full.abs().max())):
+        raise ValueError(
+            f"{type(pl_module).__name__} has batch norm, which DiffIn scores as trained (batch_norm='batch', chosen by "
+            f"'auto'): removing a sample re-evaluates {removal}(batch, i), the batch without it. But it takes out more "
+            f"than the sample: in evaluation mode (running statistics: each sample's loss is its own) the losses of "
+            f"{removal}(batch, {index}) differ from the batch's losses without sample {index} by up to {gap:.3g}. The "
+            f"default remove_from_batch drops row {index} of every tensor whose first dimension is the batch size "
+            f"({size}), also of one that is not per sample (class weights, a lookup table). Override remove_from_batch "
+            "to drop the sample's rows only, or keep such tensors out of the batch (module attributes or buffers)"
+        )
 
 
 def _remove_handoff(path: Path, owner_pid: int) -> None:

@@ -81,7 +81,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_influence.batch_norm import NORMALISATION_LAYERS, batch_statistics_layers, running_statistics, sync_batch_norm_layers
+from lightning_influence.batch_norm import (
+    NORMALISATION_LAYERS,
+    batch_statistics_layers,
+    fixed_statistics,
+    running_statistics,
+    sync_batch_norm_layers,
+)
 from lightning_influence.batches import BatchRemoval, check_batch_removal, map_tensors, tensors
 from lightning_influence.evaluation._checks import _shown, as_ids
 from lightning_influence.mixin import InfluenceMixin
@@ -732,14 +738,14 @@ def _check_removal(
     coupled only because of its batch statistics.
 
     In evaluation mode batch norm normalises with running statistics (fixed ones for a layer without:
-    :func:`_fixed_statistics`), so every sample's loss is its own: the eval-mode losses of ``remove_from_batch(batch, i)`` must be those of the full batch
+    :func:`~lightning_influence.batch_norm.fixed_statistics`), so every sample's loss is its own: the eval-mode losses of ``remove_from_batch(batch, i)`` must be those of the full batch
     without position ``i`` (to rounding). Checked at the first, middle and last position of the first
     micro-batch of each size among the first steps (at ``point``: the initial parameters and running
     statistics). The default ``remove_from_batch`` drops row ``i`` of every tensor with ``B`` rows,
     also of one that is not per sample but happens to have ``B`` rows (class weights of ``B``
     classes): the message names such a tensor when keeping it whole fixes the losses."""
     sizes: set[int] = set()
-    with evaluation_mode(module), _fixed_statistics(module):
+    with evaluation_mode(module), fixed_statistics(module):
         for t, (step, micro) in enumerate(zip(steps[:8], step_ids, strict=False)):
             step_loss = _holding(loss_fn, step.varying)
             for m, (batch, ids) in enumerate(zip(step.batches, micro, strict=True)):
@@ -768,29 +774,6 @@ def _check_removal(
                         )
             if len(sizes) >= 2:
                 return
-
-
-@contextlib.contextmanager
-def _fixed_statistics(module: nn.Module) -> Iterator[None]:
-    """Batch norm without running statistics (``track_running_stats=False``, which normalises with batch
-    statistics in evaluation mode too) given fixed ones (mean 0, variance 1) within the context, so that
-    in evaluation mode every sample's output is its own; restored on exit."""
-    first = next((p for p in module.parameters() if p.is_floating_point()), None)
-    dtype, device = (torch.get_default_dtype(), None) if first is None else (first.dtype, first.device)
-    hidden: list[tuple[nn.Module, bool]] = []
-    for sub in module.modules():
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.running_mean is None:
-            hidden.append((sub, sub.track_running_stats))
-            sub._buffers["running_mean"] = torch.zeros(sub.num_features, dtype=dtype, device=device)
-            sub._buffers["running_var"] = torch.ones(sub.num_features, dtype=dtype, device=device)
-            sub.track_running_stats = True
-    try:
-        yield
-    finally:
-        for sub, track in hidden:
-            sub._buffers["running_mean"] = None
-            sub._buffers["running_var"] = None
-            sub.track_running_stats = track
 
 
 def _removed(
