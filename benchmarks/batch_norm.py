@@ -31,7 +31,8 @@ Optimizers (`--optimizers`): plain SGD (`sgd`, lr 0.1) or SGD with momentum 0.9 
 Scores are target-loss changes when the sample is removed (positive: the sample helps).
 
     OMP_NUM_THREADS=1 python benchmarks/batch_norm.py          # bn-mlp and bn-cnn, sgd and momentum, both parts
-    OMP_NUM_THREADS=1 python benchmarks/batch_norm.py --parts fidelity --models bn-mlp,mlp-nobn --only diffin-replay,diffin-online-window16
+    OMP_NUM_THREADS=1 python benchmarks/batch_norm.py --parts fidelity --models bn-mlp,mlp-nobn \
+        --only diffin-replay,diffin-online-window16
     OMP_NUM_THREADS=1 python benchmarks/batch_norm.py --parts fidelity --n 1024 --epochs 8 --lr-scale 2 --json bn.json
     OMP_NUM_THREADS=1 python benchmarks/batch_norm.py --parts speed --speed-models mlp-nobn,bn-mlp --repeats 3
 """
@@ -105,7 +106,9 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "bn-mlp-no-running-stats": lambda: mlp({"track_running_stats": False}),
 }
 
-DIFFIN_ROW = re.compile(r"diffin-(?P<mode>replay|online)(?:-window(?P<window>[1-9][0-9]*))?(?:-(?P<batch_norm>auto|batch|running))?")
+DIFFIN_ROW = re.compile(
+    r"diffin-(?P<mode>replay|online)(?:-window(?P<window>[1-9][0-9]*))?(?:-(?P<batch_norm>auto|batch|running))?"
+)
 
 
 def estimator_spec(label: str) -> tuple[str, dict[str, Any]]:
@@ -117,7 +120,8 @@ def estimator_spec(label: str) -> tuple[str, dict[str, Any]]:
     if match is None or (match["mode"] == "replay" and match["window"]):
         raise ValueError(
             f"unknown row {label!r}: use a label of fidelity.py ({', '.join(ESTIMATORS)}) or "
-            "diffin-replay[-auto|-batch|-running], diffin-online[-window<k>][-auto|-batch|-running] (a window is online only)"
+            "diffin-replay[-auto|-batch|-running], diffin-online[-window<k>][-auto|-batch|-running] "
+            "(a window is online only)"
         )
     options: dict[str, Any] = {"target": "val", "mode": match["mode"]}
     if match["window"]:
@@ -137,7 +141,9 @@ class Normed(Classifier):
         self.net = body
 
 
-def fit(model_name: str, optimizer: str, lr_scale: float, problem: Problem, callbacks: list[Any]) -> tuple[Normed, float]:
+def fit(
+    model_name: str, optimizer: str, lr_scale: float, problem: Problem, callbacks: list[Any]
+) -> tuple[Normed, float]:
     """A fresh model (seed 0) trained on ``problem`` with ``callbacks``, and the seconds ``fit`` took."""
     torch.manual_seed(0)
     name, lr, options = OPTIMIZERS[optimizer]
@@ -147,7 +153,9 @@ def fit(model_name: str, optimizer: str, lr_scale: float, problem: Problem, call
     return model, time.perf_counter() - start
 
 
-def scores_of(label: str, model_name: str, optimizer: str, args: argparse.Namespace, problem: Problem, plain_seconds: float) -> tuple[Any, float]:
+def scores_of(
+    label: str, model_name: str, optimizer: str, args: argparse.Namespace, problem: Problem, plain_seconds: float
+) -> tuple[Any, float]:
     """The row ``label``'s scores on a fresh fit of the same run, and the seconds to them (the fit's
     extra time over ``plain_seconds`` when the estimator watches training, plus post-hoc scoring)."""
     name, options = estimator_spec(label)
@@ -164,15 +172,18 @@ def scores_of(label: str, model_name: str, optimizer: str, args: argparse.Namesp
 
 def fidelity_rows(model_name: str, optimizer: str, labels: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     problem = make_problem(args.n, args.epochs, 0.0, batch_size=args.batch_size)
-    recorder = StepRecorder()  # checks at the end of fit that the retraining reproduces parameters and running statistics
+    recorder = StepRecorder()  # checks at the end of fit that retraining reproduces parameters and running statistics
     model, _ = fit(model_name, optimizer, args.lr_scale, problem, [recorder])
     _, plain_seconds = fit(model_name, optimizer, args.lr_scale, problem, [])
     start = time.perf_counter()
     ids = torch.randperm(problem.n, generator=torch.Generator().manual_seed(1))[: args.samples]
     truth: Tensor = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, problem.val)
     run = f"{model_name}/{optimizer}"
-    print(f"[{run}] {len(recorder.steps)} steps; leave-one-out of {args.samples} samples in {time.perf_counter() - start:.0f}s; "
-          f"|truth| max {float(truth.abs().max()):.3g}", flush=True)
+    print(
+        f"[{run}] {len(recorder.steps)} steps; leave-one-out of {args.samples} samples in "
+        f"{time.perf_counter() - start:.0f}s; |truth| max {float(truth.abs().max()):.3g}",
+        flush=True,
+    )
     rows = []
     for label in labels:
         row: dict[str, Any] = {"model": model_name, "optimizer": optimizer, "estimator": label}
@@ -218,8 +229,12 @@ PARTS = ("fidelity", "speed")
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse, as argparse errors before any training, names and settings the runs cannot use."""
-    for flag, given, known in (("--parts", args.parts, PARTS), ("--models", args.models, MODELS),
-                               ("--speed-models", args.speed_models, MODELS), ("--optimizers", args.optimizers, OPTIMIZERS)):
+    for flag, given, known in (
+        ("--parts", args.parts, PARTS),
+        ("--models", args.models, MODELS),
+        ("--speed-models", args.speed_models, MODELS),
+        ("--optimizers", args.optimizers, OPTIMIZERS),
+    ):
         unknown = [g for g in given if g not in known]
         if unknown or not given:
             parser.error(f"{flag}: unknown or empty {unknown or given}; choose from {', '.join(known)}")
@@ -229,14 +244,21 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         except ValueError as err:
             parser.error(f"--only: {err}")
     if not 2 <= args.n <= MAX_TRAINING_SAMPLES:
-        parser.error(f"--n must be between 2 and {MAX_TRAINING_SAMPLES} (digits' samples less the 300 target ones), got {args.n}")
+        parser.error(
+            f"--n must be between 2 and {MAX_TRAINING_SAMPLES} (digits' samples less the 300 target ones), got {args.n}"
+        )
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.batch_size < 3 or 0 < args.n % args.batch_size < 3:
-        parser.error(f"batch norm needs at least 2 samples left in every batch after a removal: --batch-size >= 3 and --n % --batch-size "
-                     f"either 0 or >= 3, got --batch-size {args.batch_size}, --n {args.n}")
+        parser.error(
+            "batch norm needs at least 2 samples left in every batch after a removal: --batch-size >= 3 and "
+            f"--n % --batch-size either 0 or >= 3, got --batch-size {args.batch_size}, --n {args.n}"
+        )
     if not 3 <= args.samples <= args.n:
-        parser.error(f"--samples (leave-one-out retrainings) must be between 3 (for a rank correlation) and --n={args.n}, got {args.samples}")
+        parser.error(
+            f"--samples (leave-one-out retrainings) must be between 3 (for a rank correlation) and --n={args.n}, "
+            f"got {args.samples}"
+        )
     if args.subsets < 3:
         parser.error(f"--subsets must be at least 3 (random_removals' minimum), got {args.subsets}")
     if not args.lr_scale > 0:
@@ -245,26 +267,37 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
 
 
-def print_tables(fidelity: list[dict[str, Any]], speed: list[dict[str, Any]], args: argparse.Namespace, seconds: float) -> None:
-    scales = {name: lr * args.lr_scale for name, (_, lr, _) in OPTIMIZERS.items()}
+def print_tables(
+    fidelity: list[dict[str, Any]], speed: list[dict[str, Any]], args: argparse.Namespace, seconds: float
+) -> None:
+    lrs = {name: lr * args.lr_scale for name, (_, lr, _) in OPTIMIZERS.items()}
+    revision = git_revision(str(Path(__file__).resolve().parents[1]), "lightning_influence")
     print(
-        f"\nlightning_influence {git_revision(str(Path(__file__).resolve().parents[1]), 'lightning_influence')}, torch {torch.__version__}; "
-        f"digits float64, batch {args.batch_size}, {args.n} samples, {args.epochs} epochs; lr sgd {scales['sgd']:g}, momentum "
-        f"{scales['momentum']:g} (0.9); LOO on {args.samples} samples, {args.subsets} half-subsets; {seconds:.0f}s in all.\n"
+        f"\nlightning_influence {revision}, torch {torch.__version__}; digits float64, batch {args.batch_size}, "
+        f"{args.n} samples, {args.epochs} epochs; sgd lr {lrs['sgd']:g}, momentum (0.9) lr {lrs['momentum']:g}; "
+        f"LOO on {args.samples} samples, {args.subsets} half-subsets; {seconds:.0f}s in all.\n"
     )
     if fidelity:
-        print("| model | optimizer | estimator | batch_norm | LOO Spearman | LOO Pearson | max adjoint growth | seconds to scores |")
+        print(
+            "| model | optimizer | estimator | batch_norm | LOO Spearman | LOO Pearson | max adjoint growth "
+            "| seconds to scores |"
+        )
         print("|---|---|---|---|---:|---:|---:|---:|")
         for r in fidelity:
             if "error" in r:
                 print(f"| {r['model']} | {r['optimizer']} | {r['estimator']} | n/a: {r['error']} | | | | |")
             else:
                 growth = "-" if r["max_adjoint_growth"] is None else f"{r['max_adjoint_growth']:.3g}"
-                print(f"| {r['model']} | {r['optimizer']} | {r['estimator']} | {r['batch_norm'] or '-'} | {fmt(r['spearman'])} "
-                      f"| {fmt(r['pearson'])} | {growth} | {fmt(r['seconds'], 1)} |")
+                print(
+                    f"| {r['model']} | {r['optimizer']} | {r['estimator']} | {r['batch_norm'] or '-'} "
+                    f"| {fmt(r['spearman'])} | {fmt(r['pearson'])} | {growth} | {fmt(r['seconds'], 1)} |"
+                )
         print()
     if speed:
-        print(f"| model (momentum) | steps | leave_one_out of {args.samples} (s) | subset_retraining of {args.subsets} (s) |")
+        print(
+            f"| model (momentum) | steps | leave_one_out of {args.samples} (s) "
+            f"| subset_retraining of {args.subsets} (s) |"
+        )
         print("|---|---:|---:|---:|")
         for r in speed:
             print(f"| {r['model']} | {r['steps']} | {r['leave_one_out']:.2f} | {r['subsets']:.2f} |")
@@ -273,8 +306,12 @@ def print_tables(fidelity: list[dict[str, Any]], speed: list[dict[str, Any]], ar
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="fidelity,speed", help=f"comma-separated: {', '.join(PARTS)}")
-    parser.add_argument("--models", default="bn-mlp,bn-cnn", help=f"fidelity part, comma-separated: {', '.join(MODELS)}")
-    parser.add_argument("--optimizers", default="sgd,momentum", help=f"fidelity part, comma-separated: {', '.join(OPTIMIZERS)}")
+    parser.add_argument(
+        "--models", default="bn-mlp,bn-cnn", help=f"fidelity part, comma-separated: {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--optimizers", default="sgd,momentum", help=f"fidelity part, comma-separated: {', '.join(OPTIMIZERS)}"
+    )
     parser.add_argument("--only", default="diffin-replay,diffin-online,diffin-replay-running,tracin",
                         help="fidelity part, comma-separated estimator rows (see above)")
     parser.add_argument("--speed-models", default="mlp-nobn,bn-mlp,bn-mlp-cumulative,bn-mlp-no-running-stats",
@@ -285,17 +322,19 @@ def main() -> None:
     parser.add_argument("--lr-scale", type=float, default=1.0, help="multiplies both optimizers' learning rates")
     parser.add_argument("--samples", type=int, default=100, help="leave-one-out retrainings per run")
     parser.add_argument("--subsets", type=int, default=20, help="speed part: half-subsets retrained")
-    parser.add_argument("--repeats", type=int, default=1, help="speed part: timings per measurement (the fastest is shown)")
+    parser.add_argument("--repeats", type=int, default=1, help="speed part: timings per measurement (fastest shown)")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
     for key in ("parts", "models", "optimizers", "only", "speed_models"):
         setattr(args, key, [s for s in getattr(args, key).split(",") if s])
     check_arguments(parser, args)
     torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banners; the estimators' warnings stay
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-fit banners; estimators' warnings stay
     warnings.filterwarnings("ignore", message=".*(LeafSpec|no `val_dataloader`)")
     start = time.perf_counter()
-    fidelity = [row for m in args.models for o in args.optimizers for row in fidelity_rows(m, o, args.only, args)] if "fidelity" in args.parts else []
+    fidelity: list[dict[str, Any]] = []
+    if "fidelity" in args.parts:
+        fidelity = [row for m in args.models for o in args.optimizers for row in fidelity_rows(m, o, args.only, args)]
     speed = [speed_row(m, args) for m in args.speed_models] if "speed" in args.parts else []
     print_tables(fidelity, speed, args, time.perf_counter() - start)
     if args.json:
