@@ -366,3 +366,72 @@ def test_a_remove_from_batch_that_drops_a_shared_tensor_is_refused() -> None:
     right = DiffIn(target="val", target_loader=val)
     fit(ClassWeightedRemoval().double(), weighted, [right])
     assert right.scores.metadata["batch_norm"] == "batch" and bool(torch.isfinite(right.scores.values).all())
+
+
+class FrozenLater(BatchNormNet):
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step >= 6:
+            self.body[1].eval()  # frozen from step 6 on: neither mode models the run
+
+
+def test_auto_scores_batch_norm_frozen_throughout_in_evaluation_mode_exactly() -> None:
+    """A frozen backbone's batch norm (evaluation mode from the first batch on) normalises with fixed
+    running statistics: ``"auto"`` sees it at the first batch and scores it as ``"running"`` does, which
+    is that run's linearisation (against the ground truth, which replays the layer's mode per step). Batch
+    norm frozen only later is refused at the step where it shows, naming ``"running"``."""
+    torch.manual_seed(0)
+    batches, val = problem(96, 16, 2)
+    init = FrozenNorm(lr=0.1).double()
+    recorder = StepRecorder()
+    auto, running = DiffIn(target="val", target_loader=val, name="auto"), DiffIn(target="val", target_loader=val, batch_norm="running", name="r")
+    model = fit(init, batches, [recorder, auto, running])
+    assert auto.scores.metadata["batch_norm"] == "running" and auto.scores.metadata["coupled"] is False
+    # forward-mode per-sample derivatives (chosen for the coupled path) against finite differences of the losses
+    torch.testing.assert_close(auto.scores.values, running.scores.values, rtol=0, atol=1e-7 * float(running.scores.values.abs().max()))
+    ids = torch.randperm(96, generator=torch.Generator().manual_seed(1))[:30]
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, val)
+    assert spearman(torch.stack([auto.scores[int(i)] for i in ids]), truth) >= 0.99
+    with pytest.raises(ValueError, match=r"were in evaluation mode during training at optimizer step 6.*Freeze all of them"):
+        fit(FrozenLater().double(), batches, [DiffIn(target="val", target_loader=val)])
+
+
+def test_batch_norm_without_running_statistics_is_scored_as_trained() -> None:
+    """``track_running_stats=False`` everywhere: batch statistics in training and in evaluation, nothing
+    carried; scored against the ground truth like the tracked case."""
+    torch.manual_seed(0)
+    batches, val = problem(96, 16, 2)
+    init = BatchNormNet(lr=0.1).double()
+    init.body[1] = nn.BatchNorm1d(16, track_running_stats=False).double()
+    recorder, auto = StepRecorder(), DiffIn(target="val", target_loader=val)
+    model = fit(init, batches, [recorder, auto])
+    assert auto.scores.metadata["batch_norm"] == "batch"
+    ids = torch.randperm(96, generator=torch.Generator().manual_seed(1))[:30]
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, val)
+    assert spearman(torch.stack([auto.scores[int(i)] for i in ids]), truth) >= 0.97
+
+
+def test_a_one_sample_micro_batch_and_an_unused_layer_are_refused_with_the_way_out() -> None:
+    torch.manual_seed(0)
+    batches, val = problem(40, 8, 1)
+    conv = BatchNormNet("conv").double()  # BatchNorm2d trains on one image (spatial statistics); its removal would not
+    conv.body[6] = nn.BatchNorm1d(12).double()
+    short = [*batches[:2], tuple(t[:1] for t in batches[2]), *batches[3:]]
+    seen: list[int] = []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            seen.append(1)
+
+    conv2d_only = BatchNormNet("conv").double()
+    conv2d_only.body[6] = nn.Identity()
+    with pytest.raises(ValueError, match=r"optimizer step 2 trained on a micro-batch of one sample.*drop_last=True.*batch_norm='running'"):
+        fit(conv2d_only, short, [DiffIn(target="val", target_loader=val), Count()])
+    assert len(seen) == 2  # refused at that step, not after the rest of training
+
+    class Unused(BatchNormNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = nn.BatchNorm1d(4, affine=False)
+
+    with pytest.raises(ValueError, match=r"did not run in per_sample_loss.*Remove the unused layer.*batch_norm='running'"):
+        fit(Unused().double(), batches, [DiffIn(target="val", target_loader=val)])

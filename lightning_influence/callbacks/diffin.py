@@ -369,6 +369,7 @@ class DiffIn(Callback):
         self.batch_norm: BatchNormMode = batch_norm
         self._batch_norm: Literal["running", "batch"] = "running"  # batch_norm as resolved for this fit (setup)
         self._batch_norm_trace: BatchNormTrace | None = None
+        self._batch_norm_pending = False  # "auto" looks at the layers' modes once more at the first batch
         self.name = name
         self._coupled = False
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
@@ -614,6 +615,23 @@ class DiffIn(Callback):
             )
         return mode
 
+    def _settle_batch_norm(self, pl_module: L.LightningModule) -> None:
+        """``batch_norm="auto"`` at the first batch of a fit, once the hooks that run before it have set
+        the modules' modes: batch norm that training runs in evaluation mode throughout (a frozen
+        backbone's, e.g. ``.eval()`` in ``on_train_epoch_start``) normalises with fixed running
+        statistics, which ``"running"`` models exactly, without the coupled removal. Layers frozen
+        later, or only some of them, are refused at their step (``BatchNormTrace.check_training``)."""
+        trace, sweep = self._batch_norm_trace, self._sweep
+        if trace is None or sweep is None or any(layer.training for _, layer in trace.layers):
+            return
+        self._batch_norm, self._batch_norm_trace, sweep.batch_norm = "running", None, None
+        self._coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)  # type: ignore[attr-defined]
+        if not self._coupled:
+            sweep.remove = None  # per-sample losses of their own again (forward mode, as resolved for the coupled path)
+        options = dict(self._signature["options"])
+        options.pop("batch_norm", None)
+        self._signature = {**self._signature, "options": options}
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_repeats.reset()
         optimizers = trainer.optimizers
@@ -704,6 +722,7 @@ class DiffIn(Callback):
                 f"{self.score_every} steps; pass target_samples=<k> to use a fixed subset and bound this cost"
             )
         self._batch_norm_trace = BatchNormTrace(pl_module) if self._batch_norm == "batch" else None
+        self._batch_norm_pending = self.batch_norm == "auto" and self._batch_norm_trace is not None
         self._sweep = DiffInSweep(
             pl_module,
             loss_fn,
@@ -875,6 +894,9 @@ class DiffIn(Callback):
         self._epoch_repeats.end(trainer.current_epoch)  # one host read an epoch
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._batch_norm_pending:
+            self._batch_norm_pending = False
+            self._settle_batch_norm(pl_module)
         if self._data_checks_pending and not self._resume_check_pending and trainer.global_step > 0 and trainer.ckpt_path is not None:
             rank_zero_warn(
                 f"DiffIn starts at optimizer step {trainer.global_step} of a resumed fit whose checkpoint holds no state of "
@@ -1085,7 +1107,7 @@ class DiffIn(Callback):
         )
         keep_grad = needs_grad and (keep or trajectory.keep_gradients)
         if self._batch_norm_trace is not None:
-            self._batch_norm_trace.check_training(self.steps_seen)
+            self._batch_norm_trace.check_training(self.steps_seen, [int(ids.numel()) for _, ids in micro])
         record = StepRecord(
             step=self.steps_seen,
             batches=tuple(b for b, _ in micro),

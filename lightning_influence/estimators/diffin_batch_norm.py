@@ -149,8 +149,17 @@ class BatchNormTrace:
             return None
         return torch.stack([layer.num_batches_tracked.detach().reshape(()) for _, layer in self.tracked]).clone()  # type: ignore[union-attr]
 
-    def check_training(self, step: int) -> None:
-        """Every batch-norm layer must have run in training mode (batch statistics) at this step."""
+    def check_training(self, step: int, sizes: list[int]) -> None:
+        """Every batch-norm layer must have run in training mode (batch statistics) at this step, on
+        micro-batches (of ``sizes`` samples) of at least two samples: the removal of a micro-batch's only
+        sample would leave no batch to normalise. Checked as the step is recorded, before more training."""
+        if min(sizes, default=2) < 2:
+            raise ValueError(
+                f"DiffIn(batch_norm='batch', which 'auto' chooses for batch-norm models): optimizer step {step} trained on a "
+                "micro-batch of one sample, whose removal leaves no batch to normalise with batch statistics. Drop the "
+                "short last batch (DataLoader(drop_last=True)), or pass batch_norm='running' (evaluation mode, an "
+                "approximation of batch norm trained with batch statistics)"
+            )
         frozen = [name for name, layer in self.layers if not layer.training]
         if frozen:
             everything = len(frozen) == len(self.layers)
@@ -160,9 +169,9 @@ class BatchNormTrace:
                 "normalised with their running statistics, and batch_norm='batch' models layers trained with batch statistics. "
                 + (
                     "Pass batch_norm='running', which models batch norm frozen throughout exactly"
-                    if everything
-                    else "Freeze all of them (then batch_norm='running' models the run exactly) or none; batch_norm='running' "
-                    "scores this run approximately"
+                    if everything and step == 0
+                    else "Freeze all of them from the first step on (then batch_norm='running', which 'auto' chooses then, models "
+                    "the run exactly) or none; batch_norm='running' scores this run approximately"
                 )
             )
 
@@ -230,7 +239,11 @@ class BatchNormTrace:
                 losses = loss_fn(params, batch)
             missing = [self.tracked[k][0] for k in range(len(self.tracked)) if k not in seen]
             if missing:
-                raise ValueError(f"batch norm layer(s) {missing} did not run in per_sample_loss: batch_norm='batch' needs every one used")
+                raise ValueError(
+                    f"batch norm layer(s) {missing} did not run in per_sample_loss: batch_norm='batch' (which 'auto' chooses for "
+                    "batch-norm models) carries every batch norm layer's running statistics through the steps, and an unused "
+                    "layer's never move. Remove the unused layer from the module, or pass batch_norm='running'"
+                )
             stats = torch.cat([seen[k] for k in range(len(self.tracked))]) if seen else losses.new_zeros(0)
             return losses, stats
 

@@ -241,6 +241,12 @@ class DiffInSweep:
             if self.batch_norm is None:
                 return self.target(self.loss_fn, self.space, theta)
             trace = self.batch_norm
+            if not trace.tracked:  # no running statistics (track_running_stats=False everywhere): nothing to carry
+                gradient = self.target(self.loss_fn, self.space, theta)
+                columns = gradient.shape[1] if gradient.dim() == 2 else 1
+                self._running_adjoint = torch.zeros(0, columns, dtype=torch.float64, device=gradient.device)
+                self._expected_counts = None
+                return gradient
             stats_space = trace.stats_space(self.space)
             joint = ParameterSpace(
                 names=self.space.names + stats_space.names, shapes=self.space.shapes + stats_space.shapes, dtype=self.space.dtype, device=self.space.device
