@@ -210,8 +210,9 @@ class DiffIn(Callback):
             mode throughout, and a poor approximation of batch norm trained with batch statistics
             (Spearman 0.12 to 0.86 against true leave-one-out on digits MLP and CNN, against 0.95 to 0.998 as trained:
             ``benchmarks/batch_norm.py``).
-            ``"auto"`` (default): ``"batch"`` for a model with batch norm where the run allows it,
-            else ``"running"``, with a warning naming what prevented ``"batch"`` on a batch-norm model.
+            ``"auto"`` (default): ``"batch"`` for a model with batch norm where the run allows it;
+            ``"running"`` where every batch norm layer is in evaluation mode from the first batch on
+            (a frozen backbone's), or, with a warning naming why, where the run rules ``"batch"`` out.
         name: a name for this callback, needed only to put two ``DiffIn`` with the same options
             (e.g. two targets of the same kind read from different loaders) into one Trainer: it
             tells their checkpoint states apart (Lightning requires unique state keys) and is
