@@ -5,7 +5,7 @@ loss is read in evaluation mode), trained by a real Trainer. Models (`--models`)
 
 - `bn-mlp`: Linear 64-32 without bias, BatchNorm1d, tanh, Linear 32-10;
 - `bn-cnn`: conv 3x3 8 channels, BatchNorm2d, tanh, conv 3x3 stride 2 16 channels, BatchNorm2d,
-  tanh, Linear 256-10 (the convolutions without bias);
+  tanh, Linear 256-10 (the convolutions without bias); `bn-cnn-relu`: the same with ReLU;
 - `mlp-nobn`: the reference without batch norm (Linear 64-32 with bias, tanh, Linear 32-10);
 - `bn-mlp-cumulative` (BatchNorm1d(momentum=None)) and `bn-mlp-no-running-stats`
   (BatchNorm1d(track_running_stats=False)): variants of `bn-mlp`.
@@ -84,15 +84,17 @@ def mlp(batch_norm: dict[str, Any] | None) -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32, **batch_norm), nn.Tanh(), nn.Linear(32, 10))
 
 
-def bn_cnn() -> nn.Module:
+def bn_cnn(activation: Callable[[], nn.Module] = nn.Tanh) -> nn.Module:
+    """Conv 3x3 (8 channels), BatchNorm2d, activation, conv 3x3 stride 2 (16), BatchNorm2d, activation,
+    Linear 256-10; the convolutions without bias."""
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)),
         nn.Conv2d(1, 8, 3, padding=1, bias=False),
         nn.BatchNorm2d(8),
-        nn.Tanh(),
+        activation(),
         nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(16),
-        nn.Tanh(),
+        activation(),
         nn.Flatten(),
         nn.Linear(16 * 4 * 4, 10),
     )
@@ -101,6 +103,7 @@ def bn_cnn() -> nn.Module:
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "bn-mlp": lambda: mlp({}),
     "bn-cnn": bn_cnn,
+    "bn-cnn-relu": lambda: bn_cnn(nn.ReLU),
     "mlp-nobn": lambda: mlp(None),
     "bn-mlp-cumulative": lambda: mlp({"momentum": None}),
     "bn-mlp-no-running-stats": lambda: mlp({"track_running_stats": False}),
