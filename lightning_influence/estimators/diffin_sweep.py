@@ -224,6 +224,7 @@ class DiffInSweep:
         self._running_adjoint: Tensor | None = None  # mu, [R, Q]: the adjoint of the running statistics
         self._expected_counts: Tensor | None = None  # num_batches_tracked after the newest step not yet swept
         self.statistics_passes = 0
+        self._statistics_square: Tensor | None = None  # the sweep's running-statistics terms, squared and summed
         """Gradient passes of the batch statistics (their VJP) and vmapped sub-batch statistics passes."""
 
     def _step_mode(self) -> Any:
@@ -276,7 +277,7 @@ class DiffInSweep:
         # of the products (~1e-3 relative in float32) dwarfs its rounding. Scores accumulate in float64.
         adjoint = u.reshape(self.space.size, -1).to(self.work_dtype).clone()
         self._adjoint, self._adjoint_start = adjoint, float(adjoint.norm())
-        self._step_norms = []
+        self._step_norms, self._statistics_square = [], None
         self._first_stored, self._last_stored = None, None
         self._checked_down_to, self._suspect = None, None
         with self._step_mode():
@@ -427,7 +428,10 @@ class DiffInSweep:
                 sub = sub_batch_statistics(stats_fn, leaves, batch, self.remove, size, vectorize=self.vectorize_removal)  # type: ignore[arg-type]
                 self.statistics_passes += 1
                 change = (sub.detach().to(torch.float64) - stats.detach().to(torch.float64)) @ w  # [b, Q]
-                self._note_step(record, change)
+                # Checked for finiteness with the steps' norms, but not counted in them: a sample's direct effect on
+                # the running statistics is large for the last steps' batches by design, not a sign of overshoot.
+                square = change.square().sum()
+                self._statistics_square = square if self._statistics_square is None else self._statistics_square + square
                 self.accumulator.add(ids, change[:, 0] if squeeze else change)
             mu.mul_((1.0 - m).unsqueeze(1))
         if totals:
@@ -562,9 +566,17 @@ class DiffInSweep:
         non-finite; compare them with their median, record the largest ratio and warn (once) when
         one step dominates its samples' scores."""
         steps, self._step_norms = self._step_norms, []
-        if not steps:
+        statistics, self._statistics_square = self._statistics_square, None
+        if not steps and statistics is None:
             return
-        norms = torch.stack([n for _, n in steps]).sqrt().cpu()
+        norms = torch.stack([n for _, n in steps] + ([statistics] if statistics is not None else [])).sqrt().cpu()
+        if statistics is not None:
+            if not bool(torch.isfinite(norms[-1])):
+                self._check_adjoint(record)
+                raise FloatingPointError("non-finite batch-norm running-statistics terms in this sweep")
+            norms = norms[:-1]
+            if not steps:
+                return
         finite = torch.isfinite(norms)
         if not bool(finite.all()):
             self._check_adjoint(record)
