@@ -710,7 +710,17 @@ class DiffInSweep:
         out = []
         for batch, ids in zip(record.batches, record.ids, strict=True):
             size = ids.numel()
-            r = removal_derivatives(loss_fn, params, batch, direction, self.remove, size, vectorize=self.vectorize_removal)
+            try:
+                r = removal_derivatives(loss_fn, params, batch, direction, self.remove, size, vectorize=self.vectorize_removal)
+            except ValueError as err:
+                if self.batch_norm is None or "value per channel" not in str(err):
+                    raise
+                raise ValueError(
+                    f"batch_norm='batch' (which 'auto' chooses for batch-norm models): optimizer step {record.step} trained "
+                    f"on a micro-batch of {size} samples, and without one of them a batch norm layer has one value per "
+                    f"channel to normalise ({err}). Drop short batches (DataLoader(drop_last=True)), or pass "
+                    "batch_norm='running'"
+                ) from err
             self.forward_mode_passes += 1 + (size if size > 1 else 0)
             out.append(r.double())
         return out
