@@ -28,6 +28,8 @@ __all__ = [
     "batch_statistics",
     "batch_statistics_layers",
     "fixed_statistics",
+    "is_batch_statistics_layer",
+    "removal_gap",
     "running_statistics",
     "sync_batch_norm_layers",
 ]
@@ -56,17 +58,30 @@ def running_statistics(module: nn.Module) -> list[str]:
     return names
 
 
+def is_batch_statistics_layer(layer: nn.Module) -> bool:
+    """``layer``'s training-mode forward depends on the whole batch: a batch norm (its output), or an
+    instance norm with running statistics (the running statistics it writes average over the batch)."""
+    return isinstance(layer, nn.modules.batchnorm._BatchNorm) or (
+        isinstance(layer, nn.modules.instancenorm._InstanceNorm) and layer.track_running_stats
+    )
+
+
+def removal_gap(full: torch.Tensor, sub: torch.Tensor, index: int) -> tuple[float, float]:
+    """How far the per-sample losses ``sub`` of a batch without its sample ``index`` are from the full
+    batch's losses ``full`` without that position, and the rounding tolerance of that comparison. Both
+    evaluated where every sample's loss is its own (evaluation mode, :func:`fixed_statistics`): a gap
+    above the tolerance means the removal took out more than the sample."""
+    expected = torch.cat([full[:index], full[index + 1 :]])
+    gap = float((sub.double() - expected.double()).abs().max()) if expected.numel() else 0.0
+    return gap, 1e3 * torch.finfo(full.dtype).eps * (1.0 + float(full.abs().max()))
+
+
 def batch_statistics_layers(module: nn.Module) -> list[str]:
     """Names of the submodules of ``module`` whose training-mode forward depends on the whole batch:
     every batch norm (its output), and instance norm with running statistics (the running
     statistics it writes average over the batch). Removing a sample from a batch changes what
     these layers compute for, or record from, the other samples."""
-    return [
-        prefix or type(module).__name__
-        for prefix, sub in module.named_modules()
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm)
-        or (isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats)
-    ]
+    return [prefix or type(module).__name__ for prefix, sub in module.named_modules() if is_batch_statistics_layer(sub)]
 
 
 def sync_batch_norm_layers(module: nn.Module) -> list[str]:

@@ -47,7 +47,7 @@ from lightning_influence.callbacks.target_data import (
 from lightning_influence.callbacks.resume import check_same_setup, parameter_signature, setup_signature, target_signature
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
 from lightning_influence.data import FixedBatches
-from lightning_influence.batch_norm import fixed_statistics
+from lightning_influence.batch_norm import fixed_statistics, removal_gap
 from lightning_influence.distributed import Collective
 from lightning_influence.estimators.diffin_batch_norm import (
     BatchNormMode,
@@ -2089,9 +2089,8 @@ def _check_removal_in_evaluation_mode(pl_module: Any, batch: Any, index: int, si
     with torch.no_grad(), evaluation_mode(pl_module), fixed_statistics(pl_module):
         full = pl_module.per_sample_loss(batch).detach()
         sub = pl_module.per_sample_loss(pl_module.remove_from_batch(batch, index)).detach()
-    expected = torch.cat([full[:index], full[index + 1 :]])
-    gap = float((sub.double() - expected.double()).abs().max())
-    if gap > 1e3 * torch.finfo(full.dtype).eps * (1.0 + float(full.abs().max())):
+    gap, tolerance = removal_gap(full, sub, index)
+    if gap > tolerance:
         raise ValueError(
             f"{type(pl_module).__name__} has batch norm, which DiffIn scores as trained (batch_norm='batch', chosen by "
             f"'auto'): removing a sample re-evaluates {removal}(batch, i), the batch without it. But it takes out more "

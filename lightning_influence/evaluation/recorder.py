@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_influence.batch_norm import NORMALISATION_LAYERS, batch_statistics_layers, running_statistics
+from lightning_influence.batch_norm import batch_statistics_layers, is_batch_statistics_layer, running_statistics
 from lightning_influence.evaluation._checks import _shown
 from lightning_influence.evaluation.retraining import (
     OptimizerSpec,
@@ -26,17 +26,6 @@ from lightning_influence.evaluation.retraining import (
 from lightning_influence.callbacks.hooks import BackwardWatch, OptimizerStepWatch
 from lightning_influence.checks import FirstLossCheck, coupling_message, undeclared_coupling
 from lightning_influence.kernels import BufferWatch
-
-
-def _batch_statistics_names(module: torch.nn.Module) -> list[str]:
-    """Full names (``""`` for ``module`` itself) of the layers whose training-mode forward reads or
-    records statistics of the batch: batch norm, and instance norm with running statistics."""
-    return [
-        name
-        for name, sub in module.named_modules()
-        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm)
-        or (isinstance(sub, NORMALISATION_LAYERS) and getattr(sub, "track_running_stats", False))
-    ]
 
 
 class StepRecorder(Callback):
@@ -154,7 +143,7 @@ class StepRecorder(Callback):
         self.empty_steps = 0
         self._batches = []
         self._pending = None
-        self._norm_layers = [(name, pl_module.get_submodule(name) if name else pl_module) for name in _batch_statistics_names(pl_module)]
+        self._norm_layers = [(name, pl_module.get_submodule(name) if name else pl_module) for name, sub in pl_module.named_modules() if is_batch_statistics_layer(sub)]
         self._pending_eval = frozenset()
         self._eval_layers = []
         self._last_eval = frozenset()

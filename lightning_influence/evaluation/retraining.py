@@ -85,6 +85,7 @@ from lightning_influence.batch_norm import (
     NORMALISATION_LAYERS,
     batch_statistics_layers,
     fixed_statistics,
+    removal_gap,
     running_statistics,
     sync_batch_norm_layers,
 )
@@ -756,9 +757,7 @@ def _check_removal(
                 full = step_loss(point, batch)
                 for pos in sorted({0, size // 2, size - 1}):
                     sub = _removed(remove, step_loss, point, batch, [pos], size - 1, t, m, ids)
-                    expected = torch.cat([full[:pos], full[pos + 1 :]])
-                    gap = float((sub - expected).abs().max())
-                    tolerance = 1e3 * torch.finfo(full.dtype).eps * (1.0 + float(full.abs().max()))
+                    gap, tolerance = removal_gap(full, sub, pos)
                     if gap > tolerance:
                         raise ValueError(
                             f"{type(module).__name__} has batch-statistics layers ({_shown(batch_statistics_layers(module), 4)}), "
@@ -766,7 +765,7 @@ def _check_removal(
                             "the batch without it. But remove_from_batch takes out more than the sample: in evaluation "
                             "mode (running statistics: each sample's loss is its own) the losses of "
                             f"remove_from_batch(batch, {pos}) at step {t} (micro-batch {m}) differ from the full batch's "
-                            f"losses without position {pos} by up to {gap:.3g}{_shared_rows(module, step_loss, point, batch, pos, expected, tolerance)}. "
+                            f"losses without position {pos} by up to {gap:.3g}{_shared_rows(module, step_loss, point, batch, pos, torch.cat([full[:pos], full[pos + 1 :]]), tolerance)}. "
                             f"The default remove_from_batch drops row {pos} of every tensor whose first dimension is the "
                             f"batch size ({size}). Override remove_from_batch to drop the sample's rows only, or keep "
                             "tensors that are not per sample (class weights, lookup tables) out of the batch (e.g. as "
