@@ -274,20 +274,23 @@ def test_unmodelled_runs_are_refused() -> None:
         fit(TwoForwards().double(), batches, [DiffIn(target="val", target_loader=val, batch_norm="batch")])
 
 
-def test_a_resumed_fit_gives_the_uninterrupted_scores(tmp_path: Any) -> None:
+@pytest.mark.parametrize("case", ["batch", "auto on frozen batch norm"])
+def test_a_resumed_fit_gives_the_uninterrupted_scores(tmp_path: Any, case: str) -> None:
     """Replay and online (blocks of 4 steps) resumed from the last checkpoint of a shorter fit: the
     recorded steps carry their batch-norm counters, and the online flush reads the resumed running
-    statistics, so the scores equal the uninterrupted fit's."""
+    statistics, so the scores equal the uninterrupted fit's. ``"auto"`` on batch norm frozen from the
+    first batch settles on ``"running"`` again in the resumed fit, before the setup is compared."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     batches, val = problem(48, 8, 1)
+    make, mode = (BatchNormNet, "batch") if case == "batch" else (FrozenNorm, "auto")
 
     def run(folder: str, epochs: int, ckpt_path: Any = None, save: bool = False) -> list[DiffIn]:
         torch.manual_seed(0)
-        model = BatchNormNet("mlp", lr=0.1, momentum=0.9).double()
+        model = make("mlp", lr=0.1, momentum=0.9).double()
         callbacks = [
-            DiffIn(target="val", target_loader=val, batch_norm="batch", name="replay"),
-            DiffIn(target="val", target_loader=val, batch_norm="batch", mode="online", window=4, score_every=4, name="online"),
+            DiffIn(target="val", target_loader=val, batch_norm=mode, name="replay"),  # type: ignore[arg-type]
+            DiffIn(target="val", target_loader=val, batch_norm=mode, mode="online", window=4, score_every=4, name="online"),  # type: ignore[arg-type]
         ]
         extra = [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)] if save else []
         quiet_trainer(callbacks=[*callbacks, *extra], max_epochs=epochs, enable_checkpointing=save).fit(
@@ -300,6 +303,7 @@ def test_a_resumed_fit_gives_the_uninterrupted_scores(tmp_path: Any) -> None:
     resumed = run("c", 3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     for a, b in zip(straight, resumed):
         assert a.steps_scored == b.steps_scored == 18
+        assert a.scores.metadata["batch_norm"] == b.scores.metadata["batch_norm"] == ("batch" if case == "batch" else "running")
         torch.testing.assert_close(b.scores.values, a.scores.values, rtol=0, atol=1e-12)
 
 
