@@ -475,6 +475,10 @@ def test_auto_falls_back_to_evaluation_mode_under_16_mixed() -> None:
             BatchNormNet(), train_dataloaders=FixedBatches(to32(batches))
         )
     assert cb.scores.metadata["batch_norm"] == "running" and cb.scores.metadata["skipped_steps"] >= 1
+    with pytest.raises(ValueError, match=r"batch_norm='batch'\) does not model precision='16-mixed'"):
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=to32(val), batch_norm="batch")], plugins=[MixedPrecision("16-mixed", "cpu")]).fit(
+            BatchNormNet(), train_dataloaders=FixedBatches(to32(batches))
+        )
 
 
 def test_a_micro_batch_that_leaves_batch_norm_one_value_per_channel_is_named() -> None:

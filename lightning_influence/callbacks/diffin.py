@@ -355,13 +355,7 @@ class DiffIn(Callback):
         self.batch_removal: BatchRemoval = batch_removal
         check_batch_norm_mode(batch_norm)
         if batch_norm == "batch":
-            clash = {
-                "coupled=False": coupled is False,
-                "batch_removal='drop'": batch_removal == "drop",
-                f"chunk_size={chunk_size}": chunk_size is not None,
-                "per_sample='finite_difference'": per_sample == "finite_difference",
-            }
-            named = [k for k, v in clash.items() if v]
+            named = [k for k, v in _batch_norm_option_obstacles(coupled, batch_removal, chunk_size, per_sample).items() if v]
             if named:
                 raise ValueError(
                     f"batch_norm='batch' scores each batch's loss with its own statistics, a coupled batch loss whose removal "
@@ -549,6 +543,8 @@ class DiffIn(Callback):
                     "normalises its own shard and removing a sample changes one rank's statistics. Train on one device "
                     "(devices=1) for scoring, or use batch_norm='running'"
                 )
+            if str(trainer.precision) == "16-mixed":
+                raise ValueError(f"DiffIn(batch_norm='batch') does not model {SIXTEEN_MIXED}: use batch_norm='running'")
             self._coupled = True  # each batch's loss depends on the whole batch through its statistics
         if self._coupled and self.batch_removal == "drop":
             raise ValueError(
@@ -601,12 +597,8 @@ class DiffIn(Callback):
             pl_module,
             {
                 "training runs in several processes (DDP)": int(getattr(trainer, "world_size", 1) or 1) > 1,
-                # a step the gradient scaler skips moved the running statistics without an update to record
-                "precision='16-mixed' (its gradient scaler skips steps)": str(trainer.precision) == "16-mixed",
-                "coupled=False": self.coupled is False,
-                "batch_removal='drop'": self.batch_removal == "drop",
-                f"chunk_size={self.chunk_size}": self.chunk_size is not None,
-                "per_sample='finite_difference'": self.per_sample == "finite_difference",
+                SIXTEEN_MIXED: str(trainer.precision) == "16-mixed",
+                **_batch_norm_option_obstacles(self.coupled, self.batch_removal, self.chunk_size, self.per_sample),
             },
         )
         if reasons:
@@ -2100,6 +2092,23 @@ def _check_removal_in_evaluation_mode(pl_module: Any, batch: Any, index: int, si
             f"({size}), also of one that is not per sample (class weights, a lookup table). Override remove_from_batch "
             "to drop the sample's rows only, or keep such tensors out of the batch (module attributes or buffers)"
         )
+
+
+SIXTEEN_MIXED = (
+    "precision='16-mixed' (a step its gradient scaler skips moved batch norm's running statistics without an update "
+    "to record)"
+)
+
+
+def _batch_norm_option_obstacles(coupled: bool | None, batch_removal: str, chunk_size: int | None, per_sample: Any) -> dict[str, bool]:
+    """DiffIn's options that rule scoring batch norm as trained out (a coupled removal over whole batches),
+    named, each with whether it is set."""
+    return {
+        "coupled=False": coupled is False,
+        "batch_removal='drop'": batch_removal == "drop",
+        f"chunk_size={chunk_size}": chunk_size is not None,
+        "per_sample='finite_difference'": per_sample == "finite_difference",
+    }
 
 
 def _last_batch_size(trainer: L.Trainer) -> int | None:
