@@ -2077,7 +2077,9 @@ def _check_removal(pl_module: Any, batch: Any, ids: Tensor, statistics_only: boo
 
 
 def _check_removal_in_evaluation_mode(pl_module: Any, batch: Any, index: int, size: int, removal: str) -> None:
-    """See :func:`_check_removal` (``statistics_only``)."""
+    """See :func:`_check_removal` (``statistics_only``). The full batch's losses are evaluated next to
+    the sub-batch's each time: the training-mode evaluations of the check between positions move the
+    running statistics (restored once the whole check is done), and both sides must read the same ones."""
     with torch.no_grad(), evaluation_mode(pl_module), fixed_statistics(pl_module):
         full = pl_module.per_sample_loss(batch).detach()
         sub = pl_module.per_sample_loss(pl_module.remove_from_batch(batch, index)).detach()
