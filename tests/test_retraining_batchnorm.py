@@ -550,3 +550,70 @@ def test_the_end_of_fit_check_names_a_bias_before_batch_norm_under_adam_and_a_mo
         fit(Normed(body, (1, 8, 8), "adam"), single)
     with pytest.raises(ValueError, match=r"normalisation running statistics end .*batch norm momentum changed during training"):
         fit(model(bn1d), batches[:8], callbacks=(_ChangesMomentum(),))
+
+
+# --- momentum=None (cumulative moving average): vectorised like a float momentum ---------------------------
+
+
+def shared_bn1d(**options: Any) -> tuple[nn.Module, tuple[int, ...]]:
+    """One batch norm called twice per forward: its count rises by 2 per micro-batch, and each call
+    averages with the factor of its own count."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.norm, self.second = nn.Linear(64, 8, bias=False), nn.BatchNorm1d(8, **options), nn.Linear(8, 8, bias=False)
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.norm(self.second(torch.tanh(self.norm(self.first(x)))))))
+
+    return Twice(), (64,)
+
+
+@pytest.mark.parametrize(
+    ("layers", "optimizer", "accumulate", "frozen_from"),
+    [(bn1d, "sgd", 1, None), (bn2d, "adam", 2, None), (shared_bn1d, "sgd", 1, None), (bn1d, "sgd", 1, 3)],
+    ids=["BatchNorm1d-SGD-momentum", "Conv-BatchNorm2d-Adam-accumulated", "one-layer-called-twice", "frozen-from-step-3"],
+)
+def test_cumulative_average_batch_norm_is_vectorised_and_equals_brute_force(
+    data, monkeypatch, layers, optimizer, accumulate, frozen_from
+) -> None:
+    """``momentum=None`` averages with ``1 / num_batches_tracked``, which torch reads as a Python number:
+    the retraining passes it in from outside, per group of runs with equal counts (a run that emptied a
+    micro-batch ran one forward less), so the run-by-run loop is never needed. Leave-one-out, subsets
+    (one emptying a whole micro-batch) and every run's final parameters and running statistics equal a
+    plain PyTorch loop (torch's own momentum=None) to 1e-10."""
+    batches, target = data
+    batches = batches[:8]
+    module = model(layers, optimizer, momentum=None)
+    initial = copy.deepcopy(module)
+    callbacks = () if frozen_from is None else (_FreezesBatchNorm(frozen_from),)
+    recorder = fit(module, batches, accumulate, callbacks)  # verified: the Trainer's own run is reproduced
+    assert recorder.optimizer is not None
+
+    def no_loop(*args: Any) -> Any:
+        raise AssertionError("the run-by-run evaluation was used")
+
+    monkeypatch.setattr(retraining_module, "_each_run", no_loop)
+    ids = [0, 17, 42, 95]
+    ids = [i for i in ids if any(i in b[2].tolist() for b in batches)]
+    truth = leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, ids, target)
+    reference_run = lambda removed: brute_force(initial, optimizer, batches, removed, target, accumulate, frozen_from)  # noqa: E731
+    base, _ = reference_run(())
+    reference = torch.tensor([reference_run((i,))[0] - base for i in ids], dtype=torch.float64)
+    torch.testing.assert_close(truth, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+    assert float(reference.abs().min()) > 1e-6
+
+    whole = tuple(batches[1][2].tolist())  # an emptied micro-batch: that run's count falls one behind
+    removals = [(), (5, 6, 60), whole]
+    final = retrain(module, recorder.initial_params, recorder.steps, recorder.optimizer, removals)
+    subsets = subset_retraining(module, recorder.initial_params, recorder.steps, recorder.optimizer, removals[1:], target)
+    counts = [name for name in final if name.endswith("num_batches_tracked")]
+    assert counts and int(final[counts[0]][2]) < int(final[counts[0]][0])  # the runs' counts differ
+    for run, removed in enumerate(removals):
+        loss, state = reference_run(removed)
+        assert_state_close(final, run, state, list(final))
+        if run:
+            assert subsets.changes[run - 1].item() == pytest.approx(loss - base, rel=1e-10, abs=1e-12)
+    assert all(m.momentum is None for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))

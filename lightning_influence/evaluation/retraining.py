@@ -44,7 +44,10 @@ the sub-batch without ``z`` (such models are retrained as coupled, whatever ``co
 says), and every run keeps its own running statistics (``running_mean``, ``running_var``,
 ``num_batches_tracked``, stacked ``[K, *shape]`` and passed to ``functional_call``, whose
 training-mode forward updates them in place from that run's sub-batches and parameters), which the
-eval-mode target loss of that run then normalises with. A removal that leaves a micro-batch with one
+eval-mode target loss of that run then normalises with. ``momentum=None`` (the cumulative average, whose
+factor ``1 / num_batches_tracked`` torch reads as a Python number, which ``vmap`` refuses) is vectorised
+too: the factor is computed outside ``vmap``, for each group of runs with equal counts (runs differ only
+after one of them emptied a micro-batch). A removal that leaves a micro-batch with one
 sample, which batch norm cannot normalise, is refused naming the step and the samples. The sub-batches
 come from ``module.remove_from_batch``, checked first (for a model coupled by its batch statistics
 alone) to take out just the sample: in evaluation mode each sample's loss is its own, so the losses of
@@ -482,13 +485,19 @@ def _check_functional_gradient(
             "ground-truth run"
         )
 
+    cumulative = _CumulativeAverage(module)
+
     def functional(point: dict[str, Tensor]) -> dict[str, Tensor]:
         def mean_loss(params: dict[str, Tensor], buffers: dict[str, Tensor]) -> Tensor:
+            cumulative.start()
             return loss_fn({**state, **buffers, **params}, batch).mean()
 
         stacked = {n: v.unsqueeze(0) for n, v in point.items()}
         buffers = {n: v.unsqueeze(0).clone() for n, v in running.items()}  # copies: the forward writes them
-        return {n: v[0] for n, v in _Vectorize().grad(mean_loss, stacked, buffers, writes=buffers.values()).items()}
+        ((_, counts),) = cumulative.split([0], buffers)
+        with cumulative.replaying(counts):
+            grads = _Vectorize().grad(mean_loss, stacked, buffers, writes=buffers.values())
+        return {n: v[0] for n, v in grads.items()}
 
     # the trained parameters require a gradient for plain autograd's side, also on a model frozen after fit
     parameters = dict(module.named_parameters())
@@ -888,12 +897,13 @@ def _retrain_chunk(
             runs_removing.setdefault(i, []).append(run)
 
     vectorize = _Vectorize()
+    cumulative = _CumulativeAverage(module)
     drop = batch_removal == "drop"
     for t, (step, micro_ids) in enumerate(zip(steps, step_ids, strict=True)):
         step_loss = _holding(loss_fn, step.varying)
         with _layers_in_evaluation(module, step.eval_layers):
             grads = _step_gradients(
-                step, t, micro_ids, step_loss, theta, trained, k, runs_removing, coupled, remove, drop, vectorize, state
+                step, t, micro_ids, step_loss, theta, trained, k, runs_removing, coupled, remove, drop, vectorize, state, cumulative
             )
         grads = _clip(grads, trained, spec, k)
         for n in trained:
@@ -920,6 +930,7 @@ def _step_gradients(
     drop: bool,
     vectorize: _Vectorize,
     state: dict[str, Tensor],
+    cumulative: _CumulativeAverage,
 ) -> dict[str, Tensor]:
     """Per-run gradients ``[K, *shape]`` of step ``t``'s loss, accumulated over its micro-batches in
     order (as successive backward passes do), before clipping; ``state`` (each run's running
@@ -928,7 +939,7 @@ def _step_gradients(
     for m, (batch, ids) in enumerate(zip(step.batches, micro_ids, strict=True)):
         if coupled:
             micro = _coupled_gradients(
-                step_loss, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize, state
+                step_loss, remove, theta, trained, batch, ids, runs_removing, k, t, m, step.normalizer, vectorize, state, cumulative
             )
             grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
             continue
@@ -965,6 +976,77 @@ def _step_gradients(
         grads = micro if grads is None else {n: grads[n] + micro[n] for n in trained}
     assert grads is not None  # a TrainingStep has at least one micro-batch
     return grads
+
+
+class _CumulativeAverage:
+    """Batch norm with ``momentum=None`` (cumulative moving average) replayed under ``torch.func.vmap``.
+
+    Torch's training-mode forward computes that layer's averaging factor as ``1.0 /
+    float(num_batches_tracked)`` after incrementing the count, a read of a tensor as a Python number that
+    ``vmap`` refuses when the count is each run's own slice. The count is the same for runs that ran
+    the same number of training-mode forwards through the layer (every run runs one per micro-batch it
+    does not empty), so runs are evaluated in groups of equal counts (:meth:`split`; one group unless a
+    removal emptied a micro-batch), and within :meth:`replaying` a forward pre-hook gives each such layer
+    the float momentum ``1.0 / float(count + calls)`` torch would compute (``calls``: the training-mode
+    calls of the layer in this evaluation so far, counted from :meth:`start`, so a layer called twice
+    per forward is replayed too). Torch then takes the float-momentum path, which ``vmap`` batches:
+    the same update, in the same arithmetic."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.layers: dict[str, nn.modules.batchnorm._BatchNorm] = {
+            f"{name}.num_batches_tracked" if name else "num_batches_tracked": layer
+            for name, layer in module.named_modules()
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm)
+            and layer.momentum is None
+            and layer.track_running_stats
+            and layer.num_batches_tracked is not None
+        }
+        self._counts: dict[str, int] = {}
+        self._calls: dict[str, int] = {}
+
+    def split(self, runs: Sequence[int], state: Mapping[str, Tensor]) -> list[tuple[list[int], dict[str, int]]]:
+        """``runs`` (indices into ``state``'s leading dimension) grouped by their counts: ``[(positions in
+        runs, {count buffer name: count})]``, in the order of the runs' first appearance."""
+        names = [n for n in self.layers if n in state]
+        if not names or not runs:
+            return [(list(range(len(runs))), {})]
+        index = torch.tensor(list(runs), device=state[names[0]].device)
+        columns = [state[n].index_select(0, index).tolist() for n in names]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j in range(len(runs)):
+            groups.setdefault(tuple(int(c[j]) for c in columns), []).append(j)
+        return [(positions, dict(zip(names, key, strict=True))) for key, positions in groups.items()]
+
+    @contextlib.contextmanager
+    def replaying(self, counts: Mapping[str, int]) -> Iterator[None]:
+        """Within the context, each ``momentum=None`` layer's training-mode forward uses the float momentum
+        of the runs whose counts are ``counts`` (from :meth:`split`); ``momentum=None`` restored on exit."""
+        if not counts:
+            yield
+            return
+        self._counts = dict(counts)
+        self.start()
+        handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in self.layers.items() if name in counts]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer in self.layers.values():
+                layer.momentum = None
+            self._counts = {}
+
+    def start(self) -> None:
+        """An evaluation of the training forward starts (once per vmapped call, once per run of the loop)."""
+        self._calls = {name: 0 for name in self._counts}
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any], None]:
+        def set_momentum(layer: nn.Module, args: Any) -> None:
+            if layer.training:  # torch counts (and averages) in training mode only
+                self._calls[name] += 1
+                layer.momentum = 1.0 / float(self._counts[name] + self._calls[name])
+
+        return set_momentum
 
 
 @contextlib.contextmanager
@@ -1012,8 +1094,9 @@ class _Vectorize:
 
     ``writes``: stacked tensors that the function updates in place (each run's running statistics,
     written by batch norm's training-mode forward through its run's slice); a vectorised evaluation
-    that fails part-way is undone on them before the loop runs (``momentum=None`` batch norm reads
-    ``num_batches_tracked`` as a Python number after incrementing it, which ``vmap`` refuses)."""
+    that fails part-way is undone on them before the loop runs. (``momentum=None`` batch norm, which
+    reads ``num_batches_tracked`` as a Python number, is given that number from outside:
+    :class:`_CumulativeAverage`.)"""
 
     def __init__(self) -> None:
         self.loop = False
@@ -1095,7 +1178,8 @@ def _coupled_gradients(
     m: int,
     norm: int,
     vectorize: _Vectorize,
-    state: dict[str, Tensor] | None = None,
+    state: dict[str, Tensor],
+    cumulative: _CumulativeAverage,
 ) -> dict[str, Tensor]:
     """Per-run gradients ``[K, *shape]`` of one micro-batch's coupled loss, ``grad mean
     per_sample_loss(sub-batch) / norm``; zero for a run that removes every sample of the micro-batch.
@@ -1109,8 +1193,8 @@ def _coupled_gradients(
 
     ``state``: each run's running statistics ``{buffer name: Tensor[K, *shape]}``, passed to the
     training-mode forward of the run's sub-batch, which updates them in place as training did (a run
-    whose micro-batch is emptied runs no forward: its statistics stay as they were)."""
-    state = state if state is not None else {}
+    whose micro-batch is emptied runs no forward: its statistics stay as they were). ``cumulative``: the
+    ``momentum=None`` batch norm layers, whose runs are evaluated in groups of equal batch counts."""
     size = len(ids)
     device = theta[trained[0]].device
     removed_at: dict[int, list[int]] = {}  # run -> positions it removes in this micro-batch
@@ -1128,9 +1212,18 @@ def _coupled_gradients(
 
     def evaluate(runs: list[int], remaining: int, sub: Any, rows: list[Tensor] | None) -> None:
         """The gradients of ``runs`` on ``sub`` (shared), or on the batch with its per-sample tensors
-        replaced by each run's slice of ``rows`` (``[runs, remaining, ...]``)."""
+        replaced by each run's slice of ``rows`` (``[runs, remaining, ...]``): one vectorised evaluation
+        per group of runs with equal ``momentum=None`` batch counts (one group without such layers)."""
+        for positions, counts in cumulative.split(runs, state):
+            part = rows
+            if rows is not None and len(positions) < len(runs):
+                part = [r.index_select(0, torch.tensor(positions, device=r.device)) for r in rows]
+            with cumulative.replaying(counts):
+                evaluate_group([runs[j] for j in positions], remaining, sub, part)
 
+    def evaluate_group(runs: list[int], remaining: int, sub: Any, rows: list[Tensor] | None) -> None:
         def mean_loss(params: dict[str, Tensor], buffers: dict[str, Tensor], *own: Tensor) -> Tensor:
+            cumulative.start()
             evaluated = sub
             if own:
                 visit = iter(range(len(leaves)))
