@@ -406,7 +406,9 @@ def test_batch_norm_switched_to_evaluation_mode_is_replayed_as_trained(data, sta
         trainer.fit(module, train_dataloaders=FixedBatches(batches))
     assert recorder.optimizer is not None
     assert [sorted(s.eval_layers) for s in recorder.steps] == [[]] * start + [["net.1"]] * (10 - start)
-    assert len({id(s.eval_layers) for s in recorder.steps[start:]}) == 1  # one set for the whole stretch
+    # memory: the steps hold one set object per stretch of steps with unchanged modes (not one per step)
+    stored_sets = {id(s.eval_layers) for s in recorder.steps}
+    assert len(stored_sets) == (1 if start == 0 else 2)
     ids = [3, 50, 77]
     truth = leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, ids, target)
     base, state = brute_force(initial, "sgd", batches, (), target, frozen_from=start)
@@ -417,6 +419,57 @@ def test_batch_norm_switched_to_evaluation_mode_is_replayed_as_trained(data, sta
     final = retrain(module, recorder.initial_params, recorder.steps, recorder.optimizer, [()])
     assert_state_close(final, 0, state, list(final))
 
+
+
+class _SwitchesInHook(Callback):
+    """Puts ``net.1`` in evaluation mode in ``hook`` of the first batch, for the rest of the fit."""
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if self.hook == "on_train_batch_start":
+            pl_module.net[1].eval()
+
+    def on_before_backward(self, trainer, pl_module, loss):  # type: ignore[no-untyped-def]
+        if self.hook == "on_before_backward":
+            pl_module.net[1].eval()
+
+    def on_after_backward(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        if self.hook == "on_after_backward":
+            pl_module.net[1].eval()
+
+
+@pytest.mark.parametrize(
+    ("hook", "recorder_first", "frozen_from"),
+    [("on_train_batch_start", True, 0), ("on_before_backward", False, 1), ("on_after_backward", False, 1)],
+    ids=["before-the-first-forward-after-the-recorder", "after-the-first-forward-before-the-recorder", "after-the-first-backward"],
+)
+def test_batch_norm_switched_by_a_hook_inside_the_first_batch_is_recorded_as_the_forward_ran_it(data, hook, recorder_first, frozen_from) -> None:
+    """A callback switching batch norm to evaluation mode inside the first batch: in on_train_batch_start
+    after the recorder's hook (training_step's first forward runs in evaluation mode: no false first-loss
+    mismatch), or after that forward, in an on_before_backward that runs before the recorder's (step 0
+    trained in training mode, recorded so). The record, and leave-one-out, match a plain PyTorch loop
+    that switches where the forward saw the switch."""
+    batches, target = data
+    batches = batches[:6]
+    module = model(bn1d)
+    initial = copy.deepcopy(module)
+    recorder = StepRecorder()
+    switch = _SwitchesInHook(hook)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = quiet_trainer(callbacks=[recorder, switch] if recorder_first else [switch, recorder])
+        trainer.fit(module, train_dataloaders=FixedBatches(batches))  # verified at the end of fit as well
+    assert recorder.optimizer is not None
+    assert [sorted(s.eval_layers) for s in recorder.steps] == [[]] * frozen_from + [["net.1"]] * (6 - frozen_from)
+    ids = [3, 50]
+    truth = leave_one_out(module, recorder.initial_params, recorder.steps, recorder.optimizer, ids, target)
+    base, _ = brute_force(initial, "sgd", batches, (), target, frozen_from=frozen_from)
+    reference = torch.tensor(
+        [brute_force(initial, "sgd", batches, (i,), target, frozen_from=frozen_from)[0] - base for i in ids], dtype=torch.float64
+    )
+    torch.testing.assert_close(truth, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
 
 # --- remove_from_batch: checked before the coupled retraining of batch-norm models ----------------------
 

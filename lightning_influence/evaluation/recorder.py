@@ -25,7 +25,48 @@ from lightning_influence.evaluation.retraining import (
 )
 from lightning_influence.callbacks.hooks import BackwardWatch, OptimizerStepWatch
 from lightning_influence.checks import FirstLossCheck, coupling_message, undeclared_coupling
-from lightning_influence.kernels import BufferWatch
+from lightning_influence.kernels import BufferWatch, per_sample_loss_function
+
+
+class _ModeWatch:
+    """The mode (training or evaluation) each watched layer ran in at its last call since :meth:`arm`:
+    forward pre-hooks, so that what is recorded is what a forward really ran, not the mode a hook left
+    the layer in afterwards. Layers not called since :meth:`arm` report their current mode."""
+
+    def __init__(self) -> None:
+        self._layers: list[tuple[str, torch.nn.Module]] = []
+        self._handles: list[Any] = []
+        self._armed = False
+        self._seen: dict[str, bool] = {}
+
+    def watch(self, layers: list[tuple[str, torch.nn.Module]]) -> None:
+        """Watch ``layers`` (name, layer), in place of any watched before."""
+        self.close()
+        self._layers = list(layers)
+        self._handles = [layer.register_forward_pre_hook(self._hook(name, layer)) for name, layer in self._layers]
+
+    def _hook(self, name: str, watched: torch.nn.Module) -> Any:
+        def seen(layer: torch.nn.Module, args: Any) -> None:
+            if self._armed and layer is watched:  # not a deep copy of the model, which carries the hook along
+                self._seen[name] = layer.training
+
+        return seen
+
+    def arm(self) -> None:
+        """A micro-batch starts: forget the modes seen so far."""
+        self._seen = {}
+        self._armed = True
+
+    def disarm(self) -> dict[str, bool]:
+        """Stop watching this micro-batch; each watched layer's mode (``True``: training) at its last call."""
+        self._armed = False
+        return {name: self._seen.get(name, layer.training) for name, layer in self._layers}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._armed = False
 
 
 class StepRecorder(Callback):
@@ -65,13 +106,16 @@ class StepRecorder(Callback):
     Which parameters train is recorded at the first batch (``OptimizerSpec.trained``: freezing the
     model after fit does not change the ground truth); freezing or unfreezing parameters during fit is
     refused at the step it shows. Batch-statistics layers that a step ran in evaluation mode (a frozen
-    backbone's batch norm, switched before ``training_step``) are recorded with the step
-    (``TrainingStep.eval_layers``) and replayed so; a switch between the micro-batches of one step is refused.
+    backbone's batch norm) are recorded with the step (``TrainingStep.eval_layers``) and replayed so; the
+    mode recorded is the one ``training_step``'s forward ran them in (forward pre-hooks), also when a hook
+    switches them later in the batch (``on_before_backward``); a switch between the micro-batches of one
+    step is refused.
 
     A model the retraining cannot replay (dropout with ``p > 0``, ``nn.SyncBatchNorm``, spectral
     normalisation) is refused when fit starts (batch norm is replayed: :func:`retrain`);
     ``training_step``'s loss is compared with the mean
-    of ``per_sample_loss`` on the first batch. ``verify`` (default): when training ends, the recorded
+    of ``per_sample_loss`` on the first batch, evaluated after ``training_step``'s forward with its layers in
+    the modes that forward ran them in. ``verify`` (default): when training ends, the recorded
     run is retrained with nothing removed and must reproduce the trained parameters and the running
     statistics of its normalisation layers (to 1e-7 of how far they moved in float64, 1e-3 in
     float32, plus 64 roundings; ``num_batches_tracked`` exactly; not under mixed precision, whose
@@ -97,6 +141,7 @@ class StepRecorder(Callback):
         self._pending: Any = None
         self._norm_layers: list[tuple[str, torch.nn.Module]] = []  # batch-statistics layers, by name
         self._pending_eval: frozenset[str] = frozenset()  # those in evaluation mode when the pending micro-batch ran
+        self._modes = _ModeWatch()  # the mode each of them ran in during the pending micro-batch's forward
         self._eval_layers: list[frozenset[str]] = []  # per kept micro-batch of the step being gathered
         self._last_eval: frozenset[str] = frozenset()  # the previous step's set, shared when unchanged
         self._backward = BackwardWatch()  # did the pending micro-batch's backward run?
@@ -106,6 +151,7 @@ class StepRecorder(Callback):
         self._step_watch = OptimizerStepWatch(self._on_step, "StepRecorder", carries_state=True)
         self._awaiting: int | None = None  # the step recorded at on_before_optimizer_step, until its optimizer.step starts
         self._first_loss = FirstLossCheck()
+        self._batch_start_state: tuple[dict[str, Tensor], list[Tensor]] | None = None  # buffers, random states
         self._verdict: str | None = None  # the replay check's refusal, raised once every on_train_end has run
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -145,6 +191,7 @@ class StepRecorder(Callback):
         self._pending = None
         self._norm_layers = [(name, pl_module.get_submodule(name) if name else pl_module) for name, sub in pl_module.named_modules() if is_batch_statistics_layer(sub)]
         self._pending_eval = frozenset()
+        self._modes.watch(self._norm_layers)
         self._eval_layers = []
         self._last_eval = frozenset()
         self._backward.watch([p for group in optimizer.param_groups for p in group["params"]])
@@ -166,15 +213,14 @@ class StepRecorder(Callback):
             change = None if batch_statistics_layers(pl_module) else undeclared_coupling(pl_module, batch)
             if change is not None:
                 warnings.warn(coupling_message(pl_module, change), UserWarning, stacklevel=2)
-            self._first_loss.batch_start(pl_module, batch)  # before the buffer watch: the check restores the buffers
             trained = {id(p) for group in _unwrap(trainer.optimizers[0]).param_groups for p in group["params"] if p.requires_grad}
             self._trained_ids = trained
             if self.optimizer is not None:  # the parameters training updates, whatever their flags say after fit
                 names = [n for n, p in pl_module.named_parameters() if id(p) in trained]
                 self.optimizer = replace(self.optimizer, trained=tuple(names))
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
-        else:
-            self._first_loss.batch_start(pl_module, batch)  # while training_step left the first batches out
+        self._batch_start_state = self._state(pl_module) if self._first_loss.pending else None
+        self._modes.arm()  # last: the forwards of training_step (and of the later hooks before it) are watched
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._first_loss.batch_end(trainer, outputs)  # the retraining's loss is the mean of per_sample_loss: the run's must be too
@@ -189,23 +235,67 @@ class StepRecorder(Callback):
         self._pending_eval = frozenset()
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        # after training_step's forward: the batch-statistics layers it ran in evaluation mode (a frozen backbone's)
-        self._pending_eval = frozenset(name for name, layer in self._norm_layers if not layer.training)
+        # after training_step's forward: the batch-statistics layers it ran in evaluation mode (a frozen backbone's),
+        # as that forward ran them, whatever a hook switched since
+        modes = self._modes.disarm()
+        self._pending_eval = frozenset(name for name, training in modes.items() if not training)
+        state, self._batch_start_state = self._batch_start_state, None
+        if self._first_loss.pending and self._pending is not None and state is not None:
+            # the first step's check: the loss that training_step returned against per_sample_loss as it ran
+            self._first_loss.batch_start(pl_module, self._pending, self._losses_as_trained(pl_module, self._pending, modes, state))
+
+    @staticmethod
+    def _state(pl_module: L.LightningModule) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Copies of the module's buffers and the random generators' states, as the micro-batch starts."""
+        buffers = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
+        rng = [torch.get_rng_state()]
+        if pl_module.device.type == "cuda":
+            rng.append(torch.cuda.get_rng_state(pl_module.device))
+        return buffers, rng
+
+    def _losses_as_trained(
+        self, pl_module: L.LightningModule, batch: Any, modes: dict[str, bool], state: tuple[dict[str, Tensor], list[Tensor]]
+    ) -> Tensor:
+        """``per_sample_loss(batch)`` as training_step's forward computed it, evaluated after that forward
+        (before its backward): each batch-statistics layer in the mode that forward ran it in (``modes``; a
+        hook may have switched it since), the buffers and random states as the micro-batch started
+        (``state``, from :meth:`_state`). The buffers are passed as those copies, so nothing of the module
+        is written (the pending backward may need the originals as they are); the random stream is forked."""
+        buffers, rng = state
+        layers = dict(self._norm_layers)
+        saved = {name: layer.training for name, layer in layers.items()}
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        try:
+            for name, training in modes.items():
+                layers[name].training = training
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                torch.set_rng_state(rng[0])
+                if devices:
+                    torch.cuda.set_rng_state(rng[1], pl_module.device)
+                if not buffers:
+                    return pl_module.per_sample_loss(batch).detach()  # type: ignore[operator]
+                return per_sample_loss_function(pl_module)(buffers, batch).detach()
+        finally:
+            for name, training in saved.items():
+                layers[name].training = training
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._backward.close()
         self._step_watch.close()
+        self._modes.close()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._drop_unstepped()
         self._backward.close()
         self._step_watch.close()
+        self._modes.close()
         self._verdict = None
         if self.verify and self.steps and self.optimizer is not None and not self._mixed:
             self._verdict = self._verify_replay(pl_module)  # on the training device, before Lightning's teardown
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step_watch.close()  # also when the training loop never ran
+        self._modes.close()
         # Raised after every callback's on_train_end (DiffIn's end-of-fit sweep among them), which it would stop.
         verdict, self._verdict = self._verdict, None
         if verdict is not None:
