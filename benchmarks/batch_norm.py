@@ -18,9 +18,10 @@ Optimizers (`--optimizers`): plain SGD (`sgd`, lr 0.1) or SGD with momentum 0.9 
   sub-batches, the sample taken out of its batches' statistics, and keeps its own running
   statistics, which its evaluation-mode target uses). Rows (`--only`) are built by name through
   the registry with default options: any label of `fidelity.py`'s estimators, or a DiffIn row
-  `diffin-{replay,online}[-window<k>][-{auto,batch,running}]` (`-window<k>`: online with window
-  and blocks of k steps; the suffix sets `batch_norm`, default DiffIn's own, `"auto"`: as trained,
-  `"batch"`, on batch-norm models). Also shown: the `batch_norm` mode DiffIn scored with, its largest
+  `diffin-{replay,online}[-window<k>][-{auto,batch,running}][-{linear,exact}]` (`-window<k>`: online
+  with window and blocks of k steps; the first suffix sets `batch_norm`, default DiffIn's own,
+  `"auto"`: as trained, `"batch"`, on batch-norm models; the second `batch_norm_removal`, default
+  `"auto"`: `"linear"` here). Also shown: the `batch_norm` mode DiffIn scored with, its largest
   adjoint growth, and the seconds to scores (fit with the estimator's callback less a plain fit,
   plus post-hoc scoring, as in `fidelity.py`).
 - `speed`: seconds of `leave_one_out` of `--samples` samples and of `subset_retraining` of
@@ -111,26 +112,29 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 
 DIFFIN_ROW = re.compile(
     r"diffin-(?P<mode>replay|online)(?:-window(?P<window>[1-9][0-9]*))?(?:-(?P<batch_norm>auto|batch|running))?"
+    r"(?:-(?P<removal>linear|exact))?"
 )
 
 
 def estimator_spec(label: str) -> tuple[str, dict[str, Any]]:
     """Registry name and options of the row ``label``: a label of ``fidelity.ESTIMATORS``, or a DiffIn row
-    ``diffin-{replay,online}[-window<k>][-{auto,batch,running}]``. Raises ``ValueError`` for any other."""
+    ``diffin-{replay,online}[-window<k>][-{auto,batch,running}][-{linear,exact}]``. Raises ``ValueError`` for any other."""
     if label in ESTIMATORS:
         return ESTIMATORS[label]
     match = DIFFIN_ROW.fullmatch(label)
     if match is None or (match["mode"] == "replay" and match["window"]):
         raise ValueError(
             f"unknown row {label!r}: use a label of fidelity.py ({', '.join(ESTIMATORS)}) or "
-            "diffin-replay[-auto|-batch|-running], diffin-online[-window<k>][-auto|-batch|-running] "
-            "(a window is online only)"
+            "diffin-replay[-auto|-batch|-running][-linear|-exact], "
+            "diffin-online[-window<k>][-auto|-batch|-running][-linear|-exact] (a window is online only)"
         )
     options: dict[str, Any] = {"target": "val", "mode": match["mode"]}
     if match["window"]:
         options.update(window=int(match["window"]), score_every=int(match["window"]))
     if match["batch_norm"]:
         options["batch_norm"] = match["batch_norm"]
+    if match["removal"]:
+        options["batch_norm_removal"] = match["removal"]
     return "diffin", options
 
 
@@ -197,6 +201,7 @@ def fidelity_rows(model_name: str, optimizer: str, labels: list[str], args: argp
                 spearman=spearman(est, truth),
                 pearson=pearson(est, truth),
                 batch_norm=scores.metadata.get("batch_norm"),
+                removal=scores.metadata.get("batch_norm_removal"),
                 max_adjoint_growth=scores.metadata.get("max_adjoint_growth"),
                 seconds=seconds,
             )
@@ -292,7 +297,8 @@ def print_tables(
             else:
                 growth = "-" if r["max_adjoint_growth"] is None else f"{r['max_adjoint_growth']:.3g}"
                 print(
-                    f"| {r['model']} | {r['optimizer']} | {r['estimator']} | {r['batch_norm'] or '-'} "
+                    f"| {r['model']} | {r['optimizer']} | {r['estimator']} | {r['batch_norm'] or '-'}"
+                    f"{' (' + r['removal'] + ')' if r.get('removal') else ''} "
                     f"| {fmt(r['spearman'])} | {fmt(r['pearson'])} | {growth} | {fmt(r['seconds'], 1)} |"
                 )
         print()

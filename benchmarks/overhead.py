@@ -12,6 +12,8 @@ Workloads:
           parameters), float32, batch 32, 8 epochs
   synth   an MLP 256-1024-768-10 (~1.06M parameters), float32, synthetic Gaussian-mixture data,
           4096 samples, batch 64, 3 epochs = 192 steps
+  bn-cnn  the cnn with BatchNorm2d after each convolution (convolutions without bias), scored as
+          trained by the default batch_norm="auto" (not in the default --workloads)
 
 Configurations: ``replay`` (including its end-of-fit reverse sweep; parameters stored every 8
 steps), with every step's parameters stored (``checkpoint_every=1``), with the cheaper
@@ -19,7 +21,9 @@ steps), with every step's parameters stored (``checkpoint_every=1``), with the c
 derivatives by finite differences of the losses); ``online`` with the defaults (whose window
 covers these short runs), with ``hessian_every=2``, and with a small window so that the windowed scoring really runs during
 fit: at the default ratios (blocks of twice the window, parameters stored every 8 steps) and at
-the previous defaults' (blocks of one window, every step recorded).
+the previous defaults' (blocks of one window, every step recorded). On batch-norm workloads also
+``replay-bn-exact`` (``batch_norm_removal="exact"``) and ``replay-bn-running`` (evaluation mode),
+which are not in the default ``--configs``.
 
 Usage::
 
@@ -27,6 +31,7 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --profile synth:replay   # cProfile one fit
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --optimizer adamw        # train with AdamW (or momentum)
     OMP_NUM_THREADS=1 python benchmarks/overhead.py --configs online --min-steps 2048   # online in steady state
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py --workloads cnn,bn-cnn --configs replay,replay-bn-exact,replay-bn-running
 
 Prints a Markdown table on stdout. Numbers are ratios from one run on whatever machine runs it.
 """
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import dataclasses
 import io
 import json
 import logging
@@ -91,6 +97,7 @@ class Workload:
     y_val: torch.Tensor
     small_window: int
     cnn_channels: tuple[int, int] | None = None  # a SmallCNN on 8x8 images instead of the MLP
+    batch_norm: bool = False  # the SmallCNN with BatchNorm2d after each convolution
     init_state: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: str = "sgd"
 
@@ -103,7 +110,7 @@ class Workload:
         if self.cnn_channels is not None:
             model: Classifier = SmallCNN(
                 side=int(self.in_features**0.5), num_classes=self.num_classes, channels=self.cnn_channels,
-                lr=self.lr * lr, optimizer=name, optimizer_options=options,
+                lr=self.lr * lr, optimizer=name, optimizer_options=options, batch_norm=self.batch_norm,
             )
         else:
             model = Classifier(
@@ -170,6 +177,14 @@ def cnn_workload(quick: bool) -> Workload:
         y_val=digits.y_val,
         small_window=16,
         cnn_channels=(16, 32),
+    )
+
+
+def bn_cnn_workload(quick: bool) -> Workload:
+    """The CNN with batch norm after each convolution (without bias): batch norm scored as trained."""
+    cnn = cnn_workload(quick)
+    return dataclasses.replace(
+        cnn, name="bn-cnn", description=cnn.description.replace("SmallCNN", "SmallCNN with BatchNorm2d,"), batch_norm=True
     )
 
 
@@ -253,6 +268,11 @@ CONFIG_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "replay-every-step": ("replay, every step recorded (checkpoint_every=1, the earlier default)", {"mode": "replay", "checkpoint_every": 1}),
     "replay-k2": ("replay, hessian_every=2", {"mode": "replay", "hessian_every": 2}),
     "replay-jvp": ("replay, per_sample=forward_mode", {"mode": "replay", "per_sample": "forward_mode"}),
+    "replay-bn-exact": (
+        "replay, batch_norm_removal=exact (each batch re-evaluated without each sample)",
+        {"mode": "replay", "batch_norm_removal": "exact"},
+    ),
+    "replay-bn-running": ("replay, batch_norm=running (evaluation mode)", {"mode": "replay", "batch_norm": "running"}),
     "online": ("online (defaults: window 256, blocks of 512)", {"mode": "online"}),
     "online-k2": ("online, hessian_every=2 (defaults otherwise)", {"mode": "online", "hessian_every": 2}),
     "online-forward": (
@@ -424,8 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         help="interleaved plain/callback rounds per configuration (default 3, quick 1)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every number to this JSON file")
-    parser.add_argument("--workloads", default="digits,cnn,synth", help="comma-separated subset of: digits,cnn,synth")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of: {','.join(CONFIGS)}")
+    parser.add_argument("--workloads", default="digits,cnn,synth", help="comma-separated subset of: digits,cnn,synth,bn-cnn")
+    parser.add_argument(
+        "--configs",
+        default=",".join(c for c in CONFIGS if not c.startswith("replay-bn-")),
+        help=f"comma-separated subset of: {','.join(CONFIGS)}",
+    )
     parser.add_argument(
         "--profile", metavar="WORKLOAD:CONFIG", help="instead: cProfile one callback fit, e.g. synth:replay"
     )
@@ -444,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1:
         parser.error("--repeats must be >= 1")
 
-    makers = {"digits": digits_workload, "cnn": cnn_workload, "synth": synthetic_workload}
+    makers = {"digits": digits_workload, "cnn": cnn_workload, "bn-cnn": bn_cnn_workload, "synth": synthetic_workload}
     if args.profile:
         name, _, config = args.profile.partition(":")
         if name not in makers or config not in CONFIGS:

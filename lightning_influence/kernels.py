@@ -354,6 +354,70 @@ def batch_gradient(loss_fn: PerSampleLossFn, space: ParameterSpace, theta: Tenso
     return losses_and_gradient(loss_fn, space, theta, batch)[1]
 
 
+class SampleWeights:
+    """The sample weights ``w [B]`` of one forward pass: ones, created as an autograd leaf by the
+    first layer that asks for them (a layer that couples the batch's samples, e.g. batch norm's
+    statistics, weighting each sample's rows) or else by the loss's weighted mean (see
+    :func:`weighted_batch_loss`)."""
+
+    def __init__(self) -> None:
+        self.tensor: Tensor | None = None
+
+    def get(self, size: int, like: Tensor, where: str = "") -> Tensor:
+        """The weights for ``size`` samples (``like``'s dtype and device); raises if an earlier
+        request (another layer of the same forward) saw another number of samples."""
+        if self.tensor is None:
+            self.tensor = torch.ones(size, dtype=like.dtype, device=like.device, requires_grad=True)
+        elif self.tensor.shape[0] != size:
+            raise SampleWeightsError(
+                f"{where or 'a layer'} received {size} rows where the batch's first weighted layer received "
+                f"{self.tensor.shape[0]}: sample weights need every weighted layer's first dimension to be the batch's samples"
+            )
+        return self.tensor
+
+
+class SampleWeightsError(ValueError):
+    """A weighted layer or the loss saw another number of samples than the batch's weights."""
+
+
+SampleWeighting = Callable[[SampleWeights], contextlib.AbstractContextManager[None]]
+"""``weighting(weights)``: a context in which the module's forward weights each sample of its
+batch by ``weights`` wherever it couples samples (e.g.
+:meth:`~lightning_influence.estimators.diffin_batch_norm.BatchNormTrace.sample_weighting`)."""
+
+
+def weighted_batch_loss(
+    loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, weighting: SampleWeighting
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(losses [B], weights [B], L)``: the per-sample losses of a forward run under ``weighting``
+    with unit weights (an autograd leaf) and the weighted batch loss
+    ``L(w) = sum_i w_i l_i(w) / sum_i w_i``, which at ``w = 1`` is the batch's mean loss. Run with
+    autograd enabled and differentiate ``L`` by the weights for :func:`removal_losses`."""
+    weights = SampleWeights()
+    with weighting(weights):
+        losses = loss_fn(params, batch)
+    if losses.dim() != 1:
+        raise SampleWeightsError(f"per_sample_loss returned shape {tuple(losses.shape)}; expected one loss per sample, [B]")
+    w = weights.get(losses.shape[0], losses, "the per-sample loss")
+    return losses, w, (w * losses).sum() / w.sum()
+
+
+def removal_losses(total: Tensor, weights: Tensor, weight_gradient: Tensor) -> Tensor:
+    """Each sample's *removal loss* ``v_i = L + b dL/dw_i`` at ``w = 1`` (``b`` samples; ``L`` and
+    its gradient by the weights from :func:`weighted_batch_loss`), detached, in the loss's units.
+
+    The loss of a batch without ``z`` is, to first order, ``L(B \\ z) = L(B) + (L - v_z) / (b - 1)``:
+    along ``w = 1 - t e_z`` every weighted mean is affine in ``s = t / (b - t)`` and the removal is
+    ``t = 1``, ``s = 1 / (b - 1)``, so ``dL/ds = -b dL/dw_z``; the error is second order in the
+    step ``1 / (b - 1)`` (the curvature of the batch's statistics, e.g. batch norm's variance, in
+    ``s``). For losses that do not couple samples ``v_i = l_i`` and the formula is exact. ``mean v = L``
+    (``L`` does not change when every weight is scaled alike), so ``v`` replaces the per-sample
+    losses wherever the removal is ``(mean - value_z) / (b - 1)``: differences along a tangent of
+    ``v`` give the removal's derivatives at the cost of a gradient pass, instead of ``b`` passes
+    over the sub-batches (:func:`removal_derivatives`)."""
+    return total.detach() + weights.numel() * weight_gradient.detach()
+
+
 def losses_and_gradient(
     loss_fn: PerSampleLossFn,
     space: ParameterSpace,
@@ -361,12 +425,24 @@ def losses_and_gradient(
     batch: Any,
     chunk_size: int | None = None,
     flat: bool = True,
+    weighting: SampleWeighting | None = None,
 ) -> tuple[Tensor, Tensor | list[Tensor]]:
     """Per-sample losses ``[B]`` (detached) and the flat gradient of their mean at the flat point
     ``theta`` (parameters' dtype): one forward and one backward pass (per chunk of at most
     ``chunk_size`` samples, see :func:`batch_chunks`). ``flat=False``: the gradient as one tensor
-    per parameter, in ``space``'s order (saves the parameter-sized copy into a flat vector)."""
+    per parameter, in ``space``'s order (saves the parameter-sized copy into a flat vector).
+    ``weighting``: the forward couples the batch's samples (batch norm): the losses returned are
+    the :func:`removal_losses` (from the same backward pass), and the batch is one chunk."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in space.unflatten(theta).items()}
+    if weighting is not None:
+        if chunk_size is not None:
+            raise ValueError("chunk_size splits a batch whose forward couples its samples (sample weighting): leave chunk_size=None")
+        with torch.enable_grad():
+            _, weights, total = weighted_batch_loss(loss_fn, leaves, batch, weighting)
+            *grads, by_weight = torch.autograd.grad(total, [*leaves.values(), weights], allow_unused=True)
+        values = removal_losses(total, weights, by_weight)
+        parts = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, leaves.values(), strict=True)]
+        return values, (space.flatten(parts) if flat else parts)
     chunks = batch_chunks(batch, chunk_size)
     total_size = sum(n for _, n in chunks)
     every: list[Tensor] = []
@@ -405,6 +481,7 @@ def difference_derivatives(
     minus: Tensor | None = None,
     base: Tensor | None = None,
     chunk_size: int | None = None,
+    weighting: SampleWeighting | None = None,
 ) -> Tensor:
     """Per-sample directional derivatives ``<grad l_i(theta), tangent>`` by central differences
     of the per-sample losses, float64 ``[B]``:
@@ -420,16 +497,17 @@ def difference_derivatives(
     side costs one forward pass without autograd (per chunk of ``chunk_size`` samples). Error: ``O(eps^2)`` truncation plus the losses'
     rounding divided by ``2 eps`` (use :func:`finite_difference_step` with ``"central"``). The
     forward-mode :func:`directional_derivatives` is exact; this costs less where a shifted
-    gradient pass is computed anyway.
+    gradient pass is computed anyway. ``weighting``: differences of the :func:`removal_losses`
+    (a forward that couples the batch's samples), for the sides not given.
     """
     if plus is not None and minus is None and base is not None:
         if plus.shape != base.shape:
             raise ValueError(f"per-sample losses of shapes {tuple(plus.shape)} and {tuple(base.shape)} at the two points")
         return (plus.double() - base.double()) * reciprocal(eps)
     if plus is None:
-        plus = shifted_losses(loss_fn, space, theta, batch, tangent, eps, chunk_size)
+        plus = shifted_losses(loss_fn, space, theta, batch, tangent, eps, chunk_size, weighting)
     if minus is None:
-        minus = shifted_losses(loss_fn, space, theta, batch, tangent, -eps, chunk_size)
+        minus = shifted_losses(loss_fn, space, theta, batch, tangent, -eps, chunk_size, weighting)
     if plus.shape != minus.shape:
         raise ValueError(f"per-sample losses of shapes {tuple(plus.shape)} and {tuple(minus.shape)} at the two points")
     return (plus.double() - minus.double()) * reciprocal(eps, 0.5)
@@ -443,9 +521,18 @@ def shifted_losses(
     direction: Tensor,
     step: Step,
     chunk_size: int | None = None,
+    weighting: SampleWeighting | None = None,
 ) -> Tensor:
     """Per-sample losses ``[B]`` at the flat point ``theta + step * direction``: one forward pass
-    without autograd (per chunk of at most ``chunk_size`` samples)."""
+    without autograd (per chunk of at most ``chunk_size`` samples). ``weighting``: the
+    :func:`removal_losses` of a forward that couples the batch's samples instead (a forward and a
+    backward pass to the sample weights)."""
+    if weighting is not None:  # the removal losses: the weights' gradient, one backward pass without the parameters'
+        params = space.unflatten(shift(theta, direction, step).detach())
+        with torch.enable_grad():
+            _, weights, total = weighted_batch_loss(loss_fn, params, batch, weighting)
+            (by_weight,) = torch.autograd.grad(total, [weights])
+        return removal_losses(total, weights, by_weight)
     with torch.no_grad():
         params = space.unflatten(shift(theta, direction, step))
         return torch.cat([loss_fn(params, chunk) for chunk, _ in batch_chunks(batch, chunk_size)])

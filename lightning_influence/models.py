@@ -208,8 +208,10 @@ class SmallCNN(Classifier):
     Inputs may be flat ``[B, side * side]`` (as :class:`~lightning_influence.data.DigitsDataModule`
     yields them) or ``[B, 1, side, side]``. Layers: conv 3x3 (``channels[0]``, padding 1),
     activation, conv 3x3 stride 2 (``channels[1]``, padding 1), activation, linear to
-    ``num_classes``. No dropout or batch norm, so training is deterministic and exactly
-    retrainable. Optimizer, schedule, steps and logging: as :class:`Classifier`.
+    ``num_classes``. No dropout, so training is deterministic and exactly retrainable; with
+    ``batch_norm`` each convolution (then without bias) is followed by ``nn.BatchNorm2d`` (a
+    ResNet-style block, scored as trained by ``DiffIn``'s default ``batch_norm="auto"``).
+    Optimizer, schedule, steps and logging: as :class:`Classifier`.
     """
 
     def __init__(
@@ -222,6 +224,7 @@ class SmallCNN(Classifier):
         optimizer: str = "sgd",
         optimizer_options: dict[str, Any] | None = None,
         schedule: str = "constant",
+        batch_norm: bool = False,
     ) -> None:
         if side < 2 or len(channels) != 2 or min(channels) < 1:
             raise ValueError(f"SmallCNN needs side >= 2 and two positive channel counts, got side={side}, channels={list(channels)}")
@@ -230,10 +233,13 @@ class SmallCNN(Classifier):
         c1, c2 = int(channels[0]), int(channels[1])
         out_side = (side + 1) // 2
         self.side = side
+        norm = (lambda c: [nn.BatchNorm2d(c)]) if batch_norm else (lambda c: [])
         self.net = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1),
+            nn.Conv2d(1, c1, 3, padding=1, bias=not batch_norm),
+            *norm(c1),
             acts[activation](),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1, bias=not batch_norm),
+            *norm(c2),
             acts[activation](),
             nn.Flatten(),
             nn.Linear(c2 * out_side * out_side, num_classes),

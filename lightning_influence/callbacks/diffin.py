@@ -50,7 +50,9 @@ from lightning_influence.data import FixedBatches
 from lightning_influence.batch_norm import fixed_statistics, removal_gap
 from lightning_influence.distributed import Collective
 from lightning_influence.estimators.diffin_batch_norm import (
+    BATCH_NORM_REMOVALS,
     BatchNormMode,
+    BatchNormRemoval,
     BatchNormTrace,
     check_batch_norm_mode,
     resolve_batch_norm_mode,
@@ -58,6 +60,7 @@ from lightning_influence.estimators.diffin_batch_norm import (
 from lightning_influence.estimators.diffin_sweep import DiffInSweep, PerSampleDerivatives, step_losses_and_gradient
 from lightning_influence.kernels import (
     FUNCTIONAL_CALL_ADVICE,
+    SampleWeights,
     KINKED_REL_STEP,
     BufferWatch,
     FiniteDifference,
@@ -198,14 +201,14 @@ class DiffIn(Callback):
             against :func:`~lightning_influence.evaluation.leave_one_out` with the same option.
             Not for coupled losses.
         batch_norm: how batch-norm layers are scored. ``"batch"``: as trained: each step's losses
-            and Hessian products with the batch's own statistics (a coupled batch loss, removed like
-            ``coupled`` losses: ``b`` extra forward-mode passes per micro-batch), and the running
-            statistics carried through the sweep as part of the state (their own adjoint; each
-            sample's effect on its step's statistics), so the target, read in evaluation mode, sees
-            how removing a sample moves them. One process, micro-batches of at least two samples,
+            and Hessian products with the batch's own statistics, each sample's removal taken out
+            of its batch's statistics (see ``batch_norm_removal``), and the running statistics
+            carried through the sweep as part of the state (their own adjoint; each sample's
+            effect on its step's statistics), so the target, read in evaluation mode, sees how
+            removing a sample moves them. One process, micro-batches of at least two samples,
             one training forward per micro-batch, ``nn.BatchNorm1d/2d/3d`` (not ``SyncBatchNorm``)
-            trained in training mode; not with ``chunk_size``, ``per_sample="finite_difference"``,
-            ``coupled=False`` or ``batch_removal="drop"``. ``"running"``: in evaluation mode with the
+            trained in training mode; not with ``chunk_size`` or ``batch_removal="drop"``.
+            ``"running"``: in evaluation mode with the
             running statistics, like every other layer: exact for batch norm frozen in evaluation
             mode throughout, and a poor approximation of batch norm trained with batch statistics
             (Spearman 0.12 to 0.86 against true leave-one-out on digits MLP and CNN, against 0.95 to 0.998 as trained:
@@ -213,6 +216,21 @@ class DiffIn(Callback):
             ``"auto"`` (default): ``"batch"`` for a model with batch norm where the run allows it;
             ``"running"`` where every batch norm layer is in evaluation mode from the first batch on
             (a frozen backbone's), or, with a warning naming why, where the run rules ``"batch"`` out.
+        batch_norm_removal: how ``batch_norm="batch"`` takes a sample out of its batch's statistics.
+            ``"linear"``: each sample's rows of the batch-norm inputs weighted, and the weights'
+            gradient taken in the sweep's own gradient passes (the removal losses of
+            :func:`~lightning_influence.kernels.removal_losses`): about the cost of the model without
+            batch norm, first order in ``1 / (b - 1)`` (the running statistics' change exact, the
+            network's response to it linearised: a few percent per step on batches of 32, the same
+            Spearman as ``"exact"`` from batches of 16 on, 0.964 against 0.980 on batches of 8 in
+            ``benchmarks/batch_norm.py``); needs the batch-norm inputs' first dimension to be the
+            batch's samples, and finite-difference per-sample derivatives. ``"exact"``: the batch
+            re-evaluated without each sample (``remove_from_batch``; ``b`` forward-mode passes over
+            sub-batches of ``b - 1`` per micro-batch and scored step, cost growing as ``b^2``), as
+            for ``coupled`` losses; not with ``per_sample="finite_difference"`` or ``coupled=False``.
+            ``"auto"`` (default): ``"linear"``, except ``"exact"`` for a module whose loss couples its
+            samples itself (``coupled_batch_loss``), with ``per_sample="forward_mode"``, or with
+            parameters below float32.
         name: a name for this callback, needed only to put two ``DiffIn`` with the same options
             (e.g. two targets of the same kind read from different loaders) into one Trainer: it
             tells their checkpoint states apart (Lightning requires unique state keys) and is
@@ -284,6 +302,7 @@ class DiffIn(Callback):
         coupled: bool | None = None,
         batch_removal: BatchRemoval = "reaverage",
         batch_norm: BatchNormMode = "auto",
+        batch_norm_removal: BatchNormRemoval = "auto",
         name: str | None = None,
     ) -> None:
         check_target_arguments(target, target_loader, target_samples)
@@ -354,16 +373,29 @@ class DiffIn(Callback):
             raise ValueError("batch_removal='drop' is defined for losses that are a sum of per-sample terms, not for coupled=True")
         self.batch_removal: BatchRemoval = batch_removal
         check_batch_norm_mode(batch_norm)
+        if batch_norm_removal not in BATCH_NORM_REMOVALS:
+            raise ValueError(
+                f"batch_norm_removal must be 'auto', 'linear' (sample weights in the batch-norm statistics) or 'exact' (each "
+                f"batch re-evaluated without each sample), got {batch_norm_removal!r}"
+            )
+        if batch_norm_removal == "linear" and (coupled or per_sample == "forward_mode"):
+            raise ValueError(
+                "batch_norm_removal='linear' differentiates sample weights in the batch-norm layers along the finite-difference "
+                f"passes, which {'coupled=True (a loss that couples samples itself)' if coupled else 'per_sample=forward_mode'} "
+                "rules out: use batch_norm_removal='exact' (or 'auto')"
+            )
         if batch_norm == "batch":
-            named = [k for k, v in _batch_norm_option_obstacles(coupled, batch_removal, chunk_size, per_sample).items() if v]
+            named = [k for k, v in _batch_norm_option_obstacles(coupled, batch_removal, chunk_size, per_sample, batch_norm_removal).items() if v]
             if named:
                 raise ValueError(
                     f"batch_norm='batch' scores each batch's loss with its own statistics, a coupled batch loss whose removal "
-                    f"re-evaluates the batch without the sample (forward mode over the whole batch), which {', '.join(named)} "
-                    "does not allow: leave it at its default, or use batch_norm='running'"
+                    f"takes the sample out of the whole batch's statistics, which {', '.join(named)} does not allow: leave it "
+                    "at its default, or use batch_norm='running'"
                 )
         self.batch_norm: BatchNormMode = batch_norm
+        self.batch_norm_removal: BatchNormRemoval = batch_norm_removal
         self._batch_norm: Literal["running", "batch"] = "running"  # batch_norm as resolved for this fit (setup)
+        self._batch_norm_removal: Literal["linear", "exact"] = "exact"  # batch_norm_removal as resolved (setup)
         self._batch_norm_trace: BatchNormTrace | None = None
         self._batch_norm_pending = False  # "auto" looks at the layers' modes once more at the first batch
         self.name = name
@@ -371,6 +403,7 @@ class DiffIn(Callback):
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
         self._kinks_pending = False
         self._functional_check_pending = False
+        self._weighting_check_pending = False
         self._cancelled_check_pending = False
         self._theta_at_start: list[Tensor] | None = None  # the parameters at a verified step's first micro-batch
         self._restored_kinks: list[str] | None = None
@@ -492,6 +525,8 @@ class DiffIn(Callback):
             extra["batch_removal"] = self.batch_removal
         if self.batch_norm != "auto":
             extra["batch_norm"] = self.batch_norm
+        if self.batch_norm_removal != "auto":
+            extra["batch_norm_removal"] = self.batch_norm_removal
         return self._generate_state_key(
             target=self.target, mode=self.mode, window=self.window, hessian_every=self.hessian_every, params=self.params, **extra
         )
@@ -545,7 +580,9 @@ class DiffIn(Callback):
                 )
             if str(trainer.precision) == "16-mixed":
                 raise ValueError(f"DiffIn(batch_norm='batch') does not model {SIXTEEN_MIXED}: use batch_norm='running'")
-            self._coupled = True  # each batch's loss depends on the whole batch through its statistics
+            self._batch_norm_removal = self._resolve_batch_norm_removal(pl_module)
+            if self._batch_norm_removal == "exact":
+                self._coupled = True  # each batch's loss depends on the whole batch through its statistics: sub-batches
         if self._coupled and self.batch_removal == "drop":
             raise ValueError(
                 f"{type(pl_module).__name__} declares coupled_batch_loss, and batch_removal='drop' is defined for losses that "
@@ -588,6 +625,22 @@ class DiffIn(Callback):
                     f"not possible with {why}; use recompute='updates' (keeps each step's gradient) or checkpoint_every=1 (stores every step)"
                 )
 
+    def _resolve_batch_norm_removal(self, pl_module: L.LightningModule) -> Literal["linear", "exact"]:
+        """``batch_norm_removal`` for a fit that scores batch norm as trained: ``"auto"`` takes the sample
+        weights (``"linear"``) unless the loss couples its samples itself (``coupled``), forward-mode
+        derivatives are asked for, or the parameters are below float32 (too coarse for the differences)."""
+        coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)  # type: ignore[attr-defined]
+        low_precision = any(torch.finfo(p.dtype).bits < 32 for p in pl_module.parameters() if p.is_floating_point())
+        if self.batch_norm_removal == "linear" and (coupled or low_precision):
+            why = "declares coupled_batch_loss (a loss that couples samples itself)" if coupled else "has parameters below float32"
+            raise ValueError(
+                f"DiffIn(batch_norm_removal='linear'): {type(pl_module).__name__} {why}, which the sample weights in the "
+                "batch-norm layers do not model: use batch_norm_removal='exact' (or 'auto')"
+            )
+        if self.batch_norm_removal != "auto":
+            return self.batch_norm_removal
+        return "exact" if coupled or low_precision or self.per_sample == "forward_mode" else "linear"
+
     def _resolve_batch_norm(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Literal["running", "batch"]:
         """``batch_norm`` for this fit: ``"auto"`` scores a batch-norm model as trained unless the run or
         the options rule it out, and then warns that the scores are an approximation."""
@@ -598,7 +651,7 @@ class DiffIn(Callback):
             {
                 "training runs in several processes (DDP)": int(getattr(trainer, "world_size", 1) or 1) > 1,
                 SIXTEEN_MIXED: str(trainer.precision) == "16-mixed",
-                **_batch_norm_option_obstacles(self.coupled, self.batch_removal, self.chunk_size, self.per_sample),
+                **_batch_norm_option_obstacles(self.coupled, self.batch_removal, self.chunk_size, self.per_sample, self.batch_norm_removal),
             },
         )
         if reasons:
@@ -646,6 +699,7 @@ class DiffIn(Callback):
         self._set_differences(pl_module, *self._differences(self._kinks or []))
         options = dict(self._signature["options"])
         options.pop("batch_norm", None)
+        options.pop("batch_norm_removal", None)
         self._signature = {**self._signature, "options": options}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -695,6 +749,7 @@ class DiffIn(Callback):
         self._kinks = kinks
         self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
         self._functional_check_pending = True
+        self._weighting_check_pending = True
         self._cancelled_check_pending = self._model.second_moment_starts_at_zero and has_mode_dependent_layers(pl_module)
         # Tensors that an earlier part of a resumed run changed are recorded from the start (removed ones keep
         # the products off the recorded gradients).
@@ -757,6 +812,7 @@ class DiffIn(Callback):
             per_sample=self._per_sample,
             chunk_size=self.chunk_size,
             batch_norm=self._batch_norm_trace,
+            batch_norm_removal=self._batch_norm_removal,
         )
         self._sweep.varying_defaults = self._varying_defaults  # the same dict: filled as tensors start to change
         # Training's loss is the sweep's (no dropout, batch norm or autocast): each sweep checks a recorded gradient.
@@ -827,6 +883,40 @@ class DiffIn(Callback):
         self._kinks = kinks
         self._set_differences(pl_module, *self._differences(kinks))
 
+    def _check_sample_weighting(self, pl_module: L.LightningModule, batch: Any) -> None:
+        """``batch_norm_removal="linear"`` replaces each batch-norm layer's training-mode output with its
+        own computation, the samples weighted (:meth:`BatchNormTrace.sample_weighting`): at unit
+        weights on the first batch it must give the layers' own losses (a subclass with another
+        forward would not), and every layer's first dimension must be the batch's samples."""
+        trace, space, loss_fn = self._batch_norm_trace, self._space, self._loss_fn
+        assert trace is not None and space is not None and loss_fn is not None
+        params = dict(zip(space.names, self._params, strict=True))
+        weights = SampleWeights()
+        with torch.no_grad(), trace.batch_statistics_mode():
+            native = loss_fn(params, batch)
+            with trace.sample_weighting(weights):
+                weighted = loss_fn(params, batch)
+        if not isinstance(native, Tensor) or not isinstance(weighted, Tensor) or native.shape != weighted.shape:
+            return  # the losses' own checks name a wrong shape
+        rows = None if weights.tensor is None else int(weights.tensor.shape[0])
+        if rows is not None and native.dim() == 1 and rows != native.shape[0]:
+            raise ValueError(
+                f"DiffIn(batch_norm_removal='linear', which 'auto' chooses) weights each sample's rows of the batch-norm "
+                f"inputs, and {type(pl_module).__name__}'s batch-norm layers received {rows} rows for a batch of "
+                f"{native.shape[0]} samples: a model that folds other dimensions into the batch one (e.g. a sequence "
+                "reshaped to [batch * length, channels]) needs batch_norm_removal='exact', which re-evaluates each batch "
+                "without each sample (remove_from_batch)"
+            )
+        gap = float((weighted.double() - native.double()).abs().max())
+        if gap > 1e3 * torch.finfo(native.dtype).eps * (1.0 + float(native.abs().max())):
+            raise ValueError(
+                f"DiffIn(batch_norm_removal='linear', which 'auto' chooses): {type(pl_module).__name__}'s batch-norm layers "
+                f"({', '.join(type(m).__name__ for _, m in trace.layers)}), recomputed as nn.BatchNorm computes them in "
+                f"training mode so that samples can be weighted, give other losses on the first batch (by up to {gap:.3g}): "
+                "a batch-norm subclass with a forward of its own is not modelled. Use batch_norm_removal='exact' (the batch "
+                "re-evaluated without each sample through remove_from_batch)"
+            )
+
     def _check_functional_call(self, pl_module: L.LightningModule, batch: Any) -> None:
         """Every product and derivative evaluates the loss at parameters DiffIn passes in; a loss
         that reads some of the module's own parameters instead would be scored meaninglessly. On
@@ -859,6 +949,8 @@ class DiffIn(Callback):
         forward mode and cheaper (see the class docstring), else forward mode."""
         if self.per_sample != "auto":
             return self.per_sample
+        if self._batch_norm == "batch" and self._batch_norm_removal == "linear":
+            return "finite_difference"  # differences of the removal losses (sample weights in batch norm)
         assert self._space is not None
         low_precision = torch.finfo(self._space.dtype).bits < 32
         if self._coupled or low_precision:
@@ -983,6 +1075,10 @@ class DiffIn(Callback):
                 self._loss_dtype = losses.dtype
                 if not self._kinks_pending:  # else set with the kinks, below
                     self._set_differences(pl_module, *self._differences(self._kinks or []))
+        if self._weighting_check_pending:
+            self._weighting_check_pending = False
+            if self._batch_norm_trace is not None and self._batch_norm_removal == "linear":
+                self._check_sample_weighting(pl_module, batch)
         if self._kinks_pending:  # after the losses' own checks, which say more about a wrong shape
             self._kinks_pending = False
             self._find_kinks(pl_module, batch)
@@ -1487,7 +1583,7 @@ class DiffIn(Callback):
             "params": list(self.params) if self.params is not None else None,
             "coupled": self.coupled,
             "batch_removal": self.batch_removal,
-            **({"batch_norm": self._batch_norm} if self._batch_norm != "running" else {}),
+            **({"batch_norm": self._batch_norm, "batch_norm_removal": self._batch_norm_removal} if self._batch_norm != "running" else {}),
         }
         return setup_signature(
             trainer,
@@ -1869,6 +1965,7 @@ class DiffIn(Callback):
         }
         if self._sweep.batch_norm is not None:
             meta["statistics_passes"] = self._sweep.statistics_passes
+            meta["batch_norm_removal"] = self._batch_norm_removal
         return InfluenceScores(ids, values, meta)
 
     # ------------------------------------------------------------------ checkpoint state
@@ -2102,14 +2199,17 @@ SIXTEEN_MIXED = (
 )
 
 
-def _batch_norm_option_obstacles(coupled: bool | None, batch_removal: str, chunk_size: int | None, per_sample: Any) -> dict[str, bool]:
-    """DiffIn's options that rule scoring batch norm as trained out (a coupled removal over whole batches),
-    named, each with whether it is set."""
+def _batch_norm_option_obstacles(
+    coupled: bool | None, batch_removal: str, chunk_size: int | None, per_sample: Any, removal: str = "auto"
+) -> dict[str, bool]:
+    """DiffIn's options that rule scoring batch norm as trained out (a removal over whole batches; with
+    ``batch_norm_removal="exact"`` by sub-batches in forward mode), named, each with whether it is set."""
+    exact = removal == "exact"
     return {
-        "coupled=False": coupled is False,
+        "coupled=False": coupled is False and exact,
         "batch_removal='drop'": batch_removal == "drop",
         f"chunk_size={chunk_size}": chunk_size is not None,
-        "per_sample='finite_difference'": per_sample == "finite_difference",
+        "per_sample='finite_difference' with batch_norm_removal='exact'": per_sample == "finite_difference" and exact,
     }
 
 

@@ -25,6 +25,16 @@ products of ``L`` evaluated with batch statistics), the direct change of the ste
 
     m_t < mu_{t+1}, S(theta_t; B_t \\ z) - S(theta_t; B_t) >.
 
+How ``B \\ z`` is evaluated (``batch_norm_removal``): ``"exact"`` runs the batch without each sample
+(``remove``: ``b`` forward-mode passes over sub-batches per micro-batch, the coupled-loss machinery);
+``"linear"`` weights each sample's rows in every batch-norm layer (:meth:`BatchNormTrace.sample_weighting`,
+:func:`weighted_moments`) and linearises the removal in the weights: the step's terms become
+differences of the *removal losses* ``v_i = L + b dL/dw_i``
+(:func:`~lightning_influence.kernels.removal_losses`), whose weight gradients come with the gradient
+passes the sweep runs anyway, and ``S(B \\ z) - S(B) = -b / (b - 1) dS/dw_z`` (exact for the mean
+and the unbiased variance by construction). Its error is the network's curvature in the batch
+statistics over a shift of ``1 / (b - 1)`` of them.
+
 With several micro-batches per step (gradient accumulation) each micro-batch's forward is one
 update of ``r`` at the same ``theta_t``, in order. Every forward here runs with the batch-norm
 layers in training mode but without running statistics (``track_running_stats`` off for the
@@ -44,7 +54,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_influence.batch_norm import batch_statistics, sync_batch_norm_layers
-from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, RemoveFn, evaluation_mode
+from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, RemoveFn, SampleWeights, SampleWeightsError, evaluation_mode
 
 BatchNormMode = Literal["auto", "running", "batch"]
 """``"running"``: batch norm evaluated in evaluation mode with the running statistics (a
@@ -53,6 +63,65 @@ deterministic network along the recorded trajectory); ``"batch"``: as trained, s
 (:func:`resolve_batch_norm_mode`), else ``"running"``."""
 
 BATCH_NORM_MODES: tuple[str, ...] = ("auto", "running", "batch")
+
+BatchNormRemoval = Literal["auto", "linear", "exact"]
+"""How ``batch_norm="batch"`` takes a sample out of its batch's statistics. ``"linear"``: sample
+weights in the batch-norm layers, differentiated with the step's gradient passes
+(:func:`~lightning_influence.kernels.removal_losses`; first order in ``1 / (b - 1)``, about the
+cost of scoring the model without batch norm); ``"exact"``: the batch re-evaluated without each
+sample (``remove_from_batch``; ``b`` forward-mode passes over sub-batches per scored micro-batch);
+``"auto"``: ``"linear"`` unless the module's loss couples its samples itself (contrastive) or
+``per_sample="forward_mode"`` is asked for."""
+
+BATCH_NORM_REMOVALS: tuple[str, ...] = ("auto", "linear", "exact")
+
+
+def weighted_moments(x: Tensor, weights: Tensor | None, running: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-channel mean, biased variance (normalisation's) and unbiased variance (the running
+    statistics') of a batch-norm input ``x [N, C, *]`` over every dimension but the channel one:
+    training's batch statistics. With ``weights [N]`` (all one: the same values) each sample's rows
+    are weighted, shaped for :func:`~lightning_influence.kernels.removal_losses`: the removal of
+    ``z`` is ``w = 1 - t e_z`` at ``t = 1``, along which weighted means are affine in
+    ``s = t / (N - t)``, and the removal's linear extrapolation is ``-N / (N - 1) dS/dw_z``.
+
+    - The mean and the biased variance are weighted means, unchanged when every weight is scaled
+      alike (so the removal losses average to the batch loss). The mean's extrapolation is exact;
+      the variance misses ``-s^2 (xbar_z - mean)^2`` (``xbar_z``: sample ``z``'s mean over the
+      other dimensions), a second-order term like the network's own curvature.
+    - The running variance (only read by the target, through the running statistics) is made
+      exact: ``sum_i (w_i - 1) (xbar_i - mean)^2 / (N (N - 1))`` adds the missing term to first
+      order, the factor ``n / (n - 1)`` (``n`` values per channel) moves linearly in ``sum w`` to
+      its value without one sample, and the product of the two changes is added by a term that
+      vanishes at unit weights: its extrapolation is the sub-batch's unbiased variance.
+
+    ``running=False``: without the running variance (``None``), for the normalisation alone."""
+    dims = [0, *range(2, x.dim())]
+    if weights is None:
+        return x.mean(dims), x.var(dims, unbiased=False), (x.var(dims, unbiased=True) if running else None)
+    rows, per = x.shape[0], (x[0, 0].numel() if x.dim() > 1 else 1)
+    w = weights.to(x.dtype)
+    shape = [-1] + [1] * (x.dim() - 1)
+    total = w.sum()
+    mean = (w.view(shape) * x).sum(dims) / (total * per)
+    centred = x - mean.view([1, -1] + [1] * (x.dim() - 2))
+    var = (w.view(shape) * centred.square()).sum(dims) / (total * per)
+    if not running:
+        return mean, var, None
+    sample_means = centred.mean(dim=list(range(2, x.dim()))) if x.dim() > 2 else centred  # [N, C]
+    exact = var + ((w - 1.0).unsqueeze(1) * sample_means.square()).sum(0) / (rows * (rows - 1))
+    full, without = rows * per / (rows * per - 1.0), (rows - 1) * per / ((rows - 1) * per - 1.0)
+    factor = full + (rows - total) * (without - full) * (rows - 1) / rows
+    # (var + dvar)(factor + dfactor) holds dvar * dfactor too: the last term, zero at unit weights, adds it
+    return mean, var, exact * factor + (without - full) * (exact - x.var(dims, unbiased=False))
+
+
+class OneValuePerChannelError(ValueError):
+    """A micro-batch so small that batch norm, without one of its samples, would normalise one value
+    per channel (``rows``: the samples it holds)."""
+
+    def __init__(self, message: str, rows: int) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
 def check_batch_norm_mode(value: Any) -> None:
@@ -122,6 +191,7 @@ class BatchNormTrace:
             names += [f"{name}.running_mean", f"{name}.running_var"]
             shapes += [layer.running_mean.shape, layer.running_var.shape]
         self.channels = [int(layer.num_features) for _, layer in self.tracked]
+        self._weights: SampleWeights | None = None  # set inside sample_weighting
         self._names = tuple(names)
         self._shapes = tuple(shapes)
 
@@ -193,6 +263,52 @@ class BatchNormTrace:
         sizes = torch.tensor([2 * c for c in self.channels], device=per_layer.device)
         return per_layer.repeat_interleave(sizes)
 
+    # ------------------------------------------------------------------ sample weights
+    @contextlib.contextmanager
+    def sample_weighting(self, weights: SampleWeights) -> Iterator[None]:
+        """Every batch-norm layer normalises with statistics in which each sample's rows count with
+        its weight (``weights``, requested with the number of rows the layer receives): at unit
+        weights training's batch statistics, differentiable by the weights
+        (:data:`~lightning_influence.kernels.SampleWeighting`). Its running statistics, captured by
+        :meth:`statistics_function`, are weighted alike. Run inside :meth:`batch_statistics_mode`."""
+        names = {id(layer): name for name, layer in self.layers}
+
+        def weighted(layer: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+            x = inputs[0]
+            w = self._sample_weights(weights, layer, x, names[id(layer)])
+            mean, var, _ = weighted_moments(x, w, running=False)
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)  # type: ignore[operator]
+            if layer.weight is not None:
+                y = y * layer.weight.view(shape) + layer.bias.view(shape)  # type: ignore[union-attr]
+            return y
+
+        previous, self._weights = self._weights, weights
+        try:
+            with self._hooks(post=weighted, layers=self.layers):
+                yield
+        finally:
+            self._weights = previous
+
+    @staticmethod
+    def _sample_weights(weights: SampleWeights, layer: nn.Module, x: Tensor, name: str) -> Tensor:
+        if x.dim() < 2:
+            raise SampleWeightsError(f"batch norm layer {name!r} received an input of shape {tuple(x.shape)}; expected [N, C, ...]")
+        if (x.shape[0] - 1) * (x[0, 0].numel()) < 2:
+            raise OneValuePerChannelError(
+                f"batch norm layer {name!r} normalises {x.shape[0]} rows of shape {tuple(x.shape[1:])}: without one "
+                "sample it would have one value per channel",
+                rows=int(x.shape[0]),
+            )
+        try:
+            return weights.get(x.shape[0], x, f"batch norm layer {name!r}")
+        except SampleWeightsError as err:
+            raise SampleWeightsError(
+                f"DiffIn(batch_norm_removal='linear') weights each sample's rows of the batch-norm inputs, and {err}. A model "
+                "that folds other dimensions into the batch one (e.g. a sequence reshaped to [batch * length, channels]) "
+                "needs batch_norm_removal='exact', which re-evaluates each batch without each sample (remove_from_batch)"
+            ) from None
+
     # ------------------------------------------------------------------ modes
     @contextlib.contextmanager
     def batch_statistics_mode(self) -> Iterator[None]:
@@ -203,10 +319,10 @@ class BatchNormTrace:
             yield
 
     @contextlib.contextmanager
-    def _hooks(self, pre: Any = None, post: Any = None) -> Iterator[None]:
+    def _hooks(self, pre: Any = None, post: Any = None, layers: list[tuple[str, _BatchNorm]] | None = None) -> Iterator[None]:
         handles = []
         try:
-            for _, layer in self.tracked:
+            for _, layer in self.tracked if layers is None else layers:
                 if pre is not None:
                     handles.append(layer.register_forward_pre_hook(pre))
                 if post is not None:
@@ -232,8 +348,13 @@ class BatchNormTrace:
                         "models one update of its running statistics per forward; call each batch-norm layer once"
                     )
                 x = inputs[0]
-                dims = [0, *range(2, x.dim())]
-                seen[k] = torch.cat([x.mean(dims), x.var(dims, unbiased=True)])
+                if self._weights is None:
+                    dims = [0, *range(2, x.dim())]
+                    seen[k] = torch.cat([x.mean(dims), x.var(dims, unbiased=True)])
+                    return
+                mean, _, unbiased = weighted_moments(x, self._sample_weights(self._weights, layer, x, self.tracked[k][0]))
+                assert unbiased is not None
+                seen[k] = torch.cat([mean, unbiased])
 
             with self._hooks(pre=capture):
                 losses = loss_fn(params, batch)

@@ -45,7 +45,9 @@ with the influence on ``F(theta_e)``: that is the online mode's truncated propag
 
 Batch norm scored as trained (``batch_norm``, a
 :class:`~lightning_influence.estimators.diffin_batch_norm.BatchNormTrace`): the step losses are
-evaluated with batch statistics (a coupled loss, removed as above), and the running statistics
+evaluated with batch statistics (a coupled loss, removed as above or, with
+``batch_norm_removal="linear"``, by differences of the removal losses that the gradient passes
+return under the sample weighting: the formula of independent losses), and the running statistics
 are carried as part of the state, with an adjoint of their own (derivation in
 :mod:`~lightning_influence.estimators.diffin_batch_norm`).
 
@@ -74,6 +76,8 @@ from lightning_influence.kernels import (
     ParameterSpace,
     PerSampleLossFn,
     RemoveFn,
+    SampleWeighting,
+    SampleWeights,
     Step,
     all_finite,
     difference_derivatives,
@@ -86,7 +90,7 @@ from lightning_influence.kernels import (
     shifted_losses,
 )
 from lightning_influence.batches import BatchRemoval
-from lightning_influence.estimators.diffin_batch_norm import BatchNormTrace, sub_batch_statistics
+from lightning_influence.estimators.diffin_batch_norm import BatchNormTrace, OneValuePerChannelError, sub_batch_statistics
 from lightning_influence.distributed import Collective
 from lightning_influence.scores import ScoreAccumulator
 from lightning_influence.targets import TargetGradient
@@ -142,6 +146,7 @@ class DiffInSweep:
         per_sample: PerSampleDerivatives = "forward_mode",
         chunk_size: int | None = None,
         batch_norm: BatchNormTrace | None = None,
+        batch_norm_removal: Literal["linear", "exact"] = "exact",
     ) -> None:
         if hessian_every < 1:
             raise ValueError(f"hessian_every must be >= 1, got {hessian_every}")
@@ -215,17 +220,39 @@ class DiffInSweep:
         self._dominance_warned = False
         self.target_gradients = 0
         self.work_dtype = torch.promote_types(space.dtype, torch.float32)
-        if batch_norm is not None and remove is None:
+        if batch_norm_removal not in ("linear", "exact"):
+            raise ValueError(f"batch_norm_removal must be 'linear' or 'exact', got {batch_norm_removal!r}")
+        if batch_norm is not None and batch_norm_removal == "exact" and remove is None:
             raise ValueError("batch_norm (batch statistics) makes the batch loss coupled: pass remove= (the batch without a sample)")
+        if batch_norm is not None and batch_norm_removal == "linear":
+            if remove is not None:
+                raise ValueError(
+                    "batch_norm_removal='linear' weights samples in the batch-norm layers only, and remove= declares a loss "
+                    "that couples its samples itself: use batch_norm_removal='exact'"
+                )
+            if per_sample != "finite_difference":
+                raise ValueError("batch_norm_removal='linear' differences the removal losses: use per_sample='finite_difference'")
         if batch_norm is not None and self.collective.distributed:
             raise ValueError("batch_norm (batch statistics) is scored in a single process only")
         self.batch_norm = batch_norm
         """Batch norm with batch statistics and its running statistics in the state (``None``: evaluation mode)."""
+        self.batch_norm_removal = batch_norm_removal
+        """How a sample leaves its batch's statistics: ``"linear"`` (sample weights, the removal losses of
+        :func:`~lightning_influence.kernels.removal_losses`), ``"exact"`` (``remove``, sub-batches)."""
         self._running_adjoint: Tensor | None = None  # mu, [R, Q]: the adjoint of the running statistics
         self._expected_counts: Tensor | None = None  # num_batches_tracked after the newest step not yet swept
         self.statistics_passes = 0
         self._statistics_square: Tensor | None = None  # the sweep's running-statistics terms, squared and summed
+        self._sweeping = -1  # the optimizer step the sweep is at
         """Gradient passes of the batch statistics (their VJP) and vmapped sub-batch statistics passes."""
+
+    @property
+    def weighting(self) -> SampleWeighting | None:
+        """The sample weighting of the step losses (batch norm removed linearly), else ``None``: then the
+        per-sample losses are the sweep's values for the removal's differences."""
+        if self.batch_norm is None or self.batch_norm_removal != "linear":
+            return None
+        return self.batch_norm.sample_weighting
 
     def _step_mode(self) -> Any:
         """The mode the step losses are evaluated in: evaluation mode, or batch statistics for batch norm."""
@@ -286,6 +313,8 @@ class DiffInSweep:
             except FloatingPointError:
                 self._recheck_suspects(trajectory, recompute_step)  # a changed loss explains it better
                 raise
+            except OneValuePerChannelError as err:  # batch norm removed linearly, found by the sample weights
+                raise one_value_per_channel(self._sweeping, err.rows, err) from err
             self._recheck_suspects(trajectory, recompute_step)
         self._adjoint, self._first_stored, self._last_stored = None, None, None
         self._running_adjoint, self._expected_counts = None, None
@@ -324,6 +353,7 @@ class DiffInSweep:
         size = len(trajectory)
         for back, record in enumerate(trajectory.newest_first(recompute_step)):
             position = size - 1 - back
+            self._sweeping = record.step
             if self._checked_down_to is None:
                 self._checked_down_to = record.step
             scored = position < num_scored
@@ -399,49 +429,71 @@ class DiffInSweep:
         """The running statistics' part of one step (:mod:`~lightning_influence.estimators.diffin_batch_norm`),
         its micro-batches newest first: ``w = m mu`` (``mu`` after the update), each sample's direct
         term ``<w, S(B \\ z) - S(B)>`` when scored, ``lambda += J_S^T w`` (one gradient pass) when the
-        adjoint goes on, then ``mu <- (1 - m) mu``."""
+        adjoint goes on, then ``mu <- (1 - m) mu``. The direct terms come from the sub-batches'
+        statistics (``batch_norm_removal="exact"``), or from the same gradient pass, by the sample
+        weights: ``-b / (b - 1) d<w, S>/dw_z`` (``"linear"``, see
+        :func:`~lightning_influence.kernels.removal_losses`)."""
         trace, mu = self.batch_norm, self._running_adjoint
         assert trace is not None and mu is not None and record.theta is not None
         if not trace.tracked:
             return
         factors = self._running_factors(record)  # [K, L]
         stats_fn = trace.statistics_function(loss_fn)
+        linear = scored and self.weighting is not None
         leaves = {n: p.detach().requires_grad_(propagate) for n, p in self.space.unflatten(record.theta).items()}
         totals: list[Tensor] = []  # per micro-batch: sum_R w * S(theta), [Q]
+        weights: list[tuple[Tensor, Tensor]] = []  # linear: per micro-batch, its sample weights and ids
         for k in reversed(range(len(record.batches))):
             batch, ids = record.batches[k], record.ids[k]
             m = trace.expand(factors[k].to(mu.device))
             w = m.unsqueeze(1) * mu  # [R, Q]
-            with torch.set_grad_enabled(propagate):
-                _, stats = stats_fn(leaves, batch)
+            if scored and ids.numel() < 2:
+                raise ValueError(
+                    f"batch_norm='batch': optimizer step {record.step} trained a batch-norm model on a micro-batch of one "
+                    "sample, whose removal leaves no batch to normalise (and training in batch statistics on one sample "
+                    "is degenerate): use DataLoader(drop_last=True)"
+                )
+            with torch.set_grad_enabled(propagate or linear):
+                if linear:
+                    holder = SampleWeights()
+                    with trace.sample_weighting(holder):
+                        _, stats = stats_fn(leaves, batch)
+                    weights.append((holder.get(ids.numel(), stats, "the per-sample loss"), ids))
+                else:
+                    _, stats = stats_fn(leaves, batch)
             self.statistics_passes += 1
-            if propagate:
+            if propagate or linear:
                 totals.append((stats.to(torch.float64).unsqueeze(1) * w).sum(dim=0))
-            if scored:
-                size = ids.numel()
-                if size < 2:
-                    raise ValueError(
-                        f"batch_norm='batch': optimizer step {record.step} trained a batch-norm model on a micro-batch of one "
-                        "sample, whose removal leaves no batch to normalise (and training in batch statistics on one sample "
-                        "is degenerate): use DataLoader(drop_last=True)"
-                    )
-                sub = sub_batch_statistics(stats_fn, leaves, batch, self.remove, size, vectorize=self.vectorize_removal)  # type: ignore[arg-type]
+            if scored and not linear:
+                sub = sub_batch_statistics(stats_fn, leaves, batch, self.remove, ids.numel(), vectorize=self.vectorize_removal)  # type: ignore[arg-type]
                 self.statistics_passes += 1
-                change = (sub.detach().to(torch.float64) - stats.detach().to(torch.float64)) @ w  # [b, Q]
-                # Checked for finiteness with the steps' norms, but not counted in them: a sample's direct effect on
-                # the running statistics is large for the last steps' batches by design, not a sign of overshoot.
-                square = change.square().sum()
-                self._statistics_square = square if self._statistics_square is None else self._statistics_square + square
-                self.accumulator.add(ids, change[:, 0] if squeeze else change)
+                self._add_statistics_terms(ids, (sub.detach().to(torch.float64) - stats.detach().to(torch.float64)) @ w, squeeze)
             mu.mul_((1.0 - m).unsqueeze(1))
-        if totals:
-            total = torch.stack(totals).sum(dim=0)  # [Q]
-            if not total.requires_grad:  # no attributed parameter feeds a batch-norm layer (params=...)
-                return
-            params = list(leaves.values())
-            for q in range(total.shape[0]):  # lambda += J_S^T w, one backward per column
-                grads = torch.autograd.grad(total[q], params, allow_unused=True, retain_graph=q + 1 < total.shape[0])
-                adjoint[:, q].add_(self.space.flatten(list(grads), adjoint.dtype))
+        if not totals:
+            return
+        total = torch.stack(totals).sum(dim=0)  # [Q]
+        if not total.requires_grad:  # no attributed parameter feeds a batch-norm layer (params=...)
+            return
+        params = list(leaves.values()) if propagate else []
+        sample_weights = [x for x, _ in weights]
+        changes: list[list[Tensor]] = [[] for _ in weights]
+        for q in range(total.shape[0]):  # lambda += J_S^T w, one backward per column (with the weights' gradients)
+            grads = torch.autograd.grad(total[q], params + sample_weights, allow_unused=True, retain_graph=q + 1 < total.shape[0])
+            if propagate:
+                adjoint[:, q].add_(self.space.flatten(list(grads[: len(params)]), adjoint.dtype))
+            for j, (x, g) in enumerate(zip(sample_weights, grads[len(params) :], strict=True)):
+                b = x.numel()
+                changes[j].append(torch.zeros_like(x, dtype=torch.float64) if g is None else g.to(torch.float64) * (-b / (b - 1)))
+        for (_, ids), columns in zip(weights, changes, strict=True):
+            self._add_statistics_terms(ids, torch.stack(columns, dim=1), squeeze)
+
+    def _add_statistics_terms(self, ids: Tensor, change: Tensor, squeeze: bool) -> None:
+        """Add the running-statistics terms ``change [b, Q]`` of a micro-batch's samples. Checked for
+        finiteness with the steps' norms, but not counted in them: a sample's direct effect on the
+        running statistics is large for the last steps' batches by design, not a sign of overshoot."""
+        square = change.square().sum()
+        self._statistics_square = square if self._statistics_square is None else self._statistics_square + square
+        self.accumulator.add(ids, change[:, 0] if squeeze else change)
 
     def _running_factors(self, record: StepRecord) -> Tensor:
         """``m`` of each micro-batch's update of each tracked layer, after checking that the counters of
@@ -615,7 +667,9 @@ class DiffInSweep:
         and derivative of the sweep would evaluate another function."""
         if record.theta is None or record.grad is None:
             return
-        _, now = step_losses_and_gradient(loss_fn, self.space, record.theta, record.batches, record.normalizer, self.collective, self.chunk_size)
+        _, now = step_losses_and_gradient(
+            loss_fn, self.space, record.theta, record.batches, record.normalizer, self.collective, self.chunk_size, weighting=self.weighting
+        )
         assert isinstance(now, Tensor)
         recorded = record.grad.to(now.dtype)
         scale = float(recorded.norm())
@@ -674,7 +728,7 @@ class DiffInSweep:
     ) -> list[Tensor]:
         assert record.theta is not None
         tangent = tangent.to(self.space.dtype)
-        known = record.losses
+        known = record.losses if self.weighting is None else None  # training's losses are not the removal losses
         if shifted is None and self.hessian_every > 1 and self.reuse_recorded_gradient and known is not None and all(k is not None for k in known):
             # A step without a product of its own (hessian_every > 1): training_step's losses at theta_t are the
             # base of a forward difference, one forward pass without autograd (the products' truncation order).
@@ -696,7 +750,7 @@ class DiffInSweep:
             out.append(
                 difference_derivatives(
                     loss_fn, self.space, record.theta, batch, tangent, shifted.eps, plus=plus, minus=minus, base=base,
-                    chunk_size=self.chunk_size,
+                    chunk_size=self.chunk_size, weighting=self.weighting,
                 )
             )
         return out
@@ -715,12 +769,7 @@ class DiffInSweep:
             except ValueError as err:
                 if self.batch_norm is None or "value per channel" not in str(err):
                     raise
-                raise ValueError(
-                    f"batch_norm='batch' (which 'auto' chooses for batch-norm models): optimizer step {record.step} trained "
-                    f"on a micro-batch of {size} samples, and without one of them a batch norm layer has one value per "
-                    f"channel to normalise ({err}). Drop short batches (DataLoader(drop_last=True)), or pass "
-                    "batch_norm='running'"
-                ) from err
+                raise one_value_per_channel(record.step, size, err) from err
             self.forward_mode_passes += 1 + (size if size > 1 else 0)
             out.append(r.double())
         return out
@@ -804,15 +853,16 @@ class DiffInSweep:
         if keep_losses and self.finite_difference == "forward" and base is not None:
             # The loss differences' other side, where training_step's losses at theta_t are missing: a plain
             # forward pass at theta_t - eps v, taken now since add_to may be vector itself.
-            known = record.losses if record.losses is not None else (None,) * count
+            known = record.losses if record.losses is not None and self.weighting is None else (None,) * count
             for k, batch in enumerate(record.batches):
                 if known[k] is None:
-                    minus[k] = shifted_losses(loss_fn, self.space, record.theta, batch, vector, -eps, self.chunk_size)
+                    minus[k] = shifted_losses(loss_fn, self.space, record.theta, batch, vector, -eps, self.chunk_size, self.weighting)
                     self.loss_evaluations += 1
 
         def gradient(theta: Tensor) -> Tensor | list[Tensor]:
             losses, grad = step_losses_and_gradient(
-                loss_fn, self.space, theta, record.batches, record.normalizer, self.collective, self.chunk_size, flat=False
+                loss_fn, self.space, theta, record.batches, record.normalizer, self.collective, self.chunk_size, flat=False,
+                weighting=self.weighting,
             )
             evaluated.append(losses)
             return grad
@@ -825,8 +875,19 @@ class DiffInSweep:
         if self.finite_difference == "central":
             return _ShiftedLosses(eps, list(evaluated[0]), list(evaluated[1]))
         # forward: the second gradient pass (without a recorded base gradient) ran at theta_t itself
-        at_theta: list[Tensor | None] = list(evaluated[1]) if base is None else list(record.losses or (None,) * count)
+        at_theta: list[Tensor | None] = (
+            list(evaluated[1]) if base is None else list(record.losses if record.losses is not None and self.weighting is None else (None,) * count)
+        )
         return _ShiftedLosses(eps, list(evaluated[0]), minus, at_theta)
+
+
+def one_value_per_channel(step: int, size: int, err: Exception) -> ValueError:
+    """The error for a micro-batch that leaves batch norm one value per channel once a sample is removed."""
+    return ValueError(
+        f"batch_norm='batch' (which 'auto' chooses for batch-norm models): optimizer step {step} trained on a micro-batch "
+        f"of {size} samples, and without one of them a batch norm layer has one value per channel to normalise ({err}). "
+        "Drop short batches (DataLoader(drop_last=True)), or pass batch_norm='running'"
+    )
 
 
 class _ShiftedLosses:
@@ -849,18 +910,20 @@ def step_losses_and_gradient(
     collective: Collective | None = None,
     chunk_size: int | None = None,
     flat: bool = True,
+    weighting: SampleWeighting | None = None,
 ) -> tuple[list[Tensor], Tensor | list[Tensor]]:
     """The gradient an optimizer step was fed, ``sum_k grad mean_k / normalizer`` over its micro-batches
     and averaged over the ranks of ``collective`` as DDP does (a collective call in distributed runs),
     with each micro-batch's (local) per-sample losses at ``theta``: ``(losses, gradient)``; passes
     over at most ``chunk_size`` samples each. ``flat=False``: outside distributed runs, the
-    gradient as one tensor per parameter (see :func:`~lightning_influence.kernels.losses_and_gradient`)."""
+    gradient as one tensor per parameter (see :func:`~lightning_influence.kernels.losses_and_gradient`);
+    ``weighting``: the losses are the micro-batches' removal losses."""
     distributed = collective is not None and collective.distributed
     pieces = not flat and not distributed
-    losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size, flat=not pieces)
+    losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size, flat=not pieces, weighting=weighting)
     every = [losses]
     for batch in batches[1:]:
-        losses, grad = losses_and_gradient(loss_fn, space, theta, batch, chunk_size, flat=not pieces)
+        losses, grad = losses_and_gradient(loss_fn, space, theta, batch, chunk_size, flat=not pieces, weighting=weighting)
         every.append(losses)
         if isinstance(total, Tensor):
             total.add_(grad)  # type: ignore[arg-type]
