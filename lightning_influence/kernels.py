@@ -360,8 +360,9 @@ class SampleWeights:
     statistics, weighting each sample's rows) or else by the loss's weighted mean (see
     :func:`weighted_batch_loss`)."""
 
-    def __init__(self) -> None:
-        self.tensor: Tensor | None = None
+    def __init__(self, values: Tensor | None = None) -> None:
+        self.tensor: Tensor | None = values
+        """The weights (``values``: given ones, e.g. 0/1 to evaluate a sub-batch through the weighted layers)."""
 
     def get(self, size: int, like: Tensor, where: str = "") -> Tensor:
         """The weights for ``size`` samples (``like``'s dtype and device); raises if an earlier

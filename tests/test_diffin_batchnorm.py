@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
 from lightning_influence import DiffIn, InfluenceMixin
 from lightning_influence.data import FixedBatches, load_digits_tensors
 from lightning_influence.estimators.diffin_batch_norm import BatchNormTrace, weighted_moments
@@ -615,10 +617,43 @@ class NoisyNorm(nn.BatchNorm1d):
         return super().forward(x) * 1.5  # a forward of its own
 
 
+class Flipped(BatchNormNet):
+    """The batch norm sees the rows in reverse order (and hands them back): the same function."""
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        h = self.body[1](self.body[0](x).flip(0)).flip(0)
+        return F.cross_entropy(self.body[3](self.body[2](h)), y, reduction="none")
+
+
+class Standardised(BatchNormNet):
+    """Inputs standardised by a batch norm under ``no_grad`` (the same function as with autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs = nn.BatchNorm1d(64, affine=False)
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        with torch.no_grad():
+            x = self.inputs(x)
+        return F.cross_entropy(self.body(x), y, reduction="none")
+
+
+class SharedNorm(BatchNormNet):
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        h = self.body[1](self.body[1](self.body[0](x)))  # one batch norm layer run twice per forward
+        return F.cross_entropy(self.body[3](self.body[2](h)), y, reduction="none")
+
+
 def test_linear_removal_refuses_what_the_sample_weights_cannot_model_at_the_first_batch() -> None:
-    """A layer whose rows are not the samples (a folded sequence) and a batch-norm subclass with its own
-    forward are refused before training, naming ``batch_norm_removal="exact"``, which scores both; a
-    module that couples its samples itself takes the exact removal under ``"auto"``."""
+    """Refused before training, naming ``batch_norm_removal="exact"``, which scores them: a layer whose rows
+    are not the samples (a folded sequence), rows permuted before the batch norm, a batch norm whose
+    output does not reach the loss through autograd. A batch-norm subclass with its own forward is not
+    scored as trained at all (``"auto"`` falls back to ``"running"`` with a warning), and a layer run twice
+    per forward is refused at the first batch under either removal. A module that couples its samples
+    itself takes the exact removal under ``"auto"``."""
     torch.manual_seed(0)
     batches, val = problem(64, 16, 1)
     seen: list[int] = []
@@ -633,10 +668,30 @@ def test_linear_removal_refuses_what_the_sample_weights_cannot_model_at_the_firs
     exact = DiffIn(target="val", target_loader=val, batch_norm_removal="exact")
     fit(FoldedSequence().double(), batches, [exact])
     assert exact.scores.metadata["batch_norm"] == "batch" and bool(torch.isfinite(exact.scores.values).all())
+    for module in (Flipped(), Standardised()):
+        with pytest.raises(ValueError, match=r"(another order than the samples|does not reach the loss).*batch_norm_removal='exact'"):
+            fit(module.double(), batches, [DiffIn(target="val", target_loader=val), Count()])
+        assert not seen
+    # the exact removal scores the flipped model as the plain one (the same function)
+    flipped = DiffIn(target="val", target_loader=val, batch_norm_removal="exact", name="f")
+    plain = DiffIn(target="val", target_loader=val, batch_norm_removal="exact", name="p")
+    init = Flipped().double()
+    fit(init, batches, [flipped])
+    same = BatchNormNet().double()
+    same.load_state_dict(init.state_dict())
+    fit(same, batches, [plain])
+    torch.testing.assert_close(flipped.scores.values, plain.scores.values, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"ran twice in one per_sample_loss.*batch_norm='running'"):
+        fit(SharedNorm().double(), batches, [DiffIn(target="val", target_loader=val), Count()])
+    assert not seen
     noisy = BatchNormNet().double()
     noisy.body[1] = NoisyNorm(16).double()
-    with pytest.raises(ValueError, match=r"forward of its own.*batch_norm_removal='exact'"):
-        fit(noisy, batches, [DiffIn(target="val", target_loader=val), Count()])
+    with pytest.warns(UserWarning, match=r"NoisyNorm, a batch-norm subclass with a forward of its own"):
+        fallback = DiffIn(target="val", target_loader=val)
+        fit(noisy, batches, [fallback])
+    assert fallback.scores.metadata["batch_norm"] == "running"
+    with pytest.raises(ValueError, match=r"a batch-norm subclass with a forward of its own"):
+        fit(noisy, batches, [DiffIn(target="val", target_loader=val, batch_norm="batch"), Count()])
     assert not seen
 
     class Coupled(BatchNormNet):
@@ -647,3 +702,62 @@ def test_linear_removal_refuses_what_the_sample_weights_cannot_model_at_the_firs
     assert auto.scores.metadata["batch_norm_removal"] == "exact" and auto.scores.metadata["coupled"] is True
     with pytest.raises(ValueError, match=r"declares coupled_batch_loss.*batch_norm_removal='exact'"):
         fit(Coupled().double(), batches, [DiffIn(target="val", target_loader=val, batch_norm_removal="linear")])
+
+
+def test_linear_removal_takes_short_micro_batches_and_copies_as_they_are() -> None:
+    """A last batch of 3 (fewer than ``LINEAR_REMOVAL_MIN_SAMPLES``) is removed exactly under the linear
+    removal: its samples get the exact run's scores up to the other steps' linearisation (the first order
+    in 1 / (b - 1) gave scores of the wrong sign on such a batch). A sampler drawing with
+    replacement puts copies of a sample in a batch: the linear removal takes all of them out (against the
+    ground truth, which retrains without every copy); the exact removal, which re-evaluates the batch
+    without one position, is refused at the first batch."""
+    torch.manual_seed(0)
+    batches, val = problem(67, 16, 1)  # batches of 16, 16, 16, 16 and 3
+    assert batches[-1][2].numel() == 3
+    init = BatchNormNet("mlp", lr=0.1, momentum=0.9).double()
+    linear = DiffIn(target="val", target_loader=val, name="linear")
+    exact = DiffIn(target="val", target_loader=val, batch_norm_removal="exact", name="exact")
+    fit(init, batches, [linear, exact])
+    last = batches[-1][2]
+    got = torch.stack([linear.scores[int(i)] for i in last])
+    want = torch.stack([exact.scores[int(i)] for i in last])
+    assert linear.scores.metadata["forward_mode_passes"] == 4  # the short batch's: one pass and three sub-batches
+    assert float((got - want).norm() / want.norm()) < 0.05
+
+    x, y = load_digits_tensors(torch.float64)
+    dataset = TensorDataset(x[:48], y[:48], torch.arange(48))
+    sampler = RandomSampler(dataset, replacement=True, num_samples=96, generator=torch.Generator().manual_seed(3))
+    loader = lambda: DataLoader(dataset, batch_size=16, sampler=sampler)  # noqa: E731
+    torch.manual_seed(0)
+    init = BatchNormNet("mlp", lr=0.1).double()
+    recorder, copies = StepRecorder(), DiffIn(target="val", target_loader=val)
+    model = copy.deepcopy(init)
+    torch.manual_seed(1)
+    quiet_trainer(callbacks=[recorder, copies]).fit(model, train_dataloaders=loader())
+    repeated = [b[2] for step in recorder.steps for b in step.batches if b[2].unique().numel() < b[2].numel()]
+    assert repeated, "the sampler drew no copies into one batch"
+    ids = copies.scores.ids
+    truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, val)
+    assert spearman(copies.scores.values, truth) > 0.95
+    with pytest.raises(ValueError, match=r"draws with replacement.*batch_norm_removal='linear'"):
+        torch.manual_seed(1)
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=val, batch_norm_removal="exact")]).fit(
+            copy.deepcopy(init), train_dataloaders=loader()
+        )
+
+
+def test_explicit_batch_statistics_refuse_a_loader_whose_last_batch_is_too_short_before_training() -> None:
+    x, y = load_digits_tensors(torch.float64)
+    dataset = TensorDataset(x[:34], y[:34], torch.arange(34))  # batches of 8 and a last one of 2, BatchNorm1d
+    seen: list[int] = []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            seen.append(1)
+
+    val = [(x[200:300], y[200:300], torch.arange(100))]
+    with pytest.raises(ValueError, match=r"last batch holds 2 sample\(s\).*drop_last=True"):
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=val, batch_norm="batch"), Count()]).fit(
+            BatchNormNet().double(), train_dataloaders=DataLoader(dataset, batch_size=8)
+        )
+    assert not seen

@@ -672,14 +672,22 @@ class DiffIn(Callback):
         A loader whose last batch leaves batch norm no batch once a sample is removed (one sample;
         two with ``BatchNorm1d``, whose inputs may hold one value per channel) rules ``"batch"`` out:
         ``"running"``, with a warning. Layers frozen later, or only some of them, are refused at their
-        step (``BatchNormTrace.check_training``)."""
+        step (``BatchNormTrace.check_training``). An explicit ``batch_norm="batch"`` refuses such a
+        loader here, before training."""
         trace, sweep = self._batch_norm_trace, self._sweep
         if trace is None or sweep is None:
             return
         frozen = not any(layer.training for _, layer in trace.layers)
         short = _last_batch_size(trainer)
         one_d = any(isinstance(layer, nn.BatchNorm1d) for _, layer in trace.layers)
-        if not frozen and not (short == 1 or (short == 2 and one_d)):
+        too_short = short == 1 or (short == 2 and one_d)
+        if self.batch_norm == "batch" and too_short and not frozen:
+            raise ValueError(
+                f"DiffIn(batch_norm='batch'): the training loader's last batch holds {short} sample(s), too few for batch "
+                "norm once one is removed (a batch of one has no statistics; BatchNorm1d on two leaves one value per "
+                "channel). Use DataLoader(drop_last=True), or batch_norm='running' (evaluation mode, an approximation)"
+            )
+        if self.batch_norm == "batch" or (not frozen and not too_short):
             return
         if not frozen:
             rank_zero_warn(
@@ -793,7 +801,7 @@ class DiffIn(Callback):
                 f"{self.score_every} steps; pass target_samples=<k> to use a fixed subset and bound this cost"
             )
         self._batch_norm_trace = BatchNormTrace(pl_module) if self._batch_norm == "batch" else None
-        self._batch_norm_pending = self.batch_norm == "auto" and self._batch_norm_trace is not None
+        self._batch_norm_pending = self._batch_norm_trace is not None  # settled (or checked) at the first batch
         self._sweep = DiffInSweep(
             pl_module,
             loss_fn,
@@ -817,6 +825,9 @@ class DiffIn(Callback):
         self._sweep.varying_defaults = self._varying_defaults  # the same dict: filled as tensors start to change
         # Training's loss is the sweep's (no dropout, batch norm or autocast): each sweep checks a recorded gradient.
         self._sweep.verify_recorded = not self._mode_dependent(pl_module) and not self._mixed and not self._removed_buffers
+        if self._batch_norm == "batch" and self._batch_norm_removal == "linear":
+            # short micro-batches (fewer than LINEAR_REMOVAL_MIN_SAMPLES) are removed exactly, through the sub-batches
+            self._sweep.small_batch_remove = getattr(pl_module, "remove_from_batch", None)
         self._set_differences(pl_module, scheme, rel_step, reuse)
         self._trajectory = Trajectory(
             self.storage,
@@ -885,37 +896,88 @@ class DiffIn(Callback):
 
     def _check_sample_weighting(self, pl_module: L.LightningModule, batch: Any) -> None:
         """``batch_norm_removal="linear"`` replaces each batch-norm layer's training-mode output with its
-        own computation, the samples weighted (:meth:`BatchNormTrace.sample_weighting`): at unit
-        weights on the first batch it must give the layers' own losses (a subclass with another
-        forward would not), and every layer's first dimension must be the batch's samples."""
+        own computation, the samples weighted (:meth:`BatchNormTrace.sample_weighting`), and reads the
+        removal from the weights' gradients. On the first batch: at unit weights it must give the
+        layers' own losses; every layer's first dimension must be the batch's samples, in order (a
+        sample's weight set to 0 must give ``remove_from_batch``'s losses: rows permuted before a
+        batch norm would not); and every layer's output must reach the loss through autograd (not
+        under ``no_grad`` or detached), or the weights' gradients miss its coupling."""
         trace, space, loss_fn = self._batch_norm_trace, self._space, self._loss_fn
         assert trace is not None and space is not None and loss_fn is not None
+        name = type(pl_module).__name__
+        where = "DiffIn(batch_norm_removal='linear'" + (", which 'auto' chooses)" if self.batch_norm_removal == "auto" else ")")
+        exact = "Use batch_norm_removal='exact' (each batch re-evaluated without each sample through remove_from_batch)"
         params = dict(zip(space.names, self._params, strict=True))
-        weights = SampleWeights()
+        weights, outputs = SampleWeights(), []
         with torch.no_grad(), trace.batch_statistics_mode():
             native = loss_fn(params, batch)
-            with trace.sample_weighting(weights):
-                weighted = loss_fn(params, batch)
-        if not isinstance(native, Tensor) or not isinstance(weighted, Tensor) or native.shape != weighted.shape:
+        if not isinstance(native, Tensor) or native.dim() != 1:
             return  # the losses' own checks name a wrong shape
-        rows = None if weights.tensor is None else int(weights.tensor.shape[0])
-        if rows is not None and native.dim() == 1 and rows != native.shape[0]:
+        with torch.enable_grad(), trace.batch_statistics_mode():
+            with trace.sample_weighting(weights, outputs):
+                weighted = loss_fn(params, batch)
+            size = native.shape[0]
+            rows = None if weights.tensor is None else int(weights.tensor.shape[0])
+            if rows is not None and rows != size:
+                raise ValueError(
+                    f"{where} weights each sample's rows of the batch-norm inputs, and {name}'s batch-norm layers received "
+                    f"{rows} rows for a batch of {size} samples: a model that folds other dimensions into the batch one "
+                    f"(e.g. a sequence reshaped to [batch * length, channels]) or normalises parts of the batch apart. {exact}"
+                )
+            if weights.tensor is None or weighted.shape != native.shape:
+                return
+            gap = float((weighted.detach().double() - native.double()).abs().max())
+            tolerance = 1e3 * torch.finfo(native.dtype).eps * (1.0 + float(native.abs().max()))
+            if gap > tolerance:
+                raise ValueError(
+                    f"{where}: {name}'s batch-norm layers, recomputed as nn.BatchNorm computes them in training mode so that "
+                    f"samples can be weighted, give other losses on the first batch (by up to {gap:.3g}): a layer whose "
+                    f"output is changed elsewhere (a forward hook on it) is not modelled. {exact}"
+                )
+            reached: set[str] = set()
+            for layer, y in outputs:
+                if y.requires_grad:
+                    y.register_hook(lambda grad, layer=layer: reached.add(layer))
+            total = (weights.tensor * weighted).sum() / weights.tensor.sum()
+            if total.requires_grad:
+                torch.autograd.grad(total, [weights.tensor], allow_unused=True)
+        cut = sorted({layer for layer, _ in outputs} - reached)
+        if cut:
             raise ValueError(
-                f"DiffIn(batch_norm_removal='linear', which 'auto' chooses) weights each sample's rows of the batch-norm "
-                f"inputs, and {type(pl_module).__name__}'s batch-norm layers received {rows} rows for a batch of "
-                f"{native.shape[0]} samples: a model that folds other dimensions into the batch one (e.g. a sequence "
-                "reshaped to [batch * length, channels]) needs batch_norm_removal='exact', which re-evaluates each batch "
-                "without each sample (remove_from_batch)"
+                f"{where} reads how removing a sample changes the other samples' losses from autograd, and the output of "
+                f"batch norm layer(s) {cut} does not reach the loss through autograd (computed under torch.no_grad(), "
+                f"detached, or unused): the scores would miss that coupling. {exact}, or remove an unused layer"
             )
-        gap = float((weighted.double() - native.double()).abs().max())
-        if gap > 1e3 * torch.finfo(native.dtype).eps * (1.0 + float(native.abs().max())):
-            raise ValueError(
-                f"DiffIn(batch_norm_removal='linear', which 'auto' chooses): {type(pl_module).__name__}'s batch-norm layers "
-                f"({', '.join(type(m).__name__ for _, m in trace.layers)}), recomputed as nn.BatchNorm computes them in "
-                f"training mode so that samples can be weighted, give other losses on the first batch (by up to {gap:.3g}): "
-                "a batch-norm subclass with a forward of its own is not modelled. Use batch_norm_removal='exact' (the batch "
-                "re-evaluated without each sample through remove_from_batch)"
-            )
+        remove = getattr(pl_module, "remove_from_batch", None)
+        if remove is None or size < 3:
+            return
+        with torch.no_grad():
+            for index in sorted({0, size - 1}):
+                try:
+                    reduced = remove(batch, index)
+                    with evaluation_mode(pl_module), fixed_statistics(pl_module):  # each sample's loss its own
+                        full, alone = loss_fn(params, batch), loss_fn(params, reduced)
+                    if removal_gap(full, alone, index)[0] > removal_gap(full, alone, index)[1]:
+                        return  # remove_from_batch takes out more than the sample (shared rows): no reference here
+                    with trace.batch_statistics_mode():
+                        sub = loss_fn(params, reduced)
+                except Exception:  # noqa: BLE001 - a batch the removal does not apply to: nothing to compare
+                    return
+                zeroed = torch.ones(size, dtype=native.dtype, device=native.device)
+                zeroed[index] = 0.0
+                with trace.batch_statistics_mode(), trace.sample_weighting(SampleWeights(zeroed)):
+                    kept = loss_fn(params, batch)
+                expected = torch.cat([kept[:index], kept[index + 1 :]])
+                if sub.shape != expected.shape:
+                    return
+                gap = float((sub.double() - expected.double()).abs().max())
+                if gap > tolerance:
+                    raise ValueError(
+                        f"{where} weights row i of every batch-norm input as sample i of the batch, and on {name}'s first "
+                        f"batch a weight of 0 on sample {index} does not give the losses of remove_from_batch(batch, {index}) "
+                        f"(by up to {gap:.3g}), although in evaluation mode it takes out that sample alone: the rows reach the "
+                        f"batch norm in another order than the samples (sorted or permuted before it). {exact}"
+                    )
 
     def _check_functional_call(self, pl_module: L.LightningModule, batch: Any) -> None:
         """Every product and derivative evaluates the loss at parameters DiffIn passes in; a loss
@@ -1020,6 +1082,16 @@ class DiffIn(Callback):
             check_training_dataset(trainer, pl_module)
             self._repeats = draws_with_replacement(trainer)
             self._num_samples = dataset_length(trainer)
+            if self._repeats and self._coupled:
+                why = "batch norm is removed exactly (batch_norm_removal='exact')" if self._batch_norm == "batch" else (
+                    f"{type(pl_module).__name__} declares coupled_batch_loss"
+                )
+                raise ValueError(
+                    f"DiffIn: the training sampler draws with replacement, so a batch can hold copies of a sample, and {why}: "
+                    "each removal re-evaluates the batch without one position (remove_from_batch), which leaves the other "
+                    "copies in. Removing every copy of a sample from a coupled batch is not modelled: use a sampler without "
+                    "replacement" + (", or batch_norm_removal='linear' (the default)" if self._batch_norm == "batch" else "")
+                )
         self._drop_unbackpropagated(pl_module)
         waiting = len(self._micro_batches)
         if waiting >= max(int(trainer.accumulate_grad_batches), 1):
@@ -1077,7 +1149,14 @@ class DiffIn(Callback):
                     self._set_differences(pl_module, *self._differences(self._kinks or []))
         if self._weighting_check_pending:
             self._weighting_check_pending = False
-            if self._batch_norm_trace is not None and self._batch_norm_removal == "linear":
+            trace = self._batch_norm_trace
+            if trace is not None and trace.tracked and self._space is not None and self._loss_fn is not None:
+                # the statistics pass of the sweep, once now: a layer run twice per forward, or not at all, is refused
+                # before training rather than at the end-of-fit sweep
+                params = dict(zip(self._space.names, self._params, strict=True))
+                with torch.no_grad(), trace.batch_statistics_mode():
+                    trace.statistics_function(self._loss_fn)(params, batch)
+            if trace is not None and self._batch_norm_removal == "linear":
                 self._check_sample_weighting(pl_module, batch)
         if self._kinks_pending:  # after the losses' own checks, which say more about a wrong shape
             self._kinks_pending = False
@@ -1351,8 +1430,9 @@ class DiffIn(Callback):
                 f"{cancelled[:6]} get a zero gradient in training (up to rounding) but not in evaluation mode: train-mode batch "
                 f"norm subtracts them out (the bias of a layer that feeds a batch norm). With "
                 f"{type(self._model.optimizer).__name__}, whose second moment then stays 0, the linearised update "  # type: ignore[union-attr]
-                "scales them by lr / eps, and DiffIn's products, taken in evaluation mode (running statistics), "
-                "propagate that into meaningless scores. Drop those parameters: bias=False in the layer before the "
+                "scales them by lr / eps, and DiffIn's products propagate that into meaningless scores (in evaluation "
+                "mode, batch_norm='running', nothing cancels them; with batch statistics the products' finite-difference "
+                "rounding in them is amplified the same way). Drop those parameters: bias=False in the layer before the "
                 "norm (the norm's own shift does the same job), or freeze them (requires_grad_(False)) before fit"
             )
 

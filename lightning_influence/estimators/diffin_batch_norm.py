@@ -152,11 +152,17 @@ def resolve_batch_norm_mode(module: nn.Module, obstacles: Mapping[str, bool]) ->
 
 def unmodelled_normalisation(module: nn.Module) -> list[str]:
     """Layers whose training-mode behaviour ``batch_norm="batch"`` does not model: synchronised batch
-    norm (statistics over every rank's shard) and instance norm with running statistics."""
+    norm (statistics over every rank's shard), instance norm with running statistics, and batch-norm
+    subclasses with a forward of their own (the sweep writes batch norm out as ``nn.BatchNorm``
+    computes it: the target's evaluation-mode layers, the running statistics' updates, the linear
+    removal's weighted statistics)."""
     out = [f"{name} (SyncBatchNorm)" for name in sync_batch_norm_layers(module)]
     for name, sub in module.named_modules():
+        label = name or type(sub).__name__
         if isinstance(sub, nn.modules.instancenorm._InstanceNorm) and sub.track_running_stats:
-            out.append(f"{name or type(sub).__name__} ({type(sub).__name__}(track_running_stats=True))")
+            out.append(f"{label} ({type(sub).__name__}(track_running_stats=True))")
+        elif isinstance(sub, _BatchNorm) and not isinstance(sub, nn.SyncBatchNorm) and type(sub).forward is not _BatchNorm.forward:
+            out.append(f"{label} ({type(sub).__name__}, a batch-norm subclass with a forward of its own)")
     return out
 
 
@@ -181,7 +187,8 @@ class BatchNormTrace:
             raise ValueError(
                 f"batch_norm='batch' models nn.BatchNorm1d/2d/3d in one process; {', '.join(unmodelled)} is not modelled "
                 "(SyncBatchNorm normalises over every rank's shard; an instance norm's running statistics would need "
-                "their own adjoint). Use nn.BatchNorm* on one device, or batch_norm='running'"
+                "their own adjoint; a subclass's own forward is not what the sweep writes out). Use nn.BatchNorm* on one "
+                "device, or batch_norm='running' (evaluation mode, the module's own layers)"
             )
         self.tracked = [(n, m) for n, m in self.layers if m.track_running_stats and m.running_mean is not None]
         names: list[str] = []
@@ -265,12 +272,13 @@ class BatchNormTrace:
 
     # ------------------------------------------------------------------ sample weights
     @contextlib.contextmanager
-    def sample_weighting(self, weights: SampleWeights) -> Iterator[None]:
+    def sample_weighting(self, weights: SampleWeights, outputs: list[tuple[str, Tensor]] | None = None) -> Iterator[None]:
         """Every batch-norm layer normalises with statistics in which each sample's rows count with
         its weight (``weights``, requested with the number of rows the layer receives): at unit
         weights training's batch statistics, differentiable by the weights
         (:data:`~lightning_influence.kernels.SampleWeighting`). Its running statistics, captured by
-        :meth:`statistics_function`, are weighted alike. Run inside :meth:`batch_statistics_mode`."""
+        :meth:`statistics_function`, are weighted alike. Run inside :meth:`batch_statistics_mode`.
+        ``outputs``: each layer's (name, weighted output) is appended there."""
         names = {id(layer): name for name, layer in self.layers}
 
         def weighted(layer: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
@@ -281,6 +289,8 @@ class BatchNormTrace:
             y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + layer.eps)  # type: ignore[operator]
             if layer.weight is not None:
                 y = y * layer.weight.view(shape) + layer.bias.view(shape)  # type: ignore[union-attr]
+            if outputs is not None:
+                outputs.append((names[id(layer)], y))
             return y
 
         previous, self._weights = self._weights, weights
@@ -345,7 +355,9 @@ class BatchNormTrace:
                 if k in seen:
                     raise ValueError(
                         f"batch norm layer {self.tracked[k][0]!r} ran twice in one per_sample_loss call: batch_norm='batch' "
-                        "models one update of its running statistics per forward; call each batch-norm layer once"
+                        "(which 'auto' chooses for batch-norm models) models one update of its running statistics per "
+                        "forward. Call each batch-norm layer once per forward (one layer per use), or use "
+                        "batch_norm='running' (evaluation mode, an approximation)"
                     )
                 x = inputs[0]
                 if self._weights is None:

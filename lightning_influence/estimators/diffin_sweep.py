@@ -113,6 +113,11 @@ times dominates its samples' scores: warned about (the largest measured without 
 DOMINANCE_MIN_STEPS = 16
 """Scored steps a sweep needs before its steps' contributions are compared with their median."""
 
+LINEAR_REMOVAL_MIN_SAMPLES = 8
+"""With ``batch_norm_removal="linear"``, micro-batches of fewer samples (a short last batch, say) are
+removed exactly (``remove``: their sub-batches), where the linearisation in ``1 / (b - 1)`` fails
+(a micro-batch of 3 gave scores of the wrong sign) and the exact removal costs little."""
+
 RECORDED_GRADIENT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 """Largest relative difference between a step's gradient recomputed by a sweep and the one
 training computed, per parameter dtype (1e-2 for others): rounding, not a changed loss."""
@@ -239,6 +244,9 @@ class DiffInSweep:
         self.batch_norm_removal = batch_norm_removal
         """How a sample leaves its batch's statistics: ``"linear"`` (sample weights, the removal losses of
         :func:`~lightning_influence.kernels.removal_losses`), ``"exact"`` (``remove``, sub-batches)."""
+        self.small_batch_remove: RemoveFn | None = None
+        """With the linear removal: the batch without a sample, for micro-batches of fewer than
+        :data:`LINEAR_REMOVAL_MIN_SAMPLES` samples, removed exactly (``None``: linearly too)."""
         self._running_adjoint: Tensor | None = None  # mu, [R, Q]: the adjoint of the running statistics
         self._expected_counts: Tensor | None = None  # num_batches_tracked after the newest step not yet swept
         self.statistics_passes = 0
@@ -439,7 +447,6 @@ class DiffInSweep:
             return
         factors = self._running_factors(record)  # [K, L]
         stats_fn = trace.statistics_function(loss_fn)
-        linear = scored and self.weighting is not None
         leaves = {n: p.detach().requires_grad_(propagate) for n, p in self.space.unflatten(record.theta).items()}
         totals: list[Tensor] = []  # per micro-batch: sum_R w * S(theta), [Q]
         weights: list[tuple[Tensor, Tensor]] = []  # linear: per micro-batch, its sample weights and ids
@@ -453,6 +460,7 @@ class DiffInSweep:
                     "sample, whose removal leaves no batch to normalise (and training in batch statistics on one sample "
                     "is degenerate): use DataLoader(drop_last=True)"
                 )
+            linear = scored and self.weighting is not None and not self._removed_exactly(record, k)
             with torch.set_grad_enabled(propagate or linear):
                 if linear:
                     holder = SampleWeights()
@@ -465,7 +473,8 @@ class DiffInSweep:
             if propagate or linear:
                 totals.append((stats.to(torch.float64).unsqueeze(1) * w).sum(dim=0))
             if scored and not linear:
-                sub = sub_batch_statistics(stats_fn, leaves, batch, self.remove, ids.numel(), vectorize=self.vectorize_removal)  # type: ignore[arg-type]
+                remove = self.remove if self.remove is not None else self.small_batch_remove
+                sub = sub_batch_statistics(stats_fn, leaves, batch, remove, ids.numel(), vectorize=self.vectorize_removal)  # type: ignore[arg-type]
                 self.statistics_passes += 1
                 self._add_statistics_terms(ids, (sub.detach().to(torch.float64) - stats.detach().to(torch.float64)) @ w, squeeze)
             mu.mul_((1.0 - m).unsqueeze(1))
@@ -476,14 +485,14 @@ class DiffInSweep:
             return
         params = list(leaves.values()) if propagate else []
         sample_weights = [x for x, _ in weights]
+        scales = [_linear_removal_scale(ids).to(x.device) for x, ids in weights]
         changes: list[list[Tensor]] = [[] for _ in weights]
         for q in range(total.shape[0]):  # lambda += J_S^T w, one backward per column (with the weights' gradients)
             grads = torch.autograd.grad(total[q], params + sample_weights, allow_unused=True, retain_graph=q + 1 < total.shape[0])
             if propagate:
                 adjoint[:, q].add_(self.space.flatten(list(grads[: len(params)]), adjoint.dtype))
             for j, (x, g) in enumerate(zip(sample_weights, grads[len(params) :], strict=True)):
-                b = x.numel()
-                changes[j].append(torch.zeros_like(x, dtype=torch.float64) if g is None else g.to(torch.float64) * (-b / (b - 1)))
+                changes[j].append(torch.zeros_like(x, dtype=torch.float64) if g is None else g.to(torch.float64) * scales[j])
         for (_, ids), columns in zip(weights, changes, strict=True):
             self._add_statistics_terms(ids, torch.stack(columns, dim=1), squeeze)
 
@@ -562,7 +571,23 @@ class DiffInSweep:
         if self.remove is not None:
             return self._removal_derivatives(loss_fn, record, tangent)
         # the pass runs along a^G and the small result is negated
-        return [-s for s in self._directional_derivatives(loss_fn, record, tangent, shifted)]
+        terms = [-s for s in self._directional_derivatives(loss_fn, record, tangent, shifted)]
+        small = [k for k in range(len(record.batches)) if self._removed_exactly(record, k)]
+        if small:  # the linear removal's short micro-batches: their removal derivatives, by sub-batches
+            exact = self._removal_derivatives(loss_fn, record, tangent, small)
+            for k, r in zip(small, exact, strict=True):
+                terms[k] = r
+        return terms
+
+    def _removed_exactly(self, record: StepRecord, k: int) -> bool:
+        """Whether micro-batch ``k`` of ``record`` is removed exactly although the batch norm is removed
+        linearly (:data:`LINEAR_REMOVAL_MIN_SAMPLES`); its terms are then removal derivatives."""
+        return (
+            self.weighting is not None
+            and self.small_batch_remove is not None
+            and record.global_ids is None
+            and record.ids[k].numel() < LINEAR_REMOVAL_MIN_SAMPLES
+        )
 
     def _check_adjoint(self, record: StepRecord) -> None:
         """Raise if the propagated adjoint is non-finite; warn (once) if it grew by more than
@@ -755,17 +780,21 @@ class DiffInSweep:
             )
         return out
 
-    def _removal_derivatives(self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor) -> list[Tensor]:
-        """Coupled losses: ``r_z = <grad mean l(B_k \\ z) - grad mean l(B_k), tangent>`` per micro-batch,
-        float64 ``[b_k]`` each."""
-        assert self.remove is not None
+    def _removal_derivatives(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, only: list[int] | None = None
+    ) -> list[Tensor]:
+        """Coupled losses: ``r_z = <grad mean l(B_k \\ z) - grad mean l(B_k), tangent>`` per micro-batch
+        (those in ``only``; default all), float64 ``[b_k]`` each."""
+        remove = self.remove if self.remove is not None else self.small_batch_remove
+        assert remove is not None
         params = self.space.unflatten(record.theta)
         direction = self.space.unflatten(tangent.to(self.space.dtype))
         out = []
-        for batch, ids in zip(record.batches, record.ids, strict=True):
+        for k in range(len(record.batches)) if only is None else only:
+            batch, ids = record.batches[k], record.ids[k]
             size = ids.numel()
             try:
-                r = removal_derivatives(loss_fn, params, batch, direction, self.remove, size, vectorize=self.vectorize_removal)
+                r = removal_derivatives(loss_fn, params, batch, direction, remove, size, vectorize=self.vectorize_removal)
             except ValueError as err:
                 if self.batch_norm is None or "value per channel" not in str(err):
                     raise
@@ -789,7 +818,7 @@ class DiffInSweep:
                 raise ValueError(
                     f"per_sample_loss returned {b} values for a batch with {ids.numel()} sample ids at step {record.step}"
                 )
-            if self.remove is not None:
+            if self.remove is not None or self._removed_exactly(record, k):
                 contribution = s / record.normalizer
             elif self.batch_removal == "drop":
                 contribution = s / (b * record.normalizer)
@@ -879,6 +908,16 @@ class DiffInSweep:
             list(evaluated[1]) if base is None else list(record.losses if record.losses is not None and self.weighting is None else (None,) * count)
         )
         return _ShiftedLosses(eps, list(evaluated[0]), minus, at_theta)
+
+
+def _linear_removal_scale(ids: Tensor) -> Tensor:
+    """``-b / (b - m_z)`` for each sample of a micro-batch of ``b`` (``m_z``: the copies of its id there,
+    which a removal all takes out): the linear removal's extrapolation of a statistic from its weight
+    derivative, float64 ``[b]`` (each copy adds its share)."""
+    _, inverse, counts = ids.reshape(-1).unique(return_inverse=True, return_counts=True)
+    b = float(ids.numel())
+    copies = counts[inverse].to(torch.float64)
+    return -b / (b - copies).clamp(min=1.0)
 
 
 def one_value_per_channel(step: int, size: int, err: Exception) -> ValueError:
