@@ -372,7 +372,7 @@ class SampleWeights:
         elif self.tensor.shape[0] != size:
             raise SampleWeightsError(
                 f"{where or 'a layer'} received {size} rows where the batch's first weighted layer received "
-                f"{self.tensor.shape[0]}: sample weights need every weighted layer's first dimension to be the batch's samples"
+                f"{self.tensor.shape[0]} (sample weights need every weighted layer's rows to be the batch's samples)"
             )
         return self.tensor
 

@@ -402,6 +402,13 @@ def test_a_remove_from_batch_that_drops_a_shared_tensor_is_refused() -> None:
     fit(init, weighted, [linear])
     assert linear.scores.metadata["batch_norm_removal"] == "linear"
     assert spearman(linear.scores.values, right.scores.values) > 0.97
+    # A short last micro-batch would be removed exactly, through remove_from_batch, which takes out a class weight
+    # too: found on the first batch, and such micro-batches are removed linearly, with a warning.
+    short = [*weighted, (x[seven[32:35]], y[seven[32:35]], weights, torch.arange(32, 35))]
+    with pytest.warns(UserWarning, match=r"takes out more than sample 0.*removed linearly like the others"):
+        fallback = DiffIn(target="val", target_loader=val)
+        fit(init, short, [fallback])
+    assert fallback.scores.metadata["forward_mode_passes"] == 0 and bool(torch.isfinite(fallback.scores.values).all())
 
 
 class FrozenLater(BatchNormNet):
@@ -626,6 +633,17 @@ class Flipped(BatchNormNet):
         return F.cross_entropy(self.body[3](self.body[2](h)), y, reduction="none")
 
 
+class InteriorReversed(BatchNormNet):
+    """The batch norm sees the rows between the first and the last in reverse order."""
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        h = self.body[0](x)
+        order = torch.cat([torch.tensor([0]), torch.arange(len(h) - 2, 0, -1), torch.tensor([len(h) - 1])])
+        h = self.body[1](h[order])[order.argsort()]
+        return F.cross_entropy(self.body[3](self.body[2](h)), y, reduction="none")
+
+
 class Standardised(BatchNormNet):
     """Inputs standardised by a batch norm under ``no_grad`` (the same function as with autograd)."""
 
@@ -662,13 +680,13 @@ def test_linear_removal_refuses_what_the_sample_weights_cannot_model_at_the_firs
         def on_train_batch_end(self, *args: Any) -> None:
             seen.append(1)
 
-    with pytest.raises(ValueError, match=r"received 128 rows.*batch_norm_removal='exact'"):
+    with pytest.raises(ValueError, match=r"received 128.*batch_norm_removal='exact'"):
         fit(FoldedSequence().double(), batches, [DiffIn(target="val", target_loader=val), Count()])
     assert not seen
     exact = DiffIn(target="val", target_loader=val, batch_norm_removal="exact")
     fit(FoldedSequence().double(), batches, [exact])
     assert exact.scores.metadata["batch_norm"] == "batch" and bool(torch.isfinite(exact.scores.values).all())
-    for module in (Flipped(), Standardised()):
+    for module in (Flipped(), InteriorReversed(), Standardised()):
         with pytest.raises(ValueError, match=r"(another order than the samples|does not reach the loss).*batch_norm_removal='exact'"):
             fit(module.double(), batches, [DiffIn(target="val", target_loader=val), Count()])
         assert not seen

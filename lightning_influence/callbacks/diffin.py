@@ -57,10 +57,14 @@ from lightning_influence.estimators.diffin_batch_norm import (
     check_batch_norm_mode,
     resolve_batch_norm_mode,
 )
-from lightning_influence.estimators.diffin_sweep import DiffInSweep, PerSampleDerivatives, step_losses_and_gradient
+from lightning_influence.estimators.diffin_sweep import (
+    LINEAR_REMOVAL_MIN_SAMPLES,
+    DiffInSweep,
+    PerSampleDerivatives,
+    step_losses_and_gradient,
+)
 from lightning_influence.kernels import (
     FUNCTIONAL_CALL_ADVICE,
-    SampleWeights,
     KINKED_REL_STEP,
     BufferWatch,
     FiniteDifference,
@@ -223,8 +227,10 @@ class DiffIn(Callback):
             batch norm, first order in ``1 / (b - 1)`` (the running statistics' change exact, the
             network's response to it linearised: a few percent per step on batches of 32, the same
             Spearman as ``"exact"`` from batches of 16 on, 0.964 against 0.980 on batches of 8 in
-            ``benchmarks/batch_norm.py``); needs the batch-norm inputs' first dimension to be the
-            batch's samples, and finite-difference per-sample derivatives. ``"exact"``: the batch
+            ``benchmarks/batch_norm.py``); micro-batches of fewer than 8 samples (a short last batch)
+            are removed exactly all the same. Needs the batch-norm inputs' rows to be the batch's
+            samples in order, their outputs to reach the loss through autograd (both checked on the
+            first batch), and finite-difference per-sample derivatives. ``"exact"``: the batch
             re-evaluated without each sample (``remove_from_batch``; ``b`` forward-mode passes over
             sub-batches of ``b - 1`` per micro-batch and scored step, cost growing as ``b^2``), as
             for ``coupled`` losses; not with ``per_sample="finite_difference"`` or ``coupled=False``.
@@ -876,7 +882,11 @@ class DiffIn(Callback):
         # Forward differences of the losses need the losses at theta_t: training_step computes them
         # (through InfluenceMixin's loss tap) when training's network is the sweep's (``reuse``).
         self._capture_losses = (
-            self._per_sample == "finite_difference" and reuse and not self._coupled and isinstance(pl_module, InfluenceMixin)
+            self._per_sample == "finite_difference"
+            and reuse
+            and not self._coupled
+            and self._batch_norm_trace is None  # with batch norm as trained the sweep differences its own removal losses
+            and isinstance(pl_module, InfluenceMixin)
         )
 
     def _find_kinks(self, pl_module: L.LightningModule, batch: Any) -> None:
@@ -895,89 +905,24 @@ class DiffIn(Callback):
         self._set_differences(pl_module, *self._differences(kinks))
 
     def _check_sample_weighting(self, pl_module: L.LightningModule, batch: Any) -> None:
-        """``batch_norm_removal="linear"`` replaces each batch-norm layer's training-mode output with its
-        own computation, the samples weighted (:meth:`BatchNormTrace.sample_weighting`), and reads the
-        removal from the weights' gradients. On the first batch: at unit weights it must give the
-        layers' own losses; every layer's first dimension must be the batch's samples, in order (a
-        sample's weight set to 0 must give ``remove_from_batch``'s losses: rows permuted before a
-        batch norm would not); and every layer's output must reach the loss through autograd (not
-        under ``no_grad`` or detached), or the weights' gradients miss its coupling."""
-        trace, space, loss_fn = self._batch_norm_trace, self._space, self._loss_fn
-        assert trace is not None and space is not None and loss_fn is not None
-        name = type(pl_module).__name__
-        where = "DiffIn(batch_norm_removal='linear'" + (", which 'auto' chooses)" if self.batch_norm_removal == "auto" else ")")
-        exact = "Use batch_norm_removal='exact' (each batch re-evaluated without each sample through remove_from_batch)"
+        """The linear removal's assumptions on the first batch (:meth:`BatchNormTrace.check_sample_weighting`).
+        Where ``remove_from_batch`` takes out more than the sample, micro-batches of fewer than
+        :data:`~lightning_influence.estimators.diffin_sweep.LINEAR_REMOVAL_MIN_SAMPLES` samples are
+        removed linearly like the others, with a warning."""
+        trace, space, loss_fn, sweep = self._batch_norm_trace, self._space, self._loss_fn, self._sweep
+        assert trace is not None and space is not None and loss_fn is not None and sweep is not None
+        owner = "DiffIn(batch_norm_removal='linear'" + (", which 'auto' chooses)" if self.batch_norm_removal == "auto" else ")")
         params = dict(zip(space.names, self._params, strict=True))
-        weights, outputs = SampleWeights(), []
-        with torch.no_grad(), trace.batch_statistics_mode():
-            native = loss_fn(params, batch)
-        if not isinstance(native, Tensor) or native.dim() != 1:
-            return  # the losses' own checks name a wrong shape
-        with torch.enable_grad(), trace.batch_statistics_mode():
-            with trace.sample_weighting(weights, outputs):
-                weighted = loss_fn(params, batch)
-            size = native.shape[0]
-            rows = None if weights.tensor is None else int(weights.tensor.shape[0])
-            if rows is not None and rows != size:
-                raise ValueError(
-                    f"{where} weights each sample's rows of the batch-norm inputs, and {name}'s batch-norm layers received "
-                    f"{rows} rows for a batch of {size} samples: a model that folds other dimensions into the batch one "
-                    f"(e.g. a sequence reshaped to [batch * length, channels]) or normalises parts of the batch apart. {exact}"
-                )
-            if weights.tensor is None or weighted.shape != native.shape:
-                return
-            gap = float((weighted.detach().double() - native.double()).abs().max())
-            tolerance = 1e3 * torch.finfo(native.dtype).eps * (1.0 + float(native.abs().max()))
-            if gap > tolerance:
-                raise ValueError(
-                    f"{where}: {name}'s batch-norm layers, recomputed as nn.BatchNorm computes them in training mode so that "
-                    f"samples can be weighted, give other losses on the first batch (by up to {gap:.3g}): a layer whose "
-                    f"output is changed elsewhere (a forward hook on it) is not modelled. {exact}"
-                )
-            reached: set[str] = set()
-            for layer, y in outputs:
-                if y.requires_grad:
-                    y.register_hook(lambda grad, layer=layer: reached.add(layer))
-            total = (weights.tensor * weighted).sum() / weights.tensor.sum()
-            if total.requires_grad:
-                torch.autograd.grad(total, [weights.tensor], allow_unused=True)
-        cut = sorted({layer for layer, _ in outputs} - reached)
-        if cut:
-            raise ValueError(
-                f"{where} reads how removing a sample changes the other samples' losses from autograd, and the output of "
-                f"batch norm layer(s) {cut} does not reach the loss through autograd (computed under torch.no_grad(), "
-                f"detached, or unused): the scores would miss that coupling. {exact}, or remove an unused layer"
+        unusable = trace.check_sample_weighting(loss_fn, params, batch, getattr(pl_module, "remove_from_batch", None), owner)
+        if unusable is not None and sweep.small_batch_remove is not None:
+            sweep.small_batch_remove = None
+            rank_zero_warn(
+                f"DiffIn: {type(pl_module).__name__} has batch norm, removed linearly; micro-batches of fewer than "
+                f"{LINEAR_REMOVAL_MIN_SAMPLES} samples (a short last batch) are removed exactly, through remove_from_batch, "
+                f"but on the first batch {unusable}, so such micro-batches, if any, are removed linearly like the others (a "
+                "coarse approximation on a few samples). Override remove_from_batch to drop the sample's rows only, or use "
+                "DataLoader(drop_last=True)"
             )
-        remove = getattr(pl_module, "remove_from_batch", None)
-        if remove is None or size < 3:
-            return
-        with torch.no_grad():
-            for index in sorted({0, size - 1}):
-                try:
-                    reduced = remove(batch, index)
-                    with evaluation_mode(pl_module), fixed_statistics(pl_module):  # each sample's loss its own
-                        full, alone = loss_fn(params, batch), loss_fn(params, reduced)
-                    if removal_gap(full, alone, index)[0] > removal_gap(full, alone, index)[1]:
-                        return  # remove_from_batch takes out more than the sample (shared rows): no reference here
-                    with trace.batch_statistics_mode():
-                        sub = loss_fn(params, reduced)
-                except Exception:  # noqa: BLE001 - a batch the removal does not apply to: nothing to compare
-                    return
-                zeroed = torch.ones(size, dtype=native.dtype, device=native.device)
-                zeroed[index] = 0.0
-                with trace.batch_statistics_mode(), trace.sample_weighting(SampleWeights(zeroed)):
-                    kept = loss_fn(params, batch)
-                expected = torch.cat([kept[:index], kept[index + 1 :]])
-                if sub.shape != expected.shape:
-                    return
-                gap = float((sub.double() - expected.double()).abs().max())
-                if gap > tolerance:
-                    raise ValueError(
-                        f"{where} weights row i of every batch-norm input as sample i of the batch, and on {name}'s first "
-                        f"batch a weight of 0 on sample {index} does not give the losses of remove_from_batch(batch, {index}) "
-                        f"(by up to {gap:.3g}), although in evaluation mode it takes out that sample alone: the rows reach the "
-                        f"batch norm in another order than the samples (sorted or permuted before it). {exact}"
-                    )
 
     def _check_functional_call(self, pl_module: L.LightningModule, batch: Any) -> None:
         """Every product and derivative evaluates the loss at parameters DiffIn passes in; a loss

@@ -46,6 +46,7 @@ Units and sign as everywhere: target-loss change when the sample is removed (pos
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -53,8 +54,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_influence.batch_norm import batch_statistics, sync_batch_norm_layers
-from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, RemoveFn, SampleWeights, SampleWeightsError, evaluation_mode
+from lightning_influence.batch_norm import batch_statistics, fixed_statistics, removal_gap, sync_batch_norm_layers
+from lightning_influence.kernels import (
+    ParameterSpace,
+    PerSampleLossFn,
+    RemoveFn,
+    SampleWeights,
+    SampleWeightsError,
+    evaluation_mode,
+    weighted_batch_loss,
+)
 
 BatchNormMode = Literal["auto", "running", "batch"]
 """``"running"``: batch norm evaluated in evaluation mode with the running statistics (a
@@ -89,7 +98,8 @@ def weighted_moments(x: Tensor, weights: Tensor | None, running: bool = True) ->
       the variance misses ``-s^2 (xbar_z - mean)^2`` (``xbar_z``: sample ``z``'s mean over the
       other dimensions), a second-order term like the network's own curvature.
     - The running variance (only read by the target, through the running statistics) is made
-      exact: ``sum_i (w_i - 1) (xbar_i - mean)^2 / (N (N - 1))`` adds the missing term to first
+      exact for the removal of one row (with ``m`` copies of a sample removed together, as a sampler
+      drawing with replacement makes them, first order: e.g. 3% off for 2 copies in 16): ``sum_i (w_i - 1) (xbar_i - mean)^2 / (N (N - 1))`` adds the missing term to first
       order, the factor ``n / (n - 1)`` (``n`` values per channel) moves linearly in ``sum w`` to
       its value without one sample, and the product of the two changes is added by a term that
       vanishes at unit weights: its extrapolation is the sub-batch's unbiased variance.
@@ -310,14 +320,107 @@ class BatchNormTrace:
                 "sample it would have one value per channel",
                 rows=int(x.shape[0]),
             )
+        return weights.get(x.shape[0], x, f"batch norm layer {name!r}")
+
+    def check_sample_weighting(
+        self, loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, remove: RemoveFn | None, owner: str
+    ) -> str | None:
+        """What the linear removal assumes, on one batch, before training: raises ``ValueError`` (naming
+        ``owner``, e.g. ``"DiffIn(batch_norm_removal='linear')"``, and the way out) where
+
+        - the weighted layers at unit weights do not give the module's own training-mode losses (a
+          forward hook that changes a batch norm's output);
+        - a layer's rows are not the batch's samples (another number of rows; or, where ``remove``
+          takes out one sample alone, a weight of 0 on a sample does not give ``remove``'s losses at
+          the first, middle, last and one more position: rows sorted or permuted before the norm);
+        - a layer's output does not reach the loss through autograd (``no_grad``, detached, unused),
+          so that the weights' gradients would miss its coupling.
+
+        Returns ``None`` if ``remove`` takes out exactly one sample (checked in evaluation mode, where
+        each sample's loss is its own), else why not: then it cannot serve the short micro-batches."""
+        exact = "Use batch_norm_removal='exact' (each batch re-evaluated without each sample through remove_from_batch)"
+        with torch.no_grad(), self.batch_statistics_mode():
+            native = loss_fn(params, batch)
+        if not isinstance(native, Tensor) or native.dim() != 1:
+            return "the per-sample losses are not one value per sample"  # the losses' own checks say more
+        size = native.shape[0]
+        outputs: list[tuple[str, Tensor]] = []
         try:
-            return weights.get(x.shape[0], x, f"batch norm layer {name!r}")
+            with torch.enable_grad(), self.batch_statistics_mode():
+                weighted, weights, total = weighted_batch_loss(loss_fn, params, batch, functools.partial(self.sample_weighting, outputs=outputs))
+                reached: set[str] = set()
+                for layer, y in outputs:
+                    if y.requires_grad:
+                        y.register_hook(lambda grad, layer=layer: reached.add(layer))
+                if total.requires_grad:
+                    torch.autograd.grad(total, [weights])
+        except OneValuePerChannelError as err:
+            raise ValueError(
+                f"{owner}: on the first batch ({size} samples) {err}. Train on larger batches, or pass batch_norm='running'"
+            ) from err
         except SampleWeightsError as err:
-            raise SampleWeightsError(
-                f"DiffIn(batch_norm_removal='linear') weights each sample's rows of the batch-norm inputs, and {err}. A model "
-                "that folds other dimensions into the batch one (e.g. a sequence reshaped to [batch * length, channels]) "
-                "needs batch_norm_removal='exact', which re-evaluates each batch without each sample (remove_from_batch)"
+            raise ValueError(
+                f"{owner} weights each sample's rows of the batch-norm inputs, and on the first batch ({size} samples) "
+                f"{err}. A model that folds other dimensions into the batch one (e.g. a "
+                f"sequence reshaped to [batch * length, channels]) or normalises parts of the batch apart is not modelled "
+                f"so. {exact}"
             ) from None
+        gap = float((weighted.detach().double() - native.double()).abs().max())
+        tolerance = 1e3 * torch.finfo(native.dtype).eps * (1.0 + float(native.abs().max()))
+        if gap > tolerance:
+            raise ValueError(
+                f"{owner}: the batch-norm layers, recomputed as nn.BatchNorm computes them in training mode so that samples "
+                f"can be weighted, give other losses on the first batch (by up to {gap:.3g}): a layer whose output is "
+                f"changed elsewhere (a forward hook on it) is not modelled. {exact}"
+            )
+        cut = sorted({layer for layer, _ in outputs} - reached)
+        if cut:
+            raise ValueError(
+                f"{owner} reads how removing a sample changes the other samples' losses from autograd, and the output of "
+                f"batch norm layer(s) {cut} does not reach the loss through autograd (computed under torch.no_grad(), "
+                f"detached, or unused): the scores would miss that coupling. {exact}, or remove an unused layer"
+            )
+        return self._check_sample_order(loss_fn, params, batch, remove, owner, size, tolerance, exact)
+
+    def _check_sample_order(
+        self, loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, remove: RemoveFn | None,
+        owner: str, size: int, tolerance: float, exact: str,
+    ) -> str | None:
+        """See :meth:`check_sample_weighting`: ``remove`` checked in evaluation mode, then the weights'
+        row order against it, at a few positions."""
+        if remove is None:
+            return "the module has no remove_from_batch"
+        if size < 3:
+            return None
+        interior = int(torch.randint(1, size - 1, (1,), generator=torch.Generator().manual_seed(size)))
+        positions = sorted({0, size // 2, size - 1, interior})
+        reduced: dict[int, Any] = {}
+        with torch.no_grad(), evaluation_mode(self.module), fixed_statistics(self.module):  # each sample's loss its own
+            full = loss_fn(params, batch)
+            for index in positions:
+                try:
+                    reduced[index] = remove(batch, index)
+                    alone = loss_fn(params, reduced[index])
+                except Exception as err:  # noqa: BLE001 - the module's own removal failing on its own batch: say so
+                    return f"remove_from_batch(batch, {index}) failed ({type(err).__name__}: {err})"
+                if alone.shape != (size - 1,) or removal_gap(full, alone, index)[0] > removal_gap(full, alone, index)[1]:
+                    return f"remove_from_batch(batch, {index}) takes out more than sample {index} (or other rows)"
+        with torch.no_grad(), self.batch_statistics_mode():
+            for index in positions:
+                sub = loss_fn(params, reduced[index])
+                zeroed = torch.ones(size, dtype=sub.dtype, device=sub.device)
+                zeroed[index] = 0.0
+                with self.sample_weighting(SampleWeights(zeroed)):
+                    kept = loss_fn(params, batch)
+                gap = float((sub.double() - torch.cat([kept[:index], kept[index + 1 :]]).double()).abs().max())
+                if gap > tolerance:
+                    raise ValueError(
+                        f"{owner} weights row i of every batch-norm input as sample i of the batch, and on the first batch "
+                        f"a weight of 0 on sample {index} does not give the losses of remove_from_batch(batch, {index}) (by "
+                        f"up to {gap:.3g}), although in evaluation mode it takes out that sample alone: the rows reach the "
+                        f"batch norm in another order than the samples (sorted or permuted before it). {exact}"
+                    )
+        return None
 
     # ------------------------------------------------------------------ modes
     @contextlib.contextmanager

@@ -78,6 +78,7 @@ from lightning_influence.kernels import (
     RemoveFn,
     SampleWeighting,
     SampleWeights,
+    SampleWeightsError,
     Step,
     all_finite,
     difference_derivatives,
@@ -115,8 +116,9 @@ DOMINANCE_MIN_STEPS = 16
 
 LINEAR_REMOVAL_MIN_SAMPLES = 8
 """With ``batch_norm_removal="linear"``, micro-batches of fewer samples (a short last batch, say) are
-removed exactly (``remove``: their sub-batches), where the linearisation in ``1 / (b - 1)`` fails
-(a micro-batch of 3 gave scores of the wrong sign) and the exact removal costs little."""
+removed exactly (``remove``: their sub-batches), where the linearisation in ``1 / (b - 1)`` is
+coarsest and the exact removal costs little. A choice: on batches of 8 the linear removal is already
+a little less accurate (README, "Batch norm")."""
 
 RECORDED_GRADIENT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 """Largest relative difference between a step's gradient recomputed by a sweep and the one
@@ -250,9 +252,9 @@ class DiffInSweep:
         self._running_adjoint: Tensor | None = None  # mu, [R, Q]: the adjoint of the running statistics
         self._expected_counts: Tensor | None = None  # num_batches_tracked after the newest step not yet swept
         self.statistics_passes = 0
+        """Gradient passes of the batch statistics (their VJP) and vmapped sub-batch statistics passes."""
         self._statistics_square: Tensor | None = None  # the sweep's running-statistics terms, squared and summed
         self._sweeping = -1  # the optimizer step the sweep is at
-        """Gradient passes of the batch statistics (their VJP) and vmapped sub-batch statistics passes."""
 
     @property
     def weighting(self) -> SampleWeighting | None:
@@ -323,6 +325,13 @@ class DiffInSweep:
                 raise
             except OneValuePerChannelError as err:  # batch norm removed linearly, found by the sample weights
                 raise one_value_per_channel(self._sweeping, err.rows, err) from err
+            except SampleWeightsError as err:
+                raise ValueError(
+                    f"DiffIn(batch_norm_removal='linear') weights each sample's rows of the batch-norm inputs, and at optimizer "
+                    f"step {self._sweeping} {err}: a batch norm whose rows are not the batch's samples (folded or split "
+                    "batches) is not modelled so. Use batch_norm_removal='exact' (each batch re-evaluated without each "
+                    "sample through remove_from_batch)"
+                ) from err
             self._recheck_suspects(trajectory, recompute_step)
         self._adjoint, self._first_stored, self._last_stored = None, None, None
         self._running_adjoint, self._expected_counts = None, None
@@ -466,7 +475,7 @@ class DiffInSweep:
                     holder = SampleWeights()
                     with trace.sample_weighting(holder):
                         _, stats = stats_fn(leaves, batch)
-                    weights.append((holder.get(ids.numel(), stats, "the per-sample loss"), ids))
+                    weights.append((holder.get(ids.numel(), stats, f"the micro-batch's {ids.numel()} sample ids"), ids))
                 else:
                     _, stats = stats_fn(leaves, batch)
             self.statistics_passes += 1
@@ -581,7 +590,9 @@ class DiffInSweep:
 
     def _removed_exactly(self, record: StepRecord, k: int) -> bool:
         """Whether micro-batch ``k`` of ``record`` is removed exactly although the batch norm is removed
-        linearly (:data:`LINEAR_REMOVAL_MIN_SAMPLES`); its terms are then removal derivatives."""
+        linearly (:data:`LINEAR_REMOVAL_MIN_SAMPLES`); its terms are then removal derivatives. Not for a
+        step with copies of a sample (a sampler drawing with replacement): removing one position would
+        leave the other copies in, so such a step is removed linearly throughout."""
         return (
             self.weighting is not None
             and self.small_batch_remove is not None
