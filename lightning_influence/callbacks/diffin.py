@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -1081,7 +1082,10 @@ class DiffIn(Callback):
                 losses, ids, device=pl_module.device, requires_grad=any(p.requires_grad for p in self._params), batch=batch, module=pl_module
             )
             if self.coupled is None and not self._coupled:
-                change = undeclared_coupling(pl_module, batch)
+                # batch norm scored as trained is modelled coupling: its layers without running statistics, which
+                # normalise over the batch in evaluation mode too, are given fixed ones for the check
+                with fixed_statistics(pl_module) if self._batch_norm == "batch" else contextlib.nullcontext():
+                    change = undeclared_coupling(pl_module, batch)
                 if change is not None:
                     rank_zero_warn(coupling_message(pl_module, change))
             self._loss_check = losses.detach()

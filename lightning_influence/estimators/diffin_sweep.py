@@ -564,29 +564,43 @@ class DiffInSweep:
         share = scored and propagate and self.per_sample == "finite_difference" and self.remove is None
         terms = self._step_terms(loss_fn, record, column, None) if scored and not share else None
         if propagate:
+            # short micro-batches removed exactly take their derivatives along the column before the product moves it
+            exact = self._short_removals(loss_fn, record, column) if share else None
             # lambda_t = a^theta + H_t (sum of the block's a^G), added in place
             shifted = self._hessian_product(loss_fn, record, column, column, keep_losses=share, alpha=total)
             if share:
-                terms = self._step_terms(loss_fn, record, column, shifted)
+                terms = self._step_terms(loss_fn, record, column, shifted, exact)
             total = 0.0
         return (None if terms is None else [factor * t for t in terms]), total
 
     def _step_terms(
-        self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor, shifted: _ShiftedLosses | None
+        self,
+        loss_fn: PerSampleLossFn,
+        record: StepRecord,
+        tangent: Tensor,
+        shifted: _ShiftedLosses | None,
+        exact: dict[int, Tensor] | None = None,
     ) -> list[Tensor]:
         """The step's per-sample terms along ``a^G = tangent`` (times ``n (b - 1)``, see
         :meth:`_accumulate`): ``s_i = <grad l_i, -a^G>``, or for coupled losses the removal
-        derivatives ``r_z = <grad mean l(B \\ z) - grad mean l(B), a^G>``; float64 ``[b_k]`` per micro-batch."""
+        derivatives ``r_z = <grad mean l(B \\ z) - grad mean l(B), a^G>``; float64 ``[b_k]`` per micro-batch.
+        ``exact``: the short micro-batches' removal derivatives, taken earlier along the same tangent
+        (:meth:`_short_removals`)."""
         if self.remove is not None:
             return self._removal_derivatives(loss_fn, record, tangent)
         # the pass runs along a^G and the small result is negated
         terms = [-s for s in self._directional_derivatives(loss_fn, record, tangent, shifted)]
-        small = [k for k in range(len(record.batches)) if self._removed_exactly(record, k)]
-        if small:  # the linear removal's short micro-batches: their removal derivatives, by sub-batches
-            exact = self._removal_derivatives(loss_fn, record, tangent, small)
-            for k, r in zip(small, exact, strict=True):
-                terms[k] = r
+        for k, r in (exact if exact is not None else self._short_removals(loss_fn, record, tangent)).items():
+            terms[k] = r
         return terms
+
+    def _short_removals(self, loss_fn: PerSampleLossFn, record: StepRecord, tangent: Tensor) -> dict[int, Tensor]:
+        """The removal derivatives along ``tangent`` of the micro-batches that the linear removal takes out
+        exactly (:meth:`_removed_exactly`), by index; empty for the others."""
+        small = [k for k in range(len(record.batches)) if self._removed_exactly(record, k)]
+        if not small:
+            return {}
+        return dict(zip(small, self._removal_derivatives(loss_fn, record, tangent, small), strict=True))
 
     def _removed_exactly(self, record: StepRecord, k: int) -> bool:
         """Whether micro-batch ``k`` of ``record`` is removed exactly although the batch norm is removed
