@@ -58,6 +58,16 @@ class BatchNormNet(InfluenceMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class BatchCounter(L.Callback):
+    """Counts the training batches that finished: 0 when a refusal comes before training."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.batches += 1
+
+
 def problem(n: int, batch_size: int, epochs: int, seed: int = 0) -> tuple[list[tuple[torch.Tensor, ...]], list[tuple[torch.Tensor, ...]]]:
     x, y = load_digits_tensors(torch.float64)
     g = torch.Generator().manual_seed(seed)
@@ -462,17 +472,13 @@ def test_a_one_sample_micro_batch_and_an_unused_layer_are_refused_with_the_way_o
     conv = BatchNormNet("conv").double()  # BatchNorm2d trains on one image (spatial statistics); its removal would not
     conv.body[6] = nn.BatchNorm1d(12).double()
     short = [*batches[:2], tuple(t[:1] for t in batches[2]), *batches[3:]]
-    seen: list[int] = []
-
-    class Count(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            seen.append(1)
+    counter = BatchCounter()
 
     conv2d_only = BatchNormNet("conv").double()
     conv2d_only.body[6] = nn.Identity()
     with pytest.raises(ValueError, match=r"optimizer step 2 trained on a micro-batch of one sample.*drop_last=True.*batch_norm='running'"):
-        fit(conv2d_only, short, [DiffIn(target="val", target_loader=val), Count()])
-    assert len(seen) == 2  # refused at that step, not after the rest of training
+        fit(conv2d_only, short, [DiffIn(target="val", target_loader=val), counter])
+    assert counter.batches == 2  # refused at that step, not after the rest of training
 
     class Unused(BatchNormNet):
         def __init__(self) -> None:
@@ -678,22 +684,18 @@ def test_linear_removal_refuses_what_the_sample_weights_cannot_model_at_the_firs
     itself takes the exact removal under ``"auto"``."""
     torch.manual_seed(0)
     batches, val = problem(64, 16, 1)
-    seen: list[int] = []
-
-    class Count(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            seen.append(1)
+    counter = BatchCounter()
 
     with pytest.raises(ValueError, match=r"received 128.*batch_norm_removal='exact'"):
-        fit(FoldedSequence().double(), batches, [DiffIn(target="val", target_loader=val), Count()])
-    assert not seen
+        fit(FoldedSequence().double(), batches, [DiffIn(target="val", target_loader=val), counter])
+    assert counter.batches == 0
     exact = DiffIn(target="val", target_loader=val, batch_norm_removal="exact")
     fit(FoldedSequence().double(), batches, [exact])
     assert exact.scores.metadata["batch_norm"] == "batch" and bool(torch.isfinite(exact.scores.values).all())
     for module in (Flipped(), InteriorReversed(), Standardised()):
         with pytest.raises(ValueError, match=r"(another order than the samples|does not reach the loss).*batch_norm_removal='exact'"):
-            fit(module.double(), batches, [DiffIn(target="val", target_loader=val), Count()])
-        assert not seen
+            fit(module.double(), batches, [DiffIn(target="val", target_loader=val), counter])
+        assert counter.batches == 0
     # the exact removal scores the flipped model as the plain one (the same function)
     flipped = DiffIn(target="val", target_loader=val, batch_norm_removal="exact", name="f")
     plain = DiffIn(target="val", target_loader=val, batch_norm_removal="exact", name="p")
@@ -704,8 +706,8 @@ def test_linear_removal_refuses_what_the_sample_weights_cannot_model_at_the_firs
     fit(same, batches, [plain])
     torch.testing.assert_close(flipped.scores.values, plain.scores.values, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match=r"ran twice in one per_sample_loss.*batch_norm='running'"):
-        fit(SharedNorm().double(), batches, [DiffIn(target="val", target_loader=val), Count()])
-    assert not seen
+        fit(SharedNorm().double(), batches, [DiffIn(target="val", target_loader=val), counter])
+    assert counter.batches == 0
     noisy = BatchNormNet().double()
     noisy.body[1] = NoisyNorm(16).double()
     with pytest.warns(UserWarning, match=r"NoisyNorm, a batch-norm subclass with a forward of its own"):
@@ -713,8 +715,8 @@ def test_linear_removal_refuses_what_the_sample_weights_cannot_model_at_the_firs
         fit(noisy, batches, [fallback])
     assert fallback.scores.metadata["batch_norm"] == "running"
     with pytest.raises(ValueError, match=r"a batch-norm subclass with a forward of its own"):
-        fit(noisy, batches, [DiffIn(target="val", target_loader=val, batch_norm="batch"), Count()])
-    assert not seen
+        fit(noisy, batches, [DiffIn(target="val", target_loader=val, batch_norm="batch"), counter])
+    assert counter.batches == 0
 
     class Coupled(BatchNormNet):
         coupled_batch_loss = True
@@ -773,15 +775,11 @@ def test_linear_removal_takes_short_micro_batches_and_copies_as_they_are() -> No
 def test_explicit_batch_statistics_refuse_a_loader_whose_last_batch_is_too_short_before_training() -> None:
     x, y = load_digits_tensors(torch.float64)
     dataset = TensorDataset(x[:34], y[:34], torch.arange(34))  # batches of 8 and a last one of 2, BatchNorm1d
-    seen: list[int] = []
-
-    class Count(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            seen.append(1)
+    counter = BatchCounter()
 
     val = [(x[200:300], y[200:300], torch.arange(100))]
     with pytest.raises(ValueError, match=r"last batch holds 2 sample\(s\).*drop_last=True"):
-        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=val, batch_norm="batch"), Count()]).fit(
+        quiet_trainer(callbacks=[DiffIn(target="val", target_loader=val, batch_norm="batch"), counter]).fit(
             BatchNormNet().double(), train_dataloaders=DataLoader(dataset, batch_size=8)
         )
-    assert not seen
+    assert counter.batches == 0

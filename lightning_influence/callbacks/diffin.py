@@ -410,7 +410,7 @@ class DiffIn(Callback):
         self._kinks: list[str] | None = None  # kinked operations of the loss (traced on the first batch)
         self._kinks_pending = False
         self._functional_check_pending = False
-        self._weighting_check_pending = False
+        self._batch_norm_checks_pending = False
         self._cancelled_check_pending = False
         self._theta_at_start: list[Tensor] | None = None  # the parameters at a verified step's first micro-batch
         self._restored_kinks: list[str] | None = None
@@ -764,7 +764,7 @@ class DiffIn(Callback):
         self._kinks = kinks
         self._kinks_pending = kinks is None and (self.finite_difference == "auto" or self.fd_rel_step is None)
         self._functional_check_pending = True
-        self._weighting_check_pending = True
+        self._batch_norm_checks_pending = True
         self._cancelled_check_pending = self._model.second_moment_starts_at_zero and has_mode_dependent_layers(pl_module)
         # Tensors that an earlier part of a resumed run changed are recorded from the start (removed ones keep
         # the products off the recorded gradients).
@@ -1096,8 +1096,8 @@ class DiffIn(Callback):
                 self._loss_dtype = losses.dtype
                 if not self._kinks_pending:  # else set with the kinks, below
                     self._set_differences(pl_module, *self._differences(self._kinks or []))
-        if self._weighting_check_pending:
-            self._weighting_check_pending = False
+        if self._batch_norm_checks_pending:
+            self._batch_norm_checks_pending = False
             trace = self._batch_norm_trace
             if trace is not None and trace.tracked and self._space is not None and self._loss_fn is not None:
                 # the statistics pass of the sweep, once now: a layer run twice per forward, or not at all, is refused
