@@ -22,8 +22,9 @@ derivatives by finite differences of the losses); ``online`` with the defaults (
 covers these short runs), with ``hessian_every=2``, and with a small window so that the windowed scoring really runs during
 fit: at the default ratios (blocks of twice the window, parameters stored every 8 steps) and at
 the previous defaults' (blocks of one window, every step recorded). On batch-norm workloads also
-``replay-bn-exact`` (``batch_norm_removal="exact"``) and ``replay-bn-running`` (evaluation mode),
-which are not in the default ``--configs``.
+``replay-bn-exact`` (``batch_norm_removal="exact"``), ``replay-bn-running`` (evaluation mode) and
+``replay-bn-unfolded`` (the running statistics in a gradient pass of their own instead of folded
+into the Hessian products' passes, as before 2026-12-02), which are not in the default ``--configs``.
 
 Usage::
 
@@ -234,6 +235,12 @@ class MeasuredDiffIn(DiffIn):
     peak_steps = 0
     peak_bytes = 0
     probe_seconds = 0.0  # taken off the fit's time (wall and CPU) by fit()
+    fold_statistics = True  # False: batch norm's running statistics in a gradient pass of their own (the earlier code path)
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+        super().on_fit_start(trainer, pl_module)
+        if self._sweep is not None:
+            self._sweep.fold_statistics = self.fold_statistics
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -273,6 +280,10 @@ CONFIG_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {"mode": "replay", "batch_norm_removal": "exact"},
     ),
     "replay-bn-running": ("replay, batch_norm=running (evaluation mode)", {"mode": "replay", "batch_norm": "running"}),
+    "replay-bn-unfolded": (
+        "replay, batch norm's running statistics in a gradient pass of their own (before 2026-12-02: not folded into the products)",
+        {"mode": "replay", "fold_statistics": False},
+    ),
     "online": ("online (defaults: window 256, blocks of 512)", {"mode": "online"}),
     "online-k2": ("online, hessian_every=2 (defaults otherwise)", {"mode": "online", "hessian_every": 2}),
     "online-forward": (
@@ -292,7 +303,10 @@ def make_callback(config: str, workload: Workload) -> MeasuredDiffIn:
     _, options = CONFIG_OPTIONS[config]
     sizes = {"{small}": workload.small_window, "{small2}": 2 * workload.small_window}
     options = {k: sizes.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
-    return MeasuredDiffIn(target="val", target_loader=workload.val_loader(), **options)
+    fold = options.pop("fold_statistics", True)
+    callback = MeasuredDiffIn(target="val", target_loader=workload.val_loader(), **options)
+    callback.fold_statistics = fold
+    return callback
 
 
 def config_label(config: str, workload: Workload) -> str:

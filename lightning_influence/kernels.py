@@ -17,7 +17,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -363,6 +363,8 @@ class SampleWeights:
     def __init__(self, values: Tensor | None = None) -> None:
         self.tensor: Tensor | None = values
         """The weights (``values``: given ones, e.g. 0/1 to evaluate a sub-batch through the weighted layers)."""
+        self.auxiliary: list[AuxiliaryObjective] = []
+        """Terms the weighted forward adds to the objective of its gradient pass (see :class:`AuxiliaryObjective`)."""
 
     def get(self, size: int, like: Tensor, where: str = "") -> Tensor:
         """The weights for ``size`` samples (``like``'s dtype and device); raises if an earlier
@@ -381,6 +383,28 @@ class SampleWeightsError(ValueError):
     """A weighted layer or the loss saw another number of samples than the batch's weights."""
 
 
+class AuxiliaryObjective(Protocol):
+    """A term that a weighted forward (a :data:`SampleWeighting` context, which appends it to
+    :attr:`SampleWeights.auxiliary`) adds to the objective of the gradient pass of
+    :func:`losses_and_gradient` or :func:`shifted_losses`, so that the pass differentiates it with the
+    batch loss at no extra pass (e.g. batch norm's running statistics along their adjoint): the
+    parameters' gradient, and the sample weights' behind the removal losses, then hold its share."""
+
+    def objective(self) -> Tensor | None:
+        """After the forward: the scalar added to the batch loss (``None``: nothing)."""
+        ...
+
+
+def _weighted_objective(total: Tensor, weights: SampleWeights) -> Tensor:
+    """The pass's objective: the batch loss ``total`` plus the auxiliary terms of ``weights``."""
+    objective = total
+    for term in weights.auxiliary:
+        value = term.objective()
+        if value is not None:
+            objective = objective + value.to(total.dtype)
+    return objective
+
+
 SampleWeighting = Callable[[SampleWeights], contextlib.AbstractContextManager[None]]
 """``weighting(weights)``: a context in which the module's forward weights each sample of its
 batch by ``weights`` wherever it couples samples (e.g.
@@ -388,13 +412,14 @@ batch by ``weights`` wherever it couples samples (e.g.
 
 
 def weighted_batch_loss(
-    loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, weighting: SampleWeighting
+    loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, weighting: SampleWeighting, holder: SampleWeights | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(losses [B], weights [B], L)``: the per-sample losses of a forward run under ``weighting``
     with unit weights (an autograd leaf) and the weighted batch loss
     ``L(w) = sum_i w_i l_i(w) / sum_i w_i``, which at ``w = 1`` is the batch's mean loss. Run with
-    autograd enabled and differentiate ``L`` by the weights for :func:`removal_losses`."""
-    weights = SampleWeights()
+    autograd enabled and differentiate ``L`` by the weights for :func:`removal_losses`. ``holder``:
+    the forward's :class:`SampleWeights` (fresh ones by default), e.g. to read its auxiliary terms."""
+    weights = SampleWeights() if holder is None else holder
     with weighting(weights):
         losses = loss_fn(params, batch)
     if losses.dim() != 1:
@@ -433,14 +458,17 @@ def losses_and_gradient(
     ``chunk_size`` samples, see :func:`batch_chunks`). ``flat=False``: the gradient as one tensor
     per parameter, in ``space``'s order (saves the parameter-sized copy into a flat vector).
     ``weighting``: the forward couples the batch's samples (batch norm): the losses returned are
-    the :func:`removal_losses` (from the same backward pass), and the batch is one chunk."""
+    the :func:`removal_losses` (from the same backward pass), and the batch is one chunk; the
+    weighting's :class:`AuxiliaryObjective` terms are differentiated with the loss (the gradient is
+    then that of the loss plus the terms, and so are the weights' gradients behind the removal losses)."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in space.unflatten(theta).items()}
     if weighting is not None:
         if chunk_size is not None:
             raise ValueError("chunk_size splits a batch whose forward couples its samples (sample weighting): leave chunk_size=None")
+        holder = SampleWeights()
         with torch.enable_grad():
-            _, weights, total = weighted_batch_loss(loss_fn, leaves, batch, weighting)
-            *grads, by_weight = torch.autograd.grad(total, [*leaves.values(), weights], allow_unused=True)
+            _, weights, total = weighted_batch_loss(loss_fn, leaves, batch, weighting, holder)
+            *grads, by_weight = torch.autograd.grad(_weighted_objective(total, holder), [*leaves.values(), weights], allow_unused=True)
         values = removal_losses(total, weights, by_weight)
         parts = [g if g is not None else torch.zeros_like(leaf) for g, leaf in zip(grads, leaves.values(), strict=True)]
         return values, (space.flatten(parts) if flat else parts)
@@ -530,9 +558,10 @@ def shifted_losses(
     backward pass to the sample weights)."""
     if weighting is not None:  # the removal losses: the weights' gradient, one backward pass without the parameters'
         params = space.unflatten(shift(theta, direction, step).detach())
+        holder = SampleWeights()
         with torch.enable_grad():
-            _, weights, total = weighted_batch_loss(loss_fn, params, batch, weighting)
-            (by_weight,) = torch.autograd.grad(total, [weights])
+            _, weights, total = weighted_batch_loss(loss_fn, params, batch, weighting, holder)
+            (by_weight,) = torch.autograd.grad(_weighted_objective(total, holder), [weights])
         return removal_losses(total, weights, by_weight)
     with torch.no_grad():
         params = space.unflatten(shift(theta, direction, step))

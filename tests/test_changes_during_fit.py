@@ -145,6 +145,42 @@ def test_the_per_step_loss_check_accepts_an_equal_loss_with_accumulation(small_d
     assert cb.scores is not None and cb.steps_seen == 16
 
 
+class _ClassWeightedMean(Classifier):
+    """training_step returns torch's class-weighted mean (divided by the batch's sum of weights) without
+    calling per_sample_loss, whose mean is the plain mean of the weighted losses: equal on a batch of one
+    weight only."""
+
+    def per_sample_loss(self, batch):
+        x, y, _ = batch
+        return F.cross_entropy(self(x), y, weight=self.class_weights, reduction="none")
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return F.cross_entropy(self(x), y, weight=self.class_weights)
+
+
+@pytest.mark.parametrize("scheme", ["central", "forward"])
+def test_a_training_loss_that_differs_at_unchecked_steps_is_refused_by_the_sweeps_spread_checks(small_digits, scheme):
+    """Batches sorted by class (no shuffling), and weights equal for the classes of the first batch, where the
+    first step's check finds the losses equal, and of the sweep's newest and oldest stored steps; the batches
+    between hold the other classes, where the two losses differ. The sweep's recorded-gradient checks spread over the run find it (before, with
+    central differences, it was scored silently: 2x too large scores on a QA probe)."""
+    from lightning_influence.data import FixedBatches
+    from lightning_influence.estimators.diffin_sweep import LossChangedError
+
+    x, y, ids = (torch.cat(t) for t in zip(*small_digits.train.batches[:16]))
+    order = torch.argsort(y, stable=True)
+    x, y, ids = x[order], y[order], ids[order]
+    batches = [(x[i : i + 16], y[i : i + 16], ids[i : i + 16]) for i in range(0, 256, 16)]
+    model = _model(_ClassWeightedMean)
+    # weight 1 for the classes of the steps that the first step's check and the newest and oldest stored steps see
+    seen = torch.cat([batches[k][1] for k in (0, 8, 15)]).unique()
+    model.register_buffer("class_weights", torch.where(torch.isin(torch.arange(10), seen), 1.0, 3.0).double())
+    cb = DiffIn(target="val", target_loader=small_digits.val, finite_difference=scheme, checkpoint_every=8, log_summary=False)
+    with pytest.raises(LossChangedError, match="F.cross_entropy\\(weight=\\.\\.\\.\\) divides by the batch's sum of weights"):
+        quiet_trainer(callbacks=[cb]).fit(model, train_dataloaders=FixedBatches(batches))
+
+
 # ---------------------------------------------------------------- 4: a loss that differs in training at one step
 class _TrainingOnlyLossAtOneStep(Classifier):
     """per_sample_loss reads self.training at one optimizer step (between parameter checkpoints)."""

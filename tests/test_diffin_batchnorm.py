@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_influence import DiffIn, InfluenceMixin
 from lightning_influence.data import FixedBatches, load_digits_tensors
-from lightning_influence.estimators.diffin_batch_norm import BatchNormTrace, weighted_moments
+from lightning_influence.estimators.diffin_batch_norm import BatchNormTrace, statistics_weight_gradient, weighted_moments
+from lightning_influence.estimators.diffin_sweep import DiffInSweep
 from lightning_influence.evaluation import StepRecorder, leave_one_out
 from lightning_influence.kernels import per_sample_loss_function, removal_losses, weighted_batch_loss
 
@@ -509,6 +510,27 @@ def test_auto_falls_back_to_evaluation_mode_for_a_loader_whose_last_batch_is_too
         assert cb.scores.metadata["batch_norm"] == expected
 
 
+def test_a_short_last_batch_that_batch_norm_can_still_normalise_is_warned_about() -> None:
+    """A last batch of 3 (35 samples in batches of 8) is scored as trained, with a warning at the first batch
+    that its removals move its statistics beyond the linearisation (README, 'Batch norm': the whole run's
+    accuracy falls); with drop_last=True there is nothing to warn about."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_influence import IndexedDataset
+
+    x, y = load_digits_tensors(torch.float64)
+    data = IndexedDataset(TensorDataset(x[:35], y[:35]))
+    _, val = problem(32, 8, 1)
+    for drop_last in (False, True):
+        cb = DiffIn(target="val", target_loader=val)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_trainer(callbacks=[cb]).fit(BatchNormNet().double(), train_dataloaders=DataLoader(data, batch_size=8, drop_last=drop_last))
+        short = [w for w in caught if "last batch holds 3 samples" in str(w.message)]
+        assert cb.scores.metadata["batch_norm"] == "batch"
+        assert len(short) == (0 if drop_last else 1) and all("drop_last=True" in str(w.message) for w in short)
+
+
 def test_auto_falls_back_to_evaluation_mode_under_16_mixed() -> None:
     """A step the 16-mixed gradient scaler skips moved the running statistics without an update DiffIn
     records: ``"auto"`` scores in evaluation mode there, and says why."""
@@ -544,7 +566,8 @@ def test_a_micro_batch_that_leaves_batch_norm_one_value_per_channel_is_named() -
 def test_weighted_statistics_extrapolate_to_the_sub_batch_statistics_exactly(shape: tuple[int, ...]) -> None:
     """The running statistics' linear extrapolation from unit weights, ``-N / (N - 1) dS/dw_z``, is their
     value on the batch without ``z`` (computed directly: ``x.mean``, ``x.var`` of the sub-batch), and unit
-    weights give the batch's own statistics."""
+    weights give the batch's own statistics; so is the closed form of ``dS/dw_z`` along an adjoint that the
+    Hessian products' passes take (:func:`statistics_weight_gradient`)."""
     torch.manual_seed(0)
     x = torch.randn(*shape, dtype=torch.float64) * 2 + 1
     n, dims = shape[0], [0, *range(2, len(shape))]
@@ -560,6 +583,13 @@ def test_weighted_statistics_extrapolate_to_the_sub_batch_statistics_exactly(sha
             sub = torch.cat([x[:z], x[z + 1 :]])
             without = (sub.mean(dims), sub.var(dims, unbiased=False), sub.var(dims, unbiased=True))[k]
             torch.testing.assert_close(-n / (n - 1) * jacobian[z], without - plain[k], rtol=0, atol=1e-12)
+    # the closed form the products' passes use, along an adjoint of the mean and the running variance
+    w_mean, w_var = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+    share = statistics_weight_gradient(x, w_mean, w_var)
+    for z in range(n):
+        sub = torch.cat([x[:z], x[z + 1 :]])
+        change = w_mean @ (sub.mean(dims) - plain[0]) + w_var @ (sub.var(dims, unbiased=True) - plain[2])
+        torch.testing.assert_close(-n / (n - 1) * share[z], change, rtol=0, atol=1e-12)
 
 
 def test_removal_losses_are_the_losses_without_coupling_and_first_order_with_batch_norm() -> None:
@@ -614,6 +644,80 @@ def test_linear_removal_of_one_step_against_retraining() -> None:
     assert diffin.scores.metadata["batch_norm_removal"] == "linear" and diffin.scores.metadata["forward_mode_passes"] == 0
     assert float((scores - truth).norm() / truth.norm()) < 0.04  # measured 0.022
     assert spearman(scores, truth) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("kind", "momentum", "accumulate", "scheme"),
+    [("mlp", 0.0, 1, "forward"), ("mlp", 0.9, 2, "central"), ("conv", 0.0, 2, "forward"), ("conv", 0.9, 1, "central")],
+)
+def test_running_statistics_folded_into_the_products_give_the_scores_of_their_own_pass(
+    monkeypatch: pytest.MonkeyPatch, kind: str, momentum: float, accumulate: int, scheme: str
+) -> None:
+    """The running statistics' part of each step (their adjoint and each sample's direct effect on
+    them) taken with the step's Hessian product gives the scores of the separate gradient pass, which
+    the retraining tests above check, to the products' finite-difference error (measured 4e-12 to
+    9e-10 central, 4e-9 to 9e-8 forward, float64), for a mean and a query target, plain SGD and momentum,
+    one or two micro-batches per step; and it replaces every pass but the oldest step's."""
+    torch.manual_seed(0)
+    batches, val = problem(96 * accumulate, 16, 2)
+    queries = [(val[0][0][:3], val[0][1][:3], torch.arange(3))]
+    init = BatchNormNet(kind, lr=0.1, momentum=momentum).double()
+    steps = len(batches) // accumulate
+
+    def scores(fold: bool) -> list[Any]:
+        monkeypatch.setattr(DiffInSweep, "fold_statistics", fold)
+        made = [DiffIn(target=t, target_loader=loader, finite_difference=scheme, name=t) for t, loader in (("val", val), ("query", queries))]
+        fit(init, batches, made, accumulate)
+        return [cb.scores for cb in made]
+
+    folded, separate = scores(True), scores(False)
+    for a, b in zip(folded, separate, strict=True):
+        size = float(b.values.abs().max())
+        torch.testing.assert_close(a.values, b.values, rtol=0, atol=(1e-8 if scheme == "central" else 1e-6) * size)
+        columns = 1 if b.values.dim() == 1 else b.values.shape[1]
+        assert a.metadata["statistics_folds"] == (steps - 1) * columns and b.metadata["statistics_folds"] == 0
+        assert a.metadata["statistics_passes"] == accumulate < b.metadata["statistics_passes"]
+
+
+class ScheduledTemperature(BatchNormNet):
+    """A loss with a temperature kept as a float and lowered every 6 steps: another function each time."""
+
+    temperature = 3.0
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        return F.cross_entropy(self.body(x) / self.temperature, y, reduction="none")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.temperature = (3.0, 1.0, 0.3)[min(batch_idx // 6, 2)]
+
+
+class SmoothedInTraining(BatchNormNet):
+    """A loss that reads ``self.training``: label smoothing in training only."""
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        x, y, _ = batch
+        return F.cross_entropy(self.body(x), y, reduction="none", label_smoothing=0.4 if self.training else 0.0)
+
+
+@pytest.mark.parametrize("removal", ["linear", "exact"])
+def test_a_loss_that_changes_during_fit_is_refused_with_batch_norm_scored_as_trained(removal: str) -> None:
+    """The sweep runs batch norm with batch statistics, as training did, so training's loss is the sweep's:
+    the recorded gradients are checked (a float temperature lowered during fit: LossChangedError, as without
+    batch norm; before, accepted and scored with Spearman 0.18 against the retraining of the run as trained)
+    and so are the first batch's losses in both modes (a loss that reads self.training: refused; before,
+    accepted and scored as the loss without smoothing). A loss that stays the same passes both checks."""
+    from lightning_influence.estimators.diffin_sweep import LossChangedError
+
+    batches, val = problem(96, 16, 3)
+    with pytest.raises(LossChangedError, match="differs from the gradient training computed"):
+        fit(ScheduledTemperature().double(), batches, [DiffIn(target="val", target_loader=val, batch_norm_removal=removal)])
+    with pytest.raises(ValueError, match=r"reads self\.training.*batch statistics, as trained|batch statistics, as trained.*reads self\.training"):
+        fit(SmoothedInTraining().double(), batches, [DiffIn(target="val", target_loader=val, batch_norm_removal=removal)])
+    kept = DiffIn(target="val", target_loader=val, batch_norm_removal=removal)
+    fit(BatchNormNet().double(), batches, [kept])
+    assert kept.scores.metadata["batch_norm"] == "batch" and kept.scores.metadata["recorded_gradient_checks"] >= 2
+    assert kept.scores.metadata["max_recorded_gradient_error"] < 1e-9
 
 
 class FoldedSequence(BatchNormNet):

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_influence.batches import BatchRemoval, check_batch_removal
 from lightning_influence.checks import (
@@ -76,6 +77,7 @@ from lightning_influence.kernels import (
     default_rel_step,
     evaluation_mode,
     has_mode_dependent_layers,
+    is_mode_dependent,
     matches_any,
     parameter_names,
     kinked_operations,
@@ -694,6 +696,14 @@ class DiffIn(Callback):
                 "norm once one is removed (a batch of one has no statistics; BatchNorm1d on two leaves one value per "
                 "channel). Use DataLoader(drop_last=True), or batch_norm='running' (evaluation mode, an approximation)"
             )
+        if not frozen and not too_short and short is not None and short < LINEAR_REMOVAL_MIN_SAMPLES:
+            rank_zero_warn(
+                f"DiffIn: the training loader's last batch holds {short} samples, and batch norm is scored as trained: "
+                f"removing one of them moves that batch's statistics by about 1/{short - 1} of themselves, where the "
+                "network's curvature in them is large, and the linearised steps follow that poorly, which can lower the "
+                "accuracy of every score of the run, not only those of that batch's samples. DataLoader(drop_last=True) "
+                "avoids it (README, 'Batch norm')"
+            )
         if self.batch_norm == "batch" or (not frozen and not too_short):
             return
         if not frozen:
@@ -705,6 +715,7 @@ class DiffIn(Callback):
                 "DataLoader(drop_last=True) lets it score batch norm as trained"
             )
         self._batch_norm, self._batch_norm_trace, sweep.batch_norm = "running", None, None
+        sweep.verify_recorded = sweep.verify_recorded and not self._mode_dependent(pl_module, as_swept=True)  # now evaluation mode
         self._coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)  # type: ignore[attr-defined]
         if not self._coupled:
             sweep.remove = None
@@ -830,8 +841,10 @@ class DiffIn(Callback):
             batch_norm_removal=self._batch_norm_removal,
         )
         self._sweep.varying_defaults = self._varying_defaults  # the same dict: filled as tensors start to change
-        # Training's loss is the sweep's (no dropout, batch norm or autocast): each sweep checks a recorded gradient.
-        self._sweep.verify_recorded = not self._mode_dependent(pl_module) and not self._mixed and not self._removed_buffers
+        # Training's loss is the sweep's (no dropout, batch norm in evaluation mode or autocast): each sweep checks a
+        # recorded gradient.
+        self._sweep.verify_recorded = not self._mode_dependent(pl_module, as_swept=True) and not self._mixed and not self._removed_buffers
+        self._sweep.rebuilt_exactly = not self._inexact_rebuild
         if self._batch_norm == "batch" and self._batch_norm_removal == "linear":
             # short micro-batches (fewer than LINEAR_REMOVAL_MIN_SAMPLES) are removed exactly, through the sub-batches
             self._sweep.small_batch_remove = getattr(pl_module, "remove_from_batch", None)
@@ -845,10 +858,23 @@ class DiffIn(Callback):
         )
         self._trajectory.restore(restored_records)
 
-    def _mode_dependent(self, pl_module: L.LightningModule) -> bool:
-        """Whether training's network differs from the sweep's (evaluation mode): dropout or batch-norm
-        layers, or a loss found random in training mode only on the first batch."""
-        return self._random_training or has_mode_dependent_layers(pl_module)
+    def _mode_dependent(self, pl_module: L.LightningModule, as_swept: bool = False) -> bool:
+        """Whether training's network differs from evaluation mode: dropout or batch-norm layers, or a
+        loss found random in training mode only on the first batch. ``as_swept``: from the sweep's
+        network instead, which runs batch norm scored as trained (``batch_norm="batch"``) with batch
+        statistics, as training did: then only the other layers count."""
+        if self._random_training:
+            return True
+        if as_swept and self._batch_norm == "batch":  # (a layer frozen in evaluation mode is refused at its step)
+            return any(is_mode_dependent(m) and not (isinstance(m, _BatchNorm) and m.training) for m in pl_module.modules())
+        return has_mode_dependent_layers(pl_module)
+
+    def _sweep_mode(self, pl_module: L.LightningModule) -> contextlib.AbstractContextManager[None]:
+        """The mode the sweep evaluates the step losses in: evaluation mode, with batch statistics in
+        batch norm scored as trained."""
+        if self._batch_norm_trace is not None:
+            return self._batch_norm_trace.batch_statistics_mode()
+        return evaluation_mode(pl_module)
 
     @property
     def _loss_dtype_name(self) -> str | None:
@@ -1090,7 +1116,7 @@ class DiffIn(Callback):
                     rank_zero_warn(coupling_message(pl_module, change))
             self._loss_check = losses.detach()
             self._loss_scale = float(losses.detach().abs().mean())
-            if not self._mixed and not self._mode_dependent(pl_module) and not spectral_norm_layers(pl_module):
+            if not self._mixed and not self._mode_dependent(pl_module, as_swept=True) and not spectral_norm_layers(pl_module):
                 self._check_mode_independent_losses(pl_module, batch, losses.detach(), devices)
             if losses.dtype != self._loss_dtype:
                 self._loss_dtype = losses.dtype
@@ -1738,6 +1764,7 @@ class DiffIn(Callback):
         if drift <= 1e-3 * step:
             return
         self._inexact_rebuild, self._recorded_is_exact = True, False
+        self._sweep.rebuilt_exactly = False
         self._set_differences(pl_module, *self._differences(self._kinks or []))
         rank_zero_warn(
             f"DiffIn: the modelled optimizer update reproduces {type(self._model.optimizer).__name__}'s to "  # type: ignore[union-attr]
@@ -1871,12 +1898,13 @@ class DiffIn(Callback):
         return grad, theta, state
 
     def _check_mode_independent_losses(self, pl_module: L.LightningModule, batch: Any, training: Tensor, devices: list[Any]) -> None:
-        """First step, a module without dropout, batch norm or spectral normalisation (whose power
-        iteration runs in training mode only): its per-sample losses must be the same
-        in evaluation mode, where DiffIn evaluates every loss, gradient and product. A loss that reads
-        ``self.training`` (label smoothing or a regulariser in training only) would otherwise be scored
-        as another function than the one trained (found after fit as a changed loss, if at all)."""
-        with torch.random.fork_rng(devices=devices), evaluation_mode(pl_module), torch.enable_grad():
+        """First step, a module without dropout, batch norm in evaluation mode or spectral normalisation
+        (whose power iteration runs in training mode only): its per-sample losses must be the same
+        in evaluation mode (with batch statistics in batch norm scored as trained), where DiffIn
+        evaluates every loss, gradient and product. A loss that reads ``self.training`` (label
+        smoothing or a regulariser in training only) would otherwise be scored as another function
+        than the one trained (found after fit as a changed loss, if at all)."""
+        with torch.random.fork_rng(devices=devices), self._sweep_mode(pl_module), torch.enable_grad():
             evaluated = pl_module.per_sample_loss(batch).detach()  # type: ignore[operator]
         tol = loss_tolerance(training.dtype)
         difference = float((evaluated.to(training.dtype) - training).abs().max()) if evaluated.shape == training.shape else math.inf
@@ -1885,8 +1913,9 @@ class DiffIn(Callback):
                 return
             raise ValueError(
                 f"per_sample_loss(batch) differs between training and evaluation mode on the first step (by up to "
-                f"{difference:.3g}, losses up to {float(training.abs().max()):.3g}) although the module has no dropout or batch "
-                "norm: the loss reads self.training (label smoothing, a regulariser or augmentation in training only?), and "
+                f"{difference:.3g}, losses up to {float(training.abs().max()):.3g}) although the module has no dropout"
+                + (" (and DiffIn evaluates its batch norm with batch statistics, as trained)" if self._batch_norm == "batch" else " or batch norm")
+                + ": the loss reads self.training (label smoothing, a regulariser or augmentation in training only?), and "
                 f"{RANDOM_REDRAWS} more evaluations in training mode under other random states gave the same losses, so it "
                 "is not dropout-like randomness (randomness drawn once per batch, such as a layer skipped with some "
                 "probability, can repeat its draw: write it with nn.Dropout-style per-element masks or make it "
@@ -1994,6 +2023,7 @@ class DiffIn(Callback):
         }
         if self._sweep.batch_norm is not None:
             meta["statistics_passes"] = self._sweep.statistics_passes
+            meta["statistics_folds"] = self._sweep.statistics_folds
             meta["batch_norm_removal"] = self._batch_norm_removal
         return InfluenceScores(ids, values, meta)
 

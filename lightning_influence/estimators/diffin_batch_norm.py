@@ -282,17 +282,29 @@ class BatchNormTrace:
 
     # ------------------------------------------------------------------ sample weights
     @contextlib.contextmanager
-    def sample_weighting(self, weights: SampleWeights, outputs: list[tuple[str, Tensor]] | None = None) -> Iterator[None]:
+    def sample_weighting(
+        self,
+        weights: SampleWeights,
+        outputs: list[tuple[str, Tensor]] | None = None,
+        statistics: RunningStatisticsTerm | None = None,
+    ) -> Iterator[None]:
         """Every batch-norm layer normalises with statistics in which each sample's rows count with
         its weight (``weights``, requested with the number of rows the layer receives): at unit
         weights training's batch statistics, differentiable by the weights
         (:data:`~lightning_influence.kernels.SampleWeighting`). Its running statistics, captured by
         :meth:`statistics_function`, are weighted alike. Run inside :meth:`batch_statistics_mode`.
-        ``outputs``: each layer's (name, weighted output) is appended there."""
+        ``outputs``: each layer's (name, weighted output) is appended there. ``statistics``: the
+        tracked layers' running statistics go into that term of the pass's objective
+        (:class:`RunningStatisticsTerm`)."""
         names = {id(layer): name for name, layer in self.layers}
+        index = {id(layer): k for k, (_, layer) in enumerate(self.tracked)}
+        if statistics is not None:
+            weights.auxiliary.append(statistics)
 
         def weighted(layer: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
             x = inputs[0]
+            if statistics is not None and id(layer) in index:
+                statistics.capture(index[id(layer)], x)
             w = self._sample_weights(weights, layer, x, names[id(layer)])
             mean, var, _ = weighted_moments(x, w, running=False)
             shape = [1, -1] + [1] * (x.dim() - 2)
@@ -445,43 +457,51 @@ class BatchNormTrace:
             for h in handles:
                 h.remove()
 
+    def _capture(self, k: int, x: Tensor, weights: SampleWeights | None, seen: dict[int, Tensor]) -> None:
+        """Tracked layer ``k``'s batch statistics (mean, unbiased variance) of its input ``x`` into
+        ``seen``, with each sample's rows weighted by ``weights`` if given (:func:`weighted_moments`)."""
+        name, layer = self.tracked[k]
+        if k in seen:
+            raise ValueError(
+                f"batch norm layer {name!r} ran twice in one per_sample_loss call: batch_norm='batch' "
+                "(which 'auto' chooses for batch-norm models) models one update of its running statistics per "
+                "forward. Call each batch-norm layer once per forward (one layer per use), or use "
+                "batch_norm='running' (evaluation mode, an approximation)"
+            )
+        if weights is None:
+            var, mean = torch.var_mean(x, [0, *range(2, x.dim())], unbiased=True)
+            seen[k] = torch.cat([mean, var])
+            return
+        mean, _, unbiased = weighted_moments(x, self._sample_weights(weights, layer, x, name))
+        assert unbiased is not None
+        seen[k] = torch.cat([mean, unbiased])
+
+    def _stacked(self, seen: dict[int, Tensor], like: Tensor) -> Tensor:
+        """The captured statistics in the layout of ``r`` (``[R]``); raises if a tracked layer did not run."""
+        missing = [self.tracked[k][0] for k in range(len(self.tracked)) if k not in seen]
+        if missing:
+            raise ValueError(
+                f"batch norm layer(s) {missing} did not run in per_sample_loss: batch_norm='batch' (which 'auto' chooses for "
+                "batch-norm models) carries every batch norm layer's running statistics through the steps, and an unused "
+                "layer's never move. Remove the unused layer from the module, or pass batch_norm='running'"
+            )
+        return torch.cat([seen[k] for k in range(len(self.tracked))]) if seen else like.new_zeros(0)
+
     def statistics_function(self, loss_fn: PerSampleLossFn) -> Any:
         """``(params, batch) -> (losses [B], S [R])``: the per-sample losses with batch statistics and
-        the batch statistics of every tracked layer's input (run inside :meth:`batch_statistics_mode`)."""
+        the batch statistics of every tracked layer's input (run inside :meth:`batch_statistics_mode`;
+        inside :meth:`sample_weighting` the statistics are weighted by its weights)."""
         index = {id(layer): k for k, (_, layer) in enumerate(self.tracked)}
 
         def fn(params: Mapping[str, Tensor], batch: Any) -> tuple[Tensor, Tensor]:
             seen: dict[int, Tensor] = {}
 
             def capture(layer: nn.Module, inputs: tuple[Any, ...]) -> None:
-                k = index[id(layer)]
-                if k in seen:
-                    raise ValueError(
-                        f"batch norm layer {self.tracked[k][0]!r} ran twice in one per_sample_loss call: batch_norm='batch' "
-                        "(which 'auto' chooses for batch-norm models) models one update of its running statistics per "
-                        "forward. Call each batch-norm layer once per forward (one layer per use), or use "
-                        "batch_norm='running' (evaluation mode, an approximation)"
-                    )
-                x = inputs[0]
-                if self._weights is None:
-                    dims = [0, *range(2, x.dim())]
-                    seen[k] = torch.cat([x.mean(dims), x.var(dims, unbiased=True)])
-                    return
-                mean, _, unbiased = weighted_moments(x, self._sample_weights(self._weights, layer, x, self.tracked[k][0]))
-                assert unbiased is not None
-                seen[k] = torch.cat([mean, unbiased])
+                self._capture(index[id(layer)], inputs[0], self._weights, seen)
 
             with self._hooks(pre=capture):
                 losses = loss_fn(params, batch)
-            missing = [self.tracked[k][0] for k in range(len(self.tracked)) if k not in seen]
-            if missing:
-                raise ValueError(
-                    f"batch norm layer(s) {missing} did not run in per_sample_loss: batch_norm='batch' (which 'auto' chooses for "
-                    "batch-norm models) carries every batch norm layer's running statistics through the steps, and an unused "
-                    "layer's never move. Remove the unused layer from the module, or pass batch_norm='running'"
-                )
-            stats = torch.cat([seen[k] for k in range(len(self.tracked))]) if seen else losses.new_zeros(0)
-            return losses, stats
+            return losses, self._stacked(seen, losses)
 
         return fn
 
@@ -511,6 +531,70 @@ class BatchNormTrace:
                 return loss_fn(rest, batch)
 
         return fn
+
+
+class RunningStatisticsTerm:
+    """The running statistics' part of one micro-batch of a step, folded into a gradient pass of its
+    loss (a :class:`~lightning_influence.kernels.AuxiliaryObjective` of :meth:`BatchNormTrace.sample_weighting`):
+    the term ``coefficient * P`` with ``P = <w, S>``, ``w = m mu`` (``[R]``, the running statistics'
+    adjoint times the micro-batch's momenta) and ``S`` the tracked layers' batch statistics (mean,
+    unbiased variance) of their inputs. The pass's parameter gradient then carries
+    ``coefficient * J_S^T w``, and its gradient by the sample weights of the normalisation
+    ``coefficient * dP/domega`` through the normalised inputs of later layers; :meth:`direct` gives
+    the rest of each sample's direct effect on ``P``, its own rows' share of each layer's weighted
+    statistics (:func:`statistics_weight_gradient`, in closed form at the pass's inputs)."""
+
+    def __init__(self, trace: BatchNormTrace, w: Tensor, coefficient: Tensor | float) -> None:
+        self.trace, self.w, self.coefficient = trace, w, coefficient
+        self.seen: dict[int, Tensor] = {}
+        self._direct: Tensor | None = None
+
+    def capture(self, k: int, x: Tensor) -> None:
+        """Tracked layer ``k``'s input ``x`` in the pass: its statistics, and its samples' share of ``P``."""
+        self.trace._capture(k, x, None, self.seen)
+        start = 2 * sum(self.trace.channels[:k])
+        channels = self.trace.channels[k]
+        w = self.w[start : start + 2 * channels]
+        share = statistics_weight_gradient(x.detach(), w[:channels], w[channels:])
+        self._direct = share if self._direct is None else self._direct + share
+
+    def objective(self) -> Tensor | None:
+        if not self.seen:
+            self.trace._stacked(self.seen, self.w)  # raises: no tracked layer ran
+            return None
+        stats = self.trace._stacked(self.seen, next(iter(self.seen.values())))
+        coefficient = self.coefficient.to(stats.dtype) if isinstance(self.coefficient, Tensor) else self.coefficient
+        return (stats * self.w.to(stats.dtype)).sum() * coefficient
+
+    def direct(self) -> Tensor:
+        """Each sample's own rows' share of ``dP/domega``, float64 ``[b]``."""
+        assert self._direct is not None
+        return self._direct
+
+
+def statistics_weight_gradient(x: Tensor, w_mean: Tensor, w_var: Tensor) -> Tensor:
+    """``d/domega_z <w_mean, mean> + <w_var, unbiased variance>`` of :func:`weighted_moments` at unit
+    weights, through the sample's own rows (``x`` held fixed), for every sample ``z`` of a batch-norm
+    input ``x [N, C, *]``: float64 ``[N]``, in closed form. With ``xbar_z`` the sample's mean over the
+    other dimensions, ``d_z`` its mean squared deviation from the batch mean ``m``, ``v`` the biased
+    variance and ``s_z = xbar_z - m``: ``dm/domega_z = s_z / N``, and the running variance's
+    ``without * ((d_z - v) / N + s_z^2 / (N (N - 1))) - v (without - full) (N - 1) / N`` (``full``,
+    ``without``: the unbiased factors ``n / (n - 1)`` with all ``N`` samples and with ``N - 1``).
+    Computed in ``x``'s dtype (float32 at least): its rounding stays far below a float32 product's
+    finite-difference error."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    rows, per = x.shape[0], (x[0, 0].numel() if x.dim() > 1 else 1)
+    spatial = list(range(2, x.dim()))
+    mean = x.mean(dim=[0, *spatial])
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    centred = x - mean.view(shape)
+    s = centred.mean(dim=spatial) if spatial else centred  # [N, C]
+    d = centred.square().mean(dim=spatial) if spatial else centred.square()  # [N, C]
+    v = d.mean(dim=0)  # [C], the biased variance
+    full, without = rows * per / (rows * per - 1.0), (rows - 1) * per / ((rows - 1) * per - 1.0)
+    by_mean = s / rows
+    by_var = without * ((d - v) / rows + s.square() / (rows * (rows - 1))) - v * (without - full) * (rows - 1) / rows
+    return (by_mean @ w_mean.to(x.dtype) + by_var @ w_var.to(x.dtype)).to(torch.float64)
 
 
 def sub_batch_statistics(

@@ -49,7 +49,10 @@ evaluated with batch statistics (a coupled loss, removed as above or, with
 ``batch_norm_removal="linear"``, by differences of the removal losses that the gradient passes
 return under the sample weighting: the formula of independent losses), and the running statistics
 are carried as part of the state, with an adjoint of their own (derivation in
-:mod:`~lightning_influence.estimators.diffin_batch_norm`).
+:mod:`~lightning_influence.estimators.diffin_batch_norm`). Their part of a step (the adjoint's
+``J_S^T w`` and the samples' direct effect on them) takes a gradient pass of its own, or, with the
+linear removal at a step with a Hessian product of its own, goes into that product's gradient
+passes as a term of their objective (:class:`_StatisticsFold`).
 
 Distributed (DDP) runs: every rank sweeps its own copy of the trajectory (identical parameters,
 optimizer state and step gradients, since DDP averages the gradients) with its own shard of each
@@ -64,6 +67,7 @@ Hessian product are reduced across ranks. With one rank and no copies this is th
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Literal
@@ -81,6 +85,7 @@ from lightning_influence.kernels import (
     SampleWeightsError,
     Step,
     all_finite,
+    default_rel_step,
     difference_derivatives,
     directional_derivatives,
     evaluation_mode,
@@ -91,7 +96,12 @@ from lightning_influence.kernels import (
     shifted_losses,
 )
 from lightning_influence.batches import BatchRemoval
-from lightning_influence.estimators.diffin_batch_norm import BatchNormTrace, OneValuePerChannelError, sub_batch_statistics
+from lightning_influence.estimators.diffin_batch_norm import (
+    BatchNormTrace,
+    OneValuePerChannelError,
+    RunningStatisticsTerm,
+    sub_batch_statistics,
+)
 from lightning_influence.distributed import Collective
 from lightning_influence.scores import ScoreAccumulator
 from lightning_influence.targets import TargetGradient
@@ -108,8 +118,8 @@ ADJOINT_GROWTH_LIMIT = 1e3
 
 STEP_DOMINANCE_LIMIT = 50.0
 """A step whose contributions (their norm over its samples) exceed the median step's this many
-times dominates its samples' scores: warned about (the largest measured without a known fault was
-26, the last step of SGD at lr 0.5; Adam's first step on digits' exact zeros 154)."""
+times dominates its samples' scores: warned about under adaptive optimizers (Adam's first step on
+digits' exact zeros: 154); plain SGD's last steps can pass it without a fault (26 at lr 0.5 on digits)."""
 
 DOMINANCE_MIN_STEPS = 16
 """Scored steps a sweep needs before its steps' contributions are compared with their median."""
@@ -119,6 +129,17 @@ LINEAR_REMOVAL_MIN_SAMPLES = 8
 removed exactly (``remove``: their sub-batches), where the linearisation in ``1 / (b - 1)`` is
 coarsest and the exact removal costs little. A choice: on batches of 8 the linear removal is already
 a little less accurate (README, "Batch norm")."""
+
+RECORDED_CHECKS_PER_SWEEP = 8
+"""Steps, evenly spread between a sweep's newest and oldest stored ones, whose recorded gradient the sweep
+also compares with its own loss's (one gradient pass each): a loss that differs from training's at
+some steps only (a weighted mean over batches whose classes differ) is found without a pass per step."""
+
+REBUILT_GRADIENT_RTOL = 1e-3
+"""The recorded-gradient check's relative tolerance at steps whose parameters were rebuilt between
+checkpoints (at least; the stored steps' where that is larger): the rebuilt parameters' rounding,
+amplified by the curvature, stays far below it, a changed loss (a weight or temperature off by a
+few percent) far above."""
 
 RECORDED_GRADIENT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 """Largest relative difference between a step's gradient recomputed by a sweep and the one
@@ -131,6 +152,11 @@ class LossChangedError(RuntimeError):
 
 class DiffInSweep:
     """The reverse accumulation over a window of recorded steps (shared by replay and online)."""
+
+    fold_statistics: bool = True
+    """Take the running statistics' part of a step (their adjoint ``J_S^T w`` and the samples' direct
+    effect on them) with the step's Hessian product where it can (:meth:`_folds_statistics`, :class:`_StatisticsFold`)
+    instead of a gradient pass of its own: the same scores to the products' finite-difference error."""
 
     def __init__(
         self,
@@ -210,6 +236,10 @@ class DiffInSweep:
         """Forward passes without autograd for finite-difference derivatives (beyond the products' passes)."""
         self._theta_norm: float | None = None
         self._first_stored: StepRecord | None = None
+        self._pending_checks: list[tuple[int, Tensor, bool]] = []  # (step, relative difference, rebuilt): read once per sweep
+        self.rebuilt_exactly = True
+        """The steps rebuilt between checkpoints reproduce training's parameters to rounding (the caller
+        clears it where the modelled update drifts): their recorded gradients may be checked too."""
         self._last_stored: tuple[PerSampleLossFn, StepRecord] | None = None
         self._adjoint: Tensor | None = None
         self._adjoint_start = 0.0
@@ -249,6 +279,8 @@ class DiffInSweep:
         self.small_batch_remove: RemoveFn | None = None
         """With the linear removal: the batch without a sample, for micro-batches of fewer than
         :data:`LINEAR_REMOVAL_MIN_SAMPLES` samples, removed exactly (``None``: linearly too)."""
+        self.statistics_folds = 0
+        """Steps whose running-statistics part went into their Hessian product (per column)."""
         self._running_adjoint: Tensor | None = None  # mu, [R, Q]: the adjoint of the running statistics
         self._expected_counts: Tensor | None = None  # num_batches_tracked after the newest step not yet swept
         self.statistics_passes = 0
@@ -317,11 +349,14 @@ class DiffInSweep:
         self._step_norms, self._statistics_square = [], None
         self._first_stored, self._last_stored = None, None
         self._checked_down_to, self._suspect = None, None
+        self._pending_checks = []
         with self._step_mode():
             try:
                 self._sweep_steps(trajectory, num_scored, recompute_step, u, adjoint)
+                self._settle_recorded_checks()
             except FloatingPointError:
-                self._recheck_suspects(trajectory, recompute_step)  # a changed loss explains it better
+                self._settle_recorded_checks()  # a changed loss explains it better
+                self._recheck_suspects(trajectory, recompute_step)
                 raise
             except OneValuePerChannelError as err:  # batch norm removed linearly, found by the sample weights
                 raise one_value_per_channel(self._sweeping, err.rows, err) from err
@@ -368,6 +403,8 @@ class DiffInSweep:
         pending_scale = [0.0] * columns
         block_steps = 0
         size = len(trajectory)
+        spread = max(size // (RECORDED_CHECKS_PER_SWEEP + 1), 1)
+        next_check = size - 1 - spread  # the next position of an evenly spread check
         for back, record in enumerate(trajectory.newest_first(recompute_step)):
             position = size - 1 - back
             self._sweeping = record.step
@@ -375,22 +412,34 @@ class DiffInSweep:
                 self._checked_down_to = record.step
             scored = position < num_scored
             loss_fn = self.loss_fn_at(record)
-            if self.verify_recorded and trajectory.keeps_theta(record.step):  # parameters stored, not rebuilt
+            stored = trajectory.keeps_theta(record.step)  # parameters stored, not rebuilt
+            if self.verify_recorded and stored:
                 # Recorded gradients are compared with the sweep's loss at the newest and the oldest stored
-                # step, and where the propagation fails (a loss that changed during fit; see the method).
+                # step, at steps spread evenly in between, and where the propagation fails (a loss that
+                # changed during fit; see the method).
                 self._last_stored = (loss_fn, record)
                 if self._first_stored is None:
                     self._first_stored = record
-                    self._check_recorded_gradient(loss_fn, record)
+                    self._check_recorded_gradient(loss_fn, record, deferred=True)
+            if self.verify_recorded and 0 < position <= next_check and record is not self._first_stored and (stored or self.rebuilt_exactly):
+                self._check_recorded_gradient(loss_fn, record, deferred=True, rebuilt=not stored)
+                next_check = position - spread
             if position > 0:
                 block_steps += 1
             propagate = position > 0 and (block_steps == self.hessian_every or position == 1)
             derivatives: list[list[Tensor]] = []
             scales = self.step_model.adjoint_scales(record.hyper, self.work_dtype, adjoint.device)
+            # The running statistics' part of the step, folded into the step's own Hessian product when it has one
+            folded = self._folds_statistics(record, propagate and block_steps == 1, scales)
+            statistics = self._statistics_weights(record) if folded else None
+            folds: list[_StatisticsFold] = []  # folded: one per column
             for q in range(columns):
+                fold = None if statistics is None else _StatisticsFold(self.batch_norm, [w[:, q] for w in statistics], record.normalizer)  # type: ignore[arg-type]
+                if fold is not None:
+                    folds.append(fold)
                 if scales is not None and pending[q] is None:
                     terms, pending_scale[q] = self._scaled_step(
-                        loss_fn, record, adjoint[:, q], scales, propagate, scored, position == 0, pending_scale[q]
+                        loss_fn, record, adjoint[:, q], scales, propagate, scored, position == 0, pending_scale[q], fold
                     )
                     if terms is not None:
                         derivatives.append(terms)
@@ -413,13 +462,18 @@ class DiffInSweep:
                         if a_theta.data_ptr() != column.data_ptr():
                             column.copy_(a_theta)
                         # lambda^theta_t = a^theta + H_t (sum of the block's a^G), added in place
-                        shifted = self._hessian_product(loss_fn, record, pending[q].to(self.space.dtype), column, share)  # type: ignore[union-attr]
+                        shifted = self._hessian_product(loss_fn, record, pending[q].to(self.space.dtype), column, share, fold=fold)  # type: ignore[union-attr]
                         pending[q] = None
                     else:
                         adjoint[:, q] = a_theta
                 if scored:
                     derivatives.append(self._step_terms(loss_fn, record, a_grad, shifted))
-            if self.batch_norm is not None:
+            if folded and scored:
+                direct = [fold.direct() for fold in folds]  # per column, each micro-batch's d<w, S>/domega_S
+                for k, ids in enumerate(record.ids):
+                    change = torch.stack([column[k] for column in direct], dim=1)  # [b, Q]
+                    self._add_statistics_terms(ids, change * _linear_removal_scale(ids).to(change.device).unsqueeze(1), squeeze=u.dim() == 1)
+            elif self.batch_norm is not None and not folded:
                 for q in range(columns):  # the block's pending a^G stops being a multiple of the column
                     if pending_scale[q] != 0.0:
                         pending[q] = pending_scale[q] * adjoint[:, q]
@@ -429,7 +483,7 @@ class DiffInSweep:
                 self._accumulate(record, derivatives, squeeze=u.dim() == 1)
             if position == 0:
                 if self._last_stored is not None and self._last_stored[1] is record and record is not self._first_stored:
-                    self._check_recorded_gradient(loss_fn, record)
+                    self._check_recorded_gradient(loss_fn, record, deferred=True)
                 break
             if propagate:
                 block_steps = 0
@@ -450,19 +504,17 @@ class DiffInSweep:
         statistics (``batch_norm_removal="exact"``), or from the same gradient pass, by the sample
         weights: ``-b / (b - 1) d<w, S>/dw_z`` (``"linear"``, see
         :func:`~lightning_influence.kernels.removal_losses`)."""
-        trace, mu = self.batch_norm, self._running_adjoint
-        assert trace is not None and mu is not None and record.theta is not None
+        trace = self.batch_norm
+        assert trace is not None and record.theta is not None
         if not trace.tracked:
             return
-        factors = self._running_factors(record)  # [K, L]
+        adjoints = self._statistics_weights(record)
         stats_fn = trace.statistics_function(loss_fn)
         leaves = {n: p.detach().requires_grad_(propagate) for n, p in self.space.unflatten(record.theta).items()}
         totals: list[Tensor] = []  # per micro-batch: sum_R w * S(theta), [Q]
         weights: list[tuple[Tensor, Tensor]] = []  # linear: per micro-batch, its sample weights and ids
         for k in reversed(range(len(record.batches))):
-            batch, ids = record.batches[k], record.ids[k]
-            m = trace.expand(factors[k].to(mu.device))
-            w = m.unsqueeze(1) * mu  # [R, Q]
+            batch, ids, w = record.batches[k], record.ids[k], adjoints[k]
             if scored and ids.numel() < 2:
                 raise ValueError(
                     f"batch_norm='batch': optimizer step {record.step} trained a batch-norm model on a micro-batch of one "
@@ -486,7 +538,6 @@ class DiffInSweep:
                 sub = sub_batch_statistics(stats_fn, leaves, batch, remove, ids.numel(), vectorize=self.vectorize_removal)  # type: ignore[arg-type]
                 self.statistics_passes += 1
                 self._add_statistics_terms(ids, (sub.detach().to(torch.float64) - stats.detach().to(torch.float64)) @ w, squeeze)
-            mu.mul_((1.0 - m).unsqueeze(1))
         if not totals:
             return
         total = torch.stack(totals).sum(dim=0)  # [Q]
@@ -504,6 +555,40 @@ class DiffInSweep:
                 changes[j].append(torch.zeros_like(x, dtype=torch.float64) if g is None else g.to(torch.float64) * scales[j])
         for (_, ids), columns in zip(weights, changes, strict=True):
             self._add_statistics_terms(ids, torch.stack(columns, dim=1), squeeze)
+
+    def _statistics_weights(self, record: StepRecord) -> list[Tensor]:
+        """``w_k = m_k mu`` of each micro-batch of the step (``[R, Q]`` each, ``mu`` after the micro-batch's
+        update), moving the running statistics' adjoint ``mu`` to before the step: ``mu <- (1 - m_k) mu``,
+        newest micro-batch first."""
+        trace, mu = self.batch_norm, self._running_adjoint
+        assert trace is not None and mu is not None
+        factors = self._running_factors(record)  # [K, L]
+        out: list[Tensor] = [mu] * len(record.batches)
+        for k in reversed(range(len(record.batches))):
+            m = trace.expand(factors[k].to(mu.device))
+            out[k] = m.unsqueeze(1) * mu
+            mu.mul_((1.0 - m).unsqueeze(1))
+        return out
+
+    def _folds_statistics(self, record: StepRecord, own_product: bool, scales: tuple[float, float] | None) -> bool:
+        """Whether the running statistics' part of this step goes into its Hessian product's gradient passes
+        (:class:`_StatisticsFold`) instead of a pass of its own: batch norm removed linearly with running
+        statistics, a step with a product of its own (``own_product``: not inside a block of
+        ``hessian_every``), whose per-sample terms come from that product's losses, every micro-batch
+        removed linearly, without copies of a sample, and a step that moves the parameters."""
+        trace = self.batch_norm
+        return (
+            self.fold_statistics
+            and own_product
+            and trace is not None
+            and bool(trace.tracked)
+            and self.weighting is not None
+            and self.per_sample == "finite_difference"
+            and self.remove is None
+            and record.global_ids is None
+            and not any(self._removed_exactly(record, k) for k in range(len(record.batches)))
+            and (scales is None or scales[1] != 0.0)
+        )
 
     def _add_statistics_terms(self, ids: Tensor, change: Tensor, squeeze: bool) -> None:
         """Add the running-statistics terms ``change [b, Q]`` of a micro-batch's samples. Checked for
@@ -545,6 +630,7 @@ class DiffInSweep:
         scored: bool,
         last: bool,
         pending: float,
+        fold: _StatisticsFold | None = None,
     ) -> tuple[list[Tensor] | None, float]:
         """One step whose transpose is ``a^theta = k * lambda``, ``a^G = c * lambda`` (stateless SGD,
         :meth:`StepModel.adjoint_scales`), done on the adjoint ``column`` in place without a
@@ -552,7 +638,7 @@ class DiffInSweep:
         and are scaled. ``pending``: the sum of ``a^G`` over the block's newer steps not yet
         propagated (``hessian_every > 1``), as a multiple of ``column``. Returns the step's
         per-sample terms when it is scored, and the block's sum as a multiple of the column after
-        the step (0 once propagated)."""
+        the step (0 once propagated). ``fold``: the step's running statistics go into the product."""
         keep, factor = scales
         total = pending + factor  # the block's sum of a^G, including this step's, in units of the column
         if not last and keep != 1.0:
@@ -567,7 +653,7 @@ class DiffInSweep:
             # short micro-batches removed exactly take their derivatives along the column before the product moves it
             exact = self._short_removals(loss_fn, record, column) if share else None
             # lambda_t = a^theta + H_t (sum of the block's a^G), added in place
-            shifted = self._hessian_product(loss_fn, record, column, column, keep_losses=share, alpha=total)
+            shifted = self._hessian_product(loss_fn, record, column, column, keep_losses=share, alpha=total, fold=fold)
             if share:
                 terms = self._step_terms(loss_fn, record, column, shifted, exact)
             total = 0.0
@@ -693,7 +779,9 @@ class DiffInSweep:
         ratio = float(norms[k]) / median
         if ratio > self.max_step_ratio:
             self.max_step_ratio, self.dominant_step = ratio, steps[k][0]
-        if ratio > STEP_DOMINANCE_LIMIT and not self._dominance_warned:
+        # Warned about under adaptive optimizers, whose first steps' overshoot is the known cause; plain SGD's largest
+        # ratio is at its last steps, whose terms are not damped by later products, and it is only recorded.
+        if ratio > STEP_DOMINANCE_LIMIT and not self._dominance_warned and self.step_model.is_adaptive:
             self._dominance_warned = True
             warnings.warn(
                 f"DiffIn: the contributions of optimizer step {steps[k][0]} are {ratio:.0f}x the median step's (norm over "
@@ -707,14 +795,18 @@ class DiffInSweep:
                 stacklevel=2,
             )
 
-    def _check_recorded_gradient(self, loss_fn: PerSampleLossFn, record: StepRecord) -> None:
+    def _check_recorded_gradient(self, loss_fn: PerSampleLossFn, record: StepRecord, deferred: bool = False, rebuilt: bool = False) -> None:
         """The gradient the sweep's loss gives at ``record``'s parameters must be the one training
         fed the optimizer there. One gradient pass, at the newest and the oldest step of the sweep
         whose parameters are stored (where a loss switched on late, or one that drifted since, differs
-        most), and where the propagation turns unstable or non-finite: a loss that reads something
-        that changed during fit besides the parameters and the tensors recorded per step (a Python
-        attribute such as the epoch, a regulariser switched on later) is refused, since every product
-        and derivative of the sweep would evaluate another function."""
+        most), at :data:`RECORDED_CHECKS_PER_SWEEP` stored steps in between, and where the propagation
+        turns unstable or non-finite: a loss that reads something that changed during fit besides the
+        parameters and the tensors recorded per step (a Python attribute such as the epoch, a
+        regulariser switched on later) is refused, since every product and derivative of the sweep
+        would evaluate another function. ``deferred``: the difference stays on the device until
+        :meth:`_settle_recorded_checks` reads the sweep's checks at once. ``rebuilt``: the record's
+        parameters were rebuilt between checkpoints (a step spread in between; judged to
+        :data:`REBUILT_GRADIENT_RTOL`, above their rounding)."""
         if record.theta is None or record.grad is None:
             return
         _, now = step_losses_and_gradient(
@@ -722,13 +814,30 @@ class DiffInSweep:
         )
         assert isinstance(now, Tensor)
         recorded = record.grad.to(now.dtype)
-        scale = float(recorded.norm())
-        error = float((now - recorded).norm()) / scale if scale > 0 else float((now - recorded).norm())
+        scale, gap = recorded.norm().double(), (now - recorded).norm().double()
+        relative = torch.where(scale > 0, gap / scale, gap)
+        if deferred:
+            self._pending_checks.append((record.step, relative, rebuilt))
+            return
+        self._judge_recorded_gradient(record.step, float(relative), rebuilt)
+
+    def _settle_recorded_checks(self) -> None:
+        """The deferred recorded-gradient checks of the sweep (:meth:`_check_recorded_gradient`), read at once."""
+        pending, self._pending_checks = self._pending_checks, []
+        if pending:
+            for (step, _, rebuilt), error in zip(pending, torch.stack([e for _, e, _ in pending]).tolist(), strict=True):
+                self._judge_recorded_gradient(step, error, rebuilt)
+
+    def _judge_recorded_gradient(self, step: int, error: float, rebuilt: bool = False) -> None:
         self.recorded_gradient_checks += 1
-        self.max_recorded_gradient_error = max(self.max_recorded_gradient_error, error)
-        if not error <= RECORDED_GRADIENT_RTOL.get(self.space.dtype, 1e-2):
+        tolerance = RECORDED_GRADIENT_RTOL.get(self.space.dtype, 1e-2)
+        if rebuilt:
+            tolerance = max(tolerance, REBUILT_GRADIENT_RTOL)
+        else:
+            self.max_recorded_gradient_error = max(self.max_recorded_gradient_error, error)
+        if not error <= tolerance:
             raise LossChangedError(
-                f"DiffIn: at optimizer step {record.step}, the gradient of per_sample_loss recomputed at that step's "
+                f"DiffIn: at optimizer step {step}, the gradient of per_sample_loss recomputed at that step's "
                 f"parameters differs from the gradient training computed there (relative difference {error:.3g}): the "
                 "loss depends on something that changed during fit besides the parameters and the tensors DiffIn records "
                 "per step, e.g. a Python attribute (self.current_epoch, a temperature or loss weight kept as a float), a "
@@ -737,7 +846,10 @@ class DiffInSweep:
                 "batch did not show (a layer skipped with some probability: DiffIn then took the loss as deterministic; "
                 "write it as per-element dropout, or make it deterministic). Every score would evaluate another function. "
                 "Keep such values in registered buffers (register_buffer: DiffIn records their values with every step), "
-                "and keep the loss fixed during fit and the same in both modes"
+                "and keep the loss fixed during fit and the same in both modes. Or training_step's loss is not the mean of "
+                "per_sample_loss(batch) at this step although it was at the first (checked there): a weighted mean such as "
+                "F.cross_entropy(weight=...) divides by the batch's sum of weights; return per_sample_loss(batch).mean() "
+                "from training_step, which DiffIn then checks at every step"
             )
 
     def loss_fn_at(self, record: StepRecord) -> PerSampleLossFn:
@@ -890,17 +1002,28 @@ class DiffInSweep:
         add_to: Tensor,
         keep_losses: bool = False,
         alpha: float = 1.0,
+        fold: _StatisticsFold | None = None,
     ) -> _ShiftedLosses | None:
         """Add ``alpha * H_t @ vector`` (the step's loss, by finite differences of step gradients)
         into ``add_to``, stepping along ``sign(alpha) * vector``; with ``keep_losses`` return the
         per-sample losses its gradient passes computed at ``theta_t + eps * vector`` (and
-        ``theta_t - eps * vector``), ``eps`` of the sign of ``alpha``."""
+        ``theta_t - eps * vector``), ``eps`` of the sign of ``alpha``. ``fold``: the passes also
+        differentiate the step's running-statistics terms, which adds ``J_S^T w`` into ``add_to`` and
+        leaves their direct effect in ``fold`` (:class:`_StatisticsFold`)."""
         assert record.theta is not None
         base = record.grad if (self.reuse_recorded_gradient and self.finite_difference == "forward") else None
         self.hessian_products += 1
         # The step stays on the device (a 0-d tensor): a sweep reads no value per product.
         eps = finite_difference_step(record.theta, vector, self.finite_difference, self.fd_rel_step, self._theta_norm, on_device=True)
+        if fold is not None:  # a zero vector still carries the statistics' terms: a step of the scale of a unit vector
+            assert isinstance(eps, Tensor)
+            rel = self.fd_rel_step if self.fd_rel_step is not None else default_rel_step(record.theta.dtype, self.finite_difference)
+            eps = torch.where(eps > 0, eps, torch.full_like(eps, rel * (1.0 + (self._theta_norm or 0.0))))
+            self.statistics_folds += 1
         eps = eps if alpha >= 0 else -eps
+        weighting = self.weighting
+        # each gradient pass's offset along the vector, in order: theta + eps v, then theta - eps v or theta itself
+        offsets = [eps, -eps if self.finite_difference == "central" else None]
         evaluated: list[list[Tensor]] = []  # per gradient pass: theta + eps v, then theta or theta - eps v
         count = len(record.batches)
         minus: list[Tensor | None] = [None] * count
@@ -908,15 +1031,18 @@ class DiffInSweep:
             # The loss differences' other side, where training_step's losses at theta_t are missing: a plain
             # forward pass at theta_t - eps v, taken now since add_to may be vector itself.
             known = record.losses if record.losses is not None and self.weighting is None else (None,) * count
+            sides = fold.weightings(-eps, alpha) if fold is not None else [weighting] * count
             for k, batch in enumerate(record.batches):
                 if known[k] is None:
-                    minus[k] = shifted_losses(loss_fn, self.space, record.theta, batch, vector, -eps, self.chunk_size, self.weighting)
+                    minus[k] = shifted_losses(loss_fn, self.space, record.theta, batch, vector, -eps, self.chunk_size, sides[k])
                     self.loss_evaluations += 1
 
         def gradient(theta: Tensor) -> Tensor | list[Tensor]:
+            offset = offsets[len(evaluated)]
+            by_batch = fold.weightings(offset, alpha) if fold is not None and offset is not None else weighting
             losses, grad = step_losses_and_gradient(
                 loss_fn, self.space, theta, record.batches, record.normalizer, self.collective, self.chunk_size, flat=False,
-                weighting=self.weighting,
+                weighting=by_batch,
             )
             evaluated.append(losses)
             return grad
@@ -933,6 +1059,40 @@ class DiffInSweep:
             list(evaluated[1]) if base is None else list(record.losses if record.losses is not None and self.weighting is None else (None,) * count)
         )
         return _ShiftedLosses(eps, list(evaluated[0]), minus, at_theta)
+
+
+class _StatisticsFold:
+    """One column's running-statistics terms of a step (``w_k``, ``[R]`` per micro-batch), taken with the
+    step's Hessian product instead of a gradient pass of their own.
+
+    Each gradient pass at ``theta + e v`` (``e``: the product's signed step, ``-e`` or none on the
+    other side) adds ``c P_k`` to micro-batch ``k``'s objective, ``P_k = <w_k, S(theta; B_k)>`` and
+    ``c = n e / alpha`` (``n``: the step's normaliser, ``alpha``: the product's factor), so that
+    the product's difference of gradients adds ``sum_k J_S^T w_k`` (central: at ``theta``; forward:
+    at ``theta + e v``). A sample's direct effect on ``P`` has two parts. Through its own rows of each
+    layer's statistics: :meth:`direct`, the passes' mean of :class:`RunningStatisticsTerm`'s closed
+    form. Through the normalisation of later layers' inputs, ``dP/domega``: with the removal losses
+    of the same passes, whose difference adds ``b n dP/domega_z / alpha`` to the step's derivative of
+    sample ``z``, which the step's term turns into ``-b / (b - 1) dP/domega_z`` when ``alpha`` is the
+    step's own factor (a product of the step alone). The normalisation's weighted mean and variance do
+    not change when every weight is scaled alike, so ``dP/domega`` sums to zero over the batch and the
+    step term's mean leaves it whole. With :meth:`direct` times ``-b / (b - 1)`` this is the separate
+    pass's ``-b / (b - 1) d<w, S>/domega_z``."""
+
+    def __init__(self, trace: BatchNormTrace, weights: list[Tensor], normalizer: int) -> None:
+        self.trace, self.weights, self.normalizer = trace, weights, normalizer
+        self.passes: list[list[RunningStatisticsTerm]] = []
+
+    def weightings(self, offset: Tensor | float, alpha: float) -> list[SampleWeighting]:
+        """The sample weightings of one gradient pass at ``theta + offset v``, one per micro-batch."""
+        coefficient = offset * (self.normalizer / alpha)
+        terms = [RunningStatisticsTerm(self.trace, w, coefficient) for w in self.weights]
+        self.passes.append(terms)
+        return [functools.partial(self.trace.sample_weighting, statistics=term) for term in terms]
+
+    def direct(self) -> list[Tensor]:
+        """Each micro-batch's samples' own share of ``dP_k/domega``, float64 ``[b_k]``: the mean over the passes."""
+        return [torch.stack([terms[k].direct() for terms in self.passes]).mean(dim=0) for k in range(len(self.weights))]
 
 
 def _linear_removal_scale(ids: Tensor) -> Tensor:
@@ -974,20 +1134,21 @@ def step_losses_and_gradient(
     collective: Collective | None = None,
     chunk_size: int | None = None,
     flat: bool = True,
-    weighting: SampleWeighting | None = None,
+    weighting: SampleWeighting | list[SampleWeighting] | None = None,
 ) -> tuple[list[Tensor], Tensor | list[Tensor]]:
     """The gradient an optimizer step was fed, ``sum_k grad mean_k / normalizer`` over its micro-batches
     and averaged over the ranks of ``collective`` as DDP does (a collective call in distributed runs),
     with each micro-batch's (local) per-sample losses at ``theta``: ``(losses, gradient)``; passes
     over at most ``chunk_size`` samples each. ``flat=False``: outside distributed runs, the
     gradient as one tensor per parameter (see :func:`~lightning_influence.kernels.losses_and_gradient`);
-    ``weighting``: the losses are the micro-batches' removal losses."""
+    ``weighting``: the losses are the micro-batches' removal losses (a list: one weighting per micro-batch)."""
     distributed = collective is not None and collective.distributed
     pieces = not flat and not distributed
-    losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size, flat=not pieces, weighting=weighting)
+    weightings = weighting if isinstance(weighting, list) else [weighting] * len(batches)
+    losses, total = losses_and_gradient(loss_fn, space, theta, batches[0], chunk_size, flat=not pieces, weighting=weightings[0])
     every = [losses]
-    for batch in batches[1:]:
-        losses, grad = losses_and_gradient(loss_fn, space, theta, batch, chunk_size, flat=not pieces, weighting=weighting)
+    for batch, by_batch in zip(batches[1:], weightings[1:], strict=True):
+        losses, grad = losses_and_gradient(loss_fn, space, theta, batch, chunk_size, flat=not pieces, weighting=by_batch)
         every.append(losses)
         if isinstance(total, Tensor):
             total.add_(grad)  # type: ignore[arg-type]
