@@ -693,7 +693,8 @@ def check_target_node(node: DictConfig | Mapping[str, Any], where: str, set_else
     argument in ``set_elsewhere`` (passed by the recipes themselves, with where the user sets it).
     ``where``: the node's path in the config (``trainer``, ``callbacks.early_stopping``), named in
     every message. ``_target_`` nodes among the values are checked in turn. Arguments without a
-    type annotation take any value; a callable without a readable signature is not checked."""
+    type annotation take any value; a callable without a readable signature is not checked. Every
+    problem of the node is named in one error (a config swapped to another ``_target_`` has several)."""
     values = OmegaConf.to_container(node, resolve=True, throw_on_missing=True) if isinstance(node, DictConfig) else dict(node)
     raw = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else values
     assert isinstance(values, dict) and isinstance(raw, dict)
@@ -725,18 +726,19 @@ def check_target_node(node: DictConfig | Mapping[str, Any], where: str, set_else
     for i, value in enumerate(args[: len(positional)]):
         given[positional[i].name] = (f"{where}._args_[{i}]", value)
     elsewhere = set_elsewhere or {}
+    problems: list[str] = []  # every key's problem at once: a config swapped to another target has several
     for key, value in values.items():
         if key in _HYDRA_KEYS:
             continue
         if key in elsewhere:
-            raise ValueError(
+            problems.append(
                 f"{where}.{key} is not taken from the config: {elsewhere[key]}. Remove it (~{where}.{key} on the command line)"
             )
-        if key in keyword:
+        elif key in keyword:
             given[key] = (f"{where}.{key}", value)
         elif not any_keyword:
             hint = did_you_mean(key, keyword, f"its arguments are {', '.join(keyword) or 'none'}.")
-            raise ValueError(
+            problems.append(
                 f"{where}.{key} is not an argument of {target}: {hint} Fix the spelling, or remove the key "
                 f"(~{where}.{key} on the command line)"
             )
@@ -747,25 +749,30 @@ def check_target_node(node: DictConfig | Mapping[str, Any], where: str, set_else
             example = _example(tp, params[name].default)
             source = raw.get(name) if path == f"{where}.{name}" else None
             via = f", from {source}" if isinstance(source, str) and "${" in source else ""
-            raise ValueError(
+            problems.append(
                 f"{path}={value!r} ({_kind(value)}{via}) is not accepted by {target}: its argument {name} takes {expected}. "
                 f"Set {path}{' or what it interpolates' if via else ''} to such a value"
                 f"{f' (e.g. {path}={example})' if example is not None else ''}, on the command line or in the config file"
             )
+    if not values.get("_partial_", False):
+        missing = [n for n, p in params.items() if p.default is _EMPTY and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+                   and n not in given and n not in elsewhere]
+        if missing:
+            problems.append(
+                f"{where} ({target}) needs the argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which the config "
+                f"does not set: add {' and '.join(f'{where}.{n}' for n in missing)} "
+                f"(+{where}.{missing[0]}=<value> on the command line)"
+            )
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"{where} ({target}) has {len(problems)} problems: " + "; ".join(f"({k}) {p}" for k, p in enumerate(problems, 1)))
+    for name, (path, value) in given.items():
         if (name == "seed" or name.endswith("_seed")) and isinstance(value, int):
             check_seed(path, value)  # seeds generators that refuse negative or 64-bit values, mid-setup
         if values.get("_recursive_", True):
             for inner_where, inner in _nested_targets(value, path):
                 check_target_node(inner, inner_where)
-    if not values.get("_partial_", False):
-        missing = [n for n, p in params.items() if p.default is _EMPTY and p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
-                   and n not in given and n not in elsewhere]
-        if missing:
-            raise ValueError(
-                f"{where} ({target}) needs the argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which the config "
-                f"does not set: add {' and '.join(f'{where}.{n}' for n in missing)} "
-                f"(+{where}.{missing[0]}=<value> on the command line)"
-            )
 
 
 def check_data_and_model(cfg: DictConfig) -> None:

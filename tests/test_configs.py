@@ -199,6 +199,10 @@ def test_keys_added_with_plus_to_a_schema_node_are_refused(overrides: list[str],
         (["model.lr=fast"], r"model.lr='fast' .*Classifier: its argument lr takes a number"),
         (["model.hidden=[a]"], r"model.hidden=\['a'\] .*a list \(each entry: an integer\)"),
         (["data.batch_size=big"], r"data.batch_size='big' .*DigitsDataModule: its argument batch_size takes an integer"),
+        # a target swapped under a config written for another: every problem in one message
+        (["model._target_=lightning_influence.data.FixedBatches"],
+         r"model \(lightning_influence.data.FixedBatches\) has \d+ problems: \(1\) model\.\w+ is not an argument of "
+         r".*\(2\) model\.\w+ is not an argument of .*needs the argument batches"),
     ],
 )
 def test_target_nodes_are_checked_against_their_signatures(overrides: list[str], message: str) -> None:
