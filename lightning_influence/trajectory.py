@@ -67,6 +67,9 @@ class StepRecord:
     statistics after the step's forwards, int64 ``[L]``."""
     running_momenta: tuple[float | None, ...] | None = None
     """``DiffIn(batch_norm="batch")``: those layers' ``momentum`` at the step (``None``: cumulative average)."""
+    grad_recomputed: bool = False
+    """``grad`` was recomputed by a sweep (``recompute_step``), not recorded in training: no evidence of
+    what training computed."""
 
 
 class VectorPool:
@@ -320,7 +323,8 @@ class Trajectory:
                     if recompute_step is None:
                         raise RuntimeError("checkpoint_every > 1 needs a recompute_step function")
                     grad, nxt, state = recompute_step(segment[i])
-                    segment[i].grad = segment[i].grad if segment[i].grad is not None else grad
+                    if segment[i].grad is None:
+                        segment[i].grad, segment[i].grad_recomputed = grad, True
                     segment[i + 1].theta = nxt
                     segment[i + 1].state = state
             newest = segment[-1]
@@ -328,6 +332,7 @@ class Trajectory:
                 # Recomputed from the step before: its own gradient is needed too (the step model's
                 # linearisation of a stateful optimizer reads it).
                 newest.grad, beyond, _ = recompute_step(newest)
+                newest.grad_recomputed = True
                 self.release(beyond)  # the step after the window is not needed
             yield from reversed(segment)
             # What was rebuilt is dropped again once the sweep has passed it: an online window outlives

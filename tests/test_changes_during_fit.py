@@ -181,6 +181,50 @@ def test_a_training_loss_that_differs_at_unchecked_steps_is_refused_by_the_sweep
         quiet_trainer(callbacks=[cb]).fit(model, train_dataloaders=FixedBatches(batches))
 
 
+class _SmoothedFromStep20(Classifier):
+    """training_step adds label smoothing from optimizer step 20 on, without calling per_sample_loss."""
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return F.cross_entropy(self(x), y, label_smoothing=0.2 if self.global_step >= 20 else 0.0)
+
+
+class _ScaledEveryFourthStep(Classifier):
+    """training_step scales the loss by 1.5 at every fourth optimizer step, without calling per_sample_loss."""
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        return F.cross_entropy(self(x), y) * (1.5 if self.global_step % 4 == 1 else 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [(_SmoothedFromStep20, {"checkpoint_every": 1, "finite_difference": "central"}), (_ScaledEveryFourthStep, {})],
+    ids=["every-step-stored-central", "every-fourth-step"],
+)
+def test_a_training_loss_changed_where_a_fixed_grid_of_checks_would_not_look_is_refused(small_digits, kind, options):
+    """Central differences with every step stored need no recorded gradient, so training keeps one every 8th
+    step for the checks (before: none, and a loss changed from step 20 on was scored silently); a loss that
+    differs at every fourth step is found by checks at random positions within 8 strata (a fixed stride of 4
+    had missed it)."""
+    from lightning_influence.estimators.diffin_sweep import LossChangedError
+
+    cb = DiffIn(target="val", target_loader=small_digits.val, log_summary=False, **options)
+    with pytest.raises(LossChangedError, match="differs from the gradient training computed"):
+        _fit(small_digits, cb, model=_model(kind))
+
+
+def test_the_sweeps_spread_checks_are_at_most_eight_distinct_inner_positions():
+    from lightning_influence.estimators.diffin_sweep import RECORDED_CHECKS_PER_SWEEP, DiffInSweep
+
+    sweep = DiffInSweep.__new__(DiffInSweep)
+    sweep.verify_recorded, sweep.target_gradients = True, 3
+    for size in (3, 5, 10, 17, 18, 35, 36, 100, 768):
+        positions = sweep._spread_checks(size)
+        assert positions == sorted(set(positions), reverse=True)
+        assert len(positions) == min(RECORDED_CHECKS_PER_SWEEP, size - 2) and all(1 <= p <= size - 2 for p in positions)
+
+
 # ---------------------------------------------------------------- 4: a loss that differs in training at one step
 class _TrainingOnlyLossAtOneStep(Classifier):
     """per_sample_loss reads self.training at one optimizer step (between parameter checkpoints)."""

@@ -60,6 +60,7 @@ from lightning_influence.estimators.diffin_batch_norm import (
     resolve_batch_norm_mode,
 )
 from lightning_influence.estimators.diffin_sweep import (
+    CHECKED_GRADIENT_EVERY,
     LINEAR_REMOVAL_MIN_SAMPLES,
     DiffInSweep,
     PerSampleDerivatives,
@@ -1270,6 +1271,7 @@ class DiffIn(Callback):
             or not model.is_stateless_sgd
             or self._verified_steps < VERIFIED_STEPS
             or trajectory.keep_gradients  # the steps between checkpoints are rebuilt from their gradients
+            or (self._sweep.verify_recorded and self.steps_seen % CHECKED_GRADIENT_EVERY == 0)  # evidence for the sweeps' checks
         )
         keep_grad = needs_grad and (keep or trajectory.keep_gradients)
         if self._batch_norm_trace is not None:
@@ -1919,8 +1921,9 @@ class DiffIn(Callback):
                 f"{RANDOM_REDRAWS} more evaluations in training mode under other random states gave the same losses, so it "
                 "is not dropout-like randomness (randomness drawn once per batch, such as a layer skipped with some "
                 "probability, can repeat its draw: write it with nn.Dropout-style per-element masks or make it "
-                "deterministic). DiffIn evaluates every loss, gradient and Hessian product in evaluation mode, so it "
-                "would score another function than the one trained. Make per_sample_loss the same in both modes"
+                "deterministic). DiffIn evaluates every loss, gradient and Hessian product in evaluation mode"
+                + (" (batch norm with batch statistics)" if self._batch_norm == "batch" else "")
+                + ", so it would score another function than the one trained. Make per_sample_loss the same in both modes"
             )
 
     def _random_in_training(self, pl_module: L.LightningModule, batch: Any, training: Tensor, devices: list[Any], tol: float) -> bool:
@@ -2011,6 +2014,7 @@ class DiffIn(Callback):
             "hessian_products": self._sweep.hessian_products,
             "recorded_gradient_checks": self._sweep.recorded_gradient_checks,
             "max_recorded_gradient_error": self._sweep.max_recorded_gradient_error,
+            "max_rebuilt_gradient_error": self._sweep.max_rebuilt_gradient_error,
             "per_sample": self._per_sample,
             "chunk_size": self.chunk_size,
             "forward_mode_passes": self._sweep.forward_mode_passes,
@@ -2273,10 +2277,16 @@ def _batch_norm_option_obstacles(
 
 
 def _last_batch_size(trainer: L.Trainer) -> int | None:
-    """The size of a training loader's short last batch (``drop_last=False``, a dataset length that the
-    batch size does not divide), where the loader says; else ``None``."""
+    """The size of a training loader's short last batch (``drop_last=False``, a number of samples per
+    epoch, its sampler's or else its dataset's, that the batch size does not divide), where the loader
+    says; else ``None``."""
     loader = trainer.train_dataloader
-    size, length = getattr(loader, "batch_size", None), dataset_length(trainer)
+    sampler = getattr(loader, "sampler", None)
+    try:
+        drawn = len(sampler) if sampler is not None else None  # type: ignore[arg-type]
+    except TypeError:  # a sampler without a length
+        drawn = None
+    size, length = getattr(loader, "batch_size", None), (drawn if drawn is not None else dataset_length(trainer))
     if not size or getattr(loader, "drop_last", True) or not length or int(getattr(trainer, "world_size", 1) or 1) > 1:
         return None
     return (length % int(size)) or None
