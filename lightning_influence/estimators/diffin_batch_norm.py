@@ -457,7 +457,7 @@ class BatchNormTrace:
             for h in handles:
                 h.remove()
 
-    def _capture(self, k: int, x: Tensor, weights: SampleWeights | None, seen: dict[int, Tensor]) -> None:
+    def capture_statistics(self, k: int, x: Tensor, weights: SampleWeights | None, seen: dict[int, Tensor]) -> None:
         """Tracked layer ``k``'s batch statistics (mean, unbiased variance) of its input ``x`` into
         ``seen``, with each sample's rows weighted by ``weights`` if given (:func:`weighted_moments`)."""
         name, layer = self.tracked[k]
@@ -476,7 +476,7 @@ class BatchNormTrace:
         assert unbiased is not None
         seen[k] = torch.cat([mean, unbiased])
 
-    def _stacked(self, seen: dict[int, Tensor], like: Tensor) -> Tensor:
+    def stacked_statistics(self, seen: dict[int, Tensor], like: Tensor) -> Tensor:
         """The captured statistics in the layout of ``r`` (``[R]``); raises if a tracked layer did not run."""
         missing = [self.tracked[k][0] for k in range(len(self.tracked)) if k not in seen]
         if missing:
@@ -497,11 +497,11 @@ class BatchNormTrace:
             seen: dict[int, Tensor] = {}
 
             def capture(layer: nn.Module, inputs: tuple[Any, ...]) -> None:
-                self._capture(index[id(layer)], inputs[0], self._weights, seen)
+                self.capture_statistics(index[id(layer)], inputs[0], self._weights, seen)
 
             with self._hooks(pre=capture):
                 losses = loss_fn(params, batch)
-            return losses, self._stacked(seen, losses)
+            return losses, self.stacked_statistics(seen, losses)
 
         return fn
 
@@ -551,7 +551,7 @@ class RunningStatisticsTerm:
 
     def capture(self, k: int, x: Tensor) -> None:
         """Tracked layer ``k``'s input ``x`` in the pass: its statistics, and its samples' share of ``P``."""
-        self.trace._capture(k, x, None, self.seen)
+        self.trace.capture_statistics(k, x, None, self.seen)
         start = 2 * sum(self.trace.channels[:k])
         channels = self.trace.channels[k]
         w = self.w[start : start + 2 * channels]
@@ -559,10 +559,11 @@ class RunningStatisticsTerm:
         self._direct = share if self._direct is None else self._direct + share
 
     def objective(self) -> Tensor | None:
+        """``coefficient * <w, S>`` over the statistics the pass captured (raises if a tracked layer did not run)."""
         if not self.seen:
-            self.trace._stacked(self.seen, self.w)  # raises: no tracked layer ran
+            self.trace.stacked_statistics(self.seen, self.w)  # raises: no tracked layer ran
             return None
-        stats = self.trace._stacked(self.seen, next(iter(self.seen.values())))
+        stats = self.trace.stacked_statistics(self.seen, next(iter(self.seen.values())))
         coefficient = self.coefficient.to(stats.dtype) if isinstance(self.coefficient, Tensor) else self.coefficient
         return (stats * self.w.to(stats.dtype)).sum() * coefficient
 
