@@ -712,22 +712,41 @@ def test_linear_removal_of_one_step_against_retraining() -> None:
     assert spearman(scores, truth) > 0.99
 
 
+class OtherOptimizer(BatchNormNet):
+    """The batch-norm net trained with AdamW, or with SGD and weight decay (whose step scales the adjoint)."""
+
+    def __init__(self, kind: str, optimizer: str) -> None:
+        super().__init__(kind, lr=0.01 if optimizer == "adamw" else 0.1)
+        self.optimizer = optimizer
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=0.05)
+
+
 @pytest.mark.parametrize(
-    ("kind", "momentum", "accumulate", "scheme"),
-    [("mlp", 0.0, 1, "forward"), ("mlp", 0.9, 2, "central"), ("conv", 0.0, 2, "forward"), ("conv", 0.9, 1, "central")],
+    ("kind", "optimizer", "accumulate", "scheme"),
+    [
+        ("mlp", "sgd", 1, "forward"), ("mlp", "momentum", 2, "central"), ("conv", "sgd", 2, "forward"), ("conv", "momentum", 1, "central"),
+        ("conv", "adamw", 1, "central"), ("mlp", "weight-decay", 1, "forward"),
+    ],
 )
 def test_running_statistics_folded_into_the_products_give_the_scores_of_their_own_pass(
-    monkeypatch: pytest.MonkeyPatch, kind: str, momentum: float, accumulate: int, scheme: str
+    monkeypatch: pytest.MonkeyPatch, kind: str, optimizer: str, accumulate: int, scheme: str
 ) -> None:
     """The running statistics' part of each step (their adjoint and each sample's direct effect on
     them) taken with the step's Hessian product gives the scores of the separate gradient pass, which
     the retraining tests above check, to the products' finite-difference error (measured 4e-12 to
-    9e-10 central, 4e-9 to 9e-8 forward, float64), for a mean and a query target, plain SGD and momentum,
-    one or two micro-batches per step; and it replaces every pass but the oldest step's."""
+    9e-10 central, 4e-9 to 9e-8 forward, float64), for a mean and a query target, plain SGD, momentum,
+    AdamW and weight decay, one or two micro-batches per step; and it replaces every pass but the oldest step's."""
     torch.manual_seed(0)
     batches, val = problem(96 * accumulate, 16, 2)
     queries = [(val[0][0][:3], val[0][1][:3], torch.arange(3))]
-    init = BatchNormNet(kind, lr=0.1, momentum=momentum).double()
+    if optimizer in ("adamw", "weight-decay"):
+        init: BatchNormNet = OtherOptimizer(kind, optimizer).double()
+    else:
+        init = BatchNormNet(kind, lr=0.1, momentum=0.9 if optimizer == "momentum" else 0.0).double()
     steps = len(batches) // accumulate
 
     def scores(fold: bool) -> list[Any]:
