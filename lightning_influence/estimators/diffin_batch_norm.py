@@ -544,14 +544,17 @@ class RunningStatisticsTerm:
     the rest of each sample's direct effect on ``P``, its own rows' share of each layer's weighted
     statistics (:func:`statistics_weight_gradient`, in closed form at the pass's inputs)."""
 
-    def __init__(self, trace: BatchNormTrace, w: Tensor, coefficient: Tensor | float) -> None:
-        self.trace, self.w, self.coefficient = trace, w, coefficient
+    def __init__(self, trace: BatchNormTrace, w: Tensor, coefficient: Tensor | float, direct: bool = True) -> None:
+        # direct: compute the samples' own-row share (direct(); not needed for unscored steps)
+        self.trace, self.w, self.coefficient, self.wants_direct = trace, w, coefficient, direct
         self.seen: dict[int, Tensor] = {}
         self._direct: Tensor | None = None
 
     def capture(self, k: int, x: Tensor) -> None:
         """Tracked layer ``k``'s input ``x`` in the pass: its statistics, and its samples' share of ``P``."""
         self.trace.capture_statistics(k, x, None, self.seen)
+        if not self.wants_direct:
+            return
         start = 2 * sum(self.trace.channels[:k])
         channels = self.trace.channels[k]
         w = self.w[start : start + 2 * channels]

@@ -131,9 +131,10 @@ coarsest and the exact removal costs little. A choice: on batches of 8 the linea
 a little less accurate (README, "Batch norm")."""
 
 RECORDED_CHECKS_PER_SWEEP = 8
-"""Steps, evenly spread between a sweep's newest and oldest stored ones, whose recorded gradient the sweep
-also compares with its own loss's (one gradient pass each): a loss that differs from training's at
-some steps only (a weighted mean over batches whose classes differ) is found without a pass per step."""
+"""Steps between a sweep's newest and oldest, one at a random position in each of this many equal
+strata, whose recorded gradient the sweep also compares with its own loss's (one gradient pass each):
+a loss that differs from training's at some steps only (a weighted mean over batches whose classes
+differ) is found without a pass per step."""
 
 CHECKED_GRADIENT_EVERY = 8
 """Training keeps the gradient of every this many-th step whose parameters it stores, where nothing
@@ -247,7 +248,7 @@ class DiffInSweep:
         """Forward passes without autograd for finite-difference derivatives (beyond the products' passes)."""
         self._theta_norm: float | None = None
         self._first_stored: StepRecord | None = None
-        self._pending_checks: list[tuple[int, Tensor, bool]] = []  # (step, relative difference, rebuilt): read once per sweep
+        self._pending_checks: list[tuple[int, Tensor, bool]] = []  # (step, [gap, gradient norm], rebuilt): read once per sweep
         self.max_rebuilt_gradient_error = 0.0
         """Largest relative difference at the checks of steps rebuilt between checkpoints."""
         self.rebuilt_exactly = True
@@ -443,8 +444,8 @@ class DiffInSweep:
             stored = trajectory.keeps_theta(record.step)  # parameters stored, not rebuilt
             if self.verify_recorded and stored:
                 # Recorded gradients are compared with the sweep's loss at the newest and the oldest stored
-                # step, at steps spread evenly in between, and where the propagation fails (a loss that
-                # changed during fit; see the method).
+                # step, at steps spread in between (_spread_checks), and where the propagation fails (a loss
+                # that changed during fit; see the method).
                 self._last_stored = (loss_fn, record)
                 if self._first_stored is None:
                     self._first_stored = record
@@ -464,7 +465,7 @@ class DiffInSweep:
             statistics = self._statistics_weights(record) if folded else None
             folds: list[_StatisticsFold] = []  # folded: one per column
             for q in range(columns):
-                fold = None if statistics is None else _StatisticsFold(self.batch_norm, [w[:, q] for w in statistics], record.normalizer)  # type: ignore[arg-type]
+                fold = None if statistics is None else _StatisticsFold(self.batch_norm, [w[:, q] for w in statistics], record.normalizer, scored)  # type: ignore[arg-type]
                 if fold is not None:
                     folds.append(fold)
                 if scales is not None and pending[q] is None:
@@ -846,7 +847,7 @@ class DiffInSweep:
         """The gradient the sweep's loss gives at ``record``'s parameters must be the one training
         fed the optimizer there. One gradient pass, at the newest and the oldest step of the sweep
         whose parameters are stored (where a loss switched on late, or one that drifted since, differs
-        most), at :data:`RECORDED_CHECKS_PER_SWEEP` stored steps in between, and where the propagation
+        most), at :data:`RECORDED_CHECKS_PER_SWEEP` steps in between (:meth:`_spread_checks`), and where the propagation
         turns unstable or non-finite: a loss that reads something that changed during fit besides the
         parameters and the tensors recorded per step (a Python attribute such as the epoch, a
         regulariser switched on later) is refused, since every product and derivative of the sweep
@@ -1135,14 +1136,15 @@ class _StatisticsFold:
     step term's mean leaves it whole. With :meth:`direct` times ``-b / (b - 1)`` this is the separate
     pass's ``-b / (b - 1) d<w, S>/domega_z``."""
 
-    def __init__(self, trace: BatchNormTrace, weights: list[Tensor], normalizer: int) -> None:
-        self.trace, self.weights, self.normalizer = trace, weights, normalizer
+    def __init__(self, trace: BatchNormTrace, weights: list[Tensor], normalizer: int, scored: bool = True) -> None:
+        # scored: the step's samples are scored, so direct() is wanted (else only the adjoint's part)
+        self.trace, self.weights, self.normalizer, self.scored = trace, weights, normalizer, scored
         self.passes: list[list[RunningStatisticsTerm]] = []
 
     def weightings(self, offset: Tensor | float, alpha: float) -> list[SampleWeighting]:
         """The sample weightings of one gradient pass at ``theta + offset v``, one per micro-batch."""
         coefficient = offset * (self.normalizer / alpha)
-        terms = [RunningStatisticsTerm(self.trace, w, coefficient) for w in self.weights]
+        terms = [RunningStatisticsTerm(self.trace, w, coefficient, direct=self.scored) for w in self.weights]
         self.passes.append(terms)
         return [functools.partial(self.trace.sample_weighting, statistics=term) for term in terms]
 
