@@ -99,6 +99,15 @@ class Collective:
         dist.all_reduce(work, op=dist.ReduceOp.MAX)
         return work.to(tensor.device)
 
+    def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
+        """Rank ``src``'s ``tensor`` on every rank (same shape and dtype on every rank; a new tensor on
+        the input's device)."""
+        if not self.distributed:
+            return tensor
+        work = self._on_device(tensor)
+        dist.broadcast(work, src=src)
+        return work.to(tensor.device)
+
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on some rank."""
         if not self.distributed:

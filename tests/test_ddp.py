@@ -329,7 +329,7 @@ def test_hydra_multirun_sweep_with_ddp_spawn(tmp_path):
 def test_collective_is_a_no_op_in_one_process():
     one = Collective()
     x = torch.arange(3.0)
-    assert one.sum(x) is x and one.mean(x) is x and one.gather(x)[0] is x and one.any(True) and not one.any(False)
+    assert one.sum(x) is x and one.mean(x) is x and one.gather(x)[0] is x and one.broadcast(x) is x and one.any(True) and not one.any(False)
     acc = ScoreAccumulator(4)
     assert acc.reduced(one) is acc
     with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):

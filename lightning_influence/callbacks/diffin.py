@@ -213,9 +213,12 @@ class DiffIn(Callback):
             of its batch's statistics (see ``batch_norm_removal``), and the running statistics
             carried through the sweep as part of the state (their own adjoint; each sample's
             effect on its step's statistics), so the target, read in evaluation mode, sees how
-            removing a sample moves them. One process, micro-batches of at least two samples,
-            one training forward per micro-batch, ``nn.BatchNorm1d/2d/3d`` (not ``SyncBatchNorm``)
-            trained in training mode; not with ``chunk_size`` or ``batch_removal="drop"``.
+            removing a sample moves them. Micro-batches of at least two samples, one training
+            forward per micro-batch, ``nn.BatchNorm1d/2d/3d`` (not ``SyncBatchNorm``) trained in
+            training mode; not with ``chunk_size`` or ``batch_removal="drop"``. Under DDP each rank's
+            shard is normalised with its own statistics, as DDP trains, and the running statistics
+            are rank zero's (the ones DDP broadcasts and rank zero saves), moved by its shards alone;
+            the linear removal only there.
             ``"running"``: in evaluation mode with the
             running statistics, like every other layer: exact for batch norm frozen in evaluation
             mode throughout, and a poor approximation of batch norm trained with batch statistics
@@ -237,7 +240,8 @@ class DiffIn(Callback):
             first batch), and finite-difference per-sample derivatives. ``"exact"``: the batch
             re-evaluated without each sample (``remove_from_batch``; ``b`` forward-mode passes over
             sub-batches of ``b - 1`` per micro-batch and scored step, cost growing as ``b^2``), as
-            for ``coupled`` losses; not with ``per_sample="finite_difference"`` or ``coupled=False``.
+            for ``coupled`` losses; not with ``per_sample="finite_difference"`` or ``coupled=False``,
+            nor under DDP.
             ``"auto"`` (default): ``"linear"``, except ``"exact"`` for a module whose loss couples its
             samples itself (``coupled_batch_loss``), with ``per_sample="forward_mode"``, or with
             parameters below float32.
@@ -255,7 +259,8 @@ class DiffIn(Callback):
 
     Distributed data parallel (``strategy="ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``; gloo or NCCL):
     the scores are those of the single-process run over the same sequence of *global* batches
-    (the union of the ranks' shards of each step; DDP's averaged gradient is their mean). Every
+    (the union of the ranks' shards of each step; DDP's averaged gradient is their mean; batch
+    norm scored as trained normalises each rank's shard on its own, as DDP does). Every
     rank records its own shard; per-sample sums, the batch means of the score formula, target
     gradients over sharded loaders and Hessian products are reduced across ranks, so each rank
     does ``1 / world_size`` of the per-sample work. Samples that ``DistributedSampler`` repeats to
@@ -582,15 +587,17 @@ class DiffIn(Callback):
         self._batch_norm = self._resolve_batch_norm(trainer, pl_module)
         if self._batch_norm == "batch":
             BatchNormTrace(pl_module)  # refuses a model without batch norm, or with layers it does not model
-            if int(getattr(trainer, "world_size", 1) or 1) > 1:
-                raise ValueError(
-                    "DiffIn(batch_norm='batch') scores batch norm as trained in a single process only: under DDP each rank "
-                    "normalises its own shard and removing a sample changes one rank's statistics. Train on one device "
-                    "(devices=1) for scoring, or use batch_norm='running'"
-                )
             if str(trainer.precision) == "16-mixed":
                 raise ValueError(f"DiffIn(batch_norm='batch') does not model {SIXTEEN_MIXED}: use batch_norm='running'")
             self._batch_norm_removal = self._resolve_batch_norm_removal(pl_module)
+            if self._batch_norm_removal == "exact" and int(getattr(trainer, "world_size", 1) or 1) > 1:
+                raise ValueError(
+                    "DiffIn(batch_norm='batch'): under DDP batch norm is scored with batch_norm_removal='linear' only (the "
+                    "exact removal re-evaluates each batch without each sample, in one process), and this run needs the "
+                    "exact one (batch_norm_removal='exact', a loss declaring coupled_batch_loss, per_sample='forward_mode' "
+                    "or parameters below float32). Use batch_norm_removal='linear', train on one device (devices=1) for "
+                    "scoring, or use batch_norm='running'"
+                )
             if self._batch_norm_removal == "exact":
                 self._coupled = True  # each batch's loss depends on the whole batch through its statistics: sub-batches
         if self._coupled and self.batch_removal == "drop":
@@ -635,6 +642,12 @@ class DiffIn(Callback):
                     f"not possible with {why}; use recompute='updates' (keeps each step's gradient) or checkpoint_every=1 (stores every step)"
                 )
 
+    def _needs_exact_removal(self, pl_module: L.LightningModule) -> bool:
+        """Whether ``batch_norm_removal`` resolves to ``"exact"`` for this module and these options."""
+        coupled = bool(pl_module.coupled_batch_loss if self.coupled is None else self.coupled)  # type: ignore[attr-defined]
+        low_precision = any(torch.finfo(p.dtype).bits < 32 for p in pl_module.parameters() if p.is_floating_point())
+        return self.batch_norm_removal == "exact" or (self.batch_norm_removal == "auto" and (coupled or low_precision or self.per_sample == "forward_mode"))
+
     def _resolve_batch_norm_removal(self, pl_module: L.LightningModule) -> Literal["linear", "exact"]:
         """``batch_norm_removal`` for a fit that scores batch norm as trained: ``"auto"`` takes the sample
         weights (``"linear"``) unless the loss couples its samples itself (``coupled``), forward-mode
@@ -647,9 +660,7 @@ class DiffIn(Callback):
                 f"DiffIn(batch_norm_removal='linear'): {type(pl_module).__name__} {why}, which the sample weights in the "
                 "batch-norm layers do not model: use batch_norm_removal='exact' (or 'auto')"
             )
-        if self.batch_norm_removal != "auto":
-            return self.batch_norm_removal
-        return "exact" if coupled or low_precision or self.per_sample == "forward_mode" else "linear"
+        return "exact" if self._needs_exact_removal(pl_module) else "linear"
 
     def _resolve_batch_norm(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Literal["running", "batch"]:
         """``batch_norm`` for this fit: ``"auto"`` scores a batch-norm model as trained unless the run or
@@ -659,7 +670,8 @@ class DiffIn(Callback):
         mode, reasons = resolve_batch_norm_mode(
             pl_module,
             {
-                "training runs in several processes (DDP)": int(getattr(trainer, "world_size", 1) or 1) > 1,
+                "training runs in several processes (DDP), where batch norm is removed linearly only, and this run "
+                "needs the exact removal": int(getattr(trainer, "world_size", 1) or 1) > 1 and self._needs_exact_removal(pl_module),
                 SIXTEEN_MIXED: str(trainer.precision) == "16-mixed",
                 **_batch_norm_option_obstacles(self.coupled, self.batch_removal, self.chunk_size, self.per_sample, self.batch_norm_removal),
             },
@@ -2287,7 +2299,9 @@ def _last_batch_size(trainer: L.Trainer) -> int | None:
     except TypeError:  # a sampler without a length
         drawn = None
     size, length = getattr(loader, "batch_size", None), (drawn if drawn is not None else dataset_length(trainer))
-    if not size or getattr(loader, "drop_last", True) or not length or int(getattr(trainer, "world_size", 1) or 1) > 1:
+    if int(getattr(trainer, "world_size", 1) or 1) > 1 and drawn is None:  # each rank's share is its sampler's
+        return None
+    if not size or getattr(loader, "drop_last", True) or not length:
         return None
     return (length % int(size)) or None
 

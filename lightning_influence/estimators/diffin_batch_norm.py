@@ -40,6 +40,15 @@ update of ``r`` at the same ``theta_t``, in order. Every forward here runs with 
 layers in training mode but without running statistics (``track_running_stats`` off for the
 call: the batch statistics are used and no buffer is written); dropout stays off.
 
+Under DDP (without ``SyncBatchNorm``) each rank normalises its own shard of the global micro-batch,
+so each rank's step losses and removal losses are the ones above over its shard (the sweep's
+global re-averaging then weighs the global batch as training's averaged gradient did), and the
+running statistics of the model that is saved and evaluated are rank zero's: DDP broadcasts rank
+zero's buffers before each step's first forward (and without ``broadcast_buffers`` rank zero still
+keeps its own chain), so ``S`` above is rank zero's shard's statistics. Only rank zero computes
+the running statistics' terms; its ``J_S^T w`` is summed into every rank's adjoint, and the target
+reads rank zero's running statistics on every rank.
+
 Units and sign as everywhere: target-loss change when the sample is removed (positive helps).
 """
 
@@ -195,10 +204,10 @@ class BatchNormTrace:
         unmodelled = unmodelled_normalisation(module)
         if unmodelled:
             raise ValueError(
-                f"batch_norm='batch' models nn.BatchNorm1d/2d/3d in one process; {', '.join(unmodelled)} is not modelled "
+                f"batch_norm='batch' models nn.BatchNorm1d/2d/3d (under DDP: each rank's own shard statistics); {', '.join(unmodelled)} is not modelled "
                 "(SyncBatchNorm normalises over every rank's shard; an instance norm's running statistics would need "
-                "their own adjoint; a subclass's own forward is not what the sweep writes out). Use nn.BatchNorm* on one "
-                "device, or batch_norm='running' (evaluation mode, the module's own layers)"
+                "their own adjoint; a subclass's own forward is not what the sweep writes out). Use nn.BatchNorm* (without "
+                "sync_batchnorm), or batch_norm='running' (evaluation mode, the module's own layers)"
             )
         self.tracked = [(n, m) for n, m in self.layers if m.track_running_stats and m.running_mean is not None]
         names: list[str] = []

@@ -283,8 +283,8 @@ class DiffInSweep:
                 )
             if per_sample != "finite_difference":
                 raise ValueError("batch_norm_removal='linear' differences the removal losses: use per_sample='finite_difference'")
-        if batch_norm is not None and self.collective.distributed:
-            raise ValueError("batch_norm (batch statistics) is scored in a single process only")
+        if batch_norm is not None and batch_norm_removal == "exact" and self.collective.distributed:
+            raise ValueError("batch_norm_removal='exact' (sub-batches) is scored in a single process only: use 'linear'")
         self.batch_norm = batch_norm
         """Batch norm with batch statistics and its running statistics in the state (``None``: evaluation mode)."""
         self.batch_norm_removal = batch_norm_removal
@@ -335,7 +335,9 @@ class DiffInSweep:
             joint = ParameterSpace(
                 names=self.space.names + stats_space.names, shapes=self.space.shapes + stats_space.shapes, dtype=self.space.dtype, device=self.space.device
             )
-            running = trace.running(self.space.dtype).to(theta.device)
+            # Under DDP the running statistics are rank zero's (DDP broadcasts its buffers at each training step's
+            # forward, and its module is the one saved): the target reads them on every rank.
+            running = self.collective.broadcast(trace.running(self.space.dtype).to(theta.device))
             gradient = self.target(trace.target_loss_function(self.loss_fn), joint, torch.cat([theta.to(self.space.dtype), running]))
             self._running_adjoint = gradient[self.space.size :].reshape(stats_space.size, -1).to(torch.float64).clone()
             self._expected_counts = trace.counts()
@@ -540,6 +542,25 @@ class DiffInSweep:
         if not trace.tracked:
             return
         adjoints = self._statistics_weights(record)
+        if not self.collective.distributed:
+            self._statistics_contributions(loss_fn, record, adjoints, adjoint, scored, propagate, squeeze)
+            return
+        # DDP: the running statistics are rank zero's, moved by its shards' statistics alone (DDP broadcasts rank
+        # zero's buffers before each step's first forward, and its module is the one saved), so only rank zero's
+        # samples act on them; its J_S^T w reaches every rank's copy of the adjoint by a sum.
+        pushed = torch.zeros_like(adjoint) if propagate else adjoint
+        if self.collective.rank == 0:
+            self._statistics_contributions(loss_fn, record, adjoints, pushed, scored, propagate, squeeze)
+        if propagate:
+            adjoint.add_(self.collective.sum(pushed))
+
+    def _statistics_contributions(
+        self, loss_fn: PerSampleLossFn, record: StepRecord, adjoints: list[Tensor], adjoint: Tensor, scored: bool, propagate: bool, squeeze: bool
+    ) -> None:
+        """The body of :meth:`_running_statistics_step` for the micro-batches' statistics weights ``adjoints``:
+        the samples' direct terms when ``scored``, and ``J_S^T w`` added to ``adjoint`` when ``propagate``."""
+        trace = self.batch_norm
+        assert trace is not None and record.theta is not None
         stats_fn = trace.statistics_function(loss_fn)
         leaves = {n: p.detach().requires_grad_(propagate) for n, p in self.space.unflatten(record.theta).items()}
         totals: list[Tensor] = []  # per micro-batch: sum_R w * S(theta), [Q]
@@ -789,6 +810,10 @@ class DiffInSweep:
         one step dominates its samples' scores."""
         steps, self._step_norms = self._step_norms, []
         statistics, self._statistics_square = self._statistics_square, None
+        if self.collective.distributed and self.batch_norm is not None and self.batch_norm.tracked:
+            # rank zero alone adds running-statistics terms (see _running_statistics_step): every rank judges them
+            local = statistics if statistics is not None else torch.zeros((), dtype=torch.float64, device=self.space.device)
+            statistics = self.collective.sum(local.to(torch.float64))
         if not steps and statistics is None:
             return
         norms = torch.stack([n for _, n in steps] + ([statistics] if statistics is not None else [])).sqrt().cpu()
