@@ -40,11 +40,12 @@ CALLBACKS = {
     "running": dict(target="val", batch_norm="running"),  # evaluation mode, for comparison
 }
 
-SCRIPT = """
+COMMON = """
 import json, sys
 from pathlib import Path
 import torch
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -74,12 +75,17 @@ class Shards(L.Callback):
         Path(ARGS["out"] + f".rank{trainer.global_rank}.json").write_text(json.dumps({"ids": self.ids, "buffers": buffers}))
 
 
-def trainer(callbacks, epochs):
+def trainer(callbacks, epochs, strategy="ddp", checkpoints=False):
     return L.Trainer(
-        accelerator="cpu", devices=ARGS["world"], strategy=DDPStrategy(**ARGS["ddp"]), max_epochs=epochs, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        accumulate_grad_batches=ARGS["accumulate"], callbacks=callbacks,
+        accelerator="cpu", devices=ARGS["world"], strategy=DDPStrategy(start_method={"ddp": "popen", "ddp_spawn": "spawn"}[strategy], **ARGS["ddp"]),
+        max_epochs=epochs, logger=False, enable_checkpointing=checkpoints, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, accumulate_grad_batches=ARGS["accumulate"], callbacks=callbacks,
     )
+
+
+def save(path, cbs, **extra):
+    scores = {name: {"ids": cb.scores.ids, "values": cb.scores.values, "meta": json.dumps(cb.scores.metadata)} for name, cb in cbs.items()}
+    torch.save({"scores": scores, **extra}, path)
 
 
 x, y = load_digits_tensors(torch.float64)
@@ -87,14 +93,15 @@ n, start = ARGS["n_train"], 1000
 train = DataLoader(IndexedDataset(TensorDataset(x[:n], y[:n])), batch_size=ARGS["batch"], shuffle=True)
 val = DataLoader(IndexedDataset(TensorDataset(x[start:start + ARGS["n_val"]], y[start:start + ARGS["n_val"]])), batch_size=50)
 cbs = {name: DiffIn(name=name, **options) for name, options in ARGS["callbacks"].items()}
+"""
+
+SCRIPT = COMMON + """
+checkpoints = ModelCheckpoint(dirpath=ARGS["ckpt_dir"], every_n_epochs=1, save_top_k=-1)
 model = bn_mlp()
-run = trainer([*cbs.values(), Shards()], ARGS["epochs"])
+run = trainer([*cbs.values(), Shards(), checkpoints], ARGS["epochs"], checkpoints=True)
 run.fit(model, train_dataloaders=train, val_dataloaders=val)
 if run.is_global_zero:
-    torch.save({
-        "scores": {name: {"ids": cb.scores.ids, "values": cb.scores.values, "meta": json.dumps(cb.scores.metadata)} for name, cb in cbs.items()},
-        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
-    }, ARGS["out"])
+    save(ARGS["out"], cbs, params={k: v.detach().clone() for k, v in model.named_parameters()})
 # The exact removal (sub-batches) is a single-process method: asked for under DDP, it is refused at setup.
 try:
     trainer([DiffIn(target="val", batch_norm="batch", batch_norm_removal="exact")], 1).fit(bn_mlp(), train_dataloaders=train)
@@ -104,20 +111,34 @@ except ValueError as err:
 Path(ARGS["out"] + f".refusal{run.global_rank}").write_text(message)
 """
 
+RESUME_SCRIPT = COMMON + """
+if __name__ == "__main__":  # ddp_spawn: the workers import this file
+    first = sorted(Path(ARGS["ckpt_dir"]).glob("*.ckpt"))[0]
+    trainer(list(cbs.values()), ARGS["epochs"], strategy="ddp_spawn").fit(bn_mlp(), train_dataloaders=train, val_dataloaders=val, ckpt_path=str(first))
+    save(ARGS["out"] + ".resumed", cbs, resumed_from=first.name)
+"""
 
-def _ddp_run(tmp_path: Path, **ddp: bool) -> tuple[dict, list[dict], list[str]]:
-    """Run the script's DDP fit; rank zero's scores and parameters, every rank's shards and statistics,
-    every rank's refusal message."""
-    script, config, out = tmp_path / "ddp_bn.py", tmp_path / "ddp_bn.json", tmp_path / "out.pt"
-    script.write_text(textwrap.dedent(SCRIPT))
+
+def _run(tmp_path: Path, source: str, **ddp: bool) -> Path:
+    """Run ``source`` (a DDP script) in ``tmp_path``; the path its outputs start with."""
+    name = "resume" if source is RESUME_SCRIPT else "ddp_bn"
+    script, config, out = tmp_path / f"{name}.py", tmp_path / f"{name}.json", tmp_path / "out.pt"
+    script.write_text(textwrap.dedent(source))
     config.write_text(json.dumps(dict(
         n_train=N_TRAIN, n_val=N_VAL, batch=BATCH, epochs=EPOCHS, world=WORLD, accumulate=ACCUMULATE, lr=LR,
-        optimizer=OPTIMIZER, callbacks=CALLBACKS, ddp=ddp, out=str(out),
+        optimizer=OPTIMIZER, callbacks=CALLBACKS, ddp=ddp, out=str(out), ckpt_dir=str(tmp_path / "checkpoints"),
     )))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("PL_GLOBAL_SEED", None)
     proc = subprocess.run([sys.executable, str(script), str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"DDP run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+def _ddp_run(tmp_path: Path, **ddp: bool) -> tuple[dict, list[dict], list[str]]:
+    """Run the script's DDP fit; rank zero's scores and parameters, every rank's shards and statistics,
+    every rank's refusal message."""
+    out = _run(tmp_path, SCRIPT, **ddp)
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(WORLD)]
     refusals = [Path(f"{out}.refusal{r}").read_text() for r in range(WORLD)]
     return torch.load(out, weights_only=True), ranks, refusals
@@ -193,3 +214,15 @@ def test_ddp_batch_norm_scores_predict_leave_one_out_retraining_of_the_ddp_run(t
     assert got["replay"] > got["running"] + 0.1
     for message in refusals:
         assert "batch_norm_removal='linear'" in message and "DDP" in message, message
+
+
+@pytest.mark.slow
+def test_ddp_batch_norm_resumed_under_ddp_spawn_gives_the_uninterrupted_scores(tmp_path):
+    out, _, _ = _ddp_run(tmp_path, broadcast_buffers=True)
+    resumed = torch.load(str(_run(tmp_path, RESUME_SCRIPT, broadcast_buffers=True)) + ".resumed", weights_only=True)
+    assert resumed["resumed_from"].startswith("epoch=0")
+    for name, scores in out["scores"].items():
+        got = resumed["scores"][name]
+        assert torch.equal(got["ids"], scores["ids"]), name
+        error = float((got["values"] - scores["values"]).abs().max() / scores["values"].abs().max())
+        assert error <= 1e-12, (name, error)  # measured 0
