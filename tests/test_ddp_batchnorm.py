@@ -159,7 +159,7 @@ def _retrain(ranks: list[dict], removed: int | None = None) -> tuple[nn.Module, 
     model = _bn_mlp()
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, **OPTIMIZER)
-    layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     micro = len(ranks[0]["ids"])
     for first in range(0, micro, ACCUMULATE):
         optimizer.zero_grad()
