@@ -105,6 +105,21 @@ def batch_size(batch: Any, what: str = "batch") -> int:
     )
 
 
+def samples_in(batch: Any, sample_ids: Callable[[Any], Tensor] | None = None, what: str = "batch") -> int:
+    """Number of samples of a batch: the length of its ids where ``sample_ids`` (the module's
+    :meth:`~lightning_influence.mixin.InfluenceMixin.sample_ids`) reads them, else :func:`batch_size`.
+    A batch whose first tensor is not per sample (flat tokens with offsets for ``nn.EmbeddingBag``,
+    sequence-first ``[T, B]`` data) is counted right through its ids."""
+    if sample_ids is not None:
+        try:
+            ids = sample_ids(batch)
+        except Exception:  # noqa: BLE001 - a user's sample_ids may fail on batches without ids (a validation loader)
+            ids = None
+        if isinstance(ids, Tensor) and ids.dim() >= 1:
+            return int(ids.shape[0])
+    return batch_size(batch, what)
+
+
 def select_samples(batch: Any, index: Tensor | Sequence[int] | slice, size: int | None = None) -> Any:
     """The sub-batch of the samples at positions ``index`` (integer positions or a slice), in that
     order. Per-sample data is every tensor whose leading dimension is the batch size ``size`` (by

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_influence.mixin import InfluenceMixin
 from lightning_influence.optimizers import torch_optimizer
-from lightning_influence.targets import TargetGradient
+from lightning_influence.batches import samples_in
 
 
 def check_ids(
@@ -216,10 +216,11 @@ def check_dataset_ids(loader: Any, pl_module: L.LightningModule) -> None:
     )
 
 
-def batch_length(batch: Any) -> int | None:
-    """Number of samples in a target batch; ``None`` when it holds no tensor with a batch dimension."""
+def batch_length(batch: Any, sample_ids: Callable[[Any], Tensor] | None = None) -> int | None:
+    """Number of samples in a batch (:func:`~lightning_influence.batches.samples_in`: by its ids where
+    ``sample_ids`` reads them); ``None`` when it holds neither ids nor a tensor with a batch dimension."""
     try:
-        return TargetGradient._batch_size(batch)
+        return samples_in(batch, sample_ids)
     except ValueError:
         return None
 

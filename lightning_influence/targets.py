@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_influence.distributed import Collective
-from lightning_influence.batches import batch_size
+from lightning_influence.batches import samples_in
 from lightning_influence.kernels import ParameterSpace, PerSampleLossFn
 
 Shard = tuple[int, int, int]
@@ -61,6 +61,10 @@ class TargetGradient:
     subset: Tensor | None = None
     collective: Collective | None = None
     shard: Callable[[], Shard | None] | None = None
+    batch_ids: Callable[[Any], Tensor] | None = None
+    """Reads a batch's sample ids to count its samples (:func:`~lightning_influence.batches.samples_in`;
+    the module's ``sample_ids``, where a batch's first tensor is not per sample); ``None``: the
+    leading dimension of the first tensor."""
 
     def _shard(self) -> Shard | None:
         distributed = self.collective is not None and self.collective.distributed
@@ -193,9 +197,8 @@ class TargetGradient:
         sel = self.subset[(self.subset >= start) & (self.subset < start + size)] - start
         return sel.to(device)
 
-    @staticmethod
-    def _batch_size(batch: Any) -> int:
-        return batch_size(batch, "target batch")
+    def _batch_size(self, batch: Any) -> int:
+        return samples_in(batch, self.batch_ids, "target batch")
 
 
 class FitStartLoader:

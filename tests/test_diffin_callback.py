@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import digits_problem, quiet_trainer
-from lightning_influence import DiffIn, InfluenceScores, TracIn
+from lightning_influence import DiffIn, InfluenceMixin, InfluenceScores, TracIn
 from lightning_influence.data import FixedBatches
 from lightning_influence.models import Classifier, SmallCNN
 
@@ -92,7 +92,11 @@ def test_in_place_sgd_steps_equal_the_general_transpose(small_digits, monkeypatc
     else:
         assert evaluations[0] == evaluations[1]
     scale = float(general.scores.values.abs().max())
-    torch.testing.assert_close(in_place.scores.values, general.scores.values, rtol=0, atol=1e-12 * scale)
+    # The in-place products run along c * lambda where the general ones run along a^G: equal up to rounding,
+    # which a forward difference's small step amplifies (measured 2.5e-11 of the largest score on one CPU
+    # for blocks-weight-decay-query); central differences keep it within 1e-12.
+    central = options.get("finite_difference") == "central"
+    torch.testing.assert_close(in_place.scores.values, general.scores.values, rtol=0, atol=(1e-12 if central else 1e-10) * scale)
 
 
 @pytest.mark.parametrize(
@@ -848,6 +852,52 @@ def test_a_step_that_dominates_the_scores_is_warned_about(optimizer, lr):
         assert meta["max_step_ratio"] < STEP_DOMINANCE_LIMIT / 3 and not dominance
 
 
+def test_the_last_steps_large_terms_are_recorded_not_warned_about_under_adam():
+    """The run's last steps have large terms by design (no later product damps them), under any
+    optimizer: a regression with heavy outliers under Adam, 800 steps, whose largest ratio (167x the
+    median) is at step 785, scores 0.991 against leave-one-out (QA) and is not warned about; the
+    ratio is recorded. The first steps' overshoot is the oldest of its sweep, and still warned
+    about (the test above)."""
+    import warnings
+
+    from lightning_influence.estimators.diffin_sweep import STEP_DOMINANCE_LIMIT
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, generator=g, dtype=torch.float64)
+    x = torch.randn(456, 8, generator=g, dtype=torch.float64)
+    y = torch.sin(x @ w / 2) + 0.1 * torch.randn(456, generator=g, dtype=torch.float64)
+    outliers = torch.randperm(256, generator=torch.Generator().manual_seed(1))[:6]
+    y[outliers] += 0.25 * torch.tensor([30.0, -30.0, 25.0, -25.0, 40.0, -40.0], dtype=torch.float64)
+    batches = []
+    for _ in range(50):
+        order = torch.randperm(256, generator=g)
+        batches += [(x[order[i : i + 16]], y[order[i : i + 16]], order[i : i + 16]) for i in range(0, 256, 16)]
+    held_out = [(x[256 + i : 356 + i], y[256 + i : 356 + i], torch.arange(i, i + 100)) for i in (0, 100)]
+
+    class Regression(InfluenceMixin, L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+
+        def per_sample_loss(self, batch):
+            return F.mse_loss(self.net(batch[0]).squeeze(-1), batch[1], reduction="none")
+
+        def training_step(self, batch, batch_idx):
+            return self.per_sample_loss(batch).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+    callback = DiffIn(target="val", target_loader=FixedBatches(held_out))
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks=[callback]).fit(Regression().double(), train_dataloaders=FixedBatches(batches))
+    meta = callback.scores.metadata
+    assert meta["max_step_ratio"] > STEP_DOMINANCE_LIMIT and meta["dominant_step"] >= 750  # measured 167, step 785
+    assert not [w for w in caught if "the median step's" in str(w.message)]
+
+
 @pytest.mark.parametrize("target,sampler", [("query", "random"), ("val", "random"), ("val", "subset")])
 def test_a_shuffling_target_loader_is_read_in_order(small_digits, target, sampler):
     """Query columns and target_samples subsets are by position, and every online sweep reads the
@@ -988,3 +1038,68 @@ def test_query_columns_name_the_query_samples_they_score(small_digits):
     single = InfluenceFunction(solver="exact").scores(model, one_epoch, Target("query", FixedBatches([tuple(t[positions[0] : positions[0] + 1] for t in first)])))
     torch.testing.assert_close(influence.values[:, 0], single.values[:, 0], rtol=1e-9, atol=0)
     assert _fit(small_digits, DiffIn(target="val", target_loader=query)) is not None
+
+
+class _BagOfTokens(InfluenceMixin, L.LightningModule):
+    """``nn.EmbeddingBag`` over flat tokens with offsets (the PyTorch text-classification layout), or an
+    embedding over sequence-first ``[T, B]`` tokens: batches whose first tensor is not per sample."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.layout = layout
+        self.bag = nn.EmbeddingBag(20, 6, mode="mean")
+        self.head = nn.Linear(6, 2)
+
+    def per_sample_loss(self, batch):
+        if self.layout == "sequence-first":
+            tokens, labels, _ = batch
+            hidden = self.bag(tokens.t())  # [B, T]: a bag per row
+        else:
+            hidden, labels = self.bag(batch["text"], batch["offsets"]), batch["label"]
+        return F.cross_entropy(self.head(torch.tanh(hidden)), labels, reduction="none")
+
+    def training_step(self, batch, batch_idx):
+        return self.per_sample_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+def _token_batches(layout: str, n: int, start: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 20, (n, 5), generator=g)
+    labels = (tokens[:, 0] > 10).long()
+    batches = []
+    for i in range(0, n, 16):
+        rows, ids = tokens[i : i + 16], torch.arange(start + i, start + min(i + 16, n))
+        if layout == "sequence-first":
+            batches.append((rows.t().contiguous(), labels[i : i + 16], ids))
+        else:  # flat tokens first: 80 of them for 16 samples
+            text = {"text": rows.reshape(-1), "offsets": torch.arange(0, rows.numel(), 5)}
+            label = {"label": labels[i : i + 16], "index": ids}
+            batches.append({**text, **label} if layout == "tokens-first" else {**label, **text})
+    return batches
+
+
+@pytest.mark.parametrize("layout", ["tokens-first", "sequence-first"])
+@pytest.mark.parametrize("target", ["val", "query"])
+def test_target_batches_whose_first_tensor_is_not_per_sample_are_counted_by_their_sample_ids(layout, target):
+    """A target batch's samples are counted by its ids (``sample_ids``), not by its first tensor: flat
+    tokens with offsets, or ``[T, B]`` tokens, were refused as a loss "of the wrong shape" before
+    training, naming the token count as the batch size. The scores (a subset drawn by position, or
+    query columns) equal those of the same data laid out with a per-sample tensor first."""
+    scores = {}
+    for order in (layout, "labels-first"):
+        train = FixedBatches(_token_batches(order, 64, 0, seed=0) * 2)
+        held_out = _token_batches(order, 40, 1000, seed=1)
+        options = dict(target_samples=25) if target == "val" else dict(target_samples=7)
+        if order == "labels-first" and layout == "sequence-first":  # the same data, batch-first
+            to_rows = lambda batches: [{"label": y, "index": i, "text": t.t().reshape(-1), "offsets": torch.arange(0, t.numel(), t.shape[0])} for t, y, i in batches]
+            train, held_out = FixedBatches(to_rows(_token_batches(layout, 64, 0, seed=0)) * 2), to_rows(_token_batches(layout, 40, 1000, seed=1))
+        callback = DiffIn(target=target, target_loader=FixedBatches(held_out), **options)
+        torch.manual_seed(0)
+        model = _BagOfTokens("sequence-first" if order == "sequence-first" else "flat").double()
+        quiet_trainer(callbacks=[callback]).fit(model, train_dataloaders=train)
+        scores[order] = callback.scores
+    assert torch.equal(scores[layout].ids, scores["labels-first"].ids)
+    torch.testing.assert_close(scores[layout].values, scores["labels-first"].values, rtol=1e-9, atol=1e-12)

@@ -1220,7 +1220,7 @@ class DiffIn(Callback):
         sparse = [n for n, p in zip(self._space.names, self._params, strict=True) if p.grad is not None and p.grad.is_sparse]
         if sparse:
             raise ValueError(
-                f"parameter {sparse[0]!r} has a sparse gradient (nn.Embedding(sparse=True) or EmbeddingBag): DiffIn models "
+                f"parameter {sparse[0]!r} has a sparse gradient (nn.Embedding or nn.EmbeddingBag with sparse=True): DiffIn models "
                 "dense optimizer steps. Use sparse=False (torch.optim.SGD, Adam and AdamW take the dense gradient)"
             )
         context_grads = [p.grad for p in self._context if p.grad is not None]

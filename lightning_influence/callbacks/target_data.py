@@ -52,7 +52,7 @@ def check_target_data(callback: DiffIn, trainer: L.Trainer) -> None:
     with untouched_random_state(loader, trainer.strategy.root_device):  # a shuffling loader draws
         for batch in loader:
             batches += 1
-            size = batch_length(batch)
+            size = batch_length(batch, getattr(trainer.lightning_module, "sample_ids", None))
             if size is None:
                 sizes_known = False
             else:
@@ -104,7 +104,7 @@ def check_target_losses(trainer: L.Trainer, batch: Any, callback: Any) -> None:
             f"({type(error).__name__}: {error}). Its batches must have the structure of the training batches that "
             "per_sample_loss reads (e.g. (x, y, ids): wrap the dataset in lightning_influence.IndexedDataset too)"
         ) from error
-    size = batch_length(batch)
+    size = batch_length(batch, pl_module.sample_ids)  # type: ignore[arg-type]
     if not isinstance(losses, Tensor) or losses.dim() != 1 or (size is not None and losses.shape[0] != size):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
@@ -253,7 +253,7 @@ def device_target_batches(
             if batch is _END:
                 break
             seen += 1
-            if batch_length(batch) == 0:
+            if batch_length(batch, getattr(trainer.lightning_module, "sample_ids", None)) == 0:
                 continue  # adds nothing to the target, and per_sample_loss may fail on it
             found = True
             yield trainer.precision_plugin.convert_input(strategy.batch_to_device(batch))
@@ -304,6 +304,7 @@ def target_gradient(
         sample_count=sample_count,
         seed=seed,
         sample_ids=pl_module.sample_ids if kind == "train" else None,  # type: ignore[operator]
+        batch_ids=pl_module.sample_ids,  # type: ignore[arg-type]
         **shared,
     )
     return source, gradient

@@ -105,6 +105,7 @@ class Target:
             sample_count=self.sample_count,
             seed=self.seed,
             sample_ids=module.sample_ids if self.kind == "train" else None,  # type: ignore[attr-defined]
+            batch_ids=getattr(module, "sample_ids", None),
         )
 
 

@@ -840,7 +840,10 @@ class DiffInSweep:
             self.max_step_ratio, self.dominant_step = ratio, steps[k][0]
         # Warned about under adaptive optimizers, whose first steps' overshoot is the known cause; plain SGD's largest
         # ratio is at its last steps, whose terms are not damped by later products, and it is only recorded.
-        if ratio > STEP_DOMINANCE_LIMIT and not self._dominance_warned and self.step_model.is_adaptive:
+        # The newer half of a sweep is left out: the run's last steps have large terms by design (no later product damps
+        # them), under any optimizer; the first steps' overshoot is the oldest of its sweep.
+        older = k >= len(steps) // 2  # steps run newest first
+        if ratio > STEP_DOMINANCE_LIMIT and not self._dominance_warned and self.step_model.is_adaptive and older:
             self._dominance_warned = True
             warnings.warn(
                 f"DiffIn: the contributions of optimizer step {steps[k][0]} are {ratio:.0f}x the median step's (norm over "

@@ -329,7 +329,10 @@ class StepRecorder(Callback):
                 + "The retraining takes each step's gradient as the mean of per_sample_loss over the recorded micro-batches: "
                 "look for a training_step loss that is not that mean at some step (weights, regularisers, a sum), "
                 "randomness or augmentation inside training_step, gradients changed in a hook (on_after_backward, "
-                "on_before_optimizer_step), or batch tensors changed in place. StepRecorder(verify=False) skips this check"
+                "on_before_optimizer_step), or batch tensors changed in place. A run that diverges or is chaotic (a "
+                "learning rate too large: the training loss growing, DiffIn's adjoint-growth warning) amplifies the "
+                "rounding of the stacked retraining's gradients alike, so no retraining reproduces it: lower the learning "
+                "rate. StepRecorder(verify=False) skips this check"
             )
         stat_gap, stat_worst, stat_moved = self._gap(final, buffers, running, dtype)
         if stat_worst is not None:
@@ -480,7 +483,7 @@ class StepRecorder(Callback):
                 if p.grad.is_sparse:
                     name = next((n for n, q in pl_module.named_parameters() if q is p), f"of shape {tuple(p.shape)}")
                     raise ValueError(
-                        f"parameter {name!r} has a sparse gradient (nn.Embedding(sparse=True) or EmbeddingBag): the "
+                        f"parameter {name!r} has a sparse gradient (nn.Embedding or nn.EmbeddingBag with sparse=True): the "
                         "retraining replays dense optimizer steps, and DiffIn models dense ones. Use sparse=False "
                         "(torch.optim.SGD, Adam and AdamW take the dense gradient)"
                     )
