@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import math
 import weakref
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -192,7 +193,7 @@ def directional_derivatives(
     try:
         return _forward_mode(loss_fn, params, batch, tangent, autograd=False)
     except NotImplementedError as err:
-        if "forward AD" not in str(err):
+        if not forward_mode_unsupported(err):
             raise
         first = err
     # Fused kernels without forward-mode formulas: TransformerEncoderLayer's inference "fast path" (taken
@@ -200,13 +201,96 @@ def directional_derivatives(
     try:
         return _forward_mode(loss_fn, params, batch, tangent, autograd=True)
     except NotImplementedError as err:
-        raise NotImplementedError(
-            f"per-sample derivatives use forward-mode AD, which an operation of the model does not support ({first}). "
-            "A submodule compiled with torch.compile (inductor) is the usual cause: compile the LightningModule as a "
-            "whole instead (torch.compile(model) passed to Trainer.fit; the original forward is then used for the "
-            "derivatives), or compile with backend='aot_eager'. Otherwise a custom operation lacks a forward-mode "
-            "formula: DiffIn(per_sample='finite_difference', hessian_every=1) needs none"
-        ) from err
+        if not forward_mode_unsupported(err):
+            raise
+    # An operation without a forward-mode formula (nn.EmbeddingBag, a submodule compiled with inductor): the
+    # same values from reverse mode, one backward pass per sample (vectorised where the backward allows it).
+    warn_reverse_mode(first)
+    return _reverse_mode(loss_fn, params, batch, tangent)
+
+
+def forward_mode_unsupported(err: NotImplementedError) -> bool:
+    """Whether ``err`` is an operation's lack of a forward-mode formula (a built-in one, or a custom
+    ``autograd.Function`` without ``jvp``, as inductor's compiled graphs are)."""
+    text = str(err)
+    return "forward AD" in text or "forward mode AD" in text
+
+
+REVERSE_MODE_BYTES = 2**28
+"""Memory for the gradients of one batched backward pass in :func:`reverse_jacobian_products` (256 MiB)."""
+
+_REVERSE_MODE_WARNED: set[str] = set()
+
+
+def warn_reverse_mode(err: Exception) -> None:
+    """Warn once per process and operation that forward-mode derivatives fall back to reverse mode."""
+    key = str(err).split("\n")[0]
+    if key in _REVERSE_MODE_WARNED:
+        return
+    _REVERSE_MODE_WARNED.add(key)
+    warnings.warn(
+        f"forward-mode AD is not supported by an operation of the model ({key}); the directional derivatives are "
+        "computed in reverse mode instead, one backward pass per sample (per output with Gauss-Newton curvature): the "
+        "same values, several times slower. nn.EmbeddingBag is one such operation (nn.Embedding followed by a masked "
+        "mean is not); a submodule compiled with torch.compile (inductor) is another: compile the LightningModule as a "
+        "whole instead (torch.compile(model) passed to Trainer.fit; the original forward is then differentiated). "
+        "DiffIn's per_sample='finite_difference' (its default on smooth models) needs neither",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def reverse_jacobian_products(compute: Callable[[], Tensor], inputs: Sequence[Tensor], directions: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(outputs, J D)``: the flat ``outputs [M]`` that ``compute()`` evaluates (with autograd on, from
+    ``inputs``) and, float64 ``[M, K]``, their Jacobian ``J [M, P]`` by ``inputs`` times ``K`` directions given
+    per input (``[K, *input.shape]``), in reverse mode: batched backward passes over rows of the identity
+    (``is_grads_batched``, rows bounded by :data:`REVERSE_MODE_BYTES`), else one backward pass per output
+    (a backward without a batching rule), else one forward and backward pass per output (a compiled backward
+    that cannot run twice on one graph)."""
+    columns = directions[0].shape[0]
+    flat_directions = [d.reshape(columns, -1) for d in directions]
+
+    def product(grads: Sequence[Tensor | None], rows: int, device: torch.device) -> Tensor:
+        total = torch.zeros(rows, columns, dtype=torch.float64, device=device)
+        for g, d in zip(grads, flat_directions, strict=True):
+            if g is not None:
+                total += (g.reshape(rows, -1).to(d.dtype) @ d.T).to(torch.float64)
+        return total
+
+    with torch.enable_grad():
+        outputs = compute()
+        size, device = outputs.shape[0], outputs.device
+        if size == 0:
+            return outputs.detach(), torch.zeros(0, columns, dtype=torch.float64, device=device)
+        numel = sum(p.numel() * p.element_size() for p in inputs)
+        rows = max(1, min(size, REVERSE_MODE_BYTES // max(1, numel)))
+        identity = torch.eye(size, dtype=outputs.dtype, device=device)
+        out: list[Tensor] = []
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*batching rule.*")  # vmap's slower fallback: still exact
+                for start in range(0, size, rows):
+                    block = identity[start : start + rows]
+                    grads = torch.autograd.grad(outputs, list(inputs), grad_outputs=block, is_grads_batched=True, retain_graph=True, allow_unused=True)
+                    out.append(product(grads, block.shape[0], device))
+            return outputs.detach(), torch.cat(out)
+        except (RuntimeError, NotImplementedError):
+            pass
+        try:  # a backward without a batching rule
+            out = [product(torch.autograd.grad(outputs[i], list(inputs), retain_graph=True, allow_unused=True), 1, device) for i in range(size)]
+        except RuntimeError:  # a graph whose backward runs once (inductor's donated buffers): one forward per output
+            out = [product(torch.autograd.grad(compute()[i], list(inputs), allow_unused=True), 1, device) for i in range(size)]
+        return outputs.detach(), torch.cat(out)
+
+
+def _reverse_mode(
+    loss_fn: PerSampleLossFn, params: Mapping[str, Tensor], batch: Any, tangent: Mapping[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """``(losses[B], <grad l_i, tangent>[B])`` in reverse mode (:func:`reverse_jacobian_products` of the losses)."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    directions = [tangent[n].to(p.dtype).unsqueeze(0) for n, p in leaves.items()]
+    losses, derivatives = reverse_jacobian_products(lambda: loss_fn(leaves, batch), list(leaves.values()), directions)
+    return losses, derivatives[:, 0].to(losses.dtype)
 
 
 def _forward_mode(

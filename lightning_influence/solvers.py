@@ -79,7 +79,15 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad as fwAD
 
 from lightning_influence.batches import batch_size
-from lightning_influence.kernels import ParameterSpace, PerSampleLossFn, batch_gradient, hessian_vector_product
+from lightning_influence.kernels import (
+    ParameterSpace,
+    PerSampleLossFn,
+    batch_gradient,
+    forward_mode_unsupported,
+    hessian_vector_product,
+    reverse_jacobian_products,
+    warn_reverse_mode,
+)
 
 __all__ = [
     "SOLVERS",
@@ -306,8 +314,16 @@ class CurvatureOperator:
                     dim=1,
                 ).T.to(torch.float64)
             except (RuntimeError, NotImplementedError):
+                pass
+            try:
                 cols = [self.space.flatten(list(torch.autograd.grad(flat, params, grad_outputs=W[:, k], retain_graph=True, allow_unused=True)), torch.float64) for k in range(W.shape[1])]
-                return torch.stack(cols, dim=1)
+            except NotImplementedError as err:  # an operation without a second derivative (nn.EmbeddingBag)
+                raise NotImplementedError(
+                    f"curvature='hessian' takes Hessian-vector products by double backward, which an operation of the model "
+                    f"does not support ({str(err).splitlines()[0]}): use curvature='gauss_newton' (first derivatives only), or "
+                    "hvp='finite_difference' (differences of gradients)"
+                ) from err
+            return torch.stack(cols, dim=1)
 
     def _ggn_batch(self, V: Tensor, batch: Any) -> Tensor:
         assert self.outputs is not None
@@ -339,7 +355,9 @@ class CurvatureOperator:
         try:
             return torch.func.vmap(lambda w: torch.func.jvp(f, (primals,), (self.space.unflatten(w),))[1])(W.T.contiguous())
         except (RuntimeError, NotImplementedError, ValueError):
-            jv = []
+            pass
+        jv = []
+        try:
             with torch.no_grad(), fwAD.dual_level():
                 for k in range(W.shape[1]):
                     tangent = self.space.unflatten(W[:, k])
@@ -347,6 +365,15 @@ class CurvatureOperator:
                     t = fwAD.unpack_dual(f(duals)).tangent
                     jv.append(torch.zeros_like(out) if t is None else t)
             return torch.stack(jv)
+        except NotImplementedError as err:  # an operation without a forward-mode formula (nn.EmbeddingBag)
+            if not forward_mode_unsupported(err):
+                raise
+            warn_reverse_mode(err)
+        inputs = {n: p.detach().requires_grad_(True) for n, p in primals.items()}
+        columns = [self.space.unflatten(W[:, k]) for k in range(W.shape[1])]
+        directions = [torch.stack([c[n] for c in columns]).to(p.dtype) for n, p in inputs.items()]
+        _, products = reverse_jacobian_products(lambda: f(inputs).reshape(-1), list(inputs.values()), directions)  # [B C, K]
+        return products.T.reshape(W.shape[1], *out.shape).to(out.dtype)
 
     def _mean_gradient(self, theta: Tensor) -> Tensor:
         total = torch.zeros(self.size, dtype=self.space.dtype, device=theta.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -824,3 +825,80 @@ def test_a_target_subset_is_recorded_in_the_metadata(name):
     subset = build(name, progress=False).scores(model, train, Target("val", val, sample_count=3, seed=5))
     assert (whole.metadata["target_samples"], whole.metadata["target_seed"]) == (None, None)
     assert (subset.metadata["target_samples"], subset.metadata["target_seed"]) == (3, 5)
+
+
+class _Bag(InfluenceMixin, L.LightningModule):
+    """A text classifier over padded token rows ``(tokens[B, T], labels, ids)``: ``nn.EmbeddingBag``
+    (no forward-mode formula) or the same mean written with ``nn.Embedding`` and a mask."""
+
+    def __init__(self, bag: bool) -> None:
+        super().__init__()
+        self.bag = bag
+        self.embedding = nn.EmbeddingBag(30, 6, mode="mean", padding_idx=0) if bag else nn.Embedding(30, 6, padding_idx=0)
+        self.head = nn.Linear(6, 3)
+
+    def influence_outputs(self, batch):
+        tokens = batch[0]
+        if self.bag:
+            hidden = self.embedding(tokens)
+        else:
+            mask = (tokens != 0).unsqueeze(-1).to(self.head.weight.dtype)
+            hidden = (self.embedding(tokens) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.head(torch.tanh(hidden))
+
+    def influence_output_loss(self, outputs, batch):
+        return F.cross_entropy(outputs, batch[1], reduction="none")
+
+    def per_sample_loss(self, batch):
+        return self.influence_output_loss(self.influence_outputs(batch), batch)
+
+    def training_step(self, batch, batch_idx):
+        return self.per_sample_loss(batch).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("influence_function", dict(solver="exact", curvature="gauss_newton")),
+        ("influence_function", dict(solver="cg", curvature="gauss_newton")),
+        ("datainf", {}),
+        ("tracin_checkpoints", {}),
+    ],
+    ids=["exact-gauss-newton", "cg-gauss-newton", "datainf", "tracin"],
+)
+def test_a_model_without_forward_mode_formulas_is_scored_through_reverse_mode(monkeypatch, name, options):
+    """``nn.EmbeddingBag`` has no forward-mode formula: the estimators' per-sample directional
+    derivatives and Gauss-Newton output products fall back to reverse mode, with a warning naming
+    the operation, and give the scores of the same model written with ``nn.Embedding``. (Its Hessian,
+    which needs a second derivative that ``nn.EmbeddingBag`` lacks too, is refused naming the options
+    that avoid it.)"""
+    from lightning_influence import kernels
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 30, (96, 6), generator=g)
+    tokens[torch.rand(96, 6, generator=g) < 0.3] = 0  # padding
+    labels = tokens[:, 0] % 3
+    batches = [(tokens[i : i + 16], labels[i : i + 16], torch.arange(i, i + 16)) for i in range(0, 64, 16)]
+    val = FixedBatches([(tokens[64:], labels[64:], torch.arange(32))])
+    scores, model_bag = {}, None
+    for bag in (True, False):
+        monkeypatch.setattr(kernels, "_REVERSE_MODE_WARNED", set())
+        torch.manual_seed(0)
+        model = _Bag(bag).double()
+        estimator = build(name, **options)
+        recorder = estimator.callback() if hasattr(estimator, "callback") else None
+        callbacks = [recorder] if recorder is not None else []
+        quiet_trainer(max_epochs=4, callbacks=callbacks).fit(model, train_dataloaders=FixedBatches(batches))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            scores[bag] = estimator.scores(model, FixedBatches(batches), Target("val", val))
+        model_bag = model if bag else model_bag
+        reverse = [w for w in caught if "computed in reverse mode" in str(w.message)]
+        assert bool(reverse) == bag and (not bag or "embedding_bag" in str(reverse[0].message))
+    torch.testing.assert_close(scores[True].values, scores[False].values, rtol=1e-7, atol=1e-10 * float(scores[False].values.abs().max()))
+    if name == "influence_function" and options["solver"] == "exact":
+        with pytest.raises(NotImplementedError, match="curvature='gauss_newton'.*hvp='finite_difference'"):
+            build(name, solver="exact", curvature="hessian").scores(model_bag, FixedBatches(batches), Target("val", val))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -40,6 +42,57 @@ def _per_sample_gradients(module, batch, space):
         module.per_sample_loss((batch[0][i : i + 1], batch[1][i : i + 1])).sum().backward()
         rows.append(space.flatten([p.grad for p in module.parameters()]))
     return torch.stack(rows)
+
+
+class _NoForwardMode(torch.autograd.Function):
+    """``tanh`` with a backward but no ``jvp``: an operation forward-mode AD cannot go through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class _WithoutForwardMode(Classifier):
+    def __init__(self, operation: str) -> None:
+        super().__init__(in_features=6, num_classes=4, hidden=(8,))
+        self.operation = operation
+        self.bag = nn.EmbeddingBag(10, 6, mode="mean", padding_idx=0)
+
+    def forward(self, x):
+        if self.operation == "embedding-bag":  # the first three features as token ids, 0 for padding
+            x = x + self.bag((x[:, :3].abs() * 3).long().clamp(max=9))
+        hidden = _NoForwardMode.apply(self.net[0](x)) if self.operation == "custom" else self.net[1](self.net[0](x))
+        return self.net[2](hidden)
+
+
+@pytest.mark.parametrize("operation", ["embedding-bag", "custom"])
+def test_directional_derivatives_without_a_forward_mode_formula_come_from_reverse_mode(monkeypatch, operation):
+    """An operation without a forward-mode formula (``nn.EmbeddingBag``, a custom ``autograd.Function``
+    without ``jvp``, as inductor's graphs are): the derivatives come from reverse mode, equal to
+    brute-force per-sample gradients dotted with the tangent, with one warning per operation."""
+    from lightning_influence import kernels
+
+    monkeypatch.setattr(kernels, "_REVERSE_MODE_WARNED", set())
+    torch.manual_seed(0)
+    module = _WithoutForwardMode(operation).double()
+    batch = (torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 4, (12,)), torch.arange(12))
+    space = ParameterSpace.from_parameters(list(module.named_parameters()))
+    tangent = torch.randn(space.size, dtype=torch.float64)
+    for attempt in range(2):
+        with pytest.warns(RuntimeWarning, match="computed in reverse mode") if attempt == 0 else contextlib.nullcontext():
+            losses, derivs = directional_derivatives(per_sample_loss_function(module), dict(module.named_parameters()), batch, space.unflatten(tangent))
+        torch.testing.assert_close(derivs, _per_sample_gradients(module, batch, space) @ tangent, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(losses, module.per_sample_loss(batch).detach())
+    monkeypatch.setattr(kernels, "REVERSE_MODE_BYTES", 1)  # one output per batched backward pass
+    _, derivs = directional_derivatives(per_sample_loss_function(module), dict(module.named_parameters()), batch, space.unflatten(tangent))
+    torch.testing.assert_close(derivs, _per_sample_gradients(module, batch, space) @ tangent, rtol=1e-10, atol=1e-12)
 
 
 def _exact_hessian(module, batch, space):
