@@ -15,6 +15,8 @@ collectives, or values that are identical on every rank, such as DDP's averaged 
 from __future__ import annotations
 
 import atexit
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-__all__ = ["Collective", "distributed_shard", "is_global_zero"]
+__all__ = ["Collective", "distributed_shard", "is_global_zero", "rank_zero_buffers"]
 
 
 def is_global_zero() -> bool:
@@ -143,6 +145,28 @@ class Collective:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+
+@contextlib.contextmanager
+def rank_zero_buffers(module: torch.nn.Module, collective: Collective) -> Iterator[None]:
+    """Within the context every buffer of ``module`` holds rank zero's values, restored on exit (a no-op in
+    one process). The ranks' buffers differ between training steps by each rank's own batch-norm updates
+    (DDP broadcasts rank zero's before each step's forward, or never with ``broadcast_buffers=False``),
+    and rank zero's module is the one saved: a sweep evaluates that network on every rank."""
+    if not collective.distributed:
+        yield
+        return
+    kept: list[tuple[Tensor, Tensor]] = []
+    with torch.no_grad():
+        for buffer in module.buffers():
+            kept.append((buffer, buffer.detach().clone()))
+            buffer.copy_(collective.broadcast(buffer))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
 
 
 _EXIT_HOOK_REGISTERED = False

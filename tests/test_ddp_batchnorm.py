@@ -20,6 +20,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,3 +227,71 @@ def test_ddp_batch_norm_resumed_under_ddp_spawn_gives_the_uninterrupted_scores(t
         assert torch.equal(got["ids"], scores["ids"]), name
         error = float((got["values"] - scores["values"]).abs().max() / scores["values"].abs().max())
         assert error <= 1e-12, (name, error)  # measured 0
+
+
+def test_sync_batchnorm_is_scored_in_evaluation_mode_by_auto_and_refused_as_trained():
+    """``Trainer(sync_batchnorm=True)`` turns batch norm into ``SyncBatchNorm`` after the callbacks'
+    ``setup`` (statistics over every rank's shard, not modelled): ``"auto"`` falls back to evaluation
+    mode with a warning that names it, ``"batch"`` is refused. (``SyncBatchNorm`` runs on GPUs only,
+    so the fit itself cannot run here: the Trainer is built, not launched.)"""
+    from lightning_influence import DiffIn
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", sync_batchnorm=True, logger=False)
+    with pytest.warns(UserWarning, match=r"sync_batchnorm=True\) makes its batch norm SyncBatchNorm"):
+        auto = DiffIn(target="val")
+        auto.setup(trainer, _bn_mlp(), "fit")
+    assert auto._batch_norm == "running"
+    with pytest.raises(ValueError, match=r"sync_batchnorm=True\) makes the model's batch norm SyncBatchNorm"):
+        DiffIn(target="val", batch_norm="batch").setup(trainer, _bn_mlp(), "fit")
+
+
+UNEVEN_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+import lightning as L
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_influence import DiffIn
+from lightning_influence.data import IndexedDataset, load_digits_tensors
+from lightning_influence.models import Classifier
+
+torch.set_num_threads(1)
+ARGS = json.loads(Path(sys.argv[1]).read_text())
+torch.manual_seed(0)
+model = Classifier(hidden=(16,), lr=0.05)
+model.net = nn.Sequential(nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32), nn.Tanh(), nn.Linear(32, 10))
+model = model.double()
+x, y = load_digits_tensors(torch.float64)
+
+
+class PerRank(L.LightningDataModule):
+    # each rank its own loader (no DistributedSampler): rank 0 32 samples, rank 1 18, batches of 16
+    def train_dataloader(self):
+        rank = self.trainer.global_rank
+        ids = torch.arange(32) if rank == 0 else torch.arange(32, 50)
+        return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=16, sampler=ids.tolist())
+
+
+callback = DiffIn(target="val", target_loader=DataLoader(IndexedDataset(TensorDataset(x[1000:1100], y[1000:1100])), batch_size=50))
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, callbacks=[callback])
+trainer.fit(model, datamodule=PerRank())
+Path(ARGS["out"] + f".rank{trainer.global_rank}").write_text(json.dumps(callback.scores.metadata["batch_norm"]))
+"""
+
+
+def test_ranks_whose_last_batches_differ_take_the_same_batch_norm_mode(tmp_path):
+    """Each rank's own loader (``use_distributed_sampler=False``): rank 1's last batch holds two samples,
+    too few for BatchNorm1d once one is removed, rank 0 none. Every rank falls back to evaluation mode
+    alike (the decision is reduced across ranks), instead of one rank sweeping in another mode than
+    the other and both waiting in mismatched collectives (a hang)."""
+    script, config, out = tmp_path / "uneven.py", tmp_path / "uneven.json", tmp_path / "mode"
+    script.write_text(textwrap.dedent(UNEVEN_SCRIPT))
+    config.write_text(json.dumps({"out": str(out)}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PL_GLOBAL_SEED", None)
+    proc = subprocess.run([sys.executable, str(script), str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"uneven run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(WORLD)] == ["running", "running"]
+    assert "holds 2 sample(s), too few for batch norm" in proc.stderr  # warned on rank zero

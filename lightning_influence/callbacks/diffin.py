@@ -50,7 +50,7 @@ from lightning_influence.callbacks.resume import check_same_setup, parameter_sig
 from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
 from lightning_influence.data import FixedBatches
 from lightning_influence.batch_norm import fixed_statistics, removal_gap
-from lightning_influence.distributed import Collective
+from lightning_influence.distributed import Collective, rank_zero_buffers
 from lightning_influence.estimators.diffin_batch_norm import (
     BATCH_NORM_REMOVALS,
     BatchNormMode,
@@ -235,7 +235,7 @@ class DiffIn(Callback):
             network's response to it linearised: a few percent per step on batches of 32, the same
             Spearman as ``"exact"`` from batches of 16 on, 0.964 against 0.980 on batches of 8 in
             ``benchmarks/batch_norm.py``); micro-batches of fewer than 8 samples (a short last batch)
-            are removed exactly all the same. Needs the batch-norm inputs' rows to be the batch's
+            are removed exactly all the same (in one process; linearly under DDP). Needs the batch-norm inputs' rows to be the batch's
             samples in order, their outputs to reach the loss through autograd (both checked on the
             first batch), and finite-difference per-sample derivatives. ``"exact"``: the batch
             re-evaluated without each sample (``remove_from_batch``; ``b`` forward-mode passes over
@@ -587,6 +587,12 @@ class DiffIn(Callback):
         self._batch_norm = self._resolve_batch_norm(trainer, pl_module)
         if self._batch_norm == "batch":
             BatchNormTrace(pl_module)  # refuses a model without batch norm, or with layers it does not model
+            if _syncs_batch_norm(trainer):
+                raise ValueError(
+                    "DiffIn(batch_norm='batch') models each rank's shard normalised on its own, and Trainer(sync_batchnorm="
+                    "True) makes the model's batch norm SyncBatchNorm (statistics over every rank's shard), which is not "
+                    "modelled: train without sync_batchnorm, or use batch_norm='running' (evaluation mode, an approximation)"
+                )
             if str(trainer.precision) == "16-mixed":
                 raise ValueError(f"DiffIn(batch_norm='batch') does not model {SIXTEEN_MIXED}: use batch_norm='running'")
             self._batch_norm_removal = self._resolve_batch_norm_removal(pl_module)
@@ -672,6 +678,8 @@ class DiffIn(Callback):
             {
                 "training runs in several processes (DDP), where batch norm is removed linearly only, and this run "
                 "needs the exact removal": int(getattr(trainer, "world_size", 1) or 1) > 1 and self._needs_exact_removal(pl_module),
+                "Trainer(sync_batchnorm=True) makes its batch norm SyncBatchNorm (statistics over every rank's shard), "
+                "which is not modelled": _syncs_batch_norm(trainer),
                 SIXTEEN_MIXED: str(trainer.precision) == "16-mixed",
                 **_batch_norm_option_obstacles(self.coupled, self.batch_removal, self.chunk_size, self.per_sample, self.batch_norm_removal),
             },
@@ -701,6 +709,12 @@ class DiffIn(Callback):
             return
         frozen = not any(layer.training for _, layer in trace.layers)
         short = _last_batch_size(trainer)
+        if self._collective.distributed:
+            # Every rank decides alike (a rank scoring in another mode would wait in other collectives): the
+            # shortest last batch of any rank (each rank's loader is its own), frozen only where frozen everywhere.
+            sizes = self._collective.gather(torch.tensor([short or 0, int(frozen)], device=pl_module.device))
+            shorts = [int(t[0]) for t in sizes if int(t[0]) > 0]
+            short, frozen = (min(shorts) if shorts else None), all(bool(t[1]) for t in sizes)
         one_d = any(isinstance(layer, nn.BatchNorm1d) for _, layer in trace.layers)
         too_short = short == 1 or (short == 2 and one_d)
         if self.batch_norm == "batch" and too_short and not frozen:
@@ -1891,7 +1905,8 @@ class DiffIn(Callback):
         assert self._sweep is not None and self._trajectory is not None and self._space is not None
         num_scored = min(num_scored, len(self._trajectory))
         theta_end = self._space.flatten(self._params)
-        self._sweep.run(self._trajectory, theta_end, num_scored, recompute_step=self._recompute_step)
+        with rank_zero_buffers(self._sweep.module, self._collective):  # DDP: the network rank zero saves, on every rank
+            self._sweep.run(self._trajectory, theta_end, num_scored, recompute_step=self._recompute_step)
         self._trajectory.drop_oldest(num_scored)
         self.steps_scored += num_scored
 
@@ -2286,6 +2301,12 @@ def _batch_norm_option_obstacles(
         f"chunk_size={chunk_size}": chunk_size is not None,
         "per_sample='finite_difference' with batch_norm_removal='exact'": per_sample == "finite_difference" and exact,
     }
+
+
+def _syncs_batch_norm(trainer: L.Trainer) -> bool:
+    """Whether the strategy turns batch norm into ``SyncBatchNorm`` when fit starts (``Trainer(sync_batchnorm=True)``:
+    after the callbacks' ``setup``)."""
+    return getattr(trainer.strategy, "_layer_sync", None) is not None
 
 
 def _last_batch_size(trainer: L.Trainer) -> int | None:
