@@ -57,9 +57,11 @@ def check_id_values(
         first = int(ids[ids >= num_samples].min())
         raise ValueError(
             f"sample id {first} is outside [0, {num_samples}): ids must be positions in the training dataset "
-            f"(len(trainer.train_dataloader.dataset) = {num_samples}), which sizes the score store. Wrap the training "
-            "dataset itself in lightning_influence.IndexedDataset (not a larger dataset that is then subset or "
-            "filtered), or override sample_ids(batch) to map your ids to 0..N-1 (1-based ids: subtract 1)"
+            f"(of length {num_samples}), which sizes the score store. Wrap the whole training dataset in "
+            "lightning_influence.IndexedDataset and select from it with a sampler (SubsetRandomSampler) or "
+            "torch.utils.data.Subset(IndexedDataset(data), indices): ids then stay positions in the whole dataset, also "
+            "when the subset changes between epochs (not IndexedDataset(Subset(...)), whose ids are positions in the "
+            "subset); or override sample_ids(batch) to map your ids to 0..N-1 (1-based ids: subtract 1)"
         )
     if num_samples is None:
         store = (high + 1) * STORE_BYTES_PER_ID  # the score store is indexed by id
@@ -257,8 +259,19 @@ def _format_bytes(count: float) -> str:
 
 
 def dataset_length(trainer: L.Trainer) -> int | None:
+    """The number of positions the training batches' sample ids index (the score store's size): the training
+    dataset's length, or for a ``torch.utils.data.Subset`` (nested or not) of an
+    :class:`~lightning_influence.data.IndexedDataset`, the ``IndexedDataset``'s, whose positions its ids are
+    (a subset that changes between epochs, a curriculum, keeps each sample's id). ``None``: no length."""
+    from lightning_influence.data import IndexedDataset
+
     loader = trainer.train_dataloader
     dataset = getattr(loader, "dataset", None)
+    inner = dataset
+    while isinstance(inner, torch.utils.data.Subset):
+        inner = inner.dataset
+    if isinstance(inner, IndexedDataset):
+        dataset = inner
     try:
         return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
     except TypeError:

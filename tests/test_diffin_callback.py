@@ -530,6 +530,27 @@ def test_a_fit_without_steps_warns_and_gives_empty_scores(small_digits, kwargs):
     assert cb.scores is not None and len(cb.scores) == 0
 
 
+@pytest.mark.parametrize("kind", ["diffin", "tracin"])
+def test_a_fit_called_again_after_max_epochs_keeps_the_first_fits_score_file_and_influence(small_digits, tmp_path, kind):
+    """Trainer.fit called again on a Trainer that already reached max_epochs (a notebook cell run twice)
+    trains nothing: its empty result warns and leaves the score file and the module's influence of the
+    first fit as they were (QA: the file was replaced by an empty one)."""
+    path = tmp_path / "scores.pt"
+    make = {"diffin": DiffIn, "tracin": TracIn}[kind]
+    cb = make(target="val", target_loader=small_digits.val, save_path=path)
+    torch.manual_seed(0)
+    model = Classifier(hidden=(16,), lr=0.1).double()
+    trainer = quiet_trainer(callbacks=[cb])
+    trainer.fit(model, train_dataloaders=small_digits.train)
+    first = InfluenceScores.load(path)
+    assert len(first) > 0 and model.influence is cb.scores
+    with pytest.warns(UserWarning, match=rf"{make.__name__} scored no sample.*already reached its max_epochs.*and so is {path}"):
+        trainer.fit(model, train_dataloaders=small_digits.train)
+    assert len(cb.scores) == 0 and len(model.influence) == len(first)
+    again = InfluenceScores.load(path)
+    assert torch.equal(again.ids, first.ids) and torch.equal(again.values, first.values)
+
+
 def test_a_second_fit_scores_the_new_run_only(small_digits):
     cb = DiffIn(target="val", target_loader=small_digits.val)
     _fit(small_digits, cb)

@@ -47,7 +47,7 @@ from lightning_influence.callbacks.target_data import (
     check_target_data,
 )
 from lightning_influence.callbacks.resume import check_same_setup, parameter_signature, setup_signature, target_signature
-from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once
+from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once, warn_no_step
 from lightning_influence.data import FixedBatches
 from lightning_influence.batch_norm import fixed_statistics, removal_gap
 from lightning_influence.distributed import Collective, rank_zero_buffers
@@ -459,6 +459,7 @@ class DiffIn(Callback):
         self._micro_batches: list[tuple[Any, Tensor]] = []
         self._capture_losses = False  # reuse training_step's per-sample losses (set in on_fit_start)
         self._micro_losses: dict[int, Tensor] = {}  # micro-batch position -> its per-sample losses at theta_t
+        self._batch_open = False  # a training batch started and has not ended
         self._tap_losses = False  # see training_step's per-sample losses (an InfluenceMixin module; set in on_fit_start)
         self._loss_pairs: list[tuple[Tensor, float]] = []  # per micro-batch: (training_step's loss, their mean, mean |loss|), tolerance
         self._unverified: StepRecord | None = None
@@ -1061,6 +1062,21 @@ class DiffIn(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_repeats.end(trainer.current_epoch)  # one host read an epoch
+        if self._batch_open:
+            self._discard_unstepped(pl_module)
+
+    def _discard_unstepped(self, pl_module: L.LightningModule) -> None:
+        """An epoch that ended at a batch that never ran (``on_train_batch_start`` returned -1, Lightning's
+        way of ending an epoch early): that batch, and the micro-batches of an unfinished accumulation before
+        it, took no optimizer step (Lightning zeroes their gradients when the next window starts), so they
+        leave this fit's record without being counted as trained on."""
+        self._batch_open = False
+        self._micro_batches, self._micro_losses = [], {}
+        self._backward.arm()
+        if isinstance(pl_module, InfluenceMixin):
+            pl_module.set_loss_tap(self, None)
+        if not self._loss_checked:
+            self._loss_check = None  # compared with the next batch that trains instead
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self._batch_norm_pending:
@@ -1120,6 +1136,7 @@ class DiffIn(Callback):
             self._micro_batches.append((batch, ids.detach().to("cpu", torch.long).reshape(-1)))
         self._epoch_repeats.add(ids.detach())
         self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
+        self._batch_open = True  # until on_train_batch_end: not reached when the module's on_train_batch_start returns -1
         if not self._loss_checked and self._loss_check is None and self._first_batch_checked:
             # the first batches were left out (training_step returned None): only the loss comparison moves on
             self._loss_check = training_mode_losses(pl_module, batch).detach()
@@ -1573,6 +1590,7 @@ class DiffIn(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._stepping = None  # a step that did not start (skipped by the gradient scaler) keeps its hyperparameters
+        self._batch_open = False
         self._append_started()
         if self._capture_losses or self._tap_losses:
             pl_module.set_loss_tap(self, None)  # type: ignore[attr-defined]
@@ -1850,11 +1868,7 @@ class DiffIn(Callback):
                 f"target loss to attribute.{first} Look for NaN/inf inputs or labels in those samples, a loss that "
                 "overflows, or a learning rate too large; under '16-mixed' the gradient scaler would skip such steps"
             )
-        if self.steps_seen == 0:
-            rank_zero_warn(
-                "DiffIn scored no sample: the fit took no optimizer step (max_steps=0, limit_train_batches=0, an empty "
-                "training loader or every batch skipped). The scores are empty"
-            )
+        keep_earlier = self.steps_seen == 0 and warn_no_step("DiffIn", self.save_path if trainer.is_global_zero else None)
         start = time.perf_counter()
         self._run_sweep(len(self._trajectory))
         self._trajectory.close()
@@ -1864,10 +1878,10 @@ class DiffIn(Callback):
         # Keep the scores only: the trajectory and the sweep hold parameter-sized buffers and batches.
         self._trajectory, self._sweep, self._micro_batches = None, None, []
         self._finished = True
-        if isinstance(pl_module, InfluenceMixin):
+        if isinstance(pl_module, InfluenceMixin) and (self.steps_seen > 0 or pl_module.influence is None):
             pl_module.influence = scores
         if trainer.is_global_zero:
-            if self.save_path is not None:
+            if self.save_path is not None and not keep_earlier:
                 scores.save(self.save_path)
             if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and os.getpid() != self._owner_pid:
                 scores.save(self._handoff)  # read by the launching process (see the scores property)

@@ -1,10 +1,12 @@
 """Hooks that the recording callbacks place on a fit: one call per optimizer step as it starts
 (:class:`OptimizerStepWatch`), which micro-batches had a backward pass (:class:`BackwardWatch`),
-and ids that come back within one epoch (:class:`EpochRepeats`)."""
+and ids that come back within one epoch (:class:`EpochRepeats`); and what a fit that took no step
+leaves behind (:func:`warn_no_step`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -245,3 +247,18 @@ class EpochRepeats:
                 "different samples share one score. sample_ids(batch) must return each sample's position in the "
                 "training dataset (IndexedDataset adds it to every item). Warned once"
             )
+
+
+def warn_no_step(owner: str, save_path: Path | None) -> bool:
+    """Warn that a fit took no optimizer step (its scores are empty), and return whether its empty result
+    should leave earlier scores alone: a score file already at ``save_path`` and the module's ``influence``
+    (a fit called again on a Trainer that has reached ``max_epochs`` trains nothing, and must not erase
+    the first fit's scores)."""
+    keep = save_path is not None and save_path.exists()
+    rank_zero_warn(
+        f"{owner} scored no sample: the fit took no optimizer step (max_steps=0, limit_train_batches=0, an empty "
+        "training loader, every batch skipped, or Trainer.fit called again on a Trainer that already reached its "
+        "max_epochs/max_steps). The callback's scores are empty; the module's influence is left as it was"
+        + (f", and so is {save_path}" if keep else "")
+    )
+    return keep

@@ -46,7 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
 from lightning_influence.callbacks.resume import check_same_setup, setup_signature, target_signature
-from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch
+from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, warn_no_step
 from lightning_influence.batches import BatchRemoval, check_batch_removal
 from lightning_influence.checks import (
     FirstLossCheck,
@@ -147,6 +147,7 @@ class TracIn(Callback):
         self._target_source: Any = None
         self._accumulator: ScoreAccumulator | None = None
         self._micro: list[tuple[Any, Tensor]] = []
+        self._batch_open = False  # a training batch started and has not ended
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
         self._epoch_repeats = EpochRepeats("TracIn")  # ids that come back within an epoch (ids that are not dataset positions)
         self._step_watch = OptimizerStepWatch(self._on_step, "TracIn")  # scores each step as optimizer.step starts
@@ -244,6 +245,11 @@ class TracIn(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_repeats.end(trainer.current_epoch)  # one host read an epoch
+        if self._batch_open:
+            # The epoch ended at a batch that never ran (on_train_batch_start returned -1): it and the micro-batches
+            # of an unfinished accumulation before it took no optimizer step (Lightning zeroes their gradients).
+            self._batch_open, self._micro = False, []
+            self._backward.arm()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._close_unstepped()
@@ -279,8 +285,10 @@ class TracIn(Callback):
             self._first_loss.batch_start(pl_module, batch)  # while training_step left the first batches out
         self._micro.append((batch, ids.detach().reshape(-1)))
         self._backward.arm()  # training_step may return None: then no backward runs for this micro-batch
+        self._batch_open = True  # until on_train_batch_end: not reached when the module's on_train_batch_start returns -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_open = False
         self._first_loss.batch_end(trainer, outputs)  # training_step must optimise the mean of per_sample_loss
 
     def _drop_unbackpropagated(self, pl_module: L.LightningModule) -> None:
@@ -410,11 +418,7 @@ class TracIn(Callback):
             return
         self._close_unstepped()
         self._settle()
-        if self.steps_seen == 0:
-            rank_zero_warn(
-                "TracIn scored no sample: the fit took no optimizer step (max_steps=0, limit_train_batches=0, an empty "
-                "training loader or every batch skipped). The scores are empty"
-            )
+        keep_earlier = self.steps_seen == 0 and warn_no_step("TracIn", self.save_path if trainer.is_global_zero else None)
         ids, values = self._accumulator.result()
         plain_sgd, update = first_order_calibration(trainer, trainer.optimizers[0])
         self.scores = InfluenceScores(
@@ -443,9 +447,9 @@ class TracIn(Callback):
             },
         )
         self._micro, self._cached_gradient = [], None
-        if isinstance(pl_module, InfluenceMixin):
+        if isinstance(pl_module, InfluenceMixin) and (self.steps_seen > 0 or pl_module.influence is None):
             pl_module.influence = self.scores
-        if self.save_path is not None and trainer.is_global_zero:
+        if self.save_path is not None and trainer.is_global_zero and not keep_earlier:
             self.scores.save(self.save_path)
         rank_zero_info(f"TracIn (online, target={self.target}): scored {len(self.scores)} samples over {self.steps_seen} steps")
 

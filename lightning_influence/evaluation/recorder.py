@@ -139,6 +139,7 @@ class StepRecorder(Callback):
         self.empty_steps = 0
         self._batches: list[Any] = []
         self._pending: Any = None
+        self._batch_open = False  # a training batch started and has not ended
         self._norm_layers: list[tuple[str, torch.nn.Module]] = []  # batch-statistics layers, by name
         self._pending_eval: frozenset[str] = frozenset()  # those in evaluation mode when the pending micro-batch ran
         self._modes = _ModeWatch()  # the mode each of them ran in during the pending micro-batch's forward
@@ -189,6 +190,7 @@ class StepRecorder(Callback):
         self.empty_steps = 0
         self._batches = []
         self._pending = None
+        self._batch_open = False
         self._norm_layers = [(name, pl_module.get_submodule(name) if name else pl_module) for name, sub in pl_module.named_modules() if is_batch_statistics_layer(sub)]
         self._pending_eval = frozenset()
         self._modes.watch(self._norm_layers)
@@ -221,9 +223,19 @@ class StepRecorder(Callback):
             self._watch = BufferWatch(pl_module, [n for n, p in pl_module.named_parameters() if id(p) not in trained])
         self._batch_start_state = self._state(pl_module) if self._first_loss.pending else None
         self._modes.arm()  # last: the forwards of training_step (and of the later hooks before it) are watched
+        self._batch_open = True  # until on_train_batch_end: not reached when the module's on_train_batch_start returns -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_open = False
         self._first_loss.batch_end(trainer, outputs)  # the retraining's loss is the mean of per_sample_loss: the run's must be too
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._batch_open:
+            # The epoch ended at a batch that never ran (on_train_batch_start returned -1): it and the micro-batches of
+            # an unfinished accumulation before it took no optimizer step (Lightning zeroes their gradients).
+            self._batch_open, self._pending, self._batches, self._eval_layers = False, None, [], []
+            self._pending_eval = frozenset()
+            self._modes.disarm()
 
     def _keep_pending(self) -> None:
         # A micro-batch trains only if its loss was backpropagated: training_step returning None skips it
