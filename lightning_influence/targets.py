@@ -206,9 +206,10 @@ class FitStartLoader:
     the whole fit, so that every step (online sweeps, TracIn, the replay at the end of fit) is scored
     against one target loss. ``trainer_loader()`` returns the trainer's loader as it is now, or
     ``None`` before Lightning has set one up (then ``fallback()`` supplies it: e.g. the module's
-    ``val_dataloader()``). When the trainer's loader later is another object
+    ``val_dataloader()``). When the trainer's loader later is another object over another dataset
     (``reload_dataloaders_every_n_epochs`` with a ``val_dataloader()`` that serves other data per
-    epoch), the target stays the first one, with one warning that says so and how to pin another.
+    epoch), the target stays the first one, with one warning that says so and how to pin another
+    (a new loader over the same dataset object is not warned about).
     One instance per fit; reads no device value."""
 
     def __init__(self, trainer_loader: Callable[[], Any], fallback: Callable[[], Any], owner: str) -> None:
@@ -228,7 +229,7 @@ class FitStartLoader:
         elif current is not None:
             if self._reference is None:
                 self._reference = current  # the trainer set its loader up after the first read
-            elif current is not self._reference and not self._warned:
+            elif current is not self._reference and not self._warned and not _same_dataset(current, self._reference):
                 self._warned = True
                 rank_zero_warn(
                     f"{self._owner}(target='val'): the trainer's validation loader changed during fit (a reload: "
@@ -237,6 +238,12 @@ class FitStartLoader:
                     f"one target loss. To score against another loader, pin it with {self._owner}(target_loader=...)"
                 )
         return self._pinned
+
+
+def _same_dataset(loader: Any, other: Any) -> bool:
+    """Whether two loaders read the same dataset object (a reload that rebuilds the loader only)."""
+    dataset = getattr(loader, "dataset", None)
+    return dataset is not None and dataset is getattr(other, "dataset", None)
 
 
 def _read_in_order(loader: DataLoader) -> tuple[Any, Any, bool]:

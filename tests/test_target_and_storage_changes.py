@@ -223,6 +223,31 @@ def test_target_val_stays_the_fit_start_validation_loader_when_the_trainer_reloa
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max()), msg=name)
 
 
+def test_a_validation_loader_rebuilt_over_the_same_dataset_is_not_warned_about():
+    """``reload_dataloaders_every_n_epochs`` with a ``val_dataloader()`` that builds a new loader over the
+    same dataset each epoch: the target's data does not change, so no warning (QA: noise)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_influence import DiffIn, IndexedDataset
+
+    problem = digits_problem(n=64, batch_size=16, epochs=1, val_size=30)
+    x = torch.cat([b[0] for b in problem.val])
+    y = torch.cat([b[1] for b in problem.val])
+    dataset = IndexedDataset(TensorDataset(x, y))
+
+    class Rebuilds(ReloadsOtherValData):
+        def val_dataloader(self):  # type: ignore[no-untyped-def]
+            return DataLoader(dataset, batch_size=15)
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks=[DiffIn(target="val", log_summary=False), TracIn(target="val")], max_epochs=3, reload_dataloaders_every_n_epochs=1).fit(
+            Rebuilds([]).double(), train_dataloaders=problem.train
+        )
+    assert not [w for w in caught if "validation loader changed during fit" in str(w.message)]
+
+
 # --- a spilled trajectory removed during fit ----------------------------------------------------------------
 
 

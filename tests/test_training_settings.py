@@ -502,3 +502,31 @@ def test_a_curriculum_of_subsets_of_an_indexed_dataset_is_scored_by_whole_datase
     ids = torch.randperm(192, generator=torch.Generator().manual_seed(1))[:40]
     truth = leave_one_out(model, recorder.initial_params, recorder.steps, recorder.optimizer, ids, val)
     assert spearman(diffin.scores.values_for(ids), truth) >= 0.97  # QA: 0.997
+
+
+@pytest.mark.parametrize("kind", ["diffin", "tracin"])
+def test_an_indexed_subset_whose_indices_change_between_epochs_is_refused(kind):
+    """``IndexedDataset(Subset(data, indices))`` numbers the subset's samples: once a reload changes the
+    indices, one id names different samples in different epochs (QA: accepted, 200 scores for 320 trained
+    samples). Refused at the epoch that shows it, naming the numbering that keeps the ids."""
+    import lightning as L
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    from lightning_influence import TracIn
+    from lightning_influence.data import IndexedDataset, load_digits_tensors
+
+    x, y = load_digits_tensors(torch.float64)
+    data = TensorDataset(x[:128], y[:128])
+    val = [(x[500:530], y[500:530], torch.arange(30))]
+
+    class Renumbers(L.LightningDataModule):
+        def train_dataloader(self):
+            start = 16 * self.trainer.current_epoch
+            return DataLoader(IndexedDataset(Subset(data, list(range(start, start + 64)))), batch_size=16)
+
+    callback = (DiffIn if kind == "diffin" else TracIn)(target="val", target_loader=FixedBatches(val))
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"indices changed at epoch 1 .* Subset\(IndexedDataset\(data\), indices\)"):
+        quiet_trainer(callbacks=[callback], max_epochs=2, reload_dataloaders_every_n_epochs=1).fit(
+            Classifier(hidden=(8,), lr=0.1).double(), datamodule=Renumbers()
+        )

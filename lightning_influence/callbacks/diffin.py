@@ -47,7 +47,7 @@ from lightning_influence.callbacks.target_data import (
     check_target_data,
 )
 from lightning_influence.callbacks.resume import check_same_setup, parameter_signature, setup_signature, target_signature
-from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, draws_each_sample_once, warn_no_step
+from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, SubsetNumbering, draws_each_sample_once, warn_no_step
 from lightning_influence.data import FixedBatches
 from lightning_influence.batch_norm import fixed_statistics, removal_gap
 from lightning_influence.distributed import Collective, rank_zero_buffers
@@ -495,6 +495,7 @@ class DiffIn(Callback):
         self._resumed_fixed: list[FixedBatches] = []  # the resumed fit's FixedBatches training loaders
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
         self._epoch_repeats = EpochRepeats("DiffIn")  # ids that come back within an epoch (ids that are not dataset positions)
+        self._subset_numbering = SubsetNumbering()  # a training IndexedDataset numbering a subset that changes
         # The hyperparameters are read again where optimizer.step starts its update (after every
         # on_before_optimizer_step and clipping): a learning rate changed after DiffIn's hook is the one used.
         self._step_watch = OptimizerStepWatch(self._on_optimizer_step, "DiffIn", carries_state=True)
@@ -758,6 +759,7 @@ class DiffIn(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_repeats.reset()
+        self._subset_numbering.reset()
         optimizers = trainer.optimizers
         if len(optimizers) != 1:
             raise ValueError(f"DiffIn needs exactly one optimizer, got {len(optimizers)}; {SUPPORTED}")
@@ -1051,6 +1053,7 @@ class DiffIn(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._subset_numbering.check(trainer, "DiffIn")
         self._epoch_repeats.start(trainer, pl_module.device)
         if not self._resume_check_pending:  # a resumed epoch keeps the step it started at (restored)
             self._epoch_start_step = self.steps_seen

@@ -1,7 +1,7 @@
 """Hooks that the recording callbacks place on a fit: one call per optimizer step as it starts
 (:class:`OptimizerStepWatch`), which micro-batches had a backward pass (:class:`BackwardWatch`),
-and ids that come back within one epoch (:class:`EpochRepeats`); and what a fit that took no step
-leaves behind (:func:`warn_no_step`)."""
+ids that come back within one epoch (:class:`EpochRepeats`), a renumbered training subset
+(:class:`SubsetNumbering`); and what a fit that took no step leaves behind (:func:`warn_no_step`)."""
 
 from __future__ import annotations
 
@@ -262,3 +262,37 @@ def warn_no_step(owner: str, save_path: Path | None) -> bool:
         + (f", and so is {save_path}" if keep else "")
     )
     return keep
+
+
+class SubsetNumbering:
+    """Refuses, at the epoch that shows it, a training ``IndexedDataset`` that numbers a
+    ``torch.utils.data.Subset`` whose indices changed since the previous epoch (a curriculum reloaded with
+    ``reload_dataloaders_every_n_epochs``): its ids are positions in the subset, so one id would name
+    different samples in different epochs and their scores would merge. ``Subset(IndexedDataset(data),
+    indices)`` keeps the ids positions in the whole dataset."""
+
+    def __init__(self) -> None:
+        self._indices: Tensor | None = None
+
+    def reset(self) -> None:
+        """A fit starts."""
+        self._indices = None
+
+    def check(self, trainer: L.Trainer, owner: str) -> None:
+        """At each epoch's start, once Lightning has (re)loaded the training loader."""
+        from lightning_influence.data import IndexedDataset
+
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        inner = dataset.dataset if isinstance(dataset, IndexedDataset) else None
+        if not isinstance(inner, torch.utils.data.Subset):
+            self._indices = None
+            return
+        indices = torch.as_tensor(list(inner.indices), dtype=torch.long)
+        previous, self._indices = self._indices, indices
+        if previous is not None and not torch.equal(previous, indices):
+            raise ValueError(
+                f"{owner}: the training dataset is IndexedDataset(Subset(data, indices)) and the subset's indices changed "
+                f"at epoch {trainer.current_epoch} (a reloaded training loader): its sample ids are positions in the subset, "
+                "so one id would name different samples in different epochs and their scores would merge. Number the whole "
+                "dataset instead: Subset(IndexedDataset(data), indices), or a SubsetRandomSampler over IndexedDataset(data)"
+            )

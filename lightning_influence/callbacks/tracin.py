@@ -46,7 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from lightning_influence.callbacks.checkpoints import first_order_calibration, first_order_units
 from lightning_influence.callbacks.resume import check_same_setup, setup_signature, target_signature
-from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, warn_no_step
+from lightning_influence.callbacks.hooks import BackwardWatch, EpochRepeats, OptimizerStepWatch, SubsetNumbering, warn_no_step
 from lightning_influence.batches import BatchRemoval, check_batch_removal
 from lightning_influence.checks import (
     FirstLossCheck,
@@ -150,6 +150,7 @@ class TracIn(Callback):
         self._batch_open = False  # a training batch started and has not ended
         self._backward = BackwardWatch()  # did the last micro-batch's backward run?
         self._epoch_repeats = EpochRepeats("TracIn")  # ids that come back within an epoch (ids that are not dataset positions)
+        self._subset_numbering = SubsetNumbering()  # a training IndexedDataset numbering a subset that changes
         self._step_watch = OptimizerStepWatch(self._on_step, "TracIn")  # scores each step as optimizer.step starts
         self._stepping: tuple[list[tuple[Any, Tensor]], Any, int] | None = None  # the step between its hooks and optimizer.step
         self._cached_gradient: Tensor | None = None
@@ -195,6 +196,7 @@ class TracIn(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_repeats.reset()
+        self._subset_numbering.reset()
         if len(trainer.optimizers) != 1:
             raise ValueError(f"TracIn needs exactly one optimizer, got {len(trainer.optimizers)}")
         optimizer = torch_optimizer(trainer.optimizers[0], "TracIn")
@@ -241,6 +243,7 @@ class TracIn(Callback):
 
     # ------------------------------------------------------------------ training hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._subset_numbering.check(trainer, "TracIn")
         self._epoch_repeats.start(trainer, pl_module.device)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
