@@ -263,14 +263,15 @@ def reverse_jacobian_products(compute: Callable[[], Tensor], inputs: Sequence[Te
         if size == 0:
             return outputs.detach(), torch.zeros(0, columns, dtype=torch.float64, device=device)
         numel = sum(p.numel() * p.element_size() for p in inputs)
-        rows = max(1, min(size, REVERSE_MODE_BYTES // max(1, numel)))
-        identity = torch.eye(size, dtype=outputs.dtype, device=device)
+        rows = max(1, min(size, REVERSE_MODE_BYTES // max(1, numel + size * outputs.element_size())))  # gradients and identity rows
         out: list[Tensor] = []
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*batching rule.*")  # vmap's slower fallback: still exact
                 for start in range(0, size, rows):
-                    block = identity[start : start + rows]
+                    count = min(rows, size - start)  # rows start .. start + count - 1 of the identity
+                    block = torch.zeros(count, size, dtype=outputs.dtype, device=device)
+                    block[torch.arange(count, device=device), torch.arange(start, start + count, device=device)] = 1
                     grads = torch.autograd.grad(outputs, list(inputs), grad_outputs=block, is_grads_batched=True, retain_graph=True, allow_unused=True)
                     out.append(product(grads, block.shape[0], device))
             return outputs.detach(), torch.cat(out)
