@@ -113,9 +113,11 @@ def samples_in(batch: Any, sample_ids: Callable[[Any], Tensor] | None = None, wh
     if sample_ids is not None:
         try:
             ids = sample_ids(batch)
-        except Exception:  # noqa: BLE001 - a user's sample_ids may fail on batches without ids (a validation loader)
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError):  # a batch without ids (a validation loader)
             ids = None
-        if isinstance(ids, Tensor) and ids.dim() >= 1:
+        # trusted where another tensor of the batch has that leading dimension (else the default sample_ids may
+        # have read per-token labels of a batch without ids)
+        if isinstance(ids, Tensor) and ids.dim() >= 1 and any(t is not ids and t.dim() > 0 and t.shape[0] == ids.shape[0] for t in tensors(batch)):
             return int(ids.shape[0])
     return batch_size(batch, what)
 

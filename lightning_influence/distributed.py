@@ -103,7 +103,7 @@ class Collective:
 
     def broadcast(self, tensor: Tensor, src: int = 0) -> Tensor:
         """Rank ``src``'s ``tensor`` on every rank (same shape and dtype on every rank; a new tensor on
-        the input's device)."""
+        the input's device; the input itself in one process)."""
         if not self.distributed:
             return tensor
         work = self._on_device(tensor)

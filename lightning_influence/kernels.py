@@ -190,6 +190,8 @@ def directional_derivatives(
     if len(chunks) > 1:
         parts = [directional_derivatives(loss_fn, params, chunk, tangent) for chunk, _ in chunks]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if _known_reverse(loss_fn):
+        return _reverse_mode(loss_fn, params, batch, tangent)
     try:
         return _forward_mode(loss_fn, params, batch, tangent, autograd=False)
     except NotImplementedError as err:
@@ -206,7 +208,18 @@ def directional_derivatives(
     # An operation without a forward-mode formula (nn.EmbeddingBag, a submodule compiled with inductor): the
     # same values from reverse mode, one backward pass per sample (vectorised where the backward allows it).
     warn_reverse_mode(first)
+    try:
+        _FORWARD_MODE_UNSUPPORTED.add(loss_fn)
+    except TypeError:  # not weakly referable: tried again next time
+        pass
     return _reverse_mode(loss_fn, params, batch, tangent)
+
+
+def _known_reverse(loss_fn: Any) -> bool:
+    try:
+        return loss_fn in _FORWARD_MODE_UNSUPPORTED
+    except TypeError:
+        return False
 
 
 def forward_mode_unsupported(err: NotImplementedError) -> bool:
@@ -219,6 +232,13 @@ def forward_mode_unsupported(err: NotImplementedError) -> bool:
 REVERSE_MODE_BYTES = 2**28
 """Memory for the gradients of one batched backward pass in :func:`reverse_jacobian_products` (256 MiB)."""
 
+REVERSE_MODE_ROWS = 16
+"""At most this many outputs per batched backward pass: its intermediate gradients grow with the rows
+times the whole batch's activations, which the parameter bound does not see."""
+
+_FORWARD_MODE_UNSUPPORTED: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Loss functions found to need reverse mode: later calls go there directly."""
+
 _REVERSE_MODE_WARNED: set[str] = set()
 
 
@@ -230,8 +250,8 @@ def warn_reverse_mode(err: Exception) -> None:
     _REVERSE_MODE_WARNED.add(key)
     warnings.warn(
         f"forward-mode AD is not supported by an operation of the model ({key}); the directional derivatives are "
-        "computed in reverse mode instead, one backward pass per sample (per output with Gauss-Newton curvature): the "
-        "same values, several times slower. nn.EmbeddingBag is one such operation (nn.Embedding followed by a masked "
+        "computed in reverse mode instead, about one backward pass per sample and direction (per output with "
+        "Gauss-Newton curvature): the same values, many times slower on large batches. nn.EmbeddingBag is one such operation (nn.Embedding followed by a masked "
         "mean is not); a submodule compiled with torch.compile (inductor) is another: compile the LightningModule as a "
         "whole instead (torch.compile(model) passed to Trainer.fit; the original forward is then differentiated). "
         "DiffIn's per_sample='finite_difference' (its default on smooth models) needs neither",
@@ -263,7 +283,7 @@ def reverse_jacobian_products(compute: Callable[[], Tensor], inputs: Sequence[Te
         if size == 0:
             return outputs.detach(), torch.zeros(0, columns, dtype=torch.float64, device=device)
         numel = sum(p.numel() * p.element_size() for p in inputs)
-        rows = max(1, min(size, REVERSE_MODE_BYTES // max(1, numel + size * outputs.element_size())))  # gradients and identity rows
+        rows = max(1, min(size, REVERSE_MODE_ROWS, REVERSE_MODE_BYTES // max(1, numel + size * outputs.element_size())))
         out: list[Tensor] = []
         try:
             with warnings.catch_warnings():

@@ -241,9 +241,18 @@ class FitStartLoader:
 
 
 def _same_dataset(loader: Any, other: Any) -> bool:
-    """Whether two loaders read the same dataset object (a reload that rebuilds the loader only)."""
+    """Whether two loaders read the same dataset object, drawing as many samples (a reload that rebuilds
+    the loader only; a sampler over another subset of the same dataset draws other samples)."""
     dataset = getattr(loader, "dataset", None)
-    return dataset is not None and dataset is getattr(other, "dataset", None)
+    if dataset is None or dataset is not getattr(other, "dataset", None):
+        return False
+    samplers = (getattr(loader, "sampler", None), getattr(other, "sampler", None))
+    if type(samplers[0]) is not type(samplers[1]):
+        return False
+    indices = [getattr(sampler, "indices", None) for sampler in samplers]  # SubsetRandomSampler
+    if indices[0] is not None and list(indices[0]) != list(indices[1]):  # type: ignore[arg-type]
+        return False
+    return True
 
 
 def _read_in_order(loader: DataLoader) -> tuple[Any, Any, bool]:

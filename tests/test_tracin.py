@@ -372,17 +372,19 @@ if __name__ == "__main__":
 
 def test_a_fit_that_takes_no_step_gives_empty_scores_and_says_so():
     """max_steps=0 skips the training loop (and its on_train_end): the fit still ends with empty
-    scores on the callback and the module, replacing an earlier fit's, and a warning."""
+    scores on the callback and a warning; the module keeps the earlier fit's influence (an empty
+    result never replaces scores)."""
     import warnings
 
     problem = digits_problem(n=32, batch_size=16, epochs=1, val_size=50)
     callback = TracInCallback(target="val", target_loader=problem.val)
     model, _ = _fit(problem, [callback])
     assert len(callback.scores) == 32 and model.influence is callback.scores
+    earlier = model.influence
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_trainer(callbacks=[callback], max_steps=0).fit(model, train_dataloaders=problem.train)
-    assert callback.scores is not None and len(callback.scores) == 0 and model.influence is callback.scores
+    assert callback.scores is not None and len(callback.scores) == 0 and model.influence is earlier
     assert any("TracIn scored no sample: the fit took no optimizer step" in str(w.message) for w in caught)
 
 

@@ -508,7 +508,8 @@ def test_a_curriculum_of_subsets_of_an_indexed_dataset_is_scored_by_whole_datase
 def test_an_indexed_subset_whose_indices_change_between_epochs_is_refused(kind):
     """``IndexedDataset(Subset(data, indices))`` numbers the subset's samples: once a reload changes the
     indices, one id names different samples in different epochs (QA: accepted, 200 scores for 320 trained
-    samples). Refused at the epoch that shows it, naming the numbering that keeps the ids."""
+    samples). Refused at the epoch that shows it, naming the numbering that keeps the ids; a subset that
+    grows at its end keeps every id's sample and is accepted (review)."""
     import lightning as L
     from torch.utils.data import DataLoader, Subset, TensorDataset
 
@@ -524,9 +525,19 @@ def test_an_indexed_subset_whose_indices_change_between_epochs_is_refused(kind):
             start = 16 * self.trainer.current_epoch
             return DataLoader(IndexedDataset(Subset(data, list(range(start, start + 64)))), batch_size=16)
 
-    callback = (DiffIn if kind == "diffin" else TracIn)(target="val", target_loader=FixedBatches(val))
+    class Grows(L.LightningDataModule):  # a prefix of one order: every id keeps its sample
+        def train_dataloader(self):
+            return DataLoader(IndexedDataset(Subset(data, list(range(64 + 32 * self.trainer.current_epoch)))), batch_size=16)
+
+    make = DiffIn if kind == "diffin" else TracIn
+    callback = make(target="val", target_loader=FixedBatches(val))
     torch.manual_seed(0)
     with pytest.raises(ValueError, match=r"indices changed at epoch 1 .* Subset\(IndexedDataset\(data\), indices\)"):
         quiet_trainer(callbacks=[callback], max_epochs=2, reload_dataloaders_every_n_epochs=1).fit(
             Classifier(hidden=(8,), lr=0.1).double(), datamodule=Renumbers()
         )
+    growing = make(target="val", target_loader=FixedBatches(val))
+    quiet_trainer(callbacks=[growing], max_epochs=2, reload_dataloaders_every_n_epochs=1).fit(
+        Classifier(hidden=(8,), lr=0.1).double(), datamodule=Grows()
+    )
+    assert len(growing.scores) == 96

@@ -733,6 +733,14 @@ class DiffIn(Callback):
                 "accuracy of every score of the run, not only those of that batch's samples. DataLoader(drop_last=True) "
                 "avoids it (README, 'Batch norm')"
             )
+        size = getattr(trainer.train_dataloader, "batch_size", None)
+        if self._collective.distributed and not frozen and not too_short and size is not None and size < LINEAR_REMOVAL_MIN_SAMPLES:
+            rank_zero_warn(
+                f"DiffIn: each rank's micro-batches hold {size} samples and batch norm is scored as trained: under DDP every "
+                f"micro-batch is removed linearly (in one process those of fewer than {LINEAR_REMOVAL_MIN_SAMPLES} are removed "
+                "exactly), first order in 1/(b-1) of its statistics, which loses accuracy on batches this small (README, "
+                "'Batch norm'). Larger per-rank batches avoid it"
+            )
         if self.batch_norm == "batch" or (not frozen and not too_short):
             return
         if not frozen:

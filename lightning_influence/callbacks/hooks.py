@@ -258,7 +258,7 @@ def warn_no_step(owner: str, save_path: Path | None) -> bool:
     rank_zero_warn(
         f"{owner} scored no sample: the fit took no optimizer step (max_steps=0, limit_train_batches=0, an empty "
         "training loader, every batch skipped, or Trainer.fit called again on a Trainer that already reached its "
-        "max_epochs/max_steps). The callback's scores are empty; the module's influence is left as it was"
+        "max_epochs/max_steps). The callback's scores are empty; scores the module's influence already held are kept"
         + (f", and so is {save_path}" if keep else "")
     )
     return keep
@@ -267,16 +267,18 @@ def warn_no_step(owner: str, save_path: Path | None) -> bool:
 class SubsetNumbering:
     """Refuses, at the epoch that shows it, a training ``IndexedDataset`` that numbers a
     ``torch.utils.data.Subset`` whose indices changed since the previous epoch (a curriculum reloaded with
-    ``reload_dataloaders_every_n_epochs``): its ids are positions in the subset, so one id would name
-    different samples in different epochs and their scores would merge. ``Subset(IndexedDataset(data),
-    indices)`` keeps the ids positions in the whole dataset."""
+    ``reload_dataloaders_every_n_epochs``) other than at its end: its ids are positions in the subset, so
+    one id would name different samples in different epochs and their scores would merge (a subset that
+    only grows or shrinks at its end keeps them). ``Subset(IndexedDataset(data), indices)`` keeps the ids
+    positions in the whole dataset."""
 
     def __init__(self) -> None:
         self._indices: Tensor | None = None
+        self._source: Any = None  # the indices object last read (unchanged: not read again)
 
     def reset(self) -> None:
         """A fit starts."""
-        self._indices = None
+        self._indices, self._source = None, None
 
     def check(self, trainer: L.Trainer, owner: str) -> None:
         """At each epoch's start, once Lightning has (re)loaded the training loader."""
@@ -287,9 +289,14 @@ class SubsetNumbering:
         if not isinstance(inner, torch.utils.data.Subset):
             self._indices = None
             return
-        indices = torch.as_tensor(list(inner.indices), dtype=torch.long)
-        previous, self._indices = self._indices, indices
-        if previous is not None and not torch.equal(previous, indices):
+        if inner.indices is self._source:
+            return
+        source = inner.indices
+        indices = torch.as_tensor(source if isinstance(source, Tensor) else list(source), dtype=torch.long).reshape(-1)
+        previous, self._indices, self._source = self._indices, indices, source
+        common = min(len(indices), len(previous)) if previous is not None else 0
+        # a subset that grows or shrinks at its end (a curriculum over a fixed order) keeps every id's sample
+        if previous is not None and not torch.equal(previous[:common], indices[:common]):
             raise ValueError(
                 f"{owner}: the training dataset is IndexedDataset(Subset(data, indices)) and the subset's indices changed "
                 f"at epoch {trainer.current_epoch} (a reloaded training loader): its sample ids are positions in the subset, "

@@ -542,17 +542,24 @@ class DiffInSweep:
         if not trace.tracked:
             return
         adjoints = self._statistics_weights(record)
+        single = scored and any(ids.numel() < 2 for ids in record.ids)
+        if self.collective.any(single):  # every rank raises alike (under DDP a rank's shard may be the one)
+            raise ValueError(
+                f"batch_norm='batch': optimizer step {record.step} trained a batch-norm model on a micro-batch of one "
+                "sample (on some rank), whose removal leaves no batch to normalise (and training in batch statistics on "
+                "one sample is degenerate): use DataLoader(drop_last=True)"
+            )
         if not self.collective.distributed:
             self._statistics_contributions(loss_fn, record, adjoints, adjoint, scored, propagate, squeeze)
             return
         # DDP: the running statistics are rank zero's, moved by its shards' statistics alone (DDP broadcasts rank
         # zero's buffers before each step's first forward, and its module is the one saved), so only rank zero's
-        # samples act on them; its J_S^T w reaches every rank's copy of the adjoint by a sum.
+        # samples act on them; its J_S^T w reaches every rank's copy of the adjoint by a broadcast.
         pushed = torch.zeros_like(adjoint) if propagate else adjoint
         if self.collective.rank == 0:
             self._statistics_contributions(loss_fn, record, adjoints, pushed, scored, propagate, squeeze)
         if propagate:
-            adjoint.add_(self.collective.sum(pushed))
+            adjoint.add_(self.collective.broadcast(pushed))
 
     def _statistics_contributions(
         self, loss_fn: PerSampleLossFn, record: StepRecord, adjoints: list[Tensor], adjoint: Tensor, scored: bool, propagate: bool, squeeze: bool
@@ -567,12 +574,6 @@ class DiffInSweep:
         weights: list[tuple[Tensor, Tensor]] = []  # linear: per micro-batch, its sample weights and ids
         for k in reversed(range(len(record.batches))):
             batch, ids, w = record.batches[k], record.ids[k], adjoints[k]
-            if scored and ids.numel() < 2:
-                raise ValueError(
-                    f"batch_norm='batch': optimizer step {record.step} trained a batch-norm model on a micro-batch of one "
-                    "sample, whose removal leaves no batch to normalise (and training in batch statistics on one sample "
-                    "is degenerate): use DataLoader(drop_last=True)"
-                )
             linear = scored and self.weighting is not None and not self._removed_exactly(record, k)
             with torch.set_grad_enabled(propagate or linear):
                 if linear:
@@ -840,9 +841,9 @@ class DiffInSweep:
             self.max_step_ratio, self.dominant_step = ratio, steps[k][0]
         # Warned about under adaptive optimizers, whose first steps' overshoot is the known cause; plain SGD's largest
         # ratio is at its last steps, whose terms are not damped by later products, and it is only recorded.
-        # The newer half of a sweep is left out: the run's last steps have large terms by design (no later product damps
+        # The newest tenth of a sweep is left out: the last steps have large terms by design (few later products damp
         # them), under any optimizer; the first steps' overshoot is the oldest of its sweep.
-        older = k >= len(steps) // 2  # steps run newest first
+        older = k >= len(steps) // 10  # steps run newest first
         if ratio > STEP_DOMINANCE_LIMIT and not self._dominance_warned and self.step_model.is_adaptive and older:
             self._dominance_warned = True
             warnings.warn(
