@@ -2344,7 +2344,12 @@ def _last_batch_size(trainer: L.Trainer) -> int | None:
         drawn = len(sampler) if sampler is not None else None  # type: ignore[arg-type]
     except TypeError:  # a sampler without a length
         drawn = None
-    size, length = getattr(loader, "batch_size", None), (drawn if drawn is not None else dataset_length(trainer))
+    if drawn is None:  # the samples an epoch draws: the loader's own dataset (not dataset_length's id space)
+        try:
+            drawn = len(loader.dataset)  # type: ignore[union-attr, arg-type]
+        except (AttributeError, TypeError):
+            drawn = None
+    size, length = getattr(loader, "batch_size", None), drawn
     if int(getattr(trainer, "world_size", 1) or 1) > 1 and drawn is None:  # each rank's share is its sampler's
         return None
     if not size or getattr(loader, "drop_last", True) or not length:
