@@ -46,8 +46,9 @@ global re-averaging then weighs the global batch as training's averaged gradient
 running statistics of the model that is saved and evaluated are rank zero's: DDP broadcasts rank
 zero's buffers before each step's first forward (and without ``broadcast_buffers`` rank zero still
 keeps its own chain), so ``S`` above is rank zero's shard's statistics. Only rank zero computes
-the running statistics' terms; its ``J_S^T w`` is summed into every rank's adjoint, and the target
-reads rank zero's running statistics on every rank.
+the running statistics' terms; its ``J_S^T w`` is broadcast into every rank's adjoint, and the sweep
+runs with rank zero's buffers on every rank (:func:`~lightning_influence.distributed.rank_zero_buffers`),
+so the target reads rank zero's running statistics.
 
 Units and sign as everywhere: target-loss change when the sample is removed (positive helps).
 """

@@ -335,9 +335,8 @@ class DiffInSweep:
             joint = ParameterSpace(
                 names=self.space.names + stats_space.names, shapes=self.space.shapes + stats_space.shapes, dtype=self.space.dtype, device=self.space.device
             )
-            # Under DDP the running statistics are rank zero's (DDP broadcasts its buffers at each training step's
-            # forward, and its module is the one saved): the target reads them on every rank.
-            running = self.collective.broadcast(trace.running(self.space.dtype).to(theta.device))
+            # Under DDP the caller sweeps with rank zero's buffers on every rank (distributed.rank_zero_buffers)
+            running = trace.running(self.space.dtype).to(theta.device)
             gradient = self.target(trace.target_loss_function(self.loss_fn), joint, torch.cat([theta.to(self.space.dtype), running]))
             self._running_adjoint = gradient[self.space.size :].reshape(stats_space.size, -1).to(torch.float64).clone()
             self._expected_counts = trace.counts()
